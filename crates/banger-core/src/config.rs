@@ -1,0 +1,187 @@
+//! The user's configuration file (TOML). Every key has a documented default (docs/config.md);
+//! unknown keys are refused, naming the key, so a typo never passes silently.
+
+use std::path::Path;
+
+use banger_proto::{ByteSize, SizeError};
+use serde::Deserialize;
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, an unknown key, or a wrong type.
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    /// A size value that does not parse.
+    #[error("config file {path}: {key}: {source}")]
+    Size {
+        path: String,
+        key: &'static str,
+        #[source]
+        source: SizeError,
+    },
+    /// A value out of range.
+    #[error("config file {path}: {key}: {message}")]
+    Invalid {
+        path: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// Defaults for `vm create`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmDefaults {
+    /// vCPUs (default 2).
+    pub cpus: u32,
+    /// Guest memory (default "1024M"; a bare number is MiB).
+    pub memory: String,
+    /// Work disk size (default "8G").
+    pub disk: String,
+    /// Image name (default "default").
+    pub image: String,
+}
+
+impl Default for VmDefaults {
+    fn default() -> Self {
+        Self {
+            cpus: 2,
+            memory: "1024M".into(),
+            disk: "8G".into(),
+            image: "default".into(),
+        }
+    }
+}
+
+/// Daemon settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// `tracing` filter for the daemon's logs (default "info"); `RUST_LOG` overrides it.
+    pub log_level: String,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub defaults: VmDefaults,
+    pub daemon: DaemonConfig,
+}
+
+/// [`VmDefaults`] with sizes parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolvedDefaults {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub disk_size_bytes: u64,
+}
+
+impl Config {
+    /// Loads `path`; a missing file means all defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: shown,
+                    source,
+                });
+            }
+        };
+        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: shown.clone(),
+            message: e.message().to_owned(),
+        })?;
+        config.resolved_defaults(&shown)?;
+        Ok(config)
+    }
+
+    /// The defaults with their sizes parsed and ranges checked.
+    pub fn resolved_defaults(&self, path: &str) -> Result<ResolvedDefaults, ConfigError> {
+        let memory =
+            ByteSize::parse_mib(&self.defaults.memory).map_err(|source| ConfigError::Size {
+                path: path.into(),
+                key: "defaults.memory",
+                source,
+            })?;
+        let disk = ByteSize::parse(&self.defaults.disk).map_err(|source| ConfigError::Size {
+            path: path.into(),
+            key: "defaults.disk",
+            source,
+        })?;
+        if self.defaults.cpus == 0 {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                key: "defaults.cpus",
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(ResolvedDefaults {
+            cpus: self.defaults.cpus,
+            memory_mib: memory.mib(),
+            disk_size_bytes: disk.0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn missing_file_means_defaults() {
+        let c = Config::load(Path::new("/nonexistent/banger.toml")).unwrap();
+        let d = c.resolved_defaults("x").unwrap();
+        assert_eq!(
+            (d.cpus, d.memory_mib, d.disk_size_bytes),
+            (2, 1024, 8 << 30)
+        );
+    }
+
+    #[test]
+    fn values_override_defaults() {
+        let c = load("[defaults]\ncpus = 4\nmemory = \"2G\"\n").unwrap();
+        let d = c.resolved_defaults("x").unwrap();
+        assert_eq!((d.cpus, d.memory_mib), (4, 2048));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = load("[defaults]\ncpu = 4\n").unwrap_err().to_string();
+        assert!(err.contains("cpu"), "{err}");
+        let err = load("[nosuch]\n").unwrap_err().to_string();
+        assert!(err.contains("nosuch"), "{err}");
+    }
+
+    #[test]
+    fn bad_sizes_name_the_key() {
+        let err = load("[defaults]\ndisk = \"8\"\n").unwrap_err().to_string();
+        assert!(err.contains("defaults.disk"), "{err}");
+    }
+}

@@ -1,0 +1,175 @@
+//! Every on-disk path banger uses, in one place (like Lima's filenames.go). Nothing else in
+//! the code base joins path components on its own.
+//!
+//! - data dir (`$BANGER_HOME`, default `$XDG_DATA_HOME/banger` or `~/.local/share/banger`):
+//!   durable state: `state.db`, `logs/`, `vms/<id>/`, `images/`, `kernels/`, `keys/`.
+//! - runtime dir (`$BANGER_RUNTIME_DIR`; else `$BANGER_HOME/run` when `BANGER_HOME` is set, so
+//!   two instances with separate homes never share a socket; else `$XDG_RUNTIME_DIR/banger`;
+//!   else `<data dir>/run`): sockets, lock and pid files, per-VM transient files.
+//! - config file: `$BANGER_CONFIG`, default `$XDG_CONFIG_HOME/banger/config.toml` or
+//!   `~/.config/banger/config.toml`.
+
+use std::path::{Path, PathBuf};
+
+/// Why the layout could not be derived from the environment.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// Neither `BANGER_HOME`, `XDG_DATA_HOME` nor `HOME` is set.
+    #[error("cannot find a data directory: set BANGER_HOME or HOME")]
+    NoHome,
+}
+
+/// The directories and files of one banger instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    data_dir: PathBuf,
+    runtime_dir: PathBuf,
+    config_file: PathBuf,
+}
+
+/// Reads one environment variable, treating an empty value as unset.
+fn env_path(key: &str) -> Option<PathBuf> {
+    std::env::var_os(key)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+impl Layout {
+    /// Derives the layout from the process environment (see the module docs).
+    pub fn from_env() -> Result<Self, LayoutError> {
+        Self::from_lookup(env_path)
+    }
+
+    /// Derives the layout from `lookup` (the environment, or a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<PathBuf>) -> Result<Self, LayoutError> {
+        let home = lookup("HOME");
+        let banger_home = lookup("BANGER_HOME");
+        let data_dir = match (&banger_home, lookup("XDG_DATA_HOME"), &home) {
+            (Some(dir), _, _) => dir.clone(),
+            (None, Some(xdg), _) => xdg.join("banger"),
+            (None, None, Some(home)) => home.join(".local/share/banger"),
+            (None, None, None) => return Err(LayoutError::NoHome),
+        };
+        let runtime_dir = match (lookup("BANGER_RUNTIME_DIR"), &banger_home) {
+            (Some(dir), _) => dir,
+            (None, Some(_)) => data_dir.join("run"),
+            (None, None) => lookup("XDG_RUNTIME_DIR")
+                .map(|d| d.join("banger"))
+                .unwrap_or_else(|| data_dir.join("run")),
+        };
+        let config_file = match (lookup("BANGER_CONFIG"), lookup("XDG_CONFIG_HOME"), &home) {
+            (Some(file), _, _) => file,
+            (None, Some(xdg), _) => xdg.join("banger/config.toml"),
+            (None, None, Some(home)) => home.join(".config/banger/config.toml"),
+            (None, None, None) => data_dir.join("config.toml"),
+        };
+        Ok(Self {
+            data_dir,
+            runtime_dir,
+            config_file,
+        })
+    }
+
+    /// A layout rooted at explicit directories (tests).
+    pub fn new(data_dir: PathBuf, runtime_dir: PathBuf, config_file: PathBuf) -> Self {
+        Self {
+            data_dir,
+            runtime_dir,
+            config_file,
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+    pub fn runtime_dir(&self) -> &Path {
+        &self.runtime_dir
+    }
+    pub fn config_file(&self) -> &Path {
+        &self.config_file
+    }
+
+    /// The daemon's API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.runtime_dir.join("bangerd.sock")
+    }
+    /// Held (flock) by the one running daemon.
+    pub fn daemon_lock(&self) -> PathBuf {
+        self.runtime_dir.join("bangerd.lock")
+    }
+    /// SQLite database with all durable state.
+    pub fn state_db(&self) -> PathBuf {
+        self.data_dir.join("state.db")
+    }
+    pub fn logs_dir(&self) -> PathBuf {
+        self.data_dir.join("logs")
+    }
+    /// The daemon's log file.
+    pub fn daemon_log(&self) -> PathBuf {
+        self.logs_dir().join("bangerd.log")
+    }
+    /// Durable per-VM files (disks, keys), keyed by VM id so a reused name never sees old data.
+    pub fn vm_dir(&self, vm_id: &str) -> PathBuf {
+        self.data_dir.join("vms").join(vm_id)
+    }
+    /// Transient per-VM files (sockets, pid file).
+    pub fn vm_runtime_dir(&self, vm_id: &str) -> PathBuf {
+        self.runtime_dir.join("vms").join(vm_id)
+    }
+    /// Content-addressed image store.
+    pub fn images_dir(&self) -> PathBuf {
+        self.data_dir.join("images")
+    }
+    /// Content-addressed kernel store.
+    pub fn kernels_dir(&self) -> PathBuf {
+        self.data_dir.join("kernels")
+    }
+    /// banger's own SSH client key pair.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.data_dir.join("keys")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn layout(vars: &[(&str, &str)]) -> Layout {
+        let map: HashMap<String, PathBuf> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), PathBuf::from(v)))
+            .collect();
+        Layout::from_lookup(|k| map.get(k).cloned()).unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_xdg() {
+        let l = layout(&[("HOME", "/h"), ("XDG_RUNTIME_DIR", "/run/user/1")]);
+        assert_eq!(l.data_dir(), Path::new("/h/.local/share/banger"));
+        assert_eq!(l.socket(), Path::new("/run/user/1/banger/bangerd.sock"));
+        assert_eq!(l.config_file(), Path::new("/h/.config/banger/config.toml"));
+    }
+
+    #[test]
+    fn runtime_falls_back_under_data_dir() {
+        let l = layout(&[("HOME", "/h")]);
+        assert_eq!(
+            l.socket(),
+            Path::new("/h/.local/share/banger/run/bangerd.sock")
+        );
+    }
+
+    #[test]
+    fn banger_home_isolates_the_socket() {
+        let l = layout(&[("BANGER_HOME", "/b"), ("XDG_RUNTIME_DIR", "/run/user/1")]);
+        assert_eq!(l.socket(), Path::new("/b/run/bangerd.sock"));
+        let l = layout(&[("BANGER_HOME", "/b"), ("BANGER_RUNTIME_DIR", "/r")]);
+        assert_eq!(l.socket(), Path::new("/r/bangerd.sock"));
+    }
+
+    #[test]
+    fn no_home_is_an_error() {
+        assert!(Layout::from_lookup(|_| None).is_err());
+    }
+}

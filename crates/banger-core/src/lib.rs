@@ -1,0 +1,25 @@
+//! banger's logic, free of CLI parsing and listening sockets: the VM model and its legal
+//! transitions, every on-disk path, the SQLite state store, configuration, and the
+//! [`service::Manager`] whose methods are the daemon's operations.
+
+pub mod config;
+pub mod error;
+pub mod layout;
+pub mod model;
+pub mod service;
+pub mod store;
+
+pub use error::Error;
+
+/// banger's version, as reported by the daemon and the CLI.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Now as an RFC 3339 UTC timestamp with seconds precision.
+pub fn now_rfc3339() -> String {
+    format_rfc3339(std::time::SystemTime::now())
+}
+
+/// `time` as an RFC 3339 UTC timestamp with seconds precision.
+pub fn format_rfc3339(time: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}

@@ -1,0 +1,117 @@
+//! The VM record and its lifecycle: which state may follow which, checked in one place.
+
+use banger_proto::{Vm, VmName, VmRuntime, VmSpec, VmState};
+
+/// A transition the lifecycle does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("VM cannot go from {from} to {to}")]
+pub struct TransitionError {
+    pub from: VmState,
+    pub to: VmState,
+}
+
+/// Checks that `from → to` is a legal lifecycle step.
+///
+/// Created/Stopped/Error → Starting → Running (or back to where it came from when the start is
+/// undone, or Error); Running → Stopping → Stopped (or Error); Running → Stopped when the VMM
+/// was found dead; Error → Stopped once cleaned up.
+pub fn check_transition(from: VmState, to: VmState) -> Result<(), TransitionError> {
+    use VmState::*;
+    let legal = matches!(
+        (from, to),
+        (Created | Stopped | Error, Starting)
+            | (Starting, Running | Error | Created | Stopped)
+            | (Running, Stopping | Stopped | Error)
+            | (Stopping, Stopped | Error | Running)
+            | (Error, Stopped)
+    );
+    if legal {
+        Ok(())
+    } else {
+        Err(TransitionError { from, to })
+    }
+}
+
+/// Whether a VM in `state` may be removed without stopping it first.
+pub fn removable(state: VmState) -> bool {
+    matches!(state, VmState::Created | VmState::Stopped | VmState::Error)
+}
+
+/// A VM as stored durably.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRecord {
+    pub id: String,
+    pub name: VmName,
+    pub spec: VmSpec,
+    pub state: VmState,
+    pub created_at: String,
+    pub updated_at: String,
+    pub last_error: Option<String>,
+    pub runtime: Option<VmRuntime>,
+}
+
+impl VmRecord {
+    /// A fresh record in state Created with a new random id.
+    pub fn new(name: VmName, spec: VmSpec) -> Self {
+        let now = crate::now_rfc3339();
+        Self {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            name,
+            spec,
+            state: VmState::Created,
+            created_at: now.clone(),
+            updated_at: now,
+            last_error: None,
+            runtime: None,
+        }
+    }
+
+    /// The API view of the record.
+    pub fn to_api(&self) -> Vm {
+        Vm {
+            id: self.id.clone(),
+            name: self.name.to_string(),
+            state: self.state,
+            spec: self.spec.clone(),
+            created_at: self.created_at.clone(),
+            updated_at: self.updated_at.clone(),
+            last_error: self.last_error.clone(),
+            runtime: self.runtime.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use VmState::*;
+
+    #[test]
+    fn lifecycle_allows_the_documented_steps() {
+        for (from, to) in [
+            (Created, Starting),
+            (Starting, Running),
+            (Running, Stopping),
+            (Stopping, Stopped),
+            (Stopped, Starting),
+            (Starting, Created),
+            (Running, Stopped),
+            (Error, Starting),
+        ] {
+            assert!(check_transition(from, to).is_ok(), "{from} -> {to}");
+        }
+    }
+
+    #[test]
+    fn lifecycle_refuses_shortcuts() {
+        for (from, to) in [
+            (Created, Running),
+            (Stopped, Running),
+            (Running, Starting),
+            (Stopped, Stopping),
+            (Created, Stopped),
+        ] {
+            assert!(check_transition(from, to).is_err(), "{from} -> {to}");
+        }
+    }
+}

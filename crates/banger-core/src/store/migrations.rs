@@ -1,0 +1,40 @@
+//! Schema migrations, applied in order and recorded in `PRAGMA user_version`. Append only:
+//! a released migration is never edited.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// Each entry moves the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: VM records.
+    "CREATE TABLE vms (
+        id              TEXT PRIMARY KEY NOT NULL,
+        name            TEXT NOT NULL UNIQUE,
+        cpus            INTEGER NOT NULL CHECK (cpus > 0),
+        memory_mib      INTEGER NOT NULL CHECK (memory_mib > 0),
+        disk_size_bytes INTEGER NOT NULL CHECK (disk_size_bytes > 0),
+        image           TEXT NOT NULL,
+        state           TEXT NOT NULL,
+        created_at      TEXT NOT NULL,
+        updated_at      TEXT NOT NULL,
+        last_error      TEXT,
+        runtime_json    TEXT
+    ) STRICT;",
+];
+
+/// Brings the schema up to date, each migration in its own transaction.
+pub(super) fn apply(conn: &mut Connection) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if found > known {
+        return Err(StoreError::TooNew { found, known });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

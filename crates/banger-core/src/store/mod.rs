@@ -1,0 +1,255 @@
+//! Durable state in SQLite (WAL, foreign keys on, `synchronous=FULL`): VM records now; leases,
+//! images and manifests as later migrations. Every write is one transaction, so a SIGKILL at any
+//! point leaves either the old or the new row, never a torn one.
+
+mod migrations;
+
+use std::path::Path;
+
+use banger_proto::{VmName, VmSpec, VmState};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::model::VmRecord;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A VM with that name exists.
+    #[error("VM {0:?} already exists")]
+    VmExists(String),
+    /// No VM with that name.
+    #[error("VM {0:?} not found")]
+    VmNotFound(String),
+    /// The database refused or failed.
+    #[error("state database")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored row holds a value this version cannot read.
+    #[error("state database holds an unreadable value: {0}")]
+    Corrupt(String),
+    /// The database was written by a newer banger.
+    #[error("state database schema version {found} is newer than this banger ({known})")]
+    TooNew { found: i64, known: i64 },
+}
+
+/// The open state database.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+const VM_COLUMNS: &str = "id, name, cpus, memory_mib, disk_size_bytes, image, state, created_at, updated_at, last_error, runtime_json";
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut store = Self { conn };
+        migrations::apply(&mut store.conn)?;
+        Ok(store)
+    }
+
+    /// Inserts a new VM; fails with [`StoreError::VmExists`] when the name is taken.
+    pub fn insert_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        let runtime = runtime_json(vm)?;
+        let result = self.conn.execute(
+            &format!("INSERT INTO vms ({VM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+            params![
+                vm.id,
+                vm.name.as_str(),
+                vm.spec.cpus,
+                vm.spec.memory_mib,
+                vm.spec.disk_size_bytes,
+                vm.spec.image,
+                vm.state.as_str(),
+                vm.created_at,
+                vm.updated_at,
+                vm.last_error,
+                runtime,
+            ],
+        );
+        match result {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::VmExists(vm.name.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes the mutable fields (state, error, runtime, updated_at) of an existing VM.
+    pub fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        let runtime = runtime_json(vm)?;
+        let changed = self.conn.execute(
+            "UPDATE vms SET state = ?2, updated_at = ?3, last_error = ?4, runtime_json = ?5 WHERE id = ?1",
+            params![vm.id, vm.state.as_str(), vm.updated_at, vm.last_error, runtime],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::VmNotFound(vm.name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The VM called `name`, if any.
+    pub fn find_vm(&self, name: &str) -> Result<Option<VmRecord>, StoreError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {VM_COLUMNS} FROM vms WHERE name = ?1"),
+                [name],
+                raw_vm,
+            )
+            .optional()?
+            .map(RawVm::into_record)
+            .transpose()
+    }
+
+    /// The VM called `name`, or [`StoreError::VmNotFound`].
+    pub fn get_vm(&self, name: &str) -> Result<VmRecord, StoreError> {
+        self.find_vm(name)?
+            .ok_or_else(|| StoreError::VmNotFound(name.to_owned()))
+    }
+
+    /// All VMs, by name.
+    pub fn list_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!("SELECT {VM_COLUMNS} FROM vms ORDER BY name"))?;
+        let rows = stmt.query_map([], raw_vm)?;
+        rows.map(|row| row.map_err(StoreError::from).and_then(RawVm::into_record))
+            .collect()
+    }
+
+    /// Deletes the VM called `name`.
+    pub fn delete_vm(&self, name: &str) -> Result<(), StoreError> {
+        let changed = self
+            .conn
+            .execute("DELETE FROM vms WHERE name = ?1", [name])?;
+        if changed == 0 {
+            return Err(StoreError::VmNotFound(name.to_owned()));
+        }
+        Ok(())
+    }
+}
+
+fn runtime_json(vm: &VmRecord) -> Result<Option<String>, StoreError> {
+    vm.runtime
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// A row as SQLite returns it, before validation.
+struct RawVm {
+    id: String,
+    name: String,
+    cpus: u32,
+    memory_mib: u64,
+    disk_size_bytes: u64,
+    image: String,
+    state: String,
+    created_at: String,
+    updated_at: String,
+    last_error: Option<String>,
+    runtime_json: Option<String>,
+}
+
+fn raw_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawVm> {
+    Ok(RawVm {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        cpus: row.get(2)?,
+        memory_mib: row.get(3)?,
+        disk_size_bytes: row.get(4)?,
+        image: row.get(5)?,
+        state: row.get(6)?,
+        created_at: row.get(7)?,
+        updated_at: row.get(8)?,
+        last_error: row.get(9)?,
+        runtime_json: row.get(10)?,
+    })
+}
+
+impl RawVm {
+    fn into_record(self) -> Result<VmRecord, StoreError> {
+        let name = VmName::parse(&self.name).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let state = VmState::from_wire(&self.state)
+            .ok_or_else(|| StoreError::Corrupt(format!("VM state {:?}", self.state)))?;
+        let runtime = self
+            .runtime_json
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("VM runtime: {e}")))?;
+        Ok(VmRecord {
+            id: self.id,
+            name,
+            spec: VmSpec {
+                cpus: self.cpus,
+                memory_mib: self.memory_mib,
+                disk_size_bytes: self.disk_size_bytes,
+                image: self.image,
+            },
+            state,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            last_error: self.last_error,
+            runtime,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            cpus: 2,
+            memory_mib: 1024,
+            disk_size_bytes: 8 << 30,
+            image: "default".into(),
+        }
+    }
+
+    #[test]
+    fn round_trips_and_refuses_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let vm = VmRecord::new(VmName::parse("dev").unwrap(), spec());
+        store.insert_vm(&vm).unwrap();
+        assert_eq!(store.get_vm("dev").unwrap(), vm);
+        let again = VmRecord::new(VmName::parse("dev").unwrap(), spec());
+        assert!(matches!(
+            store.insert_vm(&again),
+            Err(StoreError::VmExists(_))
+        ));
+        store.delete_vm("dev").unwrap();
+        assert!(matches!(
+            store.get_vm("dev"),
+            Err(StoreError::VmNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn reopening_keeps_records_and_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let store = Store::open(&path).unwrap();
+            let mut vm = VmRecord::new(VmName::parse("a").unwrap(), spec());
+            store.insert_vm(&vm).unwrap();
+            vm.state = VmState::Stopped;
+            vm.last_error = Some("boom".into());
+            store.update_vm(&vm).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let vm = store.get_vm("a").unwrap();
+        assert_eq!(vm.state, VmState::Stopped);
+        assert_eq!(vm.last_error.as_deref(), Some("boom"));
+    }
+}

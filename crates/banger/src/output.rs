@@ -1,0 +1,99 @@
+//! Text rendering for humans: aligned tables and key/value blocks. `--json` bypasses this.
+
+use banger_proto::{ByteSize, Vm};
+
+/// Renders rows under a header with columns padded to their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        for (i, cell) in cells.iter().enumerate() {
+            out.push_str(cell);
+            if i < last {
+                let pad = widths[i] - cell.chars().count() + 2;
+                out.push_str(&" ".repeat(pad));
+            }
+        }
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// `vm ls` as a table.
+pub fn vm_table(vms: &[Vm]) -> String {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|vm| {
+            vec![
+                vm.name.clone(),
+                vm.state.to_string(),
+                vm.spec.cpus.to_string(),
+                ByteSize(vm.spec.memory_mib << 20).to_string(),
+                ByteSize(vm.spec.disk_size_bytes).to_string(),
+                vm.spec.image.clone(),
+                vm.created_at.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "STATE", "CPUS", "MEMORY", "DISK", "IMAGE", "CREATED",
+        ],
+        &rows,
+    )
+}
+
+/// `vm show` as aligned `key: value` lines.
+pub fn vm_details(vm: &Vm) -> String {
+    let mut pairs = vec![
+        ("name", vm.name.clone()),
+        ("id", vm.id.clone()),
+        ("state", vm.state.to_string()),
+        ("cpus", vm.spec.cpus.to_string()),
+        ("memory", ByteSize(vm.spec.memory_mib << 20).to_string()),
+        ("disk", ByteSize(vm.spec.disk_size_bytes).to_string()),
+        ("image", vm.spec.image.clone()),
+        ("created", vm.created_at.clone()),
+        ("updated", vm.updated_at.clone()),
+    ];
+    if let Some(runtime) = &vm.runtime {
+        pairs.push((
+            "vmm",
+            format!("{} ({}): {}", runtime.vmm, runtime.accel, runtime.reason),
+        ));
+        if let Some(pid) = runtime.pid {
+            pairs.push(("pid", pid.to_string()));
+        }
+        pairs.push(("ssh", format!("{}:{}", runtime.ssh_host, runtime.ssh_port)));
+    }
+    if let Some(error) = &vm.last_error {
+        pairs.push(("last error", error.clone()));
+    }
+    let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k:<width$}  {v}\n", k = format!("{k}:"), width = width + 1))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_aligns_columns() {
+        let out = super::table(
+            &["A", "BB"],
+            &[vec!["xxx".into(), "y".into()], vec!["z".into(), "w".into()]],
+        );
+        assert_eq!(out, "A    BB\nxxx  y\nz    w\n");
+    }
+}

@@ -1,0 +1,291 @@
+//! The HTTP transport: routes under `/v1`, the op_id middleware, JSON parsing that answers
+//! every bad body with the API error shape, and the OpenAPI description (docs/api.yaml).
+//! Handlers only parse, call one [`Manager`] method and render.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use banger_core::service::Manager;
+use banger_proto::{
+    ApiError, CreateVmRequest, DaemonStatus, ErrorBody, ErrorCode, OP_ID_HEADER, Vm, VmRuntime,
+    VmSpec, VmState,
+};
+use serde::de::DeserializeOwned;
+use tracing::{Instrument, info, info_span, warn};
+use utoipa::OpenApi;
+
+/// Shared by every handler.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    manager: Arc<Manager>,
+    shutdown: Arc<tokio::sync::Notify>,
+    started_at: SystemTime,
+    started: Instant,
+}
+
+impl AppState {
+    pub fn new(manager: Arc<Manager>, shutdown: Arc<tokio::sync::Notify>) -> Self {
+        Self {
+            manager,
+            shutdown,
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/shutdown", post(shutdown))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{name}", get(get_vm).delete(remove_vm))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(op_id_span))
+        .with_state(state)
+}
+
+/// Opens the request span carrying the op_id (the client's `X-Banger-Op-Id`, or a new one)
+/// and echoes the op_id in the response.
+async fn op_id_span(request: Request, next: Next) -> Response {
+    let op_id = request
+        .headers()
+        .get(OP_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| valid_op_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let span = info_span!("request", op_id = %op_id);
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let started = Instant::now();
+    let mut response = async {
+        info!(%method, %path, "request");
+        let response = next.run(request).await;
+        info!(
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "response"
+        );
+        response
+    }
+    .instrument(span)
+    .await;
+    if let Ok(value) = HeaderValue::from_str(&op_id) {
+        response.headers_mut().insert(OP_ID_HEADER, value);
+    }
+    response
+}
+
+/// op_ids are short tokens, so they can be grepped and put in headers and file names safely.
+fn valid_op_id(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 64
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// An error response with the [`ErrorBody`] shape.
+#[derive(Debug)]
+pub struct HttpError(ApiError);
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            warn!(code = ?self.0.code, "{}", self.0.message);
+        } else {
+            info!(code = ?self.0.code, "{}", self.0.message);
+        }
+        (status, Json(ErrorBody { error: self.0 })).into_response()
+    }
+}
+
+impl From<banger_core::Error> for HttpError {
+    fn from(err: banger_core::Error) -> Self {
+        Self(err.to_api())
+    }
+}
+
+/// A JSON body parsed with serde; any failure (syntax, unknown field, wrong type, too large)
+/// becomes an `invalid_json` error body instead of axum's plain-text rejection.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = HttpError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(request, state).await.map_err(|e| {
+            HttpError(ApiError::new(
+                ErrorCode::InvalidJson,
+                format!("cannot read request body: {e}"),
+            ))
+        })?;
+        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
+            HttpError(
+                ApiError::new(ErrorCode::InvalidJson, format!("invalid request body: {e}"))
+                    .with_hint("see docs/api.yaml for the request schema"),
+            )
+        })
+    }
+}
+
+async fn unknown_route(request: Request) -> HttpError {
+    HttpError(
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("no route {}", request.uri().path()),
+        )
+        .with_hint("routes are listed in docs/api.yaml"),
+    )
+}
+
+async fn method_not_allowed(request: Request) -> HttpError {
+    HttpError(ApiError::new(
+        ErrorCode::InvalidRequest,
+        format!(
+            "method {} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/status", tag = "daemon",
+    responses((status = 200, description = "The daemon runs", body = DaemonStatus)))]
+async fn status(State(state): State<AppState>) -> Json<DaemonStatus> {
+    let layout = state.manager.layout();
+    Json(DaemonStatus {
+        version: banger_core::VERSION.to_owned(),
+        pid: std::process::id(),
+        socket: layout.socket().display().to_string(),
+        data_dir: layout.data_dir().display().to_string(),
+        runtime_dir: layout.runtime_dir().display().to_string(),
+        log_file: layout.daemon_log().display().to_string(),
+        started_at: banger_core::format_rfc3339(state.started_at),
+        uptime_secs: state.started.elapsed().as_secs(),
+    })
+}
+
+#[utoipa::path(post, path = "/v1/shutdown", tag = "daemon",
+    responses((status = 202, description = "The daemon stops after answering; VMs keep running")))]
+async fn shutdown(State(state): State<AppState>) -> StatusCode {
+    state.shutdown.notify_one();
+    StatusCode::ACCEPTED
+}
+
+#[utoipa::path(get, path = "/v1/vms", tag = "vms",
+    responses((status = 200, description = "All VMs, by name", body = [Vm]),
+              (status = 500, body = ErrorBody)))]
+async fn list_vms(State(state): State<AppState>) -> Result<Json<Vec<Vm>>, HttpError> {
+    Ok(Json(state.manager.list_vms().await?))
+}
+
+#[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = CreateVmRequest,
+    responses((status = 201, description = "Created", body = Vm),
+              (status = 400, description = "Bad name or body", body = ErrorBody),
+              (status = 409, description = "Name taken", body = ErrorBody)))]
+async fn create_vm(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<CreateVmRequest>,
+) -> Result<(StatusCode, Json<Vm>), HttpError> {
+    let vm = state.manager.create_vm(request).await?;
+    Ok((StatusCode::CREATED, Json(vm)))
+}
+
+#[utoipa::path(get, path = "/v1/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, body = Vm),
+              (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
+async fn get_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vm>, HttpError> {
+    Ok(Json(state.manager.get_vm(&name).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 204, description = "Removed with its disks"),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "The VM runs", body = ErrorBody)))]
+async fn remove_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, HttpError> {
+    state.manager.remove_vm(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "banger daemon API",
+        description = "HTTP+JSON over the Unix socket \
+        $BANGER_RUNTIME_DIR/bangerd.sock. Every response carries X-Banger-Op-Id; every error \
+        has the ErrorBody shape."
+    ),
+    paths(status, shutdown, list_vms, create_vm, get_vm, remove_vm),
+    components(schemas(
+        Vm,
+        VmSpec,
+        VmState,
+        VmRuntime,
+        CreateVmRequest,
+        DaemonStatus,
+        ErrorBody,
+        ApiError,
+        ErrorCode
+    ))
+)]
+struct ApiDoc;
+
+/// The OpenAPI description as YAML (what docs/api.yaml holds).
+pub fn openapi_yaml() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = banger_core::VERSION.to_owned();
+    // Keep the file independent of the build's Cargo metadata.
+    doc.info.license = None;
+    doc.info.contact = None;
+    doc.to_yaml()
+        .unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    /// docs/api.yaml must be what the code describes. `BANGER_BLESS=1 cargo test` rewrites it.
+    #[test]
+    fn api_yaml_matches_code() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/api.yaml");
+        let generated = super::openapi_yaml();
+        if std::env::var_os("BANGER_BLESS").is_some() {
+            std::fs::write(path, &generated).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            on_disk == generated,
+            "docs/api.yaml is stale; run `BANGER_BLESS=1 cargo test -p bangerd api_yaml` and commit it"
+        );
+    }
+
+    #[test]
+    fn op_ids_are_short_tokens() {
+        assert!(super::valid_op_id("abc-123_X"));
+        assert!(!super::valid_op_id(""));
+        assert!(!super::valid_op_id("a b"));
+        assert!(!super::valid_op_id(&"a".repeat(65)));
+    }
+}
