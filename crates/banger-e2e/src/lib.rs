@@ -1,0 +1,241 @@
+//! Test harness for end-to-end tests: an isolated banger instance (its own `BANGER_HOME`,
+//! socket and daemon) driven through the real `banger` binary and raw HTTP on its socket.
+//! The binaries come from the same target dir as the test (`cargo build --workspace --bins`
+//! first; scripts/test does that).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding the workspace's binaries (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary, with a clear failure when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` before the e2e tests",
+        path.display()
+    );
+    path
+}
+
+/// One isolated banger instance.
+#[derive(Debug)]
+pub struct TestEnv {
+    dir: tempfile::TempDir,
+    extra_env: Vec<(String, String)>,
+}
+
+/// A finished CLI invocation.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(output: Output) -> Self {
+        Self {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Panics with the whole output unless the command exited 0.
+    #[track_caller]
+    pub fn ok(self) -> Self {
+        assert_eq!(
+            self.code, 0,
+            "command failed\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// stdout parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestEnv {
+    /// A fresh instance under a new temporary directory. Nothing runs until the first command.
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::Builder::new().prefix("bg").tempdir_in("/tmp").unwrap(),
+            extra_env: Vec::new(),
+        }
+    }
+
+    /// Adds an environment variable to every command of this instance.
+    pub fn with_env(mut self, key: &str, value: &str) -> Self {
+        self.extra_env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.home().join("run/bangerd.sock")
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.home().join("logs/bangerd.log")
+    }
+
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// A `banger` command with this instance's environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(bin("banger"));
+        command
+            .args(args)
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("BANGER_RUNTIME_DIR")
+            .env_remove("BANGER_NO_AUTOSTART")
+            .env_remove("BANGER_OP_ID")
+            .env("BANGER_HOME", self.home())
+            .env("BANGER_CONFIG", self.config_file())
+            .env("BANGER_DAEMON_BIN", bin("bangerd"))
+            .stdin(Stdio::null());
+        for (key, value) in &self.extra_env {
+            command.env(key, value);
+        }
+        command
+    }
+
+    /// Runs `banger ARGS` to completion.
+    pub fn banger(&self, args: &[&str]) -> Run {
+        Run::from_output(self.command(args).output().unwrap())
+    }
+
+    /// Sends one raw HTTP/1.1 request on the socket; returns (status, body).
+    pub fn raw_request(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+        let mut stream = UnixStream::connect(self.socket()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: bangerd\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(body).unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).unwrap();
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// Pids of live `bangerd` processes serving this instance.
+    pub fn daemon_pids(&self) -> Vec<u32> {
+        let home = format!("BANGER_HOME={}", self.home().display());
+        processes_with_env("bangerd", &home)
+    }
+
+    /// Waits until exactly one daemon of this instance runs and answers.
+    pub fn wait_for_daemon(&self) -> u32 {
+        poll(Duration::from_secs(20), "one daemon answering", || {
+            let pids = self.daemon_pids();
+            (pids.len() == 1 && UnixStream::connect(self.socket()).is_ok()).then(|| pids[0])
+        })
+    }
+
+    /// SIGKILLs every daemon of this instance and waits until they are gone.
+    pub fn kill_daemon(&self) {
+        for pid in self.daemon_pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        poll(Duration::from_secs(10), "daemon gone", || {
+            self.daemon_pids().is_empty().then_some(())
+        });
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let _ = self.command(&["daemon", "stop"]).output();
+        self.kill_daemon();
+    }
+}
+
+/// Calls `probe` until it returns `Some`, failing the test after `limit`.
+#[track_caller]
+pub fn poll<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Live (non-zombie) processes named `comm` whose environment contains `needle` exactly.
+pub fn processes_with_env(comm: &str, needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let base = entry.path();
+        let Ok(stat) = std::fs::read_to_string(base.join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map(|(_, n)| n).unwrap_or("");
+        if name != comm || rest.trim_start().starts_with('Z') {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(base.join("environ")) else {
+            continue;
+        };
+        if environ.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
