@@ -208,9 +208,15 @@ for arg in $(cat /proc/cmdline); do
 done
 [ -n "$root" ] || fail "no root= on the kernel command line"
 
+# insmod does not read /proc/cmdline: forward "module.param=value" args.
 while read -r m; do
-    insmod "/lib/modules/$m" 2>/dev/null || \
-        grep -q "^${m%.ko} " /proc/modules || fail "insmod $m failed"
+    name=${m%.ko} params=""
+    for arg in $(cat /proc/cmdline); do
+        case "$arg" in "$name".*=*) params="$params ${arg#"$name".}" ;; esac
+    done
+    # shellcheck disable=SC2086
+    insmod "/lib/modules/$m" $params 2>/dev/null || \
+        grep -q "^$name " /proc/modules || fail "insmod $m failed"
 done < /etc/modules.load
 
 # Poll for the root device with a deadline (uptime based, no fixed sleep).

@@ -67,14 +67,47 @@ impl Default for VmDefaults {
 pub struct DaemonConfig {
     /// `tracing` filter for the daemon's logs (default "info"); `RUST_LOG` overrides it.
     pub log_level: String,
+    /// How long `vm start` waits for the guest's SSH server (default 300 s; TCG is slow).
+    pub start_timeout_secs: u64,
+    /// How long `vm stop` waits for the guest to power off before forcing (default 30 s).
+    pub stop_timeout_secs: u64,
 }
 
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
             log_level: "info".into(),
+            start_timeout_secs: 300,
+            stop_timeout_secs: 30,
         }
     }
+}
+
+/// QEMU backend settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuConfig {
+    /// The QEMU binary (default "qemu-system-x86_64", looked up on PATH).
+    pub binary: String,
+    /// "auto" (KVM when a probe shows it works, else TCG), "kvm" or "tcg" (default "auto").
+    pub accel: String,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            binary: "qemu-system-x86_64".into(),
+            accel: "auto".into(),
+        }
+    }
+}
+
+/// Image building.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Debian mirror URL for `image build` (default: the host's apt configuration).
+    pub mirror: String,
 }
 
 /// The whole file.
@@ -83,6 +116,8 @@ impl Default for DaemonConfig {
 pub struct Config {
     pub defaults: VmDefaults,
     pub daemon: DaemonConfig,
+    pub qemu: QemuConfig,
+    pub images: ImagesConfig,
 }
 
 /// [`VmDefaults`] with sizes parsed.
@@ -128,6 +163,13 @@ impl Config {
             key: "defaults.disk",
             source,
         })?;
+        if !["auto", "kvm", "tcg"].contains(&self.qemu.accel.as_str()) {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                key: "qemu.accel",
+                message: format!("{:?} is not one of auto, kvm, tcg", self.qemu.accel),
+            });
+        }
         if self.defaults.cpus == 0 {
             return Err(ConfigError::Invalid {
                 path: path.into(),

@@ -4,9 +4,13 @@
 use banger_proto::{ApiError, ErrorCode, NameError, VmState};
 
 use crate::config::ConfigError;
+use crate::disk::DiskError;
+use crate::guest::ssh::SshError;
+use crate::image::ImageError;
 use crate::layout::LayoutError;
 use crate::model::TransitionError;
 use crate::store::StoreError;
+use crate::vmm::VmmError;
 
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +37,37 @@ pub enum Error {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// No image or kernel of that name.
+    #[error("{kind} {name:?} not found")]
+    AssetNotFound { kind: &'static str, name: String },
+    /// The object is used by others.
+    #[error("{kind} {name:?} is used by {users}")]
+    InUse {
+        kind: &'static str,
+        name: String,
+        users: String,
+    },
+    /// The host lacks something.
+    #[error("{message}")]
+    HostSetup { message: String, hint: String },
+    /// A lifecycle step failed; the VM was put back as it was.
+    #[error("{step}")]
+    StepFailed {
+        step: String,
+        #[source]
+        source: Box<Error>,
+    },
+    /// A lifecycle step failed with a plain message (e.g. the guest never answered).
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Ssh(#[from] SshError),
     /// A file-system operation on banger's own files failed.
     #[error("{context}")]
     Io {
@@ -58,6 +93,27 @@ impl Error {
             Self::Store(StoreError::VmExists(_)) => ErrorCode::AlreadyExists,
             Self::Store(StoreError::VmNotFound(_)) => ErrorCode::NotFound,
             Self::Config(_) => ErrorCode::InvalidRequest,
+            Self::AssetNotFound { .. } => ErrorCode::NotFound,
+            Self::InUse { .. } => ErrorCode::InUse,
+            Self::HostSetup { .. }
+            | Self::Image(
+                ImageError::NotRoot | ImageError::MissingTool(_) | ImageError::NoMirror,
+            )
+            | Self::Vmm(VmmError::MissingBinary(_))
+            | Self::Disk(DiskError::MissingTool(_))
+            | Self::Ssh(SshError::MissingSsh) => ErrorCode::HostSetup,
+            Self::Image(
+                ImageError::MissingFile { .. }
+                | ImageError::NotAKernel(_)
+                | ImageError::RelativePath(_),
+            ) => ErrorCode::InvalidRequest,
+            Self::StepFailed { source, .. } => match source.code() {
+                ErrorCode::Internal => ErrorCode::OperationFailed,
+                other => other,
+            },
+            Self::Failed(_) | Self::Image(_) | Self::Vmm(_) | Self::Disk(_) | Self::Ssh(_) => {
+                ErrorCode::OperationFailed
+            }
             Self::Store(_) | Self::Layout(_) | Self::Io { .. } => ErrorCode::Internal,
         }
     }
@@ -74,6 +130,28 @@ impl Error {
             }
             Self::Store(StoreError::VmNotFound(_)) => Some("`banger vm ls` lists VMs".into()),
             Self::Config(_) => Some("fix the config file (docs/config.md lists every key)".into()),
+            Self::AssetNotFound { kind: "image", .. } => Some(
+                "build the default image with `banger image build`, or `banger image import`"
+                    .into(),
+            ),
+            Self::AssetNotFound { .. } => Some("`banger kernel ls` lists kernels".into()),
+            Self::InUse { .. } => Some("remove those first".into()),
+            Self::HostSetup { hint, .. } => Some(hint.clone()),
+            Self::Image(ImageError::NotRoot) => {
+                Some("run bangerd as root, or import an image with `banger image import`".into())
+            }
+            Self::Image(ImageError::MissingTool(_))
+            | Self::Vmm(VmmError::MissingBinary(_))
+            | Self::Disk(DiskError::MissingTool(_))
+            | Self::Ssh(SshError::MissingSsh) => {
+                Some("run scripts/install-deps (or `banger doctor` to see what is missing)".into())
+            }
+            Self::Image(ImageError::NoMirror) => {
+                Some("pass --mirror URL or set images.mirror in the config file".into())
+            }
+            Self::StepFailed { source, .. } => source
+                .hint()
+                .or_else(|| Some("see `banger vm logs NAME` and the daemon log".into())),
             _ => None,
         }
     }
@@ -82,17 +160,8 @@ impl Error {
     pub fn to_api(&self) -> ApiError {
         let mut message = self.to_string();
         let mut source = std::error::Error::source(self);
-        // `transparent` variants already printed their source's message.
-        if matches!(
-            self,
-            Self::InvalidName(_)
-                | Self::Transition(_)
-                | Self::Store(_)
-                | Self::Config(_)
-                | Self::Layout(_)
-        ) {
-            source = source.and_then(std::error::Error::source);
-        }
+        // `transparent` variants forward `source()` to their inner error's source, so the
+        // chain never repeats a message.
         while let Some(err) = source {
             message.push_str(": ");
             message.push_str(&err.to_string());

@@ -112,6 +112,39 @@ impl Layout {
     pub fn vm_dir(&self, vm_id: &str) -> PathBuf {
         self.data_dir.join("vms").join(vm_id)
     }
+    /// The VM's system disk (qcow2 overlay over its image).
+    pub fn vm_system_disk(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("system.qcow2")
+    }
+    /// The VM's work disk (ext4, mounted at /root in the guest).
+    pub fn vm_work_disk(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("work.ext4")
+    }
+    /// The VM's pinned SSH host key.
+    pub fn vm_known_hosts(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("known_hosts")
+    }
+    /// The VM's serial console output (kept across restarts for `vm logs`).
+    pub fn vm_console_log(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("console.log")
+    }
+    /// Scratch space for building and importing (same file system as the stores, so results
+    /// are renamed into place atomically).
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.data_dir.join("tmp")
+    }
+    /// Directory of the kernel with `digest`: `vmlinux`, optional `initrd.img`, `modules/`.
+    pub fn kernel_dir(&self, digest: &str) -> PathBuf {
+        self.kernels_dir().join(digest)
+    }
+    /// Raw root filesystem of the image with `digest`.
+    pub fn image_rootfs(&self, digest: &str) -> PathBuf {
+        self.images_dir().join(digest).join("rootfs.ext4")
+    }
+    /// banger's SSH private key (public key beside it, `.pub`).
+    pub fn client_key(&self) -> PathBuf {
+        self.keys_dir().join("id_ed25519")
+    }
     /// Transient per-VM files (sockets, pid file).
     pub fn vm_runtime_dir(&self, vm_id: &str) -> PathBuf {
         self.runtime_dir.join("vms").join(vm_id)

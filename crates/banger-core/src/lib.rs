@@ -3,11 +3,15 @@
 //! [`service::Manager`] whose methods are the daemon's operations.
 
 pub mod config;
+pub mod disk;
 pub mod error;
+pub mod guest;
+pub mod image;
 pub mod layout;
 pub mod model;
 pub mod service;
 pub mod store;
+pub mod vmm;
 
 pub use error::Error;
 

@@ -83,7 +83,10 @@ impl TestEnv {
     /// A fresh instance under a new temporary directory. Nothing runs until the first command.
     pub fn new() -> Self {
         Self {
-            dir: tempfile::Builder::new().prefix("bg").tempdir_in("/tmp").unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix("bg")
+                .tempdir_in("/tmp")
+                .unwrap(),
             extra_env: Vec::new(),
         }
     }
@@ -132,6 +135,33 @@ impl TestEnv {
     /// Runs `banger ARGS` to completion.
     pub fn banger(&self, args: &[&str]) -> Run {
         Run::from_output(self.command(args).output().unwrap())
+    }
+
+    /// Imports a stand-in image named `default` (a small ext4 file and a file with an ELF
+    /// header as kernel): enough for record-level tests, which never boot it.
+    pub fn import_stub_image(&self) {
+        let dir = self.dir.path().join("stub");
+        std::fs::create_dir_all(&dir).unwrap();
+        let rootfs = dir.join("rootfs.ext4");
+        let status = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&rootfs)
+            .arg("4M")
+            .status()
+            .unwrap();
+        assert!(status.success(), "mkfs.ext4 failed");
+        let kernel = dir.join("vmlinux");
+        std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub").unwrap();
+        self.banger(&[
+            "image",
+            "import",
+            "default",
+            "--rootfs",
+            rootfs.to_str().unwrap(),
+            "--kernel",
+            kernel.to_str().unwrap(),
+        ])
+        .ok();
     }
 
     /// Sends one raw HTTP/1.1 request on the socket; returns (status, body).
@@ -216,7 +246,11 @@ pub fn processes_with_env(comm: &str, needle: &str) -> Vec<u32> {
         return pids;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let base = entry.path();

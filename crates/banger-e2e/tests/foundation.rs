@@ -8,6 +8,10 @@ use banger_e2e::{TestEnv, poll};
 #[test]
 fn parallel_creates_and_autostart_race_end_with_one_daemon() {
     let env = TestEnv::new();
+    env.import_stub_image();
+    // Start the race from no daemon at all.
+    env.banger(&["daemon", "stop"]).ok();
+    assert!(env.daemon_pids().is_empty());
     // No daemon runs yet: every one of these CLIs may try to start one.
     let (distinct, same) = thread::scope(|s| {
         let distinct: Vec<_> = (0..50)
@@ -23,8 +27,13 @@ fn parallel_creates_and_autostart_race_end_with_one_daemon() {
             })
             .collect();
         (
-            distinct.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>(),
-            same.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>(),
+            distinct
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>(),
+            same.into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>(),
         )
     });
     for run in &distinct {
@@ -35,17 +44,27 @@ fn parallel_creates_and_autostart_race_end_with_one_daemon() {
     for loser in same.iter().filter(|r| r.code != 0) {
         assert_eq!(loser.code, 1);
         assert!(loser.stderr.contains("already exists"), "{}", loser.stderr);
-        assert_eq!(loser.stderr.trim().lines().count(), 1, "one line: {}", loser.stderr);
+        assert_eq!(
+            loser.stderr.trim().lines().count(),
+            1,
+            "one line: {}",
+            loser.stderr
+        );
     }
     let listed = env.banger(&["vm", "ls", "--json"]).ok().json();
     assert_eq!(listed.as_array().unwrap().len(), 51);
     env.wait_for_daemon();
-    assert_eq!(env.daemon_pids().len(), 1, "exactly one daemon serves the instance");
+    assert_eq!(
+        env.daemon_pids().len(),
+        1,
+        "exactly one daemon serves the instance"
+    );
 }
 
 #[test]
 fn sigkill_of_the_daemon_loses_no_record() {
     let env = TestEnv::new();
+    env.import_stub_image();
     for i in 0..20 {
         env.banger(&["vm", "create", &format!("keep-{i}"), "--cpus", "3"])
             .ok();
@@ -61,10 +80,10 @@ fn sigkill_of_the_daemon_loses_no_record() {
         .arg(env.home().join("state.db"))
         .arg("PRAGMA integrity_check;")
         .output();
-    if let Ok(out) = integrity {
-        if out.status.success() {
-            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
-        }
+    if let Ok(out) = integrity
+        && out.status.success()
+    {
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
     }
 }
 
@@ -73,13 +92,37 @@ fn raw_bad_requests_get_the_error_body_and_the_daemon_keeps_serving() {
     let env = TestEnv::new();
     env.banger(&["daemon", "start"]).ok();
     let cases: &[(&str, &str, &[u8], u16, &str)] = &[
-        ("POST", "/v1/vms", br#"{"name":"Bad_Name"}"#, 400, "invalid_name"),
+        (
+            "POST",
+            "/v1/vms",
+            br#"{"name":"Bad_Name"}"#,
+            400,
+            "invalid_name",
+        ),
         ("POST", "/v1/vms", br#"{"name":"-x"}"#, 400, "invalid_name"),
         ("POST", "/v1/vms", br#"{"name": "a""#, 400, "invalid_json"),
         ("POST", "/v1/vms", b"\xff\xfe", 400, "invalid_json"),
-        ("POST", "/v1/vms", br#"{"name":"ok","colour":"red"}"#, 400, "invalid_json"),
-        ("POST", "/v1/vms", br#"{"name":"ok","cpus":"two"}"#, 400, "invalid_json"),
-        ("POST", "/v1/vms", br#"{"name":"ok","cpus":0}"#, 400, "invalid_request"),
+        (
+            "POST",
+            "/v1/vms",
+            br#"{"name":"ok","colour":"red"}"#,
+            400,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            br#"{"name":"ok","cpus":"two"}"#,
+            400,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            br#"{"name":"ok","cpus":0}"#,
+            400,
+            "invalid_request",
+        ),
         ("GET", "/v1/vms/UPPER", b"", 400, "invalid_name"),
         ("GET", "/v1/vms/nosuch", b"", 404, "not_found"),
         ("GET", "/v1/nosuch", b"", 404, "not_found"),
@@ -92,10 +135,22 @@ fn raw_bad_requests_get_the_error_body_and_the_daemon_keeps_serving() {
         let parsed: serde_json::Value = serde_json::from_str(&got_body)
             .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {got_body}"));
         assert_eq!(parsed["error"]["code"], *code, "{what}: {got_body}");
-        assert!(parsed["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(
+            parsed["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
     }
     let (_, body) = env.raw_request("POST", "/v1/vms", br#"{"name":"ok","colour":"red"}"#);
     assert!(body.contains("colour"), "unknown field is named: {body}");
+    // Refused before any work: no VM directory was made.
+    assert!(
+        !env.home().join("vms").exists()
+            || std::fs::read_dir(env.home().join("vms"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
     // Still serving, and nothing was created by the bad requests.
     let (status, body) = env.raw_request("GET", "/v1/vms", b"");
     assert_eq!(status, 200);
@@ -105,7 +160,7 @@ fn raw_bad_requests_get_the_error_body_and_the_daemon_keeps_serving() {
 #[test]
 fn op_id_of_a_command_appears_in_the_daemon_log() {
     let env = TestEnv::new();
-    env.banger(&["daemon", "start"]).ok();
+    env.import_stub_image();
     let op_id = "e2e-op-7f3a9";
     let run = env
         .command(&["vm", "create", "traced"])
@@ -133,7 +188,10 @@ fn cli_errors_are_one_line_with_documented_exit_codes() {
     assert_eq!(run.code, 1);
     assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
     assert!(run.stderr.contains("hint"), "{}", run.stderr);
-    assert!(env.daemon_pids().is_empty(), "usage errors never start the daemon");
+    assert!(
+        env.daemon_pids().is_empty(),
+        "usage errors never start the daemon"
+    );
 
     let run = env.banger(&["vm", "create", "x", "--disk", "8"]);
     assert_eq!(run.code, 1);
@@ -166,6 +224,7 @@ fn a_config_file_with_an_unknown_key_is_refused_naming_the_key() {
     assert!(env.daemon_pids().is_empty());
 
     std::fs::write(env.config_file(), "[defaults]\ncpus = 4\nmemory = \"2G\"\n").unwrap();
+    env.import_stub_image();
     let vm = env.banger(&["vm", "create", "cfg", "--json"]).ok().json();
     assert_eq!(vm["spec"]["cpus"], 4);
     assert_eq!(vm["spec"]["memory_mib"], 2048);
@@ -177,5 +236,9 @@ fn completions_and_man_page_come_from_the_cli_definition() {
     let bash = env.banger(&["completions", "bash"]).ok();
     assert!(bash.stdout.contains("banger") && bash.stdout.contains("create"));
     let man = env.banger(&["man"]).ok();
-    assert!(man.stdout.contains(".TH banger"), "{}", &man.stdout[..200.min(man.stdout.len())]);
+    assert!(
+        man.stdout.contains(".TH banger"),
+        "{}",
+        &man.stdout[..200.min(man.stdout.len())]
+    );
 }

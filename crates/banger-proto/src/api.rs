@@ -132,3 +132,117 @@ pub struct DaemonStatus {
     pub started_at: String,
     pub uptime_secs: u64,
 }
+
+/// A kernel (+ optional initrd) in the store (`banger kernel ls --json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Kernel {
+    pub name: String,
+    /// sha256 over the kernel and initrd; names the directory holding them.
+    pub digest: String,
+    /// `uname -r` of the kernel, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+    pub has_initrd: bool,
+    /// Where it came from: `build-default` or `import:<path>`.
+    pub source: String,
+    pub created_at: String,
+}
+
+/// An image: a root filesystem (raw ext4) plus the kernel it boots (`banger image ls --json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    pub name: String,
+    /// sha256 of the root filesystem file; names the directory holding it.
+    pub digest: String,
+    /// Name of the kernel it boots.
+    pub kernel: String,
+    pub size_bytes: u64,
+    /// Where it came from: `build:<recipe digest>` or `import:<path>`.
+    pub source: String,
+    pub created_at: String,
+}
+
+/// `POST /v1/images/import`: register local files as an image (and its kernel).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportImageRequest {
+    pub name: String,
+    /// Absolute path of a raw ext4 root filesystem.
+    pub rootfs: String,
+    /// Absolute path of the kernel (ELF vmlinux or bzImage), or the name of a stored kernel.
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+}
+
+/// `POST /v1/kernels/import`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportKernelRequest {
+    pub name: String,
+    /// Absolute path of the kernel (ELF vmlinux or bzImage).
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+}
+
+/// `POST /v1/images/build`: build the default Debian image (and kernel when missing).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildImageRequest {
+    /// Image name (default `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Debian mirror URL (default: the host's apt configuration, or `images.mirror` in config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<String>,
+    /// Rebuild even when an image of the same recipe exists.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /v1/vms/{name}/stop`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopVmRequest {
+    /// Skip the graceful power-off: a bounded `sync` over SSH, then kill the VMM.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `GET /v1/vms/{name}/ssh`: how to reach a running guest with OpenSSH.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SshInfo {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// banger's private key.
+    pub identity_file: String,
+    /// The VM's pinned host key, under `host_key_alias`.
+    pub known_hosts_file: String,
+    pub host_key_alias: String,
+    /// Where a connection-sharing master may put its socket.
+    pub control_path: String,
+}
+
+/// `GET /v1/vms/{name}/console?offset=N`: serial console output from byte `offset`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ConsoleChunk {
+    /// The bytes from `offset` (lossy UTF-8), at most 1 MiB.
+    pub data: String,
+    /// Offset to ask for next.
+    pub next_offset: u64,
+    /// Whether the VM still runs (more output may come).
+    pub running: bool,
+}
+
+/// Result of `POST /v1/vms/{name}/start|stop`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LifecycleResult {
+    pub vm: Vm,
+    /// False when the VM already was in the requested state (the call was a no-op).
+    pub changed: bool,
+    /// How the stop ended: `poweroff` (guest powered off after sync), `acpi`, `quit`, `kill`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_method: Option<String>,
+}

@@ -20,6 +20,12 @@ pub enum Command {
     /// Create, list, inspect and remove VMs.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Build, import, list and remove images (root filesystem + kernel).
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Import, list and remove kernels.
+    #[command(subcommand)]
+    Kernel(KernelCommand),
     /// Inspect or stop the background daemon (bangerd).
     #[command(subcommand)]
     Daemon(DaemonCommand),
@@ -36,6 +42,45 @@ pub enum Command {
 pub enum VmCommand {
     /// Create a VM (its record and disks; it does not start).
     Create(CreateArgs),
+    /// Create a VM and start it (`create` + `start`).
+    Run(CreateArgs),
+    /// Start a VM; returns when its SSH server answers. A running VM is left as it is.
+    Start {
+        name: VmName,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Stop a VM without losing data: sync, power off, and force only if the guest hangs.
+    /// Stopping a stopped VM does nothing and succeeds.
+    Stop {
+        name: VmName,
+        /// Skip the graceful power-off (a bounded sync is still tried first).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Run a command in a running VM; its stdin, stdout, stderr and exit code pass through.
+    Exec {
+        name: VmName,
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, last = true, num_args = 1..)]
+        command: Vec<String>,
+    },
+    /// Open an interactive shell in a running VM (OpenSSH client).
+    Ssh {
+        name: VmName,
+        /// Extra arguments for ssh (after `--`).
+        #[arg(last = true)]
+        ssh_args: Vec<String>,
+    },
+    /// Print the VM's serial console.
+    Logs {
+        name: VmName,
+        /// Keep printing new output while the VM runs.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// List VMs.
     #[command(alias = "list")]
     Ls(JsonFlag),
@@ -78,6 +123,72 @@ pub struct JsonFlag {
     /// Print JSON (the API's shapes, see docs/api.yaml) instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build the default Debian image (debootstrap) and its kernel; needs root.
+    Build {
+        /// Image name.
+        #[arg(default_value = "default")]
+        name: String,
+        /// Debian mirror URL [default: the host's apt configuration].
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Rebuild even when the image of this recipe exists.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Register local files as an image.
+    Import {
+        name: String,
+        /// Raw ext4 root filesystem.
+        #[arg(long)]
+        rootfs: std::path::PathBuf,
+        /// Kernel file (ELF vmlinux or bzImage), or the name of a stored kernel.
+        #[arg(long)]
+        kernel: String,
+        /// Initrd for a kernel file.
+        #[arg(long)]
+        initrd: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// List images.
+    #[command(alias = "list")]
+    Ls(JsonFlag),
+    /// Show one image.
+    Show {
+        name: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Remove an image no VM uses.
+    #[command(alias = "remove")]
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KernelCommand {
+    /// Register a kernel (and initrd) from local files.
+    Import {
+        name: String,
+        /// Kernel file (ELF vmlinux or bzImage).
+        #[arg(long)]
+        kernel: std::path::PathBuf,
+        #[arg(long)]
+        initrd: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// List kernels.
+    #[command(alias = "list")]
+    Ls(JsonFlag),
+    /// Remove a kernel no image uses.
+    #[command(alias = "remove")]
+    Rm { name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -79,6 +79,11 @@ pub fn vm_details(vm: &Vm) -> String {
     if let Some(error) = &vm.last_error {
         pairs.push(("last error", error.clone()));
     }
+    self::pairs(&pairs)
+}
+
+/// Aligned `key: value` lines.
+pub fn pairs(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     pairs
         .iter()

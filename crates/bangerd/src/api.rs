@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -14,8 +14,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
-    ApiError, CreateVmRequest, DaemonStatus, ErrorBody, ErrorCode, OP_ID_HEADER, Vm, VmRuntime,
-    VmSpec, VmState,
+    ApiError, BuildImageRequest, ConsoleChunk, CreateVmRequest, DaemonStatus, ErrorBody, ErrorCode,
+    Image, ImportImageRequest, ImportKernelRequest, Kernel, LifecycleResult, OP_ID_HEADER, SshInfo,
+    StopVmRequest, Vm, VmRuntime, VmSpec, VmState,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -48,6 +49,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}", get(get_vm).delete(remove_vm))
+        .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/ssh", get(ssh_info))
+        .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/images", get(list_images))
+        .route("/v1/images/import", post(import_image))
+        .route("/v1/images/build", post(build_image))
+        .route("/v1/images/{name}", get(get_image).delete(remove_image))
+        .route("/v1/kernels", get(list_kernels))
+        .route("/v1/kernels/import", post(import_kernel))
+        .route("/v1/kernels/{name}", axum::routing::delete(remove_kernel))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(op_id_span))
@@ -227,6 +239,144 @@ async fn remove_vm(
     Path(name): Path<String>,
 ) -> Result<StatusCode, HttpError> {
     state.manager.remove_vm(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/start", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "Running (changed=false when it already ran)", body = LifecycleResult),
+              (status = 404, body = ErrorBody),
+              (status = 422, description = "The start failed and was undone", body = ErrorBody)))]
+async fn start_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<LifecycleResult>, HttpError> {
+    Ok(Json(state.manager.start_vm(&name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/stop", tag = "vms", request_body = StopVmRequest,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "Stopped (changed=false when it was not running)", body = LifecycleResult),
+              (status = 404, body = ErrorBody)))]
+async fn stop_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<StopVmRequest>,
+) -> Result<Json<LifecycleResult>, HttpError> {
+    Ok(Json(state.manager.stop_vm(&name, request.force).await?))
+}
+
+#[utoipa::path(get, path = "/v1/vms/{name}/ssh", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, body = SshInfo),
+              (status = 409, description = "The VM is not running", body = ErrorBody)))]
+async fn ssh_info(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<SshInfo>, HttpError> {
+    Ok(Json(state.manager.ssh_info(&name).await?))
+}
+
+/// Query of `GET /v1/vms/{name}/console`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct ConsoleQuery {
+    /// Byte offset to read from (default 0).
+    #[serde(default)]
+    offset: u64,
+}
+
+#[utoipa::path(get, path = "/v1/vms/{name}/console", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), ConsoleQuery),
+    responses((status = 200, body = ConsoleChunk), (status = 404, body = ErrorBody)))]
+async fn console(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<ConsoleQuery>,
+) -> Result<Json<ConsoleChunk>, HttpError> {
+    Ok(Json(state.manager.console(&name, query.offset).await?))
+}
+
+#[utoipa::path(get, path = "/v1/images", tag = "images",
+    responses((status = 200, body = [Image])))]
+async fn list_images(State(state): State<AppState>) -> Result<Json<Vec<Image>>, HttpError> {
+    Ok(Json(state.manager.list_images().await?))
+}
+
+#[utoipa::path(get, path = "/v1/images/{name}", tag = "images",
+    params(("name" = String, Path, description = "Image name")),
+    responses((status = 200, body = Image), (status = 404, body = ErrorBody)))]
+async fn get_image(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Image>, HttpError> {
+    Ok(Json(state.manager.get_image(&name).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/images/{name}", tag = "images",
+    params(("name" = String, Path, description = "Image name")),
+    responses((status = 204, description = "Removed"),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "A VM uses it", body = ErrorBody)))]
+async fn remove_image(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, HttpError> {
+    state.manager.remove_image(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/images/import", tag = "images", request_body = ImportImageRequest,
+    responses((status = 201, body = Image), (status = 400, body = ErrorBody)))]
+async fn import_image(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<ImportImageRequest>,
+) -> Result<(StatusCode, Json<Image>), HttpError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.manager.import_image(request).await?),
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/images/build", tag = "images", request_body = BuildImageRequest,
+    responses((status = 201, body = Image), (status = 422, body = ErrorBody)))]
+async fn build_image(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<BuildImageRequest>,
+) -> Result<(StatusCode, Json<Image>), HttpError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.manager.build_image(request).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/kernels", tag = "images",
+    responses((status = 200, body = [Kernel])))]
+async fn list_kernels(State(state): State<AppState>) -> Result<Json<Vec<Kernel>>, HttpError> {
+    Ok(Json(state.manager.list_kernels().await?))
+}
+
+#[utoipa::path(post, path = "/v1/kernels/import", tag = "images", request_body = ImportKernelRequest,
+    responses((status = 201, body = Kernel), (status = 400, body = ErrorBody)))]
+async fn import_kernel(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<ImportKernelRequest>,
+) -> Result<(StatusCode, Json<Kernel>), HttpError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.manager.import_kernel(request).await?),
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/kernels/{name}", tag = "images",
+    params(("name" = String, Path, description = "Kernel name")),
+    responses((status = 204, description = "Removed"),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "An image uses it", body = ErrorBody)))]
+async fn remove_kernel(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, HttpError> {
+    state.manager.remove_kernel(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

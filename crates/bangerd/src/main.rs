@@ -88,6 +88,10 @@ fn create_private_dir(dir: &std::path::Path) -> Result<()> {
 async fn serve(layout: Layout, config: Config) -> Result<()> {
     let socket = layout.socket();
     let manager = Arc::new(Manager::open(layout.clone(), config)?);
+    manager
+        .reconcile()
+        .await
+        .context("cannot reconcile VM state")?;
 
     // We hold the lock, so a socket file left here is from a daemon that died.
     match std::fs::remove_file(&socket) {

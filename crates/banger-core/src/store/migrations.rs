@@ -21,6 +21,23 @@ const MIGRATIONS: &[&str] = &[
         last_error      TEXT,
         runtime_json    TEXT
     ) STRICT;",
+    // 2: kernels and images, content-addressed on disk by digest.
+    "CREATE TABLE kernels (
+        name        TEXT PRIMARY KEY NOT NULL,
+        digest      TEXT NOT NULL,
+        release     TEXT,
+        has_initrd  INTEGER NOT NULL,
+        source      TEXT NOT NULL,
+        created_at  TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE images (
+        name        TEXT PRIMARY KEY NOT NULL,
+        digest      TEXT NOT NULL,
+        kernel      TEXT NOT NULL REFERENCES kernels(name) ON DELETE RESTRICT,
+        size_bytes  INTEGER NOT NULL,
+        source      TEXT NOT NULL,
+        created_at  TEXT NOT NULL
+    ) STRICT;",
 ];
 
 /// Brings the schema up to date, each migration in its own transaction.

@@ -2,7 +2,10 @@
 //! images and manifests as later migrations. Every write is one transaction, so a SIGKILL at any
 //! point leaves either the old or the new row, never a torn one.
 
+mod assets;
 mod migrations;
+
+pub use assets::AssetTable;
 
 use std::path::Path;
 

@@ -1,16 +1,79 @@
-//! `banger vm …`: create, ls, show, rm.
+//! `banger vm …`: create, run, start, stop, exec, ssh, logs, ls, show, rm.
 
-use banger_proto::{ByteSize, CreateVmRequest, Vm};
+use std::io::{IsTerminal, Write};
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
+use banger_proto::{
+    ByteSize, ConsoleChunk, CreateVmRequest, LifecycleResult, SshInfo, StopVmRequest, Vm, VmName,
+};
 use hyper::Method;
 
 use crate::cli::{CreateArgs, VmCommand};
 use crate::client::{Client, ClientError};
-use crate::commands::print_json;
+use crate::commands::{print_json, with_progress};
 use crate::output;
 
 pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError> {
     match command {
         VmCommand::Create(args) => create(client, args).await,
+        VmCommand::Run(args) => {
+            let name = args.name.clone();
+            let json = args.json.json;
+            create(
+                client,
+                CreateArgs {
+                    json: crate::cli::JsonFlag { json: false },
+                    ..args
+                },
+            )
+            .await?;
+            start(client, &name, json).await
+        }
+        VmCommand::Start { name, json } => start(client, &name, json.json).await,
+        VmCommand::Stop { name, force, json } => {
+            let result: LifecycleResult = with_progress(
+                &format!("stopping {name}"),
+                client.call(
+                    Method::POST,
+                    &format!("/v1/vms/{name}/stop"),
+                    Some(&StopVmRequest { force }),
+                ),
+            )
+            .await?;
+            if json.json {
+                print_json(&result)?;
+            } else if result.changed {
+                println!(
+                    "Stopped VM {name} ({})",
+                    result.stop_method.as_deref().unwrap_or("stopped")
+                );
+            } else {
+                println!("VM {name} is not running");
+            }
+            Ok(0)
+        }
+        VmCommand::Exec { name, command } => {
+            let info = ssh_info(client, &name).await?;
+            let remote = command
+                .iter()
+                .map(|arg| banger_core::guest::ssh::shell_quote(arg))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+            Err(exec_ssh(
+                &info,
+                &[if tty { "-t" } else { "-T" }],
+                Some(&remote),
+            ))
+        }
+        VmCommand::Ssh { name, ssh_args } => {
+            let info = ssh_info(client, &name).await?;
+            let mut args = vec!["-t"];
+            args.extend(ssh_args.iter().map(String::as_str));
+            Err(exec_ssh(&info, &args, None))
+        }
+        VmCommand::Logs { name, follow } => logs(client, &name, follow).await,
         VmCommand::Ls(flag) => {
             let vms: Vec<Vm> = client.call(Method::GET, "/v1/vms", None::<&()>).await?;
             if flag.json {
@@ -39,6 +102,87 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
                 println!("Removed VM {name}");
             }
             Ok(0)
+        }
+    }
+}
+
+async fn start(client: &Client, name: &VmName, json: bool) -> Result<u8, ClientError> {
+    let result: LifecycleResult = with_progress(
+        &format!("starting {name} (waiting for SSH)"),
+        client.call(Method::POST, &format!("/v1/vms/{name}/start"), None::<&()>),
+    )
+    .await?;
+    if json {
+        print_json(&result)?;
+    } else if result.changed {
+        let how = result
+            .vm
+            .runtime
+            .as_ref()
+            .map(|r| format!(" with {} ({})", r.vmm, r.accel))
+            .unwrap_or_default();
+        println!("Started VM {name}{how}; `banger vm exec {name} -- CMD` runs commands in it");
+    } else {
+        println!("VM {name} is already running");
+    }
+    Ok(0)
+}
+
+async fn ssh_info(client: &Client, name: &VmName) -> Result<SshInfo, ClientError> {
+    client
+        .call(Method::GET, &format!("/v1/vms/{name}/ssh"), None::<&()>)
+        .await
+}
+
+/// Replaces this process with `ssh` to the guest, so the terminal, signals, stdin/stdout/
+/// stderr and the exit code are the remote command's own. Returns only on failure.
+fn exec_ssh(info: &SshInfo, extra: &[&str], remote: Option<&str>) -> ClientError {
+    let target = banger_core::guest::ssh::SshTarget {
+        host: info.host.clone(),
+        port: info.port,
+        user: info.user.clone(),
+        identity: info.identity_file.clone().into(),
+        known_hosts: info.known_hosts_file.clone().into(),
+        host_key_alias: info.host_key_alias.clone(),
+    };
+    let mut command = std::process::Command::new("ssh");
+    command
+        .args(target.options())
+        // Connection sharing: repeated execs skip the key exchange.
+        .args(["-o", "ControlMaster=auto", "-o", "ControlPersist=60"])
+        .arg("-o")
+        .arg(format!("ControlPath={}", info.control_path))
+        .args(extra)
+        .arg(&info.host);
+    if let Some(remote) = remote {
+        command.arg("--").arg(remote);
+    }
+    let err = command.exec();
+    ClientError::Other(anyhow::anyhow!(
+        "cannot run ssh: {err}; hint: install openssh-client"
+    ))
+}
+
+async fn logs(client: &Client, name: &VmName, follow: bool) -> Result<u8, ClientError> {
+    let mut offset = 0u64;
+    let mut stdout = std::io::stdout();
+    loop {
+        let chunk: ConsoleChunk = client
+            .call(
+                Method::GET,
+                &format!("/v1/vms/{name}/console?offset={offset}"),
+                None::<&()>,
+            )
+            .await?;
+        let _ = stdout.write_all(chunk.data.as_bytes());
+        let _ = stdout.flush();
+        let more = chunk.next_offset > offset;
+        offset = chunk.next_offset;
+        if !more && (!follow || !chunk.running) {
+            return Ok(0);
+        }
+        if !more {
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }

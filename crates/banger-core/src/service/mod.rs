@@ -1,5 +1,9 @@
 //! [`Manager`]: one method per daemon operation. Transports (the HTTP server) only parse,
-//! call one method and render its result; all decisions are made here.
+//! call one method and render its result; all decisions are made here. VM records live here;
+//! `images` holds the image/kernel store operations and `lifecycle` start/stop/exec.
+
+mod images;
+mod lifecycle;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -9,9 +13,14 @@ use tracing::info;
 
 use crate::Error;
 use crate::config::{Config, ResolvedDefaults};
+use crate::disk;
+use crate::guest::ssh;
 use crate::layout::Layout;
 use crate::model::{self, VmRecord};
 use crate::store::Store;
+use crate::store::StoreError;
+use crate::vmm::accel::AccelChoice;
+use crate::vmm::qemu::Qemu;
 
 /// Upper bounds that keep a typo from asking for an absurd VM.
 const MAX_CPUS: u32 = 256;
@@ -28,6 +37,13 @@ pub struct Manager {
     config: Config,
     store: Mutex<Store>,
     vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    qemu: Qemu,
+    /// KVM-or-TCG is decided once per daemon (a probe boot may be needed).
+    accel: tokio::sync::OnceCell<AccelChoice>,
+    /// Serialises image and kernel builds and imports.
+    asset_lock: tokio::sync::Mutex<()>,
+    /// Serialises the first generation of banger's client key.
+    key_lock: tokio::sync::Mutex<()>,
 }
 
 impl Manager {
@@ -39,12 +55,17 @@ impl Manager {
         }
         let defaults = config.resolved_defaults(&layout.config_file().display().to_string())?;
         let store = Store::open(&layout.state_db())?;
+        let qemu = Qemu::new(config.qemu.binary.clone().into());
         Ok(Self {
             layout,
             defaults,
             config,
             store: Mutex::new(store),
             vm_locks: Mutex::new(HashMap::new()),
+            qemu,
+            accel: tokio::sync::OnceCell::new(),
+            asset_lock: tokio::sync::Mutex::new(()),
+            key_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -68,16 +89,89 @@ impl Manager {
         locks.entry(name.to_string()).or_default().clone()
     }
 
-    /// Records a new VM in state Created.
+    /// Creates a VM in state Created: its record, system overlay and work disk (with the
+    /// VM's SSH host key and banger's client key seeded in). Leaves nothing behind on error.
     pub async fn create_vm(&self, request: CreateVmRequest) -> Result<Vm, Error> {
         let name = VmName::parse(&request.name)?;
         let spec = self.resolve_spec(&request)?;
         let lock = self.vm_lock(&name);
         let _guard = lock.lock().await;
+        if self.store().find_vm(name.as_str())?.is_some() {
+            return Err(StoreError::VmExists(name.to_string()).into());
+        }
+        let image = self.find_image(&spec.image)?;
         let record = VmRecord::new(name, spec);
-        self.store().insert_vm(&record)?;
-        info!(vm = %record.name, id = %record.id, "VM created");
+        let vm_dir = self.layout.vm_dir(&record.id);
+        let made = async {
+            self.make_vm_disks(&record, &image.digest).await?;
+            self.store().insert_vm(&record)?;
+            Ok::<_, Error>(())
+        }
+        .await;
+        if let Err(err) = made {
+            let _ = std::fs::remove_dir_all(&vm_dir);
+            return Err(err);
+        }
+        info!(vm = %record.name, id = %record.id, image = %record.spec.image, "VM created");
         Ok(record.to_api())
+    }
+
+    /// The VM's directory with its disks and pinned host key.
+    async fn make_vm_disks(&self, record: &VmRecord, image_digest: &str) -> Result<(), Error> {
+        let id = &record.id;
+        let vm_dir = self.layout.vm_dir(id);
+        std::fs::create_dir_all(&vm_dir)
+            .map_err(Error::io(format!("cannot create {}", vm_dir.display())))?;
+        let client_public = self.client_public_key().await?;
+        // The seed holds the guest's private host key only until mkfs copied it in.
+        let seed = vm_dir.join("seed");
+        let ssh_dir = seed.join(".ssh");
+        let banger_dir = seed.join(".banger");
+        for dir in [&ssh_dir, &banger_dir, &seed.join("repo")] {
+            std::fs::create_dir_all(dir)
+                .map_err(Error::io(format!("cannot create {}", dir.display())))?;
+        }
+        set_mode(&ssh_dir, 0o700)?;
+        set_mode(&banger_dir, 0o700)?;
+        let authorized = ssh_dir.join("authorized_keys");
+        std::fs::write(&authorized, format!("{client_public}\n"))
+            .map_err(Error::io(format!("cannot write {}", authorized.display())))?;
+        set_mode(&authorized, 0o600)?;
+        let host_public = ssh::ensure_key(
+            &banger_dir.join("ssh_host_ed25519_key"),
+            &format!("{}.vm", record.name),
+        )
+        .await?;
+        let known_hosts = self.layout.vm_known_hosts(id);
+        std::fs::write(
+            &known_hosts,
+            format!("{} {host_public}\n", host_key_alias(&record.name)),
+        )
+        .map_err(Error::io(format!("cannot write {}", known_hosts.display())))?;
+        let made = disk::create_work_disk(
+            &self.layout.vm_work_disk(id),
+            record.spec.disk_size_bytes,
+            &seed,
+        )
+        .await;
+        let _ = std::fs::remove_dir_all(&seed);
+        made?;
+        disk::create_system_overlay(
+            &self.layout.image_rootfs(image_digest),
+            &self.layout.vm_system_disk(id),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// banger's SSH public key, generating the pair on first use.
+    async fn client_public_key(&self) -> Result<String, Error> {
+        let _guard = self.key_lock.lock().await;
+        let keys = self.layout.keys_dir();
+        std::fs::create_dir_all(&keys)
+            .map_err(Error::io(format!("cannot create {}", keys.display())))?;
+        set_mode(&keys, 0o700)?;
+        Ok(ssh::ensure_key(&self.layout.client_key(), "banger").await?)
     }
 
     fn resolve_spec(&self, request: &CreateVmRequest) -> Result<VmSpec, Error> {
@@ -121,18 +215,18 @@ impl Manager {
 
     /// All VMs by name.
     pub async fn list_vms(&self) -> Result<Vec<Vm>, Error> {
-        Ok(self
-            .store()
-            .list_vms()?
-            .iter()
-            .map(VmRecord::to_api)
+        let records = self.store().list_vms()?;
+        Ok(records
+            .into_iter()
+            .map(|record| self.observe(record).to_api())
             .collect())
     }
 
     /// One VM.
     pub async fn get_vm(&self, name: &str) -> Result<Vm, Error> {
         let name = VmName::parse(name)?;
-        Ok(self.store().get_vm(name.as_str())?.to_api())
+        let record = self.store().get_vm(name.as_str())?;
+        Ok(self.observe(record).to_api())
     }
 
     /// Removes a VM that is not running, with its files.
@@ -162,4 +256,15 @@ impl Manager {
         info!(vm = %name, id = %record.id, "VM removed");
         Ok(())
     }
+}
+
+/// The alias under which a VM's host key is pinned, independent of host and port.
+pub fn host_key_alias(name: &VmName) -> String {
+    format!("{name}.vm")
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(Error::io(format!("cannot chmod {}", path.display())))
 }

@@ -1,0 +1,219 @@
+//! SSH to guests with the system OpenSSH client: banger's key pair, per-VM host keys pinned in
+//! a per-VM known_hosts under a stable alias (`HostKeyAlias`, so the forwarded port may change),
+//! readiness polling and bounded remote commands. The CLI's `vm exec` / `vm ssh` use the same
+//! options (see [`SshTarget::options`]) and exec `ssh` directly, so TTYs, signals and exit codes
+//! pass through untouched.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+/// Why an SSH step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("ssh-keygen failed: {0}")]
+    Keygen(String),
+    #[error("ssh is not installed")]
+    MissingSsh,
+    #[error("the guest's SSH server did not answer within {0}s")]
+    NotReady(u64),
+    #[error("remote command timed out after {0}s")]
+    Timeout(u64),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where and how to reach one guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTarget {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub identity: PathBuf,
+    pub known_hosts: PathBuf,
+    pub host_key_alias: String,
+}
+
+impl SshTarget {
+    /// `-o` options shared by the daemon and the CLI.
+    pub fn options(&self) -> Vec<String> {
+        vec![
+            "-F".into(),
+            "/dev/null".into(),
+            "-i".into(),
+            self.identity.display().to_string(),
+            "-o".into(),
+            "IdentitiesOnly=yes".into(),
+            "-o".into(),
+            format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "-o".into(),
+            "StrictHostKeyChecking=yes".into(),
+            "-o".into(),
+            format!("HostKeyAlias={}", self.host_key_alias),
+            "-o".into(),
+            "LogLevel=ERROR".into(),
+            "-p".into(),
+            self.port.to_string(),
+            "-l".into(),
+            self.user.clone(),
+        ]
+    }
+
+    /// Runs `script` in the guest (non-interactive), bounded by `connect` for the dial and
+    /// `limit` overall. Returns (exit status, stdout, stderr).
+    pub async fn run(
+        &self,
+        script: &str,
+        connect: Duration,
+        limit: Duration,
+    ) -> Result<(Option<i32>, String, String), SshError> {
+        let mut child = Command::new("ssh")
+            .args(self.options())
+            .args(["-o", "BatchMode=yes", "-T"])
+            .arg("-o")
+            .arg(format!("ConnectTimeout={}", connect.as_secs().max(1)))
+            .arg(&self.host)
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => SshError::MissingSsh,
+                _ => SshError::Io {
+                    context: "cannot run ssh".into(),
+                    source: e,
+                },
+            })?;
+        let mut stdout = child.stdout.take();
+        let mut stderr = child.stderr.take();
+        let work = async {
+            let mut out = String::new();
+            let mut err = String::new();
+            if let Some(s) = stdout.as_mut() {
+                let _ = s.read_to_string(&mut out).await;
+            }
+            if let Some(s) = stderr.as_mut() {
+                let _ = s.read_to_string(&mut err).await;
+            }
+            let status = child.wait().await;
+            (status, out, err)
+        };
+        match tokio::time::timeout(limit, work).await {
+            Ok((Ok(status), out, err)) => Ok((status.code(), out, err)),
+            Ok((Err(e), _, _)) => Err(SshError::Io {
+                context: "ssh failed".into(),
+                source: e,
+            }),
+            Err(_) => Err(SshError::Timeout(limit.as_secs())),
+        }
+    }
+
+    /// Polls until the guest's sshd accepts banger's key (`true` runs), the `alive` check
+    /// fails (returns `Ok(false)`), or `limit` passes.
+    pub async fn wait_ready(
+        &self,
+        limit: Duration,
+        mut alive: impl FnMut() -> bool,
+    ) -> Result<bool, SshError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if !alive() {
+                return Ok(false);
+            }
+            if banner(&self.host, self.port).await {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let bound = left.min(Duration::from_secs(20));
+                if let Ok((Some(0), _, _)) = self.run("true", Duration::from_secs(5), bound).await {
+                    return Ok(true);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(SshError::NotReady(limit.as_secs()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Whether an SSH server greets on host:port within a second. QEMU's user-mode forwarding
+/// accepts connections before the guest listens, so a connect alone proves nothing.
+async fn banner(host: &str, port: u16) -> bool {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+        let mut buf = [0u8; 8];
+        let mut read = 0;
+        while read < 4 {
+            let n = stream.read(&mut buf[read..]).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            read += n;
+        }
+        (&buf[..4] == b"SSH-").then_some(())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), attempt).await,
+        Ok(Some(()))
+    )
+}
+
+/// Generates an ed25519 key pair at `path` (and `path.pub`) unless it exists; returns the
+/// public key line.
+pub async fn ensure_key(path: &Path, comment: &str) -> Result<String, SshError> {
+    let public = path.with_extension("pub");
+    if !path.exists() {
+        let output = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+            .arg(path)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| SshError::Keygen(e.to_string()))?;
+        if !output.status.success() {
+            return Err(SshError::Keygen(
+                String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            ));
+        }
+    }
+    std::fs::read_to_string(&public)
+        .map(|s| s.trim().to_owned())
+        .map_err(|source| SshError::Io {
+            context: format!("cannot read {}", public.display()),
+            source,
+        })
+}
+
+/// Quotes `arg` for a POSIX shell.
+pub fn shell_quote(arg: &str) -> String {
+    if !arg.is_empty()
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
+        return arg.to_owned();
+    }
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_quote;
+
+    #[test]
+    fn quoting_survives_the_remote_shell() {
+        assert_eq!(shell_quote("uname"), "uname");
+        assert_eq!(shell_quote("exit 7"), "'exit 7'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("$HOME"), "'$HOME'");
+    }
+}

@@ -1,0 +1,286 @@
+//! The kernel and image store: content-addressed files under the data dir (`kernels/<digest>/`,
+//! `images/<digest>/rootfs.ext4`), their import from local files, and the build of the default
+//! Debian image from the embedded guest recipe (`guest/` in the repository).
+
+pub mod mirror;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use sha2::{Digest, Sha256};
+use tokio::process::Command;
+
+mod recipe {
+    include!(concat!(env!("OUT_DIR"), "/guest_files.rs"));
+}
+pub use recipe::GUEST_FILES;
+
+/// Why an image or kernel operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// A file to import does not exist or is not a regular file.
+    #[error("{what} {path} is not a readable file")]
+    MissingFile { what: &'static str, path: String },
+    /// The kernel is neither an ELF vmlinux nor a bzImage.
+    #[error("{0} is not a Linux kernel (neither ELF vmlinux nor bzImage)")]
+    NotAKernel(String),
+    /// Import paths must be absolute: the daemon's working directory is not the user's.
+    #[error("{0} is not an absolute path")]
+    RelativePath(String),
+    /// A build step (script) failed.
+    #[error("{step} failed ({status}): {tail}")]
+    BuildFailed {
+        step: &'static str,
+        status: String,
+        tail: String,
+    },
+    /// Building needs root (debootstrap, chroot).
+    #[error("image build needs root (debootstrap and chroot)")]
+    NotRoot,
+    /// A tool the build needs is missing.
+    #[error("{0} is not installed")]
+    MissingTool(&'static str),
+    /// No Debian mirror known.
+    #[error("no Debian mirror found in the host's apt configuration")]
+    NoMirror,
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
+    let context = context.into();
+    move |source| ImageError::Io { context, source }
+}
+
+/// Hex sha256 over the contents of `paths`, in order, each prefixed by its length.
+pub fn sha256_files(paths: &[&Path]) -> Result<String, ImageError> {
+    let mut hasher = Sha256::new();
+    for path in paths {
+        let mut file =
+            std::fs::File::open(path).map_err(io_err(format!("cannot open {}", path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(io_err(format!("cannot stat {}", path.display())))?
+            .len();
+        hasher.update(len.to_le_bytes());
+        std::io::copy(&mut file, &mut hasher)
+            .map_err(io_err(format!("cannot read {}", path.display())))?;
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Digest of the embedded guest recipe: any change to a script or overlay file changes it.
+pub fn recipe_digest() -> String {
+    let mut hasher = Sha256::new();
+    for (path, content, mode) in GUEST_FILES {
+        hasher.update(path.as_bytes());
+        hasher.update([0]);
+        hasher.update(mode.to_le_bytes());
+        hasher.update((content.len() as u64).to_le_bytes());
+        hasher.update(content);
+    }
+    hex(&hasher.finalize())
+}
+
+/// Writes the embedded recipe into `dir` (`dir/build-kernel.sh`, `dir/rootfs/...`).
+pub fn write_recipe(dir: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    for (relative, content, mode) in GUEST_FILES {
+        let path = dir.join(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(io_err(format!("cannot create {}", parent.display())))?;
+        }
+        std::fs::write(&path, content)
+            .map_err(io_err(format!("cannot write {}", path.display())))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))
+            .map_err(io_err(format!("cannot chmod {}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Checks that `path` is an absolute path to a regular file.
+pub fn check_input(what: &'static str, path: &str) -> Result<PathBuf, ImageError> {
+    let path_buf = PathBuf::from(path);
+    if !path_buf.is_absolute() {
+        return Err(ImageError::RelativePath(path.to_owned()));
+    }
+    if !path_buf.is_file() {
+        return Err(ImageError::MissingFile {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    Ok(path_buf)
+}
+
+/// Refuses files that are not an ELF vmlinux or an x86 bzImage.
+pub fn validate_kernel(path: &Path) -> Result<(), ImageError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let shown = path.display().to_string();
+    let mut file = std::fs::File::open(path).map_err(io_err(format!("cannot open {shown}")))?;
+    let mut magic = [0u8; 4];
+    if file.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF" {
+        return Ok(());
+    }
+    let mut header = [0u8; 4];
+    let is_bzimage = file.seek(SeekFrom::Start(0x202)).is_ok()
+        && file.read_exact(&mut header).is_ok()
+        && header == *b"HdrS";
+    if is_bzimage {
+        Ok(())
+    } else {
+        Err(ImageError::NotAKernel(shown))
+    }
+}
+
+/// Copies `source` to `dest` through a temporary name, sparse and reflinked where the file
+/// system allows, so a crash never leaves a half-written `dest`.
+pub async fn copy_into_place(source: &Path, dest: &Path) -> Result<(), ImageError> {
+    let tmp = dest.with_extension("partial");
+    let status = Command::new("cp")
+        .arg("--reflink=auto")
+        .arg("--sparse=always")
+        .arg(source)
+        .arg(&tmp)
+        .stdin(Stdio::null())
+        .status()
+        .await
+        .map_err(io_err("cannot run cp"))?;
+    if !status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ImageError::Io {
+            context: format!("cannot copy {}", source.display()),
+            source: std::io::Error::other(status.to_string()),
+        });
+    }
+    std::fs::rename(&tmp, dest).map_err(io_err(format!("cannot rename {}", tmp.display())))
+}
+
+/// Copies a directory tree (`cp -a`) to `dest` through a temporary name.
+pub async fn copy_tree(source: &Path, dest: &Path) -> Result<(), ImageError> {
+    let tmp = dest.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(source)
+        .arg(&tmp)
+        .stdin(Stdio::null())
+        .status()
+        .await
+        .map_err(io_err("cannot run cp"))?;
+    if !status.success() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(ImageError::Io {
+            context: format!("cannot copy {}", source.display()),
+            source: std::io::Error::other(status.to_string()),
+        });
+    }
+    std::fs::rename(&tmp, dest).map_err(io_err(format!("cannot rename {}", tmp.display())))
+}
+
+/// Runs one build script, its output appended to `log`; on failure the error carries the last
+/// lines of the log.
+pub async fn run_script(
+    step: &'static str,
+    script: &Path,
+    args: &[&std::ffi::OsStr],
+    log: &Path,
+) -> Result<(), ImageError> {
+    let log_file = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io_err(format!("cannot open {}", log.display())))?;
+    let log_err = log_file
+        .try_clone()
+        .map_err(io_err(format!("cannot open {}", log.display())))?;
+    let status = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(log_err)
+        .kill_on_drop(true)
+        .status()
+        .await
+        .map_err(io_err("cannot run bash"))?;
+    if status.success() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let tail = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no output")
+        .to_owned();
+    Err(ImageError::BuildFailed {
+        step,
+        status: status.to_string(),
+        tail: format!("{tail} (full log: {})", log.display()),
+    })
+}
+
+/// Whether `tool` is an executable on PATH.
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(dir.join(tool))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recipe_holds_the_build_scripts() {
+        let names: Vec<&str> = GUEST_FILES.iter().map(|(p, _, _)| *p).collect();
+        assert!(names.contains(&"build-kernel.sh"), "{names:?}");
+        assert!(names.contains(&"build-rootfs.sh"), "{names:?}");
+        assert_eq!(recipe_digest(), recipe_digest());
+    }
+
+    #[test]
+    fn kernels_are_recognised_by_magic() {
+        let dir = tempfile::tempdir().unwrap();
+        let elf = dir.path().join("vmlinux");
+        std::fs::write(&elf, b"\x7fELF\x02\x01\x01").unwrap();
+        validate_kernel(&elf).unwrap();
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let bz_path = dir.path().join("bzImage");
+        std::fs::write(&bz_path, &bz).unwrap();
+        validate_kernel(&bz_path).unwrap();
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, b"not a kernel at all").unwrap();
+        assert!(matches!(
+            validate_kernel(&junk),
+            Err(ImageError::NotAKernel(_))
+        ));
+    }
+
+    #[test]
+    fn relative_and_missing_inputs_are_refused() {
+        assert!(matches!(
+            check_input("rootfs", "rel/x"),
+            Err(ImageError::RelativePath(_))
+        ));
+        assert!(matches!(
+            check_input("rootfs", "/nonexistent/x"),
+            Err(ImageError::MissingFile { .. })
+        ));
+    }
+}

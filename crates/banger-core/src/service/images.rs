@@ -1,0 +1,344 @@
+//! Image and kernel operations of the [`Manager`]: list, show, import, build, remove.
+
+use std::path::{Path, PathBuf};
+
+use banger_proto::{BuildImageRequest, Image, ImportImageRequest, ImportKernelRequest, Kernel};
+use tracing::info;
+
+use super::Manager;
+use crate::Error;
+use crate::image::{self, ImageError, mirror};
+use crate::store::AssetTable;
+
+/// Names of images and kernels: short, no path separators.
+fn check_asset_name(kind: &'static str, name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidRequest(format!(
+            "{kind} name {name:?} is not valid; use letters, digits, '-', '_' and '.'"
+        )))
+    }
+}
+
+impl Manager {
+    pub(super) fn find_image(&self, name: &str) -> Result<Image, Error> {
+        self.store()
+            .find_image(name)?
+            .ok_or_else(|| Error::AssetNotFound {
+                kind: "image",
+                name: name.to_owned(),
+            })
+    }
+
+    pub(super) fn find_kernel(&self, name: &str) -> Result<Kernel, Error> {
+        self.store()
+            .find_kernel(name)?
+            .ok_or_else(|| Error::AssetNotFound {
+                kind: "kernel",
+                name: name.to_owned(),
+            })
+    }
+
+    pub async fn list_images(&self) -> Result<Vec<Image>, Error> {
+        Ok(self.store().list_images()?)
+    }
+
+    pub async fn get_image(&self, name: &str) -> Result<Image, Error> {
+        self.find_image(name)
+    }
+
+    pub async fn list_kernels(&self) -> Result<Vec<Kernel>, Error> {
+        Ok(self.store().list_kernels()?)
+    }
+
+    /// Registers a kernel (and initrd) from local files, copying them into the store.
+    pub async fn import_kernel(&self, request: ImportKernelRequest) -> Result<Kernel, Error> {
+        check_asset_name("kernel", &request.name)?;
+        let kernel = image::check_input("kernel", &request.kernel)?;
+        let initrd = request
+            .initrd
+            .as_deref()
+            .map(|p| image::check_input("initrd", p))
+            .transpose()?;
+        image::validate_kernel(&kernel)?;
+        let _guard = self.asset_lock.lock().await;
+        let source = format!("import:{}", kernel.display());
+        self.store_kernel(
+            &request.name,
+            &kernel,
+            initrd.as_deref(),
+            None,
+            None,
+            source,
+        )
+        .await
+    }
+
+    /// Copies kernel files into `kernels/<digest>/` and records them under `name`.
+    async fn store_kernel(
+        &self,
+        name: &str,
+        kernel: &Path,
+        initrd: Option<&Path>,
+        modules: Option<&Path>,
+        release: Option<String>,
+        source: String,
+    ) -> Result<Kernel, Error> {
+        let mut inputs = vec![kernel];
+        inputs.extend(initrd);
+        let digest = image::sha256_files(&inputs)?;
+        let dir = self.layout.kernel_dir(&digest);
+        if !dir.join("vmlinux").is_file() {
+            let tmp = self.scratch_dir("kernel")?;
+            let staged = tmp.path().join("k");
+            std::fs::create_dir_all(&staged)
+                .map_err(Error::io(format!("cannot create {}", staged.display())))?;
+            image::copy_into_place(kernel, &staged.join("vmlinux")).await?;
+            if let Some(initrd) = initrd {
+                image::copy_into_place(initrd, &staged.join("initrd.img")).await?;
+            }
+            if let Some(modules) = modules {
+                image::copy_tree(modules, &staged.join("modules")).await?;
+            }
+            std::fs::create_dir_all(self.layout.kernels_dir())
+                .map_err(Error::io("cannot create the kernel store"))?;
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&staged, &dir).map_err(Error::io(format!(
+                "cannot move kernel into {}",
+                dir.display()
+            )))?;
+        }
+        let row = Kernel {
+            name: name.to_owned(),
+            digest,
+            release,
+            has_initrd: initrd.is_some(),
+            source,
+            created_at: crate::now_rfc3339(),
+        };
+        self.store().put_kernel(&row)?;
+        info!(kernel = %row.name, digest = %row.digest, "kernel stored");
+        Ok(row)
+    }
+
+    /// Registers a root filesystem (raw ext4) plus a kernel (a stored kernel's name, or a file
+    /// imported as a kernel named like the image) as an image.
+    pub async fn import_image(&self, request: ImportImageRequest) -> Result<Image, Error> {
+        check_asset_name("image", &request.name)?;
+        let rootfs = image::check_input("rootfs", &request.rootfs)?;
+        let kernel_name = if request.kernel.starts_with('/') {
+            let kernel = self
+                .import_kernel(ImportKernelRequest {
+                    name: request.name.clone(),
+                    kernel: request.kernel.clone(),
+                    initrd: request.initrd.clone(),
+                })
+                .await?;
+            kernel.name
+        } else {
+            if request.initrd.is_some() {
+                return Err(Error::InvalidRequest(
+                    "--initrd goes with a kernel file, not a stored kernel's name".into(),
+                ));
+            }
+            self.find_kernel(&request.kernel)?.name
+        };
+        let _guard = self.asset_lock.lock().await;
+        let source = format!("import:{}", rootfs.display());
+        self.store_image(&request.name, &rootfs, None, &kernel_name, source)
+            .await
+    }
+
+    /// Copies a root filesystem into `images/<digest>/` and records it under `name`.
+    async fn store_image(
+        &self,
+        name: &str,
+        rootfs: &Path,
+        known_digest: Option<String>,
+        kernel: &str,
+        source: String,
+    ) -> Result<Image, Error> {
+        let digest = match known_digest {
+            Some(d) => d,
+            None => image::sha256_files(&[rootfs])?,
+        };
+        let dest = self.layout.image_rootfs(&digest);
+        if !dest.is_file() {
+            let parent = dest.parent().map(Path::to_path_buf).unwrap_or_default();
+            std::fs::create_dir_all(&parent)
+                .map_err(Error::io(format!("cannot create {}", parent.display())))?;
+            image::copy_into_place(rootfs, &dest).await?;
+        }
+        let size_bytes = std::fs::metadata(&dest)
+            .map_err(Error::io(format!("cannot stat {}", dest.display())))?
+            .len();
+        let row = Image {
+            name: name.to_owned(),
+            digest,
+            kernel: kernel.to_owned(),
+            size_bytes,
+            source,
+            created_at: crate::now_rfc3339(),
+        };
+        self.store().put_image(&row)?;
+        info!(image = %row.name, digest = %row.digest, "image stored");
+        Ok(row)
+    }
+
+    /// A scratch directory under the data dir, removed when dropped.
+    fn scratch_dir(&self, prefix: &str) -> Result<tempfile::TempDir, Error> {
+        let parent = self.layout.tmp_dir();
+        std::fs::create_dir_all(&parent)
+            .map_err(Error::io(format!("cannot create {}", parent.display())))?;
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&parent)
+            .map_err(Error::io("cannot create a scratch directory"))
+    }
+
+    /// Builds the default Debian image from the embedded recipe (kernel first, when the
+    /// kernel of this recipe is not stored yet). With `BANGER_CACHE_DIR` set, build outputs are
+    /// kept there keyed by the recipe digest and reused (CI keeps this cache between runs).
+    pub async fn build_image(&self, request: BuildImageRequest) -> Result<Image, Error> {
+        let name = request.name.clone().unwrap_or_else(|| "default".into());
+        check_asset_name("image", &name)?;
+        let recipe = image::recipe_digest();
+        let source = format!("build:{recipe}");
+        if !request.force
+            && let Some(existing) = self.store().find_image(&name)?
+            && existing.source == source
+        {
+            return Ok(existing);
+        }
+        let _guard = self.asset_lock.lock().await;
+        let cache = std::env::var_os("BANGER_CACHE_DIR")
+            .filter(|v| !v.is_empty())
+            .map(|dir| PathBuf::from(dir).join(format!("guest-{}", &recipe[..16])));
+        let scratch = self.scratch_dir("build")?;
+        let work = match &cache {
+            Some(dir) => dir.clone(),
+            None => scratch.path().to_path_buf(),
+        };
+        let kernel_out = work.join("kernel");
+        let rootfs_out = work.join("rootfs.ext4");
+        let log = self.layout.logs_dir().join("image-build.log");
+        let cached = kernel_out.join("vmlinux").is_file() && rootfs_out.is_file() && !request.force;
+        if !cached {
+            if !nix::unistd::geteuid().is_root() {
+                return Err(ImageError::NotRoot.into());
+            }
+            for tool in ["debootstrap", "mkfs.ext4", "apt-get", "cpio", "busybox"] {
+                if !image::on_path(tool) && !Path::new("/usr/sbin").join(tool).exists() {
+                    return Err(Error::HostSetup {
+                        message: format!("{tool} is not installed (needed by image build)"),
+                        hint: "run scripts/install-deps".into(),
+                    });
+                }
+            }
+            let mirror = request
+                .mirror
+                .clone()
+                .or_else(|| {
+                    (!self.config.images.mirror.is_empty())
+                        .then(|| self.config.images.mirror.clone())
+                })
+                .or_else(|| mirror::host_debian_mirror(Path::new("/etc/apt")))
+                .ok_or(ImageError::NoMirror)?;
+            let recipe_dir = scratch.path().join("recipe");
+            image::write_recipe(&recipe_dir)?;
+            std::fs::create_dir_all(&work)
+                .map_err(Error::io(format!("cannot create {}", work.display())))?;
+            info!(%mirror, log = %log.display(), "building the guest kernel");
+            image::run_script(
+                "kernel build",
+                &recipe_dir.join("build-kernel.sh"),
+                &[kernel_out.as_os_str()],
+                &log,
+            )
+            .await?;
+            info!("building the guest root filesystem");
+            image::run_script(
+                "root filesystem build",
+                &recipe_dir.join("build-rootfs.sh"),
+                &[
+                    rootfs_out.as_os_str(),
+                    std::ffi::OsStr::new(&mirror),
+                    kernel_out.as_os_str(),
+                ],
+                &log,
+            )
+            .await?;
+        }
+        let release = std::fs::read_to_string(kernel_out.join("kernel.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("release").and_then(|r| r.as_str()).map(str::to_owned));
+        let modules = kernel_out.join("modules");
+        let kernel = self
+            .store_kernel(
+                &name,
+                &kernel_out.join("vmlinux"),
+                Some(&kernel_out.join("initrd.img")),
+                modules.is_dir().then_some(modules.as_path()),
+                release,
+                source.clone(),
+            )
+            .await?;
+        self.store_image(&name, &rootfs_out, None, &kernel.name, source)
+            .await
+    }
+
+    /// Removes an image no VM uses; its files go when no other image shares them.
+    pub async fn remove_image(&self, name: &str) -> Result<(), Error> {
+        let _guard = self.asset_lock.lock().await;
+        let image = self.find_image(name)?;
+        let users = self.store().vms_using_image(name)?;
+        if !users.is_empty() {
+            return Err(Error::InUse {
+                kind: "image",
+                name: name.to_owned(),
+                users: format!("VM {}", users.join(", ")),
+            });
+        }
+        self.store().delete_image(name)?;
+        if !self
+            .store()
+            .digest_in_use(AssetTable::Images, &image.digest)?
+        {
+            let dir = self.layout.images_dir().join(&image.digest);
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        info!(image = %name, "image removed");
+        Ok(())
+    }
+
+    /// Removes a kernel no image uses.
+    pub async fn remove_kernel(&self, name: &str) -> Result<(), Error> {
+        let _guard = self.asset_lock.lock().await;
+        let kernel = self.find_kernel(name)?;
+        let users = self.store().images_using_kernel(name)?;
+        if !users.is_empty() {
+            return Err(Error::InUse {
+                kind: "kernel",
+                name: name.to_owned(),
+                users: format!("image {}", users.join(", ")),
+            });
+        }
+        self.store().delete_kernel(name)?;
+        if !self
+            .store()
+            .digest_in_use(AssetTable::Kernels, &kernel.digest)?
+        {
+            let _ = std::fs::remove_dir_all(self.layout.kernel_dir(&kernel.digest));
+        }
+        info!(kernel = %name, "kernel removed");
+        Ok(())
+    }
+}

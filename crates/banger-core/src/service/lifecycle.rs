@@ -1,0 +1,492 @@
+//! VM lifecycle of the [`Manager`]: start (a list of steps, each undone in reverse on failure),
+//! stop (sync over SSH first, then power-off, ACPI, QMP quit, kill), reconciliation after a
+//! daemon restart, and what `vm exec`/`vm ssh`/`vm logs` need.
+
+use std::path::Path;
+use std::time::Duration;
+
+use banger_proto::{ConsoleChunk, LifecycleResult, SshInfo, VmName, VmRuntime, VmState};
+use tracing::{info, warn};
+
+use super::{Manager, host_key_alias};
+use crate::Error;
+use crate::guest::ssh::SshTarget;
+use crate::model::{VmRecord, check_transition};
+use crate::vmm::{Accel, Hypervisor, LaunchSpec, VmProcess, accel, process};
+
+/// The guest's static address under QEMU user-mode networking.
+const USER_NET: &str = "banger.ip=10.0.2.15/24 banger.gw=10.0.2.2 banger.dns=10.0.2.3";
+/// Bound on dialling the guest's SSH server when stopping.
+const STOP_DIAL: Duration = Duration::from_secs(5);
+/// Bound on the `sync` over SSH when stopping.
+const STOP_SYNC: Duration = Duration::from_secs(60);
+/// How long to wait after an ACPI power-button press, and after QMP `quit`.
+const ACPI_GRACE: Duration = Duration::from_secs(10);
+const QUIT_GRACE: Duration = Duration::from_secs(5);
+/// Largest console chunk returned at once.
+const CONSOLE_CHUNK: u64 = 1 << 20;
+
+/// Steps done so far by a start, undone in reverse when a later one fails.
+#[derive(Debug, Default)]
+struct StartUndo {
+    runtime_dir: Option<std::path::PathBuf>,
+    process: Option<(VmProcess, String)>,
+}
+
+impl StartUndo {
+    async fn undo(self) {
+        if let Some((process, marker)) = self.process {
+            process::kill(process.pid, &marker).await;
+        }
+        if let Some(dir) = self.runtime_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl Manager {
+    /// Applies `to` to `record` after checking the transition, and persists it.
+    fn transition(&self, record: &mut VmRecord, to: VmState) -> Result<(), Error> {
+        check_transition(record.state, to)?;
+        record.state = to;
+        record.updated_at = crate::now_rfc3339();
+        self.store().update_vm(record)?;
+        Ok(())
+    }
+
+    /// The record as it is now: a VM recorded as running whose VMM is gone (guest powered
+    /// off, VMM killed) is marked stopped.
+    pub(super) fn observe(&self, mut record: VmRecord) -> VmRecord {
+        if record.state != VmState::Running {
+            return record;
+        }
+        let pid = record.runtime.as_ref().and_then(|r| r.pid);
+        if pid.is_some_and(|pid| process::is_alive(pid, &record.id)) {
+            return record;
+        }
+        warn!(vm = %record.name, "VMM is gone; marking the VM stopped");
+        let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(&record.id));
+        if let Some(runtime) = record.runtime.as_mut() {
+            runtime.pid = None;
+        }
+        record.last_error =
+            Some("the VM stopped outside banger (guest power-off or VMM exit)".into());
+        if let Err(e) = self.transition(&mut record, VmState::Stopped) {
+            warn!(vm = %record.name, "cannot record the stop: {e}");
+        }
+        record
+    }
+
+    /// After a daemon (re)start: running VMs whose VMM lives are kept; VMs caught mid-start
+    /// or mid-stop, or whose VMM died, are cleaned up and marked stopped.
+    pub async fn reconcile(&self) -> Result<(), Error> {
+        let records = self.store().list_vms()?;
+        for mut record in records {
+            if !matches!(
+                record.state,
+                VmState::Running | VmState::Starting | VmState::Stopping
+            ) {
+                continue;
+            }
+            let lock = self.vm_lock(&record.name);
+            let _guard = lock.lock().await;
+            let pid = record.runtime.as_ref().and_then(|r| r.pid);
+            let alive = pid.is_some_and(|pid| process::is_alive(pid, &record.id));
+            if alive && record.state == VmState::Running {
+                info!(vm = %record.name, pid = ?pid, "reattached to running VM");
+                continue;
+            }
+            if let Some(pid) = pid.filter(|_| alive) {
+                warn!(vm = %record.name, state = %record.state, "VM was mid-operation when the daemon died; stopping it");
+                self.stop_process(&record, pid, true).await;
+            }
+            let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(&record.id));
+            if let Some(runtime) = record.runtime.as_mut() {
+                runtime.pid = None;
+            }
+            if record.state == VmState::Running {
+                record.state = VmState::Stopping;
+            }
+            if record.state == VmState::Starting {
+                record.last_error = Some("the daemon stopped during start".into());
+            }
+            self.transition(&mut record, VmState::Stopped)?;
+            info!(vm = %record.name, "VM marked stopped after daemon restart");
+        }
+        Ok(())
+    }
+
+    async fn accel_choice(&self, kernel: &Path) -> Result<accel::AccelChoice, Error> {
+        let scratch = self.layout.runtime_dir().to_path_buf();
+        self.accel
+            .get_or_try_init(|| async {
+                accel::choose(
+                    &self.config.qemu.accel,
+                    self.qemu.binary(),
+                    kernel,
+                    &scratch,
+                )
+                .await
+                .map_err(Error::Failed)
+            })
+            .await
+            .cloned()
+    }
+
+    /// Starts a VM and returns once its SSH server accepts banger's key. A running VM is left
+    /// as it is (`changed: false`). On failure every step is undone and the VM returns to its
+    /// previous state with `last_error` set.
+    pub async fn start_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
+        let name = VmName::parse(name)?;
+        let lock = self.vm_lock(&name);
+        let _guard = lock.lock().await;
+        let record = self.observe(self.store().get_vm(name.as_str())?);
+        if record.state == VmState::Running {
+            return Ok(LifecycleResult {
+                vm: record.to_api(),
+                changed: false,
+                stop_method: None,
+            });
+        }
+        let previous = record.state;
+        let mut record = record;
+        self.transition(&mut record, VmState::Starting)?;
+        let mut undo = StartUndo::default();
+        match self.start_steps(&mut record, &mut undo).await {
+            Ok(()) => {
+                record.last_error = None;
+                self.transition(&mut record, VmState::Running)?;
+                info!(vm = %name, "VM running");
+                Ok(LifecycleResult {
+                    vm: record.to_api(),
+                    changed: true,
+                    stop_method: None,
+                })
+            }
+            Err(err) => {
+                warn!(vm = %name, "start failed, undoing: {err}");
+                undo.undo().await;
+                if let Some(runtime) = record.runtime.as_mut() {
+                    runtime.pid = None;
+                }
+                record.last_error = Some(err.to_api().message);
+                let back = if previous == VmState::Error {
+                    VmState::Error
+                } else {
+                    previous
+                };
+                if let Err(e) = self.transition(&mut record, back) {
+                    warn!(vm = %name, "cannot restore state: {e}");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn start_steps(&self, record: &mut VmRecord, undo: &mut StartUndo) -> Result<(), Error> {
+        let vm_name = record.name.to_string();
+        let step = |what: &str| {
+            let step = format!("cannot start VM {vm_name}: {what}");
+            move |source: Error| Error::StepFailed {
+                step,
+                source: Box::new(source),
+            }
+        };
+        let image = self.find_image(&record.spec.image).map_err(step("image"))?;
+        let kernel = self.find_kernel(&image.kernel).map_err(step("kernel"))?;
+        let kernel_dir = self.layout.kernel_dir(&kernel.digest);
+        let kernel_path = kernel_dir.join("vmlinux");
+        let initrd = kernel.has_initrd.then(|| kernel_dir.join("initrd.img"));
+        let system_disk = self.layout.vm_system_disk(&record.id);
+        let work_disk = self.layout.vm_work_disk(&record.id);
+        for disk in [&system_disk, &work_disk] {
+            if !disk.is_file() {
+                return Err(Error::Failed(format!(
+                    "cannot start VM {}: disk {} is missing",
+                    record.name,
+                    disk.display()
+                )));
+            }
+        }
+        let choice = self.accel_choice(&kernel_path).await?;
+        let runtime_dir = self.layout.vm_runtime_dir(&record.id);
+        let _ = std::fs::remove_dir_all(&runtime_dir);
+        std::fs::create_dir_all(&runtime_dir).map_err(Error::io(format!(
+            "cannot create {}",
+            runtime_dir.display()
+        )))?;
+        undo.runtime_dir = Some(runtime_dir.clone());
+
+        let mut cmdline = format!(
+            "console=ttyS0 root=/dev/vda rw panic=-1 banger.hostname={} {USER_NET}",
+            record.name
+        );
+        if choice.accel == Accel::Tcg
+            && let Some(khz) = accel::this_host_tsc_khz()
+        {
+            // Without these, TCG guests hang in timer calibration at random, or fall back to a
+            // coarse clock because the vCPUs' TSCs look unsynchronised.
+            cmdline.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+        }
+        let console_log = self.layout.vm_console_log(&record.id);
+        // Keep the previous boot's console for `vm logs` until this one starts writing.
+        let _ = std::fs::rename(&console_log, console_log.with_extension("log.prev"));
+        let mut spec = LaunchSpec {
+            vm_id: record.id.clone(),
+            vm_name: record.name.to_string(),
+            cpus: record.spec.cpus,
+            memory_mib: record.spec.memory_mib,
+            accel: choice.accel,
+            kernel: kernel_path,
+            initrd,
+            cmdline,
+            system_disk,
+            system_disk_format: "qcow2",
+            work_disk,
+            runtime_dir,
+            console_log: console_log.clone(),
+            ssh_port: 0,
+            mac: mac_for(&record.id),
+        };
+        // A port picked free may be taken before QEMU binds it: try a few.
+        let mut attempt = 0;
+        let process = loop {
+            attempt += 1;
+            spec.ssh_port = free_port().map_err(Error::io("cannot pick a port"))?;
+            match self.qemu.launch(&spec).await {
+                Ok(process) => break process,
+                Err(e) if attempt < 3 && e.to_string().contains("forwarding") => {
+                    warn!("port {} was taken, retrying: {e}", spec.ssh_port);
+                }
+                Err(e) => return Err(step("launch the VMM")(e.into())),
+            }
+        };
+        undo.process = Some((process.clone(), record.id.clone()));
+        record.runtime = Some(VmRuntime {
+            vmm: self.qemu.name().into(),
+            accel: choice.accel.as_str().into(),
+            reason: choice.reason.clone(),
+            pid: Some(process.pid),
+            ssh_host: "127.0.0.1".into(),
+            ssh_port: spec.ssh_port,
+        });
+        // Durable before waiting: a daemon crash now still knows which process to clean up.
+        self.store().update_vm(record)?;
+        info!(vm = %record.name, pid = process.pid, port = spec.ssh_port, accel = choice.accel.as_str(), "VMM launched; waiting for SSH");
+
+        let target = self.ssh_target(record)?;
+        let limit = Duration::from_secs(self.config.daemon.start_timeout_secs);
+        let id = record.id.clone();
+        let ready = target
+            .wait_ready(limit, || process::is_alive(process.pid, &id))
+            .await;
+        match ready {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::Failed(format!(
+                "VM {} stopped during boot: {}",
+                record.name,
+                console_tail(&console_log)
+            ))),
+            Err(e) => Err(Error::Failed(format!(
+                "VM {}: {e}; console: {}",
+                record.name,
+                console_tail(&console_log)
+            ))),
+        }
+    }
+
+    /// How the daemon and the CLI reach the guest.
+    fn ssh_target(&self, record: &VmRecord) -> Result<SshTarget, Error> {
+        let runtime = record.runtime.as_ref().ok_or_else(|| Error::InvalidState {
+            name: record.name.to_string(),
+            state: record.state,
+            hint: "start it with `banger vm start NAME`",
+        })?;
+        Ok(SshTarget {
+            host: runtime.ssh_host.clone(),
+            port: runtime.ssh_port,
+            user: "root".into(),
+            identity: self.layout.client_key(),
+            known_hosts: self.layout.vm_known_hosts(&record.id),
+            host_key_alias: host_key_alias(&record.name),
+        })
+    }
+
+    /// Stops a VM without losing data: `sync` over SSH first (dial bounded), then the guest
+    /// powers itself off; if it does not, ACPI power button, QMP quit, and finally SIGKILL.
+    /// `force` skips the graceful power-off but still tries the bounded `sync`.
+    pub async fn stop_vm(&self, name: &str, force: bool) -> Result<LifecycleResult, Error> {
+        let name = VmName::parse(name)?;
+        let lock = self.vm_lock(&name);
+        let _guard = lock.lock().await;
+        let mut record = self.observe(self.store().get_vm(name.as_str())?);
+        let pid = record.runtime.as_ref().and_then(|r| r.pid);
+        let live_pid = pid.filter(|pid| process::is_alive(*pid, &record.id));
+        let Some(pid) = live_pid else {
+            if record.state == VmState::Error {
+                self.transition(&mut record, VmState::Stopped)?;
+            }
+            return Ok(LifecycleResult {
+                vm: record.to_api(),
+                changed: false,
+                stop_method: None,
+            });
+        };
+        if record.state != VmState::Stopping {
+            self.transition(&mut record, VmState::Stopping)?;
+        }
+        let method = self.stop_process(&record, pid, force).await;
+        let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(&record.id));
+        if let Some(runtime) = record.runtime.as_mut() {
+            runtime.pid = None;
+        }
+        record.last_error = None;
+        self.transition(&mut record, VmState::Stopped)?;
+        info!(vm = %name, method, "VM stopped");
+        Ok(LifecycleResult {
+            vm: record.to_api(),
+            changed: true,
+            stop_method: Some(method.into()),
+        })
+    }
+
+    /// The stop sequence on a live VMM process; returns how it ended.
+    async fn stop_process(&self, record: &VmRecord, pid: u32, force: bool) -> &'static str {
+        let marker = record.id.as_str();
+        let grace = Duration::from_secs(self.config.daemon.stop_timeout_secs);
+        let control = VmProcess {
+            pid,
+            control_socket: self.layout.vm_runtime_dir(&record.id).join("qmp.sock"),
+        };
+        // 1. What makes data safe: flush the guest's page cache to its disks.
+        let script = if force {
+            "sync"
+        } else {
+            "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1"
+        };
+        let synced = match self.ssh_target(record) {
+            Ok(target) => match target.run(script, STOP_DIAL, STOP_SYNC).await {
+                Ok((Some(0), _, _)) => true,
+                Ok((code, _, stderr)) => {
+                    warn!(vm = %record.name, ?code, "sync/poweroff over SSH failed: {}", stderr.trim());
+                    false
+                }
+                Err(e) => {
+                    warn!(vm = %record.name, "sync/poweroff over SSH failed: {e}");
+                    false
+                }
+            },
+            Err(_) => false,
+        };
+        // 2. The guest powers off by itself.
+        if synced && !force && process::wait_gone(pid, marker, grace).await {
+            return "poweroff";
+        }
+        // 3. Backend signals: ACPI power button, then QMP quit.
+        if !force {
+            if let Err(e) = self.qemu.request_shutdown(&control).await {
+                warn!(vm = %record.name, "ACPI power-off request failed: {e}");
+            } else if process::wait_gone(pid, marker, ACPI_GRACE).await {
+                return "acpi";
+            }
+        }
+        if self.qemu.quit(&control).await.is_ok()
+            && process::wait_gone(pid, marker, QUIT_GRACE).await
+        {
+            return "quit";
+        }
+        // 4. Kill.
+        process::kill(pid, marker).await;
+        "kill"
+    }
+
+    /// What `vm exec` and `vm ssh` need; refused unless the VM runs.
+    pub async fn ssh_info(&self, name: &str) -> Result<SshInfo, Error> {
+        let name = VmName::parse(name)?;
+        let record = self.observe(self.store().get_vm(name.as_str())?);
+        if record.state != VmState::Running {
+            return Err(Error::InvalidState {
+                name: name.to_string(),
+                state: record.state,
+                hint: "start it with `banger vm start NAME`",
+            });
+        }
+        let target = self.ssh_target(&record)?;
+        Ok(SshInfo {
+            host: target.host,
+            port: target.port,
+            user: target.user,
+            identity_file: target.identity.display().to_string(),
+            known_hosts_file: target.known_hosts.display().to_string(),
+            host_key_alias: target.host_key_alias,
+            control_path: self
+                .layout
+                .vm_runtime_dir(&record.id)
+                .join("ssh-control")
+                .display()
+                .to_string(),
+        })
+    }
+
+    /// Serial console output from `offset`.
+    pub async fn console(&self, name: &str, offset: u64) -> Result<ConsoleChunk, Error> {
+        use std::io::{Read, Seek, SeekFrom};
+        let name = VmName::parse(name)?;
+        let record = self.observe(self.store().get_vm(name.as_str())?);
+        let path = self.layout.vm_console_log(&record.id);
+        let mut data = Vec::new();
+        let mut next_offset = offset;
+        if let Ok(mut file) = std::fs::File::open(&path) {
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            // A new boot truncated the file: start over.
+            let start = if offset > len { 0 } else { offset };
+            file.seek(SeekFrom::Start(start))
+                .map_err(Error::io(format!("cannot read {}", path.display())))?;
+            file.take(CONSOLE_CHUNK)
+                .read_to_end(&mut data)
+                .map_err(Error::io(format!("cannot read {}", path.display())))?;
+            next_offset = start + data.len() as u64;
+        }
+        Ok(ConsoleChunk {
+            data: String::from_utf8_lossy(&data).into_owned(),
+            next_offset,
+            running: record.state == VmState::Running,
+        })
+    }
+}
+
+/// A locally administered MAC derived from the VM id (stable across restarts).
+fn mac_for(id: &str) -> String {
+    let hex = id.as_bytes();
+    let pair = |i: usize| std::str::from_utf8(&hex[i * 2..i * 2 + 2]).unwrap_or("00");
+    format!("52:54:00:{}:{}:{}", pair(0), pair(1), pair(2))
+}
+
+/// A TCP port on 127.0.0.1 that is free right now.
+fn free_port() -> std::io::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The last few non-empty console lines, for error messages.
+fn console_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return "no console output".into();
+    }
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn macs_are_stable_and_local() {
+        let mac = super::mac_for("0a1b2c3d4e5f");
+        assert_eq!(mac, "52:54:00:0a:1b:2c");
+    }
+}

@@ -1,0 +1,52 @@
+//! Liveness and termination of VMM processes by pid. The daemon is not their parent (they are
+//! daemonized so they outlive it), so liveness is read from /proc, and a pid counts as ours
+//! only while its command line names the VM id (pids are reused).
+
+use std::time::{Duration, Instant};
+
+/// Whether `pid` is a live, non-zombie process whose command line contains `marker`.
+pub fn is_alive(pid: u32, marker: &str) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let running = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'));
+    if !running {
+        return false;
+    }
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmdline| {
+            cmdline
+                .split(|b| *b == 0)
+                .any(|arg| arg.windows(marker.len()).any(|w| w == marker.as_bytes()))
+        })
+        .unwrap_or(false)
+}
+
+/// Polls until the process is gone or `limit` passes; returns whether it is gone.
+pub async fn wait_gone(pid: u32, marker: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if !is_alive(pid, marker) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGKILLs the process if it is still ours, then waits for it to disappear.
+pub async fn kill(pid: u32, marker: &str) -> bool {
+    if is_alive(pid, marker)
+        && let Ok(raw) = i32::try_from(pid)
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(raw),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    wait_gone(pid, marker, Duration::from_secs(10)).await
+}

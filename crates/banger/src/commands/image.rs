@@ -1,0 +1,182 @@
+//! `banger image …` and `banger kernel …`.
+
+use banger_proto::{
+    BuildImageRequest, ByteSize, Image, ImportImageRequest, ImportKernelRequest, Kernel,
+};
+use hyper::Method;
+
+use crate::cli::{ImageCommand, KernelCommand};
+use crate::client::{Client, ClientError};
+use crate::commands::{print_json, with_progress};
+use crate::output;
+
+/// Makes a user-given path absolute: the daemon does not share this shell's directory.
+fn absolute(path: &std::path::Path) -> Result<String, ClientError> {
+    std::path::absolute(path)
+        .map(|p| p.display().to_string())
+        .map_err(|e| ClientError::Other(anyhow::anyhow!("{}: {e}", path.display())))
+}
+
+fn print_image(image: &Image, json: bool) -> Result<(), ClientError> {
+    if json {
+        return print_json(image);
+    }
+    print!(
+        "{}",
+        output::pairs(&[
+            ("name", image.name.clone()),
+            ("digest", image.digest.clone()),
+            ("kernel", image.kernel.clone()),
+            ("size", ByteSize(image.size_bytes).to_string()),
+            ("source", image.source.clone()),
+            ("created", image.created_at.clone()),
+        ])
+    );
+    Ok(())
+}
+
+pub async fn run_image(client: &Client, command: ImageCommand) -> Result<u8, ClientError> {
+    match command {
+        ImageCommand::Build {
+            name,
+            mirror,
+            force,
+            json,
+        } => {
+            let request = BuildImageRequest {
+                name: Some(name.clone()),
+                mirror,
+                force,
+            };
+            let image: Image = with_progress(
+                &format!("building image {name} (debootstrap; a few minutes the first time)"),
+                client.call(Method::POST, "/v1/images/build", Some(&request)),
+            )
+            .await?;
+            print_image(&image, json.json)?;
+            Ok(0)
+        }
+        ImageCommand::Import {
+            name,
+            rootfs,
+            kernel,
+            initrd,
+            json,
+        } => {
+            let kernel_path = std::path::Path::new(&kernel);
+            let kernel = if kernel.contains('/') || kernel_path.is_file() {
+                absolute(kernel_path)?
+            } else {
+                kernel
+            };
+            let request = ImportImageRequest {
+                name,
+                rootfs: absolute(&rootfs)?,
+                kernel,
+                initrd: initrd.as_deref().map(absolute).transpose()?,
+            };
+            let image: Image = with_progress(
+                "importing",
+                client.call(Method::POST, "/v1/images/import", Some(&request)),
+            )
+            .await?;
+            print_image(&image, json.json)?;
+            Ok(0)
+        }
+        ImageCommand::Ls(flag) => {
+            let images: Vec<Image> = client.call(Method::GET, "/v1/images", None::<&()>).await?;
+            if flag.json {
+                print_json(&images)?;
+            } else {
+                let rows: Vec<Vec<String>> = images
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.name.clone(),
+                            i.kernel.clone(),
+                            ByteSize(i.size_bytes).to_string(),
+                            i.digest[..12.min(i.digest.len())].to_owned(),
+                            i.created_at.clone(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    output::table(&["NAME", "KERNEL", "SIZE", "DIGEST", "CREATED"], &rows)
+                );
+            }
+            Ok(0)
+        }
+        ImageCommand::Show { name, json } => {
+            let image: Image = client
+                .call(Method::GET, &format!("/v1/images/{name}"), None::<&()>)
+                .await?;
+            print_image(&image, json.json)?;
+            Ok(0)
+        }
+        ImageCommand::Rm { name } => {
+            client
+                .call::<()>(Method::DELETE, &format!("/v1/images/{name}"), None::<&()>)
+                .await?;
+            println!("Removed image {name}");
+            Ok(0)
+        }
+    }
+}
+
+pub async fn run_kernel(client: &Client, command: KernelCommand) -> Result<u8, ClientError> {
+    match command {
+        KernelCommand::Import {
+            name,
+            kernel,
+            initrd,
+            json,
+        } => {
+            let request = ImportKernelRequest {
+                name,
+                kernel: absolute(&kernel)?,
+                initrd: initrd.as_deref().map(absolute).transpose()?,
+            };
+            let kernel: Kernel = client
+                .call(Method::POST, "/v1/kernels/import", Some(&request))
+                .await?;
+            if json.json {
+                print_json(&kernel)?;
+            } else {
+                println!("Imported kernel {} ({})", kernel.name, &kernel.digest[..12]);
+            }
+            Ok(0)
+        }
+        KernelCommand::Ls(flag) => {
+            let kernels: Vec<Kernel> = client.call(Method::GET, "/v1/kernels", None::<&()>).await?;
+            if flag.json {
+                print_json(&kernels)?;
+            } else {
+                let rows: Vec<Vec<String>> = kernels
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            k.name.clone(),
+                            k.release.clone().unwrap_or_else(|| "-".into()),
+                            if k.has_initrd { "yes" } else { "no" }.into(),
+                            k.digest[..12.min(k.digest.len())].to_owned(),
+                            k.source.clone(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    output::table(&["NAME", "RELEASE", "INITRD", "DIGEST", "SOURCE"], &rows)
+                );
+            }
+            Ok(0)
+        }
+        KernelCommand::Rm { name } => {
+            client
+                .call::<()>(Method::DELETE, &format!("/v1/kernels/{name}"), None::<&()>)
+                .await?;
+            println!("Removed kernel {name}");
+            Ok(0)
+        }
+    }
+}
