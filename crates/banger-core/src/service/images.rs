@@ -226,6 +226,11 @@ impl Manager {
             Some(dir) => dir.clone(),
             None => scratch.path().to_path_buf(),
         };
+        // Several instances (tests, CI) may share the cache: one builds, the others wait.
+        let _cache_lock = match &cache {
+            Some(dir) => Some(lock_file(&dir.with_extension("lock")).await?),
+            None => None,
+        };
         let kernel_out = work.join("kernel");
         let rootfs_out = work.join("rootfs.ext4");
         let log = self.layout.logs_dir().join("image-build.log");
@@ -341,4 +346,23 @@ impl Manager {
         info!(kernel = %name, "kernel removed");
         Ok(())
     }
+}
+
+/// Takes an exclusive `flock` on `path` (created if needed), waiting for other holders.
+async fn lock_file(path: &Path) -> Result<std::fs::File, Error> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(Error::io(format!("cannot create {}", parent.display())))?;
+    }
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(Error::io(format!("cannot open {}", path.display())))?;
+    let shown = path.display().to_string();
+    tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+        .await
+        .map_err(|e| Error::Failed(format!("lock task failed: {e}")))?
+        .map_err(Error::io(format!("cannot lock {shown}")))
 }
