@@ -164,6 +164,29 @@ impl TestEnv {
         .ok();
     }
 
+    /// Builds (or takes from the shared cache) the real default image: Debian with systemd and
+    /// sshd, and Debian's cloud kernel. The cache (`BANGER_CACHE_DIR`, default
+    /// /var/tmp/banger-test-cache) is keyed by the recipe digest, so only the first test of a
+    /// run (or of a recipe change) pays for debootstrap; the others wait for it on a lock.
+    pub fn build_default_image(&self) {
+        let cache = std::env::var("BANGER_CACHE_DIR")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "/var/tmp/banger-test-cache".into());
+        let run = Run::from_output(
+            self.command(&["image", "build"])
+                .env("BANGER_CACHE_DIR", cache)
+                .output()
+                .unwrap(),
+        );
+        run.ok();
+    }
+
+    /// Pids of live QEMU processes of this instance (their arguments name its directories).
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        processes_with_cmdline("qemu-system-x86", &self.home().display().to_string())
+    }
+
     /// Sends one raw HTTP/1.1 request on the socket; returns (status, body).
     pub fn raw_request(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
         let mut stream = UnixStream::connect(self.socket()).unwrap();
@@ -223,6 +246,12 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         let _ = self.command(&["daemon", "stop"]).output();
         self.kill_daemon();
+        for pid in self.qemu_pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
@@ -237,6 +266,41 @@ pub fn poll<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Option<T>
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Live (non-zombie) processes whose name starts with `comm` and one of whose arguments
+/// contains `needle`.
+pub fn processes_with_cmdline(comm: &str, needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map(|(_, n)| n).unwrap_or("");
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let exe_matches = cmdline
+            .split(|b| *b == 0)
+            .next()
+            .is_some_and(|arg0| String::from_utf8_lossy(arg0).contains(comm));
+        if (!name.starts_with(comm) && !exe_matches) || rest.trim_start().starts_with('Z') {
+            continue;
+        }
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// Live (non-zombie) processes named `comm` whose environment contains `needle` exactly.

@@ -1,0 +1,163 @@
+# Shared setup for the banger benchmarks; sourced by bench/*.sh, not run directly.
+#
+# Gives each run an isolated banger instance (BANGER_HOME under /tmp, its own daemon and
+# config), makes sure the default image exists (built or imported from BANGER_CACHE_DIR),
+# and installs an EXIT trap that stops this instance's VMs and daemon, kills any QEMU the
+# benchmark started itself, and removes the temporary home.
+#
+# Environment:
+#   BANGER_BIN        the CLI (default target/release/banger, relative to the repo root);
+#                     bangerd is found next to it
+#   BANGER_CACHE_DIR  image build cache (default /var/tmp/banger-test-cache, as the e2e tests)
+#   BENCH_KEEP=1      keep the temporary BANGER_HOME (logs, console output) after the run
+
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(dirname "$BENCH_DIR")
+
+BANGER_BIN=${BANGER_BIN:-target/release/banger}
+case "$BANGER_BIN" in
+    /*) ;;
+    */*) BANGER_BIN="$REPO_DIR/$BANGER_BIN" ;;
+    *) BANGER_BIN=$(command -v "$BANGER_BIN") ;;
+esac
+if [[ ! -x "$BANGER_BIN" ]]; then
+    echo "bench: $BANGER_BIN is missing; build it with: cargo build --release --workspace --bins" >&2
+    exit 1
+fi
+if [[ $EUID -ne 0 ]]; then
+    echo "bench: run as root (image build needs it)" >&2
+    exit 1
+fi
+for tool in ssh python3 qemu-system-x86_64; do
+    command -v "$tool" >/dev/null || { echo "bench: $tool is not installed" >&2; exit 1; }
+done
+
+BENCH_HOME=$(mktemp -d /tmp/banger-bench.XXXXXX)
+export BANGER_HOME=$BENCH_HOME
+export BANGER_CONFIG=$BENCH_HOME/config.toml # absent: all defaults, whatever ~/.config says
+unset BANGER_RUNTIME_DIR BANGER_NO_AUTOSTART
+export BANGER_CACHE_DIR=${BANGER_CACHE_DIR:-/var/tmp/banger-test-cache}
+
+BENCH_VMS=()       # VMs created by this run (removed by the trap)
+BENCH_QEMU_PIDS=() # QEMU processes this script launched itself (baselines)
+BENCH_TMPFILES=()  # extra scratch paths
+
+banger() { "$BANGER_BIN" "$@"; }
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# Current time in seconds with microseconds (bash builtin, no fork).
+now() { printf '%s' "$EPOCHREALTIME"; }
+
+# a - b, printed with 3 decimals.
+sub() { python3 -c "import sys; print(f'{float(sys.argv[1]) - float(sys.argv[2]):.3f}')" "$1" "$2"; }
+
+# Median of the arguments (3 decimals).
+median() { python3 -c "import statistics,sys; print(f'{statistics.median(map(float, sys.argv[1:])):.3f}')" "$@"; }
+
+# a / b with 2 decimals.
+ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.2f}')" "$1" "$2"; }
+
+# Whether pid is a live, non-zombie process (a daemonized QEMU is reaped by init, not by us).
+alive() {
+    local stat
+    { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
+    stat=${stat##*) }
+    [[ ${stat:0:1} != Z ]]
+}
+
+# Background watcher: polls pid every 10 ms and writes the time it was first seen gone to
+# FILE. Sets WATCHER to the watcher's pid (call it directly, not in $(...)).
+watch_exit() {
+    local pid=$1 file=$2
+    (
+        while alive "$pid"; do sleep 0.01; done
+        printf '%s\n' "$EPOCHREALTIME" >"$file"
+    ) </dev/null >/dev/null 2>&1 &
+    WATCHER=$!
+}
+
+# `vm show --json` field by dotted path, e.g. runtime.pid.
+vm_field() {
+    banger vm show "$1" --json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+for k in sys.argv[1].split("."):
+    v = (v or {}).get(k)
+print("" if v is None else v)' "$2"
+}
+
+vm_id() { vm_field "$1" id; }
+
+# ssh options for VM NAME (banger's key and the VM's pinned host key) on PORT.
+ssh_opts() {
+    local name=$1 port=$2 id
+    id=$(vm_id "$name")
+    SSH_OPTS=(-F /dev/null -i "$BANGER_HOME/keys/id_ed25519" -o IdentitiesOnly=yes
+        -o BatchMode=yes -o "UserKnownHostsFile=$BANGER_HOME/vms/$id/known_hosts"
+        -o StrictHostKeyChecking=yes -o "HostKeyAlias=$name.vm" -o LogLevel=ERROR
+        -o ConnectTimeout=1 -p "$port" root@127.0.0.1)
+}
+
+# Blocks until systemd in VM NAME has finished booting (so "idle" means idle).
+settle() {
+    banger vm exec "$1" -- systemctl is-system-running --wait >/dev/null 2>&1 || true
+}
+
+# A TCP port on 127.0.0.1 that is free right now.
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Imports or builds the default image (cached builds import in ~10 s).
+ensure_image() {
+    log "image build (cache: $BANGER_CACHE_DIR)"
+    local t0
+    t0=$(now)
+    banger image build >/dev/null
+    log "image ready in $(sub "$(now)" "$t0") s"
+}
+
+create_vm() {
+    banger vm create "$1" >/dev/null
+    BENCH_VMS+=("$1")
+}
+
+bench_cleanup() {
+    local rc=$? pid name
+    trap - EXIT INT TERM
+    set +e
+    for pid in "${BENCH_QEMU_PIDS[@]}"; do
+        if alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$BENCH_HOME"; then
+            kill -9 "$pid" 2>/dev/null
+        fi
+    done
+    for name in "${BENCH_VMS[@]}"; do
+        timeout 60 "$BANGER_BIN" vm stop "$name" >/dev/null 2>&1 ||
+            timeout 30 "$BANGER_BIN" vm stop --force "$name" >/dev/null 2>&1
+        timeout 30 "$BANGER_BIN" vm rm "$name" >/dev/null 2>&1
+    done
+    timeout 30 "$BANGER_BIN" daemon stop >/dev/null 2>&1
+    # Anything still running under this home (a QEMU banger lost track of): ours, kill it.
+    for pid in $(pgrep -f "qemu-system.*$BENCH_HOME" 2>/dev/null); do
+        kill -9 "$pid" 2>/dev/null
+    done
+    for pid in $(pgrep -f "^$(dirname "$BANGER_BIN")/bangerd" 2>/dev/null); do
+        if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "BANGER_HOME=$BENCH_HOME"; then
+            kill "$pid" 2>/dev/null
+        fi
+    done
+    rm -rf "${BENCH_TMPFILES[@]}"
+    if [[ ${BENCH_KEEP:-0} == 1 ]]; then
+        log "kept $BENCH_HOME"
+    else
+        rm -rf "$BENCH_HOME"
+    fi
+    exit "$rc"
+}
+trap bench_cleanup EXIT
+trap 'exit 130' INT TERM
+
+log "banger: $BANGER_BIN; BANGER_HOME=$BENCH_HOME; $(nproc) cores; /dev/kvm $([[ -e /dev/kvm ]] && echo present || echo absent)"
