@@ -43,8 +43,17 @@ trap 'rm -rf "$WORK"' EXIT
 # 1. Resolve metapackage -> real image package and download it.
 # ---------------------------------------------------------------------------
 META=linux-image-cloud-amd64
-PKG=$(apt-cache depends "$META" 2>/dev/null \
-        | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-cloud-amd64\)$/\1/p' | head -n1)
+resolve_pkg() {
+    apt-cache depends "$META" 2>/dev/null \
+        | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-cloud-amd64\)$/\1/p' | head -n1
+}
+PKG=$(resolve_pkg)
+if [ -z "$PKG" ]; then
+    # A fresh machine (or container) may have no package lists yet.
+    log "refreshing apt package lists"
+    apt-get update -qq >/dev/null 2>&1 || true
+    PKG=$(resolve_pkg)
+fi
 [ -n "$PKG" ] || die "could not resolve $META via apt-cache depends (run apt-get update?)"
 log "metapackage $META -> $PKG"
 
