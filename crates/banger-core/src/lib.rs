@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod disk;
+pub mod doctor;
 pub mod error;
 pub mod guest;
 pub mod image;

@@ -246,3 +246,58 @@ pub struct LifecycleResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_method: Option<String>,
 }
+
+/// Outcome of one `banger doctor` check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckStatus {
+    /// Nothing to do.
+    Ok,
+    /// banger works, but something is slower or a secondary command (e.g. `image build`)
+    /// will not.
+    Warn,
+    /// A core command (`vm create`, `vm start`) will fail until this is fixed.
+    Fail,
+}
+
+impl CheckStatus {
+    /// The status's wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Warn => "warn",
+            Self::Fail => "fail",
+        }
+    }
+}
+
+/// One row of `GET /v1/doctor` (`banger doctor`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DoctorCheck {
+    /// What was checked: `kvm`, `qemu`, `qemu-img`, `mkfs.ext4`, `ssh`, `ssh-keygen`,
+    /// `debootstrap`, `cpio`, `busybox`, `disk-space`, `tun`, `default-image`.
+    pub name: String,
+    pub status: CheckStatus,
+    /// What was found (a path, a version, a reason).
+    pub detail: String,
+    /// How to fix it; present on every `warn` and `fail` row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+/// `GET /v1/doctor`: the host checks of `banger doctor`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DoctorReport {
+    /// Every check, in a fixed order.
+    pub checks: Vec<DoctorCheck>,
+    /// True when no check has status `fail` (warnings allowed).
+    pub ok: bool,
+}
+
+impl DoctorReport {
+    /// A report over `checks`, with `ok` computed from them.
+    pub fn from_checks(checks: Vec<DoctorCheck>) -> Self {
+        let ok = checks.iter().all(|c| c.status != CheckStatus::Fail);
+        Self { checks, ok }
+    }
+}

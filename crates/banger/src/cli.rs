@@ -29,6 +29,10 @@ pub enum Command {
     /// Inspect or stop the background daemon (bangerd).
     #[command(subcommand)]
     Daemon(DaemonCommand),
+    /// Check the host: KVM, QEMU, tools, disk space; each problem says how to fix it.
+    ///
+    /// Exits 0 when nothing fails (warnings allowed), 1 when a check fails.
+    Doctor(JsonFlag),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell to complete for.

@@ -84,6 +84,7 @@ fn run(cli: Cli, op_id: String) -> Result<u8, ClientError> {
         match cli.command {
             Command::Vm(command) => commands::vm::run(&client, command).await,
             Command::Daemon(command) => commands::daemon::run(&client, command).await,
+            Command::Doctor(flag) => commands::doctor::run(&client, flag).await,
             Command::Image(command) => commands::image::run_image(&client, command).await,
             Command::Kernel(command) => commands::image::run_kernel(&client, command).await,
             Command::Completions { .. } | Command::Man => Ok(0),

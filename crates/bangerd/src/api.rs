@@ -14,9 +14,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
-    ApiError, BuildImageRequest, ConsoleChunk, CreateVmRequest, DaemonStatus, ErrorBody, ErrorCode,
-    Image, ImportImageRequest, ImportKernelRequest, Kernel, LifecycleResult, OP_ID_HEADER, SshInfo,
-    StopVmRequest, Vm, VmRuntime, VmSpec, VmState,
+    ApiError, BuildImageRequest, CheckStatus, ConsoleChunk, CreateVmRequest, DaemonStatus,
+    DoctorCheck, DoctorReport, ErrorBody, ErrorCode, Image, ImportImageRequest,
+    ImportKernelRequest, Kernel, LifecycleResult, OP_ID_HEADER, SshInfo, StopVmRequest, Vm,
+    VmRuntime, VmSpec, VmState,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -47,6 +48,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/shutdown", post(shutdown))
+        .route("/v1/doctor", get(doctor))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}", get(get_vm).delete(remove_vm))
         .route("/v1/vms/{name}/start", post(start_vm))
@@ -196,6 +198,13 @@ async fn status(State(state): State<AppState>) -> Json<DaemonStatus> {
 async fn shutdown(State(state): State<AppState>) -> StatusCode {
     state.shutdown.notify_one();
     StatusCode::ACCEPTED
+}
+
+#[utoipa::path(get, path = "/v1/doctor", tag = "daemon",
+    responses((status = 200, description = "Host checks; `ok` is false when one failed", body = DoctorReport),
+              (status = 500, body = ErrorBody)))]
+async fn doctor(State(state): State<AppState>) -> Result<Json<DoctorReport>, HttpError> {
+    Ok(Json(state.manager.doctor().await?))
 }
 
 #[utoipa::path(get, path = "/v1/vms", tag = "vms",
@@ -388,7 +397,7 @@ async fn remove_kernel(
         $BANGER_RUNTIME_DIR/bangerd.sock. Every response carries X-Banger-Op-Id; every error \
         has the ErrorBody shape."
     ),
-    paths(status, shutdown, list_vms, create_vm, get_vm, remove_vm),
+    paths(status, shutdown, doctor, list_vms, create_vm, get_vm, remove_vm),
     components(schemas(
         Vm,
         VmSpec,
@@ -396,6 +405,9 @@ async fn remove_kernel(
         VmRuntime,
         CreateVmRequest,
         DaemonStatus,
+        DoctorReport,
+        DoctorCheck,
+        CheckStatus,
         ErrorBody,
         ApiError,
         ErrorCode

@@ -2,6 +2,7 @@
 //! call one method and render its result; all decisions are made here. VM records live here;
 //! `images` holds the image/kernel store operations and `lifecycle` start/stop/exec.
 
+mod doctor;
 mod images;
 mod lifecycle;
 
@@ -234,7 +235,8 @@ impl Manager {
         let name = VmName::parse(name)?;
         let lock = self.vm_lock(&name);
         let _guard = lock.lock().await;
-        let record = self.store().get_vm(name.as_str())?;
+        // A VM recorded as running whose VMM died is stopped, and so removable.
+        let record = self.observe(self.store().get_vm(name.as_str())?);
         if !model::removable(record.state) {
             return Err(Error::InvalidState {
                 name: name.to_string(),

@@ -1,6 +1,7 @@
 //! One module per command group; each turns parsed arguments into daemon calls and output.
 
 pub mod daemon;
+pub mod doctor;
 pub mod image;
 pub mod vm;
 

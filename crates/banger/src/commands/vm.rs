@@ -150,6 +150,8 @@ fn exec_ssh(info: &SshInfo, extra: &[&str], remote: Option<&str>) -> ClientError
         .args(target.options())
         // Connection sharing: repeated execs skip the key exchange.
         .args(["-o", "ControlMaster=auto", "-o", "ControlPersist=60"])
+        // A guest that stopped answering fails the command instead of hanging it.
+        .args(["-o", "ConnectTimeout=15", "-o", "ServerAliveInterval=15"])
         .arg("-o")
         .arg(format!("ControlPath={}", info.control_path))
         .args(extra)
