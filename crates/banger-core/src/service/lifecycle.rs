@@ -281,7 +281,10 @@ impl Manager {
             .wait_ready(limit, || process::is_alive(process.pid, &id))
             .await;
         match ready {
-            Ok(true) => Ok(()),
+            Ok(true) => {
+                self.sync_git_identity(&target).await;
+                Ok(())
+            }
             Ok(false) => Err(Error::Failed(format!(
                 "VM {} stopped during boot: {}",
                 record.name,
@@ -296,7 +299,7 @@ impl Manager {
     }
 
     /// How the daemon and the CLI reach the guest.
-    fn ssh_target(&self, record: &VmRecord) -> Result<SshTarget, Error> {
+    pub(super) fn ssh_target(&self, record: &VmRecord) -> Result<SshTarget, Error> {
         let runtime = record.runtime.as_ref().ok_or_else(|| Error::InvalidState {
             name: record.name.to_string(),
             state: record.state,
@@ -425,6 +428,7 @@ impl Manager {
                 .join("ssh-control")
                 .display()
                 .to_string(),
+            workdir: super::workspace::workdir(self.store().workspace(&record.id)?.is_some()),
         })
     }
 

@@ -3,6 +3,7 @@
 pub mod daemon;
 pub mod image;
 pub mod vm;
+pub mod workspace;
 
 use std::io::IsTerminal;
 use std::time::Duration;
