@@ -11,6 +11,7 @@ use crate::layout::LayoutError;
 use crate::model::TransitionError;
 use crate::store::StoreError;
 use crate::vmm::VmmError;
+use crate::workspace::WorkspaceError;
 
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,8 @@ pub enum Error {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Ssh(#[from] SshError),
+    #[error(transparent)]
+    Workspace(#[from] WorkspaceError),
     /// A file-system operation on banger's own files failed.
     #[error("{context}")]
     Io {
@@ -111,6 +114,16 @@ impl Error {
                 ErrorCode::Internal => ErrorCode::OperationFailed,
                 other => other,
             },
+            Self::Workspace(
+                WorkspaceError::NotADirectory(_)
+                | WorkspaceError::NotGit(_)
+                | WorkspaceError::NotTopLevel { .. }
+                | WorkspaceError::GitFile(_)
+                | WorkspaceError::UnsafePath(_)
+                | WorkspaceError::NotUtf8(_)
+                | WorkspaceError::NotPrepared(_),
+            ) => ErrorCode::InvalidRequest,
+            Self::Workspace(_) => ErrorCode::OperationFailed,
             Self::Failed(_) | Self::Image(_) | Self::Vmm(_) | Self::Disk(_) | Self::Ssh(_) => {
                 ErrorCode::OperationFailed
             }
@@ -149,6 +162,26 @@ impl Error {
             Self::Image(ImageError::NoMirror) => {
                 Some("pass --mirror URL or set images.mirror in the config file".into())
             }
+            Self::Workspace(WorkspaceError::NotGit(_)) => Some(
+                "prepare from a git repository, or pass --no-git to copy a plain directory".into(),
+            ),
+            Self::Workspace(WorkspaceError::NotTopLevel { .. }) => {
+                Some("pass the repository's top level (the default when PATH is omitted)".into())
+            }
+            Self::Workspace(WorkspaceError::GitFile(_)) => {
+                Some("prepare from the main worktree, or pass --no-git".into())
+            }
+            Self::Workspace(WorkspaceError::UnsafePath(_)) => Some(
+                "banger never follows symlinks out of the workspace; fix or remove that path"
+                    .into(),
+            ),
+            Self::Workspace(WorkspaceError::NotUtf8(_)) => {
+                Some("rename the file; workspace paths must be UTF-8".into())
+            }
+            Self::Workspace(WorkspaceError::NotPrepared(_)) => {
+                Some("run `banger vm workspace prepare NAME` in a git repository first".into())
+            }
+            Self::Workspace(WorkspaceError::Changed(_)) => Some("run the prepare again".into()),
             Self::StepFailed { source, .. } => source
                 .hint()
                 .or_else(|| Some("see `banger vm logs NAME` and the daemon log".into())),

@@ -13,6 +13,7 @@ pub mod model;
 pub mod service;
 pub mod store;
 pub mod vmm;
+pub mod workspace;
 
 pub use error::Error;
 

@@ -242,8 +242,40 @@ impl TestEnv {
     }
 }
 
+impl TestEnv {
+    /// Prints the end of every VM console and of the daemon log: what a failed test needs.
+    pub fn dump_diagnostics(&self) {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.home().join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|vm| {
+                ["console.log.prev", "console.log"]
+                    .into_iter()
+                    .map(move |f| vm.path().join(f))
+            })
+            .filter(|p| p.is_file())
+            .collect();
+        logs.push(self.log_file());
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "===== {} (last {} lines)\n{}",
+                log.display(),
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
 impl Drop for TestEnv {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_diagnostics();
+        }
         let _ = self.command(&["daemon", "stop"]).output();
         self.kill_daemon();
         for pid in self.qemu_pids() {

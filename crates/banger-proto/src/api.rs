@@ -223,6 +223,9 @@ pub struct SshInfo {
     pub host_key_alias: String,
     /// Where a connection-sharing master may put its socket.
     pub control_path: String,
+    /// Where `vm exec` runs commands: /root/repo once a workspace was prepared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
 }
 
 /// `GET /v1/vms/{name}/console?offset=N`: serial console output from byte `offset`.
@@ -300,4 +303,122 @@ impl DoctorReport {
         let ok = checks.iter().all(|c| c.status != CheckStatus::Fail);
         Self { checks, ok }
     }
+}
+
+/// `POST /v1/vms/{name}/workspace/prepare`: copy a host directory into the guest's /root/repo.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareWorkspaceRequest {
+    /// Absolute host path: the top level of a git repository (or any directory with `no_git`).
+    pub path: String,
+    /// Copy a plain directory (every file under it) instead of a git repository's file set.
+    #[serde(default)]
+    pub no_git: bool,
+}
+
+/// Result of a prepare: what was sent. The first prepare sends everything; later ones only
+/// what changed since the manifest of the previous one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PrepareResult {
+    /// Canonical host path prepared from.
+    pub host_path: String,
+    /// HEAD of the host repository at prepare (absent for `no_git` or an empty repo).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// Entries in the workspace (files, symlinks, and directories under `.git`).
+    pub files_total: u64,
+    /// Entries sent in this prepare.
+    pub files_sent: u64,
+    /// File content bytes sent.
+    pub bytes_sent: u64,
+    /// Bytes written to the SSH session (tar headers and padding included).
+    pub wire_bytes: u64,
+    /// Paths deleted in the guest because they are gone (or changed kind) on the host.
+    pub files_deleted: u64,
+    pub elapsed_ms: u64,
+}
+
+/// How one side differs from the last prepare. Lists hold at most 100 paths each; the
+/// counts are complete.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WorkspaceDiff {
+    pub added: Vec<String>,
+    pub modified: Vec<String>,
+    pub removed: Vec<String>,
+    pub added_count: u64,
+    pub modified_count: u64,
+    pub removed_count: u64,
+}
+
+impl WorkspaceDiff {
+    /// Number of paths that differ.
+    pub fn total(&self) -> u64 {
+        self.added_count + self.modified_count + self.removed_count
+    }
+}
+
+/// `GET /v1/vms/{name}/workspace`: what was prepared and what differs now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WorkspaceStatus {
+    /// Whether a workspace was ever prepared in this VM.
+    pub prepared: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<String>,
+    pub git: bool,
+    /// HEAD at the last prepare.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// HEAD of the host repository now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_now: Option<String>,
+    /// RFC 3339 UTC time of the last prepare.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared_at: Option<String>,
+    /// Host files (outside `.git`) that differ from what was prepared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<WorkspaceDiff>,
+    /// Guest files (outside `.git`) that differ from what was prepared, by size and mtime
+    /// (only when asked with `guest=true`; needs a running VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<WorkspaceDiff>,
+    /// Whether the host differs: HEAD moved or files differ.
+    pub host_dirty: bool,
+}
+
+/// `POST /v1/vms/{name}/workspace/export`: the guest's changes since the last prepare, as a
+/// patch file (`patch`) or as files under a directory (`to`). Exactly one is given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExportWorkspaceRequest {
+    /// Absolute host path of the patch file to write (`git apply` takes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<String>,
+    /// Absolute host directory to write added and modified files into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+}
+
+/// Result of an export.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExportResult {
+    /// The patch file or directory written.
+    pub written: String,
+    /// Bytes written (patch size, or file bytes).
+    pub bytes: u64,
+    /// Files written (`to`); 0 for a patch.
+    pub files: u64,
+    /// Paths deleted in the guest since prepare (with `to`, listed, not deleted on the host).
+    pub deleted: Vec<String>,
+}
+
+/// `GET /v1/vms/{name}/workspace/progress`: the prepare running now, if any.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PrepareProgress {
+    /// Whether a prepare runs (all counters are 0 otherwise).
+    pub running: bool,
+    pub files_sent: u64,
+    /// Files this prepare sends (0 while the host is still being scanned).
+    pub files_total: u64,
+    pub bytes_sent: u64,
+    pub bytes_total: u64,
 }

@@ -65,12 +65,21 @@ pub enum VmCommand {
         json: JsonFlag,
     },
     /// Run a command in a running VM; its stdin, stdout, stderr and exit code pass through.
+    ///
+    /// Runs in /root/repo once a workspace was prepared (else in /root), and warns on stderr
+    /// when the host repository differs from what was prepared.
     Exec {
         name: VmName,
+        /// Resync the workspace first when the host differs from the last prepare.
+        #[arg(long)]
+        auto_prepare: bool,
         /// The command and its arguments (after `--`).
         #[arg(required = true, last = true, num_args = 1..)]
         command: Vec<String>,
     },
+    /// Copy a host git repository into the VM (/root/repo), check it, copy changes back.
+    #[command(subcommand)]
+    Workspace(WorkspaceCommand),
     /// Open an interactive shell in a running VM (OpenSSH client).
     Ssh {
         name: VmName,
@@ -99,6 +108,44 @@ pub enum VmCommand {
     Rm {
         #[arg(required = true)]
         names: Vec<VmName>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCommand {
+    /// Copy a git repository (tracked + untracked-not-ignored files and .git) into the VM's
+    /// /root/repo; later prepares send only what changed and delete what was deleted.
+    Prepare {
+        name: VmName,
+        /// Directory to copy [default: the current git repository's top level].
+        path: Option<std::path::PathBuf>,
+        /// Copy a plain directory (every file under it) instead of a git repository.
+        #[arg(long)]
+        no_git: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Show what was prepared (host path, commit, time) and what differs now.
+    Status {
+        name: VmName,
+        /// Also compare the guest's files with what was prepared (VM must run).
+        #[arg(long)]
+        guest: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Copy the guest's changes since the last prepare back: a patch for `git apply`, or files.
+    #[command(group(clap::ArgGroup::new("dest").required(true).args(["patch", "to"])))]
+    Export {
+        name: VmName,
+        /// Write a git patch (binary-safe) to FILE.
+        #[arg(long, value_name = "FILE")]
+        patch: Option<std::path::PathBuf>,
+        /// Write the added and modified files under DIR.
+        #[arg(long, value_name = "DIR")]
+        to: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        json: JsonFlag,
     },
 }
 

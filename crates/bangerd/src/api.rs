@@ -15,9 +15,10 @@ use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
     ApiError, BuildImageRequest, CheckStatus, ConsoleChunk, CreateVmRequest, DaemonStatus,
-    DoctorCheck, DoctorReport, ErrorBody, ErrorCode, Image, ImportImageRequest,
-    ImportKernelRequest, Kernel, LifecycleResult, OP_ID_HEADER, SshInfo, StopVmRequest, Vm,
-    VmRuntime, VmSpec, VmState,
+    DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, Image,
+    ImportImageRequest, ImportKernelRequest, Kernel, LifecycleResult, OP_ID_HEADER,
+    PrepareProgress, PrepareResult, PrepareWorkspaceRequest, SshInfo, StopVmRequest, Vm, VmRuntime,
+    VmSpec, VmState, WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -55,6 +56,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/ssh", get(ssh_info))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/workspace", get(workspace_status))
+        .route("/v1/vms/{name}/workspace/prepare", post(prepare_workspace))
+        .route("/v1/vms/{name}/workspace/export", post(export_workspace))
+        .route("/v1/vms/{name}/workspace/progress", get(prepare_progress))
         .route("/v1/images", get(list_images))
         .route("/v1/images/import", post(import_image))
         .route("/v1/images/build", post(build_image))
@@ -305,6 +310,69 @@ async fn console(
     Ok(Json(state.manager.console(&name, query.offset).await?))
 }
 
+#[utoipa::path(post, path = "/v1/vms/{name}/workspace/prepare", tag = "workspace",
+    request_body = PrepareWorkspaceRequest,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "Sent; the counters say how much", body = PrepareResult),
+              (status = 400, description = "Not a git top level, unsafe path, relative path", body = ErrorBody),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "The VM is not running", body = ErrorBody),
+              (status = 422, description = "The transfer failed", body = ErrorBody)))]
+async fn prepare_workspace(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<PrepareWorkspaceRequest>,
+) -> Result<Json<PrepareResult>, HttpError> {
+    Ok(Json(state.manager.prepare_workspace(&name, request).await?))
+}
+
+#[utoipa::path(get, path = "/v1/vms/{name}/workspace/progress", tag = "workspace",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "The running prepare's counters (running=false when none)", body = PrepareProgress)))]
+async fn prepare_progress(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<PrepareProgress>, HttpError> {
+    Ok(Json(state.manager.prepare_progress(&name)?))
+}
+
+/// Query of `GET /v1/vms/{name}/workspace`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct WorkspaceQuery {
+    /// Also compare the guest's files with the manifest (needs a running VM).
+    #[serde(default)]
+    guest: bool,
+}
+
+#[utoipa::path(get, path = "/v1/vms/{name}/workspace", tag = "workspace",
+    params(("name" = String, Path, description = "VM name"), WorkspaceQuery),
+    responses((status = 200, body = WorkspaceStatus),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "guest=true on a VM that is not running", body = ErrorBody)))]
+async fn workspace_status(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<WorkspaceQuery>,
+) -> Result<Json<WorkspaceStatus>, HttpError> {
+    Ok(Json(
+        state.manager.workspace_status(&name, query.guest).await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/workspace/export", tag = "workspace",
+    request_body = ExportWorkspaceRequest,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, body = ExportResult),
+              (status = 400, description = "No git workspace was prepared, or a bad destination", body = ErrorBody),
+              (status = 409, description = "The VM is not running", body = ErrorBody)))]
+async fn export_workspace(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<ExportWorkspaceRequest>,
+) -> Result<Json<ExportResult>, HttpError> {
+    Ok(Json(state.manager.export_workspace(&name, request).await?))
+}
+
 #[utoipa::path(get, path = "/v1/images", tag = "images",
     responses((status = 200, body = [Image])))]
 async fn list_images(State(state): State<AppState>) -> Result<Json<Vec<Image>>, HttpError> {
@@ -397,8 +465,39 @@ async fn remove_kernel(
         $BANGER_RUNTIME_DIR/bangerd.sock. Every response carries X-Banger-Op-Id; every error \
         has the ErrorBody shape."
     ),
-    paths(status, shutdown, doctor, list_vms, create_vm, get_vm, remove_vm),
+    paths(
+        status,
+        shutdown,
+        doctor,
+        list_vms,
+        create_vm,
+        get_vm,
+        remove_vm,
+        start_vm,
+        stop_vm,
+        ssh_info,
+        console,
+        list_images,
+        get_image,
+        remove_image,
+        import_image,
+        build_image,
+        list_kernels,
+        import_kernel,
+        remove_kernel,
+        prepare_workspace,
+        workspace_status,
+        export_workspace,
+        prepare_progress
+    ),
     components(schemas(
+        PrepareWorkspaceRequest,
+        PrepareResult,
+        PrepareProgress,
+        WorkspaceStatus,
+        WorkspaceDiff,
+        ExportWorkspaceRequest,
+        ExportResult,
         Vm,
         VmSpec,
         VmState,
@@ -410,7 +509,16 @@ async fn remove_kernel(
         CheckStatus,
         ErrorBody,
         ApiError,
-        ErrorCode
+        ErrorCode,
+        LifecycleResult,
+        StopVmRequest,
+        SshInfo,
+        ConsoleChunk,
+        Image,
+        Kernel,
+        ImportImageRequest,
+        ImportKernelRequest,
+        BuildImageRequest
     ))
 )]
 struct ApiDoc;

@@ -281,7 +281,10 @@ impl Manager {
             .wait_ready(limit, || process::is_alive(process.pid, &id))
             .await;
         match ready {
-            Ok(true) => Ok(()),
+            Ok(true) => {
+                self.sync_git_identity(&target).await;
+                Ok(())
+            }
             Ok(false) => Err(Error::Failed(format!(
                 "VM {} stopped during boot: {}",
                 record.name,
@@ -296,7 +299,7 @@ impl Manager {
     }
 
     /// How the daemon and the CLI reach the guest.
-    fn ssh_target(&self, record: &VmRecord) -> Result<SshTarget, Error> {
+    pub(super) fn ssh_target(&self, record: &VmRecord) -> Result<SshTarget, Error> {
         let runtime = record.runtime.as_ref().ok_or_else(|| Error::InvalidState {
             name: record.name.to_string(),
             state: record.state,
@@ -425,6 +428,7 @@ impl Manager {
                 .join("ssh-control")
                 .display()
                 .to_string(),
+            workdir: super::workspace::workdir(self.store().workspace(&record.id)?.is_some()),
         })
     }
 
@@ -468,7 +472,8 @@ fn free_port() -> std::io::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// The last few non-empty console lines, for error messages.
+/// The console lines that explain a failed boot: the last lines reporting a failure or
+/// timeout, else the last few lines.
 fn console_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text
@@ -479,7 +484,22 @@ fn console_tail(path: &Path) -> String {
     if lines.is_empty() {
         return "no console output".into();
     }
-    lines[lines.len().saturating_sub(3)..].join(" | ")
+    let failures: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| {
+            l.contains("Failed")
+                || l.contains("Timed out")
+                || l.contains("FATAL")
+                || l.contains("panic")
+        })
+        .collect();
+    let chosen = if failures.is_empty() {
+        &lines
+    } else {
+        &failures
+    };
+    chosen[chosen.len().saturating_sub(3)..].join(" | ")
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 mod doctor;
 mod images;
 mod lifecycle;
+mod workspace;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -45,6 +46,8 @@ pub struct Manager {
     asset_lock: tokio::sync::Mutex<()>,
     /// Serialises the first generation of banger's client key.
     key_lock: tokio::sync::Mutex<()>,
+    /// Counters of the workspace prepares running now, by VM name.
+    prepares: Mutex<HashMap<String, Arc<crate::workspace::transfer::Progress>>>,
 }
 
 impl Manager {
@@ -67,6 +70,7 @@ impl Manager {
             accel: tokio::sync::OnceCell::new(),
             asset_lock: tokio::sync::Mutex::new(()),
             key_lock: tokio::sync::Mutex::new(()),
+            prepares: Mutex::new(HashMap::new()),
         })
     }
 

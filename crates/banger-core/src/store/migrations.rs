@@ -38,6 +38,25 @@ const MIGRATIONS: &[&str] = &[
         source      TEXT NOT NULL,
         created_at  TEXT NOT NULL
     ) STRICT;",
+    // 3: the workspace prepared in each VM and its manifest (what the guest holds).
+    "CREATE TABLE workspaces (
+        vm_id       TEXT PRIMARY KEY NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        host_path   TEXT NOT NULL,
+        git         INTEGER NOT NULL,
+        head        TEXT,
+        base_tree   TEXT,
+        prepared_at TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE workspace_files (
+        vm_id    TEXT NOT NULL REFERENCES workspaces(vm_id) ON DELETE CASCADE,
+        path     TEXT NOT NULL,
+        kind     TEXT NOT NULL,
+        size     INTEGER NOT NULL,
+        mode     INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        hash     TEXT NOT NULL,
+        PRIMARY KEY (vm_id, path)
+    ) STRICT, WITHOUT ROWID;",
 ];
 
 /// Brings the schema up to date, each migration in its own transaction.

@@ -4,6 +4,9 @@
 
 mod assets;
 mod migrations;
+mod workspace;
+
+pub use workspace::WorkspaceRecord;
 
 pub use assets::AssetTable;
 

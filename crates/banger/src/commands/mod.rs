@@ -4,6 +4,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod image;
 pub mod vm;
+pub mod workspace;
 
 use std::io::IsTerminal;
 use std::time::Duration;

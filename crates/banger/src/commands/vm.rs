@@ -11,7 +11,7 @@ use hyper::Method;
 
 use crate::cli::{CreateArgs, VmCommand};
 use crate::client::{Client, ClientError};
-use crate::commands::{print_json, with_progress};
+use crate::commands::{print_json, with_progress, workspace};
 use crate::output;
 
 pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError> {
@@ -53,13 +53,24 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             }
             Ok(0)
         }
-        VmCommand::Exec { name, command } => {
-            let info = ssh_info(client, &name).await?;
-            let remote = command
+        VmCommand::Exec {
+            name,
+            auto_prepare,
+            command,
+        } => {
+            let mut info = ssh_info(client, &name).await?;
+            check_workspace(client, &name, &mut info, auto_prepare).await?;
+            let mut remote = command
                 .iter()
                 .map(|arg| banger_core::guest::ssh::shell_quote(arg))
                 .collect::<Vec<_>>()
                 .join(" ");
+            if let Some(dir) = &info.workdir {
+                remote = format!(
+                    "cd {} && {remote}",
+                    banger_core::guest::ssh::shell_quote(dir)
+                );
+            }
             let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
             Err(exec_ssh(
                 &info,
@@ -73,6 +84,7 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             args.extend(ssh_args.iter().map(String::as_str));
             Err(exec_ssh(&info, &args, None))
         }
+        VmCommand::Workspace(command) => workspace::run(client, command).await,
         VmCommand::Logs { name, follow } => logs(client, &name, follow).await,
         VmCommand::Ls(flag) => {
             let vms: Vec<Vm> = client.call(Method::GET, "/v1/vms", None::<&()>).await?;
@@ -132,6 +144,44 @@ async fn ssh_info(client: &Client, name: &VmName) -> Result<SshInfo, ClientError
     client
         .call(Method::GET, &format!("/v1/vms/{name}/ssh"), None::<&()>)
         .await
+}
+
+/// Before `vm exec`: when a workspace was prepared, warns (one line on stderr) if the host
+/// differs from it, or with `auto_prepare` resyncs it. With `auto_prepare` and no workspace
+/// yet, prepares the current repository. A failing check warns and lets the command run.
+async fn check_workspace(
+    client: &Client,
+    name: &VmName,
+    info: &mut SshInfo,
+    auto_prepare: bool,
+) -> Result<(), ClientError> {
+    if info.workdir.is_none() {
+        if auto_prepare {
+            let path = workspace::host_path(None, false)?;
+            let result = workspace::prepare(client, name, &path, false).await?;
+            workspace::print_prepared(name, &result);
+            info.workdir = Some(banger_core::workspace::GUEST_DIR.to_owned());
+        }
+        return Ok(());
+    }
+    let status = match workspace::status(client, name, false).await {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("banger: warning: cannot check the workspace of {name}: {e}");
+            return Ok(());
+        }
+    };
+    if !status.host_dirty {
+        return Ok(());
+    }
+    if auto_prepare {
+        let path = status.host_path.clone().unwrap_or_default();
+        let result = workspace::prepare(client, name, &path, !status.git).await?;
+        workspace::print_prepared(name, &result);
+    } else {
+        eprintln!("{}", workspace::dirty_warning(name, &status));
+    }
+    Ok(())
 }
 
 /// Replaces this process with `ssh` to the guest, so the terminal, signals, stdin/stdout/

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Benchmark: workspace transfer and exec against plain OpenSSH over the same SSH path.
+#
+#   bench/workspace.sh [FILES=10000] [MIB=100]
+#
+# 1. A generated git repo: FILES files of mixed sizes (~MIB MiB in total), committed.
+#    full:     `banger vm workspace prepare` (first prepare, into an emptied /root/repo)
+#    baseline: `tar -c . | ssh VM 'tar -x -C /root/tar-copy'` of the same directory
+#              (rsync is not in the guest image; adding it would change guest/ and the image
+#              cache key, so the rsync comparison of the issue is left out).
+# 2. resync after a 1-file change vs one `ssh VM true` round trip (fresh connection).
+# 3. `banger vm exec VM true` (connection reuse via ControlMaster, workspace check included)
+#    vs `ssh VM true`.
+# Prints times (medians of ROUNDS) and ratios; timings are reported, never asserted.
+
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+FILES=${1:-10000}
+MIB=${2:-100}
+ROUNDS=5
+NAME=bws
+
+ensure_image
+create_vm "$NAME"
+banger vm start "$NAME" >/dev/null
+settle "$NAME"
+PORT=$(vm_field "$NAME" runtime.ssh_port)
+ssh_opts "$NAME" "$PORT"
+
+REPO=$BENCH_HOME/repo
+log "generating $FILES files (~$MIB MiB) in $REPO"
+python3 - "$REPO" "$FILES" "$MIB" <<'PY'
+import os, random, sys
+root, n, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+random.seed(7)
+# Mostly small files, a few large ones, ~mib MiB in total.
+sizes = [random.choice([200, 1000, 4000, 12000]) for _ in range(n)]
+big = max(1, n // 200)
+rest = mib * 2**20 - sum(sizes)
+for i in range(big):
+    sizes[i] += max(0, rest // big)
+for i, size in enumerate(sizes):
+    d = os.path.join(root, f"d{i % 100:02d}", f"s{i % 7}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"f{i}.dat"), "wb") as f:
+        f.write(os.urandom(size))
+PY
+git -C "$REPO" init -q
+git -C "$REPO" add -A
+git -C "$REPO" -c user.name=bench -c user.email=bench@localhost commit -qm gen
+log "repo: $(du -sh "$REPO" | cut -f1) with .git"
+
+tar_copy() {
+    ssh "${SSH_OPTS[@]}" 'rm -rf /root/tar-copy && mkdir -p /root/tar-copy'
+    local t0
+    t0=$(now)
+    tar -C "$REPO" -cf - . | ssh "${SSH_OPTS[@]}" 'tar -x -C /root/tar-copy -f -'
+    sub "$(now)" "$t0"
+}
+
+# The first prepare (no manifest) is the full-transfer number; later full runs need the
+# manifest reset, which a prepare from an empty --no-git dir does (it deletes everything).
+EMPTY=$BENCH_HOME/empty
+mkdir -p "$EMPTY"
+full=() tarc=()
+for ((r = 0; r < 3; r++)); do
+    banger vm workspace prepare "$NAME" "$EMPTY" --no-git >/dev/null 2>&1
+    t0=$(now)
+    banger vm workspace prepare "$NAME" "$REPO" >/dev/null 2>&1
+    full+=("$(sub "$(now)" "$t0")")
+    tarc+=("$(tar_copy)")
+    log "round $r: prepare ${full[-1]} s, tar|ssh ${tarc[-1]} s"
+done
+
+resync=() rtt=()
+for ((r = 0; r < ROUNDS; r++)); do
+    echo "change $r" >"$REPO/d00/s0/f0.dat"
+    t0=$(now)
+    banger vm workspace prepare "$NAME" "$REPO" >/dev/null 2>&1
+    resync+=("$(sub "$(now)" "$t0")")
+    t0=$(now)
+    ssh "${SSH_OPTS[@]}" true
+    rtt+=("$(sub "$(now)" "$t0")")
+done
+
+exect=() sshx=()
+banger vm exec "$NAME" -- true >/dev/null 2>&1 # opens the shared connection
+for ((r = 0; r < ROUNDS; r++)); do
+    t0=$(now)
+    banger vm exec "$NAME" -- true >/dev/null 2>&1
+    exect+=("$(sub "$(now)" "$t0")")
+    t0=$(now)
+    ssh "${SSH_OPTS[@]}" true
+    sshx+=("$(sub "$(now)" "$t0")")
+done
+
+mf=$(median "${full[@]}") mt=$(median "${tarc[@]}")
+mr=$(median "${resync[@]}") mrt=$(median "${rtt[@]}")
+me=$(median "${exect[@]}") ms=$(median "${sshx[@]}")
+echo "workspace benchmark: $FILES files, ~$MIB MiB"
+echo "full prepare      ${mf}s   tar|ssh ${mt}s   ratio $(ratio "$mf" "$mt")x  (goal <= 1.1x)"
+echo "rsync -a          skipped: rsync is not in the guest image"
+echo "1-file resync     ${mr}s   ssh true ${mrt}s  ratio $(ratio "$mr" "$mrt")x  (goal <= 2x)"
+echo "vm exec true      ${me}s   ssh true ${ms}s  ratio $(ratio "$me" "$ms")x  (goal <= 0.5x)"

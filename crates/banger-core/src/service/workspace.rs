@@ -1,0 +1,415 @@
+//! Workspace operations of the [`Manager`]: prepare (full, then incremental from the
+//! manifest), status (host side from the manifest, guest side by size/mtime over SSH),
+//! export (the guest's changes since prepare as a patch or files), and the git identity that
+//! reaches the guest at start.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use banger_proto::{
+    ExportResult, ExportWorkspaceRequest, PrepareProgress, PrepareResult, PrepareWorkspaceRequest,
+    VmName, VmState, WorkspaceDiff, WorkspaceStatus,
+};
+use tracing::{info, warn};
+
+use super::Manager;
+use crate::Error;
+use crate::guest::ssh::{SshTarget, shell_quote};
+use crate::model::VmRecord;
+use crate::store::WorkspaceRecord;
+use crate::workspace::fileset::{self, Diff, Kind, Manifest};
+use crate::workspace::transfer::{self, Progress};
+use crate::workspace::{self, GUEST_DIR, WorkspaceError};
+
+/// Paths listed per category in a status.
+const LIST_LIMIT: usize = 100;
+/// Bound on guest-side status and export commands.
+const GUEST_LIMIT: Duration = Duration::from_secs(600);
+
+impl Manager {
+    /// The record of a VM that must be running for `what`.
+    fn running_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
+        let record = self.observe(self.store().get_vm(name.as_str())?);
+        if record.state != VmState::Running {
+            return Err(Error::InvalidState {
+                name: name.to_string(),
+                state: record.state,
+                hint: "start it with `banger vm start NAME`",
+            });
+        }
+        Ok(record)
+    }
+
+    /// Copies the host directory into the guest's /root/repo, sending only what changed since
+    /// the last prepare and deleting in the guest what the host no longer has.
+    pub async fn prepare_workspace(
+        &self,
+        name: &str,
+        request: PrepareWorkspaceRequest,
+    ) -> Result<PrepareResult, Error> {
+        let started = Instant::now();
+        let name = VmName::parse(name)?;
+        let path = PathBuf::from(&request.path);
+        if !path.is_absolute() {
+            return Err(Error::InvalidRequest(format!(
+                "workspace path {:?} is not absolute",
+                request.path
+            )));
+        }
+        let lock = self.vm_lock(&name);
+        let _guard = lock.lock().await;
+        let record = self.running_vm(&name)?;
+        let target = self.ssh_target(&record)?;
+        let git = !request.no_git;
+        let old = self.store().manifest(&record.id)?;
+        let progress = Arc::new(Progress::default());
+        let _running = Running::new(self, &name, &progress);
+        let (root, head, plan, sent) = tokio::task::spawn_blocking(move || {
+            let root = fileset::resolve_root(&path, git)?;
+            let head = if git { fileset::head(&root) } else { None };
+            let scan = fileset::scan(&root, git)?;
+            let mut plan = fileset::plan(&old, scan);
+            progress.set_totals(&plan);
+            let sent = transfer::send(&target, &root, &mut plan, git, &progress)?;
+            Ok::<_, WorkspaceError>((root, head, plan, sent))
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("prepare worker failed: {e}")))??;
+        let host_path = root.display().to_string();
+        let ws = WorkspaceRecord {
+            host_path: host_path.clone(),
+            git,
+            head: head.clone(),
+            base_tree: sent.base_tree.clone(),
+            prepared_at: crate::now_rfc3339(),
+        };
+        self.store().save_workspace(&record.id, &ws, &plan.next)?;
+        let result = PrepareResult {
+            host_path,
+            commit: head,
+            files_total: plan.next.len() as u64,
+            files_sent: sent.files,
+            bytes_sent: sent.bytes,
+            wire_bytes: sent.wire_bytes,
+            files_deleted: sent.deleted,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        };
+        info!(vm = %name, path = %result.host_path, sent = result.files_sent, bytes = result.bytes_sent, deleted = result.files_deleted, "workspace prepared");
+        Ok(result)
+    }
+
+    /// Counters of the prepare running in VM `name`, if any.
+    pub fn prepare_progress(&self, name: &str) -> Result<PrepareProgress, Error> {
+        let name = VmName::parse(name)?;
+        let prepares = self.prepares.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(prepares
+            .get(name.as_str())
+            .map(|p| p.to_api())
+            .unwrap_or_default())
+    }
+
+    /// What was prepared and how the host (and with `guest`, the guest) differs now.
+    pub async fn workspace_status(
+        &self,
+        name: &str,
+        guest: bool,
+    ) -> Result<WorkspaceStatus, Error> {
+        let name = VmName::parse(name)?;
+        let record = self.observe(self.store().get_vm(name.as_str())?);
+        let Some(ws) = self.store().workspace(&record.id)? else {
+            return Ok(WorkspaceStatus::default());
+        };
+        let manifest = self.store().manifest(&record.id)?;
+        let guest_diff = if guest {
+            let record = self.running_vm(&name)?;
+            Some(self.guest_diff(&record, &manifest).await?)
+        } else {
+            None
+        };
+        let (git, host_path) = (ws.git, ws.host_path.clone());
+        let (head_now, host) = tokio::task::spawn_blocking(move || {
+            let root = fileset::resolve_root(Path::new(&host_path), git)?;
+            let head = if git { fileset::head(&root) } else { None };
+            let scan = fileset::scan(&root, git)?;
+            let diff = fileset::host_diff(&root, &manifest, &scan)?;
+            Ok::<_, WorkspaceError>((head, diff))
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("status worker failed: {e}")))??;
+        let host = to_api(host);
+        Ok(WorkspaceStatus {
+            prepared: true,
+            host_dirty: host.total() > 0 || head_now != ws.head,
+            host_path: Some(ws.host_path),
+            git: ws.git,
+            commit: ws.head,
+            head_now,
+            prepared_at: Some(ws.prepared_at),
+            host: Some(host),
+            guest: guest_diff,
+        })
+    }
+
+    /// Guest files (outside `.git`) that differ from the manifest by type, size or mtime.
+    async fn guest_diff(
+        &self,
+        record: &VmRecord,
+        manifest: &Manifest,
+    ) -> Result<WorkspaceDiff, Error> {
+        let target = self.ssh_target(record)?;
+        let (code, stdout, stderr) = target
+            .run(
+                workspace::GUEST_LIST_SCRIPT,
+                Duration::from_secs(10),
+                GUEST_LIMIT,
+            )
+            .await?;
+        if code != Some(0) {
+            return Err(WorkspaceError::Remote {
+                code,
+                stderr: stderr.trim().to_owned(),
+            }
+            .into());
+        }
+        let mut diff = Diff::default();
+        let mut seen = std::collections::HashSet::new();
+        let fields: Vec<&str> = stdout.split('\0').collect();
+        for record in fields.chunks_exact(4) {
+            let (path, kind, size, mtime) = (record[0], record[1], record[2], record[3]);
+            seen.insert(path);
+            let secs = mtime.split('.').next().and_then(|s| s.parse::<i64>().ok());
+            match manifest.get(path) {
+                None if kind != "d" => diff.added.push(path.to_owned()),
+                None => {}
+                Some(entry) => {
+                    let same = match entry.kind {
+                        Kind::File => {
+                            kind == "f"
+                                && size.parse::<u64>().ok() == Some(entry.size)
+                                && secs == Some(entry.mtime_ns.div_euclid(1_000_000_000))
+                        }
+                        Kind::Symlink => kind == "l",
+                        Kind::Dir => kind == "d",
+                    };
+                    if !same {
+                        diff.modified.push(path.to_owned());
+                    }
+                }
+            }
+        }
+        for path in manifest.keys() {
+            if path != ".git" && !path.starts_with(".git/") && !seen.contains(path.as_str()) {
+                diff.removed.push(path.clone());
+            }
+        }
+        diff.added.sort();
+        diff.modified.sort();
+        Ok(to_api(diff))
+    }
+
+    /// Writes the guest's changes since the last prepare to a patch file or a directory.
+    pub async fn export_workspace(
+        &self,
+        name: &str,
+        request: ExportWorkspaceRequest,
+    ) -> Result<ExportResult, Error> {
+        let name = VmName::parse(name)?;
+        let (dest, as_patch) = match (&request.patch, &request.to) {
+            (Some(p), None) => (PathBuf::from(p), true),
+            (None, Some(d)) => (PathBuf::from(d), false),
+            _ => {
+                return Err(Error::InvalidRequest(
+                    "export needs exactly one of `patch` and `to`".into(),
+                ));
+            }
+        };
+        if !dest.is_absolute() {
+            return Err(Error::InvalidRequest(format!(
+                "export destination {} is not absolute",
+                dest.display()
+            )));
+        }
+        let lock = self.vm_lock(&name);
+        let _guard = lock.lock().await;
+        let record = self.running_vm(&name)?;
+        let ws = self.store().workspace(&record.id)?;
+        let Some(base) = ws.and_then(|w| w.base_tree) else {
+            return Err(WorkspaceError::NotPrepared(name.to_string()).into());
+        };
+        let target = self.ssh_target(&record)?;
+        let result = tokio::task::spawn_blocking(move || {
+            if as_patch {
+                let (out, _) = capture(&target, &workspace::export_patch_script(&base))?;
+                std::fs::write(&dest, &out).map_err(WorkspaceError::io(format!(
+                    "cannot write {}",
+                    dest.display()
+                )))?;
+                Ok::<_, WorkspaceError>(ExportResult {
+                    written: dest.display().to_string(),
+                    bytes: out.len() as u64,
+                    files: 0,
+                    deleted: Vec::new(),
+                })
+            } else {
+                let (out, err) = capture(&target, &workspace::export_files_script(&base))?;
+                std::fs::create_dir_all(&dest).map_err(WorkspaceError::io(format!(
+                    "cannot create {}",
+                    dest.display()
+                )))?;
+                let mut archive = tar::Archive::new(out.as_slice());
+                archive.set_preserve_permissions(true);
+                let (mut files, mut bytes) = (0u64, 0u64);
+                let entries = archive
+                    .entries()
+                    .map_err(WorkspaceError::io("cannot read the guest's tar"))?;
+                for entry in entries {
+                    let mut entry =
+                        entry.map_err(WorkspaceError::io("cannot read the guest's tar"))?;
+                    bytes += entry.size();
+                    // unpack_in refuses paths that would leave `dest`.
+                    let inside = entry.unpack_in(&dest).map_err(WorkspaceError::io(format!(
+                        "cannot write into {}",
+                        dest.display()
+                    )))?;
+                    if !inside {
+                        return Err(WorkspaceError::UnsafePath(
+                            entry
+                                .path()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default(),
+                        ));
+                    }
+                    files += 1;
+                }
+                let deleted = String::from_utf8_lossy(&err)
+                    .split_once(&format!("{}\n", workspace::DELETED_MARKER))
+                    .map(|(_, list)| {
+                        list.split('\0')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok(ExportResult {
+                    written: dest.display().to_string(),
+                    bytes,
+                    files,
+                    deleted,
+                })
+            }
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("export worker failed: {e}")))??;
+        info!(vm = %name, written = %result.written, bytes = result.bytes, "workspace exported");
+        Ok(result)
+    }
+
+    /// Writes the host's git identity (user.name, user.email of the daemon's user) into the
+    /// guest's ~/.gitconfig. Best effort: a failure is logged, never fails the start.
+    pub(super) async fn sync_git_identity(&self, target: &SshTarget) {
+        let mut script = Vec::new();
+        for key in ["user.name", "user.email"] {
+            let value = tokio::process::Command::new("git")
+                .args(["config", "--global", "--get", key])
+                .stdin(Stdio::null())
+                .output()
+                .await;
+            if let Ok(out) = value
+                && out.status.success()
+            {
+                let value = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                if !value.is_empty() {
+                    script.push(format!("git config --global {key} {}", shell_quote(&value)));
+                }
+            }
+        }
+        if script.is_empty() {
+            return;
+        }
+        match target
+            .run(
+                &script.join(" && "),
+                Duration::from_secs(5),
+                Duration::from_secs(20),
+            )
+            .await
+        {
+            Ok((Some(0), _, _)) => info!("git identity copied to the guest"),
+            Ok((code, _, err)) => warn!(?code, "cannot copy the git identity: {}", err.trim()),
+            Err(e) => warn!("cannot copy the git identity: {e}"),
+        }
+    }
+}
+
+/// Registers a prepare's counters for `prepare_progress` while it runs.
+struct Running<'a> {
+    manager: &'a Manager,
+    name: String,
+}
+
+impl<'a> Running<'a> {
+    fn new(manager: &'a Manager, name: &VmName, progress: &Arc<Progress>) -> Self {
+        manager
+            .prepares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), progress.clone());
+        Self {
+            manager,
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.manager
+            .prepares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
+}
+
+/// Runs `script` in the guest and returns its stdout and stderr as bytes.
+fn capture(target: &SshTarget, script: &str) -> Result<(Vec<u8>, Vec<u8>), WorkspaceError> {
+    let output = Command::new("ssh")
+        .args(target.options())
+        .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-T"])
+        .arg(&target.host)
+        .arg(script)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(WorkspaceError::io("cannot run ssh"))?;
+    if !output.status.success() {
+        return Err(WorkspaceError::Remote {
+            code: output.status.code(),
+            stderr: String::from_utf8_lossy(&output.stderr)
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("")
+                .to_owned(),
+        });
+    }
+    Ok((output.stdout, output.stderr))
+}
+
+fn to_api(diff: Diff) -> WorkspaceDiff {
+    let cap = |v: &Vec<String>| v.iter().take(LIST_LIMIT).cloned().collect();
+    WorkspaceDiff {
+        added: cap(&diff.added),
+        modified: cap(&diff.modified),
+        removed: cap(&diff.removed),
+        added_count: diff.added.len() as u64,
+        modified_count: diff.modified.len() as u64,
+        removed_count: diff.removed.len() as u64,
+    }
+}
+
+/// Where `vm exec` runs: /root/repo once a workspace was prepared.
+pub(super) fn workdir(prepared: bool) -> Option<String> {
+    prepared.then(|| GUEST_DIR.to_owned())
+}

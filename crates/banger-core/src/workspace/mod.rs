@@ -1,0 +1,113 @@
+//! The workspace: a host directory (normally a git repo's top level) copied into the guest's
+//! /root/repo. `fileset` decides what belongs to it and what changed since the last prepare
+//! (the manifest); `transfer` streams that as a tar over SSH and deletes in the guest what the
+//! host deleted; the guest scripts for the prepared-state tree, guest-side status and
+//! copy-back live here too.
+
+pub mod fileset;
+pub mod transfer;
+
+pub use fileset::{Entry, Kind, Manifest, Plan, Scan};
+
+/// Where the workspace lives in the guest (on the work disk, mounted at /root).
+pub const GUEST_DIR: &str = "/root/repo";
+
+/// Why a workspace operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    /// The host path is not a directory.
+    #[error("{0} is not a directory")]
+    NotADirectory(String),
+    /// The host path is not in a git repository.
+    #[error("{0} is not a git repository")]
+    NotGit(String),
+    /// The host path is inside a repository but not its top level.
+    #[error("{path} is not the top level of its git repository ({top})")]
+    NotTopLevel { path: String, top: String },
+    /// `.git` is a file (a linked worktree or a submodule), whose objects live elsewhere.
+    #[error("{0}/.git is a file (a linked worktree or submodule), not a repository directory")]
+    GitFile(String),
+    /// A path from the file set that would leave the directory.
+    #[error("refusing unsafe path {0:?} (absolute, `..`, or below a symlink)")]
+    UnsafePath(String),
+    /// A file name that is not UTF-8.
+    #[error("file name {0:?} is not UTF-8")]
+    NotUtf8(String),
+    /// A git command failed.
+    #[error("git {args} failed: {stderr}")]
+    Git { args: String, stderr: String },
+    /// A file changed size while it was being sent.
+    #[error("{0} changed while it was being sent")]
+    Changed(String),
+    /// The guest side of a transfer failed.
+    #[error("the guest side failed (exit {code:?}): {stderr}")]
+    Remote { code: Option<i32>, stderr: String },
+    /// Export needs a git workspace prepared before.
+    #[error("VM {0:?} has no prepared git workspace")]
+    NotPrepared(String),
+    /// A host file-system operation failed.
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl WorkspaceError {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| Self::Io { context, source }
+    }
+}
+
+/// The guest script that deletes `delete_len` bytes of NUL-separated paths read from stdin,
+/// extracts the tar that follows into [`GUEST_DIR`], and for a git repo prints the tree id of
+/// the prepared state (worktree as sent, through a throw-away index), the base of `export`.
+pub fn receive_script(delete_len: usize, git: bool) -> String {
+    let mut script = format!("set -e; mkdir -p {GUEST_DIR}; cd {GUEST_DIR}; ");
+    if delete_len > 0 {
+        // GNU head -c reads exactly that many bytes from a pipe; the tar follows.
+        script.push_str(&format!("head -c {delete_len} | xargs -0 -r rm -rf --; "));
+    }
+    script.push_str("tar -x --no-same-owner -f -; ");
+    if git {
+        script.push_str(&format!("{TREE_OF_WORKTREE} "));
+    }
+    script
+}
+
+/// Prints the tree id of the worktree in the current directory (tracked + untracked, not
+/// ignored) without touching the repo's own index.
+const TREE_OF_WORKTREE: &str = "t=$(mktemp); trap 'rm -f \"$t\"' EXIT; \
+    cp .git/index \"$t\" 2>/dev/null || rm -f \"$t\"; \
+    GIT_INDEX_FILE=\"$t\" git add -A . >/dev/null && GIT_INDEX_FILE=\"$t\" git write-tree;";
+
+/// The guest script printing the guest's changes since `base` (a tree id) as a binary git
+/// patch that applies to the prepared state.
+pub fn export_patch_script(base: &str) -> String {
+    format!(
+        "set -e; cd {GUEST_DIR}; new=$({{ {TREE_OF_WORKTREE} }}); \
+         git -c core.quotepath=off diff --binary --no-renames --no-color {base} \"$new\""
+    )
+}
+
+/// The guest script streaming, as a tar, the files added or modified since `base`, and
+/// printing the deleted paths NUL-separated on stderr after a marker line.
+pub fn export_files_script(base: &str) -> String {
+    format!(
+        "set -e; cd {GUEST_DIR}; new=$({{ {TREE_OF_WORKTREE} }}); \
+         git diff -z --name-only --no-renames --diff-filter=d {base} \"$new\" \
+         | tar -c --null --no-recursion -T - -f -; \
+         printf '%s\\n' '{DELETED_MARKER}' >&2; \
+         git diff -z --name-only --no-renames --diff-filter=D {base} \"$new\" >&2"
+    )
+}
+
+/// Separates diagnostics from the deleted-path list on the export script's stderr.
+pub const DELETED_MARKER: &str = "banger-deleted:";
+
+/// The guest script listing what is under [`GUEST_DIR`] (outside `.git`) as NUL-separated
+/// records `path, type, size, mtime seconds`.
+pub const GUEST_LIST_SCRIPT: &str =
+    "cd /root/repo && find . -path ./.git -prune -o ! -path . -printf '%P\\0%y\\0%s\\0%T@\\0'";

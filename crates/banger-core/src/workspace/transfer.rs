@@ -1,0 +1,270 @@
+//! Sends a [`Plan`] to the guest in one SSH session: the NUL-separated delete list, then a tar
+//! of the changed paths built here (the `tar` crate, GNU headers for long names), extracted by
+//! the guest's `tar -x` into /root/repo. Files are opened with `O_NOFOLLOW` and hashed while
+//! they stream, so the manifest records exactly the bytes that were sent.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+
+use super::fileset::{Kind, Plan, hex, open_nofollow};
+use super::{WorkspaceError, receive_script};
+use crate::guest::ssh::SshTarget;
+
+/// Counters of a running or finished transfer; shared with whoever reports progress.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub files: AtomicU64,
+    pub bytes: AtomicU64,
+    /// What this transfer will send, known once the plan is made.
+    pub total_files: AtomicU64,
+    pub total_bytes: AtomicU64,
+}
+
+impl Progress {
+    /// Records the totals of `plan`.
+    pub fn set_totals(&self, plan: &Plan) {
+        let bytes = plan
+            .send
+            .iter()
+            .filter_map(|p| plan.next.get(p))
+            .map(|e| e.size)
+            .sum();
+        self.total_files
+            .store(plan.send.len() as u64, Ordering::Relaxed);
+        self.total_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The API view.
+    pub fn to_api(&self) -> banger_proto::PrepareProgress {
+        banger_proto::PrepareProgress {
+            running: true,
+            files_sent: self.files.load(Ordering::Relaxed),
+            files_total: self.total_files.load(Ordering::Relaxed),
+            bytes_sent: self.bytes.load(Ordering::Relaxed),
+            bytes_total: self.total_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What a transfer did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// Entries sent (files, symlinks, directories).
+    pub files: u64,
+    /// File content bytes sent.
+    pub bytes: u64,
+    /// Bytes written to the SSH session (delete list + tar, with headers and padding).
+    pub wire_bytes: u64,
+    /// Paths deleted in the guest.
+    pub deleted: u64,
+    /// Tree id of the prepared state in the guest (git workspaces).
+    pub base_tree: Option<String>,
+}
+
+/// Sends `plan` from `root` to the guest; fills in the hashes of the sent files in
+/// `plan.next`. Blocking: run it on a blocking thread.
+pub fn send(
+    target: &SshTarget,
+    root: &Path,
+    plan: &mut Plan,
+    git: bool,
+    progress: &Arc<Progress>,
+) -> Result<Sent, WorkspaceError> {
+    let mut deletes = Vec::new();
+    for path in &plan.delete {
+        deletes.extend_from_slice(path.as_bytes());
+        deletes.push(0);
+    }
+    let mut child = Command::new("ssh")
+        .args(target.options())
+        .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-T"])
+        .arg(&target.host)
+        .arg(receive_script(deletes.len(), git))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(WorkspaceError::io("cannot run ssh"))?;
+    // Drain stdout and stderr on threads so a chatty guest cannot block the stream.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut text);
+            }
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let written = match child.stdin.take() {
+        Some(stdin) => stream(stdin, root, plan, &deletes, progress),
+        None => Err(WorkspaceError::Io {
+            context: "ssh has no stdin".into(),
+            source: std::io::Error::other("no pipe"),
+        }),
+    };
+    let status = child.wait().map_err(WorkspaceError::io("ssh failed"))?;
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    if !status.success() {
+        return Err(WorkspaceError::Remote {
+            code: status.code(),
+            stderr: stderr.trim().lines().last().unwrap_or("").to_owned(),
+        });
+    }
+    let (files, bytes, wire_bytes) = written?;
+    let base_tree = stdout
+        .lines()
+        .last()
+        .map(str::trim)
+        .filter(|s| s.len() >= 40 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_owned);
+    Ok(Sent {
+        files,
+        bytes,
+        wire_bytes,
+        deleted: plan.delete.len() as u64,
+        base_tree,
+    })
+}
+
+/// Writes the delete list and the tar; returns (entries, content bytes, wire bytes).
+fn stream(
+    stdin: impl Write,
+    root: &Path,
+    plan: &mut Plan,
+    deletes: &[u8],
+    progress: &Progress,
+) -> Result<(u64, u64, u64), WorkspaceError> {
+    let broken = WorkspaceError::io("the SSH session closed early");
+    let mut out = Counting {
+        inner: std::io::BufWriter::with_capacity(1 << 17, stdin),
+        count: 0,
+    };
+    if let Err(e) = out.write_all(deletes) {
+        return Err(broken(e));
+    }
+    let mut builder = tar::Builder::new(out);
+    let (mut files, mut bytes) = (0u64, 0u64);
+    for path in &plan.send {
+        let Some(entry) = plan.next.get_mut(path) else {
+            continue;
+        };
+        let full = root.join(path);
+        let mut header = tar::Header::new_gnu();
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mode(entry.mode);
+        header.set_mtime(u64::try_from(entry.mtime_ns.div_euclid(1_000_000_000)).unwrap_or(0));
+        match entry.kind {
+            Kind::Dir => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_size(0);
+                builder
+                    .append_data(&mut header, path, std::io::empty())
+                    .map_err(WorkspaceError::io(format!("cannot send {path}")))?;
+            }
+            Kind::Symlink => {
+                let target = std::fs::read_link(&full)
+                    .map_err(WorkspaceError::io(format!("cannot read link {path}")))?;
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                builder
+                    .append_link(&mut header, path, &target)
+                    .map_err(WorkspaceError::io(format!("cannot send {path}")))?;
+            }
+            Kind::File => {
+                let file = open_nofollow(&full)?;
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(entry.size);
+                let mut reader = Exact {
+                    inner: file,
+                    left: entry.size,
+                    hasher: Sha256::new(),
+                    progress,
+                };
+                builder
+                    .append_data(&mut header, path, &mut reader)
+                    .map_err(|e| match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof => WorkspaceError::Changed(path.clone()),
+                        _ => WorkspaceError::Io {
+                            context: format!("cannot send {path}"),
+                            source: e,
+                        },
+                    })?;
+                entry.hash = hex(&reader.hasher.finalize());
+                bytes += entry.size;
+            }
+        }
+        files += 1;
+        progress.files.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut out = builder
+        .into_inner()
+        .map_err(WorkspaceError::io("cannot finish the tar stream"))?;
+    out.flush()
+        .map_err(WorkspaceError::io("cannot finish the tar stream"))?;
+    Ok((files, bytes, out.count))
+}
+
+/// Counts bytes written through it.
+struct Counting<W> {
+    inner: W,
+    count: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Reads exactly `left` bytes (the size in the tar header), hashing them; a file that shrank
+/// is an `UnexpectedEof`, one that grew is cut at the recorded size (its next prepare sees the
+/// new size and sends it again).
+struct Exact<'a, R> {
+    inner: R,
+    left: u64,
+    hasher: Sha256,
+    progress: &'a Progress,
+}
+
+impl<R: Read> Read for Exact<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.hasher.update(&buf[..n]);
+        self.left -= n as u64;
+        self.progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}

@@ -1,0 +1,366 @@
+//! The workspace against a real VM (one boot, reused across the checks): prepare of a fixture
+//! repo with every awkward kind of file, hashes equal on both sides, the dirty warning and
+//! `--auto-prepare`, incremental resync by transfer stats, deletions, survival across
+//! stop/start, copy-back with `export --patch`/`--to`, git identity at start, and paths that
+//! must never be followed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use banger_e2e::{Run, TestEnv};
+
+const MARKER: &str = "host-secret-0f9c2a";
+
+fn sh(dir: &Path, script: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "fixture")
+        .env("GIT_AUTHOR_EMAIL", "fixture@example.com")
+        .env("GIT_COMMITTER_NAME", "fixture")
+        .env("GIT_COMMITTER_EMAIL", "fixture@example.com")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn exec(env: &TestEnv, args: &[&str]) -> Run {
+    let mut full = vec!["vm", "exec", "dev", "--"];
+    full.extend_from_slice(args);
+    env.banger(&full)
+}
+
+/// Regular files of the workspace as git lists them (symlinks excluded), sorted.
+fn regular_files(repo: &Path) -> Vec<String> {
+    let listed = sh(repo, "git ls-files -z -co --exclude-standard");
+    let mut files: Vec<String> = listed
+        .split('\0')
+        .filter(|p| !p.is_empty())
+        .filter(|p| {
+            std::fs::symlink_metadata(repo.join(p))
+                .map(|m| m.is_file())
+                .unwrap_or(false)
+        })
+        .map(str::to_owned)
+        .collect();
+    files.sort();
+    files
+}
+
+fn host_sums(repo: &Path, files: &[String]) -> String {
+    let out = Command::new("sha256sum")
+        .arg("--")
+        .args(files)
+        .current_dir(repo)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn workspace_prepare_resync_export_and_safety() {
+    let fx = tempfile::tempdir_in("/tmp").unwrap();
+    let gitconfig = fx.path().join("gitconfig");
+    std::fs::write(
+        &gitconfig,
+        "[user]\n\tname = Test Person\n\temail = test.person@example.com\n",
+    )
+    .unwrap();
+    let env = TestEnv::new()
+        .with_env("GIT_CONFIG_GLOBAL", gitconfig.to_str().unwrap())
+        .with_env("GIT_CONFIG_NOSYSTEM", "1");
+    env.build_default_image();
+
+    // Fixture: a repo with tracked, untracked, ignored, symlinked (inside, outside, absolute),
+    // executable, empty, unicode- and space-named files and a 2 MiB binary; a secret outside.
+    // Old mtimes keep git's index from being "racily clean", so a host `git status` never
+    // rewrites it behind the test's back.
+    let repo = fx.path().join("repo");
+    let outside = fx.path().join("outside");
+    let plain = fx.path().join("plain");
+    for dir in [&repo, &outside, &plain] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    std::fs::write(outside.join("secret"), MARKER).unwrap();
+    sh(
+        &repo,
+        "git init -q . && printf 'ignored.log\\nbuild/\\n' > .gitignore \
+         && echo 'hello' > tracked.txt && mkdir -p sub/deeper && : > sub/empty \
+         && echo spaced > 'with space.txt' && echo unicode > 'ünïcödé ✓.txt' \
+         && printf '#!/bin/sh\\necho ran\\n' > run.sh && chmod +x run.sh \
+         && echo deep > sub/deeper/file.txt && echo gone-soon > delete-me.txt \
+         && head -c 2097152 /dev/urandom > big.bin \
+         && ln -s tracked.txt link && ln -s ../outside escape && ln -s /etc abs \
+         && find . -exec touch -h -d '2020-01-01 00:00:00' {} + \
+         && git add -A && git commit -qm init \
+         && echo untracked > untracked.txt && echo noise > ignored.log \
+         && mkdir build && echo out > build/artifact",
+    );
+    std::os::unix::fs::symlink(&outside, plain.join("outside-link")).unwrap();
+    std::fs::write(plain.join("plain.txt"), "plain").unwrap();
+    let repo_s = repo.to_str().unwrap();
+
+    env.banger(&["vm", "create", "dev"]).ok();
+    // Refused on a stopped VM, with the state named.
+    let stopped = env.banger(&["vm", "workspace", "prepare", "dev", repo_s]);
+    assert_eq!(stopped.code, 4, "{}", stopped.stderr);
+    assert!(stopped.stderr.contains("start it"), "{}", stopped.stderr);
+    env.banger(&["vm", "start", "dev"]).ok();
+
+    // authsync: the host's git identity reached the guest at start.
+    let name = exec(&env, &["git", "config", "--global", "user.name"]).ok();
+    assert_eq!(name.stdout.trim(), "Test Person");
+    let email = exec(&env, &["git", "config", "--global", "user.email"]).ok();
+    assert_eq!(email.stdout.trim(), "test.person@example.com");
+    // Without a workspace, exec runs in /root.
+    assert_eq!(exec(&env, &["pwd"]).ok().stdout.trim(), "/root");
+
+    // Non-git paths and subdirectories are refused, and `..` is resolved before the check.
+    let not_git = env.banger(&[
+        "vm",
+        "workspace",
+        "prepare",
+        "dev",
+        outside.to_str().unwrap(),
+    ]);
+    assert_eq!(not_git.code, 1);
+    assert!(
+        not_git.stderr.contains("not a git repository") && not_git.stderr.contains("--no-git"),
+        "{}",
+        not_git.stderr
+    );
+    let subdir = env.banger(&[
+        "vm",
+        "workspace",
+        "prepare",
+        "dev",
+        &format!("{repo_s}/sub"),
+    ]);
+    assert!(
+        subdir.stderr.contains("not the top level"),
+        "{}",
+        subdir.stderr
+    );
+    let dotdot = format!("{repo_s}/sub/../../outside");
+    let tricked = env.banger(&["vm", "workspace", "prepare", "dev", &dotdot]);
+    assert_eq!(tricked.code, 1, "{}", tricked.stderr);
+
+    // --no-git copies a plain directory; the symlinked directory stays a symlink, never walked.
+    env.banger(&[
+        "vm",
+        "workspace",
+        "prepare",
+        "dev",
+        plain.to_str().unwrap(),
+        "--no-git",
+    ])
+    .ok();
+    let link = exec(&env, &["readlink", "outside-link"]).ok();
+    assert_eq!(link.stdout.trim(), outside.to_str().unwrap());
+    let grep = exec(&env, &["grep", "-r", MARKER, "/root/repo"]);
+    assert_eq!(
+        grep.code, 1,
+        "the secret reached the guest: {}",
+        grep.stdout
+    );
+
+    // The repo (a different path: the plain directory's files are deleted in the guest).
+    let first = env
+        .banger(&["vm", "workspace", "prepare", "dev", repo_s, "--json"])
+        .ok()
+        .json();
+    assert_eq!(first["files_sent"], first["files_total"], "{first}");
+    assert!(first["bytes_sent"].as_u64().unwrap() > 2 << 20, "{first}");
+    assert_eq!(exec(&env, &["pwd"]).ok().stdout.trim(), "/root/repo");
+    assert_eq!(exec(&env, &["test", "-e", "plain.txt"]).code, 1);
+
+    // Same file set and contents; git agrees the worktree is the host's.
+    let files = regular_files(&repo);
+    let mut args = vec!["sha256sum", "--"];
+    args.extend(files.iter().map(String::as_str));
+    assert_eq!(exec(&env, &args).ok().stdout, host_sums(&repo, &files));
+    let guest_status = exec(&env, &["git", "status", "--porcelain"]).ok().stdout;
+    let host_status = sh(&repo, "git status --porcelain");
+    assert_eq!(
+        guest_status, host_status,
+        "guest and host git status differ"
+    );
+    assert_eq!(
+        exec(
+            &env,
+            &["git", "status", "--porcelain", "--untracked-files=no"]
+        )
+        .ok()
+        .stdout,
+        ""
+    );
+    for (path, target) in [
+        ("link", "tracked.txt"),
+        ("escape", "../outside"),
+        ("abs", "/etc"),
+    ] {
+        assert_eq!(exec(&env, &["readlink", path]).ok().stdout.trim(), target);
+    }
+    assert_eq!(exec(&env, &["./run.sh"]).ok().stdout.trim(), "ran");
+    exec(
+        &env,
+        &["sh", "-c", "test -f sub/empty && ! test -s sub/empty"],
+    )
+    .ok();
+    exec(
+        &env,
+        &["sh", "-c", "! test -e ignored.log && ! test -e build"],
+    )
+    .ok();
+    assert_eq!(exec(&env, &["grep", "-r", MARKER, "/root/repo"]).code, 1);
+    // Exit codes still pass through from /root/repo.
+    assert_eq!(exec(&env, &["sh", "-c", "exit 3"]).code, 3);
+
+    // Nothing changed: a prepare sends nothing.
+    let noop = env
+        .banger(&["vm", "workspace", "prepare", "dev", repo_s, "--json"])
+        .ok()
+        .json();
+    assert_eq!(noop["files_sent"], 0, "{noop}");
+    assert_eq!(noop["bytes_sent"], 0, "{noop}");
+
+    // One host edit: exec warns (one line naming one file), --auto-prepare resyncs first.
+    std::fs::write(repo.join("tracked.txt"), "changed on the host\n").unwrap();
+    let warned = exec(&env, &["true"]).ok();
+    let warning: Vec<&str> = warned
+        .stderr
+        .lines()
+        .filter(|l| l.contains("warning"))
+        .collect();
+    assert_eq!(warning.len(), 1, "{}", warned.stderr);
+    assert!(warning[0].contains("1 file differs"), "{}", warning[0]);
+    let status = env
+        .banger(&["vm", "workspace", "status", "dev", "--json"])
+        .ok()
+        .json();
+    assert_eq!(status["host_dirty"], true);
+    assert_eq!(status["host"]["modified"][0], "tracked.txt");
+    let auto = env
+        .banger(&[
+            "vm",
+            "exec",
+            "dev",
+            "--auto-prepare",
+            "--",
+            "cat",
+            "tracked.txt",
+        ])
+        .ok();
+    assert_eq!(auto.stdout, "changed on the host\n");
+    assert!(!auto.stderr.contains("warning"), "{}", auto.stderr);
+    assert_eq!(
+        env.banger(&["vm", "workspace", "status", "dev", "--json"])
+            .ok()
+            .json()["host_dirty"],
+        false
+    );
+
+    // Incremental: one more edit sends that file (and no more than a little .git metadata),
+    // never the 2 MiB binary again.
+    std::fs::write(repo.join("sub/deeper/file.txt"), "deeper edit\n").unwrap();
+    let step = env
+        .banger(&["vm", "workspace", "prepare", "dev", repo_s, "--json"])
+        .ok()
+        .json();
+    let sent = step["bytes_sent"].as_u64().unwrap();
+    assert!((12..64 * 1024).contains(&sent), "{step}");
+    assert!(step["files_sent"].as_u64().unwrap() <= 3, "{step}");
+    assert_eq!(step["files_deleted"], 0, "{step}");
+
+    // A host deletion is deleted in the guest by the next prepare.
+    std::fs::remove_file(repo.join("delete-me.txt")).unwrap();
+    let del = env
+        .banger(&["vm", "workspace", "prepare", "dev", repo_s, "--json"])
+        .ok()
+        .json();
+    assert_eq!(del["files_deleted"], 1, "{del}");
+    assert_eq!(exec(&env, &["test", "-e", "delete-me.txt"]).code, 1);
+
+    // The workspace survives stop/start; exec on the stopped VM is refused.
+    exec(&env, &["sh", "-c", "echo kept > marker.txt"]).ok();
+    env.banger(&["vm", "stop", "dev"]).ok();
+    assert_eq!(exec(&env, &["true"]).code, 4);
+    env.banger(&["vm", "start", "dev"]).ok();
+    assert_eq!(exec(&env, &["cat", "marker.txt"]).ok().stdout, "kept\n");
+    let files = regular_files(&repo);
+    let mut args = vec!["sha256sum", "--"];
+    args.extend(files.iter().map(String::as_str));
+    assert_eq!(exec(&env, &args).ok().stdout, host_sums(&repo, &files));
+    exec(&env, &["rm", "marker.txt"]).ok();
+
+    // Copy-back: guest edits become a patch the host applies.
+    exec(
+        &env,
+        &[
+            "sh",
+            "-c",
+            "echo 'guest line' >> tracked.txt && echo new > 'guest new.txt' && rm run.sh",
+        ],
+    )
+    .ok();
+    let guest = env
+        .banger(&["vm", "workspace", "status", "dev", "--guest", "--json"])
+        .ok()
+        .json();
+    assert_eq!(guest["guest"]["added"][0], "guest new.txt", "{guest}");
+    assert_eq!(guest["guest"]["modified"][0], "tracked.txt", "{guest}");
+    assert_eq!(guest["guest"]["removed"][0], "run.sh", "{guest}");
+    let patch = fx.path().join("guest.patch");
+    env.banger(&[
+        "vm",
+        "workspace",
+        "export",
+        "dev",
+        "--patch",
+        patch.to_str().unwrap(),
+    ])
+    .ok();
+    sh(&repo, &format!("git apply --check '{}'", patch.display()));
+    sh(&repo, &format!("git apply '{}'", patch.display()));
+    assert_eq!(
+        std::fs::read_to_string(repo.join("tracked.txt")).unwrap(),
+        "changed on the host\nguest line\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(repo.join("guest new.txt")).unwrap(),
+        "new\n"
+    );
+    assert!(!repo.join("run.sh").exists());
+
+    let out = fx.path().join("exported");
+    let files = env
+        .banger(&[
+            "vm",
+            "workspace",
+            "export",
+            "dev",
+            "--to",
+            out.to_str().unwrap(),
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(files["deleted"][0], "run.sh", "{files}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("tracked.txt")).unwrap(),
+        "changed on the host\nguest line\n"
+    );
+    assert!(out.join("guest new.txt").is_file());
+    assert!(
+        !out.join("big.bin").exists(),
+        "only changed files are exported"
+    );
+}
