@@ -204,7 +204,7 @@ mount -t proc proc /proc || fail "mount /proc"
 mount -t sysfs sysfs /sys || fail "mount /sys"
 mount -t devtmpfs devtmpfs /dev || fail "mount /dev"
 
-root="" rootfstype="" rootflags="" mode=ro timeout=30
+root="" rootfstype="" rootflags="" mode=ro timeout=300
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         root=*)           root=${arg#root=} ;;
