@@ -2,6 +2,8 @@
 //! exec semantics, durability across stop/start, daemon crash and reattach, isolation, and a
 //! failed launch that leaves nothing behind.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;

@@ -8,7 +8,8 @@
 //! Options a real Firecracker also takes: `--api-sock PATH`, `--id ID`, `--version`.
 //! Fake-only: `--spec PATH`, `--ctrl-alt-del exit|ignore` (what the "guest" does on
 //! SendCtrlAltDel: exit like a guest with i8042 and `reboot=k`, default; or ignore it),
-//! `--record FILE` (one JSON line per request: method, path, body, status).
+//! `--record FILE` (one JSON line per request: method, path, body, status),
+//! `--ignore-sigterm` (a hung VMM: only SIGKILL ends it).
 
 mod spec;
 mod state;
@@ -43,6 +44,7 @@ struct Args {
     spec: PathBuf,
     ctrl_alt_del: CtrlAltDel,
     record: Option<PathBuf>,
+    ignore_sigterm: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -55,6 +57,7 @@ fn parse_args() -> anyhow::Result<Args> {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SPEC)),
         ctrl_alt_del: CtrlAltDel::Exit,
         record: None,
+        ignore_sigterm: false,
     };
     let mut iter = std::env::args().skip(1);
     while let Some(arg) = iter.next() {
@@ -63,6 +66,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--api-sock" => args.api_sock = Some(value("--api-sock")?.into()),
             "--id" => args.id = value("--id")?,
             "--version" => args.version = true,
+            "--ignore-sigterm" => args.ignore_sigterm = true,
             "--spec" => args.spec = value("--spec")?.into(),
             "--record" => args.record = Some(value("--record")?.into()),
             "--ctrl-alt-del" => {
@@ -92,6 +96,11 @@ async fn main() -> anyhow::Result<()> {
     if args.version {
         println!("Firecracker v{}\n", spec.version());
         return Ok(());
+    }
+    if args.ignore_sigterm {
+        let mut terms = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot handle SIGTERM")?;
+        tokio::spawn(async move { while terms.recv().await.is_some() {} });
     }
     let socket = args
         .api_sock

@@ -144,34 +144,16 @@ impl Spec {
         });
         match kind {
             Some("object") => self.check_object(schema, value, at)?,
-            Some("string") => {
-                if !value.is_string() {
+            Some(scalar @ ("string" | "integer" | "number" | "boolean")) => {
+                let (ok, expected) = match scalar {
+                    "string" => (value.is_string(), "a string"),
+                    "integer" => (value.is_i64() || value.is_u64(), "an integer"),
+                    "number" => (value.is_number(), "a number"),
+                    _ => (value.is_boolean(), "a boolean"),
+                };
+                if !ok {
                     return Err(format!(
-                        "invalid type: {}, expected a string at {at}",
-                        shown(value)
-                    ));
-                }
-            }
-            Some("integer") => {
-                if !(value.is_i64() || value.is_u64()) {
-                    return Err(format!(
-                        "invalid type: {}, expected an integer at {at}",
-                        shown(value)
-                    ));
-                }
-            }
-            Some("number") => {
-                if !value.is_number() {
-                    return Err(format!(
-                        "invalid type: {}, expected a number at {at}",
-                        shown(value)
-                    ));
-                }
-            }
-            Some("boolean") => {
-                if !value.is_boolean() {
-                    return Err(format!(
-                        "invalid type: {}, expected a boolean at {at}",
+                        "invalid type: {}, expected {expected} at {at}",
                         shown(value)
                     ));
                 }

@@ -10,9 +10,13 @@ use tracing::{info, warn};
 
 use super::{Manager, host_key_alias};
 use crate::Error;
+use crate::disk::SystemDiskStrategy;
 use crate::guest::ssh::SshTarget;
 use crate::model::{VmRecord, check_transition};
-use crate::vmm::{Accel, Hypervisor, LaunchSpec, VmProcess, accel, process};
+use crate::vmm::{
+    Accel, Hypervisor, LaunchSpec, StopTimings, VmProcess, Vmm, accel, firecracker, process,
+    stop_sequence,
+};
 
 /// The guest's static address under QEMU user-mode networking.
 const USER_NET: &str = "banger.ip=10.0.2.15/24 banger.gw=10.0.2.2 banger.dns=10.0.2.3";
@@ -116,7 +120,7 @@ impl Manager {
         Ok(())
     }
 
-    async fn accel_choice(&self, kernel: &Path) -> Result<accel::AccelChoice, Error> {
+    pub(super) async fn accel_choice(&self, kernel: &Path) -> Result<accel::AccelChoice, Error> {
         let scratch = self.layout.runtime_dir().to_path_buf();
         self.accel
             .get_or_try_init(|| async {
@@ -197,7 +201,13 @@ impl Manager {
         let kernel_dir = self.layout.kernel_dir(&kernel.digest);
         let kernel_path = kernel_dir.join("vmlinux");
         let initrd = kernel.has_initrd.then(|| kernel_dir.join("initrd.img"));
-        let system_disk = self.layout.vm_system_disk(&record.id);
+        let strategy = SystemDiskStrategy::from_wire(&record.spec.system_disk)
+            .unwrap_or(SystemDiskStrategy::Qcow2);
+        let system_disk = match strategy {
+            SystemDiskStrategy::Qcow2 => self.layout.vm_system_disk(&record.id),
+            _ => self.layout.vm_system_raw(&record.id),
+        };
+        let vmm = self.vmm_for(record);
         let work_disk = self.layout.vm_work_disk(&record.id);
         for disk in [&system_disk, &work_disk] {
             if !disk.is_file() {
@@ -209,6 +219,17 @@ impl Manager {
             }
         }
         let choice = self.accel_choice(&kernel_path).await?;
+        if let Vmm::Firecracker(_) = vmm
+            && choice.accel != Accel::Kvm
+        {
+            return Err(Error::HostSetup {
+                message: format!(
+                    "cannot start VM {}: Firecracker needs KVM, and {}",
+                    record.name, choice.reason
+                ),
+                hint: "recreate the VM with --vmm qemu".into(),
+            });
+        }
         let runtime_dir = self.layout.vm_runtime_dir(&record.id);
         let _ = std::fs::remove_dir_all(&runtime_dir);
         std::fs::create_dir_all(&runtime_dir).map_err(Error::io(format!(
@@ -217,10 +238,18 @@ impl Manager {
         )))?;
         undo.runtime_dir = Some(runtime_dir.clone());
 
-        let mut cmdline = format!(
-            "console=ttyS0 root=/dev/vda rw panic=-1 banger.hostname={} {USER_NET}",
-            record.name
-        );
+        let mut cmdline = match vmm {
+            // No tap yet: the launch refuses before spawning (VmmError::NeedsTap).
+            Vmm::Firecracker(_) => format!(
+                "console=ttyS0 root=/dev/vda rw {} banger.hostname={}",
+                firecracker::BOOT_ARGS,
+                record.name
+            ),
+            Vmm::Qemu(_) => format!(
+                "console=ttyS0 root=/dev/vda rw panic=-1 banger.hostname={} {USER_NET}",
+                record.name
+            ),
+        };
         if choice.accel == Accel::Tcg
             && let Some(khz) = accel::this_host_tsc_khz()
         {
@@ -241,19 +270,20 @@ impl Manager {
             initrd,
             cmdline,
             system_disk,
-            system_disk_format: "qcow2",
+            system_disk_format: strategy.format(),
             work_disk,
             runtime_dir,
             console_log: console_log.clone(),
             ssh_port: 0,
             mac: mac_for(&record.id),
+            tap: None,
         };
         // A port picked free may be taken before QEMU binds it: try a few.
         let mut attempt = 0;
         let process = loop {
             attempt += 1;
             spec.ssh_port = free_port().map_err(Error::io("cannot pick a port"))?;
-            match self.qemu.launch(&spec).await {
+            match vmm.launch(&spec).await {
                 Ok(process) => break process,
                 Err(e) if attempt < 3 && e.to_string().contains("forwarding") => {
                     warn!("port {} was taken, retrying: {e}", spec.ssh_port);
@@ -263,7 +293,7 @@ impl Manager {
         };
         undo.process = Some((process.clone(), record.id.clone()));
         record.runtime = Some(VmRuntime {
-            vmm: self.qemu.name().into(),
+            vmm: vmm.name().into(),
             accel: choice.accel.as_str().into(),
             reason: choice.reason.clone(),
             pid: Some(process.pid),
@@ -354,15 +384,26 @@ impl Manager {
     async fn stop_process(&self, record: &VmRecord, pid: u32, force: bool) -> &'static str {
         let marker = record.id.as_str();
         let grace = Duration::from_secs(self.config.daemon.stop_timeout_secs);
+        let vmm = self.vmm_for(record);
+        let runtime_dir = self.layout.vm_runtime_dir(&record.id);
         let control = VmProcess {
             pid,
-            control_socket: self.layout.vm_runtime_dir(&record.id).join("qmp.sock"),
+            control_socket: match vmm {
+                Vmm::Firecracker(_) => firecracker::api_socket(&runtime_dir),
+                Vmm::Qemu(_) => runtime_dir.join("qmp.sock"),
+            },
         };
-        // 1. What makes data safe: flush the guest's page cache to its disks.
-        let script = if force {
-            "sync"
-        } else {
-            "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1"
+        // 1. What makes data safe: flush the guest's page cache to its disks. Under
+        // Firecracker a guest power-off leaves the process running (no ACPI on x86); a
+        // reboot ends it (`reboot=k`), so the guest is asked to reboot there.
+        let script = match (force, &vmm) {
+            (true, _) => "sync",
+            (false, Vmm::Firecracker(_)) => {
+                "sync && (systemctl reboot --no-block || reboot) >/dev/null 2>&1"
+            }
+            (false, Vmm::Qemu(_)) => {
+                "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1"
+            }
         };
         let synced = match self.ssh_target(record) {
             Ok(target) => match target.run(script, STOP_DIAL, STOP_SYNC).await {
@@ -378,26 +419,13 @@ impl Manager {
             },
             Err(_) => false,
         };
-        // 2. The guest powers off by itself.
-        if synced && !force && process::wait_gone(pid, marker, grace).await {
-            return "poweroff";
-        }
-        // 3. Backend signals: ACPI power button, then QMP quit.
-        if !force {
-            if let Err(e) = self.qemu.request_shutdown(&control).await {
-                warn!(vm = %record.name, "ACPI power-off request failed: {e}");
-            } else if process::wait_gone(pid, marker, ACPI_GRACE).await {
-                return "acpi";
-            }
-        }
-        if self.qemu.quit(&control).await.is_ok()
-            && process::wait_gone(pid, marker, QUIT_GRACE).await
-        {
-            return "quit";
-        }
-        // 4. Kill.
-        process::kill(pid, marker).await;
-        "kill"
+        // 2–4. The guest's own power-off, the backend's signal, its quit, SIGKILL.
+        let timings = StopTimings {
+            poweroff: grace,
+            signal: ACPI_GRACE,
+            quit: QUIT_GRACE,
+        };
+        stop_sequence(&vmm, &control, marker, synced, force, timings).await
     }
 
     /// What `vm exec` and `vm ssh` need; refused unless the VM runs.

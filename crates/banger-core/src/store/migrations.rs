@@ -38,6 +38,10 @@ const MIGRATIONS: &[&str] = &[
         source      TEXT NOT NULL,
         created_at  TEXT NOT NULL
     ) STRICT;",
+    // 3: the VM's backend (and why) and how its system disk was made.
+    "ALTER TABLE vms ADD COLUMN vmm TEXT NOT NULL DEFAULT 'qemu';
+    ALTER TABLE vms ADD COLUMN vmm_reason TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vms ADD COLUMN system_disk TEXT NOT NULL DEFAULT 'qcow2';",
 ];
 
 /// Brings the schema up to date, each migration in its own transaction.

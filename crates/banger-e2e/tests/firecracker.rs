@@ -1,0 +1,382 @@
+//! The Firecracker backend against the fake Firecracker (`banger-fc-fake`, which validates
+//! every request against Firecracker's OpenAPI file and enforces its state machine): launch,
+//! pause/resume, snapshot create/load, and the §5 stop sequence (sync attempt over SSH →
+//! SendCtrlAltDel → quit → kill). No guest runs in the fake, so SSH readiness is not part of
+//! this; the daemon-level tests below check the backend choice and its refusals.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use banger_core::guest::ssh::SshTarget;
+use banger_core::vmm::firecracker::{ApiClient, Firecracker};
+use banger_core::vmm::{
+    Accel, Hypervisor, LaunchSpec, Snapshot, StopTimings, VmProcess, Vmm, VmmError, process,
+    stop_sequence,
+};
+use banger_e2e::{TestEnv, bin};
+use serde_json::Value;
+
+/// A `firecracker` on a PATH-like dir: a wrapper exec'ing the fake with test knobs.
+struct FakeInstall {
+    dir: tempfile::TempDir,
+    record: PathBuf,
+}
+
+impl FakeInstall {
+    fn new(knobs: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join("requests.jsonl");
+        let script = format!(
+            "#!/bin/sh\nexec {} --record {} {} \"$@\"\n",
+            bin("banger-fc-fake").display(),
+            record.display(),
+            knobs.join(" ")
+        );
+        let binary = dir.path().join("firecracker");
+        std::fs::write(&binary, script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self { dir, record }
+    }
+
+    fn backend(&self) -> Firecracker {
+        Firecracker::new(self.dir.path().join("firecracker"))
+    }
+
+    /// (method, path, status, fault) of every request the fake answered.
+    fn requests(&self) -> Vec<(String, String, u64, Value, Value)> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (
+                    v["method"].as_str().unwrap().to_owned(),
+                    v["path"].as_str().unwrap().to_owned(),
+                    v["status"].as_u64().unwrap(),
+                    v["body"].clone(),
+                    v["fault"].clone(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The files of one VM, like the daemon lays them out.
+fn spec(dir: &Path, name: &str) -> LaunchSpec {
+    let vm_dir = dir.join(name);
+    let runtime_dir = vm_dir.join("run");
+    std::fs::create_dir_all(&runtime_dir).unwrap();
+    for file in ["vmlinux", "initrd.img", "system.raw", "work.ext4"] {
+        std::fs::write(vm_dir.join(file), b"x").unwrap();
+    }
+    LaunchSpec {
+        vm_id: format!("0123456789abcdef0123456789{name:0>6}"),
+        vm_name: name.into(),
+        cpus: 2,
+        memory_mib: 512,
+        accel: Accel::Kvm,
+        kernel: vm_dir.join("vmlinux"),
+        initrd: Some(vm_dir.join("initrd.img")),
+        cmdline: format!(
+            "console=ttyS0 root=/dev/vda rw {} banger.hostname={name}",
+            banger_core::vmm::firecracker::BOOT_ARGS
+        ),
+        system_disk: vm_dir.join("system.raw"),
+        system_disk_format: "raw",
+        work_disk: vm_dir.join("work.ext4"),
+        runtime_dir,
+        console_log: vm_dir.join("console.log"),
+        ssh_port: 0,
+        mac: "52:54:00:01:02:03".into(),
+        tap: Some("bg-tap-0".into()),
+    }
+}
+
+/// Kills what a test launched, even when it fails half-way.
+struct Reaper(Vec<(u32, String)>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for (pid, marker) in &self.0 {
+            if process::is_alive(*pid, marker) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+async fn state(process: &VmProcess) -> String {
+    let info = ApiClient::new(&process.control_socket)
+        .call("GET", "/", None)
+        .await
+        .unwrap()
+        .unwrap();
+    info["state"].as_str().unwrap().to_owned()
+}
+
+/// Step 1 of the stop for real: SSH `sync` to where no guest answers (the fake runs none).
+async fn sync_attempt() -> bool {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let target = SshTarget {
+        host: "127.0.0.1".into(),
+        port,
+        user: "root".into(),
+        identity: "/nonexistent/key".into(),
+        known_hosts: "/dev/null".into(),
+        host_key_alias: "x.vm".into(),
+    };
+    matches!(
+        target
+            .run("sync", Duration::from_secs(5), Duration::from_secs(10))
+            .await,
+        Ok((Some(0), _, _))
+    )
+}
+
+const TIMINGS: StopTimings = StopTimings {
+    poweroff: Duration::from_secs(5),
+    signal: Duration::from_secs(5),
+    quit: Duration::from_secs(2),
+};
+
+#[tokio::test]
+async fn lifecycle_against_the_fake_firecracker() {
+    let install = FakeInstall::new(&[]);
+    let fc = install.backend();
+    assert_eq!(fc.version().await.unwrap(), (1, 17, 0));
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), "one");
+    let mut reaper = Reaper(Vec::new());
+
+    // Launch: every request of the boot conversation is accepted by the spec and the state
+    // machine, in this order.
+    let process = fc.launch(&spec).await.unwrap();
+    reaper.0.push((process.pid, spec.vm_id.clone()));
+    assert!(process::is_alive(process.pid, &spec.vm_id));
+    let requests = install.requests();
+    let paths: Vec<(&str, &str, u64)> = requests
+        .iter()
+        .map(|(m, p, s, _, _)| (m.as_str(), p.as_str(), *s))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            ("PUT", "/logger", 204),
+            ("PUT", "/metrics", 204),
+            ("PUT", "/machine-config", 204),
+            ("PUT", "/boot-source", 204),
+            ("PUT", "/drives/sys", 204),
+            ("PUT", "/drives/work", 204),
+            ("PUT", "/network-interfaces/eth0", 204),
+            ("PUT", "/entropy", 204),
+            ("PUT", "/actions", 204),
+        ]
+    );
+    let boot_args = requests[3].3["boot_args"].as_str().unwrap();
+    assert!(
+        boot_args.contains("reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"),
+        "{boot_args}"
+    );
+    assert_eq!(requests[8].3["action_type"], "InstanceStart");
+    assert_eq!(state(&process).await, "Running");
+
+    // Pause/resume; a snapshot of a running VM is refused with Firecracker's own message.
+    let snap = Snapshot {
+        state: dir.path().join("vm.snap"),
+        memory: dir.path().join("vm.mem"),
+    };
+    let err = fc.snapshot(&process, &snap).await.unwrap_err();
+    assert!(matches!(err, VmmError::Api { status: 400, .. }), "{err}");
+    assert!(err.to_string().contains("must be paused"), "{err}");
+    fc.pause(&process).await.unwrap();
+    assert_eq!(state(&process).await, "Paused");
+    fc.snapshot(&process, &snap).await.unwrap();
+    assert!(snap.state.is_file() && snap.memory.is_file());
+    fc.resume(&process).await.unwrap();
+    assert_eq!(state(&process).await, "Running");
+
+    // Stop: the SSH sync finds no guest, SendCtrlAltDel ends the process (the fake's guest
+    // "reboots" and Firecracker exits, as with `reboot=k`).
+    let synced = sync_attempt().await;
+    assert!(!synced);
+    let vmm = Vmm::Firecracker(fc.clone());
+    let how = stop_sequence(&vmm, &process, &spec.vm_id, synced, false, TIMINGS).await;
+    assert_eq!(how, "ctrl-alt-del");
+    assert!(!process::is_alive(process.pid, &spec.vm_id));
+    assert_eq!(
+        install.requests().last().unwrap().3["action_type"],
+        "SendCtrlAltDel"
+    );
+
+    // Restore from the snapshot in a fresh process: logger, metrics, then only the load.
+    let restored_spec = self::spec(dir.path(), "two");
+    let before = install.requests().len();
+    let restored = fc.restore(&restored_spec, &snap).await.unwrap();
+    reaper.0.push((restored.pid, restored_spec.vm_id.clone()));
+    let after: Vec<(String, String, u64)> = install.requests()[before..]
+        .iter()
+        .map(|(m, p, s, _, _)| (m.clone(), p.clone(), *s))
+        .collect();
+    assert_eq!(
+        after,
+        [
+            ("PUT".to_owned(), "/logger".to_owned(), 204),
+            ("PUT".into(), "/metrics".into(), 204),
+            ("PUT".into(), "/snapshot/load".into(), 204),
+        ]
+    );
+    assert_eq!(state(&restored).await, "Running");
+    let how = stop_sequence(&vmm, &restored, &restored_spec.vm_id, false, false, TIMINGS).await;
+    assert_eq!(how, "ctrl-alt-del");
+}
+
+#[tokio::test]
+async fn stop_falls_back_to_quit_then_kill() {
+    // A guest without i8042: Ctrl-Alt-Del does nothing; SIGTERM (quit) ends Firecracker.
+    let install = FakeInstall::new(&["--ctrl-alt-del", "ignore"]);
+    let fc = install.backend();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), "deaf");
+    let mut reaper = Reaper(Vec::new());
+    let process = fc.launch(&spec).await.unwrap();
+    reaper.0.push((process.pid, spec.vm_id.clone()));
+    let vmm = Vmm::Firecracker(fc);
+    let how = stop_sequence(
+        &vmm,
+        &process,
+        &spec.vm_id,
+        sync_attempt().await,
+        false,
+        TIMINGS,
+    )
+    .await;
+    assert_eq!(how, "quit");
+    assert!(!process::is_alive(process.pid, &spec.vm_id));
+
+    // A hung VMM that ignores SIGTERM too: only the kill ends it.
+    let hung = FakeInstall::new(&["--ctrl-alt-del", "ignore", "--ignore-sigterm"]);
+    let fc = hung.backend();
+    let spec = self::spec(dir.path(), "hung");
+    let process = fc.launch(&spec).await.unwrap();
+    reaper.0.push((process.pid, spec.vm_id.clone()));
+    let vmm = Vmm::Firecracker(fc);
+    let how = stop_sequence(&vmm, &process, &spec.vm_id, false, false, TIMINGS).await;
+    assert_eq!(how, "kill");
+    assert!(!process::is_alive(process.pid, &spec.vm_id));
+    let actions: Vec<Value> = hung
+        .requests()
+        .into_iter()
+        .filter(|(_, p, _, _, _)| p == "/actions")
+        .map(|(_, _, _, body, _)| body["action_type"].clone())
+        .collect();
+    assert_eq!(actions, ["InstanceStart", "SendCtrlAltDel"]);
+}
+
+#[tokio::test]
+async fn failed_launches_leave_no_process() {
+    let install = FakeInstall::new(&[]);
+    let fc = install.backend();
+    let dir = tempfile::tempdir().unwrap();
+
+    // No tap: refused before anything is spawned.
+    let mut no_tap = spec(dir.path(), "notap");
+    no_tap.tap = None;
+    assert!(matches!(fc.launch(&no_tap).await, Err(VmmError::NeedsTap)));
+    assert!(install.requests().is_empty(), "nothing was spawned");
+
+    // A missing disk: Firecracker's fault message reaches banger's error, the process is
+    // killed.
+    let broken = spec(dir.path(), "broken");
+    std::fs::remove_file(&broken.work_disk).unwrap();
+    let err = fc.launch(&broken).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("PUT /drives/work") && text.contains("No such file"),
+        "{text}"
+    );
+    let pids = banger_e2e::processes_with_cmdline("banger-fc-fake", &broken.vm_id);
+    assert!(pids.is_empty(), "fake still running: {pids:?}");
+
+    // A missing binary is named.
+    let missing = Firecracker::new("/nonexistent/firecracker".into());
+    let err = missing.version().await.unwrap_err();
+    assert!(matches!(err, VmmError::MissingBinary(_)), "{err}");
+}
+
+#[test]
+fn firecracker_without_its_binary_or_network_changes_nothing() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.config_file(),
+        "[defaults]\nvmm = \"firecracker\"\n[firecracker]\nbinary = \"/nonexistent/firecracker\"\n",
+    )
+    .unwrap();
+    env.import_stub_image();
+    let run = env.banger(&["vm", "create", "fc"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("/nonexistent/firecracker is not installed"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("firecracker.binary") && run.stderr.contains("--vmm qemu"),
+        "{}",
+        run.stderr
+    );
+    let listed = env.banger(&["vm", "ls", "--json"]).ok().json();
+    assert_eq!(listed, serde_json::json!([]));
+    let vms = env.home().join("vms");
+    assert!(
+        std::fs::read_dir(&vms).map(|d| d.count()).unwrap_or(0) == 0,
+        "no VM files"
+    );
+
+    // With a (fake) binary present, the missing piece is bridge networking.
+    let install = FakeInstall::new(&[]);
+    let fc_path = install.dir.path().join("firecracker");
+    std::fs::write(
+        env.config_file(),
+        format!(
+            "[defaults]\nvmm = \"firecracker\"\n[firecracker]\nbinary = \"{}\"\n",
+            fc_path.display()
+        ),
+    )
+    .unwrap();
+    env.banger(&["daemon", "stop"]).ok();
+    let run = env.banger(&["vm", "create", "fc"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("Firecracker needs bridge networking"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("--vmm qemu"), "{}", run.stderr);
+    assert_eq!(
+        env.banger(&["vm", "ls", "--json"]).ok().json(),
+        serde_json::json!([])
+    );
+
+    // --vmm qemu works regardless; auto says why it fell back to QEMU.
+    env.banger(&["vm", "create", "q", "--vmm", "qemu"]).ok();
+    env.banger(&["vm", "create", "a", "--vmm", "auto"]).ok();
+    let q = env.banger(&["vm", "show", "q", "--json"]).ok().json();
+    assert_eq!(q["spec"]["vmm"], "qemu");
+    assert_eq!(q["spec"]["system_disk"], "qcow2");
+    let a = env.banger(&["vm", "show", "a"]).ok();
+    assert!(
+        a.stdout
+            .contains("auto: qemu, because Firecracker needs bridge networking"),
+        "{}",
+        a.stdout
+    );
+}
