@@ -380,3 +380,105 @@ fn firecracker_without_its_binary_or_network_changes_nothing() {
         a.stdout
     );
 }
+
+#[test]
+fn kernel_import_warns_when_firecracker_cannot_use_the_kernel() {
+    let env = TestEnv::new();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub").unwrap();
+    // Debian's cloud kernel: virtio-mmio devices only through ACPI.
+    std::fs::write(
+        dir.path().join("config"),
+        "CONFIG_VIRTIO_MMIO=m\n# CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is not set\n",
+    )
+    .unwrap();
+    let run = env
+        .banger(&[
+            "kernel",
+            "import",
+            "cloud",
+            "--kernel",
+            kernel.to_str().unwrap(),
+        ])
+        .ok();
+    assert!(
+        run.stdout.contains("Imported kernel cloud"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("warning") && run.stderr.contains("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES"),
+        "{}",
+        run.stderr
+    );
+    // A kernel Firecracker can boot imports without a warning.
+    std::fs::write(
+        dir.path().join("config"),
+        "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\nCONFIG_VIRTIO_BLK=y\nCONFIG_VIRTIO_NET=y\nCONFIG_SERIO_I8042=y\nCONFIG_KEYBOARD_ATKBD=y\n",
+    )
+    .unwrap();
+    let run = env
+        .banger(&[
+            "kernel",
+            "import",
+            "fc",
+            "--kernel",
+            kernel.to_str().unwrap(),
+        ])
+        .ok();
+    assert!(!run.stderr.contains("warning"), "{}", run.stderr);
+}
+
+#[test]
+fn qemu_vms_can_use_raw_system_disks() {
+    let env = TestEnv::new();
+    std::fs::write(env.config_file(), "[defaults]\nsystem_disk = \"copy\"\n").unwrap();
+    env.import_stub_image();
+    let vm = env
+        .banger(&["vm", "create", "raw", "--vmm", "qemu", "--json"])
+        .ok()
+        .json();
+    assert_eq!(vm["spec"]["system_disk"], "copy");
+    let id = vm["id"].as_str().unwrap();
+    let image = env
+        .banger(&["image", "show", "default", "--json"])
+        .ok()
+        .json();
+    let rootfs = env
+        .home()
+        .join("images")
+        .join(image["digest"].as_str().unwrap())
+        .join("rootfs.ext4");
+    let raw = env.home().join("vms").join(id).join("system.raw");
+    assert_eq!(
+        std::fs::read(&raw).unwrap(),
+        std::fs::read(&rootfs).unwrap()
+    );
+    assert!(
+        !env.home()
+            .join("vms")
+            .join(id)
+            .join("system.qcow2")
+            .exists()
+    );
+
+    // reflink where the file system cannot clone: refused at create, nothing left.
+    let fs = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(env.home())
+        .output()
+        .unwrap();
+    let fs = String::from_utf8_lossy(&fs.stdout).trim().to_owned();
+    if fs != "xfs" && fs != "btrfs" {
+        std::fs::write(env.config_file(), "[defaults]\nsystem_disk = \"reflink\"\n").unwrap();
+        env.banger(&["daemon", "stop"]).ok();
+        let run = env.banger(&["vm", "create", "clone", "--vmm", "qemu"]);
+        assert_eq!(run.code, 1, "{}", run.stderr);
+        assert!(run.stderr.contains("cannot reflink"), "{}", run.stderr);
+        let listed = env.banger(&["vm", "ls", "--json"]).ok().json();
+        assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+        let dirs = std::fs::read_dir(env.home().join("vms")).unwrap().count();
+        assert_eq!(dirs, 1, "no directory left for the refused VM");
+    }
+}

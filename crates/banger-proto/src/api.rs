@@ -166,6 +166,9 @@ pub struct Kernel {
     /// Where it came from: `build-default` or `import:<path>`.
     pub source: String,
     pub created_at: String,
+    /// Warnings found at import (e.g. unusable under Firecracker); not stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// An image: a root filesystem (raw ext4) plus the kernel it boots (`banger image ls --json`).

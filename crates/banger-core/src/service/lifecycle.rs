@@ -14,8 +14,8 @@ use crate::disk::SystemDiskStrategy;
 use crate::guest::ssh::SshTarget;
 use crate::model::{VmRecord, check_transition};
 use crate::vmm::{
-    Accel, Hypervisor, LaunchSpec, StopTimings, VmProcess, Vmm, accel, firecracker, process,
-    stop_sequence,
+    Accel, Hypervisor, LaunchSpec, StopTimings, VmProcess, Vmm, accel, cgroup, firecracker,
+    process, stop_sequence,
 };
 
 /// The guest's static address under QEMU user-mode networking.
@@ -49,6 +49,14 @@ impl StartUndo {
 }
 
 impl Manager {
+    /// Removes a stopped VM's transient state: its runtime dir and its cgroup leaf.
+    fn release_runtime(&self, vm_id: &str) {
+        let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(vm_id));
+        if let Some(root) = cgroup::default_root() {
+            cgroup::remove(&root, vm_id);
+        }
+    }
+
     /// Applies `to` to `record` after checking the transition, and persists it.
     fn transition(&self, record: &mut VmRecord, to: VmState) -> Result<(), Error> {
         check_transition(record.state, to)?;
@@ -69,7 +77,7 @@ impl Manager {
             return record;
         }
         warn!(vm = %record.name, "VMM is gone; marking the VM stopped");
-        let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(&record.id));
+        self.release_runtime(&record.id);
         if let Some(runtime) = record.runtime.as_mut() {
             runtime.pid = None;
         }
@@ -104,7 +112,7 @@ impl Manager {
                 warn!(vm = %record.name, state = %record.state, "VM was mid-operation when the daemon died; stopping it");
                 self.stop_process(&record, pid, true).await;
             }
-            let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(&record.id));
+            self.release_runtime(&record.id);
             if let Some(runtime) = record.runtime.as_mut() {
                 runtime.pid = None;
             }
@@ -302,6 +310,14 @@ impl Manager {
         });
         // Durable before waiting: a daemon crash now still knows which process to clean up.
         self.store().update_vm(record)?;
+        if let Some(root) = cgroup::default_root() {
+            match cgroup::place(&root, &record.id, process.pid, spec.cpus, spec.memory_mib) {
+                Ok(leaf) => {
+                    info!(vm = %record.name, cgroup = %leaf.display(), "VMM placed in its cgroup")
+                }
+                Err(why) => info!(vm = %record.name, "VMM runs without a cgroup of its own: {why}"),
+            }
+        }
         info!(vm = %record.name, pid = process.pid, port = spec.ssh_port, accel = choice.accel.as_str(), "VMM launched; waiting for SSH");
 
         let target = self.ssh_target(record)?;
@@ -366,7 +382,7 @@ impl Manager {
             self.transition(&mut record, VmState::Stopping)?;
         }
         let method = self.stop_process(&record, pid, force).await;
-        let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(&record.id));
+        self.release_runtime(&record.id);
         if let Some(runtime) = record.runtime.as_mut() {
             runtime.pid = None;
         }

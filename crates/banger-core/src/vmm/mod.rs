@@ -4,6 +4,7 @@
 //! [`stop_sequence`] is the backend-neutral part of the §5 stop.
 
 pub mod accel;
+pub mod cgroup;
 pub mod firecracker;
 pub mod process;
 pub mod qemu;
