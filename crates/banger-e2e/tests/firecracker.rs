@@ -8,13 +8,18 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use banger_core::config::Config;
 use banger_core::guest::ssh::SshTarget;
+use banger_core::layout::Layout;
+use banger_core::service::{Manager, Seams};
+use banger_core::vmm::accel::AccelChoice;
 use banger_core::vmm::firecracker::{ApiClient, Firecracker};
 use banger_core::vmm::{
     Accel, Hypervisor, LaunchSpec, Snapshot, StopTimings, VmProcess, Vmm, VmmError, process,
     stop_sequence,
 };
 use banger_e2e::{TestEnv, bin};
+use banger_proto::{CreateVmRequest, ImportImageRequest, VmState};
 use serde_json::Value;
 
 /// A `firecracker` on a PATH-like dir: a wrapper exec'ing the fake with test knobs.
@@ -481,4 +486,174 @@ fn qemu_vms_can_use_raw_system_disks() {
         let dirs = std::fs::read_dir(env.home().join("vms")).unwrap().count();
         assert_eq!(dirs, 1, "no directory left for the refused VM");
     }
+}
+
+/// A Manager (the daemon's logic, in process) whose Firecracker is the fake, with the seams
+/// the fake cannot provide: a tap name (banger-helper's job), KVM assumed, no SSH readiness.
+async fn fake_manager(install: &FakeInstall, dir: &Path) -> Manager {
+    let home = dir.join("home");
+    let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
+    let mut config = Config::default();
+    config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
+    config.defaults.vmm = "firecracker".into();
+    config.daemon.stop_timeout_secs = 5;
+    let manager = Manager::open(layout, config).unwrap().with_seams(Seams {
+        tap: Some("bg-tap-0".into()),
+        accel: Some(AccelChoice {
+            accel: Accel::Kvm,
+            reason: "test seam: KVM assumed".into(),
+        }),
+        skip_readiness: true,
+    });
+    let rootfs = dir.join("rootfs.ext4");
+    let made = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&rootfs)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let kernel = dir.join("vmlinux");
+    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub").unwrap();
+    manager
+        .import_image(ImportImageRequest {
+            name: "default".into(),
+            rootfs: rootfs.display().to_string(),
+            kernel: kernel.display().to_string(),
+            initrd: None,
+        })
+        .await
+        .unwrap();
+    manager
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_manager_lifecycle_runs_against_the_fake() {
+    let install = FakeInstall::new(&[]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgfc")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let manager = fake_manager(&install, dir.path()).await;
+    let mut reaper = Reaper(Vec::new());
+
+    // create: Firecracker chosen, a raw system disk made.
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "fc".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(vm.spec.vmm, "firecracker", "{}", vm.spec.vmm_reason);
+    assert!(
+        ["reflink", "copy"].contains(&vm.spec.system_disk.as_str()),
+        "{}",
+        vm.spec.system_disk
+    );
+    let vm_dir = dir.path().join("home/vms").join(&vm.id);
+    assert!(vm_dir.join("system.raw").is_file());
+
+    for round in 0..2 {
+        // start: the whole boot conversation through the lifecycle steps.
+        let before = install.requests().len();
+        let started = manager.start_vm("fc").await.unwrap();
+        let runtime = started.vm.runtime.clone().unwrap();
+        assert_eq!(runtime.vmm, "firecracker");
+        let pid = runtime.pid.unwrap();
+        reaper.0.push((pid, vm.id.clone()));
+        assert!(process::is_alive(pid, &vm.id));
+        let requests = install.requests()[before..].to_vec();
+        assert!(
+            requests.iter().all(|r| r.2 == 204),
+            "round {round}: {requests:?}"
+        );
+        let body = |path: &str| {
+            requests
+                .iter()
+                .find(|r| r.1 == path)
+                .map(|r| r.3.clone())
+                .unwrap_or_else(|| panic!("no {path} in {requests:?}"))
+        };
+        let boot_args = body("/boot-source")["boot_args"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            boot_args.contains("banger.hostname=fc") && boot_args.contains("reboot=k"),
+            "{boot_args}"
+        );
+        assert!(
+            body("/drives/sys")["path_on_host"]
+                .as_str()
+                .unwrap()
+                .ends_with("system.raw")
+        );
+        assert!(
+            body("/drives/work")["path_on_host"]
+                .as_str()
+                .unwrap()
+                .ends_with("work.ext4")
+        );
+        assert_eq!(
+            body("/network-interfaces/eth0")["host_dev_name"],
+            "bg-tap-0"
+        );
+        assert_eq!(body("/machine-config")["vcpu_count"], 2);
+        assert_eq!(requests.last().unwrap().3["action_type"], "InstanceStart");
+
+        // stop: the SSH sync is attempted (nothing answers), then SendCtrlAltDel ends it.
+        let stopped = manager.stop_vm("fc", false).await.unwrap();
+        assert_eq!(stopped.stop_method.as_deref(), Some("ctrl-alt-del"));
+        assert_eq!(stopped.vm.state, VmState::Stopped);
+        assert!(!process::is_alive(pid, &vm.id));
+        assert!(
+            !dir.path().join("home/run/vms").join(&vm.id).exists(),
+            "runtime dir removed"
+        );
+    }
+    manager.remove_vm("fc").await.unwrap();
+    assert!(!vm_dir.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_manager_kills_a_firecracker_that_ignores_everything() {
+    let install = FakeInstall::new(&["--ctrl-alt-del", "ignore", "--ignore-sigterm"]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgfc")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let manager = fake_manager(&install, dir.path()).await;
+    let mut reaper = Reaper(Vec::new());
+    manager
+        .create_vm(CreateVmRequest {
+            name: "hung".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let started = manager.start_vm("hung").await.unwrap();
+    let pid = started.vm.runtime.unwrap().pid.unwrap();
+    reaper.0.push((pid, started.vm.id.clone()));
+    let stopped = manager.stop_vm("hung", false).await.unwrap();
+    assert_eq!(stopped.stop_method.as_deref(), Some("kill"));
+    assert_eq!(stopped.vm.state, VmState::Stopped);
+    assert!(!process::is_alive(pid, &started.vm.id));
+
+    // A launch Firecracker refuses (its kernel vanished: InstanceStart fails) is undone:
+    // state back, nothing running, Firecracker's message in the error.
+    for kernel in std::fs::read_dir(dir.path().join("home/kernels")).unwrap() {
+        std::fs::remove_file(kernel.unwrap().path().join("vmlinux")).unwrap();
+    }
+    let err = manager.start_vm("hung").await.unwrap_err();
+    let text = err.to_api().message;
+    assert!(
+        text.contains("PUT /actions") && text.contains("Cannot open kernel image"),
+        "{text}"
+    );
+    let vm = manager.get_vm("hung").await.unwrap();
+    assert_eq!(vm.state, VmState::Stopped);
+    assert!(vm.last_error.is_some());
+    let pids = banger_e2e::processes_with_cmdline("banger-fc-fake", &started.vm.id);
+    assert!(pids.is_empty(), "{pids:?}");
 }

@@ -33,6 +33,18 @@ const MIN_MEMORY_MIB: u64 = 128;
 const MIN_DISK_BYTES: u64 = 64 << 20;
 const MAX_DISK_BYTES: u64 = 64 << 40;
 
+/// Host facts a test can impose instead of the Manager discovering them: what a fake VMM
+/// (banger-fc-fake) cannot provide. Production code never sets these.
+#[derive(Debug, Clone, Default)]
+pub struct Seams {
+    /// A tap device for Firecracker VMs (stands in for banger-helper's tap pool).
+    pub tap: Option<String>,
+    /// The acceleration to assume instead of probing KVM.
+    pub accel: Option<AccelChoice>,
+    /// Do not wait for the guest's SSH server after launch (no guest runs in a fake).
+    pub skip_readiness: bool,
+}
+
 /// The daemon's operations over one banger instance.
 #[derive(Debug)]
 pub struct Manager {
@@ -45,6 +57,8 @@ pub struct Manager {
     firecracker: Firecracker,
     /// KVM-or-TCG is decided once per daemon (a probe boot may be needed).
     accel: tokio::sync::OnceCell<AccelChoice>,
+    /// Test-only overrides of discovered host facts (see [`Seams`]).
+    seams: Seams,
     /// Serialises image and kernel builds and imports.
     asset_lock: tokio::sync::Mutex<()>,
     /// Serialises the first generation of banger's client key.
@@ -71,9 +85,16 @@ impl Manager {
             qemu,
             firecracker,
             accel: tokio::sync::OnceCell::new(),
+            seams: Seams::default(),
             asset_lock: tokio::sync::Mutex::new(()),
             key_lock: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Replaces discovered host facts with `seams` (tests against a fake VMM).
+    pub fn with_seams(mut self, seams: Seams) -> Self {
+        self.seams = seams;
+        self
     }
 
     pub fn layout(&self) -> &Layout {
@@ -242,7 +263,10 @@ impl Manager {
                 .await
                 .map(|(a, b, c)| format!("firecracker {a}.{b}.{c}"))
                 .map_err(|e| e.to_string());
-            facts.tap = Err("banger's networking helper is not available yet".into());
+            facts.tap = match &self.seams.tap {
+                Some(_) => Ok(()),
+                None => Err("banger's networking helper is not available yet".into()),
+            };
             if facts.firecracker.is_ok() && facts.tap.is_ok() {
                 let kernel = self.find_kernel(&image.kernel)?;
                 let path = self.layout.kernel_dir(&kernel.digest).join("vmlinux");
