@@ -346,6 +346,31 @@ fn firecracker_without_its_binary_or_network_changes_nothing() {
         "no VM files"
     );
 
+    // Too old a Firecracker is named with its version.
+    let old = tempfile::tempdir().unwrap();
+    let old_fc = old.path().join("firecracker");
+    std::fs::write(&old_fc, "#!/bin/sh\necho 'Firecracker v1.2.0'\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&old_fc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        env.config_file(),
+        format!("[firecracker]\nbinary = \"{}\"\n", old_fc.display()),
+    )
+    .unwrap();
+    env.banger(&["daemon", "stop"]).ok();
+    let run = env.banger(&["vm", "create", "fc", "--vmm", "firecracker"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("version 1.2.0; banger needs 1.5.0 or newer"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        env.banger(&["vm", "ls", "--json"]).ok().json(),
+        serde_json::json!([])
+    );
+
     // With a (fake) binary present, the missing piece is bridge networking.
     let install = FakeInstall::new(&[]);
     let fc_path = install.dir.path().join("firecracker");
