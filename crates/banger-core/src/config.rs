@@ -48,6 +48,11 @@ pub struct VmDefaults {
     pub disk: String,
     /// Image name (default "default").
     pub image: String,
+    /// VMM backend: "auto" (Firecracker when usable, else QEMU), "firecracker" or "qemu".
+    pub vmm: String,
+    /// System disk strategy: "auto" (qcow2 for QEMU; reflink, dm or copy for Firecracker),
+    /// "qcow2", "reflink", "dm" or "copy".
+    pub system_disk: String,
 }
 
 impl Default for VmDefaults {
@@ -57,6 +62,24 @@ impl Default for VmDefaults {
             memory: "1024M".into(),
             disk: "8G".into(),
             image: "default".into(),
+            vmm: "auto".into(),
+            system_disk: "auto".into(),
+        }
+    }
+}
+
+/// Firecracker backend settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FirecrackerConfig {
+    /// The firecracker binary (default "firecracker", looked up on PATH).
+    pub binary: String,
+}
+
+impl Default for FirecrackerConfig {
+    fn default() -> Self {
+        Self {
+            binary: "firecracker".into(),
         }
     }
 }
@@ -117,6 +140,7 @@ pub struct Config {
     pub defaults: VmDefaults,
     pub daemon: DaemonConfig,
     pub qemu: QemuConfig,
+    pub firecracker: FirecrackerConfig,
     pub images: ImagesConfig,
 }
 
@@ -168,6 +192,28 @@ impl Config {
                 path: path.into(),
                 key: "qemu.accel",
                 message: format!("{:?} is not one of auto, kvm, tcg", self.qemu.accel),
+            });
+        }
+        if !crate::vmm::select::CHOICES.contains(&self.defaults.vmm.as_str()) {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                key: "defaults.vmm",
+                message: format!(
+                    "{:?} is not one of auto, firecracker, qemu",
+                    self.defaults.vmm
+                ),
+            });
+        }
+        if self.defaults.system_disk != "auto"
+            && crate::disk::SystemDiskStrategy::from_wire(&self.defaults.system_disk).is_none()
+        {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                key: "defaults.system_disk",
+                message: format!(
+                    "{:?} is not one of auto, qcow2, reflink, dm, copy",
+                    self.defaults.system_disk
+                ),
             });
         }
         if self.defaults.cpus == 0 {

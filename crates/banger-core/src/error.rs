@@ -102,7 +102,9 @@ impl Error {
             | Self::Image(
                 ImageError::NotRoot | ImageError::MissingTool(_) | ImageError::NoMirror,
             )
-            | Self::Vmm(VmmError::MissingBinary(_))
+            | Self::Vmm(
+                VmmError::MissingBinary(_) | VmmError::TooOld { .. } | VmmError::NeedsTap,
+            )
             | Self::Disk(DiskError::MissingTool(_))
             | Self::Ssh(SshError::MissingSsh) => ErrorCode::HostSetup,
             Self::Image(
@@ -159,6 +161,12 @@ impl Error {
             | Self::Ssh(SshError::MissingSsh) => {
                 Some("run scripts/install-deps (or `banger doctor` to see what is missing)".into())
             }
+            Self::Vmm(VmmError::TooOld { .. }) => {
+                Some("install a newer Firecracker, or create the VM with --vmm qemu".into())
+            }
+            Self::Vmm(VmmError::NeedsTap) => Some(
+                "Firecracker VMs need banger's bridge networking; use --vmm qemu meanwhile".into(),
+            ),
             Self::Image(ImageError::NoMirror) => {
                 Some("pass --mirror URL or set images.mirror in the config file".into())
             }

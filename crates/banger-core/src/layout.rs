@@ -116,6 +116,10 @@ impl Layout {
     pub fn vm_system_disk(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("system.qcow2")
     }
+    /// The VM's raw system disk (reflink clone or sparse copy of its image).
+    pub fn vm_system_raw(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("system.raw")
+    }
     /// The VM's work disk (ext4, mounted at /root in the guest).
     pub fn vm_work_disk(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("work.ext4")

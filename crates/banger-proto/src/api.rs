@@ -67,6 +67,23 @@ pub struct VmSpec {
     pub disk_size_bytes: u64,
     /// Name of the image the system disk is made from.
     pub image: String,
+    /// VMM backend chosen at create: `qemu` or `firecracker`.
+    #[serde(default = "default_vmm")]
+    pub vmm: String,
+    /// Why that backend (e.g. `auto: qemu, because firecracker is not installed`).
+    #[serde(default)]
+    pub vmm_reason: String,
+    /// How the system disk was made: `qcow2`, `reflink`, `dm` or `copy`.
+    #[serde(default = "default_system_disk")]
+    pub system_disk: String,
+}
+
+fn default_vmm() -> String {
+    "qemu".into()
+}
+
+fn default_system_disk() -> String {
+    "qcow2".into()
 }
 
 /// Runtime facts of a VM that runs (or ran last). Absent for a VM that never started.
@@ -117,6 +134,9 @@ pub struct CreateVmRequest {
     pub memory_mib: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_size_bytes: Option<u64>,
+    /// VMM backend: `auto` (default from config), `firecracker` or `qemu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<String>,
 }
 
 /// `GET /v1/status`.
@@ -146,6 +166,9 @@ pub struct Kernel {
     /// Where it came from: `build-default` or `import:<path>`.
     pub source: String,
     pub created_at: String,
+    /// Warnings found at import (e.g. unusable under Firecracker); not stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// An image: a root filesystem (raw ext4) plus the kernel it boots (`banger image ls --json`).

@@ -165,6 +165,10 @@ pub struct CreateArgs {
     /// Work disk size (mounted at /root), e.g. 20G [default: from config, 8G].
     #[arg(long, value_parser = ByteSize::parse)]
     pub disk: Option<ByteSize>,
+    /// VMM backend: auto (Firecracker when usable, else QEMU), firecracker or qemu
+    /// [default: from config, auto].
+    #[arg(long, value_parser = ["auto", "firecracker", "qemu"])]
+    pub vmm: Option<String>,
     #[command(flatten)]
     pub json: JsonFlag,
 }

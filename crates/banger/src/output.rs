@@ -63,6 +63,11 @@ pub fn vm_details(vm: &Vm) -> String {
         ("memory", ByteSize(vm.spec.memory_mib << 20).to_string()),
         ("disk", ByteSize(vm.spec.disk_size_bytes).to_string()),
         ("image", vm.spec.image.clone()),
+        (
+            "backend",
+            format!("{}: {}", vm.spec.vmm, vm.spec.vmm_reason),
+        ),
+        ("system disk", vm.spec.system_disk.clone()),
         ("created", vm.created_at.clone()),
         ("updated", vm.updated_at.clone()),
     ];

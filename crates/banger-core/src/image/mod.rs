@@ -142,6 +142,107 @@ pub fn validate_kernel(path: &Path) -> Result<(), ImageError> {
     }
 }
 
+/// The kernel's build configuration, when it can be read: a `config` file beside the kernel
+/// (what `build-kernel.sh` writes; distributions ship `config-<release>` in /boot), else the
+/// IKCONFIG blob (`CONFIG_IKCONFIG`: gzip between `IKCFG_ST` and `IKCFG_ED`) inside an ELF
+/// vmlinux. A bzImage's embedded config is compressed twice and is not read.
+pub fn kernel_config(kernel: &Path) -> Option<String> {
+    if let Some(dir) = kernel.parent() {
+        let file_name = kernel
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let beside = [
+            dir.join("config"),
+            dir.join(file_name.replacen("vmlinuz", "config", 1)),
+            dir.join(file_name.replacen("vmlinux", "config", 1)),
+        ];
+        for candidate in beside {
+            if candidate != kernel
+                && let Ok(text) = std::fs::read_to_string(&candidate)
+                && text.contains("CONFIG_")
+            {
+                return Some(text);
+            }
+        }
+    }
+    let bytes = std::fs::read(kernel).ok()?;
+    let start = find(&bytes, b"IKCFG_ST")? + b"IKCFG_ST".len();
+    let end = start + find(&bytes[start..], b"IKCFG_ED")?;
+    gunzip(&bytes[start..end])
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Decompresses with the system's `gzip` (always present on Debian; avoids a dependency for
+/// a few hundred KiB read once per import).
+fn gunzip(data: &[u8]) -> Option<String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("gzip")
+        .arg("-dc")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut stdin = child.stdin.take()?;
+    let input = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let output = child.wait_with_output().ok()?;
+    let _ = writer.join();
+    let text = String::from_utf8(output.stdout).ok()?;
+    text.contains("CONFIG_").then_some(text)
+}
+
+/// What a kernel's configuration says about running under Firecracker, which declares its
+/// virtio-mmio devices on the kernel command line (no ACPI, no PCI): `None` when it is fine,
+/// else a warning. An unreadable configuration is a warning too.
+pub fn firecracker_kernel_warning(config: Option<&str>) -> Option<String> {
+    let Some(config) = config else {
+        return Some(
+            "cannot read this kernel's configuration (no `config` file beside it, no IKCONFIG): \
+             Firecracker needs CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y, which is not checked"
+                .into(),
+        );
+    };
+    let value = |key: &str| {
+        config.lines().find_map(|line| {
+            line.strip_prefix(key)
+                .and_then(|rest| rest.strip_prefix('='))
+                .map(str::trim)
+        })
+    };
+    match value("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES") {
+        Some("y") => {
+            let mut missing: Vec<&str> = [
+                "CONFIG_VIRTIO_BLK",
+                "CONFIG_VIRTIO_NET",
+                "CONFIG_SERIO_I8042",
+            ]
+            .into_iter()
+            .filter(|key| value(key) != Some("y"))
+            .collect();
+            if value("CONFIG_KEYBOARD_ATKBD") != Some("y") {
+                missing.push("CONFIG_KEYBOARD_ATKBD");
+            }
+            (!missing.is_empty()).then(|| {
+                format!(
+                    "for Firecracker this kernel lacks built-in {} (virtio drivers must not be modules without an initrd that loads them; i8042 + atkbd make SendCtrlAltDel work)",
+                    missing.join(", ")
+                )
+            })
+        }
+        _ => Some(
+            "this kernel lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y: it cannot find Firecracker's \
+             virtio-mmio devices (it works with QEMU microvm, which declares them through ACPI); \
+             use a kernel built from Firecracker's CI kernel configs"
+                .into(),
+        ),
+    }
+}
+
 /// Copies `source` to `dest` through a temporary name, sparse and reflinked where the file
 /// system allows, so a crash never leaves a half-written `dest`.
 pub async fn copy_into_place(source: &Path, dest: &Path) -> Result<(), ImageError> {
@@ -270,6 +371,56 @@ mod tests {
             validate_kernel(&junk),
             Err(ImageError::NotAKernel(_))
         ));
+    }
+
+    #[test]
+    fn firecracker_kernel_checks() {
+        let good = "CONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\nCONFIG_VIRTIO_BLK=y\nCONFIG_VIRTIO_NET=y\nCONFIG_SERIO_I8042=y\nCONFIG_KEYBOARD_ATKBD=y\n";
+        assert_eq!(firecracker_kernel_warning(Some(good)), None);
+        let debian_cloud =
+            "CONFIG_VIRTIO_MMIO=m\n# CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is not set\n";
+        let w = firecracker_kernel_warning(Some(debian_cloud)).unwrap();
+        assert!(w.contains("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES"), "{w}");
+        let modules = good.replace("CONFIG_VIRTIO_BLK=y", "CONFIG_VIRTIO_BLK=m");
+        let w = firecracker_kernel_warning(Some(&modules)).unwrap();
+        assert!(w.contains("CONFIG_VIRTIO_BLK"), "{w}");
+        assert!(
+            firecracker_kernel_warning(None)
+                .unwrap()
+                .contains("cannot read")
+        );
+    }
+
+    #[test]
+    fn kernel_config_is_found_beside_or_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        // IKCONFIG: gzip'd text between the markers inside the ELF.
+        let gz = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("printf 'CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\\n' | gzip -c")
+            .output()
+            .unwrap()
+            .stdout;
+        let mut elf = b"\x7fELF junk IKCFG_ST".to_vec();
+        elf.extend(&gz);
+        elf.extend(b"IKCFG_ED more");
+        std::fs::write(&kernel, &elf).unwrap();
+        let config = kernel_config(&kernel).unwrap();
+        assert!(
+            config.contains("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y"),
+            "{config}"
+        );
+        // A config file beside it wins.
+        std::fs::write(
+            dir.path().join("config"),
+            "# CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is not set\n",
+        )
+        .unwrap();
+        assert!(kernel_config(&kernel).unwrap().contains("is not set"));
+        std::fs::write(dir.path().join("plain"), b"\x7fELF nothing").unwrap();
+        std::fs::remove_file(dir.path().join("config")).unwrap();
+        assert_eq!(kernel_config(&dir.path().join("plain")), None);
     }
 
     #[test]

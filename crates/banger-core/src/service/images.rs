@@ -68,17 +68,29 @@ impl Manager {
             .map(|p| image::check_input("initrd", p))
             .transpose()?;
         image::validate_kernel(&kernel)?;
+        let config_path = kernel.clone();
+        let config = tokio::task::spawn_blocking(move || image::kernel_config(&config_path))
+            .await
+            .ok()
+            .flatten();
+        let warning = image::firecracker_kernel_warning(config.as_deref());
         let _guard = self.asset_lock.lock().await;
         let source = format!("import:{}", kernel.display());
-        self.store_kernel(
-            &request.name,
-            &kernel,
-            initrd.as_deref(),
-            None,
-            None,
-            source,
-        )
-        .await
+        let mut stored = self
+            .store_kernel(
+                &request.name,
+                &kernel,
+                initrd.as_deref(),
+                None,
+                None,
+                source,
+            )
+            .await?;
+        if let Some(warning) = warning {
+            tracing::warn!(kernel = %stored.name, "{warning}");
+            stored.warnings.push(warning);
+        }
+        Ok(stored)
     }
 
     /// Copies kernel files into `kernels/<digest>/` and records them under `name`.
@@ -122,6 +134,7 @@ impl Manager {
             has_initrd: initrd.is_some(),
             source,
             created_at: crate::now_rfc3339(),
+            warnings: Vec::new(),
         };
         self.store().put_kernel(&row)?;
         info!(kernel = %row.name, digest = %row.digest, "kernel stored");

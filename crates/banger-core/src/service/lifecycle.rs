@@ -10,9 +10,13 @@ use tracing::{info, warn};
 
 use super::{Manager, host_key_alias};
 use crate::Error;
+use crate::disk::SystemDiskStrategy;
 use crate::guest::ssh::SshTarget;
 use crate::model::{VmRecord, check_transition};
-use crate::vmm::{Accel, Hypervisor, LaunchSpec, VmProcess, accel, process};
+use crate::vmm::{
+    Accel, Hypervisor, LaunchSpec, StopTimings, VmProcess, Vmm, accel, cgroup, firecracker,
+    process, stop_sequence,
+};
 
 /// The guest's static address under QEMU user-mode networking.
 const USER_NET: &str = "banger.ip=10.0.2.15/24 banger.gw=10.0.2.2 banger.dns=10.0.2.3";
@@ -45,6 +49,14 @@ impl StartUndo {
 }
 
 impl Manager {
+    /// Removes a stopped VM's transient state: its runtime dir and its cgroup leaf.
+    fn release_runtime(&self, vm_id: &str) {
+        let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(vm_id));
+        if let Some(root) = cgroup::default_root() {
+            cgroup::remove(&root, vm_id);
+        }
+    }
+
     /// Applies `to` to `record` after checking the transition, and persists it.
     fn transition(&self, record: &mut VmRecord, to: VmState) -> Result<(), Error> {
         check_transition(record.state, to)?;
@@ -65,7 +77,7 @@ impl Manager {
             return record;
         }
         warn!(vm = %record.name, "VMM is gone; marking the VM stopped");
-        let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(&record.id));
+        self.release_runtime(&record.id);
         if let Some(runtime) = record.runtime.as_mut() {
             runtime.pid = None;
         }
@@ -100,7 +112,7 @@ impl Manager {
                 warn!(vm = %record.name, state = %record.state, "VM was mid-operation when the daemon died; stopping it");
                 self.stop_process(&record, pid, true).await;
             }
-            let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(&record.id));
+            self.release_runtime(&record.id);
             if let Some(runtime) = record.runtime.as_mut() {
                 runtime.pid = None;
             }
@@ -116,7 +128,10 @@ impl Manager {
         Ok(())
     }
 
-    async fn accel_choice(&self, kernel: &Path) -> Result<accel::AccelChoice, Error> {
+    pub(super) async fn accel_choice(&self, kernel: &Path) -> Result<accel::AccelChoice, Error> {
+        if let Some(choice) = &self.seams.accel {
+            return Ok(choice.clone());
+        }
         let scratch = self.layout.runtime_dir().to_path_buf();
         self.accel
             .get_or_try_init(|| async {
@@ -197,7 +212,13 @@ impl Manager {
         let kernel_dir = self.layout.kernel_dir(&kernel.digest);
         let kernel_path = kernel_dir.join("vmlinux");
         let initrd = kernel.has_initrd.then(|| kernel_dir.join("initrd.img"));
-        let system_disk = self.layout.vm_system_disk(&record.id);
+        let strategy = SystemDiskStrategy::from_wire(&record.spec.system_disk)
+            .unwrap_or(SystemDiskStrategy::Qcow2);
+        let system_disk = match strategy {
+            SystemDiskStrategy::Qcow2 => self.layout.vm_system_disk(&record.id),
+            _ => self.layout.vm_system_raw(&record.id),
+        };
+        let vmm = self.vmm_for(record);
         let work_disk = self.layout.vm_work_disk(&record.id);
         for disk in [&system_disk, &work_disk] {
             if !disk.is_file() {
@@ -209,6 +230,17 @@ impl Manager {
             }
         }
         let choice = self.accel_choice(&kernel_path).await?;
+        if let Vmm::Firecracker(_) = vmm
+            && choice.accel != Accel::Kvm
+        {
+            return Err(Error::HostSetup {
+                message: format!(
+                    "cannot start VM {}: Firecracker needs KVM, and {}",
+                    record.name, choice.reason
+                ),
+                hint: "recreate the VM with --vmm qemu".into(),
+            });
+        }
         let runtime_dir = self.layout.vm_runtime_dir(&record.id);
         let _ = std::fs::remove_dir_all(&runtime_dir);
         std::fs::create_dir_all(&runtime_dir).map_err(Error::io(format!(
@@ -217,10 +249,18 @@ impl Manager {
         )))?;
         undo.runtime_dir = Some(runtime_dir.clone());
 
-        let mut cmdline = format!(
-            "console=ttyS0 root=/dev/vda rw panic=-1 banger.hostname={} {USER_NET}",
-            record.name
-        );
+        let mut cmdline = match vmm {
+            // No tap yet: the launch refuses before spawning (VmmError::NeedsTap).
+            Vmm::Firecracker(_) => format!(
+                "console=ttyS0 root=/dev/vda rw {} banger.hostname={}",
+                firecracker::BOOT_ARGS,
+                record.name
+            ),
+            Vmm::Qemu(_) => format!(
+                "console=ttyS0 root=/dev/vda rw panic=-1 banger.hostname={} {USER_NET}",
+                record.name
+            ),
+        };
         if choice.accel == Accel::Tcg
             && let Some(khz) = accel::this_host_tsc_khz()
         {
@@ -241,19 +281,24 @@ impl Manager {
             initrd,
             cmdline,
             system_disk,
-            system_disk_format: "qcow2",
+            system_disk_format: strategy.format(),
             work_disk,
             runtime_dir,
             console_log: console_log.clone(),
             ssh_port: 0,
             mac: mac_for(&record.id),
+            // Until banger-helper hands out taps, only the test seam provides one.
+            tap: match vmm {
+                Vmm::Firecracker(_) => self.seams.tap.clone(),
+                Vmm::Qemu(_) => None,
+            },
         };
         // A port picked free may be taken before QEMU binds it: try a few.
         let mut attempt = 0;
         let process = loop {
             attempt += 1;
             spec.ssh_port = free_port().map_err(Error::io("cannot pick a port"))?;
-            match self.qemu.launch(&spec).await {
+            match vmm.launch(&spec).await {
                 Ok(process) => break process,
                 Err(e) if attempt < 3 && e.to_string().contains("forwarding") => {
                     warn!("port {} was taken, retrying: {e}", spec.ssh_port);
@@ -263,7 +308,7 @@ impl Manager {
         };
         undo.process = Some((process.clone(), record.id.clone()));
         record.runtime = Some(VmRuntime {
-            vmm: self.qemu.name().into(),
+            vmm: vmm.name().into(),
             accel: choice.accel.as_str().into(),
             reason: choice.reason.clone(),
             pid: Some(process.pid),
@@ -272,7 +317,19 @@ impl Manager {
         });
         // Durable before waiting: a daemon crash now still knows which process to clean up.
         self.store().update_vm(record)?;
+        if let Some(root) = cgroup::default_root() {
+            match cgroup::place(&root, &record.id, process.pid, spec.cpus, spec.memory_mib) {
+                Ok(leaf) => {
+                    info!(vm = %record.name, cgroup = %leaf.display(), "VMM placed in its cgroup")
+                }
+                Err(why) => info!(vm = %record.name, "VMM runs without a cgroup of its own: {why}"),
+            }
+        }
         info!(vm = %record.name, pid = process.pid, port = spec.ssh_port, accel = choice.accel.as_str(), "VMM launched; waiting for SSH");
+        if self.seams.skip_readiness {
+            // Test seam: a fake VMM runs no guest that could answer.
+            return Ok(());
+        }
 
         let target = self.ssh_target(record)?;
         let limit = Duration::from_secs(self.config.daemon.start_timeout_secs);
@@ -339,7 +396,7 @@ impl Manager {
             self.transition(&mut record, VmState::Stopping)?;
         }
         let method = self.stop_process(&record, pid, force).await;
-        let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(&record.id));
+        self.release_runtime(&record.id);
         if let Some(runtime) = record.runtime.as_mut() {
             runtime.pid = None;
         }
@@ -357,15 +414,26 @@ impl Manager {
     async fn stop_process(&self, record: &VmRecord, pid: u32, force: bool) -> &'static str {
         let marker = record.id.as_str();
         let grace = Duration::from_secs(self.config.daemon.stop_timeout_secs);
+        let vmm = self.vmm_for(record);
+        let runtime_dir = self.layout.vm_runtime_dir(&record.id);
         let control = VmProcess {
             pid,
-            control_socket: self.layout.vm_runtime_dir(&record.id).join("qmp.sock"),
+            control_socket: match vmm {
+                Vmm::Firecracker(_) => firecracker::api_socket(&runtime_dir),
+                Vmm::Qemu(_) => runtime_dir.join("qmp.sock"),
+            },
         };
-        // 1. What makes data safe: flush the guest's page cache to its disks.
-        let script = if force {
-            "sync"
-        } else {
-            "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1"
+        // 1. What makes data safe: flush the guest's page cache to its disks. Under
+        // Firecracker a guest power-off leaves the process running (no ACPI on x86); a
+        // reboot ends it (`reboot=k`), so the guest is asked to reboot there.
+        let script = match (force, &vmm) {
+            (true, _) => "sync",
+            (false, Vmm::Firecracker(_)) => {
+                "sync && (systemctl reboot --no-block || reboot) >/dev/null 2>&1"
+            }
+            (false, Vmm::Qemu(_)) => {
+                "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1"
+            }
         };
         let synced = match self.ssh_target(record) {
             Ok(target) => match target.run(script, STOP_DIAL, STOP_SYNC).await {
@@ -381,26 +449,13 @@ impl Manager {
             },
             Err(_) => false,
         };
-        // 2. The guest powers off by itself.
-        if synced && !force && process::wait_gone(pid, marker, grace).await {
-            return "poweroff";
-        }
-        // 3. Backend signals: ACPI power button, then QMP quit.
-        if !force {
-            if let Err(e) = self.qemu.request_shutdown(&control).await {
-                warn!(vm = %record.name, "ACPI power-off request failed: {e}");
-            } else if process::wait_gone(pid, marker, ACPI_GRACE).await {
-                return "acpi";
-            }
-        }
-        if self.qemu.quit(&control).await.is_ok()
-            && process::wait_gone(pid, marker, QUIT_GRACE).await
-        {
-            return "quit";
-        }
-        // 4. Kill.
-        process::kill(pid, marker).await;
-        "kill"
+        // 2–4. The guest's own power-off, the backend's signal, its quit, SIGKILL.
+        let timings = StopTimings {
+            poweroff: grace,
+            signal: ACPI_GRACE,
+            quit: QUIT_GRACE,
+        };
+        stop_sequence(&vmm, &control, marker, synced, force, timings).await
     }
 
     /// What `vm exec` and `vm ssh` need; refused unless the VM runs.

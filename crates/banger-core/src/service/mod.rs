@@ -16,13 +16,17 @@ use tracing::info;
 use crate::Error;
 use crate::config::{Config, ResolvedDefaults};
 use crate::disk;
+use crate::disk::SystemDiskStrategy;
 use crate::guest::ssh;
 use crate::layout::Layout;
 use crate::model::{self, VmRecord};
 use crate::store::Store;
 use crate::store::StoreError;
-use crate::vmm::accel::AccelChoice;
+use crate::vmm::accel::{Accel, AccelChoice};
+use crate::vmm::firecracker::Firecracker;
 use crate::vmm::qemu::Qemu;
+use crate::vmm::select::{self as vmm_select, Facts, Selection, VmmKind};
+use crate::vmm::{Vmm, select};
 
 /// Upper bounds that keep a typo from asking for an absurd VM.
 const MAX_CPUS: u32 = 256;
@@ -30,6 +34,18 @@ const MAX_MEMORY_MIB: u64 = 4 << 20;
 const MIN_MEMORY_MIB: u64 = 128;
 const MIN_DISK_BYTES: u64 = 64 << 20;
 const MAX_DISK_BYTES: u64 = 64 << 40;
+
+/// Host facts a test can impose instead of the Manager discovering them: what a fake VMM
+/// (banger-fc-fake) cannot provide. Production code never sets these.
+#[derive(Debug, Clone, Default)]
+pub struct Seams {
+    /// A tap device for Firecracker VMs (stands in for banger-helper's tap pool).
+    pub tap: Option<String>,
+    /// The acceleration to assume instead of probing KVM.
+    pub accel: Option<AccelChoice>,
+    /// Do not wait for the guest's SSH server after launch (no guest runs in a fake).
+    pub skip_readiness: bool,
+}
 
 /// The daemon's operations over one banger instance.
 #[derive(Debug)]
@@ -40,8 +56,11 @@ pub struct Manager {
     store: Mutex<Store>,
     vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     qemu: Qemu,
+    firecracker: Firecracker,
     /// KVM-or-TCG is decided once per daemon (a probe boot may be needed).
     accel: tokio::sync::OnceCell<AccelChoice>,
+    /// Test-only overrides of discovered host facts (see [`Seams`]).
+    seams: Seams,
     /// Serialises image and kernel builds and imports.
     asset_lock: tokio::sync::Mutex<()>,
     /// Serialises the first generation of banger's client key.
@@ -60,6 +79,7 @@ impl Manager {
         let defaults = config.resolved_defaults(&layout.config_file().display().to_string())?;
         let store = Store::open(&layout.state_db())?;
         let qemu = Qemu::new(config.qemu.binary.clone().into());
+        let firecracker = Firecracker::new(config.firecracker.binary.clone().into());
         Ok(Self {
             layout,
             defaults,
@@ -67,11 +87,19 @@ impl Manager {
             store: Mutex::new(store),
             vm_locks: Mutex::new(HashMap::new()),
             qemu,
+            firecracker,
             accel: tokio::sync::OnceCell::new(),
+            seams: Seams::default(),
             asset_lock: tokio::sync::Mutex::new(()),
             key_lock: tokio::sync::Mutex::new(()),
             prepares: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Replaces discovered host facts with `seams` (tests against a fake VMM).
+    pub fn with_seams(mut self, seams: Seams) -> Self {
+        self.seams = seams;
+        self
     }
 
     pub fn layout(&self) -> &Layout {
@@ -105,6 +133,18 @@ impl Manager {
             return Err(StoreError::VmExists(name.to_string()).into());
         }
         let image = self.find_image(&spec.image)?;
+        // Decided before anything is written: a backend that cannot work changes nothing.
+        let requested = request
+            .vmm
+            .clone()
+            .unwrap_or_else(|| self.config.defaults.vmm.clone());
+        let selection = self.select_vmm(&requested, &image).await?;
+        let (strategy, disk_reason) = self.system_disk_strategy(selection.kind)?;
+        let mut spec = spec;
+        spec.vmm = selection.kind.as_str().into();
+        spec.vmm_reason = selection.reason;
+        spec.system_disk = strategy.as_str().into();
+        info!(vm = %name, vmm = %spec.vmm, reason = %spec.vmm_reason, system_disk = %spec.system_disk, disk_reason = %disk_reason, "backend chosen");
         let record = VmRecord::new(name, spec);
         let vm_dir = self.layout.vm_dir(&record.id);
         let made = async {
@@ -161,12 +201,117 @@ impl Manager {
         .await;
         let _ = std::fs::remove_dir_all(&seed);
         made?;
-        disk::create_system_overlay(
-            &self.layout.image_rootfs(image_digest),
-            &self.layout.vm_system_disk(id),
-        )
-        .await?;
+        let base = self.layout.image_rootfs(image_digest);
+        let strategy = SystemDiskStrategy::from_wire(&record.spec.system_disk)
+            .unwrap_or(SystemDiskStrategy::Qcow2);
+        let raw = self.layout.vm_system_raw(id);
+        let io = |what: &'static str| {
+            let context = format!("cannot {what} {} to {}", base.display(), raw.display());
+            move |source| disk::DiskError::Io { context, source }
+        };
+        match strategy {
+            SystemDiskStrategy::Qcow2 => {
+                disk::create_system_overlay(&base, &self.layout.vm_system_disk(id)).await?
+            }
+            SystemDiskStrategy::Reflink => {
+                let (b, r) = (base.clone(), raw.clone());
+                tokio::task::spawn_blocking(move || disk::reflink(&b, &r))
+                    .await
+                    .map_err(|e| Error::Failed(format!("reflink task failed: {e}")))?
+                    .map_err(io("reflink"))?
+            }
+            SystemDiskStrategy::Copy => {
+                let (b, r) = (base.clone(), raw.clone());
+                let vm = record.name.to_string();
+                tokio::task::spawn_blocking(move || {
+                    let mut shown = 0;
+                    disk::sparse_copy(&b, &r, |done, total| {
+                        let percent = done * 100 / total.max(1);
+                        if percent >= shown + 10 {
+                            shown = percent;
+                            info!(vm = %vm, percent, "copying the system disk");
+                        }
+                    })
+                })
+                .await
+                .map_err(|e| Error::Failed(format!("copy task failed: {e}")))?
+                .map_err(io("copy"))?
+            }
+            SystemDiskStrategy::DmSnapshot => {
+                return Err(Error::HostSetup {
+                    message:
+                        "device-mapper system disks need banger-helper, which is not available yet"
+                            .into(),
+                    hint: "set defaults.system_disk = \"auto\" (reflink or copy)".into(),
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// The backend for a new VM (see [`vmm_select`]). Firecracker's facts are gathered only
+    /// when they can matter; KVM is probed last (it may boot a probe kernel).
+    async fn select_vmm(
+        &self,
+        requested: &str,
+        image: &banger_proto::Image,
+    ) -> Result<Selection, Error> {
+        let mut facts = Facts {
+            firecracker: Err("not checked".into()),
+            tap: Err("not checked".into()),
+            kvm: Err("not checked".into()),
+        };
+        if requested != "qemu" {
+            facts.firecracker = self
+                .firecracker
+                .version()
+                .await
+                .map(|(a, b, c)| format!("firecracker {a}.{b}.{c}"))
+                .map_err(|e| e.to_string());
+            facts.tap = match &self.seams.tap {
+                Some(_) => Ok(()),
+                None => Err("banger's networking helper is not available yet".into()),
+            };
+            if facts.firecracker.is_ok() && facts.tap.is_ok() {
+                let kernel = self.find_kernel(&image.kernel)?;
+                let path = self.layout.kernel_dir(&kernel.digest).join("vmlinux");
+                let choice = self.accel_choice(&path).await?;
+                facts.kvm = match choice.accel {
+                    Accel::Kvm => Ok(()),
+                    Accel::Tcg => Err(choice.reason),
+                };
+            }
+        }
+        vmm_select::select(requested, &facts).map_err(|e| Error::HostSetup {
+            message: e.message,
+            hint: e.hint,
+        })
+    }
+
+    /// The system disk strategy for a new VM of `kind`, and why.
+    fn system_disk_strategy(&self, kind: VmmKind) -> Result<(SystemDiskStrategy, String), Error> {
+        let configured = self.config.defaults.system_disk.as_str();
+        match (kind, configured) {
+            (VmmKind::Qemu, "auto") => Ok((SystemDiskStrategy::Qcow2, "qcow2 overlay (QEMU)".into())),
+            (_, "auto") => Ok(disk::choose_raw_strategy(
+                &self.layout.images_dir(),
+                Err("device-mapper needs banger-helper (not available yet)".into()),
+            )),
+            (VmmKind::Firecracker, "qcow2") => Err(Error::InvalidRequest(
+                "Firecracker takes raw disks only; defaults.system_disk = \"qcow2\" works with QEMU only".into(),
+            )),
+            (_, other) => SystemDiskStrategy::from_wire(other)
+                .map(|s| (s, format!("defaults.system_disk = {other:?}")))
+                .ok_or_else(|| Error::InvalidRequest(format!("unknown system disk strategy {other:?}"))),
+        }
+    }
+
+    /// The backend a VM was created with.
+    fn vmm_for(&self, record: &VmRecord) -> Vmm {
+        match VmmKind::from_wire(&record.spec.vmm) {
+            Some(VmmKind::Firecracker) => Vmm::Firecracker(self.firecracker.clone()),
+            _ => Vmm::Qemu(self.qemu.clone()),
+        }
     }
 
     /// banger's SSH public key, generating the pair on first use.
@@ -210,11 +355,21 @@ impl Manager {
                 "image name {image:?} is not valid"
             )));
         }
+        if let Some(vmm) = &request.vmm
+            && !select::CHOICES.contains(&vmm.as_str())
+        {
+            return Err(Error::InvalidRequest(format!(
+                "vmm {vmm:?} is not one of auto, firecracker, qemu"
+            )));
+        }
         Ok(VmSpec {
             cpus,
             memory_mib,
             disk_size_bytes,
             image,
+            vmm: String::new(),
+            vmm_reason: String::new(),
+            system_disk: String::new(),
         })
     }
 

@@ -142,6 +142,7 @@ fn kernel_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Kernel> {
         has_initrd: row.get(3)?,
         source: row.get(4)?,
         created_at: row.get(5)?,
+        warnings: Vec::new(),
     })
 }
 

@@ -57,6 +57,10 @@ const MIGRATIONS: &[&str] = &[
         hash     TEXT NOT NULL,
         PRIMARY KEY (vm_id, path)
     ) STRICT, WITHOUT ROWID;",
+    // 4: the VM's backend (and why) and how its system disk was made.
+    "ALTER TABLE vms ADD COLUMN vmm TEXT NOT NULL DEFAULT 'qemu';
+    ALTER TABLE vms ADD COLUMN vmm_reason TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vms ADD COLUMN system_disk TEXT NOT NULL DEFAULT 'qcow2';",
 ];
 
 /// Brings the schema up to date, each migration in its own transaction.

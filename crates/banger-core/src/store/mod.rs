@@ -43,7 +43,7 @@ pub struct Store {
     conn: Connection,
 }
 
-const VM_COLUMNS: &str = "id, name, cpus, memory_mib, disk_size_bytes, image, state, created_at, updated_at, last_error, runtime_json";
+const VM_COLUMNS: &str = "id, name, cpus, memory_mib, disk_size_bytes, image, state, created_at, updated_at, last_error, runtime_json, vmm, vmm_reason, system_disk";
 
 impl Store {
     /// Opens (creating if needed) the database at `path` and applies pending migrations.
@@ -62,7 +62,7 @@ impl Store {
     pub fn insert_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
         let runtime = runtime_json(vm)?;
         let result = self.conn.execute(
-            &format!("INSERT INTO vms ({VM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+            &format!("INSERT INTO vms ({VM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
             params![
                 vm.id,
                 vm.name.as_str(),
@@ -75,6 +75,9 @@ impl Store {
                 vm.updated_at,
                 vm.last_error,
                 runtime,
+                vm.spec.vmm,
+                vm.spec.vmm_reason,
+                vm.spec.system_disk,
             ],
         );
         match result {
@@ -163,6 +166,9 @@ struct RawVm {
     updated_at: String,
     last_error: Option<String>,
     runtime_json: Option<String>,
+    vmm: String,
+    vmm_reason: String,
+    system_disk: String,
 }
 
 fn raw_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawVm> {
@@ -178,6 +184,9 @@ fn raw_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawVm> {
         updated_at: row.get(8)?,
         last_error: row.get(9)?,
         runtime_json: row.get(10)?,
+        vmm: row.get(11)?,
+        vmm_reason: row.get(12)?,
+        system_disk: row.get(13)?,
     })
 }
 
@@ -199,6 +208,9 @@ impl RawVm {
                 memory_mib: self.memory_mib,
                 disk_size_bytes: self.disk_size_bytes,
                 image: self.image,
+                vmm: self.vmm,
+                vmm_reason: self.vmm_reason,
+                system_disk: self.system_disk,
             },
             state,
             created_at: self.created_at,
@@ -219,6 +231,9 @@ mod tests {
             memory_mib: 1024,
             disk_size_bytes: 8 << 30,
             image: "default".into(),
+            vmm: "firecracker".into(),
+            vmm_reason: "test".into(),
+            system_disk: "reflink".into(),
         }
     }
 

@@ -133,6 +133,9 @@ mod tests {
                 memory_mib: 512,
                 disk_size_bytes: 1 << 30,
                 image: "default".into(),
+                vmm: "qemu".into(),
+                vmm_reason: "test".into(),
+                system_disk: "qcow2".into(),
             },
         );
         store.insert_vm(&vm).unwrap();

@@ -1,12 +1,18 @@
 //! VMM backends behind one trait. Callers never switch on the backend: what differs is in
-//! [`Capabilities`]. QEMU (`-M microvm`) is implemented; Firecracker comes next.
+//! [`Capabilities`]. Firecracker (API socket) and QEMU `-M microvm` (QMP) implement it; [`Vmm`]
+//! is the closed set of both (the trait's native async fns are not dyn-compatible), and
+//! [`stop_sequence`] is the backend-neutral part of the §5 stop.
 
 pub mod accel;
+pub mod cgroup;
+pub mod firecracker;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod select;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub use accel::Accel;
 
@@ -22,6 +28,26 @@ pub enum VmmError {
     /// The control socket (QMP / API) refused or broke.
     #[error("control socket {path}: {message}")]
     Control { path: String, message: String },
+    /// Firecracker answered a request with an error (its `fault_message`).
+    #[error("firecracker refused {request} ({status}): {fault}")]
+    Api {
+        request: String,
+        status: u16,
+        fault: String,
+    },
+    /// The VMM binary is older than banger supports.
+    #[error("{binary} is version {found}; banger needs {minimum} or newer")]
+    TooOld {
+        binary: String,
+        found: String,
+        minimum: String,
+    },
+    /// The backend needs a tap device and none was given.
+    #[error("Firecracker needs a tap device (bridge networking), and none is set up")]
+    NeedsTap,
+    /// The backend cannot do this.
+    #[error("this VMM backend cannot {0}")]
+    Unsupported(&'static str),
     #[error("{context}")]
     Io {
         context: String,
@@ -39,6 +65,8 @@ pub struct Capabilities {
     pub supports_qcow2: bool,
     /// Can save and restore guest memory.
     pub supports_memory_snapshot: bool,
+    /// Can pause and resume the vCPUs.
+    pub supports_pause: bool,
 }
 
 /// Everything a backend needs to boot one VM.
@@ -65,6 +93,15 @@ pub struct LaunchSpec {
     pub ssh_port: u16,
     /// Guest MAC address.
     pub mac: String,
+    /// Host tap device for the NIC (bridge networking); `None` means user-mode networking.
+    pub tap: Option<String>,
+}
+
+/// Where a memory snapshot lives: the VM state file and the guest memory file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub state: PathBuf,
+    pub memory: PathBuf,
 }
 
 /// A launched VMM process.
@@ -100,4 +137,168 @@ pub trait Hypervisor: Send + Sync {
         &self,
         process: &VmProcess,
     ) -> impl std::future::Future<Output = Result<(), VmmError>> + Send;
+
+    /// How [`Hypervisor::request_shutdown`] asks, as reported by `vm stop`: `acpi` or
+    /// `ctrl-alt-del`.
+    fn shutdown_signal(&self) -> &'static str;
+
+    /// Pauses the vCPUs (capability `supports_pause`).
+    fn pause(
+        &self,
+        _process: &VmProcess,
+    ) -> impl std::future::Future<Output = Result<(), VmmError>> + Send {
+        std::future::ready(Err(VmmError::Unsupported("pause a VM")))
+    }
+
+    /// Resumes paused vCPUs (capability `supports_pause`).
+    fn resume(
+        &self,
+        _process: &VmProcess,
+    ) -> impl std::future::Future<Output = Result<(), VmmError>> + Send {
+        std::future::ready(Err(VmmError::Unsupported("resume a VM")))
+    }
+
+    /// Writes a memory snapshot of a paused VM (capability `supports_memory_snapshot`).
+    fn snapshot(
+        &self,
+        _process: &VmProcess,
+        _snapshot: &Snapshot,
+    ) -> impl std::future::Future<Output = Result<(), VmmError>> + Send {
+        std::future::ready(Err(VmmError::Unsupported("snapshot guest memory")))
+    }
+
+    /// Starts a VMM from a snapshot instead of booting (capability `supports_memory_snapshot`).
+    fn restore(
+        &self,
+        _spec: &LaunchSpec,
+        _snapshot: &Snapshot,
+    ) -> impl std::future::Future<Output = Result<VmProcess, VmmError>> + Send {
+        std::future::ready(Err(VmmError::Unsupported("restore a snapshot")))
+    }
+}
+
+/// One of banger's backends.
+#[derive(Debug, Clone)]
+pub enum Vmm {
+    Qemu(qemu::Qemu),
+    Firecracker(firecracker::Firecracker),
+}
+
+impl Hypervisor for Vmm {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Qemu(q) => q.name(),
+            Self::Firecracker(f) => f.name(),
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        match self {
+            Self::Qemu(q) => q.capabilities(),
+            Self::Firecracker(f) => f.capabilities(),
+        }
+    }
+
+    fn shutdown_signal(&self) -> &'static str {
+        match self {
+            Self::Qemu(q) => q.shutdown_signal(),
+            Self::Firecracker(f) => f.shutdown_signal(),
+        }
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<VmProcess, VmmError> {
+        match self {
+            Self::Qemu(q) => q.launch(spec).await,
+            Self::Firecracker(f) => f.launch(spec).await,
+        }
+    }
+
+    async fn request_shutdown(&self, process: &VmProcess) -> Result<(), VmmError> {
+        match self {
+            Self::Qemu(q) => q.request_shutdown(process).await,
+            Self::Firecracker(f) => f.request_shutdown(process).await,
+        }
+    }
+
+    async fn quit(&self, process: &VmProcess) -> Result<(), VmmError> {
+        match self {
+            Self::Qemu(q) => q.quit(process).await,
+            Self::Firecracker(f) => f.quit(process).await,
+        }
+    }
+
+    async fn pause(&self, process: &VmProcess) -> Result<(), VmmError> {
+        match self {
+            Self::Qemu(q) => q.pause(process).await,
+            Self::Firecracker(f) => f.pause(process).await,
+        }
+    }
+
+    async fn resume(&self, process: &VmProcess) -> Result<(), VmmError> {
+        match self {
+            Self::Qemu(q) => q.resume(process).await,
+            Self::Firecracker(f) => f.resume(process).await,
+        }
+    }
+
+    async fn snapshot(&self, process: &VmProcess, snapshot: &Snapshot) -> Result<(), VmmError> {
+        match self {
+            Self::Qemu(q) => q.snapshot(process, snapshot).await,
+            Self::Firecracker(f) => f.snapshot(process, snapshot).await,
+        }
+    }
+
+    async fn restore(&self, spec: &LaunchSpec, snapshot: &Snapshot) -> Result<VmProcess, VmmError> {
+        match self {
+            Self::Qemu(q) => q.restore(spec, snapshot).await,
+            Self::Firecracker(f) => f.restore(spec, snapshot).await,
+        }
+    }
+}
+
+/// Bounds of the stop sequence's waits.
+#[derive(Debug, Clone, Copy)]
+pub struct StopTimings {
+    /// For the guest to power off by itself after the SSH `sync; poweroff`.
+    pub poweroff: Duration,
+    /// After the backend's shutdown signal (ACPI / Ctrl-Alt-Del).
+    pub signal: Duration,
+    /// After the backend's quit.
+    pub quit: Duration,
+}
+
+/// Steps 2–4 of the §5 stop, after step 1 (`sync` and `poweroff` over SSH, whose success is
+/// `synced`) was attempted by the caller: wait for the guest's own power-off; the backend's
+/// shutdown signal; its quit; SIGKILL. `force` skips the graceful waits. Returns how the
+/// process ended: `poweroff`, the backend's [`Hypervisor::shutdown_signal`], `quit`, `kill`.
+pub async fn stop_sequence<H: Hypervisor>(
+    vmm: &H,
+    process: &VmProcess,
+    marker: &str,
+    synced: bool,
+    force: bool,
+    timings: StopTimings,
+) -> &'static str {
+    let pid = process.pid;
+    if synced && !force && process::wait_gone(pid, marker, timings.poweroff).await {
+        return "poweroff";
+    }
+    if !force {
+        match vmm.request_shutdown(process).await {
+            Err(e) => tracing::warn!(pid, "{} request failed: {e}", vmm.shutdown_signal()),
+            Ok(()) => {
+                if process::wait_gone(pid, marker, timings.signal).await {
+                    return vmm.shutdown_signal();
+                }
+            }
+        }
+    }
+    if process::is_alive(pid, marker)
+        && vmm.quit(process).await.is_ok()
+        && process::wait_gone(pid, marker, timings.quit).await
+    {
+        return "quit";
+    }
+    process::kill(pid, marker).await;
+    "kill"
 }

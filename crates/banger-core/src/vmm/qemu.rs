@@ -121,7 +121,12 @@ impl Hypervisor for Qemu {
             needs_tap: false,
             supports_qcow2: true,
             supports_memory_snapshot: false,
+            supports_pause: false,
         }
+    }
+
+    fn shutdown_signal(&self) -> &'static str {
+        "acpi"
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<VmProcess, VmmError> {

@@ -144,6 +144,9 @@ pub async fn run_kernel(client: &Client, command: KernelCommand) -> Result<u8, C
                 print_json(&kernel)?;
             } else {
                 println!("Imported kernel {} ({})", kernel.name, &kernel.digest[..12]);
+                for warning in &kernel.warnings {
+                    eprintln!("banger: warning: {warning}");
+                }
             }
             Ok(0)
         }

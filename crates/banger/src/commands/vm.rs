@@ -246,18 +246,20 @@ async fn create(client: &Client, args: CreateArgs) -> Result<u8, ClientError> {
         cpus: args.cpus,
         memory_mib: args.memory.map(ByteSize::mib),
         disk_size_bytes: args.disk.map(|d| d.0),
+        vmm: args.vmm,
     };
     let vm: Vm = client.call(Method::POST, "/v1/vms", Some(&request)).await?;
     if args.json.json {
         print_json(&vm)?;
     } else {
         println!(
-            "Created VM {} ({} vCPUs, {} memory, {} disk, image {})",
+            "Created VM {} ({} vCPUs, {} memory, {} disk, image {}, {})",
             vm.name,
             vm.spec.cpus,
             ByteSize(vm.spec.memory_mib << 20),
             ByteSize(vm.spec.disk_size_bytes),
-            vm.spec.image
+            vm.spec.image,
+            vm.spec.vmm
         );
     }
     Ok(0)

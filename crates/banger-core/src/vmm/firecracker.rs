@@ -1,0 +1,488 @@
+//! The Firecracker backend: `firecracker --api-sock <vm runtime dir>/fc.sock --id <vm id>`
+//! spawned in its own process group (it outlives the daemon; the serial console is its
+//! stdout, sent to the console log), then configured over its HTTP API: logger, metrics,
+//! machine config, boot source, the two raw drives, the tap NIC, entropy, `InstanceStart`.
+//! Stop is `SendCtrlAltDel` (the guest kernel needs i8042; `reboot=k` makes the guest's
+//! reset end the process); pause/resume is `PATCH /vm`; snapshots are `PUT /snapshot/create`
+//! and `/snapshot/load`.
+//!
+//! [`ApiClient`] speaks HTTP/1.1 on the Unix socket (hyper), one connection per request, each
+//! bounded by a timeout; Firecracker's `fault_message` becomes the error text.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+use super::{Capabilities, Hypervisor, LaunchSpec, Snapshot, VmProcess, VmmError, process};
+
+/// Oldest Firecracker whose API matches what banger sends (`mem_backend` on snapshot load,
+/// `/entropy`, the drive `io_engine` field).
+pub const MIN_VERSION: (u32, u32, u32) = (1, 5, 0);
+/// Boot arguments Firecracker's docs recommend: `reboot=k` + `panic=1` so a guest reboot or
+/// panic ends the process; the i8042 ones skip probing for devices Firecracker does not have
+/// (tens of ms) while keeping the keyboard controller that `SendCtrlAltDel` needs.
+pub const BOOT_ARGS: &str = "reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+/// Bound on one API request.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on the API socket appearing after spawn.
+const SOCKET_WAIT: Duration = Duration::from_secs(10);
+
+/// An HTTP/1.1 client for Firecracker's API socket.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl ApiClient {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+            timeout: API_TIMEOUT,
+        }
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    fn control_err(&self, message: impl Into<String>) -> VmmError {
+        VmmError::Control {
+            path: self.socket.display().to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// Sends one request; a 2xx answer returns its JSON body (if any), anything else an
+    /// error carrying Firecracker's `fault_message`.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, VmmError> {
+        tokio::time::timeout(self.timeout, self.call_inner(method, path, body))
+            .await
+            .map_err(|_| {
+                self.control_err(format!(
+                    "{method} {path}: no answer within {}s",
+                    self.timeout.as_secs()
+                ))
+            })?
+    }
+
+    async fn call_inner(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Option<Value>, VmmError> {
+        let fail = |e: &dyn std::fmt::Display| self.control_err(format!("{method} {path}: {e}"));
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| fail(&e))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| fail(&e))?;
+        let driver = tokio::spawn(connection);
+        let bytes = body.map(Value::to_string).unwrap_or_default();
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::ACCEPT, "application/json")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| fail(&e))?;
+        let response = sender.send_request(request).await.map_err(|e| fail(&e))?;
+        let status = response.status();
+        let data = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| fail(&e))?
+            .to_bytes();
+        drop(sender);
+        let _ = driver.await;
+        let value: Option<Value> = serde_json::from_slice(&data).ok();
+        if status.is_success() {
+            return Ok(value);
+        }
+        let fault = value
+            .as_ref()
+            .and_then(|v| v.get("fault_message"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| String::from_utf8_lossy(&data).trim().to_owned());
+        Err(VmmError::Api {
+            request: format!("{method} {path}"),
+            status: status.as_u16(),
+            fault,
+        })
+    }
+}
+
+/// A parsed `firecracker --version`.
+pub fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
+    let word = text.split_whitespace().find_map(|w| {
+        w.strip_prefix('v')
+            .filter(|v| v.starts_with(|c: char| c.is_ascii_digit()))
+    })?;
+    let core = word.split(['-', '+']).next()?;
+    let mut parts = core.split('.').map(|p| p.parse::<u32>().ok());
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
+}
+
+/// The Firecracker backend.
+#[derive(Debug, Clone)]
+pub struct Firecracker {
+    binary: PathBuf,
+    extra_args: Vec<String>,
+}
+
+impl Firecracker {
+    pub fn new(binary: PathBuf) -> Self {
+        Self {
+            binary,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// Arguments passed before banger's own (tests point a wrapper at the fake this way).
+    pub fn with_extra_args(mut self, args: Vec<String>) -> Self {
+        self.extra_args = args;
+        self
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// `firecracker --version`, parsed and checked against [`MIN_VERSION`].
+    pub async fn version(&self) -> Result<(u32, u32, u32), VmmError> {
+        let shown = self.binary.display().to_string();
+        let output = tokio::process::Command::new(&self.binary)
+            .args(&self.extra_args)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => VmmError::MissingBinary(shown.clone()),
+                _ => VmmError::LaunchFailed {
+                    binary: shown.clone(),
+                    message: e.to_string(),
+                },
+            })?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let version = parse_version(&text).ok_or_else(|| VmmError::LaunchFailed {
+            binary: shown.clone(),
+            message: format!("cannot read a version from `--version`: {:?}", text.trim()),
+        })?;
+        if version < MIN_VERSION {
+            return Err(VmmError::TooOld {
+                binary: shown,
+                found: format!("{}.{}.{}", version.0, version.1, version.2),
+                minimum: format!("{}.{}.{}", MIN_VERSION.0, MIN_VERSION.1, MIN_VERSION.2),
+            });
+        }
+        Ok(version)
+    }
+
+    /// The API requests that configure and boot `spec`, in order (pure; tests read it).
+    pub fn boot_requests(spec: &LaunchSpec, tap: &str) -> Vec<(&'static str, String, Value)> {
+        let mut boot = json!({
+            "kernel_image_path": spec.kernel.display().to_string(),
+            "boot_args": spec.cmdline,
+        });
+        if let Some(initrd) = &spec.initrd {
+            boot["initrd_path"] = json!(initrd.display().to_string());
+        }
+        let drive = |id: &str, path: &Path| {
+            json!({
+                "drive_id": id,
+                "path_on_host": path.display().to_string(),
+                // The kernel command line names root=/dev/vda; drive order gives vda, vdb.
+                "is_root_device": false,
+                "is_read_only": false,
+                "cache_type": "Unsafe",
+                "io_engine": "Sync",
+            })
+        };
+        vec![
+            (
+                "PUT",
+                "/machine-config".into(),
+                json!({ "vcpu_count": spec.cpus, "mem_size_mib": spec.memory_mib, "smt": false }),
+            ),
+            ("PUT", "/boot-source".into(), boot),
+            ("PUT", "/drives/sys".into(), drive("sys", &spec.system_disk)),
+            ("PUT", "/drives/work".into(), drive("work", &spec.work_disk)),
+            (
+                "PUT",
+                "/network-interfaces/eth0".into(),
+                json!({ "iface_id": "eth0", "host_dev_name": tap, "guest_mac": spec.mac }),
+            ),
+            ("PUT", "/entropy".into(), json!({})),
+            (
+                "PUT",
+                "/actions".into(),
+                json!({ "action_type": "InstanceStart" }),
+            ),
+        ]
+    }
+
+    /// Spawns the process, waits for its socket and sets up logger and metrics. On error the
+    /// process is killed.
+    async fn spawn(&self, spec: &LaunchSpec) -> Result<(VmProcess, ApiClient), VmmError> {
+        let shown = self.binary.display().to_string();
+        let io_err = |context: String| move |source| VmmError::Io { context, source };
+        let socket = api_socket(&spec.runtime_dir);
+        let _ = std::fs::remove_file(&socket);
+        // Firecracker opens (never creates) its log and metrics files.
+        let log = spec.runtime_dir.join("firecracker.log");
+        let metrics = spec.runtime_dir.join("firecracker.metrics");
+        for file in [&log, &metrics] {
+            std::fs::File::create(file)
+                .map_err(io_err(format!("cannot create {}", file.display())))?;
+        }
+        let console = std::fs::File::create(&spec.console_log).map_err(io_err(format!(
+            "cannot create {}",
+            spec.console_log.display()
+        )))?;
+        let stderr_path = spec.runtime_dir.join("firecracker.stderr");
+        let stderr = std::fs::File::create(&stderr_path)
+            .map_err(io_err(format!("cannot create {}", stderr_path.display())))?;
+        let mut child = tokio::process::Command::new(&self.binary)
+            .args(&self.extra_args)
+            .arg("--api-sock")
+            .arg(&socket)
+            .arg("--id")
+            .arg(&spec.vm_id)
+            // Its own process group: the daemon's signals and exit never reach it.
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => VmmError::MissingBinary(shown.clone()),
+                _ => VmmError::LaunchFailed {
+                    binary: shown.clone(),
+                    message: e.to_string(),
+                },
+            })?;
+        let pid = child.id().ok_or_else(|| VmmError::LaunchFailed {
+            binary: shown.clone(),
+            message: "exited at once".into(),
+        })?;
+        let deadline = Instant::now() + SOCKET_WAIT;
+        loop {
+            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                let message = text
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| status.to_string());
+                return Err(VmmError::LaunchFailed {
+                    binary: shown,
+                    message,
+                });
+            }
+            if Instant::now() >= deadline {
+                process::kill(pid, &spec.vm_id).await;
+                return Err(VmmError::LaunchFailed {
+                    binary: shown,
+                    message: format!(
+                        "no API socket {} within {}s",
+                        socket.display(),
+                        SOCKET_WAIT.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Reap it when it exits while this daemon lives; after a daemon restart init does.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        let process = VmProcess {
+            pid,
+            control_socket: socket.clone(),
+        };
+        let client = ApiClient::new(&socket);
+        let setup = async {
+            client
+                .call(
+                    "PUT",
+                    "/logger",
+                    Some(&json!({ "log_path": log.display().to_string(), "level": "Info" })),
+                )
+                .await?;
+            client
+                .call(
+                    "PUT",
+                    "/metrics",
+                    Some(&json!({ "metrics_path": metrics.display().to_string() })),
+                )
+                .await?;
+            Ok::<_, VmmError>(())
+        };
+        if let Err(e) = setup.await {
+            process::kill(pid, &spec.vm_id).await;
+            return Err(e);
+        }
+        Ok((process, client))
+    }
+}
+
+/// The API socket in a VM's runtime dir.
+pub fn api_socket(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("fc.sock")
+}
+
+impl Hypervisor for Firecracker {
+    fn name(&self) -> &'static str {
+        "firecracker"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            needs_tap: true,
+            supports_qcow2: false,
+            supports_memory_snapshot: true,
+            supports_pause: true,
+        }
+    }
+
+    fn shutdown_signal(&self) -> &'static str {
+        "ctrl-alt-del"
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<VmProcess, VmmError> {
+        let tap = spec.tap.clone().ok_or(VmmError::NeedsTap)?;
+        let (process, client) = self.spawn(spec).await?;
+        for (method, path, body) in Self::boot_requests(spec, &tap) {
+            if let Err(e) = client.call(method, &path, Some(&body)).await {
+                process::kill(process.pid, &spec.vm_id).await;
+                return Err(e);
+            }
+        }
+        Ok(process)
+    }
+
+    async fn request_shutdown(&self, process: &VmProcess) -> Result<(), VmmError> {
+        ApiClient::new(&process.control_socket)
+            .call(
+                "PUT",
+                "/actions",
+                Some(&json!({ "action_type": "SendCtrlAltDel" })),
+            )
+            .await
+            .map(drop)
+    }
+
+    /// Firecracker has no "quit" request: SIGTERM ends the process without the guest.
+    async fn quit(&self, process: &VmProcess) -> Result<(), VmmError> {
+        let pid = i32::try_from(process.pid).map_err(|_| VmmError::Control {
+            path: process.control_socket.display().to_string(),
+            message: format!("pid {} out of range", process.pid),
+        })?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .map_err(|e| VmmError::Control {
+            path: process.control_socket.display().to_string(),
+            message: format!("SIGTERM: {e}"),
+        })
+    }
+
+    async fn pause(&self, process: &VmProcess) -> Result<(), VmmError> {
+        ApiClient::new(&process.control_socket)
+            .call("PATCH", "/vm", Some(&json!({ "state": "Paused" })))
+            .await
+            .map(drop)
+    }
+
+    async fn resume(&self, process: &VmProcess) -> Result<(), VmmError> {
+        ApiClient::new(&process.control_socket)
+            .call("PATCH", "/vm", Some(&json!({ "state": "Resumed" })))
+            .await
+            .map(drop)
+    }
+
+    /// A full snapshot of a paused VM. It does not flush guest disks: callers sync the guest
+    /// (or freeze its file systems) first.
+    async fn snapshot(&self, process: &VmProcess, snapshot: &Snapshot) -> Result<(), VmmError> {
+        ApiClient::new(&process.control_socket)
+            .with_timeout(Duration::from_secs(120))
+            .call(
+                "PUT",
+                "/snapshot/create",
+                Some(&json!({
+                    "snapshot_type": "Full",
+                    "snapshot_path": snapshot.state.display().to_string(),
+                    "mem_file_path": snapshot.memory.display().to_string(),
+                })),
+            )
+            .await
+            .map(drop)
+    }
+
+    async fn restore(&self, spec: &LaunchSpec, snapshot: &Snapshot) -> Result<VmProcess, VmmError> {
+        let (process, client) = self.spawn(spec).await?;
+        let loaded = client
+            .clone()
+            .with_timeout(Duration::from_secs(120))
+            .call(
+                "PUT",
+                "/snapshot/load",
+                Some(&json!({
+                    "snapshot_path": snapshot.state.display().to_string(),
+                    "mem_backend": {
+                        "backend_type": "File",
+                        "backend_path": snapshot.memory.display().to_string(),
+                    },
+                    "resume_vm": true,
+                })),
+            )
+            .await;
+        if let Err(e) = loaded {
+            process::kill(process.pid, &spec.vm_id).await;
+            return Err(e);
+        }
+        Ok(process)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_version;
+
+    #[test]
+    fn versions_parse() {
+        assert_eq!(
+            parse_version("Firecracker v1.7.0\n\nSupported snapshot"),
+            Some((1, 7, 0))
+        );
+        assert_eq!(parse_version("Firecracker v1.17.0-dev\n"), Some((1, 17, 0)));
+        assert_eq!(parse_version("Firecracker v0.25\n"), Some((0, 25, 0)));
+        assert_eq!(parse_version("nonsense"), None);
+    }
+}

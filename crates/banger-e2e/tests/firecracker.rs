@@ -1,0 +1,684 @@
+//! The Firecracker backend against the fake Firecracker (`banger-fc-fake`, which validates
+//! every request against Firecracker's OpenAPI file and enforces its state machine): launch,
+//! pause/resume, snapshot create/load, and the §5 stop sequence (sync attempt over SSH →
+//! SendCtrlAltDel → quit → kill). No guest runs in the fake, so SSH readiness is not part of
+//! this; the daemon-level tests below check the backend choice and its refusals.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use banger_core::config::Config;
+use banger_core::guest::ssh::SshTarget;
+use banger_core::layout::Layout;
+use banger_core::service::{Manager, Seams};
+use banger_core::vmm::accel::AccelChoice;
+use banger_core::vmm::firecracker::{ApiClient, Firecracker};
+use banger_core::vmm::{
+    Accel, Hypervisor, LaunchSpec, Snapshot, StopTimings, VmProcess, Vmm, VmmError, process,
+    stop_sequence,
+};
+use banger_e2e::{TestEnv, bin};
+use banger_proto::{CreateVmRequest, ImportImageRequest, VmState};
+use serde_json::Value;
+
+/// A `firecracker` on a PATH-like dir: a wrapper exec'ing the fake with test knobs.
+struct FakeInstall {
+    dir: tempfile::TempDir,
+    record: PathBuf,
+}
+
+impl FakeInstall {
+    fn new(knobs: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join("requests.jsonl");
+        let script = format!(
+            "#!/bin/sh\nexec {} --record {} {} \"$@\"\n",
+            bin("banger-fc-fake").display(),
+            record.display(),
+            knobs.join(" ")
+        );
+        let binary = dir.path().join("firecracker");
+        std::fs::write(&binary, script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self { dir, record }
+    }
+
+    fn backend(&self) -> Firecracker {
+        Firecracker::new(self.dir.path().join("firecracker"))
+    }
+
+    /// (method, path, status, fault) of every request the fake answered.
+    fn requests(&self) -> Vec<(String, String, u64, Value, Value)> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (
+                    v["method"].as_str().unwrap().to_owned(),
+                    v["path"].as_str().unwrap().to_owned(),
+                    v["status"].as_u64().unwrap(),
+                    v["body"].clone(),
+                    v["fault"].clone(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The files of one VM, like the daemon lays them out.
+fn spec(dir: &Path, name: &str) -> LaunchSpec {
+    let vm_dir = dir.join(name);
+    let runtime_dir = vm_dir.join("run");
+    std::fs::create_dir_all(&runtime_dir).unwrap();
+    for file in ["vmlinux", "initrd.img", "system.raw", "work.ext4"] {
+        std::fs::write(vm_dir.join(file), b"x").unwrap();
+    }
+    LaunchSpec {
+        vm_id: format!("0123456789abcdef0123456789{name:0>6}"),
+        vm_name: name.into(),
+        cpus: 2,
+        memory_mib: 512,
+        accel: Accel::Kvm,
+        kernel: vm_dir.join("vmlinux"),
+        initrd: Some(vm_dir.join("initrd.img")),
+        cmdline: format!(
+            "console=ttyS0 root=/dev/vda rw {} banger.hostname={name}",
+            banger_core::vmm::firecracker::BOOT_ARGS
+        ),
+        system_disk: vm_dir.join("system.raw"),
+        system_disk_format: "raw",
+        work_disk: vm_dir.join("work.ext4"),
+        runtime_dir,
+        console_log: vm_dir.join("console.log"),
+        ssh_port: 0,
+        mac: "52:54:00:01:02:03".into(),
+        tap: Some("bg-tap-0".into()),
+    }
+}
+
+/// Kills what a test launched, even when it fails half-way.
+struct Reaper(Vec<(u32, String)>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for (pid, marker) in &self.0 {
+            if process::is_alive(*pid, marker) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+async fn state(process: &VmProcess) -> String {
+    let info = ApiClient::new(&process.control_socket)
+        .call("GET", "/", None)
+        .await
+        .unwrap()
+        .unwrap();
+    info["state"].as_str().unwrap().to_owned()
+}
+
+/// Step 1 of the stop for real: SSH `sync` to where no guest answers (the fake runs none).
+async fn sync_attempt() -> bool {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let target = SshTarget {
+        host: "127.0.0.1".into(),
+        port,
+        user: "root".into(),
+        identity: "/nonexistent/key".into(),
+        known_hosts: "/dev/null".into(),
+        host_key_alias: "x.vm".into(),
+    };
+    matches!(
+        target
+            .run("sync", Duration::from_secs(5), Duration::from_secs(10))
+            .await,
+        Ok((Some(0), _, _))
+    )
+}
+
+const TIMINGS: StopTimings = StopTimings {
+    poweroff: Duration::from_secs(5),
+    signal: Duration::from_secs(5),
+    quit: Duration::from_secs(2),
+};
+
+#[tokio::test]
+async fn lifecycle_against_the_fake_firecracker() {
+    let install = FakeInstall::new(&[]);
+    let fc = install.backend();
+    assert_eq!(fc.version().await.unwrap(), (1, 17, 0));
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), "one");
+    let mut reaper = Reaper(Vec::new());
+
+    // Launch: every request of the boot conversation is accepted by the spec and the state
+    // machine, in this order.
+    let process = fc.launch(&spec).await.unwrap();
+    reaper.0.push((process.pid, spec.vm_id.clone()));
+    assert!(process::is_alive(process.pid, &spec.vm_id));
+    let requests = install.requests();
+    let paths: Vec<(&str, &str, u64)> = requests
+        .iter()
+        .map(|(m, p, s, _, _)| (m.as_str(), p.as_str(), *s))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            ("PUT", "/logger", 204),
+            ("PUT", "/metrics", 204),
+            ("PUT", "/machine-config", 204),
+            ("PUT", "/boot-source", 204),
+            ("PUT", "/drives/sys", 204),
+            ("PUT", "/drives/work", 204),
+            ("PUT", "/network-interfaces/eth0", 204),
+            ("PUT", "/entropy", 204),
+            ("PUT", "/actions", 204),
+        ]
+    );
+    let boot_args = requests[3].3["boot_args"].as_str().unwrap();
+    assert!(
+        boot_args.contains("reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"),
+        "{boot_args}"
+    );
+    assert_eq!(requests[8].3["action_type"], "InstanceStart");
+    assert_eq!(state(&process).await, "Running");
+
+    // Pause/resume; a snapshot of a running VM is refused with Firecracker's own message.
+    let snap = Snapshot {
+        state: dir.path().join("vm.snap"),
+        memory: dir.path().join("vm.mem"),
+    };
+    let err = fc.snapshot(&process, &snap).await.unwrap_err();
+    assert!(matches!(err, VmmError::Api { status: 400, .. }), "{err}");
+    assert!(err.to_string().contains("must be paused"), "{err}");
+    fc.pause(&process).await.unwrap();
+    assert_eq!(state(&process).await, "Paused");
+    fc.snapshot(&process, &snap).await.unwrap();
+    assert!(snap.state.is_file() && snap.memory.is_file());
+    fc.resume(&process).await.unwrap();
+    assert_eq!(state(&process).await, "Running");
+
+    // Stop: the SSH sync finds no guest, SendCtrlAltDel ends the process (the fake's guest
+    // "reboots" and Firecracker exits, as with `reboot=k`).
+    let synced = sync_attempt().await;
+    assert!(!synced);
+    let vmm = Vmm::Firecracker(fc.clone());
+    let how = stop_sequence(&vmm, &process, &spec.vm_id, synced, false, TIMINGS).await;
+    assert_eq!(how, "ctrl-alt-del");
+    assert!(!process::is_alive(process.pid, &spec.vm_id));
+    assert_eq!(
+        install.requests().last().unwrap().3["action_type"],
+        "SendCtrlAltDel"
+    );
+
+    // Restore from the snapshot in a fresh process: logger, metrics, then only the load.
+    let restored_spec = self::spec(dir.path(), "two");
+    let before = install.requests().len();
+    let restored = fc.restore(&restored_spec, &snap).await.unwrap();
+    reaper.0.push((restored.pid, restored_spec.vm_id.clone()));
+    let after: Vec<(String, String, u64)> = install.requests()[before..]
+        .iter()
+        .map(|(m, p, s, _, _)| (m.clone(), p.clone(), *s))
+        .collect();
+    assert_eq!(
+        after,
+        [
+            ("PUT".to_owned(), "/logger".to_owned(), 204),
+            ("PUT".into(), "/metrics".into(), 204),
+            ("PUT".into(), "/snapshot/load".into(), 204),
+        ]
+    );
+    assert_eq!(state(&restored).await, "Running");
+    let how = stop_sequence(&vmm, &restored, &restored_spec.vm_id, false, false, TIMINGS).await;
+    assert_eq!(how, "ctrl-alt-del");
+}
+
+#[tokio::test]
+async fn stop_falls_back_to_quit_then_kill() {
+    // A guest without i8042: Ctrl-Alt-Del does nothing; SIGTERM (quit) ends Firecracker.
+    let install = FakeInstall::new(&["--ctrl-alt-del", "ignore"]);
+    let fc = install.backend();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), "deaf");
+    let mut reaper = Reaper(Vec::new());
+    let process = fc.launch(&spec).await.unwrap();
+    reaper.0.push((process.pid, spec.vm_id.clone()));
+    let vmm = Vmm::Firecracker(fc);
+    let how = stop_sequence(
+        &vmm,
+        &process,
+        &spec.vm_id,
+        sync_attempt().await,
+        false,
+        TIMINGS,
+    )
+    .await;
+    assert_eq!(how, "quit");
+    assert!(!process::is_alive(process.pid, &spec.vm_id));
+
+    // A hung VMM that ignores SIGTERM too: only the kill ends it.
+    let hung = FakeInstall::new(&["--ctrl-alt-del", "ignore", "--ignore-sigterm"]);
+    let fc = hung.backend();
+    let spec = self::spec(dir.path(), "hung");
+    let process = fc.launch(&spec).await.unwrap();
+    reaper.0.push((process.pid, spec.vm_id.clone()));
+    let vmm = Vmm::Firecracker(fc);
+    let how = stop_sequence(&vmm, &process, &spec.vm_id, false, false, TIMINGS).await;
+    assert_eq!(how, "kill");
+    assert!(!process::is_alive(process.pid, &spec.vm_id));
+    let actions: Vec<Value> = hung
+        .requests()
+        .into_iter()
+        .filter(|(_, p, _, _, _)| p == "/actions")
+        .map(|(_, _, _, body, _)| body["action_type"].clone())
+        .collect();
+    assert_eq!(actions, ["InstanceStart", "SendCtrlAltDel"]);
+}
+
+#[tokio::test]
+async fn failed_launches_leave_no_process() {
+    let install = FakeInstall::new(&[]);
+    let fc = install.backend();
+    let dir = tempfile::tempdir().unwrap();
+
+    // No tap: refused before anything is spawned.
+    let mut no_tap = spec(dir.path(), "notap");
+    no_tap.tap = None;
+    assert!(matches!(fc.launch(&no_tap).await, Err(VmmError::NeedsTap)));
+    assert!(install.requests().is_empty(), "nothing was spawned");
+
+    // A missing disk: Firecracker's fault message reaches banger's error, the process is
+    // killed.
+    let broken = spec(dir.path(), "broken");
+    std::fs::remove_file(&broken.work_disk).unwrap();
+    let err = fc.launch(&broken).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("PUT /drives/work") && text.contains("No such file"),
+        "{text}"
+    );
+    let pids = banger_e2e::processes_with_cmdline("banger-fc-fake", &broken.vm_id);
+    assert!(pids.is_empty(), "fake still running: {pids:?}");
+
+    // A missing binary is named.
+    let missing = Firecracker::new("/nonexistent/firecracker".into());
+    let err = missing.version().await.unwrap_err();
+    assert!(matches!(err, VmmError::MissingBinary(_)), "{err}");
+}
+
+#[test]
+fn firecracker_without_its_binary_or_network_changes_nothing() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.config_file(),
+        "[defaults]\nvmm = \"firecracker\"\n[firecracker]\nbinary = \"/nonexistent/firecracker\"\n",
+    )
+    .unwrap();
+    env.import_stub_image();
+    let run = env.banger(&["vm", "create", "fc"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("/nonexistent/firecracker is not installed"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("firecracker.binary") && run.stderr.contains("--vmm qemu"),
+        "{}",
+        run.stderr
+    );
+    let listed = env.banger(&["vm", "ls", "--json"]).ok().json();
+    assert_eq!(listed, serde_json::json!([]));
+    let vms = env.home().join("vms");
+    assert!(
+        std::fs::read_dir(&vms).map(|d| d.count()).unwrap_or(0) == 0,
+        "no VM files"
+    );
+
+    // Too old a Firecracker is named with its version.
+    let old = tempfile::tempdir().unwrap();
+    let old_fc = old.path().join("firecracker");
+    std::fs::write(&old_fc, "#!/bin/sh\necho 'Firecracker v1.2.0'\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&old_fc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        env.config_file(),
+        format!("[firecracker]\nbinary = \"{}\"\n", old_fc.display()),
+    )
+    .unwrap();
+    env.banger(&["daemon", "stop"]).ok();
+    let run = env.banger(&["vm", "create", "fc", "--vmm", "firecracker"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("version 1.2.0; banger needs 1.5.0 or newer"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        env.banger(&["vm", "ls", "--json"]).ok().json(),
+        serde_json::json!([])
+    );
+
+    // With a (fake) binary present, the missing piece is bridge networking.
+    let install = FakeInstall::new(&[]);
+    let fc_path = install.dir.path().join("firecracker");
+    std::fs::write(
+        env.config_file(),
+        format!(
+            "[defaults]\nvmm = \"firecracker\"\n[firecracker]\nbinary = \"{}\"\n",
+            fc_path.display()
+        ),
+    )
+    .unwrap();
+    env.banger(&["daemon", "stop"]).ok();
+    let run = env.banger(&["vm", "create", "fc"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("Firecracker needs bridge networking"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("--vmm qemu"), "{}", run.stderr);
+    assert_eq!(
+        env.banger(&["vm", "ls", "--json"]).ok().json(),
+        serde_json::json!([])
+    );
+
+    // --vmm qemu works regardless; auto says why it fell back to QEMU.
+    env.banger(&["vm", "create", "q", "--vmm", "qemu"]).ok();
+    env.banger(&["vm", "create", "a", "--vmm", "auto"]).ok();
+    let q = env.banger(&["vm", "show", "q", "--json"]).ok().json();
+    assert_eq!(q["spec"]["vmm"], "qemu");
+    assert_eq!(q["spec"]["system_disk"], "qcow2");
+    let a = env.banger(&["vm", "show", "a"]).ok();
+    assert!(
+        a.stdout
+            .contains("auto: qemu, because Firecracker needs bridge networking"),
+        "{}",
+        a.stdout
+    );
+}
+
+#[test]
+fn kernel_import_warns_when_firecracker_cannot_use_the_kernel() {
+    let env = TestEnv::new();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub").unwrap();
+    // Debian's cloud kernel: virtio-mmio devices only through ACPI.
+    std::fs::write(
+        dir.path().join("config"),
+        "CONFIG_VIRTIO_MMIO=m\n# CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is not set\n",
+    )
+    .unwrap();
+    let run = env
+        .banger(&[
+            "kernel",
+            "import",
+            "cloud",
+            "--kernel",
+            kernel.to_str().unwrap(),
+        ])
+        .ok();
+    assert!(
+        run.stdout.contains("Imported kernel cloud"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("warning") && run.stderr.contains("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES"),
+        "{}",
+        run.stderr
+    );
+    // A kernel Firecracker can boot imports without a warning.
+    std::fs::write(
+        dir.path().join("config"),
+        "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\nCONFIG_VIRTIO_BLK=y\nCONFIG_VIRTIO_NET=y\nCONFIG_SERIO_I8042=y\nCONFIG_KEYBOARD_ATKBD=y\n",
+    )
+    .unwrap();
+    let run = env
+        .banger(&[
+            "kernel",
+            "import",
+            "fc",
+            "--kernel",
+            kernel.to_str().unwrap(),
+        ])
+        .ok();
+    assert!(!run.stderr.contains("warning"), "{}", run.stderr);
+}
+
+#[test]
+fn qemu_vms_can_use_raw_system_disks() {
+    let env = TestEnv::new();
+    std::fs::write(env.config_file(), "[defaults]\nsystem_disk = \"copy\"\n").unwrap();
+    env.import_stub_image();
+    let vm = env
+        .banger(&["vm", "create", "raw", "--vmm", "qemu", "--json"])
+        .ok()
+        .json();
+    assert_eq!(vm["spec"]["system_disk"], "copy");
+    let id = vm["id"].as_str().unwrap();
+    let image = env
+        .banger(&["image", "show", "default", "--json"])
+        .ok()
+        .json();
+    let rootfs = env
+        .home()
+        .join("images")
+        .join(image["digest"].as_str().unwrap())
+        .join("rootfs.ext4");
+    let raw = env.home().join("vms").join(id).join("system.raw");
+    assert_eq!(
+        std::fs::read(&raw).unwrap(),
+        std::fs::read(&rootfs).unwrap()
+    );
+    assert!(
+        !env.home()
+            .join("vms")
+            .join(id)
+            .join("system.qcow2")
+            .exists()
+    );
+
+    // reflink where the file system cannot clone: refused at create, nothing left.
+    let fs = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(env.home())
+        .output()
+        .unwrap();
+    let fs = String::from_utf8_lossy(&fs.stdout).trim().to_owned();
+    if fs != "xfs" && fs != "btrfs" {
+        std::fs::write(env.config_file(), "[defaults]\nsystem_disk = \"reflink\"\n").unwrap();
+        env.banger(&["daemon", "stop"]).ok();
+        let run = env.banger(&["vm", "create", "clone", "--vmm", "qemu"]);
+        assert_eq!(run.code, 1, "{}", run.stderr);
+        assert!(run.stderr.contains("cannot reflink"), "{}", run.stderr);
+        let listed = env.banger(&["vm", "ls", "--json"]).ok().json();
+        assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+        let dirs = std::fs::read_dir(env.home().join("vms")).unwrap().count();
+        assert_eq!(dirs, 1, "no directory left for the refused VM");
+    }
+}
+
+/// A Manager (the daemon's logic, in process) whose Firecracker is the fake, with the seams
+/// the fake cannot provide: a tap name (banger-helper's job), KVM assumed, no SSH readiness.
+async fn fake_manager(install: &FakeInstall, dir: &Path) -> Manager {
+    let home = dir.join("home");
+    let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
+    let mut config = Config::default();
+    config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
+    config.defaults.vmm = "firecracker".into();
+    config.daemon.stop_timeout_secs = 5;
+    let manager = Manager::open(layout, config).unwrap().with_seams(Seams {
+        tap: Some("bg-tap-0".into()),
+        accel: Some(AccelChoice {
+            accel: Accel::Kvm,
+            reason: "test seam: KVM assumed".into(),
+        }),
+        skip_readiness: true,
+    });
+    let rootfs = dir.join("rootfs.ext4");
+    let made = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&rootfs)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let kernel = dir.join("vmlinux");
+    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub").unwrap();
+    manager
+        .import_image(ImportImageRequest {
+            name: "default".into(),
+            rootfs: rootfs.display().to_string(),
+            kernel: kernel.display().to_string(),
+            initrd: None,
+        })
+        .await
+        .unwrap();
+    manager
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_manager_lifecycle_runs_against_the_fake() {
+    let install = FakeInstall::new(&[]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgfc")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let manager = fake_manager(&install, dir.path()).await;
+    let mut reaper = Reaper(Vec::new());
+
+    // create: Firecracker chosen, a raw system disk made.
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "fc".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(vm.spec.vmm, "firecracker", "{}", vm.spec.vmm_reason);
+    assert!(
+        ["reflink", "copy"].contains(&vm.spec.system_disk.as_str()),
+        "{}",
+        vm.spec.system_disk
+    );
+    let vm_dir = dir.path().join("home/vms").join(&vm.id);
+    assert!(vm_dir.join("system.raw").is_file());
+
+    for round in 0..2 {
+        // start: the whole boot conversation through the lifecycle steps.
+        let before = install.requests().len();
+        let started = manager.start_vm("fc").await.unwrap();
+        let runtime = started.vm.runtime.clone().unwrap();
+        assert_eq!(runtime.vmm, "firecracker");
+        let pid = runtime.pid.unwrap();
+        reaper.0.push((pid, vm.id.clone()));
+        assert!(process::is_alive(pid, &vm.id));
+        let requests = install.requests()[before..].to_vec();
+        assert!(
+            requests.iter().all(|r| r.2 == 204),
+            "round {round}: {requests:?}"
+        );
+        let body = |path: &str| {
+            requests
+                .iter()
+                .find(|r| r.1 == path)
+                .map(|r| r.3.clone())
+                .unwrap_or_else(|| panic!("no {path} in {requests:?}"))
+        };
+        let boot_args = body("/boot-source")["boot_args"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            boot_args.contains("banger.hostname=fc") && boot_args.contains("reboot=k"),
+            "{boot_args}"
+        );
+        assert!(
+            body("/drives/sys")["path_on_host"]
+                .as_str()
+                .unwrap()
+                .ends_with("system.raw")
+        );
+        assert!(
+            body("/drives/work")["path_on_host"]
+                .as_str()
+                .unwrap()
+                .ends_with("work.ext4")
+        );
+        assert_eq!(
+            body("/network-interfaces/eth0")["host_dev_name"],
+            "bg-tap-0"
+        );
+        assert_eq!(body("/machine-config")["vcpu_count"], 2);
+        assert_eq!(requests.last().unwrap().3["action_type"], "InstanceStart");
+
+        // stop: the SSH sync is attempted (nothing answers), then SendCtrlAltDel ends it.
+        let stopped = manager.stop_vm("fc", false).await.unwrap();
+        assert_eq!(stopped.stop_method.as_deref(), Some("ctrl-alt-del"));
+        assert_eq!(stopped.vm.state, VmState::Stopped);
+        assert!(!process::is_alive(pid, &vm.id));
+        assert!(
+            !dir.path().join("home/run/vms").join(&vm.id).exists(),
+            "runtime dir removed"
+        );
+    }
+    manager.remove_vm("fc").await.unwrap();
+    assert!(!vm_dir.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_manager_kills_a_firecracker_that_ignores_everything() {
+    let install = FakeInstall::new(&["--ctrl-alt-del", "ignore", "--ignore-sigterm"]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgfc")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let manager = fake_manager(&install, dir.path()).await;
+    let mut reaper = Reaper(Vec::new());
+    manager
+        .create_vm(CreateVmRequest {
+            name: "hung".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let started = manager.start_vm("hung").await.unwrap();
+    let pid = started.vm.runtime.unwrap().pid.unwrap();
+    reaper.0.push((pid, started.vm.id.clone()));
+    let stopped = manager.stop_vm("hung", false).await.unwrap();
+    assert_eq!(stopped.stop_method.as_deref(), Some("kill"));
+    assert_eq!(stopped.vm.state, VmState::Stopped);
+    assert!(!process::is_alive(pid, &started.vm.id));
+
+    // A launch Firecracker refuses (its kernel vanished: InstanceStart fails) is undone:
+    // state back, nothing running, Firecracker's message in the error.
+    for kernel in std::fs::read_dir(dir.path().join("home/kernels")).unwrap() {
+        std::fs::remove_file(kernel.unwrap().path().join("vmlinux")).unwrap();
+    }
+    let err = manager.start_vm("hung").await.unwrap_err();
+    let text = err.to_api().message;
+    assert!(
+        text.contains("PUT /actions") && text.contains("Cannot open kernel image"),
+        "{text}"
+    );
+    let vm = manager.get_vm("hung").await.unwrap();
+    assert_eq!(vm.state, VmState::Stopped);
+    assert!(vm.last_error.is_some());
+    let pids = banger_e2e::processes_with_cmdline("banger-fc-fake", &started.vm.id);
+    assert!(pids.is_empty(), "{pids:?}");
+}
