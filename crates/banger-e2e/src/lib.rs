@@ -300,76 +300,70 @@ pub fn poll<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Option<T>
     }
 }
 
-/// Live (non-zombie) processes whose name starts with `comm` and one of whose arguments
-/// contains `needle`.
-pub fn processes_with_cmdline(comm: &str, needle: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let name = head.split_once('(').map(|(_, n)| n).unwrap_or("");
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let exe_matches = cmdline
-            .split(|b| *b == 0)
-            .next()
-            .is_some_and(|arg0| String::from_utf8_lossy(arg0).contains(comm));
-        if (!name.starts_with(comm) && !exe_matches) || rest.trim_start().starts_with('Z') {
-            continue;
-        }
-        if String::from_utf8_lossy(&cmdline).contains(needle) {
-            pids.push(pid);
-        }
-    }
-    pids
+/// A live (non-zombie) process as /proc shows it.
+#[derive(Debug)]
+struct ProcInfo {
+    pid: u32,
+    /// The kernel's process name (at most 15 bytes).
+    name: String,
+    /// NUL-separated arguments.
+    cmdline: Vec<u8>,
+    dir: PathBuf,
 }
 
-/// Live (non-zombie) processes named `comm` whose environment contains `needle` exactly.
-pub fn processes_with_env(comm: &str, needle: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
+/// Every live, non-zombie process.
+fn live_processes() -> Vec<ProcInfo> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return pids;
+        return Vec::new();
     };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let base = entry.path();
-        let Ok(stat) = std::fs::read_to_string(base.join("stat")) else {
-            continue;
-        };
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let name = head.split_once('(').map(|(_, n)| n).unwrap_or("");
-        if name != comm || rest.trim_start().starts_with('Z') {
-            continue;
-        }
-        let Ok(environ) = std::fs::read(base.join("environ")) else {
-            continue;
-        };
-        if environ.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
-            pids.push(pid);
-        }
-    }
-    pids
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            if rest.trim_start().starts_with('Z') {
+                return None;
+            }
+            let name = head
+                .split_once('(')
+                .map(|(_, n)| n)
+                .unwrap_or("")
+                .to_owned();
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            Some(ProcInfo {
+                pid,
+                name,
+                cmdline,
+                dir: entry.path(),
+            })
+        })
+        .collect()
+}
+
+/// Live processes whose name or executable starts with `comm` and whose arguments contain
+/// `needle` (QEMU renames its process after the VM, so the executable is checked too).
+pub fn processes_with_cmdline(comm: &str, needle: &str) -> Vec<u32> {
+    live_processes()
+        .into_iter()
+        .filter(|p| {
+            let arg0 = p.cmdline.split(|b| *b == 0).next().unwrap_or_default();
+            (p.name.starts_with(comm) || String::from_utf8_lossy(arg0).contains(comm))
+                && String::from_utf8_lossy(&p.cmdline).contains(needle)
+        })
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// Live processes named `comm` whose environment contains `needle` exactly.
+pub fn processes_with_env(comm: &str, needle: &str) -> Vec<u32> {
+    live_processes()
+        .into_iter()
+        .filter(|p| p.name == comm)
+        .filter(|p| {
+            std::fs::read(p.dir.join("environ"))
+                .is_ok_and(|environ| environ.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+        })
+        .map(|p| p.pid)
+        .collect()
 }

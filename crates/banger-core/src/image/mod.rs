@@ -246,32 +246,24 @@ pub fn firecracker_kernel_warning(config: Option<&str>) -> Option<String> {
 /// Copies `source` to `dest` through a temporary name, sparse and reflinked where the file
 /// system allows, so a crash never leaves a half-written `dest`.
 pub async fn copy_into_place(source: &Path, dest: &Path) -> Result<(), ImageError> {
-    let tmp = dest.with_extension("partial");
-    let status = Command::new("cp")
-        .arg("--reflink=auto")
-        .arg("--sparse=always")
-        .arg(source)
-        .arg(&tmp)
-        .stdin(Stdio::null())
-        .status()
-        .await
-        .map_err(io_err("cannot run cp"))?;
-    if !status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(ImageError::Io {
-            context: format!("cannot copy {}", source.display()),
-            source: std::io::Error::other(status.to_string()),
-        });
-    }
-    std::fs::rename(&tmp, dest).map_err(io_err(format!("cannot rename {}", tmp.display())))
+    cp_then_rename(&["--reflink=auto", "--sparse=always"], source, dest).await
 }
 
 /// Copies a directory tree (`cp -a`) to `dest` through a temporary name.
 pub async fn copy_tree(source: &Path, dest: &Path) -> Result<(), ImageError> {
+    cp_then_rename(&["-a"], source, dest).await
+}
+
+/// `cp FLAGS source dest.partial`, then renames into place; removes the partial copy on failure.
+async fn cp_then_rename(flags: &[&str], source: &Path, dest: &Path) -> Result<(), ImageError> {
     let tmp = dest.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&tmp);
+    let remove_tmp = || {
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_dir_all(&tmp);
+    };
+    remove_tmp();
     let status = Command::new("cp")
-        .arg("-a")
+        .args(flags)
         .arg(source)
         .arg(&tmp)
         .stdin(Stdio::null())
@@ -279,7 +271,7 @@ pub async fn copy_tree(source: &Path, dest: &Path) -> Result<(), ImageError> {
         .await
         .map_err(io_err("cannot run cp"))?;
     if !status.success() {
-        let _ = std::fs::remove_dir_all(&tmp);
+        remove_tmp();
         return Err(ImageError::Io {
             context: format!("cannot copy {}", source.display()),
             source: std::io::Error::other(status.to_string()),
