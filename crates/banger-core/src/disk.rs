@@ -315,8 +315,9 @@ impl HostOps for LocalHostOps {
     }
 }
 
-/// A device-mapper snapshot system disk and the loop devices under it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A device-mapper snapshot system disk and the loop devices under it (saved beside the VM's
+/// disks so `vm rm` can tear down what this boot attached).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DmDisk {
     pub name: String,
     /// `/dev/mapper/NAME`, what the VMM opens.
@@ -335,6 +336,23 @@ pub fn dm_snapshot_create(
     cow: &Path,
     cow_bytes: u64,
 ) -> Result<DmDisk, DiskError> {
+    std::fs::File::create(cow)
+        .and_then(|f| f.set_len(cow_bytes))
+        .map_err(|e| DiskError::Tool {
+            tool: "device-mapper",
+            message: format!("cannot create {}: {e}", cow.display()),
+        })?;
+    dm_snapshot_attach(ops, name, base, cow)
+}
+
+/// Sets up the mapping `name` over an existing copy-on-write store (after a host reboot the
+/// loop devices and the mapping are gone; the persistent exceptions in `cow` are not).
+pub fn dm_snapshot_attach(
+    ops: &dyn HostOps,
+    name: &str,
+    base: &Path,
+    cow: &Path,
+) -> Result<DmDisk, DiskError> {
     let tool_err = |message: String| DiskError::Tool {
         tool: "device-mapper",
         message,
@@ -343,9 +361,6 @@ pub fn dm_snapshot_create(
         .map_err(|e| tool_err(format!("cannot stat {}: {e}", base.display())))?
         .len()
         / 512;
-    std::fs::File::create(cow)
-        .and_then(|f| f.set_len(cow_bytes))
-        .map_err(|e| tool_err(format!("cannot create {}: {e}", cow.display())))?;
     let base_loop = ops
         .run(&HostOp::LoopAttach {
             file: base.to_path_buf(),

@@ -120,6 +120,18 @@ impl Layout {
     pub fn vm_system_raw(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("system.raw")
     }
+    /// The copy-on-write store of the VM's device-mapper snapshot system disk.
+    pub fn vm_system_cow(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("system.cow")
+    }
+    /// The loop devices and mapping of the VM's dm system disk (JSON), for teardown.
+    pub fn vm_system_dm(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("system.dm.json")
+    }
+    /// The device-mapper name of the VM's system disk.
+    pub fn vm_dm_name(&self, vm_id: &str) -> String {
+        format!("banger-{vm_id}")
+    }
     /// The VM's work disk (ext4, mounted at /root in the guest).
     pub fn vm_work_disk(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("work.ext4")

@@ -529,6 +529,7 @@ async fn fake_manager(install: &FakeInstall, dir: &Path) -> Manager {
             reason: "test seam: KVM assumed".into(),
         }),
         skip_readiness: true,
+        host_ops: None,
     });
     let rootfs = dir.join("rootfs.ext4");
     let made = std::process::Command::new("mkfs.ext4")
@@ -681,4 +682,105 @@ async fn the_manager_kills_a_firecracker_that_ignores_everything() {
     assert!(vm.last_error.is_some());
     let pids = banger_e2e::processes_with_cmdline("banger-fc-fake", &started.vm.id);
     assert!(pids.is_empty(), "{pids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dm_system_disk_is_made_and_torn_down_through_host_ops() {
+    use banger_core::disk::{HostOp, RecordingHostOps};
+    use std::sync::Arc;
+    let install = FakeInstall::new(&[]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgfc")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let ops = Arc::new(RecordingHostOps::default());
+    let home = dir.path().join("home");
+    let layout = Layout::new(
+        home.clone(),
+        home.join("run"),
+        dir.path().join("config.toml"),
+    );
+    let mut config = Config::default();
+    config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
+    config.defaults.vmm = "firecracker".into();
+    config.defaults.system_disk = "dm".into();
+    let manager = Manager::open(layout, config).unwrap().with_seams(Seams {
+        tap: Some("bg-tap-0".into()),
+        accel: Some(AccelChoice {
+            accel: Accel::Kvm,
+            reason: "test seam".into(),
+        }),
+        skip_readiness: true,
+        host_ops: Some(ops.clone()),
+    });
+    let rootfs = dir.path().join("rootfs.ext4");
+    assert!(
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&rootfs)
+            .arg("16M")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let kernel = dir.path().join("vmlinux");
+    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub").unwrap();
+    let image = manager
+        .import_image(ImportImageRequest {
+            name: "default".into(),
+            rootfs: rootfs.display().to_string(),
+            kernel: kernel.display().to_string(),
+            initrd: None,
+        })
+        .await
+        .unwrap();
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "dm".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(vm.spec.system_disk, "dm");
+    let base = home.join("images").join(&image.digest).join("rootfs.ext4");
+    let cow = home.join("vms").join(&vm.id).join("system.cow");
+    let name = format!("banger-{}", vm.id);
+    assert_eq!(
+        ops.ops(),
+        [
+            HostOp::LoopAttach {
+                file: base.clone(),
+                read_only: true
+            },
+            HostOp::LoopAttach {
+                file: cow.clone(),
+                read_only: false
+            },
+            HostOp::DmCreate {
+                name: name.clone(),
+                table: format!(
+                    "0 {} snapshot /dev/loop0 /dev/loop1 P 8",
+                    (16u64 << 20) / 512
+                ),
+            },
+        ]
+    );
+    assert_eq!(
+        std::fs::metadata(&cow).unwrap().len(),
+        16 << 20,
+        "cow as large as the image"
+    );
+    manager.remove_vm("dm").await.unwrap();
+    assert_eq!(
+        ops.ops()[3..],
+        [
+            HostOp::DmRemove { name },
+            HostOp::LoopDetach {
+                device: "/dev/loop1".into()
+            },
+            HostOp::LoopDetach {
+                device: "/dev/loop0".into()
+            },
+        ]
+    );
 }

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::{Manager, host_key_alias};
 use crate::Error;
-use crate::disk::SystemDiskStrategy;
+use crate::disk::{self, SystemDiskStrategy};
 use crate::guest::ssh::SshTarget;
 use crate::model::{VmRecord, check_transition};
 use crate::vmm::{
@@ -216,12 +216,13 @@ impl Manager {
             .unwrap_or(SystemDiskStrategy::Qcow2);
         let system_disk = match strategy {
             SystemDiskStrategy::Qcow2 => self.layout.vm_system_disk(&record.id),
+            SystemDiskStrategy::DmSnapshot => self.ensure_dm(record, &image.digest).await?,
             _ => self.layout.vm_system_raw(&record.id),
         };
         let vmm = self.vmm_for(record);
         let work_disk = self.layout.vm_work_disk(&record.id);
         for disk in [&system_disk, &work_disk] {
-            if !disk.is_file() {
+            if !disk.exists() {
                 return Err(Error::Failed(format!(
                     "cannot start VM {}: disk {} is missing",
                     record.name,
@@ -353,6 +354,31 @@ impl Manager {
                 console_tail(&console_log)
             ))),
         }
+    }
+
+    /// The VM's dm system disk, attached again when the mapping is gone (host reboot): the
+    /// copy-on-write store keeps the VM's writes.
+    async fn ensure_dm(
+        &self,
+        record: &VmRecord,
+        image_digest: &str,
+    ) -> Result<std::path::PathBuf, Error> {
+        let name = self.layout.vm_dm_name(&record.id);
+        let device = std::path::Path::new("/dev/mapper").join(&name);
+        if device.exists() {
+            return Ok(device);
+        }
+        let ops = self.host_ops();
+        let base = self.layout.image_rootfs(image_digest);
+        let cow = self.layout.vm_system_cow(&record.id);
+        let state = self.layout.vm_system_dm(&record.id);
+        let dm = tokio::task::spawn_blocking(move || {
+            disk::dm_snapshot_attach(ops.as_ref(), &name, &base, &cow)
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("dm task failed: {e}")))??;
+        super::save_dm(&state, &dm)?;
+        Ok(dm.device)
     }
 
     /// How the daemon and the CLI reach the guest.

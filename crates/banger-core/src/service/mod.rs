@@ -45,6 +45,9 @@ pub struct Seams {
     pub accel: Option<AccelChoice>,
     /// Do not wait for the guest's SSH server after launch (no guest runs in a fake).
     pub skip_readiness: bool,
+    /// Where privileged host operations go (device-mapper); default: run them directly
+    /// when root, until banger-helper exists.
+    pub host_ops: Option<Arc<dyn disk::HostOps>>,
 }
 
 /// The daemon's operations over one banger instance.
@@ -238,13 +241,42 @@ impl Manager {
                 .map_err(io("copy"))?
             }
             SystemDiskStrategy::DmSnapshot => {
-                return Err(Error::HostSetup {
-                    message:
-                        "device-mapper system disks need banger-helper, which is not available yet"
-                            .into(),
-                    hint: "set defaults.system_disk = \"auto\" (reflink or copy)".into(),
-                });
+                let ops = self.host_ops();
+                let name = self.layout.vm_dm_name(id);
+                let cow = self.layout.vm_system_cow(id);
+                let state = self.layout.vm_system_dm(id);
+                let cow_bytes = std::fs::metadata(&base).map(|m| m.len()).unwrap_or(0);
+                tokio::task::spawn_blocking(move || {
+                    let dm = disk::dm_snapshot_create(ops.as_ref(), &name, &base, &cow, cow_bytes)?;
+                    save_dm(&state, &dm).inspect_err(|_| {
+                        let _ = disk::dm_snapshot_remove(ops.as_ref(), &dm);
+                    })
+                })
+                .await
+                .map_err(|e| Error::Failed(format!("dm task failed: {e}")))??;
             }
+        }
+        Ok(())
+    }
+
+    /// The HostOps in use: the test seam's, else direct losetup/dmsetup.
+    pub(super) fn host_ops(&self) -> Arc<dyn disk::HostOps> {
+        self.seams
+            .host_ops
+            .clone()
+            .unwrap_or_else(|| Arc::new(disk::LocalHostOps))
+    }
+
+    /// Whether dm snapshot system disks can be made here, or why not.
+    fn dm_available(&self) -> Result<(), String> {
+        if self.seams.host_ops.is_some() {
+            return Ok(());
+        }
+        if !std::path::Path::new("/dev/mapper/control").exists() {
+            return Err("there is no device-mapper (/dev/mapper/control)".into());
+        }
+        if !nix::unistd::geteuid().is_root() {
+            return Err("device-mapper needs root (banger-helper is not available yet)".into());
         }
         Ok(())
     }
@@ -295,8 +327,15 @@ impl Manager {
             (VmmKind::Qemu, "auto") => Ok((SystemDiskStrategy::Qcow2, "qcow2 overlay (QEMU)".into())),
             (_, "auto") => Ok(disk::choose_raw_strategy(
                 &self.layout.images_dir(),
-                Err("device-mapper needs banger-helper (not available yet)".into()),
+                self.dm_available(),
             )),
+            (_, "dm") => match self.dm_available() {
+                Ok(()) => Ok((SystemDiskStrategy::DmSnapshot, "defaults.system_disk = \"dm\"".into())),
+                Err(why) => Err(Error::HostSetup {
+                    message: format!("cannot make a device-mapper system disk: {why}"),
+                    hint: "set defaults.system_disk = \"auto\"".into(),
+                }),
+            },
             (VmmKind::Firecracker, "qcow2") => Err(Error::InvalidRequest(
                 "Firecracker takes raw disks only; defaults.system_disk = \"qcow2\" works with QEMU only".into(),
             )),
@@ -403,6 +442,18 @@ impl Manager {
                 hint: "stop it first with `banger vm stop NAME`",
             });
         }
+        if record.spec.system_disk == SystemDiskStrategy::DmSnapshot.as_str()
+            && let Some(dm) = load_dm(&self.layout.vm_system_dm(&record.id))
+        {
+            let ops = self.host_ops();
+            let torn =
+                tokio::task::spawn_blocking(move || disk::dm_snapshot_remove(ops.as_ref(), &dm))
+                    .await
+                    .map_err(|e| Error::Failed(format!("dm task failed: {e}")))?;
+            if let Err(e) = torn {
+                tracing::warn!(vm = %name, "device-mapper teardown incomplete: {e}");
+            }
+        }
         self.store().delete_vm(name.as_str())?;
         for dir in [
             self.layout.vm_dir(&record.id),
@@ -417,6 +468,17 @@ impl Manager {
         info!(vm = %name, id = %record.id, "VM removed");
         Ok(())
     }
+}
+
+/// Records a dm system disk's loop devices for teardown.
+pub(super) fn save_dm(path: &std::path::Path, dm: &disk::DmDisk) -> Result<(), Error> {
+    let text = serde_json::to_string(dm).map_err(|e| Error::Failed(e.to_string()))?;
+    std::fs::write(path, text).map_err(Error::io(format!("cannot write {}", path.display())))
+}
+
+/// The recorded dm system disk, if any.
+pub(super) fn load_dm(path: &std::path::Path) -> Option<disk::DmDisk> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
 /// The alias under which a VM's host key is pinned, independent of host and port.
