@@ -18,7 +18,11 @@ fn expected_hashes(env: &TestEnv) -> String {
     // Same checksums computed on the host, from the same contents.
     let dir = tempfile::tempdir_in(env.home()).unwrap();
     for i in 0..1000 {
-        std::fs::write(dir.path().join(format!("f{i}")), format!("content of file {i}\n")).unwrap();
+        std::fs::write(
+            dir.path().join(format!("f{i}")),
+            format!("content of file {i}\n"),
+        )
+        .unwrap();
     }
     let out = std::process::Command::new("sh")
         .arg("-c")
@@ -51,7 +55,12 @@ fn exec_semantics_and_a_stop_that_never_loses_data() {
         .spawn()
         .unwrap();
     let input = "piped into the guest\n".repeat(1000);
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let host_sum = std::process::Command::new("sha256sum")
@@ -64,7 +73,9 @@ fn exec_semantics_and_a_stop_that_never_loses_data() {
         })
         .unwrap();
     assert_eq!(out.stdout, host_sum.stdout);
-    let spaced = env.banger(&["vm", "exec", "dev", "--", "printf", "%s|", "a b", "it's"]).ok();
+    let spaced = env
+        .banger(&["vm", "exec", "dev", "--", "printf", "%s|", "a b", "it's"])
+        .ok();
     assert_eq!(spaced.stdout, "a b|it's|");
 
     // Starting a running VM is a no-op that succeeds.
@@ -72,7 +83,8 @@ fn exec_semantics_and_a_stop_that_never_loses_data() {
     assert!(again.stdout.contains("already running"), "{}", again.stdout);
 
     // 1,000 small writes, then stop at once: the sync before power-off keeps them all.
-    env.banger(&["vm", "exec", "dev", "--", "sh", "-c", WRITE_FILES]).ok();
+    env.banger(&["vm", "exec", "dev", "--", "sh", "-c", WRITE_FILES])
+        .ok();
     let stop = env.banger(&["vm", "stop", "dev", "--json"]).ok().json();
     assert_eq!(stop["vm"]["state"], "stopped");
     assert!(env.qemu_pids().is_empty(), "QEMU is gone after stop");
@@ -85,12 +97,18 @@ fn exec_semantics_and_a_stop_that_never_loses_data() {
     assert!(noop.stdout.contains("not running"), "{}", noop.stdout);
 
     env.banger(&["vm", "start", "dev"]).ok();
-    let hashes = env.banger(&["vm", "exec", "dev", "--", "sh", "-c", HASH_FILES]).ok();
+    let hashes = env
+        .banger(&["vm", "exec", "dev", "--", "sh", "-c", HASH_FILES])
+        .ok();
     assert_eq!(hashes.stdout, expected_hashes(&env));
 
     // The serial console is kept and readable.
     let logs = env.banger(&["vm", "logs", "dev"]).ok();
-    assert!(logs.stdout.contains("Linux version"), "console: {}", logs.stdout);
+    assert!(
+        logs.stdout.contains("Linux version"),
+        "console: {}",
+        logs.stdout
+    );
 
     env.banger(&["vm", "stop", "dev"]).ok();
     env.banger(&["vm", "rm", "dev"]).ok();
@@ -112,8 +130,16 @@ fn vms_are_isolated_and_survive_a_daemon_crash() {
     });
     assert_eq!(env.qemu_pids().len(), 2);
 
-    env.banger(&["vm", "exec", "a", "--", "sh", "-c", "echo only-in-a > /root/repo/marker && sync"])
-        .ok();
+    env.banger(&[
+        "vm",
+        "exec",
+        "a",
+        "--",
+        "sh",
+        "-c",
+        "echo only-in-a > /root/repo/marker && sync",
+    ])
+    .ok();
     let in_b = env.banger(&["vm", "exec", "b", "--", "test", "-e", "/root/repo/marker"]);
     assert_eq!(in_b.code, 1, "the file written in a is absent in b");
     let hostname = env.banger(&["vm", "exec", "b", "--", "hostname"]).ok();
@@ -128,11 +154,15 @@ fn vms_are_isolated_and_survive_a_daemon_crash() {
     for vm in listed.as_array().unwrap() {
         assert_eq!(vm["state"], "running", "{vm}");
     }
-    let marker = env.banger(&["vm", "exec", "a", "--", "cat", "/root/repo/marker"]).ok();
+    let marker = env
+        .banger(&["vm", "exec", "a", "--", "cat", "/root/repo/marker"])
+        .ok();
     assert_eq!(marker.stdout.trim(), "only-in-a");
     env.banger(&["vm", "stop", "a"]).ok();
     env.banger(&["vm", "stop", "b"]).ok();
-    poll(Duration::from_secs(10), "QEMU gone", || env.qemu_pids().is_empty().then_some(()));
+    poll(Duration::from_secs(10), "QEMU gone", || {
+        env.qemu_pids().is_empty().then_some(())
+    });
     let listed = env.banger(&["vm", "ls", "--json"]).ok().json();
     for vm in listed.as_array().unwrap() {
         assert_eq!(vm["state"], "stopped", "{vm}");
@@ -151,7 +181,11 @@ fn a_vmm_that_fails_to_launch_leaves_nothing_behind() {
     let run = env.banger(&["vm", "start", "broken"]);
     assert_eq!(run.code, 1, "{}", run.stderr);
     assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
-    assert!(run.stderr.contains("cannot start VM broken"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("cannot start VM broken"),
+        "{}",
+        run.stderr
+    );
     eprintln!("launch failure as the user sees it: {}", run.stderr.trim());
 
     let vm = env.banger(&["vm", "show", "broken", "--json"]).ok().json();
@@ -163,7 +197,10 @@ fn a_vmm_that_fails_to_launch_leaves_nothing_behind() {
         .into_iter()
         .filter(|f| !f.contains("/console.log"))
         .collect();
-    assert_eq!(files_after, files_before, "no disk or other file added or removed");
+    assert_eq!(
+        files_after, files_before,
+        "no disk or other file added or removed"
+    );
     let runtime_vms = env.home().join("run/vms");
     assert!(
         list_tree(&runtime_vms).is_empty(),
@@ -182,9 +219,17 @@ fn images_in_use_cannot_be_removed() {
     env.banger(&["vm", "create", "user"]).ok();
     let refused = env.banger(&["image", "rm", "default"]);
     assert_eq!(refused.code, 1, "{}", refused.stderr);
-    assert!(refused.stderr.contains("used by VM user"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("used by VM user"),
+        "{}",
+        refused.stderr
+    );
     let refused = env.banger(&["kernel", "rm", "default"]);
-    assert!(refused.stderr.contains("used by image default"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("used by image default"),
+        "{}",
+        refused.stderr
+    );
     env.banger(&["vm", "rm", "user"]).ok();
     env.banger(&["image", "rm", "default"]).ok();
     env.banger(&["kernel", "rm", "default"]).ok();
