@@ -6,6 +6,7 @@ use banger_proto::{ApiError, ErrorCode, NameError, VmState};
 use crate::config::ConfigError;
 use crate::disk::DiskError;
 use crate::guest::ssh::SshError;
+use crate::host::HostError;
 use crate::image::ImageError;
 use crate::layout::LayoutError;
 use crate::model::TransitionError;
@@ -68,6 +69,9 @@ pub enum Error {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Ssh(#[from] SshError),
+    /// A privileged action through the root helper failed.
+    #[error(transparent)]
+    Host(#[from] HostError),
     /// A file-system operation on banger's own files failed.
     #[error("{context}")]
     Io {
@@ -101,7 +105,8 @@ impl Error {
             )
             | Self::Vmm(VmmError::MissingBinary(_))
             | Self::Disk(DiskError::MissingTool(_))
-            | Self::Ssh(SshError::MissingSsh) => ErrorCode::HostSetup,
+            | Self::Ssh(SshError::MissingSsh)
+            | Self::Host(HostError::Unreachable { .. }) => ErrorCode::HostSetup,
             Self::Image(
                 ImageError::MissingFile { .. }
                 | ImageError::NotAKernel(_)
@@ -111,9 +116,12 @@ impl Error {
                 ErrorCode::Internal => ErrorCode::OperationFailed,
                 other => other,
             },
-            Self::Failed(_) | Self::Image(_) | Self::Vmm(_) | Self::Disk(_) | Self::Ssh(_) => {
-                ErrorCode::OperationFailed
-            }
+            Self::Failed(_)
+            | Self::Image(_)
+            | Self::Vmm(_)
+            | Self::Disk(_)
+            | Self::Ssh(_)
+            | Self::Host(_) => ErrorCode::OperationFailed,
             Self::Store(_) | Self::Layout(_) | Self::Io { .. } => ErrorCode::Internal,
         }
     }
@@ -149,6 +157,10 @@ impl Error {
             Self::Image(ImageError::NoMirror) => {
                 Some("pass --mirror URL or set images.mirror in the config file".into())
             }
+            Self::Host(HostError::Unreachable { .. }) => Some(
+                "install and start the root helper (`banger helper install`), or use `--network user`"
+                    .into(),
+            ),
             Self::StepFailed { source, .. } => source
                 .hint()
                 .or_else(|| Some("see `banger vm logs NAME` and the daemon log".into())),

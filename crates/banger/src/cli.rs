@@ -29,6 +29,20 @@ pub enum Command {
     /// Inspect or stop the background daemon (bangerd).
     #[command(subcommand)]
     Daemon(DaemonCommand),
+    /// Bridge networking: status, and removing everything banger made.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Write ~/.ssh/config.d/banger (a `Host NAME.vm` block per VM) so `ssh NAME.vm` works.
+    SshConfig {
+        /// Also add one `Include` line to ~/.ssh/config (idempotent).
+        #[arg(long)]
+        install: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// The root helper (bridge, taps, nftables): systemd units.
+    #[command(subcommand)]
+    Helper(HelperCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell to complete for.
@@ -114,8 +128,34 @@ pub struct CreateArgs {
     /// Work disk size (mounted at /root), e.g. 20G [default: from config, 8G].
     #[arg(long, value_parser = ByteSize::parse)]
     pub disk: Option<ByteSize>,
+    /// Network: `bridge` (root helper; NAME.vm resolves) or `user` (rootless)
+    /// [default: bridge when the helper answers, else user].
+    #[arg(long, value_parser = ["bridge", "user"])]
+    pub network: Option<String>,
     #[command(flatten)]
     pub json: JsonFlag,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Show the helper, bridge, taps, nftables table, DNS server and leases.
+    Status(JsonFlag),
+    /// Remove every tap, the bridge and the nftables table (bridge VMs must be stopped).
+    Down(JsonFlag),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HelperCommand {
+    /// Write the systemd units (banger-helper@.socket/.service) and say how to enable them;
+    /// with --print, print them instead.
+    Install {
+        /// Print the units on stdout instead of writing them.
+        #[arg(long)]
+        print: bool,
+        /// Where to write the units.
+        #[arg(long, default_value = "/etc/systemd/system")]
+        unit_dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Args)]

@@ -4,17 +4,19 @@
 
 mod images;
 mod lifecycle;
+mod network;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use banger_proto::{CreateVmRequest, Vm, VmName, VmSpec};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::Error;
 use crate::config::{Config, ResolvedDefaults};
 use crate::disk;
 use crate::guest::ssh;
+use crate::host::{HelperClient, HostOps};
 use crate::layout::Layout;
 use crate::model::{self, VmRecord};
 use crate::store::Store;
@@ -44,11 +46,38 @@ pub struct Manager {
     asset_lock: tokio::sync::Mutex<()>,
     /// Serialises the first generation of banger's client key.
     key_lock: tokio::sync::Mutex<()>,
+    /// Privileged actions (the root helper); `None` when `network.mode = "user"`.
+    host: Option<Arc<dyn HostOps>>,
+    helper_socket: std::path::PathBuf,
+    /// The helper's settings once it answered.
+    net_info: Mutex<Option<banger_proto::helper::HelperInfo>>,
+    /// Serialises network up/down.
+    net_lock: tokio::sync::Mutex<()>,
+    /// The `NAME.vm` DNS server, and where it listens.
+    dns_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    dns_addr: Mutex<Option<String>>,
 }
 
 impl Manager {
     /// Creates the instance's directories, opens the state database and applies migrations.
     pub fn open(layout: Layout, config: Config) -> Result<Self, Error> {
+        let helper_socket = if config.network.helper_socket.is_empty() {
+            Layout::default_helper_socket(nix::unistd::getuid().as_raw())
+        } else {
+            config.network.helper_socket.clone().into()
+        };
+        let host: Option<Arc<dyn HostOps>> = (config.network.mode != "user")
+            .then(|| Arc::new(HelperClient::new(helper_socket.clone())) as Arc<dyn HostOps>);
+        Self::with_host(layout, config, host, helper_socket)
+    }
+
+    /// Like [`Manager::open`] with an explicit [`HostOps`] (tests use a recording fake).
+    pub fn with_host(
+        layout: Layout,
+        config: Config,
+        host: Option<Arc<dyn HostOps>>,
+        helper_socket: std::path::PathBuf,
+    ) -> Result<Self, Error> {
         for dir in [layout.data_dir().to_path_buf(), layout.logs_dir()] {
             std::fs::create_dir_all(&dir)
                 .map_err(Error::io(format!("cannot create {}", dir.display())))?;
@@ -66,6 +95,12 @@ impl Manager {
             accel: tokio::sync::OnceCell::new(),
             asset_lock: tokio::sync::Mutex::new(()),
             key_lock: tokio::sync::Mutex::new(()),
+            host,
+            helper_socket,
+            net_info: Mutex::new(None),
+            net_lock: tokio::sync::Mutex::new(()),
+            dns_task: Mutex::new(None),
+            dns_addr: Mutex::new(None),
         })
     }
 
@@ -100,19 +135,23 @@ impl Manager {
             return Err(StoreError::VmExists(name.to_string()).into());
         }
         let image = self.find_image(&spec.image)?;
+        let pool = self.choose_network(request.network.as_deref()).await?;
         let record = VmRecord::new(name, spec);
         let vm_dir = self.layout.vm_dir(&record.id);
         let made = async {
             self.make_vm_disks(&record, &image.digest).await?;
-            self.store().insert_vm(&record)?;
-            Ok::<_, Error>(())
+            Ok::<_, Error>(self.store().insert_vm_with_lease(&record, pool)?)
         }
         .await;
-        if let Err(err) = made {
-            let _ = std::fs::remove_dir_all(&vm_dir);
-            return Err(err);
-        }
-        info!(vm = %record.name, id = %record.id, image = %record.spec.image, "VM created");
+        let lease = match made {
+            Ok(lease) => lease,
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&vm_dir);
+                return Err(err);
+            }
+        };
+        info!(vm = %record.name, id = %record.id, image = %record.spec.image, ip = ?lease.as_ref().map(|l| l.ip), tap = ?lease.as_ref().map(|l| &l.tap), "VM created");
+        self.refresh_ssh_config();
         Ok(record.to_api())
     }
 
@@ -242,6 +281,20 @@ impl Manager {
                 hint: "stop it first with `banger vm stop NAME`",
             });
         }
+        let lease = self.store().lease_of(&record.id)?;
+        if let Some(lease) = &lease {
+            // The tap goes with the VM. When the helper cannot do it now, `banger network
+            // down` removes every banger tap later.
+            if let Err(e) = self
+                .host_call(banger_proto::helper::HelperOp::DeleteTap {
+                    name: lease.tap.clone(),
+                })
+                .await
+            {
+                warn!(vm = %name, tap = %lease.tap, "cannot remove the tap: {}", e.to_api().message);
+            }
+        }
+        // Deleting the VM deletes its lease (ON DELETE CASCADE).
         self.store().delete_vm(name.as_str())?;
         for dir in [
             self.layout.vm_dir(&record.id),
@@ -254,6 +307,7 @@ impl Manager {
             }
         }
         info!(vm = %name, id = %record.id, "VM removed");
+        self.refresh_ssh_config();
         Ok(())
     }
 }

@@ -38,6 +38,14 @@ const MIGRATIONS: &[&str] = &[
         source      TEXT NOT NULL,
         created_at  TEXT NOT NULL
     ) STRICT;",
+    // 3: bridge networking: one lease (address + tap) per VM in bridge mode; a VM without a
+    // lease uses user-mode networking. Deleted with the VM.
+    "CREATE TABLE leases (
+        vm_id       TEXT PRIMARY KEY NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        ip          TEXT NOT NULL UNIQUE,
+        tap         TEXT NOT NULL UNIQUE,
+        created_at  TEXT NOT NULL
+    ) STRICT;",
 ];
 
 /// Brings the schema up to date, each migration in its own transaction.

@@ -2,6 +2,7 @@
 
 pub mod daemon;
 pub mod image;
+pub mod network;
 pub mod vm;
 
 use std::io::IsTerminal;
