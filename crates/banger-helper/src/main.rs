@@ -34,9 +34,10 @@ struct Args {
     /// The only uid allowed to connect.
     #[arg(long)]
     owner: Option<u32>,
-    /// Socket to listen on (ignored when systemd passes one).
-    #[arg(long, default_value = "/run/banger-helper/helper.sock")]
-    socket: PathBuf,
+    /// Socket to listen on (ignored when systemd passes one)
+    /// [default: /run/banger-helper/<owner>.sock, where bangerd looks].
+    #[arg(long)]
+    socket: Option<PathBuf>,
     /// The owner's banger data dir (paths in requests must resolve inside it);
     /// default: the owner's ~/.local/share/banger.
     #[arg(long)]
@@ -134,7 +135,11 @@ fn serve(args: &Args) -> Result<()> {
             user.dir.join(".local/share/banger")
         }
     };
-    let listener = listener(&args.socket)?;
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/run/banger-helper/{owner}.sock")));
+    let listener = listener(&socket)?;
     let server = Arc::new(server::Server::new(
         net::NetConfig {
             subnet,

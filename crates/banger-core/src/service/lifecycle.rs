@@ -237,6 +237,12 @@ impl Manager {
                     .ensure_network()
                     .await
                     .map_err(step("bridge network"))?;
+                // The helper checks the lease against its subnet (which may have changed).
+                self.host_call(HelperOp::CheckAddress {
+                    ip: lease.ip.to_string(),
+                })
+                .await
+                .map_err(step("lease"))?;
                 self.host_call(HelperOp::EnsureTap {
                     name: lease.tap.clone(),
                 })
