@@ -211,6 +211,28 @@ fn twenty_parallel_creates_get_distinct_leases_and_taps() {
         );
         assert!(tap.starts_with("bg-tap-"), "{tap}");
     }
+    // The VM shows its network; `--network user` gets no lease.
+    let shown = env.banger(&["vm", "show", "p0", "--json"]).ok().json();
+    assert_eq!(shown["network"]["mode"], "bridge");
+    let p0 = leases.iter().find(|l| l.0 == "p0").unwrap();
+    assert_eq!(shown["network"]["ip"], p0.1.as_str());
+    assert_eq!(shown["network"]["tap"], p0.2.as_str());
+    let user = env
+        .banger(&[
+            "vm",
+            "create",
+            "u",
+            "--network",
+            "user",
+            "--disk",
+            "64M",
+            "--json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(user["network"]["mode"], "user");
+    assert_eq!(self::leases(&env).len(), 20);
+    env.banger(&["vm", "rm", "u"]).ok();
     // rm releases the lease.
     env.banger(&["vm", "rm", "p3"]).ok();
     assert_eq!(self::leases(&env).len(), 19);
@@ -412,4 +434,27 @@ fn bridge_vms_resolve_each_other_reach_the_outside_and_leave_nothing() {
     assert!(ns.nft_tables().is_empty());
     let text = std::fs::read_to_string(&generated).unwrap();
     assert!(!text.contains("Host a.vm"), "{text}");
+}
+
+#[test]
+fn helper_install_writes_or_prints_the_systemd_units() {
+    let env = TestEnv::new();
+    let dir = env.dir().join("units");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = env
+        .banger(&["helper", "install", "--unit-dir", dir.to_str().unwrap()])
+        .ok();
+    assert!(
+        run.stdout.contains("systemctl enable --now banger-helper@"),
+        "{}",
+        run.stdout
+    );
+    let socket = std::fs::read_to_string(dir.join("banger-helper@.socket")).unwrap();
+    assert!(socket.contains("ListenStream=/run/banger-helper/%i.sock"));
+    let service = std::fs::read_to_string(dir.join("banger-helper@.service")).unwrap();
+    assert!(service.contains("--foreground --owner %i"));
+    let printed = env.banger(&["helper", "install", "--print"]).ok();
+    assert!(printed.stdout.contains("[Socket]") && printed.stdout.contains("[Service]"));
+    // It never needs the daemon.
+    assert!(env.daemon_pids().is_empty());
 }

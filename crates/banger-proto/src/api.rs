@@ -102,6 +102,22 @@ pub struct Vm {
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<VmRuntime>,
+    /// The VM's network (absent in replies that do not look it up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<VmNetwork>,
+}
+
+/// A VM's network: `bridge` with its lease, or `user` (QEMU user-mode networking).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmNetwork {
+    /// `bridge` or `user`.
+    pub mode: String,
+    /// Bridge mode: the leased address (`NAME.vm` resolves to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// Bridge mode: the VM's tap device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
 }
 
 /// `POST /v1/vms`. Omitted fields take the daemon's configured defaults.

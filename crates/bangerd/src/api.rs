@@ -17,7 +17,7 @@ use banger_proto::{
     ApiError, BuildImageRequest, ConsoleChunk, CreateVmRequest, DaemonStatus, ErrorBody, ErrorCode,
     Image, ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo, LifecycleResult,
     NetworkStatus, OP_ID_HEADER, SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, Vm,
-    VmRuntime, VmSpec, VmState,
+    VmNetwork, VmRuntime, VmSpec, VmState,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -439,6 +439,7 @@ async fn remove_kernel(
         CreateVmRequest,
         DaemonStatus,
         NetworkStatus,
+        VmNetwork,
         LeaseInfo,
         SshConfigRequest,
         SshConfigResult,

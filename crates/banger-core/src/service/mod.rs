@@ -152,7 +152,7 @@ impl Manager {
         };
         info!(vm = %record.name, id = %record.id, image = %record.spec.image, ip = ?lease.as_ref().map(|l| l.ip), tap = ?lease.as_ref().map(|l| &l.tap), "VM created");
         self.refresh_ssh_config();
-        Ok(record.to_api())
+        Ok(self.vm_api(&record))
     }
 
     /// The VM's directory with its disks and pinned host key.
@@ -257,7 +257,7 @@ impl Manager {
         let records = self.store().list_vms()?;
         Ok(records
             .into_iter()
-            .map(|record| self.observe(record).to_api())
+            .map(|record| self.vm_api(&self.observe(record)))
             .collect())
     }
 
@@ -265,7 +265,29 @@ impl Manager {
     pub async fn get_vm(&self, name: &str) -> Result<Vm, Error> {
         let name = VmName::parse(name)?;
         let record = self.store().get_vm(name.as_str())?;
-        Ok(self.observe(record).to_api())
+        Ok(self.vm_api(&self.observe(record)))
+    }
+
+    /// The API form of a VM, with its network (lease) looked up.
+    fn vm_api(&self, record: &VmRecord) -> Vm {
+        let mut vm = record.to_api();
+        vm.network = match self.store().lease_of(&record.id) {
+            Ok(Some(lease)) => Some(banger_proto::VmNetwork {
+                mode: "bridge".into(),
+                ip: Some(lease.ip.to_string()),
+                tap: Some(lease.tap),
+            }),
+            Ok(None) => Some(banger_proto::VmNetwork {
+                mode: "user".into(),
+                ip: None,
+                tap: None,
+            }),
+            Err(e) => {
+                warn!(vm = %record.name, "cannot read the lease: {e}");
+                None
+            }
+        };
+        vm
     }
 
     /// Removes a VM that is not running, with its files.
