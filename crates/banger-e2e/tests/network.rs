@@ -84,6 +84,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.0));
     }
 }
 
@@ -178,9 +179,42 @@ fn dns_query(server: SocketAddr, name: &str) -> Message {
     Message::from_vec(&buf[..len]).unwrap()
 }
 
+/// Answers every A query with 192.0.2.7 (a documentation address), like an upstream resolver.
+fn fake_upstream(socket: UdpSocket) {
+    let mut buf = [0u8; 1500];
+    while let Ok((len, peer)) = socket.recv_from(&mut buf) {
+        let Ok(query) = Message::from_vec(&buf[..len]) else {
+            continue;
+        };
+        let mut reply = Message::new();
+        reply
+            .set_id(query.id())
+            .set_message_type(hickory_proto::op::MessageType::Response);
+        for q in query.queries() {
+            reply.add_query(q.clone());
+            reply.add_answer(hickory_proto::rr::Record::from_rdata(
+                q.name().clone(),
+                60,
+                RData::A(Ipv4Addr::new(192, 0, 2, 7).into()),
+            ));
+        }
+        let _ = socket.send_to(&reply.to_vec().unwrap(), peer);
+    }
+}
+
 #[test]
-fn twenty_parallel_creates_get_distinct_leases_and_taps() {
+fn twenty_parallel_creates_get_distinct_leases_and_dns_forwards_other_names() {
     let ns = Netns::new("bgl");
+    // `ip netns exec` shows the daemon this file as /etc/resolv.conf: its upstream resolver
+    // is a fake one inside the namespace.
+    let etc = PathBuf::from(format!("/etc/netns/{}", ns.0));
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.53\n").unwrap();
+    let upstream = ns
+        .run(|| UdpSocket::bind("127.0.0.53:53").unwrap())
+        .join()
+        .unwrap();
+    std::thread::spawn(move || fake_upstream(upstream));
     let mut env = TestEnv::new();
     env.set_netns(&ns.0);
     let socket = env.dir().join("helper.sock");
@@ -211,6 +245,31 @@ fn twenty_parallel_creates_get_distinct_leases_and_taps() {
         );
         assert!(tap.starts_with("bg-tap-"), "{tap}");
     }
+    // The daemon's DNS server answers .vm names itself and forwards the rest upstream.
+    let answers = ns
+        .run(|| {
+            let server: SocketAddr = "172.30.0.1:53".parse().unwrap();
+            (
+                dns_query(server, "p0.vm."),
+                dns_query(server, "example.test."),
+            )
+        })
+        .join()
+        .unwrap();
+    let p0_ip: Ipv4Addr = leases
+        .iter()
+        .find(|l| l.0 == "p0")
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    assert_eq!(answers.0.answers()[0].data(), &RData::A(p0_ip.into()));
+    assert_eq!(answers.1.response_code(), ResponseCode::NoError);
+    assert_eq!(
+        answers.1.answers()[0].data(),
+        &RData::A(Ipv4Addr::new(192, 0, 2, 7).into())
+    );
+
     // The VM shows its network; `--network user` gets no lease.
     let shown = env.banger(&["vm", "show", "p0", "--json"]).ok().json();
     assert_eq!(shown["network"]["mode"], "bridge");
