@@ -133,6 +133,39 @@ pub struct ImagesConfig {
     pub mirror: String,
 }
 
+/// Bridge networking.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// "auto" (bridge when the root helper answers, else user), "bridge" or "user".
+    pub mode: String,
+    /// The root helper's socket (default `/run/banger-helper/<uid>.sock`).
+    pub helper_socket: String,
+    /// Taps made ahead of time when the network comes up (default 4).
+    pub pool_size: u32,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            mode: "auto".into(),
+            helper_socket: String::new(),
+            pool_size: 4,
+        }
+    }
+}
+
+/// The generated OpenSSH configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshConfigConfig {
+    /// The generated file (default `~/.ssh/config.d/banger`).
+    pub config_file: String,
+    /// The user's ssh config that `banger ssh-config --install` adds the Include to
+    /// (default `~/.ssh/config`).
+    pub user_config: String,
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -142,6 +175,8 @@ pub struct Config {
     pub qemu: QemuConfig,
     pub firecracker: FirecrackerConfig,
     pub images: ImagesConfig,
+    pub network: NetworkConfig,
+    pub ssh: SshConfigConfig,
 }
 
 /// [`VmDefaults`] with sizes parsed.
@@ -214,6 +249,20 @@ impl Config {
                     "{:?} is not one of auto, qcow2, reflink, dm, copy",
                     self.defaults.system_disk
                 ),
+            });
+        }
+        if !["auto", "bridge", "user"].contains(&self.network.mode.as_str()) {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                key: "network.mode",
+                message: format!("{:?} is not one of auto, bridge, user", self.network.mode),
+            });
+        }
+        if self.network.pool_size > 256 {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                key: "network.pool_size",
+                message: "must be at most 256".into(),
             });
         }
         if self.defaults.cpus == 0 {

@@ -6,6 +6,7 @@ use banger_proto::{ApiError, ErrorCode, NameError, VmState};
 use crate::config::ConfigError;
 use crate::disk::DiskError;
 use crate::guest::ssh::SshError;
+use crate::host::HostError;
 use crate::image::ImageError;
 use crate::layout::LayoutError;
 use crate::model::TransitionError;
@@ -71,6 +72,9 @@ pub enum Error {
     Ssh(#[from] SshError),
     #[error(transparent)]
     Workspace(#[from] WorkspaceError),
+    /// A privileged action through the root helper failed.
+    #[error(transparent)]
+    Host(#[from] HostError),
     /// A file-system operation on banger's own files failed.
     #[error("{context}")]
     Io {
@@ -106,7 +110,8 @@ impl Error {
                 VmmError::MissingBinary(_) | VmmError::TooOld { .. } | VmmError::NeedsTap,
             )
             | Self::Disk(DiskError::MissingTool(_))
-            | Self::Ssh(SshError::MissingSsh) => ErrorCode::HostSetup,
+            | Self::Ssh(SshError::MissingSsh)
+            | Self::Host(HostError::Unreachable { .. }) => ErrorCode::HostSetup,
             Self::Image(
                 ImageError::MissingFile { .. }
                 | ImageError::NotAKernel(_)
@@ -126,9 +131,12 @@ impl Error {
                 | WorkspaceError::NotPrepared(_),
             ) => ErrorCode::InvalidRequest,
             Self::Workspace(_) => ErrorCode::OperationFailed,
-            Self::Failed(_) | Self::Image(_) | Self::Vmm(_) | Self::Disk(_) | Self::Ssh(_) => {
-                ErrorCode::OperationFailed
-            }
+            Self::Failed(_)
+            | Self::Image(_)
+            | Self::Vmm(_)
+            | Self::Disk(_)
+            | Self::Ssh(_)
+            | Self::Host(_) => ErrorCode::OperationFailed,
             Self::Store(_) | Self::Layout(_) | Self::Io { .. } => ErrorCode::Internal,
         }
     }
@@ -190,6 +198,10 @@ impl Error {
                 Some("run `banger vm workspace prepare NAME` in a git repository first".into())
             }
             Self::Workspace(WorkspaceError::Changed(_)) => Some("run the prepare again".into()),
+            Self::Host(HostError::Unreachable { .. }) => Some(
+                "install and start the root helper (`banger helper install`), or use `--network user`"
+                    .into(),
+            ),
             Self::StepFailed { source, .. } => source
                 .hint()
                 .or_else(|| Some("see `banger vm logs NAME` and the daemon log".into())),

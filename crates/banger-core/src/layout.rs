@@ -25,6 +25,8 @@ pub struct Layout {
     data_dir: PathBuf,
     runtime_dir: PathBuf,
     config_file: PathBuf,
+    /// `$HOME`, for the ssh configuration files.
+    home: Option<PathBuf>,
 }
 
 /// Reads one environment variable, treating an empty value as unset.
@@ -67,6 +69,7 @@ impl Layout {
             data_dir,
             runtime_dir,
             config_file,
+            home,
         })
     }
 
@@ -76,6 +79,7 @@ impl Layout {
             data_dir,
             runtime_dir,
             config_file,
+            home: None,
         }
     }
 
@@ -172,6 +176,31 @@ impl Layout {
     /// Content-addressed kernel store.
     pub fn kernels_dir(&self) -> PathBuf {
         self.data_dir.join("kernels")
+    }
+    /// The root helper's socket for `uid` when the config names none.
+    pub fn default_helper_socket(uid: u32) -> PathBuf {
+        PathBuf::from(format!("/run/banger-helper/{uid}.sock"))
+    }
+    /// The generated OpenSSH config: `configured`, else `~/.ssh/config.d/banger`.
+    pub fn ssh_config_file(&self, configured: &str) -> PathBuf {
+        self.home_file(configured, ".ssh/config.d/banger")
+    }
+    /// The user's own OpenSSH config: `configured`, else `~/.ssh/config`.
+    pub fn ssh_user_config(&self, configured: &str) -> PathBuf {
+        self.home_file(configured, ".ssh/config")
+    }
+    fn home_file(&self, configured: &str, default: &str) -> PathBuf {
+        if !configured.is_empty() {
+            return PathBuf::from(configured);
+        }
+        match &self.home {
+            Some(home) => home.join(default),
+            None => self.data_dir.join(default.trim_start_matches(".ssh/")),
+        }
+    }
+    /// ControlPath sockets of the generated ssh config.
+    pub fn ssh_control_dir(&self) -> PathBuf {
+        self.runtime_dir.join("ssh")
     }
     /// banger's own SSH client key pair.
     pub fn keys_dir(&self) -> PathBuf {

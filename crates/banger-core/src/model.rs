@@ -77,6 +77,7 @@ impl VmRecord {
             updated_at: self.updated_at.clone(),
             last_error: self.last_error.clone(),
             runtime: self.runtime.clone(),
+            network: None,
         }
     }
 }

@@ -36,6 +36,8 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct TestEnv {
     dir: tempfile::TempDir,
     extra_env: Vec<(String, String)>,
+    /// Network namespace every command (and so the daemon and its VMs) runs in.
+    netns: Option<String>,
 }
 
 /// A finished CLI invocation.
@@ -88,7 +90,19 @@ impl TestEnv {
                 .tempdir_in("/tmp")
                 .unwrap(),
             extra_env: Vec::new(),
+            netns: None,
         }
+    }
+
+    /// Runs every later command inside network namespace `name` (`ip netns exec`): the
+    /// daemon they start, and its VMs, live there.
+    pub fn set_netns(&mut self, name: &str) {
+        self.netns = Some(name.to_owned());
+    }
+
+    /// The instance's scratch directory (beside `home`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Adds an environment variable to every command of this instance.
@@ -115,7 +129,14 @@ impl TestEnv {
 
     /// A `banger` command with this instance's environment.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(bin("banger"));
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("banger"));
+                c
+            }
+            None => Command::new(bin("banger")),
+        };
         command
             .args(args)
             .env_remove("XDG_RUNTIME_DIR")

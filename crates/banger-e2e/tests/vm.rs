@@ -1,7 +1,6 @@
 //! Real VMs under QEMU (TCG here, KVM where usable), booted from the real default image:
 //! exec semantics, durability across stop/start, daemon crash and reattach, isolation, and a
 //! failed launch that leaves nothing behind.
-
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;

@@ -119,6 +119,22 @@ pub struct Vm {
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<VmRuntime>,
+    /// The VM's network (absent in replies that do not look it up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<VmNetwork>,
+}
+
+/// A VM's network: `bridge` with its lease, or `user` (QEMU user-mode networking).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmNetwork {
+    /// `bridge` or `user`.
+    pub mode: String,
+    /// Bridge mode: the leased address (`NAME.vm` resolves to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// Bridge mode: the VM's tap device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
 }
 
 /// `POST /v1/vms`. Omitted fields take the daemon's configured defaults.
@@ -137,6 +153,64 @@ pub struct CreateVmRequest {
     /// VMM backend: `auto` (default from config), `firecracker` or `qemu`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm: Option<String>,
+    /// `bridge` or `user`; default: bridge when the root helper answers, else user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
+
+/// A VM's bridge lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseInfo {
+    pub vm: String,
+    pub ip: String,
+    pub tap: String,
+}
+
+/// `GET /v1/network`: banger's bridge network as it is now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkStatus {
+    /// The configured mode: `auto`, `bridge` or `user`.
+    pub mode: String,
+    pub helper_socket: String,
+    /// Whether the root helper answers.
+    pub helper: bool,
+    /// Why it does not, when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helper_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    pub bridge_up: bool,
+    pub nft_table: bool,
+    pub taps: Vec<String>,
+    /// Where the `NAME.vm` DNS server listens, when it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<String>,
+    pub leases: Vec<LeaseInfo>,
+}
+
+/// `POST /v1/ssh-config`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SshConfigRequest {
+    /// Also add one `Include` line to the user's ssh config (idempotent).
+    #[serde(default)]
+    pub install: bool,
+}
+
+/// What `POST /v1/ssh-config` wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SshConfigResult {
+    /// The generated file.
+    pub path: String,
+    /// Hosts in it (`NAME.vm`).
+    pub hosts: Vec<String>,
+    /// The user's ssh config holding the Include (with `install`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_config: Option<String>,
+    /// Whether the Include line was added now (false: it was there).
+    pub include_added: bool,
 }
 
 /// `GET /v1/status`.

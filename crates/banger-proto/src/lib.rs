@@ -1,11 +1,12 @@
 //! Wire types of banger: the daemon's HTTP+JSON API (requests, responses, the error body and
 //! its codes) and the value types both sides validate the same way (VM names, sizes).
 //!
-//! Nothing here does I/O. The CLI, the daemon and (later) the root helper all depend on this
+//! Nothing here does I/O. The CLI, the daemon and the root helper all depend on this
 //! crate, so it stays small.
 
 pub mod api;
 pub mod error;
+pub mod helper;
 pub mod name;
 pub mod size;
 

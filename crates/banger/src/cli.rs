@@ -33,6 +33,20 @@ pub enum Command {
     ///
     /// Exits 0 when nothing fails (warnings allowed), 1 when a check fails.
     Doctor(JsonFlag),
+    /// Bridge networking: status, and removing everything banger made.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Write ~/.ssh/config.d/banger (a `Host NAME.vm` block per VM) so `ssh NAME.vm` works.
+    SshConfig {
+        /// Also add one `Include` line to ~/.ssh/config (idempotent).
+        #[arg(long)]
+        install: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// The root helper (bridge, taps, nftables): systemd units.
+    #[command(subcommand)]
+    Helper(HelperCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell to complete for.
@@ -169,8 +183,34 @@ pub struct CreateArgs {
     /// [default: from config, auto].
     #[arg(long, value_parser = ["auto", "firecracker", "qemu"])]
     pub vmm: Option<String>,
+    /// Network: `bridge` (root helper; NAME.vm resolves) or `user` (rootless)
+    /// [default: bridge when the helper answers, else user].
+    #[arg(long, value_parser = ["bridge", "user"])]
+    pub network: Option<String>,
     #[command(flatten)]
     pub json: JsonFlag,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Show the helper, bridge, taps, nftables table, DNS server and leases.
+    Status(JsonFlag),
+    /// Remove every tap, the bridge and the nftables table (bridge VMs must be stopped).
+    Down(JsonFlag),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HelperCommand {
+    /// Write the systemd units (banger-helper@.socket/.service) and say how to enable them;
+    /// with --print, print them instead.
+    Install {
+        /// Print the units on stdout instead of writing them.
+        #[arg(long)]
+        print: bool,
+        /// Where to write the units.
+        #[arg(long, default_value = "/etc/systemd/system")]
+        unit_dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Args)]

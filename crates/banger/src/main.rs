@@ -66,6 +66,7 @@ fn run(cli: Cli, op_id: String) -> Result<u8, ClientError> {
             clap_complete::generate(shell, &mut command, "banger", &mut std::io::stdout());
             return Ok(0);
         }
+        Command::Helper(command) => return commands::network::helper(command),
         Command::Man => {
             clap_mangen::Man::new(Cli::command())
                 .render(&mut std::io::stdout())
@@ -87,7 +88,11 @@ fn run(cli: Cli, op_id: String) -> Result<u8, ClientError> {
             Command::Doctor(flag) => commands::doctor::run(&client, flag).await,
             Command::Image(command) => commands::image::run_image(&client, command).await,
             Command::Kernel(command) => commands::image::run_kernel(&client, command).await,
-            Command::Completions { .. } | Command::Man => Ok(0),
+            Command::Network(command) => commands::network::run(&client, command).await,
+            Command::SshConfig { install, json } => {
+                commands::network::ssh_config(&client, install, json.json).await
+            }
+            Command::Completions { .. } | Command::Man | Command::Helper(_) => Ok(0),
         }
     })
 }

@@ -71,6 +71,13 @@ pub fn vm_details(vm: &Vm) -> String {
         ("created", vm.created_at.clone()),
         ("updated", vm.updated_at.clone()),
     ];
+    if let Some(network) = &vm.network {
+        let text = match (&network.ip, &network.tap) {
+            (Some(ip), Some(tap)) => format!("{} {ip} ({tap}), {}.vm", network.mode, vm.name),
+            _ => network.mode.clone(),
+        };
+        pairs.push(("network", text));
+    }
     if let Some(runtime) = &vm.runtime {
         pairs.push((
             "vmm",

@@ -16,9 +16,10 @@ use banger_core::service::Manager;
 use banger_proto::{
     ApiError, BuildImageRequest, CheckStatus, ConsoleChunk, CreateVmRequest, DaemonStatus,
     DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, Image,
-    ImportImageRequest, ImportKernelRequest, Kernel, LifecycleResult, OP_ID_HEADER,
-    PrepareProgress, PrepareResult, PrepareWorkspaceRequest, SshInfo, StopVmRequest, Vm, VmRuntime,
-    VmSpec, VmState, WorkspaceDiff, WorkspaceStatus,
+    ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo, LifecycleResult, NetworkStatus,
+    OP_ID_HEADER, PrepareProgress, PrepareResult, PrepareWorkspaceRequest, SshConfigRequest,
+    SshConfigResult, SshInfo, StopVmRequest, Vm, VmNetwork, VmRuntime, VmSpec, VmState,
+    WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -67,6 +68,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/kernels", get(list_kernels))
         .route("/v1/kernels/import", post(import_kernel))
         .route("/v1/kernels/{name}", axum::routing::delete(remove_kernel))
+        .route("/v1/network", get(network_status))
+        .route("/v1/network/down", post(network_down))
+        .route("/v1/ssh-config", post(ssh_config))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(op_id_span))
@@ -87,18 +91,23 @@ async fn op_id_span(request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let started = Instant::now();
-    let mut response = async {
-        info!(%method, %path, "request");
-        let response = next.run(request).await;
-        info!(
-            status = response.status().as_u16(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "response"
-        );
-        response
-    }
-    .instrument(span)
-    .await;
+    let task_op_id = op_id.clone();
+    let mut response = banger_core::net::OP_ID
+        .scope(
+            task_op_id,
+            async {
+                info!(%method, %path, "request");
+                let response = next.run(request).await;
+                info!(
+                    status = response.status().as_u16(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "response"
+                );
+                response
+            }
+            .instrument(span),
+        )
+        .await;
     if let Ok(value) = HeaderValue::from_str(&op_id) {
         response.headers_mut().insert(OP_ID_HEADER, value);
     }
@@ -254,6 +263,29 @@ async fn remove_vm(
 ) -> Result<StatusCode, HttpError> {
     state.manager.remove_vm(&name).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/network", tag = "network",
+    responses((status = 200, description = "The bridge network, the helper and the leases", body = NetworkStatus)))]
+async fn network_status(State(state): State<AppState>) -> Result<Json<NetworkStatus>, HttpError> {
+    Ok(Json(state.manager.network_status().await?))
+}
+
+#[utoipa::path(post, path = "/v1/network/down", tag = "network",
+    responses((status = 200, description = "Every tap, the bridge and the nftables table removed", body = NetworkStatus),
+              (status = 400, description = "Bridge VMs run", body = ErrorBody),
+              (status = 422, description = "The root helper does not answer", body = ErrorBody)))]
+async fn network_down(State(state): State<AppState>) -> Result<Json<NetworkStatus>, HttpError> {
+    Ok(Json(state.manager.network_down().await?))
+}
+
+#[utoipa::path(post, path = "/v1/ssh-config", tag = "network", request_body = SshConfigRequest,
+    responses((status = 200, description = "The generated ssh config was written", body = SshConfigResult)))]
+async fn ssh_config(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<SshConfigRequest>,
+) -> Result<Json<SshConfigResult>, HttpError> {
+    Ok(Json(state.manager.ssh_config(request.install).await?))
 }
 
 #[utoipa::path(post, path = "/v1/vms/{name}/start", tag = "vms",
@@ -488,7 +520,10 @@ async fn remove_kernel(
         prepare_workspace,
         workspace_status,
         export_workspace,
-        prepare_progress
+        prepare_progress,
+        network_status,
+        network_down,
+        ssh_config
     ),
     components(schemas(
         PrepareWorkspaceRequest,
@@ -507,6 +542,11 @@ async fn remove_kernel(
         DoctorReport,
         DoctorCheck,
         CheckStatus,
+        NetworkStatus,
+        VmNetwork,
+        LeaseInfo,
+        SshConfigRequest,
+        SshConfigResult,
         ErrorBody,
         ApiError,
         ErrorCode,

@@ -92,6 +92,7 @@ async fn serve(layout: Layout, config: Config) -> Result<()> {
         .reconcile()
         .await
         .context("cannot reconcile VM state")?;
+    manager.start_network().await;
 
     // We hold the lock, so a socket file left here is from a daemon that died.
     match std::fs::remove_file(&socket) {

@@ -14,9 +14,10 @@ use crate::disk::{self, SystemDiskStrategy};
 use crate::guest::ssh::SshTarget;
 use crate::model::{VmRecord, check_transition};
 use crate::vmm::{
-    Accel, Hypervisor, LaunchSpec, StopTimings, VmProcess, Vmm, accel, cgroup, firecracker,
-    process, stop_sequence,
+    Accel, Hypervisor, LaunchSpec, NetAttach, StopTimings, VmProcess, Vmm, accel, cgroup,
+    firecracker, process, stop_sequence,
 };
+use banger_proto::helper::HelperOp;
 
 /// The guest's static address under QEMU user-mode networking.
 const USER_NET: &str = "banger.ip=10.0.2.15/24 banger.gw=10.0.2.2 banger.dns=10.0.2.3";
@@ -112,6 +113,16 @@ impl Manager {
                 warn!(vm = %record.name, state = %record.state, "VM was mid-operation when the daemon died; stopping it");
                 self.stop_process(&record, pid, true).await;
             }
+            if record.state == VmState::Starting {
+                // The daemon may have died before it recorded the VMM's pid (QEMU was still
+                // daemonizing): find such a VMM by the VM id in its command line.
+                // `-name ...,process=banger-<id>` is how the QEMU backend names its process.
+                let marker = format!("process=banger-{}", record.id);
+                for pid in process::find_by_marker(&marker) {
+                    warn!(vm = %record.name, pid, "killing a VMM left by an interrupted start");
+                    process::kill(pid, &marker).await;
+                }
+            }
             self.release_runtime(&record.id);
             if let Some(runtime) = record.runtime.as_mut() {
                 runtime.pid = None;
@@ -172,6 +183,7 @@ impl Manager {
                 record.last_error = None;
                 self.transition(&mut record, VmState::Running)?;
                 info!(vm = %name, "VM running");
+                self.refresh_ssh_config();
                 Ok(LifecycleResult {
                     vm: record.to_api(),
                     changed: true,
@@ -250,15 +262,43 @@ impl Manager {
         )))?;
         undo.runtime_dir = Some(runtime_dir.clone());
 
+        // Bridge mode: the network (and DNS) up, the VM's own tap ready, a static address.
+        let lease = self.store().lease_of(&record.id)?;
+        let (net_args, attach) = match &lease {
+            Some(lease) => {
+                let info = self
+                    .ensure_network()
+                    .await
+                    .map_err(step("bridge network"))?;
+                // The helper checks the lease against its subnet (which may have changed).
+                self.host_call(HelperOp::CheckAddress {
+                    ip: lease.ip.to_string(),
+                })
+                .await
+                .map_err(step("lease"))?;
+                self.host_call(HelperOp::EnsureTap {
+                    name: lease.tap.clone(),
+                })
+                .await
+                .map_err(step("tap"))?;
+                (
+                    super::network::cmdline_for(lease.ip, &info),
+                    Some(NetAttach::Tap {
+                        name: lease.tap.clone(),
+                    }),
+                )
+            }
+            None => (USER_NET.to_owned(), None),
+        };
         let mut cmdline = match vmm {
-            // No tap yet: the launch refuses before spawning (VmmError::NeedsTap).
+            // Without a tap the launch refuses before spawning (VmmError::NeedsTap).
             Vmm::Firecracker(_) => format!(
-                "console=ttyS0 root=/dev/vda rw {} banger.hostname={}",
+                "console=ttyS0 root=/dev/vda rw {} banger.hostname={} {net_args}",
                 firecracker::BOOT_ARGS,
                 record.name
             ),
             Vmm::Qemu(_) => format!(
-                "console=ttyS0 root=/dev/vda rw panic=-1 banger.hostname={} {USER_NET}",
+                "console=ttyS0 root=/dev/vda rw panic=-1 banger.hostname={} {net_args}",
                 record.name
             ),
         };
@@ -286,26 +326,39 @@ impl Manager {
             work_disk,
             runtime_dir,
             console_log: console_log.clone(),
-            ssh_port: 0,
+            net: attach.clone().unwrap_or(NetAttach::User { ssh_port: 0 }),
             mac: mac_for(&record.id),
-            // Until banger-helper hands out taps, only the test seam provides one.
-            tap: match vmm {
-                Vmm::Firecracker(_) => self.seams.tap.clone(),
-                Vmm::Qemu(_) => None,
+            // Firecracker's NIC is the lease's tap (bridge mode); tests without the helper
+            // hand one in through the seam.
+            tap: match (&vmm, &attach) {
+                (Vmm::Firecracker(_), Some(NetAttach::Tap { name })) => Some(name.clone()),
+                (Vmm::Firecracker(_), _) => self.seams.tap.clone(),
+                (Vmm::Qemu(_), _) => None,
             },
         };
         // A port picked free may be taken before QEMU binds it: try a few.
         let mut attempt = 0;
         let process = loop {
             attempt += 1;
-            spec.ssh_port = free_port().map_err(Error::io("cannot pick a port"))?;
+            if attach.is_none() {
+                spec.net = NetAttach::User {
+                    ssh_port: free_port().map_err(Error::io("cannot pick a port"))?,
+                };
+            }
             match vmm.launch(&spec).await {
                 Ok(process) => break process,
-                Err(e) if attempt < 3 && e.to_string().contains("forwarding") => {
-                    warn!("port {} was taken, retrying: {e}", spec.ssh_port);
+                Err(e)
+                    if attempt < 3 && attach.is_none() && e.to_string().contains("forwarding") =>
+                {
+                    warn!("port was taken, retrying: {e}");
                 }
                 Err(e) => return Err(step("launch the VMM")(e.into())),
             }
+        };
+        let (ssh_host, ssh_port) = match (&spec.net, &lease) {
+            (NetAttach::User { ssh_port }, _) => ("127.0.0.1".to_owned(), *ssh_port),
+            (NetAttach::Tap { .. }, Some(lease)) => (lease.ip.to_string(), 22),
+            (NetAttach::Tap { .. }, None) => ("127.0.0.1".to_owned(), 0),
         };
         undo.process = Some((process.clone(), record.id.clone()));
         record.runtime = Some(VmRuntime {
@@ -313,8 +366,8 @@ impl Manager {
             accel: choice.accel.as_str().into(),
             reason: choice.reason.clone(),
             pid: Some(process.pid),
-            ssh_host: "127.0.0.1".into(),
-            ssh_port: spec.ssh_port,
+            ssh_host,
+            ssh_port,
         });
         // Durable before waiting: a daemon crash now still knows which process to clean up.
         self.store().update_vm(record)?;
@@ -326,7 +379,7 @@ impl Manager {
                 Err(why) => info!(vm = %record.name, "VMM runs without a cgroup of its own: {why}"),
             }
         }
-        info!(vm = %record.name, pid = process.pid, port = spec.ssh_port, accel = choice.accel.as_str(), "VMM launched; waiting for SSH");
+        info!(vm = %record.name, pid = process.pid, net = ?spec.net, accel = choice.accel.as_str(), "VMM launched; waiting for SSH");
         if self.seams.skip_readiness {
             // Test seam: a fake VMM runs no guest that could answer.
             return Ok(());

@@ -5,19 +5,21 @@
 mod doctor;
 mod images;
 mod lifecycle;
+mod network;
 mod workspace;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use banger_proto::{CreateVmRequest, Vm, VmName, VmSpec};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::Error;
 use crate::config::{Config, ResolvedDefaults};
 use crate::disk;
 use crate::disk::SystemDiskStrategy;
 use crate::guest::ssh;
+use crate::host::{HelperClient, HostOps};
 use crate::layout::Layout;
 use crate::model::{self, VmRecord};
 use crate::store::Store;
@@ -70,11 +72,38 @@ pub struct Manager {
     key_lock: tokio::sync::Mutex<()>,
     /// Counters of the workspace prepares running now, by VM name.
     prepares: Mutex<HashMap<String, Arc<crate::workspace::transfer::Progress>>>,
+    /// Privileged actions (the root helper); `None` when `network.mode = "user"`.
+    host: Option<Arc<dyn HostOps>>,
+    helper_socket: std::path::PathBuf,
+    /// The helper's settings once it answered.
+    net_info: Mutex<Option<banger_proto::helper::HelperInfo>>,
+    /// Serialises network up/down.
+    net_lock: tokio::sync::Mutex<()>,
+    /// The `NAME.vm` DNS server, and where it listens.
+    dns_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    dns_addr: Mutex<Option<String>>,
 }
 
 impl Manager {
     /// Creates the instance's directories, opens the state database and applies migrations.
     pub fn open(layout: Layout, config: Config) -> Result<Self, Error> {
+        let helper_socket = if config.network.helper_socket.is_empty() {
+            Layout::default_helper_socket(nix::unistd::getuid().as_raw())
+        } else {
+            config.network.helper_socket.clone().into()
+        };
+        let host: Option<Arc<dyn HostOps>> = (config.network.mode != "user")
+            .then(|| Arc::new(HelperClient::new(helper_socket.clone())) as Arc<dyn HostOps>);
+        Self::with_host(layout, config, host, helper_socket)
+    }
+
+    /// Like [`Manager::open`] with an explicit [`HostOps`] (tests use a recording fake).
+    pub fn with_host(
+        layout: Layout,
+        config: Config,
+        host: Option<Arc<dyn HostOps>>,
+        helper_socket: std::path::PathBuf,
+    ) -> Result<Self, Error> {
         for dir in [layout.data_dir().to_path_buf(), layout.logs_dir()] {
             std::fs::create_dir_all(&dir)
                 .map_err(Error::io(format!("cannot create {}", dir.display())))?;
@@ -96,6 +125,12 @@ impl Manager {
             asset_lock: tokio::sync::Mutex::new(()),
             key_lock: tokio::sync::Mutex::new(()),
             prepares: Mutex::new(HashMap::new()),
+            host,
+            helper_socket,
+            net_info: Mutex::new(None),
+            net_lock: tokio::sync::Mutex::new(()),
+            dns_task: Mutex::new(None),
+            dns_addr: Mutex::new(None),
         })
     }
 
@@ -148,20 +183,24 @@ impl Manager {
         spec.vmm_reason = selection.reason;
         spec.system_disk = strategy.as_str().into();
         info!(vm = %name, vmm = %spec.vmm, reason = %spec.vmm_reason, system_disk = %spec.system_disk, disk_reason = %disk_reason, "backend chosen");
+        let pool = self.choose_network(request.network.as_deref()).await?;
         let record = VmRecord::new(name, spec);
         let vm_dir = self.layout.vm_dir(&record.id);
         let made = async {
             self.make_vm_disks(&record, &image.digest).await?;
-            self.store().insert_vm(&record)?;
-            Ok::<_, Error>(())
+            Ok::<_, Error>(self.store().insert_vm_with_lease(&record, pool)?)
         }
         .await;
-        if let Err(err) = made {
-            let _ = std::fs::remove_dir_all(&vm_dir);
-            return Err(err);
-        }
-        info!(vm = %record.name, id = %record.id, image = %record.spec.image, "VM created");
-        Ok(record.to_api())
+        let lease = match made {
+            Ok(lease) => lease,
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&vm_dir);
+                return Err(err);
+            }
+        };
+        info!(vm = %record.name, id = %record.id, image = %record.spec.image, ip = ?lease.as_ref().map(|l| l.ip), tap = ?lease.as_ref().map(|l| &l.tap), "VM created");
+        self.refresh_ssh_config();
+        Ok(self.vm_api(&record))
     }
 
     /// The VM's directory with its disks and pinned host key.
@@ -417,7 +456,7 @@ impl Manager {
         let records = self.store().list_vms()?;
         Ok(records
             .into_iter()
-            .map(|record| self.observe(record).to_api())
+            .map(|record| self.vm_api(&self.observe(record)))
             .collect())
     }
 
@@ -425,7 +464,29 @@ impl Manager {
     pub async fn get_vm(&self, name: &str) -> Result<Vm, Error> {
         let name = VmName::parse(name)?;
         let record = self.store().get_vm(name.as_str())?;
-        Ok(self.observe(record).to_api())
+        Ok(self.vm_api(&self.observe(record)))
+    }
+
+    /// The API form of a VM, with its network (lease) looked up.
+    fn vm_api(&self, record: &VmRecord) -> Vm {
+        let mut vm = record.to_api();
+        vm.network = match self.store().lease_of(&record.id) {
+            Ok(Some(lease)) => Some(banger_proto::VmNetwork {
+                mode: "bridge".into(),
+                ip: Some(lease.ip.to_string()),
+                tap: Some(lease.tap),
+            }),
+            Ok(None) => Some(banger_proto::VmNetwork {
+                mode: "user".into(),
+                ip: None,
+                tap: None,
+            }),
+            Err(e) => {
+                warn!(vm = %record.name, "cannot read the lease: {e}");
+                None
+            }
+        };
+        vm
     }
 
     /// Removes a VM that is not running, with its files.
@@ -454,6 +515,20 @@ impl Manager {
                 tracing::warn!(vm = %name, "device-mapper teardown incomplete: {e}");
             }
         }
+        let lease = self.store().lease_of(&record.id)?;
+        if let Some(lease) = &lease {
+            // The tap goes with the VM. When the helper cannot do it now, `banger network
+            // down` removes every banger tap later.
+            if let Err(e) = self
+                .host_call(banger_proto::helper::HelperOp::DeleteTap {
+                    name: lease.tap.clone(),
+                })
+                .await
+            {
+                warn!(vm = %name, tap = %lease.tap, "cannot remove the tap: {}", e.to_api().message);
+            }
+        }
+        // Deleting the VM deletes its lease (ON DELETE CASCADE).
         self.store().delete_vm(name.as_str())?;
         for dir in [
             self.layout.vm_dir(&record.id),
@@ -466,6 +541,7 @@ impl Manager {
             }
         }
         info!(vm = %name, id = %record.id, "VM removed");
+        self.refresh_ssh_config();
         Ok(())
     }
 }

@@ -61,6 +61,14 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE vms ADD COLUMN vmm TEXT NOT NULL DEFAULT 'qemu';
     ALTER TABLE vms ADD COLUMN vmm_reason TEXT NOT NULL DEFAULT '';
     ALTER TABLE vms ADD COLUMN system_disk TEXT NOT NULL DEFAULT 'qcow2';",
+    // 5: bridge networking: one lease (address + tap) per VM in bridge mode; a VM without a
+    // lease uses user-mode networking. Deleted with the VM.
+    "CREATE TABLE leases (
+        vm_id       TEXT PRIMARY KEY NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        ip          TEXT NOT NULL UNIQUE,
+        tap         TEXT NOT NULL UNIQUE,
+        created_at  TEXT NOT NULL
+    ) STRICT;",
 ];
 
 /// Brings the schema up to date, each migration in its own transaction.

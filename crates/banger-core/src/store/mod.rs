@@ -3,12 +3,14 @@
 //! point leaves either the old or the new row, never a torn one.
 
 mod assets;
+mod leases;
 mod migrations;
 mod workspace;
 
 pub use workspace::WorkspaceRecord;
 
 pub use assets::AssetTable;
+pub use leases::{Lease, LeasePool};
 
 use std::path::Path;
 
@@ -32,6 +34,9 @@ pub enum StoreError {
     /// A stored row holds a value this version cannot read.
     #[error("state database holds an unreadable value: {0}")]
     Corrupt(String),
+    /// No free address (or tap name) is left.
+    #[error("no free address left in {0}")]
+    PoolExhausted(String),
     /// The database was written by a newer banger.
     #[error("state database schema version {found} is newer than this banger ({known})")]
     TooNew { found: i64, known: i64 },
@@ -60,35 +65,7 @@ impl Store {
 
     /// Inserts a new VM; fails with [`StoreError::VmExists`] when the name is taken.
     pub fn insert_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
-        let runtime = runtime_json(vm)?;
-        let result = self.conn.execute(
-            &format!("INSERT INTO vms ({VM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
-            params![
-                vm.id,
-                vm.name.as_str(),
-                vm.spec.cpus,
-                vm.spec.memory_mib,
-                vm.spec.disk_size_bytes,
-                vm.spec.image,
-                vm.state.as_str(),
-                vm.created_at,
-                vm.updated_at,
-                vm.last_error,
-                runtime,
-                vm.spec.vmm,
-                vm.spec.vmm_reason,
-                vm.spec.system_disk,
-            ],
-        );
-        match result {
-            Ok(_) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                Err(StoreError::VmExists(vm.name.to_string()))
-            }
-            Err(e) => Err(e.into()),
-        }
+        insert_vm_on(&self.conn, vm)
     }
 
     /// Writes the mutable fields (state, error, runtime, updated_at) of an existing VM.
@@ -142,6 +119,41 @@ impl Store {
             return Err(StoreError::VmNotFound(name.to_owned()));
         }
         Ok(())
+    }
+}
+
+/// Inserts `vm` on `conn` (a connection or a transaction).
+fn insert_vm_on(conn: &Connection, vm: &VmRecord) -> Result<(), StoreError> {
+    let runtime = runtime_json(vm)?;
+    let result = conn.execute(
+        &format!(
+            "INSERT INTO vms ({VM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+        ),
+        params![
+            vm.id,
+            vm.name.as_str(),
+            vm.spec.cpus,
+            vm.spec.memory_mib,
+            vm.spec.disk_size_bytes,
+            vm.spec.image,
+            vm.state.as_str(),
+            vm.created_at,
+            vm.updated_at,
+            vm.last_error,
+            runtime,
+            vm.spec.vmm,
+            vm.spec.vmm_reason,
+            vm.spec.system_disk,
+        ],
+    );
+    match result {
+        Ok(_) => Ok(()),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            Err(StoreError::VmExists(vm.name.to_string()))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

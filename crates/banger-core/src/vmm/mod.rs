@@ -89,8 +89,8 @@ pub struct LaunchSpec {
     pub runtime_dir: PathBuf,
     /// File receiving the serial console.
     pub console_log: PathBuf,
-    /// Host port on 127.0.0.1 forwarded to the guest's port 22 (user-mode networking).
-    pub ssh_port: u16,
+    /// How the guest's NIC is attached.
+    pub net: NetAttach,
     /// Guest MAC address.
     pub mac: String,
     /// Host tap device for the NIC (bridge networking); `None` means user-mode networking.
@@ -102,6 +102,15 @@ pub struct LaunchSpec {
 pub struct Snapshot {
     pub state: PathBuf,
     pub memory: PathBuf,
+}
+
+/// How a VM's NIC reaches the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetAttach {
+    /// QEMU user-mode networking; `ssh_port` on 127.0.0.1 forwards to the guest's port 22.
+    User { ssh_port: u16 },
+    /// A tap device (made by the root helper, owned by the user, attached to the bridge).
+    Tap { name: String },
 }
 
 /// A launched VMM process.

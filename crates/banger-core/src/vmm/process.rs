@@ -24,6 +24,19 @@ pub fn is_alive(pid: u32, marker: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Live processes whose command line contains `marker` (a VM id): finds a VMM whose pid was
+/// never recorded, e.g. when the daemon died while QEMU was daemonizing.
+pub fn find_by_marker(marker: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| *pid != std::process::id() && is_alive(*pid, marker))
+        .collect()
+}
+
 /// Polls until the process is gone or `limit` passes; returns whether it is gone.
 pub async fn wait_gone(pid: u32, marker: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use super::{Accel, Capabilities, Hypervisor, LaunchSpec, VmProcess, VmmError, qmp};
+use super::{Accel, Capabilities, Hypervisor, LaunchSpec, NetAttach, VmProcess, VmmError, qmp};
 
 /// The QEMU backend.
 #[derive(Debug, Clone)]
@@ -85,10 +85,14 @@ impl Qemu {
             "-device".into(),
             "virtio-blk-device,drive=work".into(),
             "-netdev".into(),
-            format!(
-                "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22",
-                spec.ssh_port
-            ),
+            match &spec.net {
+                NetAttach::User { ssh_port } => {
+                    format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22")
+                }
+                NetAttach::Tap { name } => {
+                    format!("tap,id=n0,ifname={name},script=no,downscript=no")
+                }
+            },
             "-device".into(),
             format!("virtio-net-device,netdev=n0,mac={}", spec.mac),
             "-device".into(),

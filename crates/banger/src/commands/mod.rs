@@ -3,6 +3,7 @@
 pub mod daemon;
 pub mod doctor;
 pub mod image;
+pub mod network;
 pub mod vm;
 pub mod workspace;
 

@@ -247,6 +247,7 @@ async fn create(client: &Client, args: CreateArgs) -> Result<u8, ClientError> {
         memory_mib: args.memory.map(ByteSize::mib),
         disk_size_bytes: args.disk.map(|d| d.0),
         vmm: args.vmm,
+        network: args.network,
     };
     let vm: Vm = client.call(Method::POST, "/v1/vms", Some(&request)).await?;
     if args.json.json {

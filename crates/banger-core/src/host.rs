@@ -1,0 +1,220 @@
+//! [`HostOps`]: every privileged action goes through this seam (youki's Syscall idea). The real
+//! implementation, [`HelperClient`], talks to `banger-helper` over its Unix socket (frames of
+//! `banger_proto::helper`, the DNS socket arriving by SCM_RIGHTS); [`RecordingHost`] records the
+//! operations for tests that cannot, or need not, run the helper.
+
+use std::io::IoSliceMut;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use banger_proto::helper::{
+    HelperErrorCode, HelperInfo, HelperOp, HelperReply, HelperRequest, HelperResult, MAX_FRAME,
+    frame_len, write_frame,
+};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+
+/// Why a privileged action failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The helper's socket does not answer.
+    #[error("the root helper at {socket} does not answer")]
+    Unreachable {
+        socket: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The helper refused the request (validation, or not our uid).
+    #[error("the root helper refused {op}: {message}")]
+    Refused { op: &'static str, message: String },
+    /// The helper ran the operation and it failed.
+    #[error("the root helper failed {op}: {message}")]
+    Failed { op: &'static str, message: String },
+    /// The conversation broke.
+    #[error("the root helper's reply to {op}: {message}")]
+    Protocol { op: &'static str, message: String },
+}
+
+/// What an operation returned.
+#[derive(Debug)]
+pub struct HostReply {
+    pub result: HelperResult,
+    /// The file descriptor that came with the reply (`bind_dns`).
+    pub fd: Option<OwnedFd>,
+}
+
+/// Privileged actions. Blocking: callers run them on a blocking thread.
+pub trait HostOps: Send + Sync + std::fmt::Debug {
+    fn call(&self, op_id: &str, op: HelperOp) -> Result<HostReply, HostError>;
+
+    /// The helper's settings, if it answers.
+    fn hello(&self, op_id: &str) -> Result<HelperInfo, HostError> {
+        match self.call(op_id, HelperOp::Hello)?.result {
+            HelperResult::Info(info) => Ok(info),
+            other => Err(HostError::Protocol {
+                op: "hello",
+                message: format!("unexpected result {other:?}"),
+            }),
+        }
+    }
+}
+
+/// The real helper, reached over its Unix socket.
+#[derive(Debug, Clone)]
+pub struct HelperClient {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl HelperClient {
+    pub fn new(socket: PathBuf) -> Self {
+        Self {
+            socket,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl HostOps for HelperClient {
+    fn call(&self, op_id: &str, op: HelperOp) -> Result<HostReply, HostError> {
+        let name = op.name();
+        let protocol = |message: String| HostError::Protocol { op: name, message };
+        let mut stream =
+            UnixStream::connect(&self.socket).map_err(|source| HostError::Unreachable {
+                socket: self.socket.display().to_string(),
+                source,
+            })?;
+        stream
+            .set_read_timeout(Some(self.timeout))
+            .and_then(|()| stream.set_write_timeout(Some(self.timeout)))
+            .map_err(|e| protocol(e.to_string()))?;
+        let written = write_frame(
+            &mut stream,
+            &HelperRequest {
+                op_id: op_id.to_owned(),
+                op,
+            },
+        );
+        // A refused peer gets its reply before the request is read: read even if the write
+        // failed, and report the write error only when there is no reply.
+        let (reply, fd) = match recv_reply(&stream) {
+            Ok(got) => got,
+            Err(e) => {
+                written.map_err(|w| protocol(w.to_string()))?;
+                return Err(protocol(e));
+            }
+        };
+        match reply {
+            HelperReply::Ok { result } => Ok(HostReply { result, fd }),
+            HelperReply::Error { code, message } => Err(match code {
+                HelperErrorCode::Failed => HostError::Failed { op: name, message },
+                HelperErrorCode::Invalid | HelperErrorCode::BadFrame => {
+                    HostError::Refused { op: name, message }
+                }
+            }),
+        }
+    }
+}
+
+/// Reads one reply frame with `recvmsg`, collecting a file descriptor passed with it.
+fn recv_reply(stream: &UnixStream) -> Result<(HelperReply, Option<OwnedFd>), String> {
+    let mut buf = vec![0u8; MAX_FRAME + 4];
+    let mut got = 0;
+    let mut fd = None;
+    let mut need = 4;
+    while got < need {
+        let mut space = nix::cmsg_space!([RawFd; 2]);
+        let mut iov = [IoSliceMut::new(&mut buf[got..])];
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| e.to_string())?;
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for cmsg in cmsgs {
+                if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                    for raw in fds {
+                        // SAFETY: the kernel installed these descriptors in this process for
+                        // this message; nothing else owns them.
+                        let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                        fd.get_or_insert(owned);
+                    }
+                }
+            }
+        }
+        if msg.bytes == 0 {
+            return Err("connection closed before a reply".into());
+        }
+        got += msg.bytes;
+        if got >= 4 && need == 4 {
+            let header = [buf[0], buf[1], buf[2], buf[3]];
+            need = 4 + frame_len(header).map_err(|e| e.to_string())?;
+        }
+    }
+    let reply = banger_proto::helper::decode_body(&buf[4..need]).map_err(|e| e.to_string())?;
+    Ok((reply, fd))
+}
+
+/// A fake helper that records operations and answers like a helper whose network works.
+#[derive(Debug)]
+pub struct RecordingHost {
+    pub info: HelperInfo,
+    pub calls: Mutex<Vec<HelperOp>>,
+}
+
+impl RecordingHost {
+    pub fn new() -> Self {
+        Self {
+            info: HelperInfo {
+                version: "fake".into(),
+                bridge: banger_proto::helper::BRIDGE_NAME.into(),
+                subnet: "172.30.0.0/24".into(),
+                gateway: std::net::Ipv4Addr::new(172, 30, 0, 1),
+                prefix_len: 24,
+            },
+            calls: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The operations so far.
+    pub fn calls(&self) -> Vec<HelperOp> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Default for RecordingHost {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HostOps for RecordingHost {
+    fn call(&self, _op_id: &str, op: HelperOp) -> Result<HostReply, HostError> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(op.clone());
+        let result = match op {
+            HelperOp::Hello => HelperResult::Info(self.info.clone()),
+            HelperOp::NetworkStatus => HelperResult::Status(Default::default()),
+            HelperOp::RouteDns => HelperResult::Routed { routed: false },
+            HelperOp::BindDns => {
+                let socket =
+                    std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| HostError::Failed {
+                        op: "bind_dns",
+                        message: e.to_string(),
+                    })?;
+                return Ok(HostReply {
+                    result: HelperResult::Done,
+                    fd: Some(OwnedFd::from(socket)),
+                });
+            }
+            _ => HelperResult::Done,
+        };
+        Ok(HostReply { result, fd: None })
+    }
+}

@@ -1,0 +1,184 @@
+//! `banger-helper`: banger's only root code. Serves one owner uid on a Unix socket (its own,
+//! or one passed by systemd socket activation) with a closed set of operations
+//! (`banger_proto::helper::HelperOp`): the bridge, taps, nftables table and DNS socket of
+//! banger's network. `banger-helper call` is a small client for tests and debugging.
+
+mod net;
+mod server;
+mod validate;
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use banger_proto::helper::{HelperReply, HelperRequest, read_frame, write_frame};
+use clap::{Parser, Subcommand};
+use ipnet::Ipv4Net;
+
+/// banger's root helper: bridge, taps, nftables and the DNS socket for one user's VMs.
+///
+/// Normally run by systemd (`banger helper install`); `--foreground --socket PATH --owner UID`
+/// runs it by hand.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// Run in the foreground, logging to stderr (also what the systemd unit does).
+    #[arg(long)]
+    foreground: bool,
+    /// The only uid allowed to connect.
+    #[arg(long)]
+    owner: Option<u32>,
+    /// Socket to listen on (ignored when systemd passes one)
+    /// [default: /run/banger-helper/<owner>.sock, where bangerd looks].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The owner's banger data dir (paths in requests must resolve inside it);
+    /// default: the owner's ~/.local/share/banger.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The VMs' subnet; the bridge takes the first address (the gateway).
+    #[arg(long, default_value = "172.30.0.0/24")]
+    subnet: Ipv4Net,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Send one operation (JSON, e.g. '{"kind":"hello"}') and print the reply.
+    Call {
+        #[arg(long)]
+        socket: PathBuf,
+        /// The operation as JSON.
+        op: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let result = match &args.command {
+        Some(Cmd::Call { socket, op }) => call(socket, op),
+        None => serve(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("banger-helper: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn call(socket: &std::path::Path, op: &str) -> Result<()> {
+    let op = serde_json::from_str(op).context("the operation is not valid JSON")?;
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    // A refused peer gets its reply before the request is read, so a failed write may
+    // still leave a reply to read.
+    let written = write_frame(
+        &mut stream,
+        &HelperRequest {
+            op_id: format!("call-{}", std::process::id()),
+            op,
+        },
+    );
+    let reply: HelperReply = match read_frame(&mut stream) {
+        Ok(reply) => reply,
+        Err(e) => {
+            written?;
+            return Err(e).context("no reply");
+        }
+    };
+    let text = serde_json::to_string(&reply)?;
+    std::io::stdout().write_all(format!("{text}\n").as_bytes())?;
+    match reply {
+        HelperReply::Ok { .. } => Ok(()),
+        HelperReply::Error { message, .. } => bail!("{message}"),
+    }
+}
+
+fn serve(args: &Args) -> Result<()> {
+    let Some(owner) = args.owner else {
+        bail!("--owner UID is required; hint: `banger helper install` writes the systemd units");
+    };
+    if !args.foreground && std::env::var_os("LISTEN_FDS").is_none() {
+        bail!("run it under systemd (`banger helper install`) or with --foreground");
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if nix::unistd::geteuid().as_raw() != 0 {
+        tracing::warn!("not running as root: network operations will fail");
+    }
+    let subnet = args.subnet.trunc();
+    if subnet.prefix_len() > 30 {
+        bail!("subnet {subnet} is too small (needs at least a /30)");
+    }
+    let gateway = subnet
+        .hosts()
+        .next()
+        .context("the subnet has no host addresses")?;
+    let state_dir = match &args.state_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner))
+                .context("cannot look up the owner")?
+                .with_context(|| format!("no user with uid {owner}"))?;
+            user.dir.join(".local/share/banger")
+        }
+    };
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/run/banger-helper/{owner}.sock")));
+    let listener = listener(&socket)?;
+    let server = Arc::new(server::Server::new(
+        net::NetConfig {
+            subnet,
+            gateway,
+            owner,
+        },
+        state_dir,
+    ));
+    server.serve(listener)
+}
+
+/// The socket systemd passed (sd_listen_fds protocol), or a new one at `path`.
+fn listener(path: &std::path::Path) -> Result<UnixListener> {
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let count = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or(0);
+    if ours && count >= 1 {
+        // SAFETY: under the sd_listen_fds protocol (checked: LISTEN_PID is us, LISTEN_FDS >= 1)
+        // fd 3 is an open listening socket handed to this process and owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(3) };
+        return Ok(UnixListener::from(fd));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    // Anyone may connect; the peer uid check (SO_PEERCRED) decides who is served.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("cannot chmod {}", path.display()))?;
+    Ok(listener)
+}

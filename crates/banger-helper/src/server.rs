@@ -1,0 +1,297 @@
+//! The helper's server: accepts connections on its Unix socket, refuses every peer whose uid
+//! (SO_PEERCRED) is not the owner, reads one frame at a time, validates the operation's
+//! arguments and runs it. A bad frame or a refused argument gets an error reply; the server
+//! keeps serving. A connection whose framing broke is closed, since nothing after it can be
+//! trusted.
+
+use std::io::{IoSlice, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use banger_proto::helper::{
+    BRIDGE_NAME, FrameError, HelperErrorCode, HelperInfo, HelperOp, HelperReply, HelperRequest,
+    HelperResult, read_frame,
+};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg, sockopt};
+use tracing::{error, info, info_span, warn};
+
+use crate::net::{self, NetConfig};
+use crate::validate;
+
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 32;
+/// An idle connection is closed after this long.
+const IDLE: Duration = Duration::from_secs(120);
+
+/// Everything a request may need.
+#[derive(Debug)]
+pub struct Server {
+    pub net: NetConfig,
+    /// The owner's state dir (resolved per request: it may appear after the helper starts).
+    pub state_dir: PathBuf,
+    /// Serialises operations that change the network.
+    lock: std::sync::Mutex<()>,
+    active: AtomicUsize,
+}
+
+impl Server {
+    pub fn new(net: NetConfig, state_dir: PathBuf) -> Self {
+        Self {
+            net,
+            state_dir,
+            lock: std::sync::Mutex::new(()),
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    /// Serves until the listener fails.
+    pub fn serve(self: Arc<Self>, listener: UnixListener) -> anyhow::Result<()> {
+        info!(owner = self.net.owner, subnet = %self.net.subnet, state_dir = %self.state_dir.display(), "banger-helper ready");
+        for stream in listener.incoming() {
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    continue;
+                }
+            };
+            if self.active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                warn!("too many connections; refusing one");
+                continue;
+            }
+            let server = self.clone();
+            server.active.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                server.connection(stream);
+                server.active.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+        Ok(())
+    }
+
+    fn connection(&self, mut stream: UnixStream) {
+        let peer = match nix::sys::socket::getsockopt(&stream, sockopt::PeerCredentials) {
+            Ok(cred) => cred,
+            Err(e) => {
+                warn!("cannot read peer credentials: {e}");
+                return;
+            }
+        };
+        if peer.uid() != self.net.owner {
+            warn!(
+                peer_uid = peer.uid(),
+                peer_pid = peer.pid(),
+                owner = self.net.owner,
+                "refused a client that is not the owner"
+            );
+            let reply = error_reply(
+                HelperErrorCode::Invalid,
+                format!(
+                    "uid {} is not this helper's owner (uid {})",
+                    peer.uid(),
+                    self.net.owner
+                ),
+            );
+            let _ = send(&mut stream, &reply, None);
+            return;
+        }
+        let _ = stream.set_read_timeout(Some(IDLE));
+        loop {
+            let request: HelperRequest = match read_frame(&mut stream) {
+                Ok(r) => r,
+                Err(FrameError::Closed) => return,
+                Err(FrameError::Io(e)) => {
+                    info!("connection ended: {e}");
+                    return;
+                }
+                Err(e) => {
+                    warn!(peer_pid = peer.pid(), "refused a bad frame: {e}");
+                    let _ = send(
+                        &mut stream,
+                        &error_reply(HelperErrorCode::BadFrame, e.to_string()),
+                        None,
+                    );
+                    return;
+                }
+            };
+            let op_id = if valid_op_id(&request.op_id) {
+                request.op_id.as_str()
+            } else {
+                "invalid"
+            };
+            let span = info_span!("helper", op_id = %op_id, op = request.op.name());
+            let _entered = span.enter();
+            let (reply, fd) = self.handle(&request.op);
+            match &reply {
+                HelperReply::Ok { .. } => info!("done"),
+                HelperReply::Error { code, message } => {
+                    warn!(?code, "refused or failed: {message}")
+                }
+            }
+            if let Err(e) = send(&mut stream, &reply, fd.as_ref()) {
+                warn!("cannot send the reply: {e}");
+                return;
+            }
+        }
+    }
+
+    fn info(&self) -> HelperInfo {
+        HelperInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            bridge: BRIDGE_NAME.into(),
+            subnet: self.net.subnet.to_string(),
+            gateway: self.net.gateway,
+            prefix_len: self.net.subnet.prefix_len(),
+        }
+    }
+
+    /// Validates and runs one operation.
+    fn handle(&self, op: &HelperOp) -> (HelperReply, Option<OwnedFd>) {
+        let invalid =
+            |e: validate::Invalid| (error_reply(HelperErrorCode::Invalid, e.to_string()), None);
+        let failed =
+            |e: &dyn std::fmt::Display| (error_reply(HelperErrorCode::Failed, e.to_string()), None);
+        let ok = |result| (HelperReply::Ok { result }, None);
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        match op {
+            HelperOp::Hello => ok(HelperResult::Info(self.info())),
+            HelperOp::NetworkStatus => ok(HelperResult::Status(net::status())),
+            HelperOp::NetworkUp { pool_size } => match validate::pool_size(*pool_size) {
+                Err(e) => invalid(e),
+                Ok(size) => match net::up(&self.net, size) {
+                    Ok(()) => ok(HelperResult::Done),
+                    Err(e) => failed(&display_chain(&e)),
+                },
+            },
+            HelperOp::NetworkDown => match net::down() {
+                Ok(()) => ok(HelperResult::Done),
+                Err(e) => failed(&display_chain(&e)),
+            },
+            HelperOp::EnsureTap { name } => match validate::tap(name) {
+                Err(e) => invalid(e),
+                Ok(name) => match net::ensure_tap(&self.net, name) {
+                    Ok(()) => ok(HelperResult::Done),
+                    Err(e) => failed(&display_chain(&e)),
+                },
+            },
+            HelperOp::DeleteTap { name } => match validate::tap(name) {
+                Err(e) => invalid(e),
+                Ok(name) => match net::delete_tap(name) {
+                    Ok(()) => ok(HelperResult::Done),
+                    Err(e) => failed(&display_chain(&e)),
+                },
+            },
+            HelperOp::CheckAddress { ip } => {
+                match validate::guest_address(ip, self.net.subnet, self.net.gateway) {
+                    Err(e) => invalid(e),
+                    Ok(_) => ok(HelperResult::Done),
+                }
+            }
+            HelperOp::BindDns => match std::net::UdpSocket::bind((self.net.gateway, 53)) {
+                Ok(socket) => (
+                    HelperReply::Ok {
+                        result: HelperResult::Done,
+                    },
+                    Some(OwnedFd::from(socket)),
+                ),
+                Err(e) => failed(&format!(
+                    "cannot bind {}:53 (is the network up?): {e}",
+                    self.net.gateway
+                )),
+            },
+            HelperOp::RouteDns => match net::route_dns(&self.net) {
+                Ok(routed) => ok(HelperResult::Routed { routed }),
+                Err(e) => failed(&display_chain(&e)),
+            },
+            HelperOp::ChownToOwner { path } => match self.chown(path) {
+                Ok(()) => ok(HelperResult::Done),
+                Err(ChownError::Invalid(e)) => invalid(e),
+                Err(ChownError::Failed(e)) => failed(&e),
+            },
+        }
+    }
+
+    /// Chowns a path inside the state dir to the owner. The path is resolved, opened without
+    /// following a final symlink, and the opened file's real path is checked again, so a
+    /// component swapped for a symlink between the check and the chown cannot escape.
+    fn chown(&self, text: &str) -> Result<(), ChownError> {
+        use nix::fcntl::{OFlag, open};
+        use nix::sys::stat::Mode;
+        let root = self.state_dir.canonicalize().map_err(|_| {
+            ChownError::Invalid(validate::Invalid::PathMissing(
+                self.state_dir.display().to_string(),
+            ))
+        })?;
+        let resolved = validate::state_path(text, &root).map_err(ChownError::Invalid)?;
+        let fd = open(
+            &resolved,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ChownError::Failed(format!("cannot open {}: {e}", resolved.display())))?;
+        let opened = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|e| ChownError::Failed(format!("cannot check {}: {e}", resolved.display())))?;
+        validate::inside(text, &opened, &root).map_err(ChownError::Invalid)?;
+        nix::unistd::fchown(&fd, Some(nix::unistd::Uid::from_raw(self.net.owner)), None)
+            .map_err(|e| ChownError::Failed(format!("cannot chown {}: {e}", opened.display())))?;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+enum ChownError {
+    Invalid(validate::Invalid),
+    Failed(String),
+}
+
+fn error_reply(code: HelperErrorCode, message: String) -> HelperReply {
+    HelperReply::Error { code, message }
+}
+
+/// An error and its sources on one line.
+fn display_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn valid_op_id(op_id: &str) -> bool {
+    !op_id.is_empty()
+        && op_id.len() <= 64
+        && op_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Sends one reply frame, with `fd` attached (SCM_RIGHTS) to its first byte when given.
+fn send(stream: &mut UnixStream, reply: &HelperReply, fd: Option<&OwnedFd>) -> anyhow::Result<()> {
+    let mut frame = Vec::new();
+    banger_proto::helper::write_frame(&mut frame, reply)?;
+    let Some(fd) = fd else {
+        stream.write_all(&frame)?;
+        return Ok(());
+    };
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let sent = sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(&frame)],
+        &cmsg,
+        MsgFlags::empty(),
+        None,
+    )?;
+    stream.write_all(&frame[sent..])?;
+    if sent == 0 {
+        error!("sendmsg sent nothing");
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! Validation of every argument the helper receives: tap names from banger's own pattern,
+//! addresses inside the configured subnet, paths inside the owner's state dir after resolving
+//! symlinks. Nothing reaches a command line or a syscall without passing through here.
+
+use std::net::Ipv4Addr;
+use std::path::{Component, Path, PathBuf};
+
+use banger_proto::helper::parse_tap_name;
+use ipnet::Ipv4Net;
+
+/// Why an argument was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Invalid {
+    #[error("{0:?} is not a banger tap name (bg-tap-N)")]
+    TapName(String),
+    #[error("{0:?} is not an IPv4 address")]
+    Address(String),
+    #[error("{addr} is outside the subnet {subnet}")]
+    OutsideSubnet { addr: Ipv4Addr, subnet: Ipv4Net },
+    #[error("{addr} is reserved in {subnet} (network, gateway or broadcast)")]
+    Reserved { addr: Ipv4Addr, subnet: Ipv4Net },
+    #[error("{0:?} is not an absolute path without `..`")]
+    PathShape(String),
+    #[error("{0:?} does not exist")]
+    PathMissing(String),
+    #[error("{path:?} resolves to {resolved:?}, outside the state dir {root:?}")]
+    PathEscapes {
+        path: String,
+        resolved: PathBuf,
+        root: PathBuf,
+    },
+    #[error("{0:?} is not a valid interface name")]
+    IfName(String),
+    #[error("pool size {0} is above the limit of {1}")]
+    PoolSize(u32, u32),
+}
+
+/// A tap name: `bg-tap-N`.
+pub fn tap(name: &str) -> Result<&str, Invalid> {
+    parse_tap_name(name)
+        .map(|_| name)
+        .ok_or_else(|| Invalid::TapName(name.to_owned()))
+}
+
+/// An address a guest may hold: inside `subnet`, not its network, gateway or broadcast.
+pub fn guest_address(text: &str, subnet: Ipv4Net, gateway: Ipv4Addr) -> Result<Ipv4Addr, Invalid> {
+    let addr: Ipv4Addr = text
+        .parse()
+        .map_err(|_| Invalid::Address(text.to_owned()))?;
+    if !subnet.contains(&addr) {
+        return Err(Invalid::OutsideSubnet { addr, subnet });
+    }
+    if addr == subnet.network() || addr == subnet.broadcast() || addr == gateway {
+        return Err(Invalid::Reserved { addr, subnet });
+    }
+    Ok(addr)
+}
+
+/// An existing path inside `root` (already canonical): absolute, no `..`, and still inside
+/// once every symlink is resolved. Returns the resolved path.
+pub fn state_path(text: &str, root: &Path) -> Result<PathBuf, Invalid> {
+    let path = Path::new(text);
+    if !path.is_absolute()
+        || text.contains('\0')
+        || path.components().any(|c| matches!(c, Component::ParentDir))
+    {
+        return Err(Invalid::PathShape(text.to_owned()));
+    }
+    let resolved = path
+        .canonicalize()
+        .map_err(|_| Invalid::PathMissing(text.to_owned()))?;
+    inside(text, &resolved, root)?;
+    Ok(resolved)
+}
+
+/// Fails unless `resolved` is `root` or below it.
+pub fn inside(text: &str, resolved: &Path, root: &Path) -> Result<(), Invalid> {
+    if resolved.starts_with(root) {
+        Ok(())
+    } else {
+        Err(Invalid::PathEscapes {
+            path: text.to_owned(),
+            resolved: resolved.to_path_buf(),
+            root: root.to_path_buf(),
+        })
+    }
+}
+
+/// A network interface name as the kernel accepts it (for names the helper reads from the
+/// kernel, e.g. the default route's device, before they go into an nftables rule).
+pub fn ifname(name: &str) -> Result<&str, Invalid> {
+    let ok = !name.is_empty()
+        && name.len() < 16
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    ok.then_some(name)
+        .ok_or_else(|| Invalid::IfName(name.to_owned()))
+}
+
+/// Largest tap pool the helper creates at once.
+pub const MAX_POOL: u32 = 256;
+
+/// A pool size.
+pub fn pool_size(size: u32) -> Result<u32, Invalid> {
+    if size > MAX_POOL {
+        return Err(Invalid::PoolSize(size, MAX_POOL));
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn subnet() -> Ipv4Net {
+        "172.30.0.0/24".parse().unwrap()
+    }
+
+    #[test]
+    fn addresses_must_be_inside_and_not_reserved() {
+        let gw: Ipv4Addr = "172.30.0.1".parse().unwrap();
+        assert!(guest_address("172.30.0.2", subnet(), gw).is_ok());
+        assert!(guest_address("172.30.0.254", subnet(), gw).is_ok());
+        for bad in [
+            "172.30.1.2",
+            "10.0.0.1",
+            "172.30.0.0",
+            "172.30.0.1",
+            "172.30.0.255",
+        ] {
+            assert!(guest_address(bad, subnet(), gw).is_err(), "{bad}");
+        }
+        assert!(matches!(
+            guest_address("1.2.3", subnet(), gw),
+            Err(Invalid::Address(_))
+        ));
+    }
+
+    #[test]
+    fn paths_must_resolve_inside_the_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("state");
+        std::fs::create_dir(&root).unwrap();
+        let root = root.canonicalize().unwrap();
+        let inside_file = root.join("f");
+        std::fs::write(&inside_file, "x").unwrap();
+        let outside_file = dir.path().join("secret");
+        std::fs::write(&outside_file, "x").unwrap();
+        std::os::unix::fs::symlink(&outside_file, root.join("escape")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), root.join("updir")).unwrap();
+
+        assert!(state_path(inside_file.to_str().unwrap(), &root).is_ok());
+        let escape = root.join("escape");
+        assert!(matches!(
+            state_path(escape.to_str().unwrap(), &root),
+            Err(Invalid::PathEscapes { .. })
+        ));
+        let through_dir = root.join("updir/secret");
+        assert!(matches!(
+            state_path(through_dir.to_str().unwrap(), &root),
+            Err(Invalid::PathEscapes { .. })
+        ));
+        let dotdot = format!("{}/../secret", root.display());
+        assert!(matches!(
+            state_path(&dotdot, &root),
+            Err(Invalid::PathShape(_))
+        ));
+        assert!(matches!(
+            state_path("relative/f", &root),
+            Err(Invalid::PathShape(_))
+        ));
+        assert!(state_path("/etc/shadow", &root).is_err());
+    }
+
+    #[test]
+    fn interface_names() {
+        assert!(ifname("eth0").is_ok());
+        assert!(ifname("veth-out.1").is_ok());
+        for bad in ["", "a b", "x\"y", "abcdefghijklmnop", "a;b"] {
+            assert!(ifname(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! The real helper binary, run as root inside a network namespace this test creates: the
+//! network operations really make a bridge, taps and an nftables table there (and remove
+//! them), and every refusal the issue lists is answered with an error while the helper keeps
+//! serving. Needs root (CI runs as root).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use banger_proto::helper::{
+    HelperOp, HelperReply, HelperRequest, HelperResult, MAX_FRAME, read_frame, write_frame,
+};
+
+/// A network namespace deleted on drop (also when the test fails).
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("bgh-{tag}-{}", std::process::id());
+        let status = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip netns add {name}");
+        Self(name)
+    }
+    fn exec(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+struct Helper {
+    child: Child,
+    socket: PathBuf,
+    state: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_helper(ns: &Netns) -> Helper {
+    let dir = tempfile::Builder::new()
+        .prefix("bgh")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("helper.sock");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(env!("CARGO_BIN_EXE_banger-helper"))
+        .args(["--foreground", "--owner", "0", "--subnet", "172.30.0.0/24"])
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "helper did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Helper {
+        child,
+        socket,
+        state,
+        _dir: dir,
+    }
+}
+
+fn request(socket: &Path, op: HelperOp) -> HelperReply {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    write_frame(
+        &mut stream,
+        &HelperRequest {
+            op_id: "test-op-1".into(),
+            op,
+        },
+    )
+    .unwrap();
+    read_frame(&mut stream).unwrap()
+}
+
+#[track_caller]
+fn refused(reply: HelperReply, needle: &str) {
+    match reply {
+        HelperReply::Error { message, .. } => {
+            assert!(message.contains(needle), "{message:?} lacks {needle:?}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn still_serving(socket: &Path) {
+    let reply = request(socket, HelperOp::Hello);
+    assert!(
+        matches!(
+            reply,
+            HelperReply::Ok {
+                result: HelperResult::Info(_)
+            }
+        ),
+        "{reply:?}"
+    );
+}
+
+fn links(ns: &Netns) -> Vec<String> {
+    let out = ns.exec(&["ip", "-j", "link"]);
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn tables(ns: &Netns) -> Vec<String> {
+    let out = ns.exec(&["nft", "-j", "list", "tables"]);
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    value["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.get("table"))
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn network_up_and_down_in_a_namespace() {
+    let ns = Netns::new("net");
+    let helper = start_helper(&ns);
+    let reply = request(&helper.socket, HelperOp::NetworkUp { pool_size: 2 });
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    // Twice: idempotent.
+    let reply = request(&helper.socket, HelperOp::NetworkUp { pool_size: 2 });
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    let names = links(&ns);
+    for name in ["banger0", "bg-tap-0", "bg-tap-1"] {
+        assert!(
+            names.contains(&name.to_owned()),
+            "{name} missing in {names:?}"
+        );
+    }
+    assert_eq!(tables(&ns), ["banger"]);
+    let addr = ns.exec(&["ip", "-j", "addr", "show", "dev", "banger0"]);
+    assert!(String::from_utf8_lossy(&addr.stdout).contains("172.30.0.1"));
+    let tap = ns.exec(&[
+        "cat",
+        "/sys/class/net/bg-tap-1/owner",
+        "/sys/class/net/bg-tap-1/master/uevent",
+    ]);
+    let text = String::from_utf8_lossy(&tap.stdout);
+    assert!(
+        text.starts_with("0\n") && text.contains("INTERFACE=banger0"),
+        "{text}"
+    );
+    match request(&helper.socket, HelperOp::NetworkStatus) {
+        HelperReply::Ok {
+            result: HelperResult::Status(state),
+        } => {
+            assert!(state.bridge_up && state.nft_table);
+            assert_eq!(state.taps, ["bg-tap-0", "bg-tap-1"]);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A tap on demand, then gone again.
+    let reply = request(
+        &helper.socket,
+        HelperOp::EnsureTap {
+            name: "bg-tap-7".into(),
+        },
+    );
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    assert!(links(&ns).contains(&"bg-tap-7".to_owned()));
+    let reply = request(
+        &helper.socket,
+        HelperOp::DeleteTap {
+            name: "bg-tap-7".into(),
+        },
+    );
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    assert!(!links(&ns).contains(&"bg-tap-7".to_owned()));
+
+    // The DNS socket arrives as a file descriptor bound to the gateway.
+    let mut stream = UnixStream::connect(&helper.socket).unwrap();
+    write_frame(
+        &mut stream,
+        &HelperRequest {
+            op_id: "dns".into(),
+            op: HelperOp::BindDns,
+        },
+    )
+    .unwrap();
+    let (reply, fd) = recv_with_fd(&stream);
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    let socket = std::net::UdpSocket::from(fd.expect("an fd with the reply"));
+    assert_eq!(socket.local_addr().unwrap().to_string(), "172.30.0.1:53");
+
+    let reply = request(&helper.socket, HelperOp::NetworkDown);
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    let names = links(&ns);
+    assert!(
+        names.iter().all(|n| n == "lo"),
+        "links left after down: {names:?}"
+    );
+    assert!(tables(&ns).is_empty());
+    // Down again: idempotent.
+    let reply = request(&helper.socket, HelperOp::NetworkDown);
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+}
+
+fn recv_with_fd(stream: &UnixStream) -> (HelperReply, Option<std::os::fd::OwnedFd>) {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut buf = vec![0u8; MAX_FRAME + 4];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .unwrap();
+    let mut fd = None;
+    for cmsg in msg.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            // SAFETY: the kernel just installed these fds in this process for us.
+            fd = fds
+                .first()
+                .map(|f| unsafe { std::os::fd::OwnedFd::from_raw_fd(*f) });
+        }
+    }
+    let n = msg.bytes;
+    let reply = read_frame(&mut &buf[..n]).unwrap();
+    (reply, fd)
+}
+
+#[test]
+fn refusals_leave_the_helper_serving() {
+    let ns = Netns::new("ref");
+    let helper = start_helper(&ns);
+    let socket = &helper.socket;
+
+    // Another uid: `nobody` runs the helper's own client.
+    let out = Command::new(env!("CARGO_BIN_EXE_banger-helper"))
+        .args(["call", "--socket"])
+        .arg(socket)
+        .arg(r#"{"kind":"hello"}"#)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("uid 65534 is not this helper's owner"),
+        "{stdout}"
+    );
+    still_serving(socket);
+
+    // Names outside the pattern.
+    for name in ["eth0", "bg-tap-01", "bg-tap-1;id", "banger0", "../bg-tap-1"] {
+        refused(
+            request(socket, HelperOp::EnsureTap { name: name.into() }),
+            "not a banger tap name",
+        );
+        refused(
+            request(socket, HelperOp::DeleteTap { name: name.into() }),
+            "not a banger tap name",
+        );
+    }
+    assert!(links(&ns).iter().all(|n| n == "lo"));
+    still_serving(socket);
+
+    // Addresses outside the subnet or reserved in it.
+    refused(
+        request(
+            socket,
+            HelperOp::CheckAddress {
+                ip: "10.0.0.5".into(),
+            },
+        ),
+        "outside the subnet",
+    );
+    refused(
+        request(
+            socket,
+            HelperOp::CheckAddress {
+                ip: "172.30.0.1".into(),
+            },
+        ),
+        "reserved",
+    );
+    refused(
+        request(
+            socket,
+            HelperOp::CheckAddress {
+                ip: "172.30.0.x".into(),
+            },
+        ),
+        "not an IPv4 address",
+    );
+    let ok = request(
+        socket,
+        HelperOp::CheckAddress {
+            ip: "172.30.0.9".into(),
+        },
+    );
+    assert!(matches!(ok, HelperReply::Ok { .. }), "{ok:?}");
+
+    // Paths outside the state dir, directly, with `..`, or through a symlink.
+    let outside = helper.state.parent().unwrap().join("outside");
+    std::fs::write(&outside, "x").unwrap();
+    std::os::unix::fs::symlink(&outside, helper.state.join("link")).unwrap();
+    let inside = helper.state.join("file");
+    std::fs::write(&inside, "x").unwrap();
+    refused(
+        request(
+            socket,
+            HelperOp::ChownToOwner {
+                path: outside.display().to_string(),
+            },
+        ),
+        "outside the state dir",
+    );
+    refused(
+        request(
+            socket,
+            HelperOp::ChownToOwner {
+                path: helper.state.join("link").display().to_string(),
+            },
+        ),
+        "outside the state dir",
+    );
+    refused(
+        request(
+            socket,
+            HelperOp::ChownToOwner {
+                path: format!("{}/../outside", helper.state.display()),
+            },
+        ),
+        "without `..`",
+    );
+    let ok = request(
+        socket,
+        HelperOp::ChownToOwner {
+            path: inside.display().to_string(),
+        },
+    );
+    assert!(matches!(ok, HelperReply::Ok { .. }), "{ok:?}");
+    still_serving(socket);
+
+    // Malformed frames: not JSON, an unknown operation, a truncated body, an oversized header.
+    for body in [
+        &b"not json"[..],
+        br#"{"op_id":"x","op":{"kind":"exec","cmd":"sh"}}"#,
+    ] {
+        let mut stream = UnixStream::connect(socket).unwrap();
+        stream
+            .write_all(&(body.len() as u32).to_be_bytes())
+            .unwrap();
+        stream.write_all(body).unwrap();
+        refused(read_frame(&mut stream).unwrap(), "malformed frame");
+        still_serving(socket);
+    }
+    {
+        let mut stream = UnixStream::connect(socket).unwrap();
+        stream.write_all(&100u32.to_be_bytes()).unwrap();
+        stream.write_all(b"{\"op_id\"").unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        refused(read_frame(&mut stream).unwrap(), "truncated");
+    }
+    {
+        let mut stream = UnixStream::connect(socket).unwrap();
+        stream.write_all(&u32::MAX.to_be_bytes()).unwrap();
+        refused(read_frame(&mut stream).unwrap(), "over the");
+        // The connection is closed after a broken frame.
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+    refused(
+        request(socket, HelperOp::NetworkUp { pool_size: 100_000 }),
+        "above the limit",
+    );
+    still_serving(socket);
+}

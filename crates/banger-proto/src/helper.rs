@@ -1,0 +1,294 @@
+//! The root helper's wire protocol: [`HelperRequest`] (a closed set of [`HelperOp`]s) and
+//! [`HelperReply`], each sent as one frame on a Unix stream socket: a 4-byte big-endian length,
+//! then that many bytes of JSON. Frames above [`MAX_FRAME`] are refused before anything is
+//! allocated. A reply to [`HelperOp::BindDns`] carries a file descriptor (SCM_RIGHTS) next to
+//! its frame; that part is the transport's business, not this module's.
+//!
+//! The codec is generic over `std::io::Read`/`Write`, so both sides (and the fuzz test) use the
+//! same code.
+
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// Largest frame body either side accepts (the biggest real message is a few hundred bytes).
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Name of the bridge the helper manages.
+pub const BRIDGE_NAME: &str = "banger0";
+
+/// Prefix of every tap name banger makes: `bg-tap-N`, N a decimal number without leading zeros.
+pub const TAP_PREFIX: &str = "bg-tap-";
+
+/// Highest tap index (so a name always fits IFNAMSIZ).
+pub const MAX_TAP_INDEX: u32 = 65_535;
+
+/// Name of banger's nftables table (family `ip`).
+pub const NFT_TABLE: &str = "banger";
+
+/// One request: the operation and the op_id of the daemon request that caused it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelperRequest {
+    /// Ties the helper's log lines to the CLI command (`X-Banger-Op-Id`).
+    pub op_id: String,
+    pub op: HelperOp,
+}
+
+/// Everything the helper can be asked to do. Nothing else exists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HelperOp {
+    /// The helper's version and network settings ([`HelperResult::Info`]).
+    Hello,
+    /// Bridge with the gateway address, nftables table, IP forwarding, and taps `bg-tap-0` ..
+    /// `bg-tap-{pool_size-1}`. Idempotent.
+    NetworkUp { pool_size: u32 },
+    /// What exists of banger's network ([`HelperResult::Status`]).
+    NetworkStatus,
+    /// Removes every tap, the bridge and the nftables table. Idempotent.
+    NetworkDown,
+    /// Makes sure the tap exists, is owned by the owner, attached to the bridge and up.
+    EnsureTap { name: String },
+    /// Removes the tap if it exists.
+    DeleteTap { name: String },
+    /// Checks that `ip` may be leased: inside the subnet, not the network, gateway or broadcast
+    /// address. A guard the daemon calls before writing a lease.
+    CheckAddress { ip: String },
+    /// A UDP socket bound to the gateway address, port 53, passed back with SCM_RIGHTS.
+    BindDns,
+    /// Routes `~vm` to the gateway on the bridge through systemd-resolved, when it runs.
+    RouteDns,
+    /// Gives a file under the owner's state dir back to the owner (files made as root by a
+    /// privileged step). The path is resolved (symlinks followed) and must stay inside.
+    ChownToOwner { path: String },
+}
+
+impl HelperOp {
+    /// Short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Hello => "hello",
+            Self::NetworkUp { .. } => "network_up",
+            Self::NetworkStatus => "network_status",
+            Self::NetworkDown => "network_down",
+            Self::EnsureTap { .. } => "ensure_tap",
+            Self::DeleteTap { .. } => "delete_tap",
+            Self::CheckAddress { .. } => "check_address",
+            Self::BindDns => "bind_dns",
+            Self::RouteDns => "route_dns",
+            Self::ChownToOwner { .. } => "chown_to_owner",
+        }
+    }
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HelperReply {
+    Ok {
+        result: HelperResult,
+    },
+    Error {
+        code: HelperErrorCode,
+        message: String,
+    },
+}
+
+/// Why the helper refused or failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HelperErrorCode {
+    /// The frame was not a valid request.
+    BadFrame,
+    /// An argument failed validation (name pattern, subnet, path).
+    Invalid,
+    /// The operation ran and failed.
+    Failed,
+}
+
+/// What an operation returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HelperResult {
+    Info(HelperInfo),
+    Status(NetworkState),
+    /// Done; for `bind_dns` the socket travels with this frame.
+    Done,
+    /// `route_dns`: whether systemd-resolved now routes `~vm` (false: not running here).
+    Routed {
+        routed: bool,
+    },
+}
+
+/// The helper's fixed settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelperInfo {
+    pub version: String,
+    pub bridge: String,
+    /// The subnet, e.g. `172.30.0.0/24`.
+    pub subnet: String,
+    /// The bridge's address, the guests' gateway and DNS server.
+    pub gateway: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+/// What exists of banger's network on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkState {
+    pub bridge_up: bool,
+    pub taps: Vec<String>,
+    pub nft_table: bool,
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer closed the connection before a frame started.
+    #[error("connection closed")]
+    Closed,
+    /// The announced length is above [`MAX_FRAME`].
+    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// The body is not the expected JSON.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("frame I/O")]
+    Io(#[from] std::io::Error),
+}
+
+/// Writes `value` as one frame.
+pub fn write_frame(out: &mut impl Write, value: &impl Serialize) -> Result<(), FrameError> {
+    let body = serde_json::to_vec(value).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut frame = Vec::with_capacity(body.len() + 4);
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    out.write_all(&frame)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Parses a frame's 4-byte header into the body length, refusing oversized frames.
+pub fn frame_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Parses a frame body.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Reads one frame and parses it. [`FrameError::Closed`] when the stream ends cleanly first.
+pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> Result<T, FrameError> {
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < header.len() {
+        match input.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Err(FrameError::Closed),
+            Ok(0) => {
+                return Err(FrameError::Malformed("truncated frame header".into()));
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = frame_len(header)?;
+    let mut body = vec![0u8; len];
+    input.read_exact(&mut body).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameError::Malformed(format!("truncated frame body (expected {len} bytes)"))
+        } else {
+            FrameError::Io(e)
+        }
+    })?;
+    decode_body(&body)
+}
+
+/// Whether `name` is a tap name banger makes (`bg-tap-N`); returns N.
+pub fn parse_tap_name(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix(TAP_PREFIX)?;
+    if digits.is_empty()
+        || digits.len() > 5
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || (digits.len() > 1 && digits.starts_with('0'))
+    {
+        return None;
+    }
+    let index: u32 = digits.parse().ok()?;
+    (index <= MAX_TAP_INDEX).then_some(index)
+}
+
+/// The tap name for index `n`.
+pub fn tap_name(index: u32) -> String {
+    format!("{TAP_PREFIX}{index}")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let request = HelperRequest {
+            op_id: "abc".into(),
+            op: HelperOp::EnsureTap {
+                name: "bg-tap-3".into(),
+            },
+        };
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &request).unwrap();
+        let back: HelperRequest = read_frame(&mut buf.as_slice()).unwrap();
+        assert_eq!(back, request);
+    }
+
+    #[test]
+    fn unknown_ops_and_fields_are_refused() {
+        for body in [
+            r#"{"op_id":"x","op":{"kind":"run_shell","cmd":"id"}}"#,
+            r#"{"op_id":"x","op":{"kind":"hello"},"extra":1}"#,
+            r#"{"op_id":"x","op":{"kind":"delete_tap","name":"bg-tap-1","force":true}}"#,
+        ] {
+            assert!(
+                decode_body::<HelperRequest>(body.as_bytes()).is_err(),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_reading() {
+        let header = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        assert!(matches!(frame_len(header), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn tap_names_follow_the_pattern() {
+        assert_eq!(parse_tap_name("bg-tap-0"), Some(0));
+        assert_eq!(parse_tap_name("bg-tap-65535"), Some(65_535));
+        for bad in [
+            "bg-tap-",
+            "bg-tap-01",
+            "bg-tap-65536",
+            "bg-tap-1a",
+            "eth0",
+            "bg-tap--1",
+            "bg-tap-1 ",
+            "banger0",
+            "bg-tap-999999",
+        ] {
+            assert_eq!(parse_tap_name(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! `banger network status|down`, `banger ssh-config` and `banger helper install` (the systemd
+//! units of the root helper, shipped in contrib/systemd and embedded here).
+
+use banger_proto::{NetworkStatus, SshConfigRequest, SshConfigResult};
+use hyper::Method;
+
+use crate::cli::{HelperCommand, NetworkCommand};
+use crate::client::{Client, ClientError};
+use crate::commands::print_json;
+
+const SOCKET_UNIT: &str = include_str!("../../../../contrib/systemd/banger-helper@.socket");
+const SERVICE_UNIT: &str = include_str!("../../../../contrib/systemd/banger-helper@.service");
+
+pub async fn run(client: &Client, command: NetworkCommand) -> Result<u8, ClientError> {
+    let (status, json): (NetworkStatus, bool) = match command {
+        NetworkCommand::Status(flag) => (
+            client.call(Method::GET, "/v1/network", None::<&()>).await?,
+            flag.json,
+        ),
+        NetworkCommand::Down(flag) => (
+            client
+                .call(Method::POST, "/v1/network/down", None::<&()>)
+                .await?,
+            flag.json,
+        ),
+    };
+    if json {
+        print_json(&status)?;
+        return Ok(0);
+    }
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    match (&status.helper, &status.helper_error) {
+        (true, _) => println!("helper:    {} (answers)", status.helper_socket),
+        (false, Some(e)) => println!("helper:    {} ({e})", status.helper_socket),
+        (false, None) => println!("helper:    {} (not used)", status.helper_socket),
+    }
+    println!("mode:      {}", status.mode);
+    if let (Some(subnet), Some(gw)) = (&status.subnet, &status.gateway) {
+        println!("subnet:    {subnet} (gateway {gw})");
+    }
+    println!("bridge up: {}", yes(status.bridge_up));
+    println!("nft table: {}", yes(status.nft_table));
+    println!("taps:      {}", status.taps.join(" "));
+    println!("dns:       {}", status.dns.as_deref().unwrap_or("-"));
+    for lease in &status.leases {
+        println!("lease:     {} {} {}", lease.vm, lease.ip, lease.tap);
+    }
+    Ok(0)
+}
+
+pub async fn ssh_config(client: &Client, install: bool, json: bool) -> Result<u8, ClientError> {
+    let result: SshConfigResult = client
+        .call(
+            Method::POST,
+            "/v1/ssh-config",
+            Some(&SshConfigRequest { install }),
+        )
+        .await?;
+    if json {
+        print_json(&result)?;
+        return Ok(0);
+    }
+    println!("wrote {} ({} hosts)", result.path, result.hosts.len());
+    match (&result.user_config, result.include_added) {
+        (Some(user), true) => println!("added `Include {}` to {user}", result.path),
+        (Some(user), false) => println!("{user} already includes it"),
+        (None, _) => {
+            println!("hint: `banger ssh-config --install` adds the Include line to ~/.ssh/config")
+        }
+    }
+    Ok(0)
+}
+
+pub fn helper(command: HelperCommand) -> Result<u8, ClientError> {
+    let HelperCommand::Install { print, unit_dir } = command;
+    if print {
+        println!(
+            "# banger-helper@.socket\n{SOCKET_UNIT}\n# banger-helper@.service\n{SERVICE_UNIT}"
+        );
+        return Ok(0);
+    }
+    for (name, text) in [
+        ("banger-helper@.socket", SOCKET_UNIT),
+        ("banger-helper@.service", SERVICE_UNIT),
+    ] {
+        let path = unit_dir.join(name);
+        std::fs::write(&path, text).map_err(|e| {
+            ClientError::Other(anyhow::anyhow!(
+                "cannot write {}: {e}; hint: run it as root, or use --print",
+                path.display()
+            ))
+        })?;
+        println!("wrote {}", path.display());
+    }
+    // The user who will run banger: the one behind sudo, else this process's owner.
+    let owner = std::env::var("SUDO_UID").unwrap_or_else(|_| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self")
+            .map(|m| m.uid().to_string())
+            .unwrap_or_else(|_| "UID".into())
+    });
+    println!(
+        "next: install banger-helper to /usr/local/bin, then\n  systemctl daemon-reload && systemctl enable --now banger-helper@{owner}.socket"
+    );
+    Ok(0)
+}
