@@ -17,7 +17,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 FILES=${1:-10000}
 MIB=${2:-100}
-ROUNDS=5
+ROUNDS=${ROUNDS:-5}
+FULL_ROUNDS=${FULL_ROUNDS:-3}
 NAME=bws
 
 ensure_image
@@ -63,7 +64,7 @@ tar_copy() {
 EMPTY=$BENCH_HOME/empty
 mkdir -p "$EMPTY"
 full=() tarc=()
-for ((r = 0; r < 3; r++)); do
+for ((r = 0; r < FULL_ROUNDS; r++)); do
     banger vm workspace prepare "$NAME" "$EMPTY" --no-git >/dev/null 2>&1
     t0=$(now)
     banger vm workspace prepare "$NAME" "$REPO" >/dev/null 2>&1
