@@ -17,7 +17,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 FILES=${1:-10000}
 MIB=${2:-100}
-ROUNDS=5
+ROUNDS=${ROUNDS:-5}
+FULL_ROUNDS=${FULL_ROUNDS:-3}
 NAME=bws
 
 ensure_image
@@ -47,7 +48,8 @@ for i, size in enumerate(sizes):
 PY
 git -C "$REPO" init -q
 git -C "$REPO" add -A
-git -C "$REPO" -c user.name=bench -c user.email=bench@localhost commit -qm gen
+# No background auto-gc: it would repack .git while the benchmark reads it.
+git -C "$REPO" -c gc.auto=0 -c user.name=bench -c user.email=bench@localhost commit -qm gen
 log "repo: $(du -sh "$REPO" | cut -f1) with .git"
 
 tar_copy() {
@@ -63,10 +65,10 @@ tar_copy() {
 EMPTY=$BENCH_HOME/empty
 mkdir -p "$EMPTY"
 full=() tarc=()
-for ((r = 0; r < 3; r++)); do
-    banger vm workspace prepare "$NAME" "$EMPTY" --no-git >/dev/null 2>&1
+for ((r = 0; r < FULL_ROUNDS; r++)); do
+    banger vm workspace prepare "$NAME" "$EMPTY" --no-git >/dev/null
     t0=$(now)
-    banger vm workspace prepare "$NAME" "$REPO" >/dev/null 2>&1
+    banger vm workspace prepare "$NAME" "$REPO" >/dev/null
     full+=("$(sub "$(now)" "$t0")")
     tarc+=("$(tar_copy)")
     log "round $r: prepare ${full[-1]} s, tar|ssh ${tarc[-1]} s"
@@ -76,7 +78,7 @@ resync=() rtt=()
 for ((r = 0; r < ROUNDS; r++)); do
     echo "change $r" >"$REPO/d00/s0/f0.dat"
     t0=$(now)
-    banger vm workspace prepare "$NAME" "$REPO" >/dev/null 2>&1
+    banger vm workspace prepare "$NAME" "$REPO" >/dev/null
     resync+=("$(sub "$(now)" "$t0")")
     t0=$(now)
     ssh "${SSH_OPTS[@]}" true
@@ -84,10 +86,10 @@ for ((r = 0; r < ROUNDS; r++)); do
 done
 
 exect=() sshx=()
-banger vm exec "$NAME" -- true >/dev/null 2>&1 # opens the shared connection
+banger vm exec "$NAME" -- true >/dev/null # opens the shared connection
 for ((r = 0; r < ROUNDS; r++)); do
     t0=$(now)
-    banger vm exec "$NAME" -- true >/dev/null 2>&1
+    banger vm exec "$NAME" -- true >/dev/null
     exect+=("$(sub "$(now)" "$t0")")
     t0=$(now)
     ssh "${SSH_OPTS[@]}" true

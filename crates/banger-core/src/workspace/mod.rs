@@ -72,16 +72,21 @@ pub fn receive_script(delete_len: usize, git: bool) -> String {
     }
     script.push_str("tar -x --no-same-owner -f -; ");
     if git {
-        script.push_str(&format!("{TREE_OF_WORKTREE} "));
+        // The files are in place even if this fails; export then says there is no base.
+        script.push_str(&format!(
+            "( {TREE_OF_WORKTREE} ) || echo 'banger: cannot record the prepared tree' >&2"
+        ));
     }
     script
 }
 
 /// Prints the tree id of the worktree in the current directory (tracked + untracked, not
-/// ignored) without touching the repo's own index.
-const TREE_OF_WORKTREE: &str = "t=$(mktemp); trap 'rm -f \"$t\"' EXIT; \
-    cp .git/index \"$t\" 2>/dev/null || rm -f \"$t\"; \
-    GIT_INDEX_FILE=\"$t\" git add -A . >/dev/null && GIT_INDEX_FILE=\"$t\" git write-tree;";
+/// ignored) without touching the repo's own index: it uses a guest-only index
+/// (`.git/banger-index`, seeded from the repo's index) whose stat data stay valid from one
+/// prepare to the next, so only changed files are hashed again.
+const TREE_OF_WORKTREE: &str = "i=.git/banger-index; \
+    [ -f \"$i\" ] || cp .git/index \"$i\" 2>/dev/null || :; \
+    GIT_INDEX_FILE=\"$i\" git add -A . >/dev/null && GIT_INDEX_FILE=\"$i\" git write-tree;";
 
 /// The guest script printing the guest's changes since `base` (a tree id) as a binary git
 /// patch that applies to the prepared state.

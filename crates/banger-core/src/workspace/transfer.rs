@@ -181,8 +181,20 @@ fn stream(
                     .map_err(WorkspaceError::io(format!("cannot send {path}")))?;
             }
             Kind::Symlink => {
-                let target = std::fs::read_link(&full)
-                    .map_err(WorkspaceError::io(format!("cannot read link {path}")))?;
+                let target = match std::fs::read_link(&full) {
+                    Ok(target) => target,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        entry.mtime_ns = -1;
+                        entry.hash.clear();
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(WorkspaceError::Io {
+                            context: format!("cannot read link {path}"),
+                            source: e,
+                        });
+                    }
+                };
                 header.set_entry_type(tar::EntryType::Symlink);
                 header.set_size(0);
                 builder
@@ -190,7 +202,19 @@ fn stream(
                     .map_err(WorkspaceError::io(format!("cannot send {path}")))?;
             }
             Kind::File => {
-                let file = open_nofollow(&full)?;
+                let file = match open_nofollow(&full) {
+                    Ok(file) => file,
+                    Err(WorkspaceError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        // Gone since the scan (e.g. `git gc` packed a loose object): not sent,
+                        // and recorded as stale so the next prepare deletes or resends it.
+                        entry.mtime_ns = -1;
+                        entry.hash.clear();
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 header.set_entry_type(tar::EntryType::Regular);
                 header.set_size(entry.size);
                 let mut reader = Exact {

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use banger_proto::{
-    ByteSize, ExportResult, ExportWorkspaceRequest, PrepareProgress, PrepareResult,
-    PrepareWorkspaceRequest, VmName, WorkspaceDiff, WorkspaceStatus,
+    ExportResult, ExportWorkspaceRequest, PrepareProgress, PrepareResult, PrepareWorkspaceRequest,
+    VmName, WorkspaceDiff, WorkspaceStatus,
 };
 use hyper::Method;
 
@@ -66,14 +66,14 @@ pub async fn run(client: &Client, command: WorkspaceCommand) -> Result<u8, Clien
                 println!(
                     "Wrote {} ({}); apply it with `git apply {}`",
                     result.written,
-                    ByteSize(result.bytes),
+                    human(result.bytes),
                     result.written
                 );
             } else {
                 println!(
                     "Wrote {} files ({}) under {}",
                     result.files,
-                    ByteSize(result.bytes),
+                    human(result.bytes),
                     result.written
                 );
                 for path in &result.deleted {
@@ -160,7 +160,7 @@ pub async fn prepare(
 pub fn print_prepared(name: &VmName, result: &PrepareResult) {
     let secs = result.elapsed_ms as f64 / 1000.0;
     let rate = if secs > 0.0 {
-        ByteSize((result.wire_bytes as f64 / secs) as u64).to_string()
+        human((result.wire_bytes as f64 / secs) as u64)
     } else {
         "-".into()
     };
@@ -169,7 +169,7 @@ pub fn print_prepared(name: &VmName, result: &PrepareResult) {
         result.host_path,
         result.files_sent,
         result.files_total,
-        ByteSize(result.bytes_sent),
+        human(result.bytes_sent),
         result.files_deleted,
     );
 }
@@ -249,4 +249,30 @@ fn render_status(name: &VmName, status: &WorkspaceStatus) -> String {
         }
     }
     out
+}
+
+/// Bytes for people: `812 B`, `4.1 MiB`.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(super::human(812), "812 B");
+        assert_eq!(super::human(4_269_636), "4.1 MiB");
+        assert_eq!(super::human(3 << 30), "3.0 GiB");
+    }
 }
