@@ -176,14 +176,15 @@ impl Manager {
             .vmm
             .clone()
             .unwrap_or_else(|| self.config.defaults.vmm.clone());
-        let selection = self.select_vmm(&requested, &image).await?;
+        // Firecracker has no user-mode networking: it needs the bridge (a lease and its tap).
+        let pool = self.choose_network(request.network.as_deref()).await?;
+        let selection = self.select_vmm(&requested, &image, pool.is_some()).await?;
         let (strategy, disk_reason) = self.system_disk_strategy(selection.kind)?;
         let mut spec = spec;
         spec.vmm = selection.kind.as_str().into();
         spec.vmm_reason = selection.reason;
         spec.system_disk = strategy.as_str().into();
         info!(vm = %name, vmm = %spec.vmm, reason = %spec.vmm_reason, system_disk = %spec.system_disk, disk_reason = %disk_reason, "backend chosen");
-        let pool = self.choose_network(request.network.as_deref()).await?;
         let record = VmRecord::new(name, spec);
         let vm_dir = self.layout.vm_dir(&record.id);
         let made = async {
@@ -326,6 +327,7 @@ impl Manager {
         &self,
         requested: &str,
         image: &banger_proto::Image,
+        bridge: bool,
     ) -> Result<Selection, Error> {
         let mut facts = Facts {
             firecracker: Err("not checked".into()),
@@ -339,9 +341,13 @@ impl Manager {
                 .await
                 .map(|(a, b, c)| format!("firecracker {a}.{b}.{c}"))
                 .map_err(|e| e.to_string());
-            facts.tap = match &self.seams.tap {
-                Some(_) => Ok(()),
-                None => Err("banger's networking helper is not available yet".into()),
+            facts.tap = if bridge || self.seams.tap.is_some() {
+                Ok(())
+            } else {
+                Err(
+                    "this VM gets user-mode networking (no root helper answers, or --network user)"
+                        .into(),
+                )
             };
             if facts.firecracker.is_ok() && facts.tap.is_ok() {
                 let kernel = self.find_kernel(&image.kernel)?;
