@@ -12,7 +12,8 @@
 #      from the same on-disk state and the same page cache) and time it until
 #      `ssh ... true` succeeds, polling every 50 ms; then power it off over SSH.
 # The VM's first boot is timed too but left out of the medians.
-# Prints per-round times, medians and the ratio banger/baseline (goal <= 1.05x).
+# Prints per-round times and ratios, medians, and the median of the per-round ratios
+# banger/baseline (goal <= 1.05x).
 # Timings are reported, never asserted.
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -28,13 +29,20 @@ ID=$(vm_id "$NAME")
 BASE_DIR=$BENCH_HOME/baseline
 mkdir -p "$BASE_DIR"
 
-# Times `banger vm start`; leaves the VM running. Prints seconds.
+# Times `banger vm start`; leaves the VM running. Sets ELAPSED, and LAUNCHED: when the
+# daemon logged "VMM launched" (QEMU daemonized), relative to the start of the command.
 banger_start() {
-    local t0 t1
+    local t0 t1 line
     t0=$(now)
     banger vm start "$NAME" >/dev/null
     t1=$(now)
-    sub "$t1" "$t0"
+    ELAPSED=$(sub "$t1" "$t0")
+    line=$(grep 'VMM launched' "$BANGER_HOME/logs/bangerd.log" | tail -n 1)
+    LAUNCHED=$(python3 -c '
+import datetime, sys
+ts = sys.argv[1].split()[0].rstrip("Z")[:26]
+t = datetime.datetime.fromisoformat(ts).replace(tzinfo=datetime.timezone.utc).timestamp()
+print(f"{t - float(sys.argv[2]):.3f}")' "$line" "$t0" 2>/dev/null || echo "?")
 }
 
 # The running VM's QEMU argv (NUL-separated in /proc) into QEMU_ARGV.
@@ -67,9 +75,11 @@ baseline_start() {
     BASE_PORT=$(free_port)
     baseline_argv "$BASE_PORT"
     rm -f "$BASE_DIR/qemu.pid" "$BASE_DIR/qmp.sock"
-    ssh_opts "$NAME" "$BASE_PORT"
+    ssh_opts "$NAME" "$BASE_PORT" 1
+    [[ ${BENCH_VERBOSE:-0} == 1 ]] && log "baseline: ${BASE_ARGV[*]}"
     t0=$(now)
     "${BASE_ARGV[@]}" </dev/null >/dev/null
+    LAUNCHED=$(sub "$(now)" "$t0")
     BASE_PID=$(<"$BASE_DIR/qemu.pid")
     BENCH_QEMU_PIDS+=("$BASE_PID")
     deadline=$(( ${t0%.*} + BOOT_LIMIT ))
@@ -82,41 +92,54 @@ baseline_start() {
     done
     t1=$(now)
     ELAPSED=$(sub "$t1" "$t0")
+    # For reading the ratio: one more SSH round trip on a fresh connection, the price of any
+    # SSH call banger makes after readiness (it copies the host's git identity with one).
+    t0=$(now)
+    ssh "${SSH_OPTS[@]}" true </dev/null >/dev/null 2>&1 || true
+    RTT=$(sub "$(now)" "$t0")
 }
 
 # Powers the baseline VM off cleanly (so the next boot finds clean filesystems).
 baseline_stop() {
-    ssh "${SSH_OPTS[@]}" 'sync; systemctl poweroff' </dev/null >/dev/null 2>&1 || true
-    local i
-    for ((i = 0; i < 6000; i++)); do
-        alive "$BASE_PID" || return 0
-        sleep 0.01
-    done
-    log "baseline QEMU $BASE_PID did not power off within 60 s; killing it"
-    kill -9 "$BASE_PID" 2>/dev/null || true
+    ssh_opts "$NAME" "$BASE_PORT" 10
+    ssh_poweroff "$BASE_PID"
+    wait_gone_or_kill "$BASE_PID" 120 || true
 }
 
 log "first boot of $NAME (excluded from the medians)"
-FIRST=$(banger_start)
+banger_start
+FIRST=$ELAPSED
 log "first start: $FIRST s"
 banger vm stop "$NAME" >/dev/null
 
-B=() Q=()
-printf '\n%-7s %12s %12s %8s\n' round banger_s baseline_s ratio
+# *_launch: when QEMU had daemonized (banger: the daemon's "VMM launched" log line; baseline:
+# the qemu command returned), relative to the start of the measurement.
+# load1: the host's 1-minute load average when the round began.
+B=() Q=() BL=() QL=() RT=() RR=()
+FMT='%-7s %6s | %10s %14s | %10s %14s | %7s\n'
+printf "\n$FMT" round load1 banger_s banger_launch baseline_s baseline_launch ratio
 for ((r = 1; r <= ROUNDS; r++)); do
-    b=$(banger_start)
+    load1=$(cut -d' ' -f1 /proc/loadavg)
+    banger_start
+    b=$ELAPSED bl=$LAUNCHED
     capture_cmdline
     banger vm stop "$NAME" >/dev/null
     baseline_start
-    q=$ELAPSED
+    q=$ELAPSED ql=$LAUNCHED
+    RT+=("$RTT") RR+=("$(ratio "$b" "$q")")
     baseline_stop
-    B+=("$b") Q+=("$q")
-    printf '%-7s %12s %12s %7sx\n' "$r" "$b" "$q" "$(ratio "$b" "$q")"
+    B+=("$b") Q+=("$q") BL+=("$bl") QL+=("$ql")
+    printf "$FMT" "$r" "$load1" "$b" "$bl" "$q" "$ql" "${RR[-1]}x"
 done
 
 MB=$(median "${B[@]}") MQ=$(median "${Q[@]}")
-printf '%-7s %12s %12s %7sx\n' median "$MB" "$MQ" "$(ratio "$MB" "$MQ")"
+MBL=$(median "${BL[@]}" 2>/dev/null || echo "?") MQL=$(median "${QL[@]}")
+MR=$(median "${RR[@]}")
+printf "$FMT" median "" "$MB" "$MBL" "$MQ" "$MQL" "${MR}x"
 echo
 echo "first start (not in medians): $FIRST s"
-echo "vm start: banger median $MB s, baseline median $MQ s, ratio $(ratio "$MB" "$MQ")x (goal <= 1.05x)"
+echo "one extra ssh round trip (fresh connection) after boot: median $(median "${RT[@]}") s"
+echo "vm start: banger median $MB s, baseline median $MQ s"
+echo "  ratio banger/baseline: median of per-round ratios ${MR}x, of medians $(ratio "$MB" "$MQ")x (goal <= 1.05x)"
+echo "load average at the end: $(loadavg)"
 echo "baseline = banger's own QEMU command line (VM $ID), launched directly, ssh polled every ${POLL}s"

@@ -208,6 +208,28 @@ impl TestEnv {
         processes_with_cmdline("qemu-system-x86", &self.home().display().to_string())
     }
 
+    /// Runs `banger ARGS`, failing the test (and killing the command) if it has not finished
+    /// within `limit`: for calls that must not hang.
+    #[track_caller]
+    pub fn banger_within(&self, limit: Duration, args: &[&str]) -> Run {
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let finished = poll_or_none(limit, || child.try_wait().unwrap());
+        if finished.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`banger {}` did not finish within {limit:?}",
+                args.join(" ")
+            );
+        }
+        Run::from_output(child.wait_with_output().unwrap())
+    }
+
     /// Sends one raw HTTP/1.1 request on the socket; returns (status, body).
     pub fn raw_request(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
         let mut stream = UnixStream::connect(self.socket()).unwrap();
@@ -305,6 +327,20 @@ impl Drop for TestEnv {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+    }
+}
+
+/// Calls `probe` until it returns `Some`, or returns `None` after `limit`.
+pub fn poll_or_none<T>(limit: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -159,8 +159,24 @@ fn vms_are_isolated_and_survive_a_daemon_crash() {
         .banger(&["vm", "exec", "a", "--", "cat", "/root/repo/marker"])
         .ok();
     assert_eq!(marker.stdout.trim(), "only-in-a");
+    // b's VMM dies behind banger's back: every command sees it stopped, none hangs.
+    let b_pid = env.banger(&["vm", "show", "b", "--json"]).ok().json()["runtime"]["pid"]
+        .as_u64()
+        .unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    poll(Duration::from_secs(10), "b's QEMU gone", || {
+        (env.qemu_pids().len() == 1).then_some(())
+    });
+    let refused = env.banger_within(Duration::from_secs(30), &["vm", "exec", "b", "--", "true"]);
+    assert_eq!(refused.code, 4, "{}", refused.stderr);
+    let noop = env
+        .banger_within(Duration::from_secs(30), &["vm", "stop", "b"])
+        .ok();
+    assert!(noop.stdout.contains("not running"), "{}", noop.stdout);
     env.banger(&["vm", "stop", "a"]).ok();
-    env.banger(&["vm", "stop", "b"]).ok();
     poll(Duration::from_secs(10), "QEMU gone", || {
         env.qemu_pids().is_empty().then_some(())
     });

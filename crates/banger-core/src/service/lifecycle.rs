@@ -67,6 +67,14 @@ impl Manager {
         Ok(())
     }
 
+    /// The VM called `name` as it is now (see [`Self::observe`]). The store guard is released
+    /// before observing, which may write to the store itself: taking both in one expression
+    /// would deadlock on the store's mutex.
+    pub(super) fn observed_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
+        let record = self.store().get_vm(name.as_str())?;
+        Ok(self.observe(record))
+    }
+
     /// The record as it is now: a VM recorded as running whose VMM is gone (guest powered
     /// off, VMM killed) is marked stopped.
     pub(super) fn observe(&self, mut record: VmRecord) -> VmRecord {
@@ -166,7 +174,7 @@ impl Manager {
         let name = VmName::parse(name)?;
         let lock = self.vm_lock(&name);
         let _guard = lock.lock().await;
-        let record = self.observe(self.store().get_vm(name.as_str())?);
+        let record = self.observed_vm(&name)?;
         if record.state == VmState::Running {
             return Ok(LifecycleResult {
                 vm: record.to_api(),
@@ -458,7 +466,7 @@ impl Manager {
         let name = VmName::parse(name)?;
         let lock = self.vm_lock(&name);
         let _guard = lock.lock().await;
-        let mut record = self.observe(self.store().get_vm(name.as_str())?);
+        let mut record = self.observed_vm(&name)?;
         let pid = record.runtime.as_ref().and_then(|r| r.pid);
         let live_pid = pid.filter(|pid| process::is_alive(*pid, &record.id));
         let Some(pid) = live_pid else {
@@ -540,7 +548,7 @@ impl Manager {
     /// What `vm exec` and `vm ssh` need; refused unless the VM runs.
     pub async fn ssh_info(&self, name: &str) -> Result<SshInfo, Error> {
         let name = VmName::parse(name)?;
-        let record = self.observe(self.store().get_vm(name.as_str())?);
+        let record = self.observed_vm(&name)?;
         if record.state != VmState::Running {
             return Err(Error::InvalidState {
                 name: name.to_string(),
@@ -570,7 +578,7 @@ impl Manager {
     pub async fn console(&self, name: &str, offset: u64) -> Result<ConsoleChunk, Error> {
         use std::io::{Read, Seek, SeekFrom};
         let name = VmName::parse(name)?;
-        let record = self.observe(self.store().get_vm(name.as_str())?);
+        let record = self.observed_vm(&name)?;
         let path = self.layout.vm_console_log(&record.id);
         let mut data = Vec::new();
         let mut next_offset = offset;

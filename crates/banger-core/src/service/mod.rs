@@ -501,7 +501,7 @@ impl Manager {
         let lock = self.vm_lock(&name);
         let _guard = lock.lock().await;
         // A VM recorded as running whose VMM died is stopped, and so removable.
-        let record = self.observe(self.store().get_vm(name.as_str())?);
+        let record = self.observed_vm(&name)?;
         if !model::removable(record.state) {
             return Err(Error::InvalidState {
                 name: name.to_string(),

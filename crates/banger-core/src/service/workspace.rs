@@ -31,7 +31,7 @@ const GUEST_LIMIT: Duration = Duration::from_secs(600);
 impl Manager {
     /// The record of a VM that must be running for `what`.
     fn running_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
-        let record = self.observe(self.store().get_vm(name.as_str())?);
+        let record = self.observed_vm(name)?;
         if record.state != VmState::Running {
             return Err(Error::InvalidState {
                 name: name.to_string(),
@@ -117,7 +117,7 @@ impl Manager {
         guest: bool,
     ) -> Result<WorkspaceStatus, Error> {
         let name = VmName::parse(name)?;
-        let record = self.observe(self.store().get_vm(name.as_str())?);
+        let record = self.observed_vm(&name)?;
         let Some(ws) = self.store().workspace(&record.id)? else {
             return Ok(WorkspaceStatus::default());
         };
