@@ -117,11 +117,13 @@ impl SshTarget {
         }
     }
 
-    /// Polls until the guest's sshd accepts banger's key (`true` runs), the `alive` check
-    /// fails (returns `Ok(false)`), or `limit` passes.
+    /// Polls until the guest's sshd accepts banger's key and runs `probe` (which must exit 0
+    /// whenever the guest is up: it doubles as first-boot setup, saving a connection), the
+    /// `alive` check fails (returns `Ok(false)`), or `limit` passes.
     pub async fn wait_ready(
         &self,
         limit: Duration,
+        probe: &str,
         mut alive: impl FnMut() -> bool,
     ) -> Result<bool, SshError> {
         let deadline = Instant::now() + limit;
@@ -132,7 +134,7 @@ impl SshTarget {
             if banner(&self.host, self.port).await {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let bound = left.min(Duration::from_secs(20));
-                if let Ok((Some(0), _, _)) = self.run("true", Duration::from_secs(5), bound).await {
+                if let Ok((Some(0), _, _)) = self.run(probe, Duration::from_secs(5), bound).await {
                     return Ok(true);
                 }
             }

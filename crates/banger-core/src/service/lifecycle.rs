@@ -394,16 +394,14 @@ impl Manager {
         }
 
         let target = self.ssh_target(record)?;
+        let probe = self.readiness_probe().await;
         let limit = Duration::from_secs(self.config.daemon.start_timeout_secs);
         let id = record.id.clone();
         let ready = target
-            .wait_ready(limit, || process::is_alive(process.pid, &id))
+            .wait_ready(limit, &probe, || process::is_alive(process.pid, &id))
             .await;
         match ready {
-            Ok(true) => {
-                self.sync_git_identity(&target).await;
-                Ok(())
-            }
+            Ok(true) => Ok(()),
             Ok(false) => Err(Error::Failed(format!(
                 "VM {} stopped during boot: {}",
                 record.name,

@@ -12,7 +12,7 @@ use banger_proto::{
     ExportResult, ExportWorkspaceRequest, PrepareProgress, PrepareResult, PrepareWorkspaceRequest,
     VmName, VmState, WorkspaceDiff, WorkspaceStatus,
 };
-use tracing::{info, warn};
+use tracing::info;
 
 use super::Manager;
 use crate::Error;
@@ -306,9 +306,10 @@ impl Manager {
         Ok(result)
     }
 
-    /// Writes the host's git identity (user.name, user.email of the daemon's user) into the
-    /// guest's ~/.gitconfig. Best effort: a failure is logged, never fails the start.
-    pub(super) async fn sync_git_identity(&self, target: &SshTarget) {
+    /// The readiness probe of a start: it also writes the host's git identity (user.name,
+    /// user.email of the daemon's user) into the guest's ~/.gitconfig, in the same SSH
+    /// connection. Best effort: it exits 0 whatever git says, so readiness never depends on it.
+    pub(super) async fn readiness_probe(&self) -> String {
         let mut script = Vec::new();
         for key in ["user.name", "user.email"] {
             let value = tokio::process::Command::new("git")
@@ -326,20 +327,9 @@ impl Manager {
             }
         }
         if script.is_empty() {
-            return;
+            return "true".into();
         }
-        match target
-            .run(
-                &script.join(" && "),
-                Duration::from_secs(5),
-                Duration::from_secs(20),
-            )
-            .await
-        {
-            Ok((Some(0), _, _)) => info!("git identity copied to the guest"),
-            Ok((code, _, err)) => warn!(?code, "cannot copy the git identity: {}", err.trim()),
-            Err(e) => warn!("cannot copy the git identity: {e}"),
-        }
+        format!("{{ {}; }} >/dev/null 2>&1; true", script.join(" && "))
     }
 }
 
