@@ -476,6 +476,120 @@ pub fn default_image_check(name: &str, image: Option<&Image>) -> DoctorCheck {
     }
 }
 
+/// The Firecracker row: its version, or why VMs use QEMU.
+pub fn firecracker_check(version: Result<(u32, u32, u32), String>) -> DoctorCheck {
+    const NAME: &str = "firecracker";
+    match version {
+        Ok((a, b, c)) => ok(
+            NAME,
+            format!("firecracker {a}.{b}.{c} (needs KVM and bridge networking too)"),
+        ),
+        Err(why) => problem(
+            NAME,
+            CheckStatus::Warn,
+            format!("not usable ({why}); VMs use QEMU"),
+            "install Firecracker >= 1.5 on PATH or set firecracker.binary; see docs/firecracker.md",
+        ),
+    }
+}
+
+/// Which raw system-disk strategy Firecracker VMs get on this data dir, and why.
+pub fn system_disk_check(strategy: &str, reason: &str) -> DoctorCheck {
+    ok(
+        "system-disk",
+        format!("QEMU: qcow2 overlays; raw (Firecracker): {strategy} ({reason})"),
+    )
+}
+
+/// What `banger network status` found, as doctor rows: helper, bridge, nft table, DNS.
+pub fn network_checks(status: &banger_proto::NetworkStatus) -> Vec<DoctorCheck> {
+    if status.mode == "user" {
+        return vec![ok(
+            "helper",
+            "network.mode = \"user\": VMs use user-mode networking",
+        )];
+    }
+    if !status.helper {
+        return vec![problem(
+            "helper",
+            CheckStatus::Warn,
+            format!(
+                "no root helper answers on {} ({}); VMs use user-mode networking, no NAME.vm",
+                status.helper_socket,
+                status.helper_error.as_deref().unwrap_or("not reachable")
+            ),
+            "sudo banger helper install, then systemctl enable --now banger-helper@$(id -u).socket",
+        )];
+    }
+    let on_demand = "it is made at the first bridge VM start (or `banger vm start` one)";
+    let row = |name: &str, up: bool, detail: String| {
+        if up {
+            ok(name, detail)
+        } else {
+            problem(name, CheckStatus::Warn, detail, on_demand)
+        }
+    };
+    vec![
+        ok(
+            "helper",
+            format!("root helper answers on {}", status.helper_socket),
+        ),
+        row(
+            "bridge",
+            status.bridge_up,
+            format!(
+                "banger0 {} (gateway {})",
+                if status.bridge_up { "up" } else { "down" },
+                status.gateway.as_deref().unwrap_or("unknown")
+            ),
+        ),
+        row(
+            "nft-table",
+            status.nft_table,
+            format!(
+                "nftables table ip banger {}",
+                if status.nft_table {
+                    "present"
+                } else {
+                    "absent"
+                }
+            ),
+        ),
+        row(
+            "dns",
+            status.dns.is_some(),
+            match &status.dns {
+                Some(addr) => format!("NAME.vm answered on {addr}"),
+                None => "the NAME.vm DNS server is not running".into(),
+            },
+        ),
+    ]
+}
+
+/// Whether the host sends `*.vm` queries to banger's DNS: `resolvectl status banger0`
+/// output (None when resolvectl is absent).
+pub fn vm_routing_check(resolvectl: Option<&str>, gateway: Option<&str>) -> DoctorCheck {
+    const NAME: &str = "vm-routing";
+    let gateway = gateway.unwrap_or("172.30.0.1");
+    match resolvectl {
+        Some(out) if out.contains("~vm") => ok(NAME, "systemd-resolved routes ~vm to banger0"),
+        Some(_) => problem(
+            NAME,
+            CheckStatus::Warn,
+            "systemd-resolved does not route .vm names to banger0",
+            format!("resolvectl dns banger0 {gateway}; resolvectl domain banger0 ~vm"),
+        ),
+        None => problem(
+            NAME,
+            CheckStatus::Warn,
+            "no systemd-resolved: the host does not resolve NAME.vm (ssh NAME.vm works through `banger ssh-config`)",
+            format!(
+                "with dnsmasq: server=/vm/{gateway}; or add `nameserver {gateway}` for .vm lookups"
+            ),
+        ),
+    }
+}
+
 /// Runs `program args` with a deadline; its stdout and stderr together when it exits 0, else
 /// why not (tools print versions on either stream).
 async fn probe(program: &Path, args: &[&str]) -> Result<String, String> {
@@ -516,6 +630,65 @@ fn first_line(text: &str) -> &str {
         .map(str::trim)
         .find(|l| !l.is_empty())
         .unwrap_or("no output")
+}
+
+#[cfg(test)]
+mod network_row_tests {
+    use super::*;
+
+    fn status(helper: bool, up: bool) -> banger_proto::NetworkStatus {
+        banger_proto::NetworkStatus {
+            mode: "auto".into(),
+            helper_socket: "/run/banger-helper.sock".into(),
+            helper,
+            helper_error: (!helper).then(|| "connection refused".into()),
+            subnet: Some("172.30.0.0/24".into()),
+            gateway: Some("172.30.0.1".into()),
+            bridge_up: up,
+            nft_table: up,
+            taps: vec![],
+            dns: up.then(|| "172.30.0.1:53".into()),
+            leases: vec![],
+        }
+    }
+
+    #[test]
+    fn network_rows_follow_the_status() {
+        let rows = network_checks(&status(false, false));
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].status, CheckStatus::Warn);
+        assert!(rows[0].fix.as_deref().unwrap().contains("helper install"));
+        let rows = network_checks(&status(true, true));
+        assert!(rows.iter().all(|r| r.status == CheckStatus::Ok), "{rows:?}");
+        let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["helper", "bridge", "nft-table", "dns"]);
+        let rows = network_checks(&status(true, false));
+        assert!(
+            rows[1..]
+                .iter()
+                .all(|r| r.status == CheckStatus::Warn && r.fix.is_some())
+        );
+    }
+
+    #[test]
+    fn routing_and_firecracker_rows_say_how_to_fix() {
+        assert_eq!(
+            vm_routing_check(Some("DNS Domain: ~vm"), None).status,
+            CheckStatus::Ok
+        );
+        let row = vm_routing_check(Some("Link 5 (banger0)"), Some("10.9.0.1"));
+        assert!(row.fix.unwrap().contains("resolvectl domain banger0 ~vm"));
+        assert!(
+            vm_routing_check(None, None)
+                .fix
+                .unwrap()
+                .contains("server=/vm/")
+        );
+        assert_eq!(firecracker_check(Ok((1, 7, 0))).status, CheckStatus::Ok);
+        let row = firecracker_check(Err("not installed".into()));
+        assert_eq!(row.status, CheckStatus::Warn);
+        assert!(row.detail.contains("QEMU"));
+    }
 }
 
 #[cfg(test)]

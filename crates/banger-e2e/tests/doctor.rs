@@ -43,9 +43,19 @@ fn doctor_reports_every_check_with_fixes_for_problems() {
             "busybox",
             "disk-space",
             "tun",
-            "default-image"
+            "default-image",
+            "firecracker",
+            "system-disk",
+            "helper"
         ]
     );
+    // No Firecracker and no root helper on the test machines: both say what to do.
+    let firecracker = check(&report, "firecracker");
+    assert_eq!(firecracker["status"], "warn", "{firecracker}");
+    assert!(firecracker["detail"].as_str().unwrap().contains("QEMU"));
+    let helper = check(&report, "helper");
+    assert_eq!(helper["status"], "warn", "{helper}");
+    assert!(helper["fix"].as_str().unwrap().contains("helper install"));
     for row in report["checks"].as_array().unwrap() {
         let status = row["status"].as_str().unwrap();
         assert!(["ok", "warn", "fail"].contains(&status), "{row}");
@@ -107,7 +117,7 @@ fn doctor_text_output_has_one_row_per_check_and_fix_lines() {
     assert!(run.code == 0 || run.code == 1, "stderr: {}", run.stderr);
     let lines: Vec<&str> = run.stdout.lines().collect();
     let rows: Vec<&&str> = lines.iter().filter(|l| !l.starts_with(' ')).collect();
-    assert_eq!(rows.len(), 12, "{}", run.stdout);
+    assert_eq!(rows.len(), 15, "{}", run.stdout);
     assert!(
         lines
             .iter()

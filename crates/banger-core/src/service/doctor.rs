@@ -14,6 +14,27 @@ impl Manager {
         let name = &self.config.defaults.image;
         let image = self.store().find_image(name)?;
         checks.push(doctor::default_image_check(name, image.as_ref()));
+        checks.push(doctor::firecracker_check(
+            self.firecracker.version().await.map_err(|e| e.to_string()),
+        ));
+        let (strategy, reason) =
+            crate::disk::choose_raw_strategy(&self.layout.images_dir(), self.dm_available());
+        checks.push(doctor::system_disk_check(strategy.as_str(), &reason));
+        let network = self.network_status().await?;
+        checks.extend(doctor::network_checks(&network));
+        if network.helper {
+            let resolvectl = tokio::process::Command::new("resolvectl")
+                .args(["status", "banger0"])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await
+                .ok()
+                .map(|out| String::from_utf8_lossy(&out.stdout).into_owned());
+            checks.push(doctor::vm_routing_check(
+                resolvectl.as_deref(),
+                network.gateway.as_deref(),
+            ));
+        }
         Ok(DoctorReport::from_checks(checks))
     }
 }
