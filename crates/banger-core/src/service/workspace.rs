@@ -311,6 +311,7 @@ impl Manager {
     /// connection. Best effort: it exits 0 whatever git says, so readiness never depends on it.
     pub(super) async fn readiness_probe(&self) -> String {
         let mut script = Vec::new();
+        let mut identity = Vec::new();
         for key in ["user.name", "user.email"] {
             let value = tokio::process::Command::new("git")
                 .args(["config", "--global", "--get", key])
@@ -323,13 +324,22 @@ impl Manager {
                 let value = String::from_utf8_lossy(&out.stdout).trim().to_owned();
                 if !value.is_empty() {
                     script.push(format!("git config --global {key} {}", shell_quote(&value)));
+                    identity.push(format!("{key}={value}"));
                 }
             }
         }
         if script.is_empty() {
             return "true".into();
         }
-        format!("{{ {}; }} >/dev/null 2>&1; true", script.join(" && "))
+        // Git is slow to start under TCG: run it only when the identity differs from the one
+        // written last time (recorded on the work disk), so a restart pays nothing.
+        let identity = shell_quote(&identity.join(" "));
+        format!(
+            "{{ m=/root/.banger/git-identity; cur=; read -r cur < \"$m\"; \
+             [ \"$cur\" = {identity} ] || {{ {} && printf '%s\\n' {identity} > \"$m\"; }}; }} \
+             >/dev/null 2>&1; true",
+            script.join(" && ")
+        )
     }
 }
 
