@@ -125,10 +125,20 @@ impl Manager {
                 // The daemon may have died before it recorded the VMM's pid (QEMU was still
                 // daemonizing): find such a VMM by the VM id in its command line.
                 // `-name ...,process=banger-<id>` is how the QEMU backend names its process.
+                // `-daemonize` forks: a scan can catch the parent before its child exists, so
+                // scan again after every kill until nothing carries the marker (a killed
+                // parent forks no more; a child it forked before shows up in the next scan).
                 let marker = format!("process=banger-{}", record.id);
-                for pid in process::find_by_marker(&marker) {
-                    warn!(vm = %record.name, pid, "killing a VMM left by an interrupted start");
-                    process::kill(pid, &marker).await;
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                loop {
+                    let found = process::find_by_marker(&marker);
+                    if found.is_empty() || std::time::Instant::now() > deadline {
+                        break;
+                    }
+                    for pid in found {
+                        warn!(vm = %record.name, pid, "killing a VMM left by an interrupted start");
+                        process::kill(pid, &marker).await;
+                    }
                 }
             }
             self.release_runtime(&record.id);
