@@ -177,13 +177,7 @@ impl Firecracker {
             .stdin(Stdio::null())
             .output()
             .await
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => VmmError::MissingBinary(shown.clone()),
-                _ => VmmError::LaunchFailed {
-                    binary: shown.clone(),
-                    message: e.to_string(),
-                },
-            })?;
+            .map_err(VmmError::spawn(&shown))?;
         let text = String::from_utf8_lossy(&output.stdout);
         let version = parse_version(&text).ok_or_else(|| VmmError::LaunchFailed {
             binary: shown.clone(),
@@ -275,13 +269,7 @@ impl Firecracker {
             .stdout(console)
             .stderr(stderr)
             .spawn()
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => VmmError::MissingBinary(shown.clone()),
-                _ => VmmError::LaunchFailed {
-                    binary: shown.clone(),
-                    message: e.to_string(),
-                },
-            })?;
+            .map_err(VmmError::spawn(&shown))?;
         let pid = child.id().ok_or_else(|| VmmError::LaunchFailed {
             binary: shown.clone(),
             message: "exited at once".into(),

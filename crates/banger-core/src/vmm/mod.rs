@@ -56,6 +56,20 @@ pub enum VmmError {
     },
 }
 
+impl VmmError {
+    /// Maps a failure to spawn `binary`: not found means not installed.
+    pub fn spawn(binary: &str) -> impl FnOnce(std::io::Error) -> Self {
+        let binary = binary.to_owned();
+        move |e| match e.kind() {
+            std::io::ErrorKind::NotFound => Self::MissingBinary(binary),
+            _ => Self::LaunchFailed {
+                binary,
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
 /// What a backend can do, so callers decide by capability, not by backend name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {

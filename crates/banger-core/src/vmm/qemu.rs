@@ -142,13 +142,7 @@ impl Hypervisor for Qemu {
             .stderr(Stdio::piped())
             .output()
             .await
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => VmmError::MissingBinary(binary.clone()),
-                _ => VmmError::LaunchFailed {
-                    binary: binary.clone(),
-                    message: e.to_string(),
-                },
-            })?;
+            .map_err(VmmError::spawn(&binary))?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             let message = stderr
