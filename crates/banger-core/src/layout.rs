@@ -169,6 +169,10 @@ impl Layout {
     pub fn vm_runtime_dir(&self, vm_id: &str) -> PathBuf {
         self.runtime_dir.join("vms").join(vm_id)
     }
+    /// The shared SSH connection's socket (daemon and CLI use the same one).
+    pub fn vm_ssh_control(&self, vm_id: &str) -> PathBuf {
+        self.vm_runtime_dir(vm_id).join("ssh-control")
+    }
     /// Content-addressed image store.
     pub fn images_dir(&self) -> PathBuf {
         self.data_dir.join("images")

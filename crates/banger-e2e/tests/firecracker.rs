@@ -136,6 +136,7 @@ async fn sync_attempt() -> bool {
         identity: "/nonexistent/key".into(),
         known_hosts: "/dev/null".into(),
         host_key_alias: "x.vm".into(),
+        control_path: None,
     };
     matches!(
         target

@@ -39,12 +39,18 @@ pub struct SshTarget {
     pub identity: PathBuf,
     pub known_hosts: PathBuf,
     pub host_key_alias: String,
+    /// Shared-connection socket (OpenSSH `ControlPath`): commands after the first skip the
+    /// key exchange, which costs a second or more against a TCG guest. `None` dials each time.
+    pub control_path: Option<PathBuf>,
 }
+
+/// How long an idle shared connection stays open.
+const CONTROL_PERSIST_SECS: u32 = 60;
 
 impl SshTarget {
     /// `-o` options shared by the daemon and the CLI.
     pub fn options(&self) -> Vec<String> {
-        vec![
+        let mut options = vec![
             "-F".into(),
             "/dev/null".into(),
             "-i".into(),
@@ -63,7 +69,20 @@ impl SshTarget {
             self.port.to_string(),
             "-l".into(),
             self.user.clone(),
-        ]
+        ];
+        if let Some(control) = &self.control_path {
+            // `auto`: the first command becomes the master, later ones reuse it; a stale
+            // socket (master gone) makes ssh dial directly instead of failing.
+            options.extend([
+                "-o".into(),
+                "ControlMaster=auto".into(),
+                "-o".into(),
+                format!("ControlPath={}", control.display()),
+                "-o".into(),
+                format!("ControlPersist={CONTROL_PERSIST_SECS}"),
+            ]);
+        }
+        options
     }
 
     /// Runs `script` in the guest (non-interactive), bounded by `connect` for the dial and

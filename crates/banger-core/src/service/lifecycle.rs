@@ -464,6 +464,7 @@ impl Manager {
             identity: self.layout.client_key(),
             known_hosts: self.layout.vm_known_hosts(&record.id),
             host_key_alias: host_key_alias(&record.name),
+            control_path: Some(self.layout.vm_ssh_control(&record.id)),
         })
     }
 
@@ -572,12 +573,7 @@ impl Manager {
             identity_file: target.identity.display().to_string(),
             known_hosts_file: target.known_hosts.display().to_string(),
             host_key_alias: target.host_key_alias,
-            control_path: self
-                .layout
-                .vm_runtime_dir(&record.id)
-                .join("ssh-control")
-                .display()
-                .to_string(),
+            control_path: self.layout.vm_ssh_control(&record.id).display().to_string(),
             workdir: super::workspace::workdir(self.store().workspace(&record.id)?.is_some()),
         })
     }

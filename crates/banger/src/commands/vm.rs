@@ -194,16 +194,14 @@ fn exec_ssh(info: &SshInfo, extra: &[&str], remote: Option<&str>) -> ClientError
         identity: info.identity_file.clone().into(),
         known_hosts: info.known_hosts_file.clone().into(),
         host_key_alias: info.host_key_alias.clone(),
+        // Connection sharing: repeated execs skip the key exchange.
+        control_path: Some(info.control_path.clone().into()),
     };
     let mut command = std::process::Command::new("ssh");
     command
         .args(target.options())
-        // Connection sharing: repeated execs skip the key exchange.
-        .args(["-o", "ControlMaster=auto", "-o", "ControlPersist=60"])
         // A guest that stopped answering fails the command instead of hanging it.
         .args(["-o", "ConnectTimeout=15", "-o", "ServerAliveInterval=15"])
-        .arg("-o")
-        .arg(format!("ControlPath={}", info.control_path))
         .args(extra)
         .arg(&info.host);
     if let Some(remote) = remote {
