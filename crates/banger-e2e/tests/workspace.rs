@@ -187,20 +187,19 @@ fn workspace_prepare_resync_export_and_safety() {
     let mut args = vec!["sha256sum", "--"];
     args.extend(files.iter().map(String::as_str));
     assert_eq!(exec(&env, &args).ok().stdout, host_sums(&repo, &files));
-    let guest_status = exec(&env, &["git", "status", "--porcelain"]).ok().stdout;
-    let host_status = sh(&repo, "git status --porcelain");
-    assert_eq!(
-        guest_status, host_status,
-        "guest and host git status differ"
+    // The guest's git status starts clean: files untracked on the host arrived (hashes above)
+    // but are listed in the guest's excludes, so status shows only what changes there.
+    assert!(
+        sh(&repo, "git status --porcelain").contains("?? untracked.txt"),
+        "the fixture has an untracked file"
     );
     assert_eq!(
-        exec(
-            &env,
-            &["git", "status", "--porcelain", "--untracked-files=no"]
-        )
-        .ok()
-        .stdout,
+        exec(&env, &["git", "status", "--porcelain"]).ok().stdout,
         ""
+    );
+    assert_eq!(
+        exec(&env, &["cat", "untracked.txt"]).ok().stdout,
+        "untracked\n"
     );
     for (path, target) in [
         ("link", "tracked.txt"),
@@ -280,6 +279,32 @@ fn workspace_prepare_resync_export_and_safety() {
     assert!(step["files_sent"].as_u64().unwrap() <= 3, "{step}");
     assert_eq!(step["files_deleted"], 0, "{step}");
 
+    // The worst case for stat-based change detection in the guest: same size and the same
+    // whole-second mtime as what the guest saw last (the tar carries whole seconds). The
+    // prepared-state tree must still record the new content, or the export patch below would
+    // not apply. `git status` in the guest agrees too.
+    let before = std::fs::metadata(repo.join("tracked.txt"))
+        .unwrap()
+        .modified()
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    std::fs::write(repo.join("tracked.txt"), "CHANGED ON THE HOST\n").unwrap();
+    sh(&repo, &format!("touch -d @{before}.5 tracked.txt"));
+    let same_stat = env
+        .banger(&["vm", "workspace", "prepare", "dev", repo_s, "--json"])
+        .ok()
+        .json();
+    assert!(
+        same_stat["files_sent"].as_u64().unwrap() >= 1,
+        "{same_stat}"
+    );
+    assert_eq!(
+        exec(&env, &["cat", "tracked.txt"]).ok().stdout,
+        "CHANGED ON THE HOST\n"
+    );
+
     // A host deletion is deleted in the guest by the next prepare.
     std::fs::remove_file(repo.join("delete-me.txt")).unwrap();
     let del = env
@@ -307,16 +332,33 @@ fn workspace_prepare_resync_export_and_safety() {
         &[
             "sh",
             "-c",
-            "echo 'guest line' >> tracked.txt && echo new > 'guest new.txt' && rm run.sh",
+            "echo 'guest line' >> tracked.txt && echo new > 'guest new.txt' && rm run.sh \
+             && echo 'guest edit' >> untracked.txt",
         ],
     )
     .ok();
+    // The guest's git shows the host's uncommitted tracked changes (its index is the host's)
+    // plus what changed in the guest, but not edits to host-untracked files, which it
+    // excludes (status --guest and export below do see them).
+    let host_tracked: String = sh(&repo, "git status --porcelain")
+        .lines()
+        .filter(|l| !l.starts_with("??"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(host_tracked.contains(" M tracked.txt"), "{host_tracked}");
+    let mut want: Vec<String> = host_tracked.lines().map(str::to_owned).collect();
+    want.push(" D run.sh".into());
+    want.sort();
+    want.push("?? \"guest new.txt\"".into());
+    let guest_status = exec(&env, &["git", "status", "--porcelain"]).ok().stdout;
+    assert_eq!(guest_status.lines().collect::<Vec<_>>(), want);
     let guest = env
         .banger(&["vm", "workspace", "status", "dev", "--guest", "--json"])
         .ok()
         .json();
     assert_eq!(guest["guest"]["added"][0], "guest new.txt", "{guest}");
     assert_eq!(guest["guest"]["modified"][0], "tracked.txt", "{guest}");
+    assert_eq!(guest["guest"]["modified"][1], "untracked.txt", "{guest}");
     assert_eq!(guest["guest"]["removed"][0], "run.sh", "{guest}");
     let patch = fx.path().join("guest.patch");
     env.banger(&[
@@ -332,7 +374,11 @@ fn workspace_prepare_resync_export_and_safety() {
     sh(&repo, &format!("git apply '{}'", patch.display()));
     assert_eq!(
         std::fs::read_to_string(repo.join("tracked.txt")).unwrap(),
-        "changed on the host\nguest line\n"
+        "CHANGED ON THE HOST\nguest line\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(repo.join("untracked.txt")).unwrap(),
+        "untracked\nguest edit\n"
     );
     assert_eq!(
         std::fs::read_to_string(repo.join("guest new.txt")).unwrap(),
@@ -356,7 +402,7 @@ fn workspace_prepare_resync_export_and_safety() {
     assert_eq!(files["deleted"][0], "run.sh", "{files}");
     assert_eq!(
         std::fs::read_to_string(out.join("tracked.txt")).unwrap(),
-        "changed on the host\nguest line\n"
+        "CHANGED ON THE HOST\nguest line\n"
     );
     assert!(out.join("guest new.txt").is_file());
     assert!(

@@ -64,6 +64,7 @@ impl Manager {
         let target = self.ssh_target(&record)?;
         let git = !request.no_git;
         let old = self.store().manifest(&record.id)?;
+        let fresh = old.is_empty();
         let progress = Arc::new(Progress::default());
         let _running = Running::new(self, &name, &progress);
         let (root, head, plan, sent) = tokio::task::spawn_blocking(move || {
@@ -72,7 +73,7 @@ impl Manager {
             let scan = fileset::scan(&root, git)?;
             let mut plan = fileset::plan(&old, scan);
             progress.set_totals(&plan);
-            let sent = transfer::send(&target, &root, &mut plan, git, &progress)?;
+            let sent = transfer::send(&target, &root, &mut plan, git, fresh, &progress)?;
             Ok::<_, WorkspaceError>((root, head, plan, sent))
         })
         .await

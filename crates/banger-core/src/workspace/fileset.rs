@@ -77,6 +77,9 @@ pub type Manifest = BTreeMap<String, Entry>;
 #[derive(Debug, Clone, Default)]
 pub struct Scan {
     pub entries: Manifest,
+    /// Paths git reports as untracked (`??`), a subset of `entries`: the guest hides them
+    /// from its `git status` (see [`exclude_patterns`]).
+    pub untracked: Vec<String>,
 }
 
 /// Checks that `path` (from git or the walk) stays inside the root: relative, no `..`, no
@@ -166,8 +169,10 @@ pub fn scan(root: &Path, git_mode: bool) -> Result<Scan, WorkspaceError> {
     let mut scan = Scan::default();
     let mut real_dirs = HashSet::new();
     if git_mode {
-        let listed = git(root, &["ls-files", "-z", "-co", "--exclude-standard"])?;
-        for raw in listed.split(|b| *b == 0).filter(|s| !s.is_empty()) {
+        // `-t` tags each path: `H ` tracked, `? ` untracked.
+        let listed = git(root, &["ls-files", "-z", "-co", "-t", "--exclude-standard"])?;
+        for tagged in listed.split(|b| *b == 0).filter(|s| !s.is_empty()) {
+            let (tag, raw) = tagged.split_at(tagged.len().min(2));
             let rel = Path::new(std::ffi::OsStr::from_bytes(raw));
             let rel_text = safe_relative(rel)?;
             check_ancestors(root, &rel_text, &mut real_dirs)?;
@@ -176,6 +181,9 @@ pub fn scan(root: &Path, git_mode: bool) -> Result<Scan, WorkspaceError> {
             };
             // A directory here is a gitlink or a nested repo: not part of this file set.
             if entry.kind != Kind::Dir {
+                if tag == b"? " {
+                    scan.untracked.push(rel_text.clone());
+                }
                 scan.entries.insert(rel_text, entry);
             }
         }
@@ -322,6 +330,30 @@ pub fn open_nofollow(path: &Path) -> Result<std::fs::File, WorkspaceError> {
         )))
 }
 
+/// The guest's exclude file for `untracked` paths: one anchored gitignore pattern per path,
+/// special characters escaped, so the guest's `git status` starts clean and shows what changed
+/// there since prepare. A name with a newline cannot be written as a pattern and stays visible.
+pub fn exclude_patterns(untracked: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for path in untracked.iter().filter(|p| !p.contains('\n')) {
+        out.push(b'/');
+        let trailing_spaces = path.len() - path.trim_end_matches(' ').len();
+        let body = &path[..path.len() - trailing_spaces];
+        for byte in body.bytes() {
+            if matches!(byte, b'\\' | b'*' | b'?' | b'[') {
+                out.push(b'\\');
+            }
+            out.push(byte);
+        }
+        // Trailing spaces are dropped from patterns unless escaped.
+        for _ in 0..trailing_spaces {
+            out.extend_from_slice(b"\\ ");
+        }
+        out.push(b'\n');
+    }
+    out
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -333,6 +365,8 @@ pub struct Plan {
     pub send: Vec<String>,
     pub delete: Vec<String>,
     pub next: Manifest,
+    /// The scan's untracked paths.
+    pub untracked: Vec<String>,
 }
 
 /// Differences between a scan and a manifest, by count and a few example paths.
@@ -353,7 +387,10 @@ impl Diff {
 /// unchanged are trusted (like git's index); everything else is sent. Paths that vanished,
 /// or changed kind, are deleted in the guest before the tar is extracted.
 pub fn plan(old: &Manifest, scan: Scan) -> Plan {
-    let mut plan = Plan::default();
+    let mut plan = Plan {
+        untracked: scan.untracked,
+        ..Plan::default()
+    };
     for (path, entry) in &scan.entries {
         match old.get(path) {
             Some(before) if entry.same_stat(before) => {
@@ -442,6 +479,46 @@ mod tests {
              && echo no > ignored.log",
         );
         (dir, repo)
+    }
+
+    #[test]
+    fn exclude_patterns_hide_exactly_the_untracked_files_from_git_status() {
+        let (dir, repo) = fixture();
+        let odd = [
+            "star*.txt",
+            "q?.txt",
+            "[br].txt",
+            "back\\slash",
+            "#hash",
+            "!bang",
+            "trailing ",
+            "sub/nested untracked",
+        ];
+        for name in odd {
+            std::fs::write(repo.join(name), name).unwrap();
+        }
+        // A sibling the patterns must not hide: `star*.txt` would match it unescaped.
+        let root = resolve_root(&repo, true).unwrap();
+        let mut scanned = scan(&root, true).unwrap();
+        scanned.untracked.sort();
+        let mut want: Vec<String> = odd.iter().map(|s| s.to_string()).collect();
+        want.push("untracked.txt".into());
+        want.sort();
+        assert_eq!(scanned.untracked, want);
+        let excludes = dir.path().join("excludes");
+        std::fs::write(&excludes, exclude_patterns(&scanned.untracked)).unwrap();
+        std::fs::write(repo.join("starry.txt"), "later").unwrap();
+        let status = git(
+            &repo,
+            &[
+                "-c",
+                &format!("core.excludesFile={}", excludes.display()),
+                "status",
+                "--porcelain",
+            ],
+        )
+        .unwrap();
+        assert_eq!(String::from_utf8_lossy(&status), "?? starry.txt\n");
     }
 
     #[test]

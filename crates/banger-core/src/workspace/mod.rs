@@ -61,32 +61,85 @@ impl WorkspaceError {
     }
 }
 
-/// The guest script that deletes `delete_len` bytes of NUL-separated paths read from stdin,
-/// extracts the tar that follows into [`GUEST_DIR`], and for a git repo prints the tree id of
-/// the prepared state (worktree as sent, through a throw-away index), the base of `export`.
-pub fn receive_script(delete_len: usize, git: bool) -> String {
-    let mut script = format!("set -e; mkdir -p {GUEST_DIR}; cd {GUEST_DIR}; ");
-    if delete_len > 0 {
-        // GNU head -c reads exactly that many bytes from a pipe; the tar follows.
-        script.push_str(&format!("head -c {delete_len} | xargs -0 -r rm -rf --; "));
+/// What the guest side of a transfer reads from stdin before the tar, in this order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Receive {
+    /// Bytes of NUL-separated paths to delete first.
+    pub delete_len: usize,
+    /// Bytes of NUL-separated worktree paths in the tar (git): their stat data in the tree
+    /// index are forgotten so they are hashed again, whatever their size and mtime.
+    pub sent_len: usize,
+    /// Bytes of the exclude file for untracked paths (git), see [`fileset::exclude_patterns`].
+    pub exclude_len: usize,
+    pub git: bool,
+    /// No earlier prepare: the tree index is rebuilt from the repo's own index.
+    pub fresh: bool,
+}
+
+/// Guest file listing the paths of the last tar (see [`Receive::sent_len`]).
+const SENT_LIST: &str = "/root/.banger/workspace-sent";
+/// Guest exclude file of the untracked paths, named by `core.excludesFile` in /etc/gitconfig.
+pub const UNTRACKED_EXCLUDES: &str = "/root/.banger/workspace-untracked";
+
+/// Git settings for the guest's repo, written once to /etc/gitconfig: stat checks that hold
+/// for files extracted from a tar (whole-second mtimes, new inodes and ctimes), so `git status`
+/// does not re-read every file after a prepare, and the exclude file of untracked paths.
+const GUEST_GIT_SETTINGS: &str = "{ grep -qsx '# banger workspace settings v1' /etc/gitconfig \
+    || printf '%s\\n' '# banger workspace settings v1' '[core]' '\tcheckStat = minimal' \
+    '\ttrustCtime = false' '\texcludesFile = /root/.banger/workspace-untracked' \
+    >> /etc/gitconfig; } 2>/dev/null || :; ";
+
+/// The guest script of a transfer: it deletes, stores the lists, extracts the tar into
+/// [`GUEST_DIR`], and for a git repo prints the tree id of the prepared state (worktree as
+/// sent, through a guest-only index), the base of `export`.
+pub fn receive_script(receive: Receive) -> String {
+    let mut script = format!("set -e; mkdir -p {GUEST_DIR} /root/.banger; cd {GUEST_DIR}; ");
+    // GNU head -c reads exactly that many bytes from a pipe; the next part follows.
+    if receive.delete_len > 0 {
+        script.push_str(&format!(
+            "head -c {} | xargs -0 -r rm -rf --; ",
+            receive.delete_len
+        ));
+    }
+    if receive.git {
+        if receive.sent_len > 0 {
+            script.push_str(&format!("head -c {} > {SENT_LIST}; ", receive.sent_len));
+        }
+        script.push_str(&format!(
+            "head -c {} > {UNTRACKED_EXCLUDES}; ",
+            receive.exclude_len
+        ));
     }
     script.push_str("tar -x --no-same-owner -f -; ");
-    if git {
+    if receive.git {
+        script.push_str(GUEST_GIT_SETTINGS);
+        let mut tree = String::from("i=.git/banger-index; ");
+        if receive.fresh {
+            tree.push_str("rm -f \"$i\"; ");
+        } else if receive.sent_len > 0 {
+            tree.push_str(&format!(
+                "if [ -f \"$i\" ]; then GIT_INDEX_FILE=\"$i\" git update-index -z \
+                 --force-remove --stdin < {SENT_LIST}; fi; "
+            ));
+        }
         // The files are in place even if this fails; export then says there is no base.
         script.push_str(&format!(
-            "( {TREE_OF_WORKTREE} ) || echo 'banger: cannot record the prepared tree' >&2"
+            "( {tree}{TREE_OF_WORKTREE} ) || echo 'banger: cannot record the prepared tree' >&2"
         ));
     }
     script
 }
 
 /// Prints the tree id of the worktree in the current directory (tracked + untracked, not
-/// ignored) without touching the repo's own index: it uses a guest-only index
-/// (`.git/banger-index`, seeded from the repo's index) whose stat data stay valid from one
-/// prepare to the next, so only changed files are hashed again.
+/// ignored, including what the untracked exclude file hides) without touching the repo's own
+/// index: it uses a guest-only index (`.git/banger-index`, seeded from the repo's index with
+/// its mtime, so git's racy-entry check stays sound) whose stat data stay valid from one
+/// prepare to the next, so only changed files are hashed again. Stat checks are the minimal
+/// ones (size, whole-second mtime, mode): the tar sets whole-second mtimes and new inodes.
 const TREE_OF_WORKTREE: &str = "i=.git/banger-index; \
-    [ -f \"$i\" ] || cp .git/index \"$i\" 2>/dev/null || :; \
-    GIT_INDEX_FILE=\"$i\" git add -A . >/dev/null && GIT_INDEX_FILE=\"$i\" git write-tree;";
+    [ -f \"$i\" ] || cp -p .git/index \"$i\" 2>/dev/null || :; \
+    GIT_INDEX_FILE=\"$i\" git -c core.checkStat=minimal -c core.trustCtime=false \
+    -c core.excludesFile=/dev/null add -A . >/dev/null && GIT_INDEX_FILE=\"$i\" git write-tree;";
 
 /// The guest script printing the guest's changes since `base` (a tree id) as a binary git
 /// patch that applies to the prepared state.

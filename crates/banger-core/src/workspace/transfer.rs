@@ -1,6 +1,7 @@
-//! Sends a [`Plan`] to the guest in one SSH session: the NUL-separated delete list, then a tar
-//! of the changed paths built here (the `tar` crate, GNU headers for long names), extracted by
-//! the guest's `tar -x` into /root/repo. Files are opened with `O_NOFOLLOW` and hashed while
+//! Sends a [`Plan`] to the guest in one SSH session: the NUL-separated delete list, (git) the
+//! list of sent worktree paths and the exclude file of untracked paths, then a tar of the
+//! changed paths built here (the `tar` crate, GNU headers for long names), extracted by the
+//! guest's `tar -x` into /root/repo. Files are opened with `O_NOFOLLOW` and hashed while
 //! they stream, so the manifest records exactly the bytes that were sent.
 
 use std::io::{Read, Write};
@@ -11,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
-use super::fileset::{Kind, Plan, hex, open_nofollow};
-use super::{WorkspaceError, receive_script};
+use super::fileset::{Kind, Plan, exclude_patterns, hex, open_nofollow};
+use super::{Receive, WorkspaceError, receive_script};
 use crate::guest::ssh::SshTarget;
 
 /// Counters of a running or finished transfer; shared with whoever reports progress.
@@ -66,25 +67,55 @@ pub struct Sent {
     pub base_tree: Option<String>,
 }
 
+/// NUL-terminated `paths`.
+fn nul_list<'a>(paths: impl Iterator<Item = &'a String>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for path in paths {
+        out.extend_from_slice(path.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
 /// Sends `plan` from `root` to the guest; fills in the hashes of the sent files in
-/// `plan.next`. Blocking: run it on a blocking thread.
+/// `plan.next`. `fresh`: the guest holds no earlier prepare. Blocking: run it on a blocking
+/// thread.
 pub fn send(
     target: &SshTarget,
     root: &Path,
     plan: &mut Plan,
     git: bool,
+    fresh: bool,
     progress: &Arc<Progress>,
 ) -> Result<Sent, WorkspaceError> {
-    let mut deletes = Vec::new();
-    for path in &plan.delete {
-        deletes.extend_from_slice(path.as_bytes());
-        deletes.push(0);
-    }
+    let deletes = nul_list(plan.delete.iter());
+    let (sent, excludes) = if git {
+        let in_git = |p: &&String| *p == ".git" || p.starts_with(".git/");
+        // A fresh tree index is built from scratch: the list would only be ignored.
+        let sent = if fresh {
+            Vec::new()
+        } else {
+            nul_list(plan.send.iter().filter(|p| !in_git(p)))
+        };
+        (sent, exclude_patterns(&plan.untracked))
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let receive = Receive {
+        delete_len: deletes.len(),
+        sent_len: sent.len(),
+        exclude_len: excludes.len(),
+        git,
+        fresh,
+    };
+    let mut head = deletes;
+    head.extend_from_slice(&sent);
+    head.extend_from_slice(&excludes);
     let mut child = Command::new("ssh")
         .args(target.options())
         .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-T"])
         .arg(&target.host)
-        .arg(receive_script(deletes.len(), git))
+        .arg(receive_script(receive))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -113,7 +144,7 @@ pub fn send(
             .map(|p| Box::new(p) as Box<dyn Read + Send>),
     );
     let written = match child.stdin.take() {
-        Some(stdin) => stream(stdin, root, plan, &deletes, progress),
+        Some(stdin) => stream(stdin, root, plan, &head, progress),
         None => Err(WorkspaceError::Io {
             context: "ssh has no stdin".into(),
             source: std::io::Error::other("no pipe"),
@@ -144,12 +175,12 @@ pub fn send(
     })
 }
 
-/// Writes the delete list and the tar; returns (entries, content bytes, wire bytes).
+/// Writes `head` (the lists) and the tar; returns (entries, content bytes, wire bytes).
 fn stream(
     stdin: impl Write,
     root: &Path,
     plan: &mut Plan,
-    deletes: &[u8],
+    head: &[u8],
     progress: &Progress,
 ) -> Result<(u64, u64, u64), WorkspaceError> {
     let broken = WorkspaceError::io("the SSH session closed early");
@@ -157,7 +188,7 @@ fn stream(
         inner: std::io::BufWriter::with_capacity(1 << 17, stdin),
         count: 0,
     };
-    if let Err(e) = out.write_all(deletes) {
+    if let Err(e) = out.write_all(head) {
         return Err(broken(e));
     }
     let mut builder = tar::Builder::new(out);
