@@ -102,26 +102,38 @@ fn file(path: &Path, mib: u64) -> PathBuf {
     path.to_path_buf()
 }
 
-/// The loop devices a test attached (through the helper or not), each with its backing file.
-/// Dropping detaches those still backed by that file, so a failing test leaks none, and a
-/// device number reused by someone else meanwhile is left alone.
-#[derive(Default)]
-struct Loops(Vec<(String, PathBuf)>);
+/// Detaches, on drop, every loop device backed by a file under the test's directory (the
+/// state dir and the "outside" dir both are), whoever attached it: a failing test, or a helper
+/// that wrongly accepted a request, leaks none, and other processes' devices are left alone.
+struct Loops(PathBuf);
 
 impl Loops {
-    fn add(&mut self, device: &str, backing: &Path) {
-        self.0.push((device.to_owned(), backing.to_path_buf()));
+    fn under(helper: &Helper) -> Self {
+        Self(helper.state.parent().unwrap().to_path_buf())
     }
 }
 
 impl Drop for Loops {
     fn drop(&mut self) {
-        for (device, backing) in &self.0 {
-            if backing_file(device).as_deref() == Some(backing.as_path()) {
-                let _ = Command::new("losetup").args(["-d", device]).status();
-            }
+        for device in loop_devices_backed_under(&self.0) {
+            let _ = Command::new("losetup").args(["-d", &device]).status();
         }
     }
+}
+
+fn loop_devices_backed_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let device = format!("/dev/{name}");
+        if name.starts_with("loop") && backing_file(&device).is_some_and(|b| b.starts_with(dir)) {
+            found.push(device);
+        }
+    }
+    found
 }
 
 fn sys(device: &str, file: &str) -> Option<String> {
@@ -158,20 +170,18 @@ fn attach(helper: &Helper, file: &Path, read_only: bool) -> HelperReply {
 #[test]
 fn loop_devices_are_attached_and_detached_inside_the_state_dir_only() {
     let helper = start_helper();
-    let mut loops = Loops::default();
+    let _loops = Loops::under(&helper);
     let base = file(&helper.state.join("images/abc/rootfs.ext4"), 8);
     let cow = file(&helper.state.join("vms/def/system.cow"), 8);
 
     // The image, read-only.
     let base_loop = attached(attach(&helper, &base, true));
-    loops.add(&base_loop, &base);
     assert_eq!(backing_file(&base_loop).as_deref(), Some(base.as_path()));
     assert_eq!(sys(&base_loop, "ro").as_deref(), Some("1"));
     assert_eq!(sys(&base_loop, "size").as_deref(), Some("16384"));
     // The copy-on-write store, writable; reached through a symlink that stays inside.
     std::os::unix::fs::symlink(&cow, helper.state.join("cow-link")).unwrap();
     let cow_loop = attached(attach(&helper, &helper.state.join("cow-link"), false));
-    loops.add(&cow_loop, &cow);
     assert_ne!(cow_loop, base_loop);
     assert_eq!(backing_file(&cow_loop).as_deref(), Some(cow.as_path()));
     assert_eq!(sys(&cow_loop, "ro").as_deref(), Some("0"));
@@ -194,6 +204,7 @@ fn loop_devices_are_attached_and_detached_inside_the_state_dir_only() {
         );
         assert_eq!(backing_file(device), None, "{device} still attached");
     }
+    assert!(loop_devices_backed_under(&helper.state).is_empty());
 
     // Refused: a file outside, a symlink escaping, a directory, a missing file, a relative path.
     let secret = file(&helper.outside.join("secret.img"), 1);
@@ -227,7 +238,7 @@ fn loop_devices_are_attached_and_detached_inside_the_state_dir_only() {
         "absolute path",
     );
     assert!(
-        loop_devices_backed_by(&secret).is_empty(),
+        loop_devices_backed_under(&helper.outside).is_empty(),
         "nothing attached to the refused file"
     );
 
@@ -239,7 +250,6 @@ fn loop_devices_are_attached_and_detached_inside_the_state_dir_only() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let foreign = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    loops.add(&foreign, &secret);
     refused(
         request(
             &helper.socket,
@@ -262,28 +272,14 @@ fn loop_devices_are_attached_and_detached_inside_the_state_dir_only() {
     }
 }
 
-fn loop_devices_backed_by(path: &Path) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/sys/block").unwrap() {
-        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
-        let device = format!("/dev/{name}");
-        if name.starts_with("loop") && backing_file(&device).as_deref() == Some(path) {
-            found.push(device);
-        }
-    }
-    found
-}
-
 #[test]
 fn device_mapper_operations_validate_and_name_what_is_missing() {
     let helper = start_helper();
-    let mut loops = Loops::default();
+    let _loops = Loops::under(&helper);
     let base = file(&helper.state.join("images/abc/rootfs.ext4"), 4);
     let cow = file(&helper.state.join("vms/def/system.cow"), 4);
     let base_loop = attached(attach(&helper, &base, true));
-    loops.add(&base_loop, &base);
     let cow_loop = attached(attach(&helper, &cow, false));
-    loops.add(&cow_loop, &cow);
     let name = "banger-0123456789abcdef0123456789abcdef".to_owned();
     let create = |name: &str, origin: &str, cow: &str| {
         request(
@@ -325,7 +321,6 @@ fn device_mapper_operations_validate_and_name_what_is_missing() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let foreign = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    loops.add(&foreign, &secret);
     refused(create(&name, &foreign, &cow_loop), "outside the state dir");
 
     if Path::new("/dev/mapper/control").exists() {
@@ -359,4 +354,5 @@ fn device_mapper_operations_validate_and_name_what_is_missing() {
         );
         assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
     }
+    assert!(loop_devices_backed_under(&helper.state).is_empty());
 }
