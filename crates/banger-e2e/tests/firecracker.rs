@@ -684,12 +684,13 @@ async fn the_manager_kills_a_firecracker_that_ignores_everything() {
     assert!(pids.is_empty(), "{pids:?}");
 }
 
-/// A Manager with `defaults.system_disk = "dm"` whose helper operations go to `ops`, with an
+/// A Manager with `defaults.system_disk = "dm"` whose helper operations go to `ops` (else to
+/// banger-helper's socket, where nothing answers in tests), with an
 /// imported 16 MiB image. Answers the manager, the image and the data dir.
 async fn dm_manager(
     install: &FakeInstall,
     dir: &Path,
-    ops: std::sync::Arc<banger_core::host::RecordingHost>,
+    ops: Option<std::sync::Arc<banger_core::host::RecordingHost>>,
 ) -> (Manager, banger_proto::Image, std::path::PathBuf) {
     let home = dir.join("home");
     let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
@@ -697,6 +698,8 @@ async fn dm_manager(
     config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
     config.defaults.vmm = "firecracker".into();
     config.defaults.system_disk = "dm".into();
+    // No helper answers here, whatever runs on this machine.
+    config.network.helper_socket = dir.join("no-helper.sock").display().to_string();
     let manager = Manager::open(layout, config).unwrap().with_seams(Seams {
         tap: Some("bg-tap-0".into()),
         accel: Some(AccelChoice {
@@ -704,7 +707,7 @@ async fn dm_manager(
             reason: "test seam".into(),
         }),
         skip_readiness: true,
-        host_ops: Some(ops),
+        host_ops: ops.map(|o| o as std::sync::Arc<dyn banger_core::host::HostOps>),
     });
     let rootfs = dir.join("rootfs.ext4");
     assert!(
@@ -741,7 +744,7 @@ async fn a_dm_system_disk_is_made_and_torn_down_through_the_helper_seam() {
         .tempdir_in("/tmp")
         .unwrap();
     let ops = Arc::new(RecordingHost::new());
-    let (manager, image, home) = dm_manager(&install, dir.path(), ops.clone()).await;
+    let (manager, image, home) = dm_manager(&install, dir.path(), Some(ops.clone())).await;
     let vm = manager
         .create_vm(CreateVmRequest {
             name: "dm".into(),
@@ -804,7 +807,7 @@ async fn a_dm_system_disk_the_helper_fails_to_map_is_undone() {
     let ops = Arc::new(RecordingHost::failing_on(|op| {
         matches!(op, HelperOp::DmSnapshotCreate { .. })
     }));
-    let (manager, _image, home) = dm_manager(&install, dir.path(), ops.clone()).await;
+    let (manager, _image, home) = dm_manager(&install, dir.path(), Some(ops.clone())).await;
     let err = manager
         .create_vm(CreateVmRequest {
             name: "dm".into(),
@@ -834,4 +837,43 @@ async fn a_dm_system_disk_the_helper_fails_to_map_is_undone() {
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(left, 0, "VM directory left behind");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dm_system_disk_without_device_mapper_or_helper_is_refused_cleanly() {
+    let install = FakeInstall::new(&[]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgfc")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (manager, _image, home) = dm_manager(&install, dir.path(), None).await;
+    let err = manager
+        .create_vm(CreateVmRequest {
+            name: "dm".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let api = err.to_api();
+    assert!(
+        api.message.contains("device-mapper")
+            && api.message.contains("banger-helper")
+            && !api.message.contains('\n'),
+        "{}",
+        api.message
+    );
+    if !Path::new("/dev/mapper/control").exists() {
+        assert!(
+            api.message
+                .contains("/dev/mapper/control, which is missing"),
+            "{}",
+            api.message
+        );
+    }
+    assert!(api.hint.unwrap_or_default().contains("helper install"));
+    assert!(manager.list_vms().await.unwrap().is_empty());
+    let left = std::fs::read_dir(home.join("vms"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "nothing created");
 }

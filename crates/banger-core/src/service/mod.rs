@@ -398,7 +398,7 @@ impl Manager {
                 Ok(()) => Ok((SystemDiskStrategy::DmSnapshot, "defaults.system_disk = \"dm\"".into())),
                 Err(why) => Err(Error::HostSetup {
                     message: format!("cannot make a device-mapper system disk: {why}"),
-                    hint: "set defaults.system_disk = \"auto\"".into(),
+                    hint: "on a host with device-mapper, `sudo banger helper install` and enable banger-helper@$UID.socket; else set defaults.system_disk = \"auto\"".into(),
                 }),
             },
             (VmmKind::Firecracker, "qcow2") => Err(Error::InvalidRequest(
