@@ -2,12 +2,16 @@
 //! (kept until `vm rm`); the work disk is a fresh ext4 (lazy init, label `banger-work`)
 //! populated at creation from a seed directory with `mkfs.ext4 -d`, so per-VM files (keys)
 //! reach the guest without mounting anything on the host. The work disk holds the user's data
-//! and is never recreated.
+//! and is never recreated. Raw system disks for Firecracker: reflink clone, device-mapper
+//! snapshot (its loop and dm steps go through banger-helper, [`HostOps`]), or sparse copy.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use banger_proto::helper::{HelperOp, HelperResult};
 use tokio::process::Command;
+
+use crate::host::{HostError, HostOps, HostReply};
 
 /// Filesystem label the guest mounts at /root.
 pub const WORK_LABEL: &str = "banger-work";
@@ -25,6 +29,9 @@ pub enum DiskError {
     /// A tool is not installed.
     #[error("{0} is not installed")]
     MissingTool(&'static str),
+    /// banger-helper refused or failed a device-mapper step.
+    #[error(transparent)]
+    Host(#[from] HostError),
     #[error("{context}")]
     Io {
         context: String,
@@ -106,7 +113,8 @@ pub enum SystemDiskStrategy {
     Qcow2,
     /// Reflink clone (FICLONE; xfs, btrfs): instant, shares blocks until written.
     Reflink,
-    /// device-mapper snapshot over a read-only loop device of the image (via [`HostOps`]).
+    /// device-mapper snapshot over a read-only loop device of the image (via banger-helper,
+    /// [`HostOps`]).
     DmSnapshot,
     /// Full sparse copy: the last resort, time and space grow with the image.
     Copy,
@@ -179,7 +187,7 @@ pub fn reflink_supported(dir: &Path) -> Result<(), String> {
 }
 
 /// The raw-disk strategy for images stored in `dir`: reflink where the file system clones,
-/// else a device-mapper snapshot where `dm_available` (device-mapper and a way to drive it),
+/// else a device-mapper snapshot where `dm_available` (device-mapper and banger-helper),
 /// else a sparse copy. Returns the strategy and why.
 pub fn choose_raw_strategy(
     dir: &Path,
@@ -193,7 +201,7 @@ pub fn choose_raw_strategy(
         Err(no_reflink) => match dm_available {
             Ok(()) => (
                 SystemDiskStrategy::DmSnapshot,
-                format!("{no_reflink}; device-mapper is available"),
+                format!("{no_reflink}; device-mapper snapshots through banger-helper"),
             ),
             Err(no_dm) => (
                 SystemDiskStrategy::Copy,
@@ -249,72 +257,6 @@ pub fn sparse_copy(
     })
 }
 
-/// A privileged host operation (the closed set banger-helper will accept).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostOp {
-    /// `losetup --find --show [--read-only] FILE`; answers the loop device.
-    LoopAttach { file: PathBuf, read_only: bool },
-    /// `losetup --detach DEVICE`.
-    LoopDetach { device: String },
-    /// `dmsetup create NAME --table TABLE`.
-    DmCreate { name: String, table: String },
-    /// `dmsetup remove NAME`.
-    DmRemove { name: String },
-}
-
-/// Where privileged operations go: the helper in production, a recording fake in tests.
-pub trait HostOps: Send + Sync + std::fmt::Debug {
-    /// Runs `op`; answers its output (the loop device for `LoopAttach`).
-    fn run(&self, op: &HostOp) -> Result<String, String>;
-}
-
-/// Runs the operations directly with losetup/dmsetup (needs root; stands in for the helper).
-#[derive(Debug, Default)]
-pub struct LocalHostOps;
-
-impl HostOps for LocalHostOps {
-    fn run(&self, op: &HostOp) -> Result<String, String> {
-        let mut command = match op {
-            HostOp::LoopAttach { file, read_only } => {
-                let mut c = std::process::Command::new("losetup");
-                c.args(["--find", "--show"]);
-                if *read_only {
-                    c.arg("--read-only");
-                }
-                c.arg(file);
-                c
-            }
-            HostOp::LoopDetach { device } => {
-                let mut c = std::process::Command::new("losetup");
-                c.args(["--detach", device]);
-                c
-            }
-            HostOp::DmCreate { name, table } => {
-                let mut c = std::process::Command::new("dmsetup");
-                c.args(["create", name, "--table", table]);
-                c
-            }
-            HostOp::DmRemove { name } => {
-                let mut c = std::process::Command::new("dmsetup");
-                c.args(["remove", name]);
-                c
-            }
-        };
-        let output = command
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("{op:?}: {e}"))?;
-        if output.status.success() {
-            Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-        } else {
-            Err(format!(
-                "{op:?}: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
-        }
-    }
-}
-
 /// A device-mapper snapshot system disk and the loop devices under it (saved beside the VM's
 /// disks so `vm rm` can tear down what this boot attached).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -327,10 +269,12 @@ pub struct DmDisk {
 }
 
 /// Builds a persistent dm snapshot `name` of the image `base` with copy-on-write store
-/// `cow` (a sparse file of `cow_bytes`, created here): base attached read-only, cow attached,
-/// `snapshot` target with persistent exceptions and 4 KiB chunks. Undone on failure.
+/// `cow` (a sparse file of `cow_bytes`, created here), through banger-helper: base attached
+/// read-only, cow attached, `snapshot` target with persistent exceptions and 4 KiB chunks.
+/// Undone on failure.
 pub fn dm_snapshot_create(
-    ops: &dyn HostOps,
+    host: &dyn HostOps,
+    op_id: &str,
     name: &str,
     base: &Path,
     cow: &Path,
@@ -342,123 +286,106 @@ pub fn dm_snapshot_create(
             tool: "device-mapper",
             message: format!("cannot create {}: {e}", cow.display()),
         })?;
-    dm_snapshot_attach(ops, name, base, cow)
+    dm_snapshot_attach(host, op_id, name, base, cow)
 }
 
 /// Sets up the mapping `name` over an existing copy-on-write store (after a host reboot the
 /// loop devices and the mapping are gone; the persistent exceptions in `cow` are not).
+/// What was attached is detached again when a later step fails.
 pub fn dm_snapshot_attach(
-    ops: &dyn HostOps,
+    host: &dyn HostOps,
+    op_id: &str,
     name: &str,
     base: &Path,
     cow: &Path,
 ) -> Result<DmDisk, DiskError> {
-    let tool_err = |message: String| DiskError::Tool {
-        tool: "device-mapper",
-        message,
-    };
-    let sectors = std::fs::metadata(base)
-        .map_err(|e| tool_err(format!("cannot stat {}: {e}", base.display())))?
-        .len()
-        / 512;
-    let base_loop = ops
-        .run(&HostOp::LoopAttach {
-            file: base.to_path_buf(),
-            read_only: true,
-        })
-        .map_err(tool_err)?;
-    let cow_loop = match ops.run(&HostOp::LoopAttach {
-        file: cow.to_path_buf(),
-        read_only: false,
-    }) {
+    let base_loop = device(host.call(op_id, loop_attach(base, true)))?;
+    let cow_loop = match device(host.call(op_id, loop_attach(cow, false))) {
         Ok(device) => device,
         Err(e) => {
-            let _ = ops.run(&HostOp::LoopDetach { device: base_loop });
-            return Err(tool_err(e));
+            detach(host, op_id, &base_loop);
+            return Err(e);
         }
     };
-    let table = format!("0 {sectors} snapshot {base_loop} {cow_loop} P 8");
-    if let Err(e) = ops.run(&HostOp::DmCreate {
-        name: name.to_owned(),
-        table,
-    }) {
-        let _ = ops.run(&HostOp::LoopDetach { device: cow_loop });
-        let _ = ops.run(&HostOp::LoopDetach { device: base_loop });
-        return Err(tool_err(e));
-    }
+    let created = device(host.call(
+        op_id,
+        HelperOp::DmSnapshotCreate {
+            name: name.to_owned(),
+            origin_loop: base_loop.clone(),
+            cow_loop: cow_loop.clone(),
+        },
+    ));
+    let device = match created {
+        Ok(device) => device,
+        Err(e) => {
+            detach(host, op_id, &cow_loop);
+            detach(host, op_id, &base_loop);
+            return Err(e);
+        }
+    };
     Ok(DmDisk {
         name: name.to_owned(),
-        device: PathBuf::from("/dev/mapper").join(name),
+        device: PathBuf::from(device),
         base_loop,
         cow_loop,
     })
 }
 
-/// Tears a dm snapshot down: the mapping first, then its loop devices (every step tried).
-pub fn dm_snapshot_remove(ops: &dyn HostOps, disk: &DmDisk) -> Result<(), DiskError> {
+fn loop_attach(file: &Path, read_only: bool) -> HelperOp {
+    HelperOp::LoopAttach {
+        file: file.display().to_string(),
+        read_only,
+    }
+}
+
+/// Best-effort detach while undoing a failed setup (the setup's error is the one reported).
+fn detach(host: &dyn HostOps, op_id: &str, device: &str) {
+    if let Err(e) = host.call(
+        op_id,
+        HelperOp::LoopDetach {
+            device: device.to_owned(),
+        },
+    ) {
+        tracing::warn!(device, "cannot detach while undoing a dm setup: {e}");
+    }
+}
+
+/// The device a helper call answered.
+fn device(reply: Result<HostReply, HostError>) -> Result<String, DiskError> {
+    match reply?.result {
+        HelperResult::Device { device } => Ok(device),
+        other => Err(DiskError::Host(HostError::Protocol {
+            op: "device",
+            message: format!("expected a device, got {other:?}"),
+        })),
+    }
+}
+
+/// Tears a dm snapshot down: the mapping first, then its loop devices (every step tried; the
+/// first error is reported).
+pub fn dm_snapshot_remove(host: &dyn HostOps, op_id: &str, disk: &DmDisk) -> Result<(), DiskError> {
     let results = [
-        ops.run(&HostOp::DmRemove {
+        HelperOp::DmRemove {
             name: disk.name.clone(),
-        }),
-        ops.run(&HostOp::LoopDetach {
+        },
+        HelperOp::LoopDetach {
             device: disk.cow_loop.clone(),
-        }),
-        ops.run(&HostOp::LoopDetach {
+        },
+        HelperOp::LoopDetach {
             device: disk.base_loop.clone(),
-        }),
-    ];
+        },
+    ]
+    .map(|op| host.call(op_id, op));
     match results.into_iter().find_map(Result::err) {
-        Some(message) => Err(DiskError::Tool {
-            tool: "device-mapper",
-            message,
-        }),
+        Some(e) => Err(DiskError::Host(e)),
         None => Ok(()),
-    }
-}
-
-/// A [`HostOps`] that records every operation and answers like the real tools (loop devices
-/// numbered from /dev/loop0); `fail_on` makes the first matching operation fail.
-#[derive(Debug, Default)]
-pub struct RecordingHostOps {
-    ops: std::sync::Mutex<Vec<HostOp>>,
-    fail_on: Option<fn(&HostOp) -> bool>,
-}
-
-impl RecordingHostOps {
-    pub fn failing_on(fail_on: fn(&HostOp) -> bool) -> Self {
-        Self {
-            ops: Default::default(),
-            fail_on: Some(fail_on),
-        }
-    }
-
-    /// Every operation run so far, in order.
-    pub fn ops(&self) -> Vec<HostOp> {
-        self.ops.lock().map(|o| o.clone()).unwrap_or_default()
-    }
-}
-
-impl HostOps for RecordingHostOps {
-    fn run(&self, op: &HostOp) -> Result<String, String> {
-        let mut ops = self.ops.lock().map_err(|_| "poisoned".to_owned())?;
-        ops.push(op.clone());
-        if self.fail_on.is_some_and(|f| f(op)) {
-            return Err(format!("{op:?}: refused by the test"));
-        }
-        let loops = ops
-            .iter()
-            .filter(|o| matches!(o, HostOp::LoopAttach { .. }))
-            .count();
-        Ok(match op {
-            HostOp::LoopAttach { .. } => format!("/dev/loop{}", loops - 1),
-            _ => String::new(),
-        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::RecordingHost;
 
     fn image(dir: &Path) -> PathBuf {
         let base = dir.join("rootfs.ext4");
@@ -469,47 +396,48 @@ mod tests {
         base
     }
 
+    fn attach(file: &Path, read_only: bool) -> HelperOp {
+        HelperOp::LoopAttach {
+            file: file.display().to_string(),
+            read_only,
+        }
+    }
+
+    fn detach(device: &str) -> HelperOp {
+        HelperOp::LoopDetach {
+            device: device.into(),
+        }
+    }
+
     #[test]
-    fn dm_snapshot_runs_exactly_these_host_operations() {
+    fn dm_snapshot_runs_exactly_these_helper_operations() {
         let dir = tempfile::tempdir().unwrap();
         let base = image(dir.path());
         let cow = dir.path().join("system.cow");
-        let ops = RecordingHostOps::default();
-        let disk = dm_snapshot_create(&ops, "banger-abc", &base, &cow, 1 << 30).unwrap();
+        let host = RecordingHost::new();
+        let disk = dm_snapshot_create(&host, "op", "banger-abc", &base, &cow, 1 << 30).unwrap();
         assert_eq!(disk.device, Path::new("/dev/mapper/banger-abc"));
         assert_eq!(
             std::fs::metadata(&cow).unwrap().len(),
             1 << 30,
             "sparse cow store"
         );
-        dm_snapshot_remove(&ops, &disk).unwrap();
+        dm_snapshot_remove(&host, "op", &disk).unwrap();
         assert_eq!(
-            ops.ops(),
+            host.calls(),
             vec![
-                HostOp::LoopAttach {
-                    file: base.clone(),
-                    read_only: true
-                },
-                HostOp::LoopAttach {
-                    file: cow.clone(),
-                    read_only: false
-                },
-                HostOp::DmCreate {
+                attach(&base, true),
+                attach(&cow, false),
+                HelperOp::DmSnapshotCreate {
                     name: "banger-abc".into(),
-                    table: format!(
-                        "0 {} snapshot /dev/loop0 /dev/loop1 P 8",
-                        (64u64 << 20) / 512
-                    ),
+                    origin_loop: "/dev/loop0".into(),
+                    cow_loop: "/dev/loop1".into(),
                 },
-                HostOp::DmRemove {
+                HelperOp::DmRemove {
                     name: "banger-abc".into()
                 },
-                HostOp::LoopDetach {
-                    device: "/dev/loop1".into()
-                },
-                HostOp::LoopDetach {
-                    device: "/dev/loop0".into()
-                },
+                detach("/dev/loop1"),
+                detach("/dev/loop0"),
             ]
         );
     }
@@ -519,19 +447,77 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = image(dir.path());
         let cow = dir.path().join("system.cow");
-        let ops = RecordingHostOps::failing_on(|op| matches!(op, HostOp::DmCreate { .. }));
-        let err = dm_snapshot_create(&ops, "banger-x", &base, &cow, 1 << 20).unwrap_err();
-        assert!(err.to_string().contains("refused"), "{err}");
-        let recorded = ops.ops();
+        let host = RecordingHost::failing_on(|op| matches!(op, HelperOp::DmSnapshotCreate { .. }));
+        let err = dm_snapshot_create(&host, "op", "banger-x", &base, &cow, 1 << 20).unwrap_err();
+        assert!(
+            err.to_string().contains("dm_snapshot_create") && err.to_string().contains("refused"),
+            "{err}"
+        );
         assert_eq!(
-            recorded[3..],
+            host.calls(),
             [
-                HostOp::LoopDetach {
-                    device: "/dev/loop1".into()
+                attach(&base, true),
+                attach(&cow, false),
+                HelperOp::DmSnapshotCreate {
+                    name: "banger-x".into(),
+                    origin_loop: "/dev/loop0".into(),
+                    cow_loop: "/dev/loop1".into(),
                 },
-                HostOp::LoopDetach {
-                    device: "/dev/loop0".into()
+                detach("/dev/loop1"),
+                detach("/dev/loop0"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_cow_attach_detaches_the_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = image(dir.path());
+        let cow = dir.path().join("system.cow");
+        let host = RecordingHost::failing_on(
+            |op| matches!(op, HelperOp::LoopAttach { read_only, .. } if !read_only),
+        );
+        let err = dm_snapshot_create(&host, "op", "banger-x", &base, &cow, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("loop_attach"), "{err}");
+        assert_eq!(
+            host.calls(),
+            [
+                attach(&base, true),
+                attach(&cow, false),
+                detach("/dev/loop0")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_base_attach_stops_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = image(dir.path());
+        let cow = dir.path().join("system.cow");
+        let host = RecordingHost::failing_on(|op| matches!(op, HelperOp::LoopAttach { .. }));
+        dm_snapshot_create(&host, "op", "banger-x", &base, &cow, 1 << 20).unwrap_err();
+        assert_eq!(host.calls(), [attach(&base, true)]);
+    }
+
+    #[test]
+    fn teardown_tries_every_step_and_reports_the_first_failure() {
+        let host = RecordingHost::failing_on(|op| matches!(op, HelperOp::DmRemove { .. }));
+        let disk = DmDisk {
+            name: "banger-y".into(),
+            device: "/dev/mapper/banger-y".into(),
+            base_loop: "/dev/loop3".into(),
+            cow_loop: "/dev/loop4".into(),
+        };
+        let err = dm_snapshot_remove(&host, "op", &disk).unwrap_err();
+        assert!(err.to_string().contains("dm_remove"), "{err}");
+        assert_eq!(
+            host.calls(),
+            [
+                HelperOp::DmRemove {
+                    name: "banger-y".into()
                 },
+                detach("/dev/loop4"),
+                detach("/dev/loop3"),
             ]
         );
     }

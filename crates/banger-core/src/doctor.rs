@@ -493,11 +493,28 @@ pub fn firecracker_check(version: Result<(u32, u32, u32), String>) -> DoctorChec
     }
 }
 
-/// Which raw system-disk strategy Firecracker VMs get on this data dir, and why.
-pub fn system_disk_check(strategy: &str, reason: &str) -> DoctorCheck {
+/// Which raw system-disk strategy Firecracker VMs get on this data dir, and why; and whether
+/// the `dm` strategy could be used (it needs banger-helper and /dev/mapper/control), when the
+/// reason does not say it already.
+pub fn system_disk_check(
+    strategy: crate::disk::SystemDiskStrategy,
+    reason: &str,
+    dm: &Result<(), String>,
+) -> DoctorCheck {
+    use crate::disk::SystemDiskStrategy;
+    let dm_note = match (strategy, dm) {
+        (SystemDiskStrategy::Reflink, Ok(())) => {
+            "; dm: available (banger-helper answers, /dev/mapper/control exists)".to_owned()
+        }
+        (SystemDiskStrategy::Reflink, Err(why)) => format!("; dm: unavailable ({why})"),
+        _ => String::new(),
+    };
     ok(
         "system-disk",
-        format!("QEMU: qcow2 overlays; raw (Firecracker): {strategy} ({reason})"),
+        format!(
+            "QEMU: qcow2 overlays; raw (Firecracker): {} ({reason}){dm_note}",
+            strategy.as_str()
+        ),
     )
 }
 

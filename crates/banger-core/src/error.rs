@@ -111,7 +111,8 @@ impl Error {
             )
             | Self::Disk(DiskError::MissingTool(_))
             | Self::Ssh(SshError::MissingSsh)
-            | Self::Host(HostError::Unreachable { .. }) => ErrorCode::HostSetup,
+            | Self::Host(HostError::Unreachable { .. })
+            | Self::Disk(DiskError::Host(HostError::Unreachable { .. })) => ErrorCode::HostSetup,
             Self::Image(
                 ImageError::MissingFile { .. }
                 | ImageError::NotAKernel(_)
@@ -200,6 +201,10 @@ impl Error {
             Self::Workspace(WorkspaceError::Changed(_)) => Some("run the prepare again".into()),
             Self::Host(HostError::Unreachable { .. }) => Some(
                 "install and start the root helper (`banger helper install`), or use `--network user`"
+                    .into(),
+            ),
+            Self::Disk(DiskError::Host(HostError::Unreachable { .. })) => Some(
+                "dm system disks need the root helper: `banger helper install`, or set defaults.system_disk = \"auto\""
                     .into(),
             ),
             Self::StepFailed { source, .. } => source

@@ -1,5 +1,7 @@
-//! [`HostOps`]: every privileged action goes through this seam (youki's Syscall idea). The real
-//! implementation, [`HelperClient`], talks to `banger-helper` over its Unix socket (frames of
+//! [`HostOps`]: every privileged action goes through this one seam (youki's Syscall idea):
+//! the network (bridge, taps, nftables, DNS socket) and the `dm` system disks (loop devices,
+//! device-mapper snapshots), so the daemon never needs root. The real implementation,
+//! [`HelperClient`], talks to `banger-helper` over its Unix socket (frames of
 //! `banger_proto::helper`, the DNS socket arriving by SCM_RIGHTS); [`RecordingHost`] records the
 //! operations for tests that cannot, or need not, run the helper.
 
@@ -159,11 +161,15 @@ fn recv_reply(stream: &UnixStream) -> Result<(HelperReply, Option<OwnedFd>), Str
     Ok((reply, fd))
 }
 
-/// A fake helper that records operations and answers like a helper whose network works.
+/// A fake helper that records operations and answers like a helper whose network works and
+/// whose loop and device-mapper operations succeed (loop devices numbered from /dev/loop0 in
+/// attach order, mappings at /dev/mapper/NAME). [`RecordingHost::failing_on`] makes matching
+/// operations fail, to test what callers undo.
 #[derive(Debug)]
 pub struct RecordingHost {
     pub info: HelperInfo,
     pub calls: Mutex<Vec<HelperOp>>,
+    fail_on: Option<fn(&HelperOp) -> bool>,
 }
 
 impl RecordingHost {
@@ -177,6 +183,15 @@ impl RecordingHost {
                 prefix_len: 24,
             },
             calls: Mutex::new(Vec::new()),
+            fail_on: None,
+        }
+    }
+
+    /// A recording fake whose operations matching `fail_on` fail (after being recorded).
+    pub fn failing_on(fail_on: fn(&HelperOp) -> bool) -> Self {
+        Self {
+            fail_on: Some(fail_on),
+            ..Self::new()
         }
     }
 
@@ -194,11 +209,27 @@ impl Default for RecordingHost {
 
 impl HostOps for RecordingHost {
     fn call(&self, _op_id: &str, op: HelperOp) -> Result<HostReply, HostError> {
-        self.calls
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(op.clone());
+        let attached = {
+            let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+            calls.push(op.clone());
+            calls
+                .iter()
+                .filter(|c| matches!(c, HelperOp::LoopAttach { .. }))
+                .count()
+        };
+        if self.fail_on.is_some_and(|f| f(&op)) {
+            return Err(HostError::Failed {
+                op: op.name(),
+                message: "refused by the test".into(),
+            });
+        }
         let result = match op {
+            HelperOp::LoopAttach { .. } => HelperResult::Device {
+                device: format!("/dev/loop{}", attached - 1),
+            },
+            HelperOp::DmSnapshotCreate { name, .. } => HelperResult::Device {
+                device: format!("/dev/mapper/{name}"),
+            },
             HelperOp::Hello => HelperResult::Info(self.info.clone()),
             HelperOp::NetworkStatus => HelperResult::Status(Default::default()),
             HelperOp::RouteDns => HelperResult::Routed { routed: false },

@@ -56,6 +56,13 @@ fn doctor_reports_every_check_with_fixes_for_problems() {
     let helper = check(&report, "helper");
     assert_eq!(helper["status"], "warn", "{helper}");
     assert!(helper["fix"].as_str().unwrap().contains("helper install"));
+    // The dm strategy needs the helper and device-mapper (neither here): the row says so.
+    let disk = check(&report, "system-disk");
+    let detail = disk["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("need banger-helper and /dev/mapper/control"),
+        "{detail}"
+    );
     for row in report["checks"].as_array().unwrap() {
         let status = row["status"].as_str().unwrap();
         assert!(["ok", "warn", "fail"].contains(&status), "{row}");

@@ -685,26 +685,22 @@ async fn the_manager_kills_a_firecracker_that_ignores_everything() {
     assert!(pids.is_empty(), "{pids:?}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_dm_system_disk_is_made_and_torn_down_through_host_ops() {
-    use banger_core::disk::{HostOp, RecordingHostOps};
-    use std::sync::Arc;
-    let install = FakeInstall::new(&[]);
-    let dir = tempfile::Builder::new()
-        .prefix("bgfc")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let ops = Arc::new(RecordingHostOps::default());
-    let home = dir.path().join("home");
-    let layout = Layout::new(
-        home.clone(),
-        home.join("run"),
-        dir.path().join("config.toml"),
-    );
+/// A Manager with `defaults.system_disk = "dm"` whose helper operations go to `ops` (else to
+/// banger-helper's socket, where nothing answers in tests), with an
+/// imported 16 MiB image. Answers the manager, the image and the data dir.
+async fn dm_manager(
+    install: &FakeInstall,
+    dir: &Path,
+    ops: Option<std::sync::Arc<banger_core::host::RecordingHost>>,
+) -> (Manager, banger_proto::Image, std::path::PathBuf) {
+    let home = dir.join("home");
+    let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
     let mut config = Config::default();
     config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
     config.defaults.vmm = "firecracker".into();
     config.defaults.system_disk = "dm".into();
+    // No helper answers here, whatever runs on this machine.
+    config.network.helper_socket = dir.join("no-helper.sock").display().to_string();
     let manager = Manager::open(layout, config).unwrap().with_seams(Seams {
         tap: Some("bg-tap-0".into()),
         accel: Some(AccelChoice {
@@ -712,9 +708,9 @@ async fn a_dm_system_disk_is_made_and_torn_down_through_host_ops() {
             reason: "test seam".into(),
         }),
         skip_readiness: true,
-        host_ops: Some(ops.clone()),
+        host_ops: ops.map(|o| o as std::sync::Arc<dyn banger_core::host::HostOps>),
     });
-    let rootfs = dir.path().join("rootfs.ext4");
+    let rootfs = dir.join("rootfs.ext4");
     assert!(
         std::process::Command::new("mkfs.ext4")
             .args(["-q", "-F"])
@@ -724,7 +720,7 @@ async fn a_dm_system_disk_is_made_and_torn_down_through_host_ops() {
             .unwrap()
             .success()
     );
-    let kernel = dir.path().join("vmlinux");
+    let kernel = dir.join("vmlinux");
     std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub").unwrap();
     let image = manager
         .import_image(ImportImageRequest {
@@ -735,6 +731,21 @@ async fn a_dm_system_disk_is_made_and_torn_down_through_host_ops() {
         })
         .await
         .unwrap();
+    (manager, image, home)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dm_system_disk_is_made_and_torn_down_through_the_helper_seam() {
+    use banger_core::host::RecordingHost;
+    use banger_proto::helper::HelperOp;
+    use std::sync::Arc;
+    let install = FakeInstall::new(&[]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgfc")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let ops = Arc::new(RecordingHost::new());
+    let (manager, image, home) = dm_manager(&install, dir.path(), Some(ops.clone())).await;
     let vm = manager
         .create_vm(CreateVmRequest {
             name: "dm".into(),
@@ -747,22 +758,20 @@ async fn a_dm_system_disk_is_made_and_torn_down_through_host_ops() {
     let cow = home.join("vms").join(&vm.id).join("system.cow");
     let name = format!("banger-{}", vm.id);
     assert_eq!(
-        ops.ops(),
+        ops.calls(),
         [
-            HostOp::LoopAttach {
-                file: base.clone(),
+            HelperOp::LoopAttach {
+                file: base.display().to_string(),
                 read_only: true
             },
-            HostOp::LoopAttach {
-                file: cow.clone(),
+            HelperOp::LoopAttach {
+                file: cow.display().to_string(),
                 read_only: false
             },
-            HostOp::DmCreate {
+            HelperOp::DmSnapshotCreate {
                 name: name.clone(),
-                table: format!(
-                    "0 {} snapshot /dev/loop0 /dev/loop1 P 8",
-                    (16u64 << 20) / 512
-                ),
+                origin_loop: "/dev/loop0".into(),
+                cow_loop: "/dev/loop1".into(),
             },
         ]
     );
@@ -773,15 +782,99 @@ async fn a_dm_system_disk_is_made_and_torn_down_through_host_ops() {
     );
     manager.remove_vm("dm").await.unwrap();
     assert_eq!(
-        ops.ops()[3..],
+        ops.calls()[3..],
         [
-            HostOp::DmRemove { name },
-            HostOp::LoopDetach {
+            HelperOp::DmRemove { name },
+            HelperOp::LoopDetach {
                 device: "/dev/loop1".into()
             },
-            HostOp::LoopDetach {
+            HelperOp::LoopDetach {
                 device: "/dev/loop0".into()
             },
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dm_system_disk_the_helper_fails_to_map_is_undone() {
+    use banger_core::host::RecordingHost;
+    use banger_proto::helper::HelperOp;
+    use std::sync::Arc;
+    let install = FakeInstall::new(&[]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgfc")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let ops = Arc::new(RecordingHost::failing_on(|op| {
+        matches!(op, HelperOp::DmSnapshotCreate { .. })
+    }));
+    let (manager, _image, home) = dm_manager(&install, dir.path(), Some(ops.clone())).await;
+    let err = manager
+        .create_vm(CreateVmRequest {
+            name: "dm".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let text = err.to_api().message;
+    assert!(text.contains("dm_snapshot_create"), "{text}");
+    let calls = ops.calls();
+    assert_eq!(calls.len(), 5, "{calls:?}");
+    assert!(matches!(calls[2], HelperOp::DmSnapshotCreate { .. }));
+    assert_eq!(
+        calls[3..],
+        [
+            HelperOp::LoopDetach {
+                device: "/dev/loop1".into()
+            },
+            HelperOp::LoopDetach {
+                device: "/dev/loop0".into()
+            },
+        ]
+    );
+    // Nothing of the VM is left: no record, no directory.
+    assert!(manager.list_vms().await.unwrap().is_empty());
+    let left = std::fs::read_dir(home.join("vms"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "VM directory left behind");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dm_system_disk_without_device_mapper_or_helper_is_refused_cleanly() {
+    let install = FakeInstall::new(&[]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgfc")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (manager, _image, home) = dm_manager(&install, dir.path(), None).await;
+    let err = manager
+        .create_vm(CreateVmRequest {
+            name: "dm".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let api = err.to_api();
+    assert!(
+        api.message.contains("device-mapper")
+            && api.message.contains("banger-helper")
+            && !api.message.contains('\n'),
+        "{}",
+        api.message
+    );
+    if !Path::new("/dev/mapper/control").exists() {
+        assert!(
+            api.message
+                .contains("/dev/mapper/control, which is missing"),
+            "{}",
+            api.message
+        );
+    }
+    assert!(api.hint.unwrap_or_default().contains("helper install"));
+    assert!(manager.list_vms().await.unwrap().is_empty());
+    let left = std::fs::read_dir(home.join("vms"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "nothing created");
 }

@@ -1,8 +1,9 @@
 //! `banger-helper`: banger's only root code. Serves one owner uid on a Unix socket (its own,
 //! or one passed by systemd socket activation) with a closed set of operations
 //! (`banger_proto::helper::HelperOp`): the bridge, taps, nftables table and DNS socket of
-//! banger's network. `banger-helper call` is a small client for tests and debugging.
+//! banger's network, and the loop devices and device-mapper snapshots of `dm` system disks. `banger-helper call` is a small client for tests and debugging.
 
+mod disk;
 mod net;
 mod server;
 mod validate;
@@ -19,7 +20,8 @@ use banger_proto::helper::{HelperReply, HelperRequest, read_frame, write_frame};
 use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
 
-/// banger's root helper: bridge, taps, nftables and the DNS socket for one user's VMs.
+/// banger's root helper: bridge, taps, nftables, the DNS socket and device-mapper system disks
+/// for one user's VMs.
 ///
 /// Normally run by systemd (`banger helper install`); `--foreground --socket PATH --owner UID`
 /// runs it by hand.

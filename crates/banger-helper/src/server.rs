@@ -1,6 +1,6 @@
 //! The helper's server: accepts connections on its Unix socket, refuses every peer whose uid
 //! (SO_PEERCRED) is not the owner, reads one frame at a time, validates the operation's
-//! arguments and runs it. A bad frame or a refused argument gets an error reply; the server
+//! arguments and runs it (network operations in `net`, loop and device-mapper ones in `disk`). A bad frame or a refused argument gets an error reply; the server
 //! keeps serving. A connection whose framing broke is closed, since nothing after it can be
 //! trusted.
 
@@ -19,6 +19,7 @@ use banger_proto::helper::{
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg, sockopt};
 use tracing::{error, info, info_span, warn};
 
+use crate::disk;
 use crate::net::{self, NetConfig};
 use crate::validate;
 
@@ -212,6 +213,41 @@ impl Server {
                 Err(ChownError::Invalid(e)) => invalid(e),
                 Err(ChownError::Failed(e)) => failed(&e),
             },
+            HelperOp::LoopAttach { file, read_only } => self.disk(|root| {
+                disk::loop_attach(file, *read_only, root)
+                    .map(|device| HelperResult::Device { device })
+            }),
+            HelperOp::LoopDetach { device } => {
+                self.disk(|root| disk::loop_detach(device, root).map(|()| HelperResult::Done))
+            }
+            HelperOp::DmSnapshotCreate {
+                name,
+                origin_loop,
+                cow_loop,
+            } => self.disk(|root| {
+                disk::dm_snapshot_create(name, origin_loop, cow_loop, root, self.net.owner)
+                    .map(|device| HelperResult::Device { device })
+            }),
+            HelperOp::DmRemove { name } => {
+                self.disk(|_| disk::dm_remove(name, self.net.owner).map(|()| HelperResult::Done))
+            }
+        }
+    }
+
+    /// Runs a disk operation with the canonical state dir, mapping its errors to replies.
+    fn disk(
+        &self,
+        run: impl FnOnce(&std::path::Path) -> Result<HelperResult, disk::DiskError>,
+    ) -> (HelperReply, Option<OwnedFd>) {
+        let result = disk::root(&self.state_dir)
+            .map_err(disk::DiskError::Invalid)
+            .and_then(|root| run(&root));
+        match result {
+            Ok(result) => (HelperReply::Ok { result }, None),
+            Err(disk::DiskError::Invalid(e)) => {
+                (error_reply(HelperErrorCode::Invalid, e.to_string()), None)
+            }
+            Err(disk::DiskError::Failed(e)) => (error_reply(HelperErrorCode::Failed, e), None),
         }
     }
 

@@ -1,6 +1,6 @@
 //! Validation of every argument the helper receives: tap names from banger's own pattern,
 //! addresses inside the configured subnet, paths inside the owner's state dir after resolving
-//! symlinks. Nothing reaches a command line or a syscall without passing through here.
+//! symlinks (loop devices and device-mapper names are checked in `disk`, with these errors). Nothing reaches a command line or a syscall without passing through here.
 
 use std::net::Ipv4Addr;
 use std::path::{Component, Path, PathBuf};
@@ -33,6 +33,26 @@ pub enum Invalid {
     IfName(String),
     #[error("pool size {0} is above the limit of {1}")]
     PoolSize(u32, u32),
+    #[error("{0:?} is not a regular file")]
+    NotRegular(String),
+    #[error("{0:?} is not a loop device (/dev/loopN)")]
+    LoopDevice(String),
+    #[error("{0} is not attached to a file")]
+    LoopNotAttached(String),
+    #[error("{device} is backed by {backing:?}, outside the state dir {root:?}")]
+    LoopNotOwned {
+        device: String,
+        backing: PathBuf,
+        root: PathBuf,
+    },
+    #[error("{0} cannot be both the origin and the copy-on-write store")]
+    SameLoop(String),
+    #[error("the snapshot origin {0} is not read-only")]
+    OriginWritable(String),
+    #[error("{0:?} is not a banger device-mapper name (banger-<vm id>)")]
+    DmName(String),
+    #[error("{0} was not made by banger for this owner")]
+    DmNotOwned(String),
 }
 
 /// A tap name: `bg-tap-N`.

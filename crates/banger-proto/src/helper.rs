@@ -27,6 +27,9 @@ pub const MAX_TAP_INDEX: u32 = 65_535;
 /// Name of banger's nftables table (family `ip`).
 pub const NFT_TABLE: &str = "banger";
 
+/// Prefix of every device-mapper name banger makes: `banger-<vm id>`.
+pub const DM_PREFIX: &str = "banger-";
+
 /// One request: the operation and the op_id of the daemon request that caused it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +66,21 @@ pub enum HelperOp {
     /// Gives a file under the owner's state dir back to the owner (files made as root by a
     /// privileged step). The path is resolved (symlinks followed) and must stay inside.
     ChownToOwner { path: String },
+    /// Attaches a regular file under the owner's state dir (symlinks resolved, must stay
+    /// inside) to a free loop device, read-only when asked ([`HelperResult::Device`]).
+    LoopAttach { file: String, read_only: bool },
+    /// Detaches `/dev/loopN`, which must be backed by a file under the owner's state dir.
+    LoopDetach { device: String },
+    /// Creates the device-mapper snapshot `name` (`banger-<vm id>`): origin `origin_loop`
+    /// (read-only) with persistent exceptions in `cow_loop`, 4 KiB chunks, both loops backed
+    /// by files under the state dir. The node is given to the owner ([`HelperResult::Device`]).
+    DmSnapshotCreate {
+        name: String,
+        origin_loop: String,
+        cow_loop: String,
+    },
+    /// Removes the device-mapper device `name`, which this helper must have created.
+    DmRemove { name: String },
 }
 
 impl HelperOp {
@@ -79,6 +97,10 @@ impl HelperOp {
             Self::BindDns => "bind_dns",
             Self::RouteDns => "route_dns",
             Self::ChownToOwner { .. } => "chown_to_owner",
+            Self::LoopAttach { .. } => "loop_attach",
+            Self::LoopDetach { .. } => "loop_detach",
+            Self::DmSnapshotCreate { .. } => "dm_snapshot_create",
+            Self::DmRemove { .. } => "dm_remove",
         }
     }
 }
@@ -119,6 +141,11 @@ pub enum HelperResult {
     /// `route_dns`: whether systemd-resolved now routes `~vm` (false: not running here).
     Routed {
         routed: bool,
+    },
+    /// `loop_attach`, `dm_snapshot_create`: the block device made (`/dev/loopN`,
+    /// `/dev/mapper/NAME`).
+    Device {
+        device: String,
     },
 }
 
@@ -229,6 +256,30 @@ pub fn parse_tap_name(name: &str) -> Option<u32> {
     (index <= MAX_TAP_INDEX).then_some(index)
 }
 
+/// Whether `name` is a device-mapper name banger makes: [`DM_PREFIX`] then a VM id (32
+/// lowercase hex digits, a simple UUID). Returns the VM id.
+pub fn parse_dm_name(name: &str) -> Option<&str> {
+    let id = name.strip_prefix(DM_PREFIX)?;
+    (id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    .then_some(id)
+}
+
+/// Whether `device` is a loop device path (`/dev/loopN`, N without leading zeros); returns N.
+pub fn parse_loop_device(device: &str) -> Option<u32> {
+    let digits = device.strip_prefix("/dev/loop")?;
+    if digits.is_empty()
+        || digits.len() > 7
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+        || (digits.len() > 1 && digits.starts_with('0'))
+    {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// The tap name for index `n`.
 pub fn tap_name(index: u32) -> String {
     format!("{TAP_PREFIX}{index}")
@@ -271,6 +322,36 @@ mod tests {
     fn oversized_frames_are_refused_before_reading() {
         let header = ((MAX_FRAME + 1) as u32).to_be_bytes();
         assert!(matches!(frame_len(header), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn dm_names_and_loop_devices_follow_the_pattern() {
+        let id = "0123456789abcdef0123456789abcdef";
+        assert_eq!(parse_dm_name(&format!("banger-{id}")), Some(id));
+        for bad in [
+            "banger-",
+            "banger-0123456789ABCDEF0123456789abcdef",
+            "banger-0123456789abcdef0123456789abcde",
+            "banger-0123456789abcdef0123456789abcdef0",
+            "other-0123456789abcdef0123456789abcdef",
+            "banger-../../control",
+            "root",
+        ] {
+            assert_eq!(parse_dm_name(bad), None, "{bad}");
+        }
+        assert_eq!(parse_loop_device("/dev/loop0"), Some(0));
+        assert_eq!(parse_loop_device("/dev/loop17"), Some(17));
+        for bad in [
+            "/dev/loop",
+            "/dev/loop01",
+            "/dev/loop-control",
+            "/dev/sda",
+            "loop0",
+            "/dev/loop0/../sda",
+            "/dev/loop99999999",
+        ] {
+            assert_eq!(parse_loop_device(bad), None, "{bad}");
+        }
     }
 
     #[test]

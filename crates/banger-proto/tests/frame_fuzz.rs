@@ -24,6 +24,17 @@ fn op() -> impl Strategy<Value = HelperOp> {
         any::<u32>().prop_map(|pool_size| HelperOp::NetworkUp { pool_size }),
         ".{0,40}".prop_map(|name| HelperOp::EnsureTap { name }),
         ".{0,40}".prop_map(|path| HelperOp::ChownToOwner { path }),
+        (".{0,40}", any::<bool>())
+            .prop_map(|(file, read_only)| HelperOp::LoopAttach { file, read_only }),
+        ".{0,40}".prop_map(|device| HelperOp::LoopDetach { device }),
+        (".{0,40}", ".{0,20}", ".{0,20}").prop_map(|(name, origin_loop, cow_loop)| {
+            HelperOp::DmSnapshotCreate {
+                name,
+                origin_loop,
+                cow_loop,
+            }
+        }),
+        ".{0,40}".prop_map(|name| HelperOp::DmRemove { name }),
     ]
 }
 

@@ -17,9 +17,10 @@ impl Manager {
         checks.push(doctor::firecracker_check(
             self.firecracker.version().await.map_err(|e| e.to_string()),
         ));
+        let dm = self.dm_available().await;
         let (strategy, reason) =
-            crate::disk::choose_raw_strategy(&self.layout.images_dir(), self.dm_available());
-        checks.push(doctor::system_disk_check(strategy.as_str(), &reason));
+            crate::disk::choose_raw_strategy(&self.layout.images_dir(), dm.clone());
+        checks.push(doctor::system_disk_check(strategy, &reason, &dm));
         let network = self.network_status().await?;
         checks.extend(doctor::network_checks(&network));
         if network.helper {

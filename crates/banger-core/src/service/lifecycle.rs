@@ -437,12 +437,13 @@ impl Manager {
         if device.exists() {
             return Ok(device);
         }
-        let ops = self.host_ops();
+        let host = self.disk_host();
+        let op_id = crate::net::current_op_id();
         let base = self.layout.image_rootfs(image_digest);
         let cow = self.layout.vm_system_cow(&record.id);
         let state = self.layout.vm_system_dm(&record.id);
         let dm = tokio::task::spawn_blocking(move || {
-            disk::dm_snapshot_attach(ops.as_ref(), &name, &base, &cow)
+            disk::dm_snapshot_attach(host.as_ref(), &op_id, &name, &base, &cow)
         })
         .await
         .map_err(|e| Error::Failed(format!("dm task failed: {e}")))??;

@@ -47,9 +47,9 @@ pub struct Seams {
     pub accel: Option<AccelChoice>,
     /// Do not wait for the guest's SSH server after launch (no guest runs in a fake).
     pub skip_readiness: bool,
-    /// Where privileged host operations go (device-mapper); default: run them directly
-    /// when root, until banger-helper exists.
-    pub host_ops: Option<Arc<dyn disk::HostOps>>,
+    /// Where the dm system disk's privileged operations go (a recording fake), instead of
+    /// banger-helper; device-mapper is then taken as available.
+    pub host_ops: Option<Arc<dyn HostOps>>,
 }
 
 /// The daemon's operations over one banger instance.
@@ -179,7 +179,7 @@ impl Manager {
         // Firecracker has no user-mode networking: it needs the bridge (a lease and its tap).
         let pool = self.choose_network(request.network.as_deref()).await?;
         let selection = self.select_vmm(&requested, &image, pool.is_some()).await?;
-        let (strategy, disk_reason) = self.system_disk_strategy(selection.kind)?;
+        let (strategy, disk_reason) = self.system_disk_strategy(selection.kind).await?;
         let mut spec = spec;
         spec.vmm = selection.kind.as_str().into();
         spec.vmm_reason = selection.reason;
@@ -281,15 +281,23 @@ impl Manager {
                 .map_err(io("copy"))?
             }
             SystemDiskStrategy::DmSnapshot => {
-                let ops = self.host_ops();
+                let host = self.disk_host();
+                let op_id = crate::net::current_op_id();
                 let name = self.layout.vm_dm_name(id);
                 let cow = self.layout.vm_system_cow(id);
                 let state = self.layout.vm_system_dm(id);
                 let cow_bytes = std::fs::metadata(&base).map(|m| m.len()).unwrap_or(0);
                 tokio::task::spawn_blocking(move || {
-                    let dm = disk::dm_snapshot_create(ops.as_ref(), &name, &base, &cow, cow_bytes)?;
+                    let dm = disk::dm_snapshot_create(
+                        host.as_ref(),
+                        &op_id,
+                        &name,
+                        &base,
+                        &cow,
+                        cow_bytes,
+                    )?;
                     save_dm(&state, &dm).inspect_err(|_| {
-                        let _ = disk::dm_snapshot_remove(ops.as_ref(), &dm);
+                        let _ = disk::dm_snapshot_remove(host.as_ref(), &op_id, &dm);
                     })
                 })
                 .await
@@ -299,26 +307,35 @@ impl Manager {
         Ok(())
     }
 
-    /// The HostOps in use: the test seam's, else direct losetup/dmsetup.
-    pub(super) fn host_ops(&self) -> Arc<dyn disk::HostOps> {
+    /// Where the dm system disk's operations go: the test seam's fake, else banger-helper
+    /// (the network's client, or one of its own when networking is user-mode: dm disks need
+    /// the helper whatever the network mode).
+    pub(super) fn disk_host(&self) -> Arc<dyn HostOps> {
         self.seams
             .host_ops
             .clone()
-            .unwrap_or_else(|| Arc::new(disk::LocalHostOps))
+            .or_else(|| self.host.clone())
+            .unwrap_or_else(|| Arc::new(HelperClient::new(self.helper_socket.clone())))
     }
 
-    /// Whether dm snapshot system disks can be made here, or why not.
-    fn dm_available(&self) -> Result<(), String> {
+    /// Whether dm snapshot system disks can be made here (device-mapper exists and
+    /// banger-helper answers), or why not.
+    async fn dm_available(&self) -> Result<(), String> {
         if self.seams.host_ops.is_some() {
             return Ok(());
         }
+        const NEEDS: &str = "device-mapper snapshots need banger-helper and /dev/mapper/control";
         if !std::path::Path::new("/dev/mapper/control").exists() {
-            return Err("there is no device-mapper (/dev/mapper/control)".into());
+            return Err(format!("{NEEDS}, which is missing"));
         }
-        if !nix::unistd::geteuid().is_root() {
-            return Err("device-mapper needs root (banger-helper is not available yet)".into());
-        }
-        Ok(())
+        let host = self.disk_host();
+        let op_id = crate::net::current_op_id();
+        let hello = tokio::task::spawn_blocking(move || host.hello(&op_id))
+            .await
+            .map_err(|e| format!("helper task failed: {e}"))?;
+        hello
+            .map(|_| ())
+            .map_err(|e| format!("{NEEDS}; banger-helper does not answer ({e})"))
     }
 
     /// The backend for a new VM (see [`vmm_select`]). Firecracker's facts are gathered only
@@ -366,19 +383,22 @@ impl Manager {
     }
 
     /// The system disk strategy for a new VM of `kind`, and why.
-    fn system_disk_strategy(&self, kind: VmmKind) -> Result<(SystemDiskStrategy, String), Error> {
+    async fn system_disk_strategy(
+        &self,
+        kind: VmmKind,
+    ) -> Result<(SystemDiskStrategy, String), Error> {
         let configured = self.config.defaults.system_disk.as_str();
         match (kind, configured) {
             (VmmKind::Qemu, "auto") => Ok((SystemDiskStrategy::Qcow2, "qcow2 overlay (QEMU)".into())),
             (_, "auto") => Ok(disk::choose_raw_strategy(
                 &self.layout.images_dir(),
-                self.dm_available(),
+                self.dm_available().await,
             )),
-            (_, "dm") => match self.dm_available() {
+            (_, "dm") => match self.dm_available().await {
                 Ok(()) => Ok((SystemDiskStrategy::DmSnapshot, "defaults.system_disk = \"dm\"".into())),
                 Err(why) => Err(Error::HostSetup {
                     message: format!("cannot make a device-mapper system disk: {why}"),
-                    hint: "set defaults.system_disk = \"auto\"".into(),
+                    hint: "on a host with device-mapper, `sudo banger helper install` and enable banger-helper@$UID.socket; else set defaults.system_disk = \"auto\"".into(),
                 }),
             },
             (VmmKind::Firecracker, "qcow2") => Err(Error::InvalidRequest(
@@ -512,11 +532,13 @@ impl Manager {
         if record.spec.system_disk == SystemDiskStrategy::DmSnapshot.as_str()
             && let Some(dm) = load_dm(&self.layout.vm_system_dm(&record.id))
         {
-            let ops = self.host_ops();
-            let torn =
-                tokio::task::spawn_blocking(move || disk::dm_snapshot_remove(ops.as_ref(), &dm))
-                    .await
-                    .map_err(|e| Error::Failed(format!("dm task failed: {e}")))?;
+            let host = self.disk_host();
+            let op_id = crate::net::current_op_id();
+            let torn = tokio::task::spawn_blocking(move || {
+                disk::dm_snapshot_remove(host.as_ref(), &op_id, &dm)
+            })
+            .await
+            .map_err(|e| Error::Failed(format!("dm task failed: {e}")))?;
             if let Err(e) = torn {
                 tracing::warn!(vm = %name, "device-mapper teardown incomplete: {e}");
             }

@@ -1,0 +1,358 @@
+//! The real helper binary (as root, owner uid 0) attaching and detaching real loop devices for
+//! the `dm` system-disk strategy, and refusing what is not the owner's: files outside the state
+//! dir or escaping it by a symlink, loop devices backed elsewhere, names that are not banger's.
+//! device-mapper itself does not exist on the test machines: the snapshot operations are
+//! checked for their validation and for a one-line error naming the missing control node.
+//! Every loop device a test makes is detached on drop, also when the test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use banger_proto::helper::{
+    HelperOp, HelperReply, HelperRequest, HelperResult, read_frame, write_frame,
+};
+
+struct Helper {
+    child: Child,
+    socket: PathBuf,
+    /// The state dir, canonical.
+    state: PathBuf,
+    /// A directory beside the state dir (outside it).
+    outside: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_helper() -> Helper {
+    let dir = tempfile::Builder::new()
+        .prefix("bghd")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("helper.sock");
+    let state = dir.path().join("state");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(state.join("images/abc")).unwrap();
+    std::fs::create_dir_all(state.join("vms/def")).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_banger-helper"))
+        .args(["--foreground", "--owner", "0"])
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "helper did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Helper {
+        child,
+        socket,
+        state: state.canonicalize().unwrap(),
+        outside: outside.canonicalize().unwrap(),
+        _dir: dir,
+    }
+}
+
+fn request(socket: &Path, op: HelperOp) -> HelperReply {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    write_frame(
+        &mut stream,
+        &HelperRequest {
+            op_id: "test-disk".into(),
+            op,
+        },
+    )
+    .unwrap();
+    read_frame(&mut stream).unwrap()
+}
+
+#[track_caller]
+fn refused(reply: HelperReply, needle: &str) -> String {
+    match reply {
+        HelperReply::Error { message, .. } => {
+            assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+            assert!(!message.contains('\n'), "one line: {message:?}");
+            message
+        }
+        other => panic!("expected a refusal ({needle}), got {other:?}"),
+    }
+}
+
+/// A sparse file of `mib` MiB.
+fn file(path: &Path, mib: u64) -> PathBuf {
+    std::fs::File::create(path)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    path.to_path_buf()
+}
+
+/// Detaches, on drop, every loop device backed by a file under the test's directory (the
+/// state dir and the "outside" dir both are), whoever attached it: a failing test, or a helper
+/// that wrongly accepted a request, leaks none, and other processes' devices are left alone.
+struct Loops(PathBuf);
+
+impl Loops {
+    fn under(helper: &Helper) -> Self {
+        Self(helper.state.parent().unwrap().to_path_buf())
+    }
+}
+
+impl Drop for Loops {
+    fn drop(&mut self) {
+        for device in loop_devices_backed_under(&self.0) {
+            let _ = Command::new("losetup").args(["-d", &device]).status();
+        }
+    }
+}
+
+fn loop_devices_backed_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let device = format!("/dev/{name}");
+        if name.starts_with("loop") && backing_file(&device).is_some_and(|b| b.starts_with(dir)) {
+            found.push(device);
+        }
+    }
+    found
+}
+
+fn sys(device: &str, file: &str) -> Option<String> {
+    let name = device.strip_prefix("/dev/")?;
+    std::fs::read_to_string(format!("/sys/block/{name}/{file}"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+fn backing_file(device: &str) -> Option<PathBuf> {
+    sys(device, "loop/backing_file").map(PathBuf::from)
+}
+
+#[track_caller]
+fn attached(reply: HelperReply) -> String {
+    match reply {
+        HelperReply::Ok {
+            result: HelperResult::Device { device },
+        } => device,
+        other => panic!("expected a device, got {other:?}"),
+    }
+}
+
+fn attach(helper: &Helper, file: &Path, read_only: bool) -> HelperReply {
+    request(
+        &helper.socket,
+        HelperOp::LoopAttach {
+            file: file.display().to_string(),
+            read_only,
+        },
+    )
+}
+
+#[test]
+fn loop_devices_are_attached_and_detached_inside_the_state_dir_only() {
+    let helper = start_helper();
+    let _loops = Loops::under(&helper);
+    let base = file(&helper.state.join("images/abc/rootfs.ext4"), 8);
+    let cow = file(&helper.state.join("vms/def/system.cow"), 8);
+
+    // The image, read-only.
+    let base_loop = attached(attach(&helper, &base, true));
+    assert_eq!(backing_file(&base_loop).as_deref(), Some(base.as_path()));
+    assert_eq!(sys(&base_loop, "ro").as_deref(), Some("1"));
+    assert_eq!(sys(&base_loop, "size").as_deref(), Some("16384"));
+    // The copy-on-write store, writable; reached through a symlink that stays inside.
+    std::os::unix::fs::symlink(&cow, helper.state.join("cow-link")).unwrap();
+    let cow_loop = attached(attach(&helper, &helper.state.join("cow-link"), false));
+    assert_ne!(cow_loop, base_loop);
+    assert_eq!(backing_file(&cow_loop).as_deref(), Some(cow.as_path()));
+    assert_eq!(sys(&cow_loop, "ro").as_deref(), Some("0"));
+
+    for device in [&cow_loop, &base_loop] {
+        let reply = request(
+            &helper.socket,
+            HelperOp::LoopDetach {
+                device: device.clone(),
+            },
+        );
+        assert!(
+            matches!(
+                reply,
+                HelperReply::Ok {
+                    result: HelperResult::Done
+                }
+            ),
+            "{reply:?}"
+        );
+        assert_eq!(backing_file(device), None, "{device} still attached");
+    }
+    assert!(loop_devices_backed_under(&helper.state).is_empty());
+
+    // Refused: a file outside, a symlink escaping, a directory, a missing file, a relative path.
+    let secret = file(&helper.outside.join("secret.img"), 1);
+    refused(attach(&helper, &secret, true), "outside the state dir");
+    std::os::unix::fs::symlink(&secret, helper.state.join("images/abc/escape")).unwrap();
+    refused(
+        attach(&helper, &helper.state.join("images/abc/escape"), false),
+        "outside the state dir",
+    );
+    std::os::unix::fs::symlink(&helper.outside, helper.state.join("updir")).unwrap();
+    refused(
+        attach(&helper, &helper.state.join("updir/secret.img"), true),
+        "outside the state dir",
+    );
+    refused(
+        attach(&helper, &helper.state.join("images"), true),
+        "not a regular file",
+    );
+    refused(
+        attach(&helper, &helper.state.join("images/nothing"), true),
+        "does not exist",
+    );
+    refused(
+        request(
+            &helper.socket,
+            HelperOp::LoopAttach {
+                file: "images/abc/rootfs.ext4".into(),
+                read_only: true,
+            },
+        ),
+        "absolute path",
+    );
+    assert!(
+        loop_devices_backed_under(&helper.outside).is_empty(),
+        "nothing attached to the refused file"
+    );
+
+    // A loop device attached outside banger, backed elsewhere, is not the helper's to detach.
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--read-only"])
+        .arg(&secret)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let foreign = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    refused(
+        request(
+            &helper.socket,
+            HelperOp::LoopDetach {
+                device: foreign.clone(),
+            },
+        ),
+        "outside the state dir",
+    );
+    assert_eq!(
+        backing_file(&foreign).as_deref(),
+        Some(secret.as_path()),
+        "still attached"
+    );
+    for bad in ["/dev/sda", "/dev/loop-control", "/dev/loop01", "loop0"] {
+        refused(
+            request(&helper.socket, HelperOp::LoopDetach { device: bad.into() }),
+            "not a loop device",
+        );
+    }
+}
+
+#[test]
+fn device_mapper_operations_validate_and_name_what_is_missing() {
+    let helper = start_helper();
+    let _loops = Loops::under(&helper);
+    let base = file(&helper.state.join("images/abc/rootfs.ext4"), 4);
+    let cow = file(&helper.state.join("vms/def/system.cow"), 4);
+    let base_loop = attached(attach(&helper, &base, true));
+    let cow_loop = attached(attach(&helper, &cow, false));
+    let name = "banger-0123456789abcdef0123456789abcdef".to_owned();
+    let create = |name: &str, origin: &str, cow: &str| {
+        request(
+            &helper.socket,
+            HelperOp::DmSnapshotCreate {
+                name: name.into(),
+                origin_loop: origin.into(),
+                cow_loop: cow.into(),
+            },
+        )
+    };
+
+    for bad in [
+        "root",
+        "banger-",
+        "banger-0123456789ABCDEF0123456789ABCDEF",
+        "banger-abc",
+        "banger-0123456789abcdef0123456789abcdef/../../control",
+        "other-0123456789abcdef0123456789abcdef",
+    ] {
+        refused(
+            create(bad, &base_loop, &cow_loop),
+            "not a banger device-mapper name",
+        );
+        refused(
+            request(&helper.socket, HelperOp::DmRemove { name: bad.into() }),
+            "not a banger device-mapper name",
+        );
+    }
+    refused(create(&name, "/dev/sda", &cow_loop), "not a loop device");
+    refused(create(&name, &base_loop, &base_loop), "both the origin");
+    refused(create(&name, &cow_loop, &base_loop), "is not read-only");
+    // A loop device backed outside the state dir cannot be the origin.
+    let secret = file(&helper.outside.join("secret.img"), 4);
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--read-only"])
+        .arg(&secret)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let foreign = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    refused(create(&name, &foreign, &cow_loop), "outside the state dir");
+
+    if Path::new("/dev/mapper/control").exists() {
+        // A host with device-mapper: the snapshot is made, given to the owner, removed.
+        let reply = create(&name, &base_loop, &cow_loop);
+        assert!(
+            matches!(&reply, HelperReply::Ok { result: HelperResult::Device { device } } if *device == format!("/dev/mapper/{name}")),
+            "{reply:?}"
+        );
+        let reply = request(&helper.socket, HelperOp::DmRemove { name: name.clone() });
+        assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    } else {
+        // This machine: one line naming what is missing, for create and remove alike.
+        let message = refused(
+            create(&name, &base_loop, &cow_loop),
+            "/dev/mapper/control is missing",
+        );
+        assert!(message.contains("device-mapper"), "{message}");
+        refused(
+            request(&helper.socket, HelperOp::DmRemove { name: name.clone() }),
+            "/dev/mapper/control is missing",
+        );
+    }
+    // The loops are still the owner's to detach.
+    for device in [&cow_loop, &base_loop] {
+        let reply = request(
+            &helper.socket,
+            HelperOp::LoopDetach {
+                device: device.clone(),
+            },
+        );
+        assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    }
+    assert!(loop_devices_backed_under(&helper.state).is_empty());
+}
