@@ -52,6 +52,9 @@ pub enum Error {
     /// The host lacks something.
     #[error("{message}")]
     HostSetup { message: String, hint: String },
+    /// The VM's backend cannot do this (e.g. `vm suspend` on QEMU).
+    #[error("{message}")]
+    Unsupported { message: String, hint: String },
     /// A lifecycle step failed; the VM was put back as it was.
     #[error("{step}")]
     StepFailed {
@@ -95,7 +98,7 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::InvalidName(_) => ErrorCode::InvalidName,
-            Self::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            Self::InvalidRequest(_) | Self::Unsupported { .. } => ErrorCode::InvalidRequest,
             Self::InvalidState { .. } | Self::Transition(_) => ErrorCode::InvalidState,
             Self::Store(StoreError::VmExists(_)) => ErrorCode::AlreadyExists,
             Self::Store(StoreError::VmNotFound(_)) => ErrorCode::NotFound,
@@ -160,7 +163,7 @@ impl Error {
             ),
             Self::AssetNotFound { .. } => Some("`banger kernel ls` lists kernels".into()),
             Self::InUse { .. } => Some("remove those first".into()),
-            Self::HostSetup { hint, .. } => Some(hint.clone()),
+            Self::HostSetup { hint, .. } | Self::Unsupported { hint, .. } => Some(hint.clone()),
             Self::Image(ImageError::NotRoot) => {
                 Some("run bangerd as root, or import an image with `banger image import`".into())
             }

@@ -148,6 +148,14 @@ impl Layout {
     pub fn vm_console_log(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("console.log")
     }
+    /// The VM state file of the VM's suspend snapshot (Firecracker `snapshot_path`).
+    pub fn vm_snapshot_state(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("snapshot.state")
+    }
+    /// The guest memory file of the VM's suspend snapshot (Firecracker `mem_file_path`).
+    pub fn vm_snapshot_memory(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("snapshot.mem")
+    }
     /// Scratch space for building and importing (same file system as the stores, so results
     /// are renamed into place atomically).
     pub fn tmp_dir(&self) -> PathBuf {

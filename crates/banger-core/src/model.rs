@@ -12,17 +12,21 @@ pub struct TransitionError {
 
 /// Checks that `from → to` is a legal lifecycle step.
 ///
-/// Created/Stopped/Error → Starting → Running (or back to where it came from when the start is
-/// undone, or Error); Running → Stopping → Stopped (or Error); Running → Stopped when the VMM
-/// was found dead; Error → Stopped once cleaned up.
+/// Created/Stopped/Suspended/Error → Starting → Running (or back to where it came from when
+/// the start is undone, or Error); Running → Stopping → Stopped (or Error); Running ⇄ Paused
+/// (`vm pause`/`vm resume`, or what the VMM reports after a daemon restart); Running/Paused →
+/// Stopping → Suspended (`vm suspend`: the snapshot is written while Stopping, so a daemon that
+/// dies half-way leaves a Stopping VM that reconciliation stops); Running/Paused → Stopped when
+/// the VMM was found dead; Error → Stopped once cleaned up.
 pub fn check_transition(from: VmState, to: VmState) -> Result<(), TransitionError> {
     use VmState::*;
     let legal = matches!(
         (from, to),
-        (Created | Stopped | Error, Starting)
-            | (Starting, Running | Error | Created | Stopped)
-            | (Running, Stopping | Stopped | Error)
-            | (Stopping, Stopped | Error | Running)
+        (Created | Stopped | Suspended | Error, Starting)
+            | (Starting, Running | Error | Created | Stopped | Suspended)
+            | (Running, Stopping | Stopped | Error | Paused)
+            | (Paused, Running | Stopping | Stopped | Error)
+            | (Stopping, Stopped | Error | Running | Paused | Suspended)
             | (Error, Stopped)
     );
     if legal {
@@ -34,7 +38,15 @@ pub fn check_transition(from: VmState, to: VmState) -> Result<(), TransitionErro
 
 /// Whether a VM in `state` may be removed without stopping it first.
 pub fn removable(state: VmState) -> bool {
-    matches!(state, VmState::Created | VmState::Stopped | VmState::Error)
+    matches!(
+        state,
+        VmState::Created | VmState::Stopped | VmState::Suspended | VmState::Error
+    )
+}
+
+/// Whether a VMM process belongs to a VM in `state` (it runs, paused or not).
+pub fn has_process(state: VmState) -> bool {
+    matches!(state, VmState::Running | VmState::Paused)
 }
 
 /// A VM as stored durably.
@@ -98,6 +110,11 @@ mod tests {
             (Starting, Created),
             (Running, Stopped),
             (Error, Starting),
+            (Running, Paused),
+            (Paused, Running),
+            (Paused, Stopping),
+            (Stopping, Suspended),
+            (Suspended, Starting),
         ] {
             assert!(check_transition(from, to).is_ok(), "{from} -> {to}");
         }
@@ -111,6 +128,11 @@ mod tests {
             (Running, Starting),
             (Stopped, Stopping),
             (Created, Stopped),
+            (Stopped, Paused),
+            (Suspended, Running),
+            (Suspended, Paused),
+            (Paused, Starting),
+            (Running, Suspended),
         ] {
             assert!(check_transition(from, to).is_err(), "{from} -> {to}");
         }

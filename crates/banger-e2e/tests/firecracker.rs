@@ -878,3 +878,272 @@ async fn a_dm_system_disk_without_device_mapper_or_helper_is_refused_cleanly() {
         .unwrap_or(0);
     assert_eq!(left, 0, "nothing created");
 }
+
+/// The requests the fake answered since `before`: (method, path, status, body).
+fn since(install: &FakeInstall, before: usize) -> Vec<(String, String, u64, Value)> {
+    install.requests()[before..]
+        .iter()
+        .map(|(m, p, s, b, _)| (m.clone(), p.clone(), *s, b.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_resume_and_suspend_against_the_fake() {
+    let install = FakeInstall::new(&[]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgfc")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let manager = fake_manager(&install, dir.path()).await;
+    let mut reaper = Reaper(Vec::new());
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "sus".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let vm_dir = dir.path().join("home/vms").join(&vm.id);
+    let snap_state = vm_dir.join("snapshot.state");
+    let snap_mem = vm_dir.join("snapshot.mem");
+    let started = manager.start_vm("sus").await.unwrap();
+    let pid = started.vm.runtime.unwrap().pid.unwrap();
+    reaper.0.push((pid, vm.id.clone()));
+    let api = ApiClient::new(dir.path().join("home/run/vms").join(&vm.id).join("fc.sock"));
+    let fc_state = || async {
+        api.call("GET", "/", None).await.unwrap().unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+
+    // Pause: PATCH /vm Paused, the VM shows paused; pausing again sends nothing.
+    let before = install.requests().len();
+    let paused = manager.pause_vm("sus").await.unwrap();
+    assert!(paused.changed);
+    assert_eq!(paused.vm.state, VmState::Paused);
+    let sent = since(&install, before);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        (sent[0].0.as_str(), sent[0].1.as_str(), sent[0].2),
+        ("PATCH", "/vm", 204)
+    );
+    assert_eq!(sent[0].3, serde_json::json!({ "state": "Paused" }));
+    assert_eq!(fc_state().await, "Paused");
+    assert_eq!(manager.get_vm("sus").await.unwrap().state, VmState::Paused);
+    let before = install.requests().len();
+    assert!(!manager.pause_vm("sus").await.unwrap().changed);
+    assert_eq!(install.requests().len(), before, "a no-op sends nothing");
+    // exec/ssh are refused with the resume hint; start is refused too.
+    let err = manager.ssh_info("sus").await.unwrap_err().to_api();
+    assert!(err.message.contains("paused"), "{}", err.message);
+    assert!(
+        err.hint
+            .as_deref()
+            .unwrap_or("")
+            .contains("banger vm resume"),
+        "{err:?}"
+    );
+    let err = manager.start_vm("sus").await.unwrap_err().to_api();
+    assert!(
+        err.hint.as_deref().unwrap_or("").contains("vm resume"),
+        "{err:?}"
+    );
+
+    // A daemon restart while paused: the new daemon reattaches and still shows it paused.
+    drop(manager);
+    let manager = fake_manager_reopen(&install, dir.path());
+    manager.reconcile().await.unwrap();
+    assert_eq!(manager.get_vm("sus").await.unwrap().state, VmState::Paused);
+    assert!(process::is_alive(pid, &vm.id));
+    // The record lagging behind the VMM (a daemon that died between the VMM's answer and its
+    // own write): reattach asks the VMM (GET /) and follows it.
+    api.call(
+        "PATCH",
+        "/vm",
+        Some(&serde_json::json!({ "state": "Resumed" })),
+    )
+    .await
+    .unwrap();
+    drop(manager);
+    let manager = fake_manager_reopen(&install, dir.path());
+    manager.reconcile().await.unwrap();
+    assert_eq!(manager.get_vm("sus").await.unwrap().state, VmState::Running);
+    manager.pause_vm("sus").await.unwrap();
+
+    // Resume: PATCH /vm Resumed; resuming a running VM sends nothing.
+    let before = install.requests().len();
+    let resumed = manager.resume_vm("sus").await.unwrap();
+    assert!(resumed.changed);
+    assert_eq!(resumed.vm.state, VmState::Running);
+    let sent = since(&install, before);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].3, serde_json::json!({ "state": "Resumed" }));
+    assert_eq!(fc_state().await, "Running");
+    let before = install.requests().len();
+    assert!(!manager.resume_vm("sus").await.unwrap().changed);
+    assert_eq!(install.requests().len(), before);
+
+    // Suspend: (the SSH sync finds no guest in the fake, which is reported) pause, snapshot
+    // into the VM's directory, process gone, state suspended.
+    let before = install.requests().len();
+    let suspended = manager.suspend_vm("sus").await.unwrap();
+    assert!(suspended.changed);
+    assert_eq!(suspended.vm.state, VmState::Suspended);
+    assert!(
+        suspended.warnings.iter().any(|w| w.contains("cannot sync")),
+        "{:?}",
+        suspended.warnings
+    );
+    let sent = since(&install, before);
+    let paths: Vec<(&str, &str, u64)> = sent
+        .iter()
+        .map(|(m, p, s, _)| (m.as_str(), p.as_str(), *s))
+        .collect();
+    assert_eq!(
+        paths,
+        [("PATCH", "/vm", 204), ("PUT", "/snapshot/create", 204)]
+    );
+    assert_eq!(sent[1].3["snapshot_path"], snap_state.display().to_string());
+    assert_eq!(sent[1].3["mem_file_path"], snap_mem.display().to_string());
+    assert!(snap_state.is_file() && snap_mem.is_file());
+    assert!(!process::is_alive(pid, &vm.id), "the VMM ended");
+    assert!(!dir.path().join("home/run/vms").join(&vm.id).exists());
+    assert_eq!(
+        manager.get_vm("sus").await.unwrap().state,
+        VmState::Suspended
+    );
+    assert!(!manager.suspend_vm("sus").await.unwrap().changed, "no-op");
+    let err = manager.ssh_info("sus").await.unwrap_err().to_api();
+    assert!(
+        err.hint.as_deref().unwrap_or("").contains("vm start"),
+        "{err:?}"
+    );
+
+    // Start restores: a fresh process, logger + metrics + /snapshot/load with resume, no
+    // InstanceStart; running; the snapshot files are gone.
+    let before = install.requests().len();
+    let restored = manager.start_vm("sus").await.unwrap();
+    assert!(
+        restored.restored && restored.warnings.is_empty(),
+        "{restored:?}"
+    );
+    assert_eq!(restored.vm.state, VmState::Running);
+    let new_pid = restored.vm.runtime.unwrap().pid.unwrap();
+    reaper.0.push((new_pid, vm.id.clone()));
+    assert_ne!(new_pid, pid, "a fresh process");
+    let sent = since(&install, before);
+    let paths: Vec<(&str, &str, u64)> = sent
+        .iter()
+        .map(|(m, p, s, _)| (m.as_str(), p.as_str(), *s))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            ("PUT", "/logger", 204),
+            ("PUT", "/metrics", 204),
+            ("PUT", "/snapshot/load", 204),
+        ]
+    );
+    assert_eq!(sent[2].3["resume_vm"], true);
+    assert_eq!(sent[2].3["snapshot_path"], snap_state.display().to_string());
+    assert_eq!(
+        sent[2].3["mem_backend"]["backend_path"],
+        snap_mem.display().to_string()
+    );
+    assert_eq!(fc_state().await, "Running");
+    assert!(
+        !snap_state.exists() && !snap_mem.exists(),
+        "snapshot removed"
+    );
+
+    // A snapshot Firecracker refuses to load: a warning, then a cold boot on a fresh process.
+    let suspended = manager.suspend_vm("sus").await.unwrap();
+    assert_eq!(suspended.vm.state, VmState::Suspended);
+    std::fs::write(&snap_state, b"not a snapshot\n").unwrap();
+    let before = install.requests().len();
+    let booted = manager.start_vm("sus").await.unwrap();
+    let boot_pid = booted.vm.runtime.clone().unwrap().pid.unwrap();
+    reaper.0.push((boot_pid, vm.id.clone()));
+    assert!(!booted.restored);
+    assert_eq!(booted.vm.state, VmState::Running);
+    assert_eq!(booted.warnings.len(), 1, "{:?}", booted.warnings);
+    let warning = &booted.warnings[0];
+    assert!(
+        warning.contains("cannot restore VM sus from its snapshot")
+            && warning.contains("is not a snapshot file")
+            && warning.contains("booted it from its disks"),
+        "{warning}"
+    );
+    let sent = since(&install, before);
+    let load = sent.iter().position(|r| r.1 == "/snapshot/load").unwrap();
+    assert_eq!(sent[load].2, 400, "refused by the fake: {sent:?}");
+    let after_load: Vec<&str> = sent[load + 1..].iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(
+        after_load,
+        [
+            "/logger",
+            "/metrics",
+            "/machine-config",
+            "/boot-source",
+            "/drives/sys",
+            "/drives/work",
+            "/network-interfaces/eth0",
+            "/entropy",
+            "/actions",
+        ],
+        "a cold boot on a fresh process"
+    );
+    assert_eq!(sent.last().unwrap().3["action_type"], "InstanceStart");
+    assert!(sent[load + 1..].iter().all(|r| r.2 == 204), "{sent:?}");
+    assert!(!snap_state.exists() && !snap_mem.exists());
+    let stale = banger_e2e::processes_with_cmdline("banger-fc-fake", &vm.id);
+    assert_eq!(stale, [boot_pid], "only the booted process is left");
+
+    // Stop of a paused VM resumes it first (then the normal stop sequence).
+    manager.pause_vm("sus").await.unwrap();
+    let before = install.requests().len();
+    let stopped = manager.stop_vm("sus", false).await.unwrap();
+    assert_eq!(stopped.vm.state, VmState::Stopped);
+    assert_eq!(stopped.stop_method.as_deref(), Some("ctrl-alt-del"));
+    let sent = since(&install, before);
+    let resumed_at = sent
+        .iter()
+        .position(|r| r.1 == "/vm" && r.3["state"] == "Resumed")
+        .unwrap_or_else(|| panic!("no resume in {sent:?}"));
+    let cad = sent
+        .iter()
+        .position(|r| r.3["action_type"] == "SendCtrlAltDel")
+        .unwrap();
+    assert!(resumed_at < cad, "{sent:?}");
+
+    // rm of a suspended VM removes its snapshot files.
+    let started = manager.start_vm("sus").await.unwrap();
+    reaper
+        .0
+        .push((started.vm.runtime.unwrap().pid.unwrap(), vm.id.clone()));
+    manager.suspend_vm("sus").await.unwrap();
+    assert!(snap_state.is_file());
+    manager.remove_vm("sus").await.unwrap();
+    assert!(!snap_state.exists() && !snap_mem.exists() && !vm_dir.exists());
+    assert!(banger_e2e::processes_with_cmdline("banger-fc-fake", &vm.id).is_empty());
+}
+
+/// The same Manager setup as [`fake_manager`] over an existing home (a daemon restart).
+fn fake_manager_reopen(install: &FakeInstall, dir: &Path) -> Manager {
+    let home = dir.join("home");
+    let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
+    let mut config = Config::default();
+    config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
+    config.defaults.vmm = "firecracker".into();
+    config.daemon.stop_timeout_secs = 5;
+    Manager::open(layout, config).unwrap().with_seams(Seams {
+        tap: Some("bg-tap-0".into()),
+        accel: Some(AccelChoice {
+            accel: Accel::Kvm,
+            reason: "test seam: KVM assumed".into(),
+        }),
+        skip_readiness: true,
+        host_ops: None,
+    })
+}

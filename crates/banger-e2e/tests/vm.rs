@@ -186,6 +186,124 @@ fn vms_are_isolated_and_survive_a_daemon_crash() {
     }
 }
 
+/// What QEMU itself says about the VM's vCPUs (QMP `query-status`): `running`, `paused`, ...
+fn qmp_status(env: &TestEnv, name: &str) -> String {
+    let vm = env.banger(&["vm", "show", name, "--json"]).ok().json();
+    let socket = env
+        .home()
+        .join("run/vms")
+        .join(vm["id"].as_str().unwrap())
+        .join("qmp.sock");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = runtime
+        .block_on(banger_core::vmm::qmp::execute(&socket, "query-status"))
+        .unwrap();
+    status["status"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn pause_resume_survive_a_daemon_crash_and_suspend_needs_firecracker() {
+    let env = TestEnv::new();
+    env.build_default_image();
+    env.banger(&["vm", "run", "p"]).ok();
+    env.banger(&[
+        "vm",
+        "exec",
+        "p",
+        "--",
+        "sh",
+        "-c",
+        "echo written-before-pause > /root/repo/before",
+    ])
+    .ok();
+
+    // suspend on QEMU: one line naming Firecracker and the alternatives; nothing changes.
+    let refused = env.banger(&["vm", "suspend", "p"]);
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert_eq!(
+        refused.stderr.trim().lines().count(),
+        1,
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        refused
+            .stderr
+            .contains("suspend needs the Firecracker backend")
+            && refused.stderr.contains("vm pause")
+            && refused.stderr.contains("vm stop"),
+        "{}",
+        refused.stderr
+    );
+    let vm = env.banger(&["vm", "show", "p", "--json"]).ok().json();
+    assert_eq!(vm["state"], "running");
+    assert_eq!(qmp_status(&env, "p"), "running");
+    let pids = env.qemu_pids();
+    assert_eq!(pids.len(), 1);
+
+    // Resume on a running VM is a no-op; pause stops the vCPUs (QMP says so too).
+    let noop = env.banger(&["vm", "resume", "p"]).ok();
+    assert!(noop.stdout.contains("not paused"), "{}", noop.stdout);
+    let paused = env.banger(&["vm", "pause", "p"]).ok();
+    assert!(paused.stdout.contains("Paused VM p"), "{}", paused.stdout);
+    let vm = env.banger(&["vm", "show", "p", "--json"]).ok().json();
+    assert_eq!(vm["state"], "paused");
+    let shown = env.banger(&["vm", "ls"]).ok();
+    assert!(shown.stdout.contains("paused"), "{}", shown.stdout);
+    assert_eq!(qmp_status(&env, "p"), "paused");
+    let again = env.banger(&["vm", "pause", "p"]).ok();
+    assert!(again.stdout.contains("already paused"), "{}", again.stdout);
+
+    // exec on a paused VM: refused at once, one line, the resume hint, exit 4.
+    let refused = env.banger_within(Duration::from_secs(30), &["vm", "exec", "p", "--", "true"]);
+    assert_eq!(refused.code, 4, "{}", refused.stderr);
+    assert_eq!(
+        refused.stderr.trim().lines().count(),
+        1,
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        refused.stderr.contains("paused") && refused.stderr.contains("banger vm resume"),
+        "{}",
+        refused.stderr
+    );
+
+    // SIGKILL the daemon while paused: the next daemon reattaches, still paused.
+    env.wait_for_daemon();
+    env.kill_daemon();
+    assert_eq!(env.qemu_pids(), pids, "the VM outlives the daemon");
+    let vm = env.banger(&["vm", "show", "p", "--json"]).ok().json();
+    assert_eq!(vm["state"], "paused", "{vm}");
+    assert_eq!(qmp_status(&env, "p"), "paused");
+
+    // Resume: exec works and what was written before the pause is there.
+    let resumed = env.banger(&["vm", "resume", "p"]).ok();
+    assert!(
+        resumed.stdout.contains("Resumed VM p"),
+        "{}",
+        resumed.stdout
+    );
+    assert_eq!(qmp_status(&env, "p"), "running");
+    let before = env
+        .banger(&["vm", "exec", "p", "--", "cat", "/root/repo/before"])
+        .ok();
+    assert_eq!(before.stdout.trim(), "written-before-pause");
+
+    // Stop of a paused VM resumes it first, so the guest syncs and powers itself off.
+    env.banger(&["vm", "pause", "p"]).ok();
+    let stop = env.banger(&["vm", "stop", "p", "--json"]).ok().json();
+    assert_eq!(stop["vm"]["state"], "stopped");
+    assert_eq!(stop["stop_method"], "poweroff", "{stop}");
+    assert!(env.qemu_pids().is_empty());
+    let refused = env.banger(&["vm", "pause", "p"]);
+    assert_eq!(refused.code, 4, "{}", refused.stderr);
+    env.banger(&["vm", "rm", "p"]).ok();
+}
+
 #[test]
 fn a_vmm_that_fails_to_launch_leaves_nothing_behind() {
     let env = TestEnv::new();

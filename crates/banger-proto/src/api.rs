@@ -14,10 +14,15 @@ pub enum VmState {
     Starting,
     /// The VMM runs and the guest answered over SSH.
     Running,
-    /// A stop is in progress.
+    /// A stop (or a suspend) is in progress.
     Stopping,
     /// Not running; disks kept.
     Stopped,
+    /// The VMM runs with its vCPUs paused (`vm pause`); `vm resume` continues it.
+    Paused,
+    /// Not running; guest memory and device state are saved in the VM's directory
+    /// (`vm suspend`, Firecracker only) and the next `vm start` restores them.
+    Suspended,
     /// A start or stop failed in a way that needs attention; `last_error` says why.
     Error,
 }
@@ -31,6 +36,8 @@ impl VmState {
             Self::Running => "running",
             Self::Stopping => "stopping",
             Self::Stopped => "stopped",
+            Self::Paused => "paused",
+            Self::Suspended => "suspended",
             Self::Error => "error",
         }
     }
@@ -43,6 +50,8 @@ impl VmState {
             Self::Running,
             Self::Stopping,
             Self::Stopped,
+            Self::Paused,
+            Self::Suspended,
             Self::Error,
         ]
         .into_iter()
@@ -336,7 +345,7 @@ pub struct ConsoleChunk {
     pub running: bool,
 }
 
-/// Result of `POST /v1/vms/{name}/start|stop`.
+/// Result of `POST /v1/vms/{name}/start|stop|pause|resume|suspend`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LifecycleResult {
     pub vm: Vm,
@@ -345,6 +354,13 @@ pub struct LifecycleResult {
     /// How the stop ended: `poweroff` (guest powered off after sync), `acpi`, `quit`, `kill`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_method: Option<String>,
+    /// `start` only: true when the VM was restored from its suspend snapshot instead of booted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restored: bool,
+    /// Things that went wrong without failing the operation (e.g. a snapshot that could not
+    /// be loaded, so the VM was booted from its disks instead).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Outcome of one `banger doctor` check.

@@ -78,6 +78,26 @@ pub enum VmCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Pause a running VM's vCPUs (like `docker pause`); memory and devices stay as they are.
+    /// `vm exec`/`ssh` are refused until `vm resume`. Pausing a paused VM does nothing.
+    Pause {
+        name: VmName,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Resume a paused VM. Resuming a running VM does nothing.
+    Resume {
+        name: VmName,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Suspend a VM to disk (like `multipass suspend`; Firecracker only): sync, pause, save
+    /// memory and device state in the VM's directory, end the VMM. `vm start` restores it.
+    Suspend {
+        name: VmName,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Run a command in a running VM; its stdin, stdout, stderr and exit code pass through.
     ///
     /// Runs in /root/repo once a workspace was prepared (else in /root), and warns on stderr

@@ -55,6 +55,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{name}", get(get_vm).delete(remove_vm))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/pause", post(pause_vm))
+        .route("/v1/vms/{name}/resume", post(resume_vm))
+        .route("/v1/vms/{name}/suspend", post(suspend_vm))
         .route("/v1/vms/{name}/ssh", get(ssh_info))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/vms/{name}/workspace", get(workspace_status))
@@ -312,6 +315,44 @@ async fn stop_vm(
     Ok(Json(state.manager.stop_vm(&name, request.force).await?))
 }
 
+#[utoipa::path(post, path = "/v1/vms/{name}/pause", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "Paused (changed=false when it already was)", body = LifecycleResult),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "The VM is not running", body = ErrorBody)))]
+async fn pause_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<LifecycleResult>, HttpError> {
+    Ok(Json(state.manager.pause_vm(&name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/resume", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "Running (changed=false when it was not paused)", body = LifecycleResult),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "The VM is not running or paused", body = ErrorBody)))]
+async fn resume_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<LifecycleResult>, HttpError> {
+    Ok(Json(state.manager.resume_vm(&name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/suspend", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "Suspended: memory snapshot written, VMM ended (changed=false when it already was)", body = LifecycleResult),
+              (status = 400, description = "The VM's backend has no memory snapshots (QEMU)", body = ErrorBody),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "The VM is not running", body = ErrorBody),
+              (status = 422, description = "The snapshot failed; the VM runs on", body = ErrorBody)))]
+async fn suspend_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<LifecycleResult>, HttpError> {
+    Ok(Json(state.manager.suspend_vm(&name).await?))
+}
+
 #[utoipa::path(get, path = "/v1/vms/{name}/ssh", tag = "vms",
     params(("name" = String, Path, description = "VM name")),
     responses((status = 200, body = SshInfo),
@@ -507,6 +548,9 @@ async fn remove_kernel(
         remove_vm,
         start_vm,
         stop_vm,
+        pause_vm,
+        resume_vm,
+        suspend_vm,
         ssh_info,
         console,
         list_images,

@@ -1,20 +1,22 @@
-//! VM lifecycle of the [`Manager`]: start (a list of steps, each undone in reverse on failure),
-//! stop (sync over SSH first, then power-off, ACPI, QMP quit, kill), reconciliation after a
-//! daemon restart, and what `vm exec`/`vm ssh`/`vm logs` need.
+//! VM lifecycle of the [`Manager`]: start (a list of steps, each undone in reverse on failure;
+//! from a suspend snapshot when there is one), stop (sync over SSH first, then power-off,
+//! ACPI, QMP quit, kill), pause/resume (the VMM's vCPUs), suspend (sync, pause, memory
+//! snapshot, process ended), reconciliation after a daemon restart, and what
+//! `vm exec`/`vm ssh`/`vm logs` need.
 
 use std::path::Path;
 use std::time::Duration;
 
-use banger_proto::{ConsoleChunk, LifecycleResult, SshInfo, VmName, VmRuntime, VmState};
+use banger_proto::{ConsoleChunk, LifecycleResult, SshInfo, Vm, VmName, VmRuntime, VmState};
 use tracing::{info, warn};
 
 use super::{Manager, host_key_alias};
 use crate::Error;
 use crate::disk::{self, SystemDiskStrategy};
 use crate::guest::ssh::SshTarget;
-use crate::model::{VmRecord, check_transition};
+use crate::model::{VmRecord, check_transition, has_process};
 use crate::vmm::{
-    Accel, Hypervisor, LaunchSpec, NetAttach, StopTimings, VmProcess, Vmm, accel, cgroup,
+    Accel, Hypervisor, LaunchSpec, NetAttach, Snapshot, StopTimings, VmProcess, Vmm, accel, cgroup,
     firecracker, process, stop_sequence,
 };
 use banger_proto::helper::HelperOp;
@@ -30,6 +32,37 @@ const ACPI_GRACE: Duration = Duration::from_secs(10);
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 /// Largest console chunk returned at once.
 const CONSOLE_CHUNK: u64 = 1 << 20;
+
+/// A lifecycle result without stop method, restore or warnings.
+fn result(vm: Vm, changed: bool) -> LifecycleResult {
+    LifecycleResult {
+        vm,
+        changed,
+        stop_method: None,
+        restored: false,
+        warnings: Vec::new(),
+    }
+}
+
+/// The refusal of an operation that needs a running VM, with the hint that fits `state`.
+pub(super) fn not_running(name: &VmName, state: VmState) -> Error {
+    Error::InvalidState {
+        name: name.to_string(),
+        state,
+        hint: match state {
+            VmState::Paused => "resume it with `banger vm resume NAME`",
+            VmState::Suspended => "start it with `banger vm start NAME` (restores its snapshot)",
+            _ => "start it with `banger vm start NAME`",
+        },
+    }
+}
+
+/// What a start did besides starting.
+#[derive(Debug, Default)]
+struct StartOutcome {
+    restored: bool,
+    warnings: Vec<String>,
+}
 
 /// Steps done so far by a start, undone in reverse when a later one fails.
 #[derive(Debug, Default)]
@@ -78,7 +111,7 @@ impl Manager {
     /// The record as it is now: a VM recorded as running whose VMM is gone (guest powered
     /// off, VMM killed) is marked stopped.
     pub(super) fn observe(&self, mut record: VmRecord) -> VmRecord {
-        if record.state != VmState::Running {
+        if !has_process(record.state) {
             return record;
         }
         let pid = record.runtime.as_ref().and_then(|r| r.pid);
@@ -98,14 +131,15 @@ impl Manager {
         record
     }
 
-    /// After a daemon (re)start: running VMs whose VMM lives are kept; VMs caught mid-start
-    /// or mid-stop, or whose VMM died, are cleaned up and marked stopped.
+    /// After a daemon (re)start: running and paused VMs whose VMM lives are kept (paused or
+    /// not as the VMM itself says); VMs caught mid-start, mid-stop or mid-suspend, or whose
+    /// VMM died, are cleaned up and marked stopped.
     pub async fn reconcile(&self) -> Result<(), Error> {
         let records = self.store().list_vms()?;
         for mut record in records {
             if !matches!(
                 record.state,
-                VmState::Running | VmState::Starting | VmState::Stopping
+                VmState::Running | VmState::Paused | VmState::Starting | VmState::Stopping
             ) {
                 continue;
             }
@@ -113,13 +147,13 @@ impl Manager {
             let _guard = lock.lock().await;
             let pid = record.runtime.as_ref().and_then(|r| r.pid);
             let alive = pid.is_some_and(|pid| process::is_alive(pid, &record.id));
-            if alive && record.state == VmState::Running {
-                info!(vm = %record.name, pid = ?pid, "reattached to running VM");
+            if let Some(pid) = pid.filter(|_| alive && has_process(record.state)) {
+                self.reattach(&mut record, pid).await?;
                 continue;
             }
             if let Some(pid) = pid.filter(|_| alive) {
                 warn!(vm = %record.name, state = %record.state, "VM was mid-operation when the daemon died; stopping it");
-                self.stop_process(&record, pid, true).await;
+                self.stop_process(&record, pid, true, true).await;
             }
             if record.state == VmState::Starting {
                 // The daemon may have died before it recorded the VMM's pid (QEMU was still
@@ -145,7 +179,12 @@ impl Manager {
             if let Some(runtime) = record.runtime.as_mut() {
                 runtime.pid = None;
             }
-            if record.state == VmState::Running {
+            if record.state == VmState::Stopping {
+                // A suspend may have been cut short: its snapshot cannot be trusted. The guest
+                // was synced before the snapshot, so its disks hold its data.
+                self.remove_snapshot(&record.id);
+            }
+            if has_process(record.state) {
                 record.state = VmState::Stopping;
             }
             if record.state == VmState::Starting {
@@ -155,6 +194,60 @@ impl Manager {
             info!(vm = %record.name, "VM marked stopped after daemon restart");
         }
         Ok(())
+    }
+
+    /// Keeps a live VM after a daemon restart, recording whether it is paused as its VMM
+    /// reports (the daemon may have died between the VMM's pause or resume and its record).
+    async fn reattach(&self, record: &mut VmRecord, pid: u32) -> Result<(), Error> {
+        let (vmm, control) = self.control(record, pid);
+        let observed = match vmm.is_paused(&control).await {
+            Ok(true) => VmState::Paused,
+            Ok(false) => VmState::Running,
+            Err(e) => {
+                warn!(vm = %record.name, "cannot ask the VMM whether it is paused: {e}");
+                record.state
+            }
+        };
+        if observed != record.state {
+            info!(vm = %record.name, recorded = %record.state, observed = %observed, "VMM state differs from the record; following the VMM");
+            self.transition(record, observed)?;
+        }
+        info!(vm = %record.name, pid, state = %record.state, "reattached to VM");
+        Ok(())
+    }
+
+    /// The backend of `record` and its live process `pid` with its control socket.
+    fn control(&self, record: &VmRecord, pid: u32) -> (Vmm, VmProcess) {
+        let vmm = self.vmm_for(record);
+        let runtime_dir = self.layout.vm_runtime_dir(&record.id);
+        let control = VmProcess {
+            pid,
+            control_socket: match vmm {
+                Vmm::Firecracker(_) => firecracker::api_socket(&runtime_dir),
+                Vmm::Qemu(_) => runtime_dir.join("qmp.sock"),
+            },
+        };
+        (vmm, control)
+    }
+
+    /// Where the VM's suspend snapshot lives (in its durable directory).
+    fn snapshot_paths(&self, vm_id: &str) -> Snapshot {
+        Snapshot {
+            state: self.layout.vm_snapshot_state(vm_id),
+            memory: self.layout.vm_snapshot_memory(vm_id),
+        }
+    }
+
+    /// Deletes the VM's suspend snapshot, if any.
+    fn remove_snapshot(&self, vm_id: &str) {
+        let snapshot = self.snapshot_paths(vm_id);
+        for file in [&snapshot.state, &snapshot.memory] {
+            match std::fs::remove_file(file) {
+                Ok(()) => info!(file = %file.display(), "snapshot file removed"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => warn!(file = %file.display(), "cannot remove snapshot file: {e}"),
+            }
+        }
     }
 
     pub(super) async fn accel_choice(&self, kernel: &Path) -> Result<accel::AccelChoice, Error> {
@@ -186,26 +279,41 @@ impl Manager {
         let _guard = lock.lock().await;
         let record = self.observed_vm(&name)?;
         if record.state == VmState::Running {
-            return Ok(LifecycleResult {
-                vm: record.to_api(),
-                changed: false,
-                stop_method: None,
+            return Ok(result(record.to_api(), false));
+        }
+        if record.state == VmState::Paused {
+            return Err(Error::InvalidState {
+                name: name.to_string(),
+                state: record.state,
+                hint: "resume it with `banger vm resume NAME`",
             });
         }
         let previous = record.state;
         let mut record = record;
+        let snapshot = self.snapshot_paths(&record.id);
+        let restore = if previous == VmState::Suspended {
+            Some(snapshot.clone())
+        } else {
+            // Only a completed suspend leaves a snapshot to restore; anything else is stale.
+            self.remove_snapshot(&record.id);
+            None
+        };
         self.transition(&mut record, VmState::Starting)?;
         let mut undo = StartUndo::default();
-        match self.start_steps(&mut record, &mut undo).await {
+        let mut outcome = StartOutcome::default();
+        match self
+            .start_steps(&mut record, &mut undo, restore.as_ref(), &mut outcome)
+            .await
+        {
             Ok(()) => {
                 record.last_error = None;
                 self.transition(&mut record, VmState::Running)?;
-                info!(vm = %name, "VM running");
+                info!(vm = %name, restored = outcome.restored, "VM running");
                 self.refresh_ssh_config();
                 Ok(LifecycleResult {
-                    vm: record.to_api(),
-                    changed: true,
-                    stop_method: None,
+                    restored: outcome.restored,
+                    warnings: outcome.warnings,
+                    ..result(record.to_api(), true)
                 })
             }
             Err(err) => {
@@ -215,8 +323,9 @@ impl Manager {
                     runtime.pid = None;
                 }
                 record.last_error = Some(err.to_api().message);
-                let back = if previous == VmState::Error {
-                    VmState::Error
+                // A suspended VM whose snapshot was used up (loaded, or refused) is stopped.
+                let back = if previous == VmState::Suspended && !snapshot.state.exists() {
+                    VmState::Stopped
                 } else {
                     previous
                 };
@@ -228,7 +337,13 @@ impl Manager {
         }
     }
 
-    async fn start_steps(&self, record: &mut VmRecord, undo: &mut StartUndo) -> Result<(), Error> {
+    async fn start_steps(
+        &self,
+        record: &mut VmRecord,
+        undo: &mut StartUndo,
+        restore: Option<&Snapshot>,
+        outcome: &mut StartOutcome,
+    ) -> Result<(), Error> {
         let vm_name = record.name.to_string();
         let step = |what: &str| {
             let step = format!("cannot start VM {vm_name}: {what}");
@@ -354,9 +469,41 @@ impl Manager {
                 (Vmm::Qemu(_), _) => None,
             },
         };
+        // A suspended VM: a fresh VMM loads the snapshot and resumes it. The snapshot is
+        // deleted once a load was tried: after a load the guest's disks move on from it, so
+        // loading it again would pair old memory with newer disks. A refused load boots cold
+        // (the guest was synced before the snapshot was taken).
+        let mut restored = None;
+        if let Some(snapshot) = restore {
+            if !snapshot.state.is_file() || !snapshot.memory.is_file() {
+                outcome.warnings.push(format!(
+                    "VM {} was suspended but its snapshot is missing; booted it from its disks",
+                    record.name
+                ));
+            } else {
+                match vmm.restore(&spec, snapshot).await {
+                    Ok(process) => {
+                        info!(vm = %record.name, pid = process.pid, "VM restored from its snapshot");
+                        outcome.restored = true;
+                        restored = Some(process);
+                    }
+                    Err(e) => {
+                        warn!(vm = %record.name, "cannot restore the snapshot, booting instead: {e}");
+                        outcome.warnings.push(format!(
+                            "cannot restore VM {} from its snapshot ({e}); booted it from its disks instead (the guest was synced before suspend)",
+                            record.name
+                        ));
+                    }
+                }
+            }
+            self.remove_snapshot(&record.id);
+        }
         // A port picked free may be taken before QEMU binds it: try a few.
         let mut attempt = 0;
         let process = loop {
+            if let Some(process) = restored.take() {
+                break process;
+            }
             attempt += 1;
             if attach.is_none() {
                 spec.net = NetAttach::User {
@@ -483,16 +630,13 @@ impl Manager {
             if record.state == VmState::Error {
                 self.transition(&mut record, VmState::Stopped)?;
             }
-            return Ok(LifecycleResult {
-                vm: record.to_api(),
-                changed: false,
-                stop_method: None,
-            });
+            return Ok(result(record.to_api(), false));
         };
+        let maybe_paused = record.state != VmState::Running;
         if record.state != VmState::Stopping {
             self.transition(&mut record, VmState::Stopping)?;
         }
-        let method = self.stop_process(&record, pid, force).await;
+        let method = self.stop_process(&record, pid, force, maybe_paused).await;
         self.release_runtime(&record.id);
         if let Some(runtime) = record.runtime.as_mut() {
             runtime.pid = None;
@@ -501,25 +645,191 @@ impl Manager {
         self.transition(&mut record, VmState::Stopped)?;
         info!(vm = %name, method, "VM stopped");
         Ok(LifecycleResult {
-            vm: record.to_api(),
-            changed: true,
             stop_method: Some(method.into()),
+            ..result(record.to_api(), true)
         })
     }
 
-    /// The stop sequence on a live VMM process; returns how it ended.
-    async fn stop_process(&self, record: &VmRecord, pid: u32, force: bool) -> &'static str {
+    /// The VM called `name` with its live VMM process, for pause/resume/suspend; refused
+    /// unless it runs (paused or not).
+    fn live_vm(&self, name: &VmName) -> Result<(VmRecord, Vmm, VmProcess), Error> {
+        let record = self.observed_vm(name)?;
+        let pid = record
+            .runtime
+            .as_ref()
+            .and_then(|r| r.pid)
+            .filter(|pid| has_process(record.state) && process::is_alive(*pid, &record.id));
+        let Some(pid) = pid else {
+            return Err(not_running(name, record.state));
+        };
+        let (vmm, control) = self.control(&record, pid);
+        Ok((record, vmm, control))
+    }
+
+    /// Pauses a running VM's vCPUs (QMP `stop`, Firecracker `PATCH /vm Paused`). The guest
+    /// keeps its memory and devices; nothing runs in it until `resume`. A paused VM is left
+    /// as it is (`changed: false`).
+    pub async fn pause_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
+        let name = VmName::parse(name)?;
+        let lock = self.vm_lock(&name);
+        let _guard = lock.lock().await;
+        let (mut record, vmm, control) = self.live_vm(&name)?;
+        if record.state == VmState::Paused {
+            return Ok(result(record.to_api(), false));
+        }
+        if !vmm.capabilities().supports_pause {
+            return Err(Error::Unsupported {
+                message: format!("VM {name} runs on {}, which cannot pause", vmm.name()),
+                hint: "use `banger vm stop NAME`".into(),
+            });
+        }
+        // The VMM first, then the record: a daemon dying in between is corrected at
+        // reattach, which asks the VMM.
+        vmm.pause(&control).await?;
+        self.transition(&mut record, VmState::Paused)?;
+        info!(vm = %name, "VM paused");
+        Ok(result(record.to_api(), true))
+    }
+
+    /// Resumes a paused VM. A running VM is left as it is (`changed: false`).
+    pub async fn resume_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
+        let name = VmName::parse(name)?;
+        let lock = self.vm_lock(&name);
+        let _guard = lock.lock().await;
+        let (mut record, vmm, control) = self.live_vm(&name)?;
+        if record.state == VmState::Running {
+            return Ok(result(record.to_api(), false));
+        }
+        vmm.resume(&control).await?;
+        self.transition(&mut record, VmState::Running)?;
+        info!(vm = %name, "VM resumed");
+        Ok(result(record.to_api(), true))
+    }
+
+    /// Suspends a VM to disk (backends with memory snapshots: Firecracker): `sync` in the
+    /// guest over SSH, pause, snapshot (state + memory files in the VM's directory), end the
+    /// process. The next `start` restores it. A suspended VM is left as it is.
+    pub async fn suspend_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
+        let name = VmName::parse(name)?;
+        let lock = self.vm_lock(&name);
+        let _guard = lock.lock().await;
+        let current = self.observed_vm(&name)?;
+        if current.state == VmState::Suspended {
+            return Ok(result(current.to_api(), false));
+        }
+        if !self
+            .vmm_for(&current)
+            .capabilities()
+            .supports_memory_snapshot
+        {
+            return Err(Error::Unsupported {
+                message: format!(
+                    "cannot suspend VM {name}: suspend needs the Firecracker backend (it runs on {})",
+                    current.spec.vmm
+                ),
+                hint: "use `banger vm pause NAME` or `banger vm stop NAME`".into(),
+            });
+        }
+        let (mut record, vmm, control) = self.live_vm(&name)?;
+        let was = record.state;
+        // Stopping while the snapshot is written: a daemon that dies now leaves a VM that
+        // reconciliation stops (and whose partial snapshot it deletes).
+        self.transition(&mut record, VmState::Stopping)?;
+        let mut warnings = Vec::new();
+        // 1. Data safety first: a paused guest cannot sync, so resume it for that.
+        if was == VmState::Paused {
+            vmm.resume(&control).await?;
+        }
+        let synced = match self.ssh_target(&record) {
+            Ok(target) => match target.run("sync", STOP_DIAL, STOP_SYNC).await {
+                Ok((Some(0), _, _)) => Ok(()),
+                Ok((code, _, stderr)) => Err(format!("exit {code:?}: {}", stderr.trim())),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e.to_api().message),
+        };
+        if let Err(why) = synced {
+            warn!(vm = %name, "sync before suspend failed: {why}");
+            warnings.push(format!(
+                "cannot sync the guest ({why}): its unwritten data is only in the snapshot; \
+                 a cold boot would lose it"
+            ));
+        }
+        // 2. Pause and snapshot; on failure the VM runs on as it was.
+        let snapshot = self.snapshot_paths(&record.id);
+        self.remove_snapshot(&record.id);
+        let taken = async {
+            vmm.pause(&control).await?;
+            vmm.snapshot(&control, &snapshot).await
+        }
+        .await;
+        if let Err(e) = taken {
+            warn!(vm = %name, "snapshot failed, resuming: {e}");
+            self.remove_snapshot(&record.id);
+            let back = match vmm.resume(&control).await {
+                Ok(()) if was == VmState::Running => VmState::Running,
+                _ => VmState::Paused,
+            };
+            self.transition(&mut record, back)?;
+            return Err(Error::StepFailed {
+                step: format!("cannot suspend VM {name}"),
+                source: Box::new(Error::from(e)),
+            });
+        }
+        // 3. End the paused process (SIGTERM, then SIGKILL) and make the snapshot durable.
+        let timings = StopTimings {
+            poweroff: Duration::ZERO,
+            signal: Duration::ZERO,
+            quit: QUIT_GRACE,
+        };
+        let method = stop_sequence(&vmm, &control, &record.id, false, true, timings).await;
+        for file in [&snapshot.state, &snapshot.memory] {
+            if let Err(e) = std::fs::File::open(file).and_then(|f| f.sync_all()) {
+                warn!(vm = %name, file = %file.display(), "cannot flush snapshot file: {e}");
+            }
+        }
+        if let Some(dir) = snapshot.state.parent()
+            && let Err(e) = std::fs::File::open(dir).and_then(|f| f.sync_all())
+        {
+            warn!(vm = %name, "cannot flush {}: {e}", dir.display());
+        }
+        self.release_runtime(&record.id);
+        if let Some(runtime) = record.runtime.as_mut() {
+            runtime.pid = None;
+        }
+        record.last_error = None;
+        self.transition(&mut record, VmState::Suspended)?;
+        info!(vm = %name, method, snapshot = %snapshot.state.display(), "VM suspended");
+        Ok(LifecycleResult {
+            warnings,
+            ..result(record.to_api(), true)
+        })
+    }
+
+    /// The stop sequence on a live VMM process; returns how it ended. `maybe_paused`: ask the
+    /// VMM whether it is paused and resume it first.
+    async fn stop_process(
+        &self,
+        record: &VmRecord,
+        pid: u32,
+        force: bool,
+        maybe_paused: bool,
+    ) -> &'static str {
         let marker = record.id.as_str();
         let grace = Duration::from_secs(self.config.daemon.stop_timeout_secs);
-        let vmm = self.vmm_for(record);
-        let runtime_dir = self.layout.vm_runtime_dir(&record.id);
-        let control = VmProcess {
-            pid,
-            control_socket: match vmm {
-                Vmm::Firecracker(_) => firecracker::api_socket(&runtime_dir),
-                Vmm::Qemu(_) => runtime_dir.join("qmp.sock"),
-            },
-        };
+        let (vmm, control) = self.control(record, pid);
+        // 0. A paused guest can neither sync nor power off: resume it first. A VM recorded as
+        // running is not asked (a hung control socket would only delay the stop).
+        if maybe_paused && vmm.capabilities().supports_pause {
+            match vmm.is_paused(&control).await {
+                Ok(true) => match vmm.resume(&control).await {
+                    Ok(()) => info!(vm = %record.name, "resumed the paused VM to stop it"),
+                    Err(e) => warn!(vm = %record.name, "cannot resume the paused VM: {e}"),
+                },
+                Ok(false) => {}
+                Err(e) => warn!(vm = %record.name, "cannot ask the VMM whether it is paused: {e}"),
+            }
+        }
         // 1. What makes data safe: flush the guest's page cache to its disks. Under
         // Firecracker a guest power-off leaves the process running (no ACPI on x86); a
         // reboot ends it (`reboot=k`), so the guest is asked to reboot there.
@@ -560,11 +870,7 @@ impl Manager {
         let name = VmName::parse(name)?;
         let record = self.observed_vm(&name)?;
         if record.state != VmState::Running {
-            return Err(Error::InvalidState {
-                name: name.to_string(),
-                state: record.state,
-                hint: "start it with `banger vm start NAME`",
-            });
+            return Err(not_running(&name, record.state));
         }
         let target = self.ssh_target(&record)?;
         Ok(SshInfo {
@@ -601,7 +907,7 @@ impl Manager {
         Ok(ConsoleChunk {
             data: String::from_utf8_lossy(&data).into_owned(),
             next_offset,
-            running: record.state == VmState::Running,
+            running: has_process(record.state),
         })
     }
 }

@@ -236,7 +236,7 @@ impl Manager {
                 .filter(|v| {
                     !matches!(
                         v.state,
-                        VmState::Created | VmState::Stopped | VmState::Error
+                        VmState::Created | VmState::Stopped | VmState::Suspended | VmState::Error
                     )
                 })
                 .map(|v| v.name.to_string())

@@ -33,11 +33,7 @@ impl Manager {
     fn running_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
         let record = self.observed_vm(name)?;
         if record.state != VmState::Running {
-            return Err(Error::InvalidState {
-                name: name.to_string(),
-                state: record.state,
-                hint: "start it with `banger vm start NAME`",
-            });
+            return Err(super::lifecycle::not_running(name, record.state));
         }
         Ok(record)
     }

@@ -415,6 +415,18 @@ impl Hypervisor for Firecracker {
             .map(drop)
     }
 
+    /// `GET /` (InstanceInfo) says `state`: `Not started`, `Running` or `Paused`.
+    async fn is_paused(&self, process: &VmProcess) -> Result<bool, VmmError> {
+        let info = ApiClient::new(&process.control_socket)
+            .call("GET", "/", None)
+            .await?;
+        Ok(info
+            .as_ref()
+            .and_then(|i| i.get("state"))
+            .and_then(Value::as_str)
+            == Some("Paused"))
+    }
+
     /// A full snapshot of a paused VM. It does not flush guest disks: callers sync the guest
     /// (or freeze its file systems) first.
     async fn snapshot(&self, process: &VmProcess, snapshot: &Snapshot) -> Result<(), VmmError> {

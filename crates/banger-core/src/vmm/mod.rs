@@ -181,6 +181,16 @@ pub trait Hypervisor: Send + Sync {
         std::future::ready(Err(VmmError::Unsupported("resume a VM")))
     }
 
+    /// Whether the vCPUs are paused now, as the VMM itself reports it (capability
+    /// `supports_pause`). The daemon's record can lag behind (it died between the VMM's pause
+    /// and its own write), so reattaching asks this.
+    fn is_paused(
+        &self,
+        _process: &VmProcess,
+    ) -> impl std::future::Future<Output = Result<bool, VmmError>> + Send {
+        std::future::ready(Err(VmmError::Unsupported("report whether a VM is paused")))
+    }
+
     /// Writes a memory snapshot of a paused VM (capability `supports_memory_snapshot`).
     fn snapshot(
         &self,
@@ -261,6 +271,13 @@ impl Hypervisor for Vmm {
         match self {
             Self::Qemu(q) => q.resume(process).await,
             Self::Firecracker(f) => f.resume(process).await,
+        }
+    }
+
+    async fn is_paused(&self, process: &VmProcess) -> Result<bool, VmmError> {
+        match self {
+            Self::Qemu(q) => q.is_paused(process).await,
+            Self::Firecracker(f) => f.is_paused(process).await,
         }
     }
 

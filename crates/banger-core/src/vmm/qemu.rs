@@ -1,6 +1,9 @@
 //! The QEMU backend: `-M microvm` with virtio-mmio disks and network, QMP on a Unix socket,
 //! the serial console to a file, `-no-reboot` so a guest reboot or panic ends the process, and
 //! `-daemonize` so the VM outlives the daemon and launch errors are reported synchronously.
+//! Pause/resume are QMP `stop`/`cont`, observed with `query-status`. No memory snapshots:
+//! QEMU's `migrate`-to-file would need a different restore path; `vm suspend` is
+//! Firecracker-only.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -125,7 +128,7 @@ impl Hypervisor for Qemu {
             needs_tap: false,
             supports_qcow2: true,
             supports_memory_snapshot: false,
-            supports_pause: false,
+            supports_pause: true,
         }
     }
 
@@ -176,5 +179,24 @@ impl Hypervisor for Qemu {
         qmp::execute(&process.control_socket, "quit")
             .await
             .map(drop)
+    }
+
+    async fn pause(&self, process: &VmProcess) -> Result<(), VmmError> {
+        qmp::execute(&process.control_socket, "stop")
+            .await
+            .map(drop)
+    }
+
+    async fn resume(&self, process: &VmProcess) -> Result<(), VmmError> {
+        qmp::execute(&process.control_socket, "cont")
+            .await
+            .map(drop)
+    }
+
+    /// `query-status` answers `{"running": bool, "status": "running"|"paused"|...}`; only
+    /// `paused` is a user pause (`prelaunch`, `inmigrate`, `shutdown` are not).
+    async fn is_paused(&self, process: &VmProcess) -> Result<bool, VmmError> {
+        let status = qmp::execute(&process.control_socket, "query-status").await?;
+        Ok(status.get("status").and_then(|s| s.as_str()) == Some("paused"))
     }
 }

@@ -1,4 +1,5 @@
-//! `banger vm …`: create, run, start, stop, exec, ssh, logs, ls, show, rm.
+//! `banger vm …`: create, run, start, stop, pause, resume, suspend, exec, ssh, logs, ls,
+//! show, rm.
 
 use std::io::{IsTerminal, Write};
 use std::os::unix::process::CommandExt;
@@ -50,6 +51,52 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
                 );
             } else {
                 println!("VM {name} is not running");
+            }
+            Ok(0)
+        }
+        VmCommand::Pause { name, json } => {
+            let result: LifecycleResult = client
+                .call(Method::POST, &format!("/v1/vms/{name}/pause"), None::<&()>)
+                .await?;
+            if json.json {
+                print_json(&result)?;
+            } else if result.changed {
+                println!("Paused VM {name}; `banger vm resume {name}` continues it");
+            } else {
+                println!("VM {name} is already paused");
+            }
+            Ok(0)
+        }
+        VmCommand::Resume { name, json } => {
+            let result: LifecycleResult = client
+                .call(Method::POST, &format!("/v1/vms/{name}/resume"), None::<&()>)
+                .await?;
+            if json.json {
+                print_json(&result)?;
+            } else if result.changed {
+                println!("Resumed VM {name}");
+            } else {
+                println!("VM {name} is not paused (it runs)");
+            }
+            Ok(0)
+        }
+        VmCommand::Suspend { name, json } => {
+            let result: LifecycleResult = with_progress(
+                &format!("suspending {name}"),
+                client.call(
+                    Method::POST,
+                    &format!("/v1/vms/{name}/suspend"),
+                    None::<&()>,
+                ),
+            )
+            .await?;
+            print_warnings(&result);
+            if json.json {
+                print_json(&result)?;
+            } else if result.changed {
+                println!("Suspended VM {name}; `banger vm start {name}` restores it");
+            } else {
+                println!("VM {name} is already suspended");
             }
             Ok(0)
         }
@@ -124,20 +171,35 @@ async fn start(client: &Client, name: &VmName, json: bool) -> Result<u8, ClientE
         client.call(Method::POST, &format!("/v1/vms/{name}/start"), None::<&()>),
     )
     .await?;
+    print_warnings(&result);
     if json {
         print_json(&result)?;
     } else if result.changed {
+        let from = if result.restored {
+            " from its snapshot"
+        } else {
+            ""
+        };
         let how = result
             .vm
             .runtime
             .as_ref()
             .map(|r| format!(" with {} ({})", r.vmm, r.accel))
             .unwrap_or_default();
-        println!("Started VM {name}{how}; `banger vm exec {name} -- CMD` runs commands in it");
+        println!(
+            "Started VM {name}{from}{how}; `banger vm exec {name} -- CMD` runs commands in it"
+        );
     } else {
         println!("VM {name} is already running");
     }
     Ok(0)
+}
+
+/// One `banger: warning: …` line on stderr per warning of a lifecycle operation.
+fn print_warnings(result: &LifecycleResult) {
+    for warning in &result.warnings {
+        eprintln!("banger: warning: {warning}");
+    }
 }
 
 async fn ssh_info(client: &Client, name: &VmName) -> Result<SshInfo, ClientError> {
