@@ -2,7 +2,7 @@
 //! it holds banger's client to Firecracker's real API contract. It serves HTTP/1.1 on the
 //! `--api-sock` Unix socket like Firecracker, validates every request against the OpenAPI
 //! (swagger 2.0) file loaded at start (`--spec`, `BANGER_FC_SPEC`, default
-//! `../shared/reference/firecracker-1.17.0-dev.yaml` beside the repository) and answers bad
+//! `spec/firecracker-1.17.0-dev.yaml` in this crate, the vendored reference copy) and answers bad
 //! ones with 400 and `{"fault_message": ...}`, and enforces Firecracker's state machine.
 //!
 //! Options a real Firecracker also takes: `--api-sock PATH`, `--id ID`, `--version`.
@@ -33,7 +33,7 @@ use state::{After, CtrlAltDel, Machine};
 /// Where the spec is when neither `--spec` nor `BANGER_FC_SPEC` says.
 const DEFAULT_SPEC: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/reference/firecracker-1.17.0-dev.yaml"
+    "/spec/firecracker-1.17.0-dev.yaml"
 );
 
 #[derive(Debug)]
