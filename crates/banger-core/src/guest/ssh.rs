@@ -47,6 +47,13 @@ pub struct SshTarget {
 /// How long an idle shared connection stays open.
 const CONTROL_PERSIST_SECS: u32 = 60;
 
+/// Cipher preference for guest connections: AES-GCM ahead of OpenSSH's default
+/// chacha20-poly1305. On x86 with AES-NI (KVM hosts, and QEMU's TCG `-cpu max` emulates it)
+/// it is the cheaper one for the guest to decrypt: 100 MiB into a TCG guest took 8 s against
+/// 12 s here, and bulk transfers (workspace prepare) are bound by the guest's CPU. `^` keeps
+/// the rest of the default list behind it.
+pub const CIPHERS: &str = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com";
+
 impl SshTarget {
     /// `-o` options shared by the daemon and the CLI.
     pub fn options(&self) -> Vec<String> {
@@ -65,6 +72,8 @@ impl SshTarget {
             format!("HostKeyAlias={}", self.host_key_alias),
             "-o".into(),
             "LogLevel=ERROR".into(),
+            "-o".into(),
+            format!("Ciphers={CIPHERS}"),
             "-p".into(),
             self.port.to_string(),
             "-l".into(),

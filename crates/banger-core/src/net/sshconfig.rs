@@ -44,6 +44,7 @@ pub fn render(entries: &[HostEntry], control_dir: &Path) -> String {
              \x20 HostKeyAlias {name}.vm\n\
              \x20 StrictHostKeyChecking yes\n\
              \x20 CheckHostIP no\n\
+             \x20 Ciphers {ciphers}\n\
              \x20 ControlMaster auto\n\
              \x20 ControlPath {control}\n\
              \x20 ControlPersist 60s\n",
@@ -53,6 +54,7 @@ pub fn render(entries: &[HostEntry], control_dir: &Path) -> String {
             identity = value(&e.identity),
             known = value(&e.known_hosts),
             control = value(&control_dir.join("%C")),
+            ciphers = crate::guest::ssh::CIPHERS,
         ));
     }
     out
@@ -118,6 +120,7 @@ mod tests {
             "UserKnownHostsFile /h/vms/x/known_hosts",
             "HostKeyAlias a.vm",
             "StrictHostKeyChecking yes",
+            "Ciphers ^aes128-gcm@openssh.com,aes256-gcm@openssh.com",
             "ControlMaster auto",
             "ControlPath /run/ssh/%C",
             "ControlPersist 60s",
