@@ -5,10 +5,14 @@
 #
 # 1. A generated git repo: FILES files of mixed sizes (~MIB MiB in total), committed.
 #    full:     `banger vm workspace prepare` (first prepare, into an emptied /root/repo)
-#    baseline: `tar -c . | ssh VM 'tar -x -C /root/tar-copy'` of the same directory
-#              (rsync is not in the guest image; adding it would change guest/ and the image
-#              cache key, so the rsync comparison of the issue is left out).
-# 2. resync after a 1-file change vs one `ssh VM true` round trip (fresh connection).
+#    baselines: `tar -c . | ssh VM 'tar -x -C /root/tar-copy'` and
+#              `rsync -a -e ssh ./ VM:/root/rsync-copy/` (Debian's rsync on both sides) of the
+#              same directory, each into an emptied directory, over the same SSH path with
+#              OpenSSH's default cipher (chacha20-poly1305). banger prefers AES-GCM (cheaper
+#              for the guest to decrypt), so `tar | ssh -c aes128-gcm` is printed too: the
+#              ratio against it is the cost of banger's own protocol.
+# 2. resync after a 1-file change vs one `ssh VM true` round trip (fresh connection), and vs
+#    `rsync -a --delete` of the same change into the rsync copy.
 # 3. `banger vm exec VM true` (connection reuse via ControlMaster, workspace check included)
 #    vs `ssh VM true`.
 # Prints times (medians of ROUNDS) and ratios; timings are reported, never asserted.
@@ -21,6 +25,7 @@ ROUNDS=${ROUNDS:-5}
 FULL_ROUNDS=${FULL_ROUNDS:-3}
 NAME=bws
 
+command -v rsync >/dev/null || { echo "bench: rsync is not installed (apt-get install rsync)" >&2; exit 1; }
 ensure_image
 create_vm "$NAME"
 banger vm start "$NAME" >/dev/null
@@ -52,11 +57,22 @@ git -C "$REPO" add -A
 git -C "$REPO" -c gc.auto=0 -c user.name=bench -c user.email=bench@localhost commit -qm gen
 log "repo: $(du -sh "$REPO" | cut -f1) with .git"
 
-tar_copy() {
+# rsync's remote shell: the SSH options without the destination.
+RSYNC_SSH="ssh ${SSH_OPTS[*]:0:${#SSH_OPTS[@]}-1}"
+
+rsync_copy() { # [fresh]: empty the copy first
+    [[ ${1:-} == fresh ]] && ssh "${SSH_OPTS[@]}" 'rm -rf /root/rsync-copy && mkdir -p /root/rsync-copy'
+    local t0
+    t0=$(now)
+    rsync -a --delete -e "$RSYNC_SSH" "$REPO/" root@127.0.0.1:/root/rsync-copy/
+    sub "$(now)" "$t0"
+}
+
+tar_copy() { # [ssh options...]
     ssh "${SSH_OPTS[@]}" 'rm -rf /root/tar-copy && mkdir -p /root/tar-copy'
     local t0
     t0=$(now)
-    tar -C "$REPO" -cf - . | ssh "${SSH_OPTS[@]}" 'tar -x -C /root/tar-copy -f -'
+    tar -C "$REPO" -cf - . | ssh "$@" "${SSH_OPTS[@]}" 'tar -x -C /root/tar-copy -f -'
     sub "$(now)" "$t0"
 }
 
@@ -64,17 +80,19 @@ tar_copy() {
 # manifest reset, which a prepare from an empty --no-git dir does (it deletes everything).
 EMPTY=$BENCH_HOME/empty
 mkdir -p "$EMPTY"
-full=() tarc=()
+full=() tarc=() targ=() rsyncc=()
 for ((r = 0; r < FULL_ROUNDS; r++)); do
     banger vm workspace prepare "$NAME" "$EMPTY" --no-git >/dev/null
     t0=$(now)
     banger vm workspace prepare "$NAME" "$REPO" >/dev/null
     full+=("$(sub "$(now)" "$t0")")
     tarc+=("$(tar_copy)")
-    log "round $r: prepare ${full[-1]} s, tar|ssh ${tarc[-1]} s"
+    targ+=("$(tar_copy -c aes128-gcm@openssh.com)")
+    rsyncc+=("$(rsync_copy fresh)")
+    log "round $r: prepare ${full[-1]} s, tar|ssh ${tarc[-1]} s (aes-gcm ${targ[-1]} s), rsync ${rsyncc[-1]} s"
 done
 
-resync=() rtt=()
+resync=() rtt=() rsyncr=()
 for ((r = 0; r < ROUNDS; r++)); do
     echo "change $r" >"$REPO/d00/s0/f0.dat"
     t0=$(now)
@@ -83,6 +101,8 @@ for ((r = 0; r < ROUNDS; r++)); do
     t0=$(now)
     ssh "${SSH_OPTS[@]}" true
     rtt+=("$(sub "$(now)" "$t0")")
+    rsyncr+=("$(rsync_copy)")
+    log "round $r: resync ${resync[-1]} s, ssh true ${rtt[-1]} s, rsync ${rsyncr[-1]} s"
 done
 
 exect=() sshx=()
@@ -96,11 +116,13 @@ for ((r = 0; r < ROUNDS; r++)); do
     sshx+=("$(sub "$(now)" "$t0")")
 done
 
-mf=$(median "${full[@]}") mt=$(median "${tarc[@]}")
-mr=$(median "${resync[@]}") mrt=$(median "${rtt[@]}")
+mf=$(median "${full[@]}") mt=$(median "${tarc[@]}") mtg=$(median "${targ[@]}") mrs=$(median "${rsyncc[@]}")
+mr=$(median "${resync[@]}") mrt=$(median "${rtt[@]}") mrr=$(median "${rsyncr[@]}")
 me=$(median "${exect[@]}") ms=$(median "${sshx[@]}")
 echo "workspace benchmark: $FILES files, ~$MIB MiB"
 echo "full prepare      ${mf}s   tar|ssh ${mt}s   ratio $(ratio "$mf" "$mt")x  (goal <= 1.1x)"
-echo "rsync -a          skipped: rsync is not in the guest image"
+echo "full prepare      ${mf}s   tar|ssh -c aes128-gcm ${mtg}s   ratio $(ratio "$mf" "$mtg")x  (same cipher)"
+echo "full prepare      ${mf}s   rsync -a ${mrs}s  ratio $(ratio "$mf" "$mrs")x  (goal <= 0.5x)"
 echo "1-file resync     ${mr}s   ssh true ${mrt}s  ratio $(ratio "$mr" "$mrt")x  (goal <= 2x)"
+echo "1-file resync     ${mr}s   rsync -a ${mrr}s  ratio $(ratio "$mr" "$mrr")x  (goal <= 0.5x)"
 echo "vm exec true      ${me}s   ssh true ${ms}s  ratio $(ratio "$me" "$ms")x  (goal <= 0.5x)"

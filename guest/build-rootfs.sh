@@ -34,7 +34,7 @@ OVERLAY=$HERE/rootfs
 [ -d "$OVERLAY" ] || die "overlay dir $OVERLAY missing"
 
 SUITE=bookworm
-PACKAGES=systemd-sysv,udev,dbus,openssh-server,iproute2,iputils-ping,git,ca-certificates,kmod,procps
+PACKAGES=systemd-sysv,udev,dbus,openssh-server,iproute2,iputils-ping,git,ca-certificates,kmod,procps,rsync
 
 WORK=$(mktemp -d /var/tmp/banger-rootfs.XXXXXX)
 ROOT=$WORK/root
