@@ -86,6 +86,13 @@ pub fn vm_details(vm: &Vm) -> String {
         if let Some(pid) = runtime.pid {
             pairs.push(("pid", pid.to_string()));
         }
+        if runtime.vmm == "firecracker" {
+            let jail = match &runtime.jail {
+                Some(root) => format!("jailer, chroot {root}"),
+                None => "none (cgroup leaf only; set firecracker.jailer to use the jailer)".into(),
+            };
+            pairs.push(("jail", jail));
+        }
         pairs.push(("ssh", format!("{}:{}", runtime.ssh_host, runtime.ssh_port)));
     }
     if let Some(error) = &vm.last_error {

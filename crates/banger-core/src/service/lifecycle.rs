@@ -36,12 +36,20 @@ const CONSOLE_CHUNK: u64 = 1 << 20;
 struct StartUndo {
     runtime_dir: Option<std::path::PathBuf>,
     process: Option<(VmProcess, String)>,
+    /// The backend that made the process's jail, when it runs jailed.
+    jail: Option<firecracker::Firecracker>,
 }
 
 impl StartUndo {
     async fn undo(self) {
         if let Some((process, marker)) = self.process {
             process::kill(process.pid, &marker).await;
+            if let Some(fc) = self.jail {
+                let removed = tokio::task::spawn_blocking(move || fc.remove_jail(&marker)).await;
+                if let Ok(Err(e)) = removed {
+                    warn!("cannot remove the jail of a failed start: {e}");
+                }
+            }
         }
         if let Some(dir) = self.runtime_dir {
             let _ = std::fs::remove_dir_all(dir);
@@ -50,11 +58,18 @@ impl StartUndo {
 }
 
 impl Manager {
-    /// Removes a stopped VM's transient state: its runtime dir and its cgroup leaf.
-    fn release_runtime(&self, vm_id: &str) {
+    /// Removes a stopped VM's transient state: its runtime dir, its cgroup leaf and its
+    /// jail (through the helper; a short blocking call).
+    fn release_runtime(&self, record: &VmRecord) {
+        let vm_id = record.id.as_str();
         let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(vm_id));
         if let Some(root) = cgroup::default_root() {
             cgroup::remove(&root, vm_id);
+        }
+        if record.runtime.as_ref().is_some_and(|r| r.jail.is_some())
+            && let Err(e) = self.firecracker.remove_jail(vm_id)
+        {
+            warn!(vm = %record.name, "cannot remove the jail: {e}");
         }
     }
 
@@ -86,9 +101,10 @@ impl Manager {
             return record;
         }
         warn!(vm = %record.name, "VMM is gone; marking the VM stopped");
-        self.release_runtime(&record.id);
+        self.release_runtime(&record);
         if let Some(runtime) = record.runtime.as_mut() {
             runtime.pid = None;
+            runtime.jail = None;
         }
         record.last_error =
             Some("the VM stopped outside banger (guest power-off or VMM exit)".into());
@@ -141,9 +157,10 @@ impl Manager {
                     }
                 }
             }
-            self.release_runtime(&record.id);
+            self.release_runtime(&record);
             if let Some(runtime) = record.runtime.as_mut() {
                 runtime.pid = None;
+                runtime.jail = None;
             }
             if record.state == VmState::Running {
                 record.state = VmState::Stopping;
@@ -213,6 +230,7 @@ impl Manager {
                 undo.undo().await;
                 if let Some(runtime) = record.runtime.as_mut() {
                     runtime.pid = None;
+                    runtime.jail = None;
                 }
                 record.last_error = Some(err.to_api().message);
                 let back = if previous == VmState::Error {
@@ -379,6 +397,9 @@ impl Manager {
             (NetAttach::Tap { .. }, None) => ("127.0.0.1".to_owned(), 0),
         };
         undo.process = Some((process.clone(), record.id.clone()));
+        if let (Some(_), Vmm::Firecracker(fc)) = (&process.jail, &vmm) {
+            undo.jail = Some(fc.clone());
+        }
         record.runtime = Some(VmRuntime {
             vmm: vmm.name().into(),
             accel: choice.accel.as_str().into(),
@@ -386,10 +407,13 @@ impl Manager {
             pid: Some(process.pid),
             ssh_host,
             ssh_port,
+            jail: process.jail.as_ref().map(|p| p.display().to_string()),
         });
         // Durable before waiting: a daemon crash now still knows which process to clean up.
         self.store().update_vm(record)?;
-        if let Some(root) = cgroup::default_root() {
+        if let Some(jail) = &process.jail {
+            info!(vm = %record.name, jail = %jail.display(), "Firecracker runs in its jail (cgroup set by the jailer)");
+        } else if let Some(root) = cgroup::default_root() {
             match cgroup::place(&root, &record.id, process.pid, spec.cpus, spec.memory_mib) {
                 Ok(leaf) => {
                     info!(vm = %record.name, cgroup = %leaf.display(), "VMM placed in its cgroup")
@@ -491,9 +515,10 @@ impl Manager {
             self.transition(&mut record, VmState::Stopping)?;
         }
         let method = self.stop_process(&record, pid, force).await;
-        self.release_runtime(&record.id);
+        self.release_runtime(&record);
         if let Some(runtime) = record.runtime.as_mut() {
             runtime.pid = None;
+            runtime.jail = None;
         }
         record.last_error = None;
         self.transition(&mut record, VmState::Stopped)?;
@@ -513,10 +538,12 @@ impl Manager {
         let runtime_dir = self.layout.vm_runtime_dir(&record.id);
         let control = VmProcess {
             pid,
+            // Under the jailer fc.sock links to the socket inside the jail.
             control_socket: match vmm {
                 Vmm::Firecracker(_) => firecracker::api_socket(&runtime_dir),
                 Vmm::Qemu(_) => runtime_dir.join("qmp.sock"),
             },
+            jail: None,
         };
         // 1. What makes data safe: flush the guest's page cache to its disks. Under
         // Firecracker a guest power-off leaves the process running (no ACPI on x86); a
