@@ -519,8 +519,9 @@ async fn fake_manager(install: &FakeInstall, dir: &Path) -> Manager {
     fake_manager_with(install, dir, |_| {}).await
 }
 
-/// [`fake_manager`] with the config adjusted by `tweak`.
-async fn fake_manager_with(
+/// The Manager of [`fake_manager`] on `dir` without importing the image (a second Manager on
+/// the same data dir is a daemon restart).
+fn open_fake_manager(
     install: &FakeInstall,
     dir: &Path,
     tweak: impl FnOnce(&mut Config),
@@ -532,7 +533,7 @@ async fn fake_manager_with(
     config.defaults.vmm = "firecracker".into();
     config.daemon.stop_timeout_secs = 5;
     tweak(&mut config);
-    let manager = Manager::open(layout, config).unwrap().with_seams(Seams {
+    Manager::open(layout, config).unwrap().with_seams(Seams {
         tap: Some("bg-tap-0".into()),
         accel: Some(AccelChoice {
             accel: Accel::Kvm,
@@ -540,7 +541,16 @@ async fn fake_manager_with(
         }),
         skip_readiness: true,
         host_ops: None,
-    });
+    })
+}
+
+/// [`fake_manager`] with the config adjusted by `tweak`.
+async fn fake_manager_with(
+    install: &FakeInstall,
+    dir: &Path,
+    tweak: impl FnOnce(&mut Config),
+) -> Manager {
+    let manager = open_fake_manager(install, dir, tweak);
     let rootfs = dir.join("rootfs.ext4");
     let made = std::process::Command::new("mkfs.ext4")
         .args(["-q", "-F"])
@@ -1010,4 +1020,79 @@ async fn a_missing_jailer_is_refused_before_anything_is_made() {
     assert!(manager.list_vms().await.unwrap().is_empty());
     let vms = dir.path().join("home/vms");
     assert!(!vms.exists() || std::fs::read_dir(&vms).unwrap().count() == 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jailed_vms_reattach_and_are_cleaned_up_however_they_end() {
+    // A Firecracker that ignores Ctrl-Alt-Del and SIGTERM: only the kill ends it.
+    let install = FakeInstall::new(&["--ctrl-alt-del", "ignore", "--ignore-sigterm"]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgjl")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let helper = JailHelper::start(dir.path());
+    let socket = helper.socket.display().to_string();
+    let jailed = |config: &mut Config| {
+        config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
+        config.network.mode = "user".into();
+        config.network.helper_socket = socket.clone();
+    };
+    let first = fake_manager_with(&install, dir.path(), jailed).await;
+    let mut reaper = Reaper(Vec::new());
+    let vm = first
+        .create_vm(CreateVmRequest {
+            name: "jr".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let jail_dir = helper.base.join("firecracker").join(&vm.id);
+    let pid = first
+        .start_vm("jr")
+        .await
+        .unwrap()
+        .vm
+        .runtime
+        .unwrap()
+        .pid
+        .unwrap();
+    reaper.0.push((pid, vm.id.clone()));
+
+    // Daemon restart: a new Manager on the same data dir keeps the jailed VM running.
+    drop(first);
+    let second = open_fake_manager(&install, dir.path(), jailed);
+    second.reconcile().await.unwrap();
+    let shown = second.get_vm("jr").await.unwrap();
+    assert_eq!(shown.state, VmState::Running);
+    assert_eq!(shown.runtime.unwrap().pid, Some(pid));
+    assert!(jail_dir.exists());
+    // Its stop reaches the jailed API through the runtime dir's link, then kills.
+    let stopped = second.stop_vm("jr", false).await.unwrap();
+    assert_eq!(stopped.stop_method.as_deref(), Some("kill"));
+    assert!(!process::is_alive(pid, &vm.id));
+    assert!(!jail_dir.exists(), "jail left after a kill");
+
+    // A VMM that dies outside banger: the next look marks the VM stopped and removes the jail.
+    let pid = second
+        .start_vm("jr")
+        .await
+        .unwrap()
+        .vm
+        .runtime
+        .unwrap()
+        .pid
+        .unwrap();
+    reaper.0.push((pid, vm.id.clone()));
+    assert!(jail_dir.exists());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(process::wait_gone(pid, &vm.id, Duration::from_secs(10)).await);
+    let seen = second.get_vm("jr").await.unwrap();
+    assert_eq!(seen.state, VmState::Stopped);
+    assert!(!jail_dir.exists(), "jail left after the VMM died");
+    assert!(mounts_under(&helper.base).is_empty());
+    second.remove_vm("jr").await.unwrap();
 }

@@ -44,6 +44,8 @@ pub enum JailError {
         "{0:?} must be a root-owned regular file that group and others cannot write (the jailer runs it as root)"
     )]
     UnsafeBinary(String),
+    #[error("{0:?} must be root-owned and not writable by group or others (or sticky)")]
+    UnsafeDir(String),
     #[error("{0:?} must be a regular file owned by the helper's owner")]
     NotOwnersFile(String),
     #[error("{0:?}: the jailer only runs an exec file whose name contains \"firecracker\"")]
@@ -96,10 +98,24 @@ pub fn trusted_binary(text: &str) -> Result<PathBuf, JailError> {
         .canonicalize()
         .map_err(|_| Invalid::PathMissing(text.to_owned()))?;
     let meta = std::fs::metadata(&resolved).map_err(|_| unsafe_binary())?;
-    if !meta.is_file() || meta.uid() != 0 || meta.permissions().mode() & 0o022 != 0 {
+    if !meta.is_file() || !root_controlled(&meta) {
         return Err(unsafe_binary());
     }
+    // Nobody else may swap it either: every directory above is root's (or sticky, like /tmp,
+    // where only a file's owner may rename it).
+    for dir in resolved.ancestors().skip(1) {
+        let meta = std::fs::metadata(dir).map_err(|_| unsafe_binary())?;
+        let sticky = meta.permissions().mode() & 0o1000 != 0;
+        if meta.uid() != 0 || (!sticky && !root_controlled(&meta)) {
+            return Err(JailError::UnsafeDir(dir.display().to_string()));
+        }
+    }
     Ok(resolved)
+}
+
+/// Owned by root and not writable by group or others.
+fn root_controlled(meta: &std::fs::Metadata) -> bool {
+    meta.uid() == 0 && meta.permissions().mode() & 0o022 == 0
 }
 
 /// Opens a file of the owner inside the state dir `root` (canonical) for placing in a jail.
@@ -241,6 +257,12 @@ fn build(config: &JailConfig, chroot: &Path, placed: &[(File, &str)]) -> Result<
         .map_err(io(format!("cannot create {}", config.base.display())))?;
     std::fs::set_permissions(&config.base, std::fs::Permissions::from_mode(0o755))
         .map_err(io(format!("cannot chmod {}", config.base.display())))?;
+    // Root builds the jail in it: nobody else may have placed or may swap anything there.
+    let meta = std::fs::symlink_metadata(&config.base)
+        .map_err(io(format!("cannot stat {}", config.base.display())))?;
+    if !meta.is_dir() || meta.uid() != 0 {
+        return Err(JailError::UnsafeDir(config.base.display().to_string()));
+    }
     std::fs::create_dir_all(chroot).map_err(io(format!("cannot create {}", chroot.display())))?;
     for (file, name) in placed {
         place(file, &chroot.join(name.trim_start_matches('/')))?;

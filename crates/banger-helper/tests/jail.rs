@@ -233,6 +233,16 @@ fn spawn_jailed_refuses_what_it_must() {
         );
     }
     std::fs::set_permissions(&setup.exec_file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A root-owned exec file in a directory others may write (it could be swapped).
+    let open_dir = helper.dir.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let exposed = open_dir.join("firecracker");
+    std::fs::copy(&setup.exec_file, &exposed).unwrap();
+    refused(
+        request(socket, spawn_op(&setup, ID, &exposed)),
+        "not writable by group or others",
+    );
     let renamed = setup.exec_file.with_file_name("vmm");
     std::fs::copy(&setup.exec_file, &renamed).unwrap();
     refused(
