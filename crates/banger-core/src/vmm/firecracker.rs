@@ -618,6 +618,10 @@ impl Hypervisor for Firecracker {
     /// A full snapshot of a paused VM. It does not flush guest disks: callers sync the guest
     /// (or freeze its file systems) first.
     async fn snapshot(&self, process: &VmProcess, snapshot: &Snapshot) -> Result<(), VmmError> {
+        if process.jail.is_some() {
+            // The snapshot files would have to be placed in the jail first.
+            return Err(VmmError::Unsupported("snapshot a VM that runs jailed"));
+        }
         ApiClient::new(&process.control_socket)
             .with_timeout(Duration::from_secs(120))
             .call(
@@ -634,6 +638,11 @@ impl Hypervisor for Firecracker {
     }
 
     async fn restore(&self, spec: &LaunchSpec, snapshot: &Snapshot) -> Result<VmProcess, VmmError> {
+        if self.jailer.is_some() {
+            return Err(VmmError::Unsupported(
+                "restore a snapshot through the jailer",
+            ));
+        }
         let (process, client) = self.spawn(spec).await?;
         let loaded = client
             .clone()
