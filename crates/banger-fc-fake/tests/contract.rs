@@ -449,11 +449,15 @@ fn wait_exit(mut fake: Fake) {
 #[test]
 fn the_spec_is_read_at_run_time() {
     // A spec without /vm: the same binary then refuses PATCH /vm as an unknown path.
-    let full = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/reference/firecracker-1.17.0-dev.yaml"
-    ))
-    .unwrap();
+    // Where the fake itself looks: BANGER_FC_SPEC, else beside the repository.
+    let path = std::env::var("BANGER_FC_SPEC").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/reference/firecracker-1.17.0-dev.yaml"
+        )
+        .to_owned()
+    });
+    let full = std::fs::read_to_string(path).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let trimmed = full.replace("\n  /vm:\n", "\n  /vm-renamed:\n");
     assert_ne!(trimmed, full);
