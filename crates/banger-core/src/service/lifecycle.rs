@@ -47,7 +47,7 @@ impl StartUndo {
             if let Some(fc) = self.jail {
                 let removed = tokio::task::spawn_blocking(move || fc.remove_jail(&marker)).await;
                 if let Ok(Err(e)) = removed {
-                    warn!("cannot remove the jail of a failed start: {e}");
+                    warn!("failed start: {e}");
                 }
             }
         }
@@ -69,7 +69,7 @@ impl Manager {
         if record.runtime.as_ref().is_some_and(|r| r.jail.is_some())
             && let Err(e) = self.firecracker.remove_jail(vm_id)
         {
-            warn!(vm = %record.name, "cannot remove the jail: {e}");
+            warn!(vm = %record.name, "{e}");
         }
     }
 

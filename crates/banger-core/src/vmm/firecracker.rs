@@ -228,10 +228,7 @@ impl Firecracker {
                 },
             )
             .map(drop)
-            .map_err(|e| VmmError::LaunchFailed {
-                binary: "jailer".into(),
-                message: e.to_string(),
-            })
+            .map_err(|e| VmmError::JailRemoval(e.to_string()))
     }
 
     /// Arguments passed before banger's own (tests point a wrapper at the fake this way).
@@ -428,7 +425,7 @@ impl Firecracker {
             let id = vm_id.to_owned();
             let removed = tokio::task::spawn_blocking(move || this.remove_jail(&id)).await;
             if let Ok(Err(e)) = removed {
-                tracing::warn!(vm_id, "cannot remove the jail: {e}");
+                tracing::warn!(vm_id, "{e}");
             }
         }
     }

@@ -25,6 +25,9 @@ pub enum VmmError {
     /// `firecracker.jailer` names no executable file.
     #[error("Firecracker's jailer {0:?} (firecracker.jailer) is not installed")]
     MissingJailer(String),
+    /// The root helper could not remove a VM's jail.
+    #[error("cannot remove the VM's jail: {0}")]
+    JailRemoval(String),
     /// The VMM exited before the VM ran.
     #[error("{binary} did not start: {message}")]
     LaunchFailed { binary: String, message: String },
