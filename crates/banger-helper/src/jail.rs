@@ -337,15 +337,23 @@ fn run_jailer(
         .spawn()
         .map_err(io(format!("cannot run {}", jailer.display())))?;
     let pid = child.id();
-    // The pipe ends when the jailer daemonizes (stderr → /dev/null) or exits.
-    let mut stderr = String::new();
+    // The pipe ends when the jailer daemonizes (stderr → /dev/null) or exits; read on a
+    // thread so a jailer that hangs cannot hold this one past the deadline.
+    let (sender, receiver) = std::sync::mpsc::channel();
     if let Some(mut pipe) = child.stderr.take() {
-        let _ = pipe.read_to_string(&mut stderr);
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            let _ = sender.send(text);
+        });
     }
     let socket = chroot.join(JAIL_API_SOCKET.trim_start_matches('/'));
     let deadline = Instant::now() + SOCKET_WAIT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
+            let stderr = receiver
+                .recv_timeout(Duration::from_secs(1))
+                .unwrap_or_default();
             let text = stderr
                 .lines()
                 .rev()

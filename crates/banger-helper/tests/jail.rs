@@ -365,4 +365,19 @@ fn a_failing_jailer_leaves_no_jail() {
         0
     );
     assert!(mounts_under(&helper.base).is_empty());
+
+    // A jailer that fails before daemonizing: its last stderr line is the error.
+    let jailer = setup.exec_file.with_file_name("jailer");
+    std::fs::write(
+        &jailer,
+        "#!/bin/sh\necho 'Jailer error: boom' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&jailer, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut op = spawn_op(&setup, ID, &setup.exec_file);
+    if let HelperOp::SpawnJailed { jailer: j, .. } = &mut op {
+        *j = jailer.display().to_string();
+    }
+    refused(request(&helper.socket, op), "Jailer error: boom");
+    assert!(!helper.base.join("firecracker").join(ID).exists());
 }
