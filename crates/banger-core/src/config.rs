@@ -74,12 +74,16 @@ impl Default for VmDefaults {
 pub struct FirecrackerConfig {
     /// The firecracker binary (default "firecracker", looked up on PATH).
     pub binary: String,
+    /// Firecracker's jailer (a path, or a name looked up on PATH): when set, Firecracker VMs
+    /// start through it, run by the root helper. Default "" (no jailer; a cgroup leaf only).
+    pub jailer: String,
 }
 
 impl Default for FirecrackerConfig {
     fn default() -> Self {
         Self {
             binary: "firecracker".into(),
+            jailer: String::new(),
         }
     }
 }

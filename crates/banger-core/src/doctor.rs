@@ -493,6 +493,29 @@ pub fn firecracker_check(version: Result<(u32, u32, u32), String>) -> DoctorChec
     }
 }
 
+/// The containment row: Firecracker's jailer when `firecracker.jailer` is set (and whether
+/// it is there), else the per-VM cgroup v2 leaf.
+pub fn jailer_check(configured: &str, resolved: Result<Option<String>, String>) -> DoctorCheck {
+    const NAME: &str = "jailer";
+    match resolved {
+        Ok(Some(path)) => ok(
+            NAME,
+            format!("Firecracker VMs start through the jailer {path} (run by banger-helper)"),
+        ),
+        Ok(None) => ok(
+            NAME,
+            "not configured: Firecracker VMs run unjailed in a cgroup v2 leaf when writable \
+             (set firecracker.jailer to use Firecracker's jailer)",
+        ),
+        Err(why) => problem(
+            NAME,
+            CheckStatus::Fail,
+            format!("firecracker.jailer = {configured:?}: {why}"),
+            "install Firecracker's `jailer` there, or remove firecracker.jailer from the config file",
+        ),
+    }
+}
+
 /// Which raw system-disk strategy Firecracker VMs get on this data dir, and why; and whether
 /// the `dm` strategy could be used (it needs banger-helper and /dev/mapper/control), when the
 /// reason does not say it already.

@@ -110,7 +110,10 @@ impl Error {
                 ImageError::NotRoot | ImageError::MissingTool(_) | ImageError::NoMirror,
             )
             | Self::Vmm(
-                VmmError::MissingBinary(_) | VmmError::TooOld { .. } | VmmError::NeedsTap,
+                VmmError::MissingBinary(_)
+                | VmmError::MissingJailer(_)
+                | VmmError::TooOld { .. }
+                | VmmError::NeedsTap,
             )
             | Self::Disk(DiskError::MissingTool(_))
             | Self::Ssh(SshError::MissingSsh)
@@ -173,6 +176,10 @@ impl Error {
             | Self::Ssh(SshError::MissingSsh) => {
                 Some("run scripts/install-deps (or `banger doctor` to see what is missing)".into())
             }
+            Self::Vmm(VmmError::MissingJailer(_)) => Some(
+                "install Firecracker's `jailer` there, or remove firecracker.jailer from the config file"
+                    .into(),
+            ),
             Self::Vmm(VmmError::TooOld { .. }) => {
                 Some("install a newer Firecracker, or create the VM with --vmm qemu".into())
             }

@@ -45,6 +45,7 @@ fn doctor_reports_every_check_with_fixes_for_problems() {
             "tun",
             "default-image",
             "firecracker",
+            "jailer",
             "system-disk",
             "helper"
         ]
@@ -53,6 +54,15 @@ fn doctor_reports_every_check_with_fixes_for_problems() {
     let firecracker = check(&report, "firecracker");
     assert_eq!(firecracker["status"], "warn", "{firecracker}");
     assert!(firecracker["detail"].as_str().unwrap().contains("QEMU"));
+    // No firecracker.jailer: VMs run unjailed, which is fine.
+    let jailer = check(&report, "jailer");
+    assert_eq!(jailer["status"], "ok", "{jailer}");
+    assert!(
+        jailer["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not configured")
+    );
     let helper = check(&report, "helper");
     assert_eq!(helper["status"], "warn", "{helper}");
     assert!(helper["fix"].as_str().unwrap().contains("helper install"));
@@ -124,7 +134,7 @@ fn doctor_text_output_has_one_row_per_check_and_fix_lines() {
     assert!(run.code == 0 || run.code == 1, "stderr: {}", run.stderr);
     let lines: Vec<&str> = run.stdout.lines().collect();
     let rows: Vec<&&str> = lines.iter().filter(|l| !l.starts_with(' ')).collect();
-    assert_eq!(rows.len(), 15, "{}", run.stdout);
+    assert_eq!(rows.len(), 16, "{}", run.stdout);
     assert!(
         lines
             .iter()
@@ -183,5 +193,34 @@ fn a_missing_qemu_fails_with_exit_1_and_a_fix() {
             .any(|l| l.starts_with("FAIL  qemu ") && l.contains("/nonexistent/qemu")),
         "{}",
         text.stdout
+    );
+}
+
+#[test]
+fn a_configured_but_missing_jailer_fails_with_a_fix() {
+    let env = TestEnv::new();
+    std::fs::write(
+        env.config_file(),
+        "[firecracker]\njailer = \"/nonexistent/jailer\"\n",
+    )
+    .unwrap();
+    let run = env.banger(&["doctor", "--json"]);
+    assert_eq!(run.code, 1, "stderr: {}", run.stderr);
+    let report = run.json();
+    let jailer = check(&report, "jailer");
+    assert_eq!(jailer["status"], "fail", "{jailer}");
+    assert!(
+        jailer["detail"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/jailer"),
+        "{jailer}"
+    );
+    assert!(
+        jailer["fix"]
+            .as_str()
+            .unwrap()
+            .contains("remove firecracker.jailer"),
+        "{jailer}"
     );
 }

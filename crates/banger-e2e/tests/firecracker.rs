@@ -517,13 +517,24 @@ fn qemu_vms_can_use_raw_system_disks() {
 /// A Manager (the daemon's logic, in process) whose Firecracker is the fake, with the seams
 /// the fake cannot provide: a tap name (banger-helper's job), KVM assumed, no SSH readiness.
 async fn fake_manager(install: &FakeInstall, dir: &Path) -> Manager {
+    fake_manager_with(install, dir, |_| {}).await
+}
+
+/// The Manager of [`fake_manager`] on `dir` without importing the image (a second Manager on
+/// the same data dir is a daemon restart).
+fn open_fake_manager(
+    install: &FakeInstall,
+    dir: &Path,
+    tweak: impl FnOnce(&mut Config),
+) -> Manager {
     let home = dir.join("home");
     let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
     let mut config = Config::default();
     config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
     config.defaults.vmm = "firecracker".into();
     config.daemon.stop_timeout_secs = 5;
-    let manager = Manager::open(layout, config).unwrap().with_seams(Seams {
+    tweak(&mut config);
+    Manager::open(layout, config).unwrap().with_seams(Seams {
         tap: Some("bg-tap-0".into()),
         accel: Some(AccelChoice {
             accel: Accel::Kvm,
@@ -531,7 +542,16 @@ async fn fake_manager(install: &FakeInstall, dir: &Path) -> Manager {
         }),
         skip_readiness: true,
         host_ops: None,
-    });
+    })
+}
+
+/// [`fake_manager`] with the config adjusted by `tweak`.
+async fn fake_manager_with(
+    install: &FakeInstall,
+    dir: &Path,
+    tweak: impl FnOnce(&mut Config),
+) -> Manager {
+    let manager = open_fake_manager(install, dir, tweak);
     let rootfs = dir.join("rootfs.ext4");
     let made = std::process::Command::new("mkfs.ext4")
         .args(["-q", "-F"])
@@ -952,7 +972,7 @@ async fn pause_resume_and_suspend_against_the_fake() {
 
     // A daemon restart while paused: the new daemon reattaches and still shows it paused.
     drop(manager);
-    let manager = fake_manager_reopen(&install, dir.path());
+    let manager = open_fake_manager(&install, dir.path(), |_| {});
     manager.reconcile().await.unwrap();
     assert_eq!(manager.get_vm("sus").await.unwrap().state, VmState::Paused);
     assert!(process::is_alive(pid, &vm.id));
@@ -966,7 +986,7 @@ async fn pause_resume_and_suspend_against_the_fake() {
     .await
     .unwrap();
     drop(manager);
-    let manager = fake_manager_reopen(&install, dir.path());
+    let manager = open_fake_manager(&install, dir.path(), |_| {});
     manager.reconcile().await.unwrap();
     assert_eq!(manager.get_vm("sus").await.unwrap().state, VmState::Running);
     manager.pause_vm("sus").await.unwrap();
@@ -1129,21 +1149,294 @@ async fn pause_resume_and_suspend_against_the_fake() {
     assert!(banger_e2e::processes_with_cmdline("banger-fc-fake", &vm.id).is_empty());
 }
 
-/// The same Manager setup as [`fake_manager`] over an existing home (a daemon restart).
-fn fake_manager_reopen(install: &FakeInstall, dir: &Path) -> Manager {
-    let home = dir.join("home");
-    let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
-    let mut config = Config::default();
-    config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
-    config.defaults.vmm = "firecracker".into();
-    config.daemon.stop_timeout_secs = 5;
-    Manager::open(layout, config).unwrap().with_seams(Seams {
-        tap: Some("bg-tap-0".into()),
-        accel: Some(AccelChoice {
-            accel: Accel::Kvm,
-            reason: "test seam: KVM assumed".into(),
-        }),
-        skip_readiness: true,
-        host_ops: None,
+/// The real banger-helper (root, owner uid 0) for one test: jails under `<dir>/jail`, files
+/// accepted from `<dir>/home` (the Manager's data dir).
+struct JailHelper {
+    child: std::process::Child,
+    socket: PathBuf,
+    base: PathBuf,
+}
+
+impl JailHelper {
+    fn start(dir: &Path) -> Self {
+        let socket = dir.join("helper.sock");
+        let base = dir.join("jail");
+        let home = dir.join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        let child = std::process::Command::new(bin("banger-helper"))
+            .args(["--foreground", "--owner", "0"])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&home)
+            .arg("--jail-base")
+            .arg(&base)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(std::time::Instant::now() < deadline, "helper did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            socket,
+            base,
+        }
+    }
+}
+
+impl Drop for JailHelper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jailed_firecracker_runs_the_lifecycle() {
+    let install = FakeInstall::new(&[]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgjl")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let helper = JailHelper::start(dir.path());
+    let manager = fake_manager_with(&install, dir.path(), |config| {
+        config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
+        config.network.mode = "user".into();
+        config.network.helper_socket = helper.socket.display().to_string();
     })
+    .await;
+    let mut reaper = Reaper(Vec::new());
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "jfc".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(vm.spec.vmm, "firecracker", "{}", vm.spec.vmm_reason);
+    assert_ne!(vm.spec.system_disk, "dm");
+    let jail_dir = helper.base.join("firecracker").join(&vm.id);
+    for round in 0..2 {
+        let before = install.requests().len();
+        let started = manager.start_vm("jfc").await.unwrap();
+        let runtime = started.vm.runtime.clone().unwrap();
+        let pid = runtime.pid.unwrap();
+        reaper.0.push((pid, vm.id.clone()));
+        assert!(process::is_alive(pid, &vm.id));
+        assert_eq!(
+            runtime.jail.as_deref(),
+            Some(jail_dir.join("root").display().to_string().as_str()),
+            "round {round}"
+        );
+        // The conversation names only in-jail paths, and the fake (chrooted by the fake
+        // jailer) found every file there.
+        let requests = install.requests()[before..].to_vec();
+        assert!(
+            requests.iter().all(|r| r.2 == 204),
+            "round {round}: {requests:?}"
+        );
+        let body = |path: &str| {
+            requests
+                .iter()
+                .find(|r| r.1 == path)
+                .map(|r| r.3.clone())
+                .unwrap_or_else(|| panic!("no {path} in {requests:?}"))
+        };
+        assert_eq!(body("/logger")["log_path"], "/firecracker.log");
+        assert_eq!(body("/metrics")["metrics_path"], "/firecracker.metrics");
+        assert_eq!(body("/serial")["serial_out_path"], "/console.log");
+        assert_eq!(body("/boot-source")["kernel_image_path"], "/vmlinux");
+        assert_eq!(body("/drives/sys")["path_on_host"], "/system.raw");
+        assert_eq!(body("/drives/work")["path_on_host"], "/work.ext4");
+        assert_eq!(requests.last().unwrap().3["action_type"], "InstanceStart");
+        // The jail holds the VM's own files (hard links: same inode).
+        let vm_dir = dir.path().join("home/vms").join(&vm.id);
+        use std::os::unix::fs::MetadataExt;
+        let inside = std::fs::metadata(jail_dir.join("root/work.ext4")).unwrap();
+        let source = std::fs::metadata(vm_dir.join("work.ext4")).unwrap();
+        assert_eq!(inside.ino(), source.ino());
+        // Shown by `vm show`.
+        let shown = manager.get_vm("jfc").await.unwrap();
+        assert!(shown.runtime.unwrap().jail.is_some());
+
+        // stop through the symlinked API socket: SendCtrlAltDel ends it; the jail goes.
+        let stopped = manager.stop_vm("jfc", false).await.unwrap();
+        assert_eq!(stopped.stop_method.as_deref(), Some("ctrl-alt-del"));
+        assert_eq!(stopped.vm.state, VmState::Stopped);
+        assert!(stopped.vm.runtime.unwrap().jail.is_none());
+        assert!(!process::is_alive(pid, &vm.id));
+        assert!(!jail_dir.exists(), "round {round}: jail left");
+        assert!(mounts_under(&helper.base).is_empty());
+        assert!(!dir.path().join("home/run/vms").join(&vm.id).exists());
+    }
+    manager.remove_vm("jfc").await.unwrap();
+    assert!(!dir.path().join("home/vms").join(&vm.id).exists());
+    assert_eq!(
+        std::fs::read_dir(helper.base.join("firecracker"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let pids = banger_e2e::processes_with_cmdline("banger-fc-fake", &vm.id);
+    assert!(pids.is_empty(), "{pids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_jailed_start_leaves_no_jail() {
+    let install = FakeInstall::new(&[]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgjl")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let helper = JailHelper::start(dir.path());
+    let manager = fake_manager_with(&install, dir.path(), |config| {
+        config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
+        config.network.mode = "user".into();
+        config.network.helper_socket = helper.socket.display().to_string();
+    })
+    .await;
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "jbad".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The kernel vanished: the helper refuses to place it, nothing is built or left running.
+    for kernel in std::fs::read_dir(dir.path().join("home/kernels")).unwrap() {
+        std::fs::remove_file(kernel.unwrap().path().join("vmlinux")).unwrap();
+    }
+    let err = manager.start_vm("jbad").await.unwrap_err();
+    let text = err.to_api().message;
+    assert!(text.contains("vmlinux"), "{text}");
+    assert_eq!(
+        manager.get_vm("jbad").await.unwrap().state,
+        VmState::Created
+    );
+    assert!(!helper.base.join("firecracker").join(&vm.id).exists());
+    assert!(banger_e2e::processes_with_cmdline("banger-fc-fake", &vm.id).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_jailer_is_refused_before_anything_is_made() {
+    let install = FakeInstall::new(&[]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgjl")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let manager = fake_manager_with(&install, dir.path(), |config| {
+        config.firecracker.jailer = "/nonexistent/jailer".into();
+        config.network.mode = "user".into();
+    })
+    .await;
+    let err = manager
+        .create_vm(CreateVmRequest {
+            name: "nojail".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let api = err.to_api();
+    assert!(
+        api.message.contains("firecracker.jailer") && api.message.contains("not installed"),
+        "{api:?}"
+    );
+    assert!(
+        api.hint
+            .as_deref()
+            .unwrap_or_default()
+            .contains("remove firecracker.jailer"),
+        "{api:?}"
+    );
+    assert!(manager.list_vms().await.unwrap().is_empty());
+    let vms = dir.path().join("home/vms");
+    assert!(!vms.exists() || std::fs::read_dir(&vms).unwrap().count() == 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jailed_vms_reattach_and_are_cleaned_up_however_they_end() {
+    // A Firecracker that ignores Ctrl-Alt-Del and SIGTERM: only the kill ends it.
+    let install = FakeInstall::new(&["--ctrl-alt-del", "ignore", "--ignore-sigterm"]);
+    let dir = tempfile::Builder::new()
+        .prefix("bgjl")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let helper = JailHelper::start(dir.path());
+    let socket = helper.socket.display().to_string();
+    let jailed = |config: &mut Config| {
+        config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
+        config.network.mode = "user".into();
+        config.network.helper_socket = socket.clone();
+    };
+    let first = fake_manager_with(&install, dir.path(), jailed).await;
+    let mut reaper = Reaper(Vec::new());
+    let vm = first
+        .create_vm(CreateVmRequest {
+            name: "jr".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let jail_dir = helper.base.join("firecracker").join(&vm.id);
+    let pid = first
+        .start_vm("jr")
+        .await
+        .unwrap()
+        .vm
+        .runtime
+        .unwrap()
+        .pid
+        .unwrap();
+    reaper.0.push((pid, vm.id.clone()));
+
+    // Daemon restart: a new Manager on the same data dir keeps the jailed VM running.
+    drop(first);
+    let second = open_fake_manager(&install, dir.path(), jailed);
+    second.reconcile().await.unwrap();
+    let shown = second.get_vm("jr").await.unwrap();
+    assert_eq!(shown.state, VmState::Running);
+    assert_eq!(shown.runtime.unwrap().pid, Some(pid));
+    assert!(jail_dir.exists());
+    // Its stop reaches the jailed API through the runtime dir's link, then kills.
+    let stopped = second.stop_vm("jr", false).await.unwrap();
+    assert_eq!(stopped.stop_method.as_deref(), Some("kill"));
+    assert!(!process::is_alive(pid, &vm.id));
+    assert!(!jail_dir.exists(), "jail left after a kill");
+
+    // A VMM that dies outside banger: the next look marks the VM stopped and removes the jail.
+    let pid = second
+        .start_vm("jr")
+        .await
+        .unwrap()
+        .vm
+        .runtime
+        .unwrap()
+        .pid
+        .unwrap();
+    reaper.0.push((pid, vm.id.clone()));
+    assert!(jail_dir.exists());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(process::wait_gone(pid, &vm.id, Duration::from_secs(10)).await);
+    let seen = second.get_vm("jr").await.unwrap();
+    assert_eq!(seen.state, VmState::Stopped);
+    assert!(!jail_dir.exists(), "jail left after the VMM died");
+    assert!(mounts_under(&helper.base).is_empty());
+    second.remove_vm("jr").await.unwrap();
 }

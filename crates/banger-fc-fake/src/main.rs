@@ -5,8 +5,11 @@
 //! `spec/firecracker-1.17.0-dev.yaml` in this crate, the vendored reference copy) and answers bad
 //! ones with 400 and `{"fault_message": ...}`, and enforces Firecracker's state machine.
 //!
-//! Options a real Firecracker also takes: `--api-sock PATH`, `--id ID`, `--version`.
-//! Fake-only: `--spec PATH`, `--ctrl-alt-del exit|ignore` (what the "guest" does on
+//! Options a real Firecracker also takes: `--api-sock PATH`, `--id ID`, `--version`, and the
+//! ones the jailer adds (`--start-time-us`, `--start-time-cpu-us`, `--parent-cpu-time-us`);
+//! `--flag=value` works like `--flag value`.
+//! Fake-only: `--chroot DIR` (set by `banger-jailer-fake`: the jail's root, inside which the
+//! API socket and every path of a request are resolved, as for a chrooted Firecracker), `--spec PATH`, `--ctrl-alt-del exit|ignore` (what the "guest" does on
 //! SendCtrlAltDel: exit like a guest with i8042 and `reboot=k`, default; or ignore it),
 //! `--record FILE` (one JSON line per request: method, path, body, status),
 //! `--ignore-sigterm` (a hung VMM: only SIGKILL ends it).
@@ -45,6 +48,7 @@ struct Args {
     ctrl_alt_del: CtrlAltDel,
     record: Option<PathBuf>,
     ignore_sigterm: bool,
+    chroot: Option<PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -58,11 +62,26 @@ fn parse_args() -> anyhow::Result<Args> {
         ctrl_alt_del: CtrlAltDel::Exit,
         record: None,
         ignore_sigterm: false,
+        chroot: None,
     };
-    let mut iter = std::env::args().skip(1);
+    let mut iter = std::env::args().skip(1).flat_map(|arg| {
+        // `--flag=value` is `--flag value`.
+        match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                vec![flag.to_owned(), value.to_owned()]
+            }
+            _ => vec![arg],
+        }
+    });
     while let Some(arg) = iter.next() {
         let mut value = |name: &str| iter.next().with_context(|| format!("{name} needs a value"));
         match arg.as_str() {
+            "--chroot" => args.chroot = Some(value("--chroot")?.into()),
+            "--start-time-us" | "--start-time-cpu-us" | "--parent-cpu-time-us" => {
+                let text = value(&arg)?;
+                text.parse::<u64>()
+                    .with_context(|| format!("{arg} {text}: not a number"))?;
+            }
             "--api-sock" => args.api_sock = Some(value("--api-sock")?.into()),
             "--id" => args.id = value("--id")?,
             "--version" => args.version = true,
@@ -105,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
     let socket = args
         .api_sock
         .context("--api-sock is required (the fake has no --no-api mode)")?;
+    let socket = state::host_path(args.chroot.as_deref(), &socket.to_string_lossy());
     let listener = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("Failed to open the API socket at {}", socket.display()))?;
     let record = args
@@ -121,7 +141,12 @@ async fn main() -> anyhow::Result<()> {
     let version = spec.version().to_owned();
     let server = Arc::new(Server {
         spec,
-        machine: Mutex::new(Machine::new(args.id, version, args.ctrl_alt_del)),
+        machine: Mutex::new(Machine::new(
+            args.id,
+            version,
+            args.ctrl_alt_del,
+            args.chroot,
+        )),
         record,
         exiting: AtomicBool::new(false),
     });

@@ -3,9 +3,11 @@
 //! `InstanceStart` once and only with a kernel, `/snapshot/load` only on a fresh process,
 //! `/snapshot/create` only while paused, the logger and metrics configured once, files that
 //! Firecracker opens (kernel, initrd, drives, log and metrics paths) checked to exist.
+//! Under the (fake) jailer every path in a request is resolved inside the jail's root, as
+//! a chrooted Firecracker would: a host path sent to a jailed Firecracker is not found.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
@@ -83,11 +85,19 @@ pub struct Machine {
     drives: BTreeMap<String, Value>,
     interfaces: BTreeMap<String, Value>,
     others: BTreeMap<String, Value>,
+    /// The jail's root when run by the jailer (`--chroot`).
+    root: Option<PathBuf>,
 }
 
 impl Machine {
-    pub fn new(id: String, version: String, ctrl_alt_del: CtrlAltDel) -> Self {
+    pub fn new(
+        id: String,
+        version: String,
+        ctrl_alt_del: CtrlAltDel,
+        root: Option<PathBuf>,
+    ) -> Self {
         Self {
+            root,
             id,
             version,
             ctrl_alt_del,
@@ -177,7 +187,7 @@ impl Machine {
                     return Err(fault("Logger is already configured."));
                 }
                 if let Some(path) = str_field("log_path") {
-                    must_exist(&path, "log_path")?;
+                    self.must_exist(&path, "log_path")?;
                 }
                 self.logger = Some(body);
                 Ok(Reply::no_content())
@@ -189,7 +199,7 @@ impl Machine {
                 if self.metrics.is_some() {
                     return Err(fault("Reinitialization of metrics not allowed."));
                 }
-                must_exist(
+                self.must_exist(
                     &str_field("metrics_path").unwrap_or_default(),
                     "metrics_path",
                 )?;
@@ -229,7 +239,7 @@ impl Machine {
                 self.pre_boot()?;
                 let id = str_field("drive_id").unwrap_or_default();
                 match (str_field("path_on_host"), str_field("socket")) {
-                    (Some(path), None) => must_exist(&path, "path_on_host")?,
+                    (Some(path), None) => self.must_exist(&path, "path_on_host")?,
                     (None, Some(_)) => {}
                     _ => {
                         return Err(fault(
@@ -273,6 +283,14 @@ impl Machine {
             | "putMmdsConfig"
             | "putSerialDevice"
             | "putMemoryHotplug" => {
+                if let Some(path) = str_field("serial_out_path") {
+                    let parent = self.host(&path).parent().map(Path::to_path_buf);
+                    if !parent.is_some_and(|p| p.is_dir()) {
+                        return Err(fault(format!(
+                            "Cannot open serial_out_path {path}: No such file or directory (os error 2)"
+                        )));
+                    }
+                }
                 self.pre_boot()?;
                 self.others.insert(op.to_owned(), body);
                 Ok(Reply::no_content())
@@ -287,7 +305,7 @@ impl Machine {
                     )));
                 }
                 if let Some(path) = str_field("path_on_host") {
-                    must_exist(&path, "path_on_host")?;
+                    self.must_exist(&path, "path_on_host")?;
                 }
                 Ok(Reply::no_content())
             }
@@ -336,7 +354,7 @@ impl Machine {
                     "network-interfaces": self.interfaces,
                 });
                 let write = |path: &str, content: String| {
-                    std::fs::write(path, content)
+                    std::fs::write(self.host(path), content)
                         .map_err(|e| fault(format!("Cannot create snapshot file {path}: {e}")))
                 };
                 write(&snapshot, format!("{SNAPSHOT_MAGIC}\n{state}\n"))?;
@@ -358,7 +376,7 @@ impl Machine {
                     ));
                 }
                 let snapshot = str_field("snapshot_path").unwrap_or_default();
-                let text = std::fs::read_to_string(&snapshot)
+                let text = std::fs::read_to_string(self.host(&snapshot))
                     .map_err(|e| fault(format!("Cannot open snapshot file {snapshot}: {e}")))?;
                 let Some(state) = text
                     .strip_prefix(SNAPSHOT_MAGIC)
@@ -376,7 +394,7 @@ impl Machine {
                     .and_then(Value::as_str)
                     != Some("Uffd")
                 {
-                    must_exist(memory, "mem_backend.backend_path")?;
+                    self.must_exist(memory, "mem_backend.backend_path")?;
                 }
                 self.machine_config = state["machine-config"].clone();
                 self.boot_source = Some(state["boot-source"].clone());
@@ -407,10 +425,10 @@ impl Machine {
                     .as_ref()
                     .ok_or_else(|| fault("Cannot start microvm without kernel configuration."))?;
                 let kernel = boot["kernel_image_path"].as_str().unwrap_or_default();
-                std::fs::File::open(kernel)
+                std::fs::File::open(self.host(kernel))
                     .map_err(|e| fault(format!("Cannot open kernel image: {e}")))?;
                 if let Some(initrd) = boot["initrd_path"].as_str() {
-                    std::fs::File::open(initrd)
+                    std::fs::File::open(self.host(initrd))
                         .map_err(|e| fault(format!("Cannot open initrd file: {e}")))?;
                 }
                 self.started = true;
@@ -438,13 +456,28 @@ impl Machine {
     }
 }
 
-fn must_exist(path: &str, what: &str) -> Result<(), Reply> {
-    if Path::new(path).exists() {
-        Ok(())
-    } else {
-        Err(fault(format!(
-            "Cannot open {what} {path}: No such file or directory (os error 2)"
-        )))
+impl Machine {
+    /// Where `path` from a request is on the host: itself, or inside the jail's root.
+    pub fn host(&self, path: &str) -> PathBuf {
+        host_path(self.root.as_deref(), path)
+    }
+
+    fn must_exist(&self, path: &str, what: &str) -> Result<(), Reply> {
+        if self.host(path).exists() {
+            Ok(())
+        } else {
+            Err(fault(format!(
+                "Cannot open {what} {path}: No such file or directory (os error 2)"
+            )))
+        }
+    }
+}
+
+/// `path` as a process chrooted to `root` sees it (relative paths from the jail's `/`).
+pub fn host_path(root: Option<&Path>, path: &str) -> PathBuf {
+    match root {
+        None => PathBuf::from(path),
+        Some(root) => root.join(path.trim_start_matches('/')),
     }
 }
 

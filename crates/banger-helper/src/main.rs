@@ -1,9 +1,12 @@
 //! `banger-helper`: banger's only root code. Serves one owner uid on a Unix socket (its own,
 //! or one passed by systemd socket activation) with a closed set of operations
 //! (`banger_proto::helper::HelperOp`): the bridge, taps, nftables table and DNS socket of
-//! banger's network, and the loop devices and device-mapper snapshots of `dm` system disks. `banger-helper call` is a small client for tests and debugging.
+//! banger's network, the loop devices and device-mapper snapshots of `dm` system disks, and
+//! Firecracker's jailer (which must start as root). `banger-helper call` is a small client
+//! for tests and debugging.
 
 mod disk;
+mod jail;
 mod net;
 mod server;
 mod validate;
@@ -44,6 +47,10 @@ struct Args {
     /// default: the owner's ~/.local/share/banger.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Where Firecracker jails are built (`jailer --chroot-base-dir`)
+    /// [default: /srv/banger-jail/<owner>].
+    #[arg(long)]
+    jail_base: Option<PathBuf>,
     /// The VMs' subnet; the bridge takes the first address (the gateway).
     #[arg(long, default_value = "172.30.0.0/24")]
     subnet: Ipv4Net,
@@ -128,14 +135,23 @@ fn serve(args: &Args) -> Result<()> {
         .hosts()
         .next()
         .context("the subnet has no host addresses")?;
-    let state_dir = match &args.state_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner))
-                .context("cannot look up the owner")?
-                .with_context(|| format!("no user with uid {owner}"))?;
-            user.dir.join(".local/share/banger")
-        }
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner))
+        .context("cannot look up the owner")?;
+    let state_dir = match (&args.state_dir, &user) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(user)) => user.dir.join(".local/share/banger"),
+        (None, None) => bail!("no user with uid {owner}; pass --state-dir"),
+    };
+    // The owner's primary group; a uid without a passwd entry gets the same number.
+    let gid = user.as_ref().map_or(owner, |u| u.gid.as_raw());
+    let jail = jail::JailConfig {
+        base: args
+            .jail_base
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/srv/banger-jail/{owner}"))),
+        uid: owner,
+        gid,
+        cgroup_root: jail::cgroup_root(),
     };
     let socket = args
         .socket
@@ -149,6 +165,7 @@ fn serve(args: &Args) -> Result<()> {
             owner,
         },
         state_dir,
+        jail,
     ));
     server.serve(listener)
 }

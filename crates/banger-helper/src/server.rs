@@ -20,6 +20,7 @@ use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg, sockopt};
 use tracing::{error, info, info_span, warn};
 
 use crate::disk;
+use crate::jail::{self, JailConfig, JailError};
 use crate::net::{self, NetConfig};
 use crate::validate;
 
@@ -34,16 +35,19 @@ pub struct Server {
     pub net: NetConfig,
     /// The owner's state dir (resolved per request: it may appear after the helper starts).
     pub state_dir: PathBuf,
+    /// Where jails are built and as whom the jailed Firecracker runs.
+    pub jail: JailConfig,
     /// Serialises operations that change the network.
     lock: std::sync::Mutex<()>,
     active: AtomicUsize,
 }
 
 impl Server {
-    pub fn new(net: NetConfig, state_dir: PathBuf) -> Self {
+    pub fn new(net: NetConfig, state_dir: PathBuf, jail: JailConfig) -> Self {
         Self {
             net,
             state_dir,
+            jail,
             lock: std::sync::Mutex::new(()),
             active: AtomicUsize::new(0),
         }
@@ -231,6 +235,34 @@ impl Server {
             HelperOp::DmRemove { name } => {
                 self.disk(|_| disk::dm_remove(name, self.net.owner).map(|()| HelperResult::Done))
             }
+            HelperOp::SpawnJailed {
+                vm_id,
+                jailer,
+                exec_file,
+                files,
+                cpus,
+                memory_mib,
+            } => {
+                let request = jail::SpawnRequest {
+                    vm_id,
+                    jailer,
+                    exec_file,
+                    files,
+                    cpus: *cpus,
+                    memory_mib: *memory_mib,
+                };
+                match jail::spawn(&self.jail, &self.state_dir, &request) {
+                    Ok((pid, root)) => ok(HelperResult::Jailed {
+                        pid,
+                        root: root.display().to_string(),
+                    }),
+                    Err(e) => jail_error(e),
+                }
+            }
+            HelperOp::RemoveJail { vm_id } => match jail::remove(&self.jail, vm_id) {
+                Ok(()) => ok(HelperResult::Done),
+                Err(e) => jail_error(e),
+            },
         }
     }
 
@@ -282,6 +314,15 @@ impl Server {
 enum ChownError {
     Invalid(validate::Invalid),
     Failed(String),
+}
+
+/// Refusals (bad arguments) and failures of a jail operation, as replies.
+fn jail_error(e: JailError) -> (HelperReply, Option<OwnedFd>) {
+    let code = match e {
+        JailError::Io { .. } | JailError::Jailer(_) => HelperErrorCode::Failed,
+        _ => HelperErrorCode::Invalid,
+    };
+    (error_reply(code, display_chain(&e)), None)
 }
 
 fn error_reply(code: HelperErrorCode, message: String) -> HelperReply {

@@ -110,6 +110,10 @@ pub struct VmRuntime {
     /// Host address and port of the guest's SSH server.
     pub ssh_host: String,
     pub ssh_port: u16,
+    /// The jail's root directory on the host when Firecracker runs through its jailer
+    /// (`firecracker.jailer`); absent when it runs unjailed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<String>,
 }
 
 /// A VM as the daemon reports it (`GET /v1/vms/{name}`, `banger vm show --json`).

@@ -81,6 +81,57 @@ pub enum HelperOp {
     },
     /// Removes the device-mapper device `name`, which this helper must have created.
     DmRemove { name: String },
+    /// Starts a Firecracker VM through the jailer (which must start as root): builds the jail
+    /// `<jail base>/<exec file name>/<vm_id>/root` under the helper's own base dir, places
+    /// the files there (hard link, or a bind mount across file systems) under the fixed
+    /// in-jail names of [`JailFiles`], and runs `jailer --daemonize` with the helper's owner
+    /// uid/gid ([`HelperResult::Jailed`]). Files must resolve inside the owner's state dir,
+    /// be regular files and belong to the owner; `jailer` and `exec_file` must be root-owned
+    /// regular files nobody else may write.
+    SpawnJailed {
+        vm_id: String,
+        /// The jailer binary.
+        jailer: String,
+        /// The Firecracker binary the jailer copies into the jail and execs.
+        exec_file: String,
+        files: JailFiles,
+        cpus: u32,
+        memory_mib: u64,
+    },
+    /// Removes a VM's jail (bind mounts first) and its cgroup. Idempotent.
+    RemoveJail { vm_id: String },
+}
+
+/// Host paths of the files a jailed Firecracker needs; each appears in the jail under the
+/// fixed name of the matching `JAIL_*` constant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailFiles {
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    pub system_disk: String,
+    pub work_disk: String,
+    /// Receives the serial console (`PUT /serial`).
+    pub console_log: String,
+}
+
+/// In-jail paths (as the jailed Firecracker sees them) of the files in [`JailFiles`], and of
+/// what the helper creates there.
+pub const JAIL_KERNEL: &str = "/vmlinux";
+pub const JAIL_INITRD: &str = "/initrd.img";
+pub const JAIL_SYSTEM_DISK: &str = "/system.raw";
+pub const JAIL_WORK_DISK: &str = "/work.ext4";
+pub const JAIL_CONSOLE: &str = "/console.log";
+pub const JAIL_LOG: &str = "/firecracker.log";
+pub const JAIL_METRICS: &str = "/firecracker.metrics";
+/// The API socket inside the jail (the jailer creates `/run` owned by the uid).
+pub const JAIL_API_SOCKET: &str = "/run/firecracker.socket";
+
+/// Whether `id` is a banger VM id (32 lowercase hex digits), which also satisfies the
+/// jailer's id rule (alphanumerics and hyphens, at most 64).
+pub fn is_vm_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 impl HelperOp {
@@ -101,6 +152,8 @@ impl HelperOp {
             Self::LoopDetach { .. } => "loop_detach",
             Self::DmSnapshotCreate { .. } => "dm_snapshot_create",
             Self::DmRemove { .. } => "dm_remove",
+            Self::SpawnJailed { .. } => "spawn_jailed",
+            Self::RemoveJail { .. } => "remove_jail",
         }
     }
 }
@@ -146,6 +199,12 @@ pub enum HelperResult {
     /// `/dev/mapper/NAME`).
     Device {
         device: String,
+    },
+    /// `spawn_jailed`: the jailed Firecracker's pid (the jailer execs it in place) and the
+    /// jail's root directory on the host.
+    Jailed {
+        pid: u32,
+        root: String,
     },
 }
 

@@ -86,6 +86,13 @@ pub fn vm_details(vm: &Vm) -> String {
         if let Some(pid) = runtime.pid {
             pairs.push(("pid", pid.to_string()));
         }
+        if runtime.vmm == "firecracker" {
+            let jail = match &runtime.jail {
+                Some(root) => format!("jailer, chroot {root}"),
+                None => "none (cgroup leaf only; set firecracker.jailer to use the jailer)".into(),
+            };
+            pairs.push(("jail", jail));
+        }
         pairs.push(("ssh", format!("{}:{}", runtime.ssh_host, runtime.ssh_port)));
     }
     if let Some(error) = &vm.last_error {
@@ -112,5 +119,28 @@ mod tests {
             &[vec!["xxx".into(), "y".into()], vec!["z".into(), "w".into()]],
         );
         assert_eq!(out, "A    BB\nxxx  y\nz    w\n");
+    }
+
+    #[test]
+    fn vm_show_says_whether_firecracker_runs_jailed() {
+        let vm = |jail: serde_json::Value| -> banger_proto::Vm {
+            serde_json::from_value(serde_json::json!({
+                "id": "0123456789abcdef0123456789abcdef", "name": "a", "state": "running",
+                "spec": { "cpus": 1, "memory_mib": 512, "disk_size_bytes": 1, "image": "d",
+                          "vmm": "firecracker" },
+                "created_at": "t", "updated_at": "t",
+                "runtime": { "vmm": "firecracker", "accel": "kvm", "reason": "r", "pid": 7,
+                             "ssh_host": "h", "ssh_port": 22, "jail": jail },
+            }))
+            .unwrap()
+        };
+        let shown = super::vm_details(&vm(serde_json::json!("/srv/banger-jail/1000/x/root")));
+        assert!(
+            shown.contains("jail:")
+                && shown.contains("jailer, chroot /srv/banger-jail/1000/x/root"),
+            "{shown}"
+        );
+        let shown = super::vm_details(&vm(serde_json::Value::Null));
+        assert!(shown.contains("none (cgroup leaf only"), "{shown}");
     }
 }

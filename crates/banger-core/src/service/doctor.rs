@@ -17,6 +17,13 @@ impl Manager {
         checks.push(doctor::firecracker_check(
             self.firecracker.version().await.map_err(|e| e.to_string()),
         ));
+        checks.push(doctor::jailer_check(
+            &self.config.firecracker.jailer,
+            self.firecracker
+                .jailer_path()
+                .map(|p| p.map(|p| p.display().to_string()))
+                .map_err(|e| e.to_string()),
+        ));
         let dm = self.dm_available().await;
         let (strategy, reason) =
             crate::disk::choose_raw_strategy(&self.layout.images_dir(), dm.clone());

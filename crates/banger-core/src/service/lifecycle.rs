@@ -4,7 +4,7 @@
 //! snapshot, process ended), reconciliation after a daemon restart, and what
 //! `vm exec`/`vm ssh`/`vm logs` need.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use banger_proto::{ConsoleChunk, LifecycleResult, SshInfo, Vm, VmName, VmRuntime, VmState};
@@ -69,12 +69,20 @@ struct StartOutcome {
 struct StartUndo {
     runtime_dir: Option<std::path::PathBuf>,
     process: Option<(VmProcess, String)>,
+    /// The backend that made the process's jail, when it runs jailed.
+    jail: Option<firecracker::Firecracker>,
 }
 
 impl StartUndo {
     async fn undo(self) {
         if let Some((process, marker)) = self.process {
             process::kill(process.pid, &marker).await;
+            if let Some(fc) = self.jail {
+                let removed = tokio::task::spawn_blocking(move || fc.remove_jail(&marker)).await;
+                if let Ok(Err(e)) = removed {
+                    warn!("failed start: {e}");
+                }
+            }
         }
         if let Some(dir) = self.runtime_dir {
             let _ = std::fs::remove_dir_all(dir);
@@ -83,11 +91,18 @@ impl StartUndo {
 }
 
 impl Manager {
-    /// Removes a stopped VM's transient state: its runtime dir and its cgroup leaf.
-    fn release_runtime(&self, vm_id: &str) {
+    /// Removes a stopped VM's transient state: its runtime dir, its cgroup leaf and its
+    /// jail (through the helper; a short blocking call).
+    fn release_runtime(&self, record: &VmRecord) {
+        let vm_id = record.id.as_str();
         let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(vm_id));
         if let Some(root) = cgroup::default_root() {
             cgroup::remove(&root, vm_id);
+        }
+        if record.runtime.as_ref().is_some_and(|r| r.jail.is_some())
+            && let Err(e) = self.firecracker.remove_jail(vm_id)
+        {
+            warn!(vm = %record.name, "{e}");
         }
     }
 
@@ -119,9 +134,10 @@ impl Manager {
             return record;
         }
         warn!(vm = %record.name, "VMM is gone; marking the VM stopped");
-        self.release_runtime(&record.id);
+        self.release_runtime(&record);
         if let Some(runtime) = record.runtime.as_mut() {
             runtime.pid = None;
+            runtime.jail = None;
         }
         record.last_error =
             Some("the VM stopped outside banger (guest power-off or VMM exit)".into());
@@ -175,9 +191,10 @@ impl Manager {
                     }
                 }
             }
-            self.release_runtime(&record.id);
+            self.release_runtime(&record);
             if let Some(runtime) = record.runtime.as_mut() {
                 runtime.pid = None;
+                runtime.jail = None;
             }
             if record.state == VmState::Stopping {
                 // A suspend may have been cut short: its snapshot cannot be trusted. The guest
@@ -226,6 +243,11 @@ impl Manager {
                 Vmm::Firecracker(_) => firecracker::api_socket(&runtime_dir),
                 Vmm::Qemu(_) => runtime_dir.join("qmp.sock"),
             },
+            jail: record
+                .runtime
+                .as_ref()
+                .and_then(|r| r.jail.as_ref())
+                .map(PathBuf::from),
         };
         (vmm, control)
     }
@@ -321,6 +343,7 @@ impl Manager {
                 undo.undo().await;
                 if let Some(runtime) = record.runtime.as_mut() {
                     runtime.pid = None;
+                    runtime.jail = None;
                 }
                 record.last_error = Some(err.to_api().message);
                 // A suspended VM whose snapshot was used up (loaded, or refused) is stopped.
@@ -526,6 +549,9 @@ impl Manager {
             (NetAttach::Tap { .. }, None) => ("127.0.0.1".to_owned(), 0),
         };
         undo.process = Some((process.clone(), record.id.clone()));
+        if let (Some(_), Vmm::Firecracker(fc)) = (&process.jail, &vmm) {
+            undo.jail = Some(fc.clone());
+        }
         record.runtime = Some(VmRuntime {
             vmm: vmm.name().into(),
             accel: choice.accel.as_str().into(),
@@ -533,10 +559,13 @@ impl Manager {
             pid: Some(process.pid),
             ssh_host,
             ssh_port,
+            jail: process.jail.as_ref().map(|p| p.display().to_string()),
         });
         // Durable before waiting: a daemon crash now still knows which process to clean up.
         self.store().update_vm(record)?;
-        if let Some(root) = cgroup::default_root() {
+        if let Some(jail) = &process.jail {
+            info!(vm = %record.name, jail = %jail.display(), "Firecracker runs in its jail (cgroup set by the jailer)");
+        } else if let Some(root) = cgroup::default_root() {
             match cgroup::place(&root, &record.id, process.pid, spec.cpus, spec.memory_mib) {
                 Ok(leaf) => {
                     info!(vm = %record.name, cgroup = %leaf.display(), "VMM placed in its cgroup")
@@ -637,9 +666,10 @@ impl Manager {
             self.transition(&mut record, VmState::Stopping)?;
         }
         let method = self.stop_process(&record, pid, force, maybe_paused).await;
-        self.release_runtime(&record.id);
+        self.release_runtime(&record);
         if let Some(runtime) = record.runtime.as_mut() {
             runtime.pid = None;
+            runtime.jail = None;
         }
         record.last_error = None;
         self.transition(&mut record, VmState::Stopped)?;
@@ -793,9 +823,10 @@ impl Manager {
         {
             warn!(vm = %name, "cannot flush {}: {e}", dir.display());
         }
-        self.release_runtime(&record.id);
+        self.release_runtime(&record);
         if let Some(runtime) = record.runtime.as_mut() {
             runtime.pid = None;
+            runtime.jail = None;
         }
         record.last_error = None;
         self.transition(&mut record, VmState::Suspended)?;

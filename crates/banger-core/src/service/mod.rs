@@ -25,7 +25,7 @@ use crate::model::{self, VmRecord};
 use crate::store::Store;
 use crate::store::StoreError;
 use crate::vmm::accel::{Accel, AccelChoice};
-use crate::vmm::firecracker::Firecracker;
+use crate::vmm::firecracker::{Firecracker, Jailer};
 use crate::vmm::qemu::Qemu;
 use crate::vmm::select::{self as vmm_select, Facts, Selection, VmmKind};
 use crate::vmm::{Vmm, select};
@@ -111,7 +111,17 @@ impl Manager {
         let defaults = config.resolved_defaults(&layout.config_file().display().to_string())?;
         let store = Store::open(&layout.state_db())?;
         let qemu = Qemu::new(config.qemu.binary.clone().into());
-        let firecracker = Firecracker::new(config.firecracker.binary.clone().into());
+        let mut firecracker = Firecracker::new(config.firecracker.binary.clone().into());
+        if !config.firecracker.jailer.is_empty() {
+            // The jailer must start as root: the helper runs it, whatever the network mode.
+            let host = host.clone().unwrap_or_else(|| {
+                Arc::new(HelperClient::new(helper_socket.clone())) as Arc<dyn HostOps>
+            });
+            firecracker = firecracker.with_jailer(Jailer {
+                binary: config.firecracker.jailer.clone().into(),
+                host,
+            });
+        }
         Ok(Self {
             layout,
             defaults,
@@ -179,7 +189,21 @@ impl Manager {
         // Firecracker has no user-mode networking: it needs the bridge (a lease and its tap).
         let pool = self.choose_network(request.network.as_deref()).await?;
         let selection = self.select_vmm(&requested, &image, pool.is_some()).await?;
+        if selection.kind == VmmKind::Firecracker {
+            // Asked for a jailer that is not there: refused before anything is written.
+            self.firecracker.jailer_path()?;
+        }
         let (strategy, disk_reason) = self.system_disk_strategy(selection.kind).await?;
+        if selection.kind == VmmKind::Firecracker
+            && strategy == SystemDiskStrategy::DmSnapshot
+            && !self.config.firecracker.jailer.is_empty()
+        {
+            return Err(Error::HostSetup {
+                message: "a device-mapper system disk cannot be placed in the jailer's chroot"
+                    .into(),
+                hint: "set defaults.system_disk = \"reflink\" or \"copy\", or remove firecracker.jailer".into(),
+            });
+        }
         let mut spec = spec;
         spec.vmm = selection.kind.as_str().into();
         spec.vmm_reason = selection.reason;
@@ -392,7 +416,11 @@ impl Manager {
             (VmmKind::Qemu, "auto") => Ok((SystemDiskStrategy::Qcow2, "qcow2 overlay (QEMU)".into())),
             (_, "auto") => Ok(disk::choose_raw_strategy(
                 &self.layout.images_dir(),
-                self.dm_available().await,
+                if self.config.firecracker.jailer.is_empty() {
+                    self.dm_available().await
+                } else {
+                    Err("the jailer's chroot takes regular files only".into())
+                },
             )),
             (_, "dm") => match self.dm_available().await {
                 Ok(()) => Ok((SystemDiskStrategy::DmSnapshot, "defaults.system_disk = \"dm\"".into())),

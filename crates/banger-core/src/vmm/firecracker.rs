@@ -6,12 +6,22 @@
 //! reset end the process); pause/resume is `PATCH /vm`; snapshots are `PUT /snapshot/create`
 //! and `/snapshot/load`.
 //!
+//! With `firecracker.jailer` set, the process is started by Firecracker's jailer instead,
+//! through the root helper ([`HelperOp::SpawnJailed`]): the kernel, disks and console log
+//! are placed in the jail under fixed names, every path sent to the API is the in-jail one,
+//! and `<vm runtime dir>/fc.sock` is a symlink to the API socket inside the jail, so stop,
+//! pause and reattach work the same. The jail is removed through the helper when the VM
+//! stops or the launch fails ([`Firecracker::remove_jail`]).
+//!
 //! [`ApiClient`] speaks HTTP/1.1 on the Unix socket (hyper), one connection per request, each
 //! bounded by a timeout; Firecracker's `fault_message` becomes the error text.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use banger_proto::helper::{self, HelperOp, HelperResult, JailFiles};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -19,6 +29,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 use super::{Capabilities, Hypervisor, LaunchSpec, Snapshot, VmProcess, VmmError, process};
+use crate::host::HostOps;
 
 /// Oldest Firecracker whose API matches what banger sends (`mem_backend` on snapshot load,
 /// `/entropy`, the drive `io_engine` field).
@@ -143,11 +154,37 @@ pub fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
     ))
 }
 
+/// `name` as an absolute path: itself when it has a `/`, else the first executable file of
+/// that name on PATH.
+pub fn resolve_binary(name: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if name.components().count() > 1 || name.is_absolute() {
+        return name.canonicalize().ok().filter(|p| executable(p));
+    }
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|dir| dir.join(name))
+        .find(|p| executable(p))
+        .and_then(|p| p.canonicalize().ok())
+}
+
+/// Running Firecracker through its jailer, which the root helper starts.
+#[derive(Debug, Clone)]
+pub struct Jailer {
+    /// `firecracker.jailer` as configured (a path, or a name looked up on PATH).
+    pub binary: PathBuf,
+    pub host: Arc<dyn HostOps>,
+}
+
 /// The Firecracker backend.
 #[derive(Debug, Clone)]
 pub struct Firecracker {
     binary: PathBuf,
     extra_args: Vec<String>,
+    jailer: Option<Jailer>,
 }
 
 impl Firecracker {
@@ -155,7 +192,43 @@ impl Firecracker {
         Self {
             binary,
             extra_args: Vec::new(),
+            jailer: None,
         }
+    }
+
+    /// Starts VMs through Firecracker's jailer (`firecracker.jailer`).
+    pub fn with_jailer(mut self, jailer: Jailer) -> Self {
+        self.jailer = Some(jailer);
+        self
+    }
+
+    /// The jailer's resolved path when one is configured: `None` when not asked for, an
+    /// error naming the fix when asked for and missing.
+    pub fn jailer_path(&self) -> Result<Option<PathBuf>, VmmError> {
+        let Some(jailer) = &self.jailer else {
+            return Ok(None);
+        };
+        resolve_binary(&jailer.binary)
+            .map(Some)
+            .ok_or_else(|| VmmError::MissingJailer(jailer.binary.display().to_string()))
+    }
+
+    /// Removes a VM's jail (and its cgroup) through the helper; blocking. A no-op without a
+    /// configured jailer.
+    pub fn remove_jail(&self, vm_id: &str) -> Result<(), VmmError> {
+        let Some(jailer) = &self.jailer else {
+            return Ok(());
+        };
+        jailer
+            .host
+            .call(
+                vm_id,
+                HelperOp::RemoveJail {
+                    vm_id: vm_id.to_owned(),
+                },
+            )
+            .map(drop)
+            .map_err(|e| VmmError::JailRemoval(e.to_string()))
     }
 
     /// Arguments passed before banger's own (tests point a wrapper at the fake this way).
@@ -239,6 +312,9 @@ impl Firecracker {
     /// Spawns the process, waits for its socket and sets up logger and metrics. On error the
     /// process is killed.
     async fn spawn(&self, spec: &LaunchSpec) -> Result<(VmProcess, ApiClient), VmmError> {
+        if let Some(jailer) = self.jailer_path()? {
+            return self.spawn_jailed(spec, jailer).await;
+        }
         let shown = self.binary.display().to_string();
         let io_err = |context: String| move |source| VmmError::Io { context, source };
         let socket = api_socket(&spec.runtime_dir);
@@ -312,6 +388,7 @@ impl Firecracker {
         let process = VmProcess {
             pid,
             control_socket: socket.clone(),
+            jail: None,
         };
         let client = ApiClient::new(&socket);
         let setup = async {
@@ -337,6 +414,121 @@ impl Firecracker {
         }
         Ok((process, client))
     }
+}
+
+impl Firecracker {
+    /// Kills a spawned process and removes its jail, if any.
+    async fn undo_spawn(&self, process: &VmProcess, vm_id: &str) {
+        process::kill(process.pid, vm_id).await;
+        if process.jail.is_some() {
+            let this = self.clone();
+            let id = vm_id.to_owned();
+            let removed = tokio::task::spawn_blocking(move || this.remove_jail(&id)).await;
+            if let Ok(Err(e)) = removed {
+                tracing::warn!(vm_id, "{e}");
+            }
+        }
+    }
+
+    /// Spawns through the jailer (the helper runs it as root), links the runtime dir's API
+    /// socket to the jail's and configures logger, metrics and the serial console with
+    /// in-jail paths. On error nothing is left: process killed, jail removed.
+    async fn spawn_jailed(
+        &self,
+        spec: &LaunchSpec,
+        jailer: PathBuf,
+    ) -> Result<(VmProcess, ApiClient), VmmError> {
+        let io_err = |context: String| move |source| VmmError::Io { context, source };
+        let Some(host) = self.jailer.as_ref().map(|j| j.host.clone()) else {
+            return Err(VmmError::Unsupported(
+                "run the jailer without the root helper",
+            ));
+        };
+        let exec_file = resolve_binary(&self.binary)
+            .ok_or_else(|| VmmError::MissingBinary(self.binary.display().to_string()))?;
+        // The console log must exist to be placed in the jail.
+        std::fs::File::create(&spec.console_log).map_err(io_err(format!(
+            "cannot create {}",
+            spec.console_log.display()
+        )))?;
+        let text = |p: &Path| p.display().to_string();
+        let op = HelperOp::SpawnJailed {
+            vm_id: spec.vm_id.clone(),
+            jailer: text(&jailer),
+            exec_file: text(&exec_file),
+            files: JailFiles {
+                kernel: text(&spec.kernel),
+                initrd: spec.initrd.as_deref().map(text),
+                system_disk: text(&spec.system_disk),
+                work_disk: text(&spec.work_disk),
+                console_log: text(&spec.console_log),
+            },
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+        };
+        let op_id = spec.vm_id.clone();
+        let reply = tokio::task::spawn_blocking(move || host.call(&op_id, op))
+            .await
+            .map_err(|e| VmmError::LaunchFailed {
+                binary: text(&jailer),
+                message: format!("helper call panicked: {e}"),
+            })?
+            .map_err(|e| VmmError::LaunchFailed {
+                binary: text(&jailer),
+                message: e.to_string(),
+            })?;
+        let HelperResult::Jailed { pid, root } = reply.result else {
+            return Err(VmmError::LaunchFailed {
+                binary: text(&jailer),
+                message: format!("unexpected helper reply {:?}", reply.result),
+            });
+        };
+        let root = PathBuf::from(root);
+        let process = VmProcess {
+            pid,
+            control_socket: api_socket(&spec.runtime_dir),
+            jail: Some(root.clone()),
+        };
+        let setup = async {
+            let socket = api_socket(&spec.runtime_dir);
+            let _ = std::fs::remove_file(&socket);
+            let target = root.join(helper::JAIL_API_SOCKET.trim_start_matches('/'));
+            std::os::unix::fs::symlink(&target, &socket)
+                .map_err(io_err(format!("cannot link {}", socket.display())))?;
+            let client = ApiClient::new(&socket);
+            for (path, body) in [
+                (
+                    "/logger",
+                    json!({ "log_path": helper::JAIL_LOG, "level": "Info" }),
+                ),
+                ("/metrics", json!({ "metrics_path": helper::JAIL_METRICS })),
+                (
+                    "/serial",
+                    json!({ "serial_out_path": helper::JAIL_CONSOLE }),
+                ),
+            ] {
+                client.call("PUT", path, Some(&body)).await?;
+            }
+            Ok::<_, VmmError>(client)
+        };
+        match setup.await {
+            Ok(client) => Ok((process, client)),
+            Err(e) => {
+                self.undo_spawn(&process, &spec.vm_id).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// `spec` with the in-jail paths the helper placed the files at.
+pub fn jailed_spec(spec: &LaunchSpec) -> LaunchSpec {
+    let mut jailed = spec.clone();
+    jailed.kernel = helper::JAIL_KERNEL.into();
+    jailed.initrd = spec.initrd.as_ref().map(|_| helper::JAIL_INITRD.into());
+    jailed.system_disk = helper::JAIL_SYSTEM_DISK.into();
+    jailed.work_disk = helper::JAIL_WORK_DISK.into();
+    jailed
 }
 
 /// The API socket in a VM's runtime dir.
@@ -365,9 +557,14 @@ impl Hypervisor for Firecracker {
     async fn launch(&self, spec: &LaunchSpec) -> Result<VmProcess, VmmError> {
         let tap = spec.tap.clone().ok_or(VmmError::NeedsTap)?;
         let (process, client) = self.spawn(spec).await?;
-        for (method, path, body) in Self::boot_requests(spec, &tap) {
+        // Under the jailer Firecracker sees the files at their in-jail paths only.
+        let sent = match process.jail {
+            Some(_) => jailed_spec(spec),
+            None => spec.clone(),
+        };
+        for (method, path, body) in Self::boot_requests(&sent, &tap) {
             if let Err(e) = client.call(method, &path, Some(&body)).await {
-                process::kill(process.pid, &spec.vm_id).await;
+                self.undo_spawn(&process, &spec.vm_id).await;
                 return Err(e);
             }
         }
@@ -430,6 +627,10 @@ impl Hypervisor for Firecracker {
     /// A full snapshot of a paused VM. It does not flush guest disks: callers sync the guest
     /// (or freeze its file systems) first.
     async fn snapshot(&self, process: &VmProcess, snapshot: &Snapshot) -> Result<(), VmmError> {
+        if process.jail.is_some() {
+            // The snapshot files would have to be placed in the jail first.
+            return Err(VmmError::Unsupported("snapshot a VM that runs jailed"));
+        }
         ApiClient::new(&process.control_socket)
             .with_timeout(Duration::from_secs(120))
             .call(
@@ -446,6 +647,11 @@ impl Hypervisor for Firecracker {
     }
 
     async fn restore(&self, spec: &LaunchSpec, snapshot: &Snapshot) -> Result<VmProcess, VmmError> {
+        if self.jailer.is_some() {
+            return Err(VmmError::Unsupported(
+                "restore a snapshot through the jailer",
+            ));
+        }
         let (process, client) = self.spawn(spec).await?;
         let loaded = client
             .clone()
@@ -464,7 +670,7 @@ impl Hypervisor for Firecracker {
             )
             .await;
         if let Err(e) = loaded {
-            process::kill(process.pid, &spec.vm_id).await;
+            self.undo_spawn(&process, &spec.vm_id).await;
             return Err(e);
         }
         Ok(process)

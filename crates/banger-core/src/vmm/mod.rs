@@ -22,6 +22,12 @@ pub enum VmmError {
     /// The VMM binary is not installed.
     #[error("{0} is not installed")]
     MissingBinary(String),
+    /// `firecracker.jailer` names no executable file.
+    #[error("Firecracker's jailer {0:?} (firecracker.jailer) is not installed")]
+    MissingJailer(String),
+    /// The root helper could not remove a VM's jail.
+    #[error("cannot remove the VM's jail: {0}")]
+    JailRemoval(String),
     /// The VMM exited before the VM ran.
     #[error("{binary} did not start: {message}")]
     LaunchFailed { binary: String, message: String },
@@ -133,6 +139,8 @@ pub struct VmProcess {
     pub pid: u32,
     /// QMP socket (QEMU) or API socket (Firecracker).
     pub control_socket: PathBuf,
+    /// The jail's root on the host when Firecracker runs through the jailer.
+    pub jail: Option<PathBuf>,
 }
 
 /// A VMM backend.

@@ -166,6 +166,7 @@ impl Hypervisor for Qemu {
         Ok(VmProcess {
             pid,
             control_socket: qmp_socket(spec),
+            jail: None,
         })
     }
 

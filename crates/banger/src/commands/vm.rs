@@ -184,7 +184,10 @@ async fn start(client: &Client, name: &VmName, json: bool) -> Result<u8, ClientE
             .vm
             .runtime
             .as_ref()
-            .map(|r| format!(" with {} ({})", r.vmm, r.accel))
+            .map(|r| {
+                let jailed = if r.jail.is_some() { ", jailed" } else { "" };
+                format!(" with {} ({}{jailed})", r.vmm, r.accel)
+            })
             .unwrap_or_default();
         println!(
             "Started VM {name}{from}{how}; `banger vm exec {name} -- CMD` runs commands in it"
