@@ -6,90 +6,37 @@
 //! Every loop device a test makes is detached on drop, also when the test fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use banger_proto::helper::{
-    HelperOp, HelperReply, HelperRequest, HelperResult, read_frame, write_frame,
-};
+use banger_proto::helper::{HelperOp, HelperReply, HelperResult};
 
+mod common;
+
+use common::{refused, request};
+
+/// The common helper plus a directory beside its state dir (outside it).
 struct Helper {
-    child: Child,
-    socket: PathBuf,
-    /// The state dir, canonical.
-    state: PathBuf,
-    /// A directory beside the state dir (outside it).
+    inner: common::Helper,
     outside: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Helper {
+    type Target = common::Helper;
+    fn deref(&self) -> &common::Helper {
+        &self.inner
     }
 }
 
 fn start_helper() -> Helper {
-    let dir = tempfile::Builder::new()
-        .prefix("bghd")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let socket = dir.path().join("helper.sock");
-    let state = dir.path().join("state");
-    let outside = dir.path().join("outside");
-    std::fs::create_dir_all(state.join("images/abc")).unwrap();
-    std::fs::create_dir_all(state.join("vms/def")).unwrap();
+    let inner = common::start(common::temp_dir("bghd"), &[], &[]);
+    std::fs::create_dir_all(inner.state.join("images/abc")).unwrap();
+    std::fs::create_dir_all(inner.state.join("vms/def")).unwrap();
+    let outside = inner.dir.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_banger-helper"))
-        .args(["--foreground", "--owner", "0"])
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(&state)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "helper did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     Helper {
-        child,
-        socket,
-        state: state.canonicalize().unwrap(),
         outside: outside.canonicalize().unwrap(),
-        _dir: dir,
-    }
-}
-
-fn request(socket: &Path, op: HelperOp) -> HelperReply {
-    let mut stream = UnixStream::connect(socket).unwrap();
-    write_frame(
-        &mut stream,
-        &HelperRequest {
-            op_id: "test-disk".into(),
-            op,
-        },
-    )
-    .unwrap();
-    read_frame(&mut stream).unwrap()
-}
-
-#[track_caller]
-fn refused(reply: HelperReply, needle: &str) -> String {
-    match reply {
-        HelperReply::Error { message, .. } => {
-            assert!(message.contains(needle), "{message:?} lacks {needle:?}");
-            assert!(!message.contains('\n'), "one line: {message:?}");
-            message
-        }
-        other => panic!("expected a refusal ({needle}), got {other:?}"),
+        inner,
     }
 }
 

@@ -5,12 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use banger_proto::helper::{
     HelperOp, HelperReply, HelperRequest, HelperResult, MAX_FRAME, read_frame, write_frame,
@@ -44,74 +42,16 @@ impl Drop for Netns {
     }
 }
 
-struct Helper {
-    child: Child,
-    socket: PathBuf,
-    state: PathBuf,
-    _dir: tempfile::TempDir,
-}
+mod common;
 
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{Helper, refused, request};
 
 fn start_helper(ns: &Netns) -> Helper {
-    let dir = tempfile::Builder::new()
-        .prefix("bgh")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let socket = dir.path().join("helper.sock");
-    let state = dir.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns.0])
-        .arg(env!("CARGO_BIN_EXE_banger-helper"))
-        .args(["--foreground", "--owner", "0", "--subnet", "172.30.0.0/24"])
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(&state)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "helper did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Helper {
-        child,
-        socket,
-        state,
-        _dir: dir,
-    }
-}
-
-fn request(socket: &Path, op: HelperOp) -> HelperReply {
-    let mut stream = UnixStream::connect(socket).unwrap();
-    write_frame(
-        &mut stream,
-        &HelperRequest {
-            op_id: "test-op-1".into(),
-            op,
-        },
+    common::start(
+        common::temp_dir("bgh"),
+        &["ip", "netns", "exec", &ns.0],
+        &["--subnet".as_ref(), "172.30.0.0/24".as_ref()],
     )
-    .unwrap();
-    read_frame(&mut stream).unwrap()
-}
-
-#[track_caller]
-fn refused(reply: HelperReply, needle: &str) {
-    match reply {
-        HelperReply::Error { message, .. } => {
-            assert!(message.contains(needle), "{message:?} lacks {needle:?}")
-        }
-        other => panic!("expected a refusal, got {other:?}"),
-    }
 }
 
 #[track_caller]

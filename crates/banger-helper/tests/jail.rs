@@ -10,12 +10,10 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use banger_proto::helper::{
-    HelperOp, HelperReply, HelperRequest, HelperResult, JailFiles, read_frame, write_frame,
-};
+use banger_proto::helper::{HelperOp, HelperReply, HelperResult, JailFiles};
 
 const ID: &str = "0123456789abcdef0123456789abcdef";
 
@@ -35,19 +33,27 @@ fn workspace_bin(name: &str) -> PathBuf {
     path
 }
 
+mod common;
+
+use common::{refused, request};
+
+/// The common helper with a jail base (`--jail-base`), a tmpfs when asked (unmounted on drop).
 struct Helper {
-    child: Child,
-    socket: PathBuf,
-    state: PathBuf,
+    inner: common::Helper,
     base: PathBuf,
     tmpfs: bool,
-    dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Helper {
+    type Target = common::Helper;
+    fn deref(&self) -> &common::Helper {
+        &self.inner
+    }
 }
 
 impl Drop for Helper {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.inner.stop();
         if self.tmpfs {
             let _ = Command::new("umount").arg(&self.base).status();
         }
@@ -55,14 +61,7 @@ impl Drop for Helper {
 }
 
 fn start_helper(tmpfs_base: bool) -> Helper {
-    let dir = tempfile::Builder::new()
-        .prefix("bgj")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let socket = dir.path().join("helper.sock");
-    let state = dir.path().join("state");
-    std::fs::create_dir(&state).unwrap();
+    let dir = common::temp_dir("bgj");
     let base = dir.path().join("jail");
     std::fs::create_dir(&base).unwrap();
     if tmpfs_base {
@@ -73,52 +72,11 @@ fn start_helper(tmpfs_base: bool) -> Helper {
             .unwrap();
         assert!(ok.success(), "mount tmpfs");
     }
-    let child = Command::new(env!("CARGO_BIN_EXE_banger-helper"))
-        .args(["--foreground", "--owner", "0"])
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--jail-base")
-        .arg(&base)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "helper did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let inner = common::start(dir, &[], &["--jail-base".as_ref(), base.as_os_str()]);
     Helper {
-        child,
-        socket,
-        state,
+        inner,
         base,
         tmpfs: tmpfs_base,
-        dir,
-    }
-}
-
-fn request(socket: &Path, op: HelperOp) -> HelperReply {
-    let mut stream = UnixStream::connect(socket).unwrap();
-    write_frame(
-        &mut stream,
-        &HelperRequest {
-            op_id: "jail-test".into(),
-            op,
-        },
-    )
-    .unwrap();
-    read_frame(&mut stream).unwrap()
-}
-
-#[track_caller]
-fn refused(reply: HelperReply, needle: &str) {
-    match reply {
-        HelperReply::Error { message, .. } => {
-            assert!(message.contains(needle), "{message:?} lacks {needle:?}")
-        }
-        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
