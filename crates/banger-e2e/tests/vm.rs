@@ -208,7 +208,30 @@ fn qmp_status(env: &TestEnv, name: &str) -> String {
 fn pause_resume_survive_a_daemon_crash_and_suspend_needs_firecracker() {
     let env = TestEnv::new();
     env.build_default_image();
-    env.banger(&["vm", "run", "p"]).ok();
+    // A client that goes away mid-start (Ctrl-C, a killed agent) does not cancel the start:
+    // the daemon finishes it, the VM ends up running, not stuck in `starting`.
+    env.banger(&["vm", "create", "p"]).ok();
+    let mut client = env
+        .command(&["vm", "start", "p"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    poll(Duration::from_secs(60), "the start to begin", || {
+        let vm = env.banger(&["vm", "show", "p", "--json"]).ok().json();
+        (vm["state"] == "starting").then_some(())
+    });
+    client.kill().unwrap();
+    client.wait().unwrap();
+    poll(
+        Duration::from_secs(300),
+        "the abandoned start to finish",
+        || {
+            let vm = env.banger(&["vm", "show", "p", "--json"]).ok().json();
+            assert_ne!(vm["state"], "stopped", "the start was undone: {vm}");
+            (vm["state"] == "running").then_some(())
+        },
+    );
     env.banger(&[
         "vm",
         "exec",

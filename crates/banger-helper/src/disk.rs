@@ -49,8 +49,15 @@ pub fn root(state_dir: &Path) -> Result<PathBuf, Invalid> {
 
 /// Attaches the regular file `text` (inside `root` once resolved) to a free loop device,
 /// read-only when asked (the kernel makes the device read-only when its backing file is
-/// opened read-only). Answers `/dev/loopN`.
-pub fn loop_attach(text: &str, read_only: bool, root: &Path) -> Result<String, DiskError> {
+/// opened read-only). The file must belong to `owner`: a root file hard-linked into the state
+/// dir must not become readable or writable through a device the owner is given. Answers
+/// `/dev/loopN`.
+pub fn loop_attach(
+    text: &str,
+    read_only: bool,
+    root: &Path,
+    owner: u32,
+) -> Result<String, DiskError> {
     let resolved = validate::state_path(text, root)?;
     let access = if read_only {
         OFlag::O_RDONLY
@@ -71,6 +78,13 @@ pub fn loop_attach(text: &str, read_only: bool, root: &Path) -> Result<String, D
         fstat(&file).map_err(|e| failed(format!("cannot stat {}: {e}", opened.display())))?;
     if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
         return Err(Invalid::NotRegular(text.to_owned()).into());
+    }
+    if stat.st_uid != owner {
+        return Err(failed(format!(
+            "{} belongs to uid {}, not to the owner (uid {owner})",
+            opened.display(),
+            stat.st_uid
+        )));
     }
     let control = open(
         "/dev/loop-control",

@@ -218,7 +218,7 @@ impl Server {
                 Err(ChownError::Failed(e)) => failed(&e),
             },
             HelperOp::LoopAttach { file, read_only } => self.disk(|root| {
-                disk::loop_attach(file, *read_only, root)
+                disk::loop_attach(file, *read_only, root, self.net.owner)
                     .map(|device| HelperResult::Device { device })
             }),
             HelperOp::LoopDetach { device } => {

@@ -170,6 +170,10 @@ fn loop_devices_are_attached_and_detached_inside_the_state_dir_only() {
         attach(&helper, &helper.state.join("images"), true),
         "not a regular file",
     );
+    // A file inside the state dir that is not the owner's (e.g. a root file hard-linked in).
+    let foreign = file(&helper.state.join("images/abc/foreign.img"), 1);
+    std::os::unix::fs::chown(&foreign, Some(65534), None).unwrap();
+    refused(attach(&helper, &foreign, true), "not to the owner");
     refused(
         attach(&helper, &helper.state.join("images/nothing"), true),
         "does not exist",

@@ -95,10 +95,13 @@ async fn op_id_span(request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
     let started = Instant::now();
     let task_op_id = op_id.clone();
-    let mut response = banger_core::net::OP_ID
-        .scope(
+    // Its own task: hyper drops a handler's future when the client goes away (Ctrl-C on
+    // `banger vm start`), which would cancel an operation half-way, past its undo logic. A
+    // spawned task runs to completion whoever waits for it.
+    let handled = tokio::spawn(
+        banger_core::net::OP_ID.scope(
             task_op_id,
-            async {
+            async move {
                 info!(%method, %path, "request");
                 let response = next.run(request).await;
                 info!(
@@ -109,8 +112,15 @@ async fn op_id_span(request: Request, next: Next) -> Response {
                 response
             }
             .instrument(span),
-        )
-        .await;
+        ),
+    );
+    let mut response = match handled.await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!(op_id = %op_id, "request handler failed: {e}");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    };
     if let Ok(value) = HeaderValue::from_str(&op_id) {
         response.headers_mut().insert(OP_ID_HEADER, value);
     }

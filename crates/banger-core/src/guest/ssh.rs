@@ -47,6 +47,13 @@ pub struct SshTarget {
 /// How long an idle shared connection stays open.
 const CONTROL_PERSIST_SECS: u32 = 60;
 
+/// Whether OpenSSH can use `path` as a ControlPath: a master binds it with a 17-byte random
+/// suffix, and a Unix socket path holds 107 bytes. Longer paths make ssh fail outright, so
+/// banger dials directly instead (slower, never broken).
+fn control_path_fits(path: &Path) -> bool {
+    path.as_os_str().len() + 17 < 108
+}
+
 /// Cipher preference for guest connections: AES-GCM ahead of OpenSSH's default
 /// chacha20-poly1305. On x86 with AES-NI (KVM hosts, and QEMU's TCG `-cpu max` emulates it)
 /// it is the cheaper one for the guest to decrypt: 100 MiB into a TCG guest took 8 s against
@@ -79,9 +86,11 @@ impl SshTarget {
             "-l".into(),
             self.user.clone(),
         ];
-        if let Some(control) = &self.control_path {
+        if let Some(control) = self.control_path.as_ref().filter(|c| control_path_fits(c)) {
             // `auto`: the first command becomes the master, later ones reuse it; a stale
-            // socket (master gone) makes ssh dial directly instead of failing.
+            // socket (master gone) makes ssh dial directly instead of failing. The master
+            // checks the guest every 15 s, so a dead guest ends it (and its sessions) instead
+            // of leaving them waiting.
             options.extend([
                 "-o".into(),
                 "ControlMaster=auto".into(),
@@ -89,9 +98,23 @@ impl SshTarget {
                 format!("ControlPath={}", control.display()),
                 "-o".into(),
                 format!("ControlPersist={CONTROL_PERSIST_SECS}"),
+                "-o".into(),
+                "ServerAliveInterval=15".into(),
+                "-o".into(),
+                "ServerAliveCountMax=3".into(),
             ]);
         }
         options
+    }
+
+    /// The same target dialling its own connection (bounded by `ConnectTimeout`, which does
+    /// not apply to sessions through a master): for steps that must give up quickly on a
+    /// hung guest, like the sync before a stop.
+    pub fn direct(&self) -> Self {
+        Self {
+            control_path: None,
+            ..self.clone()
+        }
     }
 
     /// Runs `script` in the guest (non-interactive), bounded by `connect` for the dial and
@@ -236,7 +259,44 @@ pub fn shell_quote(arg: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::shell_quote;
+    use super::{SshTarget, shell_quote};
+
+    #[test]
+    fn a_control_path_ssh_cannot_bind_is_left_out() {
+        let target = |control: &str| SshTarget {
+            host: "127.0.0.1".into(),
+            port: 2222,
+            user: "root".into(),
+            identity: "/k".into(),
+            known_hosts: "/kh".into(),
+            host_key_alias: "a.vm".into(),
+            control_path: Some(control.into()),
+        };
+        let short = format!("/run/user/1000/banger/vms/{}/ssh-control", "a".repeat(32));
+        assert!(
+            target(&short)
+                .options()
+                .iter()
+                .any(|o| o.starts_with("ControlPath="))
+        );
+        let long = format!(
+            "/home/someone/{}/run/vms/{}/ssh-control",
+            "x".repeat(40),
+            "a".repeat(32)
+        );
+        let options = target(&long).options();
+        assert!(
+            !options.iter().any(|o| o.starts_with("Control")),
+            "{options:?}"
+        );
+        assert!(
+            !target(&short)
+                .direct()
+                .options()
+                .iter()
+                .any(|o| o.starts_with("Control"))
+        );
+    }
 
     #[test]
     fn quoting_survives_the_remote_shell() {

@@ -178,17 +178,23 @@ impl Manager {
                 // `-daemonize` forks: a scan can catch the parent before its child exists, so
                 // scan again after every kill until nothing carries the marker (a killed
                 // parent forks no more; a child it forked before shows up in the next scan).
+                // Firecracker (also when the jailer exec'd it) carries `--id <id>`.
                 let marker = format!("process=banger-{}", record.id);
                 let deadline = std::time::Instant::now() + Duration::from_secs(30);
                 loop {
-                    let found = process::find_by_marker(&marker);
+                    let mut found = process::find_by_marker(&marker);
+                    found.extend(process::find_by_flag("--id", &record.id));
                     if found.is_empty() || std::time::Instant::now() > deadline {
                         break;
                     }
                     for pid in found {
                         warn!(vm = %record.name, pid, "killing a VMM left by an interrupted start");
-                        process::kill(pid, &marker).await;
+                        process::kill(pid, &record.id).await;
                     }
+                }
+                // A jail made before the daemon recorded it: removal is idempotent.
+                if let Err(e) = self.firecracker.remove_jail(&record.id) {
+                    warn!(vm = %record.name, "{e}");
                 }
             }
             self.release_runtime(&record);
@@ -760,6 +766,15 @@ impl Manager {
                 hint: "use `banger vm pause NAME` or `banger vm stop NAME`".into(),
             });
         }
+        if current.runtime.as_ref().is_some_and(|r| r.jail.is_some()) {
+            return Err(Error::Unsupported {
+                message: format!(
+                    "cannot suspend VM {name}: it runs through Firecracker's jailer, whose chroot \
+                     cannot take the snapshot files"
+                ),
+                hint: "use `banger vm pause NAME` or `banger vm stop NAME`".into(),
+            });
+        }
         let (mut record, vmm, control) = self.live_vm(&name)?;
         let was = record.state;
         // Stopping while the snapshot is written: a daemon that dies now leaves a VM that
@@ -767,11 +782,18 @@ impl Manager {
         self.transition(&mut record, VmState::Stopping)?;
         let mut warnings = Vec::new();
         // 1. Data safety first: a paused guest cannot sync, so resume it for that.
-        if was == VmState::Paused {
-            vmm.resume(&control).await?;
+        if was == VmState::Paused
+            && let Err(e) = vmm.resume(&control).await
+        {
+            self.transition(&mut record, was)?;
+            return Err(Error::StepFailed {
+                step: format!("cannot suspend VM {name}: resuming it to sync failed"),
+                source: Box::new(Error::from(e)),
+            });
         }
+        // Dialled directly: STOP_DIAL then bounds a hung guest (not so through a master).
         let synced = match self.ssh_target(&record) {
-            Ok(target) => match target.run("sync", STOP_DIAL, STOP_SYNC).await {
+            Ok(target) => match target.direct().run("sync", STOP_DIAL, STOP_SYNC).await {
                 Ok((Some(0), _, _)) => Ok(()),
                 Ok((code, _, stderr)) => Err(format!("exit {code:?}: {}", stderr.trim())),
                 Err(e) => Err(e.to_string()),
@@ -796,9 +818,20 @@ impl Manager {
         if let Err(e) = taken {
             warn!(vm = %name, "snapshot failed, resuming: {e}");
             self.remove_snapshot(&record.id);
-            let back = match vmm.resume(&control).await {
-                Ok(()) if was == VmState::Running => VmState::Running,
-                _ => VmState::Paused,
+            // Back to what it was: a paused VM was resumed for the sync, so pause it again.
+            let back = if was == VmState::Paused {
+                match vmm.is_paused(&control).await {
+                    Ok(true) => VmState::Paused,
+                    _ => match vmm.pause(&control).await {
+                        Ok(()) => VmState::Paused,
+                        Err(_) => VmState::Running,
+                    },
+                }
+            } else {
+                match vmm.resume(&control).await {
+                    Ok(()) => VmState::Running,
+                    Err(_) => VmState::Paused,
+                }
             };
             self.transition(&mut record, back)?;
             return Err(Error::StepFailed {
@@ -873,8 +906,9 @@ impl Manager {
                 "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1"
             }
         };
+        // Dialled directly: STOP_DIAL then bounds a hung guest (not so through a master).
         let synced = match self.ssh_target(record) {
-            Ok(target) => match target.run(script, STOP_DIAL, STOP_SYNC).await {
+            Ok(target) => match target.direct().run(script, STOP_DIAL, STOP_SYNC).await {
                 Ok((Some(0), _, _)) => true,
                 Ok((code, _, stderr)) => {
                     warn!(vm = %record.name, ?code, "sync/poweroff over SSH failed: {}", stderr.trim());

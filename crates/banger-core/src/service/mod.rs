@@ -219,6 +219,11 @@ impl Manager {
         let lease = match made {
             Ok(lease) => lease,
             Err(err) => {
+                // A dm disk made before the failure (e.g. the insert lost a race for the
+                // name) lives in the kernel, not in the directory: tear it down first.
+                if let Err(e) = self.remove_dm_disk(&record.id).await {
+                    tracing::warn!(vm = %record.name, "device-mapper teardown incomplete after a failed create: {e}");
+                }
                 let _ = std::fs::remove_dir_all(&vm_dir);
                 return Err(err);
             }
@@ -558,18 +563,9 @@ impl Manager {
             });
         }
         if record.spec.system_disk == SystemDiskStrategy::DmSnapshot.as_str()
-            && let Some(dm) = load_dm(&self.layout.vm_system_dm(&record.id))
+            && let Err(e) = self.remove_dm_disk(&record.id).await
         {
-            let host = self.disk_host();
-            let op_id = crate::net::current_op_id();
-            let torn = tokio::task::spawn_blocking(move || {
-                disk::dm_snapshot_remove(host.as_ref(), &op_id, &dm)
-            })
-            .await
-            .map_err(|e| Error::Failed(format!("dm task failed: {e}")))?;
-            if let Err(e) = torn {
-                tracing::warn!(vm = %name, "device-mapper teardown incomplete: {e}");
-            }
+            tracing::warn!(vm = %name, "device-mapper teardown incomplete: {e}");
         }
         let lease = self.store().lease_of(&record.id)?;
         if let Some(lease) = &lease {
@@ -603,6 +599,22 @@ impl Manager {
 }
 
 /// Records a dm system disk's loop devices for teardown.
+impl Manager {
+    /// Tears down the VM's device-mapper system disk, if it has one (its loops recorded in
+    /// the VM directory).
+    async fn remove_dm_disk(&self, vm_id: &str) -> Result<(), String> {
+        let Some(dm) = load_dm(&self.layout.vm_system_dm(vm_id)) else {
+            return Ok(());
+        };
+        let host = self.disk_host();
+        let op_id = crate::net::current_op_id();
+        tokio::task::spawn_blocking(move || disk::dm_snapshot_remove(host.as_ref(), &op_id, &dm))
+            .await
+            .map_err(|e| format!("dm task failed: {e}"))?
+            .map_err(|e| e.to_string())
+    }
+}
+
 pub(super) fn save_dm(path: &std::path::Path, dm: &disk::DmDisk) -> Result<(), Error> {
     let text = serde_json::to_string(dm).map_err(|e| Error::Failed(e.to_string()))?;
     std::fs::write(path, text).map_err(Error::io(format!("cannot write {}", path.display())))

@@ -37,6 +37,26 @@ pub fn find_by_marker(marker: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Live processes whose command line has `flag` followed by the argument `value` (e.g.
+/// Firecracker's `--id <vm id>`), so a path merely containing the value does not match.
+pub fn find_by_flag(flag: &str, value: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| *pid != std::process::id() && is_alive(*pid, value))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+                args.windows(2)
+                    .any(|w| w[0] == flag.as_bytes() && w[1] == value.as_bytes())
+            })
+        })
+        .collect()
+}
+
 /// Polls until the process is gone or `limit` passes; returns whether it is gone.
 pub async fn wait_gone(pid: u32, marker: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
@@ -62,4 +82,30 @@ pub async fn kill(pid: u32, marker: &str) -> bool {
         );
     }
     wait_gone(pid, marker, Duration::from_secs(10)).await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_flag_matches_only_as_its_own_argument() {
+        let value = format!("{:032x}", std::process::id() as u128 * 7919);
+        let spawn = |args: &[&str]| {
+            std::process::Command::new("sh")
+                .args(["-c", "sleep 30"])
+                .args(args)
+                .spawn()
+                .unwrap()
+        };
+        let mut flagged = spawn(&["--id", &value]);
+        let mut in_path = spawn(&[&format!("/run/vms/{value}/ssh-control")]);
+        let found = find_by_flag("--id", &value);
+        assert_eq!(found, vec![flagged.id()]);
+        for child in [&mut flagged, &mut in_path] {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
 }

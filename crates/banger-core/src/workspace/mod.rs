@@ -85,7 +85,7 @@ pub const UNTRACKED_EXCLUDES: &str = "/root/.banger/workspace-untracked";
 /// for files extracted from a tar (whole-second mtimes, new inodes and ctimes), so `git status`
 /// does not re-read every file after a prepare, and the exclude file of untracked paths.
 const GUEST_GIT_SETTINGS: &str = "{ grep -qsx '# banger workspace settings v1' /etc/gitconfig \
-    || printf '%s\\n' '# banger workspace settings v1' '[core]' '\tcheckStat = minimal' \
+    || printf '%s\\n' '' '# banger workspace settings v1' '[core]' '\tcheckStat = minimal' \
     '\ttrustCtime = false' '\texcludesFile = /root/.banger/workspace-untracked' \
     >> /etc/gitconfig; } 2>/dev/null || :; ";
 
