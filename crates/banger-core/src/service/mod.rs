@@ -562,6 +562,13 @@ impl Manager {
                 hint: "stop it first with `banger vm stop NAME`",
             });
         }
+        // A jail whose removal failed at stop still holds hard links to the VM's disks: try
+        // again (idempotent; nothing to do without a jailer).
+        if record.spec.vmm == "firecracker"
+            && let Err(e) = self.firecracker.remove_jail(&record.id)
+        {
+            tracing::warn!(vm = %name, "{e}");
+        }
         if record.spec.system_disk == SystemDiskStrategy::DmSnapshot.as_str()
             && let Err(e) = self.remove_dm_disk(&record.id).await
         {
