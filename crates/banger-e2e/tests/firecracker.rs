@@ -115,6 +115,14 @@ impl Drop for Reaper {
     }
 }
 
+/// A temp dir with a short path under /tmp: socket paths inside it stay under the 108-byte limit.
+fn short_tmp(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
 async fn state(process: &VmProcess) -> String {
     let info = ApiClient::new(&process.control_socket)
         .call("GET", "/", None)
@@ -577,10 +585,7 @@ async fn fake_manager_with(
 #[tokio::test(flavor = "multi_thread")]
 async fn the_manager_lifecycle_runs_against_the_fake() {
     let install = FakeInstall::new(&[]);
-    let dir = tempfile::Builder::new()
-        .prefix("bgfc")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = short_tmp("bgfc");
     let manager = fake_manager(&install, dir.path()).await;
     let mut reaper = Reaper(Vec::new());
 
@@ -666,10 +671,7 @@ async fn the_manager_lifecycle_runs_against_the_fake() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_manager_kills_a_firecracker_that_ignores_everything() {
     let install = FakeInstall::new(&["--ctrl-alt-del", "ignore", "--ignore-sigterm"]);
-    let dir = tempfile::Builder::new()
-        .prefix("bgfc")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = short_tmp("bgfc");
     let manager = fake_manager(&install, dir.path()).await;
     let mut reaper = Reaper(Vec::new());
     manager
@@ -760,10 +762,7 @@ async fn a_dm_system_disk_is_made_and_torn_down_through_the_helper_seam() {
     use banger_proto::helper::HelperOp;
     use std::sync::Arc;
     let install = FakeInstall::new(&[]);
-    let dir = tempfile::Builder::new()
-        .prefix("bgfc")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = short_tmp("bgfc");
     let ops = Arc::new(RecordingHost::new());
     let (manager, image, home) = dm_manager(&install, dir.path(), Some(ops.clone())).await;
     let vm = manager
@@ -821,10 +820,7 @@ async fn a_dm_system_disk_the_helper_fails_to_map_is_undone() {
     use banger_proto::helper::HelperOp;
     use std::sync::Arc;
     let install = FakeInstall::new(&[]);
-    let dir = tempfile::Builder::new()
-        .prefix("bgfc")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = short_tmp("bgfc");
     let ops = Arc::new(RecordingHost::failing_on(|op| {
         matches!(op, HelperOp::DmSnapshotCreate { .. })
     }));
@@ -863,10 +859,7 @@ async fn a_dm_system_disk_the_helper_fails_to_map_is_undone() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dm_system_disk_without_device_mapper_or_helper_is_refused_cleanly() {
     let install = FakeInstall::new(&[]);
-    let dir = tempfile::Builder::new()
-        .prefix("bgfc")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = short_tmp("bgfc");
     let (manager, _image, home) = dm_manager(&install, dir.path(), None).await;
     let err = manager
         .create_vm(CreateVmRequest {
@@ -910,10 +903,7 @@ fn since(install: &FakeInstall, before: usize) -> Vec<(String, String, u64, Valu
 #[tokio::test(flavor = "multi_thread")]
 async fn pause_resume_and_suspend_against_the_fake() {
     let install = FakeInstall::new(&[]);
-    let dir = tempfile::Builder::new()
-        .prefix("bgfc")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = short_tmp("bgfc");
     let manager = fake_manager(&install, dir.path()).await;
     let mut reaper = Reaper(Vec::new());
     let vm = manager
@@ -1207,10 +1197,7 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_jailed_firecracker_runs_the_lifecycle() {
     let install = FakeInstall::new(&[]);
-    let dir = tempfile::Builder::new()
-        .prefix("bgjl")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = short_tmp("bgjl");
     let helper = JailHelper::start(dir.path());
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
@@ -1297,10 +1284,7 @@ async fn a_jailed_firecracker_runs_the_lifecycle() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_jailed_start_leaves_no_jail() {
     let install = FakeInstall::new(&[]);
-    let dir = tempfile::Builder::new()
-        .prefix("bgjl")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = short_tmp("bgjl");
     let helper = JailHelper::start(dir.path());
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
@@ -1333,10 +1317,7 @@ async fn a_failed_jailed_start_leaves_no_jail() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_jailer_is_refused_before_anything_is_made() {
     let install = FakeInstall::new(&[]);
-    let dir = tempfile::Builder::new()
-        .prefix("bgjl")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = short_tmp("bgjl");
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = "/nonexistent/jailer".into();
         config.network.mode = "user".into();
@@ -1370,10 +1351,7 @@ async fn a_missing_jailer_is_refused_before_anything_is_made() {
 async fn jailed_vms_reattach_and_are_cleaned_up_however_they_end() {
     // A Firecracker that ignores Ctrl-Alt-Del and SIGTERM: only the kill ends it.
     let install = FakeInstall::new(&["--ctrl-alt-del", "ignore", "--ignore-sigterm"]);
-    let dir = tempfile::Builder::new()
-        .prefix("bgjl")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let dir = short_tmp("bgjl");
     let helper = JailHelper::start(dir.path());
     let socket = helper.socket.display().to_string();
     let jailed = |config: &mut Config| {
