@@ -24,29 +24,26 @@ pub fn is_alive(pid: u32, marker: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Pids of live processes other than this one whose command line contains `marker`.
+fn live_pids_with(marker: &str) -> impl Iterator<Item = u32> + '_ {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(move |pid| *pid != std::process::id() && is_alive(*pid, marker))
+}
+
 /// Live processes whose command line contains `marker` (a VM id): finds a VMM whose pid was
 /// never recorded, e.g. when the daemon died while QEMU was daemonizing.
 pub fn find_by_marker(marker: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .filter(|pid| *pid != std::process::id() && is_alive(*pid, marker))
-        .collect()
+    live_pids_with(marker).collect()
 }
 
 /// Live processes whose command line has `flag` followed by the argument `value` (e.g.
 /// Firecracker's `--id <vm id>`), so a path merely containing the value does not match.
 pub fn find_by_flag(flag: &str, value: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .filter(|pid| *pid != std::process::id() && is_alive(*pid, value))
+    live_pids_with(value)
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
                 let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
