@@ -197,7 +197,7 @@ impl Manager {
             }
         }
         for path in manifest.keys() {
-            if path != ".git" && !path.starts_with(".git/") && !seen.contains(path.as_str()) {
+            if !fileset::in_git_dir(path) && !seen.contains(path.as_str()) {
                 diff.removed.push(path.clone());
             }
         }

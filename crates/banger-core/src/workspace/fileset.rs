@@ -194,6 +194,11 @@ pub fn scan(root: &Path, git_mode: bool) -> Result<Scan, WorkspaceError> {
     Ok(scan)
 }
 
+/// Whether `path` (workspace-relative) is `.git` or below it.
+pub fn in_git_dir(path: &str) -> bool {
+    path == ".git" || path.starts_with(".git/")
+}
+
 /// Refuses `rel` when one of its parent directories is a symlink (or not a directory).
 fn check_ancestors(
     root: &Path,
@@ -417,9 +422,8 @@ pub fn plan(old: &Manifest, scan: Scan) -> Plan {
 /// How the host now differs from `old`, hashing only files whose stat changed so a touched
 /// but identical file is not reported. `.git` is left out: HEAD is compared on its own.
 pub fn host_diff(root: &Path, old: &Manifest, scan: &Scan) -> Result<Diff, WorkspaceError> {
-    let in_git = |p: &str| p == ".git" || p.starts_with(".git/");
     let mut diff = Diff::default();
-    for (path, entry) in scan.entries.iter().filter(|(p, _)| !in_git(p)) {
+    for (path, entry) in scan.entries.iter().filter(|(p, _)| !in_git_dir(p)) {
         match old.get(path) {
             None => diff.added.push(path.clone()),
             Some(before) if entry.same_stat(before) => {}
@@ -436,7 +440,7 @@ pub fn host_diff(root: &Path, old: &Manifest, scan: &Scan) -> Result<Diff, Works
             }
         }
     }
-    for path in old.keys().filter(|p| !in_git(p)) {
+    for path in old.keys().filter(|p| !in_git_dir(p)) {
         if !scan.entries.contains_key(path) {
             diff.removed.push(path.clone());
         }

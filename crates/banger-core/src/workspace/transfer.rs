@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
-use super::fileset::{Kind, Plan, exclude_patterns, hex, open_nofollow};
+use super::fileset::{Kind, Plan, exclude_patterns, hex, in_git_dir, open_nofollow};
 use super::{Receive, WorkspaceError, receive_script};
 use crate::guest::ssh::SshTarget;
 
@@ -90,12 +90,11 @@ pub fn send(
 ) -> Result<Sent, WorkspaceError> {
     let deletes = nul_list(plan.delete.iter());
     let (sent, excludes) = if git {
-        let in_git = |p: &&String| *p == ".git" || p.starts_with(".git/");
         // A fresh tree index is built from scratch: the list would only be ignored.
         let sent = if fresh {
             Vec::new()
         } else {
-            nul_list(plan.send.iter().filter(|p| !in_git(p)))
+            nul_list(plan.send.iter().filter(|p| !in_git_dir(p)))
         };
         (sent, exclude_patterns(&plan.untracked))
     } else {
