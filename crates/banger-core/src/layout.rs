@@ -177,6 +177,11 @@ impl Layout {
     pub fn vm_runtime_dir(&self, vm_id: &str) -> PathBuf {
         self.runtime_dir.join("vms").join(vm_id)
     }
+    /// The host end of the VM's workspace channel (a virtio-serial port, QEMU only), see
+    /// [`WORKSPACE_CHANNEL_SOCKET`].
+    pub fn vm_workspace_channel(&self, vm_id: &str) -> PathBuf {
+        self.vm_runtime_dir(vm_id).join(WORKSPACE_CHANNEL_SOCKET)
+    }
     /// The shared SSH connection's socket (daemon and CLI use the same one).
     pub fn vm_ssh_control(&self, vm_id: &str) -> PathBuf {
         self.vm_runtime_dir(vm_id).join("ssh-control")
@@ -219,6 +224,11 @@ impl Layout {
         self.data_dir.join("keys")
     }
 }
+
+/// File name, in a VM's runtime dir, of the Unix socket QEMU listens on for the workspace
+/// channel: a plain byte pipe into the guest that carries a prepare's tar without SSH's
+/// encryption (which the guest has to undo, slowly under TCG).
+pub const WORKSPACE_CHANNEL_SOCKET: &str = "workspace.sock";
 
 #[cfg(test)]
 mod tests {

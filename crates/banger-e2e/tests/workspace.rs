@@ -1,12 +1,13 @@
 //! The workspace against a real VM (one boot, reused across the checks): prepare of a fixture
 //! repo with every awkward kind of file, hashes equal on both sides, the dirty warning and
 //! `--auto-prepare`, incremental resync by transfer stats, deletions, survival across
-//! stop/start, copy-back with `export --patch`/`--to`, git identity at start, and paths that
-//! must never be followed.
+//! stop/start, copy-back with `export --patch`/`--to`, git identity at start, paths that
+//! must never be followed, and the workspace channel (used, failing cleanly, absent).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use banger_e2e::{Run, TestEnv};
 
@@ -179,6 +180,8 @@ fn workspace_prepare_resync_export_and_safety() {
         .json();
     assert_eq!(first["files_sent"], first["files_total"], "{first}");
     assert!(first["bytes_sent"].as_u64().unwrap() > 2 << 20, "{first}");
+    // Over 1 MiB: the tar took the VM's workspace channel, not the SSH session.
+    assert_eq!(first["channel"], "virtio-serial", "{first}");
     assert_eq!(exec(&env, &["pwd"]).ok().stdout.trim(), "/root/repo");
     assert_eq!(exec(&env, &["test", "-e", "plain.txt"]).code, 1);
 
@@ -278,6 +281,10 @@ fn workspace_prepare_resync_export_and_safety() {
     assert!((12..64 * 1024).contains(&sent), "{step}");
     assert!(step["files_sent"].as_u64().unwrap() <= 3, "{step}");
     assert_eq!(step["files_deleted"], 0, "{step}");
+    assert_eq!(
+        step["channel"], "ssh",
+        "small transfers stay on SSH: {step}"
+    );
 
     // The worst case for stat-based change detection in the guest: same size and the same
     // whole-second mtime as what the guest saw last (the tar carries whole seconds). The
@@ -409,4 +416,62 @@ fn workspace_prepare_resync_export_and_safety() {
         !out.join("big.bin").exists(),
         "only changed files are exported"
     );
+
+    // The guest's end of the channel dies mid-transfer (a `tar` that reads a little and
+    // exits): the prepare fails with the guest's error instead of waiting for ever on a
+    // port nobody reads, and the next prepare repairs the workspace.
+    exec(
+        &env,
+        &[
+            "sh",
+            "-c",
+            "printf '#!/bin/sh\\nhead -c 65536 >/dev/null\\necho tar wrapper gave up >&2\\nexit 7\\n' \
+             > /usr/local/bin/tar && chmod +x /usr/local/bin/tar",
+        ],
+    )
+    .ok();
+    let sums_match = |env: &TestEnv| {
+        let files = regular_files(&repo);
+        let mut args = vec!["sha256sum", "--"];
+        args.extend(files.iter().map(String::as_str));
+        assert_eq!(exec(env, &args).ok().stdout, host_sums(&repo, &files));
+    };
+    // 24 MiB: more than the socket, QEMU and the guest's port buffer between them.
+    sh(&repo, "head -c 25165824 /dev/urandom > big.bin");
+    let broken = env.banger_within(
+        Duration::from_secs(300),
+        &["vm", "workspace", "prepare", "dev", repo_s],
+    );
+    assert_ne!(broken.code, 0, "{}", broken.stderr);
+    assert!(
+        broken.stderr.contains("tar wrapper gave up"),
+        "{}",
+        broken.stderr
+    );
+    exec(&env, &["rm", "/usr/local/bin/tar"]).ok();
+    let repaired = env
+        .banger(&["vm", "workspace", "prepare", "dev", repo_s, "--json"])
+        .ok()
+        .json();
+    assert_eq!(repaired["channel"], "virtio-serial", "{repaired}");
+    sums_match(&env);
+
+    // Without the channel's socket (a VM started by an older banger, or Firecracker) a large
+    // transfer still works, over SSH.
+    let id = env.banger(&["vm", "show", "dev", "--json"]).ok().json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::remove_file(env.home().join(format!("run/vms/{id}/workspace.sock"))).unwrap();
+    sh(&repo, "head -c 3145728 /dev/urandom > big.bin");
+    let over_ssh = env
+        .banger(&["vm", "workspace", "prepare", "dev", repo_s, "--json"])
+        .ok()
+        .json();
+    assert_eq!(over_ssh["channel"], "ssh", "{over_ssh}");
+    assert!(
+        over_ssh["bytes_sent"].as_u64().unwrap() >= 3 << 20,
+        "{over_ssh}"
+    );
+    sums_match(&env);
 }

@@ -448,11 +448,25 @@ pub struct PrepareResult {
     pub files_sent: u64,
     /// File content bytes sent.
     pub bytes_sent: u64,
-    /// Bytes written to the SSH session (tar headers and padding included).
+    /// Bytes written to the guest (lists, tar headers and padding included).
     pub wire_bytes: u64,
     /// Paths deleted in the guest because they are gone (or changed kind) on the host.
     pub files_deleted: u64,
     pub elapsed_ms: u64,
+    /// How the tar reached the guest.
+    #[serde(default)]
+    pub channel: TransferChannel,
+}
+
+/// How a prepare's tar reached the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransferChannel {
+    /// The SSH session's stdin (small transfers, Firecracker, images without the port).
+    #[default]
+    Ssh,
+    /// The VM's virtio-serial workspace port (QEMU): unencrypted, local to the host user.
+    VirtioSerial,
 }
 
 /// How one side differs from the last prepare. Lists hold at most 100 paths each; the

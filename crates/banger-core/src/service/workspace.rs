@@ -58,6 +58,7 @@ impl Manager {
         let _guard = lock.lock().await;
         let record = self.running_vm(&name)?;
         let target = self.ssh_target(&record)?;
+        let channel = self.layout.vm_workspace_channel(&record.id);
         let git = !request.no_git;
         let old = self.store().manifest(&record.id)?;
         let fresh = old.is_empty();
@@ -69,7 +70,15 @@ impl Manager {
             let scan = fileset::scan(&root, git)?;
             let mut plan = fileset::plan(&old, scan);
             progress.set_totals(&plan);
-            let sent = transfer::send(&target, &root, &mut plan, git, fresh, &progress)?;
+            let sent = transfer::send(
+                &target,
+                &root,
+                &mut plan,
+                git,
+                fresh,
+                Some(&channel),
+                &progress,
+            )?;
             Ok::<_, WorkspaceError>((root, head, plan, sent))
         })
         .await
@@ -92,8 +101,9 @@ impl Manager {
             wire_bytes: sent.wire_bytes,
             files_deleted: sent.deleted,
             elapsed_ms: started.elapsed().as_millis() as u64,
+            channel: sent.channel,
         };
-        info!(vm = %name, path = %result.host_path, sent = result.files_sent, bytes = result.bytes_sent, deleted = result.files_deleted, "workspace prepared");
+        info!(vm = %name, path = %result.host_path, sent = result.files_sent, bytes = result.bytes_sent, deleted = result.files_deleted, channel = ?result.channel, "workspace prepared");
         Ok(result)
     }
 

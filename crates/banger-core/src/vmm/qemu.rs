@@ -1,4 +1,5 @@
 //! The QEMU backend: `-M microvm` with virtio-mmio disks and network, QMP on a Unix socket,
+//! a virtio-serial port for the workspace channel,
 //! the serial console to a file, `-no-reboot` so a guest reboot or panic ends the process, and
 //! `-daemonize` so the VM outlives the daemon and launch errors are reported synchronously.
 //! Pause/resume are QMP `stop`/`cont`, observed with `query-status`. No memory snapshots:
@@ -100,6 +101,23 @@ impl Qemu {
             format!("virtio-net-device,netdev=n0,mac={}", spec.mac),
             "-device".into(),
             "virtio-rng-device".into(),
+            // The workspace channel: a virtio-serial port the guest sees as
+            // /dev/virtio-ports/org.banger.workspace, its host end a Unix socket (see
+            // `workspace::transfer`).
+            "-device".into(),
+            "virtio-serial-device".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=ws,path={},server=on,wait=off",
+                spec.runtime_dir
+                    .join(crate::layout::WORKSPACE_CHANNEL_SOCKET)
+                    .display()
+            ),
+            "-device".into(),
+            format!(
+                "virtserialport,chardev=ws,name={}",
+                crate::workspace::CHANNEL_PORT_NAME
+            ),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp_socket(spec).display()),
             "-daemonize".into(),

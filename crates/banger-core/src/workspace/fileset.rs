@@ -374,6 +374,17 @@ pub struct Plan {
     pub untracked: Vec<String>,
 }
 
+impl Plan {
+    /// Content bytes of the files to send (as scanned).
+    pub fn send_bytes(&self) -> u64 {
+        self.send
+            .iter()
+            .filter_map(|p| self.next.get(p))
+            .map(|e| e.size)
+            .sum()
+    }
+}
+
 /// Differences between a scan and a manifest, by count and a few example paths.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Diff {

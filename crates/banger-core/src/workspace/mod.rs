@@ -61,8 +61,17 @@ impl WorkspaceError {
     }
 }
 
+/// Name of the virtio-serial port of the workspace channel; udev links it as
+/// `/dev/virtio-ports/<name>` in the guest.
+pub const CHANNEL_PORT_NAME: &str = "org.banger.workspace";
+
+/// The guest's first stdout line when it reads the tar from the workspace channel.
+pub const CHANNEL_READY: &str = "banger-channel";
+/// The guest's first stdout line when it has no channel port and reads the tar from stdin.
+pub const CHANNEL_ABSENT: &str = "banger-ssh";
+
 /// What the guest side of a transfer reads from stdin before the tar, in this order.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Receive {
     /// Bytes of NUL-separated paths to delete first.
     pub delete_len: usize,
@@ -74,6 +83,10 @@ pub struct Receive {
     pub git: bool,
     /// No earlier prepare: the tree index is rebuilt from the repo's own index.
     pub fresh: bool,
+    /// Read the tar from the workspace channel, which starts with this token (hex), when the
+    /// guest has the port; the guest says which it reads with a first stdout line,
+    /// [`CHANNEL_READY`] or [`CHANNEL_ABSENT`].
+    pub channel_token: Option<String>,
 }
 
 /// Guest file listing the paths of the last tar (see [`Receive::sent_len`]).
@@ -92,7 +105,7 @@ const GUEST_GIT_SETTINGS: &str = "{ grep -qsx '# banger workspace settings v1' /
 /// The guest script of a transfer: it deletes, stores the lists, extracts the tar into
 /// [`GUEST_DIR`], and for a git repo prints the tree id of the prepared state (worktree as
 /// sent, through a guest-only index), the base of `export`.
-pub fn receive_script(receive: Receive) -> String {
+pub fn receive_script(receive: &Receive) -> String {
     let mut script = format!("set -e; mkdir -p {GUEST_DIR} /root/.banger; cd {GUEST_DIR}; ");
     // GNU head -c reads exactly that many bytes from a pipe; the next part follows.
     if receive.delete_len > 0 {
@@ -110,7 +123,26 @@ pub fn receive_script(receive: Receive) -> String {
             receive.exclude_len
         ));
     }
-    script.push_str("tar -x --no-same-owner -f -; ");
+    const EXTRACT: &str = "tar -x --no-same-owner -f -";
+    match &receive.channel_token {
+        // One open for the whole transfer: closing a port discards what it holds. The host
+        // connected before this runs; until the guest has seen that, a read ends at once
+        // with nothing, so the token is waited for (10 s). The token tells this transfer's
+        // bytes from anything else.
+        Some(token) => script.push_str(&format!(
+            "p=/dev/virtio-ports/{CHANNEL_PORT_NAME}; if [ -c \"$p\" ]; then {{ \
+             echo {CHANNEL_READY}; n=0; \
+             until t=$(head -c {len} <&3) && [ -n \"$t\" ]; do n=$((n+1)); \
+             if [ $n -ge 200 ]; then echo 'banger: nothing came on the workspace channel' >&2; \
+             exit 1; fi; sleep 0.05; done; \
+             if [ \"$t\" != {token} ]; then \
+             echo 'banger: unexpected data on the workspace channel' >&2; exit 1; fi; \
+             {EXTRACT} <&3; }} 3<\"$p\"; \
+             else echo {CHANNEL_ABSENT}; {EXTRACT}; fi; ",
+            len = token.len()
+        )),
+        None => script.push_str(&format!("{EXTRACT}; ")),
+    }
     if receive.git {
         script.push_str(GUEST_GIT_SETTINGS);
         let mut tree = String::from("i=.git/banger-index; ");

@@ -1,19 +1,25 @@
 //! Sends a [`Plan`] to the guest in one SSH session: the NUL-separated delete list, (git) the
 //! list of sent worktree paths and the exclude file of untracked paths, then a tar of the
 //! changed paths built here (the `tar` crate, GNU headers for long names), extracted by the
-//! guest's `tar -x` into /root/repo. Files are opened with `O_NOFOLLOW` and hashed while
+//! guest's `tar -x` into /root/repo. A large tar goes over the VM's workspace channel
+//! (a virtio-serial port, QEMU) instead of the SSH session when the VM has one: the guest
+//! then skips decrypting it, which under TCG took as long as extracting it. Files are opened with `O_NOFOLLOW` and hashed while
 //! they stream, so the manifest records exactly the bytes that were sent.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 
+use banger_proto::TransferChannel;
 use sha2::{Digest, Sha256};
+use tracing::debug;
 
 use super::fileset::{Kind, Plan, exclude_patterns, hex, in_git_dir, open_nofollow};
-use super::{Receive, WorkspaceError, receive_script};
+use super::{CHANNEL_ABSENT, CHANNEL_READY, Receive, WorkspaceError, receive_script};
 use crate::guest::ssh::SshTarget;
 
 /// Counters of a running or finished transfer; shared with whoever reports progress.
@@ -29,15 +35,9 @@ pub struct Progress {
 impl Progress {
     /// Records the totals of `plan`.
     pub fn set_totals(&self, plan: &Plan) {
-        let bytes = plan
-            .send
-            .iter()
-            .filter_map(|p| plan.next.get(p))
-            .map(|e| e.size)
-            .sum();
         self.total_files
             .store(plan.send.len() as u64, Ordering::Relaxed);
-        self.total_bytes.store(bytes, Ordering::Relaxed);
+        self.total_bytes.store(plan.send_bytes(), Ordering::Relaxed);
     }
 
     /// The API view.
@@ -65,6 +65,8 @@ pub struct Sent {
     pub deleted: u64,
     /// Tree id of the prepared state in the guest (git workspaces).
     pub base_tree: Option<String>,
+    /// Which way the tar went.
+    pub channel: TransferChannel,
 }
 
 /// NUL-terminated `paths`.
@@ -77,15 +79,22 @@ fn nul_list<'a>(paths: impl Iterator<Item = &'a String>) -> Vec<u8> {
     out
 }
 
+/// Transfers with fewer content bytes than this go over SSH: for them, the channel's extra
+/// step (the guest's answer before the tar starts) costs more than the encryption it saves.
+pub const CHANNEL_MIN_BYTES: u64 = 1 << 20;
+
 /// Sends `plan` from `root` to the guest; fills in the hashes of the sent files in
-/// `plan.next`. `fresh`: the guest holds no earlier prepare. Blocking: run it on a blocking
-/// thread.
+/// `plan.next`. `fresh`: the guest holds no earlier prepare. `channel`: the host end of the
+/// VM's workspace channel (see [`crate::layout::WORKSPACE_CHANNEL_SOCKET`]), used for the tar
+/// of a large transfer when it accepts a connection and the guest has the port; the lists
+/// and anything smaller go over SSH. Blocking: run it on a blocking thread.
 pub fn send(
     target: &SshTarget,
     root: &Path,
     plan: &mut Plan,
     git: bool,
     fresh: bool,
+    channel: Option<&Path>,
     progress: &Arc<Progress>,
 ) -> Result<Sent, WorkspaceError> {
     let deletes = nul_list(plan.delete.iter());
@@ -100,12 +109,26 @@ pub fn send(
     } else {
         (Vec::new(), Vec::new())
     };
+    // Connected before the guest looks for the port, so the guest finds the host there.
+    let channel = channel
+        .filter(|_| plan.send_bytes() >= CHANNEL_MIN_BYTES)
+        .and_then(|path| match UnixStream::connect(path) {
+            Ok(stream) => Some(stream),
+            Err(e) => {
+                debug!(path = %path.display(), error = %e, "workspace channel unavailable; using ssh");
+                None
+            }
+        });
+    let token = channel
+        .as_ref()
+        .map(|_| uuid::Uuid::new_v4().simple().to_string());
     let receive = Receive {
         delete_len: deletes.len(),
         sent_len: sent.len(),
         exclude_len: excludes.len(),
         git,
         fresh,
+        channel_token: token.clone(),
     };
     let mut head = deletes;
     head.extend_from_slice(&sent);
@@ -114,63 +137,123 @@ pub fn send(
         .args(target.options())
         .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-T"])
         .arg(&target.host)
-        .arg(receive_script(receive))
+        .arg(receive_script(&receive))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(WorkspaceError::io("cannot run ssh"))?;
-    // Drain stdout and stderr on threads so a chatty guest cannot block the stream.
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    // Unblocks a writer stuck on a channel whose guest end stopped reading.
+    let channel_abort = channel.as_ref().and_then(|s| s.try_clone().ok());
+    let (answer_tx, answer_rx) = mpsc::channel::<Option<String>>();
+    let wants_answer = token.is_some();
+    let deleted = plan.delete.len() as u64;
+    std::thread::scope(|scope| {
+        // Stdout and stderr are drained on threads so a chatty guest cannot block the stream;
+        // with a channel, the guest's answer (which way the tar goes) is passed on first.
+        let stdout = scope.spawn(move || {
             let mut text = Vec::new();
-            if let Some(mut pipe) = pipe {
+            let Some(pipe) = stdout else {
+                return String::new();
+            };
+            let mut reader = std::io::BufReader::new(pipe);
+            if wants_answer {
+                let mut answer = None;
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    let word = line.trim();
+                    if word == CHANNEL_READY || word == CHANNEL_ABSENT {
+                        answer = Some(word.to_owned());
+                        break;
+                    }
+                    line.clear();
+                }
+                let _ = answer_tx.send(answer);
+            }
+            let _ = reader.read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        });
+        let stderr = scope.spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut pipe) = stderr {
                 let _ = pipe.read_to_end(&mut text);
             }
             String::from_utf8_lossy(&text).into_owned()
-        })
-    };
-    let stdout = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let written = match child.stdin.take() {
-        Some(stdin) => stream(stdin, root, plan, &head, progress),
-        None => Err(WorkspaceError::Io {
-            context: "ssh has no stdin".into(),
-            source: std::io::Error::other("no pipe"),
-        }),
-    };
-    let status = child.wait().map_err(WorkspaceError::io("ssh failed"))?;
-    let stdout = stdout.join().unwrap_or_default();
-    let stderr = stderr.join().unwrap_or_default();
-    if !status.success() {
-        return Err(WorkspaceError::Remote {
-            code: status.code(),
-            stderr: stderr.trim().lines().last().unwrap_or("").to_owned(),
         });
-    }
-    let (files, bytes, wire_bytes) = written?;
-    let base_tree = stdout
-        .lines()
-        .last()
-        .map(str::trim)
-        .filter(|s| s.len() >= 40 && s.bytes().all(|b| b.is_ascii_hexdigit()))
-        .map(str::to_owned);
-    Ok(Sent {
-        files,
-        bytes,
-        wire_bytes,
-        deleted: plan.delete.len() as u64,
-        base_tree,
+        let head = &head;
+        let writer = scope.spawn(move || {
+            let Some(mut stdin) = stdin else {
+                return Err(WorkspaceError::Io {
+                    context: "ssh has no stdin".into(),
+                    source: std::io::Error::other("no pipe"),
+                });
+            };
+            let (Some(channel), Some(token)) = (channel, token) else {
+                return stream(stdin, root, plan, head, progress)
+                    .map(|(f, b, w)| (f, b, w, TransferChannel::Ssh));
+            };
+            stdin
+                .write_all(head)
+                .map_err(WorkspaceError::io("the SSH session closed early"))?;
+            match answer_rx.recv().ok().flatten().as_deref() {
+                Some(CHANNEL_READY) => {
+                    drop(stdin);
+                    let (files, bytes, wire) =
+                        stream(&channel, root, plan, token.as_bytes(), progress)?;
+                    // The guest stops at the tar's end; this end-of-file is for tidiness.
+                    let _ = channel.shutdown(Shutdown::Write);
+                    Ok((
+                        files,
+                        bytes,
+                        wire + head.len() as u64,
+                        TransferChannel::VirtioSerial,
+                    ))
+                }
+                Some(_) => stream(stdin, root, plan, &[], progress)
+                    .map(|(f, b, w)| (f, b, w + head.len() as u64, TransferChannel::Ssh)),
+                None => Err(WorkspaceError::Io {
+                    context: "the SSH session closed early".into(),
+                    source: std::io::Error::other("no answer from the guest"),
+                }),
+            }
+        });
+        let status = child.wait().map_err(WorkspaceError::io("ssh failed"));
+        if let Some(abort) = channel_abort {
+            let _ = abort.shutdown(Shutdown::Both);
+        }
+        let written = writer.join().unwrap_or_else(|_| {
+            Err(WorkspaceError::Io {
+                context: "the transfer thread panicked".into(),
+                source: std::io::Error::other("panic"),
+            })
+        });
+        let stdout = stdout.join().unwrap_or_default();
+        let stderr = stderr.join().unwrap_or_default();
+        let status = status?;
+        if !status.success() {
+            return Err(WorkspaceError::Remote {
+                code: status.code(),
+                stderr: stderr.trim().lines().last().unwrap_or("").to_owned(),
+            });
+        }
+        let (files, bytes, wire_bytes, channel) = written?;
+        let base_tree = stdout
+            .lines()
+            .last()
+            .map(str::trim)
+            .filter(|s| s.len() >= 40 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_owned);
+        Ok(Sent {
+            files,
+            bytes,
+            wire_bytes,
+            deleted,
+            base_tree,
+            channel,
+        })
     })
 }
 
