@@ -200,6 +200,20 @@ fn workspace_prepare_resync_export_and_safety() {
         exec(&env, &["git", "status", "--porcelain"]).ok().stdout,
         ""
     );
+    // Those settings apply to /root/repo only: another repository in the guest keeps git's
+    // defaults.
+    let other = exec(
+        &env,
+        &[
+            "sh",
+            "-c",
+            "git init -q /root/other && cd /root/other \
+             && echo \"$(git config core.checkStat || echo unset) \
+             $(git config core.excludesFile || echo unset)\"",
+        ],
+    )
+    .ok();
+    assert_eq!(other.stdout.trim(), "unset unset", "{}", other.stderr);
     assert_eq!(
         exec(&env, &["cat", "untracked.txt"]).ok().stdout,
         "untracked\n"
@@ -344,6 +358,14 @@ fn workspace_prepare_resync_export_and_safety() {
         ],
     )
     .ok();
+    // A resync of a host change in between does not take those guest edits into the base
+    // of export (they are still exported below); the host change itself is in the base.
+    std::fs::write(repo.join("sub/deeper/file.txt"), "deeper edit, again\n").unwrap();
+    let between = env
+        .banger(&["vm", "workspace", "prepare", "dev", repo_s, "--json"])
+        .ok()
+        .json();
+    assert_eq!(between["files_sent"], 1, "{between}");
     // The guest's git shows the host's uncommitted tracked changes (its index is the host's)
     // plus what changed in the guest, but not edits to host-untracked files, which it
     // excludes (status --guest and export below do see them).

@@ -75,9 +75,9 @@ pub const CHANNEL_ABSENT: &str = "banger-ssh";
 pub struct Receive {
     /// Bytes of NUL-separated paths to delete first.
     pub delete_len: usize,
-    /// Bytes of NUL-separated worktree paths in the tar (git): their stat data in the tree
-    /// index are forgotten so they are hashed again, whatever their size and mtime.
-    pub sent_len: usize,
+    /// Bytes of NUL-separated worktree paths sent or deleted (git, not for a fresh prepare):
+    /// only these change in the prepared-state tree (see [`receive_script`]).
+    pub changed_len: usize,
     /// Bytes of the exclude file for untracked paths (git), see [`fileset::exclude_patterns`].
     pub exclude_len: usize,
     pub git: bool,
@@ -89,18 +89,44 @@ pub struct Receive {
     pub channel_token: Option<String>,
 }
 
-/// Guest file listing the paths of the last tar (see [`Receive::sent_len`]).
-const SENT_LIST: &str = "/root/.banger/workspace-sent";
-/// Guest exclude file of the untracked paths, named by `core.excludesFile` in /etc/gitconfig.
+/// Guest file listing the worktree paths the last prepare sent or deleted (see
+/// [`Receive::changed_len`]).
+const CHANGED_LIST: &str = "/root/.banger/workspace-changed";
+/// Guest exclude file of the untracked paths, named by `core.excludesFile` in
+/// /root/.banger/gitconfig (see [`GUEST_GIT_SETTINGS`]).
 pub const UNTRACKED_EXCLUDES: &str = "/root/.banger/workspace-untracked";
 
-/// Git settings for the guest's repo, written once to /etc/gitconfig: stat checks that hold
-/// for files extracted from a tar (whole-second mtimes, new inodes and ctimes), so `git status`
-/// does not re-read every file after a prepare, and the exclude file of untracked paths.
-const GUEST_GIT_SETTINGS: &str = "{ grep -qsx '# banger workspace settings v1' /etc/gitconfig \
-    || printf '%s\\n' '' '# banger workspace settings v1' '[core]' '\tcheckStat = minimal' \
+/// Git settings for the guest's repo and no other: stat checks that hold for files extracted
+/// from a tar (whole-second mtimes, new inodes and ctimes), so `git status` does not re-read
+/// every file after a prepare, and the exclude file of untracked paths. They live in
+/// /root/.banger/gitconfig (rewritten by each prepare), which /etc/gitconfig includes for
+/// repositories under /root/repo only (`includeIf "gitdir:/root/repo/"`, appended once). The
+/// unconditional block an older banger appended ("v1") is removed.
+const GUEST_GIT_SETTINGS: &str = "{ printf '%s\\n' '[core]' '\tcheckStat = minimal' \
     '\ttrustCtime = false' '\texcludesFile = /root/.banger/workspace-untracked' \
+    > /root/.banger/gitconfig; \
+    if grep -qsx '# banger workspace settings v1' /etc/gitconfig; then \
+    sed -i '/^# banger workspace settings v1$/,+4d' /etc/gitconfig; fi; \
+    grep -qsx '# banger workspace settings v2' /etc/gitconfig \
+    || printf '%s\\n' '' '# banger workspace settings v2' \
+    '[includeIf \"gitdir:/root/repo/\"]' '\tpath = /root/.banger/gitconfig' \
     >> /etc/gitconfig; } 2>/dev/null || :; ";
+
+/// git options for the stat checks of the tree indexes: the minimal ones (size,
+/// whole-second mtime, mode), as the tar sets whole-second mtimes and new inodes.
+macro_rules! stat_checks {
+    () => {
+        "-c core.checkStat=minimal -c core.trustCtime=false"
+    };
+}
+
+/// The guest-only tree index of the prepared state (see [`receive_script`]), kept from one
+/// prepare to the next.
+macro_rules! prepared_index {
+    () => {
+        ".git/banger-index"
+    };
+}
 
 /// The guest script of a transfer: it deletes, stores the lists, extracts the tar into
 /// [`GUEST_DIR`], and for a git repo prints the tree id of the prepared state (worktree as
@@ -115,8 +141,11 @@ pub fn receive_script(receive: &Receive) -> String {
         ));
     }
     if receive.git {
-        if receive.sent_len > 0 {
-            script.push_str(&format!("head -c {} > {SENT_LIST}; ", receive.sent_len));
+        if receive.changed_len > 0 {
+            script.push_str(&format!(
+                "head -c {} > {CHANGED_LIST}; ",
+                receive.changed_len
+            ));
         }
         script.push_str(&format!(
             "head -c {} > {UNTRACKED_EXCLUDES}; ",
@@ -145,39 +174,67 @@ pub fn receive_script(receive: &Receive) -> String {
     }
     if receive.git {
         script.push_str(GUEST_GIT_SETTINGS);
-        let mut tree = String::from("i=.git/banger-index; ");
-        if receive.fresh {
-            tree.push_str("rm -f \"$i\"; ");
-        } else if receive.sent_len > 0 {
-            tree.push_str(&format!(
-                "if [ -f \"$i\" ]; then GIT_INDEX_FILE=\"$i\" git update-index -z \
-                 --force-remove --stdin < {SENT_LIST}; fi; "
-            ));
-        }
-        // The files are in place even if this fails; export then says there is no base.
+        // The prepared-state tree is the previous one with the changed paths updated, so
+        // it does not take in edits made in the guest since (they stay visible to export),
+        // and only the changed paths are looked at. Their entries are dropped first, so a
+        // file rewritten with the same size and whole-second mtime is hashed again. A fresh
+        // prepare, or a guest without the index, builds it from the whole worktree.
+        let tree = if receive.fresh {
+            format!("rm -f \"$i\"; {ADD_WORKTREE}")
+        } else {
+            let update = if receive.changed_len > 0 {
+                format!(
+                    "GIT_INDEX_FILE=\"$i\" git update-index -z --force-remove --stdin \
+                     < {CHANGED_LIST} && GIT_INDEX_FILE=\"$i\" git {} \
+                     update-index -z --add --remove --stdin < {CHANGED_LIST} && ",
+                    stat_checks!()
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "if [ -f \"$i\" ]; then {update}GIT_INDEX_FILE=\"$i\" git write-tree; \
+                 else {ADD_WORKTREE} fi"
+            )
+        };
+        // The files are in place even if this fails; export then says there is no base, and
+        // the next prepare builds the index again.
         script.push_str(&format!(
-            "( {tree}{TREE_OF_WORKTREE} ) || echo 'banger: cannot record the prepared tree' >&2"
+            "( i={PREPARED_INDEX}; {tree} ) || {{ rm -f {PREPARED_INDEX}; \
+             echo 'banger: cannot record the prepared tree' >&2; }}"
         ));
     }
     script
 }
 
-/// Prints the tree id of the worktree in the current directory (tracked + untracked, not
-/// ignored, including what the untracked exclude file hides) without touching the repo's own
-/// index: it uses a guest-only index (`.git/banger-index`, seeded from the repo's index with
-/// its mtime, so git's racy-entry check stays sound) whose stat data stay valid from one
-/// prepare to the next, so only changed files are hashed again. Stat checks are the minimal
-/// ones (size, whole-second mtime, mode): the tar sets whole-second mtimes and new inodes.
-const TREE_OF_WORKTREE: &str = "i=.git/banger-index; \
-    [ -f \"$i\" ] || cp -p .git/index \"$i\" 2>/dev/null || :; \
-    GIT_INDEX_FILE=\"$i\" git -c core.checkStat=minimal -c core.trustCtime=false \
-    -c core.excludesFile=/dev/null add -A . >/dev/null && GIT_INDEX_FILE=\"$i\" git write-tree;";
+/// Adds the whole worktree in the current directory (tracked + untracked, not ignored,
+/// including what the untracked exclude file hides) to the guest-only index `$i` and prints
+/// its tree id; the repo's own index is not touched. A missing `$i` is seeded from the repo's
+/// index with its mtime (so git's racy-entry check stays sound): with valid stat data only
+/// files that differ are hashed.
+const ADD_WORKTREE: &str = concat!(
+    "[ -f \"$i\" ] || cp -p .git/index \"$i\" 2>/dev/null || :; ",
+    "GIT_INDEX_FILE=\"$i\" git ",
+    stat_checks!(),
+    " -c core.excludesFile=/dev/null add -A . >/dev/null && GIT_INDEX_FILE=\"$i\" git write-tree;"
+);
+
+const PREPARED_INDEX: &str = prepared_index!();
+
+/// Prints the tree id of the worktree now, through a scratch copy of the prepared-state index
+/// (whose stat data spare most hashing), leaving that index as prepared.
+const TREE_OF_WORKTREE_NOW: &str = concat!(
+    "i=.git/banger-index-now; rm -f \"$i\"; ",
+    "cp -p ",
+    prepared_index!(),
+    " \"$i\" 2>/dev/null || :; "
+);
 
 /// The guest script printing the guest's changes since `base` (a tree id) as a binary git
 /// patch that applies to the prepared state.
 pub fn export_patch_script(base: &str) -> String {
     format!(
-        "set -e; cd {GUEST_DIR}; new=$({{ {TREE_OF_WORKTREE} }}); \
+        "set -e; cd {GUEST_DIR}; new=$({{ {TREE_OF_WORKTREE_NOW}{ADD_WORKTREE} }}); \
          git -c core.quotepath=off diff --binary --no-renames --no-color {base} \"$new\""
     )
 }
@@ -186,7 +243,7 @@ pub fn export_patch_script(base: &str) -> String {
 /// printing the deleted paths NUL-separated on stderr after a marker line.
 pub fn export_files_script(base: &str) -> String {
     format!(
-        "set -e; cd {GUEST_DIR}; new=$({{ {TREE_OF_WORKTREE} }}); \
+        "set -e; cd {GUEST_DIR}; new=$({{ {TREE_OF_WORKTREE_NOW}{ADD_WORKTREE} }}); \
          git diff -z --name-only --no-renames --diff-filter=d {base} \"$new\" \
          | tar -c --null --no-recursion -T - -f -; \
          printf '%s\\n' '{DELETED_MARKER}' >&2; \

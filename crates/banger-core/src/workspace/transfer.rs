@@ -13,10 +13,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
+use std::time::Instant;
 
 use banger_proto::TransferChannel;
 use sha2::{Digest, Sha256};
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::fileset::{Kind, Plan, exclude_patterns, hex, in_git_dir, open_nofollow};
 use super::{CHANNEL_ABSENT, CHANNEL_READY, Receive, WorkspaceError, receive_script};
@@ -98,14 +99,15 @@ pub fn send(
     progress: &Arc<Progress>,
 ) -> Result<Sent, WorkspaceError> {
     let deletes = nul_list(plan.delete.iter());
-    let (sent, excludes) = if git {
+    let (changed, excludes) = if git {
         // A fresh tree index is built from scratch: the list would only be ignored.
-        let sent = if fresh {
+        let changed = if fresh {
             Vec::new()
         } else {
-            nul_list(plan.send.iter().filter(|p| !in_git_dir(p)))
+            let paths = plan.send.iter().chain(&plan.delete);
+            nul_list(paths.filter(|p| !in_git_dir(p)))
         };
-        (sent, exclude_patterns(&plan.untracked))
+        (changed, exclude_patterns(&plan.untracked))
     } else {
         (Vec::new(), Vec::new())
     };
@@ -124,15 +126,16 @@ pub fn send(
         .map(|_| uuid::Uuid::new_v4().simple().to_string());
     let receive = Receive {
         delete_len: deletes.len(),
-        sent_len: sent.len(),
+        changed_len: changed.len(),
         exclude_len: excludes.len(),
         git,
         fresh,
         channel_token: token.clone(),
     };
     let mut head = deletes;
-    head.extend_from_slice(&sent);
+    head.extend_from_slice(&changed);
     head.extend_from_slice(&excludes);
+    let started = Instant::now();
     let mut child = Command::new("ssh")
         .args(target.options())
         .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-T"])
@@ -184,7 +187,7 @@ pub fn send(
             String::from_utf8_lossy(&text).into_owned()
         });
         let head = &head;
-        let writer = scope.spawn(move || {
+        let writer = scope.spawn(move || -> Result<_, WorkspaceError> {
             let Some(mut stdin) = stdin else {
                 return Err(WorkspaceError::Io {
                     context: "ssh has no stdin".into(),
@@ -192,8 +195,8 @@ pub fn send(
                 });
             };
             let (Some(channel), Some(token)) = (channel, token) else {
-                return stream(stdin, root, plan, head, progress)
-                    .map(|(f, b, w)| (f, b, w, TransferChannel::Ssh));
+                let (f, b, w) = stream(stdin, root, plan, head, progress)?;
+                return Ok((f, b, w, TransferChannel::Ssh, Instant::now()));
             };
             stdin
                 .write_all(head)
@@ -205,15 +208,15 @@ pub fn send(
                         stream(&channel, root, plan, token.as_bytes(), progress)?;
                     // The guest stops at the tar's end; this end-of-file is for tidiness.
                     let _ = channel.shutdown(Shutdown::Write);
-                    Ok((
-                        files,
-                        bytes,
-                        wire + head.len() as u64,
-                        TransferChannel::VirtioSerial,
-                    ))
+                    let wire = wire + head.len() as u64;
+                    let channel = TransferChannel::VirtioSerial;
+                    Ok((files, bytes, wire, channel, Instant::now()))
                 }
-                Some(_) => stream(stdin, root, plan, &[], progress)
-                    .map(|(f, b, w)| (f, b, w + head.len() as u64, TransferChannel::Ssh)),
+                Some(_) => {
+                    let (f, b, w) = stream(stdin, root, plan, &[], progress)?;
+                    let w = w + head.len() as u64;
+                    Ok((f, b, w, TransferChannel::Ssh, Instant::now()))
+                }
                 None => Err(WorkspaceError::Io {
                     context: "the SSH session closed early".into(),
                     source: std::io::Error::other("no answer from the guest"),
@@ -221,6 +224,7 @@ pub fn send(
             }
         });
         let status = child.wait().map_err(WorkspaceError::io("ssh failed"));
+        let finished = Instant::now();
         if let Some(abort) = channel_abort {
             let _ = abort.shutdown(Shutdown::Both);
         }
@@ -239,7 +243,15 @@ pub fn send(
                 stderr: stderr.trim().lines().last().unwrap_or("").to_owned(),
             });
         }
-        let (files, bytes, wire_bytes, channel) = written?;
+        let (files, bytes, wire_bytes, channel, streamed) = written?;
+        // Where a slow prepare spent its time: sending, or the guest's work after the last
+        // byte (the end of extraction, the prepared-state tree).
+        info!(
+            ?channel,
+            stream_ms = streamed.duration_since(started).as_millis() as u64,
+            guest_tail_ms = finished.duration_since(streamed).as_millis() as u64,
+            "workspace transfer done"
+        );
         let base_tree = stdout
             .lines()
             .last()
