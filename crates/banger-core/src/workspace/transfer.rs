@@ -111,16 +111,21 @@ pub fn send(
     } else {
         (Vec::new(), Vec::new())
     };
-    // Connected before the guest looks for the port, so the guest finds the host there.
-    let channel = channel
+    // Connected before the guest looks for the port, so the guest finds the host there. The
+    // second handle unblocks a writer stuck on a channel whose guest end stopped reading.
+    let (channel, channel_abort) = channel
         .filter(|_| plan.send_bytes() >= CHANNEL_MIN_BYTES)
-        .and_then(|path| match UnixStream::connect(path) {
-            Ok(stream) => Some(stream),
-            Err(e) => {
-                debug!(path = %path.display(), error = %e, "workspace channel unavailable; using ssh");
-                None
+        .and_then(|path| {
+            let connected = UnixStream::connect(path).and_then(|s| Ok((s.try_clone()?, s)));
+            match connected {
+                Ok((abort, stream)) => Some((stream, abort)),
+                Err(e) => {
+                    debug!(path = %path.display(), error = %e, "workspace channel unavailable; using ssh");
+                    None
+                }
             }
-        });
+        })
+        .unzip();
     let token = channel
         .as_ref()
         .map(|_| uuid::Uuid::new_v4().simple().to_string());
@@ -149,8 +154,6 @@ pub fn send(
     let stdin = child.stdin.take();
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
-    // Unblocks a writer stuck on a channel whose guest end stopped reading.
-    let channel_abort = channel.as_ref().and_then(|s| s.try_clone().ok());
     let (answer_tx, answer_rx) = mpsc::channel::<Option<String>>();
     let wants_answer = token.is_some();
     let deleted = plan.delete.len() as u64;
