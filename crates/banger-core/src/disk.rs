@@ -266,6 +266,13 @@ pub struct DmDisk {
     pub device: PathBuf,
     pub base_loop: String,
     pub cow_loop: String,
+    /// The files attached to the loops, so a teardown after a host reboot (when the recorded
+    /// loop names may serve other disks) leaves loops backing other files alone. Absent in
+    /// records written before they were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cow_file: Option<PathBuf>,
 }
 
 /// Builds a persistent dm snapshot `name` of the image `base` with copy-on-write store
@@ -303,7 +310,7 @@ pub fn dm_snapshot_attach(
     let cow_loop = match device(host.call(op_id, loop_attach(cow, false))) {
         Ok(device) => device,
         Err(e) => {
-            detach(host, op_id, &base_loop);
+            detach(host, op_id, &base_loop, base);
             return Err(e);
         }
     };
@@ -318,8 +325,8 @@ pub fn dm_snapshot_attach(
     let device = match created {
         Ok(device) => device,
         Err(e) => {
-            detach(host, op_id, &cow_loop);
-            detach(host, op_id, &base_loop);
+            detach(host, op_id, &cow_loop, cow);
+            detach(host, op_id, &base_loop, base);
             return Err(e);
         }
     };
@@ -328,6 +335,8 @@ pub fn dm_snapshot_attach(
         device: PathBuf::from(device),
         base_loop,
         cow_loop,
+        base_file: Some(base.to_path_buf()),
+        cow_file: Some(cow.to_path_buf()),
     })
 }
 
@@ -338,14 +347,16 @@ fn loop_attach(file: &Path, read_only: bool) -> HelperOp {
     }
 }
 
+fn loop_detach(device: &str, file: Option<&Path>) -> HelperOp {
+    HelperOp::LoopDetach {
+        device: device.to_owned(),
+        file: file.map(|f| f.display().to_string()),
+    }
+}
+
 /// Best-effort detach while undoing a failed setup (the setup's error is the one reported).
-fn detach(host: &dyn HostOps, op_id: &str, device: &str) {
-    if let Err(e) = host.call(
-        op_id,
-        HelperOp::LoopDetach {
-            device: device.to_owned(),
-        },
-    ) {
+fn detach(host: &dyn HostOps, op_id: &str, device: &str, file: &Path) {
+    if let Err(e) = host.call(op_id, loop_detach(device, Some(file))) {
         tracing::warn!(device, "cannot detach while undoing a dm setup: {e}");
     }
 }
@@ -368,12 +379,8 @@ pub fn dm_snapshot_remove(host: &dyn HostOps, op_id: &str, disk: &DmDisk) -> Res
         HelperOp::DmRemove {
             name: disk.name.clone(),
         },
-        HelperOp::LoopDetach {
-            device: disk.cow_loop.clone(),
-        },
-        HelperOp::LoopDetach {
-            device: disk.base_loop.clone(),
-        },
+        loop_detach(&disk.cow_loop, disk.cow_file.as_deref()),
+        loop_detach(&disk.base_loop, disk.base_file.as_deref()),
     ]
     .map(|op| host.call(op_id, op));
     match results.into_iter().find_map(Result::err) {
@@ -403,9 +410,10 @@ mod tests {
         }
     }
 
-    fn detach(device: &str) -> HelperOp {
+    fn detach(device: &str, file: &Path) -> HelperOp {
         HelperOp::LoopDetach {
             device: device.into(),
+            file: Some(file.display().to_string()),
         }
     }
 
@@ -436,8 +444,8 @@ mod tests {
                 HelperOp::DmRemove {
                     name: "banger-abc".into()
                 },
-                detach("/dev/loop1"),
-                detach("/dev/loop0"),
+                detach("/dev/loop1", &cow),
+                detach("/dev/loop0", &base),
             ]
         );
     }
@@ -463,8 +471,8 @@ mod tests {
                     origin_loop: "/dev/loop0".into(),
                     cow_loop: "/dev/loop1".into(),
                 },
-                detach("/dev/loop1"),
-                detach("/dev/loop0"),
+                detach("/dev/loop1", &cow),
+                detach("/dev/loop0", &base),
             ]
         );
     }
@@ -484,7 +492,7 @@ mod tests {
             [
                 attach(&base, true),
                 attach(&cow, false),
-                detach("/dev/loop0")
+                detach("/dev/loop0", &base)
             ]
         );
     }
@@ -507,6 +515,8 @@ mod tests {
             device: "/dev/mapper/banger-y".into(),
             base_loop: "/dev/loop3".into(),
             cow_loop: "/dev/loop4".into(),
+            base_file: None,
+            cow_file: Some("/state/vms/y/system.cow".into()),
         };
         let err = dm_snapshot_remove(&host, "op", &disk).unwrap_err();
         assert!(err.to_string().contains("dm_remove"), "{err}");
@@ -516,8 +526,12 @@ mod tests {
                 HelperOp::DmRemove {
                     name: "banger-y".into()
                 },
-                detach("/dev/loop4"),
-                detach("/dev/loop3"),
+                // A record without the base's file (written before files were kept).
+                detach("/dev/loop4", Path::new("/state/vms/y/system.cow")),
+                HelperOp::LoopDetach {
+                    device: "/dev/loop3".into(),
+                    file: None,
+                },
             ]
         );
     }

@@ -804,11 +804,14 @@ async fn a_dm_system_disk_is_made_and_torn_down_through_the_helper_seam() {
         ops.calls()[3..],
         [
             HelperOp::DmRemove { name },
+            // With the files attached, so loops that serve other files by now are left alone.
             HelperOp::LoopDetach {
-                device: "/dev/loop1".into()
+                device: "/dev/loop1".into(),
+                file: Some(cow.display().to_string()),
             },
             HelperOp::LoopDetach {
-                device: "/dev/loop0".into()
+                device: "/dev/loop0".into(),
+                file: Some(base.display().to_string()),
             },
         ]
     );
@@ -837,14 +840,20 @@ async fn a_dm_system_disk_the_helper_fails_to_map_is_undone() {
     let calls = ops.calls();
     assert_eq!(calls.len(), 5, "{calls:?}");
     assert!(matches!(calls[2], HelperOp::DmSnapshotCreate { .. }));
+    let attached = |op: &HelperOp| match op {
+        HelperOp::LoopAttach { file, .. } => Some(file.clone()),
+        _ => None,
+    };
     assert_eq!(
         calls[3..],
         [
             HelperOp::LoopDetach {
-                device: "/dev/loop1".into()
+                device: "/dev/loop1".into(),
+                file: attached(&calls[1]),
             },
             HelperOp::LoopDetach {
-                device: "/dev/loop0".into()
+                device: "/dev/loop0".into(),
+                file: attached(&calls[0]),
             },
         ]
     );

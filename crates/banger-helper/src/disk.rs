@@ -130,13 +130,19 @@ fn open_loop(device: &str, read_only: bool) -> Result<OwnedFd, DiskError> {
 /// A loop device this owner may act on: `/dev/loopN`, attached, its backing file inside
 /// `root`. Answers its sysfs directory.
 pub fn owned_loop(device: &str, root: &Path) -> Result<PathBuf, Invalid> {
+    owned_loop_backing(device, root).map(|(sys, _)| sys)
+}
+
+/// [`owned_loop`], with the backing file as the kernel names it (" (deleted)" removed).
+fn owned_loop_backing(device: &str, root: &Path) -> Result<(PathBuf, PathBuf), Invalid> {
     let index = parse_loop_device(device).ok_or_else(|| Invalid::LoopDevice(device.to_owned()))?;
     let sys = PathBuf::from(format!("/sys/block/loop{index}"));
     let backing = std::fs::read_to_string(sys.join("loop/backing_file"))
         .map_err(|_| Invalid::LoopNotAttached(device.to_owned()))?;
     // The kernel's path of the open file (" (deleted)" appended once unlinked: still
     // below the same directories).
-    let backing = PathBuf::from(backing.trim_end_matches('\n'));
+    let backing = backing.trim_end_matches('\n');
+    let backing = PathBuf::from(backing.strip_suffix(" (deleted)").unwrap_or(backing));
     if !backing.starts_with(root) {
         return Err(Invalid::LoopNotOwned {
             device: device.to_owned(),
@@ -144,18 +150,36 @@ pub fn owned_loop(device: &str, root: &Path) -> Result<PathBuf, Invalid> {
             root: root.to_path_buf(),
         });
     }
-    Ok(sys)
+    Ok((sys, backing))
 }
 
-/// Detaches a loop device backed by a file inside `root`.
-pub fn loop_detach(device: &str, root: &Path) -> Result<(), DiskError> {
-    owned_loop(device, root)?;
+/// Checks that `device` is the owner's and, when `file` is given, backed by that file (as
+/// the kernel resolved it when attaching: symlinks in `file` are resolved for the compare,
+/// and only the path as given is ever echoed, so the answer says nothing about other files).
+fn detachable(device: &str, file: Option<&Path>, root: &Path) -> Result<(), Invalid> {
+    let (_, backing) = owned_loop_backing(device, root)?;
+    if let Some(file) = file {
+        let resolved = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+        if backing != resolved {
+            return Err(Invalid::LoopReused {
+                device: device.to_owned(),
+                backing,
+                expected: file.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Detaches a loop device backed by a file inside `root` (and by `file`, when given).
+pub fn loop_detach(device: &str, file: Option<&Path>, root: &Path) -> Result<(), DiskError> {
+    detachable(device, file, root)?;
     let node = open(device, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| failed(format!("cannot open {device}: {e}")))?;
     // Checked again with the node open: what is detached is what was checked, unless it was
     // detached and re-attached in the instant between (then the kernel refuses or the check
     // above already saw the new file).
-    owned_loop(device, root)?;
+    detachable(device, file, root)?;
     // SAFETY: LOOP_CLR_FD takes no argument; `node` is open for the call. While the device
     // is held open elsewhere (a dm table), the kernel detaches it when the last user closes.
     unsafe { loop_clr_fd(node.as_raw_fd()) }
@@ -294,7 +318,7 @@ mod tests {
             Err(DiskError::Invalid(Invalid::DmName(_)))
         ));
         assert!(matches!(
-            loop_detach("/dev/loop0/../sda", root),
+            loop_detach("/dev/loop0/../sda", None, root),
             Err(DiskError::Invalid(Invalid::LoopDevice(_)))
         ));
     }

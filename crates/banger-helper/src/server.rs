@@ -7,7 +7,7 @@
 use std::io::{IoSlice, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -221,9 +221,10 @@ impl Server {
                 disk::loop_attach(file, *read_only, root, self.net.owner)
                     .map(|device| HelperResult::Device { device })
             }),
-            HelperOp::LoopDetach { device } => {
-                self.disk(|root| disk::loop_detach(device, root).map(|()| HelperResult::Done))
-            }
+            HelperOp::LoopDetach { device, file } => self.disk(|root| {
+                disk::loop_detach(device, file.as_deref().map(Path::new), root)
+                    .map(|()| HelperResult::Done)
+            }),
             HelperOp::DmSnapshotCreate {
                 name,
                 origin_loop,

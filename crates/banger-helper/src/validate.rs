@@ -45,6 +45,12 @@ pub enum Invalid {
         backing: PathBuf,
         root: PathBuf,
     },
+    #[error("{device} is backed by {backing:?} now, not {expected:?}: left attached")]
+    LoopReused {
+        device: String,
+        backing: PathBuf,
+        expected: PathBuf,
+    },
     #[error("{0} cannot be both the origin and the copy-on-write store")]
     SameLoop(String),
     #[error("the snapshot origin {0} is not read-only")]

@@ -133,11 +133,28 @@ fn loop_devices_are_attached_and_detached_inside_the_state_dir_only() {
     assert_eq!(backing_file(&cow_loop).as_deref(), Some(cow.as_path()));
     assert_eq!(sys(&cow_loop, "ro").as_deref(), Some("0"));
 
-    for device in [&cow_loop, &base_loop] {
+    // A device recorded for one file that backs another of the owner's files now (loop
+    // names recorded before a host reboot) is left attached.
+    refused(
+        request(
+            &helper.socket,
+            HelperOp::LoopDetach {
+                device: cow_loop.clone(),
+                file: Some(base.display().to_string()),
+            },
+        ),
+        "left attached",
+    );
+    assert_eq!(backing_file(&cow_loop).as_deref(), Some(cow.as_path()));
+    // Detached: the cow named through its symlink (resolved for the compare), the base with
+    // no file given (records from before files were kept).
+    let cow_link = helper.state.join("cow-link").display().to_string();
+    for (device, file) in [(&cow_loop, Some(cow_link)), (&base_loop, None)] {
         let reply = request(
             &helper.socket,
             HelperOp::LoopDetach {
                 device: device.clone(),
+                file,
             },
         );
         assert!(
@@ -206,6 +223,7 @@ fn loop_devices_are_attached_and_detached_inside_the_state_dir_only() {
             &helper.socket,
             HelperOp::LoopDetach {
                 device: foreign.clone(),
+                file: None,
             },
         ),
         "outside the state dir",
@@ -217,7 +235,13 @@ fn loop_devices_are_attached_and_detached_inside_the_state_dir_only() {
     );
     for bad in ["/dev/sda", "/dev/loop-control", "/dev/loop01", "loop0"] {
         refused(
-            request(&helper.socket, HelperOp::LoopDetach { device: bad.into() }),
+            request(
+                &helper.socket,
+                HelperOp::LoopDetach {
+                    device: bad.into(),
+                    file: None,
+                },
+            ),
             "not a loop device",
         );
     }
@@ -301,6 +325,7 @@ fn device_mapper_operations_validate_and_name_what_is_missing() {
             &helper.socket,
             HelperOp::LoopDetach {
                 device: device.clone(),
+                file: None,
             },
         );
         assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");

@@ -69,8 +69,14 @@ pub enum HelperOp {
     /// Attaches a regular file under the owner's state dir (symlinks resolved, must stay
     /// inside) to a free loop device, read-only when asked ([`HelperResult::Device`]).
     LoopAttach { file: String, read_only: bool },
-    /// Detaches `/dev/loopN`, which must be backed by a file under the owner's state dir.
-    LoopDetach { device: String },
+    /// Detaches `/dev/loopN`, which must be backed by a file under the owner's state dir and,
+    /// when `file` is given, by that file: a device recorded before a host reboot may back
+    /// another of the owner's files by now, which is then left alone.
+    LoopDetach {
+        device: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        file: Option<String>,
+    },
     /// Creates the device-mapper snapshot `name` (`banger-<vm id>`): origin `origin_loop`
     /// (read-only) with persistent exceptions in `cow_loop`, 4 KiB chunks, both loops backed
     /// by files under the state dir. The node is given to the owner ([`HelperResult::Device`]).

@@ -26,7 +26,8 @@ fn op() -> impl Strategy<Value = HelperOp> {
         ".{0,40}".prop_map(|path| HelperOp::ChownToOwner { path }),
         (".{0,40}", any::<bool>())
             .prop_map(|(file, read_only)| HelperOp::LoopAttach { file, read_only }),
-        ".{0,40}".prop_map(|device| HelperOp::LoopDetach { device }),
+        (".{0,40}", proptest::option::of(".{0,40}"))
+            .prop_map(|(device, file)| HelperOp::LoopDetach { device, file }),
         (".{0,40}", ".{0,20}", ".{0,20}").prop_map(|(name, origin_loop, cow_loop)| {
             HelperOp::DmSnapshotCreate {
                 name,
