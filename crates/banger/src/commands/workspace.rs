@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use banger_proto::{
     ExportResult, ExportWorkspaceRequest, PrepareProgress, PrepareResult, PrepareWorkspaceRequest,
-    VmName, WorkspaceDiff, WorkspaceStatus,
+    TransferChannel, VmName, WorkspaceDiff, WorkspaceStatus,
 };
 use hyper::Method;
 
@@ -164,8 +164,12 @@ pub fn print_prepared(name: &VmName, result: &PrepareResult) {
     } else {
         "-".into()
     };
+    let via = match result.channel {
+        TransferChannel::Ssh => "",
+        TransferChannel::VirtioSerial => ", via the workspace channel",
+    };
     eprintln!(
-        "Prepared {} in {name}:/root/repo: sent {} of {} files ({}), deleted {}, in {secs:.1}s ({rate}/s)",
+        "Prepared {} in {name}:/root/repo: sent {} of {} files ({}), deleted {}, in {secs:.1}s ({rate}/s{via})",
         result.host_path,
         result.files_sent,
         result.files_total,
