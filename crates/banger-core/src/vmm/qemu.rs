@@ -38,9 +38,16 @@ impl Qemu {
         };
         let machine =
             format!("microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on,pic=off,pit={pit}");
+        // TCG runs all vCPUs of a VM on one host thread (`thread=single`). With one thread per
+        // vCPU (MTTCG, QEMU's default), QEMU 7.2 (Debian 12) races when the guest patches kernel
+        // code that another vCPU is translating (static keys: text_poke writes an INT3, then
+        // the final bytes): the other vCPU can keep a stale translation with the INT3 and trap
+        // on it for ever. Seen as a guest hung early in boot about once in 100 boots with two
+        // VMs starting at once, and reproduced at will by flipping static keys in a loop
+        // (docs/ARCHITECTURE.md, "TCG and guest code patching").
         let (accel, cpu) = match spec.accel {
             Accel::Kvm => ("kvm", "host"),
-            Accel::Tcg => ("tcg", "max"),
+            Accel::Tcg => ("tcg,thread=single", "max"),
         };
         let mut args: Vec<String> = vec![
             // The VM id in the process name lets liveness checks tell our QEMU from a reused pid.
