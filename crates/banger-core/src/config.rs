@@ -118,6 +118,10 @@ pub struct QemuConfig {
     pub binary: String,
     /// "auto" (KVM when a probe shows it works, else TCG), "kvm" or "tcg" (default "auto").
     pub accel: String,
+    /// TCG only: "single" (all vCPUs of a VM on one host thread, the default) or "multi" (a
+    /// thread per vCPU: faster, but QEMU 7.2 can hang a guest that patches its own code; see
+    /// docs/ARCHITECTURE.md, "TCG and guest code patching").
+    pub tcg_threads: String,
 }
 
 impl Default for QemuConfig {
@@ -125,6 +129,7 @@ impl Default for QemuConfig {
         Self {
             binary: "qemu-system-x86_64".into(),
             accel: "auto".into(),
+            tcg_threads: "single".into(),
         }
     }
 }
@@ -233,6 +238,13 @@ impl Config {
                 message: format!("{:?} is not one of auto, kvm, tcg", self.qemu.accel),
             });
         }
+        if !["single", "multi"].contains(&self.qemu.tcg_threads.as_str()) {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                key: "qemu.tcg_threads",
+                message: format!("{:?} is not one of single, multi", self.qemu.tcg_threads),
+            });
+        }
         if !crate::vmm::select::CHOICES.contains(&self.defaults.vmm.as_str()) {
             return Err(ConfigError::Invalid {
                 path: path.into(),
@@ -324,5 +336,24 @@ mod tests {
     fn bad_sizes_name_the_key() {
         let err = load("[defaults]\ndisk = \"8\"\n").unwrap_err().to_string();
         assert!(err.contains("defaults.disk"), "{err}");
+    }
+
+    #[test]
+    fn tcg_threads_is_single_unless_multi_is_asked_for() {
+        assert_eq!(Config::default().qemu.tcg_threads, "single");
+        assert_eq!(
+            load("[qemu]\ntcg_threads = \"multi\"\n")
+                .unwrap()
+                .qemu
+                .tcg_threads,
+            "multi"
+        );
+        let err = load("[qemu]\ntcg_threads = \"many\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("qemu.tcg_threads") && err.contains("single, multi"),
+            "{err}"
+        );
     }
 }

@@ -15,11 +15,22 @@ use super::{Accel, Capabilities, Hypervisor, LaunchSpec, NetAttach, VmProcess, V
 #[derive(Debug, Clone)]
 pub struct Qemu {
     binary: PathBuf,
+    /// TCG with a host thread per vCPU (see `args`).
+    multi_threaded_tcg: bool,
 }
 
 impl Qemu {
     pub fn new(binary: PathBuf) -> Self {
-        Self { binary }
+        Self {
+            binary,
+            multi_threaded_tcg: false,
+        }
+    }
+
+    /// Lets TCG run a host thread per vCPU (config `qemu.tcg_threads = "multi"`).
+    pub fn with_multi_threaded_tcg(mut self, multi: bool) -> Self {
+        self.multi_threaded_tcg = multi;
+        self
     }
 
     pub fn binary(&self) -> &Path {
@@ -38,15 +49,17 @@ impl Qemu {
         };
         let machine =
             format!("microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on,pic=off,pit={pit}");
-        // TCG runs all vCPUs of a VM on one host thread (`thread=single`). With one thread per
-        // vCPU (MTTCG, QEMU's default), QEMU 7.2 (Debian 12) races when the guest patches kernel
-        // code that another vCPU is translating (static keys: text_poke writes an INT3, then
-        // the final bytes): the other vCPU can keep a stale translation with the INT3 and trap
-        // on it for ever. Seen as a guest hung early in boot about once in 100 boots with two
-        // VMs starting at once, and reproduced at will by flipping static keys in a loop
-        // (docs/ARCHITECTURE.md, "TCG and guest code patching").
+        // TCG runs all vCPUs of a VM on one host thread (`thread=single`) unless configured
+        // otherwise. With one thread per vCPU (MTTCG, QEMU's default), QEMU 7.2 (Debian 12)
+        // races when the guest patches kernel code that another vCPU is translating (static
+        // keys: text_poke writes an INT3, then the final bytes): the other vCPU can keep a
+        // stale translation with the INT3 and trap on it for ever. Seen as a guest hung early
+        // in boot about once in 100 boots with two VMs starting at once, and reproduced at
+        // will by flipping static keys in a loop (docs/ARCHITECTURE.md, "TCG and guest code
+        // patching").
         let (accel, cpu) = match spec.accel {
             Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg if self.multi_threaded_tcg => ("tcg,thread=multi", "max"),
             Accel::Tcg => ("tcg,thread=single", "max"),
         };
         let mut args: Vec<String> = vec![
@@ -224,5 +237,60 @@ impl Hypervisor for Qemu {
     async fn is_paused(&self, process: &VmProcess) -> Result<bool, VmmError> {
         let status = qmp::execute(&process.control_socket, "query-status").await?;
         Ok(status.get("status").and_then(|s| s.as_str()) == Some("paused"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(accel: Accel) -> LaunchSpec {
+        LaunchSpec {
+            vm_id: "0123456789abcdef0123456789abcdef".into(),
+            vm_name: "t".into(),
+            cpus: 2,
+            memory_mib: 512,
+            accel,
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: "console=ttyS0 tsc_early_khz=1".into(),
+            system_disk: "/s".into(),
+            system_disk_format: "qcow2",
+            work_disk: "/w".into(),
+            runtime_dir: "/run/t".into(),
+            console_log: "/c".into(),
+            net: NetAttach::User { ssh_port: 2222 },
+            mac: "52:54:00:01:02:03".into(),
+            tap: None,
+        }
+    }
+
+    fn accel_arg(qemu: &Qemu, accel: Accel) -> String {
+        let args = qemu.args(&spec(accel));
+        let at = args.iter().position(|a| a == "-accel").unwrap();
+        args[at + 1].clone()
+    }
+
+    #[test]
+    fn tcg_is_single_threaded_unless_configured() {
+        let qemu = Qemu::new("qemu".into());
+        assert_eq!(accel_arg(&qemu, Accel::Tcg), "tcg,thread=single");
+        assert_eq!(accel_arg(&qemu, Accel::Kvm), "kvm");
+        let multi = Qemu::new("qemu".into()).with_multi_threaded_tcg(true);
+        assert_eq!(accel_arg(&multi, Accel::Tcg), "tcg,thread=multi");
+    }
+
+    #[test]
+    fn the_workspace_channel_is_a_named_port_on_a_socket_in_the_runtime_dir() {
+        let args = Qemu::new("qemu".into()).args(&spec(Accel::Tcg));
+        let joined = args.join(" ");
+        assert!(
+            joined.contains("-chardev socket,id=ws,path=/run/t/workspace.sock,server=on,wait=off"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("virtserialport,chardev=ws,name=org.banger.workspace"),
+            "{joined}"
+        );
     }
 }
