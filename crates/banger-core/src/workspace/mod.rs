@@ -221,9 +221,10 @@ const ADD_WORKTREE: &str = concat!(
 
 const PREPARED_INDEX: &str = prepared_index!();
 
-/// Prints the tree id of the worktree now, through a scratch copy of the prepared-state index
-/// (whose stat data spare most hashing), leaving that index as prepared.
-const TREE_OF_WORKTREE_NOW: &str = concat!(
+/// Points `$i` at a scratch copy of the prepared-state index, for [`ADD_WORKTREE`] to give
+/// the tree of the worktree now (the copy's stat data spare most hashing) while the
+/// prepared-state index stays as prepared.
+const SCRATCH_INDEX: &str = concat!(
     "i=.git/banger-index-now; rm -f \"$i\"; ",
     "cp -p ",
     prepared_index!(),
@@ -234,7 +235,7 @@ const TREE_OF_WORKTREE_NOW: &str = concat!(
 /// patch that applies to the prepared state.
 pub fn export_patch_script(base: &str) -> String {
     format!(
-        "set -e; cd {GUEST_DIR}; new=$({{ {TREE_OF_WORKTREE_NOW}{ADD_WORKTREE} }}); \
+        "set -e; cd {GUEST_DIR}; new=$({{ {SCRATCH_INDEX}{ADD_WORKTREE} }}); \
          git -c core.quotepath=off diff --binary --no-renames --no-color {base} \"$new\""
     )
 }
@@ -243,7 +244,7 @@ pub fn export_patch_script(base: &str) -> String {
 /// printing the deleted paths NUL-separated on stderr after a marker line.
 pub fn export_files_script(base: &str) -> String {
     format!(
-        "set -e; cd {GUEST_DIR}; new=$({{ {TREE_OF_WORKTREE_NOW}{ADD_WORKTREE} }}); \
+        "set -e; cd {GUEST_DIR}; new=$({{ {SCRATCH_INDEX}{ADD_WORKTREE} }}); \
          git diff -z --name-only --no-renames --diff-filter=d {base} \"$new\" \
          | tar -c --null --no-recursion -T - -f -; \
          printf '%s\\n' '{DELETED_MARKER}' >&2; \

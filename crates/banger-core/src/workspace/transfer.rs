@@ -1,10 +1,11 @@
 //! Sends a [`Plan`] to the guest in one SSH session: the NUL-separated delete list, (git) the
 //! list of sent worktree paths and the exclude file of untracked paths, then a tar of the
 //! changed paths built here (the `tar` crate, GNU headers for long names), extracted by the
-//! guest's `tar -x` into /root/repo. A large tar goes over the VM's workspace channel
-//! (a virtio-serial port, QEMU) instead of the SSH session when the VM has one: the guest
-//! then skips decrypting it, which under TCG took as long as extracting it. Files are opened with `O_NOFOLLOW` and hashed while
-//! they stream, so the manifest records exactly the bytes that were sent.
+//! guest's `tar -x` into /root/repo. A large tar goes over the VM's workspace channel (a
+//! virtio-serial port, QEMU) instead of the SSH session when the VM has one: the guest then
+//! skips decrypting it, which under TCG took as long as extracting it. Files are opened with
+//! `O_NOFOLLOW` and hashed while they stream, so the manifest records exactly the bytes that
+//! were sent.
 
 use std::io::{BufRead, Read, Write};
 use std::net::Shutdown;
@@ -190,52 +191,22 @@ pub fn send(
             String::from_utf8_lossy(&text).into_owned()
         });
         let head = &head;
-        let writer = scope.spawn(move || -> Result<_, WorkspaceError> {
-            let Some(mut stdin) = stdin else {
-                return Err(WorkspaceError::Io {
-                    context: "ssh has no stdin".into(),
-                    source: std::io::Error::other("no pipe"),
-                });
-            };
-            let (Some(channel), Some(token)) = (channel, token) else {
-                let (f, b, w) = stream(stdin, root, plan, head, progress)?;
-                return Ok((f, b, w, TransferChannel::Ssh, Instant::now()));
-            };
-            stdin
-                .write_all(head)
-                .map_err(WorkspaceError::io("the SSH session closed early"))?;
-            match answer_rx.recv().ok().flatten().as_deref() {
-                Some(CHANNEL_READY) => {
-                    drop(stdin);
-                    let (files, bytes, wire) =
-                        stream(&channel, root, plan, token.as_bytes(), progress)?;
-                    // The guest stops at the tar's end; this end-of-file is for tidiness.
-                    let _ = channel.shutdown(Shutdown::Write);
-                    let wire = wire + head.len() as u64;
-                    let channel = TransferChannel::VirtioSerial;
-                    Ok((files, bytes, wire, channel, Instant::now()))
-                }
-                Some(_) => {
-                    let (f, b, w) = stream(stdin, root, plan, &[], progress)?;
-                    let w = w + head.len() as u64;
-                    Ok((f, b, w, TransferChannel::Ssh, Instant::now()))
-                }
-                None => Err(WorkspaceError::Io {
-                    context: "the SSH session closed early".into(),
-                    source: std::io::Error::other("no answer from the guest"),
-                }),
-            }
+        let writer = scope.spawn(move || {
+            let way = channel.zip(token);
+            let written = write_tar(stdin, way, &answer_rx, root, plan, head, progress);
+            (written, Instant::now())
         });
         let status = child.wait().map_err(WorkspaceError::io("ssh failed"));
         let finished = Instant::now();
         if let Some(abort) = channel_abort {
             let _ = abort.shutdown(Shutdown::Both);
         }
-        let written = writer.join().unwrap_or_else(|_| {
-            Err(WorkspaceError::Io {
+        let (written, streamed) = writer.join().unwrap_or_else(|_| {
+            let panicked = WorkspaceError::Io {
                 context: "the transfer thread panicked".into(),
                 source: std::io::Error::other("panic"),
-            })
+            };
+            (Err(panicked), Instant::now())
         });
         let stdout = stdout.join().unwrap_or_default();
         let stderr = stderr.join().unwrap_or_default();
@@ -246,7 +217,7 @@ pub fn send(
                 stderr: stderr.trim().lines().last().unwrap_or("").to_owned(),
             });
         }
-        let (files, bytes, wire_bytes, channel, streamed) = written?;
+        let (files, bytes, wire_bytes, channel) = written?;
         // Where a slow prepare spent its time: sending, or the guest's work after the last
         // byte (the end of extraction, the prepared-state tree).
         info!(
@@ -270,6 +241,51 @@ pub fn send(
             channel,
         })
     })
+}
+
+/// Writes `head` (the lists) to ssh's stdin and the tar after it, or, with a channel (and
+/// its token) and the guest's answer that it reads the port, the tar to the channel. Returns
+/// (entries, content bytes, wire bytes, which way the tar went).
+fn write_tar(
+    stdin: Option<std::process::ChildStdin>,
+    channel: Option<(UnixStream, String)>,
+    answer: &mpsc::Receiver<Option<String>>,
+    root: &Path,
+    plan: &mut Plan,
+    head: &[u8],
+    progress: &Progress,
+) -> Result<(u64, u64, u64, TransferChannel), WorkspaceError> {
+    let Some(mut stdin) = stdin else {
+        return Err(WorkspaceError::Io {
+            context: "ssh has no stdin".into(),
+            source: std::io::Error::other("no pipe"),
+        });
+    };
+    let Some((channel, token)) = channel else {
+        let (files, bytes, wire) = stream(stdin, root, plan, head, progress)?;
+        return Ok((files, bytes, wire, TransferChannel::Ssh));
+    };
+    stdin
+        .write_all(head)
+        .map_err(WorkspaceError::io("the SSH session closed early"))?;
+    let head_len = head.len() as u64;
+    match answer.recv().ok().flatten().as_deref() {
+        Some(CHANNEL_READY) => {
+            drop(stdin);
+            let (files, bytes, wire) = stream(&channel, root, plan, token.as_bytes(), progress)?;
+            // The guest stops at the tar's end; this end-of-file is for tidiness.
+            let _ = channel.shutdown(Shutdown::Write);
+            Ok((files, bytes, wire + head_len, TransferChannel::VirtioSerial))
+        }
+        Some(_) => {
+            let (files, bytes, wire) = stream(stdin, root, plan, &[], progress)?;
+            Ok((files, bytes, wire + head_len, TransferChannel::Ssh))
+        }
+        None => Err(WorkspaceError::Io {
+            context: "the SSH session closed early".into(),
+            source: std::io::Error::other("no answer from the guest"),
+        }),
+    }
 }
 
 /// Writes `head` (the lists) and the tar; returns (entries, content bytes, wire bytes).
