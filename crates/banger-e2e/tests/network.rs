@@ -243,7 +243,7 @@ fn twenty_parallel_creates_get_distinct_leases_and_dns_forwards_other_names() {
             addr.octets()[..3] == [172, 30, 0] && addr.octets()[3] >= 2,
             "{addr}"
         );
-        assert!(tap.starts_with("bg-tap-"), "{tap}");
+        assert!(tap.starts_with("bg0t"), "{tap}");
     }
     // The daemon's DNS server answers .vm names itself and forwards the rest upstream.
     let answers = ns
@@ -340,7 +340,7 @@ fn bridge_vms_resolve_each_other_reach_the_outside_and_leave_nothing() {
     });
     let leases = leases(&env);
     let lease_a = leases.iter().find(|l| l.0 == "a").unwrap().clone();
-    assert_eq!(ns.nft_tables(), ["banger"]);
+    assert_eq!(ns.nft_tables(), ["banger_0"]);
 
     // From VM a, b.vm resolves (through the daemon's DNS) and answers.
     let ping = env.banger(&["vm", "exec", "a", "--", "ping", "-c1", "-W5", "b.vm"]);
@@ -485,7 +485,7 @@ fn bridge_vms_resolve_each_other_reach_the_outside_and_leave_nothing() {
     env.banger(&["vm", "rm", "a", "b"]).ok();
     assert!(self::leases(&env).is_empty());
     let links = ns.links();
-    assert!(!links.iter().any(|l| l.starts_with("bg-tap-")), "{links:?}");
+    assert!(!links.iter().any(|l| l.starts_with("bg0t")), "{links:?}");
     env.banger(&["network", "down"]).ok();
     let mut links = ns.links();
     links.sort();

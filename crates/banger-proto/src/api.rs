@@ -194,6 +194,12 @@ pub struct NetworkStatus {
     pub subnet: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// The owner's bridge (`bg<uid>`), when the helper answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// The owner's nftables table (`ip banger_<uid>`), when the helper answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
     pub bridge_up: bool,
     pub nft_table: bool,
     pub taps: Vec<String>,

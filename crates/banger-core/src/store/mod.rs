@@ -60,6 +60,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let mut store = Self { conn };
         migrations::apply(&mut store.conn)?;
+        leases::rename_legacy_taps(&store.conn, nix::unistd::geteuid().as_raw())?;
         Ok(store)
     }
 
