@@ -277,7 +277,11 @@ pub fn ensure_tap(config: &NetConfig, name: &str) -> Result<(), NetError> {
         )?;
         info!(tap = name, owner = config.owner, "tap created");
     }
-    run("ip", &["link", "set", name, "master", &config.bridge()], None)?;
+    run(
+        "ip",
+        &["link", "set", name, "master", &config.bridge()],
+        None,
+    )?;
     run("ip", &["link", "set", name, "up"], None)?;
     Ok(())
 }

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use banger_proto::helper::{
-    FrameError, HelperErrorCode, HelperInfo, HelperOp, HelperReply, HelperRequest,
-    HelperResult, read_frame,
+    FrameError, HelperErrorCode, HelperInfo, HelperOp, HelperReply, HelperRequest, HelperResult,
+    read_frame,
 };
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg, sockopt};
 use tracing::{error, info, info_span, warn};

@@ -241,12 +241,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
         let mut store = Store::open(&path).unwrap();
-        store.insert_vm_with_lease(&vm("old"), Some(pool())).unwrap();
+        store
+            .insert_vm_with_lease(&vm("old"), Some(pool()))
+            .unwrap();
         store
             .conn
             .execute("UPDATE leases SET tap = 'bg-tap-12'", [])
             .unwrap();
         rename_legacy_taps(&store.conn, 1000).unwrap();
-        assert_eq!(store.lease_by_name("old").unwrap().unwrap().tap, "bg1000t12");
+        assert_eq!(
+            store.lease_by_name("old").unwrap().unwrap().tap,
+            "bg1000t12"
+        );
     }
 }
