@@ -6,7 +6,10 @@ mod doctor;
 mod images;
 mod lifecycle;
 mod network;
+mod ports;
 mod workspace;
+
+pub use ports::{NETDEV_ID, hostfwd};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -188,7 +191,12 @@ impl Manager {
             .clone()
             .unwrap_or_else(|| self.config.defaults.vmm.clone());
         // Firecracker has no user-mode networking: it needs the bridge (a lease and its tap).
-        let pool = self.choose_network(request.network.as_deref()).await?;
+        let net = self.choose_net(request.network.as_deref()).await?;
+        let (pool, isolated) = match net {
+            ports::NetChoice::Bridge(pool) => (Some(pool), false),
+            ports::NetChoice::User { isolated } => (None, isolated),
+        };
+        self.check_ports(None, &request.ports, pool.is_some())?;
         let selection = self.select_vmm(&requested, &image, pool.is_some()).await?;
         if selection.kind == VmmKind::Firecracker {
             // Asked for a jailer that is not there: refused before anything is written.
@@ -214,7 +222,18 @@ impl Manager {
         let vm_dir = self.layout.vm_dir(&record.id);
         let made = async {
             self.make_vm_disks(&record, &image.digest).await?;
-            Ok::<_, Error>(self.store().insert_vm_with_lease(&record, pool)?)
+            let lease = self.store().insert_vm_with_lease(&record, pool)?;
+            let settings = {
+                let mut store = self.store();
+                store
+                    .set_isolated(&record.id, isolated)
+                    .and_then(|()| store.change_ports(&record.id, &request.ports, &[]))
+            };
+            if let Err(e) = settings {
+                let _ = self.store().delete_vm(record.name.as_str());
+                return Err(e.into());
+            }
+            Ok::<_, Error>(lease)
         }
         .await;
         let lease = match made {
@@ -530,22 +549,7 @@ impl Manager {
     /// The API form of a VM, with its network (lease) looked up.
     fn vm_api(&self, record: &VmRecord) -> Vm {
         let mut vm = record.to_api();
-        vm.network = match self.store().lease_of(&record.id) {
-            Ok(Some(lease)) => Some(banger_proto::VmNetwork {
-                mode: "bridge".into(),
-                ip: Some(lease.ip.to_string()),
-                tap: Some(lease.tap),
-            }),
-            Ok(None) => Some(banger_proto::VmNetwork {
-                mode: "user".into(),
-                ip: None,
-                tap: None,
-            }),
-            Err(e) => {
-                warn!(vm = %record.name, "cannot read the lease: {e}");
-                None
-            }
-        };
+        vm.network = self.vm_network(record);
         vm
     }
 

@@ -69,6 +69,19 @@ const MIGRATIONS: &[&str] = &[
         tap         TEXT NOT NULL UNIQUE,
         created_at  TEXT NOT NULL
     ) STRICT;",
+    // 6: user-mode VMs without outbound network (`--net isolated`; no row: outbound allowed),
+    // and every VM's published ports. Deleted with the VM.
+    "CREATE TABLE vm_isolated (
+        vm_id       TEXT PRIMARY KEY NOT NULL REFERENCES vms(id) ON DELETE CASCADE
+    ) STRICT;
+    CREATE TABLE vm_ports (
+        vm_id       TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        proto       TEXT NOT NULL CHECK (proto IN ('tcp', 'udp')),
+        host_ip     TEXT NOT NULL,
+        host_port   INTEGER NOT NULL CHECK (host_port BETWEEN 1 AND 65535),
+        guest_port  INTEGER NOT NULL CHECK (guest_port BETWEEN 1 AND 65535),
+        PRIMARY KEY (vm_id, proto, host_ip, host_port)
+    ) STRICT;",
 ];
 
 /// Brings the schema up to date, each migration in its own transaction.

@@ -5,6 +5,7 @@
 mod assets;
 mod leases;
 mod migrations;
+mod ports;
 mod workspace;
 
 pub use workspace::WorkspaceRecord;
