@@ -132,7 +132,13 @@ fn ports(env: &TestEnv, vm: &str) -> Vec<(u16, u16)> {
 #[test]
 fn user_mode_has_egress_isolated_has_none_and_ports_publish_live() {
     let env = TestEnv::new();
-    std::fs::write(env.config_file(), "[network]\nmode = \"user\"\n").unwrap();
+    // User mode whether or not a root helper runs here; a generous start timeout for a
+    // loaded TCG host.
+    std::fs::write(
+        env.config_file(),
+        "[daemon]\nstart_timeout_secs = 900\n[network]\nmode = \"user\"\n",
+    )
+    .unwrap();
     env.build_default_image();
     let blob: Vec<u8> = (0..(1 << 20))
         .map(|i: u32| {

@@ -245,15 +245,26 @@ impl Manager {
     }
 }
 
-/// Runs a QEMU monitor command; QEMU reports a failure as text in the answer.
+/// Runs a QEMU monitor command; QEMU reports a failure as text in the answer: `hostfwd_add`
+/// says nothing when it worked, `hostfwd_remove` says "... removed" (or "... not found",
+/// which leaves what was wanted: no such forward).
 async fn hmp(qmp_socket: &std::path::Path, command: &str) -> Result<(), Error> {
     let answer = qmp::human_monitor_command(qmp_socket, command).await?;
-    let text = answer.trim();
-    if text.is_empty() {
+    if hmp_succeeded(&answer) {
         Ok(())
     } else {
-        Err(Error::Failed(format!("QEMU refused `{command}`: {text}")))
+        Err(Error::Failed(format!(
+            "QEMU refused `{command}`: {}",
+            answer.trim()
+        )))
     }
+}
+
+fn hmp_succeeded(answer: &str) -> bool {
+    let text = answer.trim();
+    text.is_empty()
+        || (text.starts_with("host forwarding rule for ")
+            && (text.ends_with(" removed") || text.ends_with(" not found")))
 }
 
 /// `proto:hostip:hostport-:guestport`, QEMU's hostfwd rule.
@@ -320,6 +331,17 @@ mod tests {
         let udp = PortMapping::parse("8080:8000/udp").unwrap();
         assert!(!overlaps(&p, &udp));
         assert_eq!(hostfwd_host(&udp), "udp:127.0.0.1:8080");
+    }
+
+    #[test]
+    fn monitor_answers() {
+        assert!(hmp_succeeded(""));
+        assert!(hmp_succeeded(
+            "host forwarding rule for tcp:127.0.0.1:8080 removed\r\n"
+        ));
+        assert!(!hmp_succeeded(
+            "Could not set up host forwarding rule 'tcp:127.0.0.1:8080-:80'\r\n"
+        ));
     }
 
     #[test]
