@@ -62,6 +62,11 @@ impl Manager {
                 hint: "connect to NAME.vm:PORT (or the VM's address) from the host, or create the VM with --net user".into(),
             });
         }
+        if let Some(p) = ports.iter().find(|p| p.host_port == 0 || p.guest_port == 0) {
+            return Err(Error::InvalidRequest(format!(
+                "port 0 in {p} is not a port; use 1 to 65535"
+            )));
+        }
         let published = self.store().all_ports()?;
         for (i, p) in ports.iter().enumerate() {
             if ports[..i].iter().any(|q| overlaps(p, q)) {
