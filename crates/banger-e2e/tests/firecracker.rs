@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use banger_core::config::Config;
+use banger_core::domain::{NetMode, SystemDiskChoice, VmmChoice};
 use banger_core::guest::ssh::SshTarget;
 use banger_core::layout::Layout;
 use banger_core::service::{Manager, Seams};
@@ -539,7 +540,7 @@ fn open_fake_manager(
     let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
     let mut config = Config::default();
     config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
-    config.defaults.vmm = "firecracker".into();
+    config.defaults.vmm = VmmChoice::Firecracker;
     config.daemon.stop_timeout_secs = 5;
     tweak(&mut config);
     Manager::open(layout, config).unwrap().with_seams(Seams {
@@ -719,8 +720,8 @@ async fn dm_manager(
     let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
     let mut config = Config::default();
     config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
-    config.defaults.vmm = "firecracker".into();
-    config.defaults.system_disk = "dm".into();
+    config.defaults.vmm = VmmChoice::Firecracker;
+    config.defaults.system_disk = SystemDiskChoice::DmSnapshot;
     // No helper answers here, whatever runs on this machine.
     config.network.helper_socket = dir.join("no-helper.sock").display().to_string();
     let manager = Manager::open(layout, config).unwrap().with_seams(Seams {
@@ -1210,7 +1211,7 @@ async fn a_jailed_firecracker_runs_the_lifecycle() {
     let helper = JailHelper::start(dir.path());
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
-        config.network.mode = "user".into();
+        config.network.mode = NetMode::User;
         config.network.helper_socket = helper.socket.display().to_string();
     })
     .await;
@@ -1297,7 +1298,7 @@ async fn a_failed_jailed_start_leaves_no_jail() {
     let helper = JailHelper::start(dir.path());
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
-        config.network.mode = "user".into();
+        config.network.mode = NetMode::User;
         config.network.helper_socket = helper.socket.display().to_string();
     })
     .await;
@@ -1329,7 +1330,7 @@ async fn a_missing_jailer_is_refused_before_anything_is_made() {
     let dir = short_tmp("bgjl");
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = "/nonexistent/jailer".into();
-        config.network.mode = "user".into();
+        config.network.mode = NetMode::User;
     })
     .await;
     let err = manager
@@ -1365,7 +1366,7 @@ async fn jailed_vms_reattach_and_are_cleaned_up_however_they_end() {
     let socket = helper.socket.display().to_string();
     let jailed = |config: &mut Config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
-        config.network.mode = "user".into();
+        config.network.mode = NetMode::User;
         config.network.helper_socket = socket.clone();
     };
     let first = fake_manager_with(&install, dir.path(), jailed).await;

@@ -7,17 +7,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use banger_proto::{ConsoleChunk, LifecycleResult, SshInfo, Vm, VmName, VmRuntime, VmState};
+use banger_proto::{ConsoleChunk, LifecycleResult, SshInfo, Vm, VmName, VmState};
 use tracing::{info, warn};
 
 use super::{Manager, host_key_alias};
 use crate::Error;
 use crate::disk::{self, SystemDiskStrategy};
 use crate::guest::ssh::SshTarget;
-use crate::model::{VmRecord, check_transition, has_process};
+use crate::model::{VmRecord, VmRuntime, check_transition, has_process};
 use crate::vmm::{
-    Accel, Hypervisor, LaunchSpec, NetAttach, Snapshot, StopTimings, VmProcess, Vmm, accel, cgroup,
-    firecracker, process, stop_sequence,
+    Accel, Hypervisor, LaunchSpec, NetAttach, Snapshot, StopTimings, VmProcess, Vmm, VmmError,
+    accel, cgroup, firecracker, process, stop_sequence,
 };
 use banger_proto::helper::HelperOp;
 
@@ -283,19 +283,13 @@ impl Manager {
             return Ok(choice.clone());
         }
         let scratch = self.layout.runtime_dir().to_path_buf();
-        self.accel
-            .get_or_try_init(|| async {
-                accel::choose(
-                    &self.config.qemu.accel,
-                    self.qemu.binary(),
-                    kernel,
-                    &scratch,
-                )
-                .await
-                .map_err(Error::Failed)
+        Ok(self
+            .accel
+            .get_or_init(|| async {
+                accel::choose(self.config.qemu.accel, self.qemu.binary(), kernel, &scratch).await
             })
             .await
-            .cloned()
+            .clone())
     }
 
     /// Starts a VM and returns once its SSH server accepts banger's key. A running VM is left
@@ -386,12 +380,13 @@ impl Manager {
         let kernel_dir = self.layout.kernel_dir(&kernel.digest);
         let kernel_path = kernel_dir.join("vmlinux");
         let initrd = kernel.has_initrd.then(|| kernel_dir.join("initrd.img"));
-        let strategy = SystemDiskStrategy::from_wire(&record.spec.system_disk)
-            .unwrap_or(SystemDiskStrategy::Qcow2);
+        let strategy = record.spec.system_disk;
         let system_disk = match strategy {
             SystemDiskStrategy::Qcow2 => self.layout.vm_system_disk(&record.id),
             SystemDiskStrategy::DmSnapshot => self.ensure_dm(record, &image.digest).await?,
-            _ => self.layout.vm_system_raw(&record.id),
+            SystemDiskStrategy::Reflink | SystemDiskStrategy::Copy => {
+                self.layout.vm_system_raw(&record.id)
+            }
         };
         let vmm = self.vmm_for(record);
         let work_disk = self.layout.vm_work_disk(&record.id);
@@ -541,9 +536,7 @@ impl Manager {
             }
             match vmm.launch(&spec).await {
                 Ok(process) => break process,
-                Err(e)
-                    if attempt < 3 && attach.is_none() && e.to_string().contains("forwarding") =>
-                {
+                Err(e @ VmmError::PortTaken { .. }) if attempt < 3 => {
                     warn!("port was taken, retrying: {e}");
                 }
                 Err(e) => return Err(step("launch the VMM")(e.into())),
@@ -559,8 +552,8 @@ impl Manager {
             undo.jail = Some(fc.clone());
         }
         record.runtime = Some(VmRuntime {
-            vmm: vmm.name().into(),
-            accel: choice.accel.as_str().into(),
+            vmm: record.spec.vmm,
+            accel: choice.accel,
             reason: choice.reason.clone(),
             pid: Some(process.pid),
             ssh_host,

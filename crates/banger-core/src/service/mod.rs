@@ -11,24 +11,24 @@ mod workspace;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use banger_proto::{CreateVmRequest, Vm, VmName, VmSpec};
+use banger_proto::{CreateVmRequest, Vm, VmName};
 use tracing::{info, warn};
 
 use crate::Error;
 use crate::config::{Config, ResolvedDefaults};
 use crate::disk;
-use crate::disk::SystemDiskStrategy;
+use crate::domain::{NetMode, SystemDiskStrategy, VmmChoice};
 use crate::guest::ssh;
 use crate::host::{HelperClient, HostOps};
 use crate::layout::Layout;
-use crate::model::{self, VmRecord};
+use crate::model::{self, VmRecord, VmSpec};
 use crate::store::Store;
 use crate::store::StoreError;
+use crate::vmm::Vmm;
 use crate::vmm::accel::{Accel, AccelChoice};
 use crate::vmm::firecracker::{Firecracker, Jailer};
 use crate::vmm::qemu::Qemu;
 use crate::vmm::select::{self as vmm_select, Facts, Selection, VmmKind};
-use crate::vmm::{Vmm, select};
 
 /// Upper bounds that keep a typo from asking for an absurd VM.
 const MAX_CPUS: u32 = 256;
@@ -92,7 +92,7 @@ impl Manager {
         } else {
             config.network.helper_socket.clone().into()
         };
-        let host: Option<Arc<dyn HostOps>> = (config.network.mode != "user")
+        let host: Option<Arc<dyn HostOps>> = (config.network.mode != NetMode::User)
             .then(|| Arc::new(HelperClient::new(helper_socket.clone())) as Arc<dyn HostOps>);
         Self::with_host(layout, config, host, helper_socket)
     }
@@ -110,8 +110,8 @@ impl Manager {
         }
         let defaults = config.resolved_defaults(&layout.config_file().display().to_string())?;
         let store = Store::open(&layout.state_db())?;
-        let qemu = Qemu::new(config.qemu.binary.clone().into())
-            .with_multi_threaded_tcg(config.qemu.tcg_threads == "multi");
+        let qemu =
+            Qemu::new(config.qemu.binary.clone().into()).with_tcg_threads(config.qemu.tcg_threads);
         let mut firecracker = Firecracker::new(config.firecracker.binary.clone().into());
         if !config.firecracker.jailer.is_empty() {
             // The jailer must start as root: the helper runs it, whatever the network mode.
@@ -175,7 +175,7 @@ impl Manager {
     /// VM's SSH host key and banger's client key seeded in). Leaves nothing behind on error.
     pub async fn create_vm(&self, request: CreateVmRequest) -> Result<Vm, Error> {
         let name = VmName::parse(&request.name)?;
-        let spec = self.resolve_spec(&request)?;
+        let (spec, requested) = self.resolve_spec(&request)?;
         let lock = self.vm_lock(&name);
         let _guard = lock.lock().await;
         if self.store().find_vm(name.as_str())?.is_some() {
@@ -183,13 +183,9 @@ impl Manager {
         }
         let image = self.find_image(&spec.image)?;
         // Decided before anything is written: a backend that cannot work changes nothing.
-        let requested = request
-            .vmm
-            .clone()
-            .unwrap_or_else(|| self.config.defaults.vmm.clone());
         // Firecracker has no user-mode networking: it needs the bridge (a lease and its tap).
         let pool = self.choose_network(request.network.as_deref()).await?;
-        let selection = self.select_vmm(&requested, &image, pool.is_some()).await?;
+        let selection = self.select_vmm(requested, &image, pool.is_some()).await?;
         if selection.kind == VmmKind::Firecracker {
             // Asked for a jailer that is not there: refused before anything is written.
             self.firecracker.jailer_path()?;
@@ -205,10 +201,12 @@ impl Manager {
                 hint: "set defaults.system_disk = \"reflink\" or \"copy\", or remove firecracker.jailer".into(),
             });
         }
-        let mut spec = spec;
-        spec.vmm = selection.kind.as_str().into();
-        spec.vmm_reason = selection.reason;
-        spec.system_disk = strategy.as_str().into();
+        let spec = VmSpec {
+            vmm: selection.kind,
+            vmm_reason: selection.reason,
+            system_disk: strategy,
+            ..spec
+        };
         info!(vm = %name, vmm = %spec.vmm, reason = %spec.vmm_reason, system_disk = %spec.system_disk, disk_reason = %disk_reason, "backend chosen");
         let record = VmRecord::new(name, spec);
         let vm_dir = self.layout.vm_dir(&record.id);
@@ -275,14 +273,12 @@ impl Manager {
         let _ = std::fs::remove_dir_all(&seed);
         made?;
         let base = self.layout.image_rootfs(image_digest);
-        let strategy = SystemDiskStrategy::from_wire(&record.spec.system_disk)
-            .unwrap_or(SystemDiskStrategy::Qcow2);
         let raw = self.layout.vm_system_raw(id);
         let io = |what: &'static str| {
             let context = format!("cannot {what} {} to {}", base.display(), raw.display());
             move |source| disk::DiskError::Io { context, source }
         };
-        match strategy {
+        match record.spec.system_disk {
             SystemDiskStrategy::Qcow2 => {
                 disk::create_system_overlay(&base, &self.layout.vm_system_disk(id)).await?
             }
@@ -372,7 +368,7 @@ impl Manager {
     /// when they can matter; KVM is probed last (it may boot a probe kernel).
     async fn select_vmm(
         &self,
-        requested: &str,
+        requested: VmmChoice,
         image: &banger_proto::Image,
         bridge: bool,
     ) -> Result<Selection, Error> {
@@ -381,7 +377,7 @@ impl Manager {
             tap: Err("not checked".into()),
             kvm: Err("not checked".into()),
         };
-        if requested != "qemu" {
+        if requested != VmmChoice::Qemu {
             facts.firecracker = self
                 .firecracker
                 .version()
@@ -417,10 +413,9 @@ impl Manager {
         &self,
         kind: VmmKind,
     ) -> Result<(SystemDiskStrategy, String), Error> {
-        let configured = self.config.defaults.system_disk.as_str();
-        match (kind, configured) {
-            (VmmKind::Qemu, "auto") => Ok((SystemDiskStrategy::Qcow2, "qcow2 overlay (QEMU)".into())),
-            (_, "auto") => Ok(disk::choose_raw_strategy(
+        match (kind, self.config.defaults.system_disk.fixed()) {
+            (VmmKind::Qemu, None) => Ok((SystemDiskStrategy::Qcow2, "qcow2 overlay (QEMU)".into())),
+            (_, None) => Ok(disk::choose_raw_strategy(
                 &self.layout.images_dir(),
                 if self.config.firecracker.jailer.is_empty() {
                     self.dm_available().await
@@ -428,27 +423,25 @@ impl Manager {
                     Err("the jailer's chroot takes regular files only".into())
                 },
             )),
-            (_, "dm") => match self.dm_available().await {
+            (_, Some(SystemDiskStrategy::DmSnapshot)) => match self.dm_available().await {
                 Ok(()) => Ok((SystemDiskStrategy::DmSnapshot, "defaults.system_disk = \"dm\"".into())),
                 Err(why) => Err(Error::HostSetup {
                     message: format!("cannot make a device-mapper system disk: {why}"),
                     hint: "on a host with device-mapper, `sudo banger helper install` and enable banger-helper@$UID.socket; else set defaults.system_disk = \"auto\"".into(),
                 }),
             },
-            (VmmKind::Firecracker, "qcow2") => Err(Error::InvalidRequest(
+            (VmmKind::Firecracker, Some(SystemDiskStrategy::Qcow2)) => Err(Error::InvalidRequest(
                 "Firecracker takes raw disks only; defaults.system_disk = \"qcow2\" works with QEMU only".into(),
             )),
-            (_, other) => SystemDiskStrategy::from_wire(other)
-                .map(|s| (s, format!("defaults.system_disk = {other:?}")))
-                .ok_or_else(|| Error::InvalidRequest(format!("unknown system disk strategy {other:?}"))),
+            (_, Some(strategy)) => Ok((strategy, format!("defaults.system_disk = \"{strategy}\""))),
         }
     }
 
     /// The backend a VM was created with.
     fn vmm_for(&self, record: &VmRecord) -> Vmm {
-        match VmmKind::from_wire(&record.spec.vmm) {
-            Some(VmmKind::Firecracker) => Vmm::Firecracker(self.firecracker.clone()),
-            _ => Vmm::Qemu(self.qemu.clone()),
+        match record.spec.vmm {
+            VmmKind::Firecracker => Vmm::Firecracker(self.firecracker.clone()),
+            VmmKind::Qemu => Vmm::Qemu(self.qemu.clone()),
         }
     }
 
@@ -462,7 +455,9 @@ impl Manager {
         Ok(ssh::ensure_key(&self.layout.client_key(), "banger").await?)
     }
 
-    fn resolve_spec(&self, request: &CreateVmRequest) -> Result<VmSpec, Error> {
+    /// The spec of a new VM from `request` and the defaults (its backend and disk not chosen
+    /// yet), and the backend asked for.
+    fn resolve_spec(&self, request: &CreateVmRequest) -> Result<(VmSpec, VmmChoice), Error> {
         let cpus = request.cpus.unwrap_or(self.defaults.cpus);
         if !(1..=MAX_CPUS).contains(&cpus) {
             return Err(Error::InvalidRequest(format!(
@@ -493,22 +488,23 @@ impl Manager {
                 "image name {image:?} is not valid"
             )));
         }
-        if let Some(vmm) = &request.vmm
-            && !select::CHOICES.contains(&vmm.as_str())
-        {
-            return Err(Error::InvalidRequest(format!(
-                "vmm {vmm:?} is not one of auto, firecracker, qemu"
-            )));
-        }
-        Ok(VmSpec {
+        let vmm = match &request.vmm {
+            Some(vmm) => vmm
+                .parse::<VmmChoice>()
+                .map_err(|e| Error::InvalidRequest(e.to_string()))?,
+            None => self.config.defaults.vmm,
+        };
+        let spec = VmSpec {
             cpus,
             memory_mib,
             disk_size_bytes,
             image,
-            vmm: String::new(),
+            // Placeholders until create chose them (nothing reads them before).
+            vmm: VmmKind::Qemu,
             vmm_reason: String::new(),
-            system_disk: String::new(),
-        })
+            system_disk: SystemDiskStrategy::Qcow2,
+        };
+        Ok((spec, vmm))
     }
 
     /// All VMs by name.
@@ -565,12 +561,12 @@ impl Manager {
         }
         // A jail whose removal failed at stop still holds hard links to the VM's disks: try
         // again (idempotent; nothing to do without a jailer).
-        if record.spec.vmm == "firecracker"
+        if record.spec.vmm == VmmKind::Firecracker
             && let Err(e) = self.firecracker.remove_jail(&record.id)
         {
             tracing::warn!(vm = %name, "{e}");
         }
-        if record.spec.system_disk == SystemDiskStrategy::DmSnapshot.as_str()
+        if record.spec.system_disk == SystemDiskStrategy::DmSnapshot
             && let Err(e) = self.remove_dm_disk(&record.id).await
         {
             tracing::warn!(vm = %name, "device-mapper teardown incomplete: {e}");

@@ -28,6 +28,14 @@ pub enum VmmError {
     /// The root helper could not remove a VM's jail.
     #[error("cannot remove the VM's jail: {0}")]
     JailRemoval(String),
+    /// The host port forwarded to the guest's SSH server was taken before the VMM bound it
+    /// (user-mode networking picks a free port, which another process can take first).
+    #[error("{binary} did not start: port {port} on 127.0.0.1 is taken: {message}")]
+    PortTaken {
+        binary: String,
+        port: u16,
+        message: String,
+    },
     /// The VMM exited before the VM ran.
     #[error("{binary} did not start: {message}")]
     LaunchFailed { binary: String, message: String },

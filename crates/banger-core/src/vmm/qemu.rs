@@ -9,27 +9,29 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use crate::domain::TcgThreads;
+
 use super::{Accel, Capabilities, Hypervisor, LaunchSpec, NetAttach, VmProcess, VmmError, qmp};
 
 /// The QEMU backend.
 #[derive(Debug, Clone)]
 pub struct Qemu {
     binary: PathBuf,
-    /// TCG with a host thread per vCPU (see `args`).
-    multi_threaded_tcg: bool,
+    /// How TCG maps vCPUs to host threads (see `args`).
+    tcg_threads: TcgThreads,
 }
 
 impl Qemu {
     pub fn new(binary: PathBuf) -> Self {
         Self {
             binary,
-            multi_threaded_tcg: false,
+            tcg_threads: TcgThreads::Single,
         }
     }
 
-    /// Lets TCG run a host thread per vCPU (config `qemu.tcg_threads = "multi"`).
-    pub fn with_multi_threaded_tcg(mut self, multi: bool) -> Self {
-        self.multi_threaded_tcg = multi;
+    /// How TCG maps vCPUs to host threads (config `qemu.tcg_threads`).
+    pub fn with_tcg_threads(mut self, threads: TcgThreads) -> Self {
+        self.tcg_threads = threads;
         self
     }
 
@@ -47,8 +49,7 @@ impl Qemu {
         } else {
             "off"
         };
-        let machine =
-            format!("microvm,isa-serial=on,rtc=on,acpi=on,pic=off,pit={pit}");
+        let machine = format!("microvm,isa-serial=on,rtc=on,acpi=on,pic=off,pit={pit}");
         // TCG runs all vCPUs of a VM on one host thread (`thread=single`) unless configured
         // otherwise. With one thread per vCPU (MTTCG, QEMU's default), QEMU 7.2 (Debian 12)
         // races when the guest patches kernel code that another vCPU is translating (static
@@ -59,8 +60,10 @@ impl Qemu {
         // patching").
         let (accel, cpu) = match spec.accel {
             Accel::Kvm => ("kvm", "host"),
-            Accel::Tcg if self.multi_threaded_tcg => ("tcg,thread=multi", "max"),
-            Accel::Tcg => ("tcg,thread=single", "max"),
+            Accel::Tcg => match self.tcg_threads {
+                TcgThreads::Multi => ("tcg,thread=multi", "max"),
+                TcgThreads::Single => ("tcg,thread=single", "max"),
+            },
         };
         let mut args: Vec<String> = vec![
             // The VM id in the process name lets liveness checks tell our QEMU from a reused pid.
@@ -191,6 +194,17 @@ impl Hypervisor for Qemu {
                 .map(|l| l.trim_start_matches(&format!("{binary}: ")).to_owned())
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or_else(|| output.status.to_string());
+            // QEMU reports a hostfwd port that another process bound first this way; the
+            // caller picks another port.
+            if let NetAttach::User { ssh_port } = spec.net
+                && message.contains("forwarding")
+            {
+                return Err(VmmError::PortTaken {
+                    binary,
+                    port: ssh_port,
+                    message,
+                });
+            }
             return Err(VmmError::LaunchFailed { binary, message });
         }
         let pid_path = pid_file(spec);
@@ -276,7 +290,7 @@ mod tests {
         let qemu = Qemu::new("qemu".into());
         assert_eq!(accel_arg(&qemu, Accel::Tcg), "tcg,thread=single");
         assert_eq!(accel_arg(&qemu, Accel::Kvm), "kvm");
-        let multi = Qemu::new("qemu".into()).with_multi_threaded_tcg(true);
+        let multi = Qemu::new("qemu".into()).with_tcg_threads(TcgThreads::Multi);
         assert_eq!(accel_arg(&multi, Accel::Tcg), "tcg,thread=multi");
     }
 
