@@ -120,8 +120,9 @@ pub struct QemuConfig {
     pub binary: String,
     /// "auto" (KVM when a probe shows it works, else TCG), "kvm" or "tcg" (default "auto").
     pub accel: AccelMode,
-    /// TCG only: "single" (all vCPUs of a VM on one host thread, the default) or "multi" (a
-    /// thread per vCPU: faster, but QEMU 7.2 can hang a guest that patches its own code; see
+    /// TCG only: "auto" (the default: a thread per vCPU on QEMU 8.1 and later, else one),
+    /// "single" (all vCPUs of a VM on one host thread) or "multi" (a thread per vCPU: faster,
+    /// but QEMU before 8.1 can hang a guest that patches its own code; see
     /// docs/ARCHITECTURE.md, "TCG and guest code patching").
     pub tcg_threads: TcgThreads,
 }
@@ -131,7 +132,7 @@ impl Default for QemuConfig {
         Self {
             binary: "qemu-system-x86_64".into(),
             accel: AccelMode::Auto,
-            tcg_threads: TcgThreads::Single,
+            tcg_threads: TcgThreads::Auto,
         }
     }
 }
@@ -345,8 +346,8 @@ mod tests {
     }
 
     #[test]
-    fn tcg_threads_is_single_unless_multi_is_asked_for() {
-        assert_eq!(Config::default().qemu.tcg_threads, TcgThreads::Single);
+    fn tcg_threads_is_auto_unless_asked_for() {
+        assert_eq!(Config::default().qemu.tcg_threads, TcgThreads::Auto);
         assert_eq!(
             load("[qemu]\ntcg_threads = \"multi\"\n")
                 .unwrap()
@@ -358,7 +359,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("qemu.tcg_threads") && err.contains("single, multi"),
+            err.contains("qemu.tcg_threads") && err.contains("auto, single, multi"),
             "{err}"
         );
     }

@@ -181,10 +181,13 @@ wire_enum! {
 wire_enum! {
     /// How TCG maps vCPUs to host threads (`qemu.tcg_threads`).
     TcgThreads ("tcg threads") {
+        /// A thread per vCPU where the QEMU version is known to be safe (8.1 and later), else
+        /// one.
+        Auto = "auto",
         /// All vCPUs of a VM on one host thread.
         Single = "single",
-        /// A host thread per vCPU: faster, but QEMU 7.2 can hang a guest that patches its own
-        /// code (docs/ARCHITECTURE.md, "TCG and guest code patching").
+        /// A host thread per vCPU: faster, but QEMU before 8.1 can hang a guest that patches
+        /// its own code (docs/ARCHITECTURE.md, "TCG and guest code patching").
         Multi = "multi",
     }
 }

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use crate::domain::TcgThreads;
+pub use crate::domain::TcgThreads;
 
 use super::{Accel, Capabilities, Hypervisor, LaunchSpec, NetAttach, VmProcess, VmmError, qmp};
 
@@ -17,22 +17,30 @@ use super::{Accel, Capabilities, Hypervisor, LaunchSpec, NetAttach, VmProcess, V
 #[derive(Debug, Clone)]
 pub struct Qemu {
     binary: PathBuf,
-    /// How TCG maps vCPUs to host threads (see `args`).
-    tcg_threads: TcgThreads,
+    /// TCG with a host thread per vCPU (see `args`).
+    multi_threaded_tcg: bool,
 }
 
 impl Qemu {
     pub fn new(binary: PathBuf) -> Self {
         Self {
             binary,
-            tcg_threads: TcgThreads::Single,
+            multi_threaded_tcg: false,
         }
     }
 
-    /// How TCG maps vCPUs to host threads (config `qemu.tcg_threads`).
-    pub fn with_tcg_threads(mut self, threads: TcgThreads) -> Self {
-        self.tcg_threads = threads;
-        self
+    /// Chooses the TCG threading for `choice`; `Auto` asks the binary for its version (one
+    /// short `--version` run) and takes a thread per vCPU from QEMU 8.1 on.
+    pub fn with_tcg_threads(self, choice: TcgThreads) -> Self {
+        let multi = match choice {
+            TcgThreads::Single => false,
+            TcgThreads::Multi => true,
+            TcgThreads::Auto => probe_version(&self.binary).is_some_and(mttcg_is_safe),
+        };
+        Self {
+            multi_threaded_tcg: multi,
+            ..self
+        }
     }
 
     pub fn binary(&self) -> &Path {
@@ -60,10 +68,8 @@ impl Qemu {
         // patching").
         let (accel, cpu) = match spec.accel {
             Accel::Kvm => ("kvm", "host"),
-            Accel::Tcg => match self.tcg_threads {
-                TcgThreads::Multi => ("tcg,thread=multi", "max"),
-                TcgThreads::Single => ("tcg,thread=single", "max"),
-            },
+            Accel::Tcg if self.multi_threaded_tcg => ("tcg,thread=multi", "max"),
+            Accel::Tcg => ("tcg,thread=single", "max"),
         };
         let mut args: Vec<String> = vec![
             // The VM id in the process name lets liveness checks tell our QEMU from a reused pid.
@@ -149,6 +155,43 @@ impl Qemu {
         ]);
         args
     }
+}
+
+/// A QEMU release, as `--version` prints it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct QemuVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// QEMU 8.1 fixed the multi-threaded TCG race with guest code patching (deba78709ae8).
+fn mttcg_is_safe(version: QemuVersion) -> bool {
+    version >= (QemuVersion { major: 8, minor: 1 })
+}
+
+/// Parses "QEMU emulator version 10.0.2 (Debian ...)".
+pub fn parse_version(text: &str) -> Option<QemuVersion> {
+    let rest = text.split("version ").nth(1)?;
+    let mut numbers = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|part| !part.is_empty())
+        .map(str::parse::<u32>);
+    Some(QemuVersion {
+        major: numbers.next()?.ok()?,
+        minor: numbers.next()?.ok()?,
+    })
+}
+
+/// The version `binary --version` reports, or `None` when it does not run or says nothing
+/// parseable.
+pub fn probe_version(binary: &Path) -> Option<QemuVersion> {
+    let output = std::process::Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    parse_version(&String::from_utf8_lossy(&output.stdout))
 }
 
 fn qmp_socket(spec: &LaunchSpec) -> PathBuf {
@@ -292,6 +335,40 @@ mod tests {
         assert_eq!(accel_arg(&qemu, Accel::Kvm), "kvm");
         let multi = Qemu::new("qemu".into()).with_tcg_threads(TcgThreads::Multi);
         assert_eq!(accel_arg(&multi, Accel::Tcg), "tcg,thread=multi");
+    }
+
+    #[test]
+    fn versions_are_read_from_the_banner() {
+        let v = parse_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright");
+        assert_eq!(
+            v,
+            Some(QemuVersion {
+                major: 10,
+                minor: 0
+            })
+        );
+        let old = parse_version("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)");
+        assert!(!mttcg_is_safe(old.unwrap()));
+        assert!(mttcg_is_safe(v.unwrap()));
+        assert!(mttcg_is_safe(
+            parse_version("QEMU emulator version 8.1.0").unwrap()
+        ));
+        assert!(!mttcg_is_safe(
+            parse_version("QEMU emulator version 8.0.5").unwrap()
+        ));
+        assert_eq!(parse_version("not qemu"), None);
+    }
+
+    #[test]
+    fn explicit_tcg_threads_need_no_probe() {
+        let missing = Path::new("/nonexistent/qemu");
+        let single = Qemu::new(missing.into()).with_tcg_threads(TcgThreads::Single);
+        assert_eq!(accel_arg(&single, Accel::Tcg), "tcg,thread=single");
+        let multi = Qemu::new(missing.into()).with_tcg_threads(TcgThreads::Multi);
+        assert_eq!(accel_arg(&multi, Accel::Tcg), "tcg,thread=multi");
+        // A binary that cannot tell its version gets the safe choice.
+        let auto = Qemu::new(missing.into()).with_tcg_threads(TcgThreads::Auto);
+        assert_eq!(accel_arg(&auto, Accel::Tcg), "tcg,thread=single");
     }
 
     #[test]
