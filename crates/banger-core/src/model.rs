@@ -149,6 +149,15 @@ impl VmRecord {
         }
     }
 
+    /// Forgets the VMM process (its pid and jail) once it ended; the rest of the runtime
+    /// facts stay for `vm show`.
+    pub fn clear_process(&mut self) {
+        if let Some(runtime) = self.runtime.as_mut() {
+            runtime.pid = None;
+            runtime.jail = None;
+        }
+    }
+
     /// The API view of the record.
     pub fn to_api(&self) -> Vm {
         Vm {
