@@ -16,7 +16,7 @@ use banger_core::service::{Manager, Seams};
 use banger_core::vmm::accel::AccelChoice;
 use banger_core::vmm::firecracker::{ApiClient, Firecracker};
 use banger_core::vmm::{
-    Accel, Hypervisor, LaunchSpec, Snapshot, StopTimings, VmProcess, Vmm, VmmError, process,
+    Accel, Hypervisor, LaunchSpec, Snapshot, StopTimings, VmProcess, VmmError, process,
     stop_sequence,
 };
 use banger_e2e::{TestEnv, bin};
@@ -221,7 +221,7 @@ async fn lifecycle_against_the_fake_firecracker() {
     // "reboots" and Firecracker exits, as with `reboot=k`).
     let synced = sync_attempt().await;
     assert!(!synced);
-    let vmm = Vmm::Firecracker(fc.clone());
+    let vmm = fc.clone();
     let how = stop_sequence(&vmm, &process, &spec.vm_id, synced, false, TIMINGS).await;
     assert_eq!(how, "ctrl-alt-del");
     assert!(!process::is_alive(process.pid, &spec.vm_id));
@@ -262,7 +262,7 @@ async fn stop_falls_back_to_quit_then_kill() {
     let mut reaper = Reaper(Vec::new());
     let process = fc.launch(&spec).await.unwrap();
     reaper.0.push((process.pid, spec.vm_id.clone()));
-    let vmm = Vmm::Firecracker(fc);
+    let vmm = fc;
     let how = stop_sequence(
         &vmm,
         &process,
@@ -281,7 +281,7 @@ async fn stop_falls_back_to_quit_then_kill() {
     let spec = self::spec(dir.path(), "hung");
     let process = fc.launch(&spec).await.unwrap();
     reaper.0.push((process.pid, spec.vm_id.clone()));
-    let vmm = Vmm::Firecracker(fc);
+    let vmm = fc;
     let how = stop_sequence(&vmm, &process, &spec.vm_id, false, false, TIMINGS).await;
     assert_eq!(how, "kill");
     assert!(!process::is_alive(process.pid, &spec.vm_id));

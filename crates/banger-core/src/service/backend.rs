@@ -1,40 +1,42 @@
 //! Which backend serves a VM and how to reach its running VMM: the backend a record names,
-//! its control socket, and the acceleration (decided once per daemon).
+//! its live process with its control socket, and the acceleration (decided once per daemon).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::Manager;
 use crate::Error;
 use crate::domain::VmmKind;
 use crate::model::VmRecord;
-use crate::vmm::{VmProcess, Vmm, accel, firecracker};
+use crate::vmm::{VmBackend, VmProcess, accel};
 
 impl Manager {
     /// The backend a VM was created with.
-    pub(super) fn vmm_for(&self, record: &VmRecord) -> Vmm {
-        match record.spec.vmm {
-            VmmKind::Firecracker => Vmm::Firecracker(self.firecracker.clone()),
-            VmmKind::Qemu => Vmm::Qemu(self.qemu.clone()),
-        }
+    pub(super) fn backend(&self, record: &VmRecord) -> Arc<dyn VmBackend> {
+        self.backends.get(record.spec.vmm)
     }
-    /// The backend of `record` and its live process `pid` with its control socket.
-    pub(super) fn control(&self, record: &VmRecord, pid: u32) -> (Vmm, VmProcess) {
-        let vmm = self.vmm_for(record);
-        let runtime_dir = self.layout.vm_runtime_dir(&record.id);
+
+    /// The backend of `kind` (a VM being created has no record yet).
+    pub(super) fn backend_of(&self, kind: VmmKind) -> Arc<dyn VmBackend> {
+        self.backends.get(kind)
+    }
+
+    /// The backend of `record` and its live process `pid` with its control socket (reattach
+    /// by pid).
+    pub(super) fn control(&self, record: &VmRecord, pid: u32) -> (Arc<dyn VmBackend>, VmProcess) {
+        let backend = self.backend(record);
         let control = VmProcess {
             pid,
-            control_socket: match vmm {
-                Vmm::Firecracker(_) => firecracker::api_socket(&runtime_dir),
-                Vmm::Qemu(_) => runtime_dir.join("qmp.sock"),
-            },
+            control_socket: backend.control_socket(&self.layout.vm_runtime_dir(&record.id)),
             jail: record
                 .runtime
                 .as_ref()
                 .and_then(|r| r.jail.as_ref())
                 .map(PathBuf::from),
         };
-        (vmm, control)
+        (backend, control)
     }
+
     pub(super) async fn accel_choice(&self, kernel: &Path) -> Result<accel::AccelChoice, Error> {
         if let Some(choice) = &self.seams.accel {
             return Ok(choice.clone());
@@ -43,7 +45,13 @@ impl Manager {
         Ok(self
             .accel
             .get_or_init(|| async {
-                accel::choose(self.config.qemu.accel, self.qemu.binary(), kernel, &scratch).await
+                accel::choose(
+                    self.config.qemu.accel,
+                    self.backends.qemu().binary(),
+                    kernel,
+                    &scratch,
+                )
+                .await
             })
             .await
             .clone())

@@ -13,7 +13,8 @@ use crate::guest::ssh;
 use crate::model::{VmRecord, VmSpec};
 use crate::store::StoreError;
 use crate::vmm::accel::Accel;
-use crate::vmm::select::{self as vmm_select, Facts, Selection, VmmKind};
+use crate::vmm::select::{self as vmm_select, Facts, Selection};
+use crate::vmm::{DiskRefusal, VmBackend};
 
 /// Upper bounds that keep a typo from asking for an absurd VM.
 const MAX_CPUS: u32 = 256;
@@ -28,35 +29,33 @@ impl Manager {
     pub async fn create_vm(&self, request: CreateVmRequest) -> Result<Vm, Error> {
         let vm = self.locked(&request.name).await?;
         let name = vm.name.clone();
-        let (spec, requested) = self.resolve_spec(&request)?;
+        let asked = self.resolve_spec(&request)?;
         if self.store().find_vm(name.as_str())?.is_some() {
             return Err(StoreError::VmExists(name.to_string()).into());
         }
-        let image = self.find_image(&spec.image)?;
+        let image = self.find_image(&asked.image)?;
         // Decided before anything is written: a backend that cannot work changes nothing.
         // Firecracker has no user-mode networking: it needs the bridge (a lease and its tap).
         let pool = self.choose_network(request.network.as_deref()).await?;
-        let selection = self.select_vmm(requested, &image, pool.is_some()).await?;
-        if selection.kind == VmmKind::Firecracker {
-            // Asked for a jailer that is not there: refused before anything is written.
-            self.firecracker.jailer_path()?;
-        }
-        let (strategy, disk_reason) = self.system_disk_strategy(selection.kind).await?;
-        if selection.kind == VmmKind::Firecracker
-            && strategy == SystemDiskStrategy::DmSnapshot
-            && !self.config.firecracker.jailer.is_empty()
-        {
-            return Err(Error::HostSetup {
-                message: "a device-mapper system disk cannot be placed in the jailer's chroot"
-                    .into(),
-                hint: "set defaults.system_disk = \"reflink\" or \"copy\", or remove firecracker.jailer".into(),
-            });
-        }
+        let selection = self.select_vmm(asked.vmm, &image, pool.is_some()).await?;
+        let backend = self.backend_of(selection.kind);
+        // E.g. a jailer asked for and not there: refused before anything is written.
+        backend.preflight()?;
+        let (strategy, disk_reason) = self.system_disk_strategy(backend.as_ref()).await?;
+        backend
+            .check_system_disk(strategy)
+            .map_err(|refusal| match refusal {
+                DiskRefusal::Format(message) => Error::InvalidRequest(message),
+                DiskRefusal::Setup { message, hint } => Error::HostSetup { message, hint },
+            })?;
         let spec = VmSpec {
+            cpus: asked.cpus,
+            memory_mib: asked.memory_mib,
+            disk_size_bytes: asked.disk_size_bytes,
+            image: asked.image,
             vmm: selection.kind,
             vmm_reason: selection.reason,
             system_disk: strategy,
-            ..spec
         };
         info!(vm = %name, vmm = %spec.vmm, reason = %spec.vmm_reason, system_disk = %spec.system_disk, disk_reason = %disk_reason, "backend chosen");
         let record = VmRecord::new(name, spec);
@@ -82,6 +81,7 @@ impl Manager {
         self.refresh_ssh_config();
         Ok(self.vm_api(&record))
     }
+
     /// The VM's directory with its disks and pinned host key.
     pub(super) async fn make_vm_disks(
         &self,
@@ -186,6 +186,7 @@ impl Manager {
         }
         Ok(())
     }
+
     /// The backend for a new VM (see [`vmm_select`]). Firecracker's facts are gathered only
     /// when they can matter; KVM is probed last (it may boot a probe kernel).
     pub(super) async fn select_vmm(
@@ -201,7 +202,8 @@ impl Manager {
         };
         if requested != VmmChoice::Qemu {
             facts.firecracker = self
-                .firecracker
+                .backends
+                .firecracker()
                 .version()
                 .await
                 .map(|(a, b, c)| format!("firecracker {a}.{b}.{c}"))
@@ -229,34 +231,36 @@ impl Manager {
             hint: e.hint,
         })
     }
-    /// The system disk strategy for a new VM of `kind`, and why.
+
+    /// The system disk strategy for a new VM on `backend`, and why: `auto` is a qcow2
+    /// overlay where the backend opens qcow2, else the best raw strategy this host has.
     pub(super) async fn system_disk_strategy(
         &self,
-        kind: VmmKind,
+        backend: &dyn VmBackend,
     ) -> Result<(SystemDiskStrategy, String), Error> {
-        match (kind, self.config.defaults.system_disk.fixed()) {
-            (VmmKind::Qemu, None) => Ok((SystemDiskStrategy::Qcow2, "qcow2 overlay (QEMU)".into())),
-            (_, None) => Ok(disk::choose_raw_strategy(
+        match self.config.defaults.system_disk.fixed() {
+            None if backend.capabilities().supports_qcow2 => Ok((
+                SystemDiskStrategy::Qcow2,
+                format!("qcow2 overlay ({})", backend.display_name()),
+            )),
+            None => Ok(disk::choose_raw_strategy(
                 &self.layout.images_dir(),
-                if self.config.firecracker.jailer.is_empty() {
-                    self.dm_available().await
-                } else {
-                    Err("the jailer's chroot takes regular files only".into())
+                match backend.dm_disks() {
+                    Ok(()) => self.dm_available().await,
+                    Err(why) => Err(why),
                 },
             )),
-            (_, Some(SystemDiskStrategy::DmSnapshot)) => match self.dm_available().await {
+            Some(SystemDiskStrategy::DmSnapshot) => match self.dm_available().await {
                 Ok(()) => Ok((SystemDiskStrategy::DmSnapshot, "defaults.system_disk = \"dm\"".into())),
                 Err(why) => Err(Error::HostSetup {
                     message: format!("cannot make a device-mapper system disk: {why}"),
                     hint: "on a host with device-mapper, `sudo banger helper install` and enable banger-helper@$UID.socket; else set defaults.system_disk = \"auto\"".into(),
                 }),
             },
-            (VmmKind::Firecracker, Some(SystemDiskStrategy::Qcow2)) => Err(Error::InvalidRequest(
-                "Firecracker takes raw disks only; defaults.system_disk = \"qcow2\" works with QEMU only".into(),
-            )),
-            (_, Some(strategy)) => Ok((strategy, format!("defaults.system_disk = \"{strategy}\""))),
+            Some(strategy) => Ok((strategy, format!("defaults.system_disk = \"{strategy}\""))),
         }
     }
+
     /// banger's SSH public key, generating the pair on first use.
     pub(super) async fn client_public_key(&self) -> Result<String, Error> {
         let _guard = self.key_lock.lock().await;
@@ -266,12 +270,9 @@ impl Manager {
         set_mode(&keys, 0o700)?;
         Ok(ssh::ensure_key(&self.layout.client_key(), "banger").await?)
     }
-    /// The spec of a new VM from `request` and the defaults (its backend and disk not chosen
-    /// yet), and the backend asked for.
-    pub(super) fn resolve_spec(
-        &self,
-        request: &CreateVmRequest,
-    ) -> Result<(VmSpec, VmmChoice), Error> {
+
+    /// What `request` and the defaults ask for, checked.
+    pub(super) fn resolve_spec(&self, request: &CreateVmRequest) -> Result<Asked, Error> {
         let cpus = request.cpus.unwrap_or(self.defaults.cpus);
         if !(1..=MAX_CPUS).contains(&cpus) {
             return Err(Error::InvalidRequest(format!(
@@ -308,16 +309,23 @@ impl Manager {
                 .map_err(|e| Error::InvalidRequest(e.to_string()))?,
             None => self.config.defaults.vmm,
         };
-        let spec = VmSpec {
+        Ok(Asked {
             cpus,
             memory_mib,
             disk_size_bytes,
             image,
-            // Placeholders until create chose them (nothing reads them before).
-            vmm: VmmKind::Qemu,
-            vmm_reason: String::new(),
-            system_disk: SystemDiskStrategy::Qcow2,
-        };
-        Ok((spec, vmm))
+            vmm,
+        })
     }
+}
+
+/// A create request with the defaults filled in, before the backend and system disk are
+/// chosen.
+#[derive(Debug)]
+pub(super) struct Asked {
+    cpus: u32,
+    memory_mib: u64,
+    disk_size_bytes: u64,
+    image: String,
+    vmm: VmmChoice,
 }

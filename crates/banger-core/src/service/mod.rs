@@ -36,9 +36,7 @@ use crate::layout::Layout;
 use crate::model::{VmRecord, check_transition, has_process};
 use crate::store::Store;
 use crate::vmm::accel::AccelChoice;
-use crate::vmm::firecracker::{Firecracker, Jailer};
-use crate::vmm::process;
-use crate::vmm::qemu::Qemu;
+use crate::vmm::{Backends, process};
 
 /// Host facts a test can impose instead of the Manager discovering them: what a fake VMM
 /// (banger-fc-fake) cannot provide. Production code never sets these.
@@ -54,6 +52,7 @@ pub struct Seams {
     /// banger-helper; device-mapper is then taken as available.
     pub host_ops: Option<Arc<dyn HostOps>>,
 }
+
 /// The daemon's operations over one banger instance.
 #[derive(Debug)]
 pub struct Manager {
@@ -62,8 +61,7 @@ pub struct Manager {
     config: Config,
     store: Mutex<Store>,
     vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    qemu: Qemu,
-    firecracker: Firecracker,
+    backends: Backends,
     /// KVM-or-TCG is decided once per daemon (a probe boot may be needed).
     accel: tokio::sync::OnceCell<AccelChoice>,
     /// Test-only overrides of discovered host facts (see [`Seams`]).
@@ -98,6 +96,7 @@ impl Manager {
             .then(|| Arc::new(HelperClient::new(helper_socket.clone())) as Arc<dyn HostOps>);
         Self::with_host(layout, config, host, helper_socket)
     }
+
     /// Like [`Manager::open`] with an explicit [`HostOps`] (tests use a recording fake).
     pub fn with_host(
         layout: Layout,
@@ -111,27 +110,19 @@ impl Manager {
         }
         let defaults = config.resolved_defaults(&layout.config_file().display().to_string())?;
         let store = Store::open(&layout.state_db())?;
-        let qemu =
-            Qemu::new(config.qemu.binary.clone().into()).with_tcg_threads(config.qemu.tcg_threads);
-        let mut firecracker = Firecracker::new(config.firecracker.binary.clone().into());
-        if !config.firecracker.jailer.is_empty() {
-            // The jailer must start as root: the helper runs it, whatever the network mode.
-            let host = host.clone().unwrap_or_else(|| {
+        // A jailer must start as root: the helper runs it, whatever the network mode.
+        let backends = Backends::from_config(&config, || {
+            host.clone().unwrap_or_else(|| {
                 Arc::new(HelperClient::new(helper_socket.clone())) as Arc<dyn HostOps>
-            });
-            firecracker = firecracker.with_jailer(Jailer {
-                binary: config.firecracker.jailer.clone().into(),
-                host,
-            });
-        }
+            })
+        });
         Ok(Self {
             layout,
             defaults,
             config,
             store: Mutex::new(store),
             vm_locks: Mutex::new(HashMap::new()),
-            qemu,
-            firecracker,
+            backends,
             accel: tokio::sync::OnceCell::new(),
             seams: Seams::default(),
             asset_lock: tokio::sync::Mutex::new(()),
@@ -145,22 +136,27 @@ impl Manager {
             dns_addr: Mutex::new(None),
         })
     }
+
     /// Replaces discovered host facts with `seams` (tests against a fake VMM).
     pub fn with_seams(mut self, seams: Seams) -> Self {
         self.seams = seams;
         self
     }
+
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
+
     /// The store. A panic while holding the lock cannot leave SQLite half-written (every write
     /// is one transaction), so a poisoned lock is safe to take over.
     fn store(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
+
     /// The lock that serialises lifecycle operations on one VM; VMs do not wait for each other.
     fn vm_lock(&self, name: &VmName) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.vm_locks.lock().unwrap_or_else(|p| p.into_inner());
@@ -177,6 +173,7 @@ impl Manager {
             _guard: guard,
         })
     }
+
     /// Applies `to` to `record` after checking the transition, and persists it.
     fn transition(&self, record: &mut VmRecord, to: VmState) -> Result<(), Error> {
         check_transition(record.state, to)?;
@@ -185,6 +182,7 @@ impl Manager {
         self.store().update_vm(record)?;
         Ok(())
     }
+
     /// The VM called `name` as it is now (see [`Self::observe`]). The store guard is released
     /// before observing, which may write to the store itself: taking both in one expression
     /// would deadlock on the store's mutex.
@@ -192,6 +190,7 @@ impl Manager {
         let record = self.store().get_vm(name.as_str())?;
         Ok(self.observe(record))
     }
+
     /// The record as it is now: a VM recorded as running whose VMM is gone (guest powered
     /// off, VMM killed) is marked stopped.
     pub(super) fn observe(&self, mut record: VmRecord) -> VmRecord {
@@ -231,6 +230,7 @@ fn result(vm: Vm, changed: bool) -> LifecycleResult {
         warnings: Vec::new(),
     }
 }
+
 /// The refusal of an operation that needs a running VM, with the hint that fits `state`.
 pub(super) fn not_running(name: &VmName, state: VmState) -> Error {
     Error::InvalidState {
@@ -243,10 +243,12 @@ pub(super) fn not_running(name: &VmName, state: VmState) -> Error {
         },
     }
 }
+
 /// The alias under which a VM's host key is pinned, independent of host and port.
 pub fn host_key_alias(name: &VmName) -> String {
     format!("{name}.vm")
 }
+
 fn set_mode(path: &std::path::Path, mode: u32) -> Result<(), Error> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))

@@ -1,17 +1,22 @@
 //! `vm pause` and `vm resume`: the VMM's vCPUs stop and go on; the guest keeps its memory.
 
+use std::sync::Arc;
+
 use banger_proto::{LifecycleResult, VmName, VmState};
 use tracing::info;
 
 use super::{Manager, not_running, result};
 use crate::Error;
 use crate::model::{VmRecord, has_process};
-use crate::vmm::{Hypervisor, VmProcess, Vmm, process};
+use crate::vmm::{VmBackend, VmProcess, process};
 
 impl Manager {
     /// The VM called `name` with its live VMM process, for pause/resume/suspend; refused
     /// unless it runs (paused or not).
-    pub(super) fn live_vm(&self, name: &VmName) -> Result<(VmRecord, Vmm, VmProcess), Error> {
+    pub(super) fn live_vm(
+        &self,
+        name: &VmName,
+    ) -> Result<(VmRecord, Arc<dyn VmBackend>, VmProcess), Error> {
         let record = self.observed_vm(name)?;
         let pid = record
             .runtime
@@ -24,6 +29,7 @@ impl Manager {
         let (vmm, control) = self.control(&record, pid);
         Ok((record, vmm, control))
     }
+
     /// Pauses a running VM's vCPUs (QMP `stop`, Firecracker `PATCH /vm Paused`). The guest
     /// keeps its memory and devices; nothing runs in it until `resume`. A paused VM is left
     /// as it is (`changed: false`).
@@ -36,7 +42,7 @@ impl Manager {
         }
         if !vmm.capabilities().supports_pause {
             return Err(Error::Unsupported {
-                message: format!("VM {name} runs on {}, which cannot pause", vmm.name()),
+                message: format!("VM {name} runs on {}, which cannot pause", vmm.kind()),
                 hint: "use `banger vm stop NAME`".into(),
             });
         }
@@ -47,6 +53,7 @@ impl Manager {
         info!(vm = %name, "VM paused");
         Ok(result(record.to_api(), true))
     }
+
     /// Resumes a paused VM. A running VM is left as it is (`changed: false`).
     pub async fn resume_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
         let vm = self.locked(name).await?;

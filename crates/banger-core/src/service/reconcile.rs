@@ -9,7 +9,7 @@ use tracing::{info, warn};
 use super::Manager;
 use crate::Error;
 use crate::model::{VmRecord, has_process};
-use crate::vmm::{Hypervisor, process};
+use crate::vmm::process;
 
 impl Manager {
     /// After a daemon (re)start: running and paused VMs whose VMM lives are kept (paused or
@@ -57,7 +57,7 @@ impl Manager {
                     }
                 }
                 // A jail made before the daemon recorded it: removal is idempotent.
-                if let Err(e) = self.firecracker.remove_jail(&record.id) {
+                if let Err(e) = self.backend(&record).remove_jail(&record.id) {
                     warn!(vm = %record.name, "{e}");
                 }
             }
@@ -79,6 +79,7 @@ impl Manager {
         }
         Ok(())
     }
+
     /// Keeps a live VM after a daemon restart, recording whether it is paused as its VMM
     /// reports (the daemon may have died between the VMM's pause or resume and its record).
     pub(super) async fn reattach(&self, record: &mut VmRecord, pid: u32) -> Result<(), Error> {

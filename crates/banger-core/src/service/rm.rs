@@ -4,7 +4,7 @@ use tracing::{info, warn};
 
 use super::Manager;
 use crate::Error;
-use crate::domain::{SystemDiskStrategy, VmmKind};
+use crate::domain::SystemDiskStrategy;
 use crate::model;
 
 impl Manager {
@@ -22,10 +22,8 @@ impl Manager {
             });
         }
         // A jail whose removal failed at stop still holds hard links to the VM's disks: try
-        // again (idempotent; nothing to do without a jailer).
-        if record.spec.vmm == VmmKind::Firecracker
-            && let Err(e) = self.firecracker.remove_jail(&record.id)
-        {
+        // again (idempotent; nothing to do without a jail).
+        if let Err(e) = self.backend(&record).remove_jail(&record.id) {
             tracing::warn!(vm = %name, "{e}");
         }
         if record.spec.system_disk == SystemDiskStrategy::DmSnapshot

@@ -17,12 +17,14 @@ impl Manager {
             .map(|record| self.vm_api(&self.observe(record)))
             .collect())
     }
+
     /// One VM.
     pub async fn get_vm(&self, name: &str) -> Result<Vm, Error> {
         let name = VmName::parse(name)?;
         let record = self.store().get_vm(name.as_str())?;
         Ok(self.vm_api(&self.observe(record)))
     }
+
     /// The API form of a VM, with its network (lease) looked up.
     pub(super) fn vm_api(&self, record: &VmRecord) -> Vm {
         let mut vm = record.to_api();

@@ -25,6 +25,7 @@ impl Manager {
             control_path: Some(self.layout.vm_ssh_control(&record.id)),
         })
     }
+
     /// What `vm exec` and `vm ssh` need; refused unless the VM runs.
     pub async fn ssh_info(&self, name: &str) -> Result<SshInfo, Error> {
         let name = VmName::parse(name)?;

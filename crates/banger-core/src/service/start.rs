@@ -2,6 +2,7 @@
 //! when there is one); returns once the guest's SSH server accepts banger's key.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use banger_proto::LifecycleResult;
@@ -14,8 +15,7 @@ use crate::Error;
 use crate::domain::SystemDiskStrategy;
 use crate::model::{VmRecord, VmRuntime};
 use crate::vmm::{
-    Accel, Hypervisor, LaunchSpec, NetAttach, Snapshot, VmProcess, Vmm, VmmError, accel, cgroup,
-    firecracker, process,
+    Accel, LaunchSpec, NetAttach, Snapshot, VmBackend, VmProcess, VmmError, accel, cgroup, process,
 };
 
 /// The guest's static address under QEMU user-mode networking.
@@ -27,20 +27,23 @@ struct StartOutcome {
     restored: bool,
     warnings: Vec<String>,
 }
+
 /// Steps done so far by a start, undone in reverse when a later one fails.
 #[derive(Debug, Default)]
 struct StartUndo {
     runtime_dir: Option<std::path::PathBuf>,
     process: Option<(VmProcess, String)>,
     /// The backend that made the process's jail, when it runs jailed.
-    jail: Option<firecracker::Firecracker>,
+    jail: Option<Arc<dyn VmBackend>>,
 }
+
 impl StartUndo {
-    pub(super) async fn undo(self) {
+    async fn undo(self) {
         if let Some((process, marker)) = self.process {
             process::kill(process.pid, &marker).await;
-            if let Some(fc) = self.jail {
-                let removed = tokio::task::spawn_blocking(move || fc.remove_jail(&marker)).await;
+            if let Some(backend) = self.jail {
+                let removed =
+                    tokio::task::spawn_blocking(move || backend.remove_jail(&marker)).await;
                 if let Ok(Err(e)) = removed {
                     warn!("failed start: {e}");
                 }
@@ -116,6 +119,7 @@ impl Manager {
             }
         }
     }
+
     async fn start_steps(
         &self,
         record: &mut VmRecord,
@@ -144,7 +148,8 @@ impl Manager {
                 self.layout.vm_system_raw(&record.id)
             }
         };
-        let vmm = self.vmm_for(record);
+        let backend = self.backend(record);
+        let caps = backend.capabilities();
         let work_disk = self.layout.vm_work_disk(&record.id);
         for disk in [&system_disk, &work_disk] {
             if !disk.exists() {
@@ -156,13 +161,13 @@ impl Manager {
             }
         }
         let choice = self.accel_choice(&kernel_path).await?;
-        if let Vmm::Firecracker(_) = vmm
-            && choice.accel != Accel::Kvm
-        {
+        if caps.requires_kvm && choice.accel != Accel::Kvm {
             return Err(Error::HostSetup {
                 message: format!(
-                    "cannot start VM {}: Firecracker needs KVM, and {}",
-                    record.name, choice.reason
+                    "cannot start VM {}: {} needs KVM, and {}",
+                    record.name,
+                    backend.display_name(),
+                    choice.reason
                 ),
                 hint: "recreate the VM with --vmm qemu".into(),
             });
@@ -203,18 +208,11 @@ impl Manager {
             }
             None => (USER_NET.to_owned(), None),
         };
-        let mut cmdline = match vmm {
-            // Without a tap the launch refuses before spawning (VmmError::NeedsTap).
-            Vmm::Firecracker(_) => format!(
-                "console=ttyS0 root=/dev/vda rw {} banger.hostname={} {net_args}",
-                firecracker::BOOT_ARGS,
-                record.name
-            ),
-            Vmm::Qemu(_) => format!(
-                "console=ttyS0 root=/dev/vda rw panic=-1 banger.hostname={} {net_args}",
-                record.name
-            ),
-        };
+        let mut cmdline = format!(
+            "console=ttyS0 root=/dev/vda rw {} banger.hostname={} {net_args}",
+            backend.boot_args(),
+            record.name
+        );
         if choice.accel == Accel::Tcg
             && let Some(khz) = accel::this_host_tsc_khz()
         {
@@ -241,12 +239,13 @@ impl Manager {
             console_log: console_log.clone(),
             net: attach.clone().unwrap_or(NetAttach::User { ssh_port: 0 }),
             mac: mac_for(&record.id),
-            // Firecracker's NIC is the lease's tap (bridge mode); tests without the helper
-            // hand one in through the seam.
-            tap: match (&vmm, &attach) {
-                (Vmm::Firecracker(_), Some(NetAttach::Tap { name })) => Some(name.clone()),
-                (Vmm::Firecracker(_), _) => self.seams.tap.clone(),
-                (Vmm::Qemu(_), _) => None,
+            // A backend that needs a tap gets the lease's (bridge mode); tests without the
+            // helper hand one in through the seam. Without one the launch refuses before
+            // spawning (VmmError::NeedsTap).
+            tap: match &attach {
+                Some(NetAttach::Tap { name }) if caps.needs_tap => Some(name.clone()),
+                _ if caps.needs_tap => self.seams.tap.clone(),
+                _ => None,
             },
         };
         // A suspended VM: a fresh VMM loads the snapshot and resumes it. The snapshot is
@@ -261,7 +260,7 @@ impl Manager {
                     record.name
                 ));
             } else {
-                match vmm.restore(&spec, snapshot).await {
+                match backend.restore(&spec, snapshot).await {
                     Ok(process) => {
                         info!(vm = %record.name, pid = process.pid, "VM restored from its snapshot");
                         outcome.restored = true;
@@ -290,7 +289,7 @@ impl Manager {
                     ssh_port: free_port().map_err(Error::io("cannot pick a port"))?,
                 };
             }
-            match vmm.launch(&spec).await {
+            match backend.launch(&spec).await {
                 Ok(process) => break process,
                 Err(e @ VmmError::PortTaken { .. }) if attempt < 3 => {
                     warn!("port was taken, retrying: {e}");
@@ -304,8 +303,8 @@ impl Manager {
             (NetAttach::Tap { .. }, None) => ("127.0.0.1".to_owned(), 0),
         };
         undo.process = Some((process.clone(), record.id.clone()));
-        if let (Some(_), Vmm::Firecracker(fc)) = (&process.jail, &vmm) {
-            undo.jail = Some(fc.clone());
+        if process.jail.is_some() {
+            undo.jail = Some(backend.clone());
         }
         record.runtime = Some(VmRuntime {
             vmm: record.spec.vmm,
@@ -363,11 +362,13 @@ fn mac_for(id: &str) -> String {
     let pair = |i: usize| std::str::from_utf8(&hex[i * 2..i * 2 + 2]).unwrap_or("00");
     format!("52:54:00:{}:{}:{}", pair(0), pair(1), pair(2))
 }
+
 /// A TCP port on 127.0.0.1 that is free right now.
 fn free_port() -> std::io::Result<u16> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     Ok(listener.local_addr()?.port())
 }
+
 /// The console lines that explain a failed boot: the last lines reporting a failure or
 /// timeout, else the last few lines.
 fn console_tail(path: &Path) -> String {
@@ -397,6 +398,7 @@ fn console_tail(path: &Path) -> String {
     };
     chosen[chosen.len().saturating_sub(3)..].join(" | ")
 }
+
 #[cfg(test)]
 mod tests {
     #[test]

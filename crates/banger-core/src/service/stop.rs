@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use super::{Manager, result};
 use crate::Error;
 use crate::model::VmRecord;
-use crate::vmm::{Hypervisor, StopTimings, Vmm, cgroup, process, stop_sequence};
+use crate::vmm::{StopTimings, cgroup, process, stop_sequence};
 
 /// Bound on dialling the guest's SSH server when stopping.
 pub(super) const STOP_DIAL: Duration = Duration::from_secs(5);
@@ -51,6 +51,7 @@ impl Manager {
             ..result(record.to_api(), true)
         })
     }
+
     /// The stop sequence on a live VMM process; returns how it ended. `maybe_paused`: ask the
     /// VMM whether it is paused and resume it first.
     pub(super) async fn stop_process(
@@ -75,17 +76,12 @@ impl Manager {
                 Err(e) => warn!(vm = %record.name, "cannot ask the VMM whether it is paused: {e}"),
             }
         }
-        // 1. What makes data safe: flush the guest's page cache to its disks. Under
-        // Firecracker a guest power-off leaves the process running (no ACPI on x86); a
-        // reboot ends it (`reboot=k`), so the guest is asked to reboot there.
-        let script = match (force, &vmm) {
-            (true, _) => "sync",
-            (false, Vmm::Firecracker(_)) => {
-                "sync && (systemctl reboot --no-block || reboot) >/dev/null 2>&1"
-            }
-            (false, Vmm::Qemu(_)) => {
-                "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1"
-            }
+        // 1. What makes data safe: flush the guest's page cache to its disks; unless forced,
+        // the guest then ends the VMM by itself the way its backend needs.
+        let script = if force {
+            "sync"
+        } else {
+            vmm.guest_stop_script()
         };
         // Dialled directly: STOP_DIAL then bounds a hung guest (not so through a master).
         let synced = match self.ssh_target(record) {
@@ -108,8 +104,9 @@ impl Manager {
             signal: ACPI_GRACE,
             quit: QUIT_GRACE,
         };
-        stop_sequence(&vmm, &control, marker, synced, force, timings).await
+        stop_sequence(vmm.as_ref(), &control, marker, synced, force, timings).await
     }
+
     /// Removes a stopped VM's transient state: its runtime dir, its cgroup leaf and its
     /// jail (through the helper; a short blocking call).
     pub(super) fn release_runtime(&self, record: &VmRecord) {
@@ -119,7 +116,7 @@ impl Manager {
             cgroup::remove(&root, vm_id);
         }
         if record.runtime.as_ref().is_some_and(|r| r.jail.is_some())
-            && let Err(e) = self.firecracker.remove_jail(vm_id)
+            && let Err(e) = self.backend(record).remove_jail(vm_id)
         {
             warn!(vm = %record.name, "{e}");
         }

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 use super::stop::{QUIT_GRACE, STOP_DIAL, STOP_SYNC};
 use super::{Manager, result};
 use crate::Error;
-use crate::vmm::{Hypervisor, Snapshot, StopTimings, stop_sequence};
+use crate::vmm::{Snapshot, StopTimings, stop_sequence};
 
 impl Manager {
     /// Suspends a VM to disk (backends with memory snapshots: Firecracker): `sync` in the
@@ -23,7 +23,7 @@ impl Manager {
             return Ok(result(current.to_api(), false));
         }
         if !self
-            .vmm_for(&current)
+            .backend(&current)
             .capabilities()
             .supports_memory_snapshot
         {
@@ -114,7 +114,7 @@ impl Manager {
             signal: Duration::ZERO,
             quit: QUIT_GRACE,
         };
-        let method = stop_sequence(&vmm, &control, &record.id, false, true, timings).await;
+        let method = stop_sequence(vmm.as_ref(), &control, &record.id, false, true, timings).await;
         for file in [&snapshot.state, &snapshot.memory] {
             if let Err(e) = std::fs::File::open(file).and_then(|f| f.sync_all()) {
                 warn!(vm = %name, file = %file.display(), "cannot flush snapshot file: {e}");
@@ -135,6 +135,7 @@ impl Manager {
             ..result(record.to_api(), true)
         })
     }
+
     /// Where the VM's suspend snapshot lives (in its durable directory).
     pub(super) fn snapshot_paths(&self, vm_id: &str) -> Snapshot {
         Snapshot {
@@ -142,6 +143,7 @@ impl Manager {
             memory: self.layout.vm_snapshot_memory(vm_id),
         }
     }
+
     /// Deletes the VM's suspend snapshot, if any.
     pub(super) fn remove_snapshot(&self, vm_id: &str) {
         let snapshot = self.snapshot_paths(vm_id);

@@ -21,6 +21,7 @@ impl Manager {
             .or_else(|| self.host.clone())
             .unwrap_or_else(|| Arc::new(HelperClient::new(self.helper_socket.clone())))
     }
+
     /// Whether dm snapshot system disks can be made here (device-mapper exists and
     /// banger-helper answers), or why not.
     pub(super) async fn dm_available(&self) -> Result<(), String> {
@@ -40,6 +41,7 @@ impl Manager {
             .map(|_| ())
             .map_err(|e| format!("{NEEDS}; banger-helper does not answer ({e})"))
     }
+
     /// The VM's dm system disk, attached again when the mapping is gone (host reboot): the
     /// copy-on-write store keeps the VM's writes.
     pub(super) async fn ensure_dm(
@@ -65,6 +67,7 @@ impl Manager {
         save_dm(&state, &dm)?;
         Ok(dm.device)
     }
+
     /// Tears down the VM's device-mapper system disk, if it has one (its loops recorded in
     /// the VM directory).
     pub(super) async fn remove_dm_disk(&self, vm_id: &str) -> Result<(), String> {
@@ -84,6 +87,7 @@ pub(super) fn save_dm(path: &std::path::Path, dm: &disk::DmDisk) -> Result<(), E
     let text = serde_json::to_string(dm).map_err(|e| Error::Failed(e.to_string()))?;
     std::fs::write(path, text).map_err(Error::io(format!("cannot write {}", path.display())))
 }
+
 /// The recorded dm system disk, if any.
 pub(super) fn load_dm(path: &std::path::Path) -> Option<disk::DmDisk> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 pub use crate::domain::TcgThreads;
+use crate::domain::VmmKind;
 
 use super::{Accel, Capabilities, Hypervisor, LaunchSpec, NetAttach, VmProcess, VmmError, qmp};
 
@@ -195,7 +196,12 @@ pub fn probe_version(binary: &Path) -> Option<QemuVersion> {
 }
 
 fn qmp_socket(spec: &LaunchSpec) -> PathBuf {
-    spec.runtime_dir.join("qmp.sock")
+    qmp_socket_in(&spec.runtime_dir)
+}
+
+/// The QMP socket in a VM's runtime directory.
+fn qmp_socket_in(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("qmp.sock")
 }
 
 fn pid_file(spec: &LaunchSpec) -> PathBuf {
@@ -203,17 +209,36 @@ fn pid_file(spec: &LaunchSpec) -> PathBuf {
 }
 
 impl Hypervisor for Qemu {
-    fn name(&self) -> &'static str {
-        "qemu"
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    fn display_name(&self) -> &'static str {
+        "QEMU"
     }
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             needs_tap: false,
             supports_qcow2: true,
+            requires_kvm: false,
             supports_memory_snapshot: false,
             supports_pause: true,
         }
+    }
+
+    /// `-no-reboot` ends QEMU when the guest reboots; `panic=-1` makes a panic a reboot.
+    fn boot_args(&self) -> &'static str {
+        "panic=-1"
+    }
+
+    /// A guest power-off ends QEMU (ACPI).
+    fn guest_stop_script(&self) -> &'static str {
+        "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1"
+    }
+
+    fn control_socket(&self, runtime_dir: &Path) -> PathBuf {
+        qmp_socket_in(runtime_dir)
     }
 
     fn shutdown_signal(&self) -> &'static str {
