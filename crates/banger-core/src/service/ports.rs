@@ -12,9 +12,10 @@ use tracing::{info, warn};
 
 use super::Manager;
 use crate::Error;
+use crate::domain::VmmKind;
 use crate::model::{VmRecord, has_process};
 use crate::store::LeasePool;
-use crate::vmm::{Vmm, qmp};
+use crate::vmm::qmp;
 
 /// How a new VM is networked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,9 +166,8 @@ impl Manager {
         name: &str,
         request: PortChangeRequest,
     ) -> Result<PortList, Error> {
-        let name = VmName::parse(name)?;
-        let lock = self.vm_lock(&name);
-        let _guard = lock.lock().await;
+        let vm = self.locked(name).await?;
+        let name = vm.name.clone();
         let record = self.observed_vm(&name)?;
         let current = self.store().ports_of(&record.id)?;
         let bridge = self.store().lease_of(&record.id)?.is_some();
@@ -238,15 +238,18 @@ impl Manager {
         self.list_ports(name.as_str()).await
     }
 
-    /// The QMP socket of a running QEMU VM; refused for other backends.
+    /// The QMP socket of a running QEMU VM; refused for other backends (published ports are
+    /// QEMU user-mode forwards).
     fn qmp_socket(&self, record: &VmRecord) -> Result<std::path::PathBuf, Error> {
-        match self.vmm_for(record) {
-            Vmm::Qemu(_) => Ok(self.layout.vm_runtime_dir(&record.id).join("qmp.sock")),
-            Vmm::Firecracker(_) => Err(Error::Unsupported {
+        if record.spec.vmm != VmmKind::Qemu {
+            return Err(Error::Unsupported {
                 message: "Firecracker VMs have no user-mode network to publish ports on".into(),
                 hint: "reach the VM at NAME.vm:PORT from the host".into(),
-            }),
+            });
         }
+        Ok(self
+            .backend(record)
+            .control_socket(&self.layout.vm_runtime_dir(&record.id)))
     }
 }
 

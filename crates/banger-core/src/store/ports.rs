@@ -112,8 +112,9 @@ impl Store {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::model::VmRecord;
-    use banger_proto::{VmName, VmSpec};
+    use crate::domain::{SystemDiskStrategy, VmmKind};
+    use crate::model::{VmRecord, VmSpec};
+    use banger_proto::VmName;
 
     #[test]
     fn ports_and_isolation_are_kept_and_go_with_the_vm() {
@@ -126,9 +127,9 @@ mod tests {
                 memory_mib: 256,
                 disk_size_bytes: 1 << 30,
                 image: "default".into(),
-                vmm: "qemu".into(),
+                vmm: VmmKind::Qemu,
                 vmm_reason: "test".into(),
-                system_disk: "qcow2".into(),
+                system_disk: SystemDiskStrategy::Qcow2,
             },
         );
         store.insert_vm(&vm).unwrap();
