@@ -12,7 +12,6 @@ use tracing::{info, warn};
 
 use super::Manager;
 use crate::Error;
-use crate::domain::VmmKind;
 use crate::model::{VmRecord, has_process};
 use crate::store::LeasePool;
 use crate::vmm::qmp;
@@ -238,18 +237,20 @@ impl Manager {
         self.list_ports(name.as_str()).await
     }
 
-    /// The QMP socket of a running QEMU VM; refused for other backends (published ports are
-    /// QEMU user-mode forwards).
+    /// The QMP socket of a running VM with user-mode networking (published ports are its
+    /// forwards); refused for a backend that only has taps.
     fn qmp_socket(&self, record: &VmRecord) -> Result<std::path::PathBuf, Error> {
-        if record.spec.vmm != VmmKind::Qemu {
+        let backend = self.backend(record);
+        if backend.capabilities().needs_tap {
             return Err(Error::Unsupported {
-                message: "Firecracker VMs have no user-mode network to publish ports on".into(),
+                message: format!(
+                    "a {} VM has no user-mode network to publish ports on",
+                    record.spec.vmm
+                ),
                 hint: "reach the VM at NAME.vm:PORT from the host".into(),
             });
         }
-        Ok(self
-            .backend(record)
-            .control_socket(&self.layout.vm_runtime_dir(&record.id)))
+        Ok(backend.control_socket(&self.layout.vm_runtime_dir(&record.id)))
     }
 }
 
