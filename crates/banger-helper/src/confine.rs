@@ -160,7 +160,9 @@ impl StateRoot {
                 resolve |= ResolveFlag::RESOLVE_NO_XDEV;
             }
             let how = OpenHow::new()
-                .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+                // No O_NOFOLLOW: with O_PATH it would open a final symlink itself, where
+                // RESOLVE_NO_SYMLINKS answers ELOOP.
+                .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
                 .resolve(resolve);
             match openat2(&current, name.as_os_str(), how) {
                 Ok(fd) => {
