@@ -453,8 +453,8 @@ fn another_users_helper_cannot_touch_the_owners_loops() {
     );
     // Nothing changed: the owner's devices are attached to the owner's files, the attacker
     // got none.
-    assert_eq!(loops_backed_by(&disk), [origin.clone()]);
-    assert_eq!(loops_backed_by(&cow), [store.clone()]);
+    assert_eq!(loops_backed_by(&disk), std::slice::from_ref(&origin));
+    assert_eq!(loops_backed_by(&cow), std::slice::from_ref(&store));
     assert!(records(&evil_helper).is_empty());
     for dev in [&origin, &store] {
         detach(owner, &victim_helper, dev);
