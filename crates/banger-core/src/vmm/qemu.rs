@@ -9,6 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+pub use crate::domain::TcgThreads;
+use crate::domain::VmmKind;
+
 use super::{Accel, Capabilities, Hypervisor, LaunchSpec, NetAttach, VmProcess, VmmError, qmp};
 
 /// The QEMU backend.
@@ -27,10 +30,18 @@ impl Qemu {
         }
     }
 
-    /// Lets TCG run a host thread per vCPU (config `qemu.tcg_threads = "multi"`).
-    pub fn with_multi_threaded_tcg(mut self, multi: bool) -> Self {
-        self.multi_threaded_tcg = multi;
-        self
+    /// Chooses the TCG threading for `choice`; `Auto` asks the binary for its version (one
+    /// short `--version` run) and takes a thread per vCPU from QEMU 8.1 on.
+    pub fn with_tcg_threads(self, choice: TcgThreads) -> Self {
+        let multi = match choice {
+            TcgThreads::Single => false,
+            TcgThreads::Multi => true,
+            TcgThreads::Auto => probe_version(&self.binary).is_some_and(mttcg_is_safe),
+        };
+        Self {
+            multi_threaded_tcg: multi,
+            ..self
+        }
     }
 
     pub fn binary(&self) -> &Path {
@@ -80,6 +91,17 @@ impl Qemu {
             "-display".into(),
             "none".into(),
             "-no-reboot".into(),
+            // qboot, named: QEMU 10 on Debian ships no `bios-microvm.bin` of its own and falls
+            // back to SeaBIOS's microvm build, which corrupts the DSDT once a VM has five
+            // virtio-mmio devices (the guest spends minutes checksumming a garbage table, or
+            // prints nothing at all). qboot.rom is in QEMU's data dir from 4.2 on.
+            "-bios".into(),
+            "qboot.rom".into(),
+            // seccomp: obsolete system calls and scheduler/resource changes refused. Process
+            // spawning and privilege calls stay allowed: `-daemonize` forks, and QEMU 7.2 and
+            // 10.0 both refuse to start with `spawn=deny` or `elevateprivileges=deny` and it.
+            "-sandbox".into(),
+            "on,resourcecontrol=deny".into(),
             "-kernel".into(),
             spec.kernel.display().to_string(),
         ];
@@ -147,8 +169,50 @@ impl Qemu {
     }
 }
 
+/// A QEMU release, as `--version` prints it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct QemuVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// QEMU 8.1 fixed the multi-threaded TCG race with guest code patching (deba78709ae8).
+fn mttcg_is_safe(version: QemuVersion) -> bool {
+    version >= (QemuVersion { major: 8, minor: 1 })
+}
+
+/// Parses "QEMU emulator version 10.0.2 (Debian ...)".
+pub fn parse_version(text: &str) -> Option<QemuVersion> {
+    let rest = text.split("version ").nth(1)?;
+    let mut numbers = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|part| !part.is_empty())
+        .map(str::parse::<u32>);
+    Some(QemuVersion {
+        major: numbers.next()?.ok()?,
+        minor: numbers.next()?.ok()?,
+    })
+}
+
+/// The version `binary --version` reports, or `None` when it does not run or says nothing
+/// parseable.
+pub fn probe_version(binary: &Path) -> Option<QemuVersion> {
+    let output = std::process::Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    parse_version(&String::from_utf8_lossy(&output.stdout))
+}
+
 fn qmp_socket(spec: &LaunchSpec) -> PathBuf {
-    spec.runtime_dir.join("qmp.sock")
+    qmp_socket_in(&spec.runtime_dir)
+}
+
+/// The QMP socket in a VM's runtime directory.
+fn qmp_socket_in(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("qmp.sock")
 }
 
 fn pid_file(spec: &LaunchSpec) -> PathBuf {
@@ -156,17 +220,36 @@ fn pid_file(spec: &LaunchSpec) -> PathBuf {
 }
 
 impl Hypervisor for Qemu {
-    fn name(&self) -> &'static str {
-        "qemu"
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    fn display_name(&self) -> &'static str {
+        "QEMU"
     }
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             needs_tap: false,
             supports_qcow2: true,
+            requires_kvm: false,
             supports_memory_snapshot: false,
             supports_pause: true,
         }
+    }
+
+    /// `-no-reboot` ends QEMU when the guest reboots; `panic=-1` makes a panic a reboot.
+    fn boot_args(&self) -> &'static str {
+        "panic=-1"
+    }
+
+    /// A guest power-off ends QEMU (ACPI).
+    fn guest_stop_script(&self) -> &'static str {
+        "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1"
+    }
+
+    fn control_socket(&self, runtime_dir: &Path) -> PathBuf {
+        qmp_socket_in(runtime_dir)
     }
 
     fn shutdown_signal(&self) -> &'static str {
@@ -190,6 +273,17 @@ impl Hypervisor for Qemu {
                 .map(|l| l.trim_start_matches(&format!("{binary}: ")).to_owned())
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or_else(|| output.status.to_string());
+            // QEMU reports a hostfwd port that another process bound first this way; the
+            // caller picks another port.
+            if let NetAttach::User { ssh_port } = spec.net
+                && message.contains("forwarding")
+            {
+                return Err(VmmError::PortTaken {
+                    binary,
+                    port: ssh_port,
+                    message,
+                });
+            }
             return Err(VmmError::LaunchFailed { binary, message });
         }
         let pid_path = pid_file(spec);
@@ -275,8 +369,56 @@ mod tests {
         let qemu = Qemu::new("qemu".into());
         assert_eq!(accel_arg(&qemu, Accel::Tcg), "tcg,thread=single");
         assert_eq!(accel_arg(&qemu, Accel::Kvm), "kvm");
-        let multi = Qemu::new("qemu".into()).with_multi_threaded_tcg(true);
+        let multi = Qemu::new("qemu".into()).with_tcg_threads(TcgThreads::Multi);
         assert_eq!(accel_arg(&multi, Accel::Tcg), "tcg,thread=multi");
+    }
+
+    #[test]
+    fn the_firmware_is_qboot() {
+        let args = Qemu::new("qemu".into()).args(&spec(Accel::Tcg));
+        let at = args.iter().position(|a| a == "-bios").unwrap();
+        assert_eq!(args[at + 1], "qboot.rom");
+    }
+
+    #[test]
+    fn qemu_runs_under_its_seccomp_sandbox() {
+        let args = Qemu::new("qemu".into()).args(&spec(Accel::Tcg));
+        let at = args.iter().position(|a| a == "-sandbox").unwrap();
+        assert_eq!(args[at + 1], "on,resourcecontrol=deny");
+    }
+
+    #[test]
+    fn versions_are_read_from_the_banner() {
+        let v = parse_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright");
+        assert_eq!(
+            v,
+            Some(QemuVersion {
+                major: 10,
+                minor: 0
+            })
+        );
+        let old = parse_version("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)");
+        assert!(!mttcg_is_safe(old.unwrap()));
+        assert!(mttcg_is_safe(v.unwrap()));
+        assert!(mttcg_is_safe(
+            parse_version("QEMU emulator version 8.1.0").unwrap()
+        ));
+        assert!(!mttcg_is_safe(
+            parse_version("QEMU emulator version 8.0.5").unwrap()
+        ));
+        assert_eq!(parse_version("not qemu"), None);
+    }
+
+    #[test]
+    fn explicit_tcg_threads_need_no_probe() {
+        let missing = Path::new("/nonexistent/qemu");
+        let single = Qemu::new(missing.into()).with_tcg_threads(TcgThreads::Single);
+        assert_eq!(accel_arg(&single, Accel::Tcg), "tcg,thread=single");
+        let multi = Qemu::new(missing.into()).with_tcg_threads(TcgThreads::Multi);
+        assert_eq!(accel_arg(&multi, Accel::Tcg), "tcg,thread=multi");
+        // A binary that cannot tell its version gets the safe choice.
+        let auto = Qemu::new(missing.into()).with_tcg_threads(TcgThreads::Auto);
+        assert_eq!(accel_arg(&auto, Accel::Tcg), "tcg,thread=single");
     }
 
     #[test]
