@@ -7,7 +7,10 @@
 //! - as another local user (`bangerevil`, with a helper of its own): talking to the owner's
 //!   helper (refused, and the log rate-limited), its own helper detaching the owner's loop
 //!   devices or building a snapshot over them, attaching the owner's file, and probing
-//!   whether paths exist (the helper is no path oracle).
+//!   whether paths exist (the helper is no path oracle); its helper removing the owner's jail
+//!   or starting a VM of the same id (its jail and cgroup `banger-<its uid>/<id>` are its
+//!   own: the owner's VM, jail and memory limit stay), with the real jailer and Firecracker
+//!   when `JAILER_BIN`/`FIRECRACKER_BIN` are set, else the fakes.
 //!
 //! Needs root (CI runs as root) and loop devices.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -492,4 +495,219 @@ fn the_helper_is_no_path_oracle() {
         assert_eq!(ask(&exists), ask(&missing), "{}", exists.display());
     }
     assert!(records(&helper).is_empty());
+}
+
+/// A binary of the workspace built next to this test's binary.
+fn workspace_bin(name: &str) -> PathBuf {
+    let path = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// The helper for `home`'s owner with a jail base of its own and a jailer: the real one from
+/// `JAILER_BIN`/`FIRECRACKER_BIN`, else the fakes (a `firecracker` wrapper in a root-owned
+/// dir). Returns the helper, its jail base and whether the binaries are real.
+fn jail_helper_for(home: &Home) -> (Helper, PathBuf, bool) {
+    let dir = common::temp_dir("bgaj");
+    let base = dir.path().join("jail");
+    std::fs::create_dir(&base).unwrap();
+    let (jailer, firecracker, real) = match (
+        std::env::var_os("JAILER_BIN"),
+        std::env::var_os("FIRECRACKER_BIN"),
+    ) {
+        (Some(j), Some(f)) => (PathBuf::from(j), PathBuf::from(f), true),
+        _ => {
+            let exec = dir.path().join("bin/firecracker");
+            std::fs::create_dir_all(exec.parent().unwrap()).unwrap();
+            std::fs::write(
+                &exec,
+                format!(
+                    "#!/bin/sh\nexec {} \"$@\"\n",
+                    workspace_bin("banger-fc-fake").display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&exec, std::fs::Permissions::from_mode(0o755)).unwrap();
+            (workspace_bin("banger-jailer-fake"), exec, false)
+        }
+    };
+    let helper = common::start_for(
+        dir,
+        home.uid,
+        &home.state,
+        &[],
+        &[
+            "--jail-base".as_ref(),
+            base.as_os_str(),
+            "--jailer".as_ref(),
+            jailer.as_os_str(),
+            "--firecracker".as_ref(),
+            firecracker.as_os_str(),
+        ],
+    );
+    (helper, base, real)
+}
+
+/// The VM's files in `home`'s state dir, the owner's.
+fn vm_files(home: &Home, vm_id: &str) -> banger_proto::helper::JailFiles {
+    let vm = home.state.join("vms").join(vm_id);
+    std::fs::create_dir_all(&vm).unwrap();
+    for name in ["vmlinux", "system.raw", "work.ext4", "console.log"] {
+        std::fs::write(vm.join(name), name).unwrap();
+    }
+    common::chown_tree(&home.state.join("vms"), home.uid);
+    let text = |n: &str| vm.join(n).display().to_string();
+    banger_proto::helper::JailFiles {
+        kernel: text("vmlinux"),
+        initrd: None,
+        system_disk: text("system.raw"),
+        work_disk: text("work.ext4"),
+        console_log: text("console.log"),
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+    })
+}
+
+#[test]
+fn another_users_helper_cannot_touch_the_owners_jail_or_cgroup() {
+    let owner = test_user("bangertest");
+    let evil = test_user("bangerevil");
+    let victim = home(owner, "bgajv");
+    let attacker = home(evil, "bgaje");
+    let (victim_helper, victim_base, real) = jail_helper_for(&victim);
+    let (evil_helper, evil_base, _) = jail_helper_for(&attacker);
+    // The same VM id on both sides (ids are not secret).
+    let id = format!("{:08x}{:024x}", std::process::id(), 0xe71u32);
+    let spawn = |files, memory_mib| HelperOp::SpawnJailed {
+        vm_id: id.clone(),
+        files,
+        cpus: 1,
+        memory_mib,
+    };
+    let pid = match request_as(
+        owner,
+        &victim_helper.socket,
+        &spawn(vm_files(&victim, &id), 256),
+    ) {
+        HelperReply::Ok {
+            result: HelperResult::Jailed { pid, .. },
+        } => pid,
+        other => panic!("{other:?}\n{}", common::log(&victim_helper)),
+    };
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0 as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let guard = Kill(pid);
+    let victim_jail = victim_base.join("firecracker").join(&id);
+    let victim_cgroup = Path::new("/sys/fs/cgroup/memory")
+        .join(format!("banger-{owner}"))
+        .join(&id);
+    let limit = || std::fs::read_to_string(victim_cgroup.join("memory.limit_in_bytes")).ok();
+    let before = limit();
+    if real {
+        assert!(
+            before.is_some() || !Path::new("/sys/fs/cgroup/memory").exists(),
+            "no cgroup at {}",
+            victim_cgroup.display()
+        );
+    }
+    // bangerevil, through its own helper: remove the VM's jail, start a VM of the same id with
+    // other limits (its jail and cgroup are its own).
+    let reply = request_as(
+        evil,
+        &evil_helper.socket,
+        &HelperOp::RemoveJail { vm_id: id.clone() },
+    );
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    let reply = request_as(
+        evil,
+        &evil_helper.socket,
+        &spawn(vm_files(&attacker, &id), 64),
+    );
+    let evil_pid = match reply {
+        HelperReply::Ok {
+            result: HelperResult::Jailed { pid, .. },
+        } => Some(pid),
+        _ => None,
+    };
+    let _evil_guard = evil_pid.map(Kill);
+    if real {
+        // The real jailer placed it under the attacker's own parent, not the owner's.
+        assert!(evil_pid.is_some(), "{}", common::log(&evil_helper));
+        let evil_cgroup = Path::new("/sys/fs/cgroup/memory")
+            .join(format!("banger-{evil}"))
+            .join(&id);
+        if let Ok(value) = std::fs::read_to_string(evil_cgroup.join("memory.limit_in_bytes")) {
+            assert_eq!(value.trim(), ((64u64 + 128) << 20).to_string());
+        }
+    }
+    // ... and the owner's files through a path into the owner's state dir.
+    let mut files = vm_files(&attacker, &id);
+    files.system_disk = victim
+        .state
+        .join("vms")
+        .join(&id)
+        .join("system.raw")
+        .display()
+        .to_string();
+    refused(
+        request_as(evil, &evil_helper.socket, &spawn(files, 64)),
+        "outside the state dir",
+    );
+    // Nothing of the owner's changed: the VM runs, its jail and cgroup (with its limit) stay.
+    assert!(alive(pid), "the owner's Firecracker was killed");
+    assert!(victim_jail.join("root/run/firecracker.socket").exists());
+    assert_eq!(limit(), before, "the owner's memory limit changed");
+    if let Some(evil_pid) = evil_pid {
+        assert_ne!(evil_pid, pid);
+        assert!(evil_base.join("firecracker").join(&id).exists());
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(evil_pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(evil_pid) {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = request_as(
+            evil,
+            &evil_helper.socket,
+            &HelperOp::RemoveJail { vm_id: id.clone() },
+        );
+    }
+    drop(guard);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let reply = request_as(
+        owner,
+        &victim_helper.socket,
+        &HelperOp::RemoveJail { vm_id: id.clone() },
+    );
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    assert!(!victim_jail.exists());
+    assert!(!victim_cgroup.exists());
 }
