@@ -406,3 +406,27 @@ fn send(stream: &mut UnixStream, reply: &HelperReply, fd: Option<&OwnedFd>) -> a
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_log_lines_are_capped_per_window_and_the_rest_counted() {
+        let start = Instant::now();
+        let mut log = RefusalLog {
+            window: start,
+            logged: 0,
+            suppressed: 0,
+        };
+        let allowed = (0..25).filter(|_| log.allow(start).0).count();
+        assert_eq!(allowed, REFUSALS_PER_WINDOW as usize);
+        // The next window logs again and reports what the last one left out.
+        let later = start + REFUSAL_WINDOW;
+        assert_eq!(
+            log.allow(later),
+            (true, 25 - u64::from(REFUSALS_PER_WINDOW))
+        );
+        assert_eq!(log.allow(later), (true, 0));
+    }
+}
