@@ -265,9 +265,9 @@ fn spawn_jailed_refuses_what_it_must() {
     // in the hierarchy the helper uses on this host (v2 with cpu+memory, else v1 memory).
     let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
     let hierarchy = if v2.exists() {
-        std::fs::read_to_string(v2)
-            .unwrap()
-            .contains("memory")
+        let text = std::fs::read_to_string(v2).unwrap();
+        let controllers: Vec<&str> = text.split_whitespace().collect();
+        (controllers.contains(&"cpu") && controllers.contains(&"memory"))
             .then(|| PathBuf::from("/sys/fs/cgroup"))
     } else {
         Some(PathBuf::from("/sys/fs/cgroup/memory")).filter(|h| h.join("cgroup.procs").exists())
@@ -282,7 +282,7 @@ fn spawn_jailed_refuses_what_it_must() {
             refused(reply, "exists already");
             assert!(exists, "the existing cgroup was left alone");
         }
-        None => eprintln!("SKIP: no cgroup hierarchy with the memory controller here"),
+        None => eprintln!("SKIP: no cgroup hierarchy with the cpu and memory controllers here"),
     }
     // Nothing was built, and the helper still serves.
     assert_eq!(
