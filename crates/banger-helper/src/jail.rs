@@ -351,7 +351,7 @@ pub fn spawn(
     let chroot = chroot_dir(config, &exec_name, vm_id);
     let built = build(config, &chroot, &placed).and_then(|()| {
         let args = jailer_args(config, vm_id, &exec_file, limits);
-        run_jailer(&jailer, &args, &chroot, vm_id)
+        run_jailer(config, &jailer, &args, &chroot, &exec_name, vm_id)
     });
     match built {
         Ok(pid) => Ok((pid, chroot)),
@@ -504,11 +504,14 @@ fn last_line(path: &Path) -> String {
 /// reaped by a thread. On failure the process is killed (and a Firecracker named by the
 /// jailer's pid file, should it differ) before returning.
 fn run_jailer(
+    config: &JailConfig,
     jailer: &Path,
     args: &[String],
     chroot: &Path,
+    exec_name: &str,
     vm_id: &str,
 ) -> Result<u32, JailError> {
+    let uid = config.uid;
     info!(jailer = %jailer.display(), args = ?args, "running the jailer");
     let stderr_path = chroot
         .parent()
@@ -568,39 +571,57 @@ fn run_jailer(
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    kill_pid_file(chroot, pid, vm_id);
+    kill_pid_file(chroot, exec_name, pid, vm_id, uid);
     Err(JailError::Jailer(failure))
 }
 
-/// Kills the process a jailer's `<exec name>.pid` names when it is not `child` and is still a
-/// Firecracker of `vm_id` (a jailer that forked after all must not leak a live VMM).
-fn kill_pid_file(chroot: &Path, child: u32, vm_id: &str) {
-    let Ok(entries) = std::fs::read_dir(chroot) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        if !name.to_string_lossy().ends_with(".pid") {
-            continue;
+/// Kills the process the jailer's `<chroot>/<exec name>.pid` names when it is not `child`
+/// and is this VM's Firecracker: a jailer that forked after all must not leak a live VMM.
+/// The chroot's root dir belongs to the owner, so the pid file counts only when root wrote it
+/// (a regular file of uid 0, not a symlink), and the process only when it runs as the owner
+/// with this VM's id on its command line: an owner who plants a pid file can at most make the
+/// helper kill one of the owner's own processes. Retried for a moment (the file and the exec
+/// may trail the jailer's exit).
+fn kill_pid_file(chroot: &Path, exec_name: &str, child: u32, vm_id: &str, uid: u32) {
+    let pid_file = chroot.join(format!("{exec_name}.pid"));
+    let deadline = Instant::now() + Duration::from_millis(300);
+    loop {
+        let named = pid_from(&pid_file);
+        // The jailer's own pid (exec'd in place) or a process already gone: nothing left.
+        if named.is_some_and(|p| p as u32 == child || !Path::new(&format!("/proc/{p}")).exists()) {
+            return;
         }
-        let Some(pid) = std::fs::read_to_string(entry.path())
-            .ok()
-            .and_then(|t| t.trim().parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if pid <= 1 || pid as u32 == child {
-            continue;
+        if let Some(pid) = named.filter(|&p| p > 1) {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let owner = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().next())
+                .and_then(|real| real.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if owner == Some(uid) && String::from_utf8_lossy(&cmdline).contains(vm_id) {
+                warn!(pid, vm_id, "killing a Firecracker the failed jailer left");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                return;
+            }
         }
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(vm_id) {
-            warn!(pid, vm_id, "killing a Firecracker the failed jailer left");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        if Instant::now() >= deadline {
+            return;
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The pid in a root-written pid file (regular, uid 0, not a symlink), if any.
+fn pid_from(path: &Path) -> Option<i32> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.is_file() || meta.uid() != 0 || meta.len() > 32 {
+        return None;
+    }
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// Removes every jail of `vm_id` under the base (any exec file name): unmounts what is

@@ -277,6 +277,13 @@ fn spawn_jailed_refuses_what_it_must() {
             let dir = hierarchy.join("banger-0").join(&id);
             std::fs::create_dir_all(&dir).unwrap();
             let reply = request(socket, spawn_op(&files, &id));
+            // A wrong acceptance must not leave a Firecracker behind.
+            let _guard = match &reply {
+                HelperReply::Ok {
+                    result: HelperResult::Jailed { pid, .. },
+                } => Some(KillOnDrop(*pid)),
+                _ => None,
+            };
             let exists = dir.exists();
             let _ = std::fs::remove_dir(&dir);
             refused(reply, "exists already");
