@@ -46,6 +46,9 @@ pub struct VmDefaults {
     pub memory: String,
     /// Work disk size (default "8G").
     pub disk: String,
+    /// Virtual size of the system disk (default "8G"; never less than the image): the guest's
+    /// root filesystem grows into it at boot, and the host stores only what the guest writes.
+    pub system_disk_size: String,
     /// Image name (default "default").
     pub image: String,
     /// VMM backend: "auto" (Firecracker when usable, else QEMU), "firecracker" or "qemu".
@@ -61,6 +64,7 @@ impl Default for VmDefaults {
             cpus: 2,
             memory: "1024M".into(),
             disk: "8G".into(),
+            system_disk_size: "8G".into(),
             image: "default".into(),
             vmm: "auto".into(),
             system_disk: "auto".into(),
@@ -194,6 +198,7 @@ pub struct ResolvedDefaults {
     pub cpus: u32,
     pub memory_mib: u64,
     pub disk_size_bytes: u64,
+    pub system_disk_bytes: u64,
 }
 
 impl Config {
@@ -230,6 +235,13 @@ impl Config {
             path: path.into(),
             key: "defaults.disk",
             source,
+        })?;
+        let system_disk = ByteSize::parse(&self.defaults.system_disk_size).map_err(|source| {
+            ConfigError::Size {
+                path: path.into(),
+                key: "defaults.system_disk_size",
+                source,
+            }
         })?;
         if !["auto", "kvm", "tcg"].contains(&self.qemu.accel.as_str()) {
             return Err(ConfigError::Invalid {
@@ -292,6 +304,7 @@ impl Config {
             cpus: self.defaults.cpus,
             memory_mib: memory.mib(),
             disk_size_bytes: disk.0,
+            system_disk_bytes: system_disk.0,
         })
     }
 }
@@ -312,16 +325,17 @@ mod tests {
         let c = Config::load(Path::new("/nonexistent/banger.toml")).unwrap();
         let d = c.resolved_defaults("x").unwrap();
         assert_eq!(
-            (d.cpus, d.memory_mib, d.disk_size_bytes),
-            (2, 1024, 8 << 30)
+            (d.cpus, d.memory_mib, d.disk_size_bytes, d.system_disk_bytes),
+            (2, 1024, 8 << 30, 8 << 30)
         );
     }
 
     #[test]
     fn values_override_defaults() {
-        let c = load("[defaults]\ncpus = 4\nmemory = \"2G\"\n").unwrap();
+        let c = load("[defaults]\ncpus = 4\nmemory = \"2G\"\nsystem_disk_size = \"20G\"\n")
+            .unwrap();
         let d = c.resolved_defaults("x").unwrap();
-        assert_eq!((d.cpus, d.memory_mib), (4, 2048));
+        assert_eq!((d.cpus, d.memory_mib, d.system_disk_bytes), (4, 2048, 20 << 30));
     }
 
     #[test]
