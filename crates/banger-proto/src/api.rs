@@ -395,7 +395,7 @@ impl CheckStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DoctorCheck {
     /// What was checked: `kvm`, `qemu`, `qemu-img`, `mkfs.ext4`, `ssh`, `ssh-keygen`,
-    /// `debootstrap`, `cpio`, `busybox`, `disk-space`, `tun`, `default-image`.
+    /// `debugfs`, `mmdebstrap`, `newuidmap`, `cpio`, `busybox`, `disk-space`, `tun`, `default-image`.
     pub name: String,
     pub status: CheckStatus,
     /// What was found (a path, a version, a reason).

@@ -249,14 +249,17 @@ impl Manager {
         let log = self.layout.logs_dir().join("image-build.log");
         let cached = kernel_out.join("vmlinux").is_file() && rootfs_out.is_file() && !request.force;
         if !cached {
+            // No root: mmdebstrap bootstraps in a user namespace (newuidmap and the owner's
+            // subordinate ids), the kernel package is unpacked with dpkg-deb -x.
+            let mut tools = vec!["mmdebstrap", "mkfs.ext4", "apt-get", "dpkg-deb", "cpio", "busybox", "tar"];
             if !nix::unistd::geteuid().is_root() {
-                return Err(ImageError::NotRoot.into());
+                tools.extend(["newuidmap", "newgidmap"]);
             }
-            for tool in ["debootstrap", "mkfs.ext4", "apt-get", "cpio", "busybox"] {
+            for tool in tools {
                 if !image::on_path(tool) && !Path::new("/usr/sbin").join(tool).exists() {
                     return Err(Error::HostSetup {
                         message: format!("{tool} is not installed (needed by image build)"),
-                        hint: "run scripts/install-deps".into(),
+                        hint: "run `sudo scripts/install-deps`".into(),
                     });
                 }
             }

@@ -49,7 +49,7 @@ pub async fn run_image(client: &Client, command: ImageCommand) -> Result<u8, Cli
                 force,
             };
             let image: Image = with_progress(
-                &format!("building image {name} (debootstrap; a few minutes the first time)"),
+                &format!("building image {name} (mmdebstrap; a few minutes the first time)"),
                 client.call(Method::POST, "/v1/images/build", Some(&request)),
             )
             .await?;
