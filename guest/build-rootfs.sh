@@ -79,9 +79,14 @@ tar -C "$OVERLAY" --owner=0 --group=0 --numeric-owner -cf "$WORK/overlay.tar" .
 # ---------------------------------------------------------------------------
 step 1 "mmdebstrap $SUITE minbase from $MIRROR (a few minutes)"
 TARBALL=$WORK/root.tar
+# The excludes go as options, not as a file name: mmdebstrap tests for a file from
+# inside the namespace, which cannot see into the caller's private directories.
+dpkgopts=()
+while read -r line; do
+    case "$line" in ''|'#'*) ;; *) dpkgopts+=("--dpkgopt=$line") ;; esac
+done < "$OVERLAY/etc/dpkg/dpkg.cfg.d/01-banger-nodoc"
 mmdebstrap --mode=unshare --variant=minbase --components=main \
-    --include="$PACKAGES" \
-    --dpkgopt="$OVERLAY/etc/dpkg/dpkg.cfg.d/01-banger-nodoc" \
+    --include="$PACKAGES" "${dpkgopts[@]}" \
     --customize-hook='mkdir -p "$1/lib/modules"' \
     --customize-hook="tar-in $WORK/modules.tar /lib/modules" \
     --customize-hook="tar-in $WORK/overlay.tar /" \

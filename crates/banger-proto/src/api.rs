@@ -311,6 +311,17 @@ pub struct BuildImageRequest {
     pub force: bool,
 }
 
+/// `GET /v1/images/build/progress`: the image build running now, if any.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BuildProgress {
+    /// Whether a build (or another image store operation) runs.
+    pub running: bool,
+    /// The build's latest progress line, e.g. `build-rootfs: step 3/4: mkfs.ext4 -d tarball
+    /// (e2fsprogs 1.47.2) (165s)` or `build-rootfs: root filesystem tarball: 342M`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
 /// `POST /v1/vms/{name}/stop`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

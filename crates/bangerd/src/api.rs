@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
-    ApiError, BuildImageRequest, CheckStatus, ConsoleChunk, CreateVmRequest, DaemonStatus,
+    ApiError, BuildImageRequest, BuildProgress, CheckStatus, ConsoleChunk, CreateVmRequest, DaemonStatus,
     DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, Image,
     ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo, LifecycleResult, NetworkStatus,
     OP_ID_HEADER, PrepareProgress, PrepareResult, PrepareWorkspaceRequest, SshConfigRequest,
@@ -67,6 +67,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images", get(list_images))
         .route("/v1/images/import", post(import_image))
         .route("/v1/images/build", post(build_image))
+        .route("/v1/images/build/progress", get(build_progress))
         .route("/v1/images/{name}", get(get_image).delete(remove_image))
         .route("/v1/kernels", get(list_kernels))
         .route("/v1/kernels/import", post(import_kernel))
@@ -509,6 +510,12 @@ async fn build_image(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/images/build/progress", tag = "images",
+    responses((status = 200, description = "The running build's latest step (running=false when none)", body = BuildProgress)))]
+async fn build_progress(State(state): State<AppState>) -> Json<BuildProgress> {
+    Json(state.manager.build_progress())
+}
+
 #[utoipa::path(get, path = "/v1/kernels", tag = "images",
     responses((status = 200, body = [Kernel])))]
 async fn list_kernels(State(state): State<AppState>) -> Result<Json<Vec<Kernel>>, HttpError> {
@@ -568,6 +575,7 @@ async fn remove_kernel(
         remove_image,
         import_image,
         build_image,
+        build_progress,
         list_kernels,
         import_kernel,
         remove_kernel,
@@ -612,7 +620,8 @@ async fn remove_kernel(
         Kernel,
         ImportImageRequest,
         ImportKernelRequest,
-        BuildImageRequest
+        BuildImageRequest,
+        BuildProgress
     ))
 )]
 struct ApiDoc;
