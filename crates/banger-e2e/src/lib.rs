@@ -577,6 +577,17 @@ impl Drop for TestEnv {
     }
 }
 
+/// Whether the test runs as root; when not, prints `SKIP: <test>: needs root (<why>)` so the
+/// caller can return: for tests of root-only machinery (network namespaces, the root helper,
+/// loop mounts) in a suite an ordinary user runs too.
+pub fn root_or_skip(test: &str, why: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("SKIP: {test}: needs root ({why})");
+    }
+    root
+}
+
 /// Calls `probe` until it returns `Some`, or returns `None` after `limit`.
 pub fn poll_or_none<T>(limit: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
