@@ -91,6 +91,17 @@ impl Qemu {
             "-display".into(),
             "none".into(),
             "-no-reboot".into(),
+            // qboot, named: QEMU 10 on Debian ships no `bios-microvm.bin` of its own and falls
+            // back to SeaBIOS's microvm build, which corrupts the DSDT once a VM has five
+            // virtio-mmio devices (the guest spends minutes checksumming a garbage table, or
+            // prints nothing at all). qboot.rom is in QEMU's data dir from 4.2 on.
+            "-bios".into(),
+            "qboot.rom".into(),
+            // seccomp: obsolete system calls and scheduler/resource changes refused. Process
+            // spawning and privilege calls stay allowed: `-daemonize` forks, and QEMU 7.2 and
+            // 10.0 both refuse to start with `spawn=deny` or `elevateprivileges=deny` and it.
+            "-sandbox".into(),
+            "on,resourcecontrol=deny".into(),
             "-kernel".into(),
             spec.kernel.display().to_string(),
         ];
@@ -336,6 +347,20 @@ mod tests {
         assert_eq!(accel_arg(&qemu, Accel::Kvm), "kvm");
         let multi = Qemu::new("qemu".into()).with_multi_threaded_tcg(true);
         assert_eq!(accel_arg(&multi, Accel::Tcg), "tcg,thread=multi");
+    }
+
+    #[test]
+    fn the_firmware_is_qboot() {
+        let args = Qemu::new("qemu".into()).args(&spec(Accel::Tcg));
+        let at = args.iter().position(|a| a == "-bios").unwrap();
+        assert_eq!(args[at + 1], "qboot.rom");
+    }
+
+    #[test]
+    fn qemu_runs_under_its_seccomp_sandbox() {
+        let args = Qemu::new("qemu".into()).args(&spec(Accel::Tcg));
+        let at = args.iter().position(|a| a == "-sandbox").unwrap();
+        assert_eq!(args[at + 1], "on,resourcecontrol=deny");
     }
 
     #[test]
