@@ -349,10 +349,13 @@ mod tests {
 
     #[test]
     fn values_override_defaults() {
-        let c = load("[defaults]\ncpus = 4\nmemory = \"2G\"\nsystem_disk_size = \"20G\"\n")
-            .unwrap();
+        let c =
+            load("[defaults]\ncpus = 4\nmemory = \"2G\"\nsystem_disk_size = \"20G\"\n").unwrap();
         let d = c.resolved_defaults("x").unwrap();
-        assert_eq!((d.cpus, d.memory_mib, d.system_disk_bytes), (4, 2048, 20 << 30));
+        assert_eq!(
+            (d.cpus, d.memory_mib, d.system_disk_bytes),
+            (4, 2048, 20 << 30)
+        );
     }
 
     #[test]

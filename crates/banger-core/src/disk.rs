@@ -178,9 +178,9 @@ fn guest_root_commands(seed_dir: &Path) -> Result<String, DiskError> {
                 continue;
             }
             let relative = path.strip_prefix(seed_dir).unwrap_or(&path);
-            let shown = relative.to_str().filter(|p| {
-                !p.contains(['"', '\\', '\n']) && !p.chars().any(char::is_control)
-            });
+            let shown = relative
+                .to_str()
+                .filter(|p| !p.contains(['"', '\\', '\n']) && !p.chars().any(char::is_control));
             let Some(shown) = shown else {
                 // banger makes the seed; its names are plain. Never hand debugfs a name it
                 // would parse differently.
@@ -560,15 +560,34 @@ mod tests {
         if nix::unistd::geteuid().is_root() {
             // As root the files are root's already: hand them to another uid, as a non-root
             // daemon's would be (one above 65535, so the high 16 bits count too).
-            for entry in ["", "repo", "repo/sub", "repo/sub/file", ".ssh", ".ssh/authorized_keys", ".banger"] {
+            for entry in [
+                "",
+                "repo",
+                "repo/sub",
+                "repo/sub/file",
+                ".ssh",
+                ".ssh/authorized_keys",
+                ".banger",
+            ] {
                 std::os::unix::fs::lchown(seed.join(entry), Some(70_001), Some(70_002)).unwrap();
             }
         }
         let host_uid = std::fs::metadata(seed.join("repo")).unwrap().uid();
-        assert_ne!(host_uid, 0, "the seed must not be root's for this test to mean anything");
+        assert_ne!(
+            host_uid, 0,
+            "the seed must not be root's for this test to mean anything"
+        );
         let image = dir.path().join("work.ext4");
         create_work_disk(&image, 64 << 20, &seed).await.unwrap();
-        for path in ["/", "/repo", "/repo/sub", "/repo/sub/file", "/.ssh", "/.ssh/authorized_keys", "/.banger"] {
+        for path in [
+            "/",
+            "/repo",
+            "/repo/sub",
+            "/repo/sub/file",
+            "/.ssh",
+            "/.ssh/authorized_keys",
+            "/.banger",
+        ] {
             assert_eq!(owner_in_image(&image, path), (0, 0), "{path}");
         }
     }

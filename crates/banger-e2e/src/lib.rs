@@ -63,7 +63,10 @@ impl Owner {
             );
         }
         let user = lookup().unwrap_or_else(|| panic!("user {name} missing after useradd"));
-        for (file, flag) in [("/etc/subuid", "--add-subuids"), ("/etc/subgid", "--add-subgids")] {
+        for (file, flag) in [
+            ("/etc/subuid", "--add-subuids"),
+            ("/etc/subgid", "--add-subgids"),
+        ] {
             let text = std::fs::read_to_string(file).unwrap_or_default();
             if !text.lines().any(|l| l.starts_with(&format!("{name}:"))) {
                 let range = "1065536-1131071";
@@ -86,7 +89,11 @@ impl Owner {
 /// Whether every directory above `path` lets others search it and `path` lets others
 /// read and execute it: what another user needs to run a binary there.
 fn others_can_run(path: &Path) -> bool {
-    let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode()).unwrap_or(0);
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0)
+    };
     mode(path) & 0o005 == 0o005 && path.ancestors().skip(1).all(|dir| mode(dir) & 0o001 != 0)
 }
 
@@ -210,7 +217,10 @@ impl TestEnv {
         }
         let owner = Owner::ensure_user(NONROOT_USER);
         std::fs::set_permissions(env.dir(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        let bins = if ["banger", "bangerd"].iter().all(|b| others_can_run(&bin(b))) {
+        let bins = if ["banger", "bangerd"]
+            .iter()
+            .all(|b| others_can_run(&bin(b)))
+        {
             bin_dir()
         } else {
             let dir = env.dir().join("bin");

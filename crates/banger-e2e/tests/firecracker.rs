@@ -1205,7 +1205,10 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_jailed_firecracker_runs_the_lifecycle() {
-    if !banger_e2e::root_or_skip("a_jailed_firecracker_runs_the_lifecycle", "the root helper runs the jailer") {
+    if !banger_e2e::root_or_skip(
+        "a_jailed_firecracker_runs_the_lifecycle",
+        "the root helper runs the jailer",
+    ) {
         return;
     }
     let install = FakeInstall::new(&[]);
@@ -1295,7 +1298,10 @@ async fn a_jailed_firecracker_runs_the_lifecycle() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_jailed_start_leaves_no_jail() {
-    if !banger_e2e::root_or_skip("a_failed_jailed_start_leaves_no_jail", "the root helper runs the jailer") {
+    if !banger_e2e::root_or_skip(
+        "a_failed_jailed_start_leaves_no_jail",
+        "the root helper runs the jailer",
+    ) {
         return;
     }
     let install = FakeInstall::new(&[]);
@@ -1364,7 +1370,10 @@ async fn a_missing_jailer_is_refused_before_anything_is_made() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn jailed_vms_reattach_and_are_cleaned_up_however_they_end() {
-    if !banger_e2e::root_or_skip("jailed_vms_reattach_and_are_cleaned_up_however_they_end", "the root helper runs the jailer") {
+    if !banger_e2e::root_or_skip(
+        "jailed_vms_reattach_and_are_cleaned_up_however_they_end",
+        "the root helper runs the jailer",
+    ) {
         return;
     }
     // A Firecracker that ignores Ctrl-Alt-Del and SIGTERM: only the kill ends it.

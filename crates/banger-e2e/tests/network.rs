@@ -204,7 +204,10 @@ fn fake_upstream(socket: UdpSocket) {
 
 #[test]
 fn twenty_parallel_creates_get_distinct_leases_and_dns_forwards_other_names() {
-    if !banger_e2e::root_or_skip("twenty_parallel_creates_get_distinct_leases_and_dns_forwards_other_names", "network namespaces") {
+    if !banger_e2e::root_or_skip(
+        "twenty_parallel_creates_get_distinct_leases_and_dns_forwards_other_names",
+        "network namespaces",
+    ) {
         return;
     }
     let ns = Netns::new("bgl");
@@ -311,7 +314,10 @@ fn twenty_parallel_creates_get_distinct_leases_and_dns_forwards_other_names() {
 
 #[test]
 fn bridge_vms_resolve_each_other_reach_the_outside_and_leave_nothing() {
-    if !banger_e2e::root_or_skip("bridge_vms_resolve_each_other_reach_the_outside_and_leave_nothing", "network namespaces") {
+    if !banger_e2e::root_or_skip(
+        "bridge_vms_resolve_each_other_reach_the_outside_and_leave_nothing",
+        "network namespaces",
+    ) {
         return;
     }
     let mut env = TestEnv::new();

@@ -14,12 +14,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
-    ApiError, BuildImageRequest, BuildProgress, CheckStatus, ConsoleChunk, CreateVmRequest, DaemonStatus,
-    DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, Image,
-    ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo, LifecycleResult, NetworkStatus,
-    OP_ID_HEADER, PrepareProgress, PrepareResult, PrepareWorkspaceRequest, SshConfigRequest,
-    SshConfigResult, SshInfo, StopVmRequest, Vm, VmNetwork, VmRuntime, VmSpec, VmState,
-    WorkspaceDiff, WorkspaceStatus,
+    ApiError, BuildImageRequest, BuildProgress, CheckStatus, ConsoleChunk, CreateVmRequest,
+    DaemonStatus, DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult,
+    ExportWorkspaceRequest, Image, ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo,
+    LifecycleResult, NetworkStatus, OP_ID_HEADER, PrepareProgress, PrepareResult,
+    PrepareWorkspaceRequest, SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, Vm,
+    VmNetwork, VmRuntime, VmSpec, VmState, WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};

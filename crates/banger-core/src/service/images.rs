@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use banger_proto::{BuildImageRequest, BuildProgress, Image, ImportImageRequest, ImportKernelRequest, Kernel};
+use banger_proto::{
+    BuildImageRequest, BuildProgress, Image, ImportImageRequest, ImportKernelRequest, Kernel,
+};
 use tracing::info;
 
 use super::Manager;
@@ -251,7 +253,15 @@ impl Manager {
         if !cached {
             // No root: mmdebstrap bootstraps in a user namespace (newuidmap and the owner's
             // subordinate ids), the kernel package is unpacked with dpkg-deb -x.
-            let mut tools = vec!["mmdebstrap", "mkfs.ext4", "apt-get", "dpkg-deb", "cpio", "busybox", "tar"];
+            let mut tools = vec![
+                "mmdebstrap",
+                "mkfs.ext4",
+                "apt-get",
+                "dpkg-deb",
+                "cpio",
+                "busybox",
+                "tar",
+            ];
             if !nix::unistd::geteuid().is_root() {
                 tools.extend(["newuidmap", "newgidmap"]);
             }
@@ -275,7 +285,10 @@ impl Manager {
             std::fs::create_dir_all(self.layout.logs_dir())
                 .and_then(|()| {
                     use std::io::Write;
-                    let mut file = std::fs::File::options().create(true).append(true).open(&log)?;
+                    let mut file = std::fs::File::options()
+                        .create(true)
+                        .append(true)
+                        .open(&log)?;
                     writeln!(file, "{BUILD_MARKER} {}", crate::now_rfc3339())
                 })
                 .map_err(Error::io(format!("cannot write {}", log.display())))?;
@@ -391,7 +404,8 @@ fn last_build_step(log: &Path) -> Option<String> {
     use std::io::{Read, Seek, SeekFrom};
     let mut file = std::fs::File::open(log).ok()?;
     let len = file.metadata().ok()?.len();
-    file.seek(SeekFrom::Start(len.saturating_sub(64 << 10))).ok()?;
+    file.seek(SeekFrom::Start(len.saturating_sub(64 << 10)))
+        .ok()?;
     let mut tail = Vec::new();
     file.read_to_end(&mut tail).ok()?;
     let text = String::from_utf8_lossy(&tail);
@@ -447,11 +461,20 @@ mod tests {
         // A build that printed nothing yet shows nothing, not the previous build's end.
         std::fs::write(
             &log,
-            format!("{BUILD_MARKER} t1\nbuild-rootfs: done\n{BUILD_MARKER} t2\nnoise\x1b]0;x\x07\n"),
+            format!(
+                "{BUILD_MARKER} t1\nbuild-rootfs: done\n{BUILD_MARKER} t2\nnoise\x1b]0;x\x07\n"
+            ),
         )
         .unwrap();
         assert_eq!(last_build_step(&log), None);
-        std::fs::write(&log, format!("{BUILD_MARKER}\nbuild-kernel: a\x1b]0;title\x07b\n")).unwrap();
-        assert_eq!(last_build_step(&log).as_deref(), Some("build-kernel: a]0;titleb"));
+        std::fs::write(
+            &log,
+            format!("{BUILD_MARKER}\nbuild-kernel: a\x1b]0;title\x07b\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            last_build_step(&log).as_deref(),
+            Some("build-kernel: a]0;titleb")
+        );
     }
 }

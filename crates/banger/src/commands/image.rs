@@ -1,8 +1,8 @@
 //! `banger image …` and `banger kernel …`.
 
 use banger_proto::{
-    BuildProgress,
-    BuildImageRequest, ByteSize, Image, ImportImageRequest, ImportKernelRequest, Kernel,
+    BuildImageRequest, BuildProgress, ByteSize, Image, ImportImageRequest, ImportKernelRequest,
+    Kernel,
 };
 use hyper::Method;
 
