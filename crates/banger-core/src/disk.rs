@@ -43,6 +43,18 @@ pub enum DiskError {
     },
 }
 
+/// Path of system tool `name`: on PATH, else in /usr/sbin or /sbin (Debian installs
+/// e2fsprogs there, and an ordinary user's PATH lacks them); the bare name when not found, so
+/// running it reports it missing.
+pub fn system_tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| name.into())
+}
+
 async fn run(tool: &'static str, command: &mut Command) -> Result<(), DiskError> {
     let output = command
         .stdin(Stdio::null())
@@ -135,7 +147,7 @@ pub async fn create_work_disk(
         })?;
     run(
         "mkfs.ext4",
-        Command::new("mkfs.ext4")
+        Command::new(system_tool("mkfs.ext4"))
             .args(["-q", "-F", "-L", WORK_LABEL, "-t", "ext4"])
             .args(["-E", "assume_storage_prezeroed=1,root_owner=0:0"])
             .arg("-N")
@@ -213,7 +225,7 @@ async fn give_seed_to_guest_root(image: &Path, seed_dir: &Path) -> Result<(), Di
     })?;
     // debugfs exits 0 even when a command fails; it reports failures on stderr, so any
     // output there is a failure.
-    let output = Command::new("debugfs")
+    let output = Command::new(system_tool("debugfs"))
         .arg("-w")
         .arg("-f")
         .arg(script.path())
@@ -531,7 +543,7 @@ mod tests {
 
     /// `debugfs -R "stat PATH"`'s owner line, e.g. "User:     0   Group:     0".
     fn owner_in_image(image: &Path, path: &str) -> (u32, u32) {
-        let out = std::process::Command::new("debugfs")
+        let out = std::process::Command::new(system_tool("debugfs"))
             .arg("-R")
             .arg(format!("stat {path}"))
             .arg(image)

@@ -407,7 +407,7 @@ impl TestEnv {
         let dir = self.dir.path().join("stub");
         std::fs::create_dir_all(&dir).unwrap();
         let rootfs = dir.join("rootfs.ext4");
-        let status = Command::new("mkfs.ext4")
+        let status = Command::new(system_tool("mkfs.ext4"))
             .args(["-q", "-F"])
             .arg(&rootfs)
             .arg("4M")
@@ -585,6 +585,17 @@ impl Drop for TestEnv {
             );
         }
     }
+}
+
+/// Path of system tool `name`: found on PATH, else in /usr/sbin or /sbin, which an ordinary
+/// user's PATH lacks (mkfs.ext4, debugfs).
+pub fn system_tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| name.into())
 }
 
 /// Whether the test runs as root; when not, prints `SKIP: <test>: needs root (<why>)` so the

@@ -561,7 +561,7 @@ async fn fake_manager_with(
 ) -> Manager {
     let manager = open_fake_manager(install, dir, tweak);
     let rootfs = dir.join("rootfs.ext4");
-    let made = std::process::Command::new("mkfs.ext4")
+    let made = std::process::Command::new(banger_e2e::system_tool("mkfs.ext4"))
         .args(["-q", "-F"])
         .arg(&rootfs)
         .arg("16M")
@@ -734,7 +734,7 @@ async fn dm_manager(
     });
     let rootfs = dir.join("rootfs.ext4");
     assert!(
-        std::process::Command::new("mkfs.ext4")
+        std::process::Command::new(banger_e2e::system_tool("mkfs.ext4"))
             .args(["-q", "-F"])
             .arg(&rootfs)
             .arg("16M")
