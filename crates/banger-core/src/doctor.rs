@@ -230,7 +230,7 @@ pub struct Tool {
 }
 
 /// The tools `banger doctor` looks for, in order.
-pub const TOOLS: [Tool; 7] = [
+pub const TOOLS: [Tool; 9] = [
     Tool {
         name: "qemu-img",
         package: "qemu-utils",
@@ -260,9 +260,23 @@ pub const TOOLS: [Tool; 7] = [
         must_be_on_path: true,
     },
     Tool {
-        name: "debootstrap",
-        package: "debootstrap",
+        name: "debugfs",
+        package: "e2fsprogs",
+        needed_by: "vm create (work disk owners)",
+        required: true,
+        must_be_on_path: false,
+    },
+    Tool {
+        name: "mmdebstrap",
+        package: "mmdebstrap",
         needed_by: "image build",
+        required: false,
+        must_be_on_path: false,
+    },
+    Tool {
+        name: "newuidmap",
+        package: "uidmap",
+        needed_by: "image build as a non-root user",
         required: false,
         must_be_on_path: false,
     },

@@ -566,7 +566,7 @@ async fn fake_manager_with(
 ) -> Manager {
     let manager = open_fake_manager(install, dir, tweak);
     let rootfs = dir.join("rootfs.ext4");
-    let made = std::process::Command::new("mkfs.ext4")
+    let made = std::process::Command::new(banger_e2e::system_tool("mkfs.ext4"))
         .args(["-q", "-F"])
         .arg(&rootfs)
         .arg("16M")
@@ -739,7 +739,7 @@ async fn dm_manager(
     });
     let rootfs = dir.join("rootfs.ext4");
     assert!(
-        std::process::Command::new("mkfs.ext4")
+        std::process::Command::new(banger_e2e::system_tool("mkfs.ext4"))
             .args(["-q", "-F"])
             .arg(&rootfs)
             .arg("16M")
@@ -1217,6 +1217,12 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_jailed_firecracker_runs_the_lifecycle() {
+    if !banger_e2e::root_or_skip(
+        "a_jailed_firecracker_runs_the_lifecycle",
+        "the root helper runs the jailer",
+    ) {
+        return;
+    }
     let install = FakeInstall::new(&[]);
     let dir = short_tmp("bgjl");
     let helper = JailHelper::start(dir.path(), &install);
@@ -1304,6 +1310,12 @@ async fn a_jailed_firecracker_runs_the_lifecycle() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_jailed_start_leaves_no_jail() {
+    if !banger_e2e::root_or_skip(
+        "a_failed_jailed_start_leaves_no_jail",
+        "the root helper runs the jailer",
+    ) {
+        return;
+    }
     let install = FakeInstall::new(&[]);
     let dir = short_tmp("bgjl");
     let helper = JailHelper::start(dir.path(), &install);
@@ -1370,6 +1382,12 @@ async fn a_missing_jailer_is_refused_before_anything_is_made() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn jailed_vms_reattach_and_are_cleaned_up_however_they_end() {
+    if !banger_e2e::root_or_skip(
+        "jailed_vms_reattach_and_are_cleaned_up_however_they_end",
+        "the root helper runs the jailer",
+    ) {
+        return;
+    }
     // A Firecracker that ignores Ctrl-Alt-Del and SIGTERM: only the kill ends it.
     let install = FakeInstall::new(&["--ctrl-alt-del", "ignore", "--ignore-sigterm"]);
     let dir = short_tmp("bgjl");

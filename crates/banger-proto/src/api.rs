@@ -326,6 +326,17 @@ pub struct BuildImageRequest {
     pub force: bool,
 }
 
+/// `GET /v1/images/build/progress`: the image build running now, if any.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BuildProgress {
+    /// Whether a build (or another image store operation) runs.
+    pub running: bool,
+    /// The build's latest progress line, e.g. `build-rootfs: step 3/4: mkfs.ext4 -d tarball
+    /// (e2fsprogs 1.47.2) (165s)` or `build-rootfs: root filesystem tarball: 342M`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
 /// `POST /v1/vms/{name}/stop`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -410,7 +421,7 @@ impl CheckStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DoctorCheck {
     /// What was checked: `kvm`, `qemu`, `qemu-img`, `mkfs.ext4`, `ssh`, `ssh-keygen`,
-    /// `debootstrap`, `cpio`, `busybox`, `disk-space`, `tun`, `default-image`.
+    /// `debugfs`, `mmdebstrap`, `newuidmap`, `cpio`, `busybox`, `disk-space`, `tun`, `default-image`.
     pub name: String,
     pub status: CheckStatus,
     /// What was found (a path, a version, a reason).

@@ -316,7 +316,7 @@ pub struct JsonFlag {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Build the default Debian image (debootstrap) and its kernel; needs root.
+    /// Build the default Debian image (mmdebstrap, no root needed) and its kernel.
     Build {
         /// Image name.
         #[arg(default_value = "default")]

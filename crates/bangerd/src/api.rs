@@ -14,12 +14,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
-    ApiError, BuildImageRequest, CheckStatus, ConsoleChunk, CreateVmRequest, DaemonStatus,
-    DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, Image,
-    ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo, LifecycleResult, NetworkStatus,
-    OP_ID_HEADER, PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress,
-    PrepareResult, PrepareWorkspaceRequest, SshConfigRequest, SshConfigResult, SshInfo,
-    StopVmRequest, Vm, VmNetwork, VmRuntime, VmSpec, VmState, WorkspaceDiff, WorkspaceStatus,
+    ApiError, BuildImageRequest, BuildProgress, CheckStatus, ConsoleChunk, CreateVmRequest,
+    DaemonStatus, DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult,
+    ExportWorkspaceRequest, Image, ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo,
+    LifecycleResult, NetworkStatus, OP_ID_HEADER, PortChangeRequest, PortList, PortMapping,
+    PortProto, PrepareProgress, PrepareResult, PrepareWorkspaceRequest, SshConfigRequest,
+    SshConfigResult, SshInfo, StopVmRequest, Vm, VmNetwork, VmRuntime, VmSpec, VmState,
+    WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -68,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images", get(list_images))
         .route("/v1/images/import", post(import_image))
         .route("/v1/images/build", post(build_image))
+        .route("/v1/images/build/progress", get(build_progress))
         .route("/v1/images/{name}", get(get_image).delete(remove_image))
         .route("/v1/kernels", get(list_kernels))
         .route("/v1/kernels/import", post(import_kernel))
@@ -534,6 +536,12 @@ async fn build_image(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/images/build/progress", tag = "images",
+    responses((status = 200, description = "The running build's latest step (running=false when none)", body = BuildProgress)))]
+async fn build_progress(State(state): State<AppState>) -> Json<BuildProgress> {
+    Json(state.manager.build_progress())
+}
+
 #[utoipa::path(get, path = "/v1/kernels", tag = "images",
     responses((status = 200, body = [Kernel])))]
 async fn list_kernels(State(state): State<AppState>) -> Result<Json<Vec<Kernel>>, HttpError> {
@@ -595,6 +603,7 @@ async fn remove_kernel(
         remove_image,
         import_image,
         build_image,
+        build_progress,
         list_kernels,
         import_kernel,
         remove_kernel,
@@ -643,7 +652,8 @@ async fn remove_kernel(
         Kernel,
         ImportImageRequest,
         ImportKernelRequest,
-        BuildImageRequest
+        BuildImageRequest,
+        BuildProgress
     ))
 )]
 struct ApiDoc;

@@ -150,14 +150,20 @@ impl Manager {
         };
         match record.spec.system_disk {
             SystemDiskStrategy::Qcow2 => {
-                disk::create_system_overlay(&base, &self.layout.vm_system_disk(id)).await?
+                disk::create_system_overlay(
+                    &base,
+                    &self.layout.vm_system_disk(id),
+                    self.defaults.system_disk_bytes,
+                )
+                .await?
             }
             SystemDiskStrategy::Reflink => {
                 let (b, r) = (base.clone(), raw.clone());
                 tokio::task::spawn_blocking(move || disk::reflink(&b, &r))
                     .await
                     .map_err(|e| Error::Failed(format!("reflink task failed: {e}")))?
-                    .map_err(io("reflink"))?
+                    .map_err(io("reflink"))?;
+                disk::grow_raw_system_disk(&raw, self.defaults.system_disk_bytes)?;
             }
             SystemDiskStrategy::Copy => {
                 let (b, r) = (base.clone(), raw.clone());
@@ -174,8 +180,10 @@ impl Manager {
                 })
                 .await
                 .map_err(|e| Error::Failed(format!("copy task failed: {e}")))?
-                .map_err(io("copy"))?
+                .map_err(io("copy"))?;
+                disk::grow_raw_system_disk(&raw, self.defaults.system_disk_bytes)?;
             }
+            // A dm snapshot has the image's size: it does not grow.
             SystemDiskStrategy::DmSnapshot => {
                 let host = self.disk_host();
                 let op_id = crate::net::current_op_id();
