@@ -17,6 +17,7 @@ mod rm;
 mod show;
 mod ssh;
 mod start;
+mod stats;
 mod stop;
 mod suspend;
 mod system_disk;
@@ -82,6 +83,8 @@ pub struct Manager {
     /// The `NAME.vm` DNS server, and where it listens.
     dns_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     dns_addr: Mutex<Option<String>>,
+    /// The previous CPU reading of each VMM, for `vm stats` (see [`stats::CpuSamples`]).
+    cpu_samples: stats::CpuSamples,
 }
 
 impl Manager {
@@ -134,6 +137,7 @@ impl Manager {
             net_lock: tokio::sync::Mutex::new(()),
             dns_task: Mutex::new(None),
             dns_addr: Mutex::new(None),
+            cpu_samples: stats::CpuSamples::default(),
         })
     }
 
