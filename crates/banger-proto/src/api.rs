@@ -253,6 +253,12 @@ pub struct DaemonStatus {
     /// RFC 3339 UTC.
     pub started_at: String,
     pub uptime_secs: u64,
+    /// The daemon's own resident memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// VMs whose VMM runs now (running or paused).
+    #[serde(default)]
+    pub running_vms: u32,
 }
 
 /// A kernel (+ optional initrd) in the store (`banger kernel ls --json`).
@@ -578,4 +584,77 @@ pub struct PrepareProgress {
     pub files_total: u64,
     pub bytes_sent: u64,
     pub bytes_total: u64,
+}
+
+/// What a VM costs right now (`GET /v1/stats`, `banger vm stats --json`). Figures that cannot be
+/// known (no process for a stopped VM, no guest answer) are absent, never zero.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmStats {
+    pub name: String,
+    pub state: VmState,
+    /// Seconds since the VMM process started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_secs: Option<f64>,
+    /// CPU time the VMM process used (user + system), in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_secs: Option<f64>,
+    /// The VMM's CPU use in percent of one core: over the time since the daemon's previous
+    /// sample of this VM (at least 0.1 s ago), else the average since the process started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    /// Resident memory of the VMM process (guest memory it touched plus its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// The VM's disks on the host: virtual size and the bytes actually allocated.
+    pub disks: Vec<DiskUsage>,
+    /// Network counters, from the guest's point of view (`rx` = received by the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetCounters>,
+    /// Figures from inside the guest (`--guest`), one SSH round trip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestStats>,
+}
+
+/// One disk of a VM on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskUsage {
+    /// `system` or `work`.
+    pub disk: String,
+    /// Size the guest sees.
+    pub virtual_bytes: u64,
+    /// Bytes allocated on the host (sparse and copy-on-write aware: blocks, not length).
+    pub allocated_bytes: u64,
+}
+
+/// Network counters of a VM's interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetCounters {
+    /// Where they were read: `tap` (the host side of a bridge VM's tap) or `guest` (the
+    /// guest's eth0, user-mode VMs with `--guest`).
+    pub source: String,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+/// Figures read inside the guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GuestStats {
+    /// 1, 5 and 15 minute load averages.
+    pub load: [f64; 3],
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
+    /// Use of the root filesystem.
+    pub root_fs: FsUsage,
+    /// Use of /root (the work disk).
+    pub work_fs: FsUsage,
+}
+
+/// A filesystem's size and use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FsUsage {
+    pub size_bytes: u64,
+    pub used_bytes: u64,
+    pub available_bytes: u64,
 }

@@ -15,12 +15,12 @@ use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
     ApiError, BuildImageRequest, BuildProgress, CheckStatus, ConsoleChunk, CreateVmRequest,
-    DaemonStatus, DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult,
-    ExportWorkspaceRequest, Image, ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo,
-    LifecycleResult, NetworkStatus, OP_ID_HEADER, PortChangeRequest, PortList, PortMapping,
-    PortProto, PrepareProgress, PrepareResult, PrepareWorkspaceRequest, SshConfigRequest,
-    SshConfigResult, SshInfo, StopVmRequest, Vm, VmNetwork, VmRuntime, VmSpec, VmState,
-    WorkspaceDiff, WorkspaceStatus,
+    DaemonStatus, DiskUsage, DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult,
+    ExportWorkspaceRequest, FsUsage, GuestStats, Image, ImportImageRequest, ImportKernelRequest,
+    Kernel, LeaseInfo, LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER,
+    PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress, PrepareResult,
+    PrepareWorkspaceRequest, SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, Vm,
+    VmNetwork, VmRuntime, VmSpec, VmState, VmStats, WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -53,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/doctor", get(doctor))
         .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/stats", get(stats))
         .route("/v1/vms/{name}", get(get_vm).delete(remove_vm))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
@@ -210,6 +211,7 @@ async fn method_not_allowed(request: Request) -> HttpError {
 #[utoipa::path(get, path = "/v1/status", tag = "daemon",
     responses((status = 200, description = "The daemon runs", body = DaemonStatus)))]
 async fn status(State(state): State<AppState>) -> Json<DaemonStatus> {
+    // The VM count and RSS are cheap: one SQLite read and /proc/self/status.
     let layout = state.manager.layout();
     Json(DaemonStatus {
         version: banger_core::VERSION.to_owned(),
@@ -220,6 +222,8 @@ async fn status(State(state): State<AppState>) -> Json<DaemonStatus> {
         log_file: layout.daemon_log().display().to_string(),
         started_at: banger_core::format_rfc3339(state.started_at),
         uptime_secs: state.started.elapsed().as_secs(),
+        rss_bytes: banger_core::usage::own_rss(),
+        running_vms: state.manager.running_vm_count().await.unwrap_or(0),
     })
 }
 
@@ -399,6 +403,35 @@ async fn ssh_info(
     Path(name): Path<String>,
 ) -> Result<Json<SshInfo>, HttpError> {
     Ok(Json(state.manager.ssh_info(&name).await?))
+}
+
+/// Query of `GET /v1/stats`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct StatsQuery {
+    /// Comma-separated VM names (default: every VM).
+    #[serde(default)]
+    names: String,
+    /// Also ask running guests for their own figures (one SSH round trip each).
+    #[serde(default)]
+    guest: bool,
+}
+
+#[utoipa::path(get, path = "/v1/stats", tag = "vms",
+    params(StatsQuery),
+    responses((status = 200, description = "What each VM costs, by name", body = [VmStats]),
+              (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
+async fn stats(
+    State(state): State<AppState>,
+    Query(query): Query<StatsQuery>,
+) -> Result<Json<Vec<VmStats>>, HttpError> {
+    let names: Vec<String> = query
+        .names
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Ok(Json(state.manager.vm_stats(&names, query.guest).await?))
 }
 
 /// Query of `GET /v1/vms/{name}/console`.
@@ -587,6 +620,7 @@ async fn remove_kernel(
         doctor,
         list_vms,
         create_vm,
+        stats,
         get_vm,
         remove_vm,
         start_vm,
@@ -616,6 +650,11 @@ async fn remove_kernel(
         ssh_config
     ),
     components(schemas(
+        VmStats,
+        DiskUsage,
+        NetCounters,
+        GuestStats,
+        FsUsage,
         PrepareWorkspaceRequest,
         PrepareResult,
         PrepareProgress,

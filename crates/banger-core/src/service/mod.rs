@@ -18,6 +18,7 @@ mod rm;
 mod show;
 mod ssh;
 mod start;
+mod stats;
 mod stop;
 mod suspend;
 mod system_disk;
@@ -85,6 +86,8 @@ pub struct Manager {
     /// The `NAME.vm` DNS server, and where it listens.
     dns_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     dns_addr: Mutex<Option<String>>,
+    /// The previous CPU reading of each VMM, for `vm stats` (see [`stats::CpuSamples`]).
+    cpu_samples: stats::CpuSamples,
 }
 
 impl Manager {
@@ -137,6 +140,7 @@ impl Manager {
             net_lock: tokio::sync::Mutex::new(()),
             dns_task: Mutex::new(None),
             dns_addr: Mutex::new(None),
+            cpu_samples: stats::CpuSamples::default(),
         })
     }
 

@@ -134,6 +134,12 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
         }
         VmCommand::Workspace(command) => workspace::run(client, command).await,
         VmCommand::Logs { name, follow } => logs(client, &name, follow).await,
+        VmCommand::Stats {
+            names,
+            guest,
+            watch,
+            json,
+        } => stats(client, &names, guest, watch, json.json).await,
         VmCommand::Ls(flag) => {
             let vms: Vec<Vm> = client.call(Method::GET, "/v1/vms", None::<&()>).await?;
             if flag.json {
@@ -385,4 +391,41 @@ async fn create(client: &Client, args: CreateArgs) -> Result<u8, ClientError> {
         );
     }
     Ok(0)
+}
+
+/// `vm stats`: one table (or JSON array), or with `watch` a refresh every 2 s until interrupted
+/// (NDJSON, one object per VM and round, with `--json`).
+async fn stats(
+    client: &Client,
+    names: &[VmName],
+    guest: bool,
+    watch: bool,
+    json: bool,
+) -> Result<u8, ClientError> {
+    let names: Vec<String> = names.iter().map(ToString::to_string).collect();
+    let path = format!("/v1/stats?names={}&guest={guest}", names.join(","));
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        let stats: Vec<banger_proto::VmStats> =
+            client.call(Method::GET, &path, None::<&()>).await?;
+        match (watch, json) {
+            (false, true) => print_json(&stats)?,
+            (true, true) => {
+                for vm in &stats {
+                    println!("{}", serde_json::to_string(vm).unwrap_or_default());
+                }
+            }
+            (true, false) if tty => {
+                // Clear the screen and home the cursor, then the fresh table.
+                print!("\x1b[2J\x1b[H{}", output::stats_table(&stats));
+            }
+            _ => print!("{}", output::stats_table(&stats)),
+        }
+        if !watch {
+            return Ok(0);
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
 }
