@@ -16,6 +16,7 @@ pub mod net;
 pub mod service;
 pub mod store;
 pub mod vmm;
+pub mod which;
 pub mod workspace;
 
 pub use error::Error;

@@ -107,6 +107,21 @@ impl SshTarget {
         options
     }
 
+    /// The one `ssh` command line to the guest: banger's options, then `extra`, then the
+    /// host; the caller adds the remote command (and stdio).
+    pub fn command(&self, extra: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new("ssh");
+        command.args(self.options()).args(extra).arg(&self.host);
+        command
+    }
+
+    /// [`Self::command`] for a non-interactive command: no prompts, no tty, the dial bounded
+    /// by `connect`.
+    pub fn batch_command(&self, connect: Duration) -> std::process::Command {
+        let timeout = format!("ConnectTimeout={}", connect.as_secs().max(1));
+        self.command(&["-o", "BatchMode=yes", "-T", "-o", &timeout])
+    }
+
     /// The same target dialling its own connection (bounded by `ConnectTimeout`, which does
     /// not apply to sessions through a master): for steps that must give up quickly on a
     /// hung guest, like the sync before a stop.
@@ -125,12 +140,7 @@ impl SshTarget {
         connect: Duration,
         limit: Duration,
     ) -> Result<(Option<i32>, String, String), SshError> {
-        let mut child = Command::new("ssh")
-            .args(self.options())
-            .args(["-o", "BatchMode=yes", "-T"])
-            .arg("-o")
-            .arg(format!("ConnectTimeout={}", connect.as_secs().max(1)))
-            .arg(&self.host)
+        let mut child = Command::from(self.batch_command(connect))
             .arg(script)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

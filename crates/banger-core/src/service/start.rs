@@ -137,9 +137,10 @@ impl Manager {
         };
         let image = self.find_image(&record.spec.image).map_err(step("image"))?;
         let kernel = self.find_kernel(&image.kernel).map_err(step("kernel"))?;
-        let kernel_dir = self.layout.kernel_dir(&kernel.digest);
-        let kernel_path = kernel_dir.join("vmlinux");
-        let initrd = kernel.has_initrd.then(|| kernel_dir.join("initrd.img"));
+        let kernel_path = self.layout.kernel_vmlinux(&kernel.digest);
+        let initrd = kernel
+            .has_initrd
+            .then(|| self.layout.kernel_initrd(&kernel.digest));
         let strategy = record.spec.system_disk;
         let system_disk = match strategy {
             SystemDiskStrategy::Qcow2 => self.layout.vm_system_disk(&record.id),

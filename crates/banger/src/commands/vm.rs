@@ -262,13 +262,10 @@ fn exec_ssh(info: &SshInfo, extra: &[&str], remote: Option<&str>) -> ClientError
         // Connection sharing: repeated execs skip the key exchange.
         control_path: Some(info.control_path.clone().into()),
     };
-    let mut command = std::process::Command::new("ssh");
-    command
-        .args(target.options())
-        // A guest that stopped answering fails the command instead of hanging it.
-        .args(["-o", "ConnectTimeout=15", "-o", "ServerAliveInterval=15"])
-        .args(extra)
-        .arg(&info.host);
+    // A guest that stopped answering fails the command instead of hanging it.
+    let mut args = vec!["-o", "ConnectTimeout=15", "-o", "ServerAliveInterval=15"];
+    args.extend_from_slice(extra);
+    let mut command = target.command(&args);
     if let Some(remote) = remote {
         command.arg("--").arg(remote);
     }
