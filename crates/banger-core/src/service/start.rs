@@ -42,8 +42,9 @@ impl StartUndo {
         if let Some((process, marker)) = self.process {
             process::kill(process.pid, &marker).await;
             if let Some(backend) = self.jail {
+                let op_id = crate::net::current_op_id();
                 let removed =
-                    tokio::task::spawn_blocking(move || backend.remove_jail(&marker)).await;
+                    tokio::task::spawn_blocking(move || backend.remove_jail(&op_id, &marker)).await;
                 if let Ok(Err(e)) = removed {
                     warn!("failed start: {e}");
                 }

@@ -125,7 +125,7 @@ impl Manager {
         {
             warn!(vm = %name, "cannot flush {}: {e}", dir.display());
         }
-        self.release_runtime(&record);
+        self.release_runtime_now(&record).await;
         record.clear_process();
         record.last_error = None;
         self.transition(&mut record, VmState::Suspended)?;

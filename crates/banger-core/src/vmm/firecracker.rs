@@ -397,8 +397,8 @@ impl Firecracker {
         process::kill(process.pid, vm_id).await;
         if process.jail.is_some() {
             let this = self.clone();
-            let id = vm_id.to_owned();
-            let removed = tokio::task::spawn_blocking(move || this.remove_jail(&id)).await;
+            let (op_id, id) = (crate::net::current_op_id(), vm_id.to_owned());
+            let removed = tokio::task::spawn_blocking(move || this.remove_jail(&op_id, &id)).await;
             if let Ok(Err(e)) = removed {
                 tracing::warn!(vm_id, "{e}");
             }
@@ -441,7 +441,7 @@ impl Firecracker {
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
         };
-        let op_id = spec.vm_id.clone();
+        let op_id = crate::net::current_op_id();
         let reply = tokio::task::spawn_blocking(move || host.call(&op_id, op))
             .await
             .map_err(|e| VmmError::LaunchFailed {
@@ -570,14 +570,14 @@ impl Hypervisor for Firecracker {
 
     /// Removes a VM's jail (and its cgroup) through the helper; blocking. A no-op without a
     /// configured jailer.
-    fn remove_jail(&self, vm_id: &str) -> Result<(), VmmError> {
+    fn remove_jail(&self, op_id: &str, vm_id: &str) -> Result<(), VmmError> {
         let Some(jailer) = &self.jailer else {
             return Ok(());
         };
         jailer
             .host
             .call(
-                vm_id,
+                op_id,
                 HelperOp::RemoveJail {
                     vm_id: vm_id.to_owned(),
                 },
