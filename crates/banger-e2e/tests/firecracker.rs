@@ -148,9 +148,13 @@ async fn sync_attempt() -> bool {
         control_path: None,
     };
     matches!(
-        target
-            .run("sync", Duration::from_secs(5), Duration::from_secs(10))
-            .await,
+        banger_core::guest::ssh::run(
+            &target,
+            "sync",
+            Duration::from_secs(5),
+            Duration::from_secs(10)
+        )
+        .await,
         Ok((Some(0), _, _))
     )
 }

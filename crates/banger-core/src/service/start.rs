@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use super::{Manager, result};
 use crate::Error;
 use crate::domain::SystemDiskStrategy;
+use crate::guest::ssh;
 use crate::model::{VmRecord, VmRuntime};
 use crate::vmm::{
     Accel, LaunchSpec, NetAttach, Snapshot, VmBackend, VmProcess, VmmError, accel, cgroup, process,
@@ -339,9 +340,10 @@ impl Manager {
         let probe = self.readiness_probe().await;
         let limit = Duration::from_secs(self.config.daemon.start_timeout_secs);
         let id = record.id.clone();
-        let ready = target
-            .wait_ready(limit, &probe, || process::is_alive(process.pid, &id))
-            .await;
+        let ready = ssh::wait_ready(&target, limit, &probe, || {
+            process::is_alive(process.pid, &id)
+        })
+        .await;
         match ready {
             Ok(true) => Ok(()),
             Ok(false) => Err(Error::Failed(format!(

@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use super::{Manager, result};
 use crate::Error;
+use crate::guest::ssh;
 use crate::model::VmRecord;
 use crate::vmm::{StopTimings, cgroup, process, stop_sequence};
 
@@ -86,7 +87,7 @@ impl Manager {
         };
         // Dialled directly: STOP_DIAL then bounds a hung guest (not so through a master).
         let synced = match self.ssh_target(record) {
-            Ok(target) => match target.direct().run(script, STOP_DIAL, STOP_SYNC).await {
+            Ok(target) => match ssh::run(&target.direct(), script, STOP_DIAL, STOP_SYNC).await {
                 Ok((Some(0), _, _)) => true,
                 Ok((code, _, stderr)) => {
                     warn!(vm = %record.name, ?code, "sync/poweroff over SSH failed: {}", stderr.trim());

@@ -165,13 +165,13 @@ impl Manager {
         manifest: &Manifest,
     ) -> Result<WorkspaceDiff, Error> {
         let target = self.ssh_target(record)?;
-        let (code, stdout, stderr) = target
-            .run(
-                workspace::GUEST_LIST_SCRIPT,
-                Duration::from_secs(10),
-                GUEST_LIMIT,
-            )
-            .await?;
+        let (code, stdout, stderr) = crate::guest::ssh::run(
+            &target,
+            workspace::GUEST_LIST_SCRIPT,
+            Duration::from_secs(10),
+            GUEST_LIMIT,
+        )
+        .await?;
         if code != Some(0) {
             return Err(WorkspaceError::Remote {
                 code,

@@ -109,14 +109,11 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             check_workspace(client, &name, &mut info, auto_prepare).await?;
             let mut remote = command
                 .iter()
-                .map(|arg| banger_core::guest::ssh::shell_quote(arg))
+                .map(|arg| banger_shared::ssh::shell_quote(arg))
                 .collect::<Vec<_>>()
                 .join(" ");
             if let Some(dir) = &info.workdir {
-                remote = format!(
-                    "cd {} && {remote}",
-                    banger_core::guest::ssh::shell_quote(dir)
-                );
+                remote = format!("cd {} && {remote}", banger_shared::ssh::shell_quote(dir));
             }
             let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
             Err(exec_ssh(
@@ -225,7 +222,7 @@ async fn check_workspace(
             let path = workspace::host_path(None, false)?;
             let result = workspace::prepare(client, name, &path, false).await?;
             workspace::print_prepared(name, &result);
-            info.workdir = Some(banger_core::workspace::GUEST_DIR.to_owned());
+            info.workdir = Some(banger_shared::GUEST_WORKSPACE_DIR.to_owned());
         }
         return Ok(());
     }
@@ -252,7 +249,7 @@ async fn check_workspace(
 /// Replaces this process with `ssh` to the guest, so the terminal, signals, stdin/stdout/
 /// stderr and the exit code are the remote command's own. Returns only on failure.
 fn exec_ssh(info: &SshInfo, extra: &[&str], remote: Option<&str>) -> ClientError {
-    let target = banger_core::guest::ssh::SshTarget {
+    let target = banger_shared::ssh::SshTarget {
         host: info.host.clone(),
         port: info.port,
         user: info.user.clone(),
