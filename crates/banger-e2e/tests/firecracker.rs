@@ -1154,7 +1154,8 @@ async fn pause_resume_and_suspend_against_the_fake() {
 }
 
 /// The real banger-helper (root, owner uid 0) for one test: jails under `<dir>/jail`, files
-/// accepted from `<dir>/home` (the Manager's data dir).
+/// accepted from `<dir>/home` (the Manager's data dir), the fake jailer and `install`'s
+/// Firecracker pinned in its configuration, loop records in `<dir>/records`.
 struct JailHelper {
     child: std::process::Child,
     socket: PathBuf,
@@ -1162,7 +1163,7 @@ struct JailHelper {
 }
 
 impl JailHelper {
-    fn start(dir: &Path) -> Self {
+    fn start(dir: &Path, install: &FakeInstall) -> Self {
         let socket = dir.join("helper.sock");
         let base = dir.join("jail");
         let home = dir.join("home");
@@ -1175,6 +1176,12 @@ impl JailHelper {
             .arg(&home)
             .arg("--jail-base")
             .arg(&base)
+            .arg("--jailer")
+            .arg(bin("banger-jailer-fake"))
+            .arg("--firecracker")
+            .arg(install.dir.path().join("firecracker"))
+            .arg("--record-dir")
+            .arg(dir.join("records"))
             .stdin(std::process::Stdio::null())
             .spawn()
             .unwrap();
@@ -1212,7 +1219,7 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 async fn a_jailed_firecracker_runs_the_lifecycle() {
     let install = FakeInstall::new(&[]);
     let dir = short_tmp("bgjl");
-    let helper = JailHelper::start(dir.path());
+    let helper = JailHelper::start(dir.path(), &install);
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
         config.network.mode = NetMode::User;
@@ -1299,7 +1306,7 @@ async fn a_jailed_firecracker_runs_the_lifecycle() {
 async fn a_failed_jailed_start_leaves_no_jail() {
     let install = FakeInstall::new(&[]);
     let dir = short_tmp("bgjl");
-    let helper = JailHelper::start(dir.path());
+    let helper = JailHelper::start(dir.path(), &install);
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
         config.network.mode = NetMode::User;
@@ -1366,7 +1373,7 @@ async fn jailed_vms_reattach_and_are_cleaned_up_however_they_end() {
     // A Firecracker that ignores Ctrl-Alt-Del and SIGTERM: only the kill ends it.
     let install = FakeInstall::new(&["--ctrl-alt-del", "ignore", "--ignore-sigterm"]);
     let dir = short_tmp("bgjl");
-    let helper = JailHelper::start(dir.path());
+    let helper = JailHelper::start(dir.path(), &install);
     let socket = helper.socket.display().to_string();
     let jailed = |config: &mut Config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
