@@ -165,6 +165,20 @@ impl Layout {
     pub fn kernel_dir(&self, digest: &str) -> PathBuf {
         self.kernels_dir().join(digest)
     }
+    /// The build configuration of the kernel with `digest`, when known (built or imported
+    /// with a `config` beside it).
+    pub fn kernel_config(&self, digest: &str) -> PathBuf {
+        self.kernel_dir(digest).join("config")
+    }
+    /// What the kernel with `digest` can boot (JSON `KernelCapabilities`), read once from its
+    /// configuration or ELF file and kept beside it (the directory is content-addressed).
+    pub fn kernel_capabilities(&self, digest: &str) -> PathBuf {
+        self.kernel_dir(digest).join("capabilities.json")
+    }
+    /// Where `banger kernel build` logs the build (make's output).
+    pub fn kernel_build_log(&self) -> PathBuf {
+        self.logs_dir().join("kernel-build.log")
+    }
     /// Raw root filesystem of the image with `digest`.
     pub fn image_rootfs(&self, digest: &str) -> PathBuf {
         self.images_dir().join(digest).join("rootfs.ext4")

@@ -96,6 +96,7 @@ fn spec(dir: &Path, name: &str) -> LaunchSpec {
         net: banger_core::vmm::NetAttach::User { ssh_port: 0 },
         mac: "52:54:00:01:02:03".into(),
         tap: Some("bg-tap-0".into()),
+        devices: banger_core::vmm::DeviceDiscovery::CommandLine,
     }
 }
 

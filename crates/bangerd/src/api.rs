@@ -16,7 +16,8 @@ use banger_core::service::Manager;
 use banger_proto::{
     ApiError, BuildImageRequest, CheckStatus, ConsoleChunk, CreateVmRequest, DaemonStatus,
     DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, Image,
-    ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo, LifecycleResult, NetworkStatus,
+    ImportImageRequest, ImportKernelRequest, Kernel, BuildKernelRequest, KernelBuildProgress,
+    KernelCapabilities, LeaseInfo, LifecycleResult, NetworkStatus,
     OP_ID_HEADER, PrepareProgress, PrepareResult, PrepareWorkspaceRequest, SshConfigRequest,
     SshConfigResult, SshInfo, StopVmRequest, Vm, VmNetwork, VmRuntime, VmSpec, VmState,
     WorkspaceDiff, WorkspaceStatus,
@@ -70,7 +71,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images/{name}", get(get_image).delete(remove_image))
         .route("/v1/kernels", get(list_kernels))
         .route("/v1/kernels/import", post(import_kernel))
-        .route("/v1/kernels/{name}", axum::routing::delete(remove_kernel))
+        .route("/v1/kernels/build", post(build_kernel))
+        .route("/v1/kernels/build/progress", get(kernel_build_progress))
+        .route(
+            "/v1/kernels/{name}",
+            get(get_kernel).delete(remove_kernel),
+        )
         .route("/v1/network", get(network_status))
         .route("/v1/network/down", post(network_down))
         .route("/v1/ssh-config", post(ssh_config))
@@ -527,6 +533,34 @@ async fn import_kernel(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/kernels/build", tag = "images", request_body = BuildKernelRequest,
+    responses((status = 201, body = Kernel), (status = 422, body = ErrorBody)))]
+async fn build_kernel(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<BuildKernelRequest>,
+) -> Result<(StatusCode, Json<Kernel>), HttpError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.manager.build_kernel(request).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/kernels/build/progress", tag = "images",
+    responses((status = 200, description = "The running kernel build (running=false when none)", body = KernelBuildProgress)))]
+async fn kernel_build_progress(State(state): State<AppState>) -> Json<KernelBuildProgress> {
+    Json(state.manager.kernel_build_progress())
+}
+
+#[utoipa::path(get, path = "/v1/kernels/{name}", tag = "images",
+    params(("name" = String, Path, description = "Kernel name")),
+    responses((status = 200, body = Kernel), (status = 404, body = ErrorBody)))]
+async fn get_kernel(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Kernel>, HttpError> {
+    Ok(Json(state.manager.get_kernel(&name).await?))
+}
+
 #[utoipa::path(delete, path = "/v1/kernels/{name}", tag = "images",
     params(("name" = String, Path, description = "Kernel name")),
     responses((status = 204, description = "Removed"),
@@ -570,6 +604,9 @@ async fn remove_kernel(
         build_image,
         list_kernels,
         import_kernel,
+        build_kernel,
+        kernel_build_progress,
+        get_kernel,
         remove_kernel,
         prepare_workspace,
         workspace_status,
@@ -612,6 +649,9 @@ async fn remove_kernel(
         Kernel,
         ImportImageRequest,
         ImportKernelRequest,
+        BuildKernelRequest,
+        KernelBuildProgress,
+        KernelCapabilities,
         BuildImageRequest
     ))
 )]

@@ -16,7 +16,8 @@ use crate::disk::{self, SystemDiskStrategy};
 use crate::guest::ssh::SshTarget;
 use crate::model::{VmRecord, check_transition, has_process};
 use crate::vmm::{
-    Accel, Hypervisor, LaunchSpec, NetAttach, Snapshot, StopTimings, VmProcess, Vmm, accel, cgroup,
+    Accel, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, Snapshot, StopTimings, VmProcess, Vmm,
+    accel, cgroup,
     firecracker, process, stop_sequence,
 };
 use banger_proto::helper::HelperOp;
@@ -386,6 +387,12 @@ impl Manager {
         let kernel_dir = self.layout.kernel_dir(&kernel.digest);
         let kernel_path = kernel_dir.join("vmlinux");
         let initrd = kernel.has_initrd.then(|| kernel_dir.join("initrd.img"));
+        let kernel_caps = self.kernel_capabilities(&kernel).await;
+        let devices = if crate::image::kernel::devices_on_cmdline(&kernel_caps) {
+            DeviceDiscovery::CommandLine
+        } else {
+            DeviceDiscovery::Acpi
+        };
         let strategy = SystemDiskStrategy::from_wire(&record.spec.system_disk)
             .unwrap_or(SystemDiskStrategy::Qcow2);
         let system_disk = match strategy {
@@ -403,6 +410,18 @@ impl Manager {
                     disk.display()
                 )));
             }
+        }
+        if let Vmm::Firecracker(_) = vmm
+            && let Some(why) =
+                crate::image::kernel::firecracker_blocker(&kernel_caps, kernel.has_initrd)
+        {
+            return Err(Error::HostSetup {
+                message: format!(
+                    "cannot start VM {} under Firecracker: kernel {} {why}",
+                    record.name, kernel.name
+                ),
+                hint: "recreate the VM with --vmm qemu, or with an image whose kernel comes from `banger kernel build`".into(),
+            });
         }
         let choice = self.accel_choice(&kernel_path).await?;
         if let Vmm::Firecracker(_) = vmm
@@ -459,6 +478,13 @@ impl Manager {
                 firecracker::BOOT_ARGS,
                 record.name
             ),
+            // A kernel without ACPI gets Firecracker's boot arguments (i8042 probing kept
+            // short, reboot through the keyboard controller).
+            Vmm::Qemu(_) if devices == DeviceDiscovery::CommandLine => format!(
+                "console=ttyS0 root=/dev/vda rw {} banger.hostname={} {net_args}",
+                firecracker::BOOT_ARGS,
+                record.name
+            ),
             Vmm::Qemu(_) => format!(
                 "console=ttyS0 root=/dev/vda rw panic=-1 banger.hostname={} {net_args}",
                 record.name
@@ -497,6 +523,7 @@ impl Manager {
                 (Vmm::Firecracker(_), _) => self.seams.tap.clone(),
                 (Vmm::Qemu(_), _) => None,
             },
+            devices,
         };
         // A suspended VM: a fresh VMM loads the snapshot and resumes it. The snapshot is
         // deleted once a load was tried: after a load the guest's disks move on from it, so

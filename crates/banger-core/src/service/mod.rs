@@ -4,6 +4,7 @@
 
 mod doctor;
 mod images;
+mod kernels;
 mod lifecycle;
 mod network;
 mod workspace;
@@ -72,6 +73,8 @@ pub struct Manager {
     key_lock: tokio::sync::Mutex<()>,
     /// Counters of the workspace prepares running now, by VM name.
     prepares: Mutex<HashMap<String, Arc<crate::workspace::transfer::Progress>>>,
+    /// The running `banger kernel build`'s progress.
+    kernel_build: Mutex<banger_proto::KernelBuildProgress>,
     /// Privileged actions (the root helper); `None` when `network.mode = "user"`.
     host: Option<Arc<dyn HostOps>>,
     helper_socket: std::path::PathBuf,
@@ -140,6 +143,7 @@ impl Manager {
             asset_lock: tokio::sync::Mutex::new(()),
             key_lock: tokio::sync::Mutex::new(()),
             prepares: Mutex::new(HashMap::new()),
+            kernel_build: Mutex::new(banger_proto::KernelBuildProgress::default()),
             host,
             helper_socket,
             net_info: Mutex::new(None),
@@ -381,6 +385,7 @@ impl Manager {
         bridge: bool,
     ) -> Result<Selection, Error> {
         let mut facts = Facts {
+            kernel: Err("not checked".into()),
             firecracker: Err("not checked".into()),
             tap: Err("not checked".into()),
             kvm: Err("not checked".into()),
@@ -400,8 +405,14 @@ impl Manager {
                         .into(),
                 )
             };
-            if facts.firecracker.is_ok() && facts.tap.is_ok() {
-                let kernel = self.find_kernel(&image.kernel)?;
+            let kernel = self.find_kernel(&image.kernel)?;
+            let caps = self.kernel_capabilities(&kernel).await;
+            facts.kernel = match crate::image::kernel::firecracker_blocker(&caps, kernel.has_initrd)
+            {
+                Some(why) => Err(format!("kernel {}, which {why}", kernel.name)),
+                None => Ok(()),
+            };
+            if facts.firecracker.is_ok() && facts.kernel.is_ok() && facts.tap.is_ok() {
                 let path = self.layout.kernel_dir(&kernel.digest).join("vmlinux");
                 let choice = self.accel_choice(&path).await?;
                 facts.kvm = match choice.accel {

@@ -115,6 +115,19 @@ pub struct LaunchSpec {
     pub mac: String,
     /// Host tap device for the NIC (bridge networking); `None` means user-mode networking.
     pub tap: Option<String>,
+    /// How the guest kernel finds its virtio-mmio devices (QEMU declares them either way;
+    /// Firecracker only on the command line).
+    pub devices: DeviceDiscovery,
+}
+
+/// How a kernel finds its virtio-mmio devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceDiscovery {
+    /// Through ACPI tables (Debian's cloud kernel, whose virtio drivers are modules).
+    Acpi,
+    /// From `virtio_mmio.device=` entries on the kernel command line, no ACPI: Firecracker's
+    /// way, and banger's microVM kernel's.
+    CommandLine,
 }
 
 /// Where a memory snapshot lives: the VM state file and the guest memory file.

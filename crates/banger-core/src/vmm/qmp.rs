@@ -22,12 +22,17 @@ fn control_err(path: &Path, message: impl Into<String>) -> VmmError {
 
 /// Runs `command` (e.g. `system_powerdown`, `quit`) on the QMP socket at `path`.
 pub async fn execute(path: &Path, command: &str) -> Result<Value, VmmError> {
-    tokio::time::timeout(QMP_TIMEOUT, execute_inner(path, command))
+    execute_with(path, command, Value::Null).await
+}
+
+/// Runs `command` with `arguments` (an object, or `Null` for none).
+pub async fn execute_with(path: &Path, command: &str, arguments: Value) -> Result<Value, VmmError> {
+    tokio::time::timeout(QMP_TIMEOUT, execute_inner(path, command, arguments))
         .await
         .map_err(|_| control_err(path, format!("{command}: no answer within 5s")))?
 }
 
-async fn execute_inner(path: &Path, command: &str) -> Result<Value, VmmError> {
+async fn execute_inner(path: &Path, command: &str, arguments: Value) -> Result<Value, VmmError> {
     let stream = UnixStream::connect(path)
         .await
         .map_err(|e| control_err(path, e.to_string()))?;
@@ -52,7 +57,11 @@ async fn execute_inner(path: &Path, command: &str) -> Result<Value, VmmError> {
         return Err(control_err(path, "no QMP greeting"));
     }
     for cmd in ["qmp_capabilities", command] {
-        let mut text = json!({ "execute": cmd }).to_string();
+        let mut request = json!({ "execute": cmd });
+        if cmd == command && !arguments.is_null() {
+            request["arguments"] = arguments.clone();
+        }
+        let mut text = request.to_string();
         text.push('\n');
         write
             .write_all(text.as_bytes())

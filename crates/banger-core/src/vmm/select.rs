@@ -35,6 +35,8 @@ pub const CHOICES: [&str; 3] = ["auto", "firecracker", "qemu"];
 pub struct Facts {
     /// The firecracker binary answered `--version` with a supported version.
     pub firecracker: Result<String, String>,
+    /// The image's kernel can boot under Firecracker (its devices on the command line).
+    pub kernel: Result<(), String>,
     /// A tap device can be had for the VM (bridge networking).
     pub tap: Result<(), String>,
     /// KVM really runs guests (checked last: it may need a probe boot).
@@ -63,6 +65,12 @@ pub fn select(requested: &str, facts: &Facts) -> Result<Selection, SelectError> 
             return Some((
                 why.clone(),
                 "install Firecracker (a `firecracker` binary on PATH, or set firecracker.binary in the config file), or use --vmm qemu".into(),
+            ));
+        }
+        if let Err(why) = &facts.kernel {
+            return Some((
+                format!("Firecracker cannot boot {why}"),
+                "use --vmm qemu, or an image whose kernel comes from `banger kernel build`".into(),
             ));
         }
         if let Err(why) = &facts.tap {
@@ -120,6 +128,7 @@ mod tests {
 
     fn facts(fc: bool, tap: bool, kvm: bool) -> Facts {
         Facts {
+            kernel: Ok(()),
             firecracker: if fc {
                 Ok("firecracker 1.7.0".into())
             } else {
@@ -165,5 +174,17 @@ mod tests {
             VmmKind::Qemu
         );
         assert!(select("xen", &facts(true, true, true)).is_err());
+    }
+
+    #[test]
+    fn a_kernel_firecracker_cannot_boot_is_never_picked() {
+        let mut f = facts(true, true, true);
+        f.kernel = Err("kernel default, which cannot find virtio-mmio devices on its command line".into());
+        let s = select("auto", &f).unwrap();
+        assert_eq!(s.kind, VmmKind::Qemu);
+        assert!(s.reason.contains("kernel"), "{}", s.reason);
+        let e = select("firecracker", &f).unwrap_err();
+        assert!(e.message.contains("Firecracker cannot boot"), "{e:?}");
+        assert!(e.hint.contains("--vmm qemu"), "{e:?}");
     }
 }
