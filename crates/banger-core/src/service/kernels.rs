@@ -10,6 +10,7 @@ use tracing::info;
 use super::Manager;
 use crate::Error;
 use crate::image::{self, kernel as microvm};
+use crate::model::VmRecord;
 
 impl Manager {
     /// What the stored `kernel` can boot: read once from its configuration or ELF file, then
@@ -40,6 +41,18 @@ impl Manager {
     pub(super) async fn with_capabilities(&self, mut kernel: Kernel) -> Kernel {
         kernel.capabilities = Some(self.kernel_capabilities(&kernel).await);
         kernel
+    }
+
+    /// Whether the VM's kernel takes its devices on the command line (no ACPI: a guest
+    /// power-off does not end the VMM, a reboot does).
+    pub(super) async fn kernel_takes_devices_on_cmdline(&self, record: &VmRecord) -> bool {
+        let Ok(image) = self.find_image(&record.spec.image) else {
+            return false;
+        };
+        let Ok(kernel) = self.find_kernel(&image.kernel) else {
+            return false;
+        };
+        microvm::devices_on_cmdline(&self.kernel_capabilities(&kernel).await)
     }
 
     /// One stored kernel, with its capabilities.

@@ -924,12 +924,15 @@ impl Manager {
         // 1. What makes data safe: flush the guest's page cache to its disks. Under
         // Firecracker a guest power-off leaves the process running (no ACPI on x86); a
         // reboot ends it (`reboot=k`), so the guest is asked to reboot there.
-        let script = match (force, &vmm) {
+        // Same under QEMU for a kernel without ACPI (devices on its command line).
+        let reboots = match &vmm {
+            Vmm::Firecracker(_) => true,
+            Vmm::Qemu(_) => self.kernel_takes_devices_on_cmdline(record).await,
+        };
+        let script = match (force, reboots) {
             (true, _) => "sync",
-            (false, Vmm::Firecracker(_)) => {
-                "sync && (systemctl reboot --no-block || reboot) >/dev/null 2>&1"
-            }
-            (false, Vmm::Qemu(_)) => {
+            (false, true) => "sync && (systemctl reboot --no-block || reboot) >/dev/null 2>&1",
+            (false, false) => {
                 "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1"
             }
         };

@@ -391,6 +391,13 @@ impl Manager {
             kvm: Err("not checked".into()),
         };
         if requested != "qemu" {
+            let kernel = self.find_kernel(&image.kernel)?;
+            let caps = self.kernel_capabilities(&kernel).await;
+            facts.kernel = match crate::image::kernel::firecracker_blocker(&caps, kernel.has_initrd)
+            {
+                Some(why) => Err(format!("kernel {}, which {why}", kernel.name)),
+                None => Ok(()),
+            };
             facts.firecracker = self
                 .firecracker
                 .version()
@@ -404,13 +411,6 @@ impl Manager {
                     "this VM gets user-mode networking (no root helper answers, or --network user)"
                         .into(),
                 )
-            };
-            let kernel = self.find_kernel(&image.kernel)?;
-            let caps = self.kernel_capabilities(&kernel).await;
-            facts.kernel = match crate::image::kernel::firecracker_blocker(&caps, kernel.has_initrd)
-            {
-                Some(why) => Err(format!("kernel {}, which {why}", kernel.name)),
-                None => Ok(()),
             };
             if facts.firecracker.is_ok() && facts.kernel.is_ok() && facts.tap.is_ok() {
                 let path = self.layout.kernel_dir(&kernel.digest).join("vmlinux");
