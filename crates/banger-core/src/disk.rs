@@ -644,7 +644,9 @@ mod tests {
             eprintln!("SKIP: mkfs.ext4 is not installed");
             return;
         }
-        let real = mkfs_extended_options_help(Path::new("mkfs.ext4")).await.unwrap();
+        let real = mkfs_extended_options_help(Path::new("mkfs.ext4"))
+            .await
+            .unwrap();
         assert!(real.contains("root_owner"), "{real}");
         let old = old_mkfs(dir.path());
         assert!(!mkfs_knows_prezeroed(&old).await);
@@ -652,7 +654,10 @@ mod tests {
         assert!(!options.contains("prezeroed"));
         // The fallback options make a file system the old stand-in (and the real one) accepts.
         let disk = dir.path().join("work.ext4");
-        std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
         let status = std::process::Command::new(&old)
             .args(["-q", "-F", "-t", "ext4", "-E", options])
             .arg(&disk)
@@ -664,6 +669,10 @@ mod tests {
             .arg(&disk)
             .output()
             .unwrap();
-        assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
     }
 }

@@ -60,10 +60,18 @@ fn the_microvm_kernel_boots_to_ssh_with_its_devices_on_the_command_line() {
             .unwrap_or_default()
             .to_owned()
     };
-    assert!(line("microvm").contains("qemu,firecracker"), "{}", ls.stdout);
+    assert!(
+        line("microvm").contains("qemu,firecracker"),
+        "{}",
+        ls.stdout
+    );
     assert!(!line("default").contains("firecracker"), "{}", ls.stdout);
     let show = env.banger(&["kernel", "show", "default"]).ok();
-    assert!(show.stdout.contains("virtio-mmio cmdline"), "{}", show.stdout);
+    assert!(
+        show.stdout.contains("virtio-mmio cmdline"),
+        "{}",
+        show.stdout
+    );
 
     // Firecracker cannot boot Debian's cloud kernel: refused before anything is made.
     let refused = env.banger(&["vm", "create", "fc", "--vmm", "firecracker"]);
@@ -80,7 +88,10 @@ fn the_microvm_kernel_boots_to_ssh_with_its_devices_on_the_command_line() {
     assert_eq!(vms.as_array().map(Vec::len), Some(0), "{vms}");
 
     // The default image's root file system with the microVM kernel.
-    let image = env.banger(&["image", "show", "default", "--json"]).ok().json();
+    let image = env
+        .banger(&["image", "show", "default", "--json"])
+        .ok()
+        .json();
     let rootfs = env
         .home()
         .join("images")
@@ -118,7 +129,10 @@ fn the_microvm_kernel_boots_to_ssh_with_its_devices_on_the_command_line() {
     let cmdline = exec("cat /proc/cmdline");
     assert!(cmdline.contains("virtio_mmio.device="), "{cmdline}");
     assert!(cmdline.contains("root=/dev/vda"), "{cmdline}");
-    assert_eq!(exec("test -d /sys/firmware/acpi && echo acpi || echo none").trim(), "none");
+    assert_eq!(
+        exec("test -d /sys/firmware/acpi && echo acpi || echo none").trim(),
+        "none"
+    );
     assert_eq!(exec("findmnt -n -o SOURCE /root").trim(), "/dev/vdb");
     assert_eq!(exec("findmnt -n -o SOURCE /").trim(), "/dev/vda");
 

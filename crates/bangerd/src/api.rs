@@ -14,10 +14,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
-    ApiError, BuildImageRequest, CheckStatus, ConsoleChunk, CreateVmRequest, DaemonStatus,
-    DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, Image,
-    ImportImageRequest, ImportKernelRequest, Kernel, BuildKernelRequest, KernelBuildProgress,
-    KernelCapabilities, LeaseInfo, LifecycleResult, NetworkStatus,
+    ApiError, BuildImageRequest, BuildKernelRequest, CheckStatus, ConsoleChunk, CreateVmRequest,
+    DaemonStatus, DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult,
+    ExportWorkspaceRequest, Image, ImportImageRequest, ImportKernelRequest, Kernel,
+    KernelBuildProgress, KernelCapabilities, LeaseInfo, LifecycleResult, NetworkStatus,
     OP_ID_HEADER, PrepareProgress, PrepareResult, PrepareWorkspaceRequest, SshConfigRequest,
     SshConfigResult, SshInfo, StopVmRequest, Vm, VmNetwork, VmRuntime, VmSpec, VmState,
     WorkspaceDiff, WorkspaceStatus,
@@ -73,10 +73,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/kernels/import", post(import_kernel))
         .route("/v1/kernels/build", post(build_kernel))
         .route("/v1/kernels/build/progress", get(kernel_build_progress))
-        .route(
-            "/v1/kernels/{name}",
-            get(get_kernel).delete(remove_kernel),
-        )
+        .route("/v1/kernels/{name}", get(get_kernel).delete(remove_kernel))
         .route("/v1/network", get(network_status))
         .route("/v1/network/down", post(network_down))
         .route("/v1/ssh-config", post(ssh_config))

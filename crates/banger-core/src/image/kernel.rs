@@ -254,7 +254,10 @@ mod tests {
     fn the_kernel_recipe_is_embedded_and_apart_from_the_image_recipe() {
         let names: Vec<&str> = GUEST_FILES.iter().map(|f| f.0).collect();
         assert!(names.contains(&BUILD_SCRIPT), "{names:?}");
-        assert!(names.contains(&"microvm-kernel/microvm.config"), "{names:?}");
+        assert!(
+            names.contains(&"microvm-kernel/microvm.config"),
+            "{names:?}"
+        );
         assert!(is_recipe_file(BUILD_SCRIPT) && !is_recipe_file("build-rootfs.sh"));
     }
 }

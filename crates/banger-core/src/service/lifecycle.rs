@@ -16,9 +16,8 @@ use crate::disk::{self, SystemDiskStrategy};
 use crate::guest::ssh::SshTarget;
 use crate::model::{VmRecord, check_transition, has_process};
 use crate::vmm::{
-    Accel, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, Snapshot, StopTimings, VmProcess, Vmm,
-    accel, cgroup,
-    firecracker, process, stop_sequence,
+    Accel, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, Snapshot, StopTimings, VmProcess,
+    Vmm, accel, cgroup, firecracker, process, stop_sequence,
 };
 use banger_proto::helper::HelperOp;
 
@@ -932,9 +931,7 @@ impl Manager {
         let script = match (force, reboots) {
             (true, _) => "sync",
             (false, true) => "sync && (systemctl reboot --no-block || reboot) >/dev/null 2>&1",
-            (false, false) => {
-                "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1"
-            }
+            (false, false) => "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1",
         };
         // Dialled directly: STOP_DIAL then bounds a hung guest (not so through a master).
         let synced = match self.ssh_target(record) {

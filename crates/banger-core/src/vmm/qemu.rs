@@ -414,10 +414,16 @@ mod tests {
     #[test]
     fn a_command_line_kernel_gets_acpi_off_and_a_keyboard_for_ctrl_alt_del() {
         let acpi = Qemu::new("qemu".into()).args(&spec(Accel::Tcg)).join(" ");
-        assert!(acpi.contains("acpi=on") && !acpi.contains("i8042"), "{acpi}");
+        assert!(
+            acpi.contains("acpi=on") && !acpi.contains("i8042"),
+            "{acpi}"
+        );
         let mut cmdline = spec(Accel::Tcg);
         cmdline.devices = DeviceDiscovery::CommandLine;
         let args = Qemu::new("qemu".into()).args(&cmdline).join(" ");
-        assert!(args.contains("acpi=off") && args.contains("-device i8042"), "{args}");
+        assert!(
+            args.contains("acpi=off") && args.contains("-device i8042"),
+            "{args}"
+        );
     }
 }

@@ -179,7 +179,8 @@ mod tests {
     #[test]
     fn a_kernel_firecracker_cannot_boot_is_never_picked() {
         let mut f = facts(true, true, true);
-        f.kernel = Err("kernel default, which cannot find virtio-mmio devices on its command line".into());
+        f.kernel =
+            Err("kernel default, which cannot find virtio-mmio devices on its command line".into());
         let s = select("auto", &f).unwrap();
         assert_eq!(s.kind, VmmKind::Qemu);
         assert!(s.reason.contains("kernel"), "{}", s.reason);

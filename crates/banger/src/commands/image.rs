@@ -232,7 +232,10 @@ fn print_kernel(kernel: &Kernel) {
     let mut pairs = vec![
         ("name", kernel.name.clone()),
         ("digest", kernel.digest.clone()),
-        ("release", kernel.release.clone().unwrap_or_else(|| "-".into())),
+        (
+            "release",
+            kernel.release.clone().unwrap_or_else(|| "-".into()),
+        ),
         ("initrd", yes_no(kernel.has_initrd)),
         ("source", kernel.source.clone()),
         ("created", kernel.created_at.clone()),
