@@ -64,11 +64,17 @@ impl Qemu {
         } else {
             "off"
         };
-        let acpi = match spec.devices {
-            DeviceDiscovery::Acpi => "on",
-            DeviceDiscovery::CommandLine => "off",
+        // Without ACPI the kernel takes its timer interrupt from the legacy PIC and PIT (as
+        // under Firecracker, whose KVM irqchip has both); without them it hangs in boot
+        // ("Failed to register legacy timer interrupt").
+        let machine = match spec.devices {
+            DeviceDiscovery::Acpi => {
+                format!("microvm,isa-serial=on,rtc=on,acpi=on,pic=off,pit={pit}")
+            }
+            DeviceDiscovery::CommandLine => {
+                "microvm,isa-serial=on,rtc=on,acpi=off,pic=on,pit=on".to_owned()
+            }
         };
-        let machine = format!("microvm,isa-serial=on,rtc=on,acpi={acpi},pic=off,pit={pit}");
         // TCG runs all vCPUs of a VM on one host thread (`thread=single`) unless configured
         // otherwise. With one thread per vCPU (MTTCG, QEMU's default), QEMU 7.2 (Debian 12)
         // races when the guest patches kernel code that another vCPU is translating (static
