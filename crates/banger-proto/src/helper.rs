@@ -63,23 +63,23 @@ pub enum HelperOp {
     BindDns,
     /// Routes `~vm` to the gateway on the bridge through systemd-resolved, when it runs.
     RouteDns,
-    /// Gives a file under the owner's state dir back to the owner (files made as root by a
-    /// privileged step). The path is resolved (symlinks followed) and must stay inside.
-    ChownToOwner { path: String },
-    /// Attaches a regular file under the owner's state dir (symlinks resolved, must stay
-    /// inside) to a free loop device, read-only when asked ([`HelperResult::Device`]).
+    /// Attaches a regular file of the owner under the owner's state dir (resolved beneath the
+    /// helper's descriptor of that dir, no symlink or mount point crossed) to a free loop
+    /// device, read-only when asked, and tags the device as this helper's
+    /// ([`HelperResult::Device`]).
     LoopAttach { file: String, read_only: bool },
-    /// Detaches `/dev/loopN`, which must be backed by a file under the owner's state dir and,
-    /// when `file` is given, by that file: a device recorded before a host reboot may back
-    /// another of the owner's files by now, which is then left alone.
+    /// Detaches `/dev/loopN`, which this helper must have attached (its tag and record) and,
+    /// when `file` is given, must still be backed by that file (same device and inode): a
+    /// device recorded before a host reboot may back another file by now, which is then left
+    /// alone.
     LoopDetach {
         device: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         file: Option<String>,
     },
     /// Creates the device-mapper snapshot `name` (`banger-<vm id>`): origin `origin_loop`
-    /// (read-only) with persistent exceptions in `cow_loop`, 4 KiB chunks, both loops backed
-    /// by files under the state dir. The node is given to the owner ([`HelperResult::Device`]).
+    /// (read-only) with persistent exceptions in `cow_loop`, 4 KiB chunks, both loops attached
+    /// by this helper. The node is given to the owner ([`HelperResult::Device`]).
     DmSnapshotCreate {
         name: String,
         origin_loop: String,
@@ -90,16 +90,12 @@ pub enum HelperOp {
     /// Starts a Firecracker VM through the jailer (which must start as root): builds the jail
     /// `<jail base>/<exec file name>/<vm_id>/root` under the helper's own base dir, places
     /// the files there (hard link, or a bind mount across file systems) under the fixed
-    /// in-jail names of [`JailFiles`], and runs `jailer --daemonize` with the helper's owner
-    /// uid/gid ([`HelperResult::Jailed`]). Files must resolve inside the owner's state dir,
-    /// be regular files and belong to the owner; `jailer` and `exec_file` must be root-owned
-    /// regular files nobody else may write.
+    /// in-jail names of [`JailFiles`], and runs the jailer and Firecracker binaries of the
+    /// helper's own configuration (never named by a request) in a new session, with the
+    /// helper's owner uid/gid ([`HelperResult::Jailed`]). Files must resolve beneath the
+    /// owner's state dir, be regular files and belong to the owner.
     SpawnJailed {
         vm_id: String,
-        /// The jailer binary.
-        jailer: String,
-        /// The Firecracker binary the jailer copies into the jail and execs.
-        exec_file: String,
         files: JailFiles,
         cpus: u32,
         memory_mib: u64,
@@ -153,7 +149,6 @@ impl HelperOp {
             Self::CheckAddress { .. } => "check_address",
             Self::BindDns => "bind_dns",
             Self::RouteDns => "route_dns",
-            Self::ChownToOwner { .. } => "chown_to_owner",
             Self::LoopAttach { .. } => "loop_attach",
             Self::LoopDetach { .. } => "loop_detach",
             Self::DmSnapshotCreate { .. } => "dm_snapshot_create",

@@ -222,7 +222,9 @@ pub enum NetworkCommand {
 #[derive(Debug, Subcommand)]
 pub enum HelperCommand {
     /// Write the systemd units (banger-helper@.socket/.service) and say how to enable them;
-    /// with --print, print them instead.
+    /// with --print, print them instead. With --jailer and --firecracker, also the drop-in
+    /// that lets the helper run Firecracker's jailer with those binaries (pinned in the
+    /// helper's command line: the daemon never names what root runs).
     Install {
         /// Print the units on stdout instead of writing them.
         #[arg(long)]
@@ -230,6 +232,14 @@ pub enum HelperCommand {
         /// Where to write the units.
         #[arg(long, default_value = "/etc/systemd/system")]
         unit_dir: std::path::PathBuf,
+        /// Firecracker's jailer (absolute; root-owned, nobody else may write it or a
+        /// directory above it).
+        #[arg(long, requires = "firecracker")]
+        jailer: Option<std::path::PathBuf>,
+        /// The Firecracker binary the jailer runs (same rules; its name contains
+        /// "firecracker").
+        #[arg(long, requires = "jailer")]
+        firecracker: Option<std::path::PathBuf>,
     },
 }
 

@@ -12,6 +12,10 @@ use crate::Error;
 use crate::image::{self, kernel as microvm};
 use crate::model::VmRecord;
 
+/// The guest's own stop for a kernel without ACPI: sync, then reboot (which ends the VMM).
+pub(super) const REBOOT_STOP_SCRIPT: &str =
+    "sync && (systemctl reboot --no-block || reboot) >/dev/null 2>&1";
+
 impl Manager {
     /// What the stored `kernel` can boot: read once from its configuration or ELF file, then
     /// kept beside it (`capabilities.json`; the directory is content-addressed).

@@ -9,6 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+pub use crate::domain::TcgThreads;
+use crate::domain::VmmKind;
+
 use super::{
     Accel, Capabilities, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, VmProcess, VmmError,
     qmp,
@@ -30,12 +33,6 @@ impl Qemu {
         }
     }
 
-    /// Lets TCG run a host thread per vCPU (config `qemu.tcg_threads = "multi"`).
-    pub fn with_multi_threaded_tcg(mut self, multi: bool) -> Self {
-        self.multi_threaded_tcg = multi;
-        self
-    }
-
     /// Chooses the TCG threading for `choice`; `Auto` asks the binary for its version (one
     /// short `--version` run) and takes a thread per vCPU from QEMU 8.1 on.
     pub fn with_tcg_threads(self, choice: TcgThreads) -> Self {
@@ -44,7 +41,10 @@ impl Qemu {
             TcgThreads::Multi => true,
             TcgThreads::Auto => probe_version(&self.binary).is_some_and(mttcg_is_safe),
         };
-        self.with_multi_threaded_tcg(multi)
+        Self {
+            multi_threaded_tcg: multi,
+            ..self
+        }
     }
 
     pub fn binary(&self) -> &Path {
@@ -107,6 +107,17 @@ impl Qemu {
             "-display".into(),
             "none".into(),
             "-no-reboot".into(),
+            // qboot, named: QEMU 10 on Debian ships no `bios-microvm.bin` of its own and falls
+            // back to SeaBIOS's microvm build, which corrupts the DSDT once a VM has five
+            // virtio-mmio devices (the guest spends minutes checksumming a garbage table, or
+            // prints nothing at all). qboot.rom is in QEMU's data dir from 4.2 on.
+            "-bios".into(),
+            "qboot.rom".into(),
+            // seccomp: obsolete system calls and scheduler/resource changes refused. Process
+            // spawning and privilege calls stay allowed: `-daemonize` forks, and QEMU 7.2 and
+            // 10.0 both refuse to start with `spawn=deny` or `elevateprivileges=deny` and it.
+            "-sandbox".into(),
+            "on,resourcecontrol=deny".into(),
             "-kernel".into(),
             spec.kernel.display().to_string(),
         ];
@@ -179,17 +190,6 @@ impl Qemu {
     }
 }
 
-/// How TCG spreads a VM's vCPUs over host threads (config `qemu.tcg_threads`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TcgThreads {
-    /// A thread per vCPU where the QEMU version is known to be safe (8.1 and later), else one.
-    Auto,
-    /// All vCPUs of a VM on one host thread.
-    Single,
-    /// A host thread per vCPU.
-    Multi,
-}
-
 /// A QEMU release, as `--version` prints it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct QemuVersion {
@@ -228,7 +228,12 @@ pub fn probe_version(binary: &Path) -> Option<QemuVersion> {
 }
 
 fn qmp_socket(spec: &LaunchSpec) -> PathBuf {
-    spec.runtime_dir.join("qmp.sock")
+    qmp_socket_in(&spec.runtime_dir)
+}
+
+/// The QMP socket in a VM's runtime directory.
+fn qmp_socket_in(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("qmp.sock")
 }
 
 fn pid_file(spec: &LaunchSpec) -> PathBuf {
@@ -236,17 +241,37 @@ fn pid_file(spec: &LaunchSpec) -> PathBuf {
 }
 
 impl Hypervisor for Qemu {
-    fn name(&self) -> &'static str {
-        "qemu"
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    fn display_name(&self) -> &'static str {
+        "QEMU"
     }
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             needs_tap: false,
             supports_qcow2: true,
+            requires_kvm: false,
             supports_memory_snapshot: false,
             supports_pause: true,
+            cmdline_devices_only: false,
         }
+    }
+
+    /// `-no-reboot` ends QEMU when the guest reboots; `panic=-1` makes a panic a reboot.
+    fn boot_args(&self) -> &'static str {
+        "panic=-1"
+    }
+
+    /// A guest power-off ends QEMU (ACPI).
+    fn guest_stop_script(&self) -> &'static str {
+        "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1"
+    }
+
+    fn control_socket(&self, runtime_dir: &Path) -> PathBuf {
+        qmp_socket_in(runtime_dir)
     }
 
     fn shutdown_signal(&self) -> &'static str {
@@ -270,6 +295,17 @@ impl Hypervisor for Qemu {
                 .map(|l| l.trim_start_matches(&format!("{binary}: ")).to_owned())
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or_else(|| output.status.to_string());
+            // QEMU reports a hostfwd port that another process bound first this way; the
+            // caller picks another port.
+            if let NetAttach::User { ssh_port } = spec.net
+                && message.contains("forwarding")
+            {
+                return Err(VmmError::PortTaken {
+                    binary,
+                    port: ssh_port,
+                    message,
+                });
+            }
             return Err(VmmError::LaunchFailed { binary, message });
         }
         let pid_path = pid_file(spec);
@@ -365,8 +401,22 @@ mod tests {
         let qemu = Qemu::new("qemu".into());
         assert_eq!(accel_arg(&qemu, Accel::Tcg), "tcg,thread=single");
         assert_eq!(accel_arg(&qemu, Accel::Kvm), "kvm");
-        let multi = Qemu::new("qemu".into()).with_multi_threaded_tcg(true);
+        let multi = Qemu::new("qemu".into()).with_tcg_threads(TcgThreads::Multi);
         assert_eq!(accel_arg(&multi, Accel::Tcg), "tcg,thread=multi");
+    }
+
+    #[test]
+    fn the_firmware_is_qboot() {
+        let args = Qemu::new("qemu".into()).args(&spec(Accel::Tcg));
+        let at = args.iter().position(|a| a == "-bios").unwrap();
+        assert_eq!(args[at + 1], "qboot.rom");
+    }
+
+    #[test]
+    fn qemu_runs_under_its_seccomp_sandbox() {
+        let args = Qemu::new("qemu".into()).args(&spec(Accel::Tcg));
+        let at = args.iter().position(|a| a == "-sandbox").unwrap();
+        assert_eq!(args[at + 1], "on,resourcecontrol=deny");
     }
 
     #[test]
@@ -427,9 +477,7 @@ mod tests {
         let mut cmdline = spec(Accel::Tcg);
         cmdline.devices = DeviceDiscovery::CommandLine;
         let args = Qemu::new("qemu".into()).args(&cmdline).join(" ");
-        assert!(
-            args.contains("acpi=off") && args.contains("-device i8042"),
-            "{args}"
-        );
+        assert!(args.contains("acpi=off,pic=on,pit=on"), "{args}");
+        assert!(args.contains("-device i8042"), "{args}");
     }
 }
