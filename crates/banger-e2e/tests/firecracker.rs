@@ -571,7 +571,7 @@ async fn fake_manager_with(
         .unwrap();
     assert!(made.success());
     let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub").unwrap();
+    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub virtio_mmio.device").unwrap();
     manager
         .import_image(ImportImageRequest {
             name: "default".into(),
@@ -745,7 +745,7 @@ async fn dm_manager(
             .success()
     );
     let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub").unwrap();
+    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub virtio_mmio.device").unwrap();
     let image = manager
         .import_image(ImportImageRequest {
             name: "default".into(),

@@ -73,7 +73,17 @@ fn the_microvm_kernel_boots_to_ssh_with_its_devices_on_the_command_line() {
         show.stdout
     );
 
-    // Firecracker cannot boot Debian's cloud kernel: refused before anything is made.
+    // Firecracker cannot boot Debian's cloud kernel: refused before anything is made (the
+    // fake stands in for the binary, so the kernel is the blocker).
+    std::fs::write(
+        env.config_file(),
+        format!(
+            "[firecracker]\nbinary = \"{}\"\n",
+            banger_e2e::bin("banger-fc-fake").display()
+        ),
+    )
+    .unwrap();
+    env.banger(&["daemon", "stop"]).ok();
     let refused = env.banger(&["vm", "create", "fc", "--vmm", "firecracker"]);
     assert_ne!(refused.code, 0, "{}", refused.stdout);
     assert!(

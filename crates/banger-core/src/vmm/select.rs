@@ -36,16 +36,16 @@ pub struct SelectError {
 /// Decides for `requested`.
 pub fn select(requested: VmmChoice, facts: &Facts) -> Result<Selection, SelectError> {
     let firecracker_blocker = || -> Option<(String, String)> {
-        if let Err(why) = &facts.kernel {
-            return Some((
-                format!("Firecracker cannot boot {why}"),
-                "use --vmm qemu, or an image whose kernel comes from `banger kernel build`".into(),
-            ));
-        }
         if let Err(why) = &facts.firecracker {
             return Some((
                 why.clone(),
                 "install Firecracker (a `firecracker` binary on PATH, or set firecracker.binary in the config file), or use --vmm qemu".into(),
+            ));
+        }
+        if let Err(why) = &facts.kernel {
+            return Some((
+                format!("Firecracker cannot boot {why}"),
+                "use --vmm qemu, or an image whose kernel comes from `banger kernel build`".into(),
             ));
         }
         if let Err(why) = &facts.tap {
