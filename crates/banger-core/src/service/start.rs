@@ -15,7 +15,8 @@ use crate::Error;
 use crate::domain::SystemDiskStrategy;
 use crate::model::{VmRecord, VmRuntime};
 use crate::vmm::{
-    Accel, DeviceDiscovery, LaunchSpec, NetAttach, Snapshot, VmBackend, VmProcess, VmmError, accel, cgroup, process,
+    Accel, DeviceDiscovery, LaunchSpec, NetAttach, Snapshot, VmBackend, VmProcess, VmmError, accel,
+    cgroup, process,
 };
 
 /// The guest's static address under QEMU user-mode networking.
