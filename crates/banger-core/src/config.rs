@@ -145,7 +145,7 @@ pub struct ImagesConfig {
     pub mirror: String,
 }
 
-/// Bridge networking.
+/// VM networking.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
@@ -155,6 +155,9 @@ pub struct NetworkConfig {
     pub helper_socket: String,
     /// Taps made ahead of time when the network comes up (default 4).
     pub pool_size: u32,
+    /// Whether a user-mode VM created without `--net` gets outbound network (default true;
+    /// false: such VMs are `isolated`).
+    pub egress: bool,
 }
 
 impl Default for NetworkConfig {
@@ -163,6 +166,7 @@ impl Default for NetworkConfig {
             mode: NetMode::Auto,
             helper_socket: String::new(),
             pool_size: 4,
+            egress: true,
         }
     }
 }

@@ -94,7 +94,11 @@ fn spec(dir: &Path, name: &str) -> LaunchSpec {
         work_disk: vm_dir.join("work.ext4"),
         runtime_dir,
         console_log: vm_dir.join("console.log"),
-        net: banger_core::vmm::NetAttach::User { ssh_port: 0 },
+        net: banger_core::vmm::NetAttach::User {
+            ssh_port: 0,
+            isolated: true,
+            ports: Vec::new(),
+        },
         mac: "52:54:00:01:02:03".into(),
         tap: Some("bg-tap-0".into()),
         devices: banger_core::vmm::DeviceDiscovery::CommandLine,

@@ -69,9 +69,10 @@ struct Args {
     /// [default: /run/banger-helper/owner-<owner>].
     #[arg(long)]
     record_dir: Option<PathBuf>,
-    /// The VMs' subnet; the bridge takes the first address (the gateway).
-    #[arg(long, default_value = "172.30.0.0/24")]
-    subnet: Ipv4Net,
+    /// The owner's VMs' subnet; the owner's bridge takes the first address (the gateway)
+    /// [default: 172.30.<uid mod 256>.0/24].
+    #[arg(long)]
+    subnet: Option<Ipv4Net>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,7 +146,10 @@ fn serve(args: &Args) -> Result<()> {
     if nix::unistd::geteuid().as_raw() != 0 {
         tracing::warn!("not running as root: network operations will fail");
     }
-    let subnet = args.subnet.trunc();
+    let subnet = args
+        .subnet
+        .unwrap_or_else(|| net::default_subnet(owner))
+        .trunc();
     if subnet.prefix_len() > 30 {
         bail!("subnet {subnet} is too small (needs at least a /30)");
     }

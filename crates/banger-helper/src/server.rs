@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use banger_proto::helper::{
-    BRIDGE_NAME, FrameError, HelperErrorCode, HelperInfo, HelperOp, HelperReply, HelperRequest,
-    HelperResult, read_frame,
+    FrameError, HelperErrorCode, HelperInfo, HelperOp, HelperReply, HelperRequest, HelperResult,
+    read_frame,
 };
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg, sockopt};
 use tracing::{error, info, info_span, warn};
@@ -212,7 +212,8 @@ impl Server {
     fn info(&self) -> HelperInfo {
         HelperInfo {
             version: env!("CARGO_PKG_VERSION").into(),
-            bridge: BRIDGE_NAME.into(),
+            owner: self.net.owner,
+            bridge: self.net.bridge(),
             subnet: self.net.subnet.to_string(),
             gateway: self.net.gateway,
             prefix_len: self.net.subnet.prefix_len(),
@@ -229,7 +230,7 @@ impl Server {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         match op {
             HelperOp::Hello => ok(HelperResult::Info(self.info())),
-            HelperOp::NetworkStatus => ok(HelperResult::Status(net::status())),
+            HelperOp::NetworkStatus => ok(HelperResult::Status(net::status(&self.net))),
             HelperOp::NetworkUp { pool_size } => match validate::pool_size(*pool_size) {
                 Err(e) => invalid(e),
                 Ok(size) => match net::up(&self.net, size) {
@@ -237,18 +238,18 @@ impl Server {
                     Err(e) => failed(&display_chain(&e)),
                 },
             },
-            HelperOp::NetworkDown => match net::down() {
+            HelperOp::NetworkDown => match net::down(&self.net) {
                 Ok(()) => ok(HelperResult::Done),
                 Err(e) => failed(&display_chain(&e)),
             },
-            HelperOp::EnsureTap { name } => match validate::tap(name) {
+            HelperOp::EnsureTap { name } => match validate::tap(name, self.net.owner) {
                 Err(e) => invalid(e),
                 Ok(name) => match net::ensure_tap(&self.net, name) {
                     Ok(()) => ok(HelperResult::Done),
                     Err(e) => failed(&display_chain(&e)),
                 },
             },
-            HelperOp::DeleteTap { name } => match validate::tap(name) {
+            HelperOp::DeleteTap { name } => match validate::tap(name, self.net.owner) {
                 Err(e) => invalid(e),
                 Ok(name) => match net::delete_tap(name) {
                     Ok(()) => ok(HelperResult::Done),

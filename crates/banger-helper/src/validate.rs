@@ -13,8 +13,10 @@ use ipnet::Ipv4Net;
 /// Why an argument was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Invalid {
-    #[error("{0:?} is not a banger tap name (bg-tap-N)")]
+    #[error("{0:?} is not a banger tap name (bg<uid>t<N>)")]
     TapName(String),
+    #[error("{name:?} is a tap of uid {owner}, not of this helper's owner")]
+    TapNotOwned { name: String, owner: u32 },
     #[error("{0:?} is not an IPv4 address")]
     Address(String),
     #[error("{addr} is outside the subnet {subnet}")]
@@ -53,11 +55,17 @@ pub enum Invalid {
     DmNotOwned(String),
 }
 
-/// A tap name: `bg-tap-N`.
-pub fn tap(name: &str) -> Result<&str, Invalid> {
-    parse_tap_name(name)
-        .map(|_| name)
-        .ok_or_else(|| Invalid::TapName(name.to_owned()))
+/// A tap name of `owner`'s: `bg<owner>t<N>`. Another owner's tap is refused by name, before
+/// anything looks at the interface.
+pub fn tap(name: &str, owner: u32) -> Result<&str, Invalid> {
+    match parse_tap_name(name) {
+        None => Err(Invalid::TapName(name.to_owned())),
+        Some((o, _)) if o != owner => Err(Invalid::TapNotOwned {
+            name: name.to_owned(),
+            owner: o,
+        }),
+        Some(_) => Ok(name),
+    }
 }
 
 /// An address a guest may hold: inside `subnet`, not its network, gateway or broadcast.
@@ -124,6 +132,16 @@ mod tests {
             guest_address("1.2.3", subnet(), gw),
             Err(Invalid::Address(_))
         ));
+    }
+
+    #[test]
+    fn taps_of_another_owner_are_refused() {
+        assert_eq!(tap("bg1000t3", 1000), Ok("bg1000t3"));
+        assert!(matches!(
+            tap("bg1001t3", 1000),
+            Err(Invalid::TapNotOwned { owner: 1001, .. })
+        ));
+        assert!(matches!(tap("bg-tap-3", 1000), Err(Invalid::TapName(_))));
     }
 
     #[test]

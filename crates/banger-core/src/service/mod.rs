@@ -13,6 +13,7 @@ mod kernels;
 mod logs;
 mod network;
 mod pause;
+mod ports;
 mod reconcile;
 mod rm;
 mod show;
@@ -22,6 +23,8 @@ mod stop;
 mod suspend;
 mod system_disk;
 mod workspace;
+
+pub use ports::{NETDEV_ID, hostfwd};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
