@@ -525,6 +525,7 @@ impl Hypervisor for Firecracker {
             requires_kvm: true,
             supports_memory_snapshot: true,
             supports_pause: true,
+            cmdline_devices_only: true,
         }
     }
 

@@ -103,6 +103,9 @@ pub struct Capabilities {
     pub supports_memory_snapshot: bool,
     /// Can pause and resume the vCPUs.
     pub supports_pause: bool,
+    /// Declares its virtio-mmio devices only on the kernel command line (no ACPI): boots only
+    /// kernels with `virtio_mmio_cmdline` and no need of an initrd it lacks.
+    pub cmdline_devices_only: bool,
 }
 
 /// Everything a backend needs to boot one VM.
@@ -131,6 +134,19 @@ pub struct LaunchSpec {
     pub mac: String,
     /// Host tap device for the NIC (bridge networking); `None` means user-mode networking.
     pub tap: Option<String>,
+    /// How the guest kernel finds its virtio-mmio devices (QEMU declares them either way;
+    /// Firecracker only on the command line).
+    pub devices: DeviceDiscovery,
+}
+
+/// How a kernel finds its virtio-mmio devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceDiscovery {
+    /// Through ACPI tables (Debian's cloud kernel, whose virtio drivers are modules).
+    Acpi,
+    /// From `virtio_mmio.device=` entries on the kernel command line, no ACPI: Firecracker's
+    /// way, and banger's microVM kernel's.
+    CommandLine,
 }
 
 /// Where a memory snapshot lives: the VM state file and the guest memory file.
