@@ -235,7 +235,7 @@ impl Manager {
         // A kernel without ACPI gets Firecracker's boot arguments whatever the backend
         // (i8042 probing kept short, reboot through the keyboard controller).
         let boot_args = match devices {
-            DeviceDiscovery::CommandLine => crate::vmm::firecracker::BOOT_ARGS,
+            DeviceDiscovery::CommandLine => crate::vmm::NO_ACPI_BOOT_ARGS,
             DeviceDiscovery::Acpi => backend.boot_args(),
         };
         // User mode: outbound or isolated, and the published ports (a busy one refuses the

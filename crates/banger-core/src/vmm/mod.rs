@@ -190,6 +190,13 @@ pub enum DiskRefusal {
     Setup { message: String, hint: String },
 }
 
+/// Boot arguments of a kernel that finds its devices on the command line, without ACPI
+/// (Firecracker's guests, and banger's microVM kernel under QEMU): `reboot=k` + `panic=1` so
+/// a guest reboot or panic ends the VMM; the i8042 ones skip probing for devices such a VM
+/// does not have (tens of ms) while keeping the keyboard controller Ctrl-Alt-Del needs.
+pub const NO_ACPI_BOOT_ARGS: &str =
+    "reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
 /// A VMM backend.
 pub trait Hypervisor: Send + Sync {
     /// The kind stored with the VM.
