@@ -711,3 +711,59 @@ fn another_users_helper_cannot_touch_the_owners_jail_or_cgroup() {
     assert!(!victim_jail.exists());
     assert!(!victim_cgroup.exists());
 }
+
+#[test]
+fn another_user_flooding_connections_does_not_starve_the_owner() {
+    let owner = test_user("bangertest");
+    let evil = test_user("bangerevil");
+    let home = home(owner, "bgaf");
+    let helper = helper_for(&home);
+    // The attacker opens connections as fast as it can and holds up to 400 open (never
+    // reading), for 15 s or until the test kills it.
+    let mut flood = Command::new("perl")
+        .args([
+            "-MIO::Socket::UNIX",
+            "-e",
+            "my @s; my $end = time + 15; while (time < $end) { \
+               my $c = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Peer => $ARGV[0]) or next; \
+               push @s, $c; shift @s if @s > 400; }",
+        ])
+        .arg(&helper.socket)
+        .uid(evil)
+        .gid(evil)
+        .spawn()
+        .unwrap();
+    let refusals = || {
+        common::log(&helper)
+            .lines()
+            .filter(|l| l.contains("refused a client that is not the owner"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refusals() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the flood never reached the helper"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Every request of the owner's is served while the flood runs.
+    for i in 0..30 {
+        let reply = request_as(owner, &helper.socket, &HelperOp::Hello);
+        assert!(
+            matches!(reply, HelperReply::Ok { .. }),
+            "request {i}: {reply:?}"
+        );
+    }
+    assert!(
+        flood.try_wait().unwrap().is_none(),
+        "the flood ended before the owner's requests did"
+    );
+    let _ = flood.kill();
+    let _ = flood.wait();
+    assert!(
+        !common::log(&helper).contains("too many connections"),
+        "the attacker's connections counted toward the limit:\n{}",
+        common::log(&helper)
+    );
+}

@@ -601,3 +601,111 @@ fn a_failing_jailer_leaves_no_jail_and_no_firecracker() {
     }
     assert!(!helper.base.join("firecracker").join(&id).exists());
 }
+
+fn mount_tmpfs(source: &str, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", source])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mount tmpfs on {}", dir.display());
+}
+
+fn is_mount_point(dir: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| Path::new(m) == dir)
+}
+
+/// The owner swaps one of the jail's placed names for a symlink to a mount elsewhere, and
+/// mounts something of its own inside the jail (a FUSE mount in the review; a tmpfs here):
+/// `remove_jail` unmounts neither the symlink's target nor the owner's mount (it refuses to
+/// remove the jail while that is there), then removes the jail once it is gone.
+#[test]
+fn remove_jail_unmounts_only_its_own_names_and_follows_no_symlink() {
+    let helper = start_helper(true);
+    let id = vm_id();
+    let files = setup(&helper, &id);
+    let (pid, root) = match request(&helper.socket, spawn_op(&files, &id)) {
+        HelperReply::Ok {
+            result: HelperResult::Jailed { pid, root },
+        } => (pid, PathBuf::from(root)),
+        other => panic!("{other:?}\n{}", common::log(&helper)),
+    };
+    let _guard = KillOnDrop(pid);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_alive(pid) {
+        assert!(Instant::now() < deadline, "still alive");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A mount outside the jail that a redirected unmount would hit.
+    let victim = helper.dir.path().join("victim");
+    mount_tmpfs("bgj-victim", &victim);
+    std::fs::write(victim.join("kept"), "kept").unwrap();
+    let cleanup = scopeguard(&victim);
+    // The placed system disk, once unmounted, swapped for a symlink to the victim.
+    let placed = root.join("system.raw");
+    assert!(is_mount_point(&placed), "system.raw is bind-mounted");
+    let ok = Command::new("umount").arg(&placed).status().unwrap();
+    assert!(ok.success());
+    std::fs::remove_file(&placed).unwrap();
+    std::os::unix::fs::symlink(&victim, &placed).unwrap();
+    // The owner's own mount deep in the jail.
+    let owners = root.join("a/b");
+    mount_tmpfs("bgj-owner", &owners);
+    let _owners_cleanup = scopeguard(&owners);
+
+    refused(
+        request(&helper.socket, HelperOp::RemoveJail { vm_id: id.clone() }),
+        "a mount the helper did not make",
+    );
+    assert!(
+        is_mount_point(&victim),
+        "the symlink's target was unmounted"
+    );
+    assert!(victim.join("kept").is_file());
+    assert!(is_mount_point(&owners), "the owner's mount was unmounted");
+    assert!(helper.base.join("firecracker").join(&id).exists());
+
+    let ok = Command::new("umount").arg(&owners).status().unwrap();
+    assert!(ok.success());
+    let reply = request(&helper.socket, HelperOp::RemoveJail { vm_id: id.clone() });
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    assert!(!helper.base.join("firecracker").join(&id).exists());
+    assert!(
+        is_mount_point(&victim),
+        "the symlink's target was unmounted"
+    );
+    assert!(victim.join("kept").is_file());
+    drop(cleanup);
+}
+
+/// Lazily unmounts `dir` (every mount stacked there) when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        while is_mount_point(&self.0) {
+            if !Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                break;
+            }
+        }
+    }
+}
+
+fn scopeguard(dir: &Path) -> Unmount {
+    Unmount(dir.to_path_buf())
+}
