@@ -21,9 +21,12 @@
 //! a per-owner parent `banger-<owner uid>` that must be root's; a VM cgroup that still exists
 //! when a VM starts (after its stale jail was removed) is refused, never reused.
 //!
-//! Every file placed in the jail is opened once beneath the state dir's descriptor
-//! (`confine`), checked through the descriptor (a regular file, the owner's), and linked or
-//! mounted from that descriptor, so swapping a path component after the check changes nothing.
+//! The jail base is a tmpfs of the helper's own ([`prepare_base`]), so nothing the jailer
+//! makes for the owner there (the jail's device nodes) can be hard-linked out. Every file
+//! placed in the jail is opened once beneath the state dir's descriptor (`confine`), checked
+//! through the descriptor (a regular file, the owner's), and bind-mounted from that
+//! descriptor, so swapping a path component after the check changes nothing. Removal
+//! unmounts only those placements, by their fixed names, following no symlink.
 
 use std::fs::File;
 use std::io::Read;
@@ -88,6 +91,11 @@ pub enum JailError {
     },
     #[error("the jailer failed: {0}")]
     Jailer(String),
+    #[error(
+        "the jail base {base:?} has a mount that is not the helper's own tmpfs ({found}); hint: \
+         unmount it, or pick another --jail-base"
+    )]
+    ForeignBase { base: String, found: String },
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> JailError {
@@ -190,6 +198,77 @@ impl JailConfig {
     pub fn parent_cgroup(&self) -> String {
         format!("banger-{}", self.uid)
     }
+
+    /// The source of the helper's own tmpfs on the jail base, as mountinfo shows it.
+    fn base_source(&self) -> String {
+        format!("banger-jail-{}", self.uid)
+    }
+}
+
+/// The topmost mount on `dir` (the last mountinfo line for it): (fs type, source).
+fn mount_on(dir: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.split(' ').nth(4).map(unescape_mount_path).as_deref() == Some(dir))
+        .filter_map(|l| {
+            let (_, tail) = l.split_once(" - ")?;
+            let mut f = tail.split(' ');
+            Some((f.next()?.to_owned(), f.next()?.to_owned()))
+        })
+        .next_back()
+}
+
+/// Refuses a jail base whose topmost mount is not the helper's own tmpfs: a jail on a file
+/// system shared with a dir the owner can write would let the owner hard-link the jail's
+/// device nodes (`/dev/kvm`, ...) out and keep them after the jail is gone.
+fn own_base(config: &JailConfig) -> Result<(), JailError> {
+    match mount_on(&config.base) {
+        Some((fs, source)) if fs == "tmpfs" && source == config.base_source() => Ok(()),
+        found => Err(JailError::ForeignBase {
+            base: config.base.display().to_string(),
+            found: found.map_or_else(
+                || "no mount".to_owned(),
+                |(fs, source)| format!("{fs} from {source}"),
+            ),
+        }),
+    }
+}
+
+/// Makes the jail base a file system of the helper's own at its start: a tmpfs (`nosuid`,
+/// devices allowed: the jailer makes `/dev/kvm` there; `mode=0711`: nobody lists the VM ids)
+/// on a root-owned dir, or the one an earlier run of the helper left (with its live jails).
+/// A base with any other mount on it is refused. The owner's files are bind-mounted into a
+/// jail (a hard link cannot cross), and no jail node can be hard-linked out of it.
+pub fn prepare_base(config: &JailConfig) -> Result<(), JailError> {
+    let base = &config.base;
+    if !base.is_absolute() {
+        return Err(Invalid::PathShape(base.display().to_string()).into());
+    }
+    std::fs::create_dir_all(base).map_err(io(format!("cannot create {}", base.display())))?;
+    for dir in base.ancestors() {
+        let meta =
+            std::fs::symlink_metadata(dir).map_err(io(format!("cannot stat {}", dir.display())))?;
+        let sticky = meta.permissions().mode() & 0o1000 != 0;
+        if !meta.is_dir() || meta.uid() != 0 || (dir != base && !sticky && !root_controlled(&meta))
+        {
+            return Err(JailError::UnsafeDir(dir.display().to_string()));
+        }
+    }
+    if mount_on(base).is_none() {
+        nix::mount::mount(
+            Some(config.base_source().as_str()),
+            base,
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID,
+            Some("mode=0711,uid=0,gid=0"),
+        )
+        .map_err(|e| JailError::Io {
+            context: format!("cannot mount a tmpfs on the jail base {}", base.display()),
+            source: e.into(),
+        })?;
+        info!(base = %base.display(), "mounted the jail base");
+    }
+    own_base(config)
 }
 
 /// A root-owned regular file nobody else may write, in directories only root may change;
@@ -233,8 +312,8 @@ pub fn chroot_dir(config: &JailConfig, exec_name: &str, vm_id: &str) -> PathBuf 
     config.base.join(exec_name).join(vm_id).join("root")
 }
 
-/// Places the opened `file` at `target`: a hard link when on the same file system, else an
-/// empty file with the source bind-mounted on it.
+/// Places the opened `file` at `target`: a hard link when on the same file system (never, on
+/// the helper's own tmpfs), else an empty file with the source bind-mounted on it.
 fn place(file: &File, target: &Path) -> Result<(), JailError> {
     let source = format!("/proc/self/fd/{}", file.as_raw_fd());
     match nix::unistd::linkat(
@@ -411,17 +490,15 @@ fn check_cgroups(config: &JailConfig, vm_id: &str) -> Result<(), JailError> {
 }
 
 fn build(config: &JailConfig, chroot: &Path, placed: &[(File, &str)]) -> Result<(), JailError> {
-    std::fs::create_dir_all(&config.base)
-        .map_err(io(format!("cannot create {}", config.base.display())))?;
-    std::fs::set_permissions(&config.base, std::fs::Permissions::from_mode(0o755))
-        .map_err(io(format!("cannot chmod {}", config.base.display())))?;
-    // Root builds the jail in it: nobody else may have placed or may swap anything there.
-    let meta = std::fs::symlink_metadata(&config.base)
-        .map_err(io(format!("cannot stat {}", config.base.display())))?;
-    if !meta.is_dir() || meta.uid() != 0 {
-        return Err(JailError::UnsafeDir(config.base.display().to_string()));
-    }
+    // Root builds the jail on its own file system, where nobody else placed anything.
+    own_base(config)?;
     std::fs::create_dir_all(chroot).map_err(io(format!("cannot create {}", chroot.display())))?;
+    // `<exec name>/` and `<vm id>/` stay root's and unlistable (the VM ids are nobody's
+    // business); the owner only passes through to its `root/`.
+    for dir in chroot.ancestors().skip(1).take(2) {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(io(format!("cannot chmod {}", dir.display())))?;
+    }
     for (file, name) in placed {
         place(file, &chroot.join(name.trim_start_matches('/')))?;
     }

@@ -767,3 +767,69 @@ fn another_user_flooding_connections_does_not_starve_the_owner() {
         common::log(&helper)
     );
 }
+
+/// The owner hard-links the device nodes the jailer made for it (`/dev/kvm`, `/dev/net/tun`,
+/// the owner's inside the jail) into its home to keep them after the jail is gone: refused
+/// (EXDEV, the jail is on the helper's own tmpfs), and nothing appears in the home.
+#[test]
+fn the_owner_cannot_hard_link_a_jails_device_nodes_out() {
+    let owner = test_user("bangertest");
+    let home = home(owner, "bgan");
+    let (helper, base, _) = jail_helper_for(&home);
+    let id = format!("{:08x}{:024x}", std::process::id(), 0xde7u32);
+    let reply = request_as(
+        owner,
+        &helper.socket,
+        &HelperOp::SpawnJailed {
+            vm_id: id.clone(),
+            files: vm_files(&home, &id),
+            cpus: 1,
+            memory_mib: 128,
+        },
+    );
+    let (pid, root) = match reply {
+        HelperReply::Ok {
+            result: HelperResult::Jailed { pid, root },
+        } => (pid, PathBuf::from(root)),
+        other => panic!("{other:?}\n{}", common::log(&helper)),
+    };
+    assert!(root.starts_with(&base));
+    let home_dir = home.dir.path().join("home");
+    let mut nodes = 0;
+    for name in ["dev/kvm", "dev/net/tun", "dev/userfaultfd", "dev/urandom"] {
+        let node = root.join(name);
+        let Ok(meta) = std::fs::symlink_metadata(&node) else {
+            continue;
+        };
+        nodes += 1;
+        assert_eq!(meta.uid(), owner, "{name} is the owner's in the jail");
+        let target = home_dir.join(name.replace('/', "-"));
+        let out = Command::new("ln")
+            .arg(&node)
+            .arg(&target)
+            .uid(owner)
+            .gid(owner)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "ln {name} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("Invalid cross-device link"), "{stderr}");
+        assert!(std::fs::symlink_metadata(&target).is_err());
+    }
+    assert!(
+        nodes > 0,
+        "the jailer made no device nodes in {}",
+        root.display()
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "still alive");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let reply = request_as(owner, &helper.socket, &HelperOp::RemoveJail { vm_id: id });
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+}
