@@ -391,6 +391,9 @@ fn another_user_is_refused_and_the_log_stays_short() {
     );
 }
 
+/// A VM id both sides use (ids are not secret).
+const VM_ID: &str = "0123456789abcdef0123456789abcdef";
+
 #[test]
 fn another_users_helper_cannot_touch_the_owners_loops() {
     let owner = test_user("bangertest");
@@ -435,13 +438,52 @@ fn another_users_helper_cannot_touch_the_owners_loops() {
             evil,
             &evil_helper.socket,
             &HelperOp::DmSnapshotCreate {
-                name: "banger-0123456789abcdef0123456789abcdef".into(),
+                name: banger_proto::helper::dm_name(evil, VM_ID),
                 origin_loop: origin.clone(),
                 cow_loop: store.clone(),
             },
         ),
         "not attached by this helper",
     );
+    // ... take the name the owner's VM needs (VM ids are no secret: dm names are host-wide),
+    // over loops of its own, or remove the owner's mapping by its name.
+    let own_origin = device(request_as(
+        evil,
+        &evil_helper.socket,
+        &attach_op(&attacker.state.join("disk.img"), true),
+    ));
+    let own_store = device(request_as(
+        evil,
+        &evil_helper.socket,
+        &attach_op(&attacker.state.join("cow.img"), false),
+    ));
+    let victims_name = banger_proto::helper::dm_name(owner, VM_ID);
+    refused(
+        request_as(
+            evil,
+            &evil_helper.socket,
+            &HelperOp::DmSnapshotCreate {
+                name: victims_name.clone(),
+                origin_loop: own_origin.clone(),
+                cow_loop: own_store.clone(),
+            },
+        ),
+        "not a device-mapper mapping banger made for this owner",
+    );
+    refused(
+        request_as(
+            evil,
+            &evil_helper.socket,
+            &HelperOp::DmRemove {
+                name: victims_name.clone(),
+            },
+        ),
+        "not a device-mapper mapping banger made for this owner",
+    );
+    assert!(!Path::new("/dev/mapper").join(&victims_name).exists());
+    for dev in [&own_origin, &own_store] {
+        detach(evil, &evil_helper, dev);
+    }
     // ... attach the owner's file by its path, or through a hard link in its own state dir
     // (made by root here: protected_hardlinks stops the user).
     refused(
