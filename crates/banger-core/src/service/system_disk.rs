@@ -60,7 +60,9 @@ impl Manager {
                 return Ok(recorded);
             }
         }
-        let name = self.layout.vm_dm_name(&record.id);
+        let name = self
+            .layout
+            .vm_dm_name(nix::unistd::getuid().as_raw(), &record.id);
         let device = std::path::Path::new("/dev/mapper").join(&name);
         if device.exists() {
             return Ok(device);
