@@ -560,6 +560,18 @@ mod tests {
     use super::*;
     use crate::host::RecordingHost;
 
+    #[test]
+    fn the_layouts_dm_name_is_one_the_helper_makes_for_its_owner() {
+        let layout = crate::layout::Layout::from_lookup(|k| {
+            (k == "BANGER_HOME").then(|| std::path::PathBuf::from("/b"))
+        })
+        .unwrap();
+        let id = "0123456789abcdef0123456789abcdef";
+        let name = layout.vm_dm_name(1000, id);
+        assert_eq!(name, banger_proto::helper::dm_name(1000, id));
+        assert_eq!(banger_proto::helper::parse_dm_name(&name), Some((1000, id)));
+    }
+
     /// `debugfs -R "stat PATH"`'s owner line, e.g. "User:     0   Group:     0".
     fn owner_in_image(image: &Path, path: &str) -> (u32, u32) {
         let out = std::process::Command::new(system_tool("debugfs"))

@@ -1216,6 +1216,11 @@ impl Drop for JailHelper {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The jail base is the helper's own tmpfs, which outlives it.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.base)
+            .status();
     }
 }
 
@@ -1224,7 +1229,7 @@ fn mounts_under(dir: &Path) -> Vec<String> {
         .unwrap()
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| Path::new(m).starts_with(dir))
+        .filter(|m| Path::new(m).starts_with(dir) && Path::new(m) != dir)
         .map(str::to_owned)
         .collect()
 }

@@ -132,9 +132,11 @@ impl Layout {
     pub fn vm_system_dm(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("system.dm.json")
     }
-    /// The device-mapper name of the VM's system disk.
-    pub fn vm_dm_name(&self, vm_id: &str) -> String {
-        format!("banger-{vm_id}")
+    /// The device-mapper name of `owner`'s VM's system disk: `banger-<owner uid>-<vm id>`
+    /// (`banger_proto::helper::dm_name`; dm names are host-wide, and the helper makes only its
+    /// owner's).
+    pub fn vm_dm_name(&self, owner: u32, vm_id: &str) -> String {
+        format!("banger-{owner}-{vm_id}")
     }
     /// The VM's work disk (ext4, mounted at /root in the guest).
     pub fn vm_work_disk(&self, vm_id: &str) -> PathBuf {

@@ -183,7 +183,7 @@ impl Manager {
             SystemDiskStrategy::DmSnapshot => {
                 let host = self.disk_host();
                 let op_id = crate::net::current_op_id();
-                let name = self.layout.vm_dm_name(id);
+                let name = self.layout.vm_dm_name(nix::unistd::getuid().as_raw(), id);
                 let cow = self.layout.vm_system_cow(id);
                 let state = self.layout.vm_system_dm(id);
                 let cow_bytes = std::fs::metadata(&base).map(|m| m.len()).unwrap_or(0);
