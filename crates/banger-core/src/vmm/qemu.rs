@@ -47,8 +47,7 @@ impl Qemu {
         } else {
             "off"
         };
-        let machine =
-            format!("microvm,isa-serial=on,rtc=on,acpi=on,pic=off,pit={pit}");
+        let machine = format!("microvm,isa-serial=on,rtc=on,acpi=on,pic=off,pit={pit}");
         // TCG runs all vCPUs of a VM on one host thread (`thread=single`) unless configured
         // otherwise. With one thread per vCPU (MTTCG, QEMU's default), QEMU 7.2 (Debian 12)
         // races when the guest patches kernel code that another vCPU is translating (static

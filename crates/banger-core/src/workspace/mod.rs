@@ -4,7 +4,9 @@
 //! host deleted; the guest scripts for the prepared-state tree, guest-side status and
 //! copy-back live here too.
 
+pub mod extract;
 pub mod fileset;
+pub mod patch;
 pub mod transfer;
 
 pub use fileset::{Entry, Kind, Manifest, Plan, Scan};
@@ -45,6 +47,19 @@ pub enum WorkspaceError {
     /// Export needs a git workspace prepared before.
     #[error("VM {0:?} has no prepared git workspace")]
     NotPrepared(String),
+    /// A guest tar entry that the host does not write (see [`extract`]).
+    #[error("refusing {path:?} from the guest: {why}")]
+    UnsafeEntry { path: String, why: String },
+    /// A guest patch line that could write outside the tree or under `.git` (see [`patch`]).
+    #[error("refusing the guest's patch: line {line}: {why}")]
+    UnsafePatch { line: usize, why: String },
+    /// Guest output over a limit.
+    #[error("refusing the guest's output: {0}")]
+    Refused(String),
+    /// A destination name that the extracted tree cannot take without following a symlink
+    /// or replacing a different kind of file.
+    #[error("{path} {why}")]
+    Conflict { path: String, why: String },
     /// A host file-system operation failed.
     #[error("{context}")]
     Io {
