@@ -289,7 +289,8 @@ async fn logs(client: &Client, name: &VmName, follow: bool) -> Result<u8, Client
                 None::<&()>,
             )
             .await?;
-        let _ = stdout.write_all(chunk.data.as_bytes());
+        // The console is the guest's: control sequences are shown, not sent.
+        let _ = stdout.write_all(crate::output::escape_text(&chunk.data).as_bytes());
         let _ = stdout.flush();
         let more = chunk.next_offset > offset;
         offset = chunk.next_offset;
