@@ -191,6 +191,9 @@ mod tests {
             "before\\x1b]0;pwned\\x07after\nnext\tcol\\u{9b}31m"
         );
         assert_eq!(super::escape_line("a\nb\tc"), "a\\x0ab\\x09c");
-        assert!(matches!(super::escape_line("plain"), std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(
+            super::escape_line("plain"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 }

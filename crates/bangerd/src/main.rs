@@ -4,6 +4,7 @@
 
 mod api;
 mod logging;
+mod private;
 
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
@@ -43,9 +44,16 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<()> {
+    private::restrict_umask();
     let layout = Layout::from_env()?;
     let config = Config::load(layout.config_file())?;
+    create_private_dir(layout.data_dir())?;
     create_private_dir(layout.runtime_dir())?;
+    let uid = nix::unistd::getuid().as_raw();
+    private::enforce(layout.data_dir(), uid)?;
+    if !layout.runtime_dir().starts_with(layout.data_dir()) {
+        private::enforce(layout.runtime_dir(), uid)?;
+    }
     std::fs::create_dir_all(layout.logs_dir())
         .with_context(|| format!("cannot create {}", layout.logs_dir().display()))?;
     logging::init(&layout, &config.daemon.log_level)?;
@@ -78,8 +86,12 @@ fn run() -> Result<()> {
     result
 }
 
-/// Creates `dir` (and parents) readable by the owner only.
+/// Creates `dir` (and parents) readable by the owner only; an existing one is checked by
+/// [`private::enforce`].
 fn create_private_dir(dir: &std::path::Path) -> Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot restrict {}", dir.display()))
