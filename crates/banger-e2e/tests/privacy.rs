@@ -98,7 +98,10 @@ fn another_user_reads_nothing_of_the_owners_data() {
     );
     env.banger(&["vm", "ls"]).ok();
     let leaked = readable_by_evil(&home);
-    assert!(leaked.is_empty(), "readable by {EVIL} after a restart: {leaked:?}");
+    assert!(
+        leaked.is_empty(),
+        "readable by {EVIL} after a restart: {leaked:?}"
+    );
     let mode = std::fs::metadata(&home).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "data dir mode");
     let run = home.join("run");
