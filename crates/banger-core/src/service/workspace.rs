@@ -32,7 +32,7 @@ const GUEST_LIMIT: Duration = Duration::from_secs(600);
 
 impl Manager {
     /// The record of a VM that must be running for `what`.
-    fn running_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
+    pub(super) fn running_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
         let record = self.observed_vm(name)?;
         if record.state != VmState::Running {
             return Err(super::lifecycle::not_running(name, record.state));
@@ -298,14 +298,15 @@ impl Manager {
     }
 }
 
-/// Registers a prepare's counters for `prepare_progress` while it runs.
-struct Running<'a> {
+/// Registers a transfer's counters (a prepare's or a copy's) for `prepare_progress` while
+/// it runs.
+pub(super) struct Running<'a> {
     manager: &'a Manager,
     name: String,
 }
 
 impl<'a> Running<'a> {
-    fn new(manager: &'a Manager, name: &VmName, progress: &Arc<Progress>) -> Self {
+    pub(super) fn new(manager: &'a Manager, name: &VmName, progress: &Arc<Progress>) -> Self {
         manager
             .prepares
             .lock()

@@ -99,6 +99,31 @@ pub fn send(
     channel: Option<&Path>,
     progress: &Arc<Progress>,
 ) -> Result<Sent, WorkspaceError> {
+    send_with(
+        target,
+        root,
+        plan,
+        git,
+        fresh,
+        channel,
+        progress,
+        &receive_script,
+    )
+}
+
+/// [`send`] with the guest script made by `script` from what it must read (`vm cp` runs
+/// its own, built around [`super::read_tar`]).
+#[allow(clippy::too_many_arguments)]
+pub fn send_with(
+    target: &SshTarget,
+    root: &Path,
+    plan: &mut Plan,
+    git: bool,
+    fresh: bool,
+    channel: Option<&Path>,
+    progress: &Arc<Progress>,
+    script: &dyn Fn(&Receive) -> String,
+) -> Result<Sent, WorkspaceError> {
     let deletes = nul_list(plan.delete.iter());
     let (changed, excludes) = if git {
         // A fresh tree index is built from scratch: the list would only be ignored.
@@ -146,7 +171,7 @@ pub fn send(
         .args(target.options())
         .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-T"])
         .arg(&target.host)
-        .arg(receive_script(&receive))
+        .arg(script(&receive))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

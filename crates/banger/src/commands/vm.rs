@@ -132,6 +132,7 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             Err(exec_ssh(&info, &args, None))
         }
         VmCommand::Workspace(command) => workspace::run(client, command).await,
+        VmCommand::Cp { src, dst, json } => super::cp::run(client, &src, &dst, json.json).await,
         VmCommand::Logs { name, follow } => logs(client, &name, follow).await,
         VmCommand::Ls(flag) => {
             let vms: Vec<Vm> = client.call(Method::GET, "/v1/vms", None::<&()>).await?;
