@@ -105,6 +105,20 @@ async fn serve(layout: Layout, config: Config) -> Result<()> {
         .await
         .context("cannot reconcile VM state")?;
     manager.start_network().await;
+    // Console logs stay under their cap, including those a VM wrote while no daemon ran.
+    {
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            let period = std::time::Duration::from_secs(
+                banger_core::service::console_cap::CONSOLE_CHECK_SECS,
+            );
+            loop {
+                let m = manager.clone();
+                let _ = tokio::task::spawn_blocking(move || m.cap_console_logs()).await;
+                tokio::time::sleep(period).await;
+            }
+        });
+    }
 
     // We hold the lock, so a socket file left here is from a daemon that died.
     match std::fs::remove_file(&socket) {

@@ -2,6 +2,7 @@
 //! call one method and render its result; all decisions are made here. VM records live here;
 //! `images` holds the image/kernel store operations and `lifecycle` start/stop/exec.
 
+pub mod console_cap;
 mod cp;
 mod doctor;
 mod images;

@@ -442,16 +442,17 @@ fn export_patch(
 }
 
 /// `export --to`: the guest's changed files through the safe extractor
-/// ([`extract::extract_to_dir`]); the deleted paths are reported, never applied.
+/// ([`extract::stage_for_dir`]); the deleted paths are reported, never applied.
 fn export_files(
     target: &SshTarget,
     base: &str,
     dest: &Path,
 ) -> Result<ExportResult, WorkspaceError> {
-    let (extracted, err) =
-        stream_from_guest(target, &workspace::export_files_script(base), |out| {
-            extract::extract_to_dir(out, dest, &extract::Rules::strict())
-        })?;
+    // Staged while the guest streams; moved into place only once the guest exited 0 too.
+    let (staged, err) = stream_from_guest(target, &workspace::export_files_script(base), |out| {
+        extract::stage_for_dir(out, dest, &extract::Rules::strict())
+    })?;
+    let extracted = staged.install(dest)?;
     let deleted = String::from_utf8_lossy(&err)
         .split_once(&format!("{}\n", workspace::DELETED_MARKER))
         .map(|(_, list)| {

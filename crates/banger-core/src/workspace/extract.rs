@@ -437,13 +437,29 @@ fn place(from: &Path, dest: &Path) -> Result<(), WorkspaceError> {
     Ok(())
 }
 
-/// Extracts a guest tar into `dest` (a directory: created, or merged into) with nothing
-/// written unless all of it is accepted.
-pub fn extract_to_dir(
+/// A guest tar extracted into a private staging directory beside its destination, not yet
+/// in place: [`Staged::install`] moves it; dropping it removes everything.
+#[derive(Debug)]
+pub struct Staged {
+    staging: tempfile::TempDir,
+    pub extracted: Extracted,
+}
+
+impl Staged {
+    /// Moves the staged tree into `dest` (see [`install`]).
+    pub fn install(self, dest: &Path) -> Result<Extracted, WorkspaceError> {
+        install(&self.staging.path().join("tree"), dest)?;
+        Ok(self.extracted)
+    }
+}
+
+/// Extracts a guest tar for directory `dest` (created, or merged into later) into a staging
+/// directory beside it; nothing reaches `dest` until [`Staged::install`].
+pub fn stage_for_dir(
     reader: impl Read,
     dest: &Path,
     rules: &Rules,
-) -> Result<Extracted, WorkspaceError> {
+) -> Result<Staged, WorkspaceError> {
     if let Some(meta) = lstat(dest)?
         && !meta.is_dir()
     {
@@ -465,8 +481,17 @@ pub fn extract_to_dir(
     let staging = staging_for(dest)?;
     let tree = staging.path().join("tree");
     let extracted = extract(reader, &tree, None, rules)?;
-    install(&tree, dest)?;
-    Ok(extracted)
+    Ok(Staged { staging, extracted })
+}
+
+/// Extracts a guest tar into `dest` (a directory: created, or merged into) with nothing
+/// written unless all of it is accepted.
+pub fn extract_to_dir(
+    reader: impl Read,
+    dest: &Path,
+    rules: &Rules,
+) -> Result<Extracted, WorkspaceError> {
+    stage_for_dir(reader, dest, rules)?.install(dest)
 }
 
 #[cfg(test)]
