@@ -118,10 +118,24 @@ pub struct QemuConfig {
     pub binary: String,
     /// "auto" (KVM when a probe shows it works, else TCG), "kvm" or "tcg" (default "auto").
     pub accel: String,
-    /// TCG only: "single" (all vCPUs of a VM on one host thread, the default) or "multi" (a
-    /// thread per vCPU: faster, but QEMU 7.2 can hang a guest that patches its own code; see
+    /// TCG only: "auto" (the default: a thread per vCPU on QEMU 8.1 and later, else one),
+    /// "single" (all vCPUs of a VM on one host thread) or "multi" (a thread per vCPU: faster,
+    /// but QEMU before 8.1 can hang a guest that patches its own code; see
     /// docs/ARCHITECTURE.md, "TCG and guest code patching").
     pub tcg_threads: String,
+}
+
+impl QemuConfig {
+    /// `tcg_threads` as its enum; `None` for a value `validate` refuses.
+    pub fn tcg_threads(&self) -> Option<crate::vmm::qemu::TcgThreads> {
+        use crate::vmm::qemu::TcgThreads;
+        match self.tcg_threads.as_str() {
+            "auto" => Some(TcgThreads::Auto),
+            "single" => Some(TcgThreads::Single),
+            "multi" => Some(TcgThreads::Multi),
+            _ => None,
+        }
+    }
 }
 
 impl Default for QemuConfig {
@@ -129,7 +143,7 @@ impl Default for QemuConfig {
         Self {
             binary: "qemu-system-x86_64".into(),
             accel: "auto".into(),
-            tcg_threads: "single".into(),
+            tcg_threads: "auto".into(),
         }
     }
 }
@@ -238,11 +252,14 @@ impl Config {
                 message: format!("{:?} is not one of auto, kvm, tcg", self.qemu.accel),
             });
         }
-        if !["single", "multi"].contains(&self.qemu.tcg_threads.as_str()) {
+        if self.qemu.tcg_threads().is_none() {
             return Err(ConfigError::Invalid {
                 path: path.into(),
                 key: "qemu.tcg_threads",
-                message: format!("{:?} is not one of single, multi", self.qemu.tcg_threads),
+                message: format!(
+                    "{:?} is not one of auto, single, multi",
+                    self.qemu.tcg_threads
+                ),
             });
         }
         if !crate::vmm::select::CHOICES.contains(&self.defaults.vmm.as_str()) {
@@ -339,8 +356,8 @@ mod tests {
     }
 
     #[test]
-    fn tcg_threads_is_single_unless_multi_is_asked_for() {
-        assert_eq!(Config::default().qemu.tcg_threads, "single");
+    fn tcg_threads_is_auto_unless_asked_for() {
+        assert_eq!(Config::default().qemu.tcg_threads, "auto");
         assert_eq!(
             load("[qemu]\ntcg_threads = \"multi\"\n")
                 .unwrap()
@@ -352,7 +369,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("qemu.tcg_threads") && err.contains("single, multi"),
+            err.contains("qemu.tcg_threads") && err.contains("auto, single, multi"),
             "{err}"
         );
     }

@@ -112,8 +112,12 @@ impl Manager {
         }
         let defaults = config.resolved_defaults(&layout.config_file().display().to_string())?;
         let store = Store::open(&layout.state_db())?;
-        let qemu = Qemu::new(config.qemu.binary.clone().into())
-            .with_multi_threaded_tcg(config.qemu.tcg_threads == "multi");
+        let qemu = Qemu::new(config.qemu.binary.clone().into()).with_tcg_threads(
+            config
+                .qemu
+                .tcg_threads()
+                .unwrap_or(crate::vmm::qemu::TcgThreads::Auto),
+        );
         let mut firecracker = Firecracker::new(config.firecracker.binary.clone().into());
         if !config.firecracker.jailer.is_empty() {
             // The jailer must start as root: the helper runs it, whatever the network mode.

@@ -33,6 +33,17 @@ impl Qemu {
         self
     }
 
+    /// Chooses the TCG threading for `choice`; `Auto` asks the binary for its version (one
+    /// short `--version` run) and takes a thread per vCPU from QEMU 8.1 on.
+    pub fn with_tcg_threads(self, choice: TcgThreads) -> Self {
+        let multi = match choice {
+            TcgThreads::Single => false,
+            TcgThreads::Multi => true,
+            TcgThreads::Auto => probe_version(&self.binary).is_some_and(mttcg_is_safe),
+        };
+        self.with_multi_threaded_tcg(multi)
+    }
+
     pub fn binary(&self) -> &Path {
         &self.binary
     }
@@ -80,6 +91,17 @@ impl Qemu {
             "-display".into(),
             "none".into(),
             "-no-reboot".into(),
+            // qboot, named: QEMU 10 on Debian ships no `bios-microvm.bin` of its own and falls
+            // back to SeaBIOS's microvm build, which corrupts the DSDT once a VM has five
+            // virtio-mmio devices (the guest spends minutes checksumming a garbage table, or
+            // prints nothing at all). qboot.rom is in QEMU's data dir from 4.2 on.
+            "-bios".into(),
+            "qboot.rom".into(),
+            // seccomp: obsolete system calls and scheduler/resource changes refused. Process
+            // spawning and privilege calls stay allowed: `-daemonize` forks, and QEMU 7.2 and
+            // 10.0 both refuse to start with `spawn=deny` or `elevateprivileges=deny` and it.
+            "-sandbox".into(),
+            "on,resourcecontrol=deny".into(),
             "-kernel".into(),
             spec.kernel.display().to_string(),
         ];
@@ -152,6 +174,54 @@ impl Qemu {
         ]);
         args
     }
+}
+
+/// How TCG spreads a VM's vCPUs over host threads (config `qemu.tcg_threads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcgThreads {
+    /// A thread per vCPU where the QEMU version is known to be safe (8.1 and later), else one.
+    Auto,
+    /// All vCPUs of a VM on one host thread.
+    Single,
+    /// A host thread per vCPU.
+    Multi,
+}
+
+/// A QEMU release, as `--version` prints it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct QemuVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// QEMU 8.1 fixed the multi-threaded TCG race with guest code patching (deba78709ae8).
+fn mttcg_is_safe(version: QemuVersion) -> bool {
+    version >= (QemuVersion { major: 8, minor: 1 })
+}
+
+/// Parses "QEMU emulator version 10.0.2 (Debian ...)".
+pub fn parse_version(text: &str) -> Option<QemuVersion> {
+    let rest = text.split("version ").nth(1)?;
+    let mut numbers = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|part| !part.is_empty())
+        .map(str::parse::<u32>);
+    Some(QemuVersion {
+        major: numbers.next()?.ok()?,
+        minor: numbers.next()?.ok()?,
+    })
+}
+
+/// The version `binary --version` reports, or `None` when it does not run or says nothing
+/// parseable.
+pub fn probe_version(binary: &Path) -> Option<QemuVersion> {
+    let output = std::process::Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    parse_version(&String::from_utf8_lossy(&output.stdout))
 }
 
 fn qmp_socket(spec: &LaunchSpec) -> PathBuf {
@@ -284,6 +354,54 @@ mod tests {
         assert_eq!(accel_arg(&qemu, Accel::Kvm), "kvm");
         let multi = Qemu::new("qemu".into()).with_multi_threaded_tcg(true);
         assert_eq!(accel_arg(&multi, Accel::Tcg), "tcg,thread=multi");
+    }
+
+    #[test]
+    fn the_firmware_is_qboot() {
+        let args = Qemu::new("qemu".into()).args(&spec(Accel::Tcg));
+        let at = args.iter().position(|a| a == "-bios").unwrap();
+        assert_eq!(args[at + 1], "qboot.rom");
+    }
+
+    #[test]
+    fn qemu_runs_under_its_seccomp_sandbox() {
+        let args = Qemu::new("qemu".into()).args(&spec(Accel::Tcg));
+        let at = args.iter().position(|a| a == "-sandbox").unwrap();
+        assert_eq!(args[at + 1], "on,resourcecontrol=deny");
+    }
+
+    #[test]
+    fn versions_are_read_from_the_banner() {
+        let v = parse_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright");
+        assert_eq!(
+            v,
+            Some(QemuVersion {
+                major: 10,
+                minor: 0
+            })
+        );
+        let old = parse_version("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)");
+        assert!(!mttcg_is_safe(old.unwrap()));
+        assert!(mttcg_is_safe(v.unwrap()));
+        assert!(mttcg_is_safe(
+            parse_version("QEMU emulator version 8.1.0").unwrap()
+        ));
+        assert!(!mttcg_is_safe(
+            parse_version("QEMU emulator version 8.0.5").unwrap()
+        ));
+        assert_eq!(parse_version("not qemu"), None);
+    }
+
+    #[test]
+    fn explicit_tcg_threads_need_no_probe() {
+        let missing = Path::new("/nonexistent/qemu");
+        let single = Qemu::new(missing.into()).with_tcg_threads(TcgThreads::Single);
+        assert_eq!(accel_arg(&single, Accel::Tcg), "tcg,thread=single");
+        let multi = Qemu::new(missing.into()).with_tcg_threads(TcgThreads::Multi);
+        assert_eq!(accel_arg(&multi, Accel::Tcg), "tcg,thread=multi");
+        // A binary that cannot tell its version gets the safe choice.
+        let auto = Qemu::new(missing.into()).with_tcg_threads(TcgThreads::Auto);
+        assert_eq!(accel_arg(&auto, Accel::Tcg), "tcg,thread=single");
     }
 
     #[test]
