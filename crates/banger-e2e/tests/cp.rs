@@ -63,7 +63,7 @@ fn cp_both_ways_keeps_content_and_modes_and_never_follows() {
 
     // Host → guest: the tree into an existing directory, the big file to a new name.
     let sent = cp(&env, tree.to_str().unwrap(), "dev:/root/");
-    assert_eq!(sent["written"], "/root/", "{sent}");
+    assert_eq!(sent["written"], "/root", "{sent}");
     assert_eq!(guest_listing(&env, "/root/tree"), host_listing(&tree));
     let big = fx.path().join("big.bin");
     let sent = cp(&env, big.to_str().unwrap(), "dev:/root/big-copy.bin");

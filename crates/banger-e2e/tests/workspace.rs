@@ -507,6 +507,12 @@ fn workspace_prepare_resync_export_and_safety() {
 fn export_refuses_or_neuters_a_compromised_guest() {
     let fx = tempfile::tempdir_in("/tmp").unwrap();
     let env = TestEnv::new();
+    // A small console cap, so a guest can flood past it quickly under TCG.
+    std::fs::write(
+        env.config_file(),
+        "[daemon]\nconsole_log_max_bytes = 65536\n",
+    )
+    .unwrap();
     env.build_default_image();
     let repo = fx.path().join("repo");
     std::fs::create_dir(&repo).unwrap();
@@ -683,6 +689,37 @@ fn export_refuses_or_neuters_a_compromised_guest() {
         .filter(|n| n.starts_with(".banger"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+
+    // A guest flooding its console (200 KiB) stays within the cap: the log is cut back.
+    let id = env.banger(&["vm", "show", "dev", "--json"]).ok().json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let console = env.home().join(format!("vms/{id}/console.log"));
+    exec(
+        &env,
+        &[
+            "sh",
+            "-c",
+            "head -c 204800 /dev/zero | tr '\\0' x > /dev/ttyS0",
+        ],
+    )
+    .ok();
+    banger_e2e::poll(
+        Duration::from_secs(60),
+        "console log cut to its cap",
+        || {
+            let len = std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
+            (len <= 65536).then_some(())
+        },
+    );
+    let cut = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        cut.contains("[banger: the console log passed 65536 bytes"),
+        "{cut}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&console).unwrap().mode() & 0o077, 0);
 
     // Guest-chosen names in `status --guest` and the console in `vm logs` are escaped.
     exec(

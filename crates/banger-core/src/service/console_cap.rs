@@ -1,18 +1,19 @@
 //! The serial console logs stay bounded: the VMM appends to the log file (QEMU's file
 //! chardev with `append=on`, Firecracker's stdout opened for appending), and the daemon cuts
-//! a log that passed [`CONSOLE_LOG_CAP`] back to a one-line marker, every
+//! a log that passed `daemon.console_log_max_bytes` (default [`CONSOLE_LOG_CAP`]) back to a one-line marker, every
 //! [`CONSOLE_CHECK_SECS`] and at start. A VM that outlives the daemon writes unchecked until
 //! the next daemon starts and cuts it; `vm logs` readers whose offset passed the new end
-//! start over.
+//! start over. Each check also takes group/other bits off the log (QEMU creates it 0640).
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use tracing::{info, warn};
 
 use super::Manager;
 
-/// Bytes a console log may reach before it is cut.
+/// Bytes a console log may reach before it is cut, unless the config says otherwise.
 pub const CONSOLE_LOG_CAP: u64 = 8 << 20;
 /// How often the daemon checks the console logs of its VMs.
 pub const CONSOLE_CHECK_SECS: u64 = 5;
@@ -28,10 +29,11 @@ impl Manager {
                 return;
             }
         };
+        let cap = self.config.daemon.console_log_max_bytes.max(4096);
         for vm in vms {
             let log = self.layout.vm_console_log(&vm.id);
             for path in [log.with_extension("log.prev"), log] {
-                match cap_file(&path, CONSOLE_LOG_CAP) {
+                match cap_file(&path, cap) {
                     Ok(Some(size)) => {
                         info!(vm = %vm.name, path = %path.display(), size, "console log cut at its cap")
                     }
@@ -50,7 +52,12 @@ pub fn cap_file(path: &Path, cap: u64) -> std::io::Result<Option<u64>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let size = file.metadata()?.len();
+    let meta = file.metadata()?;
+    // QEMU creates its file chardev 0640 whatever the umask: the log is the owner's alone.
+    if meta.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    let size = meta.len();
     if size <= cap {
         return Ok(None);
     }

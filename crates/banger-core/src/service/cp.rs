@@ -125,6 +125,8 @@ fn to_guest(
 /// The guest script of a copy to the guest: an existing directory `dest` receives `name`;
 /// otherwise the tar goes to a fresh directory beside `dest` and `name` is renamed to
 /// `dest` (replacing a file there), so a failed copy leaves nothing half-written.
+/// (`read_tar` uses `p` and `t` before it runs the extraction; this script's own variables
+/// are set again or unused after it.)
 fn place_in_guest_script(dest: &str, name: &str, receive: &Receive) -> String {
     let extract = read_tar(
         receive.channel_token.as_deref(),
@@ -135,8 +137,8 @@ fn place_in_guest_script(dest: &str, name: &str, receive: &Receive) -> String {
         "set -e; d={d}; if [ -d \"$d\" ]; then cd \"$d\"; {extract} else \
          p=$(dirname -- \"$d\"); if [ ! -d \"$p\" ]; then \
          echo \"banger: $p is not a directory in the guest\" >&2; exit 1; fi; \
-         t=$(mktemp -d \"$p/.banger-cp.XXXXXX\"); trap 'rm -rf \"$t\"' EXIT; cd \"$t\"; \
-         {extract} mv -fT -- \"$t\"/{b} \"$d\"; fi"
+         s=$(mktemp -d \"$p/.banger-cp.XXXXXX\"); trap 'rm -rf \"$s\"' EXIT; cd \"$s\"; \
+         {extract} mv -fT -- \"$s\"/{b} \"$d\"; fi"
     )
 }
 
@@ -231,6 +233,56 @@ impl<R: Read> Read for Counted<'_, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The guest script, run here with sh on a tar of `name`: into an existing directory,
+    /// and to a new name (through a temporary directory that is gone afterwards). Without the
+    /// channel device the script reads stdin.
+    #[test]
+    fn the_guest_script_places_the_copy_like_cp_r() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("item/sub")).unwrap();
+        std::fs::write(src.join("item/sub/f"), "x").unwrap();
+        let tar = std::process::Command::new("tar")
+            .arg("-C")
+            .arg(&src)
+            .args(["-cf", "-", "item"])
+            .output()
+            .unwrap()
+            .stdout;
+        let run = |dest: &Path| {
+            let receive = Receive {
+                channel_token: Some("0123abcd".into()),
+                ..Receive::default()
+            };
+            let script = place_in_guest_script(dest.to_str().unwrap(), "item", &receive);
+            let mut child = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&script)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(&tar).unwrap();
+            assert!(child.wait().unwrap().success(), "{script}");
+        };
+        let into = dir.path().join("into");
+        std::fs::create_dir(&into).unwrap();
+        run(&into);
+        assert_eq!(
+            std::fs::read_to_string(into.join("item/sub/f")).unwrap(),
+            "x"
+        );
+        let renamed = dir.path().join("renamed");
+        run(&renamed);
+        assert_eq!(std::fs::read_to_string(renamed.join("sub/f")).unwrap(), "x");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 3, "a temporary directory was left: {left:?}");
+    }
 
     #[test]
     fn guest_paths_name_one_object() {

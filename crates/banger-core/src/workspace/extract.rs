@@ -161,7 +161,10 @@ pub fn extract(
     let mut out = Extracted::default();
     // What each relative path (components joined by `/`) was written as; "" is `tree`.
     let mut kinds: HashMap<Vec<u8>, NodeKind> = HashMap::new();
+    // Directories get their mode at the end (created under the caller's umask).
+    let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
     if strip.is_none() {
+        dir_modes.push((tree.to_path_buf(), DIR_MODE));
         std::fs::create_dir(tree).map_err(WorkspaceError::io(format!(
             "cannot create {}",
             tree.display()
@@ -169,7 +172,6 @@ pub fn extract(
         kinds.insert(Vec::new(), NodeKind::Dir);
         out.root = Some(NodeKind::Dir);
     }
-    let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
     let mut archive = tar::Archive::new(reader);
     let bad_tar = |e: std::io::Error| WorkspaceError::Io {
         context: "cannot read the guest's tar".into(),
