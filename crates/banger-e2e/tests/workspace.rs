@@ -546,7 +546,7 @@ fn export_refuses_or_neuters_a_compromised_guest() {
             &[
                 "sh",
                 "-c",
-                &format!("printf '%s\\n' \"$1\" > /root/case"),
+                "printf '%s\\n' \"$1\" > /root/case",
                 "sh",
                 &script,
             ],
@@ -623,7 +623,7 @@ fn export_refuses_or_neuters_a_compromised_guest() {
     let dest = fx.path().join("out-modes");
     let run = export_to(
         "rm -rf open && : > suid && chmod 4777 suid && mkdir open && chmod 0777 open \
-         && : > open/f && chmod 0666 open/f && /bin/tar -c suid open open/f",
+         && : > open/f && chmod 0666 open/f && /bin/tar -c suid open",
         &dest,
     );
     assert_eq!(run.code, 0, "{}", run.stderr);

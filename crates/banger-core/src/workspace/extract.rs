@@ -503,7 +503,7 @@ mod tests {
 
     /// A tar as a guest could write it: entries (path, type, mode, body or link target),
     /// headers set by hand so nothing is normalised on the way.
-    fn tar(entries: &[(&str, tar::EntryType, u32, &[u8])]) -> Vec<u8> {
+    fn tar(entries: &[Spec]) -> Vec<u8> {
         let mut builder = tar::Builder::new(Vec::new());
         for (path, kind, mode, body) in entries {
             let mut header = tar::Header::new_gnu();
@@ -533,6 +533,9 @@ mod tests {
     }
 
     use tar::EntryType as T;
+
+    /// One tar entry of a test: path, type, mode, body or link target.
+    type Spec<'a> = (&'a str, tar::EntryType, u32, &'a [u8]);
 
     /// Every path under `root`, sorted, as `path kind mode`.
     fn listing(root: &Path) -> Vec<String> {
@@ -567,9 +570,7 @@ mod tests {
         out
     }
 
-    fn run(
-        entries: &[(&str, tar::EntryType, u32, &[u8])],
-    ) -> (tempfile::TempDir, Result<Extracted, WorkspaceError>) {
+    fn run(entries: &[Spec]) -> (tempfile::TempDir, Result<Extracted, WorkspaceError>) {
         let base = tempfile::tempdir().expect("tempdir");
         let dest = base.path().join("out");
         let result = extract_to_dir(tar(entries).as_slice(), &dest, &Rules::strict());
@@ -657,7 +658,7 @@ mod tests {
 
     #[test]
     fn escapes_and_specials_are_refused() {
-        let cases: &[&[(&str, tar::EntryType, u32, &[u8])]] = &[
+        let cases: &[&[Spec]] = &[
             &[("../evil", T::Regular, 0o644, b"x")],
             &[("/tmp/evil", T::Regular, 0o644, b"x")],
             &[("a/../../evil", T::Regular, 0o644, b"x")],
