@@ -13,6 +13,7 @@ use std::time::Duration;
 use banger_proto::{CheckStatus, DoctorCheck, DoctorReport, Image};
 
 use crate::config::Config;
+use crate::domain::AccelMode;
 use crate::layout::Layout;
 use crate::vmm::accel::kvm_ruled_out;
 
@@ -61,7 +62,7 @@ pub async fn run_checks(config: &Config, layout: &Layout) -> DoctorReport {
     let path_var = path_var.as_deref();
     let mut checks = vec![
         check_kvm(
-            &config.qemu.accel,
+            config.qemu.accel,
             Path::new("/dev/kvm"),
             Path::new("/sys/module"),
         ),
@@ -77,9 +78,9 @@ pub async fn run_checks(config: &Config, layout: &Layout) -> DoctorReport {
 
 /// KVM or only TCG. Without usable KVM banger still works (TCG), only slower: `warn`, unless
 /// the config forces KVM, which then cannot start VMs: `fail`.
-pub fn check_kvm(accel: &str, dev_kvm: &Path, sys_module: &Path) -> DoctorCheck {
+pub fn check_kvm(accel: AccelMode, dev_kvm: &Path, sys_module: &Path) -> DoctorCheck {
     const NAME: &str = "kvm";
-    if accel == "tcg" {
+    if accel == AccelMode::Tcg {
         return ok(NAME, "TCG forced by config (qemu.accel = \"tcg\")");
     }
     let Some(why) = kvm_ruled_out(dev_kvm, sys_module) else {
@@ -87,7 +88,7 @@ pub fn check_kvm(accel: &str, dev_kvm: &Path, sys_module: &Path) -> DoctorCheck 
             NAME,
             format!(
                 "KVM device usable{} (a probe boot at first start confirms)",
-                if accel == "kvm" {
+                if accel == AccelMode::Kvm {
                     ", forced by config"
                 } else {
                     ""
@@ -95,7 +96,7 @@ pub fn check_kvm(accel: &str, dev_kvm: &Path, sys_module: &Path) -> DoctorCheck 
             ),
         );
     };
-    if accel == "kvm" {
+    if accel == AccelMode::Kvm {
         return problem(
             NAME,
             CheckStatus::Fail,
@@ -886,23 +887,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("kvm");
         assert_eq!(
-            check_kvm("tcg", &missing, dir.path()).status,
+            check_kvm(AccelMode::Tcg, &missing, dir.path()).status,
             CheckStatus::Ok
         );
-        let auto = check_kvm("auto", &missing, dir.path());
+        let auto = check_kvm(AccelMode::Auto, &missing, dir.path());
         assert_eq!(auto.status, CheckStatus::Warn);
         assert!(auto.detail.contains("TCG"), "{}", auto.detail);
         assert!(auto.fix.unwrap().contains("modprobe"));
         assert_eq!(
-            check_kvm("kvm", &missing, dir.path()).status,
+            check_kvm(AccelMode::Kvm, &missing, dir.path()).status,
             CheckStatus::Fail
         );
 
         let dev = dir.path().join("kvm-dev");
         std::fs::write(&dev, b"").unwrap();
-        assert_eq!(check_kvm("auto", &dev, dir.path()).status, CheckStatus::Ok);
+        assert_eq!(
+            check_kvm(AccelMode::Auto, &dev, dir.path()).status,
+            CheckStatus::Ok
+        );
         std::fs::create_dir(dir.path().join("kvm_pvm")).unwrap();
-        let pvm = check_kvm("auto", &dev, dir.path());
+        let pvm = check_kvm(AccelMode::Auto, &dev, dir.path());
         assert_eq!(pvm.status, CheckStatus::Warn);
         assert!(pvm.detail.contains("PVM"), "{}", pvm.detail);
         assert!(pvm.fix.unwrap().contains("qemu.accel"));

@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use banger_core::config::Config;
+use banger_core::domain::{NetMode, SystemDiskChoice, VmmChoice};
 use banger_core::guest::ssh::SshTarget;
 use banger_core::layout::Layout;
 use banger_core::service::{Manager, Seams};
 use banger_core::vmm::accel::AccelChoice;
 use banger_core::vmm::firecracker::{ApiClient, Firecracker};
 use banger_core::vmm::{
-    Accel, Hypervisor, LaunchSpec, Snapshot, StopTimings, VmProcess, Vmm, VmmError, process,
+    Accel, Hypervisor, LaunchSpec, Snapshot, StopTimings, VmProcess, VmmError, process,
     stop_sequence,
 };
 use banger_e2e::{TestEnv, bin};
@@ -220,7 +221,7 @@ async fn lifecycle_against_the_fake_firecracker() {
     // "reboots" and Firecracker exits, as with `reboot=k`).
     let synced = sync_attempt().await;
     assert!(!synced);
-    let vmm = Vmm::Firecracker(fc.clone());
+    let vmm = fc.clone();
     let how = stop_sequence(&vmm, &process, &spec.vm_id, synced, false, TIMINGS).await;
     assert_eq!(how, "ctrl-alt-del");
     assert!(!process::is_alive(process.pid, &spec.vm_id));
@@ -261,7 +262,7 @@ async fn stop_falls_back_to_quit_then_kill() {
     let mut reaper = Reaper(Vec::new());
     let process = fc.launch(&spec).await.unwrap();
     reaper.0.push((process.pid, spec.vm_id.clone()));
-    let vmm = Vmm::Firecracker(fc);
+    let vmm = fc;
     let how = stop_sequence(
         &vmm,
         &process,
@@ -280,7 +281,7 @@ async fn stop_falls_back_to_quit_then_kill() {
     let spec = self::spec(dir.path(), "hung");
     let process = fc.launch(&spec).await.unwrap();
     reaper.0.push((process.pid, spec.vm_id.clone()));
-    let vmm = Vmm::Firecracker(fc);
+    let vmm = fc;
     let how = stop_sequence(&vmm, &process, &spec.vm_id, false, false, TIMINGS).await;
     assert_eq!(how, "kill");
     assert!(!process::is_alive(process.pid, &spec.vm_id));
@@ -539,7 +540,7 @@ fn open_fake_manager(
     let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
     let mut config = Config::default();
     config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
-    config.defaults.vmm = "firecracker".into();
+    config.defaults.vmm = VmmChoice::Firecracker;
     config.daemon.stop_timeout_secs = 5;
     tweak(&mut config);
     Manager::open(layout, config).unwrap().with_seams(Seams {
@@ -719,8 +720,8 @@ async fn dm_manager(
     let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
     let mut config = Config::default();
     config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
-    config.defaults.vmm = "firecracker".into();
-    config.defaults.system_disk = "dm".into();
+    config.defaults.vmm = VmmChoice::Firecracker;
+    config.defaults.system_disk = SystemDiskChoice::DmSnapshot;
     // No helper answers here, whatever runs on this machine.
     config.network.helper_socket = dir.join("no-helper.sock").display().to_string();
     let manager = Manager::open(layout, config).unwrap().with_seams(Seams {
@@ -1210,7 +1211,7 @@ async fn a_jailed_firecracker_runs_the_lifecycle() {
     let helper = JailHelper::start(dir.path());
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
-        config.network.mode = "user".into();
+        config.network.mode = NetMode::User;
         config.network.helper_socket = helper.socket.display().to_string();
     })
     .await;
@@ -1297,7 +1298,7 @@ async fn a_failed_jailed_start_leaves_no_jail() {
     let helper = JailHelper::start(dir.path());
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
-        config.network.mode = "user".into();
+        config.network.mode = NetMode::User;
         config.network.helper_socket = helper.socket.display().to_string();
     })
     .await;
@@ -1329,7 +1330,7 @@ async fn a_missing_jailer_is_refused_before_anything_is_made() {
     let dir = short_tmp("bgjl");
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = "/nonexistent/jailer".into();
-        config.network.mode = "user".into();
+        config.network.mode = NetMode::User;
     })
     .await;
     let err = manager
@@ -1365,7 +1366,7 @@ async fn jailed_vms_reattach_and_are_cleaned_up_however_they_end() {
     let socket = helper.socket.display().to_string();
     let jailed = |config: &mut Config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
-        config.network.mode = "user".into();
+        config.network.mode = NetMode::User;
         config.network.helper_socket = socket.clone();
     };
     let first = fake_manager_with(&install, dir.path(), jailed).await;

@@ -15,11 +15,16 @@ impl Manager {
         let image = self.store().find_image(name)?;
         checks.push(doctor::default_image_check(name, image.as_ref()));
         checks.push(doctor::firecracker_check(
-            self.firecracker.version().await.map_err(|e| e.to_string()),
+            self.backends
+                .firecracker()
+                .version()
+                .await
+                .map_err(|e| e.to_string()),
         ));
         checks.push(doctor::jailer_check(
             &self.config.firecracker.jailer,
-            self.firecracker
+            self.backends
+                .firecracker()
                 .jailer_path()
                 .map(|p| p.map(|p| p.display().to_string()))
                 .map_err(|e| e.to_string()),

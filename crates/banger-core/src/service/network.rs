@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::Manager;
 use crate::Error;
+use crate::domain::NetMode;
 use crate::host::{HostError, HostReply};
 use crate::net::{self, dns, sshconfig};
 use crate::store::{LeasePool, Store};
@@ -67,17 +68,17 @@ impl Manager {
         &self,
         requested: Option<&str>,
     ) -> Result<Option<LeasePool>, Error> {
-        let mode = requested.unwrap_or(self.config.network.mode.as_str());
+        let mode = match requested {
+            Some(text) => text
+                .parse::<NetMode>()
+                .map_err(|e| Error::InvalidRequest(e.to_string()))?,
+            None => self.config.network.mode,
+        };
         let want = match mode {
-            "user" => return Ok(None),
-            "bridge" => Mode::Bridge,
-            "auto" if self.host.is_none() => return Ok(None),
-            "auto" => Mode::User,
-            other => {
-                return Err(Error::InvalidRequest(format!(
-                    "network {other:?} is not one of bridge, user"
-                )));
-            }
+            NetMode::User => return Ok(None),
+            NetMode::Bridge => Mode::Bridge,
+            NetMode::Auto if self.host.is_none() => return Ok(None),
+            NetMode::Auto => Mode::User,
         };
         let info = match self.helper_info().await {
             Ok(info) => info,
@@ -156,7 +157,9 @@ impl Manager {
             .list_leases()
             .map(|l| !l.is_empty())
             .unwrap_or(false);
-        if !has_leases && self.config.network.mode != "bridge" && self.helper_info().await.is_err()
+        if !has_leases
+            && self.config.network.mode != NetMode::Bridge
+            && self.helper_info().await.is_err()
         {
             return;
         }
@@ -178,7 +181,7 @@ impl Manager {
             })
             .collect();
         let mut status = NetworkStatus {
-            mode: self.config.network.mode.clone(),
+            mode: self.config.network.mode.as_str().into(),
             helper_socket: self.helper_socket.display().to_string(),
             helper: false,
             helper_error: None,
@@ -406,7 +409,7 @@ mod tests {
             dir.path().join("config.toml"),
         );
         let mut config = Config::default();
-        config.network.mode = "user".into();
+        config.network.mode = NetMode::User;
         let manager = Manager::with_host(layout, config.clone(), None, "/x".into()).unwrap();
         assert!(manager.choose_network(None).await.unwrap().is_none());
         assert!(manager.choose_network(Some("bridge")).await.is_err());

@@ -155,7 +155,9 @@ impl RawLease {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use banger_proto::{VmName, VmSpec};
+    use crate::domain::{SystemDiskStrategy, VmmKind};
+    use crate::model::VmSpec;
+    use banger_proto::VmName;
 
     fn pool() -> LeasePool {
         LeasePool {
@@ -172,9 +174,9 @@ mod tests {
                 memory_mib: 256,
                 disk_size_bytes: 1 << 30,
                 image: "default".into(),
-                vmm: "qemu".into(),
+                vmm: VmmKind::Qemu,
                 vmm_reason: "test".into(),
-                system_disk: "qcow2".into(),
+                system_disk: SystemDiskStrategy::Qcow2,
             },
         )
     }

@@ -9,6 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+pub use crate::domain::TcgThreads;
+use crate::domain::VmmKind;
+
 use super::{Accel, Capabilities, Hypervisor, LaunchSpec, NetAttach, VmProcess, VmmError, qmp};
 
 /// The QEMU backend.
@@ -27,12 +30,6 @@ impl Qemu {
         }
     }
 
-    /// Lets TCG run a host thread per vCPU (config `qemu.tcg_threads = "multi"`).
-    pub fn with_multi_threaded_tcg(mut self, multi: bool) -> Self {
-        self.multi_threaded_tcg = multi;
-        self
-    }
-
     /// Chooses the TCG threading for `choice`; `Auto` asks the binary for its version (one
     /// short `--version` run) and takes a thread per vCPU from QEMU 8.1 on.
     pub fn with_tcg_threads(self, choice: TcgThreads) -> Self {
@@ -41,7 +38,10 @@ impl Qemu {
             TcgThreads::Multi => true,
             TcgThreads::Auto => probe_version(&self.binary).is_some_and(mttcg_is_safe),
         };
-        self.with_multi_threaded_tcg(multi)
+        Self {
+            multi_threaded_tcg: multi,
+            ..self
+        }
     }
 
     pub fn binary(&self) -> &Path {
@@ -176,17 +176,6 @@ impl Qemu {
     }
 }
 
-/// How TCG spreads a VM's vCPUs over host threads (config `qemu.tcg_threads`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TcgThreads {
-    /// A thread per vCPU where the QEMU version is known to be safe (8.1 and later), else one.
-    Auto,
-    /// All vCPUs of a VM on one host thread.
-    Single,
-    /// A host thread per vCPU.
-    Multi,
-}
-
 /// A QEMU release, as `--version` prints it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct QemuVersion {
@@ -225,7 +214,12 @@ pub fn probe_version(binary: &Path) -> Option<QemuVersion> {
 }
 
 fn qmp_socket(spec: &LaunchSpec) -> PathBuf {
-    spec.runtime_dir.join("qmp.sock")
+    qmp_socket_in(&spec.runtime_dir)
+}
+
+/// The QMP socket in a VM's runtime directory.
+fn qmp_socket_in(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("qmp.sock")
 }
 
 fn pid_file(spec: &LaunchSpec) -> PathBuf {
@@ -233,17 +227,36 @@ fn pid_file(spec: &LaunchSpec) -> PathBuf {
 }
 
 impl Hypervisor for Qemu {
-    fn name(&self) -> &'static str {
-        "qemu"
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    fn display_name(&self) -> &'static str {
+        "QEMU"
     }
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             needs_tap: false,
             supports_qcow2: true,
+            requires_kvm: false,
             supports_memory_snapshot: false,
             supports_pause: true,
         }
+    }
+
+    /// `-no-reboot` ends QEMU when the guest reboots; `panic=-1` makes a panic a reboot.
+    fn boot_args(&self) -> &'static str {
+        "panic=-1"
+    }
+
+    /// A guest power-off ends QEMU (ACPI).
+    fn guest_stop_script(&self) -> &'static str {
+        "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1"
+    }
+
+    fn control_socket(&self, runtime_dir: &Path) -> PathBuf {
+        qmp_socket_in(runtime_dir)
     }
 
     fn shutdown_signal(&self) -> &'static str {
@@ -267,6 +280,17 @@ impl Hypervisor for Qemu {
                 .map(|l| l.trim_start_matches(&format!("{binary}: ")).to_owned())
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or_else(|| output.status.to_string());
+            // QEMU reports a hostfwd port that another process bound first this way; the
+            // caller picks another port.
+            if let NetAttach::User { ssh_port } = spec.net
+                && message.contains("forwarding")
+            {
+                return Err(VmmError::PortTaken {
+                    binary,
+                    port: ssh_port,
+                    message,
+                });
+            }
             return Err(VmmError::LaunchFailed { binary, message });
         }
         let pid_path = pid_file(spec);
@@ -352,7 +376,7 @@ mod tests {
         let qemu = Qemu::new("qemu".into());
         assert_eq!(accel_arg(&qemu, Accel::Tcg), "tcg,thread=single");
         assert_eq!(accel_arg(&qemu, Accel::Kvm), "kvm");
-        let multi = Qemu::new("qemu".into()).with_multi_threaded_tcg(true);
+        let multi = Qemu::new("qemu".into()).with_tcg_threads(TcgThreads::Multi);
         assert_eq!(accel_arg(&multi, Accel::Tcg), "tcg,thread=multi");
     }
 
