@@ -22,7 +22,7 @@ use tracing::{debug, info};
 
 use super::fileset::{Kind, Plan, exclude_patterns, hex, in_git_dir, open_nofollow};
 use super::{CHANNEL_ABSENT, CHANNEL_READY, Receive, WorkspaceError, receive_script};
-use crate::guest::ssh::SshTarget;
+use crate::guest::ssh::{OUTPUT_CAP, SshTarget};
 
 /// Counters of a running or finished transfer; shared with whoever reports progress.
 #[derive(Debug, Default)]
@@ -191,7 +191,9 @@ pub fn send_with(
             let Some(pipe) = stdout else {
                 return String::new();
             };
-            let mut reader = std::io::BufReader::new(pipe);
+            // The guest is not trusted to be brief: at most OUTPUT_CAP bytes are kept, the
+            // rest is drained so ssh never blocks.
+            let mut reader = std::io::BufReader::new(pipe.take(OUTPUT_CAP));
             if wants_answer {
                 let mut answer = None;
                 let mut line = String::new();
@@ -206,12 +208,14 @@ pub fn send_with(
                 let _ = answer_tx.send(answer);
             }
             let _ = reader.read_to_end(&mut text);
+            let _ = std::io::copy(&mut reader.into_inner().into_inner(), &mut std::io::sink());
             String::from_utf8_lossy(&text).into_owned()
         });
         let stderr = scope.spawn(move || {
             let mut text = Vec::new();
             if let Some(mut pipe) = stderr {
-                let _ = pipe.read_to_end(&mut text);
+                let _ = (&mut pipe).take(OUTPUT_CAP).read_to_end(&mut text);
+                let _ = std::io::copy(&mut pipe, &mut std::io::sink());
             }
             String::from_utf8_lossy(&text).into_owned()
         });
