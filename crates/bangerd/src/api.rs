@@ -14,13 +14,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
-    ApiError, BuildImageRequest, BuildProgress, CheckStatus, ConsoleChunk, CopyDirection, CopyRequest, CopyResult, CreateVmRequest,
-    DaemonStatus, DiskUsage, DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult,
-    ExportWorkspaceRequest, FsUsage, GuestStats, Image, ImportImageRequest, ImportKernelRequest,
-    Kernel, LeaseInfo, LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER,
-    PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress, PrepareResult,
-    PrepareWorkspaceRequest, SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, Vm,
-    VmNetwork, VmRuntime, VmSpec, VmState, VmStats, WorkspaceDiff, WorkspaceStatus,
+    ApiError, BuildImageRequest, BuildProgress, CheckStatus, ConsoleChunk, CopyDirection,
+    CopyRequest, CopyResult, CreateVmRequest, DaemonStatus, DiskUsage, DoctorCheck, DoctorReport,
+    ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, FsUsage, GuestStats, Image,
+    ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo, LifecycleResult, NetCounters,
+    NetworkStatus, OP_ID_HEADER, PortChangeRequest, PortList, PortMapping, PortProto,
+    PrepareProgress, PrepareResult, PrepareWorkspaceRequest, SshConfigRequest, SshConfigResult,
+    SshInfo, StopVmRequest, Vm, VmNetwork, VmRuntime, VmSpec, VmState, VmStats, WorkspaceDiff,
+    WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
