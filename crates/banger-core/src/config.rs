@@ -104,6 +104,9 @@ pub struct DaemonConfig {
     pub start_timeout_secs: u64,
     /// How long `vm stop` waits for the guest to power off before forcing (default 30 s).
     pub stop_timeout_secs: u64,
+    /// Size at which a VM's serial console log is cut back (default 8 MiB); see
+    /// `service::console_cap`.
+    pub console_log_max_bytes: u64,
 }
 
 impl Default for DaemonConfig {
@@ -112,6 +115,7 @@ impl Default for DaemonConfig {
             log_level: "info".into(),
             start_timeout_secs: 300,
             stop_timeout_secs: 30,
+            console_log_max_bytes: crate::service::console_cap::CONSOLE_LOG_CAP,
         }
     }
 }

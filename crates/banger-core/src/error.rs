@@ -133,7 +133,8 @@ impl Error {
                 | WorkspaceError::GitFile(_)
                 | WorkspaceError::UnsafePath(_)
                 | WorkspaceError::NotUtf8(_)
-                | WorkspaceError::NotPrepared(_),
+                | WorkspaceError::NotPrepared(_)
+                | WorkspaceError::Conflict { .. },
             ) => ErrorCode::InvalidRequest,
             Self::Workspace(_) => ErrorCode::OperationFailed,
             Self::Failed(_)
@@ -204,6 +205,17 @@ impl Error {
                 Some("run `banger vm workspace prepare NAME` in a git repository first".into())
             }
             Self::Workspace(WorkspaceError::Changed(_)) => Some("run the prepare again".into()),
+            Self::Workspace(
+                WorkspaceError::UnsafeEntry { .. }
+                | WorkspaceError::UnsafePatch { .. }
+                | WorkspaceError::Refused(_),
+            ) => Some(
+                "nothing was written; the guest may be compromised: inspect it with `banger vm ssh`"
+                    .into(),
+            ),
+            Self::Workspace(WorkspaceError::Conflict { .. }) => {
+                Some("nothing was written; move that path aside or pick another destination".into())
+            }
             Self::Host(HostError::Unreachable { .. }) => Some(
                 "install and start the root helper (`banger helper install`), or use `--network user`"
                     .into(),

@@ -497,3 +497,254 @@ fn workspace_prepare_resync_export_and_safety() {
     );
     sums_match(&env);
 }
+
+/// Finding 3 of the trust review, against a real VM: a compromised guest answers `export`
+/// with a tar (its `tar` replaced) or a patch (its `git diff` replaced) of its choosing. Each
+/// attack is refused with nothing written (no partial output, nothing outside DIR or under
+/// `.git`), or neutered (setuid and 0777 masked). Guest text reaching the terminal (error
+/// messages with guest stderr, `status --guest` paths, `vm logs`) is escaped.
+#[test]
+fn export_refuses_or_neuters_a_compromised_guest() {
+    let fx = tempfile::tempdir_in("/tmp").unwrap();
+    let env = TestEnv::new();
+    // A small console cap, so a guest can flood past it quickly under TCG.
+    std::fs::write(
+        env.config_file(),
+        "[daemon]\nconsole_log_max_bytes = 65536\n",
+    )
+    .unwrap();
+    env.build_default_image();
+    let repo = fx.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    sh(
+        &repo,
+        "git init -q . && echo hello > tracked.txt && git add -A && git commit -qm init",
+    );
+    env.banger(&["vm", "create", "dev"]).ok();
+    env.banger(&["vm", "start", "dev"]).ok();
+    env.banger(&["vm", "workspace", "prepare", "dev", repo.to_str().unwrap()])
+        .ok();
+    let marker = format!("/tmp/banger-pwned-{}", std::process::id());
+    // The compromised guest: its `tar` runs /root/case instead, which writes its own tar
+    // with the real one (GNU tar: -P keeps `..` and absolute names).
+    exec(
+        &env,
+        &[
+            "sh",
+            "-c",
+            "printf '#!/bin/sh\\nexec sh /root/case\\n' > /usr/local/bin/tar \
+             && chmod +x /usr/local/bin/tar && mkdir -p /root/atk",
+        ],
+    )
+    .ok();
+    let outside = fx.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let export_to = |case: &str, dest: &Path| -> Run {
+        let script = format!("cd /root/atk && {case}");
+        exec(
+            &env,
+            &[
+                "sh",
+                "-c",
+                "printf '%s\\n' \"$1\" > /root/case",
+                "sh",
+                &script,
+            ],
+        )
+        .ok();
+        env.banger(&[
+            "vm",
+            "workspace",
+            "export",
+            "dev",
+            "--to",
+            dest.to_str().unwrap(),
+        ])
+    };
+    let refused: &[(&str, String)] = &[
+        (
+            "fsmonitor",
+            format!(
+                "echo ok > good.txt && mkdir -p .git && printf '[core]\\n\\tfsmonitor = \"touch {marker}\"\\n' > .git/config && /bin/tar -c good.txt .git/config"
+            ),
+        ),
+        (
+            "hook",
+            format!(
+                "mkdir -p .git/hooks && printf '#!/bin/sh\\ntouch {marker}\\n' > .git/hooks/pre-commit && chmod +x .git/hooks/pre-commit && /bin/tar -c .git/hooks/pre-commit"
+            ),
+        ),
+        (
+            "uppercase",
+            "mkdir -p sub/.GIT && echo x > sub/.GIT/config && /bin/tar -c sub/.GIT/config".into(),
+        ),
+        (
+            "link-out",
+            format!("ln -sfn {} out && /bin/tar -c out", outside.display()),
+        ),
+        (
+            "dotdot",
+            "echo x > f && /bin/tar -c -P --transform 's,^f$,../escaped,' f".into(),
+        ),
+        (
+            "absolute",
+            format!("echo x > f && /bin/tar -c -P --transform 's,^f$,{marker},' f"),
+        ),
+        (
+            "fifo",
+            "rm -f pipe && mkfifo pipe && /bin/tar -c pipe".into(),
+        ),
+    ];
+    for (name, case) in refused {
+        let dest = fx.path().join(format!("out-{name}"));
+        let run = export_to(case, &dest);
+        assert_ne!(run.code, 0, "{name}: accepted\n{}", run.stdout);
+        assert!(run.stderr.contains("refusing"), "{name}: {}", run.stderr);
+        assert!(
+            !dest.exists(),
+            "{name}: partial output in {}",
+            dest.display()
+        );
+        assert!(!fx.path().join("escaped").exists(), "{name}: wrote outside");
+        assert!(!Path::new(&marker).exists(), "{name}: wrote {marker}");
+    }
+    // A path through a symlink that already exists in DIR on the host.
+    let dest = fx.path().join("out-through");
+    std::fs::create_dir(&dest).unwrap();
+    std::os::unix::fs::symlink(&outside, dest.join("link")).unwrap();
+    let run = export_to(
+        "rm -rf link && mkdir -p link && echo x > link/planted && /bin/tar -c link/planted",
+        &dest,
+    );
+    assert_ne!(run.code, 0, "through a host symlink: accepted");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(&dest).unwrap().count(), 1);
+    // Neutered: setuid and world-writable modes are masked.
+    let dest = fx.path().join("out-modes");
+    let run = export_to(
+        "rm -rf open && : > suid && chmod 4777 suid && mkdir open && chmod 0777 open \
+         && : > open/f && chmod 0666 open/f && /bin/tar -c suid open",
+        &dest,
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&dest.join("suid")), 0o755);
+    assert_eq!(mode(&dest.join("open")), 0o755);
+    assert_eq!(mode(&dest.join("open/f")), 0o644);
+    // Guest stderr in an error reaches the terminal escaped.
+    let dest = fx.path().join("out-esc");
+    let run = export_to("printf 'boom \\033]0;pwned\\007\\n' >&2; exit 3", &dest);
+    assert_ne!(run.code, 0);
+    assert!(!dest.exists(), "a failed guest left {}", dest.display());
+    assert!(!run.stderr.contains('\x1b'), "raw ESC: {:?}", run.stderr);
+    assert!(
+        run.stderr.contains("\\x1b]0;pwned\\x07"),
+        "{:?}",
+        run.stderr
+    );
+    exec(&env, &["rm", "-f", "/usr/local/bin/tar"]).ok();
+
+    // The same guest answers `export --patch` with patches of its choosing (`git diff`
+    // replaced): each is refused, and no patch file is written.
+    exec(
+        &env,
+        &[
+            "sh",
+            "-c",
+            "printf '#!/bin/sh\\nfor a in \"$@\"; do [ \"$a\" = diff ] && exec cat /root/patch; done\\nexec /usr/bin/git \"$@\"\\n' \
+             > /usr/local/bin/git && chmod +x /usr/local/bin/git",
+        ],
+    )
+    .ok();
+    let patches = [
+        "diff --git a/.git/config b/.git/config\nnew file mode 100644\n--- /dev/null\n+++ b/.git/config\n@@ -0,0 +1,2 @@\n+[core]\n+\tfsmonitor = \"touch /tmp/x\"\n",
+        "diff --git a/tracked.txt b/.git/hooks/post-checkout\nsimilarity index 100%\nrename from tracked.txt\nrename to .git/hooks/post-checkout\n",
+        "diff --git a/../outside b/../outside\nnew file mode 100644\n--- /dev/null\n+++ b/../outside\n@@ -0,0 +1 @@\n+x\n",
+        "diff --git a/x b/x\nnew file mode 104755\n--- /dev/null\n+++ b/x\n@@ -0,0 +1 @@\n+x\n",
+    ];
+    for (i, patch) in patches.iter().enumerate() {
+        exec(
+            &env,
+            &["sh", "-c", "printf '%s' \"$1\" > /root/patch", "sh", patch],
+        )
+        .ok();
+        let file = fx.path().join(format!("evil-{i}.patch"));
+        let run = env.banger(&[
+            "vm",
+            "workspace",
+            "export",
+            "dev",
+            "--patch",
+            file.to_str().unwrap(),
+        ]);
+        assert_ne!(run.code, 0, "patch {i} accepted");
+        assert!(run.stderr.contains("refusing"), "{}", run.stderr);
+        assert!(!file.exists(), "patch {i} was written");
+    }
+    exec(&env, &["rm", "-f", "/usr/local/bin/git"]).ok();
+    let leftovers: Vec<_> = std::fs::read_dir(fx.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".banger"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+
+    // A guest flooding its console (200 KiB) stays within the cap: the log is cut back.
+    let id = env.banger(&["vm", "show", "dev", "--json"]).ok().json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let console = env.home().join(format!("vms/{id}/console.log"));
+    exec(
+        &env,
+        &[
+            "sh",
+            "-c",
+            "head -c 204800 /dev/zero | tr '\\0' x > /dev/ttyS0",
+        ],
+    )
+    .ok();
+    // (Read whole: between the cut and its marker line the file is empty for a moment.)
+    banger_e2e::poll(
+        Duration::from_secs(60),
+        "console log cut to its cap",
+        || {
+            let text = std::fs::read(&console).unwrap_or_default();
+            (text.len() <= 65536
+                && String::from_utf8_lossy(&text)
+                    .contains("[banger: the console log passed 65536 bytes"))
+            .then_some(())
+        },
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&console).unwrap().mode() & 0o077, 0);
+
+    // Guest-chosen names in `status --guest` and the console in `vm logs` are escaped.
+    exec(
+        &env,
+        &[
+            "sh",
+            "-c",
+            "printf x > \"/root/repo/evil$(printf '\\033]0;pwned\\007')\" \
+             && printf '\\033]0;pwned-console\\007\\n' > /dev/ttyS0",
+        ],
+    )
+    .ok();
+    let status = env
+        .banger(&["vm", "workspace", "status", "dev", "--guest"])
+        .ok();
+    assert!(!status.stdout.contains('\x1b'), "{:?}", status.stdout);
+    assert!(
+        status.stdout.contains("evil\\x1b]0;pwned\\x07"),
+        "{:?}",
+        status.stdout
+    );
+    let logs = env.banger(&["vm", "logs", "dev"]).ok();
+    assert!(!logs.stdout.contains('\x1b'), "raw ESC in vm logs");
+    assert!(
+        logs.stdout.contains("\\x1b]0;pwned-console\\x07"),
+        "{}",
+        &logs.stdout[logs.stdout.len().saturating_sub(2000)..]
+    );
+}

@@ -649,6 +649,55 @@ pub struct ExportResult {
     pub deleted: Vec<String>,
 }
 
+/// Which way a `vm cp` goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyDirection {
+    /// From `host_path` on the host into `guest_path` in the guest.
+    #[default]
+    ToGuest,
+    /// From `guest_path` in the guest to `host_path` on the host (through the guest-tar
+    /// checks of `workspace export`).
+    FromGuest,
+}
+
+/// `POST /v1/vms/{name}/cp`: copies a file, symlink or directory between the host and the
+/// guest. The destination works like `cp -r`/`docker cp`: an existing directory receives the
+/// source under its own name; otherwise the destination becomes the copy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CopyRequest {
+    pub direction: CopyDirection,
+    /// Absolute host path (source or destination).
+    pub host_path: String,
+    /// Guest path (source or destination); relative paths are under /root.
+    pub guest_path: String,
+}
+
+/// Result of a `vm cp`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CopyResult {
+    /// The path written (host or guest).
+    pub written: String,
+    /// Entries copied (files, directories, symlinks).
+    pub entries: u64,
+    /// File content bytes copied.
+    pub bytes: u64,
+    /// Guest entries not written on the host, with why (first 100): `.git` paths, special
+    /// files, symlinks pointing outside the copy.
+    #[serde(default)]
+    pub skipped: Vec<String>,
+    #[serde(default)]
+    pub skipped_count: u64,
+    /// How the tar reached the guest (to the guest only).
+    #[serde(default)]
+    pub channel: TransferChannel,
+    pub elapsed_ms: u64,
+}
+
 /// `GET /v1/vms/{name}/workspace/progress`: the prepare running now, if any.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -114,6 +114,22 @@ pub enum VmCommand {
     /// Copy a host git repository into the VM (/root/repo), check it, copy changes back.
     #[command(subcommand)]
     Workspace(WorkspaceCommand),
+    /// Copy a file, symlink or directory between the host and a running VM.
+    ///
+    /// Exactly one of SRC and DST is in the VM, written NAME:PATH (a relative PATH is under
+    /// /root; write a host path containing ':' as ./PATH). Like `cp -r`: an existing
+    /// directory receives SRC under its own name, anything else becomes the copy. Modes and
+    /// symlinks are kept; symlinks are never followed. From the VM, the guest is not trusted:
+    /// modes are masked to 0644/0755, and `.git` paths, special files and symlinks pointing
+    /// out of the copy are skipped (and listed); nothing is written unless all of it is.
+    Cp {
+        /// Source: a host path or NAME:PATH.
+        src: String,
+        /// Destination: a host path or NAME:PATH.
+        dst: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Open an interactive shell in a running VM (OpenSSH client).
     Ssh {
         name: VmName,

@@ -27,7 +27,9 @@ fn main() -> ExitCode {
     match run(cli, op_id.clone()) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            eprintln!("banger: {err} [op {op_id}]");
+            // Errors may carry guest stderr: one line, control characters shown.
+            let shown = err.to_string();
+            eprintln!("banger: {} [op {op_id}]", output::escape_line(&shown));
             ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(1))
         }
     }

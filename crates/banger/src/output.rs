@@ -1,6 +1,45 @@
-//! Text rendering for humans: aligned tables and key/value blocks. `--json` bypasses this.
+//! Text rendering for humans: aligned tables and key/value blocks, and the escaping of
+//! guest-controlled text (console, guest paths, guest stderr in errors) so that it reaches
+//! the terminal shown, never as control sequences. `--json` bypasses this (JSON escapes
+//! control characters itself).
+
+use std::borrow::Cow;
 
 use banger_proto::{ByteSize, Vm};
+
+/// `text` with every control character (C0 except newline and tab, DEL, C1) shown as an
+/// escape (`\x1b`, `\u{9b}`) instead of sent; `\r\n` becomes `\n`. For multi-line guest
+/// text such as the serial console.
+pub fn escape_text(text: &str) -> Cow<'_, str> {
+    escape(text, true)
+}
+
+/// Like [`escape_text`] for one line: newlines and tabs are shown too.
+pub fn escape_line(text: &str) -> Cow<'_, str> {
+    escape(text, false)
+}
+
+fn escape(text: &str, multiline: bool) -> Cow<'_, str> {
+    let keep = |c: char| multiline && (c == '\n' || c == '\t');
+    if !text.chars().any(|c| c.is_control() && !keep(c)) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if multiline && c == '\r' && chars.peek() == Some(&'\n') {
+            continue;
+        }
+        if !c.is_control() || keep(c) {
+            out.push(c);
+        } else if (c as u32) < 0x80 {
+            out.push_str(&format!("\\x{:02x}", c as u32));
+        } else {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        }
+    }
+    Cow::Owned(out)
+}
 
 /// Renders rows under a header with columns padded to their widest cell.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -162,6 +201,20 @@ mod tests {
         );
         let shown = super::vm_details(&vm(serde_json::Value::Null));
         assert!(shown.contains("none (cgroup leaf only"), "{shown}");
+    }
+
+    #[test]
+    fn guest_text_reaches_the_terminal_escaped() {
+        let title = "before\x1b]0;pwned\x07after\r\nnext\tcol\u{9b}31m";
+        assert_eq!(
+            super::escape_text(title),
+            "before\\x1b]0;pwned\\x07after\nnext\tcol\\u{9b}31m"
+        );
+        assert_eq!(super::escape_line("a\nb\tc"), "a\\x0ab\\x09c");
+        assert!(matches!(
+            super::escape_line("plain"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 }
 

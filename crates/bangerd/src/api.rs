@@ -15,13 +15,13 @@ use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
     ApiError, BuildImageRequest, BuildKernelRequest, BuildProgress, CheckStatus, ConsoleChunk,
-    CreateVmRequest, DaemonStatus, DiskUsage, DoctorCheck, DoctorReport, ErrorBody, ErrorCode,
-    ExportResult, ExportWorkspaceRequest, FsUsage, GuestStats, Image, ImportImageRequest,
-    ImportKernelRequest, Kernel, KernelBuildProgress, KernelCapabilities, LeaseInfo,
-    LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER, PortChangeRequest, PortList,
-    PortMapping, PortProto, PrepareProgress, PrepareResult, PrepareWorkspaceRequest,
-    SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, Vm, VmNetwork, VmRuntime, VmSpec,
-    VmState, VmStats, WorkspaceDiff, WorkspaceStatus,
+    CopyDirection, CopyRequest, CopyResult, CreateVmRequest, DaemonStatus, DiskUsage, DoctorCheck,
+    DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, FsUsage, GuestStats,
+    Image, ImportImageRequest, ImportKernelRequest, Kernel, KernelBuildProgress,
+    KernelCapabilities, LeaseInfo, LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER,
+    PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress, PrepareResult,
+    PrepareWorkspaceRequest, SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, Vm,
+    VmNetwork, VmRuntime, VmSpec, VmState, VmStats, WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -68,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{name}/workspace/prepare", post(prepare_workspace))
         .route("/v1/vms/{name}/workspace/export", post(export_workspace))
         .route("/v1/vms/{name}/workspace/progress", get(prepare_progress))
+        .route("/v1/vms/{name}/cp", post(copy))
         .route("/v1/images", get(list_images))
         .route("/v1/images/import", post(import_image))
         .route("/v1/images/build", post(build_image))
@@ -519,6 +520,21 @@ async fn export_workspace(
     Ok(Json(state.manager.export_workspace(&name, request).await?))
 }
 
+#[utoipa::path(post, path = "/v1/vms/{name}/cp", tag = "workspace",
+    request_body = CopyRequest,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "Copied; skipped guest entries are listed", body = CopyResult),
+              (status = 400, description = "A bad path, or a destination that would be followed or is of another kind", body = ErrorBody),
+              (status = 409, description = "The VM is not running", body = ErrorBody),
+              (status = 422, description = "The copy failed or the guest's tar was refused; nothing was written", body = ErrorBody)))]
+async fn copy(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<CopyRequest>,
+) -> Result<Json<CopyResult>, HttpError> {
+    Ok(Json(state.manager.copy(&name, request).await?))
+}
+
 #[utoipa::path(get, path = "/v1/images", tag = "images",
     responses((status = 200, body = [Image])))]
 async fn list_images(State(state): State<AppState>) -> Result<Json<Vec<Image>>, HttpError> {
@@ -679,6 +695,7 @@ async fn remove_kernel(
         workspace_status,
         export_workspace,
         prepare_progress,
+        copy,
         network_status,
         network_down,
         ssh_config
@@ -696,6 +713,9 @@ async fn remove_kernel(
         WorkspaceDiff,
         ExportWorkspaceRequest,
         ExportResult,
+        CopyRequest,
+        CopyResult,
+        CopyDirection,
         Vm,
         VmSpec,
         VmState,

@@ -4,6 +4,7 @@
 
 mod api;
 mod logging;
+mod private;
 
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
@@ -65,9 +66,16 @@ fn add_sbin_to_path() {
 }
 
 fn run() -> Result<()> {
+    private::restrict_umask();
     let layout = Layout::from_env()?;
     let config = Config::load(layout.config_file())?;
+    create_private_dir(layout.data_dir())?;
     create_private_dir(layout.runtime_dir())?;
+    let uid = nix::unistd::getuid().as_raw();
+    private::enforce(layout.data_dir(), uid)?;
+    if !layout.runtime_dir().starts_with(layout.data_dir()) {
+        private::enforce(layout.runtime_dir(), uid)?;
+    }
     std::fs::create_dir_all(layout.logs_dir())
         .with_context(|| format!("cannot create {}", layout.logs_dir().display()))?;
     logging::init(&layout, &config.daemon.log_level)?;
@@ -100,8 +108,12 @@ fn run() -> Result<()> {
     result
 }
 
-/// Creates `dir` (and parents) readable by the owner only.
+/// Creates `dir` (and parents) readable by the owner only; an existing one is checked by
+/// [`private::enforce`].
 fn create_private_dir(dir: &std::path::Path) -> Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot restrict {}", dir.display()))
@@ -115,6 +127,20 @@ async fn serve(layout: Layout, config: Config) -> Result<()> {
         .await
         .context("cannot reconcile VM state")?;
     manager.start_network().await;
+    // Console logs stay under their cap, including those a VM wrote while no daemon ran.
+    {
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            let period = std::time::Duration::from_secs(
+                banger_core::service::console_cap::CONSOLE_CHECK_SECS,
+            );
+            loop {
+                let m = manager.clone();
+                let _ = tokio::task::spawn_blocking(move || m.cap_console_logs()).await;
+                tokio::time::sleep(period).await;
+            }
+        });
+    }
 
     // We hold the lock, so a socket file left here is from a daemon that died.
     match std::fs::remove_file(&socket) {

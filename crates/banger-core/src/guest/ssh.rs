@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 
 /// Why an SSH step failed.
@@ -32,7 +32,8 @@ pub enum SshError {
 pub use banger_shared::ssh::{CIPHERS, SshTarget, shell_quote};
 
 /// Runs `script` in the guest (non-interactive), bounded by `connect` for the dial and
-/// `limit` overall. Returns (exit status, stdout, stderr).
+/// `limit` overall. Returns (exit status, stdout, stderr); each keeps at most
+/// [`OUTPUT_CAP`] bytes (the guest is not trusted to be brief), invalid UTF-8 replaced.
 pub async fn run(
     target: &SshTarget,
     script: &str,
@@ -53,17 +54,10 @@ pub async fn run(
                 source: e,
             },
         })?;
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
     let work = async {
-        let mut out = String::new();
-        let mut err = String::new();
-        if let Some(s) = stdout.as_mut() {
-            let _ = s.read_to_string(&mut out).await;
-        }
-        if let Some(s) = stderr.as_mut() {
-            let _ = s.read_to_string(&mut err).await;
-        }
+        let (out, err) = tokio::join!(read_capped(stdout), read_capped(stderr));
         let status = child.wait().await;
         (status, out, err)
     };
@@ -151,4 +145,19 @@ pub async fn ensure_key(path: &Path, comment: &str) -> Result<String, SshError> 
             context: format!("cannot read {}", public.display()),
             source,
         })
+}
+
+/// Bytes of one guest output stream that [`run`] keeps; the rest is read and dropped so the
+/// guest never blocks on a full pipe.
+pub const OUTPUT_CAP: u64 = 16 << 20;
+
+/// Reads `pipe` to its end, keeping the first [`OUTPUT_CAP`] bytes.
+async fn read_capped(pipe: Option<impl AsyncRead + Unpin>) -> String {
+    let Some(mut pipe) = pipe else {
+        return String::new();
+    };
+    let mut kept = Vec::new();
+    let _ = (&mut pipe).take(OUTPUT_CAP).read_to_end(&mut kept).await;
+    let _ = tokio::io::copy(&mut pipe, &mut tokio::io::sink()).await;
+    String::from_utf8_lossy(&kept).into_owned()
 }

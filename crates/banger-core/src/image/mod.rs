@@ -299,16 +299,24 @@ pub async fn run_script(
     let log_err = log_file
         .try_clone()
         .map_err(io_err(format!("cannot open {}", log.display())))?;
-    let status = Command::new("bash")
+    let mut command = Command::new("bash");
+    command
         .arg(script)
         .args(args)
         .stdin(Stdio::null())
         .stdout(log_file)
         .stderr(log_err)
-        .kill_on_drop(true)
-        .status()
-        .await
-        .map_err(io_err("cannot run bash"))?;
+        .kill_on_drop(true);
+    // The daemon runs with umask 077 (its files are private); the image's files must get
+    // the usual modes, so the build scripts run with 022.
+    // SAFETY: umask is async-signal-safe and touches only the child's own mask.
+    unsafe {
+        command.pre_exec(|| {
+            nix::libc::umask(0o022);
+            Ok(())
+        });
+    }
+    let status = command.status().await.map_err(io_err("cannot run bash"))?;
     if status.success() {
         return Ok(());
     }

@@ -1,11 +1,13 @@
 //! [`Manager`]: one method per daemon operation. Transports (the HTTP server) only parse,
 //! call one method and render its result; all decisions are made here. One file per verb:
 //! `create`, `start`, `stop`, `pause` (and resume), `suspend`, `reconcile` (daemon start),
-//! `rm`, `show` (ls/show), `ssh` (ssh/exec), `logs`, `workspace`, `images`, `network`,
+//! `rm`, `show` (ls/show), `ssh` (ssh/exec), `logs`, `workspace`, `cp`, `images`, `network`,
 //! `doctor`; `backend` says which VMM serves a VM and `system_disk` holds the dm disk's host
 //! side. This file holds the Manager, the per-VM lock and the record's state transitions.
 
 mod backend;
+pub mod console_cap;
+mod cp;
 mod create;
 mod doctor;
 mod images;

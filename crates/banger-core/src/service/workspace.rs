@@ -3,6 +3,8 @@
 //! export (the guest's changes since prepare as a patch or files), and the git identity that
 //! reaches the guest at start.
 
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use crate::model::VmRecord;
 use crate::store::WorkspaceRecord;
 use crate::workspace::fileset::{self, Diff, Kind, Manifest};
 use crate::workspace::transfer::{self, Progress};
-use crate::workspace::{self, GUEST_DIR, WorkspaceError};
+use crate::workspace::{self, GUEST_DIR, WorkspaceError, extract, patch};
 
 /// Paths listed per category in a status.
 const LIST_LIMIT: usize = 100;
@@ -30,7 +32,7 @@ const GUEST_LIMIT: Duration = Duration::from_secs(600);
 
 impl Manager {
     /// The record of a VM that must be running for `what`.
-    fn running_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
+    pub(super) fn running_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
         let record = self.observed_vm(name)?;
         if record.state != VmState::Running {
             return Err(super::not_running(name, record.state));
@@ -246,63 +248,9 @@ impl Manager {
         let target = self.ssh_target(&record)?;
         let result = tokio::task::spawn_blocking(move || {
             if as_patch {
-                let (out, _) = capture(&target, &workspace::export_patch_script(&base))?;
-                std::fs::write(&dest, &out).map_err(WorkspaceError::io(format!(
-                    "cannot write {}",
-                    dest.display()
-                )))?;
-                Ok::<_, WorkspaceError>(ExportResult {
-                    written: dest.display().to_string(),
-                    bytes: out.len() as u64,
-                    files: 0,
-                    deleted: Vec::new(),
-                })
+                export_patch(&target, &base, &dest)
             } else {
-                let (out, err) = capture(&target, &workspace::export_files_script(&base))?;
-                std::fs::create_dir_all(&dest).map_err(WorkspaceError::io(format!(
-                    "cannot create {}",
-                    dest.display()
-                )))?;
-                let mut archive = tar::Archive::new(out.as_slice());
-                archive.set_preserve_permissions(true);
-                let (mut files, mut bytes) = (0u64, 0u64);
-                let entries = archive
-                    .entries()
-                    .map_err(WorkspaceError::io("cannot read the guest's tar"))?;
-                for entry in entries {
-                    let mut entry =
-                        entry.map_err(WorkspaceError::io("cannot read the guest's tar"))?;
-                    bytes += entry.size();
-                    // unpack_in refuses paths that would leave `dest`.
-                    let inside = entry.unpack_in(&dest).map_err(WorkspaceError::io(format!(
-                        "cannot write into {}",
-                        dest.display()
-                    )))?;
-                    if !inside {
-                        return Err(WorkspaceError::UnsafePath(
-                            entry
-                                .path()
-                                .map(|p| p.display().to_string())
-                                .unwrap_or_default(),
-                        ));
-                    }
-                    files += 1;
-                }
-                let deleted = String::from_utf8_lossy(&err)
-                    .split_once(&format!("{}\n", workspace::DELETED_MARKER))
-                    .map(|(_, list)| {
-                        list.split('\0')
-                            .filter(|s| !s.is_empty())
-                            .map(str::to_owned)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                Ok(ExportResult {
-                    written: dest.display().to_string(),
-                    bytes,
-                    files,
-                    deleted,
-                })
+                export_files(&target, &base, &dest)
             }
         })
         .await
@@ -348,14 +296,15 @@ impl Manager {
     }
 }
 
-/// Registers a prepare's counters for `prepare_progress` while it runs.
-struct Running<'a> {
+/// Registers a transfer's counters (a prepare's or a copy's) for `prepare_progress` while
+/// it runs.
+pub(super) struct Running<'a> {
     manager: &'a Manager,
     name: String,
 }
 
 impl<'a> Running<'a> {
-    fn new(manager: &'a Manager, name: &VmName, progress: &Arc<Progress>) -> Self {
+    pub(super) fn new(manager: &'a Manager, name: &VmName, progress: &Arc<Progress>) -> Self {
         manager
             .prepares
             .lock()
@@ -378,18 +327,59 @@ impl Drop for Running<'_> {
     }
 }
 
-/// Runs `script` in the guest and returns its stdout and stderr as bytes.
-fn capture(target: &SshTarget, script: &str) -> Result<(Vec<u8>, Vec<u8>), WorkspaceError> {
-    let output = target
+/// Guest stderr kept at most (the rest is read and dropped).
+pub(super) const STDERR_CAP: usize = 16 << 20;
+/// Bytes of a guest patch at most.
+const PATCH_CAP: u64 = 1 << 30;
+
+/// Runs `script` in the guest and hands its stdout to `consume` as it streams; returns what
+/// `consume` returned and the first [`STDERR_CAP`] bytes of stderr. When `consume` fails,
+/// ssh is killed; a guest that exits non-zero is an error with its last stderr line.
+pub(super) fn stream_from_guest<T>(
+    target: &SshTarget,
+    script: &str,
+    consume: impl FnOnce(&mut dyn Read) -> Result<T, WorkspaceError>,
+) -> Result<(T, Vec<u8>), WorkspaceError> {
+    let mut child = target
         .batch_command(Duration::from_secs(10))
         .arg(script)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(WorkspaceError::io("cannot run ssh"))?;
-    if !output.status.success() {
+    let stderr = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        if let Some(pipe) = stderr {
+            let mut pipe = pipe;
+            let _ = (&mut pipe).take(STDERR_CAP as u64).read_to_end(&mut kept);
+            let _ = std::io::copy(&mut pipe, &mut std::io::sink());
+        }
+        kept
+    });
+    let consumed = match child.stdout.take() {
+        Some(mut out) => {
+            let result = consume(&mut out);
+            if result.is_err() {
+                let _ = child.kill();
+            }
+            // Whatever is left (the tar's trailing blocks) is drained so ssh can exit.
+            let _ = std::io::copy(&mut out, &mut std::io::sink());
+            result
+        }
+        None => Err(WorkspaceError::Io {
+            context: "ssh has no stdout".into(),
+            source: std::io::Error::other("no pipe"),
+        }),
+    };
+    let status = child.wait().map_err(WorkspaceError::io("ssh failed"));
+    let stderr = reader.join().unwrap_or_default();
+    let status = status?;
+    if !status.success() && consumed.is_ok() {
         return Err(WorkspaceError::Remote {
-            code: output.status.code(),
-            stderr: String::from_utf8_lossy(&output.stderr)
+            code: status.code(),
+            stderr: String::from_utf8_lossy(&stderr)
                 .trim()
                 .lines()
                 .last()
@@ -397,7 +387,83 @@ fn capture(target: &SshTarget, script: &str) -> Result<(Vec<u8>, Vec<u8>), Works
                 .to_owned(),
         });
     }
-    Ok((output.stdout, output.stderr))
+    Ok((consumed?, stderr))
+}
+
+/// `export --patch`: the guest's patch, streamed to a private file beside `dest`, checked
+/// ([`patch::check`]) and renamed into place only when it is safe.
+fn export_patch(
+    target: &SshTarget,
+    base: &str,
+    dest: &Path,
+) -> Result<ExportResult, WorkspaceError> {
+    let parent = dest.parent().unwrap_or(Path::new("/"));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".banger-patch-")
+        .tempfile_in(parent)
+        .map_err(WorkspaceError::io(format!(
+            "cannot write in {}",
+            parent.display()
+        )))?;
+    let (bytes, _) = stream_from_guest(target, &workspace::export_patch_script(base), |out| {
+        let copied = std::io::copy(&mut out.take(PATCH_CAP + 1), tmp.as_file_mut())
+            .map_err(WorkspaceError::io("cannot read the guest's patch"))?;
+        if copied > PATCH_CAP {
+            return Err(WorkspaceError::Refused(format!(
+                "the patch is larger than {PATCH_CAP} bytes"
+            )));
+        }
+        Ok(copied)
+    })?;
+    let file = tmp
+        .reopen()
+        .map_err(WorkspaceError::io("cannot read the patch back"))?;
+    patch::check(std::io::BufReader::new(file))?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .map_err(WorkspaceError::io(format!(
+            "cannot write {}",
+            dest.display()
+        )))?;
+    tmp.persist(dest).map_err(|e| WorkspaceError::Io {
+        context: format!("cannot write {}", dest.display()),
+        source: e.error,
+    })?;
+    Ok(ExportResult {
+        written: dest.display().to_string(),
+        bytes,
+        files: 0,
+        deleted: Vec::new(),
+    })
+}
+
+/// `export --to`: the guest's changed files through the safe extractor
+/// ([`extract::stage_for_dir`]); the deleted paths are reported, never applied.
+fn export_files(
+    target: &SshTarget,
+    base: &str,
+    dest: &Path,
+) -> Result<ExportResult, WorkspaceError> {
+    // Staged while the guest streams; moved into place only once the guest exited 0 too.
+    let (staged, err) = stream_from_guest(target, &workspace::export_files_script(base), |out| {
+        extract::stage_for_dir(out, dest, &extract::Rules::strict())
+    })?;
+    let extracted = staged.install(dest)?;
+    let deleted = String::from_utf8_lossy(&err)
+        .split_once(&format!("{}\n", workspace::DELETED_MARKER))
+        .map(|(_, list)| {
+            list.split('\0')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(ExportResult {
+        written: dest.display().to_string(),
+        bytes: extracted.bytes,
+        files: extracted.entries,
+        deleted,
+    })
 }
 
 fn to_api(diff: Diff) -> WorkspaceDiff {

@@ -301,10 +301,17 @@ impl Firecracker {
             std::fs::File::create(file)
                 .map_err(io_err(format!("cannot create {}", file.display())))?;
         }
-        let console = std::fs::File::create(&spec.console_log).map_err(io_err(format!(
-            "cannot create {}",
-            spec.console_log.display()
-        )))?;
+        // Appending, so the daemon can cut it to its cap (see service::console_cap).
+        let console = std::fs::File::create(&spec.console_log)
+            .and_then(|_| {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&spec.console_log)
+            })
+            .map_err(io_err(format!(
+                "cannot create {}",
+                spec.console_log.display()
+            )))?;
         let stderr_path = spec.runtime_dir.join(vm_runtime::FIRECRACKER_STDERR);
         let stderr = std::fs::File::create(&stderr_path)
             .map_err(io_err(format!("cannot create {}", stderr_path.display())))?;

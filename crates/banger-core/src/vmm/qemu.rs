@@ -128,8 +128,15 @@ impl Qemu {
         args.extend([
             "-append".into(),
             spec.cmdline.clone(),
+            // Appending, so the daemon can cut the file to its cap while QEMU writes (see
+            // service::console_cap); commas in the path are doubled for QEMU's option parser.
+            "-chardev".into(),
+            format!(
+                "file,id=console,append=on,path={}",
+                spec.console_log.display().to_string().replace(',', ",,")
+            ),
             "-serial".into(),
-            format!("file:{}", spec.console_log.display()),
+            "chardev:console".into(),
             // vda: the system disk; vdb: the work disk (device order = command-line order).
             "-drive".into(),
             format!(

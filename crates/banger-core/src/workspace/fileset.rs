@@ -194,6 +194,23 @@ pub fn scan(root: &Path, git_mode: bool) -> Result<Scan, WorkspaceError> {
     Ok(scan)
 }
 
+/// Lists `name` (a file, symlink or directory directly in `parent`) and everything below it,
+/// keyed `name`, `name/...`; nothing is followed. For `vm cp` to the guest.
+pub fn scan_one(parent: &Path, name: &str) -> Result<Scan, WorkspaceError> {
+    let mut scan = Scan::default();
+    walk(parent, name, &mut scan)?;
+    if scan.entries.is_empty() {
+        return Err(WorkspaceError::Io {
+            context: format!("cannot copy {}", parent.join(name).display()),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "not a file, directory or symlink",
+            ),
+        });
+    }
+    Ok(scan)
+}
+
 /// Whether `path` (workspace-relative) is `.git` or below it.
 pub fn in_git_dir(path: &str) -> bool {
     path == ".git" || path.starts_with(".git/")

@@ -4,7 +4,9 @@
 //! host deleted; the guest scripts for the prepared-state tree, guest-side status and
 //! copy-back live here too.
 
+pub mod extract;
 pub mod fileset;
+pub mod patch;
 pub mod transfer;
 
 pub use fileset::{Entry, Kind, Manifest, Plan, Scan};
@@ -45,6 +47,19 @@ pub enum WorkspaceError {
     /// Export needs a git workspace prepared before.
     #[error("VM {0:?} has no prepared git workspace")]
     NotPrepared(String),
+    /// A guest tar entry that the host does not write (see [`extract`]).
+    #[error("refusing {path:?} from the guest: {why}")]
+    UnsafeEntry { path: String, why: String },
+    /// A guest patch line that could write outside the tree or under `.git` (see [`patch`]).
+    #[error("refusing the guest's patch: line {line}: {why}")]
+    UnsafePatch { line: usize, why: String },
+    /// Guest output over a limit.
+    #[error("refusing the guest's output: {0}")]
+    Refused(String),
+    /// A destination name that the extracted tree cannot take without following a symlink
+    /// or replacing a different kind of file.
+    #[error("{path} {why}")]
+    Conflict { path: String, why: String },
     /// A host file-system operation failed.
     #[error("{context}")]
     Io {
@@ -152,26 +167,10 @@ pub fn receive_script(receive: &Receive) -> String {
             receive.exclude_len
         ));
     }
-    const EXTRACT: &str = "tar -x --no-same-owner -f -";
-    match &receive.channel_token {
-        // One open for the whole transfer: closing a port discards what it holds. The host
-        // connected before this runs; until the guest has seen that, a read ends at once
-        // with nothing, so the token is waited for (10 s). The token tells this transfer's
-        // bytes from anything else.
-        Some(token) => script.push_str(&format!(
-            "p=/dev/virtio-ports/{CHANNEL_PORT_NAME}; if [ -c \"$p\" ]; then {{ \
-             echo {CHANNEL_READY}; n=0; \
-             until t=$(head -c {len} <&3) && [ -n \"$t\" ]; do n=$((n+1)); \
-             if [ $n -ge 200 ]; then echo 'banger: nothing came on the workspace channel' >&2; \
-             exit 1; fi; sleep 0.05; done; \
-             if [ \"$t\" != {token} ]; then \
-             echo 'banger: unexpected data on the workspace channel' >&2; exit 1; fi; \
-             {EXTRACT} <&3; }} 3<\"$p\"; \
-             else echo {CHANNEL_ABSENT}; {EXTRACT}; fi; ",
-            len = token.len()
-        )),
-        None => script.push_str(&format!("{EXTRACT}; ")),
-    }
+    script.push_str(&read_tar(
+        receive.channel_token.as_deref(),
+        "tar -x --no-same-owner -f -",
+    ));
     if receive.git {
         script.push_str(GUEST_GIT_SETTINGS);
         // The prepared-state tree is the previous one with the changed paths updated, so
@@ -205,6 +204,32 @@ pub fn receive_script(receive: &Receive) -> String {
         ));
     }
     script
+}
+
+/// The guest script fragment that runs `extract` (a `tar -x` reading stdin) on the tar of a
+/// transfer: from the workspace channel when `channel_token` is set and the guest has the
+/// port, else from stdin. The guest says which with a first stdout line, [`CHANNEL_READY`]
+/// or [`CHANNEL_ABSENT`].
+pub fn read_tar(channel_token: Option<&str>, extract: &str) -> String {
+    match channel_token {
+        // One open for the whole transfer: closing a port discards what it holds. The host
+        // connected before this runs; until the guest has seen that, a read ends at once
+        // with nothing, so the token is waited for (10 s). The token tells this transfer's
+        // bytes from anything else.
+        Some(token) => format!(
+            "p=/dev/virtio-ports/{CHANNEL_PORT_NAME}; if [ -c \"$p\" ]; then {{ \
+             echo {CHANNEL_READY}; n=0; \
+             until t=$(head -c {len} <&3) && [ -n \"$t\" ]; do n=$((n+1)); \
+             if [ $n -ge 200 ]; then echo 'banger: nothing came on the workspace channel' >&2; \
+             exit 1; fi; sleep 0.05; done; \
+             if [ \"$t\" != {token} ]; then \
+             echo 'banger: unexpected data on the workspace channel' >&2; exit 1; fi; \
+             {extract} <&3; }} 3<\"$p\"; \
+             else echo {CHANNEL_ABSENT}; {extract}; fi; ",
+            len = token.len()
+        ),
+        None => format!("{extract}; "),
+    }
 }
 
 /// Adds the whole worktree in the current directory (tracked + untracked, not ignored,

@@ -22,7 +22,7 @@ use tracing::{debug, info};
 
 use super::fileset::{Kind, Plan, exclude_patterns, hex, in_git_dir, open_nofollow};
 use super::{CHANNEL_ABSENT, CHANNEL_READY, Receive, WorkspaceError, receive_script};
-use crate::guest::ssh::SshTarget;
+use crate::guest::ssh::{OUTPUT_CAP, SshTarget};
 
 /// Counters of a running or finished transfer; shared with whoever reports progress.
 #[derive(Debug, Default)]
@@ -99,6 +99,31 @@ pub fn send(
     channel: Option<&Path>,
     progress: &Arc<Progress>,
 ) -> Result<Sent, WorkspaceError> {
+    send_with(
+        target,
+        root,
+        plan,
+        git,
+        fresh,
+        channel,
+        progress,
+        &receive_script,
+    )
+}
+
+/// [`send`] with the guest script made by `script` from what it must read (`vm cp` runs
+/// its own, built around [`super::read_tar`]).
+#[allow(clippy::too_many_arguments)]
+pub fn send_with(
+    target: &SshTarget,
+    root: &Path,
+    plan: &mut Plan,
+    git: bool,
+    fresh: bool,
+    channel: Option<&Path>,
+    progress: &Arc<Progress>,
+    script: &dyn Fn(&Receive) -> String,
+) -> Result<Sent, WorkspaceError> {
     let deletes = nul_list(plan.delete.iter());
     let (changed, excludes) = if git {
         // A fresh tree index is built from scratch: the list would only be ignored.
@@ -144,7 +169,7 @@ pub fn send(
     let started = Instant::now();
     let mut child = target
         .batch_command(Duration::from_secs(10))
-        .arg(receive_script(&receive))
+        .arg(script(&receive))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -164,7 +189,9 @@ pub fn send(
             let Some(pipe) = stdout else {
                 return String::new();
             };
-            let mut reader = std::io::BufReader::new(pipe);
+            // The guest is not trusted to be brief: at most OUTPUT_CAP bytes are kept, the
+            // rest is drained so ssh never blocks.
+            let mut reader = std::io::BufReader::new(pipe.take(OUTPUT_CAP));
             if wants_answer {
                 let mut answer = None;
                 let mut line = String::new();
@@ -179,12 +206,14 @@ pub fn send(
                 let _ = answer_tx.send(answer);
             }
             let _ = reader.read_to_end(&mut text);
+            let _ = std::io::copy(&mut reader.into_inner().into_inner(), &mut std::io::sink());
             String::from_utf8_lossy(&text).into_owned()
         });
         let stderr = scope.spawn(move || {
             let mut text = Vec::new();
             if let Some(mut pipe) = stderr {
-                let _ = pipe.read_to_end(&mut text);
+                let _ = (&mut pipe).take(OUTPUT_CAP).read_to_end(&mut text);
+                let _ = std::io::copy(&mut pipe, &mut std::io::sink());
             }
             String::from_utf8_lossy(&text).into_owned()
         });

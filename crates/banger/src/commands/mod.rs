@@ -1,5 +1,6 @@
 //! One module per command group; each turns parsed arguments into daemon calls and output.
 
+pub mod cp;
 pub mod daemon;
 pub mod doctor;
 pub mod image;

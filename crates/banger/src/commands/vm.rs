@@ -130,6 +130,7 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             Err(exec_ssh(&info, &args, None))
         }
         VmCommand::Workspace(command) => workspace::run(client, command).await,
+        VmCommand::Cp { src, dst, json } => super::cp::run(client, &src, &dst, json.json).await,
         VmCommand::Logs { name, follow } => logs(client, &name, follow).await,
         VmCommand::Stats {
             names,
@@ -291,7 +292,8 @@ async fn logs(client: &Client, name: &VmName, follow: bool) -> Result<u8, Client
                 None::<&()>,
             )
             .await?;
-        let _ = stdout.write_all(chunk.data.as_bytes());
+        // The console is the guest's: control sequences are shown, not sent.
+        let _ = stdout.write_all(crate::output::escape_text(&chunk.data).as_bytes());
         let _ = stdout.flush();
         let more = chunk.next_offset > offset;
         offset = chunk.next_offset;

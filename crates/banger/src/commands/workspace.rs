@@ -14,6 +14,7 @@ use hyper::Method;
 use crate::cli::WorkspaceCommand;
 use crate::client::{Client, ClientError};
 use crate::commands::{print_json, with_progress};
+use crate::output::escape_line;
 
 pub async fn run(client: &Client, command: WorkspaceCommand) -> Result<u8, ClientError> {
     match command {
@@ -77,7 +78,7 @@ pub async fn run(client: &Client, command: WorkspaceCommand) -> Result<u8, Clien
                     result.written
                 );
                 for path in &result.deleted {
-                    println!("deleted in the guest: {path}");
+                    println!("deleted in the guest: {}", escape_line(path));
                 }
             }
             Ok(0)
@@ -248,7 +249,7 @@ fn render_status(name: &VmName, status: &WorkspaceStatus) -> String {
             ("D", &diff.removed),
         ] {
             for path in list {
-                out.push_str(&format!("  {mark} {path}\n"));
+                out.push_str(&format!("  {mark} {}\n", escape_line(path)));
             }
         }
     }

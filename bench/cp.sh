@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Benchmark: `banger vm cp` of a directory tree into the guest against plain OpenSSH tools.
+#
+#   bench/cp.sh [MIB=200] [FILES=2000]
+#
+# A generated tree of FILES files of mixed sizes (~MIB MiB in total), copied into an emptied
+# directory in the guest by
+#   - `banger vm cp TREE NAME:/root/cp-copy` (the workspace channel for 1 MiB or more),
+#   - `tar -c . | ssh VM 'tar -x -C /root/tar-copy'` (OpenSSH's default cipher),
+#   - `scp -r TREE VM:/root/scp-copy` (SFTP protocol, OpenSSH 9),
+# each over the same SSH path, after a `sync` in the guest and on the host. Prints medians of
+# ROUNDS (default 3) and the ratios; the goal is vm cp ≤ 0.8× tar|ssh. Timings are reported,
+# never asserted.
+
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+MIB=${1:-200}
+FILES=${2:-2000}
+ROUNDS=${ROUNDS:-3}
+NAME=bcp
+
+ensure_image
+create_vm "$NAME"
+banger vm start "$NAME" >/dev/null
+settle "$NAME"
+PORT=$(vm_field "$NAME" runtime.ssh_port)
+ssh_opts "$NAME" "$PORT"
+
+TREE=$BENCH_HOME/tree
+log "generating $FILES files (~$MIB MiB) in $TREE"
+python3 - "$TREE" "$FILES" "$MIB" <<'PY'
+import os, random, sys
+root, n, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+random.seed(11)
+sizes = [random.choice([500, 4000, 16000, 64000]) for _ in range(n)]
+big = max(1, n // 100)
+rest = mib * 2**20 - sum(sizes)
+for i in range(big):
+    sizes[i] += max(0, rest // big)
+for i, size in enumerate(sizes):
+    d = os.path.join(root, f"d{i % 50:02d}", f"s{i % 5}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"f{i}.dat"), "wb") as f:
+        f.write(os.urandom(size))
+PY
+log "tree: $(du -sh "$TREE" | cut -f1)"
+
+# scp takes -P for the port; the rest of the ssh options as they are, without the target.
+SCP_OPTS=()
+for ((i = 0; i < ${#SSH_OPTS[@]} - 1; i++)); do
+    if [[ ${SSH_OPTS[i]} == -p ]]; then
+        SCP_OPTS+=(-P "${SSH_OPTS[i + 1]}")
+        ((i++))
+    else
+        SCP_OPTS+=("${SSH_OPTS[i]}")
+    fi
+done
+
+fresh() { # DIR: gone in the guest, then both sides' writeback done
+    ssh "${SSH_OPTS[@]}" "rm -rf $1; sync"
+    sync
+}
+
+cpt=() tart=() scpt=()
+for ((r = 0; r < ROUNDS; r++)); do
+    fresh /root/cp-copy
+    t0=$(now)
+    banger vm cp "$TREE" "$NAME:/root/cp-copy" >/dev/null 2>&1
+    cpt+=("$(sub "$(now)" "$t0")")
+    fresh /root/tar-copy
+    ssh "${SSH_OPTS[@]}" 'mkdir -p /root/tar-copy'
+    t0=$(now)
+    tar -C "$TREE" -cf - . | ssh "${SSH_OPTS[@]}" 'tar -x -C /root/tar-copy -f -'
+    tart+=("$(sub "$(now)" "$t0")")
+    fresh /root/scp-copy
+    t0=$(now)
+    scp -q -r "${SCP_OPTS[@]}" "$TREE" root@127.0.0.1:/root/scp-copy
+    scpt+=("$(sub "$(now)" "$t0")")
+    log "round $r: vm cp ${cpt[-1]} s, tar|ssh ${tart[-1]} s, scp -r ${scpt[-1]} s"
+done
+# The copies are the same tree.
+same=$(ssh "${SSH_OPTS[@]}" 'cd /root && for d in cp-copy tar-copy scp-copy; do (cd $d && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum); done | uniq | wc -l')
+[[ $same == 1 ]] || { echo "bench: the three copies differ" >&2; exit 1; }
+
+mc=$(median "${cpt[@]}") mt=$(median "${tart[@]}") ms=$(median "${scpt[@]}")
+echo "vm cp benchmark: $FILES files, ~$MIB MiB, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "vm cp   ${mc}s   tar|ssh ${mt}s   ratio $(ratio "$mc" "$mt")x  (goal <= 0.8x)"
+echo "vm cp   ${mc}s   scp -r  ${ms}s   ratio $(ratio "$mc" "$ms")x"

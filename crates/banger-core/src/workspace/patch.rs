@@ -1,0 +1,388 @@
+//! Checks a git patch from the guest (`vm workspace export --patch`) before it is written:
+//! `git apply` must not be able to write under `.git` (any case) or outside the tree. Every
+//! line outside a hunk must be a git diff header that the guest's `git diff --binary` writes;
+//! every path it names (`diff --git`, `---`/`+++`, rename/copy from/to) must be relative,
+//! without `..`, empty components or `.git`; modes must be a plain file (0644/0755), a symlink
+//! or a gitlink; a symlink's new target (its hunk's `+` line) must stay inside the tree.
+//! Hunks are skipped by their line counts, binary hunks up to their blank line, exactly as
+//! `git apply` reads them, so hunk content is never mistaken for a header (or a header for
+//! content).
+
+use std::io::BufRead;
+use std::iter::Peekable;
+
+use super::WorkspaceError;
+use super::extract::link_stays_inside;
+
+type Lines<R> = Peekable<std::iter::Enumerate<std::io::Split<R>>>;
+
+/// The next line and its index, or `None` at the end.
+fn next_line<R: BufRead>(lines: &mut Lines<R>) -> Result<Option<(usize, Vec<u8>)>, WorkspaceError> {
+    match lines.next() {
+        None => Ok(None),
+        Some((n, Ok(line))) => Ok(Some((n, line))),
+        Some((_, Err(e))) => Err(WorkspaceError::Io {
+            context: "cannot read the guest's patch".into(),
+            source: e,
+        }),
+    }
+}
+
+/// Whether the next line starts with `prefix`.
+fn next_starts_with<R: BufRead>(lines: &mut Lines<R>, prefix: &[u8]) -> bool {
+    lines
+        .peek()
+        .is_some_and(|(_, l)| l.as_ref().is_ok_and(|l| l.starts_with(prefix)))
+}
+
+/// Modes a patch may give a path.
+const MODES: [&str; 4] = ["100644", "100755", "120000", "160000"];
+
+/// Refuses `patch` unless every path and mode in it is safe to apply (see the module doc).
+pub fn check(patch: impl BufRead) -> Result<(), WorkspaceError> {
+    let mut lines = patch.split(b'\n').enumerate().peekable();
+    // The current file's new mode, for its symlink target check.
+    let mut symlink = false;
+    let mut target_depth = 0usize;
+    while let Some((n, line)) = next_line(&mut lines)? {
+        let bad = |why: &str| WorkspaceError::UnsafePatch {
+            line: n + 1,
+            why: why.to_owned(),
+        };
+        let text = std::str::from_utf8(&line).map_err(|_| bad("a header that is not UTF-8"))?;
+        if text.is_empty() {
+            continue;
+        }
+        if let Some(rest) = text.strip_prefix("diff --git ") {
+            symlink = false;
+            check_diff_line(rest).map_err(|why| bad(&why))?;
+        } else if let Some(rest) = text.strip_prefix("--- ") {
+            check_side(rest, "a/").map_err(|why| bad(&why))?;
+        } else if let Some(rest) = text.strip_prefix("+++ ") {
+            let path = check_side(rest, "b/").map_err(|why| bad(&why))?;
+            target_depth = path
+                .map(|p| p.split('/').count().saturating_sub(1))
+                .unwrap_or(0);
+        } else if let Some(rest) = ["rename from ", "rename to ", "copy from ", "copy to "]
+            .iter()
+            .find_map(|p| text.strip_prefix(p))
+        {
+            check_path(&unquote(rest).map_err(|why| bad(&why))?).map_err(|why| bad(&why))?;
+        } else if let Some(mode) = [
+            "old mode ",
+            "new mode ",
+            "new file mode ",
+            "deleted file mode ",
+        ]
+        .iter()
+        .find_map(|p| text.strip_prefix(p))
+        {
+            if !MODES.contains(&mode) {
+                return Err(bad("a mode other than 100644, 100755, 120000 or 160000"));
+            }
+            if !text.starts_with("old ") && !text.starts_with("deleted ") {
+                symlink = mode == "120000";
+            }
+        } else if text.starts_with("index ")
+            || text.starts_with("similarity index ")
+            || text.starts_with("dissimilarity index ")
+            || text.starts_with("Binary files ")
+        {
+        } else if text.starts_with("@@ ") {
+            let (mut old, mut new) = hunk_counts(text).ok_or_else(|| bad("a bad hunk header"))?;
+            while old > 0 || new > 0 {
+                let Some((n, line)) = next_line(&mut lines)? else {
+                    return Err(bad("a hunk cut short"));
+                };
+                match line.first() {
+                    Some(b' ') => {
+                        old = old.saturating_sub(1);
+                        new = new.saturating_sub(1);
+                    }
+                    Some(b'-') => old = old.saturating_sub(1),
+                    Some(b'+') => {
+                        new = new.saturating_sub(1);
+                        if symlink {
+                            link_stays_inside(target_depth, &line[1..])
+                                .map_err(|why| WorkspaceError::UnsafePatch { line: n + 1, why })?;
+                        }
+                    }
+                    Some(b'\\') => {}
+                    // git apply takes an empty line as an empty context line.
+                    None => {
+                        old = old.saturating_sub(1);
+                        new = new.saturating_sub(1);
+                    }
+                    Some(_) => {
+                        return Err(WorkspaceError::UnsafePatch {
+                            line: n + 1,
+                            why: "a hunk line without a prefix".into(),
+                        });
+                    }
+                }
+                // "\ No newline at end of file" may follow the last line.
+                if old == 0 && new == 0 && next_starts_with(&mut lines, b"\\") {
+                    lines.next();
+                }
+            }
+        } else if text == "GIT binary patch" {
+            if symlink {
+                return Err(bad("a binary symlink"));
+            }
+            // Forward and (optional) reverse hunk: `literal|delta N`, data lines, blank line.
+            for _ in 0..2 {
+                if !next_starts_with(&mut lines, b"literal ")
+                    && !next_starts_with(&mut lines, b"delta ")
+                {
+                    break;
+                }
+                lines.next();
+                while let Some((_, l)) = next_line(&mut lines)? {
+                    if l.is_empty() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            return Err(bad("a line git diff does not write outside a hunk"));
+        }
+    }
+    Ok(())
+}
+
+/// `-a,b +c,d` of a hunk header: the old and new line counts (1 when omitted).
+fn hunk_counts(text: &str) -> Option<(u64, u64)> {
+    let mut words = text.split(' ');
+    words.next();
+    let count = |w: &str, sign: char| -> Option<u64> {
+        let w = w.strip_prefix(sign)?;
+        match w.split_once(',') {
+            Some((_, n)) => n.parse().ok(),
+            None => {
+                w.parse::<u64>().ok()?;
+                Some(1)
+            }
+        }
+    };
+    Some((count(words.next()?, '-')?, count(words.next()?, '+')?))
+}
+
+/// `---`/`+++` names: `/dev/null` or `PREFIX` + a safe path (quoted or not, maybe followed
+/// by a tab and a timestamp). Returns the path.
+fn check_side(rest: &str, prefix: &str) -> Result<Option<String>, String> {
+    let rest = rest.split('\t').next().unwrap_or(rest);
+    if rest == "/dev/null" {
+        return Ok(None);
+    }
+    let name = unquote(rest)?;
+    let path = name
+        .strip_prefix(prefix)
+        .ok_or_else(|| format!("a name without the {prefix} prefix"))?;
+    check_path(path)?;
+    Ok(Some(path.to_owned()))
+}
+
+/// The `diff --git` names. Unquoted names may hold spaces, so every way to split the line
+/// into `a/X b/Y` must give safe paths.
+fn check_diff_line(rest: &str) -> Result<(), String> {
+    if rest.starts_with('"') || rest.ends_with('"') {
+        let (first, second) = split_quoted(rest)?;
+        for (name, prefix) in [(first, "a/"), (second, "b/")] {
+            let path = name
+                .strip_prefix(prefix)
+                .ok_or_else(|| format!("a name without the {prefix} prefix"))?;
+            check_path(path)?;
+        }
+        return Ok(());
+    }
+    let body = rest
+        .strip_prefix("a/")
+        .ok_or("a name without the a/ prefix")?;
+    let mut any = false;
+    for (at, _) in body.match_indices(" b/") {
+        let (old, new) = (&body[..at], &body[at + 3..]);
+        check_path(old)?;
+        check_path(new)?;
+        any = true;
+    }
+    if any {
+        Ok(())
+    } else {
+        Err("a diff line without two names".into())
+    }
+}
+
+/// Splits `"a/x" "b/y"` (either side may be unquoted) into the two unquoted names.
+fn split_quoted(rest: &str) -> Result<(String, String), String> {
+    let end_of_first = if rest.starts_with('"') {
+        quoted_len(rest)?
+    } else {
+        rest.find(" \"").ok_or("a bad diff line")?
+    };
+    let (first, second) = rest.split_at(end_of_first);
+    let second = second.strip_prefix(' ').ok_or("a bad diff line")?;
+    Ok((unquote(first)?, unquote(second)?))
+}
+
+/// Bytes of the C-quoted string at the start of `s`, quotes included.
+fn quoted_len(s: &str) -> Result<usize, String> {
+    let bytes = s.as_bytes();
+    let mut i = 1;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'"' => return Ok(i + 1),
+            _ => i += 1,
+        }
+    }
+    Err("an unterminated quoted name".into())
+}
+
+/// A git name, C-unquoted when it is quoted.
+fn unquote(name: &str) -> Result<String, String> {
+    let Some(inner) = name.strip_prefix('"') else {
+        return Ok(name.to_owned());
+    };
+    if quoted_len(name)? != name.len() {
+        return Err("text after a quoted name".into());
+    }
+    let inner = &inner[..inner.len() - 1];
+    let mut out = Vec::new();
+    let mut bytes = inner.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        let c = bytes.next().ok_or("a bad escape")?;
+        out.push(match c {
+            b'a' => 7,
+            b'b' => 8,
+            b't' => b'\t',
+            b'n' => b'\n',
+            b'v' => 11,
+            b'f' => 12,
+            b'r' => b'\r',
+            b'"' | b'\\' => c,
+            b'0'..=b'3' => {
+                let d2 = bytes.next().ok_or("a bad escape")?;
+                let d3 = bytes.next().ok_or("a bad escape")?;
+                if !(b'0'..=b'7').contains(&d2) || !(b'0'..=b'7').contains(&d3) {
+                    return Err("a bad escape".into());
+                }
+                (c - b'0') * 64 + (d2 - b'0') * 8 + (d3 - b'0')
+            }
+            _ => return Err("a bad escape".into()),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A path `git apply` writes: relative, no empty, `.` or `..` component, nothing named `.git`.
+fn check_path(path: &str) -> Result<(), String> {
+    if path.is_empty() || path.starts_with('/') {
+        return Err(format!("unsafe path {path:?}"));
+    }
+    for part in path.split('/') {
+        // A name with spaces is split too: an unquoted `diff --git` line cannot tell.
+        for word in std::iter::once(part).chain(part.split(' ')) {
+            if word.eq_ignore_ascii_case(".git") {
+                return Err(format!("a path under .git ({path:?})"));
+            }
+        }
+        if part.is_empty() || part == "." || part == ".." {
+            return Err(format!("unsafe path {path:?}"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(patch: &str) -> bool {
+        matches!(
+            check(patch.as_bytes()),
+            Err(WorkspaceError::UnsafePatch { .. })
+        )
+    }
+
+    const GOOD: &str = "diff --git a/src/main.rs b/src/main.rs
+index 1111111..2222222 100644
+--- a/src/main.rs
++++ b/src/main.rs
+@@ -1,2 +1,3 @@
+ fn main() {
++--- a/.git/config
+ }
+diff --git a/run.sh b/run.sh
+old mode 100644
+new mode 100755
+diff --git a/new file.txt b/new file.txt
+new file mode 100644
+index 0000000..3333333
+--- /dev/null
++++ b/new file.txt
+@@ -0,0 +1 @@
++hello
+\\ No newline at end of file
+diff --git a/link b/link
+new file mode 120000
+index 0000000..4444444
+--- /dev/null
++++ b/link
+@@ -0,0 +1 @@
++src/main.rs
+\\ No newline at end of file
+diff --git a/img.bin b/img.bin
+new file mode 100644
+index 0000000..5555555
+GIT binary patch
+literal 3
+Kcmb=e#Q*>S2mk>9
+
+literal 0
+HcmV?d00001
+
+diff --git a/gone b/gone
+deleted file mode 100644
+index 6666666..0000000
+--- a/gone
++++ /dev/null
+@@ -1 +0,0 @@
+-bye
+";
+
+    #[test]
+    fn a_git_diff_is_accepted_and_hunk_content_is_not_a_header() {
+        check(GOOD.as_bytes()).expect("accepted");
+    }
+
+    #[test]
+    fn git_dirs_escapes_and_modes_are_refused() {
+        for bad in [
+            "diff --git a/.git/config b/.git/config\n",
+            "diff --git a/x/.GIT/hooks/pre-commit b/x/.GIT/hooks/pre-commit\n",
+            "--- a/x\n+++ b/.git/config\n@@ -0,0 +1 @@\n+x\n",
+            "--- a/../../etc/passwd\n",
+            "+++ b//etc/passwd\n",
+            "+++ b/a/./b\n",
+            "rename from x\nrename to .git/hooks/post-checkout\n",
+            "copy to ../outside\n",
+            "rename to \".git/config\"\n",
+            "rename to \"\\056git/config\"\n",
+            "new file mode 104755\n",
+            "new mode 100777\n",
+            "diff --git a/l b/l\nnew file mode 120000\n--- /dev/null\n+++ b/l\n@@ -0,0 +1 @@\n+../../etc\n",
+            "diff --git a/l b/l\nnew file mode 120000\n--- /dev/null\n+++ b/l\n@@ -0,0 +1 @@\n+/etc/passwd\n",
+            "diff --git a/l b/l\nnew file mode 120000\n--- /dev/null\n+++ b/l\n@@ -0,0 +1 @@\n+.git/hooks\n",
+            "something unexpected\n",
+            "@@ -1,2 +1,2 @@\n x\n",
+            "diff --git a/x b/.git/config\n",
+            "diff --git a/x y b/.git b/x y b/.git\n",
+        ] {
+            assert!(refused(bad), "{bad:?} was accepted");
+        }
+    }
+}
