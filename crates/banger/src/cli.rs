@@ -207,8 +207,34 @@ pub struct CreateArgs {
     /// [default: bridge when the helper answers, else user].
     #[arg(long, value_parser = ["bridge", "user"])]
     pub network: Option<String>,
+    /// When --image is a registry reference (HOST/REPO:TAG): pull it `never`, when
+    /// `missing` (default) or `always`.
+    #[arg(long, value_enum)]
+    pub pull: Option<PullArg>,
     #[command(flatten)]
     pub json: JsonFlag,
+}
+
+/// `--pull` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PullArg {
+    Never,
+    Missing,
+    Always,
+}
+
+/// How to reach a registry.
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// Registry user name [default: from ~/.docker/config.json].
+    #[arg(long, requires = "password_stdin")]
+    pub username: Option<String>,
+    /// Read the password (or token) from standard input.
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+    /// Allow plain HTTP to a registry that is not on loopback.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -283,6 +309,27 @@ pub enum ImageCommand {
     /// Remove an image no VM uses.
     #[command(alias = "remove")]
     Rm { name: String },
+    /// Push an image (rootfs, kernel, initrd) to a registry as one OCI artifact.
+    Push {
+        name: String,
+        /// Where to: HOST[:PORT]/REPOSITORY:TAG.
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Pull an image from a registry (only the blobs not stored yet).
+    Pull {
+        /// HOST[:PORT]/REPOSITORY:TAG or …@sha256:DIGEST.
+        reference: String,
+        /// Local name [default: the repository's last component and the tag, e.g. dev-1].
+        name: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -304,6 +351,24 @@ pub enum KernelCommand {
     /// Remove a kernel no image uses.
     #[command(alias = "remove")]
     Rm { name: String },
+    /// Push a kernel (and initrd) to a registry as one OCI artifact.
+    Push {
+        name: String,
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Pull a kernel from a registry.
+    Pull {
+        reference: String,
+        name: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 #[derive(Debug, Subcommand)]

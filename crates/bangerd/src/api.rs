@@ -17,8 +17,9 @@ use banger_proto::{
     ApiError, BuildImageRequest, CheckStatus, ConsoleChunk, CreateVmRequest, DaemonStatus,
     DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, Image,
     ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo, LifecycleResult, NetworkStatus,
-    OP_ID_HEADER, PrepareProgress, PrepareResult, PrepareWorkspaceRequest, SshConfigRequest,
-    SshConfigResult, SshInfo, StopVmRequest, Vm, VmNetwork, VmRuntime, VmSpec, VmState,
+    OP_ID_HEADER, PrepareProgress, PrepareResult, PrepareWorkspaceRequest, PullPolicy, PullRequest,
+    PullResult, PushRequest, RegistryAccess, SshConfigRequest, SshConfigResult, SshInfo,
+    StopVmRequest, TransferProgress, TransferResult, Vm, VmNetwork, VmRuntime, VmSpec, VmState,
     WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
@@ -71,6 +72,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/kernels", get(list_kernels))
         .route("/v1/kernels/import", post(import_kernel))
         .route("/v1/kernels/{name}", axum::routing::delete(remove_kernel))
+        .route("/v1/images/push", post(push_image))
+        .route("/v1/images/pull", post(pull_image))
+        .route("/v1/kernels/push", post(push_kernel))
+        .route("/v1/kernels/pull", post(pull_kernel))
+        .route("/v1/transfers/{id}", get(transfer_progress))
         .route("/v1/network", get(network_status))
         .route("/v1/network/down", post(network_down))
         .route("/v1/ssh-config", post(ssh_config))
@@ -540,6 +546,55 @@ async fn remove_kernel(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/images/push", tag = "images", request_body = PushRequest,
+    responses((status = 200, body = TransferResult), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 422, description = "The registry refused or failed", body = ErrorBody)))]
+async fn push_image(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<PushRequest>,
+) -> Result<Json<TransferResult>, HttpError> {
+    Ok(Json(state.manager.push_image(request).await?))
+}
+
+#[utoipa::path(post, path = "/v1/kernels/push", tag = "images", request_body = PushRequest,
+    responses((status = 200, body = TransferResult), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn push_kernel(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<PushRequest>,
+) -> Result<Json<TransferResult>, HttpError> {
+    Ok(Json(state.manager.push_kernel(request).await?))
+}
+
+#[utoipa::path(post, path = "/v1/images/pull", tag = "images", request_body = PullRequest,
+    responses((status = 200, body = PullResult), (status = 400, body = ErrorBody),
+              (status = 422, description = "Unreachable, refused, or corrupt data (nothing stored)", body = ErrorBody)))]
+async fn pull_image(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<PullRequest>,
+) -> Result<Json<PullResult>, HttpError> {
+    Ok(Json(state.manager.pull_image(request).await?))
+}
+
+#[utoipa::path(post, path = "/v1/kernels/pull", tag = "images", request_body = PullRequest,
+    responses((status = 200, body = PullResult), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn pull_kernel(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<PullRequest>,
+) -> Result<Json<PullResult>, HttpError> {
+    Ok(Json(state.manager.pull_kernel(request).await?))
+}
+
+#[utoipa::path(get, path = "/v1/transfers/{id}", tag = "images",
+    params(("id" = String, Path, description = "The transfer id the client chose")),
+    responses((status = 200, description = "The transfer's counters (running=false when none)", body = TransferProgress)))]
+async fn transfer_progress(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Json<TransferProgress> {
+    Json(state.manager.transfer_progress(&id))
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -571,6 +626,11 @@ async fn remove_kernel(
         list_kernels,
         import_kernel,
         remove_kernel,
+        push_image,
+        pull_image,
+        push_kernel,
+        pull_kernel,
+        transfer_progress,
         prepare_workspace,
         workspace_status,
         export_workspace,
@@ -612,7 +672,14 @@ async fn remove_kernel(
         Kernel,
         ImportImageRequest,
         ImportKernelRequest,
-        BuildImageRequest
+        BuildImageRequest,
+        PushRequest,
+        PullRequest,
+        PullResult,
+        PullPolicy,
+        RegistryAccess,
+        TransferResult,
+        TransferProgress
     ))
 )]
 struct ApiDoc;

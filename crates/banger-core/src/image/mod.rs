@@ -3,6 +3,8 @@
 //! Debian image from the embedded guest recipe (`guest/` in the repository).
 
 pub mod mirror;
+pub mod oci;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -11,7 +11,7 @@ use crate::image::{self, ImageError, mirror};
 use crate::store::AssetTable;
 
 /// Names of images and kernels: short, no path separators.
-fn check_asset_name(kind: &'static str, name: &str) -> Result<(), Error> {
+pub(super) fn check_asset_name(kind: &'static str, name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -94,7 +94,7 @@ impl Manager {
     }
 
     /// Copies kernel files into `kernels/<digest>/` and records them under `name`.
-    async fn store_kernel(
+    pub(super) async fn store_kernel(
         &self,
         name: &str,
         kernel: &Path,
@@ -170,7 +170,7 @@ impl Manager {
     }
 
     /// Copies a root filesystem into `images/<digest>/` and records it under `name`.
-    async fn store_image(
+    pub(super) async fn store_image(
         &self,
         name: &str,
         rootfs: &Path,
@@ -206,7 +206,7 @@ impl Manager {
     }
 
     /// A scratch directory under the data dir, removed when dropped.
-    fn scratch_dir(&self, prefix: &str) -> Result<tempfile::TempDir, Error> {
+    pub(super) fn scratch_dir(&self, prefix: &str) -> Result<tempfile::TempDir, Error> {
         let parent = self.layout.tmp_dir();
         std::fs::create_dir_all(&parent)
             .map_err(Error::io(format!("cannot create {}", parent.display())))?;

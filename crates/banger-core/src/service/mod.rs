@@ -6,6 +6,7 @@ mod doctor;
 mod images;
 mod lifecycle;
 mod network;
+mod registry;
 mod workspace;
 
 use std::collections::HashMap;
@@ -72,6 +73,8 @@ pub struct Manager {
     key_lock: tokio::sync::Mutex<()>,
     /// Counters of the workspace prepares running now, by VM name.
     prepares: Mutex<HashMap<String, Arc<crate::workspace::transfer::Progress>>>,
+    /// Counters of the registry pushes and pulls running now, by transfer id.
+    transfers: Mutex<HashMap<String, Arc<crate::image::registry::Progress>>>,
     /// Privileged actions (the root helper); `None` when `network.mode = "user"`.
     host: Option<Arc<dyn HostOps>>,
     helper_socket: std::path::PathBuf,
@@ -140,6 +143,7 @@ impl Manager {
             asset_lock: tokio::sync::Mutex::new(()),
             key_lock: tokio::sync::Mutex::new(()),
             prepares: Mutex::new(HashMap::new()),
+            transfers: Mutex::new(HashMap::new()),
             host,
             helper_socket,
             net_info: Mutex::new(None),
@@ -179,6 +183,8 @@ impl Manager {
     /// VM's SSH host key and banger's client key seeded in). Leaves nothing behind on error.
     pub async fn create_vm(&self, request: CreateVmRequest) -> Result<Vm, Error> {
         let name = VmName::parse(&request.name)?;
+        // An image given as a registry reference is pulled first (per `--pull`).
+        let request = self.autopull(request).await?;
         let spec = self.resolve_spec(&request)?;
         let lock = self.vm_lock(&name);
         let _guard = lock.lock().await;

@@ -69,6 +69,19 @@ const MIGRATIONS: &[&str] = &[
         tap         TEXT NOT NULL UNIQUE,
         created_at  TEXT NOT NULL
     ) STRICT;",
+    // 6: registry blobs: which compressed layer (by its OCI digest) became which local store
+    // directory (`kind` rootfs → images/<local>, kernel/initrd → kernels/<local>), so a pull of
+    // stored content fetches nothing and a push of it compresses nothing. For `config`, `local`
+    // is the config JSON itself.
+    "CREATE TABLE blobs (
+        digest        TEXT PRIMARY KEY NOT NULL,
+        kind          TEXT NOT NULL,
+        local         TEXT NOT NULL,
+        size          INTEGER NOT NULL,
+        uncompressed  INTEGER NOT NULL,
+        created_at    TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX blobs_by_local ON blobs(kind, local);",
 ];
 
 /// Brings the schema up to date, each migration in its own transaction.
