@@ -6,6 +6,8 @@ use std::path::Path;
 use banger_proto::{ByteSize, SizeError};
 use serde::Deserialize;
 
+use crate::domain::{AccelMode, NetMode, SystemDiskChoice, TcgThreads, VmmChoice};
+
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -49,10 +51,10 @@ pub struct VmDefaults {
     /// Image name (default "default").
     pub image: String,
     /// VMM backend: "auto" (Firecracker when usable, else QEMU), "firecracker" or "qemu".
-    pub vmm: String,
+    pub vmm: VmmChoice,
     /// System disk strategy: "auto" (qcow2 for QEMU; reflink, dm or copy for Firecracker),
     /// "qcow2", "reflink", "dm" or "copy".
-    pub system_disk: String,
+    pub system_disk: SystemDiskChoice,
 }
 
 impl Default for VmDefaults {
@@ -62,8 +64,8 @@ impl Default for VmDefaults {
             memory: "1024M".into(),
             disk: "8G".into(),
             image: "default".into(),
-            vmm: "auto".into(),
-            system_disk: "auto".into(),
+            vmm: VmmChoice::Auto,
+            system_disk: SystemDiskChoice::Auto,
         }
     }
 }
@@ -117,33 +119,20 @@ pub struct QemuConfig {
     /// The QEMU binary (default "qemu-system-x86_64", looked up on PATH).
     pub binary: String,
     /// "auto" (KVM when a probe shows it works, else TCG), "kvm" or "tcg" (default "auto").
-    pub accel: String,
+    pub accel: AccelMode,
     /// TCG only: "auto" (the default: a thread per vCPU on QEMU 8.1 and later, else one),
     /// "single" (all vCPUs of a VM on one host thread) or "multi" (a thread per vCPU: faster,
     /// but QEMU before 8.1 can hang a guest that patches its own code; see
     /// docs/ARCHITECTURE.md, "TCG and guest code patching").
-    pub tcg_threads: String,
-}
-
-impl QemuConfig {
-    /// `tcg_threads` as its enum; `None` for a value `validate` refuses.
-    pub fn tcg_threads(&self) -> Option<crate::vmm::qemu::TcgThreads> {
-        use crate::vmm::qemu::TcgThreads;
-        match self.tcg_threads.as_str() {
-            "auto" => Some(TcgThreads::Auto),
-            "single" => Some(TcgThreads::Single),
-            "multi" => Some(TcgThreads::Multi),
-            _ => None,
-        }
-    }
+    pub tcg_threads: TcgThreads,
 }
 
 impl Default for QemuConfig {
     fn default() -> Self {
         Self {
             binary: "qemu-system-x86_64".into(),
-            accel: "auto".into(),
-            tcg_threads: "auto".into(),
+            accel: AccelMode::Auto,
+            tcg_threads: TcgThreads::Auto,
         }
     }
 }
@@ -156,24 +145,28 @@ pub struct ImagesConfig {
     pub mirror: String,
 }
 
-/// Bridge networking.
+/// VM networking.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
     /// "auto" (bridge when the root helper answers, else user), "bridge" or "user".
-    pub mode: String,
+    pub mode: NetMode,
     /// The root helper's socket (default `/run/banger-helper/<uid>.sock`).
     pub helper_socket: String,
     /// Taps made ahead of time when the network comes up (default 4).
     pub pool_size: u32,
+    /// Whether a user-mode VM created without `--net` gets outbound network (default true;
+    /// false: such VMs are `isolated`).
+    pub egress: bool,
 }
 
 impl Default for NetworkConfig {
     fn default() -> Self {
         Self {
-            mode: "auto".into(),
+            mode: NetMode::Auto,
             helper_socket: String::new(),
             pool_size: 4,
+            egress: true,
         }
     }
 }
@@ -224,10 +217,26 @@ impl Config {
                 });
             }
         };
-        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: shown.clone(),
-            message: e.message().to_owned(),
-        })?;
+        // The key's path goes with the message: an enum's error names only the value.
+        let config: Self =
+            serde_path_to_error::deserialize(toml::Deserializer::parse(&text).map_err(|e| {
+                ConfigError::Parse {
+                    path: shown.clone(),
+                    message: e.message().to_owned(),
+                }
+            })?)
+            .map_err(|e| {
+                let key = e.path().to_string();
+                let message = e.into_inner().message().to_owned();
+                ConfigError::Parse {
+                    path: shown.clone(),
+                    message: if key == "." {
+                        message
+                    } else {
+                        format!("{key}: {message}")
+                    },
+                }
+            })?;
         config.resolved_defaults(&shown)?;
         Ok(config)
     }
@@ -245,52 +254,6 @@ impl Config {
             key: "defaults.disk",
             source,
         })?;
-        if !["auto", "kvm", "tcg"].contains(&self.qemu.accel.as_str()) {
-            return Err(ConfigError::Invalid {
-                path: path.into(),
-                key: "qemu.accel",
-                message: format!("{:?} is not one of auto, kvm, tcg", self.qemu.accel),
-            });
-        }
-        if self.qemu.tcg_threads().is_none() {
-            return Err(ConfigError::Invalid {
-                path: path.into(),
-                key: "qemu.tcg_threads",
-                message: format!(
-                    "{:?} is not one of auto, single, multi",
-                    self.qemu.tcg_threads
-                ),
-            });
-        }
-        if !crate::vmm::select::CHOICES.contains(&self.defaults.vmm.as_str()) {
-            return Err(ConfigError::Invalid {
-                path: path.into(),
-                key: "defaults.vmm",
-                message: format!(
-                    "{:?} is not one of auto, firecracker, qemu",
-                    self.defaults.vmm
-                ),
-            });
-        }
-        if self.defaults.system_disk != "auto"
-            && crate::disk::SystemDiskStrategy::from_wire(&self.defaults.system_disk).is_none()
-        {
-            return Err(ConfigError::Invalid {
-                path: path.into(),
-                key: "defaults.system_disk",
-                message: format!(
-                    "{:?} is not one of auto, qcow2, reflink, dm, copy",
-                    self.defaults.system_disk
-                ),
-            });
-        }
-        if !["auto", "bridge", "user"].contains(&self.network.mode.as_str()) {
-            return Err(ConfigError::Invalid {
-                path: path.into(),
-                key: "network.mode",
-                message: format!("{:?} is not one of auto, bridge, user", self.network.mode),
-            });
-        }
         if self.network.pool_size > 256 {
             return Err(ConfigError::Invalid {
                 path: path.into(),
@@ -356,14 +319,45 @@ mod tests {
     }
 
     #[test]
+    fn enum_values_are_parsed_naming_the_key_and_the_choices() {
+        let c =
+            load("[network]\nmode = \"user\"\n[defaults]\nsystem_disk = \"dm\"\nvmm = \"qemu\"\n")
+                .unwrap();
+        assert_eq!(c.network.mode, NetMode::User);
+        assert_eq!(c.defaults.system_disk, SystemDiskChoice::DmSnapshot);
+        assert_eq!(c.defaults.vmm, VmmChoice::Qemu);
+        for (text, key, choices) in [
+            (
+                "[network]\nmode = \"nat\"\n",
+                "network.mode",
+                "auto, bridge, user",
+            ),
+            (
+                "[defaults]\nsystem_disk = \"zfs\"\n",
+                "defaults.system_disk",
+                "auto, qcow2, reflink, dm, copy",
+            ),
+            (
+                "[defaults]\nvmm = \"xen\"\n",
+                "defaults.vmm",
+                "auto, firecracker, qemu",
+            ),
+            ("[qemu]\naccel = \"hvf\"\n", "qemu.accel", "auto, kvm, tcg"),
+        ] {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(choices), "{err}");
+        }
+    }
+
+    #[test]
     fn tcg_threads_is_auto_unless_asked_for() {
-        assert_eq!(Config::default().qemu.tcg_threads, "auto");
+        assert_eq!(Config::default().qemu.tcg_threads, TcgThreads::Auto);
         assert_eq!(
             load("[qemu]\ntcg_threads = \"multi\"\n")
                 .unwrap()
                 .qemu
                 .tcg_threads,
-            "multi"
+            TcgThreads::Multi
         );
         let err = load("[qemu]\ntcg_threads = \"many\"\n")
             .unwrap_err()

@@ -112,44 +112,7 @@ pub async fn create_work_disk(
     .await
 }
 
-/// How a VM's system disk is made from the image's raw root filesystem.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SystemDiskStrategy {
-    /// qcow2 overlay backed by the image (QEMU only).
-    Qcow2,
-    /// Reflink clone (FICLONE; xfs, btrfs): instant, shares blocks until written.
-    Reflink,
-    /// device-mapper snapshot over a read-only loop device of the image (via banger-helper,
-    /// [`HostOps`]).
-    DmSnapshot,
-    /// Full sparse copy: the last resort, time and space grow with the image.
-    Copy,
-}
-
-impl SystemDiskStrategy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Qcow2 => "qcow2",
-            Self::Reflink => "reflink",
-            Self::DmSnapshot => "dm",
-            Self::Copy => "copy",
-        }
-    }
-
-    pub fn from_wire(text: &str) -> Option<Self> {
-        [Self::Qcow2, Self::Reflink, Self::DmSnapshot, Self::Copy]
-            .into_iter()
-            .find(|s| s.as_str() == text)
-    }
-
-    /// The format the VMM opens the disk with.
-    pub fn format(self) -> &'static str {
-        match self {
-            Self::Qcow2 => "qcow2",
-            _ => "raw",
-        }
-    }
-}
+pub use crate::domain::SystemDiskStrategy;
 
 // FICLONE = _IOW(0x94, 9, int): clone all of the source fd's extents into the target.
 nix::ioctl_write_int!(ficlone, 0x94, 9);

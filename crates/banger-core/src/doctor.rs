@@ -13,6 +13,7 @@ use std::time::Duration;
 use banger_proto::{CheckStatus, DoctorCheck, DoctorReport, Image};
 
 use crate::config::Config;
+use crate::domain::AccelMode;
 use crate::layout::Layout;
 use crate::vmm::accel::kvm_ruled_out;
 
@@ -61,7 +62,7 @@ pub async fn run_checks(config: &Config, layout: &Layout) -> DoctorReport {
     let path_var = path_var.as_deref();
     let mut checks = vec![
         check_kvm(
-            &config.qemu.accel,
+            config.qemu.accel,
             Path::new("/dev/kvm"),
             Path::new("/sys/module"),
         ),
@@ -77,9 +78,9 @@ pub async fn run_checks(config: &Config, layout: &Layout) -> DoctorReport {
 
 /// KVM or only TCG. Without usable KVM banger still works (TCG), only slower: `warn`, unless
 /// the config forces KVM, which then cannot start VMs: `fail`.
-pub fn check_kvm(accel: &str, dev_kvm: &Path, sys_module: &Path) -> DoctorCheck {
+pub fn check_kvm(accel: AccelMode, dev_kvm: &Path, sys_module: &Path) -> DoctorCheck {
     const NAME: &str = "kvm";
-    if accel == "tcg" {
+    if accel == AccelMode::Tcg {
         return ok(NAME, "TCG forced by config (qemu.accel = \"tcg\")");
     }
     let Some(why) = kvm_ruled_out(dev_kvm, sys_module) else {
@@ -87,7 +88,7 @@ pub fn check_kvm(accel: &str, dev_kvm: &Path, sys_module: &Path) -> DoctorCheck 
             NAME,
             format!(
                 "KVM device usable{} (a probe boot at first start confirms)",
-                if accel == "kvm" {
+                if accel == AccelMode::Kvm {
                     ", forced by config"
                 } else {
                     ""
@@ -95,7 +96,7 @@ pub fn check_kvm(accel: &str, dev_kvm: &Path, sys_module: &Path) -> DoctorCheck 
             ),
         );
     };
-    if accel == "kvm" {
+    if accel == AccelMode::Kvm {
         return problem(
             NAME,
             CheckStatus::Fail,
@@ -578,7 +579,8 @@ pub fn network_checks(status: &banger_proto::NetworkStatus) -> Vec<DoctorCheck> 
             "bridge",
             status.bridge_up,
             format!(
-                "banger0 {} (gateway {})",
+                "{} {} (gateway {})",
+                status.bridge.as_deref().unwrap_or("bridge"),
                 if status.bridge_up { "up" } else { "down" },
                 status.gateway.as_deref().unwrap_or("unknown")
             ),
@@ -587,7 +589,8 @@ pub fn network_checks(status: &banger_proto::NetworkStatus) -> Vec<DoctorCheck> 
             "nft-table",
             status.nft_table,
             format!(
-                "nftables table ip banger {}",
+                "nftables table ip {} {}",
+                status.table.as_deref().unwrap_or("banger_<uid>"),
                 if status.nft_table {
                     "present"
                 } else {
@@ -606,18 +609,24 @@ pub fn network_checks(status: &banger_proto::NetworkStatus) -> Vec<DoctorCheck> 
     ]
 }
 
-/// Whether the host sends `*.vm` queries to banger's DNS: `resolvectl status banger0`
+/// Whether the host sends `*.vm` queries to banger's DNS: `resolvectl status BRIDGE`
 /// output (None when resolvectl is absent).
-pub fn vm_routing_check(resolvectl: Option<&str>, gateway: Option<&str>) -> DoctorCheck {
+pub fn vm_routing_check(
+    resolvectl: Option<&str>,
+    bridge: &str,
+    gateway: Option<&str>,
+) -> DoctorCheck {
     const NAME: &str = "vm-routing";
     let gateway = gateway.unwrap_or("172.30.0.1");
     match resolvectl {
-        Some(out) if out.contains("~vm") => ok(NAME, "systemd-resolved routes ~vm to banger0"),
+        Some(out) if out.contains("~vm") => {
+            ok(NAME, format!("systemd-resolved routes ~vm to {bridge}"))
+        }
         Some(_) => problem(
             NAME,
             CheckStatus::Warn,
-            "systemd-resolved does not route .vm names to banger0",
-            format!("resolvectl dns banger0 {gateway}; resolvectl domain banger0 ~vm"),
+            format!("systemd-resolved does not route .vm names to {bridge}"),
+            format!("resolvectl dns {bridge} {gateway}; resolvectl domain {bridge} ~vm"),
         ),
         None => problem(
             NAME,
@@ -684,6 +693,8 @@ mod network_row_tests {
             helper_error: (!helper).then(|| "connection refused".into()),
             subnet: Some("172.30.0.0/24".into()),
             gateway: Some("172.30.0.1".into()),
+            bridge: Some("bg0".into()),
+            table: Some("banger_0".into()),
             bridge_up: up,
             nft_table: up,
             taps: vec![],
@@ -713,13 +724,13 @@ mod network_row_tests {
     #[test]
     fn routing_and_firecracker_rows_say_how_to_fix() {
         assert_eq!(
-            vm_routing_check(Some("DNS Domain: ~vm"), None).status,
+            vm_routing_check(Some("DNS Domain: ~vm"), "bg1000", None).status,
             CheckStatus::Ok
         );
-        let row = vm_routing_check(Some("Link 5 (banger0)"), Some("10.9.0.1"));
-        assert!(row.fix.unwrap().contains("resolvectl domain banger0 ~vm"));
+        let row = vm_routing_check(Some("Link 5 (bg1000)"), "bg1000", Some("10.9.0.1"));
+        assert!(row.fix.unwrap().contains("resolvectl domain bg1000 ~vm"));
         assert!(
-            vm_routing_check(None, None)
+            vm_routing_check(None, "bg1000", None)
                 .fix
                 .unwrap()
                 .contains("server=/vm/")
@@ -886,23 +897,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("kvm");
         assert_eq!(
-            check_kvm("tcg", &missing, dir.path()).status,
+            check_kvm(AccelMode::Tcg, &missing, dir.path()).status,
             CheckStatus::Ok
         );
-        let auto = check_kvm("auto", &missing, dir.path());
+        let auto = check_kvm(AccelMode::Auto, &missing, dir.path());
         assert_eq!(auto.status, CheckStatus::Warn);
         assert!(auto.detail.contains("TCG"), "{}", auto.detail);
         assert!(auto.fix.unwrap().contains("modprobe"));
         assert_eq!(
-            check_kvm("kvm", &missing, dir.path()).status,
+            check_kvm(AccelMode::Kvm, &missing, dir.path()).status,
             CheckStatus::Fail
         );
 
         let dev = dir.path().join("kvm-dev");
         std::fs::write(&dev, b"").unwrap();
-        assert_eq!(check_kvm("auto", &dev, dir.path()).status, CheckStatus::Ok);
+        assert_eq!(
+            check_kvm(AccelMode::Auto, &dev, dir.path()).status,
+            CheckStatus::Ok
+        );
         std::fs::create_dir(dir.path().join("kvm_pvm")).unwrap();
-        let pvm = check_kvm("auto", &dev, dir.path());
+        let pvm = check_kvm(AccelMode::Auto, &dev, dir.path());
         assert_eq!(pvm.status, CheckStatus::Warn);
         assert!(pvm.detail.contains("PVM"), "{}", pvm.detail);
         assert!(pvm.fix.unwrap().contains("qemu.accel"));

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod disk;
 pub mod doctor;
+pub mod domain;
 pub mod error;
 pub mod guest;
 pub mod host;

@@ -1,6 +1,11 @@
-//! The VM record and its lifecycle: which state may follow which, checked in one place.
+//! The VM record and its lifecycle: which state may follow which, checked in one place. The
+//! record holds domain enums ([`crate::domain`]); [`VmRecord::to_api`] turns them into the
+//! proto's strings.
 
-use banger_proto::{Vm, VmName, VmRuntime, VmSpec, VmState};
+use banger_proto::{Vm, VmName, VmState};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Accel, SystemDiskStrategy, VmmKind};
 
 /// A transition the lifecycle does not allow.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +54,72 @@ pub fn has_process(state: VmState) -> bool {
     matches!(state, VmState::Running | VmState::Paused)
 }
 
+/// What a VM is made of, fixed at create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// Size of the work disk in bytes.
+    pub disk_size_bytes: u64,
+    /// Name of the image the system disk is made from.
+    pub image: String,
+    /// The VMM chosen at create.
+    pub vmm: VmmKind,
+    /// Why that VMM (e.g. `auto: qemu, because firecracker is not installed`).
+    pub vmm_reason: String,
+    /// How the system disk was made.
+    pub system_disk: SystemDiskStrategy,
+}
+
+impl VmSpec {
+    /// The API view of the spec.
+    pub fn to_api(&self) -> banger_proto::VmSpec {
+        banger_proto::VmSpec {
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            disk_size_bytes: self.disk_size_bytes,
+            image: self.image.clone(),
+            vmm: self.vmm.as_str().into(),
+            vmm_reason: self.vmm_reason.clone(),
+            system_disk: self.system_disk.as_str().into(),
+        }
+    }
+}
+
+/// Runtime facts of a VM that runs (or ran last), stored as JSON with the record (the same
+/// document as the proto's `VmRuntime`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRuntime {
+    pub vmm: VmmKind,
+    pub accel: Accel,
+    /// Why this backend and acceleration were chosen.
+    pub reason: String,
+    /// Process id of the VMM while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Host address and port of the guest's SSH server.
+    pub ssh_host: String,
+    pub ssh_port: u16,
+    /// The jail's root directory on the host when Firecracker runs through its jailer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<String>,
+}
+
+impl VmRuntime {
+    /// The API view of the runtime facts.
+    pub fn to_api(&self) -> banger_proto::VmRuntime {
+        banger_proto::VmRuntime {
+            vmm: self.vmm.as_str().into(),
+            accel: self.accel.as_str().into(),
+            reason: self.reason.clone(),
+            pid: self.pid,
+            ssh_host: self.ssh_host.clone(),
+            ssh_port: self.ssh_port,
+            jail: self.jail.clone(),
+        }
+    }
+}
+
 /// A VM as stored durably.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmRecord {
@@ -78,17 +149,26 @@ impl VmRecord {
         }
     }
 
+    /// Forgets the VMM process (its pid and jail) once it ended; the rest of the runtime
+    /// facts stay for `vm show`.
+    pub fn clear_process(&mut self) {
+        if let Some(runtime) = self.runtime.as_mut() {
+            runtime.pid = None;
+            runtime.jail = None;
+        }
+    }
+
     /// The API view of the record.
     pub fn to_api(&self) -> Vm {
         Vm {
             id: self.id.clone(),
             name: self.name.to_string(),
             state: self.state,
-            spec: self.spec.clone(),
+            spec: self.spec.to_api(),
             created_at: self.created_at.clone(),
             updated_at: self.updated_at.clone(),
             last_error: self.last_error.clone(),
-            runtime: self.runtime.clone(),
+            runtime: self.runtime.as_ref().map(VmRuntime::to_api),
             network: None,
         }
     }

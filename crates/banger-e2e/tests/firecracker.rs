@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use banger_core::config::Config;
+use banger_core::domain::{NetMode, SystemDiskChoice, VmmChoice};
 use banger_core::guest::ssh::SshTarget;
 use banger_core::layout::Layout;
 use banger_core::service::{Manager, Seams};
 use banger_core::vmm::accel::AccelChoice;
 use banger_core::vmm::firecracker::{ApiClient, Firecracker};
 use banger_core::vmm::{
-    Accel, Hypervisor, LaunchSpec, Snapshot, StopTimings, VmProcess, Vmm, VmmError, process,
+    Accel, Hypervisor, LaunchSpec, Snapshot, StopTimings, VmProcess, VmmError, process,
     stop_sequence,
 };
 use banger_e2e::{TestEnv, bin};
@@ -93,7 +94,11 @@ fn spec(dir: &Path, name: &str) -> LaunchSpec {
         work_disk: vm_dir.join("work.ext4"),
         runtime_dir,
         console_log: vm_dir.join("console.log"),
-        net: banger_core::vmm::NetAttach::User { ssh_port: 0 },
+        net: banger_core::vmm::NetAttach::User {
+            ssh_port: 0,
+            isolated: true,
+            ports: Vec::new(),
+        },
         mac: "52:54:00:01:02:03".into(),
         tap: Some("bg-tap-0".into()),
     }
@@ -220,7 +225,7 @@ async fn lifecycle_against_the_fake_firecracker() {
     // "reboots" and Firecracker exits, as with `reboot=k`).
     let synced = sync_attempt().await;
     assert!(!synced);
-    let vmm = Vmm::Firecracker(fc.clone());
+    let vmm = fc.clone();
     let how = stop_sequence(&vmm, &process, &spec.vm_id, synced, false, TIMINGS).await;
     assert_eq!(how, "ctrl-alt-del");
     assert!(!process::is_alive(process.pid, &spec.vm_id));
@@ -261,7 +266,7 @@ async fn stop_falls_back_to_quit_then_kill() {
     let mut reaper = Reaper(Vec::new());
     let process = fc.launch(&spec).await.unwrap();
     reaper.0.push((process.pid, spec.vm_id.clone()));
-    let vmm = Vmm::Firecracker(fc);
+    let vmm = fc;
     let how = stop_sequence(
         &vmm,
         &process,
@@ -280,7 +285,7 @@ async fn stop_falls_back_to_quit_then_kill() {
     let spec = self::spec(dir.path(), "hung");
     let process = fc.launch(&spec).await.unwrap();
     reaper.0.push((process.pid, spec.vm_id.clone()));
-    let vmm = Vmm::Firecracker(fc);
+    let vmm = fc;
     let how = stop_sequence(&vmm, &process, &spec.vm_id, false, false, TIMINGS).await;
     assert_eq!(how, "kill");
     assert!(!process::is_alive(process.pid, &spec.vm_id));
@@ -539,7 +544,7 @@ fn open_fake_manager(
     let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
     let mut config = Config::default();
     config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
-    config.defaults.vmm = "firecracker".into();
+    config.defaults.vmm = VmmChoice::Firecracker;
     config.daemon.stop_timeout_secs = 5;
     tweak(&mut config);
     Manager::open(layout, config).unwrap().with_seams(Seams {
@@ -719,8 +724,8 @@ async fn dm_manager(
     let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
     let mut config = Config::default();
     config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
-    config.defaults.vmm = "firecracker".into();
-    config.defaults.system_disk = "dm".into();
+    config.defaults.vmm = VmmChoice::Firecracker;
+    config.defaults.system_disk = SystemDiskChoice::DmSnapshot;
     // No helper answers here, whatever runs on this machine.
     config.network.helper_socket = dir.join("no-helper.sock").display().to_string();
     let manager = Manager::open(layout, config).unwrap().with_seams(Seams {
@@ -1149,7 +1154,8 @@ async fn pause_resume_and_suspend_against_the_fake() {
 }
 
 /// The real banger-helper (root, owner uid 0) for one test: jails under `<dir>/jail`, files
-/// accepted from `<dir>/home` (the Manager's data dir).
+/// accepted from `<dir>/home` (the Manager's data dir), the fake jailer and `install`'s
+/// Firecracker pinned in its configuration, loop records in `<dir>/records`.
 struct JailHelper {
     child: std::process::Child,
     socket: PathBuf,
@@ -1157,7 +1163,7 @@ struct JailHelper {
 }
 
 impl JailHelper {
-    fn start(dir: &Path) -> Self {
+    fn start(dir: &Path, install: &FakeInstall) -> Self {
         let socket = dir.join("helper.sock");
         let base = dir.join("jail");
         let home = dir.join("home");
@@ -1170,6 +1176,12 @@ impl JailHelper {
             .arg(&home)
             .arg("--jail-base")
             .arg(&base)
+            .arg("--jailer")
+            .arg(bin("banger-jailer-fake"))
+            .arg("--firecracker")
+            .arg(install.dir.path().join("firecracker"))
+            .arg("--record-dir")
+            .arg(dir.join("records"))
             .stdin(std::process::Stdio::null())
             .spawn()
             .unwrap();
@@ -1207,10 +1219,10 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 async fn a_jailed_firecracker_runs_the_lifecycle() {
     let install = FakeInstall::new(&[]);
     let dir = short_tmp("bgjl");
-    let helper = JailHelper::start(dir.path());
+    let helper = JailHelper::start(dir.path(), &install);
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
-        config.network.mode = "user".into();
+        config.network.mode = NetMode::User;
         config.network.helper_socket = helper.socket.display().to_string();
     })
     .await;
@@ -1294,10 +1306,10 @@ async fn a_jailed_firecracker_runs_the_lifecycle() {
 async fn a_failed_jailed_start_leaves_no_jail() {
     let install = FakeInstall::new(&[]);
     let dir = short_tmp("bgjl");
-    let helper = JailHelper::start(dir.path());
+    let helper = JailHelper::start(dir.path(), &install);
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
-        config.network.mode = "user".into();
+        config.network.mode = NetMode::User;
         config.network.helper_socket = helper.socket.display().to_string();
     })
     .await;
@@ -1329,7 +1341,7 @@ async fn a_missing_jailer_is_refused_before_anything_is_made() {
     let dir = short_tmp("bgjl");
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = "/nonexistent/jailer".into();
-        config.network.mode = "user".into();
+        config.network.mode = NetMode::User;
     })
     .await;
     let err = manager
@@ -1361,11 +1373,11 @@ async fn jailed_vms_reattach_and_are_cleaned_up_however_they_end() {
     // A Firecracker that ignores Ctrl-Alt-Del and SIGTERM: only the kill ends it.
     let install = FakeInstall::new(&["--ctrl-alt-del", "ignore", "--ignore-sigterm"]);
     let dir = short_tmp("bgjl");
-    let helper = JailHelper::start(dir.path());
+    let helper = JailHelper::start(dir.path(), &install);
     let socket = helper.socket.display().to_string();
     let jailed = |config: &mut Config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
-        config.network.mode = "user".into();
+        config.network.mode = NetMode::User;
         config.network.helper_socket = socket.clone();
     };
     let first = fake_manager_with(&install, dir.path(), jailed).await;

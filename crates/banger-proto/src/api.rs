@@ -137,11 +137,15 @@ pub struct Vm {
     pub network: Option<VmNetwork>,
 }
 
-/// A VM's network: `bridge` with its lease, or `user` (QEMU user-mode networking).
+/// A VM's network: `bridge` with its lease, `user` (QEMU user-mode networking with
+/// outbound access) or `isolated` (user mode without outbound access).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct VmNetwork {
-    /// `bridge` or `user`.
+    /// `bridge`, `user` or `isolated`.
     pub mode: String,
+    /// Published ports (`vm create -p`, `vm port add`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::PortMapping>,
     /// Bridge mode: the leased address (`NAME.vm` resolves to it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
@@ -166,9 +170,14 @@ pub struct CreateVmRequest {
     /// VMM backend: `auto` (default from config), `firecracker` or `qemu`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm: Option<String>,
-    /// `bridge` or `user`; default: bridge when the root helper answers, else user.
+    /// `bridge`, `user` (outbound network) or `isolated` (user mode, no outbound network);
+    /// default: bridge when the root helper answers, else user (or isolated with
+    /// `network.egress = false`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Ports to publish (`[HOSTIP:]HOSTPORT:GUESTPORT[/udp]`), user and isolated modes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::PortMapping>,
     /// When `image` is a registry reference: whether to pull it (default `missing`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull: Option<PullPolicy>,
@@ -213,6 +222,12 @@ pub struct NetworkStatus {
     pub subnet: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// The owner's bridge (`bg<uid>`), when the helper answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// The owner's nftables table (`ip banger_<uid>`), when the helper answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
     pub bridge_up: bool,
     pub nft_table: bool,
     pub taps: Vec<String>,

@@ -74,9 +74,29 @@ pub fn vm_details(vm: &Vm) -> String {
     if let Some(network) = &vm.network {
         let text = match (&network.ip, &network.tap) {
             (Some(ip), Some(tap)) => format!("{} {ip} ({tap}), {}.vm", network.mode, vm.name),
-            _ => network.mode.clone(),
+            _ => match network.mode.as_str() {
+                "user" => "user (outbound network; the host's loopback is 10.0.2.2)".into(),
+                "isolated" => "isolated (no outbound network)".into(),
+                other => other.to_owned(),
+            },
         };
         pairs.push(("network", text));
+        if !network.ports.is_empty() {
+            let ports: Vec<String> = network
+                .ports
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}:{}->{}/{}",
+                        p.host_ip,
+                        p.host_port,
+                        p.guest_port,
+                        p.proto.as_str()
+                    )
+                })
+                .collect();
+            pairs.push(("ports", ports.join(", ")));
+        }
     }
     if let Some(runtime) = &vm.runtime {
         pairs.push((

@@ -17,10 +17,10 @@ use banger_proto::{
     ApiError, BuildImageRequest, CheckStatus, ConsoleChunk, CreateVmRequest, DaemonStatus,
     DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, Image,
     ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo, LifecycleResult, NetworkStatus,
-    OP_ID_HEADER, PrepareProgress, PrepareResult, PrepareWorkspaceRequest, PullPolicy, PullRequest,
-    PullResult, PushRequest, RegistryAccess, SshConfigRequest, SshConfigResult, SshInfo,
-    StopVmRequest, TransferProgress, TransferResult, Vm, VmNetwork, VmRuntime, VmSpec, VmState,
-    WorkspaceDiff, WorkspaceStatus,
+    OP_ID_HEADER, PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress,
+    PrepareResult, PrepareWorkspaceRequest, PullPolicy, PullRequest, PullResult, PushRequest,
+    RegistryAccess, SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, TransferProgress,
+    TransferResult, Vm, VmNetwork, VmRuntime, VmSpec, VmState, WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -61,6 +61,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{name}/suspend", post(suspend_vm))
         .route("/v1/vms/{name}/ssh", get(ssh_info))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/ports", get(list_ports).post(change_ports))
         .route("/v1/vms/{name}/workspace", get(workspace_status))
         .route("/v1/vms/{name}/workspace/prepare", post(prepare_workspace))
         .route("/v1/vms/{name}/workspace/export", post(export_workspace))
@@ -282,6 +283,30 @@ async fn remove_vm(
 ) -> Result<StatusCode, HttpError> {
     state.manager.remove_vm(&name).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/vms/{name}/ports", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "The VM's published ports", body = PortList),
+              (status = 404, body = ErrorBody)))]
+async fn list_ports(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<PortList>, HttpError> {
+    Ok(Json(state.manager.list_ports(&name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/ports", tag = "vms", request_body = PortChangeRequest,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "Changed (live on a running VM) and kept with the VM", body = PortList),
+              (status = 400, description = "A busy, duplicate or unknown port; nothing changed", body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
+async fn change_ports(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<PortChangeRequest>,
+) -> Result<Json<PortList>, HttpError> {
+    Ok(Json(state.manager.change_ports(&name, request).await?))
 }
 
 #[utoipa::path(get, path = "/v1/network", tag = "network",
@@ -618,6 +643,8 @@ async fn transfer_progress(
         suspend_vm,
         ssh_info,
         console,
+        list_ports,
+        change_ports,
         list_images,
         get_image,
         remove_image,
@@ -658,6 +685,10 @@ async fn transfer_progress(
         CheckStatus,
         NetworkStatus,
         VmNetwork,
+        PortMapping,
+        PortProto,
+        PortChangeRequest,
+        PortList,
         LeaseInfo,
         SshConfigRequest,
         SshConfigResult,

@@ -15,11 +15,16 @@ impl Manager {
         let image = self.store().find_image(name)?;
         checks.push(doctor::default_image_check(name, image.as_ref()));
         checks.push(doctor::firecracker_check(
-            self.firecracker.version().await.map_err(|e| e.to_string()),
+            self.backends
+                .firecracker()
+                .version()
+                .await
+                .map_err(|e| e.to_string()),
         ));
         checks.push(doctor::jailer_check(
             &self.config.firecracker.jailer,
-            self.firecracker
+            self.backends
+                .firecracker()
                 .jailer_path()
                 .map(|p| p.map(|p| p.display().to_string()))
                 .map_err(|e| e.to_string()),
@@ -31,8 +36,9 @@ impl Manager {
         let network = self.network_status().await?;
         checks.extend(doctor::network_checks(&network));
         if network.helper {
+            let bridge = network.bridge.clone().unwrap_or_default();
             let resolvectl = tokio::process::Command::new("resolvectl")
-                .args(["status", "banger0"])
+                .args(["status", &bridge])
                 .stdin(std::process::Stdio::null())
                 .output()
                 .await
@@ -40,6 +46,7 @@ impl Manager {
                 .map(|out| String::from_utf8_lossy(&out.stdout).into_owned());
             checks.push(doctor::vm_routing_check(
                 resolvectl.as_deref(),
+                &bridge,
                 network.gateway.as_deref(),
             ));
         }

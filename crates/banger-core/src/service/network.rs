@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::Manager;
 use crate::Error;
+use crate::domain::NetMode;
 use crate::host::{HostError, HostReply};
 use crate::net::{self, dns, sshconfig};
 use crate::store::{LeasePool, Store};
@@ -67,17 +68,17 @@ impl Manager {
         &self,
         requested: Option<&str>,
     ) -> Result<Option<LeasePool>, Error> {
-        let mode = requested.unwrap_or(self.config.network.mode.as_str());
+        let mode = match requested {
+            Some(text) => text
+                .parse::<NetMode>()
+                .map_err(|e| Error::InvalidRequest(e.to_string()))?,
+            None => self.config.network.mode,
+        };
         let want = match mode {
-            "user" => return Ok(None),
-            "bridge" => Mode::Bridge,
-            "auto" if self.host.is_none() => return Ok(None),
-            "auto" => Mode::User,
-            other => {
-                return Err(Error::InvalidRequest(format!(
-                    "network {other:?} is not one of bridge, user"
-                )));
-            }
+            NetMode::User => return Ok(None),
+            NetMode::Bridge => Mode::Bridge,
+            NetMode::Auto if self.host.is_none() => return Ok(None),
+            NetMode::Auto => Mode::User,
         };
         let info = match self.helper_info().await {
             Ok(info) => info,
@@ -129,8 +130,9 @@ impl Manager {
             });
             let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
             let upstreams = dns::upstreams(&resolv, info.gateway);
-            info!(%address, upstreams = ?upstreams, "DNS server for NAME.vm listening");
-            let task = tokio::spawn(dns::serve(socket, lookup, upstreams));
+            let clients = pool_of(&info)?.subnet;
+            info!(%address, upstreams = ?upstreams, %clients, "DNS server for NAME.vm listening");
+            let task = tokio::spawn(dns::serve(socket, lookup, upstreams, clients));
             *self.dns_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
             *self.dns_addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(address.to_string());
             match self.host_call(HelperOp::RouteDns).await {
@@ -156,7 +158,9 @@ impl Manager {
             .list_leases()
             .map(|l| !l.is_empty())
             .unwrap_or(false);
-        if !has_leases && self.config.network.mode != "bridge" && self.helper_info().await.is_err()
+        if !has_leases
+            && self.config.network.mode != NetMode::Bridge
+            && self.helper_info().await.is_err()
         {
             return;
         }
@@ -178,12 +182,14 @@ impl Manager {
             })
             .collect();
         let mut status = NetworkStatus {
-            mode: self.config.network.mode.clone(),
+            mode: self.config.network.mode.as_str().into(),
             helper_socket: self.helper_socket.display().to_string(),
             helper: false,
             helper_error: None,
             subnet: None,
             gateway: None,
+            bridge: None,
+            table: None,
             bridge_up: false,
             nft_table: false,
             taps: Vec::new(),
@@ -213,6 +219,8 @@ impl Manager {
                 if let Ok(info) = self.helper_info().await {
                     status.subnet = Some(info.subnet);
                     status.gateway = Some(info.gateway.to_string());
+                    status.table = Some(banger_proto::helper::nft_table(info.owner));
+                    status.bridge = Some(info.bridge);
                 }
             }
             Ok(other) => status.helper_error = Some(format!("unexpected reply {:?}", other.result)),
@@ -221,7 +229,7 @@ impl Manager {
         Ok(status)
     }
 
-    /// `banger network down`: every tap, the bridge, the nftables table and the DNS server.
+    /// `banger network down`: the owner's taps, bridge, nftables table and DNS server.
     /// Refused while a bridge VM runs.
     pub async fn network_down(&self) -> Result<NetworkStatus, Error> {
         let _guard = self.net_lock.lock().await;
@@ -338,6 +346,7 @@ fn pool_of(info: &HelperInfo) -> Result<LeasePool, Error> {
     Ok(LeasePool {
         subnet,
         gateway: info.gateway,
+        owner: info.owner,
     })
 }
 
@@ -406,7 +415,7 @@ mod tests {
             dir.path().join("config.toml"),
         );
         let mut config = Config::default();
-        config.network.mode = "user".into();
+        config.network.mode = NetMode::User;
         let manager = Manager::with_host(layout, config.clone(), None, "/x".into()).unwrap();
         assert!(manager.choose_network(None).await.unwrap().is_none());
         assert!(manager.choose_network(Some("bridge")).await.is_err());

@@ -33,7 +33,7 @@ impl Manager {
     fn running_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
         let record = self.observed_vm(name)?;
         if record.state != VmState::Running {
-            return Err(super::lifecycle::not_running(name, record.state));
+            return Err(super::not_running(name, record.state));
         }
         Ok(record)
     }
@@ -54,8 +54,7 @@ impl Manager {
                 request.path
             )));
         }
-        let lock = self.vm_lock(&name);
-        let _guard = lock.lock().await;
+        let _vm = self.locked(name.as_str()).await?;
         let record = self.running_vm(&name)?;
         let target = self.ssh_target(&record)?;
         let channel = self.layout.vm_workspace_channel(&record.id);
@@ -238,8 +237,7 @@ impl Manager {
                 dest.display()
             )));
         }
-        let lock = self.vm_lock(&name);
-        let _guard = lock.lock().await;
+        let _vm = self.locked(name.as_str()).await?;
         let record = self.running_vm(&name)?;
         let ws = self.store().workspace(&record.id)?;
         let Some(base) = ws.and_then(|w| w.base_tree) else {

@@ -1,14 +1,24 @@
 //! Schema migrations, applied in order and recorded in `PRAGMA user_version`. Append only:
 //! a released migration is never edited.
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Transaction};
 
 use super::StoreError;
 
+/// One step of the schema.
+enum Migration {
+    /// SQL applied as one batch.
+    Sql(&'static str),
+    /// A check (or conversion) of stored rows that SQL cannot express.
+    Rows(fn(&Transaction<'_>) -> Result<(), StoreError>),
+}
+
+use Migration::{Rows, Sql};
+
 /// Each entry moves the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Migration] = &[
     // 1: VM records.
-    "CREATE TABLE vms (
+    Sql("CREATE TABLE vms (
         id              TEXT PRIMARY KEY NOT NULL,
         name            TEXT NOT NULL UNIQUE,
         cpus            INTEGER NOT NULL CHECK (cpus > 0),
@@ -20,9 +30,9 @@ const MIGRATIONS: &[&str] = &[
         updated_at      TEXT NOT NULL,
         last_error      TEXT,
         runtime_json    TEXT
-    ) STRICT;",
+    ) STRICT;"),
     // 2: kernels and images, content-addressed on disk by digest.
-    "CREATE TABLE kernels (
+    Sql("CREATE TABLE kernels (
         name        TEXT PRIMARY KEY NOT NULL,
         digest      TEXT NOT NULL,
         release     TEXT,
@@ -37,9 +47,9 @@ const MIGRATIONS: &[&str] = &[
         size_bytes  INTEGER NOT NULL,
         source      TEXT NOT NULL,
         created_at  TEXT NOT NULL
-    ) STRICT;",
+    ) STRICT;"),
     // 3: the workspace prepared in each VM and its manifest (what the guest holds).
-    "CREATE TABLE workspaces (
+    Sql("CREATE TABLE workspaces (
         vm_id       TEXT PRIMARY KEY NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
         host_path   TEXT NOT NULL,
         git         INTEGER NOT NULL,
@@ -56,24 +66,43 @@ const MIGRATIONS: &[&str] = &[
         mtime_ns INTEGER NOT NULL,
         hash     TEXT NOT NULL,
         PRIMARY KEY (vm_id, path)
-    ) STRICT, WITHOUT ROWID;",
+    ) STRICT, WITHOUT ROWID;"),
     // 4: the VM's backend (and why) and how its system disk was made.
-    "ALTER TABLE vms ADD COLUMN vmm TEXT NOT NULL DEFAULT 'qemu';
+    Sql(
+        "ALTER TABLE vms ADD COLUMN vmm TEXT NOT NULL DEFAULT 'qemu';
     ALTER TABLE vms ADD COLUMN vmm_reason TEXT NOT NULL DEFAULT '';
     ALTER TABLE vms ADD COLUMN system_disk TEXT NOT NULL DEFAULT 'qcow2';",
+    ),
     // 5: bridge networking: one lease (address + tap) per VM in bridge mode; a VM without a
     // lease uses user-mode networking. Deleted with the VM.
-    "CREATE TABLE leases (
+    Sql("CREATE TABLE leases (
         vm_id       TEXT PRIMARY KEY NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
         ip          TEXT NOT NULL UNIQUE,
         tap         TEXT NOT NULL UNIQUE,
         created_at  TEXT NOT NULL
-    ) STRICT;",
-    // 6: registry blobs: which compressed layer (by its OCI digest) became which local store
+    ) STRICT;"),
+    // 6: the typed domain: every stored backend, system disk strategy and runtime document
+    // must parse into banger's enums (their spellings did not change, so nothing converts);
+    // a row that does not is named, and the database stays at 5 until it is fixed.
+    Rows(check_typed_rows),
+    // 7: user-mode VMs without outbound network (`--net isolated`; no row: outbound allowed),
+    // and every VM's published ports. Deleted with the VM.
+    Sql("CREATE TABLE vm_isolated (
+        vm_id       TEXT PRIMARY KEY NOT NULL REFERENCES vms(id) ON DELETE CASCADE
+    ) STRICT;
+    CREATE TABLE vm_ports (
+        vm_id       TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        proto       TEXT NOT NULL CHECK (proto IN ('tcp', 'udp')),
+        host_ip     TEXT NOT NULL,
+        host_port   INTEGER NOT NULL CHECK (host_port BETWEEN 1 AND 65535),
+        guest_port  INTEGER NOT NULL CHECK (guest_port BETWEEN 1 AND 65535),
+        PRIMARY KEY (vm_id, proto, host_ip, host_port)
+    ) STRICT;"),
+    // 8: registry blobs: which compressed layer (by its OCI digest) became which local store
     // directory (`kind` rootfs → images/<local>, kernel/initrd → kernels/<local>), so a pull of
     // stored content fetches nothing and a push of it compresses nothing. For `config`, `local`
     // is the config JSON itself.
-    "CREATE TABLE blobs (
+    Sql("CREATE TABLE blobs (
         digest        TEXT PRIMARY KEY NOT NULL,
         kind          TEXT NOT NULL,
         local         TEXT NOT NULL,
@@ -81,19 +110,42 @@ const MIGRATIONS: &[&str] = &[
         uncompressed  INTEGER NOT NULL,
         created_at    TEXT NOT NULL
     ) STRICT;
-    CREATE INDEX blobs_by_local ON blobs(kind, local);",
+    CREATE INDEX blobs_by_local ON blobs(kind, local);"),
 ];
+
+/// Reads every VM row through the typed record, so an unknown value fails here, naming it.
+fn check_typed_rows(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare(&format!("SELECT {} FROM vms", super::VM_COLUMNS))?;
+    let rows = stmt.query_map([], super::raw_vm)?;
+    for row in rows {
+        row?.into_record()?;
+    }
+    Ok(())
+}
 
 /// Brings the schema up to date, each migration in its own transaction.
 pub(super) fn apply(conn: &mut Connection) -> Result<(), StoreError> {
+    apply_up_to(conn, MIGRATIONS.len())
+}
+
+/// Applies the migrations up to schema version `target`.
+pub(super) fn apply_up_to(conn: &mut Connection, target: usize) -> Result<(), StoreError> {
     let known = MIGRATIONS.len() as i64;
     let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
     if found > known {
         return Err(StoreError::TooNew { found, known });
     }
-    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+    for (index, migration) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(target)
+        .skip(found as usize)
+    {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
+        match migration {
+            Sql(sql) => tx.execute_batch(sql)?,
+            Rows(check) => check(&tx)?,
+        }
         tx.pragma_update(None, "user_version", index as i64 + 1)?;
         tx.commit()?;
     }

@@ -6,6 +6,7 @@ mod assets;
 mod blobs;
 mod leases;
 mod migrations;
+mod ports;
 mod workspace;
 
 pub use workspace::WorkspaceRecord;
@@ -16,10 +17,10 @@ pub use leases::{Lease, LeasePool};
 
 use std::path::Path;
 
-use banger_proto::{VmName, VmSpec, VmState};
+use banger_proto::{VmName, VmState};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::model::VmRecord;
+use crate::model::{VmRecord, VmSpec};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let mut store = Self { conn };
         migrations::apply(&mut store.conn)?;
+        leases::rename_legacy_taps(&store.conn, nix::unistd::geteuid().as_raw())?;
         Ok(store)
     }
 
@@ -143,9 +145,9 @@ fn insert_vm_on(conn: &Connection, vm: &VmRecord) -> Result<(), StoreError> {
             vm.updated_at,
             vm.last_error,
             runtime,
-            vm.spec.vmm,
+            vm.spec.vmm.as_str(),
             vm.spec.vmm_reason,
-            vm.spec.system_disk,
+            vm.spec.system_disk.as_str(),
         ],
     );
     match result {
@@ -205,15 +207,20 @@ fn raw_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawVm> {
 }
 
 impl RawVm {
+    /// The typed record; a value no domain enum spells is an error naming the VM, never a
+    /// default (a Firecracker VM read as QEMU would boot its raw disk as qcow2).
     fn into_record(self) -> Result<VmRecord, StoreError> {
         let name = VmName::parse(&self.name).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("VM {name:?}: {e}"));
         let state = VmState::from_wire(&self.state)
-            .ok_or_else(|| StoreError::Corrupt(format!("VM state {:?}", self.state)))?;
+            .ok_or_else(|| corrupt(&format!("state {:?}", self.state)))?;
+        let vmm = self.vmm.parse().map_err(|e| corrupt(&e))?;
+        let system_disk = self.system_disk.parse().map_err(|e| corrupt(&e))?;
         let runtime = self
             .runtime_json
             .map(|text| serde_json::from_str(&text))
             .transpose()
-            .map_err(|e| StoreError::Corrupt(format!("VM runtime: {e}")))?;
+            .map_err(|e| corrupt(&format!("runtime: {e}")))?;
         Ok(VmRecord {
             id: self.id,
             name,
@@ -222,9 +229,9 @@ impl RawVm {
                 memory_mib: self.memory_mib,
                 disk_size_bytes: self.disk_size_bytes,
                 image: self.image,
-                vmm: self.vmm,
+                vmm,
                 vmm_reason: self.vmm_reason,
-                system_disk: self.system_disk,
+                system_disk,
             },
             state,
             created_at: self.created_at,
@@ -238,6 +245,7 @@ impl RawVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{SystemDiskStrategy, VmmKind};
 
     fn spec() -> VmSpec {
         VmSpec {
@@ -245,10 +253,91 @@ mod tests {
             memory_mib: 1024,
             disk_size_bytes: 8 << 30,
             image: "default".into(),
-            vmm: "firecracker".into(),
+            vmm: VmmKind::Firecracker,
             vmm_reason: "test".into(),
-            system_disk: "reflink".into(),
+            system_disk: SystemDiskStrategy::Reflink,
         }
+    }
+
+    /// A row whose backend or disk strategy this banger does not know is refused with an
+    /// error naming the VM and the value, on open (the migration's check) and on read.
+    #[test]
+    fn unknown_backend_or_strategy_in_a_row_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = Store::open(&path).unwrap();
+        store
+            .insert_vm(&VmRecord::new(VmName::parse("dev").unwrap(), spec()))
+            .unwrap();
+        store
+            .conn
+            .execute("UPDATE vms SET system_disk = 'zfs' WHERE name = 'dev'", [])
+            .unwrap();
+        let err = store.get_vm("dev").unwrap_err().to_string();
+        assert!(
+            err.contains("\"dev\"")
+                && err.contains("\"zfs\"")
+                && err.contains("qcow2, reflink, dm, copy"),
+            "{err}"
+        );
+        assert!(store.list_vms().is_err());
+        store
+            .conn
+            .execute(
+                "UPDATE vms SET system_disk = 'copy', vmm = 'xen' WHERE name = 'dev'",
+                [],
+            )
+            .unwrap();
+        let err = store.get_vm("dev").unwrap_err().to_string();
+        assert!(
+            err.contains("vmm \"xen\" is not one of qemu, firecracker"),
+            "{err}"
+        );
+        // A runtime document with an unknown acceleration is no better.
+        store
+            .conn
+            .execute(
+                r#"UPDATE vms SET vmm = 'qemu', runtime_json = '{"vmm":"qemu","accel":"hvf","reason":"","ssh_host":"h","ssh_port":1}' WHERE name = 'dev'"#,
+                [],
+            )
+            .unwrap();
+        let err = store.get_vm("dev").unwrap_err().to_string();
+        assert!(err.contains("hvf") && err.contains("kvm, tcg"), "{err}");
+    }
+
+    /// A database from before the typed domain (schema 5) holding a row with an unknown
+    /// backend does not open: the migration names the row instead of carrying it along.
+    #[test]
+    fn the_typed_domain_migration_refuses_unknown_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            migrations::apply_up_to(&mut conn, 5).unwrap();
+            conn.execute(
+                "INSERT INTO vms (id, name, cpus, memory_mib, disk_size_bytes, image, state, created_at, updated_at, vmm, system_disk) \
+                 VALUES ('a1', 'old', 1, 128, 67108864, 'default', 'stopped', 't', 't', 'bhyve', 'qcow2')",
+                [],
+            )
+            .unwrap();
+        }
+        let err = Store::open(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("\"old\"")
+                && err.contains("vmm \"bhyve\" is not one of qemu, firecracker"),
+            "{err}"
+        );
+        // Nothing was half-applied: fixing the row lets the migration through.
+        {
+            let conn = Connection::open(&path).unwrap();
+            let version: i64 = conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap();
+            assert_eq!(version, 5);
+            conn.execute("UPDATE vms SET vmm = 'qemu'", []).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.get_vm("old").unwrap().spec.vmm, VmmKind::Qemu);
     }
 
     #[test]

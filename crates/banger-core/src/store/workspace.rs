@@ -119,8 +119,10 @@ impl Store {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::domain::{SystemDiskStrategy, VmmKind};
     use crate::model::VmRecord;
-    use banger_proto::{VmName, VmSpec};
+    use crate::model::VmSpec;
+    use banger_proto::VmName;
 
     #[test]
     fn manifest_round_trips_and_goes_with_the_vm() {
@@ -133,9 +135,9 @@ mod tests {
                 memory_mib: 512,
                 disk_size_bytes: 1 << 30,
                 image: "default".into(),
-                vmm: "qemu".into(),
+                vmm: VmmKind::Qemu,
                 vmm_reason: "test".into(),
-                system_disk: "qcow2".into(),
+                system_disk: SystemDiskStrategy::Qcow2,
             },
         );
         store.insert_vm(&vm).unwrap();

@@ -9,21 +9,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-/// Hardware acceleration for a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Kvm => "kvm",
-            Self::Tcg => "tcg",
-        }
-    }
-}
+pub use crate::domain::Accel;
+use crate::domain::AccelMode;
 
 /// The decision and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,28 +85,28 @@ pub async fn probe_kvm(qemu: &Path, kernel: &Path, scratch: &Path) -> Result<(),
     }
 }
 
-/// Decides the acceleration for `requested` ("auto", "kvm" or "tcg").
+/// Decides the acceleration for `requested` (`qemu.accel`).
 pub async fn choose(
-    requested: &str,
+    requested: AccelMode,
     qemu: &Path,
     kernel: &Path,
     scratch: &Path,
-) -> Result<AccelChoice, String> {
+) -> AccelChoice {
     match requested {
-        "tcg" => Ok(AccelChoice {
+        AccelMode::Tcg => AccelChoice {
             accel: Accel::Tcg,
             reason: "TCG requested in config".into(),
-        }),
-        "kvm" => Ok(AccelChoice {
+        },
+        AccelMode::Kvm => AccelChoice {
             accel: Accel::Kvm,
             reason: "KVM requested in config".into(),
-        }),
-        "auto" => {
+        },
+        AccelMode::Auto => {
             let ruled_out = match kvm_ruled_out(Path::new("/dev/kvm"), Path::new("/sys/module")) {
                 Some(why) => Some(why),
                 None => probe_kvm(qemu, kernel, scratch).await.err(),
             };
-            Ok(match ruled_out {
+            match ruled_out {
                 Some(why) => AccelChoice {
                     accel: Accel::Tcg,
                     reason: format!("TCG (software emulation): {why}"),
@@ -128,9 +115,8 @@ pub async fn choose(
                     accel: Accel::Kvm,
                     reason: "KVM: a probe boot succeeded".into(),
                 },
-            })
+            }
         }
-        other => Err(format!("accel {other:?} is not one of auto, kvm, tcg")),
     }
 }
 

@@ -11,7 +11,7 @@
 //! are placed in the jail under fixed names, every path sent to the API is the in-jail one,
 //! and `<vm runtime dir>/fc.sock` is a symlink to the API socket inside the jail, so stop,
 //! pause and reattach work the same. The jail is removed through the helper when the VM
-//! stops or the launch fails ([`Firecracker::remove_jail`]).
+//! stops or the launch fails ([`Hypervisor::remove_jail`]).
 //!
 //! [`ApiClient`] speaks HTTP/1.1 on the Unix socket (hyper), one connection per request, each
 //! bounded by a timeout; Firecracker's `fault_message` becomes the error text.
@@ -28,7 +28,10 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
-use super::{Capabilities, Hypervisor, LaunchSpec, Snapshot, VmProcess, VmmError, process};
+use super::{
+    Capabilities, DiskRefusal, Hypervisor, LaunchSpec, Snapshot, VmProcess, VmmError, process,
+};
+use crate::domain::{SystemDiskStrategy, VmmKind};
 use crate::host::HostOps;
 
 /// Oldest Firecracker whose API matches what banger sends (`mem_backend` on snapshot load,
@@ -211,24 +214,6 @@ impl Firecracker {
         resolve_binary(&jailer.binary)
             .map(Some)
             .ok_or_else(|| VmmError::MissingJailer(jailer.binary.display().to_string()))
-    }
-
-    /// Removes a VM's jail (and its cgroup) through the helper; blocking. A no-op without a
-    /// configured jailer.
-    pub fn remove_jail(&self, vm_id: &str) -> Result<(), VmmError> {
-        let Some(jailer) = &self.jailer else {
-            return Ok(());
-        };
-        jailer
-            .host
-            .call(
-                vm_id,
-                HelperOp::RemoveJail {
-                    vm_id: vm_id.to_owned(),
-                },
-            )
-            .map(drop)
-            .map_err(|e| VmmError::JailRemoval(e.to_string()))
     }
 
     /// Arguments passed before banger's own (tests point a wrapper at the fake this way).
@@ -444,8 +429,8 @@ impl Firecracker {
                 "run the jailer without the root helper",
             ));
         };
-        let exec_file = resolve_binary(&self.binary)
-            .ok_or_else(|| VmmError::MissingBinary(self.binary.display().to_string()))?;
+        // The jailer and Firecracker binaries are the helper's own configuration (a request
+        // never names what root runs); `jailer` here only names the start in errors.
         // The console log must exist to be placed in the jail.
         std::fs::File::create(&spec.console_log).map_err(io_err(format!(
             "cannot create {}",
@@ -454,8 +439,6 @@ impl Firecracker {
         let text = |p: &Path| p.display().to_string();
         let op = HelperOp::SpawnJailed {
             vm_id: spec.vm_id.clone(),
-            jailer: text(&jailer),
-            exec_file: text(&exec_file),
             files: JailFiles {
                 kernel: text(&spec.kernel),
                 initrd: spec.initrd.as_deref().map(text),
@@ -537,17 +520,78 @@ pub fn api_socket(runtime_dir: &Path) -> PathBuf {
 }
 
 impl Hypervisor for Firecracker {
-    fn name(&self) -> &'static str {
-        "firecracker"
+    fn kind(&self) -> VmmKind {
+        VmmKind::Firecracker
+    }
+
+    fn display_name(&self) -> &'static str {
+        "Firecracker"
     }
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             needs_tap: true,
             supports_qcow2: false,
+            requires_kvm: true,
             supports_memory_snapshot: true,
             supports_pause: true,
         }
+    }
+
+    fn boot_args(&self) -> &'static str {
+        BOOT_ARGS
+    }
+
+    /// A guest power-off leaves Firecracker running (no ACPI on x86); a reboot ends it
+    /// (`reboot=k`), so the guest is asked to reboot.
+    fn guest_stop_script(&self) -> &'static str {
+        "sync && (systemctl reboot --no-block || reboot) >/dev/null 2>&1"
+    }
+
+    fn control_socket(&self, runtime_dir: &Path) -> PathBuf {
+        api_socket(runtime_dir)
+    }
+
+    fn preflight(&self) -> Result<(), VmmError> {
+        self.jailer_path().map(drop)
+    }
+
+    fn dm_disks(&self) -> Result<(), String> {
+        match self.jailer {
+            Some(_) => Err("the jailer's chroot takes regular files only".into()),
+            None => Ok(()),
+        }
+    }
+
+    fn check_system_disk(&self, strategy: SystemDiskStrategy) -> Result<(), DiskRefusal> {
+        match strategy {
+            SystemDiskStrategy::Qcow2 => Err(DiskRefusal::Format(
+                "Firecracker takes raw disks only; defaults.system_disk = \"qcow2\" works with QEMU only".into(),
+            )),
+            SystemDiskStrategy::DmSnapshot if self.jailer.is_some() => Err(DiskRefusal::Setup {
+                message: "a device-mapper system disk cannot be placed in the jailer's chroot".into(),
+                hint: "set defaults.system_disk = \"reflink\" or \"copy\", or remove firecracker.jailer".into(),
+            }),
+            SystemDiskStrategy::DmSnapshot | SystemDiskStrategy::Reflink | SystemDiskStrategy::Copy => Ok(()),
+        }
+    }
+
+    /// Removes a VM's jail (and its cgroup) through the helper; blocking. A no-op without a
+    /// configured jailer.
+    fn remove_jail(&self, vm_id: &str) -> Result<(), VmmError> {
+        let Some(jailer) = &self.jailer else {
+            return Ok(());
+        };
+        jailer
+            .host
+            .call(
+                vm_id,
+                HelperOp::RemoveJail {
+                    vm_id: vm_id.to_owned(),
+                },
+            )
+            .map(drop)
+            .map_err(|e| VmmError::JailRemoval(e.to_string()))
     }
 
     fn shutdown_signal(&self) -> &'static str {

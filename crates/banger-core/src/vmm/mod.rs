@@ -1,7 +1,8 @@
-//! VMM backends behind one trait. Callers never switch on the backend: what differs is in
-//! [`Capabilities`]. Firecracker (API socket) and QEMU `-M microvm` (QMP) implement it; [`Vmm`]
-//! is the closed set of both (the trait's native async fns are not dyn-compatible), and
-//! [`stop_sequence`] is the backend-neutral part of the §5 stop.
+//! VMM backends behind one trait. Firecracker (API socket) and QEMU `-M microvm` (QMP)
+//! implement [`Hypervisor`] (native async fns); callers hold a backend as
+//! `Arc<dyn VmBackend>` (the same methods with boxed futures) and never switch on which one it
+//! is: what differs is in the backend's methods and its [`Capabilities`]. [`stop_sequence`] is
+//! the backend-neutral part of the §5 stop.
 
 pub mod accel;
 pub mod cgroup;
@@ -11,10 +12,15 @@ pub mod qemu;
 pub mod qmp;
 pub mod select;
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use accel::Accel;
+
+use crate::domain::{SystemDiskStrategy, VmmKind};
 
 /// Why a VMM operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +34,14 @@ pub enum VmmError {
     /// The root helper could not remove a VM's jail.
     #[error("cannot remove the VM's jail: {0}")]
     JailRemoval(String),
+    /// The host port forwarded to the guest's SSH server was taken before the VMM bound it
+    /// (user-mode networking picks a free port, which another process can take first).
+    #[error("{binary} did not start: port {port} on 127.0.0.1 is taken: {message}")]
+    PortTaken {
+        binary: String,
+        port: u16,
+        message: String,
+    },
     /// The VMM exited before the VM ran.
     #[error("{binary} did not start: {message}")]
     LaunchFailed { binary: String, message: String },
@@ -81,8 +95,10 @@ impl VmmError {
 pub struct Capabilities {
     /// Needs a tap device (no user-mode networking).
     pub needs_tap: bool,
-    /// Can use qcow2 overlays for the system disk.
+    /// Can use qcow2 overlays for the system disk (then its default system disk).
     pub supports_qcow2: bool,
+    /// Runs only under KVM (no software emulation).
+    pub requires_kvm: bool,
     /// Can save and restore guest memory.
     pub supports_memory_snapshot: bool,
     /// Can pause and resume the vCPUs.
@@ -127,8 +143,14 @@ pub struct Snapshot {
 /// How a VM's NIC reaches the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetAttach {
-    /// QEMU user-mode networking; `ssh_port` on 127.0.0.1 forwards to the guest's port 22.
-    User { ssh_port: u16 },
+    /// QEMU user-mode networking; `ssh_port` on 127.0.0.1 forwards to the guest's port 22,
+    /// `ports` are the VM's published ports; `isolated`: no outbound network
+    /// (`restrict=on`, only the forwards reach the guest).
+    User {
+        ssh_port: u16,
+        isolated: bool,
+        ports: Vec<banger_proto::PortMapping>,
+    },
     /// A tap device (made by the root helper, owned by the user, attached to the bridge).
     Tap { name: String },
 }
@@ -143,12 +165,56 @@ pub struct VmProcess {
     pub jail: Option<PathBuf>,
 }
 
+/// Why a backend cannot use a system disk strategy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskRefusal {
+    /// The backend cannot open such a disk at all (the request is wrong).
+    Format(String),
+    /// How the backend is set up here excludes it (e.g. the jailer's chroot).
+    Setup { message: String, hint: String },
+}
+
 /// A VMM backend.
 pub trait Hypervisor: Send + Sync {
-    /// Short name stored with the VM: `qemu` or `firecracker`.
-    fn name(&self) -> &'static str;
+    /// The kind stored with the VM.
+    fn kind(&self) -> VmmKind;
+
+    /// The name users know it by (`QEMU`, `Firecracker`).
+    fn display_name(&self) -> &'static str;
 
     fn capabilities(&self) -> Capabilities;
+
+    /// Kernel arguments this backend's guests need (before banger's own).
+    fn boot_args(&self) -> &'static str;
+
+    /// What the guest runs over SSH to flush its disks and end the VMM by itself.
+    fn guest_stop_script(&self) -> &'static str;
+
+    /// Where a VM's control socket lives, given its runtime directory (so a running VMM can
+    /// be reattached by pid).
+    fn control_socket(&self, runtime_dir: &Path) -> PathBuf;
+
+    /// Refuses before anything is made when the backend, as configured, cannot work (e.g. a
+    /// configured jailer that is not installed).
+    fn preflight(&self) -> Result<(), VmmError> {
+        Ok(())
+    }
+
+    /// Whether device-mapper system disks can reach this backend's VMs, or why not.
+    fn dm_disks(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Whether this backend can run a VM on a `strategy` system disk.
+    fn check_system_disk(&self, _strategy: SystemDiskStrategy) -> Result<(), DiskRefusal> {
+        Ok(())
+    }
+
+    /// Removes what the backend keeps outside the VM's directories for a VM that no longer
+    /// runs (Firecracker's jail); idempotent. Blocking (it may ask the root helper).
+    fn remove_jail(&self, _vm_id: &str) -> Result<(), VmmError> {
+        Ok(())
+    }
 
     /// Starts the VMM detached from the daemon (it survives a daemon restart) and returns once
     /// the VMM runs the guest. Leaves nothing behind on error.
@@ -218,89 +284,162 @@ pub trait Hypervisor: Send + Sync {
     }
 }
 
-/// One of banger's backends.
-#[derive(Debug, Clone)]
-pub enum Vmm {
-    Qemu(qemu::Qemu),
-    Firecracker(firecracker::Firecracker),
+/// A boxed future: what makes [`VmBackend`] usable as a trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A backend as the service holds it (`Arc<dyn VmBackend>`): [`Hypervisor`] with its futures
+/// boxed. Every [`Hypervisor`] is one.
+pub trait VmBackend: Send + Sync + std::fmt::Debug {
+    fn kind(&self) -> VmmKind;
+    fn display_name(&self) -> &'static str;
+    fn capabilities(&self) -> Capabilities;
+    fn boot_args(&self) -> &'static str;
+    fn guest_stop_script(&self) -> &'static str;
+    fn shutdown_signal(&self) -> &'static str;
+    fn control_socket(&self, runtime_dir: &Path) -> PathBuf;
+    fn preflight(&self) -> Result<(), VmmError>;
+    fn dm_disks(&self) -> Result<(), String>;
+    fn check_system_disk(&self, strategy: SystemDiskStrategy) -> Result<(), DiskRefusal>;
+    fn remove_jail(&self, vm_id: &str) -> Result<(), VmmError>;
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<VmProcess, VmmError>>;
+    fn restore<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        snapshot: &'a Snapshot,
+    ) -> BoxFuture<'a, Result<VmProcess, VmmError>>;
+    fn request_shutdown<'a>(
+        &'a self,
+        process: &'a VmProcess,
+    ) -> BoxFuture<'a, Result<(), VmmError>>;
+    fn quit<'a>(&'a self, process: &'a VmProcess) -> BoxFuture<'a, Result<(), VmmError>>;
+    fn pause<'a>(&'a self, process: &'a VmProcess) -> BoxFuture<'a, Result<(), VmmError>>;
+    fn resume<'a>(&'a self, process: &'a VmProcess) -> BoxFuture<'a, Result<(), VmmError>>;
+    fn is_paused<'a>(&'a self, process: &'a VmProcess) -> BoxFuture<'a, Result<bool, VmmError>>;
+    fn snapshot<'a>(
+        &'a self,
+        process: &'a VmProcess,
+        snapshot: &'a Snapshot,
+    ) -> BoxFuture<'a, Result<(), VmmError>>;
 }
 
-impl Hypervisor for Vmm {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Qemu(q) => q.name(),
-            Self::Firecracker(f) => f.name(),
-        }
+impl<H: Hypervisor + std::fmt::Debug> VmBackend for H {
+    fn kind(&self) -> VmmKind {
+        Hypervisor::kind(self)
     }
-
+    fn display_name(&self) -> &'static str {
+        Hypervisor::display_name(self)
+    }
     fn capabilities(&self) -> Capabilities {
-        match self {
-            Self::Qemu(q) => q.capabilities(),
-            Self::Firecracker(f) => f.capabilities(),
-        }
+        Hypervisor::capabilities(self)
     }
-
+    fn boot_args(&self) -> &'static str {
+        Hypervisor::boot_args(self)
+    }
+    fn guest_stop_script(&self) -> &'static str {
+        Hypervisor::guest_stop_script(self)
+    }
     fn shutdown_signal(&self) -> &'static str {
-        match self {
-            Self::Qemu(q) => q.shutdown_signal(),
-            Self::Firecracker(f) => f.shutdown_signal(),
+        Hypervisor::shutdown_signal(self)
+    }
+    fn control_socket(&self, runtime_dir: &Path) -> PathBuf {
+        Hypervisor::control_socket(self, runtime_dir)
+    }
+    fn preflight(&self) -> Result<(), VmmError> {
+        Hypervisor::preflight(self)
+    }
+    fn dm_disks(&self) -> Result<(), String> {
+        Hypervisor::dm_disks(self)
+    }
+    fn check_system_disk(&self, strategy: SystemDiskStrategy) -> Result<(), DiskRefusal> {
+        Hypervisor::check_system_disk(self, strategy)
+    }
+    fn remove_jail(&self, vm_id: &str) -> Result<(), VmmError> {
+        Hypervisor::remove_jail(self, vm_id)
+    }
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<VmProcess, VmmError>> {
+        Box::pin(Hypervisor::launch(self, spec))
+    }
+    fn restore<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        snapshot: &'a Snapshot,
+    ) -> BoxFuture<'a, Result<VmProcess, VmmError>> {
+        Box::pin(Hypervisor::restore(self, spec, snapshot))
+    }
+    fn request_shutdown<'a>(
+        &'a self,
+        process: &'a VmProcess,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(Hypervisor::request_shutdown(self, process))
+    }
+    fn quit<'a>(&'a self, process: &'a VmProcess) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(Hypervisor::quit(self, process))
+    }
+    fn pause<'a>(&'a self, process: &'a VmProcess) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(Hypervisor::pause(self, process))
+    }
+    fn resume<'a>(&'a self, process: &'a VmProcess) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(Hypervisor::resume(self, process))
+    }
+    fn is_paused<'a>(&'a self, process: &'a VmProcess) -> BoxFuture<'a, Result<bool, VmmError>> {
+        Box::pin(Hypervisor::is_paused(self, process))
+    }
+    fn snapshot<'a>(
+        &'a self,
+        process: &'a VmProcess,
+        snapshot: &'a Snapshot,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(Hypervisor::snapshot(self, process, snapshot))
+    }
+}
+
+/// The backends this daemon can run, by kind: the one place that turns a [`VmmKind`] into a
+/// backend.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    qemu: Arc<qemu::Qemu>,
+    firecracker: Arc<firecracker::Firecracker>,
+}
+
+impl Backends {
+    /// The backends as configured; `jailer_host` is where a configured jailer's privileged
+    /// steps go (asked only when `firecracker.jailer` is set).
+    pub fn from_config(
+        config: &crate::config::Config,
+        jailer_host: impl FnOnce() -> Arc<dyn crate::host::HostOps>,
+    ) -> Self {
+        let qemu = qemu::Qemu::new(config.qemu.binary.clone().into())
+            .with_tcg_threads(config.qemu.tcg_threads);
+        let mut firecracker =
+            firecracker::Firecracker::new(config.firecracker.binary.clone().into());
+        if !config.firecracker.jailer.is_empty() {
+            firecracker = firecracker.with_jailer(firecracker::Jailer {
+                binary: config.firecracker.jailer.clone().into(),
+                host: jailer_host(),
+            });
+        }
+        Self {
+            qemu: Arc::new(qemu),
+            firecracker: Arc::new(firecracker),
         }
     }
 
-    async fn launch(&self, spec: &LaunchSpec) -> Result<VmProcess, VmmError> {
-        match self {
-            Self::Qemu(q) => q.launch(spec).await,
-            Self::Firecracker(f) => f.launch(spec).await,
+    /// The backend of `kind`.
+    pub fn get(&self, kind: VmmKind) -> Arc<dyn VmBackend> {
+        match kind {
+            VmmKind::Qemu => self.qemu.clone(),
+            VmmKind::Firecracker => self.firecracker.clone(),
         }
     }
 
-    async fn request_shutdown(&self, process: &VmProcess) -> Result<(), VmmError> {
-        match self {
-            Self::Qemu(q) => q.request_shutdown(process).await,
-            Self::Firecracker(f) => f.request_shutdown(process).await,
-        }
+    /// QEMU, which also runs the KVM probe boot.
+    pub fn qemu(&self) -> &qemu::Qemu {
+        &self.qemu
     }
 
-    async fn quit(&self, process: &VmProcess) -> Result<(), VmmError> {
-        match self {
-            Self::Qemu(q) => q.quit(process).await,
-            Self::Firecracker(f) => f.quit(process).await,
-        }
-    }
-
-    async fn pause(&self, process: &VmProcess) -> Result<(), VmmError> {
-        match self {
-            Self::Qemu(q) => q.pause(process).await,
-            Self::Firecracker(f) => f.pause(process).await,
-        }
-    }
-
-    async fn resume(&self, process: &VmProcess) -> Result<(), VmmError> {
-        match self {
-            Self::Qemu(q) => q.resume(process).await,
-            Self::Firecracker(f) => f.resume(process).await,
-        }
-    }
-
-    async fn is_paused(&self, process: &VmProcess) -> Result<bool, VmmError> {
-        match self {
-            Self::Qemu(q) => q.is_paused(process).await,
-            Self::Firecracker(f) => f.is_paused(process).await,
-        }
-    }
-
-    async fn snapshot(&self, process: &VmProcess, snapshot: &Snapshot) -> Result<(), VmmError> {
-        match self {
-            Self::Qemu(q) => q.snapshot(process, snapshot).await,
-            Self::Firecracker(f) => f.snapshot(process, snapshot).await,
-        }
-    }
-
-    async fn restore(&self, spec: &LaunchSpec, snapshot: &Snapshot) -> Result<VmProcess, VmmError> {
-        match self {
-            Self::Qemu(q) => q.restore(spec, snapshot).await,
-            Self::Firecracker(f) => f.restore(spec, snapshot).await,
-        }
+    /// Firecracker, whose version decides whether `auto` may pick it.
+    pub fn firecracker(&self) -> &firecracker::Firecracker {
+        &self.firecracker
     }
 }
 
@@ -318,9 +457,9 @@ pub struct StopTimings {
 /// Steps 2–4 of the §5 stop, after step 1 (`sync` and `poweroff` over SSH, whose success is
 /// `synced`) was attempted by the caller: wait for the guest's own power-off; the backend's
 /// shutdown signal; its quit; SIGKILL. `force` skips the graceful waits. Returns how the
-/// process ended: `poweroff`, the backend's [`Hypervisor::shutdown_signal`], `quit`, `kill`.
-pub async fn stop_sequence<H: Hypervisor>(
-    vmm: &H,
+/// process ended: `poweroff`, the backend's [`VmBackend::shutdown_signal`], `quit`, `kill`.
+pub async fn stop_sequence(
+    vmm: &dyn VmBackend,
     process: &VmProcess,
     marker: &str,
     synced: bool,

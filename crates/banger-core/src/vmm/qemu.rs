@@ -9,6 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+pub use crate::domain::TcgThreads;
+use crate::domain::VmmKind;
+
 use super::{Accel, Capabilities, Hypervisor, LaunchSpec, NetAttach, VmProcess, VmmError, qmp};
 
 /// The QEMU backend.
@@ -27,12 +30,6 @@ impl Qemu {
         }
     }
 
-    /// Lets TCG run a host thread per vCPU (config `qemu.tcg_threads = "multi"`).
-    pub fn with_multi_threaded_tcg(mut self, multi: bool) -> Self {
-        self.multi_threaded_tcg = multi;
-        self
-    }
-
     /// Chooses the TCG threading for `choice`; `Auto` asks the binary for its version (one
     /// short `--version` run) and takes a thread per vCPU from QEMU 8.1 on.
     pub fn with_tcg_threads(self, choice: TcgThreads) -> Self {
@@ -41,7 +38,10 @@ impl Qemu {
             TcgThreads::Multi => true,
             TcgThreads::Auto => probe_version(&self.binary).is_some_and(mttcg_is_safe),
         };
-        self.with_multi_threaded_tcg(multi)
+        Self {
+            multi_threaded_tcg: multi,
+            ..self
+        }
     }
 
     pub fn binary(&self) -> &Path {
@@ -91,6 +91,17 @@ impl Qemu {
             "-display".into(),
             "none".into(),
             "-no-reboot".into(),
+            // qboot, named: QEMU 10 on Debian ships no `bios-microvm.bin` of its own and falls
+            // back to SeaBIOS's microvm build, which corrupts the DSDT once a VM has five
+            // virtio-mmio devices (the guest spends minutes checksumming a garbage table, or
+            // prints nothing at all). qboot.rom is in QEMU's data dir from 4.2 on.
+            "-bios".into(),
+            "qboot.rom".into(),
+            // seccomp: obsolete system calls and scheduler/resource changes refused. Process
+            // spawning and privilege calls stay allowed: `-daemonize` forks, and QEMU 7.2 and
+            // 10.0 both refuse to start with `spawn=deny` or `elevateprivileges=deny` and it.
+            "-sandbox".into(),
+            "on,resourcecontrol=deny".into(),
             "-kernel".into(),
             spec.kernel.display().to_string(),
         ];
@@ -120,9 +131,11 @@ impl Qemu {
             "virtio-blk-device,drive=work".into(),
             "-netdev".into(),
             match &spec.net {
-                NetAttach::User { ssh_port } => {
-                    format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22")
-                }
+                NetAttach::User {
+                    ssh_port,
+                    isolated,
+                    ports,
+                } => user_netdev(*ssh_port, *isolated, ports),
                 NetAttach::Tap { name } => {
                     format!("tap,id=n0,ifname={name},script=no,downscript=no")
                 }
@@ -158,15 +171,21 @@ impl Qemu {
     }
 }
 
-/// How TCG spreads a VM's vCPUs over host threads (config `qemu.tcg_threads`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TcgThreads {
-    /// A thread per vCPU where the QEMU version is known to be safe (8.1 and later), else one.
-    Auto,
-    /// All vCPUs of a VM on one host thread.
-    Single,
-    /// A host thread per vCPU.
-    Multi,
+/// The user-mode netdev (id `n0`, what `hostfwd_add` names): the guest reaches the host's
+/// loopback as 10.0.2.2 and QEMU's resolver as 10.0.2.3; `restrict=on` (isolated) drops
+/// every connection the guest starts. SSH and the published ports are host forwards, which
+/// work either way.
+fn user_netdev(ssh_port: u16, isolated: bool, ports: &[banger_proto::PortMapping]) -> String {
+    let mut netdev = format!(
+        "user,id={},restrict={}",
+        crate::service::NETDEV_ID,
+        if isolated { "on" } else { "off" }
+    );
+    netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{ssh_port}-:22"));
+    for p in ports {
+        netdev.push_str(&format!(",hostfwd={}", crate::service::hostfwd(p)));
+    }
+    netdev
 }
 
 /// A QEMU release, as `--version` prints it.
@@ -207,7 +226,12 @@ pub fn probe_version(binary: &Path) -> Option<QemuVersion> {
 }
 
 fn qmp_socket(spec: &LaunchSpec) -> PathBuf {
-    spec.runtime_dir.join("qmp.sock")
+    qmp_socket_in(&spec.runtime_dir)
+}
+
+/// The QMP socket in a VM's runtime directory.
+fn qmp_socket_in(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("qmp.sock")
 }
 
 fn pid_file(spec: &LaunchSpec) -> PathBuf {
@@ -215,17 +239,36 @@ fn pid_file(spec: &LaunchSpec) -> PathBuf {
 }
 
 impl Hypervisor for Qemu {
-    fn name(&self) -> &'static str {
-        "qemu"
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    fn display_name(&self) -> &'static str {
+        "QEMU"
     }
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             needs_tap: false,
             supports_qcow2: true,
+            requires_kvm: false,
             supports_memory_snapshot: false,
             supports_pause: true,
         }
+    }
+
+    /// `-no-reboot` ends QEMU when the guest reboots; `panic=-1` makes a panic a reboot.
+    fn boot_args(&self) -> &'static str {
+        "panic=-1"
+    }
+
+    /// A guest power-off ends QEMU (ACPI).
+    fn guest_stop_script(&self) -> &'static str {
+        "sync && (systemctl poweroff --no-block || poweroff) >/dev/null 2>&1"
+    }
+
+    fn control_socket(&self, runtime_dir: &Path) -> PathBuf {
+        qmp_socket_in(runtime_dir)
     }
 
     fn shutdown_signal(&self) -> &'static str {
@@ -249,6 +292,17 @@ impl Hypervisor for Qemu {
                 .map(|l| l.trim_start_matches(&format!("{binary}: ")).to_owned())
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or_else(|| output.status.to_string());
+            // QEMU reports a hostfwd port that another process bound first this way; the
+            // caller picks another port.
+            if let NetAttach::User { ssh_port, .. } = spec.net
+                && message.contains("forwarding")
+            {
+                return Err(VmmError::PortTaken {
+                    binary,
+                    port: ssh_port,
+                    message,
+                });
+            }
             return Err(VmmError::LaunchFailed { binary, message });
         }
         let pid_path = pid_file(spec);
@@ -317,7 +371,11 @@ mod tests {
             work_disk: "/w".into(),
             runtime_dir: "/run/t".into(),
             console_log: "/c".into(),
-            net: NetAttach::User { ssh_port: 2222 },
+            net: NetAttach::User {
+                ssh_port: 2222,
+                isolated: false,
+                ports: vec![],
+            },
             mac: "52:54:00:01:02:03".into(),
             tap: None,
         }
@@ -334,8 +392,22 @@ mod tests {
         let qemu = Qemu::new("qemu".into());
         assert_eq!(accel_arg(&qemu, Accel::Tcg), "tcg,thread=single");
         assert_eq!(accel_arg(&qemu, Accel::Kvm), "kvm");
-        let multi = Qemu::new("qemu".into()).with_multi_threaded_tcg(true);
+        let multi = Qemu::new("qemu".into()).with_tcg_threads(TcgThreads::Multi);
         assert_eq!(accel_arg(&multi, Accel::Tcg), "tcg,thread=multi");
+    }
+
+    #[test]
+    fn the_firmware_is_qboot() {
+        let args = Qemu::new("qemu".into()).args(&spec(Accel::Tcg));
+        let at = args.iter().position(|a| a == "-bios").unwrap();
+        assert_eq!(args[at + 1], "qboot.rom");
+    }
+
+    #[test]
+    fn qemu_runs_under_its_seccomp_sandbox() {
+        let args = Qemu::new("qemu".into()).args(&spec(Accel::Tcg));
+        let at = args.iter().position(|a| a == "-sandbox").unwrap();
+        assert_eq!(args[at + 1], "on,resourcecontrol=deny");
     }
 
     #[test]
@@ -383,6 +455,34 @@ mod tests {
         assert!(
             joined.contains("virtserialport,chardev=ws,name=org.banger.workspace"),
             "{joined}"
+        );
+    }
+
+    fn netdev(spec: &LaunchSpec) -> String {
+        let args = Qemu::new("qemu".into()).args(spec);
+        let at = args.iter().position(|a| a == "-netdev").unwrap();
+        args[at + 1].clone()
+    }
+
+    #[test]
+    fn user_mode_has_egress_unless_isolated_and_forwards_published_ports() {
+        let mut spec = spec(Accel::Tcg);
+        assert_eq!(
+            netdev(&spec),
+            "user,id=n0,restrict=off,hostfwd=tcp:127.0.0.1:2222-:22"
+        );
+        spec.net = NetAttach::User {
+            ssh_port: 2222,
+            isolated: true,
+            ports: vec![
+                banger_proto::PortMapping::parse("8080:8000").unwrap(),
+                banger_proto::PortMapping::parse("0.0.0.0:5353:53/udp").unwrap(),
+            ],
+        };
+        assert_eq!(
+            netdev(&spec),
+            "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22,\
+             hostfwd=tcp:127.0.0.1:8080-:8000,hostfwd=udp:0.0.0.0:5353-:53"
         );
     }
 }

@@ -6,12 +6,12 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use banger_proto::{
-    ByteSize, ConsoleChunk, CreateVmRequest, LifecycleResult, PullPolicy, SshInfo, StopVmRequest,
-    Vm, VmName,
+    ByteSize, ConsoleChunk, CreateVmRequest, LifecycleResult, PortChangeRequest, PortList,
+    PullPolicy, SshInfo, StopVmRequest, Vm, VmName,
 };
 use hyper::Method;
 
-use crate::cli::{CreateArgs, PullArg, VmCommand};
+use crate::cli::{CreateArgs, PortAction, PortArgs, PullArg, VmCommand};
 use crate::client::{Client, ClientError};
 use crate::commands::{print_json, with_progress, workspace};
 use crate::output;
@@ -143,6 +143,7 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             }
             Ok(0)
         }
+        VmCommand::Port(args) => port(client, args).await,
         VmCommand::Show { name, json } => {
             let vm: Vm = client
                 .call(Method::GET, &format!("/v1/vms/{name}"), None::<&()>)
@@ -303,6 +304,61 @@ async fn logs(client: &Client, name: &VmName, follow: bool) -> Result<u8, Client
     }
 }
 
+async fn port(client: &Client, args: PortArgs) -> Result<u8, ClientError> {
+    let (name, change, json) = match args.action {
+        Some(PortAction::Ls { name, json }) => (name, None, json.json),
+        Some(PortAction::Add { name, ports, json }) => (
+            name,
+            Some(PortChangeRequest {
+                add: ports,
+                remove: vec![],
+            }),
+            json.json,
+        ),
+        Some(PortAction::Rm { name, ports, json }) => (
+            name,
+            Some(PortChangeRequest {
+                add: vec![],
+                remove: ports,
+            }),
+            json.json,
+        ),
+        None => match args.name {
+            Some(name) => (name, None, args.json.json),
+            None => {
+                eprintln!(
+                    "banger: vm port needs a VM name; hint: banger vm port NAME, or banger vm port add|rm NAME PORT..."
+                );
+                return Ok(1);
+            }
+        },
+    };
+    let path = format!("/v1/vms/{name}/ports");
+    let list: PortList = match &change {
+        None => client.call(Method::GET, &path, None::<&()>).await?,
+        Some(change) => client.call(Method::POST, &path, Some(change)).await?,
+    };
+    if json {
+        print_json(&list)?;
+    } else if list.ports.is_empty() {
+        println!("VM {name} publishes no ports");
+    } else {
+        for p in &list.ports {
+            println!(
+                "{}:{} -> {}/{}",
+                p.host_ip,
+                p.host_port,
+                p.guest_port,
+                p.proto.as_str()
+            );
+        }
+        if !list.live {
+            println!("(VM {name} is not running: they apply at its next start)");
+        }
+    }
+    Ok(0)
+}
+
 async fn create(client: &Client, args: CreateArgs) -> Result<u8, ClientError> {
     let request = CreateVmRequest {
         name: args.name.to_string(),
@@ -312,6 +368,7 @@ async fn create(client: &Client, args: CreateArgs) -> Result<u8, ClientError> {
         disk_size_bytes: args.disk.map(|d| d.0),
         vmm: args.vmm,
         network: args.network,
+        ports: args.publish,
         pull: args.pull.map(|p| match p {
             PullArg::Never => PullPolicy::Never,
             PullArg::Missing => PullPolicy::Missing,

@@ -1,0 +1,59 @@
+//! Which backend serves a VM and how to reach its running VMM: the backend a record names,
+//! its live process with its control socket, and the acceleration (decided once per daemon).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::Manager;
+use crate::Error;
+use crate::domain::VmmKind;
+use crate::model::VmRecord;
+use crate::vmm::{VmBackend, VmProcess, accel};
+
+impl Manager {
+    /// The backend a VM was created with.
+    pub(super) fn backend(&self, record: &VmRecord) -> Arc<dyn VmBackend> {
+        self.backends.get(record.spec.vmm)
+    }
+
+    /// The backend of `kind` (a VM being created has no record yet).
+    pub(super) fn backend_of(&self, kind: VmmKind) -> Arc<dyn VmBackend> {
+        self.backends.get(kind)
+    }
+
+    /// The backend of `record` and its live process `pid` with its control socket (reattach
+    /// by pid).
+    pub(super) fn control(&self, record: &VmRecord, pid: u32) -> (Arc<dyn VmBackend>, VmProcess) {
+        let backend = self.backend(record);
+        let control = VmProcess {
+            pid,
+            control_socket: backend.control_socket(&self.layout.vm_runtime_dir(&record.id)),
+            jail: record
+                .runtime
+                .as_ref()
+                .and_then(|r| r.jail.as_ref())
+                .map(PathBuf::from),
+        };
+        (backend, control)
+    }
+
+    pub(super) async fn accel_choice(&self, kernel: &Path) -> Result<accel::AccelChoice, Error> {
+        if let Some(choice) = &self.seams.accel {
+            return Ok(choice.clone());
+        }
+        let scratch = self.layout.runtime_dir().to_path_buf();
+        Ok(self
+            .accel
+            .get_or_init(|| async {
+                accel::choose(
+                    self.config.qemu.accel,
+                    self.backends.qemu().binary(),
+                    kernel,
+                    &scratch,
+                )
+                .await
+            })
+            .await
+            .clone())
+    }
+}

@@ -1,0 +1,70 @@
+//! `vm pause` and `vm resume`: the VMM's vCPUs stop and go on; the guest keeps its memory.
+
+use std::sync::Arc;
+
+use banger_proto::{LifecycleResult, VmName, VmState};
+use tracing::info;
+
+use super::{Manager, not_running, result};
+use crate::Error;
+use crate::model::{VmRecord, has_process};
+use crate::vmm::{VmBackend, VmProcess, process};
+
+impl Manager {
+    /// The VM called `name` with its live VMM process, for pause/resume/suspend; refused
+    /// unless it runs (paused or not).
+    pub(super) fn live_vm(
+        &self,
+        name: &VmName,
+    ) -> Result<(VmRecord, Arc<dyn VmBackend>, VmProcess), Error> {
+        let record = self.observed_vm(name)?;
+        let pid = record
+            .runtime
+            .as_ref()
+            .and_then(|r| r.pid)
+            .filter(|pid| has_process(record.state) && process::is_alive(*pid, &record.id));
+        let Some(pid) = pid else {
+            return Err(not_running(name, record.state));
+        };
+        let (vmm, control) = self.control(&record, pid);
+        Ok((record, vmm, control))
+    }
+
+    /// Pauses a running VM's vCPUs (QMP `stop`, Firecracker `PATCH /vm Paused`). The guest
+    /// keeps its memory and devices; nothing runs in it until `resume`. A paused VM is left
+    /// as it is (`changed: false`).
+    pub async fn pause_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
+        let vm = self.locked(name).await?;
+        let name = &vm.name;
+        let (mut record, vmm, control) = self.live_vm(name)?;
+        if record.state == VmState::Paused {
+            return Ok(result(record.to_api(), false));
+        }
+        if !vmm.capabilities().supports_pause {
+            return Err(Error::Unsupported {
+                message: format!("VM {name} runs on {}, which cannot pause", vmm.kind()),
+                hint: "use `banger vm stop NAME`".into(),
+            });
+        }
+        // The VMM first, then the record: a daemon dying in between is corrected at
+        // reattach, which asks the VMM.
+        vmm.pause(&control).await?;
+        self.transition(&mut record, VmState::Paused)?;
+        info!(vm = %name, "VM paused");
+        Ok(result(record.to_api(), true))
+    }
+
+    /// Resumes a paused VM. A running VM is left as it is (`changed: false`).
+    pub async fn resume_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
+        let vm = self.locked(name).await?;
+        let name = &vm.name;
+        let (mut record, vmm, control) = self.live_vm(name)?;
+        if record.state == VmState::Running {
+            return Ok(result(record.to_api(), false));
+        }
+        vmm.resume(&control).await?;
+        self.transition(&mut record, VmState::Running)?;
+        info!(vm = %name, "VM resumed");
+        Ok(result(record.to_api(), true))
+    }
+}

@@ -1,0 +1,63 @@
+//! `vm rm`: a VM that does not run goes with its jail, dm disk, tap, lease and files.
+
+use tracing::{info, warn};
+
+use super::Manager;
+use crate::Error;
+use crate::domain::SystemDiskStrategy;
+use crate::model;
+
+impl Manager {
+    /// Removes a VM that is not running, with its files.
+    pub async fn remove_vm(&self, name: &str) -> Result<(), Error> {
+        let vm = self.locked(name).await?;
+        let name = &vm.name;
+        // A VM recorded as running whose VMM died is stopped, and so removable.
+        let record = self.observed_vm(name)?;
+        if !model::removable(record.state) {
+            return Err(Error::InvalidState {
+                name: name.to_string(),
+                state: record.state,
+                hint: "stop it first with `banger vm stop NAME`",
+            });
+        }
+        // A jail whose removal failed at stop still holds hard links to the VM's disks: try
+        // again (idempotent; nothing to do without a jail).
+        if let Err(e) = self.backend(&record).remove_jail(&record.id) {
+            tracing::warn!(vm = %name, "{e}");
+        }
+        if record.spec.system_disk == SystemDiskStrategy::DmSnapshot
+            && let Err(e) = self.remove_dm_disk(&record.id).await
+        {
+            tracing::warn!(vm = %name, "device-mapper teardown incomplete: {e}");
+        }
+        let lease = self.store().lease_of(&record.id)?;
+        if let Some(lease) = &lease {
+            // The tap goes with the VM. When the helper cannot do it now, `banger network
+            // down` removes every banger tap later.
+            if let Err(e) = self
+                .host_call(banger_proto::helper::HelperOp::DeleteTap {
+                    name: lease.tap.clone(),
+                })
+                .await
+            {
+                warn!(vm = %name, tap = %lease.tap, "cannot remove the tap: {}", e.to_api().message);
+            }
+        }
+        // Deleting the VM deletes its lease (ON DELETE CASCADE).
+        self.store().delete_vm(name.as_str())?;
+        for dir in [
+            self.layout.vm_dir(&record.id),
+            self.layout.vm_runtime_dir(&record.id),
+        ] {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("cannot remove {}", dir.display()))(e)),
+            }
+        }
+        info!(vm = %name, id = %record.id, "VM removed");
+        self.refresh_ssh_config();
+        Ok(())
+    }
+}

@@ -1,0 +1,33 @@
+//! `vm ls` and `vm show`: VMs as they are now (a VM whose VMM died shows as stopped), with
+//! their network.
+
+use banger_proto::{Vm, VmName};
+
+use super::Manager;
+use crate::Error;
+use crate::model::VmRecord;
+
+impl Manager {
+    /// All VMs by name.
+    pub async fn list_vms(&self) -> Result<Vec<Vm>, Error> {
+        let records = self.store().list_vms()?;
+        Ok(records
+            .into_iter()
+            .map(|record| self.vm_api(&self.observe(record)))
+            .collect())
+    }
+
+    /// One VM.
+    pub async fn get_vm(&self, name: &str) -> Result<Vm, Error> {
+        let name = VmName::parse(name)?;
+        let record = self.store().get_vm(name.as_str())?;
+        Ok(self.vm_api(&self.observe(record)))
+    }
+
+    /// The API form of a VM, with its network (lease) looked up.
+    pub(super) fn vm_api(&self, record: &VmRecord) -> Vm {
+        let mut vm = record.to_api();
+        vm.network = self.vm_network(record);
+        vm
+    }
+}

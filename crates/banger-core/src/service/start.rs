@@ -1,0 +1,418 @@
+//! `vm start`: a list of steps, each undone in reverse on failure (from a suspend snapshot
+//! when there is one); returns once the guest's SSH server accepts banger's key.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use banger_proto::LifecycleResult;
+use banger_proto::VmState;
+use banger_proto::helper::HelperOp;
+use tracing::{info, warn};
+
+use super::{Manager, result};
+use crate::Error;
+use crate::domain::SystemDiskStrategy;
+use crate::model::{VmRecord, VmRuntime};
+use crate::vmm::{
+    Accel, LaunchSpec, NetAttach, Snapshot, VmBackend, VmProcess, VmmError, accel, cgroup, process,
+};
+
+/// The guest's static address under QEMU user-mode networking.
+const USER_NET: &str = "banger.ip=10.0.2.15/24 banger.gw=10.0.2.2 banger.dns=10.0.2.3";
+
+/// What a start did besides starting.
+#[derive(Debug, Default)]
+struct StartOutcome {
+    restored: bool,
+    warnings: Vec<String>,
+}
+
+/// Steps done so far by a start, undone in reverse when a later one fails.
+#[derive(Debug, Default)]
+struct StartUndo {
+    runtime_dir: Option<std::path::PathBuf>,
+    process: Option<(VmProcess, String)>,
+    /// The backend that made the process's jail, when it runs jailed.
+    jail: Option<Arc<dyn VmBackend>>,
+}
+
+impl StartUndo {
+    async fn undo(self) {
+        if let Some((process, marker)) = self.process {
+            process::kill(process.pid, &marker).await;
+            if let Some(backend) = self.jail {
+                let removed =
+                    tokio::task::spawn_blocking(move || backend.remove_jail(&marker)).await;
+                if let Ok(Err(e)) = removed {
+                    warn!("failed start: {e}");
+                }
+            }
+        }
+        if let Some(dir) = self.runtime_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl Manager {
+    /// Starts a VM and returns once its SSH server accepts banger's key. A running VM is left
+    /// as it is (`changed: false`). On failure every step is undone and the VM returns to its
+    /// previous state with `last_error` set.
+    pub async fn start_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
+        let vm = self.locked(name).await?;
+        let name = &vm.name;
+        let record = self.observed_vm(name)?;
+        if record.state == VmState::Running {
+            return Ok(result(record.to_api(), false));
+        }
+        if record.state == VmState::Paused {
+            return Err(Error::InvalidState {
+                name: name.to_string(),
+                state: record.state,
+                hint: "resume it with `banger vm resume NAME`",
+            });
+        }
+        let previous = record.state;
+        let mut record = record;
+        let snapshot = self.snapshot_paths(&record.id);
+        let restore = if previous == VmState::Suspended {
+            Some(snapshot.clone())
+        } else {
+            // Only a completed suspend leaves a snapshot to restore; anything else is stale.
+            self.remove_snapshot(&record.id);
+            None
+        };
+        self.transition(&mut record, VmState::Starting)?;
+        let mut undo = StartUndo::default();
+        let mut outcome = StartOutcome::default();
+        match self
+            .start_steps(&mut record, &mut undo, restore.as_ref(), &mut outcome)
+            .await
+        {
+            Ok(()) => {
+                record.last_error = None;
+                self.transition(&mut record, VmState::Running)?;
+                info!(vm = %name, restored = outcome.restored, "VM running");
+                self.refresh_ssh_config();
+                Ok(LifecycleResult {
+                    restored: outcome.restored,
+                    warnings: outcome.warnings,
+                    ..result(record.to_api(), true)
+                })
+            }
+            Err(err) => {
+                warn!(vm = %name, "start failed, undoing: {err}");
+                undo.undo().await;
+                record.clear_process();
+                record.last_error = Some(err.to_api().message);
+                // A suspended VM whose snapshot was used up (loaded, or refused) is stopped.
+                let back = if previous == VmState::Suspended && !snapshot.state.exists() {
+                    VmState::Stopped
+                } else {
+                    previous
+                };
+                if let Err(e) = self.transition(&mut record, back) {
+                    warn!(vm = %name, "cannot restore state: {e}");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn start_steps(
+        &self,
+        record: &mut VmRecord,
+        undo: &mut StartUndo,
+        restore: Option<&Snapshot>,
+        outcome: &mut StartOutcome,
+    ) -> Result<(), Error> {
+        let vm_name = record.name.to_string();
+        let step = |what: &str| {
+            let step = format!("cannot start VM {vm_name}: {what}");
+            move |source: Error| Error::StepFailed {
+                step,
+                source: Box::new(source),
+            }
+        };
+        let image = self.find_image(&record.spec.image).map_err(step("image"))?;
+        let kernel = self.find_kernel(&image.kernel).map_err(step("kernel"))?;
+        let kernel_dir = self.layout.kernel_dir(&kernel.digest);
+        let kernel_path = kernel_dir.join("vmlinux");
+        let initrd = kernel.has_initrd.then(|| kernel_dir.join("initrd.img"));
+        let strategy = record.spec.system_disk;
+        let system_disk = match strategy {
+            SystemDiskStrategy::Qcow2 => self.layout.vm_system_disk(&record.id),
+            SystemDiskStrategy::DmSnapshot => self.ensure_dm(record, &image.digest).await?,
+            SystemDiskStrategy::Reflink | SystemDiskStrategy::Copy => {
+                self.layout.vm_system_raw(&record.id)
+            }
+        };
+        let backend = self.backend(record);
+        let caps = backend.capabilities();
+        let work_disk = self.layout.vm_work_disk(&record.id);
+        for disk in [&system_disk, &work_disk] {
+            if !disk.exists() {
+                return Err(Error::Failed(format!(
+                    "cannot start VM {}: disk {} is missing",
+                    record.name,
+                    disk.display()
+                )));
+            }
+        }
+        let choice = self.accel_choice(&kernel_path).await?;
+        if caps.requires_kvm && choice.accel != Accel::Kvm {
+            return Err(Error::HostSetup {
+                message: format!(
+                    "cannot start VM {}: {} needs KVM, and {}",
+                    record.name,
+                    backend.display_name(),
+                    choice.reason
+                ),
+                hint: "recreate the VM with --vmm qemu".into(),
+            });
+        }
+        let runtime_dir = self.layout.vm_runtime_dir(&record.id);
+        let _ = std::fs::remove_dir_all(&runtime_dir);
+        std::fs::create_dir_all(&runtime_dir).map_err(Error::io(format!(
+            "cannot create {}",
+            runtime_dir.display()
+        )))?;
+        undo.runtime_dir = Some(runtime_dir.clone());
+
+        // Bridge mode: the network (and DNS) up, the VM's own tap ready, a static address.
+        let lease = self.store().lease_of(&record.id)?;
+        let (net_args, attach) = match &lease {
+            Some(lease) => {
+                let info = self
+                    .ensure_network()
+                    .await
+                    .map_err(step("bridge network"))?;
+                // The helper checks the lease against its subnet (which may have changed).
+                self.host_call(HelperOp::CheckAddress {
+                    ip: lease.ip.to_string(),
+                })
+                .await
+                .map_err(step("lease"))?;
+                self.host_call(HelperOp::EnsureTap {
+                    name: lease.tap.clone(),
+                })
+                .await
+                .map_err(step("tap"))?;
+                (
+                    super::network::cmdline_for(lease.ip, &info),
+                    Some(NetAttach::Tap {
+                        name: lease.tap.clone(),
+                    }),
+                )
+            }
+            None => (USER_NET.to_owned(), None),
+        };
+        // User mode: outbound or isolated, and the published ports (a busy one refuses the
+        // start before anything runs).
+        let (isolated, ports) = self.user_net_for_start(record, lease.is_some())?;
+        let mut cmdline = format!(
+            "console=ttyS0 root=/dev/vda rw {} banger.hostname={} {net_args}",
+            backend.boot_args(),
+            record.name
+        );
+        if choice.accel == Accel::Tcg
+            && let Some(khz) = accel::this_host_tsc_khz()
+        {
+            // Without these, TCG guests hang in timer calibration at random, or fall back to a
+            // coarse clock because the vCPUs' TSCs look unsynchronised.
+            cmdline.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+        }
+        let console_log = self.layout.vm_console_log(&record.id);
+        // Keep the previous boot's console for `vm logs` until this one starts writing.
+        let _ = std::fs::rename(&console_log, console_log.with_extension("log.prev"));
+        let mut spec = LaunchSpec {
+            vm_id: record.id.clone(),
+            vm_name: record.name.to_string(),
+            cpus: record.spec.cpus,
+            memory_mib: record.spec.memory_mib,
+            accel: choice.accel,
+            kernel: kernel_path,
+            initrd,
+            cmdline,
+            system_disk,
+            system_disk_format: strategy.format(),
+            work_disk,
+            runtime_dir,
+            console_log: console_log.clone(),
+            net: attach.clone().unwrap_or(NetAttach::User {
+                ssh_port: 0,
+                isolated,
+                ports: ports.clone(),
+            }),
+            mac: mac_for(&record.id),
+            // A backend that needs a tap gets the lease's (bridge mode); tests without the
+            // helper hand one in through the seam. Without one the launch refuses before
+            // spawning (VmmError::NeedsTap).
+            tap: match &attach {
+                Some(NetAttach::Tap { name }) if caps.needs_tap => Some(name.clone()),
+                _ if caps.needs_tap => self.seams.tap.clone(),
+                _ => None,
+            },
+        };
+        // A suspended VM: a fresh VMM loads the snapshot and resumes it. The snapshot is
+        // deleted once a load was tried: after a load the guest's disks move on from it, so
+        // loading it again would pair old memory with newer disks. A refused load boots cold
+        // (the guest was synced before the snapshot was taken).
+        let mut restored = None;
+        if let Some(snapshot) = restore {
+            if !snapshot.state.is_file() || !snapshot.memory.is_file() {
+                outcome.warnings.push(format!(
+                    "VM {} was suspended but its snapshot is missing; booted it from its disks",
+                    record.name
+                ));
+            } else {
+                match backend.restore(&spec, snapshot).await {
+                    Ok(process) => {
+                        info!(vm = %record.name, pid = process.pid, "VM restored from its snapshot");
+                        outcome.restored = true;
+                        restored = Some(process);
+                    }
+                    Err(e) => {
+                        warn!(vm = %record.name, "cannot restore the snapshot, booting instead: {e}");
+                        outcome.warnings.push(format!(
+                            "cannot restore VM {} from its snapshot ({e}); booted it from its disks instead (the guest was synced before suspend)",
+                            record.name
+                        ));
+                    }
+                }
+            }
+            self.remove_snapshot(&record.id);
+        }
+        // A port picked free may be taken before QEMU binds it: try a few.
+        let mut attempt = 0;
+        let process = loop {
+            if let Some(process) = restored.take() {
+                break process;
+            }
+            attempt += 1;
+            if attach.is_none() {
+                spec.net = NetAttach::User {
+                    ssh_port: free_port().map_err(Error::io("cannot pick a port"))?,
+                    isolated,
+                    ports: ports.clone(),
+                };
+            }
+            match backend.launch(&spec).await {
+                Ok(process) => break process,
+                Err(e @ VmmError::PortTaken { .. }) if attempt < 3 => {
+                    warn!("port was taken, retrying: {e}");
+                }
+                Err(e) => return Err(step("launch the VMM")(e.into())),
+            }
+        };
+        let (ssh_host, ssh_port) = match (&spec.net, &lease) {
+            (NetAttach::User { ssh_port, .. }, _) => ("127.0.0.1".to_owned(), *ssh_port),
+            (NetAttach::Tap { .. }, Some(lease)) => (lease.ip.to_string(), 22),
+            (NetAttach::Tap { .. }, None) => ("127.0.0.1".to_owned(), 0),
+        };
+        undo.process = Some((process.clone(), record.id.clone()));
+        if process.jail.is_some() {
+            undo.jail = Some(backend.clone());
+        }
+        record.runtime = Some(VmRuntime {
+            vmm: record.spec.vmm,
+            accel: choice.accel,
+            reason: choice.reason.clone(),
+            pid: Some(process.pid),
+            ssh_host,
+            ssh_port,
+            jail: process.jail.as_ref().map(|p| p.display().to_string()),
+        });
+        // Durable before waiting: a daemon crash now still knows which process to clean up.
+        self.store().update_vm(record)?;
+        if let Some(jail) = &process.jail {
+            info!(vm = %record.name, jail = %jail.display(), "Firecracker runs in its jail (cgroup set by the jailer)");
+        } else if let Some(root) = cgroup::default_root() {
+            match cgroup::place(&root, &record.id, process.pid, spec.cpus, spec.memory_mib) {
+                Ok(leaf) => {
+                    info!(vm = %record.name, cgroup = %leaf.display(), "VMM placed in its cgroup")
+                }
+                Err(why) => info!(vm = %record.name, "VMM runs without a cgroup of its own: {why}"),
+            }
+        }
+        info!(vm = %record.name, pid = process.pid, net = ?spec.net, accel = choice.accel.as_str(), "VMM launched; waiting for SSH");
+        if self.seams.skip_readiness {
+            // Test seam: a fake VMM runs no guest that could answer.
+            return Ok(());
+        }
+
+        let target = self.ssh_target(record)?;
+        let probe = self.readiness_probe().await;
+        let limit = Duration::from_secs(self.config.daemon.start_timeout_secs);
+        let id = record.id.clone();
+        let ready = target
+            .wait_ready(limit, &probe, || process::is_alive(process.pid, &id))
+            .await;
+        match ready {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::Failed(format!(
+                "VM {} stopped during boot: {}",
+                record.name,
+                console_tail(&console_log)
+            ))),
+            Err(e) => Err(Error::Failed(format!(
+                "VM {}: {e}; console: {}",
+                record.name,
+                console_tail(&console_log)
+            ))),
+        }
+    }
+}
+
+/// A locally administered MAC derived from the VM id (stable across restarts).
+fn mac_for(id: &str) -> String {
+    let hex = id.as_bytes();
+    let pair = |i: usize| std::str::from_utf8(&hex[i * 2..i * 2 + 2]).unwrap_or("00");
+    format!("52:54:00:{}:{}:{}", pair(0), pair(1), pair(2))
+}
+
+/// A TCP port on 127.0.0.1 that is free right now.
+fn free_port() -> std::io::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The console lines that explain a failed boot: the last lines reporting a failure or
+/// timeout, else the last few lines.
+fn console_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return "no console output".into();
+    }
+    let failures: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| {
+            l.contains("Failed")
+                || l.contains("Timed out")
+                || l.contains("FATAL")
+                || l.contains("panic")
+        })
+        .collect();
+    let chosen = if failures.is_empty() {
+        &lines
+    } else {
+        &failures
+    };
+    chosen[chosen.len().saturating_sub(3)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    pub(super) fn macs_are_stable_and_local() {
+        let mac = super::mac_for("0a1b2c3d4e5f");
+        assert_eq!(mac, "52:54:00:0a:1b:2c");
+    }
+}
