@@ -204,6 +204,12 @@ fn fake_upstream(socket: UdpSocket) {
 
 #[test]
 fn twenty_parallel_creates_get_distinct_leases_and_dns_forwards_other_names() {
+    if !banger_e2e::root_or_skip(
+        "twenty_parallel_creates_get_distinct_leases_and_dns_forwards_other_names",
+        "network namespaces",
+    ) {
+        return;
+    }
     let ns = Netns::new("bgl");
     // `ip netns exec` shows the daemon this file as /etc/resolv.conf: its upstream resolver
     // is a fake one inside the namespace.
@@ -308,6 +314,12 @@ fn twenty_parallel_creates_get_distinct_leases_and_dns_forwards_other_names() {
 
 #[test]
 fn bridge_vms_resolve_each_other_reach_the_outside_and_leave_nothing() {
+    if !banger_e2e::root_or_skip(
+        "bridge_vms_resolve_each_other_reach_the_outside_and_leave_nothing",
+        "network namespaces",
+    ) {
+        return;
+    }
     let mut env = TestEnv::new();
     // The image comes from the shared cache, imported by a daemon outside the namespaces.
     env.build_default_image();

@@ -2,10 +2,10 @@
 //! CLI's `--json` output, so they are stable: fields may be added, never renamed or removed.
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// Lifecycle state of a VM. Legal transitions are checked in `banger-core`'s model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// Recorded, disks made, never started.
@@ -66,7 +66,8 @@ impl std::fmt::Display for VmState {
 }
 
 /// What a VM is made of. Fixed at create.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmSpec {
     /// Virtual CPUs.
     pub cpus: u32,
@@ -96,7 +97,8 @@ fn default_system_disk() -> String {
 }
 
 /// Runtime facts of a VM that runs (or ran last). Absent for a VM that never started.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmRuntime {
     /// VMM backend: `qemu` or `firecracker`.
     pub vmm: String,
@@ -117,7 +119,8 @@ pub struct VmRuntime {
 }
 
 /// A VM as the daemon reports it (`GET /v1/vms/{name}`, `banger vm show --json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Vm {
     /// Stable random id (32 hex digits).
     pub id: String,
@@ -139,7 +142,8 @@ pub struct Vm {
 
 /// A VM's network: `bridge` with its lease, `user` (QEMU user-mode networking with
 /// outbound access) or `isolated` (user mode without outbound access).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmNetwork {
     /// `bridge`, `user` or `isolated`.
     pub mode: String,
@@ -155,7 +159,8 @@ pub struct VmNetwork {
 }
 
 /// `POST /v1/vms`. Omitted fields take the daemon's configured defaults.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateVmRequest {
     pub name: String,
@@ -187,7 +192,8 @@ pub struct CreateVmRequest {
 }
 
 /// `vm create --pull`: when an image given as a registry reference is pulled.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum PullPolicy {
     /// Only use what is stored; fail when the image is not.
@@ -200,7 +206,8 @@ pub enum PullPolicy {
 }
 
 /// A VM's bridge lease.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaseInfo {
     pub vm: String,
     pub ip: String,
@@ -208,7 +215,8 @@ pub struct LeaseInfo {
 }
 
 /// `GET /v1/network`: banger's bridge network as it is now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NetworkStatus {
     /// The configured mode: `auto`, `bridge` or `user`.
     pub mode: String,
@@ -238,7 +246,8 @@ pub struct NetworkStatus {
 }
 
 /// `POST /v1/ssh-config`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SshConfigRequest {
     /// Also add one `Include` line to the user's ssh config (idempotent).
@@ -247,7 +256,8 @@ pub struct SshConfigRequest {
 }
 
 /// What `POST /v1/ssh-config` wrote.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SshConfigResult {
     /// The generated file.
     pub path: String,
@@ -261,7 +271,8 @@ pub struct SshConfigResult {
 }
 
 /// `GET /v1/status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DaemonStatus {
     pub version: String,
     pub pid: u32,
@@ -272,10 +283,17 @@ pub struct DaemonStatus {
     /// RFC 3339 UTC.
     pub started_at: String,
     pub uptime_secs: u64,
+    /// The daemon's own resident memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// VMs whose VMM runs now (running or paused).
+    #[serde(default)]
+    pub running_vms: u32,
 }
 
 /// A kernel (+ optional initrd) in the store (`banger kernel ls --json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Kernel {
     pub name: String,
     /// sha256 over the kernel and initrd; names the directory holding them.
@@ -293,7 +311,8 @@ pub struct Kernel {
 }
 
 /// An image: a root filesystem (raw ext4) plus the kernel it boots (`banger image ls --json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Image {
     pub name: String,
     /// sha256 of the root filesystem file; names the directory holding it.
@@ -307,7 +326,8 @@ pub struct Image {
 }
 
 /// `POST /v1/images/import`: register local files as an image (and its kernel).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ImportImageRequest {
     pub name: String,
@@ -320,7 +340,8 @@ pub struct ImportImageRequest {
 }
 
 /// `POST /v1/kernels/import`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ImportKernelRequest {
     pub name: String,
@@ -331,7 +352,8 @@ pub struct ImportKernelRequest {
 }
 
 /// `POST /v1/images/build`: build the default Debian image (and kernel when missing).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BuildImageRequest {
     /// Image name (default `default`).
@@ -345,8 +367,21 @@ pub struct BuildImageRequest {
     pub force: bool,
 }
 
+/// `GET /v1/images/build/progress`: the image build running now, if any.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BuildProgress {
+    /// Whether a build (or another image store operation) runs.
+    pub running: bool,
+    /// The build's latest progress line, e.g. `build-rootfs: step 3/4: mkfs.ext4 -d tarball
+    /// (e2fsprogs 1.47.2) (165s)` or `build-rootfs: root filesystem tarball: 342M`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
 /// `POST /v1/vms/{name}/stop`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StopVmRequest {
     /// Skip the graceful power-off: a bounded `sync` over SSH, then kill the VMM.
@@ -355,7 +390,8 @@ pub struct StopVmRequest {
 }
 
 /// `GET /v1/vms/{name}/ssh`: how to reach a running guest with OpenSSH.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SshInfo {
     pub host: String,
     pub port: u16,
@@ -373,7 +409,8 @@ pub struct SshInfo {
 }
 
 /// `GET /v1/vms/{name}/console?offset=N`: serial console output from byte `offset`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConsoleChunk {
     /// The bytes from `offset` (lossy UTF-8), at most 1 MiB.
     pub data: String,
@@ -384,7 +421,8 @@ pub struct ConsoleChunk {
 }
 
 /// Result of `POST /v1/vms/{name}/start|stop|pause|resume|suspend`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LifecycleResult {
     pub vm: Vm,
     /// False when the VM already was in the requested state (the call was a no-op).
@@ -402,7 +440,8 @@ pub struct LifecycleResult {
 }
 
 /// Outcome of one `banger doctor` check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum CheckStatus {
     /// Nothing to do.
@@ -426,10 +465,11 @@ impl CheckStatus {
 }
 
 /// One row of `GET /v1/doctor` (`banger doctor`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DoctorCheck {
     /// What was checked: `kvm`, `qemu`, `qemu-img`, `mkfs.ext4`, `ssh`, `ssh-keygen`,
-    /// `debootstrap`, `cpio`, `busybox`, `disk-space`, `tun`, `default-image`.
+    /// `debugfs`, `mmdebstrap`, `newuidmap`, `cpio`, `busybox`, `disk-space`, `tun`, `default-image`.
     pub name: String,
     pub status: CheckStatus,
     /// What was found (a path, a version, a reason).
@@ -440,7 +480,8 @@ pub struct DoctorCheck {
 }
 
 /// `GET /v1/doctor`: the host checks of `banger doctor`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DoctorReport {
     /// Every check, in a fixed order.
     pub checks: Vec<DoctorCheck>,
@@ -457,7 +498,8 @@ impl DoctorReport {
 }
 
 /// `POST /v1/vms/{name}/workspace/prepare`: copy a host directory into the guest's /root/repo.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PrepareWorkspaceRequest {
     /// Absolute host path: the top level of a git repository (or any directory with `no_git`).
@@ -469,7 +511,8 @@ pub struct PrepareWorkspaceRequest {
 
 /// Result of a prepare: what was sent. The first prepare sends everything; later ones only
 /// what changed since the manifest of the previous one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PrepareResult {
     /// Canonical host path prepared from.
     pub host_path: String,
@@ -493,7 +536,8 @@ pub struct PrepareResult {
 }
 
 /// How a prepare's tar reached the guest.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum TransferChannel {
     /// The SSH session's stdin (small transfers, Firecracker, images without the port).
@@ -505,7 +549,8 @@ pub enum TransferChannel {
 
 /// How one side differs from the last prepare. Lists hold at most 100 paths each; the
 /// counts are complete.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkspaceDiff {
     pub added: Vec<String>,
     pub modified: Vec<String>,
@@ -523,7 +568,8 @@ impl WorkspaceDiff {
 }
 
 /// `GET /v1/vms/{name}/workspace`: what was prepared and what differs now.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkspaceStatus {
     /// Whether a workspace was ever prepared in this VM.
     pub prepared: bool,
@@ -552,7 +598,8 @@ pub struct WorkspaceStatus {
 
 /// `POST /v1/vms/{name}/workspace/export`: the guest's changes since the last prepare, as a
 /// patch file (`patch`) or as files under a directory (`to`). Exactly one is given.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExportWorkspaceRequest {
     /// Absolute host path of the patch file to write (`git apply` takes it).
@@ -564,7 +611,8 @@ pub struct ExportWorkspaceRequest {
 }
 
 /// Result of an export.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExportResult {
     /// The patch file or directory written.
     pub written: String,
@@ -577,7 +625,8 @@ pub struct ExportResult {
 }
 
 /// `GET /v1/vms/{name}/workspace/progress`: the prepare running now, if any.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PrepareProgress {
     /// Whether a prepare runs (all counters are 0 otherwise).
     pub running: bool,
@@ -590,7 +639,8 @@ pub struct PrepareProgress {
 
 /// Credentials and transport for one registry operation (`--username/--password-stdin`,
 /// `--insecure`). Without a username the daemon's user's `~/.docker/config.json` is used.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RegistryAccess {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -604,7 +654,8 @@ pub struct RegistryAccess {
 
 /// `POST /v1/images/push` and `POST /v1/kernels/push`: send a stored image or kernel to
 /// `reference` (`REGISTRY/REPOSITORY:TAG`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PushRequest {
     pub name: String,
@@ -618,7 +669,8 @@ pub struct PushRequest {
 
 /// `POST /v1/images/pull` and `POST /v1/kernels/pull`: fetch `reference` and store it as
 /// `name` (default: the repository's last component and the tag, `dev-1`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PullRequest {
     pub reference: String,
@@ -631,7 +683,8 @@ pub struct PullRequest {
 }
 
 /// What a push or pull did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TransferResult {
     /// The local image or kernel name.
     pub name: String,
@@ -647,7 +700,8 @@ pub struct TransferResult {
 }
 
 /// `GET /v1/transfers/{id}`: counters of a running push or pull.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TransferProgress {
     /// Whether the transfer runs (all counters are 0 otherwise).
     pub running: bool,
@@ -658,7 +712,8 @@ pub struct TransferProgress {
 }
 
 /// Answer of `POST /v1/images/pull` and `POST /v1/kernels/pull`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PullResult {
     pub transfer: TransferResult,
     /// The image stored (image pulls).
@@ -666,4 +721,82 @@ pub struct PullResult {
     pub image: Option<Image>,
     /// The kernel stored (an image pull stores its kernel under the image's name).
     pub kernel: Kernel,
+}
+
+/// What a VM costs right now (`GET /v1/stats`, `banger vm stats --json`). Figures that cannot be
+/// known (no process for a stopped VM, no guest answer) are absent, never zero.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VmStats {
+    pub name: String,
+    pub state: VmState,
+    /// Seconds since the VMM process started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_secs: Option<f64>,
+    /// CPU time the VMM process used (user + system), in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_secs: Option<f64>,
+    /// The VMM's CPU use in percent of one core: over the time since the daemon's previous
+    /// sample of this VM (at least 0.1 s ago), else the average since the process started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    /// Resident memory of the VMM process (guest memory it touched plus its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// The VM's disks on the host: virtual size and the bytes actually allocated.
+    pub disks: Vec<DiskUsage>,
+    /// Network counters, from the guest's point of view (`rx` = received by the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetCounters>,
+    /// Figures from inside the guest (`--guest`), one SSH round trip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestStats>,
+}
+
+/// One disk of a VM on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DiskUsage {
+    /// `system` or `work`.
+    pub disk: String,
+    /// Size the guest sees.
+    pub virtual_bytes: u64,
+    /// Bytes allocated on the host (sparse and copy-on-write aware: blocks, not length).
+    pub allocated_bytes: u64,
+}
+
+/// Network counters of a VM's interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NetCounters {
+    /// Where they were read: `tap` (the host side of a bridge VM's tap) or `guest` (the
+    /// guest's eth0, user-mode VMs with `--guest`).
+    pub source: String,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+/// Figures read inside the guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct GuestStats {
+    /// 1, 5 and 15 minute load averages.
+    pub load: [f64; 3],
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
+    /// Use of the root filesystem.
+    pub root_fs: FsUsage,
+    /// Use of /root (the work disk).
+    pub work_fs: FsUsage,
+}
+
+/// A filesystem's size and use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FsUsage {
+    pub size_bytes: u64,
+    pub used_bytes: u64,
+    pub available_bytes: u64,
 }

@@ -128,6 +128,19 @@ pub enum VmCommand {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Show what VMs cost: VMM CPU and memory, disk bytes allocated on the host, network,
+    /// uptime (all VMs when no name is given). Figures that cannot be known are left out.
+    Stats {
+        names: Vec<VmName>,
+        /// Also ask each running guest (load, memory, filesystems, interface counters).
+        #[arg(long)]
+        guest: bool,
+        /// Refresh every 2 s, like `docker stats` (a table on a terminal, NDJSON with --json).
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// List VMs.
     #[command(alias = "list")]
     Ls(JsonFlag),
@@ -342,7 +355,7 @@ pub struct JsonFlag {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Build the default Debian image (debootstrap) and its kernel; needs root.
+    /// Build the default Debian image (mmdebstrap, no root needed) and its kernel.
     Build {
         /// Image name.
         #[arg(default_value = "default")]

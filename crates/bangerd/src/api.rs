@@ -14,13 +14,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
-    ApiError, BuildImageRequest, CheckStatus, ConsoleChunk, CreateVmRequest, DaemonStatus,
-    DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, Image,
-    ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo, LifecycleResult, NetworkStatus,
-    OP_ID_HEADER, PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress,
-    PrepareResult, PrepareWorkspaceRequest, PullPolicy, PullRequest, PullResult, PushRequest,
-    RegistryAccess, SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, TransferProgress,
-    TransferResult, Vm, VmNetwork, VmRuntime, VmSpec, VmState, WorkspaceDiff, WorkspaceStatus,
+    ApiError, BuildImageRequest, BuildProgress, CheckStatus, ConsoleChunk, CreateVmRequest,
+    DaemonStatus, DiskUsage, DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult,
+    ExportWorkspaceRequest, FsUsage, GuestStats, Image, ImportImageRequest, ImportKernelRequest,
+    Kernel, LeaseInfo, LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER,
+    PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress, PrepareResult,
+    PrepareWorkspaceRequest, PullPolicy, PullRequest, PullResult, PushRequest, RegistryAccess,
+    SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, TransferProgress, TransferResult,
+    Vm, VmNetwork, VmRuntime, VmSpec, VmState, VmStats, WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -53,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/doctor", get(doctor))
         .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/stats", get(stats))
         .route("/v1/vms/{name}", get(get_vm).delete(remove_vm))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
@@ -69,6 +71,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images", get(list_images))
         .route("/v1/images/import", post(import_image))
         .route("/v1/images/build", post(build_image))
+        .route("/v1/images/build/progress", get(build_progress))
         .route("/v1/images/{name}", get(get_image).delete(remove_image))
         .route("/v1/kernels", get(list_kernels))
         .route("/v1/kernels/import", post(import_kernel))
@@ -214,6 +217,7 @@ async fn method_not_allowed(request: Request) -> HttpError {
 #[utoipa::path(get, path = "/v1/status", tag = "daemon",
     responses((status = 200, description = "The daemon runs", body = DaemonStatus)))]
 async fn status(State(state): State<AppState>) -> Json<DaemonStatus> {
+    // The VM count and RSS are cheap: one SQLite read and /proc/self/status.
     let layout = state.manager.layout();
     Json(DaemonStatus {
         version: banger_core::VERSION.to_owned(),
@@ -224,6 +228,8 @@ async fn status(State(state): State<AppState>) -> Json<DaemonStatus> {
         log_file: layout.daemon_log().display().to_string(),
         started_at: banger_core::format_rfc3339(state.started_at),
         uptime_secs: state.started.elapsed().as_secs(),
+        rss_bytes: banger_core::usage::own_rss(),
+        running_vms: state.manager.running_vm_count().await.unwrap_or(0),
     })
 }
 
@@ -405,6 +411,35 @@ async fn ssh_info(
     Ok(Json(state.manager.ssh_info(&name).await?))
 }
 
+/// Query of `GET /v1/stats`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct StatsQuery {
+    /// Comma-separated VM names (default: every VM).
+    #[serde(default)]
+    names: String,
+    /// Also ask running guests for their own figures (one SSH round trip each).
+    #[serde(default)]
+    guest: bool,
+}
+
+#[utoipa::path(get, path = "/v1/stats", tag = "vms",
+    params(StatsQuery),
+    responses((status = 200, description = "What each VM costs, by name", body = [VmStats]),
+              (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
+async fn stats(
+    State(state): State<AppState>,
+    Query(query): Query<StatsQuery>,
+) -> Result<Json<Vec<VmStats>>, HttpError> {
+    let names: Vec<String> = query
+        .names
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Ok(Json(state.manager.vm_stats(&names, query.guest).await?))
+}
+
 /// Query of `GET /v1/vms/{name}/console`.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 struct ConsoleQuery {
@@ -540,6 +575,12 @@ async fn build_image(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/images/build/progress", tag = "images",
+    responses((status = 200, description = "The running build's latest step (running=false when none)", body = BuildProgress)))]
+async fn build_progress(State(state): State<AppState>) -> Json<BuildProgress> {
+    Json(state.manager.build_progress())
+}
+
 #[utoipa::path(get, path = "/v1/kernels", tag = "images",
     responses((status = 200, body = [Kernel])))]
 async fn list_kernels(State(state): State<AppState>) -> Result<Json<Vec<Kernel>>, HttpError> {
@@ -634,6 +675,7 @@ async fn transfer_progress(
         doctor,
         list_vms,
         create_vm,
+        stats,
         get_vm,
         remove_vm,
         start_vm,
@@ -650,6 +692,7 @@ async fn transfer_progress(
         remove_image,
         import_image,
         build_image,
+        build_progress,
         list_kernels,
         import_kernel,
         remove_kernel,
@@ -667,6 +710,11 @@ async fn transfer_progress(
         ssh_config
     ),
     components(schemas(
+        VmStats,
+        DiskUsage,
+        NetCounters,
+        GuestStats,
+        FsUsage,
         PrepareWorkspaceRequest,
         PrepareResult,
         PrepareProgress,
@@ -704,6 +752,7 @@ async fn transfer_progress(
         ImportImageRequest,
         ImportKernelRequest,
         BuildImageRequest,
+        BuildProgress,
         PushRequest,
         PullRequest,
         PullResult,

@@ -36,9 +36,6 @@ pub enum ImageError {
         status: String,
         tail: String,
     },
-    /// Building needs root (debootstrap, chroot).
-    #[error("image build needs root (debootstrap and chroot)")]
-    NotRoot,
     /// A tool the build needs is missing.
     #[error("{0} is not installed")]
     MissingTool(&'static str),
@@ -327,13 +324,7 @@ pub async fn run_script(
 
 /// Whether `tool` is an executable on PATH.
 pub fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(dir.join(tool))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-    })
+    crate::which::which(Path::new(tool)).is_some()
 }
 
 #[cfg(test)]

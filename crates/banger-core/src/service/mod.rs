@@ -19,6 +19,7 @@ mod rm;
 mod show;
 mod ssh;
 mod start;
+mod stats;
 mod stop;
 mod suspend;
 mod system_disk;
@@ -88,6 +89,8 @@ pub struct Manager {
     /// The `NAME.vm` DNS server, and where it listens.
     dns_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     dns_addr: Mutex<Option<String>>,
+    /// The previous CPU reading of each VMM, for `vm stats` (see [`stats::CpuSamples`]).
+    cpu_samples: stats::CpuSamples,
 }
 
 impl Manager {
@@ -141,6 +144,7 @@ impl Manager {
             net_lock: tokio::sync::Mutex::new(()),
             dns_task: Mutex::new(None),
             dns_addr: Mutex::new(None),
+            cpu_samples: stats::CpuSamples::default(),
         })
     }
 
@@ -209,7 +213,8 @@ impl Manager {
             return record;
         }
         warn!(vm = %record.name, "VMM is gone; marking the VM stopped");
-        self.release_runtime(&record);
+        // Not waited for: `vm ls` answers while the helper removes the jail.
+        drop(self.release_runtime(&record));
         record.clear_process();
         record.last_error =
             Some("the VM stopped outside banger (guest power-off or VMM exit)".into());

@@ -4,7 +4,7 @@
 //! reaches the guest at start.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -165,13 +165,13 @@ impl Manager {
         manifest: &Manifest,
     ) -> Result<WorkspaceDiff, Error> {
         let target = self.ssh_target(record)?;
-        let (code, stdout, stderr) = target
-            .run(
-                workspace::GUEST_LIST_SCRIPT,
-                Duration::from_secs(10),
-                GUEST_LIMIT,
-            )
-            .await?;
+        let (code, stdout, stderr) = crate::guest::ssh::run(
+            &target,
+            workspace::GUEST_LIST_SCRIPT,
+            Duration::from_secs(10),
+            GUEST_LIMIT,
+        )
+        .await?;
         if code != Some(0) {
             return Err(WorkspaceError::Remote {
                 code,
@@ -380,10 +380,8 @@ impl Drop for Running<'_> {
 
 /// Runs `script` in the guest and returns its stdout and stderr as bytes.
 fn capture(target: &SshTarget, script: &str) -> Result<(Vec<u8>, Vec<u8>), WorkspaceError> {
-    let output = Command::new("ssh")
-        .args(target.options())
-        .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-T"])
-        .arg(&target.host)
+    let output = target
+        .batch_command(Duration::from_secs(10))
         .arg(script)
         .stdin(Stdio::null())
         .output()

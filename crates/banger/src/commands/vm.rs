@@ -110,14 +110,11 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             check_workspace(client, &name, &mut info, auto_prepare).await?;
             let mut remote = command
                 .iter()
-                .map(|arg| banger_core::guest::ssh::shell_quote(arg))
+                .map(|arg| banger_shared::ssh::shell_quote(arg))
                 .collect::<Vec<_>>()
                 .join(" ");
             if let Some(dir) = &info.workdir {
-                remote = format!(
-                    "cd {} && {remote}",
-                    banger_core::guest::ssh::shell_quote(dir)
-                );
+                remote = format!("cd {} && {remote}", banger_shared::ssh::shell_quote(dir));
             }
             let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
             Err(exec_ssh(
@@ -134,6 +131,12 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
         }
         VmCommand::Workspace(command) => workspace::run(client, command).await,
         VmCommand::Logs { name, follow } => logs(client, &name, follow).await,
+        VmCommand::Stats {
+            names,
+            guest,
+            watch,
+            json,
+        } => stats(client, &names, guest, watch, json.json).await,
         VmCommand::Ls(flag) => {
             let vms: Vec<Vm> = client.call(Method::GET, "/v1/vms", None::<&()>).await?;
             if flag.json {
@@ -227,7 +230,7 @@ async fn check_workspace(
             let path = workspace::host_path(None, false)?;
             let result = workspace::prepare(client, name, &path, false).await?;
             workspace::print_prepared(name, &result);
-            info.workdir = Some(banger_core::workspace::GUEST_DIR.to_owned());
+            info.workdir = Some(banger_shared::GUEST_WORKSPACE_DIR.to_owned());
         }
         return Ok(());
     }
@@ -254,7 +257,7 @@ async fn check_workspace(
 /// Replaces this process with `ssh` to the guest, so the terminal, signals, stdin/stdout/
 /// stderr and the exit code are the remote command's own. Returns only on failure.
 fn exec_ssh(info: &SshInfo, extra: &[&str], remote: Option<&str>) -> ClientError {
-    let target = banger_core::guest::ssh::SshTarget {
+    let target = banger_shared::ssh::SshTarget {
         host: info.host.clone(),
         port: info.port,
         user: info.user.clone(),
@@ -264,13 +267,10 @@ fn exec_ssh(info: &SshInfo, extra: &[&str], remote: Option<&str>) -> ClientError
         // Connection sharing: repeated execs skip the key exchange.
         control_path: Some(info.control_path.clone().into()),
     };
-    let mut command = std::process::Command::new("ssh");
-    command
-        .args(target.options())
-        // A guest that stopped answering fails the command instead of hanging it.
-        .args(["-o", "ConnectTimeout=15", "-o", "ServerAliveInterval=15"])
-        .args(extra)
-        .arg(&info.host);
+    // A guest that stopped answering fails the command instead of hanging it.
+    let mut args = vec!["-o", "ConnectTimeout=15", "-o", "ServerAliveInterval=15"];
+    args.extend_from_slice(extra);
+    let mut command = target.command(&args);
     if let Some(remote) = remote {
         command.arg("--").arg(remote);
     }
@@ -398,4 +398,41 @@ async fn create(client: &Client, args: CreateArgs) -> Result<u8, ClientError> {
         );
     }
     Ok(0)
+}
+
+/// `vm stats`: one table (or JSON array), or with `watch` a refresh every 2 s until interrupted
+/// (NDJSON, one object per VM and round, with `--json`).
+async fn stats(
+    client: &Client,
+    names: &[VmName],
+    guest: bool,
+    watch: bool,
+    json: bool,
+) -> Result<u8, ClientError> {
+    let names: Vec<String> = names.iter().map(ToString::to_string).collect();
+    let path = format!("/v1/stats?names={}&guest={guest}", names.join(","));
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        let stats: Vec<banger_proto::VmStats> =
+            client.call(Method::GET, &path, None::<&()>).await?;
+        match (watch, json) {
+            (false, true) => print_json(&stats)?,
+            (true, true) => {
+                for vm in &stats {
+                    println!("{}", serde_json::to_string(vm).unwrap_or_default());
+                }
+            }
+            (true, false) if tty => {
+                // Clear the screen and home the cursor, then the fresh table.
+                print!("\x1b[2J\x1b[H{}", output::stats_table(&stats));
+            }
+            _ => print!("{}", output::stats_table(&stats)),
+        }
+        if !watch {
+            return Ok(0);
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
 }
