@@ -65,6 +65,9 @@ pub enum Error {
     /// A lifecycle step failed with a plain message (e.g. the guest never answered).
     #[error("{0}")]
     Failed(String),
+    /// A push or pull to a registry failed (unreachable, refused, corrupt data).
+    #[error("{0}")]
+    Transfer(String),
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
@@ -138,6 +141,7 @@ impl Error {
             ) => ErrorCode::InvalidRequest,
             Self::Workspace(_) => ErrorCode::OperationFailed,
             Self::Failed(_)
+            | Self::Transfer(_)
             | Self::Image(_)
             | Self::Vmm(_)
             | Self::Disk(_)

@@ -183,6 +183,26 @@ pub struct CreateVmRequest {
     /// Ports to publish (`[HOSTIP:]HOSTPORT:GUESTPORT[/udp]`), user and isolated modes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<crate::PortMapping>,
+    /// When `image` is a registry reference: whether to pull it (default `missing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullPolicy>,
+    /// Id under which `GET /v1/transfers/{id}` reports an autopull's progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_id: Option<String>,
+}
+
+/// `vm create --pull`: when an image given as a registry reference is pulled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    /// Only use what is stored; fail when the image is not.
+    Never,
+    /// Pull when no image from this reference is stored.
+    #[default]
+    Missing,
+    /// Pull every time (fetching only the blobs not stored yet).
+    Always,
 }
 
 /// A VM's bridge lease.
@@ -709,6 +729,92 @@ pub struct PrepareProgress {
     pub files_total: u64,
     pub bytes_sent: u64,
     pub bytes_total: u64,
+}
+
+/// Credentials and transport for one registry operation (`--username/--password-stdin`,
+/// `--insecure`). Without a username the daemon's user's `~/.docker/config.json` is used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RegistryAccess {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Allow plain HTTP to a registry that is not on loopback.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// `POST /v1/images/push` and `POST /v1/kernels/push`: send a stored image or kernel to
+/// `reference` (`REGISTRY/REPOSITORY:TAG`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PushRequest {
+    pub name: String,
+    pub reference: String,
+    #[serde(default)]
+    pub access: RegistryAccess,
+    /// Id under which `GET /v1/transfers/{id}` reports progress (chosen by the client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_id: Option<String>,
+}
+
+/// `POST /v1/images/pull` and `POST /v1/kernels/pull`: fetch `reference` and store it as
+/// `name` (default: the repository's last component and the tag, `dev-1`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PullRequest {
+    pub reference: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub access: RegistryAccess,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_id: Option<String>,
+}
+
+/// What a push or pull did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TransferResult {
+    /// The local image or kernel name.
+    pub name: String,
+    pub reference: String,
+    /// Digest of the manifest pushed or pulled.
+    pub manifest_digest: String,
+    /// Blobs sent or fetched.
+    pub blobs: u64,
+    /// Blobs skipped (already in the registry, or already stored locally).
+    pub skipped: u64,
+    /// Compressed bytes sent or fetched.
+    pub bytes: u64,
+}
+
+/// `GET /v1/transfers/{id}`: counters of a running push or pull.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TransferProgress {
+    /// Whether the transfer runs (all counters are 0 otherwise).
+    pub running: bool,
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub blobs: u64,
+    pub skipped: u64,
+}
+
+/// Answer of `POST /v1/images/pull` and `POST /v1/kernels/pull`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PullResult {
+    pub transfer: TransferResult,
+    /// The image stored (image pulls).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<Image>,
+    /// The kernel stored (an image pull stores its kernel under the image's name).
+    pub kernel: Kernel,
 }
 
 /// What a VM costs right now (`GET /v1/stats`, `banger vm stats --json`). Figures that cannot be

@@ -248,6 +248,12 @@ impl Layout {
     pub fn ssh_control_dir(&self) -> PathBuf {
         self.runtime_dir.join("ssh")
     }
+    /// The user's Docker client config, where registry credentials are read from.
+    pub fn docker_config(&self) -> Option<PathBuf> {
+        env_path("DOCKER_CONFIG")
+            .map(|dir| dir.join("config.json"))
+            .or_else(|| self.home.as_ref().map(|h| h.join(".docker/config.json")))
+    }
     /// banger's own SSH client key pair.
     pub fn keys_dir(&self) -> PathBuf {
         self.data_dir.join("keys")

@@ -239,12 +239,38 @@ pub struct CreateArgs {
     /// [default: bridge when the helper answers, else user (isolated with network.egress = false)].
     #[arg(long, visible_alias = "net", value_parser = ["bridge", "user", "isolated"])]
     pub network: Option<String>,
+    /// When --image is a registry reference (HOST/REPO:TAG): pull it `never`, when
+    /// `missing` (default) or `always`.
+    #[arg(long, value_enum)]
+    pub pull: Option<PullArg>,
     /// Publish a guest port on the host: [HOSTIP:]HOSTPORT:GUESTPORT[/udp] (docker's syntax;
     /// host address 127.0.0.1 unless given). Repeatable. User and isolated networks.
     #[arg(short = 'p', long = "publish", value_name = "PORT", value_parser = parse_port)]
     pub publish: Vec<PortMapping>,
     #[command(flatten)]
     pub json: JsonFlag,
+}
+
+/// `--pull` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PullArg {
+    Never,
+    Missing,
+    Always,
+}
+
+/// How to reach a registry.
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// Registry user name [default: from ~/.docker/config.json].
+    #[arg(long, requires = "password_stdin")]
+    pub username: Option<String>,
+    /// Read the password (or token) from standard input.
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+    /// Allow plain HTTP to a registry that is not on loopback.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 fn parse_port(text: &str) -> Result<PortMapping, String> {
@@ -386,6 +412,27 @@ pub enum ImageCommand {
     /// Remove an image no VM uses.
     #[command(alias = "remove")]
     Rm { name: String },
+    /// Push an image (rootfs, kernel, initrd) to a registry as one OCI artifact.
+    Push {
+        name: String,
+        /// Where to: HOST[:PORT]/REPOSITORY:TAG.
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Pull an image from a registry (only the blobs not stored yet).
+    Pull {
+        /// HOST[:PORT]/REPOSITORY:TAG or …@sha256:DIGEST.
+        reference: String,
+        /// Local name [default: the repository's last component and the tag, e.g. dev-1].
+        name: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -428,6 +475,24 @@ pub enum KernelCommand {
     /// Remove a kernel no image uses.
     #[command(alias = "remove")]
     Rm { name: String },
+    /// Push a kernel (and initrd) to a registry as one OCI artifact.
+    Push {
+        name: String,
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Pull a kernel from a registry.
+    Pull {
+        reference: String,
+        name: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 #[derive(Debug, Subcommand)]

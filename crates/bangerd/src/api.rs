@@ -20,8 +20,9 @@ use banger_proto::{
     Image, ImportImageRequest, ImportKernelRequest, Kernel, KernelBuildProgress,
     KernelCapabilities, LeaseInfo, LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER,
     PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress, PrepareResult,
-    PrepareWorkspaceRequest, SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, Vm,
-    VmNetwork, VmRuntime, VmSpec, VmState, VmStats, WorkspaceDiff, WorkspaceStatus,
+    PrepareWorkspaceRequest, PullPolicy, PullRequest, PullResult, PushRequest, RegistryAccess,
+    SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, TransferProgress, TransferResult,
+    Vm, VmNetwork, VmRuntime, VmSpec, VmState, VmStats, WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -79,6 +80,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/kernels/build", post(build_kernel))
         .route("/v1/kernels/build/progress", get(kernel_build_progress))
         .route("/v1/kernels/{name}", get(get_kernel).delete(remove_kernel))
+        .route("/v1/images/push", post(push_image))
+        .route("/v1/images/pull", post(pull_image))
+        .route("/v1/kernels/push", post(push_kernel))
+        .route("/v1/kernels/pull", post(pull_kernel))
+        .route("/v1/transfers/{id}", get(transfer_progress))
         .route("/v1/network", get(network_status))
         .route("/v1/network/down", post(network_down))
         .route("/v1/ssh-config", post(ssh_config))
@@ -653,6 +659,55 @@ async fn remove_kernel(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/images/push", tag = "images", request_body = PushRequest,
+    responses((status = 200, body = TransferResult), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 422, description = "The registry refused or failed", body = ErrorBody)))]
+async fn push_image(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<PushRequest>,
+) -> Result<Json<TransferResult>, HttpError> {
+    Ok(Json(state.manager.push_image(request).await?))
+}
+
+#[utoipa::path(post, path = "/v1/kernels/push", tag = "images", request_body = PushRequest,
+    responses((status = 200, body = TransferResult), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn push_kernel(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<PushRequest>,
+) -> Result<Json<TransferResult>, HttpError> {
+    Ok(Json(state.manager.push_kernel(request).await?))
+}
+
+#[utoipa::path(post, path = "/v1/images/pull", tag = "images", request_body = PullRequest,
+    responses((status = 200, body = PullResult), (status = 400, body = ErrorBody),
+              (status = 422, description = "Unreachable, refused, or corrupt data (nothing stored)", body = ErrorBody)))]
+async fn pull_image(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<PullRequest>,
+) -> Result<Json<PullResult>, HttpError> {
+    Ok(Json(state.manager.pull_image(request).await?))
+}
+
+#[utoipa::path(post, path = "/v1/kernels/pull", tag = "images", request_body = PullRequest,
+    responses((status = 200, body = PullResult), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn pull_kernel(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<PullRequest>,
+) -> Result<Json<PullResult>, HttpError> {
+    Ok(Json(state.manager.pull_kernel(request).await?))
+}
+
+#[utoipa::path(get, path = "/v1/transfers/{id}", tag = "images",
+    params(("id" = String, Path, description = "The transfer id the client chose")),
+    responses((status = 200, description = "The transfer's counters (running=false when none)", body = TransferProgress)))]
+async fn transfer_progress(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Json<TransferProgress> {
+    Json(state.manager.transfer_progress(&id))
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -691,6 +746,11 @@ async fn remove_kernel(
         kernel_build_progress,
         get_kernel,
         remove_kernel,
+        push_image,
+        pull_image,
+        push_kernel,
+        pull_kernel,
+        transfer_progress,
         prepare_workspace,
         workspace_status,
         export_workspace,
@@ -749,7 +809,14 @@ async fn remove_kernel(
         KernelBuildProgress,
         KernelCapabilities,
         BuildImageRequest,
-        BuildProgress
+        BuildProgress,
+        PushRequest,
+        PullRequest,
+        PullResult,
+        PullPolicy,
+        RegistryAccess,
+        TransferResult,
+        TransferProgress
     ))
 )]
 struct ApiDoc;

@@ -4,6 +4,8 @@
 
 pub mod kernel;
 pub mod mirror;
+pub mod oci;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -1,7 +1,7 @@
 //! `vm create`: the spec from the request and the defaults, the backend and system disk
 //! strategy chosen (nothing is written when they cannot work), the VM's disks and its record.
 
-use banger_proto::{CreateVmRequest, Vm};
+use banger_proto::{CreateVmRequest, Vm, VmName};
 use tracing::info;
 
 use super::ports::NetChoice;
@@ -28,6 +28,9 @@ impl Manager {
     /// Creates a VM in state Created: its record, system overlay and work disk (with the
     /// VM's SSH host key and banger's client key seeded in). Leaves nothing behind on error.
     pub async fn create_vm(&self, request: CreateVmRequest) -> Result<Vm, Error> {
+        VmName::parse(&request.name)?;
+        // An image given as a registry reference is pulled first (per `--pull`).
+        let request = self.autopull(request).await?;
         let vm = self.locked(&request.name).await?;
         let name = vm.name.clone();
         let asked = self.resolve_spec(&request)?;

@@ -187,7 +187,7 @@ impl Manager {
     }
 
     /// Copies a root filesystem into `images/<digest>/` and records it under `name`.
-    async fn store_image(
+    pub(super) async fn store_image(
         &self,
         name: &str,
         rootfs: &Path,

@@ -17,6 +17,7 @@ mod network;
 mod pause;
 mod ports;
 mod reconcile;
+mod registry;
 mod rm;
 mod show;
 mod ssh;
@@ -81,6 +82,8 @@ pub struct Manager {
     prepares: Mutex<HashMap<String, Arc<crate::workspace::transfer::Progress>>>,
     /// The running `banger kernel build`'s progress.
     kernel_build: Mutex<banger_proto::KernelBuildProgress>,
+    /// Counters of the registry pushes and pulls running now, by transfer id.
+    transfers: Mutex<HashMap<String, Arc<crate::image::registry::Progress>>>,
     /// Privileged actions (the root helper); `None` when `network.mode = "user"`.
     host: Option<Arc<dyn HostOps>>,
     helper_socket: std::path::PathBuf,
@@ -140,6 +143,7 @@ impl Manager {
             key_lock: tokio::sync::Mutex::new(()),
             prepares: Mutex::new(HashMap::new()),
             kernel_build: Mutex::new(banger_proto::KernelBuildProgress::default()),
+            transfers: Mutex::new(HashMap::new()),
             host,
             helper_socket,
             net_info: Mutex::new(None),

@@ -98,6 +98,19 @@ const MIGRATIONS: &[Migration] = &[
         guest_port  INTEGER NOT NULL CHECK (guest_port BETWEEN 1 AND 65535),
         PRIMARY KEY (vm_id, proto, host_ip, host_port)
     ) STRICT;"),
+    // 8: registry blobs: which compressed layer (by its OCI digest) became which local store
+    // directory (`kind` rootfs → images/<local>, kernel/initrd → kernels/<local>), so a pull of
+    // stored content fetches nothing and a push of it compresses nothing. For `config`, `local`
+    // is the config JSON itself.
+    Sql("CREATE TABLE blobs (
+        digest        TEXT PRIMARY KEY NOT NULL,
+        kind          TEXT NOT NULL,
+        local         TEXT NOT NULL,
+        size          INTEGER NOT NULL,
+        uncompressed  INTEGER NOT NULL,
+        created_at    TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX blobs_by_local ON blobs(kind, local);"),
 ];
 
 /// Reads every VM row through the typed record, so an unknown value fails here, naming it.

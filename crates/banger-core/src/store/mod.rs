@@ -3,6 +3,7 @@
 //! point leaves either the old or the new row, never a torn one.
 
 mod assets;
+mod blobs;
 mod leases;
 mod migrations;
 mod ports;
@@ -11,6 +12,7 @@ mod workspace;
 pub use workspace::WorkspaceRecord;
 
 pub use assets::AssetTable;
+pub use blobs::BlobRecord;
 pub use leases::{Lease, LeasePool};
 
 use std::path::Path;

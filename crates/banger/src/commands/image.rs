@@ -1,12 +1,16 @@
 //! `banger image …` and `banger kernel …`.
 
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
 use banger_proto::{
     BuildImageRequest, BuildKernelRequest, BuildProgress, ByteSize, Image, ImportImageRequest,
-    ImportKernelRequest, Kernel, KernelBuildProgress, KernelCapabilities,
+    ImportKernelRequest, Kernel, KernelBuildProgress, KernelCapabilities, PullRequest, PullResult,
+    PushRequest, RegistryAccess, TransferProgress, TransferResult,
 };
 use hyper::Method;
 
-use crate::cli::{ImageCommand, KernelCommand};
+use crate::cli::{ImageCommand, KernelCommand, RegistryArgs};
 use crate::client::{Client, ClientError};
 use crate::commands::{print_json, with_progress};
 use crate::output;
@@ -36,8 +40,200 @@ fn print_image(image: &Image, json: bool) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// A fresh id for `GET /v1/transfers/{id}`.
+pub fn transfer_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{}-{nanos}", std::process::id())
+}
+
+/// Runs `call` while a bar (bytes, rate) fed by the daemon's counters for transfer `id` shows
+/// on a terminal; nothing shows while no transfer with that id runs.
+pub async fn with_transfer_progress<T>(
+    client: &Client,
+    id: &str,
+    message: &str,
+    call: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    if !std::io::stderr().is_terminal() {
+        return call.await;
+    }
+    let bar = indicatif::ProgressBar::hidden();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ({elapsed})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(message.to_owned());
+    tokio::pin!(call);
+    let result = loop {
+        tokio::select! {
+            result = &mut call => break result,
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                let progress: Result<TransferProgress, _> = client
+                    .call(Method::GET, &format!("/v1/transfers/{id}"), None::<&()>)
+                    .await;
+                if let Ok(p) = progress && p.running && p.total_bytes > 0 {
+                    if bar.is_hidden() {
+                        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                        bar.enable_steady_tick(Duration::from_millis(100));
+                    }
+                    bar.set_length(p.total_bytes);
+                    bar.set_position(p.done_bytes);
+                }
+            }
+        }
+    };
+    bar.finish_and_clear();
+    result
+}
+
+fn access(args: &RegistryArgs) -> Result<RegistryAccess, ClientError> {
+    let password = if args.password_stdin {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_line(&mut text)
+            .map_err(|e| ClientError::Other(anyhow::anyhow!("cannot read the password: {e}")))?;
+        Some(text.trim_end_matches(['\n', '\r']).to_owned())
+    } else {
+        None
+    };
+    Ok(RegistryAccess {
+        username: args.username.clone(),
+        password,
+        insecure: args.insecure,
+    })
+}
+
+/// `image|kernel push`.
+async fn push(
+    client: &Client,
+    route: &str,
+    name: String,
+    reference: String,
+    registry: &RegistryArgs,
+    json: bool,
+) -> Result<u8, ClientError> {
+    let id = transfer_id();
+    let request = PushRequest {
+        name,
+        reference,
+        access: access(registry)?,
+        transfer_id: Some(id.clone()),
+    };
+    let started = Instant::now();
+    let result: TransferResult = with_transfer_progress(
+        client,
+        &id,
+        &format!("pushing {}", request.reference),
+        client.call(Method::POST, route, Some(&request)),
+    )
+    .await?;
+    if json {
+        print_json(&result)?;
+    } else {
+        println!(
+            "Pushed {} to {} ({}): {}",
+            result.name,
+            result.reference,
+            result.manifest_digest,
+            summary(&result, started.elapsed())
+        );
+    }
+    Ok(0)
+}
+
+/// `image|kernel pull`; returns the result and the stored object.
+async fn pull(
+    client: &Client,
+    route: &str,
+    reference: String,
+    name: Option<String>,
+    registry: &RegistryArgs,
+    json: bool,
+) -> Result<u8, ClientError> {
+    let id = transfer_id();
+    let request = PullRequest {
+        reference,
+        name,
+        access: access(registry)?,
+        transfer_id: Some(id.clone()),
+    };
+    let started = Instant::now();
+    let pulled: PullResult = with_transfer_progress(
+        client,
+        &id,
+        &format!("pulling {}", request.reference),
+        client.call(Method::POST, route, Some(&request)),
+    )
+    .await?;
+    let result = &pulled.transfer;
+    if json {
+        print_json(&pulled)?;
+    } else {
+        println!(
+            "Pulled {} as {} ({}): {}",
+            result.reference,
+            result.name,
+            result.manifest_digest,
+            summary(result, started.elapsed())
+        );
+    }
+    Ok(0)
+}
+
+fn summary(result: &TransferResult, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 {
+        ByteSize((result.bytes as f64 / secs) as u64).to_string()
+    } else {
+        "-".into()
+    };
+    format!(
+        "{} blobs moved, {} present already, {} in {secs:.2}s ({rate}/s)",
+        result.blobs,
+        result.skipped,
+        ByteSize(result.bytes)
+    )
+}
+
 pub async fn run_image(client: &Client, command: ImageCommand) -> Result<u8, ClientError> {
     match command {
+        ImageCommand::Push {
+            name,
+            reference,
+            registry,
+            json,
+        } => {
+            push(
+                client,
+                "/v1/images/push",
+                name,
+                reference,
+                &registry,
+                json.json,
+            )
+            .await
+        }
+        ImageCommand::Pull {
+            reference,
+            name,
+            registry,
+            json,
+        } => {
+            pull(
+                client,
+                "/v1/images/pull",
+                reference,
+                name,
+                &registry,
+                json.json,
+            )
+            .await
+        }
         ImageCommand::Build {
             name,
             mirror,
@@ -128,6 +324,38 @@ pub async fn run_image(client: &Client, command: ImageCommand) -> Result<u8, Cli
 
 pub async fn run_kernel(client: &Client, command: KernelCommand) -> Result<u8, ClientError> {
     match command {
+        KernelCommand::Push {
+            name,
+            reference,
+            registry,
+            json,
+        } => {
+            push(
+                client,
+                "/v1/kernels/push",
+                name,
+                reference,
+                &registry,
+                json.json,
+            )
+            .await
+        }
+        KernelCommand::Pull {
+            reference,
+            name,
+            registry,
+            json,
+        } => {
+            pull(
+                client,
+                "/v1/kernels/pull",
+                reference,
+                name,
+                &registry,
+                json.json,
+            )
+            .await
+        }
         KernelCommand::Import {
             name,
             kernel,

@@ -6,12 +6,12 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use banger_proto::{
-    ByteSize, ConsoleChunk, CreateVmRequest, LifecycleResult, PortChangeRequest, PortList, SshInfo,
-    StopVmRequest, Vm, VmName,
+    ByteSize, ConsoleChunk, CreateVmRequest, LifecycleResult, PortChangeRequest, PortList,
+    PullPolicy, SshInfo, StopVmRequest, Vm, VmName,
 };
 use hyper::Method;
 
-use crate::cli::{CreateArgs, PortAction, PortArgs, VmCommand};
+use crate::cli::{CreateArgs, PortAction, PortArgs, PullArg, VmCommand};
 use crate::client::{Client, ClientError};
 use crate::commands::{print_json, with_progress, workspace};
 use crate::output;
@@ -371,8 +371,21 @@ async fn create(client: &Client, args: CreateArgs) -> Result<u8, ClientError> {
         vmm: args.vmm,
         network: args.network,
         ports: args.publish,
+        pull: args.pull.map(|p| match p {
+            PullArg::Never => PullPolicy::Never,
+            PullArg::Missing => PullPolicy::Missing,
+            PullArg::Always => PullPolicy::Always,
+        }),
+        transfer_id: Some(crate::commands::image::transfer_id()),
     };
-    let vm: Vm = client.call(Method::POST, "/v1/vms", Some(&request)).await?;
+    let id = request.transfer_id.clone().unwrap_or_default();
+    let vm: Vm = crate::commands::image::with_transfer_progress(
+        client,
+        &id,
+        "pulling the image",
+        client.call(Method::POST, "/v1/vms", Some(&request)),
+    )
+    .await?;
     if args.json.json {
         print_json(&vm)?;
     } else {
