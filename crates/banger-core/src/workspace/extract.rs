@@ -11,7 +11,17 @@
 //!   are refused or skipped;
 //! - modes are masked: files 0644, or 0755 when the owner could execute; directories 0755
 //!   (no setuid/setgid/sticky, no group or other write); an existing directory keeps its mode;
-//! - at most [`Rules::max_entries`] entries and [`Rules::max_bytes`] content bytes.
+//! - at most [`Rules::max_entries`] entries (directories created for a path count too) and
+//!   [`Rules::max_bytes`] content bytes (the size a PAX record gives counts, and no more is
+//!   ever copied); paths and symlink targets of at most [`PATH_MAX`] bytes, at most
+//!   [`MAX_DEPTH`] components deep; long names and PAX headers of at most
+//!   [`super::tar_guard::MAX_EXTENSION`] bytes (checked before the tar crate reads them);
+//! - a symlink as the copied object itself (`vm cp`) is refused: its target resolves beside
+//!   the destination, outside the copy;
+//! - after extraction, a directory that git would open as a repository (a bare repository:
+//!   `HEAD` with `objects` and `refs`, or `HEAD` with `commondir`, any case) is refused at
+//!   [`install`], counting what already exists at the destination: git runs such a
+//!   repository's configured commands (pager, fsmonitor) in it.
 //!
 //! Everything is extracted into a private staging directory beside the destination and moved
 //! into place only when the whole tar was accepted ([`install`]): a failure leaves no partial
@@ -26,11 +36,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::WorkspaceError;
+use super::tar_guard::TarGuard;
 
 /// Entries of a guest tar at most (a huge file count is refused, not written).
 pub const MAX_ENTRIES: u64 = 500_000;
 /// Content bytes of a guest tar at most.
 pub const MAX_BYTES: u64 = 64 << 30;
+/// Bytes of a path or symlink target at most (Linux `PATH_MAX`).
+pub const PATH_MAX: usize = 4096;
+/// Components of a path at most.
+pub const MAX_DEPTH: usize = 256;
 
 /// What an extraction accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,10 +187,17 @@ pub fn extract(
         kinds.insert(Vec::new(), NodeKind::Dir);
         out.root = Some(NodeKind::Dir);
     }
-    let mut archive = tar::Archive::new(reader);
-    let bad_tar = |e: std::io::Error| WorkspaceError::Io {
-        context: "cannot read the guest's tar".into(),
-        source: e,
+    let mut archive = tar::Archive::new(TarGuard::new(reader));
+    let bad_tar = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            // The guard's refusals.
+            WorkspaceError::Refused(format!("the guest's tar: {e}"))
+        } else {
+            WorkspaceError::Io {
+                context: "cannot read the guest's tar".into(),
+                source: e,
+            }
+        }
     };
     let mut seen = 0u64;
     for entry in archive.entries().map_err(bad_tar)? {
@@ -194,7 +216,13 @@ pub fn extract(
             why,
         };
         let kind = entry.header().entry_type();
+        if raw.len() > PATH_MAX {
+            return Err(refuse(format!("a path longer than {PATH_MAX} bytes")));
+        }
         let mut parts = components(&raw).map_err(&refuse)?;
+        if parts.len() > MAX_DEPTH {
+            return Err(refuse(format!("a path deeper than {MAX_DEPTH} components")));
+        }
         if let Some(first) = strip {
             match parts.first() {
                 Some(p) if *p == first.as_bytes() => {
@@ -242,10 +270,21 @@ pub fn extract(
             continue;
         }
         let link_target = if node == NodeKind::Symlink {
+            if parts.is_empty() {
+                // The copied object itself: even `a/b` resolves beside the destination.
+                return Err(refuse(
+                    "a symlink as the copied object (its target is outside the copy)".into(),
+                ));
+            }
             let target = entry
                 .link_name_bytes()
                 .map(|t| t.into_owned())
                 .unwrap_or_default();
+            if target.len() > PATH_MAX {
+                return Err(refuse(format!(
+                    "a symlink target longer than {PATH_MAX} bytes"
+                )));
+            }
             if let Err(why) = link_stays_inside(parts.len().saturating_sub(1), &target) {
                 skip(why, &mut out)?;
                 continue;
@@ -262,6 +301,15 @@ pub fn extract(
                 Some(NodeKind::Dir) => {}
                 Some(_) => return Err(refuse("below a symlink or file of the tar".into())),
                 None => {
+                    // Created directories count as entries: deep paths cannot multiply
+                    // what one entry creates.
+                    seen += 1;
+                    if seen > rules.max_entries {
+                        return Err(WorkspaceError::Refused(format!(
+                            "the guest's tar has more than {} entries",
+                            rules.max_entries
+                        )));
+                    }
                     std::fs::create_dir(&path).map_err(WorkspaceError::io(format!(
                         "cannot create {}",
                         path.display()
@@ -297,12 +345,17 @@ pub fn extract(
                 )?;
             }
             NodeKind::File => {
-                let size = entry.header().size().unwrap_or(0);
-                if out.bytes.saturating_add(size) > rules.max_bytes {
-                    return Err(WorkspaceError::Refused(format!(
+                // `entry.size()`: what the tar crate copies (a PAX `size=` overrides the
+                // header's field).
+                let remaining = rules.max_bytes.saturating_sub(out.bytes);
+                let too_big = || {
+                    WorkspaceError::Refused(format!(
                         "the guest's tar holds more than {} bytes",
                         rules.max_bytes
-                    )));
+                    ))
+                };
+                if entry.size() > remaining {
+                    return Err(too_big());
                 }
                 let mode = file_mode(mode);
                 let mut file = std::fs::OpenOptions::new()
@@ -315,9 +368,11 @@ pub fn extract(
                         "cannot create {}",
                         path.display()
                     )))?;
-                let written = std::io::copy(&mut entry, &mut file).map_err(WorkspaceError::io(
-                    format!("cannot write {}", path.display()),
-                ))?;
+                let written = std::io::copy(&mut (&mut entry).take(remaining + 1), &mut file)
+                    .map_err(|e| bad_tar_or(e, &path))?;
+                if written > remaining {
+                    return Err(too_big());
+                }
                 // The umask must not change what the guest's mode (masked) says.
                 file.set_permissions(std::fs::Permissions::from_mode(mode))
                     .map_err(WorkspaceError::io(format!(
@@ -342,6 +397,18 @@ pub fn extract(
         )?;
     }
     Ok(out)
+}
+
+/// A failed copy of entry data to `path`: the guard's refusal or a read/write error.
+fn bad_tar_or(e: std::io::Error, path: &Path) -> WorkspaceError {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        WorkspaceError::Refused(format!("the guest's tar: {e}"))
+    } else {
+        WorkspaceError::Io {
+            context: format!("cannot write {}", path.display()),
+            source: e,
+        }
+    }
 }
 
 /// A private staging directory beside `dest` (same file system, so [`install`] renames);
@@ -811,6 +878,168 @@ mod tests {
             &Rules::lenient(),
         );
         assert!(matches!(result, Err(WorkspaceError::UnsafeEntry { .. })));
+    }
+
+    /// A raw entry: a header of `kind` claiming `size`, then `data` (padded).
+    fn raw(
+        builder: &mut tar::Builder<Vec<u8>>,
+        kind: tar::EntryType,
+        name: &str,
+        size: u64,
+        data: &[u8],
+    ) {
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(kind);
+        header.set_mode(0o644);
+        header.set_path(name).expect("name");
+        header.set_size(size);
+        header.set_cksum();
+        builder.append(&header, data).expect("append");
+    }
+
+    /// A PAX record `key=value` with its length prefix.
+    fn pax(key: &str, value: &str) -> Vec<u8> {
+        let body = format!(" {key}={value}\n");
+        let mut len = body.len() + 1;
+        while len.to_string().len() + body.len() != len {
+            len += 1;
+        }
+        format!("{len}{body}").into_bytes()
+    }
+
+    fn extract_bytes(
+        bytes: &[u8],
+        rules: &Rules,
+    ) -> (tempfile::TempDir, Result<Extracted, WorkspaceError>) {
+        let base = tempfile::tempdir().expect("tempdir");
+        let result = extract_to_dir(bytes, &base.path().join("out"), rules);
+        (base, result)
+    }
+
+    #[test]
+    fn oversized_extension_headers_are_refused_before_they_are_read() {
+        let big = vec![b'a'; 1 << 20];
+        for kind in [T::GNULongName, T::GNULongLink, T::XHeader, T::XGlobalHeader] {
+            let mut builder = tar::Builder::new(Vec::new());
+            raw(&mut builder, kind, "././@LongLink", big.len() as u64, &big);
+            raw(&mut builder, T::Regular, "f", 1, b"x");
+            let (base, result) =
+                extract_bytes(&builder.into_inner().expect("tar"), &Rules::strict());
+            assert!(
+                matches!(result, Err(WorkspaceError::Refused(_))),
+                "{kind:?}: {result:?}"
+            );
+            assert_nothing_written(base.path());
+        }
+        // Claimed huge but cut short: refused on the claim alone (nothing is buffered).
+        let mut builder = tar::Builder::new(Vec::new());
+        raw(&mut builder, T::GNULongName, "././@LongLink", 1 << 40, b"");
+        let (base, result) = extract_bytes(&builder.into_inner().expect("tar"), &Rules::strict());
+        assert!(
+            matches!(result, Err(WorkspaceError::Refused(_))),
+            "{result:?}"
+        );
+        assert_nothing_written(base.path());
+    }
+
+    #[test]
+    fn a_pax_size_counts_toward_the_byte_cap() {
+        // Header size 0, PAX size=1 MiB, 1 MiB of data: the tar crate copies 1 MiB.
+        let rules = Rules {
+            max_bytes: 1000,
+            ..Rules::strict()
+        };
+        let tar_with = |size: usize| {
+            let mut builder = tar::Builder::new(Vec::new());
+            let records = pax("size", &size.to_string());
+            raw(
+                &mut builder,
+                T::XHeader,
+                "pax",
+                records.len() as u64,
+                &records,
+            );
+            raw(&mut builder, T::Regular, "f", 0, &vec![b'z'; size]);
+            raw(&mut builder, T::Regular, "g", 2, b"ok");
+            builder.into_inner().expect("tar")
+        };
+        let (base, result) = extract_bytes(&tar_with(1 << 20), &rules);
+        assert!(
+            matches!(result, Err(WorkspaceError::Refused(_))),
+            "{result:?}"
+        );
+        assert_nothing_written(base.path());
+        // Under the cap the PAX size is followed exactly: the next header is found.
+        let (base, result) = extract_bytes(&tar_with(700), &rules);
+        let result = result.expect("accepted");
+        assert_eq!(result.bytes, 702);
+        assert_eq!(
+            std::fs::read(base.path().join("out/f")).expect("f").len(),
+            700
+        );
+        assert_eq!(std::fs::read(base.path().join("out/g")).expect("g"), b"ok");
+    }
+
+    #[test]
+    fn deep_and_long_paths_are_bounded() {
+        // Directories a path creates count as entries.
+        let names: Vec<String> = (0..10)
+            .map(|i| format!("{i}/a/b/c/d/e/f/g/h/i/file"))
+            .collect();
+        let entries: Vec<_> = names
+            .iter()
+            .map(|n| (n.as_str(), T::Regular, 0o644, &b"x"[..]))
+            .collect();
+        let rules = Rules {
+            max_entries: 50,
+            ..Rules::strict()
+        };
+        let (base, result) = extract_bytes(&tar(&entries), &rules);
+        assert!(
+            matches!(result, Err(WorkspaceError::Refused(_))),
+            "{result:?}"
+        );
+        assert_nothing_written(base.path());
+        // Too deep, and too long (a GNU long name under the extension cap).
+        for path in [
+            "d/".repeat(MAX_DEPTH) + "f",
+            format!("{}/f", "n".repeat(200)).repeat(25),
+        ] {
+            let mut builder = tar::Builder::new(Vec::new());
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(T::Regular);
+            header.set_mode(0o644);
+            header.set_size(1);
+            builder
+                .append_data(&mut header, &path, &b"x"[..])
+                .expect("append");
+            let (base, result) =
+                extract_bytes(&builder.into_inner().expect("tar"), &Rules::strict());
+            assert!(
+                matches!(result, Err(WorkspaceError::UnsafeEntry { .. })),
+                "{}: {result:?}",
+                path.len()
+            );
+            assert_nothing_written(base.path());
+        }
+    }
+
+    #[test]
+    fn a_symlink_as_the_copied_object_is_refused() {
+        // `vm cp vm:out.txt ~/`: out.txt -> .ssh/authorized_keys would resolve in ~.
+        let base = tempfile::tempdir().expect("tempdir");
+        let bytes = tar(&[("out.txt", T::Symlink, 0o777, b".ssh/authorized_keys")]);
+        let result = extract(
+            bytes.as_slice(),
+            &base.path().join("tree"),
+            Some(OsStr::new("out.txt")),
+            &Rules::lenient(),
+        );
+        assert!(
+            matches!(result, Err(WorkspaceError::UnsafeEntry { .. })),
+            "{result:?}"
+        );
+        assert_nothing_written(base.path());
     }
 
     #[test]

@@ -8,19 +8,59 @@
 //! `git apply` reads them, so hunk content is never mistaken for a header (or a header for
 //! content).
 
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 use std::iter::Peekable;
 
 use super::WorkspaceError;
 use super::extract::link_stays_inside;
 
-type Lines<R> = Peekable<std::iter::Enumerate<std::io::Split<R>>>;
+/// Bytes of one patch line at most (a whole patch may hold [`super`]'s cap, one line not).
+pub const MAX_LINE: u64 = 16 << 20;
+
+/// The lines of a patch without their `\n`, each read with at most [`MAX_LINE`] bytes held.
+struct CappedLines<R> {
+    reader: R,
+}
+
+impl<R: BufRead> Iterator for CappedLines<R> {
+    type Item = std::io::Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut line = Vec::new();
+        match (&mut self.reader)
+            .take(MAX_LINE + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) => None,
+            Ok(_) => {
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                } else if line.len() as u64 > MAX_LINE {
+                    return Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("a line longer than {MAX_LINE} bytes"),
+                    )));
+                }
+                Some(Ok(line))
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+}
+
+type Lines<R> = Peekable<std::iter::Enumerate<CappedLines<R>>>;
 
 /// The next line and its index, or `None` at the end.
 fn next_line<R: BufRead>(lines: &mut Lines<R>) -> Result<Option<(usize, Vec<u8>)>, WorkspaceError> {
     match lines.next() {
         None => Ok(None),
         Some((n, Ok(line))) => Ok(Some((n, line))),
+        Some((n, Err(e))) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Err(WorkspaceError::UnsafePatch {
+                line: n + 1,
+                why: e.to_string(),
+            })
+        }
         Some((_, Err(e))) => Err(WorkspaceError::Io {
             context: "cannot read the guest's patch".into(),
             source: e,
@@ -40,7 +80,7 @@ const MODES: [&str; 4] = ["100644", "100755", "120000", "160000"];
 
 /// Refuses `patch` unless every path and mode in it is safe to apply (see the module doc).
 pub fn check(patch: impl BufRead) -> Result<(), WorkspaceError> {
-    let mut lines = patch.split(b'\n').enumerate().peekable();
+    let mut lines = CappedLines { reader: patch }.enumerate().peekable();
     // The current file's new mode, for its symlink target check.
     let mut symlink = false;
     let mut target_depth = 0usize;
@@ -357,6 +397,18 @@ index 6666666..0000000
     #[test]
     fn a_git_diff_is_accepted_and_hunk_content_is_not_a_header() {
         check(GOOD.as_bytes()).expect("accepted");
+    }
+
+    #[test]
+    fn a_line_over_the_cap_is_refused() {
+        // A newline-free hunk line: refused once the cap is reached, not held whole.
+        let mut patch = b"diff --git a/f b/f\n--- a/f\n+++ b/f\n@@ -0,0 +1 @@\n+".to_vec();
+        patch.resize(patch.len() + MAX_LINE as usize + 10, b'a');
+        let result = check(patch.as_slice());
+        assert!(
+            matches!(result, Err(WorkspaceError::UnsafePatch { line: 5, .. })),
+            "{result:?}"
+        );
     }
 
     #[test]
