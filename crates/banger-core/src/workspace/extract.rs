@@ -429,6 +429,7 @@ pub fn staging_for(dest: &Path) -> Result<tempfile::TempDir, WorkspaceError> {
 /// directories keep their mode, existing files and symlinks are replaced, never written
 /// through); anything else is refused. Every name is checked before the first move.
 pub fn install(from: &Path, dest: &Path) -> Result<(), WorkspaceError> {
+    refuse_git_dirs(from, dest)?;
     check(from, dest)?;
     place(from, dest)
 }
@@ -449,6 +450,105 @@ fn conflict(dest: &Path, why: &str) -> WorkspaceError {
         path: dest.display().to_string(),
         why: why.into(),
     }
+}
+
+/// What git looks for to open a directory as a repository (`is_git_directory`): `HEAD` with
+/// `objects` and `refs`, or `HEAD` with `commondir`. Names in any case (a case-insensitive
+/// file system matches them too).
+#[derive(Debug, Default)]
+pub struct GitDirNames {
+    head: bool,
+    objects: bool,
+    refs: bool,
+    commondir: bool,
+}
+
+impl GitDirNames {
+    /// Notes one name in the directory.
+    pub fn add(&mut self, name: &[u8]) {
+        if name.eq_ignore_ascii_case(b"HEAD") {
+            self.head = true;
+        } else if name.eq_ignore_ascii_case(b"objects") {
+            self.objects = true;
+        } else if name.eq_ignore_ascii_case(b"refs") {
+            self.refs = true;
+        } else if name.eq_ignore_ascii_case(b"commondir") {
+            self.commondir = true;
+        }
+    }
+
+    /// Whether git would take the directory for a git dir.
+    pub fn is_git_dir(&self) -> bool {
+        self.head && (self.commondir || (self.objects && self.refs))
+    }
+
+    /// Whether the directory holds `HEAD` beside any other git dir name (what a patch may
+    /// complete with files the host tree already has).
+    pub fn may_be_git_dir(&self) -> bool {
+        self.head && (self.commondir || self.objects || self.refs)
+    }
+}
+
+/// The names in directory `dir` (none when it is not a directory; symlinks not followed).
+fn names_in(dir: &Path, into: &mut GitDirNames) -> Result<(), WorkspaceError> {
+    if !lstat(dir)?.is_some_and(|m| m.is_dir()) {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir)
+        .map_err(WorkspaceError::io(format!("cannot list {}", dir.display())))?
+    {
+        let entry = entry.map_err(WorkspaceError::io(format!("cannot list {}", dir.display())))?;
+        into.add(entry.file_name().as_bytes());
+    }
+    Ok(())
+}
+
+/// Refuses the staged `from` when, moved to `dest`, some directory would be one git opens
+/// as a repository (a bare repository the guest planted: git obeys its config, e.g. runs
+/// `core.pager` or `core.fsmonitor`). Counts what exists at the destination too.
+fn refuse_git_dirs(from: &Path, dest: &Path) -> Result<(), WorkspaceError> {
+    let refuse = |dir: &Path| WorkspaceError::UnsafeEntry {
+        path: dir.display().to_string(),
+        why: "it would be a git repository (HEAD with objects and refs, or with commondir): \
+              git would run commands from its config"
+            .into(),
+    };
+    // The directory `dest` goes into gains its name.
+    if let (Some(parent), Some(name)) = (dest.parent(), dest.file_name()) {
+        let mut names = GitDirNames::default();
+        names_in(parent, &mut names)?;
+        names.add(name.as_bytes());
+        if names.is_git_dir() {
+            return Err(refuse(parent));
+        }
+    }
+    fn walk(
+        from: &Path,
+        dest: &Path,
+        refuse: &dyn Fn(&Path) -> WorkspaceError,
+    ) -> Result<(), WorkspaceError> {
+        if !lstat(from)?.is_some_and(|m| m.is_dir()) {
+            return Ok(());
+        }
+        let mut names = GitDirNames::default();
+        names_in(from, &mut names)?;
+        names_in(dest, &mut names)?;
+        if names.is_git_dir() {
+            return Err(refuse(dest));
+        }
+        for entry in std::fs::read_dir(from).map_err(WorkspaceError::io(format!(
+            "cannot list {}",
+            from.display()
+        )))? {
+            let entry = entry.map_err(WorkspaceError::io(format!(
+                "cannot list {}",
+                from.display()
+            )))?;
+            walk(&entry.path(), &dest.join(entry.file_name()), refuse)?;
+        }
+        Ok(())
+    }
+    walk(from, dest, &refuse)
 }
 
 fn check(from: &Path, dest: &Path) -> Result<(), WorkspaceError> {
@@ -1040,6 +1140,56 @@ mod tests {
             "{result:?}"
         );
         assert_nothing_written(base.path());
+    }
+
+    #[test]
+    fn a_planted_bare_repository_is_refused() {
+        let config: &[u8] = b"[core]\n\tpager = touch /tmp/pwned; cat\n";
+        let cases: &[&[Spec]] = &[
+            &[
+                ("docs/HEAD", T::Regular, 0o644, b"ref: refs/heads/main\n"),
+                ("docs/config", T::Regular, 0o644, config),
+                ("docs/objects/", T::Directory, 0o755, b""),
+                ("docs/refs/", T::Directory, 0o755, b""),
+            ],
+            &[
+                ("head", T::Regular, 0o644, b"ref: refs/heads/main\n"),
+                ("config", T::Regular, 0o644, config),
+                ("Objects/x", T::Regular, 0o644, b""),
+                ("REFS/y", T::Regular, 0o644, b""),
+            ],
+            &[
+                ("a/b/HEAD", T::Regular, 0o644, b"ref: refs/heads/main\n"),
+                ("a/b/commondir", T::Regular, 0o644, b"../c\n"),
+            ],
+        ];
+        for case in cases {
+            let (base, result) = run(case);
+            assert!(
+                matches!(result, Err(WorkspaceError::UnsafeEntry { .. })),
+                "{case:?}: {result:?}"
+            );
+            assert_nothing_written(base.path());
+        }
+        // Completed by what the destination already holds: refused, the destination as it was.
+        let base = tempfile::tempdir().expect("tempdir");
+        let dest = base.path().join("out");
+        std::fs::create_dir_all(dest.join("docs/objects")).expect("mkdir");
+        std::fs::write(dest.join("docs/HEAD"), "x").expect("write");
+        let bytes = tar(&[("docs/refs/heads/main", T::Regular, 0o644, b"0")]);
+        let result = extract_to_dir(bytes.as_slice(), &dest, &Rules::strict());
+        assert!(
+            matches!(result, Err(WorkspaceError::UnsafeEntry { .. })),
+            "{result:?}"
+        );
+        assert!(!dest.join("docs/refs").exists());
+        assert_eq!(std::fs::read_dir(base.path()).expect("ls").count(), 1);
+        // Two of the three names are fine.
+        let (_base, result) = run(&[
+            ("docs/HEAD", T::Regular, 0o644, b"x"),
+            ("docs/refs/x", T::Regular, 0o644, b"x"),
+        ]);
+        result.expect("accepted");
     }
 
     #[test]

@@ -4,15 +4,19 @@
 //! every path it names (`diff --git`, `---`/`+++`, rename/copy from/to) must be relative,
 //! without `..`, empty components or `.git`; modes must be a plain file (0644/0755), a symlink
 //! or a gitlink; a symlink's new target (its hunk's `+` line) must stay inside the tree.
+//! A directory whose names in the patch put `HEAD` (any case) beside `objects`, `refs` or
+//! `commondir` is refused: with what the host tree already holds it could become a bare
+//! repository, whose config git obeys. One line holds at most [`MAX_LINE`] bytes.
 //! Hunks are skipped by their line counts, binary hunks up to their blank line, exactly as
 //! `git apply` reads them, so hunk content is never mistaken for a header (or a header for
 //! content).
 
+use std::collections::HashMap;
 use std::io::{BufRead, Read};
 use std::iter::Peekable;
 
 use super::WorkspaceError;
-use super::extract::link_stays_inside;
+use super::extract::{GitDirNames, link_stays_inside};
 
 /// Bytes of one patch line at most (a whole patch may hold [`super`]'s cap, one line not).
 pub const MAX_LINE: u64 = 16 << 20;
@@ -84,6 +88,18 @@ pub fn check(patch: impl BufRead) -> Result<(), WorkspaceError> {
     // The current file's new mode, for its symlink target check.
     let mut symlink = false;
     let mut target_depth = 0usize;
+    // The names the patch gives each directory, for the git-dir check.
+    let mut dirs: HashMap<String, GitDirNames> = HashMap::new();
+    let mut note = |path: &str| {
+        let mut dir = String::new();
+        for part in path.split('/') {
+            dirs.entry(dir.clone()).or_default().add(part.as_bytes());
+            if !dir.is_empty() {
+                dir.push('/');
+            }
+            dir.push_str(part);
+        }
+    };
     while let Some((n, line)) = next_line(&mut lines)? {
         let bad = |why: &str| WorkspaceError::UnsafePatch {
             line: n + 1,
@@ -95,11 +111,18 @@ pub fn check(patch: impl BufRead) -> Result<(), WorkspaceError> {
         }
         if let Some(rest) = text.strip_prefix("diff --git ") {
             symlink = false;
-            check_diff_line(rest).map_err(|why| bad(&why))?;
+            for path in check_diff_line(rest).map_err(|why| bad(&why))? {
+                note(&path);
+            }
         } else if let Some(rest) = text.strip_prefix("--- ") {
-            check_side(rest, "a/").map_err(|why| bad(&why))?;
+            if let Some(path) = check_side(rest, "a/").map_err(|why| bad(&why))? {
+                note(&path);
+            }
         } else if let Some(rest) = text.strip_prefix("+++ ") {
             let path = check_side(rest, "b/").map_err(|why| bad(&why))?;
+            if let Some(path) = &path {
+                note(path);
+            }
             target_depth = path
                 .map(|p| p.split('/').count().saturating_sub(1))
                 .unwrap_or(0);
@@ -187,6 +210,16 @@ pub fn check(patch: impl BufRead) -> Result<(), WorkspaceError> {
             return Err(bad("a line git diff does not write outside a hunk"));
         }
     }
+    if let Some((dir, _)) = dirs.iter().find(|(_, names)| names.may_be_git_dir()) {
+        return Err(WorkspaceError::UnsafePatch {
+            line: 0,
+            why: format!(
+                "it writes HEAD beside objects, refs or commondir in {:?}: the directory \
+                 could become a git repository whose config git obeys",
+                if dir.is_empty() { "." } else { dir }
+            ),
+        });
+    }
     Ok(())
 }
 
@@ -223,8 +256,9 @@ fn check_side(rest: &str, prefix: &str) -> Result<Option<String>, String> {
 }
 
 /// The `diff --git` names. Unquoted names may hold spaces, so every way to split the line
-/// into `a/X b/Y` must give safe paths.
-fn check_diff_line(rest: &str) -> Result<(), String> {
+/// into `a/X b/Y` must give safe paths. Returns every path any split gives.
+fn check_diff_line(rest: &str) -> Result<Vec<String>, String> {
+    let mut paths = Vec::new();
     if rest.starts_with('"') || rest.ends_with('"') {
         let (first, second) = split_quoted(rest)?;
         for (name, prefix) in [(first, "a/"), (second, "b/")] {
@@ -232,23 +266,24 @@ fn check_diff_line(rest: &str) -> Result<(), String> {
                 .strip_prefix(prefix)
                 .ok_or_else(|| format!("a name without the {prefix} prefix"))?;
             check_path(path)?;
+            paths.push(path.to_owned());
         }
-        return Ok(());
+        return Ok(paths);
     }
     let body = rest
         .strip_prefix("a/")
         .ok_or("a name without the a/ prefix")?;
-    let mut any = false;
     for (at, _) in body.match_indices(" b/") {
         let (old, new) = (&body[..at], &body[at + 3..]);
         check_path(old)?;
         check_path(new)?;
-        any = true;
+        paths.push(old.to_owned());
+        paths.push(new.to_owned());
     }
-    if any {
-        Ok(())
-    } else {
+    if paths.is_empty() {
         Err("a diff line without two names".into())
+    } else {
+        Ok(paths)
     }
 }
 
@@ -397,6 +432,41 @@ index 6666666..0000000
     #[test]
     fn a_git_diff_is_accepted_and_hunk_content_is_not_a_header() {
         check(GOOD.as_bytes()).expect("accepted");
+    }
+
+    #[test]
+    fn a_planted_bare_repository_is_refused() {
+        let file = |path: &str| {
+            format!(
+                "diff --git a/{path} b/{path}\nnew file mode 100644\nindex 0000000..1111111\n\
+                 --- /dev/null\n+++ b/{path}\n@@ -0,0 +1 @@\n+x\n"
+            )
+        };
+        for paths in [
+            &[
+                "docs/HEAD",
+                "docs/config",
+                "docs/objects/info/x",
+                "docs/refs/heads/main",
+            ][..],
+            &["Head", "OBJECTS/x"],
+            &["a/b/HEAD", "a/b/commondir"],
+            &["d/HEAD", "d/refs/x"],
+        ] {
+            let patch: String = paths.iter().map(|p| file(p)).collect();
+            assert!(refused(&patch), "{paths:?} was accepted");
+        }
+        // A binary file (no ---/+++ lines) counts too.
+        let patch = file("d/HEAD")
+            + "diff --git a/d/objects/x b/d/objects/x\nnew file mode 100644\n\
+               index 0000000..5555555\nGIT binary patch\nliteral 3\nKcmb=e#Q*>S2mk>9\n\n";
+        assert!(refused(&patch));
+        // HEAD alone, or objects and refs without HEAD, are plain files.
+        let patch: String = ["HEAD", "src/objects/a", "src/refs/b"]
+            .iter()
+            .map(|p| file(p))
+            .collect();
+        check(patch.as_bytes()).expect("accepted");
     }
 
     #[test]
