@@ -1,9 +1,12 @@
 //! Checks a git patch from the guest (`vm workspace export --patch`) before it is written:
 //! `git apply` must not be able to write under `.git` (any case) or outside the tree. Every
-//! line outside a hunk must be a git diff header that the guest's `git diff --binary` writes;
-//! every path it names (`diff --git`, `---`/`+++`, rename/copy from/to) must be relative,
-//! without `..`, empty components or `.git`; modes must be a plain file (0644/0755), a symlink
-//! or a gitlink; a symlink's new target (its hunk's `+` line) must stay inside the tree.
+//! line outside a hunk must be a git diff header that the guest's `git diff --binary
+//! --no-renames` writes (rename and copy headers are refused); every path it names
+//! (`diff --git`, `---`/`+++`) must be relative, without `..`, empty components or `.git`;
+//! modes (also the one on an `index` line) must be a plain file (0644/0755), a symlink or a
+//! gitlink, and a file with hunks must state one (without, `git apply` keeps what the host
+//! path is, maybe a symlink); when any mode of a file is a symlink, its new target (its
+//! hunk's `+` line) must stay inside the tree.
 //! A directory whose names in the patch put `HEAD` (any case) beside `objects`, `refs` or
 //! `commondir` is refused: with what the host tree already holds it could become a bare
 //! repository, whose config git obeys. One line holds at most [`MAX_LINE`] bytes.
@@ -85,9 +88,14 @@ const MODES: [&str; 4] = ["100644", "100755", "120000", "160000"];
 /// Refuses `patch` unless every path and mode in it is safe to apply (see the module doc).
 pub fn check(patch: impl BufRead) -> Result<(), WorkspaceError> {
     let mut lines = CappedLines { reader: patch }.enumerate().peekable();
-    // The current file's new mode, for its symlink target check.
+    // The current file: whether any of its mode lines says symlink (git takes the `index`
+    // line's mode, or a lone old mode, as the new mode too: any 120000 counts); whether it
+    // has a mode at all (without one, git apply keeps what the host path is, maybe a
+    // symlink, so its hunks are refused); the least depth of its names.
     let mut symlink = false;
-    let mut target_depth = 0usize;
+    let mut mode_known = false;
+    let mut target_depth = usize::MAX;
+    let depth_of = |p: &str| p.split('/').count().saturating_sub(1);
     // The names the patch gives each directory, for the git-dir check.
     let mut dirs: HashMap<String, GitDirNames> = HashMap::new();
     let mut note = |path: &str| {
@@ -111,26 +119,38 @@ pub fn check(patch: impl BufRead) -> Result<(), WorkspaceError> {
         }
         if let Some(rest) = text.strip_prefix("diff --git ") {
             symlink = false;
+            mode_known = false;
+            target_depth = usize::MAX;
             for path in check_diff_line(rest).map_err(|why| bad(&why))? {
+                target_depth = target_depth.min(depth_of(&path));
                 note(&path);
             }
         } else if let Some(rest) = text.strip_prefix("--- ") {
             if let Some(path) = check_side(rest, "a/").map_err(|why| bad(&why))? {
+                target_depth = target_depth.min(depth_of(&path));
                 note(&path);
             }
         } else if let Some(rest) = text.strip_prefix("+++ ") {
-            let path = check_side(rest, "b/").map_err(|why| bad(&why))?;
-            if let Some(path) = &path {
-                note(path);
+            if let Some(path) = check_side(rest, "b/").map_err(|why| bad(&why))? {
+                target_depth = target_depth.min(depth_of(&path));
+                note(&path);
             }
-            target_depth = path
-                .map(|p| p.split('/').count().saturating_sub(1))
-                .unwrap_or(0);
-        } else if let Some(rest) = ["rename from ", "rename to ", "copy from ", "copy to "]
+        } else if ["rename from ", "rename to ", "copy from ", "copy to "]
             .iter()
-            .find_map(|p| text.strip_prefix(p))
+            .any(|p| text.starts_with(p))
         {
-            check_path(&unquote(rest).map_err(|why| bad(&why))?).map_err(|why| bad(&why))?;
+            // The guest's diff runs with --no-renames; a copy could carry a symlink whose
+            // target is checked nowhere to a shallower place.
+            return Err(bad("a rename or copy (banger's diff writes none)"));
+        } else if let Some(rest) = text.strip_prefix("index ") {
+            // `index OLD..NEW [MODE]`: the mode, when there, is the file's mode.
+            if let Some((_, mode)) = rest.split_once(' ') {
+                if !MODES.contains(&mode) {
+                    return Err(bad("a mode other than 100644, 100755, 120000 or 160000"));
+                }
+                mode_known = true;
+                symlink |= mode == "120000";
+            }
         } else if let Some(mode) = [
             "old mode ",
             "new mode ",
@@ -143,15 +163,21 @@ pub fn check(patch: impl BufRead) -> Result<(), WorkspaceError> {
             if !MODES.contains(&mode) {
                 return Err(bad("a mode other than 100644, 100755, 120000 or 160000"));
             }
-            if !text.starts_with("old ") && !text.starts_with("deleted ") {
-                symlink = mode == "120000";
-            }
-        } else if text.starts_with("index ")
-            || text.starts_with("similarity index ")
+            mode_known = true;
+            symlink |= mode == "120000";
+        } else if text.starts_with("similarity index ")
             || text.starts_with("dissimilarity index ")
             || text.starts_with("Binary files ")
         {
         } else if text.starts_with("@@ ") {
+            if !mode_known {
+                return Err(bad("a hunk for a file whose mode the patch does not give"));
+            }
+            let target_depth = if target_depth == usize::MAX {
+                0
+            } else {
+                target_depth
+            };
             let (mut old, mut new) = hunk_counts(text).ok_or_else(|| bad("a bad hunk header"))?;
             while old > 0 || new > 0 {
                 let Some((n, line)) = next_line(&mut lines)? else {
@@ -189,6 +215,11 @@ pub fn check(patch: impl BufRead) -> Result<(), WorkspaceError> {
                 }
             }
         } else if text == "GIT binary patch" {
+            if !mode_known {
+                return Err(bad(
+                    "a binary patch for a file whose mode the patch does not give",
+                ));
+            }
             if symlink {
                 return Err(bad("a binary symlink"));
             }
@@ -375,6 +406,7 @@ fn check_path(path: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn refused(patch: &str) -> bool {
         matches!(
@@ -469,14 +501,59 @@ index 6666666..0000000
         check(patch.as_bytes()).expect("accepted");
     }
 
+    /// What the guest's `git diff --binary --no-renames` writes for edits, a mode change, a
+    /// symlink retargeted inside the tree, a new symlink, a binary file and a deletion.
+    #[test]
+    fn a_real_git_diff_is_accepted() {
+        use crate::workspace::fileset::git;
+        let repo = tempfile::tempdir().expect("tempdir");
+        let root = repo.path();
+        let write = |p: &str, body: &str| {
+            let path = root.join(p);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, body).expect("write");
+        };
+        if git(root, &["init", "-q"]).is_err() {
+            eprintln!("SKIP: git is not usable here");
+            return;
+        }
+        write("src/main.rs", "fn main() {}\n");
+        write("run.sh", "echo\n");
+        write("gone", "bye\n");
+        std::os::unix::fs::symlink("../src/main.rs", root.join("src/../link")).expect("ln");
+        std::fs::create_dir_all(root.join("d/e")).expect("mkdir");
+        std::os::unix::fs::symlink("../../run.sh", root.join("d/e/deep")).expect("ln");
+        let id = ["-c", "user.name=t", "-c", "user.email=t@t"];
+        git(root, &["add", "-A"]).expect("add");
+        git(root, &[&id[..], &["commit", "-qm", "base"]].concat()).expect("commit");
+        write("src/main.rs", "fn main() {\n    println!();\n}\n");
+        std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        std::fs::remove_file(root.join("gone")).expect("rm");
+        std::fs::remove_file(root.join("d/e/deep")).expect("rm");
+        std::os::unix::fs::symlink("../../src/main.rs", root.join("d/e/deep")).expect("ln");
+        std::os::unix::fs::symlink("e/deep", root.join("d/new")).expect("ln");
+        std::fs::write(root.join("img.bin"), [0u8, 1, 2, 255]).expect("write");
+        git(root, &["add", "-A"]).expect("add");
+        let patch = git(
+            root,
+            &["diff", "--binary", "--no-renames", "--no-color", "--cached"],
+        )
+        .expect("diff");
+        let text = String::from_utf8_lossy(&patch);
+        assert!(text.contains(" 120000\n"), "{text}");
+        check(patch.as_slice()).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    }
+
     #[test]
     fn a_line_over_the_cap_is_refused() {
         // A newline-free hunk line: refused once the cap is reached, not held whole.
-        let mut patch = b"diff --git a/f b/f\n--- a/f\n+++ b/f\n@@ -0,0 +1 @@\n+".to_vec();
+        let mut patch =
+            b"diff --git a/f b/f\nindex 1..2 100644\n--- a/f\n+++ b/f\n@@ -0,0 +1 @@\n+".to_vec();
         patch.resize(patch.len() + MAX_LINE as usize + 10, b'a');
         let result = check(patch.as_slice());
         assert!(
-            matches!(result, Err(WorkspaceError::UnsafePatch { line: 5, .. })),
+            matches!(result, Err(WorkspaceError::UnsafePatch { line: 6, .. })),
             "{result:?}"
         );
     }
@@ -494,6 +571,20 @@ index 6666666..0000000
             "copy to ../outside\n",
             "rename to \".git/config\"\n",
             "rename to \"\\056git/config\"\n",
+            // Retargeting an existing symlink: the mode is only on the index line.
+            "diff --git a/l b/l\nindex 42061c0..ae47761 120000\n--- a/l\n+++ b/l\n\
+             @@ -1 +1 @@\n-README.md\n+../../../home/u/.ssh/authorized_keys\n",
+            // ... or given nowhere (git apply would keep the host path a symlink).
+            "diff --git a/l b/l\n--- a/l\n+++ b/l\n@@ -1 +1 @@\n-README.md\n+../../x\n",
+            // A lone old mode is the new mode too; a later index mode does not undo it.
+            "diff --git a/l b/l\nold mode 120000\n--- a/l\n+++ b/l\n@@ -1 +1 @@\n-a\n+/etc\n",
+            "diff --git a/l b/l\nnew mode 120000\nindex 1..2 100644\n--- a/l\n+++ b/l\n\
+             @@ -1 +1 @@\n-a\n+/etc\n",
+            // A copy of a deep symlink to the top (its target would point out).
+            "diff --git a/d1/d2/link b/top\nsimilarity index 100%\ncopy from d1/d2/link\n\
+             copy to top\n",
+            "diff --git a/x b/y\nrename from x\nrename to y\n",
+            "diff --git a/x b/x\nindex 1..2 100777\n",
             "new file mode 104755\n",
             "new mode 100777\n",
             "diff --git a/l b/l\nnew file mode 120000\n--- /dev/null\n+++ b/l\n@@ -0,0 +1 @@\n+../../etc\n",
