@@ -32,7 +32,7 @@ use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use super::WorkspaceError;
@@ -44,6 +44,8 @@ pub const MAX_ENTRIES: u64 = 500_000;
 pub const MAX_BYTES: u64 = 64 << 30;
 /// Bytes of a path or symlink target at most (Linux `PATH_MAX`).
 pub const PATH_MAX: usize = 4096;
+/// Bytes of one path component at most (Linux `NAME_MAX`).
+pub const NAME_MAX: usize = 255;
 /// Components of a path at most.
 pub const MAX_DEPTH: usize = 256;
 
@@ -174,17 +176,13 @@ pub fn extract(
     rules: &Rules,
 ) -> Result<Extracted, WorkspaceError> {
     let mut out = Extracted::default();
-    // What each relative path (components joined by `/`) was written as; "" is `tree`.
-    let mut kinds: HashMap<Vec<u8>, NodeKind> = HashMap::new();
-    // Directories get their mode at the end (created under the caller's umask).
-    let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
+    // What each written path is, as a tree: (id of the directory holding it, its name) ->
+    // (its id, kind); `tree` itself is id 0, its kind `out.root`. Only names are stored, so
+    // memory grows with the entries (capped), not with their path lengths.
+    let mut nodes: HashMap<(usize, Vec<u8>), (usize, NodeKind)> = HashMap::new();
+    let mut last_id = 0usize;
     if strip.is_none() {
-        dir_modes.push((tree.to_path_buf(), DIR_MODE));
-        std::fs::create_dir(tree).map_err(WorkspaceError::io(format!(
-            "cannot create {}",
-            tree.display()
-        )))?;
-        kinds.insert(Vec::new(), NodeKind::Dir);
+        make_dir(tree)?;
         out.root = Some(NodeKind::Dir);
     }
     let mut archive = tar::Archive::new(TarGuard::new(reader));
@@ -222,6 +220,9 @@ pub fn extract(
         let mut parts = components(&raw).map_err(&refuse)?;
         if parts.len() > MAX_DEPTH {
             return Err(refuse(format!("a path deeper than {MAX_DEPTH} components")));
+        }
+        if parts.iter().any(|p| p.len() > NAME_MAX) {
+            return Err(refuse(format!("a name longer than {NAME_MAX} bytes")));
         }
         if let Some(first) = strip {
             match parts.first() {
@@ -261,7 +262,6 @@ pub fn extract(
             )?;
             continue;
         };
-        let key = parts.join(&b'/');
         if parts.is_empty() && strip.is_none() {
             // The tree root itself (`.`): it exists and keeps the directory mode.
             if node != NodeKind::Dir {
@@ -294,11 +294,13 @@ pub fn extract(
             None
         };
         // Parents: directories of this tar (created on the way), never a symlink or file.
+        // `current` is what `parts[..depth]` is, `holder` the directory that holds it.
         let mut path = tree.to_path_buf();
-        for depth in 0..parts.len() {
-            let prefix = parts[..depth].join(&b'/');
-            match kinds.get(&prefix) {
-                Some(NodeKind::Dir) => {}
+        let mut current = out.root.map(|kind| (0usize, kind));
+        let mut holder = 0usize;
+        for (depth, name) in parts.iter().enumerate() {
+            let dir = match current {
+                Some((id, NodeKind::Dir)) => id,
                 Some(_) => return Err(refuse("below a symlink or file of the tar".into())),
                 None => {
                     // Created directories count as entries: deep paths cannot multiply
@@ -310,34 +312,33 @@ pub fn extract(
                             rules.max_entries
                         )));
                     }
-                    std::fs::create_dir(&path).map_err(WorkspaceError::io(format!(
-                        "cannot create {}",
-                        path.display()
-                    )))?;
-                    dir_modes.push((path.clone(), DIR_MODE));
-                    kinds.insert(prefix, NodeKind::Dir);
+                    make_dir(&path)?;
                     if depth == 0 {
                         out.root = Some(NodeKind::Dir);
+                        0
+                    } else {
+                        last_id += 1;
+                        nodes.insert(
+                            (holder, parts[depth - 1].to_vec()),
+                            (last_id, NodeKind::Dir),
+                        );
+                        last_id
                     }
                 }
-            }
-            path.push(OsStr::from_bytes(parts[depth]));
+            };
+            path.push(OsStr::from_bytes(name));
+            holder = dir;
+            current = nodes.get(&(dir, name.to_vec())).copied();
         }
-        match (kinds.get(&key), node) {
+        match (current, node) {
             (None, _) => {}
-            (Some(NodeKind::Dir), NodeKind::Dir) => continue,
+            (Some((_, NodeKind::Dir)), NodeKind::Dir) => continue,
             (Some(_), _) => return Err(refuse("appears twice".into())),
         }
         let mode = entry.header().mode().unwrap_or(0o644);
         let mtime = entry.header().mtime().ok();
         match node {
-            NodeKind::Dir => {
-                std::fs::create_dir(&path).map_err(WorkspaceError::io(format!(
-                    "cannot create {}",
-                    path.display()
-                )))?;
-                dir_modes.push((path.clone(), DIR_MODE));
-            }
+            NodeKind::Dir => make_dir(&path)?,
             NodeKind::Symlink => {
                 let target = link_target.unwrap_or_default();
                 std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path).map_err(
@@ -385,18 +386,28 @@ pub fn extract(
                 out.bytes += written;
             }
         }
-        if parts.is_empty() {
-            out.root = Some(node);
+        match parts.last() {
+            None => out.root = Some(node),
+            Some(name) => {
+                last_id += 1;
+                nodes.insert((holder, name.to_vec()), (last_id, node));
+            }
         }
-        kinds.insert(key, node);
         out.entries += 1;
     }
-    for (dir, mode) in dir_modes {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).map_err(
-            WorkspaceError::io(format!("cannot chmod {}", dir.display())),
-        )?;
-    }
     Ok(out)
+}
+
+/// Creates directory `path` with [`DIR_MODE`] (set after creation: the umask must not
+/// change it).
+fn make_dir(path: &Path) -> Result<(), WorkspaceError> {
+    std::fs::create_dir(path).map_err(WorkspaceError::io(format!(
+        "cannot create {}",
+        path.display()
+    )))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(DIR_MODE)).map_err(
+        WorkspaceError::io(format!("cannot chmod {}", path.display())),
+    )
 }
 
 /// A failed copy of entry data to `path`: the guard's refusal or a read/write error.
@@ -1100,10 +1111,11 @@ mod tests {
             "{result:?}"
         );
         assert_nothing_written(base.path());
-        // Too deep, and too long (a GNU long name under the extension cap).
+        // Too deep, too long (a GNU long name under the extension cap), a name too long.
         for path in [
             "d/".repeat(MAX_DEPTH) + "f",
             format!("{}/f", "n".repeat(200)).repeat(25),
+            "n".repeat(NAME_MAX + 1),
         ] {
             let mut builder = tar::Builder::new(Vec::new());
             let mut header = tar::Header::new_gnu();
@@ -1121,6 +1133,51 @@ mod tests {
                 path.len()
             );
             assert_nothing_written(base.path());
+        }
+    }
+
+    /// Real tars (GNU long names, PAX records) pass the guard intact.
+    #[test]
+    fn gnu_and_pax_tars_from_tar_are_read_whole() {
+        let src = tempfile::tempdir().expect("tempdir");
+        let long = format!("{}/{}", "a".repeat(150), "b".repeat(150));
+        std::fs::create_dir_all(src.path().join("t").join(&long)).expect("mkdir");
+        std::fs::write(
+            src.path().join("t").join(&long).join("f"),
+            vec![9u8; 70_000],
+        )
+        .expect("write");
+        std::os::unix::fs::symlink(
+            format!("{}/f", "b".repeat(150)),
+            src.path().join("t").join("a".repeat(150)).join("l"),
+        )
+        .expect("ln");
+        std::fs::write(src.path().join("t/small"), "x").expect("write");
+        for format in ["gnu", "pax"] {
+            let out = std::process::Command::new("tar")
+                .args(["-c", "-f", "-", &format!("--format={format}"), "-C"])
+                .arg(src.path().join("t"))
+                .arg(".")
+                .output();
+            let Ok(out) = out.map_err(|e| eprintln!("SKIP: no tar here: {e}")) else {
+                return;
+            };
+            assert!(out.status.success(), "{format}");
+            let (base, result) = extract_bytes(&out.stdout, &Rules::strict());
+            let result = result.unwrap_or_else(|e| panic!("{format}: {e}"));
+            assert_eq!(result.bytes, 70_001, "{format}");
+            let tree = base.path().join("out");
+            assert_eq!(
+                std::fs::read(tree.join(&long).join("f")).expect("f").len(),
+                70_000
+            );
+            assert_eq!(
+                std::fs::read(tree.join("a".repeat(150)).join("l"))
+                    .expect("via link")
+                    .len(),
+                70_000
+            );
+            assert_eq!(std::fs::read(tree.join("small")).expect("small"), b"x");
         }
     }
 
