@@ -9,7 +9,9 @@
 #   OUT_DIR/modules/      full /lib/modules/<release> tree (with depmod output)
 #   OUT_DIR/kernel.json   {"release": "<uname -r>", "package_version": "..."}
 #
-# Must run as root (apt-get download / dpkg-deb -x keep ownership sane).
+# Runs as any user: `apt-get download` reads the host's package lists, `dpkg-deb -x`
+# unpacks without root, the initrd's cpio records root as every file's owner
+# (-R 0:0) and the modules become root's when build-rootfs.sh packs them.
 # Idempotent: everything is built in a temp dir and then moved into OUT_DIR.
 set -euo pipefail
 
@@ -18,7 +20,7 @@ log() { echo "build-kernel: $*" >&2; }
 
 [ $# -eq 1 ] || die "usage: $0 OUT_DIR"
 OUT_DIR=$1
-[ "$(id -u)" -eq 0 ] || die "must run as root"
+export PATH=$PATH:/usr/sbin:/sbin
 
 # Tools we rely on. busybox must be the *static* build (it is copied into
 # the initrd and must run without a libc there).
@@ -49,23 +51,26 @@ resolve_pkg() {
 }
 PKG=$(resolve_pkg)
 if [ -z "$PKG" ]; then
-    # A fresh machine (or container) may have no package lists yet.
-    log "refreshing apt package lists"
-    apt-get update -qq >/dev/null 2>&1 || true
-    PKG=$(resolve_pkg)
+    # A fresh machine (or container) may have no package lists yet; only root can
+    # fetch them.
+    if [ "$(id -u)" -eq 0 ]; then
+        log "refreshing apt package lists"
+        apt-get update -qq >/dev/null 2>&1 || true
+        PKG=$(resolve_pkg)
+    fi
 fi
-[ -n "$PKG" ] || die "could not resolve $META via apt-cache depends (run apt-get update?)"
+[ -n "$PKG" ] || die "could not resolve $META via apt-cache depends (the host has no package lists: sudo apt-get update)"
 log "metapackage $META -> $PKG"
 
 cd "$WORK"
-# apt-get download runs as _apt when possible; make the dir accessible.
+# As root, apt-get download runs as _apt; make the dir accessible.
 chmod 755 "$WORK"
 apt-get download -q "$PKG" >/dev/null 2>&1 \
     || apt-get download "$PKG" || die "apt-get download $PKG failed"
 DEB=$(ls "$WORK"/"$PKG"_*.deb 2>/dev/null | head -n1)
 [ -f "$DEB" ] || die "downloaded .deb not found"
 PKG_VERSION=$(dpkg-deb -f "$DEB" Version)
-log "downloaded $(basename "$DEB")"
+log "downloaded $(basename "$DEB") ($(du -h "$DEB" | cut -f1))"
 
 dpkg-deb -x "$DEB" "$WORK/pkg"
 VMLINUZ=$(ls "$WORK"/pkg/boot/vmlinuz-* | head -n1)

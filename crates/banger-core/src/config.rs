@@ -48,6 +48,9 @@ pub struct VmDefaults {
     pub memory: String,
     /// Work disk size (default "8G").
     pub disk: String,
+    /// Virtual size of the system disk (default "8G"; never less than the image): the guest's
+    /// root filesystem grows into it at boot, and the host stores only what the guest writes.
+    pub system_disk_size: String,
     /// Image name (default "default").
     pub image: String,
     /// VMM backend: "auto" (Firecracker when usable, else QEMU), "firecracker" or "qemu".
@@ -63,6 +66,7 @@ impl Default for VmDefaults {
             cpus: 2,
             memory: "1024M".into(),
             disk: "8G".into(),
+            system_disk_size: "8G".into(),
             image: "default".into(),
             vmm: VmmChoice::Auto,
             system_disk: SystemDiskChoice::Auto,
@@ -149,7 +153,7 @@ pub struct ImagesConfig {
     pub mirror: String,
 }
 
-/// Bridge networking.
+/// VM networking.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
@@ -159,6 +163,9 @@ pub struct NetworkConfig {
     pub helper_socket: String,
     /// Taps made ahead of time when the network comes up (default 4).
     pub pool_size: u32,
+    /// Whether a user-mode VM created without `--net` gets outbound network (default true;
+    /// false: such VMs are `isolated`).
+    pub egress: bool,
 }
 
 impl Default for NetworkConfig {
@@ -167,6 +174,7 @@ impl Default for NetworkConfig {
             mode: NetMode::Auto,
             helper_socket: String::new(),
             pool_size: 4,
+            egress: true,
         }
     }
 }
@@ -201,6 +209,7 @@ pub struct ResolvedDefaults {
     pub cpus: u32,
     pub memory_mib: u64,
     pub disk_size_bytes: u64,
+    pub system_disk_bytes: u64,
 }
 
 impl Config {
@@ -254,6 +263,13 @@ impl Config {
             key: "defaults.disk",
             source,
         })?;
+        let system_disk = ByteSize::parse(&self.defaults.system_disk_size).map_err(|source| {
+            ConfigError::Size {
+                path: path.into(),
+                key: "defaults.system_disk_size",
+                source,
+            }
+        })?;
         if self.network.pool_size > 256 {
             return Err(ConfigError::Invalid {
                 path: path.into(),
@@ -272,6 +288,7 @@ impl Config {
             cpus: self.defaults.cpus,
             memory_mib: memory.mib(),
             disk_size_bytes: disk.0,
+            system_disk_bytes: system_disk.0,
         })
     }
 }
@@ -292,16 +309,20 @@ mod tests {
         let c = Config::load(Path::new("/nonexistent/banger.toml")).unwrap();
         let d = c.resolved_defaults("x").unwrap();
         assert_eq!(
-            (d.cpus, d.memory_mib, d.disk_size_bytes),
-            (2, 1024, 8 << 30)
+            (d.cpus, d.memory_mib, d.disk_size_bytes, d.system_disk_bytes),
+            (2, 1024, 8 << 30, 8 << 30)
         );
     }
 
     #[test]
     fn values_override_defaults() {
-        let c = load("[defaults]\ncpus = 4\nmemory = \"2G\"\n").unwrap();
+        let c =
+            load("[defaults]\ncpus = 4\nmemory = \"2G\"\nsystem_disk_size = \"20G\"\n").unwrap();
         let d = c.resolved_defaults("x").unwrap();
-        assert_eq!((d.cpus, d.memory_mib), (4, 2048));
+        assert_eq!(
+            (d.cpus, d.memory_mib, d.system_disk_bytes),
+            (4, 2048, 20 << 30)
+        );
     }
 
     #[test]

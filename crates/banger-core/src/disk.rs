@@ -1,7 +1,10 @@
 //! Per-VM disks. The system disk is a qcow2 overlay over the image's raw root filesystem
 //! (kept until `vm rm`); the work disk is a fresh ext4 (lazy init, label `banger-work`)
 //! populated at creation from a seed directory with `mkfs.ext4 -d`, so per-VM files (keys)
-//! reach the guest without mounting anything on the host. The work disk holds the user's data
+//! reach the guest without mounting anything on the host; every seeded file is then owned by
+//! the guest's root (`debugfs`), whatever the host uid. The system disk has a virtual size of
+//! its own (`defaults.system_disk_size`, at least the image's), which the guest's root
+//! filesystem grows into at boot. The work disk holds the user's data
 //! and is never recreated. Raw system disks for Firecracker: reflink clone, device-mapper
 //! snapshot (its loop and dm steps go through banger-helper, [`HostOps`]), or sparse copy.
 
@@ -40,6 +43,18 @@ pub enum DiskError {
     },
 }
 
+/// Path of system tool `name`: on PATH, else in /usr/sbin or /sbin (Debian installs
+/// e2fsprogs there, and an ordinary user's PATH lacks them); the bare name when not found, so
+/// running it reports it missing.
+pub fn system_tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| name.into())
+}
+
 async fn run(tool: &'static str, command: &mut Command) -> Result<(), DiskError> {
     let output = command
         .stdin(Stdio::null())
@@ -69,19 +84,52 @@ async fn run(tool: &'static str, command: &mut Command) -> Result<(), DiskError>
     })
 }
 
-/// Creates `overlay` as a qcow2 file backed by the raw image `base` (absolute path).
-pub async fn create_system_overlay(base: &Path, overlay: &Path) -> Result<(), DiskError> {
+/// Creates `overlay` as a qcow2 file backed by the raw image `base` (absolute path), of
+/// virtual size `size_bytes` or the image's size when that is larger: the guest grows its root
+/// filesystem into the rest at boot, and only what it writes takes space on the host.
+pub async fn create_system_overlay(
+    base: &Path,
+    overlay: &Path,
+    size_bytes: u64,
+) -> Result<(), DiskError> {
+    let base_len = std::fs::metadata(base)
+        .map_err(|source| DiskError::Io {
+            context: format!("cannot stat {}", base.display()),
+            source,
+        })?
+        .len();
     run(
         "qemu-img",
         Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
             .arg(base)
-            .arg(overlay),
+            .arg(overlay)
+            .arg(size_bytes.max(base_len).to_string()),
     )
     .await
 }
 
-/// Creates the work disk `path` of `size_bytes` from `seed_dir`.
+/// Extends the raw system disk `path` (a clone or copy of the image) to `size_bytes` with a
+/// hole, when it is smaller: the guest grows its root filesystem into it at boot.
+pub fn grow_raw_system_disk(path: &Path, size_bytes: u64) -> Result<(), DiskError> {
+    let io = |source| DiskError::Io {
+        context: format!("cannot extend {}", path.display()),
+        source,
+    };
+    let file = std::fs::File::options()
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    if file.metadata().map_err(io)?.len() < size_bytes {
+        file.set_len(size_bytes).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Creates the work disk `path` of `size_bytes` from `seed_dir`. Every seeded file is owned
+/// by the guest's root: `mkfs.ext4 -d` copies the host owners (the daemon's uid), which guest
+/// git refuses in /root/repo ("dubious ownership") and sshd's StrictModes would refuse in
+/// /root/.ssh.
 pub async fn create_work_disk(
     path: &Path,
     size_bytes: u64,
@@ -99,7 +147,7 @@ pub async fn create_work_disk(
         })?;
     run(
         "mkfs.ext4",
-        Command::new("mkfs.ext4")
+        Command::new(system_tool("mkfs.ext4"))
             .args(["-q", "-F", "-L", WORK_LABEL, "-t", "ext4"])
             .args(["-E", "assume_storage_prezeroed=1,root_owner=0:0"])
             .arg("-N")
@@ -109,7 +157,100 @@ pub async fn create_work_disk(
             .arg(path)
             .arg(format!("{}k", size_bytes / 1024)),
     )
-    .await
+    .await?;
+    give_seed_to_guest_root(path, seed_dir).await
+}
+
+/// `debugfs` commands setting owner 0:0 on every entry under `seed_dir` that the host owns
+/// otherwise (the paths as they are in the image, relative to its root); empty when all are
+/// root's already.
+fn guest_root_commands(seed_dir: &Path) -> Result<String, DiskError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut commands = String::new();
+    let mut stack = vec![seed_dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(|source| DiskError::Io {
+            context: format!("cannot read {}", dir.display()),
+            source,
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| DiskError::Io {
+                context: format!("cannot read {}", dir.display()),
+                source,
+            })?;
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path).map_err(|source| DiskError::Io {
+                context: format!("cannot stat {}", path.display()),
+                source,
+            })?;
+            if meta.is_dir() {
+                stack.push(path.clone());
+            }
+            if meta.uid() == 0 && meta.gid() == 0 {
+                continue;
+            }
+            let relative = path.strip_prefix(seed_dir).unwrap_or(&path);
+            let shown = relative
+                .to_str()
+                .filter(|p| !p.contains(['"', '\\', '\n']) && !p.chars().any(char::is_control));
+            let Some(shown) = shown else {
+                // banger makes the seed; its names are plain. Never hand debugfs a name it
+                // would parse differently.
+                return Err(DiskError::Tool {
+                    tool: "debugfs",
+                    message: format!("unexpected seed file name {relative:?}"),
+                });
+            };
+            for field in ["uid", "gid"] {
+                commands.push_str(&format!("set_inode_field \"/{shown}\" {field} 0\n"));
+            }
+        }
+    }
+    Ok(commands)
+}
+
+/// Sets owner 0:0 in `image` on every file seeded from `seed_dir` (`debugfs -w`, no mount).
+async fn give_seed_to_guest_root(image: &Path, seed_dir: &Path) -> Result<(), DiskError> {
+    let commands = guest_root_commands(seed_dir)?;
+    if commands.is_empty() {
+        return Ok(());
+    }
+    let script = tempfile::NamedTempFile::new().map_err(|source| DiskError::Io {
+        context: "cannot create a debugfs script".into(),
+        source,
+    })?;
+    std::fs::write(script.path(), commands).map_err(|source| DiskError::Io {
+        context: format!("cannot write {}", script.path().display()),
+        source,
+    })?;
+    // debugfs exits 0 even when a command fails; it reports failures on stderr, so any
+    // output there is a failure.
+    let output = Command::new(system_tool("debugfs"))
+        .arg("-w")
+        .arg("-f")
+        .arg(script.path())
+        .arg(image)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => DiskError::MissingTool("debugfs"),
+            _ => DiskError::Tool {
+                tool: "debugfs",
+                message: e.to_string(),
+            },
+        })?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let failure = stderr
+        .lines()
+        .find(|l| !l.trim().is_empty() && !l.starts_with("debugfs "));
+    if !output.status.success() || failure.is_some() {
+        return Err(DiskError::Tool {
+            tool: "debugfs",
+            message: failure.unwrap_or("failed").to_owned(),
+        });
+    }
+    Ok(())
 }
 
 pub use crate::domain::SystemDiskStrategy;
@@ -362,6 +503,69 @@ pub fn dm_snapshot_remove(host: &dyn HostOps, op_id: &str, disk: &DmDisk) -> Res
 mod tests {
     use super::*;
     use crate::host::RecordingHost;
+
+    /// `debugfs -R "stat PATH"`'s owner line, e.g. "User:     0   Group:     0".
+    fn owner_in_image(image: &Path, path: &str) -> (u32, u32) {
+        let out = std::process::Command::new(system_tool("debugfs"))
+            .arg("-R")
+            .arg(format!("stat {path}"))
+            .arg(image)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let words: Vec<&str> = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("User:"))
+            .unwrap_or_else(|| panic!("no owner for {path}: {text}"))
+            .split_whitespace()
+            .collect();
+        (words[1].parse().unwrap(), words[3].parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn seeded_files_belong_to_the_guest_root_whatever_the_host_uid() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("seed");
+        for sub in ["repo/sub", ".ssh", ".banger"] {
+            std::fs::create_dir_all(seed.join(sub)).unwrap();
+        }
+        std::fs::write(seed.join(".ssh/authorized_keys"), "key\n").unwrap();
+        std::fs::write(seed.join("repo/sub/file"), "x").unwrap();
+        if nix::unistd::geteuid().is_root() {
+            // As root the files are root's already: hand them to another uid, as a non-root
+            // daemon's would be (one above 65535, so the high 16 bits count too).
+            for entry in [
+                "",
+                "repo",
+                "repo/sub",
+                "repo/sub/file",
+                ".ssh",
+                ".ssh/authorized_keys",
+                ".banger",
+            ] {
+                std::os::unix::fs::lchown(seed.join(entry), Some(70_001), Some(70_002)).unwrap();
+            }
+        }
+        let host_uid = std::fs::metadata(seed.join("repo")).unwrap().uid();
+        assert_ne!(
+            host_uid, 0,
+            "the seed must not be root's for this test to mean anything"
+        );
+        let image = dir.path().join("work.ext4");
+        create_work_disk(&image, 64 << 20, &seed).await.unwrap();
+        for path in [
+            "/",
+            "/repo",
+            "/repo/sub",
+            "/repo/sub/file",
+            "/.ssh",
+            "/.ssh/authorized_keys",
+            "/.banger",
+        ] {
+            assert_eq!(owner_in_image(&image, path), (0, 0), "{path}");
+        }
+    }
 
     fn image(dir: &Path) -> PathBuf {
         let base = dir.join("rootfs.ext4");

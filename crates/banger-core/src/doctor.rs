@@ -230,7 +230,7 @@ pub struct Tool {
 }
 
 /// The tools `banger doctor` looks for, in order.
-pub const TOOLS: [Tool; 7] = [
+pub const TOOLS: [Tool; 9] = [
     Tool {
         name: "qemu-img",
         package: "qemu-utils",
@@ -260,9 +260,23 @@ pub const TOOLS: [Tool; 7] = [
         must_be_on_path: true,
     },
     Tool {
-        name: "debootstrap",
-        package: "debootstrap",
+        name: "debugfs",
+        package: "e2fsprogs",
+        needed_by: "vm create (work disk owners)",
+        required: true,
+        must_be_on_path: false,
+    },
+    Tool {
+        name: "mmdebstrap",
+        package: "mmdebstrap",
         needed_by: "image build",
+        required: false,
+        must_be_on_path: false,
+    },
+    Tool {
+        name: "newuidmap",
+        package: "uidmap",
+        needed_by: "image build as a non-root user",
         required: false,
         must_be_on_path: false,
     },
@@ -579,7 +593,8 @@ pub fn network_checks(status: &banger_proto::NetworkStatus) -> Vec<DoctorCheck> 
             "bridge",
             status.bridge_up,
             format!(
-                "banger0 {} (gateway {})",
+                "{} {} (gateway {})",
+                status.bridge.as_deref().unwrap_or("bridge"),
                 if status.bridge_up { "up" } else { "down" },
                 status.gateway.as_deref().unwrap_or("unknown")
             ),
@@ -588,7 +603,8 @@ pub fn network_checks(status: &banger_proto::NetworkStatus) -> Vec<DoctorCheck> 
             "nft-table",
             status.nft_table,
             format!(
-                "nftables table ip banger {}",
+                "nftables table ip {} {}",
+                status.table.as_deref().unwrap_or("banger_<uid>"),
                 if status.nft_table {
                     "present"
                 } else {
@@ -607,18 +623,24 @@ pub fn network_checks(status: &banger_proto::NetworkStatus) -> Vec<DoctorCheck> 
     ]
 }
 
-/// Whether the host sends `*.vm` queries to banger's DNS: `resolvectl status banger0`
+/// Whether the host sends `*.vm` queries to banger's DNS: `resolvectl status BRIDGE`
 /// output (None when resolvectl is absent).
-pub fn vm_routing_check(resolvectl: Option<&str>, gateway: Option<&str>) -> DoctorCheck {
+pub fn vm_routing_check(
+    resolvectl: Option<&str>,
+    bridge: &str,
+    gateway: Option<&str>,
+) -> DoctorCheck {
     const NAME: &str = "vm-routing";
     let gateway = gateway.unwrap_or("172.30.0.1");
     match resolvectl {
-        Some(out) if out.contains("~vm") => ok(NAME, "systemd-resolved routes ~vm to banger0"),
+        Some(out) if out.contains("~vm") => {
+            ok(NAME, format!("systemd-resolved routes ~vm to {bridge}"))
+        }
         Some(_) => problem(
             NAME,
             CheckStatus::Warn,
-            "systemd-resolved does not route .vm names to banger0",
-            format!("resolvectl dns banger0 {gateway}; resolvectl domain banger0 ~vm"),
+            format!("systemd-resolved does not route .vm names to {bridge}"),
+            format!("resolvectl dns {bridge} {gateway}; resolvectl domain {bridge} ~vm"),
         ),
         None => problem(
             NAME,
@@ -685,6 +707,8 @@ mod network_row_tests {
             helper_error: (!helper).then(|| "connection refused".into()),
             subnet: Some("172.30.0.0/24".into()),
             gateway: Some("172.30.0.1".into()),
+            bridge: Some("bg0".into()),
+            table: Some("banger_0".into()),
             bridge_up: up,
             nft_table: up,
             taps: vec![],
@@ -714,13 +738,13 @@ mod network_row_tests {
     #[test]
     fn routing_and_firecracker_rows_say_how_to_fix() {
         assert_eq!(
-            vm_routing_check(Some("DNS Domain: ~vm"), None).status,
+            vm_routing_check(Some("DNS Domain: ~vm"), "bg1000", None).status,
             CheckStatus::Ok
         );
-        let row = vm_routing_check(Some("Link 5 (banger0)"), Some("10.9.0.1"));
-        assert!(row.fix.unwrap().contains("resolvectl domain banger0 ~vm"));
+        let row = vm_routing_check(Some("Link 5 (bg1000)"), "bg1000", Some("10.9.0.1"));
+        assert!(row.fix.unwrap().contains("resolvectl domain bg1000 ~vm"));
         assert!(
-            vm_routing_check(None, None)
+            vm_routing_check(None, "bg1000", None)
                 .fix
                 .unwrap()
                 .contains("server=/vm/")

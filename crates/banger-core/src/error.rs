@@ -106,9 +106,7 @@ impl Error {
             Self::AssetNotFound { .. } => ErrorCode::NotFound,
             Self::InUse { .. } => ErrorCode::InUse,
             Self::HostSetup { .. }
-            | Self::Image(
-                ImageError::NotRoot | ImageError::MissingTool(_) | ImageError::NoMirror,
-            )
+            | Self::Image(ImageError::MissingTool(_) | ImageError::NoMirror)
             | Self::Vmm(
                 VmmError::MissingBinary(_)
                 | VmmError::MissingJailer(_)
@@ -168,9 +166,6 @@ impl Error {
             Self::AssetNotFound { .. } => Some("`banger kernel ls` lists kernels".into()),
             Self::InUse { .. } => Some("remove those first".into()),
             Self::HostSetup { hint, .. } | Self::Unsupported { hint, .. } => Some(hint.clone()),
-            Self::Image(ImageError::NotRoot) => {
-                Some("run bangerd as root, or import an image with `banger image import`".into())
-            }
             Self::Image(ImageError::MissingTool(_))
             | Self::Vmm(VmmError::MissingBinary(_))
             | Self::Disk(DiskError::MissingTool(_))

@@ -177,7 +177,8 @@ impl RecordingHost {
         Self {
             info: HelperInfo {
                 version: "fake".into(),
-                bridge: banger_proto::helper::BRIDGE_NAME.into(),
+                owner: 0,
+                bridge: banger_proto::helper::bridge_name(0),
                 subnet: "172.30.0.0/24".into(),
                 gateway: std::net::Ipv4Addr::new(172, 30, 0, 1),
                 prefix_len: 24,

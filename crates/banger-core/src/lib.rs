@@ -15,6 +15,7 @@ pub mod model;
 pub mod net;
 pub mod service;
 pub mod store;
+pub mod usage;
 pub mod vmm;
 pub mod workspace;
 

@@ -2,13 +2,117 @@
 //! socket and daemon) driven through the real `banger` binary and raw HTTP on its socket.
 //! The binaries come from the same target dir as the test (`cargo build --workspace --bins`
 //! first; scripts/test does that).
+//!
+//! [`TestEnv::new`] runs everything as the test's own user. [`TestEnv::nonroot`] runs the
+//! CLI, and so the daemon and its VMs, as an unprivileged owner: the user [`NONROOT_USER`]
+//! (created when missing) when the test runs as root, else the test's own (non-root) user.
+//! Files a test makes for such an owner go through [`TestEnv::chown_to_owner`]; commands it
+//! runs as the owner (git in the owner's repo) through [`TestEnv::owner_command`]; the root
+//! helper for the owner through [`TestEnv::start_helper`].
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+/// The unprivileged user that owns [`TestEnv::nonroot`] instances when tests run as root.
+pub const NONROOT_USER: &str = "bangertest";
+
+/// A local user an instance's commands run as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// The user's home directory (from the password database).
+    pub home: PathBuf,
+}
+
+impl Owner {
+    /// The user running the test.
+    pub fn current() -> Self {
+        let uid = nix::unistd::getuid();
+        let user = nix::unistd::User::from_uid(uid).ok().flatten();
+        Self {
+            name: user.as_ref().map(|u| u.name.clone()).unwrap_or_default(),
+            uid: uid.as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            home: user.map(|u| u.dir).unwrap_or_else(|| "/".into()),
+        }
+    }
+
+    /// Local user `name`, created with `useradd --create-home` (which also gives it the
+    /// /etc/subuid and /etc/subgid ranges an unprivileged image build needs) when missing.
+    /// Needs root for the creation; several tests may race to create it.
+    pub fn ensure_user(name: &str) -> Self {
+        let lookup = || nix::unistd::User::from_name(name).ok().flatten();
+        if lookup().is_none() {
+            let out = Command::new("useradd")
+                .args(["--create-home", "--shell", "/bin/bash", name])
+                .output()
+                .expect("run useradd");
+            // Exit 9: another test created it meanwhile.
+            assert!(
+                out.status.success() || out.status.code() == Some(9),
+                "useradd {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let user = lookup().unwrap_or_else(|| panic!("user {name} missing after useradd"));
+        for (file, flag) in [
+            ("/etc/subuid", "--add-subuids"),
+            ("/etc/subgid", "--add-subgids"),
+        ] {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            if !text.lines().any(|l| l.starts_with(&format!("{name}:"))) {
+                let range = "1065536-1131071";
+                let status = Command::new("usermod")
+                    .args([flag, range, name])
+                    .status()
+                    .expect("run usermod");
+                assert!(status.success(), "usermod {flag} {range} {name} failed");
+            }
+        }
+        Self {
+            name: user.name,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            home: user.dir,
+        }
+    }
+}
+
+/// Whether every directory above `path` lets others search it and `path` lets others
+/// read and execute it: what another user needs to run a binary there.
+fn others_can_run(path: &Path) -> bool {
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0)
+    };
+    mode(path) & 0o005 == 0o005 && path.ancestors().skip(1).all(|dir| mode(dir) & 0o001 != 0)
+}
+
+/// The root helper of one instance, killed on drop.
+#[derive(Debug)]
+pub struct HelperProcess {
+    child: Child,
+    /// The helper's socket (what the instance's config names as `network.helper_socket`).
+    pub socket: PathBuf,
+    /// The helper's stderr.
+    pub log: PathBuf,
+}
+
+impl Drop for HelperProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// Directory holding the workspace's binaries (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {
@@ -38,6 +142,11 @@ pub struct TestEnv {
     extra_env: Vec<(String, String)>,
     /// Network namespace every command (and so the daemon and its VMs) runs in.
     netns: Option<String>,
+    /// Whom commands run as when it is not the test's own user ([`TestEnv::nonroot`]).
+    owner: Option<Owner>,
+    /// Where the owner runs the binaries from (`bin_dir()`, or copies when others cannot
+    /// reach the target dir).
+    owner_bins: Option<PathBuf>,
 }
 
 /// A finished CLI invocation.
@@ -91,6 +200,147 @@ impl TestEnv {
                 .unwrap(),
             extra_env: Vec::new(),
             netns: None,
+            owner: None,
+            owner_bins: None,
+        }
+    }
+
+    /// A fresh instance owned by an unprivileged user: every command (and so the daemon and
+    /// its VMs) runs as [`NONROOT_USER`] (created when missing) when the test runs as root,
+    /// else as the test's own user, which is unprivileged already. The instance's directory
+    /// belongs to the owner (mode 0700); the binaries are copied there when the owner cannot
+    /// reach the target dir.
+    pub fn nonroot() -> Self {
+        let mut env = Self::new();
+        if !nix::unistd::geteuid().is_root() {
+            return env;
+        }
+        let owner = Owner::ensure_user(NONROOT_USER);
+        std::fs::set_permissions(env.dir(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let bins = if ["banger", "bangerd"]
+            .iter()
+            .all(|b| others_can_run(&bin(b)))
+        {
+            bin_dir()
+        } else {
+            let dir = env.dir().join("bin");
+            std::fs::create_dir_all(&dir).unwrap();
+            for name in ["banger", "bangerd"] {
+                std::fs::copy(bin(name), dir.join(name)).unwrap();
+            }
+            dir
+        };
+        env.owner = Some(owner);
+        env.owner_bins = Some(bins);
+        env.chown_to_owner(env.dir());
+        env
+    }
+
+    /// The user commands run as: the [`TestEnv::nonroot`] owner, else the test's own user.
+    pub fn owner(&self) -> Owner {
+        self.owner.clone().unwrap_or_else(Owner::current)
+    }
+
+    /// Whether commands run as a user other than the test's (root running them as
+    /// [`NONROOT_USER`]).
+    pub fn runs_as_other_user(&self) -> bool {
+        self.owner.is_some()
+    }
+
+    /// Hands `path` (recursively) to the owner: for files a root test makes that the
+    /// owner's daemon must write. Does nothing when the owner is the test's own user.
+    pub fn chown_to_owner(&self, path: &Path) {
+        if let Some(owner) = &self.owner {
+            let status = Command::new("chown")
+                .arg("-R")
+                .arg(format!("{}:{}", owner.uid, owner.gid))
+                .arg(path)
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown -R {}", path.display());
+        }
+    }
+
+    /// A command that runs `program` as the owner (in the instance's network namespace if
+    /// any), with the owner's `HOME`, `USER` and `LOGNAME` and supplementary groups.
+    pub fn owner_command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut prefix: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = &self.netns {
+            prefix.extend(["ip", "netns", "exec", ns.as_str()].map(Into::into));
+        }
+        if let Some(owner) = &self.owner {
+            prefix.extend(
+                [
+                    "setpriv".to_owned(),
+                    format!("--reuid={}", owner.uid),
+                    format!("--regid={}", owner.gid),
+                    "--init-groups".to_owned(),
+                    "--".to_owned(),
+                ]
+                .map(Into::into),
+            );
+        }
+        let mut command = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program.as_ref());
+                c
+            }
+            None => Command::new(program.as_ref()),
+        };
+        if let Some(owner) = &self.owner {
+            // A login's environment for that user; PATH as Debian gives ordinary users
+            // (no sbin): the daemon must find mkfs.ext4 & co. by itself.
+            command
+                .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+                .env("HOME", &owner.home)
+                .env("USER", &owner.name)
+                .env("LOGNAME", &owner.name);
+        }
+        command
+    }
+
+    /// Starts the root helper (`banger-helper --foreground`) for this instance's owner, in
+    /// its network namespace if any, with the instance's home as the state dir; returns
+    /// when its socket answers. `None` (after a `SKIP:` line naming `test`) when the test
+    /// does not run as root.
+    pub fn start_helper(&self, test: &str) -> Option<HelperProcess> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: {test}: the root helper needs the test to run as root");
+            return None;
+        }
+        let socket = self.dir().join("helper.sock");
+        let log = self.dir().join("helper.log");
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("banger-helper"));
+                c
+            }
+            None => Command::new(bin("banger-helper")),
+        };
+        let child = command
+            .args(["--foreground", "--owner", &self.owner().uid.to_string()])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(self.home())
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let helper = HelperProcess { child, socket, log };
+        poll(Duration::from_secs(20), "the helper's socket", || {
+            UnixStream::connect(&helper.socket).ok()
+        });
+        Some(helper)
+    }
+
+    /// Path of binary `name` as the owner runs it.
+    fn owner_bin(&self, name: &str) -> PathBuf {
+        match &self.owner_bins {
+            Some(dir) => dir.join(name),
+            None => bin(name),
         }
     }
 
@@ -127,16 +377,9 @@ impl TestEnv {
         self.dir.path().join("config.toml")
     }
 
-    /// A `banger` command with this instance's environment.
+    /// A `banger` command with this instance's environment, run as its owner.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut command = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin("banger"));
-                c
-            }
-            None => Command::new(bin("banger")),
-        };
+        let mut command = self.owner_command(self.owner_bin("banger"));
         command
             .args(args)
             .env_remove("XDG_RUNTIME_DIR")
@@ -145,7 +388,7 @@ impl TestEnv {
             .env_remove("BANGER_OP_ID")
             .env("BANGER_HOME", self.home())
             .env("BANGER_CONFIG", self.config_file())
-            .env("BANGER_DAEMON_BIN", bin("bangerd"))
+            .env("BANGER_DAEMON_BIN", self.owner_bin("bangerd"))
             .stdin(Stdio::null());
         for (key, value) in &self.extra_env {
             command.env(key, value);
@@ -164,7 +407,7 @@ impl TestEnv {
         let dir = self.dir.path().join("stub");
         std::fs::create_dir_all(&dir).unwrap();
         let rootfs = dir.join("rootfs.ext4");
-        let status = Command::new("mkfs.ext4")
+        let status = Command::new(system_tool("mkfs.ext4"))
             .args(["-q", "-F"])
             .arg(&rootfs)
             .arg("4M")
@@ -188,12 +431,26 @@ impl TestEnv {
     /// Builds (or takes from the shared cache) the real default image: Debian with systemd and
     /// sshd, and Debian's cloud kernel. The cache (`BANGER_CACHE_DIR`, default
     /// /var/tmp/banger-test-cache) is keyed by the recipe digest, so only the first test of a
-    /// run (or of a recipe change) pays for debootstrap; the others wait for it on a lock.
+    /// run (or of a recipe change) pays for the bootstrap; the others wait for it on a lock.
+    /// A [`TestEnv::nonroot`] owner other than the test's user builds as itself into its own
+    /// cache, `owner-NAME/` inside that one.
     pub fn build_default_image(&self) {
-        let cache = std::env::var("BANGER_CACHE_DIR")
-            .ok()
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| "/var/tmp/banger-test-cache".into());
+        let mut cache = PathBuf::from(
+            std::env::var("BANGER_CACHE_DIR")
+                .ok()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| "/var/tmp/banger-test-cache".into()),
+        );
+        if let Some(owner) = &self.owner {
+            cache = cache.join(format!("owner-{}", owner.name));
+            std::fs::create_dir_all(&cache).unwrap();
+            let status = Command::new("chown")
+                .arg(format!("{}:{}", owner.uid, owner.gid))
+                .arg(&cache)
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown {}", cache.display());
+        }
         let run = Run::from_output(
             self.command(&["image", "build"])
                 .env("BANGER_CACHE_DIR", cache)
@@ -328,6 +585,28 @@ impl Drop for TestEnv {
             );
         }
     }
+}
+
+/// Path of system tool `name`: found on PATH, else in /usr/sbin or /sbin, which an ordinary
+/// user's PATH lacks (mkfs.ext4, debugfs).
+pub fn system_tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| name.into())
+}
+
+/// Whether the test runs as root; when not, prints `SKIP: <test>: needs root (<why>)` so the
+/// caller can return: for tests of root-only machinery (network namespaces, the root helper,
+/// loop mounts) in a suite an ordinary user runs too.
+pub fn root_or_skip(test: &str, why: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("SKIP: {test}: needs root ({why})");
+    }
+    root
 }
 
 /// Calls `probe` until it returns `Some`, or returns `None` after `limit`.

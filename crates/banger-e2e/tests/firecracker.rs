@@ -94,7 +94,11 @@ fn spec(dir: &Path, name: &str) -> LaunchSpec {
         work_disk: vm_dir.join("work.ext4"),
         runtime_dir,
         console_log: vm_dir.join("console.log"),
-        net: banger_core::vmm::NetAttach::User { ssh_port: 0 },
+        net: banger_core::vmm::NetAttach::User {
+            ssh_port: 0,
+            isolated: true,
+            ports: Vec::new(),
+        },
         mac: "52:54:00:01:02:03".into(),
         tap: Some("bg-tap-0".into()),
     }
@@ -562,7 +566,7 @@ async fn fake_manager_with(
 ) -> Manager {
     let manager = open_fake_manager(install, dir, tweak);
     let rootfs = dir.join("rootfs.ext4");
-    let made = std::process::Command::new("mkfs.ext4")
+    let made = std::process::Command::new(banger_e2e::system_tool("mkfs.ext4"))
         .args(["-q", "-F"])
         .arg(&rootfs)
         .arg("16M")
@@ -735,7 +739,7 @@ async fn dm_manager(
     });
     let rootfs = dir.join("rootfs.ext4");
     assert!(
-        std::process::Command::new("mkfs.ext4")
+        std::process::Command::new(banger_e2e::system_tool("mkfs.ext4"))
             .args(["-q", "-F"])
             .arg(&rootfs)
             .arg("16M")
@@ -1150,7 +1154,8 @@ async fn pause_resume_and_suspend_against_the_fake() {
 }
 
 /// The real banger-helper (root, owner uid 0) for one test: jails under `<dir>/jail`, files
-/// accepted from `<dir>/home` (the Manager's data dir).
+/// accepted from `<dir>/home` (the Manager's data dir), the fake jailer and `install`'s
+/// Firecracker pinned in its configuration, loop records in `<dir>/records`.
 struct JailHelper {
     child: std::process::Child,
     socket: PathBuf,
@@ -1158,7 +1163,7 @@ struct JailHelper {
 }
 
 impl JailHelper {
-    fn start(dir: &Path) -> Self {
+    fn start(dir: &Path, install: &FakeInstall) -> Self {
         let socket = dir.join("helper.sock");
         let base = dir.join("jail");
         let home = dir.join("home");
@@ -1171,6 +1176,12 @@ impl JailHelper {
             .arg(&home)
             .arg("--jail-base")
             .arg(&base)
+            .arg("--jailer")
+            .arg(bin("banger-jailer-fake"))
+            .arg("--firecracker")
+            .arg(install.dir.path().join("firecracker"))
+            .arg("--record-dir")
+            .arg(dir.join("records"))
             .stdin(std::process::Stdio::null())
             .spawn()
             .unwrap();
@@ -1206,9 +1217,15 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_jailed_firecracker_runs_the_lifecycle() {
+    if !banger_e2e::root_or_skip(
+        "a_jailed_firecracker_runs_the_lifecycle",
+        "the root helper runs the jailer",
+    ) {
+        return;
+    }
     let install = FakeInstall::new(&[]);
     let dir = short_tmp("bgjl");
-    let helper = JailHelper::start(dir.path());
+    let helper = JailHelper::start(dir.path(), &install);
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
         config.network.mode = NetMode::User;
@@ -1293,9 +1310,15 @@ async fn a_jailed_firecracker_runs_the_lifecycle() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_jailed_start_leaves_no_jail() {
+    if !banger_e2e::root_or_skip(
+        "a_failed_jailed_start_leaves_no_jail",
+        "the root helper runs the jailer",
+    ) {
+        return;
+    }
     let install = FakeInstall::new(&[]);
     let dir = short_tmp("bgjl");
-    let helper = JailHelper::start(dir.path());
+    let helper = JailHelper::start(dir.path(), &install);
     let manager = fake_manager_with(&install, dir.path(), |config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();
         config.network.mode = NetMode::User;
@@ -1359,10 +1382,16 @@ async fn a_missing_jailer_is_refused_before_anything_is_made() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn jailed_vms_reattach_and_are_cleaned_up_however_they_end() {
+    if !banger_e2e::root_or_skip(
+        "jailed_vms_reattach_and_are_cleaned_up_however_they_end",
+        "the root helper runs the jailer",
+    ) {
+        return;
+    }
     // A Firecracker that ignores Ctrl-Alt-Del and SIGTERM: only the kill ends it.
     let install = FakeInstall::new(&["--ctrl-alt-del", "ignore", "--ignore-sigterm"]);
     let dir = short_tmp("bgjl");
-    let helper = JailHelper::start(dir.path());
+    let helper = JailHelper::start(dir.path(), &install);
     let socket = helper.socket.display().to_string();
     let jailed = |config: &mut Config| {
         config.firecracker.jailer = bin("banger-jailer-fake").display().to_string();

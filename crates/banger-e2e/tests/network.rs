@@ -204,6 +204,12 @@ fn fake_upstream(socket: UdpSocket) {
 
 #[test]
 fn twenty_parallel_creates_get_distinct_leases_and_dns_forwards_other_names() {
+    if !banger_e2e::root_or_skip(
+        "twenty_parallel_creates_get_distinct_leases_and_dns_forwards_other_names",
+        "network namespaces",
+    ) {
+        return;
+    }
     let ns = Netns::new("bgl");
     // `ip netns exec` shows the daemon this file as /etc/resolv.conf: its upstream resolver
     // is a fake one inside the namespace.
@@ -243,7 +249,7 @@ fn twenty_parallel_creates_get_distinct_leases_and_dns_forwards_other_names() {
             addr.octets()[..3] == [172, 30, 0] && addr.octets()[3] >= 2,
             "{addr}"
         );
-        assert!(tap.starts_with("bg-tap-"), "{tap}");
+        assert!(tap.starts_with("bg0t"), "{tap}");
     }
     // The daemon's DNS server answers .vm names itself and forwards the rest upstream.
     let answers = ns
@@ -308,6 +314,12 @@ fn twenty_parallel_creates_get_distinct_leases_and_dns_forwards_other_names() {
 
 #[test]
 fn bridge_vms_resolve_each_other_reach_the_outside_and_leave_nothing() {
+    if !banger_e2e::root_or_skip(
+        "bridge_vms_resolve_each_other_reach_the_outside_and_leave_nothing",
+        "network namespaces",
+    ) {
+        return;
+    }
     let mut env = TestEnv::new();
     // The image comes from the shared cache, imported by a daemon outside the namespaces.
     env.build_default_image();
@@ -340,7 +352,7 @@ fn bridge_vms_resolve_each_other_reach_the_outside_and_leave_nothing() {
     });
     let leases = leases(&env);
     let lease_a = leases.iter().find(|l| l.0 == "a").unwrap().clone();
-    assert_eq!(ns.nft_tables(), ["banger"]);
+    assert_eq!(ns.nft_tables(), ["banger_0"]);
 
     // From VM a, b.vm resolves (through the daemon's DNS) and answers.
     let ping = env.banger(&["vm", "exec", "a", "--", "ping", "-c1", "-W5", "b.vm"]);
@@ -485,7 +497,7 @@ fn bridge_vms_resolve_each_other_reach_the_outside_and_leave_nothing() {
     env.banger(&["vm", "rm", "a", "b"]).ok();
     assert!(self::leases(&env).is_empty());
     let links = ns.links();
-    assert!(!links.iter().any(|l| l.starts_with("bg-tap-")), "{links:?}");
+    assert!(!links.iter().any(|l| l.starts_with("bg0t")), "{links:?}");
     env.banger(&["network", "down"]).ok();
     let mut links = ns.links();
     links.sort();
@@ -516,4 +528,358 @@ fn helper_install_writes_or_prints_the_systemd_units() {
     assert!(printed.stdout.contains("[Socket]") && printed.stdout.contains("[Service]"));
     // It never needs the daemon.
     assert!(env.daemon_pids().is_empty());
+}
+
+/// A local user (created when missing): (uid, gid).
+fn ensure_user(name: &str) -> (u32, u32) {
+    let id = |flag: &str| {
+        Command::new("id")
+            .args([flag, name])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+            })
+    };
+    if id("-u").is_none() {
+        // Another test may create it at the same time: only the result counts.
+        let _ = Command::new("useradd")
+            .args(["--create-home", name])
+            .stderr(Stdio::null())
+            .status();
+    }
+    (
+        id("-u").unwrap_or_else(|| panic!("cannot create user {name}")),
+        id("-g").unwrap(),
+    )
+}
+
+/// One owner's root helper in `ns` with its subnet, and that owner's client.
+struct OwnerHelper {
+    uid: u32,
+    gid: u32,
+    socket: PathBuf,
+    bin: PathBuf,
+    _child: Helper,
+}
+
+impl OwnerHelper {
+    fn start(ns: &Netns, dir: &Path, uid: u32, gid: u32, subnet: &str) -> Self {
+        let socket = dir.join(format!("{uid}.sock"));
+        let state = dir.join(format!("state-{uid}"));
+        std::fs::create_dir_all(&state).unwrap();
+        std::os::unix::fs::chown(&state, Some(uid), Some(gid)).unwrap();
+        let bin = dir.join("banger-helper");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(&bin)
+            .args([
+                "--foreground",
+                "--owner",
+                &uid.to_string(),
+                "--subnet",
+                subnet,
+            ])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(socket.with_extension("log")).unwrap())
+            .spawn()
+            .unwrap();
+        let helper = Helper(child);
+        poll(Duration::from_secs(20), "the helper's socket", || {
+            std::os::unix::net::UnixStream::connect(&socket).ok()
+        });
+        Self {
+            uid,
+            gid,
+            socket,
+            bin,
+            _child: helper,
+        }
+    }
+
+    /// Sends `op` to `helper`'s socket as this owner (its uid): (succeeded, reply text).
+    fn call(&self, helper: &OwnerHelper, op: &str) -> (bool, String) {
+        let out = Command::new("setpriv")
+            .arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.gid))
+            .arg("--clear-groups")
+            .arg(&self.bin)
+            .args(["call", "--socket"])
+            .arg(&helper.socket)
+            .arg(op)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    #[track_caller]
+    fn ok(&self, op: &str) {
+        let (ok, text) = self.call(self, op);
+        assert!(ok, "{op}: {text}");
+    }
+}
+
+/// Puts `vm` on `bridge` through a veth pair: a stand-in for a VM on one of the bridge's
+/// taps (same L2 segment, same firewall), with `addr` and its default route via `gateway`.
+fn plug_vm(host: &Netns, vm: &Netns, bridge: &str, port: &str, addr: &str, gateway: &str) {
+    host.ip(&[
+        "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &vm.0,
+    ]);
+    host.ip(&["link", "set", port, "master", bridge]);
+    host.ip(&["link", "set", port, "up"]);
+    vm.ip(&["addr", "add", addr, "dev", "eth0"]);
+    vm.ip(&["link", "set", "eth0", "up"]);
+    vm.ip(&["route", "add", "default", "via", gateway]);
+}
+
+/// Whether a TCP connection from inside `ns` to `to` is accepted within 3 s.
+fn connects(ns: &Netns, to: &str) -> bool {
+    let to: SocketAddr = to.parse().unwrap();
+    ns.run(move || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)).is_ok())
+        .join()
+        .unwrap()
+}
+
+/// Whether a DNS query from inside `ns` (from `from`, default address when `None`) to `server`
+/// gets an answer within 3 s.
+fn dns_answers(ns: &Netns, from: Option<&str>, server: &str) -> bool {
+    let server: SocketAddr = server.parse().unwrap();
+    let from = from.unwrap_or("0.0.0.0").to_owned();
+    ns.run(move || {
+        let mut query = Message::new();
+        query.set_id(7).add_query(Query::query(
+            Name::from_ascii("a.vm.").unwrap(),
+            RecordType::A,
+        ));
+        let socket = UdpSocket::bind((from.as_str(), 0)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        socket.send_to(&query.to_vec().unwrap(), server).unwrap();
+        let mut buf = [0u8; 1500];
+        socket.recv_from(&mut buf).is_ok()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A TCP server in `ns` on `addr` that accepts for ever, sending each peer its address.
+fn tcp_server(ns: &Netns, addr: &str) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let listener = ns
+        .run(move || TcpListener::bind(addr).unwrap())
+        .join()
+        .unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let peer = stream.peer_addr().map(|p| p.ip().to_string());
+            let _ = (&stream).write_all(format!("{}\n", peer.unwrap_or_default()).as_bytes());
+        }
+    });
+}
+
+/// A UDP server in `ns` on `addr` that answers every datagram with itself.
+fn udp_echo(ns: &Netns, addr: &str) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let socket = ns
+        .run(move || UdpSocket::bind(addr).unwrap())
+        .join()
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((len, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..len], peer);
+        }
+    });
+}
+
+fn sysctl(ns: &Netns, key: &str) -> String {
+    ns.output(&["cat", &format!("/proc/sys/net/ipv4/{key}")])
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn two_owners_networks_are_isolated_from_each_other_and_the_lan() {
+    let (alice, alice_gid) = ensure_user("bangertest");
+    let (evil, evil_gid) = ensure_user("bangerevil");
+    assert_ne!(alice, evil);
+    // "The host" (both helpers run there) and a LAN neighbour that routes the VM subnets
+    // to the host, as a neighbour on a real LAN could.
+    let host = Netns::new("bgH");
+    let lan = Netns::new("bgL");
+    host.ip(&[
+        "link", "add", "lan0", "type", "veth", "peer", "name", "lan1", "netns", &lan.0,
+    ]);
+    host.ip(&["addr", "add", "10.232.0.1/24", "dev", "lan0"]);
+    host.ip(&["link", "set", "lan0", "up"]);
+    lan.ip(&["addr", "add", "10.232.0.2/24", "dev", "lan1"]);
+    lan.ip(&["link", "set", "lan1", "up"]);
+    host.ip(&["route", "add", "default", "via", "10.232.0.2"]);
+    lan.ip(&["route", "add", "172.31.0.0/16", "via", "10.232.0.1"]);
+
+    let dir = tempfile::Builder::new()
+        .prefix("bgiso")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::copy(helper_bin(), dir.path().join("banger-helper")).unwrap();
+    let a = OwnerHelper::start(&host, dir.path(), alice, alice_gid, "172.31.1.0/24");
+    let e = OwnerHelper::start(&host, dir.path(), evil, evil_gid, "172.31.2.0/24");
+    let up = r#"{"kind":"network_up","pool_size":2}"#;
+    a.ok(up);
+    e.ok(up);
+    let (bridge_a, bridge_e) = (format!("bg{alice}"), format!("bg{evil}"));
+    let tap_a = format!("bg{alice}t0");
+    let links = host.links();
+    for name in [&bridge_a, &bridge_e, &tap_a, &format!("bg{evil}t1")] {
+        assert!(links.contains(name), "{name} missing: {links:?}");
+    }
+    let mut tables = host.nft_tables();
+    tables.sort();
+    let mut expected = vec![format!("banger_{alice}"), format!("banger_{evil}")];
+    expected.sort();
+    assert_eq!(tables, expected);
+
+    // Another owner's helper is not even reachable, and a tap of alice's is not evil's to
+    // touch through its own helper.
+    let (ok, text) = e.call(&a, r#"{"kind":"hello"}"#);
+    assert!(!ok && text.contains("not this helper's owner"), "{text}");
+    for op in ["delete_tap", "ensure_tap"] {
+        let (ok, text) = e.call(&e, &format!(r#"{{"kind":"{op}","name":"{tap_a}"}}"#));
+        assert!(!ok && text.contains("not of this helper's owner"), "{text}");
+    }
+    let tap_owner = host.output(&["cat", &format!("/sys/class/net/{tap_a}/owner")]);
+    assert_eq!(tap_owner.trim(), alice.to_string());
+    let master = host.output(&["readlink", &format!("/sys/class/net/{tap_a}/master")]);
+    assert!(master.trim().ends_with(&bridge_a), "{master}");
+    // Evil's status lists evil's taps only; evil's `network down` leaves alice's network.
+    let (_, status) = e.call(&e, r#"{"kind":"network_status"}"#);
+    assert!(!status.contains(&format!("bg{alice}t")), "{status}");
+    e.ok(r#"{"kind":"network_down"}"#);
+    let links = host.links();
+    assert!(
+        links.contains(&bridge_a) && links.contains(&tap_a),
+        "{links:?}"
+    );
+    assert!(!links.contains(&bridge_e), "{links:?}");
+    assert_eq!(host.nft_tables(), [format!("banger_{alice}")]);
+    e.ok(up);
+
+    // Forwarding is on for the bridges and the uplink only, not host-wide.
+    assert_eq!(sysctl(&host, "ip_forward"), "0");
+    assert_eq!(sysctl(&host, &format!("conf/{bridge_a}/forwarding")), "1");
+    assert_eq!(sysctl(&host, "conf/lan0/forwarding"), "1");
+
+    // A "VM" of each owner, and what runs around them.
+    let va = Netns::new("bgVA");
+    let ve = Netns::new("bgVE");
+    plug_vm(&host, &va, &bridge_a, "vmA", "172.31.1.2/24", "172.31.1.1");
+    plug_vm(&host, &ve, &bridge_e, "vmE", "172.31.2.2/24", "172.31.2.1");
+    udp_echo(&host, "172.31.1.1:53"); // stands in for alice's DNS socket
+    udp_echo(&host, "172.31.2.1:53"); // and evil's
+    tcp_server(&host, "0.0.0.0:2222"); // a host service (sshd, say)
+    tcp_server(&va, "0.0.0.0:8000"); // a service in alice's VM
+    tcp_server(&ve, "0.0.0.0:8000"); // one in evil's VM
+    tcp_server(&lan, "10.232.0.2:8080"); // "the outside"
+    udp_echo(&lan, "10.232.0.2:9999");
+
+    // DNS: each owner's gateway answers that owner's VMs only.
+    assert!(dns_answers(&va, None, "172.31.1.1:53"));
+    assert!(dns_answers(&ve, None, "172.31.2.1:53"));
+    assert!(
+        !dns_answers(&ve, None, "172.31.1.1:53"),
+        "evil's VM asked alice's DNS"
+    );
+    assert!(
+        !dns_answers(&va, None, "172.31.2.1:53"),
+        "alice's VM asked evil's DNS"
+    );
+    assert!(
+        !dns_answers(&lan, None, "172.31.1.1:53"),
+        "open resolver to the LAN"
+    );
+
+    // Nothing from outside reaches a VM; the host itself does (how SSH to a VM works).
+    assert!(connects(&host, "172.31.1.2:8000"));
+    assert!(
+        !connects(&lan, "172.31.1.2:8000"),
+        "LAN neighbour reached a VM"
+    );
+    assert!(
+        !connects(&ve, "172.31.1.2:8000"),
+        "evil's VM reached alice's VM"
+    );
+    assert!(
+        !connects(&va, "172.31.2.2:8000"),
+        "alice's VM reached evil's VM"
+    );
+
+    // A VM reaches no host service but DNS: not on its gateway, the host's LAN address or
+    // another owner's gateway. (The LAN does reach the service: it is up.)
+    assert!(connects(&lan, "10.232.0.1:2222"));
+    for target in ["172.31.1.1:2222", "10.232.0.1:2222", "172.31.2.1:2222"] {
+        assert!(
+            !connects(&va, target),
+            "alice's VM reached host service {target}"
+        );
+    }
+
+    // Out through NAT works, and the outside sees the host's address.
+    let seen = va
+        .run(|| {
+            let stream = std::net::TcpStream::connect_timeout(
+                &"10.232.0.2:8080".parse().unwrap(),
+                Duration::from_secs(3),
+            )
+            .unwrap();
+            let mut line = String::new();
+            BufReader::new(stream).read_line(&mut line).unwrap();
+            line
+        })
+        .join()
+        .unwrap();
+    assert_eq!(seen.trim(), "10.232.0.1");
+    // A spoofed source from a VM goes nowhere, outside or to its DNS.
+    va.ip(&["addr", "add", "10.99.0.5/32", "dev", "eth0"]);
+    assert!(dns_answers(&va, Some("172.31.1.2"), "10.232.0.2:9999"));
+    assert!(
+        !dns_answers(&va, Some("10.99.0.5"), "10.232.0.2:9999"),
+        "spoofed source left"
+    );
+    assert!(
+        !dns_answers(&va, Some("10.99.0.5"), "172.31.1.1:53"),
+        "spoofed source asked DNS"
+    );
+
+    // Alice's `network down` leaves evil's network as it was.
+    a.ok(r#"{"kind":"network_down"}"#);
+    let links = host.links();
+    assert!(
+        !links.iter().any(|l| l.starts_with(&format!("bg{alice}"))),
+        "{links:?}"
+    );
+    assert!(links.contains(&bridge_e) && links.contains(&format!("bg{evil}t0")));
+    assert_eq!(host.nft_tables(), [format!("banger_{evil}")]);
+    assert!(dns_answers(&ve, None, "172.31.2.1:53"));
+    e.ok(r#"{"kind":"network_down"}"#);
 }

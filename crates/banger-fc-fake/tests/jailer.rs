@@ -1,6 +1,7 @@
 //! The fake jailer against Firecracker's documented jailer contract (docs/jailer.md):
-//! argument set, id rule, exec file name, chroot layout, `--daemonize`, the exec of the
-//! copied binary with `--id`, and paths resolved inside the jail by the exec'd fake.
+//! argument set, id rule, exec file name, chroot layout, the pid file, the exec in place of
+//! the copied binary with `--id`, `--daemonize` forking as the real one does since v1.6, and
+//! paths resolved inside the jail by the exec'd fake.
 //! Runs as root (CI does): the fake drops to the given uid/gid like the real one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -123,7 +124,6 @@ fn the_jail_is_built_and_firecracker_sees_only_it() {
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("vmlinux"), b"kernel").unwrap();
     std::fs::write(dir.path().join("vmlinux"), b"kernel").unwrap();
-    // Spawned from a shell so the jailer is not a process group leader (setsid must work).
     let mut child = Command::new("sh")
         .arg("-c")
         .arg("exec \"$@\"")
@@ -134,7 +134,7 @@ fn the_jail_is_built_and_firecracker_sees_only_it() {
         .args(["--uid", "0", "--gid", "0", "--chroot-base-dir"])
         .arg(&base)
         .args(["--cgroup-version", "2", "--cgroup", "cpu.max=100000 100000"])
-        .args(["--daemonize", "--", "--api-sock", "/run/firecracker.socket"])
+        .args(["--", "--api-sock", "/run/firecracker.socket"])
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -163,7 +163,11 @@ fn the_jail_is_built_and_firecracker_sees_only_it() {
         assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{d}");
         assert_eq!(meta.uid(), 0);
     }
-    // Firecracker runs in place of the jailer (same pid), with its --id.
+    // Firecracker runs in place of the jailer (same pid, also in the pid file), with its --id.
+    assert_eq!(
+        std::fs::read_to_string(root.join("firecracker.pid")).unwrap(),
+        pid.to_string()
+    );
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     assert!(
@@ -191,6 +195,46 @@ fn the_jail_is_built_and_firecracker_sees_only_it() {
     assert_eq!(status, 204, "{body}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn daemonize_forks_and_the_jailer_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let exec = install(dir.path());
+    let base = dir.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    let root = base.join("firecracker").join(ID).join("root");
+    let status = Command::new(env!("CARGO_BIN_EXE_banger-jailer-fake"))
+        .args(["--id", ID, "--exec-file"])
+        .arg(&exec)
+        .args(["--uid", "0", "--gid", "0", "--chroot-base-dir"])
+        .arg(&base)
+        .args(["--daemonize", "--", "--api-sock", "/run/firecracker.socket"])
+        .stdin(Stdio::null())
+        .status()
+        .unwrap();
+    // Exit 0 at once, Firecracker elsewhere: its pid is in the pid file.
+    assert!(status.success());
+    let pid: i32 = std::fs::read_to_string(root.join("firecracker.pid"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(root.join("run/firecracker.socket")).is_err() {
+        assert!(Instant::now() < deadline, "no API socket in the jail");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
+    assert_eq!(
+        sid.as_raw(),
+        pid,
+        "the daemonized Firecracker leads its session"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
 }
 
 fn put(socket: &Path, path: &str, body: &str) -> (u16, String) {

@@ -1,9 +1,18 @@
-//! Loop devices and device-mapper snapshots for the daemon's `dm` system-disk strategy: loop
-//! attach/detach through the kernel's loop ioctls (the helper opens and checks the backing
-//! file itself, so what is attached is exactly what was validated), the snapshot through
-//! `dmsetup` with a table the helper builds from validated loop devices. Every mapping gets the
-//! uuid `BANGER-<owner>-<vm id>`, and only mappings carrying this owner's uuid are removed.
+//! Loop devices and device-mapper snapshots for the daemon's `dm` system-disk strategy.
+//!
+//! Ownership is identity, never a path: a loop device is this owner's when this helper
+//! attached it, which it proves twice: the kernel's `lo_file_name` of the device carries a
+//! random tag (`banger:<owner>:<64 random bits>`, set atomically with the backing file by
+//! `LOOP_CONFIGURE`), and the helper's own root-owned record dir holds `loop<N>` with that tag
+//! and the backing file's device and inode (which the kernel reports too). The backing file
+//! is opened by the helper beneath the state dir's descriptor and must be the owner's regular
+//! file (fstat). Another user's or root's loop device, whatever file backs it, is refused.
+//!
+//! The snapshot goes through `dmsetup` with a table the helper builds from such loops. Every
+//! mapping gets the uuid `BANGER-<owner>-<vm id>`, and only mappings carrying this owner's
+//! uuid are removed.
 
+use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -12,9 +21,10 @@ use std::process::{Command, Stdio};
 use banger_proto::helper::{parse_dm_name, parse_loop_device};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
-use nix::sys::stat::{Mode, SFlag, fstat};
+use nix::sys::stat::Mode;
 
-use crate::validate::{self, Invalid};
+use crate::confine::OpenRoot;
+use crate::validate::Invalid;
 
 /// The device-mapper control node; without it there is no device-mapper.
 pub const DM_CONTROL: &str = "/dev/mapper/control";
@@ -22,9 +32,75 @@ pub const DM_CONTROL: &str = "/dev/mapper/control";
 /// Attempts at grabbing a free loop device another process may take first.
 const ATTACH_ATTEMPTS: usize = 16;
 
+/// `LO_NAME_SIZE` of linux/loop.h.
+const LO_NAME_SIZE: usize = 64;
+/// `LO_FLAGS_READ_ONLY` of linux/loop.h.
+const LO_FLAGS_READ_ONLY: u32 = 1;
+
+/// `struct loop_info64` of linux/loop.h.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; LO_NAME_SIZE],
+    lo_crypt_name: [u8; LO_NAME_SIZE],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+impl LoopInfo64 {
+    fn zeroed() -> Self {
+        Self {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: 0,
+            lo_file_name: [0; LO_NAME_SIZE],
+            lo_crypt_name: [0; LO_NAME_SIZE],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        }
+    }
+
+    /// `lo_file_name` up to its first NUL.
+    fn file_name(&self) -> &[u8] {
+        let end = self
+            .lo_file_name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(LO_NAME_SIZE);
+        &self.lo_file_name[..end]
+    }
+}
+
+/// `struct loop_config` of linux/loop.h (`LOOP_CONFIGURE`, Linux 5.8).
+#[repr(C)]
+pub struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
 // From linux/loop.h: "bad" ioctls (plain numbers, not _IO-encoded).
 nix::ioctl_write_int_bad!(loop_set_fd, 0x4C00);
 nix::ioctl_none_bad!(loop_clr_fd, 0x4C01);
+nix::ioctl_write_ptr_bad!(loop_set_status64, 0x4C04, LoopInfo64);
+nix::ioctl_read_bad!(loop_get_status64, 0x4C05, LoopInfo64);
+nix::ioctl_write_ptr_bad!(loop_configure, 0x4C0A, LoopConfig);
 nix::ioctl_none_bad!(loop_ctl_get_free, 0x4C82);
 
 /// Why a disk operation was refused or failed.
@@ -40,52 +116,106 @@ fn failed(message: impl Into<String>) -> DiskError {
     DiskError::Failed(message.into())
 }
 
-/// The state dir, canonical (it may appear after the helper starts).
-pub fn root(state_dir: &Path) -> Result<PathBuf, Invalid> {
-    state_dir
-        .canonicalize()
-        .map_err(|_| Invalid::PathMissing(state_dir.display().to_string()))
+/// The helper's records of the loop devices it attached (its own root-owned dir).
+#[derive(Debug, Clone)]
+pub struct LoopRecords {
+    pub dir: PathBuf,
+    pub owner: u32,
 }
 
-/// Attaches the regular file `text` (inside `root` once resolved) to a free loop device,
+/// What the helper wrote down when attaching a device.
+#[derive(Debug, PartialEq, Eq)]
+struct Record {
+    tag: String,
+    dev: u64,
+    ino: u64,
+}
+
+impl LoopRecords {
+    /// Creates the record dir (0700, root's) or checks an existing one.
+    pub fn prepare(dir: PathBuf, owner: u32) -> Result<Self, String> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+        }
+        let meta = std::fs::symlink_metadata(&dir)
+            .map_err(|e| format!("cannot stat {}: {e}", dir.display()))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+            return Err(format!(
+                "the record dir {} must be a directory of uid {me} with mode 0700",
+                dir.display()
+            ));
+        }
+        Ok(Self { dir, owner })
+    }
+
+    fn path(&self, index: u32) -> PathBuf {
+        self.dir.join(format!("loop{index}"))
+    }
+
+    fn read(&self, index: u32) -> Option<Record> {
+        let text = std::fs::read_to_string(self.path(index)).ok()?;
+        let mut fields = text.split_whitespace();
+        let tag = fields.next()?.to_owned();
+        let dev = fields.next()?.parse().ok()?;
+        let ino = fields.next()?.parse().ok()?;
+        Some(Record { tag, dev, ino })
+    }
+
+    fn write(&self, index: u32, record: &Record) -> std::io::Result<()> {
+        let tmp = self.dir.join(format!(".loop{index}.new"));
+        std::fs::write(
+            &tmp,
+            format!("{} {} {}\n", record.tag, record.dev, record.ino),
+        )?;
+        std::fs::rename(&tmp, self.path(index))
+    }
+
+    fn forget(&self, index: u32) {
+        let _ = std::fs::remove_file(self.path(index));
+    }
+
+    /// A fresh random tag for a device attached now.
+    fn new_tag(&self) -> Result<String, DiskError> {
+        let mut bytes = [0u8; 8];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut bytes))
+            .map_err(|e| failed(format!("cannot read /dev/urandom: {e}")))?;
+        Ok(format!(
+            "banger:{}:{:016x}",
+            self.owner,
+            u64::from_be_bytes(bytes)
+        ))
+    }
+}
+
+/// Attaches the owner's regular file `text` (beneath the state dir) to a free loop device,
 /// read-only when asked (the kernel makes the device read-only when its backing file is
-/// opened read-only). The file must belong to `owner`: a root file hard-linked into the state
-/// dir must not become readable or writable through a device the owner is given. Answers
-/// `/dev/loopN`.
+/// opened read-only), tags it and records it. Answers `/dev/loopN`.
 pub fn loop_attach(
     text: &str,
     read_only: bool,
-    root: &Path,
-    owner: u32,
+    root: &OpenRoot,
+    records: &LoopRecords,
 ) -> Result<String, DiskError> {
-    let resolved = validate::state_path(text, root)?;
     let access = if read_only {
         OFlag::O_RDONLY
     } else {
         OFlag::O_RDWR
     };
-    let file = open(
-        &resolved,
-        access | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| failed(format!("cannot open {}: {e}", resolved.display())))?;
-    // What was opened, not what the path named a moment ago.
-    let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .map_err(|e| failed(format!("cannot check {}: {e}", resolved.display())))?;
-    validate::inside(text, &opened, root)?;
-    let stat =
-        fstat(&file).map_err(|e| failed(format!("cannot stat {}: {e}", opened.display())))?;
-    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-        return Err(Invalid::NotRegular(text.to_owned()).into());
-    }
-    if stat.st_uid != owner {
-        return Err(failed(format!(
-            "{} belongs to uid {}, not to the owner (uid {owner})",
-            opened.display(),
-            stat.st_uid
-        )));
-    }
+    let file = root.open_file(text, access)?;
+    let record = Record {
+        tag: records.new_tag()?,
+        dev: file.stat.st_dev,
+        ino: file.stat.st_ino,
+    };
     let control = open(
         "/dev/loop-control",
         OFlag::O_RDWR | OFlag::O_CLOEXEC,
@@ -96,25 +226,62 @@ pub fn loop_attach(
         // SAFETY: LOOP_CTL_GET_FREE takes no argument; `control` is open for the call.
         let index = unsafe { loop_ctl_get_free(control.as_raw_fd()) }
             .map_err(|e| failed(format!("no free loop device: {e}")))?;
+        let index = u32::try_from(index).map_err(|_| failed("bad loop index"))?;
         let device = format!("/dev/loop{index}");
         let node = open_loop(&device, read_only)?;
-        // SAFETY: LOOP_SET_FD reads the integer fd argument only; both descriptors are open
-        // for the duration of the call.
-        match unsafe { loop_set_fd(node.as_raw_fd(), file.as_raw_fd()) } {
-            Ok(_) => return Ok(device),
-            // Another process bound it between GET_FREE and SET_FD: ask again.
+        match configure(&node, &file.fd, &record.tag, read_only) {
+            Ok(()) => {}
+            // Another process bound it between GET_FREE and the attach: ask again.
             Err(Errno::EBUSY) => continue,
-            Err(e) => {
-                return Err(failed(format!(
-                    "cannot attach {} to {device}: {e}",
-                    opened.display()
-                )));
-            }
+            Err(e) => return Err(failed(format!("cannot attach {text} to {device}: {e}"))),
         }
+        if let Err(e) = records.write(index, &record) {
+            // SAFETY: LOOP_CLR_FD takes no argument; `node` is open for the call.
+            let _ = unsafe { loop_clr_fd(node.as_raw_fd()) };
+            return Err(failed(format!(
+                "cannot record {device} in {}: {e}",
+                records.dir.display()
+            )));
+        }
+        return Ok(device);
     }
     Err(failed(format!(
         "no free loop device after {ATTACH_ATTEMPTS} attempts (others keep taking them)"
     )))
+}
+
+/// Binds `file` to the loop device `node` with `tag` as its `lo_file_name`: atomically with
+/// `LOOP_CONFIGURE`, or `LOOP_SET_FD` + `LOOP_SET_STATUS64` on kernels without it.
+fn configure(node: &OwnedFd, file: &OwnedFd, tag: &str, read_only: bool) -> Result<(), Errno> {
+    let mut info = LoopInfo64::zeroed();
+    let len = tag.len().min(LO_NAME_SIZE - 1);
+    info.lo_file_name[..len].copy_from_slice(&tag.as_bytes()[..len]);
+    if read_only {
+        info.lo_flags = LO_FLAGS_READ_ONLY;
+    }
+    let config = LoopConfig {
+        fd: u32::try_from(file.as_raw_fd()).map_err(|_| Errno::EBADF)?,
+        block_size: 0,
+        info,
+        reserved: [0; 8],
+    };
+    // SAFETY: LOOP_CONFIGURE reads a `struct loop_config` (layout above) through the
+    // pointer, valid for the call; both descriptors are open.
+    match unsafe { loop_configure(node.as_raw_fd(), &config) } {
+        Ok(_) => return Ok(()),
+        Err(Errno::EINVAL | Errno::ENOTTY) => {}
+        Err(e) => return Err(e),
+    }
+    // SAFETY: LOOP_SET_FD reads the integer fd argument only; both descriptors are open.
+    unsafe { loop_set_fd(node.as_raw_fd(), file.as_raw_fd()) }?;
+    // SAFETY: LOOP_SET_STATUS64 reads a `struct loop_info64` through the pointer, valid
+    // for the call.
+    if let Err(e) = unsafe { loop_set_status64(node.as_raw_fd(), &config.info) } {
+        // SAFETY: LOOP_CLR_FD takes no argument; `node` is open for the call.
+        let _ = unsafe { loop_clr_fd(node.as_raw_fd()) };
+        return Err(e);
+    }
+    Ok(())
 }
 
 fn open_loop(device: &str, read_only: bool) -> Result<OwnedFd, DiskError> {
@@ -127,63 +294,63 @@ fn open_loop(device: &str, read_only: bool) -> Result<OwnedFd, DiskError> {
         .map_err(|e| failed(format!("cannot open {device}: {e}")))
 }
 
-/// A loop device this owner may act on: `/dev/loopN`, attached, its backing file inside
-/// `root`. Answers its sysfs directory.
-pub fn owned_loop(device: &str, root: &Path) -> Result<PathBuf, Invalid> {
-    owned_loop_backing(device, root).map(|(sys, _)| sys)
+/// A loop device this helper attached for this owner, opened.
+struct OwnedLoop {
+    index: u32,
+    node: OwnedFd,
+    info: LoopInfo64,
 }
 
-/// [`owned_loop`], with the backing file as the kernel names it (" (deleted)" removed).
-fn owned_loop_backing(device: &str, root: &Path) -> Result<(PathBuf, PathBuf), Invalid> {
+/// Opens `/dev/loopN` and proves it is this helper's (tag and record agree with what the
+/// kernel reports). A stale record (the device detached or re-attached by someone else) is
+/// dropped.
+fn owned_loop(device: &str, records: &LoopRecords) -> Result<OwnedLoop, Invalid> {
     let index = parse_loop_device(device).ok_or_else(|| Invalid::LoopDevice(device.to_owned()))?;
-    let sys = PathBuf::from(format!("/sys/block/loop{index}"));
-    let backing = std::fs::read_to_string(sys.join("loop/backing_file"))
-        .map_err(|_| Invalid::LoopNotAttached(device.to_owned()))?;
-    // The kernel's path of the open file (" (deleted)" appended once unlinked: still
-    // below the same directories).
-    let backing = backing.trim_end_matches('\n');
-    let backing = PathBuf::from(backing.strip_suffix(" (deleted)").unwrap_or(backing));
-    if !backing.starts_with(root) {
-        return Err(Invalid::LoopNotOwned {
-            device: device.to_owned(),
-            backing,
-            root: root.to_path_buf(),
-        });
+    let not_owned = || Invalid::LoopNotOwned(device.to_owned());
+    let record = records.read(index).ok_or_else(not_owned)?;
+    let node =
+        open(device, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).map_err(|_| not_owned())?;
+    let mut info = LoopInfo64::zeroed();
+    // SAFETY: LOOP_GET_STATUS64 writes a `struct loop_info64` (layout above) through the
+    // pointer, valid for the call; `node` is open.
+    if unsafe { loop_get_status64(node.as_raw_fd(), &mut info) }.is_err()
+        || info.file_name() != record.tag.as_bytes()
+        || info.lo_device != record.dev
+        || info.lo_inode != record.ino
+    {
+        records.forget(index);
+        return Err(not_owned());
     }
-    Ok((sys, backing))
+    Ok(OwnedLoop { index, node, info })
 }
 
-/// Checks that `device` is the owner's and, when `file` is given, backed by that file (as
-/// the kernel resolved it when attaching: symlinks in `file` are resolved for the compare,
-/// and only the path as given is ever echoed, so the answer says nothing about other files).
-fn detachable(device: &str, file: Option<&Path>, root: &Path) -> Result<(), Invalid> {
-    let (_, backing) = owned_loop_backing(device, root)?;
-    if let Some(file) = file {
-        let resolved = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
-        if backing != resolved {
+/// Detaches a loop device this helper attached (and, when `file` is given, still backed by
+/// that file: same device and inode). The record goes with it.
+pub fn loop_detach(
+    device: &str,
+    file: Option<&str>,
+    root: Option<&OpenRoot>,
+    records: &LoopRecords,
+) -> Result<(), DiskError> {
+    let owned = owned_loop(device, records)?;
+    if let (Some(text), Some(root)) = (file, root) {
+        // A file that is gone no longer names anything; the tag already proved the device.
+        if let Ok(opened) = root.open_file(text, OFlag::O_PATH)
+            && (opened.stat.st_dev, opened.stat.st_ino)
+                != (owned.info.lo_device, owned.info.lo_inode)
+        {
             return Err(Invalid::LoopReused {
                 device: device.to_owned(),
-                backing,
-                expected: file.to_path_buf(),
-            });
+                expected: text.to_owned(),
+            }
+            .into());
         }
     }
-    Ok(())
-}
-
-/// Detaches a loop device backed by a file inside `root` (and by `file`, when given).
-pub fn loop_detach(device: &str, file: Option<&Path>, root: &Path) -> Result<(), DiskError> {
-    detachable(device, file, root)?;
-    let node = open(device, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| failed(format!("cannot open {device}: {e}")))?;
-    // Checked again with the node open: what is detached is what was checked, unless it was
-    // detached and re-attached in the instant between (then the kernel refuses or the check
-    // above already saw the new file).
-    detachable(device, file, root)?;
     // SAFETY: LOOP_CLR_FD takes no argument; `node` is open for the call. While the device
     // is held open elsewhere (a dm table), the kernel detaches it when the last user closes.
-    unsafe { loop_clr_fd(node.as_raw_fd()) }
+    unsafe { loop_clr_fd(owned.node.as_raw_fd()) }
         .map_err(|e| failed(format!("cannot detach {device}: {e}")))?;
+    records.forget(owned.index);
     Ok(())
 }
 
@@ -218,19 +385,20 @@ pub fn dm_snapshot_create(
     name: &str,
     origin_loop: &str,
     cow_loop: &str,
-    root: &Path,
-    owner: u32,
+    records: &LoopRecords,
 ) -> Result<String, DiskError> {
+    let owner = records.owner;
     let vm_id = dm_name(name)?;
-    let origin = owned_loop(origin_loop, root)?;
-    owned_loop(cow_loop, root)?;
+    let origin = owned_loop(origin_loop, records)?;
+    owned_loop(cow_loop, records)?;
     if origin_loop == cow_loop {
         return Err(Invalid::SameLoop(origin_loop.to_owned()).into());
     }
-    if sys_read(&origin, "ro")? != "1" {
+    if origin.info.lo_flags & LO_FLAGS_READ_ONLY == 0 {
         return Err(Invalid::OriginWritable(origin_loop.to_owned()).into());
     }
-    let sectors: u64 = sys_read(&origin, "size")?
+    let sys = PathBuf::from(format!("/sys/block/loop{}", origin.index));
+    let sectors: u64 = sys_read(&sys, "size")?
         .parse()
         .map_err(|e| failed(format!("size of {origin_loop}: {e}")))?;
     require_dm()?;
@@ -303,23 +471,38 @@ mod tests {
 
     #[test]
     fn names_and_devices_are_validated_before_anything_runs() {
-        let root = Path::new("/nonexistent-root");
+        let dir = tempfile::tempdir().unwrap();
+        let records = LoopRecords {
+            dir: dir.path().to_owned(),
+            owner: 0,
+        };
         assert!(matches!(
-            dm_snapshot_create("root", "/dev/loop0", "/dev/loop1", root, 0),
+            dm_snapshot_create("root", "/dev/loop0", "/dev/loop1", &records),
             Err(DiskError::Invalid(Invalid::DmName(_)))
         ));
         let name = "banger-0123456789abcdef0123456789abcdef";
         assert!(matches!(
-            dm_snapshot_create(name, "/dev/sda", "/dev/loop1", root, 0),
+            dm_snapshot_create(name, "/dev/sda", "/dev/loop1", &records),
             Err(DiskError::Invalid(Invalid::LoopDevice(_)))
+        ));
+        // No record: not this helper's, whatever backs it.
+        assert!(matches!(
+            dm_snapshot_create(name, "/dev/loop0", "/dev/loop1", &records),
+            Err(DiskError::Invalid(Invalid::LoopNotOwned(_)))
         ));
         assert!(matches!(
             dm_remove("banger-x; rm -rf /", 0),
             Err(DiskError::Invalid(Invalid::DmName(_)))
         ));
         assert!(matches!(
-            loop_detach("/dev/loop0/../sda", None, root),
+            loop_detach("/dev/loop0/../sda", None, None, &records),
             Err(DiskError::Invalid(Invalid::LoopDevice(_)))
         ));
+    }
+
+    #[test]
+    fn loop_info64_has_the_kernel_layout() {
+        assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
+        assert_eq!(std::mem::size_of::<LoopConfig>(), 8 + 232 + 64);
     }
 }

@@ -1,19 +1,35 @@
 //! Firecracker's jailer, run as root for the owner: the jail's layout under the helper's own
 //! base dir (`<base>/<exec file name>/<vm id>/root`, never a path from a request), the VM's
 //! files placed in it, the `jailer` command line, and the removal of a jail (bind mounts
-//! first). The jailer contract followed is Firecracker's docs/jailer.md: it creates (or reuses)
-//! the chroot dir, copies the exec file into it, creates `/dev`, `/dev/net`, `/run` owned by
-//! uid:gid, writes the `--cgroup` values, `--daemonize` makes it `setsid()` and point stdio at
-//! /dev/null, then it execs Firecracker in place (same pid) after dropping to uid:gid.
+//! first) and of its cgroup. The jailer and Firecracker binaries are the helper's own
+//! configuration (`--jailer`, `--firecracker`), checked root-owned and not writable by
+//! anyone else (nor any directory above them) at every start; a request never names them.
 //!
-//! Every file placed in the jail is opened once (no final symlink followed), checked through
-//! the opened descriptor (inside the state dir, a regular file, the owner's), and linked or
+//! The jailer contract followed is Firecracker's docs/jailer.md as the real jailer (v1.17)
+//! behaves: it creates (or reuses) the chroot dir, copies the exec file into it, creates
+//! `/dev`, `/dev/net`, `/run` owned by uid:gid, writes `<chroot>/<exec name>.pid`, places
+//! itself in the `--cgroup` cgroups under `--parent-cgroup`, then execs Firecracker in place
+//! (same pid) after dropping to uid:gid. `--daemonize` is not used: since Firecracker v1.6 it
+//! forks (the jailer's pid exits at once and Firecracker runs as a grandchild). The helper
+//! starts the jailer in a new session itself (`setsid()` before exec), stdin/stdout on
+//! /dev/null and stderr on `<base>/<exec name>/<vm id>/jailer.stderr` (outside the chroot,
+//! root's), whose last line is the error when the start fails.
+//!
+//! cgroups: the version is what the host has (`/sys/fs/cgroup/cgroup.controllers` → v2,
+//! else the v1 hierarchies mounted for cpu and memory; the real jailer needs a cgroup2 mount
+//! for `--cgroup-version 2` even without `--cgroup` values), and every VM's cgroup sits under
+//! a per-owner parent `banger-<owner uid>` that must be root's; a VM cgroup that still exists
+//! when a VM starts (after its stale jail was removed) is refused, never reused.
+//!
+//! Every file placed in the jail is opened once beneath the state dir's descriptor
+//! (`confine`), checked through the descriptor (a regular file, the owner's), and linked or
 //! mounted from that descriptor, so swapping a path component after the check changes nothing.
 
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,16 +38,18 @@ use banger_proto::helper::{
     JAIL_API_SOCKET, JAIL_CONSOLE, JAIL_INITRD, JAIL_KERNEL, JAIL_LOG, JAIL_METRICS,
     JAIL_SYSTEM_DISK, JAIL_WORK_DISK, JailFiles, is_vm_id,
 };
+use nix::fcntl::OFlag;
 use tracing::{info, warn};
 
-use crate::validate::{self, Invalid};
+use crate::confine::OpenRoot;
+use crate::validate::Invalid;
 
-/// cgroup v2 parent of every VM's cgroup (`--parent-cgroup`).
-const PARENT_CGROUP: &str = "banger";
 /// Memory the VMM needs beyond guest RAM (same figure as the daemon's own cgroup leaf).
 const VMM_OVERHEAD_MIB: u64 = 128;
 /// Bound on the API socket appearing in the jail.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
+/// The jailer's stderr (and Firecracker's, before its logger is set), next to the chroot.
+const STDERR_FILE: &str = "jailer.stderr";
 
 /// Why a jail operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,10 +64,22 @@ pub enum JailError {
     UnsafeBinary(String),
     #[error("{0:?} must be root-owned and not writable by group or others (or sticky)")]
     UnsafeDir(String),
-    #[error("{0:?} must be a regular file owned by the helper's owner")]
-    NotOwnersFile(String),
     #[error("{0:?}: the jailer only runs an exec file whose name contains \"firecracker\"")]
     ExecName(String),
+    #[error(
+        "this helper has no jailer configured; hint: start it with --jailer PATH --firecracker PATH \
+         (contrib/systemd/banger-helper-jailer.conf)"
+    )]
+    NotConfigured,
+    #[error("{cpus} vCPUs and {memory_mib} MiB do not fit a cgroup limit")]
+    Limits { cpus: u32, memory_mib: u64 },
+    #[error(
+        "the cgroup {0:?} exists already: refused (a VM's cgroup is never reused); hint: stop \
+         the VM (its remove_jail removes it), or rmdir it if no process is in it"
+    )]
+    CgroupExists(String),
+    #[error("the parent cgroup {0:?} must be root's")]
+    CgroupParent(String),
     #[error("{context}")]
     Io {
         context: String,
@@ -64,39 +94,113 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> JailError {
     move |source| JailError::Io { context, source }
 }
 
-/// The helper's jail settings.
+/// The cgroup hierarchy the jailer is told to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cgroups {
+    /// cgroup v2 at `root`; `limits` when it offers the cpu and memory controllers.
+    V2 { root: PathBuf, limits: bool },
+    /// cgroup v1 hierarchies of the cpu and memory controllers, where mounted.
+    V1 {
+        cpu: Option<PathBuf>,
+        memory: Option<PathBuf>,
+    },
+}
+
+impl Cgroups {
+    /// What this host has: pure cgroup v2 at /sys/fs/cgroup, else the v1 cpu/memory
+    /// hierarchies (a hybrid host's cgroup2 mount has no controllers to limit with), else a
+    /// bare cgroup2 mount, else v1 without controllers (the jailer then writes nothing).
+    pub fn detect() -> Self {
+        let unified = Path::new("/sys/fs/cgroup");
+        if let Ok(text) = std::fs::read_to_string(unified.join("cgroup.controllers")) {
+            let c: Vec<&str> = text.split_whitespace().collect();
+            return Self::V2 {
+                root: unified.to_owned(),
+                limits: c.contains(&"cpu") && c.contains(&"memory"),
+            };
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut cpu = None;
+        let mut memory = None;
+        let mut v2 = None;
+        for line in mounts.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            let (Some(dir), Some(kind), Some(opts)) = (f.get(1), f.get(2), f.get(3)) else {
+                continue;
+            };
+            let dir = unescape_mount_path(dir);
+            match *kind {
+                "cgroup" => {
+                    let opts: Vec<&str> = opts.split(',').collect();
+                    if opts.contains(&"cpu") && cpu.is_none() {
+                        cpu = Some(dir.clone());
+                    }
+                    if opts.contains(&"memory") && memory.is_none() {
+                        memory = Some(dir);
+                    }
+                }
+                "cgroup2" if v2.is_none() => v2 = Some(dir),
+                _ => {}
+            }
+        }
+        match (cpu, memory, v2) {
+            (None, None, Some(root)) => Self::V2 {
+                root,
+                limits: false,
+            },
+            (cpu, memory, _) => Self::V1 { cpu, memory },
+        }
+    }
+
+    fn version(&self) -> &'static str {
+        match self {
+            Self::V2 { .. } => "2",
+            Self::V1 { .. } => "1",
+        }
+    }
+
+    /// The hierarchies the jailer places a VM in (where its cgroup dirs appear).
+    fn hierarchies(&self) -> Vec<&Path> {
+        match self {
+            Self::V2 { root, limits: true } => vec![root.as_path()],
+            Self::V2 { limits: false, .. } => vec![],
+            Self::V1 { cpu, memory } => cpu
+                .iter()
+                .chain(memory.iter())
+                .map(PathBuf::as_path)
+                .collect(),
+        }
+    }
+}
+
+/// The helper's jail settings (its own configuration, never a request's).
 #[derive(Debug, Clone)]
 pub struct JailConfig {
     /// `--chroot-base-dir`, root-owned, made by the helper.
     pub base: PathBuf,
     pub uid: u32,
     pub gid: u32,
-    /// The cgroup v2 hierarchy when it offers cpu and memory (limits via `--cgroup`).
-    pub cgroup_root: Option<PathBuf>,
+    /// The jailer and the Firecracker binary it execs (`None`: jailed VMs refused).
+    pub binaries: Option<(PathBuf, PathBuf)>,
+    pub cgroups: Cgroups,
 }
 
-/// The cgroup v2 hierarchy with the cpu and memory controllers, if any.
-pub fn cgroup_root() -> Option<PathBuf> {
-    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| {
-            std::fs::read_to_string(p.join("cgroup.controllers")).is_ok_and(|c| {
-                let c: Vec<&str> = c.split_whitespace().collect();
-                c.contains(&"cpu") && c.contains(&"memory")
-            })
-        })
-}
-
-/// A root-owned regular file nobody else may write; returns it resolved.
-pub fn trusted_binary(text: &str) -> Result<PathBuf, JailError> {
-    let unsafe_binary = || JailError::UnsafeBinary(text.to_owned());
-    if !Path::new(text).is_absolute() {
-        return Err(Invalid::PathShape(text.to_owned()).into());
+impl JailConfig {
+    /// The per-owner parent cgroup (`--parent-cgroup`).
+    pub fn parent_cgroup(&self) -> String {
+        format!("banger-{}", self.uid)
     }
-    let resolved = Path::new(text)
-        .canonicalize()
-        .map_err(|_| Invalid::PathMissing(text.to_owned()))?;
+}
+
+/// A root-owned regular file nobody else may write, in directories only root may change;
+/// returns it resolved.
+pub fn trusted_binary(path: &Path) -> Result<PathBuf, JailError> {
+    let text = path.display().to_string();
+    let unsafe_binary = || JailError::UnsafeBinary(text.clone());
+    if !path.is_absolute() {
+        return Err(Invalid::PathShape(text.clone()).into());
+    }
+    let resolved = path.canonicalize().map_err(|_| unsafe_binary())?;
     let meta = std::fs::metadata(&resolved).map_err(|_| unsafe_binary())?;
     if !meta.is_file() || !root_controlled(&meta) {
         return Err(unsafe_binary());
@@ -118,24 +222,10 @@ fn root_controlled(meta: &std::fs::Metadata) -> bool {
     meta.uid() == 0 && meta.permissions().mode() & 0o022 == 0
 }
 
-/// Opens a file of the owner inside the state dir `root` (canonical) for placing in a jail.
-fn owners_file(text: &str, root: &Path, owner: u32) -> Result<File, JailError> {
-    let resolved = validate::state_path(text, root)?;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-        .open(&resolved)
-        .map_err(io(format!("cannot open {}", resolved.display())))?;
-    let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .map_err(io(format!("cannot check {}", resolved.display())))?;
-    validate::inside(text, &opened, root)?;
-    let meta = file
-        .metadata()
-        .map_err(io(format!("cannot stat {}", resolved.display())))?;
-    if !meta.is_file() || meta.uid() != owner {
-        return Err(JailError::NotOwnersFile(text.to_owned()));
-    }
-    Ok(file)
+/// Opens a file of the owner beneath the state dir for placing in a jail.
+fn owners_file(text: &str, root: &OpenRoot) -> Result<File, JailError> {
+    let opened = root.open_file(text, OFlag::O_RDONLY)?;
+    Ok(File::from(opened.fd))
 }
 
 /// The chroot dir the jailer builds for `exec_name` and `vm_id`.
@@ -177,70 +267,92 @@ fn place(file: &File, target: &Path) -> Result<(), JailError> {
     })
 }
 
-/// A file the jailed process writes, made by the helper and given to uid:gid.
+/// A file the jailed process writes, made new by the helper (never an existing file: no
+/// symlink or hard link is followed) and given to uid:gid through its descriptor.
 fn owned_empty(config: &JailConfig, path: &Path) -> Result<(), JailError> {
-    File::create(path).map_err(io(format!("cannot create {}", path.display())))?;
-    std::os::unix::fs::chown(path, Some(config.uid), Some(config.gid))
-        .map_err(io(format!("cannot chown {}", path.display())))
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(OFlag::O_NOFOLLOW.bits())
+        .open(path)
+        .map_err(io(format!("cannot create {}", path.display())))?;
+    nix::unistd::fchown(
+        &file,
+        Some(nix::unistd::Uid::from_raw(config.uid)),
+        Some(nix::unistd::Gid::from_raw(config.gid)),
+    )
+    .map_err(|e| JailError::Io {
+        context: format!("cannot chown {}", path.display()),
+        source: e.into(),
+    })
 }
 
-/// What the helper was asked for, validated.
+/// What the helper was asked for.
 #[derive(Debug)]
 pub struct SpawnRequest<'a> {
     pub vm_id: &'a str,
-    pub jailer: &'a str,
-    pub exec_file: &'a str,
     pub files: &'a JailFiles,
     pub cpus: u32,
     pub memory_mib: u64,
 }
 
+/// The configured binaries, checked now (they could have been replaced since the start).
+fn binaries(config: &JailConfig) -> Result<(PathBuf, PathBuf, String), JailError> {
+    let (jailer, exec_file) = config.binaries.as_ref().ok_or(JailError::NotConfigured)?;
+    let jailer = trusted_binary(jailer)?;
+    let exec_text = exec_file.display().to_string();
+    let exec_file = trusted_binary(exec_file)?;
+    let exec_name = exec_file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| n.contains("firecracker"))
+        .ok_or(JailError::ExecName(exec_text))?
+        .to_owned();
+    Ok((jailer, exec_file, exec_name))
+}
+
+/// Checks the configuration at the helper's start (a bad one is an error then, not at the
+/// first VM).
+pub fn check(config: &JailConfig) -> Result<(), JailError> {
+    if config.binaries.is_some() {
+        binaries(config)?;
+    }
+    Ok(())
+}
+
 /// Builds the jail, runs the jailer and waits for the API socket. Returns the pid and the
-/// jail's root. On error nothing is left behind.
+/// jail's root. On error nothing is left behind (no process, jail dir, mount or cgroup).
 pub fn spawn(
     config: &JailConfig,
-    state_dir: &Path,
+    root: &OpenRoot,
     request: &SpawnRequest<'_>,
 ) -> Result<(u32, PathBuf), JailError> {
     let vm_id = request.vm_id;
     if !is_vm_id(vm_id) {
         return Err(JailError::VmId(vm_id.to_owned()));
     }
-    let jailer = trusted_binary(request.jailer)?;
-    let exec_file = trusted_binary(request.exec_file)?;
-    let exec_name = exec_file
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| n.contains("firecracker"))
-        .ok_or_else(|| JailError::ExecName(request.exec_file.to_owned()))?
-        .to_owned();
-    let root = state_dir
-        .canonicalize()
-        .map_err(|_| Invalid::PathMissing(state_dir.display().to_string()))?;
+    let (jailer, exec_file, exec_name) = binaries(config)?;
+    let limits = limits(request)?;
     let files = request.files;
     let mut placed = vec![
-        (owners_file(&files.kernel, &root, config.uid)?, JAIL_KERNEL),
-        (
-            owners_file(&files.system_disk, &root, config.uid)?,
-            JAIL_SYSTEM_DISK,
-        ),
-        (
-            owners_file(&files.work_disk, &root, config.uid)?,
-            JAIL_WORK_DISK,
-        ),
-        (
-            owners_file(&files.console_log, &root, config.uid)?,
-            JAIL_CONSOLE,
-        ),
+        (owners_file(&files.kernel, root)?, JAIL_KERNEL),
+        (owners_file(&files.system_disk, root)?, JAIL_SYSTEM_DISK),
+        (owners_file(&files.work_disk, root)?, JAIL_WORK_DISK),
+        (owners_file(&files.console_log, root)?, JAIL_CONSOLE),
     ];
     if let Some(initrd) = &files.initrd {
-        placed.push((owners_file(initrd, &root, config.uid)?, JAIL_INITRD));
+        placed.push((owners_file(initrd, root)?, JAIL_INITRD));
     }
-    // A jail left by a crash is removed first: the jailer reuses an existing dir.
-    remove(config, vm_id)?;
+    // A jail left by a crash is removed first: the jailer reuses an existing dir. Its cgroup
+    // is not: one that exists is refused (only `remove_jail` removes a VM's cgroup).
+    remove_jails(config, vm_id)?;
+    check_cgroups(config, vm_id)?;
     let chroot = chroot_dir(config, &exec_name, vm_id);
-    let built = build(config, &chroot, &placed)
-        .and_then(|()| run_jailer(config, &jailer, &exec_file, &chroot, request));
+    let built = build(config, &chroot, &placed).and_then(|()| {
+        let args = jailer_args(config, vm_id, &exec_file, limits);
+        run_jailer(config, &jailer, &args, &chroot, &exec_name, vm_id)
+    });
     match built {
         Ok(pid) => Ok((pid, chroot)),
         Err(e) => {
@@ -250,6 +362,52 @@ pub fn spawn(
             Err(e)
         }
     }
+}
+
+/// cpu quota (µs per 100 ms period) and memory limit (bytes) of a VM, checked arithmetic.
+fn limits(request: &SpawnRequest<'_>) -> Result<(u64, u64), JailError> {
+    let bad = || JailError::Limits {
+        cpus: request.cpus,
+        memory_mib: request.memory_mib,
+    };
+    if request.cpus == 0 {
+        return Err(bad());
+    }
+    let quota = u64::from(request.cpus)
+        .checked_mul(100_000)
+        .ok_or_else(bad)?;
+    let bytes = request
+        .memory_mib
+        .checked_add(VMM_OVERHEAD_MIB)
+        .and_then(|m| m.checked_mul(1 << 20))
+        .ok_or_else(bad)?;
+    Ok((quota, bytes))
+}
+
+/// The VM's cgroup dirs (one per hierarchy the jailer uses).
+fn cgroup_dirs(config: &JailConfig, vm_id: &str) -> Vec<PathBuf> {
+    config
+        .cgroups
+        .hierarchies()
+        .into_iter()
+        .map(|h| h.join(config.parent_cgroup()).join(vm_id))
+        .collect()
+}
+
+/// Refuses a VM cgroup that exists already, and a per-owner parent that is not root's.
+fn check_cgroups(config: &JailConfig, vm_id: &str) -> Result<(), JailError> {
+    for dir in cgroup_dirs(config, vm_id) {
+        if let Some(parent) = dir.parent()
+            && let Ok(meta) = std::fs::symlink_metadata(parent)
+            && (!meta.is_dir() || meta.uid() != 0)
+        {
+            return Err(JailError::CgroupParent(parent.display().to_string()));
+        }
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            return Err(JailError::CgroupExists(dir.display().to_string()));
+        }
+    }
+    Ok(())
 }
 
 fn build(config: &JailConfig, chroot: &Path, placed: &[(File, &str)]) -> Result<(), JailError> {
@@ -273,12 +431,13 @@ fn build(config: &JailConfig, chroot: &Path, placed: &[(File, &str)]) -> Result<
     Ok(())
 }
 
-/// The jailer's arguments (pure; the test reads it).
+/// The jailer's arguments (pure; the test reads it). `limits`: cpu quota per 100 ms period
+/// (µs) and memory (bytes).
 pub fn jailer_args(
     config: &JailConfig,
     vm_id: &str,
     exec_file: &Path,
-    request: &SpawnRequest<'_>,
+    (quota, bytes): (u64, u64),
 ) -> Vec<String> {
     let mut args = vec![
         "--id".to_owned(),
@@ -292,128 +451,216 @@ pub fn jailer_args(
         "--chroot-base-dir".into(),
         config.base.display().to_string(),
         "--cgroup-version".into(),
-        "2".into(),
+        config.cgroups.version().into(),
     ];
-    if config.cgroup_root.is_some() {
-        args.extend([
-            "--parent-cgroup".into(),
-            PARENT_CGROUP.into(),
-            "--cgroup".into(),
-            format!("cpu.max={} 100000", u64::from(request.cpus) * 100_000),
-            "--cgroup".into(),
-            format!(
-                "memory.max={}",
-                (request.memory_mib + VMM_OVERHEAD_MIB) << 20
-            ),
-        ]);
+    let mut cgroups = Vec::new();
+    match &config.cgroups {
+        Cgroups::V2 { limits: true, .. } => {
+            cgroups.push(format!("cpu.max={quota} 100000"));
+            cgroups.push(format!("memory.max={bytes}"));
+        }
+        Cgroups::V2 { limits: false, .. } => {}
+        Cgroups::V1 { cpu, memory } => {
+            if cpu.is_some() {
+                cgroups.push("cpu.cfs_period_us=100000".into());
+                cgroups.push(format!("cpu.cfs_quota_us={quota}"));
+            }
+            if memory.is_some() {
+                cgroups.push(format!("memory.limit_in_bytes={bytes}"));
+            }
+        }
     }
-    args.extend([
-        "--daemonize".into(),
-        "--".into(),
-        "--api-sock".into(),
-        JAIL_API_SOCKET.into(),
-    ]);
+    if !cgroups.is_empty() {
+        args.extend(["--parent-cgroup".into(), config.parent_cgroup()]);
+        for cgroup in cgroups {
+            args.extend(["--cgroup".into(), cgroup]);
+        }
+    }
+    args.extend(["--".into(), "--api-sock".into(), JAIL_API_SOCKET.into()]);
     args
 }
 
-/// Runs the jailer; returns the pid once the API socket exists. The jailer execs Firecracker
-/// in place, so its pid is Firecracker's; it stays this helper's child, reaped by a thread.
+/// The last non-empty line of a file (the jailer's error), at most 4 KiB read from its end.
+fn last_line(path: &Path) -> String {
+    use std::io::{Seek, SeekFrom};
+    let mut text = String::new();
+    if let Ok(mut file) = File::open(path) {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(4096)));
+        let _ = file.take(4096).read_to_string(&mut text);
+    }
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect()
+}
+
+/// Runs the jailer in a new session; returns the pid once the API socket answers. The jailer
+/// execs Firecracker in place, so its pid is Firecracker's; it stays this helper's child,
+/// reaped by a thread. On failure the process is killed (and a Firecracker named by the
+/// jailer's pid file, should it differ) before returning.
 fn run_jailer(
     config: &JailConfig,
     jailer: &Path,
-    exec_file: &Path,
+    args: &[String],
     chroot: &Path,
-    request: &SpawnRequest<'_>,
+    exec_name: &str,
+    vm_id: &str,
 ) -> Result<u32, JailError> {
-    let args = jailer_args(config, request.vm_id, exec_file, request);
+    let uid = config.uid;
     info!(jailer = %jailer.display(), args = ?args, "running the jailer");
-    // Not a process group leader: `--daemonize` calls setsid(), which a leader cannot.
-    // The jailer clears the environment itself before exec'ing Firecracker.
-    let mut child = Command::new(jailer)
-        .args(&args)
+    let stderr_path = chroot
+        .parent()
+        .map(|p| p.join(STDERR_FILE))
+        .ok_or_else(|| JailError::Jailer("the jail has no parent dir".into()))?;
+    let stderr = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(OFlag::O_NOFOLLOW.bits())
+        .open(&stderr_path)
+        .map_err(io(format!("cannot create {}", stderr_path.display())))?;
+    let mut command = Command::new(jailer);
+    command
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(stderr);
+    // SAFETY: the closure runs in the forked child before exec and calls only setsid(2),
+    // which is async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        command.pre_exec(|| {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = command
         .spawn()
         .map_err(io(format!("cannot run {}", jailer.display())))?;
     let pid = child.id();
-    // The pipe ends when the jailer daemonizes (stderr → /dev/null) or exits; read on a
-    // thread so a jailer that hangs cannot hold this one past the deadline.
-    let (sender, receiver) = std::sync::mpsc::channel();
-    if let Some(mut pipe) = child.stderr.take() {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            let _ = sender.send(text);
-        });
-    }
     let socket = chroot.join(JAIL_API_SOCKET.trim_start_matches('/'));
     let deadline = Instant::now() + SOCKET_WAIT;
-    loop {
+    let failure = loop {
         if let Ok(Some(status)) = child.try_wait() {
-            let stderr = receiver
-                .recv_timeout(Duration::from_secs(1))
-                .unwrap_or_default();
-            let text = stderr
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("")
-                .trim()
-                .to_owned();
-            return Err(JailError::Jailer(if text.is_empty() {
+            let text = last_line(&stderr_path);
+            break if text.is_empty() {
                 status.to_string()
             } else {
                 text
-            }));
+            };
         }
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-            break;
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+            return Ok(pid);
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(JailError::Jailer(format!(
+            break format!(
                 "no API socket {} within {}s",
                 socket.display(),
                 SOCKET_WAIT.as_secs()
-            )));
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
+    };
+    kill_pid_file(chroot, exec_name, pid, vm_id, uid);
+    Err(JailError::Jailer(failure))
+}
+
+/// Kills the process the jailer's `<chroot>/<exec name>.pid` names when it is not `child`
+/// and is this VM's Firecracker: a jailer that forked after all must not leak a live VMM.
+/// The chroot's root dir belongs to the owner, so the pid file counts only when root wrote it
+/// (a regular file of uid 0, not a symlink), and the process only when it runs as the owner
+/// with this VM's id on its command line: an owner who plants a pid file can at most make the
+/// helper kill one of the owner's own processes. Retried for a moment (the file and the exec
+/// may trail the jailer's exit).
+fn kill_pid_file(chroot: &Path, exec_name: &str, child: u32, vm_id: &str, uid: u32) {
+    let pid_file = chroot.join(format!("{exec_name}.pid"));
+    let deadline = Instant::now() + Duration::from_millis(300);
+    loop {
+        let named = pid_from(&pid_file);
+        // The jailer's own pid (exec'd in place) or a process already gone: nothing left.
+        if named.is_some_and(|p| p as u32 == child || !Path::new(&format!("/proc/{p}")).exists()) {
+            return;
+        }
+        if let Some(pid) = named.filter(|&p| p > 1) {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let owner = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().next())
+                .and_then(|real| real.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if owner == Some(uid) && String::from_utf8_lossy(&cmdline).contains(vm_id) {
+                warn!(pid, vm_id, "killing a Firecracker the failed jailer left");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                return;
+            }
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::spawn(move || {
-        let _ = child.wait();
-    });
-    Ok(pid)
+}
+
+/// The pid in a root-written pid file (regular, uid 0, not a symlink), if any.
+fn pid_from(path: &Path) -> Option<i32> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.is_file() || meta.uid() != 0 || meta.len() > 32 {
+        return None;
+    }
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// Removes every jail of `vm_id` under the base (any exec file name): unmounts what is
-/// mounted inside, deletes the tree, and removes the VM's cgroup.
+/// mounted inside, deletes the tree, and removes the VM's cgroups (this owner's only).
 pub fn remove(config: &JailConfig, vm_id: &str) -> Result<(), JailError> {
     if !is_vm_id(vm_id) {
         return Err(JailError::VmId(vm_id.to_owned()));
     }
-    let Ok(entries) = std::fs::read_dir(&config.base) else {
-        return Ok(());
-    };
-    for entry in entries.flatten() {
-        let dir = entry.path().join(vm_id);
-        if std::fs::symlink_metadata(&dir).is_err() {
-            continue;
+    remove_jails(config, vm_id)?;
+    for dir in cgroup_dirs(config, vm_id) {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(cgroup = %dir.display(), "cannot remove the VM's cgroup: {e}"),
         }
-        for mount in mounts_under(&dir) {
-            nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
-                JailError::Io {
-                    context: format!("cannot unmount {}", mount.display()),
-                    source: e.into(),
-                }
-            })?;
-        }
-        std::fs::remove_dir_all(&dir).map_err(io(format!("cannot remove {}", dir.display())))?;
-        info!(jail = %dir.display(), "jail removed");
     }
-    if let Some(root) = &config.cgroup_root {
-        let _ = std::fs::remove_dir(root.join(PARENT_CGROUP).join(vm_id));
+    Ok(())
+}
+
+/// Removes every jail dir of `vm_id` under the base (any exec file name), unmounting first.
+fn remove_jails(config: &JailConfig, vm_id: &str) -> Result<(), JailError> {
+    if let Ok(entries) = std::fs::read_dir(&config.base) {
+        for entry in entries.flatten() {
+            let dir = entry.path().join(vm_id);
+            if std::fs::symlink_metadata(&dir).is_err() {
+                continue;
+            }
+            for mount in mounts_under(&dir) {
+                nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+                    JailError::Io {
+                        context: format!("cannot unmount {}", mount.display()),
+                        source: e.into(),
+                    }
+                })?;
+            }
+            std::fs::remove_dir_all(&dir)
+                .map_err(io(format!("cannot remove {}", dir.display())))?;
+            info!(jail = %dir.display(), "jail removed");
+        }
     }
     Ok(())
 }
@@ -459,6 +706,72 @@ mod tests {
 
     #[test]
     fn the_jailer_gets_the_documented_arguments() {
+        let mut config = JailConfig {
+            base: "/srv/banger-jail/1000".into(),
+            uid: 1000,
+            gid: 100,
+            binaries: None,
+            cgroups: Cgroups::V2 {
+                root: "/sys/fs/cgroup".into(),
+                limits: false,
+            },
+        };
+        let request = SpawnRequest {
+            vm_id: "0123456789abcdef0123456789abcdef",
+            files: &JailFiles {
+                kernel: "/k".into(),
+                initrd: None,
+                system_disk: "/s".into(),
+                work_disk: "/w".into(),
+                console_log: "/c".into(),
+            },
+            cpus: 2,
+            memory_mib: 1024,
+        };
+        let limits = limits(&request).unwrap();
+        let exec = Path::new("/usr/bin/firecracker");
+        let args = jailer_args(&config, request.vm_id, exec, limits).join(" ");
+        assert_eq!(
+            args,
+            "--id 0123456789abcdef0123456789abcdef --exec-file /usr/bin/firecracker \
+             --uid 1000 --gid 100 --chroot-base-dir /srv/banger-jail/1000 --cgroup-version 2 \
+             -- --api-sock /run/firecracker.socket"
+        );
+        assert!(!args.contains("--daemonize"));
+        config.cgroups = Cgroups::V2 {
+            root: "/sys/fs/cgroup".into(),
+            limits: true,
+        };
+        let args = jailer_args(&config, request.vm_id, exec, limits).join(" ");
+        assert!(
+            args.contains(
+                "--parent-cgroup banger-1000 --cgroup cpu.max=200000 100000 --cgroup memory.max=1207959552"
+            ),
+            "{args}"
+        );
+        config.cgroups = Cgroups::V1 {
+            cpu: Some("/sys/fs/cgroup/cpu".into()),
+            memory: Some("/sys/fs/cgroup/memory".into()),
+        };
+        let args = jailer_args(&config, request.vm_id, exec, limits).join(" ");
+        assert!(
+            args.contains(
+                "--cgroup-version 1 --parent-cgroup banger-1000 --cgroup cpu.cfs_period_us=100000 \
+                 --cgroup cpu.cfs_quota_us=200000 --cgroup memory.limit_in_bytes=1207959552"
+            ),
+            "{args}"
+        );
+        assert_eq!(
+            cgroup_dirs(&config, request.vm_id),
+            [
+                PathBuf::from("/sys/fs/cgroup/cpu/banger-1000/0123456789abcdef0123456789abcdef"),
+                PathBuf::from("/sys/fs/cgroup/memory/banger-1000/0123456789abcdef0123456789abcdef"),
+            ]
+        );
+    }
+
+    #[test]
+    fn limits_never_wrap() {
         let files = JailFiles {
             kernel: "/k".into(),
             initrd: None,
@@ -466,36 +779,18 @@ mod tests {
             work_disk: "/w".into(),
             console_log: "/c".into(),
         };
-        let request = SpawnRequest {
-            vm_id: "0123456789abcdef0123456789abcdef",
-            jailer: "/usr/bin/jailer",
-            exec_file: "/usr/bin/firecracker",
-            files: &files,
-            cpus: 2,
-            memory_mib: 1024,
-        };
-        let mut config = JailConfig {
-            base: "/srv/banger-jail/1000".into(),
-            uid: 1000,
-            gid: 100,
-            cgroup_root: None,
-        };
-        let exec = Path::new("/usr/bin/firecracker");
-        let args = jailer_args(&config, request.vm_id, exec, &request).join(" ");
-        assert_eq!(
-            args,
-            "--id 0123456789abcdef0123456789abcdef --exec-file /usr/bin/firecracker \
-             --uid 1000 --gid 100 --chroot-base-dir /srv/banger-jail/1000 --cgroup-version 2 \
-             --daemonize -- --api-sock /run/firecracker.socket"
-        );
-        config.cgroup_root = Some("/sys/fs/cgroup".into());
-        let args = jailer_args(&config, request.vm_id, exec, &request).join(" ");
-        assert!(
-            args.contains(
-                "--parent-cgroup banger --cgroup cpu.max=200000 100000 --cgroup memory.max=1207959552"
-            ),
-            "{args}"
-        );
+        for (cpus, memory_mib) in [(1, u64::MAX), (1, u64::MAX >> 20), (0, 128)] {
+            let request = SpawnRequest {
+                vm_id: "x",
+                files: &files,
+                cpus,
+                memory_mib,
+            };
+            assert!(
+                matches!(limits(&request), Err(JailError::Limits { .. })),
+                "{cpus} {memory_mib}"
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,13 @@
 //! banger's network, the loop devices and device-mapper snapshots of `dm` system disks, and
 //! Firecracker's jailer (which must start as root). `banger-helper call` is a small client
 //! for tests and debugging.
+//!
+//! Its configuration is its command line, which only root sets (the systemd unit and its
+//! drop-ins, root-owned files): the owner, the state dir (the confinement root of every path
+//! in a request), the jail base, the jailer and Firecracker binaries, the loop record dir.
+//! Nothing in a request can change any of them.
 
+mod confine;
 mod disk;
 mod jail;
 mod net;
@@ -43,17 +49,30 @@ struct Args {
     /// [default: /run/banger-helper/<owner>.sock, where bangerd looks].
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// The owner's banger data dir (paths in requests must resolve inside it);
-    /// default: the owner's ~/.local/share/banger.
+    /// The owner's banger data dir: every path in a request must resolve beneath it, opened
+    /// without following a symlink or crossing a mount point where the owner could place
+    /// one [default: the owner's passwd home + .local/share/banger].
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// Where Firecracker jails are built (`jailer --chroot-base-dir`)
     /// [default: /srv/banger-jail/<owner>].
     #[arg(long)]
     jail_base: Option<PathBuf>,
-    /// The VMs' subnet; the bridge takes the first address (the gateway).
-    #[arg(long, default_value = "172.30.0.0/24")]
-    subnet: Ipv4Net,
+    /// Firecracker's jailer, run as root for `spawn_jailed` (root-owned, nobody else may
+    /// write it or a directory above it). Without it jailed VMs are refused.
+    #[arg(long, requires = "firecracker")]
+    jailer: Option<PathBuf>,
+    /// The Firecracker binary the jailer copies into each jail (same rules as --jailer).
+    #[arg(long, requires = "jailer")]
+    firecracker: Option<PathBuf>,
+    /// The helper's own records of the loop devices it attached (root's, 0700)
+    /// [default: /run/banger-helper/owner-<owner>].
+    #[arg(long)]
+    record_dir: Option<PathBuf>,
+    /// The owner's VMs' subnet; the owner's bridge takes the first address (the gateway)
+    /// [default: 172.30.<uid mod 256>.0/24].
+    #[arg(long)]
+    subnet: Option<Ipv4Net>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,7 +146,10 @@ fn serve(args: &Args) -> Result<()> {
     if nix::unistd::geteuid().as_raw() != 0 {
         tracing::warn!("not running as root: network operations will fail");
     }
-    let subnet = args.subnet.trunc();
+    let subnet = args
+        .subnet
+        .unwrap_or_else(|| net::default_subnet(owner))
+        .trunc();
     if subnet.prefix_len() > 30 {
         bail!("subnet {subnet} is too small (needs at least a /30)");
     }
@@ -144,6 +166,7 @@ fn serve(args: &Args) -> Result<()> {
     };
     // The owner's primary group; a uid without a passwd entry gets the same number.
     let gid = user.as_ref().map_or(owner, |u| u.gid.as_raw());
+    let state_dir = confine::StateRoot::new(state_dir, owner)?;
     let jail = jail::JailConfig {
         base: args
             .jail_base
@@ -151,8 +174,15 @@ fn serve(args: &Args) -> Result<()> {
             .unwrap_or_else(|| PathBuf::from(format!("/srv/banger-jail/{owner}"))),
         uid: owner,
         gid,
-        cgroup_root: jail::cgroup_root(),
+        binaries: args.jailer.clone().zip(args.firecracker.clone()),
+        cgroups: jail::Cgroups::detect(),
     };
+    jail::check(&jail).context("the configured jailer cannot be used")?;
+    let record_dir = args
+        .record_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/run/banger-helper/owner-{owner}")));
+    let loops = disk::LoopRecords::prepare(record_dir, owner).map_err(anyhow::Error::msg)?;
     let socket = args
         .socket
         .clone()
@@ -166,6 +196,7 @@ fn serve(args: &Args) -> Result<()> {
         },
         state_dir,
         jail,
+        loops,
     ));
     server.serve(listener)
 }

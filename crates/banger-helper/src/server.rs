@@ -1,25 +1,28 @@
 //! The helper's server: accepts connections on its Unix socket, refuses every peer whose uid
 //! (SO_PEERCRED) is not the owner, reads one frame at a time, validates the operation's
-//! arguments and runs it (network operations in `net`, loop and device-mapper ones in `disk`). A bad frame or a refused argument gets an error reply; the server
-//! keeps serving. A connection whose framing broke is closed, since nothing after it can be
-//! trusted.
+//! arguments and runs it (network operations in `net`, loop and device-mapper ones in `disk`,
+//! the jailer in `jail`; paths beneath the state dir's descriptor from `confine`). A bad frame
+//! or a refused argument gets an error reply; the server keeps serving. A connection whose
+//! framing broke is closed, since nothing after it can be trusted. Refused connections (other
+//! uids, over the connection limit) are logged at most [`REFUSALS_PER_WINDOW`] times a minute,
+//! then counted, so nobody can flood the log.
 
 use std::io::{IoSlice, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use banger_proto::helper::{
-    BRIDGE_NAME, FrameError, HelperErrorCode, HelperInfo, HelperOp, HelperReply, HelperRequest,
-    HelperResult, read_frame,
+    FrameError, HelperErrorCode, HelperInfo, HelperOp, HelperReply, HelperRequest, HelperResult,
+    read_frame,
 };
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg, sockopt};
 use tracing::{error, info, info_span, warn};
 
-use crate::disk;
+use crate::confine::{OpenRoot, RootError, StateRoot};
+use crate::disk::{self, LoopRecords};
 use crate::jail::{self, JailConfig, JailError};
 use crate::net::{self, NetConfig};
 use crate::validate;
@@ -28,34 +31,92 @@ use crate::validate;
 const MAX_CONNECTIONS: usize = 32;
 /// An idle connection is closed after this long.
 const IDLE: Duration = Duration::from_secs(120);
+/// Refused connections logged per [`REFUSAL_WINDOW`]; the rest are counted.
+const REFUSALS_PER_WINDOW: u32 = 10;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
+
+/// Rate limit of the refused-connection log lines.
+#[derive(Debug)]
+struct RefusalLog {
+    window: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    /// Whether to log one more refusal now; when a new window opens, also how many were
+    /// left unlogged in the last one.
+    fn allow(&mut self, now: Instant) -> (bool, u64) {
+        let mut carried = 0;
+        if now.duration_since(self.window) >= REFUSAL_WINDOW {
+            carried = std::mem::take(&mut self.suppressed);
+            self.window = now;
+            self.logged = 0;
+        }
+        if self.logged < REFUSALS_PER_WINDOW {
+            self.logged += 1;
+            (true, carried)
+        } else {
+            self.suppressed += 1;
+            (false, carried)
+        }
+    }
+}
 
 /// Everything a request may need.
 #[derive(Debug)]
 pub struct Server {
     pub net: NetConfig,
-    /// The owner's state dir (resolved per request: it may appear after the helper starts).
-    pub state_dir: PathBuf,
+    /// The owner's state dir (opened per request: it may appear after the helper starts).
+    pub state_dir: StateRoot,
     /// Where jails are built and as whom the jailed Firecracker runs.
     pub jail: JailConfig,
+    /// The loop devices this helper attached.
+    pub loops: LoopRecords,
     /// Serialises operations that change the network.
     lock: std::sync::Mutex<()>,
     active: AtomicUsize,
+    refusals: std::sync::Mutex<RefusalLog>,
 }
 
 impl Server {
-    pub fn new(net: NetConfig, state_dir: PathBuf, jail: JailConfig) -> Self {
+    pub fn new(net: NetConfig, state_dir: StateRoot, jail: JailConfig, loops: LoopRecords) -> Self {
         Self {
             net,
             state_dir,
             jail,
+            loops,
             lock: std::sync::Mutex::new(()),
             active: AtomicUsize::new(0),
+            refusals: std::sync::Mutex::new(RefusalLog {
+                window: Instant::now(),
+                logged: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// Logs a refused connection unless over the rate limit.
+    fn log_refusal(&self, log: impl FnOnce()) {
+        let (allowed, carried) = self
+            .refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow(Instant::now());
+        if carried > 0 {
+            warn!(
+                suppressed = carried,
+                "refused connections not logged in the last minute"
+            );
+        }
+        if allowed {
+            log();
         }
     }
 
     /// Serves until the listener fails.
     pub fn serve(self: Arc<Self>, listener: UnixListener) -> anyhow::Result<()> {
-        info!(owner = self.net.owner, subnet = %self.net.subnet, state_dir = %self.state_dir.display(), "banger-helper ready");
+        info!(owner = self.net.owner, subnet = %self.net.subnet, state_dir = %self.state_dir.path().display(), jailer = ?self.jail.binaries, cgroups = ?self.jail.cgroups, "banger-helper ready");
         for stream in listener.incoming() {
             let stream = match stream {
                 Ok(s) => s,
@@ -65,7 +126,7 @@ impl Server {
                 }
             };
             if self.active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-                warn!("too many connections; refusing one");
+                self.log_refusal(|| warn!("too many connections; refusing one"));
                 continue;
             }
             let server = self.clone();
@@ -87,12 +148,15 @@ impl Server {
             }
         };
         if peer.uid() != self.net.owner {
-            warn!(
-                peer_uid = peer.uid(),
-                peer_pid = peer.pid(),
-                owner = self.net.owner,
-                "refused a client that is not the owner"
-            );
+            self.log_refusal(|| {
+                warn!(
+                    peer_uid = peer.uid(),
+                    peer_pid = peer.pid(),
+                    owner = self.net.owner,
+                    "refused a client that is not the owner"
+                )
+            });
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
             let reply = error_reply(
                 HelperErrorCode::Invalid,
                 format!(
@@ -105,6 +169,7 @@ impl Server {
             return;
         }
         let _ = stream.set_read_timeout(Some(IDLE));
+        let _ = stream.set_write_timeout(Some(IDLE));
         loop {
             let request: HelperRequest = match read_frame(&mut stream) {
                 Ok(r) => r,
@@ -147,7 +212,8 @@ impl Server {
     fn info(&self) -> HelperInfo {
         HelperInfo {
             version: env!("CARGO_PKG_VERSION").into(),
-            bridge: BRIDGE_NAME.into(),
+            owner: self.net.owner,
+            bridge: self.net.bridge(),
             subnet: self.net.subnet.to_string(),
             gateway: self.net.gateway,
             prefix_len: self.net.subnet.prefix_len(),
@@ -164,7 +230,7 @@ impl Server {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         match op {
             HelperOp::Hello => ok(HelperResult::Info(self.info())),
-            HelperOp::NetworkStatus => ok(HelperResult::Status(net::status())),
+            HelperOp::NetworkStatus => ok(HelperResult::Status(net::status(&self.net))),
             HelperOp::NetworkUp { pool_size } => match validate::pool_size(*pool_size) {
                 Err(e) => invalid(e),
                 Ok(size) => match net::up(&self.net, size) {
@@ -172,18 +238,18 @@ impl Server {
                     Err(e) => failed(&display_chain(&e)),
                 },
             },
-            HelperOp::NetworkDown => match net::down() {
+            HelperOp::NetworkDown => match net::down(&self.net) {
                 Ok(()) => ok(HelperResult::Done),
                 Err(e) => failed(&display_chain(&e)),
             },
-            HelperOp::EnsureTap { name } => match validate::tap(name) {
+            HelperOp::EnsureTap { name } => match validate::tap(name, self.net.owner) {
                 Err(e) => invalid(e),
                 Ok(name) => match net::ensure_tap(&self.net, name) {
                     Ok(()) => ok(HelperResult::Done),
                     Err(e) => failed(&display_chain(&e)),
                 },
             },
-            HelperOp::DeleteTap { name } => match validate::tap(name) {
+            HelperOp::DeleteTap { name } => match validate::tap(name, self.net.owner) {
                 Err(e) => invalid(e),
                 Ok(name) => match net::delete_tap(name) {
                     Ok(()) => ok(HelperResult::Done),
@@ -212,52 +278,50 @@ impl Server {
                 Ok(routed) => ok(HelperResult::Routed { routed }),
                 Err(e) => failed(&display_chain(&e)),
             },
-            HelperOp::ChownToOwner { path } => match self.chown(path) {
-                Ok(()) => ok(HelperResult::Done),
-                Err(ChownError::Invalid(e)) => invalid(e),
-                Err(ChownError::Failed(e)) => failed(&e),
-            },
-            HelperOp::LoopAttach { file, read_only } => self.disk(|root| {
-                disk::loop_attach(file, *read_only, root, self.net.owner)
+            HelperOp::LoopAttach { file, read_only } => self.disk(|| {
+                let root = self.state_dir.open().map_err(root_refused)?;
+                disk::loop_attach(file, *read_only, &root, &self.loops)
                     .map(|device| HelperResult::Device { device })
             }),
-            HelperOp::LoopDetach { device, file } => self.disk(|root| {
-                disk::loop_detach(device, file.as_deref().map(Path::new), root)
+            HelperOp::LoopDetach { device, file } => self.disk(|| {
+                // The device's identity is its tag; the state dir only checks `file`.
+                let root = file.as_ref().and_then(|_| self.state_dir.open().ok());
+                disk::loop_detach(device, file.as_deref(), root.as_ref(), &self.loops)
                     .map(|()| HelperResult::Done)
             }),
             HelperOp::DmSnapshotCreate {
                 name,
                 origin_loop,
                 cow_loop,
-            } => self.disk(|root| {
-                disk::dm_snapshot_create(name, origin_loop, cow_loop, root, self.net.owner)
+            } => self.disk(|| {
+                disk::dm_snapshot_create(name, origin_loop, cow_loop, &self.loops)
                     .map(|device| HelperResult::Device { device })
             }),
             HelperOp::DmRemove { name } => {
-                self.disk(|_| disk::dm_remove(name, self.net.owner).map(|()| HelperResult::Done))
+                self.disk(|| disk::dm_remove(name, self.net.owner).map(|()| HelperResult::Done))
             }
             HelperOp::SpawnJailed {
                 vm_id,
-                jailer,
-                exec_file,
                 files,
                 cpus,
                 memory_mib,
             } => {
                 let request = jail::SpawnRequest {
                     vm_id,
-                    jailer,
-                    exec_file,
                     files,
                     cpus: *cpus,
                     memory_mib: *memory_mib,
                 };
-                match jail::spawn(&self.jail, &self.state_dir, &request) {
-                    Ok((pid, root)) => ok(HelperResult::Jailed {
-                        pid,
-                        root: root.display().to_string(),
-                    }),
-                    Err(e) => jail_error(e),
+                let root: Result<OpenRoot, RootError> = self.state_dir.open();
+                match root {
+                    Err(e) => (error_reply(HelperErrorCode::Invalid, e.to_string()), None),
+                    Ok(root) => match jail::spawn(&self.jail, &root, &request) {
+                        Ok((pid, root)) => ok(HelperResult::Jailed {
+                            pid,
+                            root: root.display().to_string(),
+                        }),
+                        Err(e) => jail_error(e),
+                    },
                 }
             }
             HelperOp::RemoveJail { vm_id } => match jail::remove(&self.jail, vm_id) {
@@ -267,15 +331,12 @@ impl Server {
         }
     }
 
-    /// Runs a disk operation with the canonical state dir, mapping its errors to replies.
+    /// Runs a disk operation, mapping its errors to replies.
     fn disk(
         &self,
-        run: impl FnOnce(&std::path::Path) -> Result<HelperResult, disk::DiskError>,
+        run: impl FnOnce() -> Result<HelperResult, disk::DiskError>,
     ) -> (HelperReply, Option<OwnedFd>) {
-        let result = disk::root(&self.state_dir)
-            .map_err(disk::DiskError::Invalid)
-            .and_then(|root| run(&root));
-        match result {
+        match run() {
             Ok(result) => (HelperReply::Ok { result }, None),
             Err(disk::DiskError::Invalid(e)) => {
                 (error_reply(HelperErrorCode::Invalid, e.to_string()), None)
@@ -283,38 +344,11 @@ impl Server {
             Err(disk::DiskError::Failed(e)) => (error_reply(HelperErrorCode::Failed, e), None),
         }
     }
-
-    /// Chowns a path inside the state dir to the owner. The path is resolved, opened without
-    /// following a final symlink, and the opened file's real path is checked again, so a
-    /// component swapped for a symlink between the check and the chown cannot escape.
-    fn chown(&self, text: &str) -> Result<(), ChownError> {
-        use nix::fcntl::{OFlag, open};
-        use nix::sys::stat::Mode;
-        let root = self.state_dir.canonicalize().map_err(|_| {
-            ChownError::Invalid(validate::Invalid::PathMissing(
-                self.state_dir.display().to_string(),
-            ))
-        })?;
-        let resolved = validate::state_path(text, &root).map_err(ChownError::Invalid)?;
-        let fd = open(
-            &resolved,
-            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| ChownError::Failed(format!("cannot open {}: {e}", resolved.display())))?;
-        let opened = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-            .map_err(|e| ChownError::Failed(format!("cannot check {}: {e}", resolved.display())))?;
-        validate::inside(text, &opened, &root).map_err(ChownError::Invalid)?;
-        nix::unistd::fchown(&fd, Some(nix::unistd::Uid::from_raw(self.net.owner)), None)
-            .map_err(|e| ChownError::Failed(format!("cannot chown {}: {e}", opened.display())))?;
-        Ok(())
-    }
 }
 
-#[derive(Debug)]
-enum ChownError {
-    Invalid(validate::Invalid),
-    Failed(String),
+/// A state dir that cannot be the confinement root, as a disk refusal.
+fn root_refused(e: RootError) -> disk::DiskError {
+    disk::DiskError::Invalid(validate::Invalid::StateDir(e.to_string()))
 }
 
 /// Refusals (bad arguments) and failures of a jail operation, as replies.
@@ -372,4 +406,28 @@ fn send(stream: &mut UnixStream, reply: &HelperReply, fd: Option<&OwnedFd>) -> a
         error!("sendmsg sent nothing");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_log_lines_are_capped_per_window_and_the_rest_counted() {
+        let start = Instant::now();
+        let mut log = RefusalLog {
+            window: start,
+            logged: 0,
+            suppressed: 0,
+        };
+        let allowed = (0..25).filter(|_| log.allow(start).0).count();
+        assert_eq!(allowed, REFUSALS_PER_WINDOW as usize);
+        // The next window logs again and reports what the last one left out.
+        let later = start + REFUSAL_WINDOW;
+        assert_eq!(
+            log.allow(later),
+            (true, 25 - u64::from(REFUSALS_PER_WINDOW))
+        );
+        assert_eq!(log.allow(later), (true, 0));
+    }
 }

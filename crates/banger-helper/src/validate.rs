@@ -1,9 +1,11 @@
 //! Validation of every argument the helper receives: tap names from banger's own pattern,
-//! addresses inside the configured subnet, paths inside the owner's state dir after resolving
-//! symlinks (loop devices and device-mapper names are checked in `disk`, with these errors). Nothing reaches a command line or a syscall without passing through here.
+//! addresses inside the configured subnet, pool sizes; and the refusals of paths (resolved
+//! beneath the state dir's descriptor in `confine`), loop devices and device-mapper names
+//! (checked in `disk`). Nothing reaches a command line or a syscall without passing through
+//! here.
 
 use std::net::Ipv4Addr;
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 
 use banger_proto::helper::parse_tap_name;
 use ipnet::Ipv4Net;
@@ -11,8 +13,10 @@ use ipnet::Ipv4Net;
 /// Why an argument was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Invalid {
-    #[error("{0:?} is not a banger tap name (bg-tap-N)")]
+    #[error("{0:?} is not a banger tap name (bg<uid>t<N>)")]
     TapName(String),
+    #[error("{name:?} is a tap of uid {owner}, not of this helper's owner")]
+    TapNotOwned { name: String, owner: u32 },
     #[error("{0:?} is not an IPv4 address")]
     Address(String),
     #[error("{addr} is outside the subnet {subnet}")]
@@ -21,36 +25,26 @@ pub enum Invalid {
     Reserved { addr: Ipv4Addr, subnet: Ipv4Net },
     #[error("{0:?} is not an absolute path without `..`")]
     PathShape(String),
-    #[error("{0:?} does not exist")]
-    PathMissing(String),
-    #[error("{path:?} resolves to {resolved:?}, outside the state dir {root:?}")]
-    PathEscapes {
-        path: String,
-        resolved: PathBuf,
-        root: PathBuf,
-    },
+    #[error("{path:?} is outside the state dir {root:?}")]
+    PathEscapes { path: String, root: PathBuf },
+    #[error(
+        "{0:?} is not a regular file of the owner beneath the state dir (missing, not \
+         accessible, through a symlink or mount point, or another's)"
+    )]
+    NotOwnersFile(String),
+    /// The state dir cannot serve as the confinement root (`confine::RootError`).
+    #[error("{0}")]
+    StateDir(String),
     #[error("{0:?} is not a valid interface name")]
     IfName(String),
     #[error("pool size {0} is above the limit of {1}")]
     PoolSize(u32, u32),
-    #[error("{0:?} is not a regular file")]
-    NotRegular(String),
     #[error("{0:?} is not a loop device (/dev/loopN)")]
     LoopDevice(String),
-    #[error("{0} is not attached to a file")]
-    LoopNotAttached(String),
-    #[error("{device} is backed by {backing:?}, outside the state dir {root:?}")]
-    LoopNotOwned {
-        device: String,
-        backing: PathBuf,
-        root: PathBuf,
-    },
-    #[error("{device} is backed by {backing:?} now, not {expected:?}: left attached")]
-    LoopReused {
-        device: String,
-        backing: PathBuf,
-        expected: PathBuf,
-    },
+    #[error("{0} was not attached by this helper for this owner (or is detached)")]
+    LoopNotOwned(String),
+    #[error("{device} is backed by another file now, not {expected:?}: left attached")]
+    LoopReused { device: String, expected: String },
     #[error("{0} cannot be both the origin and the copy-on-write store")]
     SameLoop(String),
     #[error("the snapshot origin {0} is not read-only")]
@@ -61,11 +55,17 @@ pub enum Invalid {
     DmNotOwned(String),
 }
 
-/// A tap name: `bg-tap-N`.
-pub fn tap(name: &str) -> Result<&str, Invalid> {
-    parse_tap_name(name)
-        .map(|_| name)
-        .ok_or_else(|| Invalid::TapName(name.to_owned()))
+/// A tap name of `owner`'s: `bg<owner>t<N>`. Another owner's tap is refused by name, before
+/// anything looks at the interface.
+pub fn tap(name: &str, owner: u32) -> Result<&str, Invalid> {
+    match parse_tap_name(name) {
+        None => Err(Invalid::TapName(name.to_owned())),
+        Some((o, _)) if o != owner => Err(Invalid::TapNotOwned {
+            name: name.to_owned(),
+            owner: o,
+        }),
+        Some(_) => Ok(name),
+    }
 }
 
 /// An address a guest may hold: inside `subnet`, not its network, gateway or broadcast.
@@ -80,36 +80,6 @@ pub fn guest_address(text: &str, subnet: Ipv4Net, gateway: Ipv4Addr) -> Result<I
         return Err(Invalid::Reserved { addr, subnet });
     }
     Ok(addr)
-}
-
-/// An existing path inside `root` (already canonical): absolute, no `..`, and still inside
-/// once every symlink is resolved. Returns the resolved path.
-pub fn state_path(text: &str, root: &Path) -> Result<PathBuf, Invalid> {
-    let path = Path::new(text);
-    if !path.is_absolute()
-        || text.contains('\0')
-        || path.components().any(|c| matches!(c, Component::ParentDir))
-    {
-        return Err(Invalid::PathShape(text.to_owned()));
-    }
-    let resolved = path
-        .canonicalize()
-        .map_err(|_| Invalid::PathMissing(text.to_owned()))?;
-    inside(text, &resolved, root)?;
-    Ok(resolved)
-}
-
-/// Fails unless `resolved` is `root` or below it.
-pub fn inside(text: &str, resolved: &Path, root: &Path) -> Result<(), Invalid> {
-    if resolved.starts_with(root) {
-        Ok(())
-    } else {
-        Err(Invalid::PathEscapes {
-            path: text.to_owned(),
-            resolved: resolved.to_path_buf(),
-            root: root.to_path_buf(),
-        })
-    }
 }
 
 /// A network interface name as the kernel accepts it (for names the helper reads from the
@@ -165,39 +135,13 @@ mod tests {
     }
 
     #[test]
-    fn paths_must_resolve_inside_the_state_dir() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("state");
-        std::fs::create_dir(&root).unwrap();
-        let root = root.canonicalize().unwrap();
-        let inside_file = root.join("f");
-        std::fs::write(&inside_file, "x").unwrap();
-        let outside_file = dir.path().join("secret");
-        std::fs::write(&outside_file, "x").unwrap();
-        std::os::unix::fs::symlink(&outside_file, root.join("escape")).unwrap();
-        std::os::unix::fs::symlink(dir.path(), root.join("updir")).unwrap();
-
-        assert!(state_path(inside_file.to_str().unwrap(), &root).is_ok());
-        let escape = root.join("escape");
+    fn taps_of_another_owner_are_refused() {
+        assert_eq!(tap("bg1000t3", 1000), Ok("bg1000t3"));
         assert!(matches!(
-            state_path(escape.to_str().unwrap(), &root),
-            Err(Invalid::PathEscapes { .. })
+            tap("bg1001t3", 1000),
+            Err(Invalid::TapNotOwned { owner: 1001, .. })
         ));
-        let through_dir = root.join("updir/secret");
-        assert!(matches!(
-            state_path(through_dir.to_str().unwrap(), &root),
-            Err(Invalid::PathEscapes { .. })
-        ));
-        let dotdot = format!("{}/../secret", root.display());
-        assert!(matches!(
-            state_path(&dotdot, &root),
-            Err(Invalid::PathShape(_))
-        ));
-        assert!(matches!(
-            state_path("relative/f", &root),
-            Err(Invalid::PathShape(_))
-        ));
-        assert!(state_path("/etc/shadow", &root).is_err());
+        assert!(matches!(tap("bg-tap-3", 1000), Err(Invalid::TapName(_))));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The real helper binary (as root, owner uid 0) attaching and detaching real loop devices for
 //! the `dm` system-disk strategy, and refusing what is not the owner's: files outside the state
-//! dir or escaping it by a symlink, loop devices backed elsewhere, names that are not banger's.
+//! dir or reached through a symlink, loop devices the helper did not attach (wherever their
+//! backing file is, the state dir included), names that are not banger's.
 //! device-mapper itself does not exist on the test machines: the snapshot operations are
 //! checked for their validation and for a one-line error naming the missing control node.
 //! Every loop device a test makes is detached on drop, also when the test fails.
@@ -94,6 +95,32 @@ fn backing_file(device: &str) -> Option<PathBuf> {
     sys(device, "loop/backing_file").map(PathBuf::from)
 }
 
+/// Waits until `device` is detached: the kernel detaches a device still open elsewhere (udev
+/// probing it) when the last opener closes.
+#[track_caller]
+fn wait_detached(device: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Some(backing) = backing_file(device) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{device} still attached to {}",
+            backing.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A read-only loop device attached by root's `losetup`, not by the helper.
+fn losetup(backing: &Path) -> String {
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--read-only"])
+        .arg(backing)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 #[track_caller]
 fn attached(reply: HelperReply) -> String {
     match reply {
@@ -126,12 +153,16 @@ fn loop_devices_are_attached_and_detached_inside_the_state_dir_only() {
     assert_eq!(backing_file(&base_loop).as_deref(), Some(base.as_path()));
     assert_eq!(sys(&base_loop, "ro").as_deref(), Some("1"));
     assert_eq!(sys(&base_loop, "size").as_deref(), Some("16384"));
-    // The copy-on-write store, writable; reached through a symlink that stays inside.
-    std::os::unix::fs::symlink(&cow, helper.state.join("cow-link")).unwrap();
-    let cow_loop = attached(attach(&helper, &helper.state.join("cow-link"), false));
+    // The copy-on-write store, writable.
+    let cow_loop = attached(attach(&helper, &cow, false));
     assert_ne!(cow_loop, base_loop);
     assert_eq!(backing_file(&cow_loop).as_deref(), Some(cow.as_path()));
     assert_eq!(sys(&cow_loop, "ro").as_deref(), Some("0"));
+    // Tagged as the helper's own, and recorded in its record dir.
+    let records = helper.dir.path().join("records");
+    let index = cow_loop.trim_start_matches("/dev/loop");
+    let record = std::fs::read_to_string(records.join(format!("loop{index}"))).unwrap();
+    assert!(record.starts_with("banger:0:"), "{record}");
 
     // A device recorded for one file that backs another of the owner's files now (loop
     // names recorded before a host reboot) is left attached.
@@ -146,10 +177,10 @@ fn loop_devices_are_attached_and_detached_inside_the_state_dir_only() {
         "left attached",
     );
     assert_eq!(backing_file(&cow_loop).as_deref(), Some(cow.as_path()));
-    // Detached: the cow named through its symlink (resolved for the compare), the base with
-    // no file given (records from before files were kept).
-    let cow_link = helper.state.join("cow-link").display().to_string();
-    for (device, file) in [(&cow_loop, Some(cow_link)), (&base_loop, None)] {
+    // Detached: the cow named with its file, the base with no file given (records from
+    // before files were kept).
+    let cow_text = cow.display().to_string();
+    for (device, file) in [(&cow_loop, Some(cow_text)), (&base_loop, None)] {
         let reply = request(
             &helper.socket,
             HelperOp::LoopDetach {
@@ -166,34 +197,46 @@ fn loop_devices_are_attached_and_detached_inside_the_state_dir_only() {
             ),
             "{reply:?}"
         );
-        assert_eq!(backing_file(device), None, "{device} still attached");
+        wait_detached(device);
+        let index = device.trim_start_matches("/dev/loop");
+        assert!(
+            !records.join(format!("loop{index}")).exists(),
+            "record left"
+        );
     }
     assert!(loop_devices_backed_under(&helper.state).is_empty());
 
-    // Refused: a file outside, a symlink escaping, a directory, a missing file, a relative path.
+    // Refused: a file outside, a symlink escaping, a symlink staying inside, a directory, a
+    // missing file, another's file; every refusal below the state dir reads the same.
+    const NOT_OWNERS: &str = "is not a regular file of the owner beneath the state dir";
     let secret = file(&helper.outside.join("secret.img"), 1);
     refused(attach(&helper, &secret, true), "outside the state dir");
     std::os::unix::fs::symlink(&secret, helper.state.join("images/abc/escape")).unwrap();
     refused(
         attach(&helper, &helper.state.join("images/abc/escape"), false),
-        "outside the state dir",
+        NOT_OWNERS,
     );
     std::os::unix::fs::symlink(&helper.outside, helper.state.join("updir")).unwrap();
     refused(
         attach(&helper, &helper.state.join("updir/secret.img"), true),
-        "outside the state dir",
+        NOT_OWNERS,
+    );
+    std::os::unix::fs::symlink(&cow, helper.state.join("cow-link")).unwrap();
+    refused(
+        attach(&helper, &helper.state.join("cow-link"), false),
+        NOT_OWNERS,
     );
     refused(
         attach(&helper, &helper.state.join("images"), true),
-        "not a regular file",
+        NOT_OWNERS,
     );
     // A file inside the state dir that is not the owner's (e.g. a root file hard-linked in).
     let foreign = file(&helper.state.join("images/abc/foreign.img"), 1);
     std::os::unix::fs::chown(&foreign, Some(65534), None).unwrap();
-    refused(attach(&helper, &foreign, true), "not to the owner");
+    refused(attach(&helper, &foreign, true), NOT_OWNERS);
     refused(
         attach(&helper, &helper.state.join("images/nothing"), true),
-        "does not exist",
+        NOT_OWNERS,
     );
     refused(
         request(
@@ -210,29 +253,27 @@ fn loop_devices_are_attached_and_detached_inside_the_state_dir_only() {
         "nothing attached to the refused file"
     );
 
-    // A loop device attached outside banger, backed elsewhere, is not the helper's to detach.
-    let out = Command::new("losetup")
-        .args(["--find", "--show", "--read-only"])
-        .arg(&secret)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let foreign = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    refused(
-        request(
-            &helper.socket,
-            HelperOp::LoopDetach {
-                device: foreign.clone(),
-                file: None,
-            },
-        ),
-        "outside the state dir",
-    );
-    assert_eq!(
-        backing_file(&foreign).as_deref(),
-        Some(secret.as_path()),
-        "still attached"
-    );
+    // A loop device attached outside banger is not the helper's to detach, whether backed
+    // elsewhere or by the owner's own file in the state dir (root's losetup): identity, not
+    // the backing file's path.
+    for backing in [&secret, &base] {
+        let foreign = losetup(backing);
+        refused(
+            request(
+                &helper.socket,
+                HelperOp::LoopDetach {
+                    device: foreign.clone(),
+                    file: None,
+                },
+            ),
+            "not attached by this helper",
+        );
+        assert_eq!(
+            backing_file(&foreign).as_deref(),
+            Some(backing.as_path()),
+            "still attached"
+        );
+    }
     for bad in ["/dev/sda", "/dev/loop-control", "/dev/loop01", "loop0"] {
         refused(
             request(
@@ -287,16 +328,20 @@ fn device_mapper_operations_validate_and_name_what_is_missing() {
     refused(create(&name, "/dev/sda", &cow_loop), "not a loop device");
     refused(create(&name, &base_loop, &base_loop), "both the origin");
     refused(create(&name, &cow_loop, &base_loop), "is not read-only");
-    // A loop device backed outside the state dir cannot be the origin.
+    // A loop device the helper did not attach cannot be the origin or the store, even when
+    // it is backed by the owner's file in the state dir.
     let secret = file(&helper.outside.join("secret.img"), 4);
-    let out = Command::new("losetup")
-        .args(["--find", "--show", "--read-only"])
-        .arg(&secret)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let foreign = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    refused(create(&name, &foreign, &cow_loop), "outside the state dir");
+    for backing in [&secret, &base] {
+        let foreign = losetup(backing);
+        refused(
+            create(&name, &foreign, &cow_loop),
+            "not attached by this helper",
+        );
+        refused(
+            create(&name, &base_loop, &foreign),
+            "not attached by this helper",
+        );
+    }
 
     if Path::new("/dev/mapper/control").exists() {
         // A host with device-mapper: the snapshot is made, given to the owner, removed.
@@ -330,5 +375,7 @@ fn device_mapper_operations_validate_and_name_what_is_missing() {
         );
         assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
     }
-    assert!(loop_devices_backed_under(&helper.state).is_empty());
+    for device in [&cow_loop, &base_loop] {
+        wait_detached(device);
+    }
 }

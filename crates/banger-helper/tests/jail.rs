@@ -1,9 +1,14 @@
-//! `spawn_jailed` / `remove_jail` of the real helper (as root, owner uid 0) with the fake
-//! jailer (`banger-jailer-fake`, held to Firecracker's jailer contract) and the fake
-//! Firecracker: refusals of a bad vm id, files outside the state dir or escaping it through
-//! a symlink, exec files others may write; and a spawn + removal that leaves nothing behind,
-//! both with hard links (same file system) and bind mounts (the jail base on a tmpfs).
-//! Needs root and `cargo build --workspace --bins` (the fakes are another crate's binaries).
+//! `spawn_jailed` / `remove_jail` of the real helper (as root, owner uid 0) with the jailer and
+//! Firecracker of its own configuration: the real binaries when `JAILER_BIN` and
+//! `FIRECRACKER_BIN` are set (a line on stderr says so; their API answers here, only a guest
+//! cannot boot), else the fake jailer (`banger-jailer-fake`, held to the real jailer's
+//! behaviour) and the fake Firecracker (a visible SKIP line says the real ones were not run).
+//! Refusals of a bad vm id, files outside the state dir or through a symlink, binaries others
+//! may write (at the start and after it), a VM cgroup that exists already; a spawn + removal
+//! that leaves nothing behind (no process, mount, jail dir or cgroup), both with hard links
+//! (same file system) and bind mounts (the jail base on a tmpfs); a failing start that leaves
+//! no live Firecracker. Needs root and `cargo build --workspace --bins` (the fakes are another
+//! crate's binaries).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -11,11 +16,20 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use banger_proto::helper::{HelperOp, HelperReply, HelperResult, JailFiles};
 
-const ID: &str = "0123456789abcdef0123456789abcdef";
+/// A VM id unique to this test process and call (jails and cgroups are host-wide).
+fn vm_id() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{:08x}{:024x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
 
 /// A binary of the workspace built next to this test's binary.
 fn workspace_bin(name: &str) -> PathBuf {
@@ -37,11 +51,46 @@ mod common;
 
 use common::{refused, request};
 
+/// The jailer and Firecracker the helper runs: the real ones from `JAILER_BIN` and
+/// `FIRECRACKER_BIN` when both are set, else the fakes (a wrapper named `firecracker` in a
+/// root-owned dir of `dir`, since the jailer only runs an exec file of that name).
+fn binaries(dir: &Path) -> (PathBuf, PathBuf, bool) {
+    if let (Some(jailer), Some(firecracker)) = (
+        std::env::var_os("JAILER_BIN"),
+        std::env::var_os("FIRECRACKER_BIN"),
+    ) {
+        eprintln!(
+            "REAL: jail tests run the real jailer {} and Firecracker {}",
+            jailer.to_string_lossy(),
+            firecracker.to_string_lossy()
+        );
+        return (jailer.into(), firecracker.into(), true);
+    }
+    eprintln!(
+        "SKIP: real jailer/Firecracker not run (set JAILER_BIN and FIRECRACKER_BIN); using the fakes"
+    );
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let exec_file = bin.join("firecracker");
+    std::fs::write(
+        &exec_file,
+        format!(
+            "#!/bin/sh\nexec {} \"$@\"\n",
+            workspace_bin("banger-fc-fake").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&exec_file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (workspace_bin("banger-jailer-fake"), exec_file, false)
+}
+
 /// The common helper with a jail base (`--jail-base`), a tmpfs when asked (unmounted on drop).
 struct Helper {
     inner: common::Helper,
     base: PathBuf,
     tmpfs: bool,
+    exec_file: PathBuf,
+    real: bool,
 }
 
 impl std::ops::Deref for Helper {
@@ -61,6 +110,11 @@ impl Drop for Helper {
 }
 
 fn start_helper(tmpfs_base: bool) -> Helper {
+    start_with(tmpfs_base, None)
+}
+
+/// The helper with the test's binaries, or with `jailer` instead of the chosen jailer.
+fn start_with(tmpfs_base: bool, jailer: Option<&Path>) -> Helper {
     let dir = common::temp_dir("bgj");
     let base = dir.path().join("jail");
     std::fs::create_dir(&base).unwrap();
@@ -72,60 +126,66 @@ fn start_helper(tmpfs_base: bool) -> Helper {
             .unwrap();
         assert!(ok.success(), "mount tmpfs");
     }
-    let inner = common::start(dir, &[], &["--jail-base".as_ref(), base.as_os_str()]);
+    let (chosen, exec_file, real) = binaries(dir.path());
+    let jailer = jailer.map_or(chosen, Path::to_path_buf);
+    let inner = common::start(
+        dir,
+        &[],
+        &[
+            "--jail-base".as_ref(),
+            base.as_os_str(),
+            "--jailer".as_ref(),
+            jailer.as_os_str(),
+            "--firecracker".as_ref(),
+            exec_file.as_os_str(),
+        ],
+    );
     Helper {
         inner,
         base,
         tmpfs: tmpfs_base,
+        exec_file,
+        real,
     }
 }
 
-/// The VM's files in the state dir, a root-owned `firecracker` wrapper and the op.
-struct Setup {
-    files: JailFiles,
-    exec_file: PathBuf,
-}
-
-fn setup(helper: &Helper) -> Setup {
-    let vm = helper.state.join("vms").join(ID);
+/// The VM's files in the state dir.
+fn setup(helper: &Helper, vm_id: &str) -> JailFiles {
+    let vm = helper.state.join("vms").join(vm_id);
     std::fs::create_dir_all(&vm).unwrap();
     for name in ["vmlinux", "system.raw", "work.ext4", "console.log"] {
         std::fs::write(vm.join(name), name).unwrap();
     }
-    let bin = helper.dir.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let exec_file = bin.join("firecracker");
-    std::fs::write(
-        &exec_file,
-        format!(
-            "#!/bin/sh\nexec {} \"$@\"\n",
-            workspace_bin("banger-fc-fake").display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&exec_file, std::fs::Permissions::from_mode(0o755)).unwrap();
     let text = |n: &str| vm.join(n).display().to_string();
-    Setup {
-        files: JailFiles {
-            kernel: text("vmlinux"),
-            initrd: None,
-            system_disk: text("system.raw"),
-            work_disk: text("work.ext4"),
-            console_log: text("console.log"),
-        },
-        exec_file,
+    JailFiles {
+        kernel: text("vmlinux"),
+        initrd: None,
+        system_disk: text("system.raw"),
+        work_disk: text("work.ext4"),
+        console_log: text("console.log"),
     }
 }
 
-fn spawn_op(setup: &Setup, vm_id: &str, exec_file: &Path) -> HelperOp {
+fn spawn_op(files: &JailFiles, vm_id: &str) -> HelperOp {
     HelperOp::SpawnJailed {
         vm_id: vm_id.into(),
-        jailer: workspace_bin("banger-jailer-fake").display().to_string(),
-        exec_file: exec_file.display().to_string(),
-        files: setup.files.clone(),
+        files: files.clone(),
         cpus: 1,
         memory_mib: 256,
     }
+}
+
+/// The cgroup dirs a VM of owner 0 may have on this host (v1 cpu/memory or v2).
+fn cgroup_dirs(vm_id: &str) -> Vec<PathBuf> {
+    [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/unified",
+    ]
+    .iter()
+    .map(|h| Path::new(h).join("banger-0").join(vm_id))
+    .collect()
 }
 
 fn is_alive(pid: u32) -> bool {
@@ -148,97 +208,179 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 #[test]
 fn spawn_jailed_refuses_what_it_must() {
     let helper = start_helper(false);
-    let setup = setup(&helper);
+    let id = vm_id();
+    let files = setup(&helper, &id);
     let socket = &helper.socket;
     // VM ids outside banger's format (the jail path is built from it).
     for bad in ["../../etc", "ABCDEF0123456789abcdef0123456789", "abc", ""] {
-        refused(
-            request(socket, spawn_op(&setup, bad, &setup.exec_file)),
-            "not a banger VM id",
-        );
+        refused(request(socket, spawn_op(&files, bad)), "not a banger VM id");
         refused(
             request(socket, HelperOp::RemoveJail { vm_id: bad.into() }),
             "not a banger VM id",
         );
     }
-    // A file outside the state dir, and a symlink inside it escaping.
+    // A file outside the state dir, a symlink inside it (escaping or not), a directory.
     let outside = helper.dir.path().join("outside");
     std::fs::write(&outside, "secret").unwrap();
-    let mut op = spawn_op(&setup, ID, &setup.exec_file);
-    if let HelperOp::SpawnJailed { files, .. } = &mut op {
-        files.kernel = outside.display().to_string();
-    }
-    refused(request(socket, op), "outside the state dir");
-    let link = helper.state.join("vms").join(ID).join("escape");
+    let link = helper.state.join("vms").join(&id).join("escape");
     std::os::unix::fs::symlink(&outside, &link).unwrap();
-    let mut op = spawn_op(&setup, ID, &setup.exec_file);
-    if let HelperOp::SpawnJailed { files, .. } = &mut op {
-        files.system_disk = link.display().to_string();
+    let inner_link = helper.state.join("vms").join(&id).join("kernel-link");
+    std::os::unix::fs::symlink("vmlinux", &inner_link).unwrap();
+    for (path, needle) in [
+        (outside.clone(), "outside the state dir"),
+        (link, "not a regular file of the owner"),
+        (inner_link, "not a regular file of the owner"),
+        (helper.state.clone(), "not a regular file of the owner"),
+        (helper.state.join("vms"), "not a regular file of the owner"),
+    ] {
+        let mut files = files.clone();
+        files.system_disk = path.display().to_string();
+        refused(request(socket, spawn_op(&files, &id)), needle);
     }
-    refused(request(socket, op), "outside the state dir");
-    // A directory is not a file to place.
-    let mut op = spawn_op(&setup, ID, &setup.exec_file);
-    if let HelperOp::SpawnJailed { files, .. } = &mut op {
-        files.work_disk = helper.state.display().to_string();
-    }
-    refused(request(socket, op), "must be a regular file");
-    // An exec file group or others may write, and one whose name lacks "firecracker".
-    for mode in [0o775, 0o757] {
-        std::fs::set_permissions(&setup.exec_file, std::fs::Permissions::from_mode(mode)).unwrap();
+    // Limits that would wrap.
+    refused(
+        request(
+            socket,
+            HelperOp::SpawnJailed {
+                vm_id: id.clone(),
+                files: files.clone(),
+                cpus: 1,
+                memory_mib: u64::MAX,
+            },
+        ),
+        "do not fit a cgroup limit",
+    );
+    if !helper.real {
+        // The configured exec file made writable by others after the start: refused at use.
+        std::fs::set_permissions(&helper.exec_file, std::fs::Permissions::from_mode(0o757))
+            .unwrap();
         refused(
-            request(socket, spawn_op(&setup, ID, &setup.exec_file)),
+            request(socket, spawn_op(&files, &id)),
             "root-owned regular file",
         );
+        std::fs::set_permissions(&helper.exec_file, std::fs::Permissions::from_mode(0o755))
+            .unwrap();
     }
-    std::fs::set_permissions(&setup.exec_file, std::fs::Permissions::from_mode(0o755)).unwrap();
-    // A root-owned exec file in a directory others may write (it could be swapped).
-    let open_dir = helper.dir.path().join("open");
-    std::fs::create_dir(&open_dir).unwrap();
-    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let exposed = open_dir.join("firecracker");
-    std::fs::copy(&setup.exec_file, &exposed).unwrap();
-    refused(
-        request(socket, spawn_op(&setup, ID, &exposed)),
-        "not writable by group or others",
-    );
-    let renamed = setup.exec_file.with_file_name("vmm");
-    std::fs::copy(&setup.exec_file, &renamed).unwrap();
-    refused(
-        request(socket, spawn_op(&setup, ID, &renamed)),
-        "contains \"firecracker\"",
-    );
-    // A relative jailer path.
-    let mut op = spawn_op(&setup, ID, &setup.exec_file);
-    if let HelperOp::SpawnJailed { jailer, .. } = &mut op {
-        *jailer = "jailer".into();
+    // A VM cgroup that exists already (e.g. made by someone else) is refused, not reused:
+    // in the hierarchy the helper uses on this host (v2 with cpu+memory, else v1 memory).
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
+    let hierarchy = if v2.exists() {
+        let text = std::fs::read_to_string(v2).unwrap();
+        let controllers: Vec<&str> = text.split_whitespace().collect();
+        (controllers.contains(&"cpu") && controllers.contains(&"memory"))
+            .then(|| PathBuf::from("/sys/fs/cgroup"))
+    } else {
+        Some(PathBuf::from("/sys/fs/cgroup/memory")).filter(|h| h.join("cgroup.procs").exists())
+    };
+    match hierarchy {
+        Some(hierarchy) => {
+            let dir = hierarchy.join("banger-0").join(&id);
+            std::fs::create_dir_all(&dir).unwrap();
+            let reply = request(socket, spawn_op(&files, &id));
+            // A wrong acceptance must not leave a Firecracker behind.
+            let _guard = match &reply {
+                HelperReply::Ok {
+                    result: HelperResult::Jailed { pid, .. },
+                } => Some(KillOnDrop(*pid)),
+                _ => None,
+            };
+            let exists = dir.exists();
+            let _ = std::fs::remove_dir(&dir);
+            refused(reply, "exists already");
+            assert!(exists, "the existing cgroup was left alone");
+        }
+        None => eprintln!("SKIP: no cgroup hierarchy with the cpu and memory controllers here"),
     }
-    refused(request(socket, op), "not an absolute path");
     // Nothing was built, and the helper still serves.
-    assert_eq!(std::fs::read_dir(&helper.base).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(&helper.base)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().join(&id).exists())
+            .count(),
+        0
+    );
     assert!(matches!(
         request(socket, HelperOp::Hello),
         HelperReply::Ok { .. }
     ));
 }
 
+#[test]
+fn a_helper_with_unsafe_binaries_does_not_start() {
+    let dir = common::temp_dir("bgjb");
+    let (jailer, exec_file, _) = binaries(dir.path());
+    let open_dir = dir.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let exposed = open_dir.join("firecracker");
+    std::fs::copy(&exec_file, &exposed).unwrap();
+    std::fs::create_dir_all(dir.path().join("bin")).unwrap();
+    let writable = dir.path().join("bin/firecracker-w");
+    std::fs::copy(&exec_file, &writable).unwrap();
+    std::fs::set_permissions(&writable, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let renamed = dir.path().join("bin/vmm");
+    std::fs::create_dir_all(dir.path().join("bin")).unwrap();
+    std::fs::copy(&exec_file, &renamed).unwrap();
+    for (jailer, exec, needle) in [
+        (jailer.clone(), exposed, "not writable by group or others"),
+        (jailer.clone(), writable, "root-owned regular file"),
+        (jailer.clone(), renamed, "contains \"firecracker\""),
+        (
+            PathBuf::from("jailer"),
+            exec_file.clone(),
+            "not an absolute path",
+        ),
+        (
+            exec_file.clone(),
+            PathBuf::from("/nonexistent/firecracker"),
+            "root-owned regular file",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_banger-helper"))
+            .args(["--foreground", "--owner", "0", "--socket"])
+            .arg(dir.path().join("h.sock"))
+            .arg("--state-dir")
+            .arg(dir.path())
+            .arg("--record-dir")
+            .arg(dir.path().join("records"))
+            .arg("--jailer")
+            .arg(&jailer)
+            .arg("--firecracker")
+            .arg(&exec)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains(needle), "{stderr:?} lacks {needle:?}");
+        assert!(!dir.path().join("h.sock").exists());
+    }
+}
+
 fn spawn_and_remove(tmpfs_base: bool) {
     let helper = start_helper(tmpfs_base);
-    let setup = setup(&helper);
-    let reply = request(&helper.socket, spawn_op(&setup, ID, &setup.exec_file));
+    let id = vm_id();
+    let files = setup(&helper, &id);
+    let reply = request(&helper.socket, spawn_op(&files, &id));
     let (pid, root) = match reply {
         HelperReply::Ok {
             result: HelperResult::Jailed { pid, root },
         } => (pid, PathBuf::from(root)),
-        other => panic!("{other:?}"),
+        other => panic!("{other:?}\n{}", common::log(&helper)),
     };
-    assert_eq!(root, helper.base.join("firecracker").join(ID).join("root"));
+    let _guard = KillOnDrop(pid);
+    assert_eq!(root, helper.base.join("firecracker").join(&id).join("root"));
     assert!(is_alive(pid));
+    // The pid is Firecracker's own (the jailer exec'd it in place), in its own session.
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    assert!(String::from_utf8_lossy(&cmdline).contains(ID));
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    assert!(cmdline.contains(&id), "{cmdline}");
+    let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid as i32))).unwrap();
+    assert_eq!(sid.as_raw(), pid as i32, "a session leader");
     // The files sit in the jail under their fixed names: the same inode (hard link) on
     // one file system, a bind mount across.
     let kernel = std::fs::metadata(root.join("vmlinux")).unwrap();
-    let source = std::fs::metadata(&setup.files.kernel).unwrap();
+    let source = std::fs::metadata(&files.kernel).unwrap();
     assert_eq!((kernel.dev(), kernel.ino()), (source.dev(), source.ino()));
     let mounts = mounts_under(&helper.base);
     if tmpfs_base {
@@ -256,16 +398,33 @@ fn spawn_and_remove(tmpfs_base: bool) {
         assert!(root.join(name).is_file(), "{name}");
     }
     // The API answers inside the jail.
-    let mut stream = UnixStream::connect(root.join("run/firecracker.socket")).unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
+    let answer = http_get(&root.join("run/firecracker.socket"));
     assert!(
-        answer.starts_with("HTTP/1.1 200") && answer.contains(ID),
+        answer.starts_with("HTTP/1.1 200") && answer.contains(&id),
         "{answer}"
     );
+    let cgroups: Vec<PathBuf> = cgroup_dirs(&id)
+        .into_iter()
+        .filter(|d| d.exists())
+        .collect();
+    if helper.real {
+        // The real jailer placed it under the per-owner parent with the VM's limits.
+        eprintln!("cgroups of the jailed VM: {cgroups:?}");
+        assert!(!cgroups.is_empty() || !Path::new("/sys/fs/cgroup/memory").exists());
+        for dir in &cgroups {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+            assert!(procs.lines().any(|p| p == pid.to_string()), "{procs}");
+            for (file, want) in [
+                ("memory.limit_in_bytes", ((256u64 + 128) << 20).to_string()),
+                ("memory.max", ((256u64 + 128) << 20).to_string()),
+                ("cpu.cfs_quota_us", "100000".to_owned()),
+            ] {
+                if let Ok(value) = std::fs::read_to_string(dir.join(file)) {
+                    assert_eq!(value.trim(), want, "{file}");
+                }
+            }
+        }
+    }
 
     // The daemon's stop: the process ends, then the jail goes.
     nix::sys::signal::kill(
@@ -278,22 +437,87 @@ fn spawn_and_remove(tmpfs_base: bool) {
         assert!(Instant::now() < deadline, "still alive");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let reply = request(&helper.socket, HelperOp::RemoveJail { vm_id: ID.into() });
+    let reply = request(&helper.socket, HelperOp::RemoveJail { vm_id: id.clone() });
     assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
-    assert!(!helper.base.join("firecracker").join(ID).exists());
+    assert!(!helper.base.join("firecracker").join(&id).exists());
     assert!(mounts_under(&helper.base).is_empty());
+    for dir in cgroup_dirs(&id) {
+        assert!(!dir.exists(), "{} left", dir.display());
+    }
+    assert!(banger_processes(&id).is_empty());
     // The sources are untouched.
+    assert_eq!(std::fs::read_to_string(&files.kernel).unwrap(), "vmlinux");
     assert_eq!(
-        std::fs::read_to_string(&setup.files.kernel).unwrap(),
-        "vmlinux"
-    );
-    assert_eq!(
-        std::fs::read_to_string(&setup.files.work_disk).unwrap(),
+        std::fs::read_to_string(&files.work_disk).unwrap(),
         "work.ext4"
     );
     // Idempotent.
-    let reply = request(&helper.socket, HelperOp::RemoveJail { vm_id: ID.into() });
+    let reply = request(&helper.socket, HelperOp::RemoveJail { vm_id: id });
     assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+}
+
+/// Kills a jailed Firecracker when the test ends early (a failed assertion).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if is_alive(self.0) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0 as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// `GET /` on an API socket: the status line, headers and the body of its Content-Length
+/// (Firecracker keeps the connection open).
+fn http_get(socket: &Path) -> String {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if body.len() >= len {
+                return text;
+            }
+        }
+        let n = stream.read(&mut buf).unwrap();
+        if n == 0 {
+            return String::from_utf8_lossy(&got).into_owned();
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Live processes whose command line names `id`.
+fn banger_processes(id: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(id) && is_alive(pid) {
+            found.push(pid);
+        }
+    }
+    found
 }
 
 #[test]
@@ -307,35 +531,73 @@ fn spawn_jailed_with_bind_mounts_leaves_nothing() {
 }
 
 #[test]
-fn a_failing_jailer_leaves_no_jail() {
+fn a_failing_jailer_leaves_no_jail_and_no_firecracker() {
+    // A jailer whose Firecracker exits at once.
     let helper = start_helper(false);
-    let setup = setup(&helper);
-    // The wrapper names a Firecracker that does not exist: the exec in the jail fails.
-    std::fs::write(&setup.exec_file, "#!/bin/sh\nexit 3\n").unwrap();
-    let reply = request(&helper.socket, spawn_op(&setup, ID, &setup.exec_file));
-    refused(reply, "the jailer failed");
-    assert_eq!(
-        std::fs::read_dir(&helper.base)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.path().join(ID).exists())
-            .count(),
-        0
-    );
-    assert!(mounts_under(&helper.base).is_empty());
+    let id = vm_id();
+    let files = setup(&helper, &id);
+    if !helper.real {
+        std::fs::write(
+            &helper.exec_file,
+            "#!/bin/sh\necho 'fc: cannot start' >&2\nexit 3\n",
+        )
+        .unwrap();
+        let message = refused(
+            request(&helper.socket, spawn_op(&files, &id)),
+            "the jailer failed",
+        );
+        assert!(message.contains("fc: cannot start"), "{message}");
+        assert!(!helper.base.join("firecracker").join(&id).exists());
+        assert!(mounts_under(&helper.base).is_empty());
+    }
+    drop(helper);
 
-    // A jailer that fails before daemonizing: its last stderr line is the error.
-    let jailer = setup.exec_file.with_file_name("jailer");
+    // A jailer that fails before exec'ing: its last stderr line is the error.
+    let dir = common::temp_dir("bgjf");
+    let jailer = dir.path().join("jailer");
     std::fs::write(
         &jailer,
         "#!/bin/sh\necho 'Jailer error: boom' >&2\nexit 1\n",
     )
     .unwrap();
     std::fs::set_permissions(&jailer, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut op = spawn_op(&setup, ID, &setup.exec_file);
-    if let HelperOp::SpawnJailed { jailer: j, .. } = &mut op {
-        *j = jailer.display().to_string();
+    let helper = start_with(false, Some(&jailer));
+    let files = setup(&helper, &id);
+    refused(
+        request(&helper.socket, spawn_op(&files, &id)),
+        "Jailer error: boom",
+    );
+    assert!(!helper.base.join("firecracker").join(&id).exists());
+
+    // A jailer that daemonizes the old way (forks, exits 0 at once, Firecracker a
+    // grandchild): refused, and the grandchild named by the pid file is killed.
+    let forking = dir.path().join("jailer-forking");
+    std::fs::write(
+        &forking,
+        format!(
+            "#!/bin/sh\nexec {} --daemonize \"$@\"\n",
+            workspace_bin("banger-jailer-fake").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&forking, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let helper = start_with(false, Some(&forking));
+    let files = setup(&helper, &id);
+    let reply = request(&helper.socket, spawn_op(&files, &id));
+    refused(reply, "the jailer failed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !banger_processes(&id).is_empty() {
+        let left = banger_processes(&id);
+        assert!(
+            Instant::now() < deadline,
+            "a Firecracker was left: {:?} {:?}\n{}",
+            left,
+            left.iter()
+                .map(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default())
+                .collect::<Vec<_>>(),
+            common::log(&helper)
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
-    refused(request(&helper.socket, op), "Jailer error: boom");
-    assert!(!helper.base.join("firecracker").join(ID).exists());
+    assert!(!helper.base.join("firecracker").join(&id).exists());
 }

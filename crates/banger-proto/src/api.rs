@@ -137,11 +137,15 @@ pub struct Vm {
     pub network: Option<VmNetwork>,
 }
 
-/// A VM's network: `bridge` with its lease, or `user` (QEMU user-mode networking).
+/// A VM's network: `bridge` with its lease, `user` (QEMU user-mode networking with
+/// outbound access) or `isolated` (user mode without outbound access).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct VmNetwork {
-    /// `bridge` or `user`.
+    /// `bridge`, `user` or `isolated`.
     pub mode: String,
+    /// Published ports (`vm create -p`, `vm port add`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::PortMapping>,
     /// Bridge mode: the leased address (`NAME.vm` resolves to it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
@@ -166,9 +170,14 @@ pub struct CreateVmRequest {
     /// VMM backend: `auto` (default from config), `firecracker` or `qemu`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm: Option<String>,
-    /// `bridge` or `user`; default: bridge when the root helper answers, else user.
+    /// `bridge`, `user` (outbound network) or `isolated` (user mode, no outbound network);
+    /// default: bridge when the root helper answers, else user (or isolated with
+    /// `network.egress = false`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Ports to publish (`[HOSTIP:]HOSTPORT:GUESTPORT[/udp]`), user and isolated modes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::PortMapping>,
 }
 
 /// A VM's bridge lease.
@@ -194,6 +203,12 @@ pub struct NetworkStatus {
     pub subnet: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// The owner's bridge (`bg<uid>`), when the helper answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// The owner's nftables table (`ip banger_<uid>`), when the helper answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
     pub bridge_up: bool,
     pub nft_table: bool,
     pub taps: Vec<String>,
@@ -238,6 +253,12 @@ pub struct DaemonStatus {
     /// RFC 3339 UTC.
     pub started_at: String,
     pub uptime_secs: u64,
+    /// The daemon's own resident memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// VMs whose VMM runs now (running or paused).
+    #[serde(default)]
+    pub running_vms: u32,
 }
 
 /// A kernel (+ optional initrd) in the store (`banger kernel ls --json`).
@@ -309,6 +330,17 @@ pub struct BuildImageRequest {
     /// Rebuild even when an image of the same recipe exists.
     #[serde(default)]
     pub force: bool,
+}
+
+/// `GET /v1/images/build/progress`: the image build running now, if any.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BuildProgress {
+    /// Whether a build (or another image store operation) runs.
+    pub running: bool,
+    /// The build's latest progress line, e.g. `build-rootfs: step 3/4: mkfs.ext4 -d tarball
+    /// (e2fsprogs 1.47.2) (165s)` or `build-rootfs: root filesystem tarball: 342M`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
 }
 
 /// `POST /v1/vms/{name}/stop`.
@@ -395,7 +427,7 @@ impl CheckStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DoctorCheck {
     /// What was checked: `kvm`, `qemu`, `qemu-img`, `mkfs.ext4`, `ssh`, `ssh-keygen`,
-    /// `debootstrap`, `cpio`, `busybox`, `disk-space`, `tun`, `default-image`.
+    /// `debugfs`, `mmdebstrap`, `newuidmap`, `cpio`, `busybox`, `disk-space`, `tun`, `default-image`.
     pub name: String,
     pub status: CheckStatus,
     /// What was found (a path, a version, a reason).
@@ -598,4 +630,77 @@ pub struct PrepareProgress {
     pub files_total: u64,
     pub bytes_sent: u64,
     pub bytes_total: u64,
+}
+
+/// What a VM costs right now (`GET /v1/stats`, `banger vm stats --json`). Figures that cannot be
+/// known (no process for a stopped VM, no guest answer) are absent, never zero.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmStats {
+    pub name: String,
+    pub state: VmState,
+    /// Seconds since the VMM process started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_secs: Option<f64>,
+    /// CPU time the VMM process used (user + system), in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_secs: Option<f64>,
+    /// The VMM's CPU use in percent of one core: over the time since the daemon's previous
+    /// sample of this VM (at least 0.1 s ago), else the average since the process started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    /// Resident memory of the VMM process (guest memory it touched plus its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// The VM's disks on the host: virtual size and the bytes actually allocated.
+    pub disks: Vec<DiskUsage>,
+    /// Network counters, from the guest's point of view (`rx` = received by the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetCounters>,
+    /// Figures from inside the guest (`--guest`), one SSH round trip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestStats>,
+}
+
+/// One disk of a VM on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskUsage {
+    /// `system` or `work`.
+    pub disk: String,
+    /// Size the guest sees.
+    pub virtual_bytes: u64,
+    /// Bytes allocated on the host (sparse and copy-on-write aware: blocks, not length).
+    pub allocated_bytes: u64,
+}
+
+/// Network counters of a VM's interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetCounters {
+    /// Where they were read: `tap` (the host side of a bridge VM's tap) or `guest` (the
+    /// guest's eth0, user-mode VMs with `--guest`).
+    pub source: String,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+/// Figures read inside the guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GuestStats {
+    /// 1, 5 and 15 minute load averages.
+    pub load: [f64; 3],
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
+    /// Use of the root filesystem.
+    pub root_fs: FsUsage,
+    /// Use of /root (the work disk).
+    pub work_fs: FsUsage,
+}
+
+/// A filesystem's size and use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FsUsage {
+    pub size_bytes: u64,
+    pub used_bytes: u64,
+    pub available_bytes: u64,
 }

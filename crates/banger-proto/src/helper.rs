@@ -15,17 +15,26 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 /// Largest frame body either side accepts (the biggest real message is a few hundred bytes).
 pub const MAX_FRAME: usize = 64 * 1024;
 
-/// Name of the bridge the helper manages.
-pub const BRIDGE_NAME: &str = "banger0";
+/// Every network object a helper makes carries its owner's uid, so one owner's helper never
+/// names (and so never touches) another owner's: bridge `bg<uid>`, taps `bg<uid>t<N>`,
+/// nftables table `ip banger_<uid>`.
+pub const NAME_PREFIX: &str = "bg";
 
-/// Prefix of every tap name banger makes: `bg-tap-N`, N a decimal number without leading zeros.
-pub const TAP_PREFIX: &str = "bg-tap-";
-
-/// Highest tap index (so a name always fits IFNAMSIZ).
+/// Highest tap index.
 pub const MAX_TAP_INDEX: u32 = 65_535;
 
-/// Name of banger's nftables table (family `ip`).
-pub const NFT_TABLE: &str = "banger";
+/// Longest interface name the kernel takes (IFNAMSIZ less the NUL).
+pub const IFNAME_MAX: usize = 15;
+
+/// The bridge of `owner`'s VMs: `bg<uid>` (at most 12 characters).
+pub fn bridge_name(owner: u32) -> String {
+    format!("{NAME_PREFIX}{owner}")
+}
+
+/// The nftables table (family `ip`) of `owner`'s network: `banger_<uid>`.
+pub fn nft_table(owner: u32) -> String {
+    format!("banger_{owner}")
+}
 
 /// Prefix of every device-mapper name banger makes: `banger-<vm id>`.
 pub const DM_PREFIX: &str = "banger-";
@@ -45,41 +54,44 @@ pub struct HelperRequest {
 pub enum HelperOp {
     /// The helper's version and network settings ([`HelperResult::Info`]).
     Hello,
-    /// Bridge with the gateway address, nftables table, IP forwarding, and taps `bg-tap-0` ..
-    /// `bg-tap-{pool_size-1}`. Idempotent.
+    /// The owner's bridge with the gateway address, the owner's nftables table, forwarding
+    /// on the bridge and the uplink, and taps `bg<uid>t0` .. `bg<uid>t{pool_size-1}`.
+    /// Idempotent.
     NetworkUp { pool_size: u32 },
-    /// What exists of banger's network ([`HelperResult::Status`]).
+    /// What exists of the owner's network ([`HelperResult::Status`]).
     NetworkStatus,
-    /// Removes every tap, the bridge and the nftables table. Idempotent.
+    /// Removes the owner's taps, bridge and nftables table (nobody else's). Idempotent.
     NetworkDown,
-    /// Makes sure the tap exists, is owned by the owner, attached to the bridge and up.
+    /// Makes sure the tap (named for the owner) exists, is owned by the owner, attached to
+    /// the owner's bridge and up.
     EnsureTap { name: String },
     /// Removes the tap if it exists.
     DeleteTap { name: String },
     /// Checks that `ip` may be leased: inside the subnet, not the network, gateway or broadcast
     /// address. A guard the daemon calls before writing a lease.
     CheckAddress { ip: String },
-    /// A UDP socket bound to the gateway address, port 53, passed back with SCM_RIGHTS.
+    /// A UDP socket bound to the owner's gateway address, port 53, passed back with
+    /// SCM_RIGHTS. The nftables table lets only the owner's subnet reach it.
     BindDns,
     /// Routes `~vm` to the gateway on the bridge through systemd-resolved, when it runs.
     RouteDns,
-    /// Gives a file under the owner's state dir back to the owner (files made as root by a
-    /// privileged step). The path is resolved (symlinks followed) and must stay inside.
-    ChownToOwner { path: String },
-    /// Attaches a regular file under the owner's state dir (symlinks resolved, must stay
-    /// inside) to a free loop device, read-only when asked ([`HelperResult::Device`]).
+    /// Attaches a regular file of the owner under the owner's state dir (resolved beneath the
+    /// helper's descriptor of that dir, no symlink or mount point crossed) to a free loop
+    /// device, read-only when asked, and tags the device as this helper's
+    /// ([`HelperResult::Device`]).
     LoopAttach { file: String, read_only: bool },
-    /// Detaches `/dev/loopN`, which must be backed by a file under the owner's state dir and,
-    /// when `file` is given, by that file: a device recorded before a host reboot may back
-    /// another of the owner's files by now, which is then left alone.
+    /// Detaches `/dev/loopN`, which this helper must have attached (its tag and record) and,
+    /// when `file` is given, must still be backed by that file (same device and inode): a
+    /// device recorded before a host reboot may back another file by now, which is then left
+    /// alone.
     LoopDetach {
         device: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         file: Option<String>,
     },
     /// Creates the device-mapper snapshot `name` (`banger-<vm id>`): origin `origin_loop`
-    /// (read-only) with persistent exceptions in `cow_loop`, 4 KiB chunks, both loops backed
-    /// by files under the state dir. The node is given to the owner ([`HelperResult::Device`]).
+    /// (read-only) with persistent exceptions in `cow_loop`, 4 KiB chunks, both loops attached
+    /// by this helper. The node is given to the owner ([`HelperResult::Device`]).
     DmSnapshotCreate {
         name: String,
         origin_loop: String,
@@ -90,16 +102,12 @@ pub enum HelperOp {
     /// Starts a Firecracker VM through the jailer (which must start as root): builds the jail
     /// `<jail base>/<exec file name>/<vm_id>/root` under the helper's own base dir, places
     /// the files there (hard link, or a bind mount across file systems) under the fixed
-    /// in-jail names of [`JailFiles`], and runs `jailer --daemonize` with the helper's owner
-    /// uid/gid ([`HelperResult::Jailed`]). Files must resolve inside the owner's state dir,
-    /// be regular files and belong to the owner; `jailer` and `exec_file` must be root-owned
-    /// regular files nobody else may write.
+    /// in-jail names of [`JailFiles`], and runs the jailer and Firecracker binaries of the
+    /// helper's own configuration (never named by a request) in a new session, with the
+    /// helper's owner uid/gid ([`HelperResult::Jailed`]). Files must resolve beneath the
+    /// owner's state dir, be regular files and belong to the owner.
     SpawnJailed {
         vm_id: String,
-        /// The jailer binary.
-        jailer: String,
-        /// The Firecracker binary the jailer copies into the jail and execs.
-        exec_file: String,
         files: JailFiles,
         cpus: u32,
         memory_mib: u64,
@@ -153,7 +161,6 @@ impl HelperOp {
             Self::CheckAddress { .. } => "check_address",
             Self::BindDns => "bind_dns",
             Self::RouteDns => "route_dns",
-            Self::ChownToOwner { .. } => "chown_to_owner",
             Self::LoopAttach { .. } => "loop_attach",
             Self::LoopDetach { .. } => "loop_detach",
             Self::DmSnapshotCreate { .. } => "dm_snapshot_create",
@@ -219,6 +226,8 @@ pub enum HelperResult {
 #[serde(deny_unknown_fields)]
 pub struct HelperInfo {
     pub version: String,
+    /// The uid this helper serves; its network objects carry it.
+    pub owner: u32,
     pub bridge: String,
     /// The subnet, e.g. `172.30.0.0/24`.
     pub subnet: String,
@@ -307,18 +316,27 @@ pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> Result<T, Frame
     decode_body(&body)
 }
 
-/// Whether `name` is a tap name banger makes (`bg-tap-N`); returns N.
-pub fn parse_tap_name(name: &str) -> Option<u32> {
-    let digits = name.strip_prefix(TAP_PREFIX)?;
+/// A decimal number without sign or leading zeros.
+fn parse_decimal(digits: &str) -> Option<u32> {
     if digits.is_empty()
-        || digits.len() > 5
+        || digits.len() > 10
         || !digits.bytes().all(|b| b.is_ascii_digit())
         || (digits.len() > 1 && digits.starts_with('0'))
     {
         return None;
     }
-    let index: u32 = digits.parse().ok()?;
-    (index <= MAX_TAP_INDEX).then_some(index)
+    digits.parse().ok()
+}
+
+/// Whether `name` is a tap name banger makes (`bg<uid>t<N>`); returns (uid, N).
+pub fn parse_tap_name(name: &str) -> Option<(u32, u32)> {
+    if name.len() > IFNAME_MAX {
+        return None;
+    }
+    let (owner, index) = name.strip_prefix(NAME_PREFIX)?.split_once('t')?;
+    let owner = parse_decimal(owner)?;
+    let index = parse_decimal(index)?;
+    (index <= MAX_TAP_INDEX).then_some((owner, index))
 }
 
 /// Whether `name` is a device-mapper name banger makes: [`DM_PREFIX`] then a VM id (32
@@ -345,9 +363,12 @@ pub fn parse_loop_device(device: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-/// The tap name for index `n`.
-pub fn tap_name(index: u32) -> String {
-    format!("{TAP_PREFIX}{index}")
+/// `owner`'s tap with index `n`: `bg<uid>t<N>`; `None` when the index is above
+/// [`MAX_TAP_INDEX`] or the name would not fit an interface name (a 10-digit uid leaves room
+/// for indexes up to 99).
+pub fn tap_name(owner: u32, index: u32) -> Option<String> {
+    let name = format!("{NAME_PREFIX}{owner}t{index}");
+    (index <= MAX_TAP_INDEX && name.len() <= IFNAME_MAX).then_some(name)
 }
 
 #[cfg(test)]
@@ -360,7 +381,7 @@ mod tests {
         let request = HelperRequest {
             op_id: "abc".into(),
             op: HelperOp::EnsureTap {
-                name: "bg-tap-3".into(),
+                name: "bg1000t3".into(),
             },
         };
         let mut buf = Vec::new();
@@ -374,7 +395,7 @@ mod tests {
         for body in [
             r#"{"op_id":"x","op":{"kind":"run_shell","cmd":"id"}}"#,
             r#"{"op_id":"x","op":{"kind":"hello"},"extra":1}"#,
-            r#"{"op_id":"x","op":{"kind":"delete_tap","name":"bg-tap-1","force":true}}"#,
+            r#"{"op_id":"x","op":{"kind":"delete_tap","name":"bg0t1","force":true}}"#,
         ] {
             assert!(
                 decode_body::<HelperRequest>(body.as_bytes()).is_err(),
@@ -420,19 +441,32 @@ mod tests {
     }
 
     #[test]
-    fn tap_names_follow_the_pattern() {
-        assert_eq!(parse_tap_name("bg-tap-0"), Some(0));
-        assert_eq!(parse_tap_name("bg-tap-65535"), Some(65_535));
+    fn tap_names_follow_the_pattern_and_carry_the_owner() {
+        assert_eq!(parse_tap_name("bg0t0"), Some((0, 0)));
+        assert_eq!(parse_tap_name("bg1000t65535"), Some((1000, 65_535)));
+        assert_eq!(parse_tap_name("bg4294967295t99"), Some((u32::MAX, 99)));
+        assert_eq!(tap_name(1000, 7).as_deref(), Some("bg1000t7"));
+        assert_eq!(tap_name(u32::MAX, 100), None);
+        assert_eq!(tap_name(0, MAX_TAP_INDEX + 1), None);
+        // One owner's names never parse as another's.
+        assert_ne!(parse_tap_name("bg1t23"), parse_tap_name("bg12t3"));
+        assert_eq!(bridge_name(1000), "bg1000");
+        assert_eq!(nft_table(1000), "banger_1000");
         for bad in [
-            "bg-tap-",
-            "bg-tap-01",
-            "bg-tap-65536",
-            "bg-tap-1a",
+            "bgt0",
+            "bg1000t",
+            "bg1000t01",
+            "bg01000t1",
+            "bg1000t65536",
+            "bg1000t1a",
+            "bg-1t1",
+            "bg1000t-1",
+            "bg1000t1 ",
+            "bg1000",
+            "bg-tap-1",
             "eth0",
-            "bg-tap--1",
-            "bg-tap-1 ",
-            "banger0",
-            "bg-tap-999999",
+            "bg4294967296t1",
+            "bg4294967295t100",
         ] {
             assert_eq!(parse_tap_name(bad), None, "{bad}");
         }

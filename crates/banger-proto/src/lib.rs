@@ -8,11 +8,13 @@ pub mod api;
 pub mod error;
 pub mod helper;
 pub mod name;
+pub mod ports;
 pub mod size;
 
 pub use api::*;
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use name::{NameError, VmName};
+pub use ports::{PortChangeRequest, PortList, PortMapping, PortProto, PortSpecError};
 pub use size::{ByteSize, SizeError};
 
 /// Header carrying the operation id that ties one CLI command to every log line it causes.

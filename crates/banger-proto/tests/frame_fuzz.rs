@@ -23,7 +23,6 @@ fn op() -> impl Strategy<Value = HelperOp> {
         Just(HelperOp::BindDns),
         any::<u32>().prop_map(|pool_size| HelperOp::NetworkUp { pool_size }),
         ".{0,40}".prop_map(|name| HelperOp::EnsureTap { name }),
-        ".{0,40}".prop_map(|path| HelperOp::ChownToOwner { path }),
         (".{0,40}", any::<bool>())
             .prop_map(|(file, read_only)| HelperOp::LoopAttach { file, read_only }),
         (".{0,40}", proptest::option::of(".{0,40}"))

@@ -1,7 +1,7 @@
 //! The command-line definition (clap derive). Parsing does no I/O; help, completions and the
 //! man page all come from these definitions.
 
-use banger_proto::{ByteSize, VmName};
+use banger_proto::{ByteSize, PortMapping, VmName};
 use clap::{Args, Parser, Subcommand};
 
 /// Run microVMs as persistent, disposable developer sandboxes.
@@ -144,9 +144,24 @@ pub enum VmCommand {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Show what VMs cost: VMM CPU and memory, disk bytes allocated on the host, network,
+    /// uptime (all VMs when no name is given). Figures that cannot be known are left out.
+    Stats {
+        names: Vec<VmName>,
+        /// Also ask each running guest (load, memory, filesystems, interface counters).
+        #[arg(long)]
+        guest: bool,
+        /// Refresh every 2 s, like `docker stats` (a table on a terminal, NDJSON with --json).
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// List VMs.
     #[command(alias = "list")]
     Ls(JsonFlag),
+    /// List or change a VM's published ports (`-p` of `vm create|run`).
+    Port(PortArgs),
     /// Show one VM.
     Show {
         name: VmName,
@@ -219,12 +234,74 @@ pub struct CreateArgs {
     /// [default: from config, auto].
     #[arg(long, value_parser = ["auto", "firecracker", "qemu"])]
     pub vmm: Option<String>,
-    /// Network: `bridge` (root helper; NAME.vm resolves) or `user` (rootless)
-    /// [default: bridge when the helper answers, else user].
-    #[arg(long, value_parser = ["bridge", "user"])]
+    /// Network: `bridge` (root helper; NAME.vm resolves), `user` (rootless, outbound
+    /// network) or `isolated` (rootless, no outbound network)
+    /// [default: bridge when the helper answers, else user (isolated with network.egress = false)].
+    #[arg(long, visible_alias = "net", value_parser = ["bridge", "user", "isolated"])]
     pub network: Option<String>,
+    /// Publish a guest port on the host: [HOSTIP:]HOSTPORT:GUESTPORT[/udp] (docker's syntax;
+    /// host address 127.0.0.1 unless given). Repeatable. User and isolated networks.
+    #[arg(short = 'p', long = "publish", value_name = "PORT", value_parser = parse_port)]
+    pub publish: Vec<PortMapping>,
     #[command(flatten)]
     pub json: JsonFlag,
+}
+
+fn parse_port(text: &str) -> Result<PortMapping, String> {
+    PortMapping::parse(text).map_err(|e| e.to_string())
+}
+
+/// `vm port NAME`, or `vm port add|rm|ls NAME ...`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct PortArgs {
+    #[command(subcommand)]
+    pub action: Option<PortAction>,
+    /// The VM whose published ports to list.
+    pub name: Option<VmName>,
+    #[command(flatten)]
+    pub json: JsonFlag,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PortAction {
+    /// List the VM's published ports.
+    Ls {
+        name: VmName,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Publish ports; a running VM gets them at once, without a restart.
+    Add {
+        name: VmName,
+        /// [HOSTIP:]HOSTPORT:GUESTPORT[/udp], one or more.
+        #[arg(required = true, value_parser = parse_port)]
+        ports: Vec<PortMapping>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Unpublish ports (named by their host side; the guest port may be anything).
+    Rm {
+        name: VmName,
+        /// [HOSTIP:]HOSTPORT[:GUESTPORT][/udp], one or more.
+        #[arg(required = true, value_parser = parse_host_port)]
+        ports: Vec<PortMapping>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+/// A host side for `vm port rm`: `[HOSTIP:]HOSTPORT[/udp]`, or a whole mapping.
+fn parse_host_port(text: &str) -> Result<PortMapping, String> {
+    if let Ok(p) = PortMapping::parse(text) {
+        return Ok(p);
+    }
+    // Without the guest port: give it one (ignored when matching).
+    let (ports, proto) = match text.rsplit_once('/') {
+        Some((ports, proto)) => (ports, format!("/{proto}")),
+        None => (text, String::new()),
+    };
+    PortMapping::parse(&format!("{ports}:1{proto}")).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -238,7 +315,9 @@ pub enum NetworkCommand {
 #[derive(Debug, Subcommand)]
 pub enum HelperCommand {
     /// Write the systemd units (banger-helper@.socket/.service) and say how to enable them;
-    /// with --print, print them instead.
+    /// with --print, print them instead. With --jailer and --firecracker, also the drop-in
+    /// that lets the helper run Firecracker's jailer with those binaries (pinned in the
+    /// helper's command line: the daemon never names what root runs).
     Install {
         /// Print the units on stdout instead of writing them.
         #[arg(long)]
@@ -246,6 +325,14 @@ pub enum HelperCommand {
         /// Where to write the units.
         #[arg(long, default_value = "/etc/systemd/system")]
         unit_dir: std::path::PathBuf,
+        /// Firecracker's jailer (absolute; root-owned, nobody else may write it or a
+        /// directory above it).
+        #[arg(long, requires = "firecracker")]
+        jailer: Option<std::path::PathBuf>,
+        /// The Firecracker binary the jailer runs (same rules; its name contains
+        /// "firecracker").
+        #[arg(long, requires = "jailer")]
+        firecracker: Option<std::path::PathBuf>,
     },
 }
 
@@ -258,7 +345,7 @@ pub struct JsonFlag {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Build the default Debian image (debootstrap) and its kernel; needs root.
+    /// Build the default Debian image (mmdebstrap, no root needed) and its kernel.
     Build {
         /// Image name.
         #[arg(default_value = "default")]

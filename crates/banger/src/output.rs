@@ -143,9 +143,29 @@ pub fn vm_details(vm: &Vm) -> String {
     if let Some(network) = &vm.network {
         let text = match (&network.ip, &network.tap) {
             (Some(ip), Some(tap)) => format!("{} {ip} ({tap}), {}.vm", network.mode, vm.name),
-            _ => network.mode.clone(),
+            _ => match network.mode.as_str() {
+                "user" => "user (outbound network; the host's loopback is 10.0.2.2)".into(),
+                "isolated" => "isolated (no outbound network)".into(),
+                other => other.to_owned(),
+            },
         };
         pairs.push(("network", text));
+        if !network.ports.is_empty() {
+            let ports: Vec<String> = network
+                .ports
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}:{}->{}/{}",
+                        p.host_ip,
+                        p.host_port,
+                        p.guest_port,
+                        p.proto.as_str()
+                    )
+                })
+                .collect();
+            pairs.push(("ports", ports.join(", ")));
+        }
     }
     if let Some(runtime) = &vm.runtime {
         pairs.push((
@@ -257,5 +277,135 @@ mod tests {
             super::escape_line("plain"),
             std::borrow::Cow::Borrowed(_)
         ));
+    }
+}
+
+/// Bytes as a short human size (base 1024): `512B`, `1.5K`, `20M`, `3.1G`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || value >= 10.0 {
+        format!("{value:.0}{}", UNITS[unit])
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
+/// The `vm stats` table: figures that are absent print as `-`.
+pub fn stats_table(stats: &[banger_proto::VmStats]) -> String {
+    let dash = || "-".to_owned();
+    let disk = |vm: &banger_proto::VmStats, which: &str| {
+        vm.disks
+            .iter()
+            .find(|d| d.disk == which)
+            .map(|d| {
+                format!(
+                    "{}/{}",
+                    human_bytes(d.allocated_bytes),
+                    human_bytes(d.virtual_bytes)
+                )
+            })
+            .unwrap_or_else(dash)
+    };
+    let rows: Vec<Vec<String>> = stats
+        .iter()
+        .map(|vm| {
+            vec![
+                vm.name.clone(),
+                format!("{:?}", vm.state).to_lowercase(),
+                vm.cpu_percent
+                    .map(|p| format!("{p:.1}%"))
+                    .unwrap_or_else(dash),
+                vm.rss_bytes.map(human_bytes).unwrap_or_else(dash),
+                disk(vm, "system"),
+                disk(vm, "work"),
+                vm.network
+                    .as_ref()
+                    .map(|n| format!("{} / {}", human_bytes(n.rx_bytes), human_bytes(n.tx_bytes)))
+                    .unwrap_or_else(dash),
+                vm.guest
+                    .as_ref()
+                    .map(|g| {
+                        format!(
+                            "{}/{}",
+                            human_bytes(
+                                g.mem_total_bytes - g.mem_available_bytes.min(g.mem_total_bytes)
+                            ),
+                            human_bytes(g.mem_total_bytes)
+                        )
+                    })
+                    .unwrap_or_else(dash),
+                vm.uptime_secs
+                    .map(|s| humantime_short(s as u64))
+                    .unwrap_or_else(dash),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "STATE",
+            "CPU",
+            "VMM MEM",
+            "SYSTEM DISK",
+            "WORK DISK",
+            "NET RX / TX",
+            "GUEST MEM",
+            "UPTIME",
+        ],
+        &rows,
+    )
+}
+
+/// Seconds as `45s`, `12m`, `3h4m`, `2d5h`.
+fn humantime_short(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h{}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{}h", secs / 86400, secs % 86400 / 3600),
+    }
+}
+
+#[cfg(test)]
+mod stats_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_are_short() {
+        assert_eq!(human_bytes(512), "512B");
+        assert_eq!(human_bytes(1536), "1.5K");
+        assert_eq!(human_bytes(100 << 20), "100M");
+        assert_eq!(humantime_short(45), "45s");
+        assert_eq!(humantime_short(3 * 3600 + 240), "3h4m");
+    }
+
+    #[test]
+    fn absent_figures_print_as_dashes() {
+        let vm = banger_proto::VmStats {
+            name: "dev".into(),
+            state: banger_proto::VmState::Stopped,
+            uptime_secs: None,
+            cpu_secs: None,
+            cpu_percent: None,
+            rss_bytes: None,
+            disks: vec![banger_proto::DiskUsage {
+                disk: "work".into(),
+                virtual_bytes: 8 << 30,
+                allocated_bytes: 30 << 20,
+            }],
+            network: None,
+            guest: None,
+        };
+        let out = stats_table(&[vm]);
+        let row = out.lines().nth(1).unwrap();
+        assert!(row.contains("stopped") && row.contains("30M/8.0G"), "{row}");
+        assert!(row.contains(" - "), "{row}");
     }
 }

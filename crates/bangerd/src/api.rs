@@ -14,12 +14,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
-    ApiError, BuildImageRequest, CheckStatus, ConsoleChunk, CopyDirection, CopyRequest, CopyResult,
-    CreateVmRequest, DaemonStatus, DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult,
-    ExportWorkspaceRequest, Image, ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo,
-    LifecycleResult, NetworkStatus, OP_ID_HEADER, PrepareProgress, PrepareResult,
-    PrepareWorkspaceRequest, SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, Vm,
-    VmNetwork, VmRuntime, VmSpec, VmState, WorkspaceDiff, WorkspaceStatus,
+    ApiError, BuildImageRequest, BuildProgress, CheckStatus, ConsoleChunk, CopyDirection,
+    CopyRequest, CopyResult, CreateVmRequest, DaemonStatus, DiskUsage, DoctorCheck, DoctorReport,
+    ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, FsUsage, GuestStats, Image,
+    ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo, LifecycleResult, NetCounters,
+    NetworkStatus, OP_ID_HEADER, PortChangeRequest, PortList, PortMapping, PortProto,
+    PrepareProgress, PrepareResult, PrepareWorkspaceRequest, SshConfigRequest, SshConfigResult,
+    SshInfo, StopVmRequest, Vm, VmNetwork, VmRuntime, VmSpec, VmState, VmStats, WorkspaceDiff,
+    WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -52,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/doctor", get(doctor))
         .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/stats", get(stats))
         .route("/v1/vms/{name}", get(get_vm).delete(remove_vm))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
@@ -60,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{name}/suspend", post(suspend_vm))
         .route("/v1/vms/{name}/ssh", get(ssh_info))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/ports", get(list_ports).post(change_ports))
         .route("/v1/vms/{name}/workspace", get(workspace_status))
         .route("/v1/vms/{name}/workspace/prepare", post(prepare_workspace))
         .route("/v1/vms/{name}/workspace/export", post(export_workspace))
@@ -68,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images", get(list_images))
         .route("/v1/images/import", post(import_image))
         .route("/v1/images/build", post(build_image))
+        .route("/v1/images/build/progress", get(build_progress))
         .route("/v1/images/{name}", get(get_image).delete(remove_image))
         .route("/v1/kernels", get(list_kernels))
         .route("/v1/kernels/import", post(import_kernel))
@@ -208,6 +213,7 @@ async fn method_not_allowed(request: Request) -> HttpError {
 #[utoipa::path(get, path = "/v1/status", tag = "daemon",
     responses((status = 200, description = "The daemon runs", body = DaemonStatus)))]
 async fn status(State(state): State<AppState>) -> Json<DaemonStatus> {
+    // The VM count and RSS are cheap: one SQLite read and /proc/self/status.
     let layout = state.manager.layout();
     Json(DaemonStatus {
         version: banger_core::VERSION.to_owned(),
@@ -218,6 +224,8 @@ async fn status(State(state): State<AppState>) -> Json<DaemonStatus> {
         log_file: layout.daemon_log().display().to_string(),
         started_at: banger_core::format_rfc3339(state.started_at),
         uptime_secs: state.started.elapsed().as_secs(),
+        rss_bytes: banger_core::usage::own_rss(),
+        running_vms: state.manager.running_vm_count().await.unwrap_or(0),
     })
 }
 
@@ -277,6 +285,30 @@ async fn remove_vm(
 ) -> Result<StatusCode, HttpError> {
     state.manager.remove_vm(&name).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/vms/{name}/ports", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "The VM's published ports", body = PortList),
+              (status = 404, body = ErrorBody)))]
+async fn list_ports(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<PortList>, HttpError> {
+    Ok(Json(state.manager.list_ports(&name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/ports", tag = "vms", request_body = PortChangeRequest,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "Changed (live on a running VM) and kept with the VM", body = PortList),
+              (status = 400, description = "A busy, duplicate or unknown port; nothing changed", body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
+async fn change_ports(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<PortChangeRequest>,
+) -> Result<Json<PortList>, HttpError> {
+    Ok(Json(state.manager.change_ports(&name, request).await?))
 }
 
 #[utoipa::path(get, path = "/v1/network", tag = "network",
@@ -373,6 +405,35 @@ async fn ssh_info(
     Path(name): Path<String>,
 ) -> Result<Json<SshInfo>, HttpError> {
     Ok(Json(state.manager.ssh_info(&name).await?))
+}
+
+/// Query of `GET /v1/stats`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+struct StatsQuery {
+    /// Comma-separated VM names (default: every VM).
+    #[serde(default)]
+    names: String,
+    /// Also ask running guests for their own figures (one SSH round trip each).
+    #[serde(default)]
+    guest: bool,
+}
+
+#[utoipa::path(get, path = "/v1/stats", tag = "vms",
+    params(StatsQuery),
+    responses((status = 200, description = "What each VM costs, by name", body = [VmStats]),
+              (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
+async fn stats(
+    State(state): State<AppState>,
+    Query(query): Query<StatsQuery>,
+) -> Result<Json<Vec<VmStats>>, HttpError> {
+    let names: Vec<String> = query
+        .names
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Ok(Json(state.manager.vm_stats(&names, query.guest).await?))
 }
 
 /// Query of `GET /v1/vms/{name}/console`.
@@ -525,6 +586,12 @@ async fn build_image(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/images/build/progress", tag = "images",
+    responses((status = 200, description = "The running build's latest step (running=false when none)", body = BuildProgress)))]
+async fn build_progress(State(state): State<AppState>) -> Json<BuildProgress> {
+    Json(state.manager.build_progress())
+}
+
 #[utoipa::path(get, path = "/v1/kernels", tag = "images",
     responses((status = 200, body = [Kernel])))]
 async fn list_kernels(State(state): State<AppState>) -> Result<Json<Vec<Kernel>>, HttpError> {
@@ -570,6 +637,7 @@ async fn remove_kernel(
         doctor,
         list_vms,
         create_vm,
+        stats,
         get_vm,
         remove_vm,
         start_vm,
@@ -579,11 +647,14 @@ async fn remove_kernel(
         suspend_vm,
         ssh_info,
         console,
+        list_ports,
+        change_ports,
         list_images,
         get_image,
         remove_image,
         import_image,
         build_image,
+        build_progress,
         list_kernels,
         import_kernel,
         remove_kernel,
@@ -597,6 +668,11 @@ async fn remove_kernel(
         ssh_config
     ),
     components(schemas(
+        VmStats,
+        DiskUsage,
+        NetCounters,
+        GuestStats,
+        FsUsage,
         PrepareWorkspaceRequest,
         PrepareResult,
         PrepareProgress,
@@ -618,6 +694,10 @@ async fn remove_kernel(
         CheckStatus,
         NetworkStatus,
         VmNetwork,
+        PortMapping,
+        PortProto,
+        PortChangeRequest,
+        PortList,
         LeaseInfo,
         SshConfigRequest,
         SshConfigResult,
@@ -632,7 +712,8 @@ async fn remove_kernel(
         Kernel,
         ImportImageRequest,
         ImportKernelRequest,
-        BuildImageRequest
+        BuildImageRequest,
+        BuildProgress
     ))
 )]
 struct ApiDoc;

@@ -28,6 +28,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    add_sbin_to_path();
     let args = Args::parse();
     if args.print_openapi {
         print!("{}", api::openapi_yaml());
@@ -40,6 +41,27 @@ fn main() -> std::process::ExitCode {
             eprintln!("bangerd: {err:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The daemon runs mkfs.ext4, resize2fs & co., which Debian installs in /usr/sbin: a directory
+/// an ordinary user's PATH lacks. Appended (after the user's own directories) when missing.
+fn add_sbin_to_path() {
+    let current = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<std::path::PathBuf> = std::env::split_paths(&current).collect();
+    let before = dirs.len();
+    for sbin in ["/usr/local/sbin", "/usr/sbin", "/sbin"] {
+        if !dirs.iter().any(|d| d == std::path::Path::new(sbin)) {
+            dirs.push(sbin.into());
+        }
+    }
+    if dirs.len() == before {
+        return;
+    }
+    if let Ok(path) = std::env::join_paths(dirs) {
+        // SAFETY: called first thing in main, before the runtime or any other thread exists,
+        // so nothing reads the environment concurrently.
+        unsafe { std::env::set_var("PATH", path) };
     }
 }
 

@@ -34,9 +34,6 @@ pub enum ImageError {
         status: String,
         tail: String,
     },
-    /// Building needs root (debootstrap, chroot).
-    #[error("image build needs root (debootstrap and chroot)")]
-    NotRoot,
     /// A tool the build needs is missing.
     #[error("{0} is not installed")]
     MissingTool(&'static str),

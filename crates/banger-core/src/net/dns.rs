@@ -1,7 +1,9 @@
 //! The `NAME.vm` DNS server: A records for VMs holding a lease, NXDOMAIN for other `.vm`
 //! names, and every other query forwarded unchanged to the host's resolvers (from
-//! /etc/resolv.conf). Runs on a UDP socket the helper bound on the bridge address, port 53, so
-//! the daemon stays unprivileged. Messages are parsed and built with hickory-proto.
+//! /etc/resolv.conf). Runs on a UDP socket the helper bound on the owner's gateway address,
+//! port 53, so the daemon stays unprivileged. It answers only clients in the owner's VM
+//! subnet (the host's own queries come from the gateway address, inside it): never an open
+//! resolver, even if the firewall were gone. Messages are parsed and built with hickory-proto.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use std::time::Duration;
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
+use ipnet::Ipv4Net;
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
@@ -37,8 +40,18 @@ pub fn upstreams(resolv_conf: &str, exclude: Ipv4Addr) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// Serves until the socket fails.
-pub async fn serve(socket: UdpSocket, lookup: Lookup, upstreams: Vec<SocketAddr>) {
+/// Whether `peer` may ask: an IPv4 address inside `clients`.
+pub fn allowed(peer: SocketAddr, clients: Ipv4Net) -> bool {
+    matches!(peer.ip(), IpAddr::V4(ip) if clients.contains(&ip))
+}
+
+/// Serves clients in `clients` until the socket fails; anything else is dropped unanswered.
+pub async fn serve(
+    socket: UdpSocket,
+    lookup: Lookup,
+    upstreams: Vec<SocketAddr>,
+    clients: Ipv4Net,
+) {
     let socket = Arc::new(socket);
     let mut buf = vec![0u8; 4096];
     loop {
@@ -49,6 +62,10 @@ pub async fn serve(socket: UdpSocket, lookup: Lookup, upstreams: Vec<SocketAddr>
                 return;
             }
         };
+        if !allowed(peer, clients) {
+            debug!(%peer, "ignored a DNS query from outside the VM subnet");
+            continue;
+        }
         let packet = buf[..len].to_vec();
         let Ok(query) = Message::from_vec(&packet) else {
             debug!(%peer, "ignored an unparsable DNS packet");
@@ -182,6 +199,36 @@ mod tests {
         assert_eq!(reply.response_code(), ResponseCode::NoError);
         assert!(reply.answers().is_empty());
         assert!(answer_local(&query("example.org.", RecordType::A), &lookup()).is_none());
+    }
+
+    #[test]
+    fn only_the_vm_subnet_is_answered() {
+        let clients: Ipv4Net = "172.30.232.0/24".parse().unwrap();
+        assert!(allowed("172.30.232.1:5353".parse().unwrap(), clients));
+        assert!(allowed("172.30.232.7:40000".parse().unwrap(), clients));
+        for other in ["172.30.233.2:1", "10.0.0.9:1", "127.0.0.1:1", "[::1]:1"] {
+            assert!(!allowed(other.parse().unwrap(), clients), "{other}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_query_from_outside_the_subnet_gets_no_answer() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server = socket.local_addr().unwrap();
+        let clients: Ipv4Net = "127.0.0.2/32".parse().unwrap();
+        let task = tokio::spawn(serve(socket, lookup(), vec![], clients));
+        let ask = |from: &'static str| async move {
+            let client = UdpSocket::bind(from).await.unwrap();
+            let bytes = query("a.vm.", RecordType::A).to_vec().unwrap();
+            client.send_to(&bytes, server).await.unwrap();
+            let mut buf = [0u8; 512];
+            tokio::time::timeout(Duration::from_millis(500), client.recv_from(&mut buf))
+                .await
+                .is_ok()
+        };
+        assert!(ask("127.0.0.2:0").await, "the subnet is answered");
+        assert!(!ask("127.0.0.3:0").await, "others are not");
+        task.abort();
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use banger_proto::{CreateVmRequest, Vm};
 use tracing::info;
 
+use super::ports::NetChoice;
 use super::system_disk::save_dm;
 use super::{Manager, host_key_alias, set_mode};
 use crate::Error;
@@ -36,7 +37,11 @@ impl Manager {
         let image = self.find_image(&asked.image)?;
         // Decided before anything is written: a backend that cannot work changes nothing.
         // Firecracker has no user-mode networking: it needs the bridge (a lease and its tap).
-        let pool = self.choose_network(request.network.as_deref()).await?;
+        let (pool, isolated) = match self.choose_net(request.network.as_deref()).await? {
+            NetChoice::Bridge(pool) => (Some(pool), false),
+            NetChoice::User { isolated } => (None, isolated),
+        };
+        self.check_ports(None, &request.ports, pool.is_some())?;
         let selection = self.select_vmm(asked.vmm, &image, pool.is_some()).await?;
         let backend = self.backend_of(selection.kind);
         // E.g. a jailer asked for and not there: refused before anything is written.
@@ -62,7 +67,18 @@ impl Manager {
         let vm_dir = self.layout.vm_dir(&record.id);
         let made = async {
             self.make_vm_disks(&record, &image.digest).await?;
-            Ok::<_, Error>(self.store().insert_vm_with_lease(&record, pool)?)
+            let lease = self.store().insert_vm_with_lease(&record, pool)?;
+            let settings = {
+                let mut store = self.store();
+                store
+                    .set_isolated(&record.id, isolated)
+                    .and_then(|()| store.change_ports(&record.id, &request.ports, &[]))
+            };
+            if let Err(e) = settings {
+                let _ = self.store().delete_vm(record.name.as_str());
+                return Err(e.into());
+            }
+            Ok::<_, Error>(lease)
         }
         .await;
         let lease = match made {
@@ -134,14 +150,20 @@ impl Manager {
         };
         match record.spec.system_disk {
             SystemDiskStrategy::Qcow2 => {
-                disk::create_system_overlay(&base, &self.layout.vm_system_disk(id)).await?
+                disk::create_system_overlay(
+                    &base,
+                    &self.layout.vm_system_disk(id),
+                    self.defaults.system_disk_bytes,
+                )
+                .await?
             }
             SystemDiskStrategy::Reflink => {
                 let (b, r) = (base.clone(), raw.clone());
                 tokio::task::spawn_blocking(move || disk::reflink(&b, &r))
                     .await
                     .map_err(|e| Error::Failed(format!("reflink task failed: {e}")))?
-                    .map_err(io("reflink"))?
+                    .map_err(io("reflink"))?;
+                disk::grow_raw_system_disk(&raw, self.defaults.system_disk_bytes)?;
             }
             SystemDiskStrategy::Copy => {
                 let (b, r) = (base.clone(), raw.clone());
@@ -158,8 +180,10 @@ impl Manager {
                 })
                 .await
                 .map_err(|e| Error::Failed(format!("copy task failed: {e}")))?
-                .map_err(io("copy"))?
+                .map_err(io("copy"))?;
+                disk::grow_raw_system_disk(&raw, self.defaults.system_disk_bytes)?;
             }
+            // A dm snapshot has the image's size: it does not grow.
             SystemDiskStrategy::DmSnapshot => {
                 let host = self.disk_host();
                 let op_id = crate::net::current_op_id();

@@ -36,8 +36,9 @@ impl Manager {
         let network = self.network_status().await?;
         checks.extend(doctor::network_checks(&network));
         if network.helper {
+            let bridge = network.bridge.clone().unwrap_or_default();
             let resolvectl = tokio::process::Command::new("resolvectl")
-                .args(["status", "banger0"])
+                .args(["status", &bridge])
                 .stdin(std::process::Stdio::null())
                 .output()
                 .await
@@ -45,6 +46,7 @@ impl Manager {
                 .map(|out| String::from_utf8_lossy(&out.stdout).into_owned());
             checks.push(doctor::vm_routing_check(
                 resolvectl.as_deref(),
+                &bridge,
                 network.gateway.as_deref(),
             ));
         }

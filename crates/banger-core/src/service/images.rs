@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use banger_proto::{BuildImageRequest, Image, ImportImageRequest, ImportKernelRequest, Kernel};
+use banger_proto::{
+    BuildImageRequest, BuildProgress, Image, ImportImageRequest, ImportKernelRequest, Kernel,
+};
 use tracing::info;
 
 use super::Manager;
@@ -249,14 +251,25 @@ impl Manager {
         let log = self.layout.logs_dir().join("image-build.log");
         let cached = kernel_out.join("vmlinux").is_file() && rootfs_out.is_file() && !request.force;
         if !cached {
+            // No root: mmdebstrap bootstraps in a user namespace (newuidmap and the owner's
+            // subordinate ids), the kernel package is unpacked with dpkg-deb -x.
+            let mut tools = vec![
+                "mmdebstrap",
+                "mkfs.ext4",
+                "apt-get",
+                "dpkg-deb",
+                "cpio",
+                "busybox",
+                "tar",
+            ];
             if !nix::unistd::geteuid().is_root() {
-                return Err(ImageError::NotRoot.into());
+                tools.extend(["newuidmap", "newgidmap"]);
             }
-            for tool in ["debootstrap", "mkfs.ext4", "apt-get", "cpio", "busybox"] {
+            for tool in tools {
                 if !image::on_path(tool) && !Path::new("/usr/sbin").join(tool).exists() {
                     return Err(Error::HostSetup {
                         message: format!("{tool} is not installed (needed by image build)"),
-                        hint: "run scripts/install-deps".into(),
+                        hint: "run `sudo scripts/install-deps`".into(),
                     });
                 }
             }
@@ -269,6 +282,16 @@ impl Manager {
                 })
                 .or_else(|| mirror::host_debian_mirror(Path::new("/etc/apt")))
                 .ok_or(ImageError::NoMirror)?;
+            std::fs::create_dir_all(self.layout.logs_dir())
+                .and_then(|()| {
+                    use std::io::Write;
+                    let mut file = std::fs::File::options()
+                        .create(true)
+                        .append(true)
+                        .open(&log)?;
+                    writeln!(file, "{BUILD_MARKER} {}", crate::now_rfc3339())
+                })
+                .map_err(Error::io(format!("cannot write {}", log.display())))?;
             let recipe_dir = scratch.path().join("recipe");
             image::write_recipe(&recipe_dir)?;
             std::fs::create_dir_all(&work)
@@ -311,6 +334,16 @@ impl Manager {
             .await?;
         self.store_image(&name, &rootfs_out, None, &kernel.name, source)
             .await
+    }
+
+    /// The running build's latest progress line (the build scripts print their steps with
+    /// sizes into the build log; a marker line starts each build).
+    pub fn build_progress(&self) -> BuildProgress {
+        let running = self.asset_lock.try_lock().is_err();
+        let step = running
+            .then(|| last_build_step(&self.layout.logs_dir().join("image-build.log")))
+            .flatten();
+        BuildProgress { running, step }
     }
 
     /// Removes an image no VM uses; its files go when no other image shares them.
@@ -361,6 +394,29 @@ impl Manager {
     }
 }
 
+/// Marks the start of a build in the build log: progress lines before it are an earlier
+/// build's.
+const BUILD_MARKER: &str = "banger: image build starts";
+
+/// The last line of the build scripts (`build-kernel: ` or `build-rootfs: `) after the last
+/// [`BUILD_MARKER`] in `log` (its last 64 KiB).
+fn last_build_step(log: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(log).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(64 << 10)))
+        .ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let current = text.rsplit_once(BUILD_MARKER)?.1;
+    current
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("build-kernel: ") || l.starts_with("build-rootfs: "))
+        .map(|l| l.chars().filter(|c| !c.is_control()).take(200).collect())
+}
+
 /// Takes an exclusive `flock` on `path` (created if needed), waiting for other holders.
 async fn lock_file(path: &Path) -> Result<std::fs::File, Error> {
     if let Some(parent) = path.parent() {
@@ -378,4 +434,47 @@ async fn lock_file(path: &Path) -> Result<std::fs::File, Error> {
         .await
         .map_err(|e| Error::Failed(format!("lock task failed: {e}")))?
         .map_err(Error::io(format!("cannot lock {shown}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_build_step_is_the_last_script_line_of_the_current_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("image-build.log");
+        assert_eq!(last_build_step(&log), None, "no log");
+        std::fs::write(
+            &log,
+            format!(
+                "{BUILD_MARKER} t1\nbuild-rootfs: done: old.ext4 (497M apparent)\n\
+                 {BUILD_MARKER} t2\nbuild-kernel: downloaded linux.deb (26M)\n\
+                 I: mmdebstrap noise\nbuild-rootfs: step 1/4: mmdebstrap (3s)\nCreated symlink\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            last_build_step(&log).as_deref(),
+            Some("build-rootfs: step 1/4: mmdebstrap (3s)")
+        );
+        // A build that printed nothing yet shows nothing, not the previous build's end.
+        std::fs::write(
+            &log,
+            format!(
+                "{BUILD_MARKER} t1\nbuild-rootfs: done\n{BUILD_MARKER} t2\nnoise\x1b]0;x\x07\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(last_build_step(&log), None);
+        std::fs::write(
+            &log,
+            format!("{BUILD_MARKER}\nbuild-kernel: a\x1b]0;title\x07b\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            last_build_step(&log).as_deref(),
+            Some("build-kernel: a]0;titleb")
+        );
+    }
 }

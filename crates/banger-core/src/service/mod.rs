@@ -14,15 +14,19 @@ mod images;
 mod logs;
 mod network;
 mod pause;
+mod ports;
 mod reconcile;
 mod rm;
 mod show;
 mod ssh;
 mod start;
+mod stats;
 mod stop;
 mod suspend;
 mod system_disk;
 mod workspace;
+
+pub use ports::{NETDEV_ID, hostfwd};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -84,6 +88,8 @@ pub struct Manager {
     /// The `NAME.vm` DNS server, and where it listens.
     dns_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     dns_addr: Mutex<Option<String>>,
+    /// The previous CPU reading of each VMM, for `vm stats` (see [`stats::CpuSamples`]).
+    cpu_samples: stats::CpuSamples,
 }
 
 impl Manager {
@@ -136,6 +142,7 @@ impl Manager {
             net_lock: tokio::sync::Mutex::new(()),
             dns_task: Mutex::new(None),
             dns_addr: Mutex::new(None),
+            cpu_samples: stats::CpuSamples::default(),
         })
     }
 

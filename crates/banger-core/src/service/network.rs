@@ -130,8 +130,9 @@ impl Manager {
             });
             let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
             let upstreams = dns::upstreams(&resolv, info.gateway);
-            info!(%address, upstreams = ?upstreams, "DNS server for NAME.vm listening");
-            let task = tokio::spawn(dns::serve(socket, lookup, upstreams));
+            let clients = pool_of(&info)?.subnet;
+            info!(%address, upstreams = ?upstreams, %clients, "DNS server for NAME.vm listening");
+            let task = tokio::spawn(dns::serve(socket, lookup, upstreams, clients));
             *self.dns_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
             *self.dns_addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(address.to_string());
             match self.host_call(HelperOp::RouteDns).await {
@@ -187,6 +188,8 @@ impl Manager {
             helper_error: None,
             subnet: None,
             gateway: None,
+            bridge: None,
+            table: None,
             bridge_up: false,
             nft_table: false,
             taps: Vec::new(),
@@ -216,6 +219,8 @@ impl Manager {
                 if let Ok(info) = self.helper_info().await {
                     status.subnet = Some(info.subnet);
                     status.gateway = Some(info.gateway.to_string());
+                    status.table = Some(banger_proto::helper::nft_table(info.owner));
+                    status.bridge = Some(info.bridge);
                 }
             }
             Ok(other) => status.helper_error = Some(format!("unexpected reply {:?}", other.result)),
@@ -224,7 +229,7 @@ impl Manager {
         Ok(status)
     }
 
-    /// `banger network down`: every tap, the bridge, the nftables table and the DNS server.
+    /// `banger network down`: the owner's taps, bridge, nftables table and DNS server.
     /// Refused while a bridge VM runs.
     pub async fn network_down(&self) -> Result<NetworkStatus, Error> {
         let _guard = self.net_lock.lock().await;
@@ -341,6 +346,7 @@ fn pool_of(info: &HelperInfo) -> Result<LeasePool, Error> {
     Ok(LeasePool {
         subnet,
         gateway: info.gateway,
+        owner: info.owner,
     })
 }
 

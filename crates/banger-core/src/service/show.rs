@@ -2,7 +2,6 @@
 //! their network.
 
 use banger_proto::{Vm, VmName};
-use tracing::warn;
 
 use super::Manager;
 use crate::Error;
@@ -28,22 +27,7 @@ impl Manager {
     /// The API form of a VM, with its network (lease) looked up.
     pub(super) fn vm_api(&self, record: &VmRecord) -> Vm {
         let mut vm = record.to_api();
-        vm.network = match self.store().lease_of(&record.id) {
-            Ok(Some(lease)) => Some(banger_proto::VmNetwork {
-                mode: "bridge".into(),
-                ip: Some(lease.ip.to_string()),
-                tap: Some(lease.tap),
-            }),
-            Ok(None) => Some(banger_proto::VmNetwork {
-                mode: "user".into(),
-                ip: None,
-                tap: None,
-            }),
-            Err(e) => {
-                warn!(vm = %record.name, "cannot read the lease: {e}");
-                None
-            }
-        };
+        vm.network = self.vm_network(record);
         vm
     }
 }

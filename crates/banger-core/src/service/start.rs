@@ -208,6 +208,9 @@ impl Manager {
             }
             None => (USER_NET.to_owned(), None),
         };
+        // User mode: outbound or isolated, and the published ports (a busy one refuses the
+        // start before anything runs).
+        let (isolated, ports) = self.user_net_for_start(record, lease.is_some())?;
         let mut cmdline = format!(
             "console=ttyS0 root=/dev/vda rw {} banger.hostname={} {net_args}",
             backend.boot_args(),
@@ -237,7 +240,11 @@ impl Manager {
             work_disk,
             runtime_dir,
             console_log: console_log.clone(),
-            net: attach.clone().unwrap_or(NetAttach::User { ssh_port: 0 }),
+            net: attach.clone().unwrap_or(NetAttach::User {
+                ssh_port: 0,
+                isolated,
+                ports: ports.clone(),
+            }),
             mac: mac_for(&record.id),
             // A backend that needs a tap gets the lease's (bridge mode); tests without the
             // helper hand one in through the seam. Without one the launch refuses before
@@ -287,6 +294,8 @@ impl Manager {
             if attach.is_none() {
                 spec.net = NetAttach::User {
                     ssh_port: free_port().map_err(Error::io("cannot pick a port"))?,
+                    isolated,
+                    ports: ports.clone(),
                 };
             }
             match backend.launch(&spec).await {
@@ -298,7 +307,7 @@ impl Manager {
             }
         };
         let (ssh_host, ssh_port) = match (&spec.net, &lease) {
-            (NetAttach::User { ssh_port }, _) => ("127.0.0.1".to_owned(), *ssh_port),
+            (NetAttach::User { ssh_port, .. }, _) => ("127.0.0.1".to_owned(), *ssh_port),
             (NetAttach::Tap { .. }, Some(lease)) => (lease.ip.to_string(), 22),
             (NetAttach::Tap { .. }, None) => ("127.0.0.1".to_owned(), 0),
         };

@@ -1,7 +1,8 @@
 //! IP leases for bridge networking: one row per VM with its address and its tap name, written
 //! in the same transaction as the VM, so twenty parallel creates get twenty distinct leases
-//! (the UNIQUE constraints hold it even if the allocation logic were wrong). The tap name is
-//! durable so teardown works without any in-memory state.
+//! (the UNIQUE constraints hold it even if the allocation logic were wrong). The tap name
+//! (`bg<uid>t<N>`, the helper's owner's) is durable so teardown works without any in-memory
+//! state.
 
 use std::net::Ipv4Addr;
 
@@ -21,11 +22,13 @@ pub struct Lease {
     pub tap: String,
 }
 
-/// The subnet leases come from.
+/// The subnet leases come from, and whose taps they name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeasePool {
     pub subnet: Ipv4Net,
     pub gateway: Ipv4Addr,
+    /// The helper's owner (the daemon's uid).
+    pub owner: u32,
 }
 
 impl Store {
@@ -61,7 +64,7 @@ impl Store {
                     .find(|a| !ips.contains(&a.to_string()))
                     .ok_or(StoreError::PoolExhausted(pool.subnet.to_string()))?;
                 let tap = (0..=MAX_TAP_INDEX)
-                    .map(tap_name)
+                    .map_while(|index| tap_name(pool.owner, index))
                     .find(|t| !taps.contains(t))
                     .ok_or(StoreError::PoolExhausted("tap names".into()))?;
                 tx.execute(
@@ -117,6 +120,19 @@ impl Store {
     }
 }
 
+/// Leases written before taps carried their owner (`bg-tap-N`) get `owner`'s name for the
+/// same index (`bg<owner>t<N>`): the daemon's uid is its helper's owner.
+pub(super) fn rename_legacy_taps(
+    conn: &rusqlite::Connection,
+    owner: u32,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE leases SET tap = 'bg' || ?1 || 't' || substr(tap, 8) WHERE tap GLOB 'bg-tap-[0-9]*'",
+        [owner],
+    )?;
+    Ok(())
+}
+
 struct RawLease {
     vm_id: String,
     name: String,
@@ -163,6 +179,7 @@ mod tests {
         LeasePool {
             subnet: "172.30.0.0/29".parse().unwrap(),
             gateway: "172.30.0.1".parse().unwrap(),
+            owner: 1000,
         }
     }
 
@@ -193,8 +210,8 @@ mod tests {
                 .unwrap();
             seen.push((lease.ip, lease.tap));
         }
-        assert_eq!(seen[0], ("172.30.0.2".parse().unwrap(), "bg-tap-0".into()));
-        assert_eq!(seen[4], ("172.30.0.6".parse().unwrap(), "bg-tap-4".into()));
+        assert_eq!(seen[0], ("172.30.0.2".parse().unwrap(), "bg1000t0".into()));
+        assert_eq!(seen[4], ("172.30.0.6".parse().unwrap(), "bg1000t4".into()));
         // /29 has 6 hosts, one is the gateway: the sixth VM gets no address, and no record.
         let err = store.insert_vm_with_lease(&vm("v5"), Some(pool()));
         assert!(matches!(err, Err(StoreError::PoolExhausted(_))));
@@ -208,7 +225,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             (lease.ip, lease.tap.as_str()),
-            ("172.30.0.3".parse().unwrap(), "bg-tap-1")
+            ("172.30.0.3".parse().unwrap(), "bg1000t1")
         );
         assert_eq!(store.lease_by_name("v6").unwrap().unwrap(), lease);
         // A user-mode VM has none.
@@ -219,5 +236,24 @@ mod tests {
                 .is_none()
         );
         assert!(store.lease_by_name("u").unwrap().is_none());
+    }
+
+    #[test]
+    fn legacy_tap_names_get_the_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let mut store = Store::open(&path).unwrap();
+        store
+            .insert_vm_with_lease(&vm("old"), Some(pool()))
+            .unwrap();
+        store
+            .conn
+            .execute("UPDATE leases SET tap = 'bg-tap-12'", [])
+            .unwrap();
+        rename_legacy_taps(&store.conn, 1000).unwrap();
+        assert_eq!(
+            store.lease_by_name("old").unwrap().unwrap().tap,
+            "bg1000t12"
+        );
     }
 }

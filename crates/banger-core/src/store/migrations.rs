@@ -85,6 +85,19 @@ const MIGRATIONS: &[Migration] = &[
     // must parse into banger's enums (their spellings did not change, so nothing converts);
     // a row that does not is named, and the database stays at 5 until it is fixed.
     Rows(check_typed_rows),
+    // 7: user-mode VMs without outbound network (`--net isolated`; no row: outbound allowed),
+    // and every VM's published ports. Deleted with the VM.
+    Sql("CREATE TABLE vm_isolated (
+        vm_id       TEXT PRIMARY KEY NOT NULL REFERENCES vms(id) ON DELETE CASCADE
+    ) STRICT;
+    CREATE TABLE vm_ports (
+        vm_id       TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        proto       TEXT NOT NULL CHECK (proto IN ('tcp', 'udp')),
+        host_ip     TEXT NOT NULL,
+        host_port   INTEGER NOT NULL CHECK (host_port BETWEEN 1 AND 65535),
+        guest_port  INTEGER NOT NULL CHECK (guest_port BETWEEN 1 AND 65535),
+        PRIMARY KEY (vm_id, proto, host_ip, host_port)
+    ) STRICT;"),
 ];
 
 /// Reads every VM row through the typed record, so an unknown value fails here, naming it.

@@ -5,6 +5,7 @@
 mod assets;
 mod leases;
 mod migrations;
+mod ports;
 mod workspace;
 
 pub use workspace::WorkspaceRecord;
@@ -60,6 +61,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let mut store = Self { conn };
         migrations::apply(&mut store.conn)?;
+        leases::rename_legacy_taps(&store.conn, nix::unistd::geteuid().as_raw())?;
         Ok(store)
     }
 

@@ -436,8 +436,8 @@ impl Firecracker {
                 "run the jailer without the root helper",
             ));
         };
-        let exec_file = resolve_binary(&self.binary)
-            .ok_or_else(|| VmmError::MissingBinary(self.binary.display().to_string()))?;
+        // The jailer and Firecracker binaries are the helper's own configuration (a request
+        // never names what root runs); `jailer` here only names the start in errors.
         // The console log must exist to be placed in the jail.
         std::fs::File::create(&spec.console_log).map_err(io_err(format!(
             "cannot create {}",
@@ -446,8 +446,6 @@ impl Firecracker {
         let text = |p: &Path| p.display().to_string();
         let op = HelperOp::SpawnJailed {
             vm_id: spec.vm_id.clone(),
-            jailer: text(&jailer),
-            exec_file: text(&exec_file),
             files: JailFiles {
                 kernel: text(&spec.kernel),
                 initrd: spec.initrd.as_deref().map(text),

@@ -143,8 +143,14 @@ pub struct Snapshot {
 /// How a VM's NIC reaches the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetAttach {
-    /// QEMU user-mode networking; `ssh_port` on 127.0.0.1 forwards to the guest's port 22.
-    User { ssh_port: u16 },
+    /// QEMU user-mode networking; `ssh_port` on 127.0.0.1 forwards to the guest's port 22,
+    /// `ports` are the VM's published ports; `isolated`: no outbound network
+    /// (`restrict=on`, only the forwards reach the guest).
+    User {
+        ssh_port: u16,
+        isolated: bool,
+        ports: Vec<banger_proto::PortMapping>,
+    },
     /// A tap device (made by the root helper, owned by the user, attached to the bridge).
     Tap { name: String },
 }

@@ -138,9 +138,11 @@ impl Qemu {
             "virtio-blk-device,drive=work".into(),
             "-netdev".into(),
             match &spec.net {
-                NetAttach::User { ssh_port } => {
-                    format!("user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22")
-                }
+                NetAttach::User {
+                    ssh_port,
+                    isolated,
+                    ports,
+                } => user_netdev(*ssh_port, *isolated, ports),
                 NetAttach::Tap { name } => {
                     format!("tap,id=n0,ifname={name},script=no,downscript=no")
                 }
@@ -174,6 +176,23 @@ impl Qemu {
         ]);
         args
     }
+}
+
+/// The user-mode netdev (id `n0`, what `hostfwd_add` names): the guest reaches the host's
+/// loopback as 10.0.2.2 and QEMU's resolver as 10.0.2.3; `restrict=on` (isolated) drops
+/// every connection the guest starts. SSH and the published ports are host forwards, which
+/// work either way.
+fn user_netdev(ssh_port: u16, isolated: bool, ports: &[banger_proto::PortMapping]) -> String {
+    let mut netdev = format!(
+        "user,id={},restrict={}",
+        crate::service::NETDEV_ID,
+        if isolated { "on" } else { "off" }
+    );
+    netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{ssh_port}-:22"));
+    for p in ports {
+        netdev.push_str(&format!(",hostfwd={}", crate::service::hostfwd(p)));
+    }
+    netdev
 }
 
 /// A QEMU release, as `--version` prints it.
@@ -282,7 +301,7 @@ impl Hypervisor for Qemu {
                 .unwrap_or_else(|| output.status.to_string());
             // QEMU reports a hostfwd port that another process bound first this way; the
             // caller picks another port.
-            if let NetAttach::User { ssh_port } = spec.net
+            if let NetAttach::User { ssh_port, .. } = spec.net
                 && message.contains("forwarding")
             {
                 return Err(VmmError::PortTaken {
@@ -359,7 +378,11 @@ mod tests {
             work_disk: "/w".into(),
             runtime_dir: "/run/t".into(),
             console_log: "/c".into(),
-            net: NetAttach::User { ssh_port: 2222 },
+            net: NetAttach::User {
+                ssh_port: 2222,
+                isolated: false,
+                ports: vec![],
+            },
             mac: "52:54:00:01:02:03".into(),
             tap: None,
         }
@@ -439,6 +462,34 @@ mod tests {
         assert!(
             joined.contains("virtserialport,chardev=ws,name=org.banger.workspace"),
             "{joined}"
+        );
+    }
+
+    fn netdev(spec: &LaunchSpec) -> String {
+        let args = Qemu::new("qemu".into()).args(spec);
+        let at = args.iter().position(|a| a == "-netdev").unwrap();
+        args[at + 1].clone()
+    }
+
+    #[test]
+    fn user_mode_has_egress_unless_isolated_and_forwards_published_ports() {
+        let mut spec = spec(Accel::Tcg);
+        assert_eq!(
+            netdev(&spec),
+            "user,id=n0,restrict=off,hostfwd=tcp:127.0.0.1:2222-:22"
+        );
+        spec.net = NetAttach::User {
+            ssh_port: 2222,
+            isolated: true,
+            ports: vec![
+                banger_proto::PortMapping::parse("8080:8000").unwrap(),
+                banger_proto::PortMapping::parse("0.0.0.0:5353:53/udp").unwrap(),
+            ],
+        };
+        assert_eq!(
+            netdev(&spec),
+            "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22,\
+             hostfwd=tcp:127.0.0.1:8080-:8000,hostfwd=udp:0.0.0.0:5353-:53"
         );
     }
 }

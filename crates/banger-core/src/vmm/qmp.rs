@@ -22,12 +22,37 @@ fn control_err(path: &Path, message: impl Into<String>) -> VmmError {
 
 /// Runs `command` (e.g. `system_powerdown`, `quit`) on the QMP socket at `path`.
 pub async fn execute(path: &Path, command: &str) -> Result<Value, VmmError> {
-    tokio::time::timeout(QMP_TIMEOUT, execute_inner(path, command))
+    execute_with(path, command, None).await
+}
+
+/// Runs a QEMU monitor (HMP) command line, e.g. `hostfwd_add n0 tcp::8080-:80`, through QMP's
+/// `human-monitor-command`; returns the monitor's output (empty when all went well: HMP
+/// commands report failures as text).
+pub async fn human_monitor_command(path: &Path, command_line: &str) -> Result<String, VmmError> {
+    let answer = execute_with(
+        path,
+        "human-monitor-command",
+        Some(json!({ "command-line": command_line })),
+    )
+    .await?;
+    Ok(answer.as_str().unwrap_or_default().to_owned())
+}
+
+async fn execute_with(
+    path: &Path,
+    command: &str,
+    arguments: Option<Value>,
+) -> Result<Value, VmmError> {
+    tokio::time::timeout(QMP_TIMEOUT, execute_inner(path, command, arguments))
         .await
         .map_err(|_| control_err(path, format!("{command}: no answer within 5s")))?
 }
 
-async fn execute_inner(path: &Path, command: &str) -> Result<Value, VmmError> {
+async fn execute_inner(
+    path: &Path,
+    command: &str,
+    arguments: Option<Value>,
+) -> Result<Value, VmmError> {
     let stream = UnixStream::connect(path)
         .await
         .map_err(|e| control_err(path, e.to_string()))?;
@@ -52,7 +77,13 @@ async fn execute_inner(path: &Path, command: &str) -> Result<Value, VmmError> {
         return Err(control_err(path, "no QMP greeting"));
     }
     for cmd in ["qmp_capabilities", command] {
-        let mut text = json!({ "execute": cmd }).to_string();
+        let mut message = json!({ "execute": cmd });
+        if cmd == command
+            && let Some(arguments) = &arguments
+        {
+            message["arguments"] = arguments.clone();
+        }
+        let mut text = message.to_string();
         text.push('\n');
         write
             .write_all(text.as_bytes())

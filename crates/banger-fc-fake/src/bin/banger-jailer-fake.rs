@@ -3,10 +3,14 @@
 //! the same argument set (unknown flags and missing required ones refused, the id rule, an
 //! exec file whose name contains `firecracker`), the same chroot layout
 //! (`<chroot base>/<exec file name>/<id>/root` with the exec file copied in, `/dev`,
-//! `/dev/net` and `/run` owned by uid:gid, the root dir given to uid:gid), `--daemonize`
-//! (`setsid()`, which fails for a process group leader, and stdio to /dev/null), the
-//! `<exec file name>.pid` file of `--new-pid-ns`, and the exec of the copied binary as
-//! uid:gid with `--id` and the start-time arguments, followed by everything after `--`.
+//! `/dev/net` and `/run` owned by uid:gid, the root dir given to uid:gid), the
+//! `<exec file name>.pid` file the real jailer (v1.7+) writes in the chroot on every start,
+//! and the exec of the copied binary as uid:gid with `--id` and the start-time arguments,
+//! followed by everything after `--`. Without `--daemonize` it execs in place (the pid file
+//! holds its own pid, which becomes Firecracker's). With `--daemonize` it behaves as the real
+//! jailer since Firecracker v1.6: it forks, the child calls `setsid()` with stdio on
+//! /dev/null and execs Firecracker, the pid file names that child, and the jailer itself exits
+//! 0 at once (so a caller that waits for the jailer's pid to be Firecracker's sees it exit).
 //!
 //! What it cannot do: chroot/pivot_root (the exec'd fake Firecracker gets `--chroot DIR` and
 //! resolves every path it receives inside the jail instead, so a host path sent to the API
@@ -187,9 +191,6 @@ fn run() -> Result<(), String> {
             .map_err(|e| format!("Failed to chmod {}: {e}", path.display()))?;
         own(&path)?;
     }
-    if args.daemonize {
-        nix::unistd::setsid().map_err(|e| format!("Failed to daemonize: setsid: {e}"))?;
-    }
     let mut command = Command::new(&jailed_exec);
     command
         .args(["--id", &id])
@@ -203,27 +204,38 @@ fn run() -> Result<(), String> {
         .envs(std::env::var_os("BANGER_FC_SPEC").map(|v| ("BANGER_FC_SPEC", v)))
         .uid(uid)
         .gid(gid);
-    if args.daemonize {
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-    }
-    if args.new_pid_ns {
-        let child = command
-            .spawn()
-            .map_err(|e| format!("Failed to exec into Firecracker: {e}"))?;
+    let write_pid = |pid: u32| -> Result<(), String> {
+        use std::io::Write;
         let pid_file = chroot.join(format!("{exec_name}.pid"));
         let mut file = std::fs::File::options()
             .write(true)
             .create_new(true)
             .open(&pid_file)
             .map_err(|e| format!("Failed to open {}: {e}", pid_file.display()))?;
-        use std::io::Write;
-        write!(file, "{}", child.id())
-            .map_err(|e| format!("Failed to write to {}: {e}", pid_file.display()))?;
-        return Ok(());
+        write!(file, "{pid}").map_err(|e| format!("Failed to write to {}: {e}", pid_file.display()))
+    };
+    if args.daemonize || args.new_pid_ns {
+        if args.daemonize {
+            command
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            // SAFETY: runs in the forked child before exec; setsid(2) is async-signal-safe
+            // and the closure allocates nothing.
+            unsafe {
+                command.pre_exec(|| {
+                    nix::unistd::setsid()
+                        .map(drop)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| format!("Failed to exec into Firecracker: {e}"))?;
+        return write_pid(child.id());
     }
+    write_pid(std::process::id())?;
     Err(format!(
         "Failed to exec into Firecracker: {}",
         command.exec()

@@ -27,11 +27,16 @@ pub async fn run(client: &Client, command: DaemonCommand) -> Result<u8, ClientEr
             if flag.json {
                 print_json(&status)?;
             } else {
+                let memory = status
+                    .rss_bytes
+                    .map(|b| format!(", {} resident", crate::output::human_bytes(b)))
+                    .unwrap_or_default();
                 println!(
-                    "bangerd {} running: pid {}, up {}s\nsocket: {}\ndata:   {}\nlog:    {}",
+                    "bangerd {} running: pid {}, up {}s{memory}, {} VM(s) running\nsocket: {}\ndata:   {}\nlog:    {}",
                     status.version,
                     status.pid,
                     status.uptime_secs,
+                    status.running_vms,
                     status.socket,
                     status.data_dir,
                     status.log_file

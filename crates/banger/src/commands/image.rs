@@ -1,7 +1,8 @@
 //! `banger image …` and `banger kernel …`.
 
 use banger_proto::{
-    BuildImageRequest, ByteSize, Image, ImportImageRequest, ImportKernelRequest, Kernel,
+    BuildImageRequest, BuildProgress, ByteSize, Image, ImportImageRequest, ImportKernelRequest,
+    Kernel,
 };
 use hyper::Method;
 
@@ -48,9 +49,10 @@ pub async fn run_image(client: &Client, command: ImageCommand) -> Result<u8, Cli
                 mirror,
                 force,
             };
-            let image: Image = with_progress(
-                &format!("building image {name} (debootstrap; a few minutes the first time)"),
-                client.call(Method::POST, "/v1/images/build", Some(&request)),
+            let image: Image = build_with_progress(
+                client,
+                &format!("building image {name} (a few minutes the first time)"),
+                &request,
             )
             .await?;
             print_image(&image, json.json)?;
@@ -182,4 +184,50 @@ pub async fn run_kernel(client: &Client, command: KernelCommand) -> Result<u8, C
             Ok(0)
         }
     }
+}
+
+/// Runs the build request while polling the daemon for the build's latest step: shown in a
+/// spinner on a TTY, printed on stderr as it changes otherwise.
+async fn build_with_progress(
+    client: &Client,
+    message: &str,
+    request: &BuildImageRequest,
+) -> Result<Image, ClientError> {
+    use std::io::IsTerminal;
+    use std::time::Duration;
+    let call = client.call(Method::POST, "/v1/images/build", Some(request));
+    let tty = std::io::stderr().is_terminal();
+    let bar = indicatif::ProgressBar::new_spinner();
+    if tty {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.set_message(message.to_owned());
+        bar.enable_steady_tick(Duration::from_millis(100));
+    }
+    let mut shown: Option<String> = None;
+    tokio::pin!(call);
+    let result = loop {
+        tokio::select! {
+            result = &mut call => break result,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                let progress: Result<BuildProgress, _> = client
+                    .call(Method::GET, "/v1/images/build/progress", None::<&()>)
+                    .await;
+                if let Ok(BuildProgress { running: true, step: Some(step) }) = progress
+                    && shown.as_ref() != Some(&step)
+                {
+                    if tty {
+                        bar.set_message(format!("{message}: {step}"));
+                    } else {
+                        eprintln!("{step}");
+                    }
+                    shown = Some(step);
+                }
+            }
+        }
+    };
+    bar.finish_and_clear();
+    result
 }

@@ -10,6 +10,17 @@ use crate::commands::print_json;
 
 const SOCKET_UNIT: &str = include_str!("../../../../contrib/systemd/banger-helper@.socket");
 const SERVICE_UNIT: &str = include_str!("../../../../contrib/systemd/banger-helper@.service");
+const JAILER_DROP_IN: &str = include_str!("../../../../contrib/systemd/banger-helper-jailer.conf");
+
+/// The jailer drop-in with the binaries filled in (the `ExecStart` line names them).
+fn jailer_drop_in(jailer: &std::path::Path, firecracker: &std::path::Path) -> String {
+    JAILER_DROP_IN
+        .replace("/usr/local/bin/jailer", &jailer.display().to_string())
+        .replace(
+            "/usr/local/bin/firecracker",
+            &firecracker.display().to_string(),
+        )
+}
 
 pub async fn run(client: &Client, command: NetworkCommand) -> Result<u8, ClientError> {
     let (status, json): (NetworkStatus, bool) = match command {
@@ -72,18 +83,43 @@ pub async fn ssh_config(client: &Client, install: bool, json: bool) -> Result<u8
 }
 
 pub fn helper(command: HelperCommand) -> Result<u8, ClientError> {
-    let HelperCommand::Install { print, unit_dir } = command;
+    let HelperCommand::Install {
+        print,
+        unit_dir,
+        jailer,
+        firecracker,
+    } = command;
+    let mut files = vec![
+        ("banger-helper@.socket".to_owned(), SOCKET_UNIT.to_owned()),
+        ("banger-helper@.service".to_owned(), SERVICE_UNIT.to_owned()),
+    ];
+    if let (Some(jailer), Some(firecracker)) = (&jailer, &firecracker) {
+        if !jailer.is_absolute() || !firecracker.is_absolute() {
+            return Err(ClientError::Other(anyhow::anyhow!(
+                "--jailer and --firecracker must be absolute paths (the helper runs them as root)"
+            )));
+        }
+        files.push((
+            "banger-helper@.service.d/jailer.conf".to_owned(),
+            jailer_drop_in(jailer, firecracker),
+        ));
+    }
     if print {
-        println!(
-            "# banger-helper@.socket\n{SOCKET_UNIT}\n# banger-helper@.service\n{SERVICE_UNIT}"
-        );
+        for (name, text) in &files {
+            println!("# {name}\n{text}");
+        }
         return Ok(0);
     }
-    for (name, text) in [
-        ("banger-helper@.socket", SOCKET_UNIT),
-        ("banger-helper@.service", SERVICE_UNIT),
-    ] {
+    for (name, text) in &files {
         let path = unit_dir.join(name);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                ClientError::Other(anyhow::anyhow!(
+                    "cannot create {}: {e}; hint: run it as root, or use --print",
+                    dir.display()
+                ))
+            })?;
+        }
         std::fs::write(&path, text).map_err(|e| {
             ClientError::Other(anyhow::anyhow!(
                 "cannot write {}: {e}; hint: run it as root, or use --print",

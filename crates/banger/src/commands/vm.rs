@@ -6,11 +6,12 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use banger_proto::{
-    ByteSize, ConsoleChunk, CreateVmRequest, LifecycleResult, SshInfo, StopVmRequest, Vm, VmName,
+    ByteSize, ConsoleChunk, CreateVmRequest, LifecycleResult, PortChangeRequest, PortList, SshInfo,
+    StopVmRequest, Vm, VmName,
 };
 use hyper::Method;
 
-use crate::cli::{CreateArgs, VmCommand};
+use crate::cli::{CreateArgs, PortAction, PortArgs, VmCommand};
 use crate::client::{Client, ClientError};
 use crate::commands::{print_json, with_progress, workspace};
 use crate::output;
@@ -134,6 +135,12 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
         VmCommand::Workspace(command) => workspace::run(client, command).await,
         VmCommand::Cp { src, dst, json } => super::cp::run(client, &src, &dst, json.json).await,
         VmCommand::Logs { name, follow } => logs(client, &name, follow).await,
+        VmCommand::Stats {
+            names,
+            guest,
+            watch,
+            json,
+        } => stats(client, &names, guest, watch, json.json).await,
         VmCommand::Ls(flag) => {
             let vms: Vec<Vm> = client.call(Method::GET, "/v1/vms", None::<&()>).await?;
             if flag.json {
@@ -143,6 +150,7 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             }
             Ok(0)
         }
+        VmCommand::Port(args) => port(client, args).await,
         VmCommand::Show { name, json } => {
             let vm: Vm = client
                 .call(Method::GET, &format!("/v1/vms/{name}"), None::<&()>)
@@ -307,6 +315,61 @@ async fn logs(client: &Client, name: &VmName, follow: bool) -> Result<u8, Client
     }
 }
 
+async fn port(client: &Client, args: PortArgs) -> Result<u8, ClientError> {
+    let (name, change, json) = match args.action {
+        Some(PortAction::Ls { name, json }) => (name, None, json.json),
+        Some(PortAction::Add { name, ports, json }) => (
+            name,
+            Some(PortChangeRequest {
+                add: ports,
+                remove: vec![],
+            }),
+            json.json,
+        ),
+        Some(PortAction::Rm { name, ports, json }) => (
+            name,
+            Some(PortChangeRequest {
+                add: vec![],
+                remove: ports,
+            }),
+            json.json,
+        ),
+        None => match args.name {
+            Some(name) => (name, None, args.json.json),
+            None => {
+                eprintln!(
+                    "banger: vm port needs a VM name; hint: banger vm port NAME, or banger vm port add|rm NAME PORT..."
+                );
+                return Ok(1);
+            }
+        },
+    };
+    let path = format!("/v1/vms/{name}/ports");
+    let list: PortList = match &change {
+        None => client.call(Method::GET, &path, None::<&()>).await?,
+        Some(change) => client.call(Method::POST, &path, Some(change)).await?,
+    };
+    if json {
+        print_json(&list)?;
+    } else if list.ports.is_empty() {
+        println!("VM {name} publishes no ports");
+    } else {
+        for p in &list.ports {
+            println!(
+                "{}:{} -> {}/{}",
+                p.host_ip,
+                p.host_port,
+                p.guest_port,
+                p.proto.as_str()
+            );
+        }
+        if !list.live {
+            println!("(VM {name} is not running: they apply at its next start)");
+        }
+    }
+    Ok(0)
+}
+
 async fn create(client: &Client, args: CreateArgs) -> Result<u8, ClientError> {
     let request = CreateVmRequest {
         name: args.name.to_string(),
@@ -316,6 +379,7 @@ async fn create(client: &Client, args: CreateArgs) -> Result<u8, ClientError> {
         disk_size_bytes: args.disk.map(|d| d.0),
         vmm: args.vmm,
         network: args.network,
+        ports: args.publish,
     };
     let vm: Vm = client.call(Method::POST, "/v1/vms", Some(&request)).await?;
     if args.json.json {
@@ -332,4 +396,41 @@ async fn create(client: &Client, args: CreateArgs) -> Result<u8, ClientError> {
         );
     }
     Ok(0)
+}
+
+/// `vm stats`: one table (or JSON array), or with `watch` a refresh every 2 s until interrupted
+/// (NDJSON, one object per VM and round, with `--json`).
+async fn stats(
+    client: &Client,
+    names: &[VmName],
+    guest: bool,
+    watch: bool,
+    json: bool,
+) -> Result<u8, ClientError> {
+    let names: Vec<String> = names.iter().map(ToString::to_string).collect();
+    let path = format!("/v1/stats?names={}&guest={guest}", names.join(","));
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        let stats: Vec<banger_proto::VmStats> =
+            client.call(Method::GET, &path, None::<&()>).await?;
+        match (watch, json) {
+            (false, true) => print_json(&stats)?,
+            (true, true) => {
+                for vm in &stats {
+                    println!("{}", serde_json::to_string(vm).unwrap_or_default());
+                }
+            }
+            (true, false) if tty => {
+                // Clear the screen and home the cursor, then the fresh table.
+                print!("\x1b[2J\x1b[H{}", output::stats_table(&stats));
+            }
+            _ => print!("{}", output::stats_table(&stats)),
+        }
+        if !watch {
+            return Ok(0);
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
 }

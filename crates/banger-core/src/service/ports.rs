@@ -1,0 +1,366 @@
+//! A VM's user-mode network in the [`Manager`]: isolated or with outbound network, and its
+//! published ports: checked when asked for (a busy or already published host port is refused
+//! before anything changes), kept in the store, on QEMU's command line at every start
+//! (`hostfwd`), and added to or removed from a running VM through QMP
+//! (`hostfwd_add`/`hostfwd_remove`) without a restart. QEMU owns the listening sockets, so
+//! published ports outlive a daemon crash like the VM does.
+
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+
+use banger_proto::{PortChangeRequest, PortList, PortMapping, PortProto, VmName, VmNetwork};
+use tracing::{info, warn};
+
+use super::Manager;
+use crate::Error;
+use crate::model::{VmRecord, has_process};
+use crate::store::LeasePool;
+use crate::vmm::qmp;
+
+/// How a new VM is networked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum NetChoice {
+    /// On the owner's bridge with a lease.
+    Bridge(LeasePool),
+    /// QEMU user mode; `isolated`: without outbound network.
+    User { isolated: bool },
+}
+
+/// The QEMU netdev id of every VM's NIC (see `vmm::qemu`).
+pub const NETDEV_ID: &str = "n0";
+
+impl Manager {
+    /// The network of a new VM from the request (`bridge`, `user`, `isolated`) or the config.
+    pub(super) async fn choose_net(&self, requested: Option<&str>) -> Result<NetChoice, Error> {
+        let default_isolated = !self.config.network.egress;
+        match requested {
+            Some("isolated") => Ok(NetChoice::User { isolated: true }),
+            Some("user") => Ok(NetChoice::User { isolated: false }),
+            other => Ok(match self.choose_network(other).await? {
+                Some(pool) => NetChoice::Bridge(pool),
+                None => NetChoice::User {
+                    isolated: default_isolated,
+                },
+            }),
+        }
+    }
+
+    /// Refuses `ports` for VM `vm` (`None`: a VM being created) unless each host side is
+    /// free: not twice in the list, not published by another VM, and bindable now (unless
+    /// `skip_bind`, for ports the VM itself holds).
+    pub(super) fn check_ports(
+        &self,
+        vm: Option<&str>,
+        ports: &[PortMapping],
+        bridge: bool,
+    ) -> Result<(), Error> {
+        if ports.is_empty() {
+            return Ok(());
+        }
+        if bridge {
+            return Err(Error::Unsupported {
+                message: "published ports need user-mode networking; a bridge VM is reached at its own address".into(),
+                hint: "connect to NAME.vm:PORT (or the VM's address) from the host, or create the VM with --net user".into(),
+            });
+        }
+        if let Some(p) = ports.iter().find(|p| p.host_port == 0 || p.guest_port == 0) {
+            return Err(Error::InvalidRequest(format!(
+                "port 0 in {p} is not a port; use 1 to 65535"
+            )));
+        }
+        let published = self.store().all_ports()?;
+        for (i, p) in ports.iter().enumerate() {
+            if ports[..i].iter().any(|q| overlaps(p, q)) {
+                return Err(Error::InvalidRequest(format!(
+                    "host port {} is given twice",
+                    describe(p)
+                )));
+            }
+            if let Some((owner, _)) = published
+                .iter()
+                .find(|(name, q)| Some(name.as_str()) != vm && overlaps(p, q))
+            {
+                return Err(Error::InvalidRequest(format!(
+                    "host port {} is already published by VM {owner}; pick another host port",
+                    describe(p)
+                )));
+            }
+            probe(p)?;
+        }
+        Ok(())
+    }
+
+    /// What a start needs of the VM's user-mode network: isolated or not, and its published
+    /// ports, each checked free on the host.
+    pub(super) fn user_net_for_start(
+        &self,
+        record: &VmRecord,
+        bridge: bool,
+    ) -> Result<(bool, Vec<PortMapping>), Error> {
+        let (isolated, ports) = {
+            let store = self.store();
+            (store.is_isolated(&record.id)?, store.ports_of(&record.id)?)
+        };
+        if bridge {
+            if !ports.is_empty() {
+                warn!(vm = %record.name, "published ports are ignored on the bridge");
+            }
+            return Ok((false, Vec::new()));
+        }
+        for p in &ports {
+            probe(p)?;
+        }
+        Ok((isolated, ports))
+    }
+
+    /// The API form of a VM's network.
+    pub(super) fn vm_network(&self, record: &VmRecord) -> Option<VmNetwork> {
+        let store = self.store();
+        let read = || -> Result<VmNetwork, crate::store::StoreError> {
+            let ports = store.ports_of(&record.id)?;
+            Ok(match store.lease_of(&record.id)? {
+                Some(lease) => VmNetwork {
+                    mode: "bridge".into(),
+                    ip: Some(lease.ip.to_string()),
+                    tap: Some(lease.tap),
+                    ports,
+                },
+                None => VmNetwork {
+                    mode: if store.is_isolated(&record.id)? {
+                        "isolated"
+                    } else {
+                        "user"
+                    }
+                    .into(),
+                    ip: None,
+                    tap: None,
+                    ports,
+                },
+            })
+        };
+        match read() {
+            Ok(network) => Some(network),
+            Err(e) => {
+                warn!(vm = %record.name, "cannot read the VM's network: {e}");
+                None
+            }
+        }
+    }
+
+    /// `vm port NAME`.
+    pub async fn list_ports(&self, name: &str) -> Result<PortList, Error> {
+        let name = VmName::parse(name)?;
+        let record = self.observed_vm(&name)?;
+        let ports = self.store().ports_of(&record.id)?;
+        Ok(PortList {
+            vm: name.to_string(),
+            live: has_process(record.state),
+            ports,
+        })
+    }
+
+    /// `vm port add|rm NAME ...`: checked first (nothing changes on a refusal), applied to the
+    /// running VM's QEMU, then recorded. A failure half way takes back what was applied.
+    pub async fn change_ports(
+        &self,
+        name: &str,
+        request: PortChangeRequest,
+    ) -> Result<PortList, Error> {
+        let vm = self.locked(name).await?;
+        let name = vm.name.clone();
+        let record = self.observed_vm(&name)?;
+        let current = self.store().ports_of(&record.id)?;
+        let bridge = self.store().lease_of(&record.id)?.is_some();
+        for p in &request.remove {
+            if !current.iter().any(|q| same_host_side(p, q)) {
+                return Err(Error::InvalidRequest(format!(
+                    "VM {name} does not publish host port {}; `banger vm port {name}` lists them",
+                    describe(p)
+                )));
+            }
+        }
+        let remove: Vec<PortMapping> = current
+            .iter()
+            .filter(|q| request.remove.iter().any(|p| same_host_side(p, q)))
+            .copied()
+            .collect();
+        // A port replaced in the same request (rm then add) is checked without itself.
+        let add: Vec<PortMapping> = request
+            .add
+            .iter()
+            .filter(|p| !current.contains(p) || remove.contains(p))
+            .copied()
+            .collect();
+        for p in &add {
+            if let Some(q) = current
+                .iter()
+                .find(|q| overlaps(p, q) && !remove.contains(q))
+            {
+                return Err(Error::InvalidRequest(format!(
+                    "VM {name} already publishes host port {} (to guest port {}); remove it first",
+                    describe(q),
+                    q.guest_port
+                )));
+            }
+        }
+        self.check_ports(Some(name.as_str()), &add, bridge)?;
+        let live = has_process(record.state);
+        if live {
+            let qmp = self.qmp_socket(&record)?;
+            for p in &remove {
+                hmp(
+                    &qmp,
+                    &format!("hostfwd_remove {NETDEV_ID} {}", hostfwd_host(p)),
+                )
+                .await?;
+            }
+            let mut added: Vec<PortMapping> = Vec::new();
+            for p in &add {
+                if let Err(e) = hmp(&qmp, &format!("hostfwd_add {NETDEV_ID} {}", hostfwd(p))).await
+                {
+                    for q in &added {
+                        let _ = hmp(
+                            &qmp,
+                            &format!("hostfwd_remove {NETDEV_ID} {}", hostfwd_host(q)),
+                        )
+                        .await;
+                    }
+                    for q in &remove {
+                        let _ = hmp(&qmp, &format!("hostfwd_add {NETDEV_ID} {}", hostfwd(q))).await;
+                    }
+                    return Err(e);
+                }
+                added.push(*p);
+            }
+        }
+        self.store().change_ports(&record.id, &add, &remove)?;
+        info!(vm = %name, live, added = ?add, removed = ?remove, "published ports changed");
+        self.list_ports(name.as_str()).await
+    }
+
+    /// The QMP socket of a running VM with user-mode networking (published ports are its
+    /// forwards); refused for a backend that only has taps.
+    fn qmp_socket(&self, record: &VmRecord) -> Result<std::path::PathBuf, Error> {
+        let backend = self.backend(record);
+        if backend.capabilities().needs_tap {
+            return Err(Error::Unsupported {
+                message: format!(
+                    "a {} VM has no user-mode network to publish ports on",
+                    record.spec.vmm
+                ),
+                hint: "reach the VM at NAME.vm:PORT from the host".into(),
+            });
+        }
+        Ok(backend.control_socket(&self.layout.vm_runtime_dir(&record.id)))
+    }
+}
+
+/// Runs a QEMU monitor command; QEMU reports a failure as text in the answer: `hostfwd_add`
+/// says nothing when it worked, `hostfwd_remove` says "... removed" (or "... not found",
+/// which leaves what was wanted: no such forward).
+async fn hmp(qmp_socket: &std::path::Path, command: &str) -> Result<(), Error> {
+    let answer = qmp::human_monitor_command(qmp_socket, command).await?;
+    if hmp_succeeded(&answer) {
+        Ok(())
+    } else {
+        Err(Error::Failed(format!(
+            "QEMU refused `{command}`: {}",
+            answer.trim()
+        )))
+    }
+}
+
+fn hmp_succeeded(answer: &str) -> bool {
+    let text = answer.trim();
+    text.is_empty()
+        || (text.starts_with("host forwarding rule for ")
+            && (text.ends_with(" removed") || text.ends_with(" not found")))
+}
+
+/// `proto:hostip:hostport-:guestport`, QEMU's hostfwd rule.
+pub fn hostfwd(p: &PortMapping) -> String {
+    format!("{}-:{}", hostfwd_host(p), p.guest_port)
+}
+
+/// `proto:hostip:hostport`, what `hostfwd_remove` names.
+fn hostfwd_host(p: &PortMapping) -> String {
+    format!("{}:{}:{}", p.proto.as_str(), p.host_ip, p.host_port)
+}
+
+fn describe(p: &PortMapping) -> String {
+    format!("{}/{}", p.host_side(), p.proto.as_str())
+}
+
+fn same_host_side(p: &PortMapping, q: &PortMapping) -> bool {
+    p.proto == q.proto && p.host_ip == q.host_ip && p.host_port == q.host_port
+}
+
+/// Whether two mappings want the same host socket (0.0.0.0 covers every address).
+fn overlaps(p: &PortMapping, q: &PortMapping) -> bool {
+    p.proto == q.proto
+        && p.host_port == q.host_port
+        && (p.host_ip == q.host_ip
+            || p.host_ip == Ipv4Addr::UNSPECIFIED
+            || q.host_ip == Ipv4Addr::UNSPECIFIED)
+}
+
+/// Binds the host side for a moment: a busy port is a clear error before anything changes.
+fn probe(p: &PortMapping) -> Result<(), Error> {
+    let addr = (p.host_ip, p.host_port);
+    let bound = match p.proto {
+        PortProto::Tcp => TcpListener::bind(addr).map(drop),
+        PortProto::Udp => UdpSocket::bind(addr).map(drop),
+    };
+    bound.map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::AddrInUse => "is in use by another program".to_owned(),
+            std::io::ErrorKind::PermissionDenied => {
+                "needs privileges (ports below 1024)".to_owned()
+            }
+            std::io::ErrorKind::AddrNotAvailable => "is not an address of this host".to_owned(),
+            _ => format!("cannot be listened on: {e}"),
+        };
+        Error::InvalidRequest(format!(
+            "host port {} {why}; pick another host port",
+            describe(p)
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn hostfwd_rules_and_overlaps() {
+        let p = PortMapping::parse("8080:8000").unwrap();
+        assert_eq!(hostfwd(&p), "tcp:127.0.0.1:8080-:8000");
+        let any = PortMapping::parse("0.0.0.0:8080:9000").unwrap();
+        assert!(overlaps(&p, &any));
+        let udp = PortMapping::parse("8080:8000/udp").unwrap();
+        assert!(!overlaps(&p, &udp));
+        assert_eq!(hostfwd_host(&udp), "udp:127.0.0.1:8080");
+    }
+
+    #[test]
+    fn monitor_answers() {
+        assert!(hmp_succeeded(""));
+        assert!(hmp_succeeded(
+            "host forwarding rule for tcp:127.0.0.1:8080 removed\r\n"
+        ));
+        assert!(!hmp_succeeded(
+            "Could not set up host forwarding rule 'tcp:127.0.0.1:8080-:80'\r\n"
+        ));
+    }
+
+    #[test]
+    fn a_busy_port_is_refused_by_the_probe() {
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let p = PortMapping::parse(&format!("{port}:80")).unwrap();
+        let err = probe(&p).unwrap_err().to_string();
+        assert!(err.contains("is in use"), "{err}");
+        drop(held);
+        probe(&p).unwrap();
+    }
+}

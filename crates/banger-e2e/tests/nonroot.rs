@@ -1,0 +1,207 @@
+//! banger for an ordinary user: the daemon, its image build and its VMs run as an
+//! unprivileged owner ([`TestEnv::nonroot`]: `bangertest` when the tests run as root).
+//! The whole QEMU flow (image build without root, create, start, exec, workspace prepare,
+//! git in the guest, export, stop, rm), files owned by the guest's root whatever the host uid,
+//! and room to install (the system disk's configured size, grown into at boot).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use banger_e2e::{Run, TestEnv};
+
+/// The uid a process runs as (`Uid:` in /proc/PID/status, the real uid).
+fn process_uid(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn exec(env: &TestEnv, script: &str) -> Run {
+    env.banger(&["vm", "exec", "dev", "--", "sh", "-c", script])
+}
+
+/// Runs `script` in `dir` as the instance's owner; panics unless it succeeds.
+fn owner_sh(env: &TestEnv, dir: &Path, script: &str) -> String {
+    let out = env
+        .owner_command("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn an_unprivileged_owner_builds_an_image_and_works_in_a_vm() {
+    let env = TestEnv::nonroot();
+    let owner = env.owner();
+    assert_ne!(owner.uid, 0, "the owner must not be root");
+    // A system disk size other than the default shows it is the configured one. Six
+    // sessions share two cores here: a TCG boot can take minutes.
+    std::fs::write(
+        env.config_file(),
+        "[defaults]\nsystem_disk_size = \"6G\"\nmemory = \"768M\"\n\
+         [daemon]\nstart_timeout_secs = 900\n",
+    )
+    .unwrap();
+
+    // Image build as the owner, without root (mmdebstrap in a user namespace).
+    env.build_default_image();
+    let daemon = env.wait_for_daemon();
+    assert_eq!(
+        process_uid(daemon),
+        owner.uid,
+        "the daemon runs as the owner"
+    );
+
+    env.banger(&["vm", "run", "dev"]).ok();
+    let qemu = env.qemu_pids();
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    assert_eq!(process_uid(qemu[0]), owner.uid, "QEMU runs as the owner");
+    assert_eq!(exec(&env, "id -u").ok().stdout.trim(), "0");
+
+    // Every file of the image and of the seeded work disk is the guest root's, whoever
+    // built and created them (finding 10: mkfs.ext4 -d copied the host uid).
+    let owners = exec(
+        &env,
+        "stat -c '%u:%g %n' /root /root/repo /root/.ssh /root/.ssh/authorized_keys \
+         /root/.banger /root/.banger/ssh_host_ed25519_key /usr/bin/passwd /etc/ssh \
+         /usr/local/lib/banger/growfs /lib/modules/$(uname -r)/modules.dep",
+    )
+    .ok();
+    for line in owners.stdout.lines() {
+        assert!(line.starts_with("0:0 "), "not root's: {line}");
+    }
+    // Files that are not root's in Debian keep their owners (not all flattened to root).
+    assert_eq!(
+        exec(&env, "stat -c '%U:%G' /etc/shadow").ok().stdout.trim(),
+        "root:shadow"
+    );
+    assert_eq!(
+        exec(&env, "stat -c '%a' /usr/bin/passwd")
+            .ok()
+            .stdout
+            .trim(),
+        "4755"
+    );
+
+    // Room to install: the root filesystem grew to the configured 6 GiB at boot, and 2 GiB
+    // fit under /usr/local; the host stores only what the guest wrote.
+    let size: u64 = exec(&env, "df -B1 --output=size / | tail -n 1")
+        .ok()
+        .stdout
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        size > 5_900 << 20 && size <= 6 << 30,
+        "df / says {size} bytes, not ~6 GiB"
+    );
+    exec(
+        &env,
+        "fallocate -l 2G /usr/local/big && dd if=/dev/urandom of=/usr/local/small bs=1M count=16 \
+         status=none && sync && test $(stat -c %s /usr/local/big) -eq 2147483648",
+    )
+    .ok();
+    let id = env.banger(&["vm", "show", "dev", "--json"]).ok().json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let overlay = env.home().join("vms").join(&id).join("system.qcow2");
+    let allocated =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&overlay).unwrap()) * 512;
+    assert!(
+        allocated < 1 << 30,
+        "the overlay holds {allocated} bytes after a 2 GiB fallocate"
+    );
+
+    // Workspace from a repository the owner made: git works on it in the guest, and the
+    // export comes back to the owner.
+    let repo = env.dir().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    env.chown_to_owner(&repo);
+    owner_sh(
+        &env,
+        &repo,
+        "git init -q . && git config user.email t@example.com && git config user.name T \
+         && echo hello > a.txt && git add a.txt && git commit -qm init",
+    );
+    env.banger(&["vm", "workspace", "prepare", "dev", repo.to_str().unwrap()])
+        .ok();
+    let status = exec(
+        &env,
+        "cd /root/repo && git status --porcelain && stat -c '%u:%g' . a.txt .git",
+    )
+    .ok();
+    assert!(!status.stderr.contains("dubious"), "{}", status.stderr);
+    assert_eq!(status.stdout.trim(), "0:0\n0:0\n0:0", "{}", status.stdout);
+    exec(
+        &env,
+        "cd /root/repo && echo changed > a.txt && echo new > b.txt",
+    )
+    .ok();
+    let patch = env.dir().join("out.patch");
+    let out = env.dir().join("exported");
+    env.banger(&[
+        "vm",
+        "workspace",
+        "export",
+        "dev",
+        "--patch",
+        patch.to_str().unwrap(),
+    ])
+    .ok();
+    owner_sh(&env, &repo, &format!("git apply {}", patch.display()));
+    assert_eq!(
+        std::fs::read_to_string(repo.join("a.txt")).unwrap(),
+        "changed\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(repo.join("b.txt")).unwrap(),
+        "new\n"
+    );
+    env.banger(&[
+        "vm",
+        "workspace",
+        "export",
+        "dev",
+        "--to",
+        out.to_str().unwrap(),
+    ])
+    .ok();
+    let exported = out.join("b.txt");
+    assert_eq!(std::fs::read_to_string(&exported).unwrap(), "new\n");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&exported).unwrap()),
+        owner.uid
+    );
+
+    // Stop keeps what was written; rm leaves no process and no VM directory.
+    env.banger(&["vm", "stop", "dev"]).ok();
+    env.banger(&["vm", "start", "dev"]).ok();
+    assert_eq!(
+        exec(
+            &env,
+            "cat /root/repo/b.txt && df -B1 --output=size / | tail -n 1"
+        )
+        .ok()
+        .stdout
+        .lines()
+        .collect::<Vec<_>>(),
+        ["new", &size.to_string()]
+    );
+    env.banger(&["vm", "stop", "dev"]).ok();
+    env.banger(&["vm", "rm", "dev"]).ok();
+    assert!(env.qemu_pids().is_empty());
+    assert!(!env.home().join("vms").join(&id).exists());
+}
