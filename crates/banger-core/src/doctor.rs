@@ -306,12 +306,7 @@ pub struct Found {
 
 /// The first executable `tool` in the directories of `path_var`, then in `extra_dirs`.
 pub fn find_tool(tool: &str, path_var: Option<&OsStr>, extra_dirs: &[&Path]) -> Option<Found> {
-    let on_path = path_var
-        .into_iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(tool))
-        .find(|candidate| is_executable(candidate));
-    if let Some(path) = on_path {
+    if let Some(path) = crate::which::in_path(tool, path_var) {
         return Some(Found {
             path,
             on_path: true,
@@ -327,10 +322,7 @@ pub fn find_tool(tool: &str, path_var: Option<&OsStr>, extra_dirs: &[&Path]) -> 
         })
 }
 
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
+use crate::which::is_executable;
 
 /// `binary` as the daemon would run it: a path as given, a bare name through PATH.
 fn resolve_binary(binary: &str, path_var: Option<&OsStr>) -> Option<PathBuf> {
@@ -338,7 +330,7 @@ fn resolve_binary(binary: &str, path_var: Option<&OsStr>) -> Option<PathBuf> {
         let path = PathBuf::from(binary);
         is_executable(&path).then_some(path)
     } else {
-        find_tool(binary, path_var, &[]).map(|found| found.path)
+        crate::which::in_path(binary, path_var)
     }
 }
 

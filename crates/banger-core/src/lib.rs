@@ -10,15 +10,16 @@ pub mod error;
 pub mod guest;
 pub mod host;
 pub mod image;
-pub mod layout;
 pub mod model;
 pub mod net;
 pub mod service;
 pub mod store;
 pub mod usage;
 pub mod vmm;
+pub mod which;
 pub mod workspace;
 
+pub use banger_shared::layout;
 pub use error::Error;
 
 /// banger's version, as reported by the daemon and the CLI.

@@ -2,10 +2,10 @@
 //! CLI's `--json` output, so they are stable: fields may be added, never renamed or removed.
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// Lifecycle state of a VM. Legal transitions are checked in `banger-core`'s model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// Recorded, disks made, never started.
@@ -66,7 +66,8 @@ impl std::fmt::Display for VmState {
 }
 
 /// What a VM is made of. Fixed at create.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmSpec {
     /// Virtual CPUs.
     pub cpus: u32,
@@ -96,7 +97,8 @@ fn default_system_disk() -> String {
 }
 
 /// Runtime facts of a VM that runs (or ran last). Absent for a VM that never started.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmRuntime {
     /// VMM backend: `qemu` or `firecracker`.
     pub vmm: String,
@@ -117,7 +119,8 @@ pub struct VmRuntime {
 }
 
 /// A VM as the daemon reports it (`GET /v1/vms/{name}`, `banger vm show --json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Vm {
     /// Stable random id (32 hex digits).
     pub id: String,
@@ -139,7 +142,8 @@ pub struct Vm {
 
 /// A VM's network: `bridge` with its lease, `user` (QEMU user-mode networking with
 /// outbound access) or `isolated` (user mode without outbound access).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmNetwork {
     /// `bridge`, `user` or `isolated`.
     pub mode: String,
@@ -155,7 +159,8 @@ pub struct VmNetwork {
 }
 
 /// `POST /v1/vms`. Omitted fields take the daemon's configured defaults.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateVmRequest {
     pub name: String,
@@ -181,7 +186,8 @@ pub struct CreateVmRequest {
 }
 
 /// A VM's bridge lease.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaseInfo {
     pub vm: String,
     pub ip: String,
@@ -189,7 +195,8 @@ pub struct LeaseInfo {
 }
 
 /// `GET /v1/network`: banger's bridge network as it is now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NetworkStatus {
     /// The configured mode: `auto`, `bridge` or `user`.
     pub mode: String,
@@ -219,7 +226,8 @@ pub struct NetworkStatus {
 }
 
 /// `POST /v1/ssh-config`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SshConfigRequest {
     /// Also add one `Include` line to the user's ssh config (idempotent).
@@ -228,7 +236,8 @@ pub struct SshConfigRequest {
 }
 
 /// What `POST /v1/ssh-config` wrote.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SshConfigResult {
     /// The generated file.
     pub path: String,
@@ -242,7 +251,8 @@ pub struct SshConfigResult {
 }
 
 /// `GET /v1/status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DaemonStatus {
     pub version: String,
     pub pid: u32,
@@ -262,7 +272,8 @@ pub struct DaemonStatus {
 }
 
 /// A kernel (+ optional initrd) in the store (`banger kernel ls --json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Kernel {
     pub name: String,
     /// sha256 over the kernel and initrd; names the directory holding them.
@@ -280,7 +291,8 @@ pub struct Kernel {
 }
 
 /// An image: a root filesystem (raw ext4) plus the kernel it boots (`banger image ls --json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Image {
     pub name: String,
     /// sha256 of the root filesystem file; names the directory holding it.
@@ -294,7 +306,8 @@ pub struct Image {
 }
 
 /// `POST /v1/images/import`: register local files as an image (and its kernel).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ImportImageRequest {
     pub name: String,
@@ -307,7 +320,8 @@ pub struct ImportImageRequest {
 }
 
 /// `POST /v1/kernels/import`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ImportKernelRequest {
     pub name: String,
@@ -318,7 +332,8 @@ pub struct ImportKernelRequest {
 }
 
 /// `POST /v1/images/build`: build the default Debian image (and kernel when missing).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BuildImageRequest {
     /// Image name (default `default`).
@@ -333,7 +348,8 @@ pub struct BuildImageRequest {
 }
 
 /// `GET /v1/images/build/progress`: the image build running now, if any.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BuildProgress {
     /// Whether a build (or another image store operation) runs.
     pub running: bool,
@@ -344,7 +360,8 @@ pub struct BuildProgress {
 }
 
 /// `POST /v1/vms/{name}/stop`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StopVmRequest {
     /// Skip the graceful power-off: a bounded `sync` over SSH, then kill the VMM.
@@ -353,7 +370,8 @@ pub struct StopVmRequest {
 }
 
 /// `GET /v1/vms/{name}/ssh`: how to reach a running guest with OpenSSH.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SshInfo {
     pub host: String,
     pub port: u16,
@@ -371,7 +389,8 @@ pub struct SshInfo {
 }
 
 /// `GET /v1/vms/{name}/console?offset=N`: serial console output from byte `offset`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConsoleChunk {
     /// The bytes from `offset` (lossy UTF-8), at most 1 MiB.
     pub data: String,
@@ -382,7 +401,8 @@ pub struct ConsoleChunk {
 }
 
 /// Result of `POST /v1/vms/{name}/start|stop|pause|resume|suspend`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LifecycleResult {
     pub vm: Vm,
     /// False when the VM already was in the requested state (the call was a no-op).
@@ -400,7 +420,8 @@ pub struct LifecycleResult {
 }
 
 /// Outcome of one `banger doctor` check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum CheckStatus {
     /// Nothing to do.
@@ -424,7 +445,8 @@ impl CheckStatus {
 }
 
 /// One row of `GET /v1/doctor` (`banger doctor`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DoctorCheck {
     /// What was checked: `kvm`, `qemu`, `qemu-img`, `mkfs.ext4`, `ssh`, `ssh-keygen`,
     /// `debugfs`, `mmdebstrap`, `newuidmap`, `cpio`, `busybox`, `disk-space`, `tun`, `default-image`.
@@ -438,7 +460,8 @@ pub struct DoctorCheck {
 }
 
 /// `GET /v1/doctor`: the host checks of `banger doctor`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DoctorReport {
     /// Every check, in a fixed order.
     pub checks: Vec<DoctorCheck>,
@@ -455,7 +478,8 @@ impl DoctorReport {
 }
 
 /// `POST /v1/vms/{name}/workspace/prepare`: copy a host directory into the guest's /root/repo.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PrepareWorkspaceRequest {
     /// Absolute host path: the top level of a git repository (or any directory with `no_git`).
@@ -467,7 +491,8 @@ pub struct PrepareWorkspaceRequest {
 
 /// Result of a prepare: what was sent. The first prepare sends everything; later ones only
 /// what changed since the manifest of the previous one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PrepareResult {
     /// Canonical host path prepared from.
     pub host_path: String,
@@ -491,7 +516,8 @@ pub struct PrepareResult {
 }
 
 /// How a prepare's tar reached the guest.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum TransferChannel {
     /// The SSH session's stdin (small transfers, Firecracker, images without the port).
@@ -503,7 +529,8 @@ pub enum TransferChannel {
 
 /// How one side differs from the last prepare. Lists hold at most 100 paths each; the
 /// counts are complete.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkspaceDiff {
     pub added: Vec<String>,
     pub modified: Vec<String>,
@@ -521,7 +548,8 @@ impl WorkspaceDiff {
 }
 
 /// `GET /v1/vms/{name}/workspace`: what was prepared and what differs now.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkspaceStatus {
     /// Whether a workspace was ever prepared in this VM.
     pub prepared: bool,
@@ -550,7 +578,8 @@ pub struct WorkspaceStatus {
 
 /// `POST /v1/vms/{name}/workspace/export`: the guest's changes since the last prepare, as a
 /// patch file (`patch`) or as files under a directory (`to`). Exactly one is given.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExportWorkspaceRequest {
     /// Absolute host path of the patch file to write (`git apply` takes it).
@@ -562,7 +591,8 @@ pub struct ExportWorkspaceRequest {
 }
 
 /// Result of an export.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExportResult {
     /// The patch file or directory written.
     pub written: String,
@@ -575,7 +605,8 @@ pub struct ExportResult {
 }
 
 /// Which way a `vm cp` goes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum CopyDirection {
     /// From `host_path` on the host into `guest_path` in the guest.
@@ -589,7 +620,8 @@ pub enum CopyDirection {
 /// `POST /v1/vms/{name}/cp`: copies a file, symlink or directory between the host and the
 /// guest. The destination works like `cp -r`/`docker cp`: an existing directory receives the
 /// source under its own name; otherwise the destination becomes the copy.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CopyRequest {
     pub direction: CopyDirection,
@@ -600,7 +632,8 @@ pub struct CopyRequest {
 }
 
 /// Result of a `vm cp`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CopyResult {
     /// The path written (host or guest).
     pub written: String,
@@ -621,7 +654,8 @@ pub struct CopyResult {
 }
 
 /// `GET /v1/vms/{name}/workspace/progress`: the prepare running now, if any.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PrepareProgress {
     /// Whether a prepare runs (all counters are 0 otherwise).
     pub running: bool,
@@ -634,7 +668,8 @@ pub struct PrepareProgress {
 
 /// What a VM costs right now (`GET /v1/stats`, `banger vm stats --json`). Figures that cannot be
 /// known (no process for a stopped VM, no guest answer) are absent, never zero.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmStats {
     pub name: String,
     pub state: VmState,
@@ -662,7 +697,8 @@ pub struct VmStats {
 }
 
 /// One disk of a VM on the host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DiskUsage {
     /// `system` or `work`.
     pub disk: String,
@@ -673,7 +709,8 @@ pub struct DiskUsage {
 }
 
 /// Network counters of a VM's interface.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NetCounters {
     /// Where they were read: `tap` (the host side of a bridge VM's tap) or `guest` (the
     /// guest's eth0, user-mode VMs with `--guest`).
@@ -685,7 +722,8 @@ pub struct NetCounters {
 }
 
 /// Figures read inside the guest.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GuestStats {
     /// 1, 5 and 15 minute load averages.
     pub load: [f64; 3],
@@ -698,7 +736,8 @@ pub struct GuestStats {
 }
 
 /// A filesystem's size and use.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FsUsage {
     pub size_bytes: u64,
     pub used_bytes: u64,

@@ -3,10 +3,10 @@
 //! The code decides both the HTTP status and the CLI's exit code, so the three never disagree.
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// Machine-readable error codes. Stable: scripts may match on them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// A VM name that is not a DNS label.
@@ -54,7 +54,8 @@ impl ErrorCode {
 }
 
 /// The error object inside [`ErrorBody`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ApiError {
     pub code: ErrorCode,
@@ -66,7 +67,8 @@ pub struct ApiError {
 }
 
 /// Body of every non-2xx response: `{"error": {"code": ..., "message": ...}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: ApiError,
 }

@@ -5,12 +5,10 @@
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 /// The transport of a published port.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum PortProto {
     Tcp,
@@ -35,14 +33,13 @@ impl PortProto {
 }
 
 /// One published port.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PortMapping {
     pub proto: PortProto,
     /// The host address it listens on (127.0.0.1 unless given).
-    #[schema(value_type = String)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub host_ip: Ipv4Addr,
     pub host_port: u16,
     pub guest_port: u16,
@@ -118,7 +115,8 @@ impl std::fmt::Display for PortMapping {
 
 /// `POST /v1/vms/{name}/ports`: published ports to add and to remove (applied to a running
 /// VM at once, and kept with the VM).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PortChangeRequest {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -128,7 +126,8 @@ pub struct PortChangeRequest {
 }
 
 /// A VM's published ports (`GET /v1/vms/{name}/ports`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PortList {
     pub vm: String,
     /// Whether the VM runs (its ports are live) or not (applied at its next start).

@@ -6,8 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use banger_core::layout::Layout;
 use banger_proto::{ApiError, ErrorBody, ErrorCode, OP_ID_HEADER};
+use banger_shared::layout::Layout;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};

@@ -9,7 +9,7 @@ mod output;
 
 use std::process::ExitCode;
 
-use banger_core::layout::Layout;
+use banger_shared::layout::Layout;
 use clap::{CommandFactory, Parser};
 
 use crate::cli::{Cli, Command};

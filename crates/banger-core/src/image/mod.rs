@@ -330,13 +330,7 @@ pub async fn run_script(
 
 /// Whether `tool` is an executable on PATH.
 pub fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(dir.join(tool))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-    })
+    crate::which::which(Path::new(tool)).is_some()
 }
 
 #[cfg(test)]

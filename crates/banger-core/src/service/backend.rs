@@ -37,6 +37,18 @@ impl Manager {
         (backend, control)
     }
 
+    /// Removes the VM's jail, if its backend keeps one (idempotent), on the blocking pool.
+    pub(super) async fn remove_jail(&self, record: &VmRecord) {
+        let backend = self.backend(record);
+        let id = record.id.clone();
+        let op_id = crate::net::current_op_id();
+        match tokio::task::spawn_blocking(move || backend.remove_jail(&op_id, &id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(vm = %record.name, "{e}"),
+            Err(e) => tracing::warn!(vm = %record.name, "jail removal task failed: {e}"),
+        }
+    }
+
     pub(super) async fn accel_choice(&self, kernel: &Path) -> Result<accel::AccelChoice, Error> {
         if let Some(choice) = &self.seams.accel {
             return Ok(choice.clone());

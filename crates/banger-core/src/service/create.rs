@@ -110,24 +110,20 @@ impl Manager {
             .map_err(Error::io(format!("cannot create {}", vm_dir.display())))?;
         let client_public = self.client_public_key().await?;
         // The seed holds the guest's private host key only until mkfs copied it in.
-        let seed = vm_dir.join("seed");
-        let ssh_dir = seed.join(".ssh");
-        let banger_dir = seed.join(".banger");
-        for dir in [&ssh_dir, &banger_dir, &seed.join("repo")] {
+        let seed = self.layout.vm_seed(id);
+        let ssh_dir = seed.ssh_dir();
+        let banger_dir = seed.banger_dir();
+        for dir in [&ssh_dir, &banger_dir, &seed.repo_dir()] {
             std::fs::create_dir_all(dir)
                 .map_err(Error::io(format!("cannot create {}", dir.display())))?;
         }
         set_mode(&ssh_dir, 0o700)?;
         set_mode(&banger_dir, 0o700)?;
-        let authorized = ssh_dir.join("authorized_keys");
+        let authorized = seed.authorized_keys();
         std::fs::write(&authorized, format!("{client_public}\n"))
             .map_err(Error::io(format!("cannot write {}", authorized.display())))?;
         set_mode(&authorized, 0o600)?;
-        let host_public = ssh::ensure_key(
-            &banger_dir.join("ssh_host_ed25519_key"),
-            &format!("{}.vm", record.name),
-        )
-        .await?;
+        let host_public = ssh::ensure_key(&seed.host_key(), &format!("{}.vm", record.name)).await?;
         let known_hosts = self.layout.vm_known_hosts(id);
         std::fs::write(
             &known_hosts,
@@ -137,10 +133,10 @@ impl Manager {
         let made = disk::create_work_disk(
             &self.layout.vm_work_disk(id),
             record.spec.disk_size_bytes,
-            &seed,
+            seed.root(),
         )
         .await;
-        let _ = std::fs::remove_dir_all(&seed);
+        let _ = std::fs::remove_dir_all(seed.root());
         made?;
         let base = self.layout.image_rootfs(image_digest);
         let raw = self.layout.vm_system_raw(id);
@@ -242,7 +238,7 @@ impl Manager {
             };
             if facts.firecracker.is_ok() && facts.tap.is_ok() {
                 let kernel = self.find_kernel(&image.kernel)?;
-                let path = self.layout.kernel_dir(&kernel.digest).join("vmlinux");
+                let path = self.layout.kernel_vmlinux(&kernel.digest);
                 let choice = self.accel_choice(&path).await?;
                 facts.kvm = match choice.accel {
                     Accel::Kvm => Ok(()),

@@ -211,7 +211,8 @@ impl Manager {
             return record;
         }
         warn!(vm = %record.name, "VMM is gone; marking the VM stopped");
-        self.release_runtime(&record);
+        // Not waited for: `vm ls` answers while the helper removes the jail.
+        drop(self.release_runtime(&record));
         record.clear_process();
         record.last_error =
             Some("the VM stopped outside banger (guest power-off or VMM exit)".into());

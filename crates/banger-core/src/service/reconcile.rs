@@ -57,11 +57,9 @@ impl Manager {
                     }
                 }
                 // A jail made before the daemon recorded it: removal is idempotent.
-                if let Err(e) = self.backend(&record).remove_jail(&record.id) {
-                    warn!(vm = %record.name, "{e}");
-                }
+                self.remove_jail(&record).await;
             }
-            self.release_runtime(&record);
+            self.release_runtime_now(&record).await;
             record.clear_process();
             if record.state == VmState::Stopping {
                 // A suspend may have been cut short: its snapshot cannot be trusted. The guest

@@ -23,9 +23,7 @@ impl Manager {
         }
         // A jail whose removal failed at stop still holds hard links to the VM's disks: try
         // again (idempotent; nothing to do without a jail).
-        if let Err(e) = self.backend(&record).remove_jail(&record.id) {
-            tracing::warn!(vm = %name, "{e}");
-        }
+        self.remove_jail(&record).await;
         if record.spec.system_disk == SystemDiskStrategy::DmSnapshot
             && let Err(e) = self.remove_dm_disk(&record.id).await
         {

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use super::{Manager, result};
 use crate::Error;
 use crate::domain::SystemDiskStrategy;
+use crate::guest::ssh;
 use crate::model::{VmRecord, VmRuntime};
 use crate::vmm::{
     Accel, LaunchSpec, NetAttach, Snapshot, VmBackend, VmProcess, VmmError, accel, cgroup, process,
@@ -42,8 +43,9 @@ impl StartUndo {
         if let Some((process, marker)) = self.process {
             process::kill(process.pid, &marker).await;
             if let Some(backend) = self.jail {
+                let op_id = crate::net::current_op_id();
                 let removed =
-                    tokio::task::spawn_blocking(move || backend.remove_jail(&marker)).await;
+                    tokio::task::spawn_blocking(move || backend.remove_jail(&op_id, &marker)).await;
                 if let Ok(Err(e)) = removed {
                     warn!("failed start: {e}");
                 }
@@ -137,9 +139,10 @@ impl Manager {
         };
         let image = self.find_image(&record.spec.image).map_err(step("image"))?;
         let kernel = self.find_kernel(&image.kernel).map_err(step("kernel"))?;
-        let kernel_dir = self.layout.kernel_dir(&kernel.digest);
-        let kernel_path = kernel_dir.join("vmlinux");
-        let initrd = kernel.has_initrd.then(|| kernel_dir.join("initrd.img"));
+        let kernel_path = self.layout.kernel_vmlinux(&kernel.digest);
+        let initrd = kernel
+            .has_initrd
+            .then(|| self.layout.kernel_initrd(&kernel.digest));
         let strategy = record.spec.system_disk;
         let system_disk = match strategy {
             SystemDiskStrategy::Qcow2 => self.layout.vm_system_disk(&record.id),
@@ -346,9 +349,10 @@ impl Manager {
         let probe = self.readiness_probe().await;
         let limit = Duration::from_secs(self.config.daemon.start_timeout_secs);
         let id = record.id.clone();
-        let ready = target
-            .wait_ready(limit, &probe, || process::is_alive(process.pid, &id))
-            .await;
+        let ready = ssh::wait_ready(&target, limit, &probe, || {
+            process::is_alive(process.pid, &id)
+        })
+        .await;
         match ready {
             Ok(true) => Ok(()),
             Ok(false) => Err(Error::Failed(format!(

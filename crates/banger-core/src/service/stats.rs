@@ -96,9 +96,13 @@ impl Manager {
                     continue;
                 };
                 queries.spawn(async move {
-                    let answer = target
-                        .run(GUEST_SCRIPT, Duration::from_secs(5), GUEST_LIMIT)
-                        .await;
+                    let answer = crate::guest::ssh::run(
+                        &target,
+                        GUEST_SCRIPT,
+                        Duration::from_secs(5),
+                        GUEST_LIMIT,
+                    )
+                    .await;
                     (index, answer)
                 });
             }

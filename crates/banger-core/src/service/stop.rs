@@ -5,10 +5,12 @@
 use std::time::Duration;
 
 use banger_proto::{LifecycleResult, VmState};
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::{Manager, result};
 use crate::Error;
+use crate::guest::ssh;
 use crate::model::VmRecord;
 use crate::vmm::{StopTimings, cgroup, process, stop_sequence};
 
@@ -41,7 +43,7 @@ impl Manager {
             self.transition(&mut record, VmState::Stopping)?;
         }
         let method = self.stop_process(&record, pid, force, maybe_paused).await;
-        self.release_runtime(&record);
+        self.release_runtime_now(&record).await;
         record.clear_process();
         record.last_error = None;
         self.transition(&mut record, VmState::Stopped)?;
@@ -85,7 +87,7 @@ impl Manager {
         };
         // Dialled directly: STOP_DIAL then bounds a hung guest (not so through a master).
         let synced = match self.ssh_target(record) {
-            Ok(target) => match target.direct().run(script, STOP_DIAL, STOP_SYNC).await {
+            Ok(target) => match ssh::run(&target.direct(), script, STOP_DIAL, STOP_SYNC).await {
                 Ok((Some(0), _, _)) => true,
                 Ok((code, _, stderr)) => {
                     warn!(vm = %record.name, ?code, "sync/poweroff over SSH failed: {}", stderr.trim());
@@ -108,17 +110,33 @@ impl Manager {
     }
 
     /// Removes a stopped VM's transient state: its runtime dir, its cgroup leaf and its
-    /// jail (through the helper; a short blocking call).
-    pub(super) fn release_runtime(&self, record: &VmRecord) {
+    /// jail. The jail goes through the helper on the blocking pool; the returned task ends
+    /// when it is gone (`None`: no jail).
+    pub(super) fn release_runtime(&self, record: &VmRecord) -> Option<JoinHandle<()>> {
         let vm_id = record.id.as_str();
         let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(vm_id));
         if let Some(root) = cgroup::default_root() {
             cgroup::remove(&root, vm_id);
         }
-        if record.runtime.as_ref().is_some_and(|r| r.jail.is_some())
-            && let Err(e) = self.backend(record).remove_jail(vm_id)
-        {
-            warn!(vm = %record.name, "{e}");
+        if record.runtime.as_ref().is_none_or(|r| r.jail.is_none()) {
+            return None;
+        }
+        // A helper call (up to a minute when the helper hangs): on the blocking pool, never
+        // on the async worker that runs this operation (or `vm ls`).
+        let backend = self.backend(record);
+        let (id, name) = (record.id.clone(), record.name.clone());
+        let op_id = crate::net::current_op_id();
+        Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = backend.remove_jail(&op_id, &id) {
+                warn!(vm = %name, "{e}");
+            }
+        }))
+    }
+
+    /// [`Self::release_runtime`], waiting for the jail to be gone.
+    pub(super) async fn release_runtime_now(&self, record: &VmRecord) {
+        if let Some(removal) = self.release_runtime(record) {
+            let _ = removal.await;
         }
     }
 }

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 use super::stop::{QUIT_GRACE, STOP_DIAL, STOP_SYNC};
 use super::{Manager, result};
 use crate::Error;
+use crate::guest::ssh;
 use crate::vmm::{Snapshot, StopTimings, stop_sequence};
 
 impl Manager {
@@ -62,7 +63,7 @@ impl Manager {
         }
         // Dialled directly: STOP_DIAL then bounds a hung guest (not so through a master).
         let synced = match self.ssh_target(&record) {
-            Ok(target) => match target.direct().run("sync", STOP_DIAL, STOP_SYNC).await {
+            Ok(target) => match ssh::run(&target.direct(), "sync", STOP_DIAL, STOP_SYNC).await {
                 Ok((Some(0), _, _)) => Ok(()),
                 Ok((code, _, stderr)) => Err(format!("exit {code:?}: {}", stderr.trim())),
                 Err(e) => Err(e.to_string()),
@@ -125,7 +126,7 @@ impl Manager {
         {
             warn!(vm = %name, "cannot flush {}: {e}", dir.display());
         }
-        self.release_runtime(&record);
+        self.release_runtime_now(&record).await;
         record.clear_process();
         record.last_error = None;
         self.transition(&mut record, VmState::Suspended)?;

@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -167,13 +167,13 @@ impl Manager {
         manifest: &Manifest,
     ) -> Result<WorkspaceDiff, Error> {
         let target = self.ssh_target(record)?;
-        let (code, stdout, stderr) = target
-            .run(
-                workspace::GUEST_LIST_SCRIPT,
-                Duration::from_secs(10),
-                GUEST_LIMIT,
-            )
-            .await?;
+        let (code, stdout, stderr) = crate::guest::ssh::run(
+            &target,
+            workspace::GUEST_LIST_SCRIPT,
+            Duration::from_secs(10),
+            GUEST_LIMIT,
+        )
+        .await?;
         if code != Some(0) {
             return Err(WorkspaceError::Remote {
                 code,
@@ -340,10 +340,8 @@ pub(super) fn stream_from_guest<T>(
     script: &str,
     consume: impl FnOnce(&mut dyn Read) -> Result<T, WorkspaceError>,
 ) -> Result<(T, Vec<u8>), WorkspaceError> {
-    let mut child = Command::new("ssh")
-        .args(target.options())
-        .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-T"])
-        .arg(&target.host)
+    let mut child = target
+        .batch_command(Duration::from_secs(10))
         .arg(script)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

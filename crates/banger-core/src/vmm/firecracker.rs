@@ -33,6 +33,7 @@ use super::{
 };
 use crate::domain::{SystemDiskStrategy, VmmKind};
 use crate::host::HostOps;
+use crate::layout::vm_runtime;
 
 /// Oldest Firecracker whose API matches what banger sends (`mem_backend` on snapshot load,
 /// `/entropy`, the drive `io_engine` field).
@@ -160,18 +161,7 @@ pub fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
 /// `name` as an absolute path: itself when it has a `/`, else the first executable file of
 /// that name on PATH.
 pub fn resolve_binary(name: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
-    if name.components().count() > 1 || name.is_absolute() {
-        return name.canonicalize().ok().filter(|p| executable(p));
-    }
-    let paths = std::env::var_os("PATH")?;
-    std::env::split_paths(&paths)
-        .map(|dir| dir.join(name))
-        .find(|p| executable(p))
-        .and_then(|p| p.canonicalize().ok())
+    crate::which::which(name)?.canonicalize().ok()
 }
 
 /// Running Firecracker through its jailer, which the root helper starts.
@@ -305,8 +295,8 @@ impl Firecracker {
         let socket = api_socket(&spec.runtime_dir);
         let _ = std::fs::remove_file(&socket);
         // Firecracker opens (never creates) its log and metrics files.
-        let log = spec.runtime_dir.join("firecracker.log");
-        let metrics = spec.runtime_dir.join("firecracker.metrics");
+        let log = spec.runtime_dir.join(vm_runtime::FIRECRACKER_LOG);
+        let metrics = spec.runtime_dir.join(vm_runtime::FIRECRACKER_METRICS);
         for file in [&log, &metrics] {
             std::fs::File::create(file)
                 .map_err(io_err(format!("cannot create {}", file.display())))?;
@@ -322,7 +312,7 @@ impl Firecracker {
                 "cannot create {}",
                 spec.console_log.display()
             )))?;
-        let stderr_path = spec.runtime_dir.join("firecracker.stderr");
+        let stderr_path = spec.runtime_dir.join(vm_runtime::FIRECRACKER_STDERR);
         let stderr = std::fs::File::create(&stderr_path)
             .map_err(io_err(format!("cannot create {}", stderr_path.display())))?;
         let mut child = tokio::process::Command::new(&self.binary)
@@ -414,8 +404,8 @@ impl Firecracker {
         process::kill(process.pid, vm_id).await;
         if process.jail.is_some() {
             let this = self.clone();
-            let id = vm_id.to_owned();
-            let removed = tokio::task::spawn_blocking(move || this.remove_jail(&id)).await;
+            let (op_id, id) = (crate::net::current_op_id(), vm_id.to_owned());
+            let removed = tokio::task::spawn_blocking(move || this.remove_jail(&op_id, &id)).await;
             if let Ok(Err(e)) = removed {
                 tracing::warn!(vm_id, "{e}");
             }
@@ -456,7 +446,7 @@ impl Firecracker {
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
         };
-        let op_id = spec.vm_id.clone();
+        let op_id = crate::net::current_op_id();
         let reply = tokio::task::spawn_blocking(move || host.call(&op_id, op))
             .await
             .map_err(|e| VmmError::LaunchFailed {
@@ -523,7 +513,7 @@ pub fn jailed_spec(spec: &LaunchSpec) -> LaunchSpec {
 
 /// The API socket in a VM's runtime dir.
 pub fn api_socket(runtime_dir: &Path) -> PathBuf {
-    runtime_dir.join("fc.sock")
+    runtime_dir.join(vm_runtime::FIRECRACKER_API_SOCKET)
 }
 
 impl Hypervisor for Firecracker {
@@ -585,14 +575,14 @@ impl Hypervisor for Firecracker {
 
     /// Removes a VM's jail (and its cgroup) through the helper; blocking. A no-op without a
     /// configured jailer.
-    fn remove_jail(&self, vm_id: &str) -> Result<(), VmmError> {
+    fn remove_jail(&self, op_id: &str, vm_id: &str) -> Result<(), VmmError> {
         let Some(jailer) = &self.jailer else {
             return Ok(());
         };
         jailer
             .host
             .call(
-                vm_id,
+                op_id,
                 HelperOp::RemoveJail {
                     vm_id: vm_id.to_owned(),
                 },

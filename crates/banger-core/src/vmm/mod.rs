@@ -211,8 +211,9 @@ pub trait Hypervisor: Send + Sync {
     }
 
     /// Removes what the backend keeps outside the VM's directories for a VM that no longer
-    /// runs (Firecracker's jail); idempotent. Blocking (it may ask the root helper).
-    fn remove_jail(&self, _vm_id: &str) -> Result<(), VmmError> {
+    /// runs (Firecracker's jail); idempotent. Blocking (it may ask the root helper, which
+    /// logs `op_id`: the daemon operation it serves).
+    fn remove_jail(&self, _op_id: &str, _vm_id: &str) -> Result<(), VmmError> {
         Ok(())
     }
 
@@ -300,7 +301,7 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
     fn preflight(&self) -> Result<(), VmmError>;
     fn dm_disks(&self) -> Result<(), String>;
     fn check_system_disk(&self, strategy: SystemDiskStrategy) -> Result<(), DiskRefusal>;
-    fn remove_jail(&self, vm_id: &str) -> Result<(), VmmError>;
+    fn remove_jail(&self, op_id: &str, vm_id: &str) -> Result<(), VmmError>;
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<VmProcess, VmmError>>;
     fn restore<'a>(
         &'a self,
@@ -353,8 +354,8 @@ impl<H: Hypervisor + std::fmt::Debug> VmBackend for H {
     fn check_system_disk(&self, strategy: SystemDiskStrategy) -> Result<(), DiskRefusal> {
         Hypervisor::check_system_disk(self, strategy)
     }
-    fn remove_jail(&self, vm_id: &str) -> Result<(), VmmError> {
-        Hypervisor::remove_jail(self, vm_id)
+    fn remove_jail(&self, op_id: &str, vm_id: &str) -> Result<(), VmmError> {
+        Hypervisor::remove_jail(self, op_id, vm_id)
     }
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<VmProcess, VmmError>> {
         Box::pin(Hypervisor::launch(self, spec))

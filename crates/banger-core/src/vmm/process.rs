@@ -98,7 +98,13 @@ mod tests {
         };
         let mut flagged = spawn(&["--id", &value]);
         let mut in_path = spawn(&[&format!("/run/vms/{value}/ssh-control")]);
-        let found = find_by_flag("--id", &value);
+        // A child shows its parent's command line until its exec: poll with a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut found = find_by_flag("--id", &value);
+        while found != vec![flagged.id()] && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+            found = find_by_flag("--id", &value);
+        }
         assert_eq!(found, vec![flagged.id()]);
         for child in [&mut flagged, &mut in_path] {
             child.kill().unwrap();

@@ -11,6 +11,7 @@ use std::process::Stdio;
 
 pub use crate::domain::TcgThreads;
 use crate::domain::VmmKind;
+use crate::layout::vm_runtime;
 
 use super::{Accel, Capabilities, Hypervisor, LaunchSpec, NetAttach, VmProcess, VmmError, qmp};
 
@@ -238,11 +239,11 @@ fn qmp_socket(spec: &LaunchSpec) -> PathBuf {
 
 /// The QMP socket in a VM's runtime directory.
 fn qmp_socket_in(runtime_dir: &Path) -> PathBuf {
-    runtime_dir.join("qmp.sock")
+    runtime_dir.join(vm_runtime::QMP_SOCKET)
 }
 
 fn pid_file(spec: &LaunchSpec) -> PathBuf {
-    spec.runtime_dir.join("qemu.pid")
+    spec.runtime_dir.join(vm_runtime::QEMU_PID)
 }
 
 impl Hypervisor for Qemu {

@@ -13,7 +13,7 @@ pub mod transfer;
 pub use fileset::{Entry, Kind, Manifest, Plan, Scan};
 
 /// Where the workspace lives in the guest (on the work disk, mounted at /root).
-pub const GUEST_DIR: &str = "/root/repo";
+pub use banger_shared::GUEST_WORKSPACE_DIR as GUEST_DIR;
 
 /// Why a workspace operation failed.
 #[derive(Debug, thiserror::Error)]

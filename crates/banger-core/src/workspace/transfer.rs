@@ -11,10 +11,10 @@ use std::io::{BufRead, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use banger_proto::TransferChannel;
 use sha2::{Digest, Sha256};
@@ -167,10 +167,8 @@ pub fn send_with(
     head.extend_from_slice(&changed);
     head.extend_from_slice(&excludes);
     let started = Instant::now();
-    let mut child = Command::new("ssh")
-        .args(target.options())
-        .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-T"])
-        .arg(&target.host)
+    let mut child = target
+        .batch_command(Duration::from_secs(10))
         .arg(script(&receive))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -110,14 +110,11 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             check_workspace(client, &name, &mut info, auto_prepare).await?;
             let mut remote = command
                 .iter()
-                .map(|arg| banger_core::guest::ssh::shell_quote(arg))
+                .map(|arg| banger_shared::ssh::shell_quote(arg))
                 .collect::<Vec<_>>()
                 .join(" ");
             if let Some(dir) = &info.workdir {
-                remote = format!(
-                    "cd {} && {remote}",
-                    banger_core::guest::ssh::shell_quote(dir)
-                );
+                remote = format!("cd {} && {remote}", banger_shared::ssh::shell_quote(dir));
             }
             let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
             Err(exec_ssh(
@@ -234,7 +231,7 @@ async fn check_workspace(
             let path = workspace::host_path(None, false)?;
             let result = workspace::prepare(client, name, &path, false).await?;
             workspace::print_prepared(name, &result);
-            info.workdir = Some(banger_core::workspace::GUEST_DIR.to_owned());
+            info.workdir = Some(banger_shared::GUEST_WORKSPACE_DIR.to_owned());
         }
         return Ok(());
     }
@@ -264,7 +261,7 @@ async fn check_workspace(
 /// Replaces this process with `ssh` to the guest, so the terminal, signals, stdin/stdout/
 /// stderr and the exit code are the remote command's own. Returns only on failure.
 fn exec_ssh(info: &SshInfo, extra: &[&str], remote: Option<&str>) -> ClientError {
-    let target = banger_core::guest::ssh::SshTarget {
+    let target = banger_shared::ssh::SshTarget {
         host: info.host.clone(),
         port: info.port,
         user: info.user.clone(),
@@ -274,13 +271,10 @@ fn exec_ssh(info: &SshInfo, extra: &[&str], remote: Option<&str>) -> ClientError
         // Connection sharing: repeated execs skip the key exchange.
         control_path: Some(info.control_path.clone().into()),
     };
-    let mut command = std::process::Command::new("ssh");
-    command
-        .args(target.options())
-        // A guest that stopped answering fails the command instead of hanging it.
-        .args(["-o", "ConnectTimeout=15", "-o", "ServerAliveInterval=15"])
-        .args(extra)
-        .arg(&info.host);
+    // A guest that stopped answering fails the command instead of hanging it.
+    let mut args = vec!["-o", "ConnectTimeout=15", "-o", "ServerAliveInterval=15"];
+    args.extend_from_slice(extra);
+    let mut command = target.command(&args);
     if let Some(remote) = remote {
         command.arg("--").arg(remote);
     }

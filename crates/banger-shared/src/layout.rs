@@ -165,6 +165,14 @@ impl Layout {
     pub fn kernel_dir(&self, digest: &str) -> PathBuf {
         self.kernels_dir().join(digest)
     }
+    /// The uncompressed kernel image of the kernel with `digest`.
+    pub fn kernel_vmlinux(&self, digest: &str) -> PathBuf {
+        self.kernel_dir(digest).join(KERNEL_VMLINUX)
+    }
+    /// The initrd of the kernel with `digest` (when it has one).
+    pub fn kernel_initrd(&self, digest: &str) -> PathBuf {
+        self.kernel_dir(digest).join(KERNEL_INITRD)
+    }
     /// Raw root filesystem of the image with `digest`.
     pub fn image_rootfs(&self, digest: &str) -> PathBuf {
         self.images_dir().join(digest).join("rootfs.ext4")
@@ -172,6 +180,11 @@ impl Layout {
     /// banger's SSH private key (public key beside it, `.pub`).
     pub fn client_key(&self) -> PathBuf {
         self.keys_dir().join("id_ed25519")
+    }
+    /// What a new VM's work disk is made from (removed once it is): a directory whose
+    /// [`VmSeed`] paths become the guest's /root.
+    pub fn vm_seed(&self, vm_id: &str) -> VmSeed {
+        VmSeed(self.vm_dir(vm_id).join("seed"))
     }
     /// Transient per-VM files (sockets, pid file).
     pub fn vm_runtime_dir(&self, vm_id: &str) -> PathBuf {
@@ -223,6 +236,55 @@ impl Layout {
     pub fn keys_dir(&self) -> PathBuf {
         self.data_dir.join("keys")
     }
+}
+
+/// A VM's seed directory: the files its work disk starts with (its /root).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSeed(PathBuf);
+
+impl VmSeed {
+    pub fn root(&self) -> &Path {
+        &self.0
+    }
+    /// `/root/.ssh`.
+    pub fn ssh_dir(&self) -> PathBuf {
+        self.0.join(".ssh")
+    }
+    /// `/root/.ssh/authorized_keys`: banger's client key.
+    pub fn authorized_keys(&self) -> PathBuf {
+        self.ssh_dir().join("authorized_keys")
+    }
+    /// `/root/.banger`: what the guest's boot scripts read.
+    pub fn banger_dir(&self) -> PathBuf {
+        self.0.join(".banger")
+    }
+    /// `/root/.banger/ssh_host_ed25519_key`: the guest's SSH host key.
+    pub fn host_key(&self) -> PathBuf {
+        self.banger_dir().join("ssh_host_ed25519_key")
+    }
+    /// `/root/repo`: where workspaces go.
+    pub fn repo_dir(&self) -> PathBuf {
+        self.0.join("repo")
+    }
+}
+
+/// The kernel image in a kernel directory.
+pub const KERNEL_VMLINUX: &str = "vmlinux";
+/// The optional initrd in a kernel directory.
+pub const KERNEL_INITRD: &str = "initrd.img";
+
+/// Files a backend keeps in a VM's runtime dir (it is given the directory, not a [`Layout`]).
+pub mod vm_runtime {
+    /// QEMU's QMP socket.
+    pub const QMP_SOCKET: &str = "qmp.sock";
+    /// QEMU's pid file (`-daemonize -pidfile`).
+    pub const QEMU_PID: &str = "qemu.pid";
+    /// Firecracker's API socket (a symlink into the jail when jailed).
+    pub const FIRECRACKER_API_SOCKET: &str = "fc.sock";
+    /// Firecracker's log, metrics and stderr.
+    pub const FIRECRACKER_LOG: &str = "firecracker.log";
+    pub const FIRECRACKER_METRICS: &str = "firecracker.metrics";
+    pub const FIRECRACKER_STDERR: &str = "firecracker.stderr";
 }
 
 /// File name, in a VM's runtime dir, of the Unix socket QEMU listens on for the workspace
