@@ -488,6 +488,13 @@ impl GitDirNames {
         }
     }
 
+    /// Whether `name` is one of the names git looks for.
+    pub fn is_git_name(name: &[u8]) -> bool {
+        let mut probe = Self::default();
+        probe.add(name);
+        probe.head || probe.objects || probe.refs || probe.commondir
+    }
+
     /// Whether git would take the directory for a git dir.
     pub fn is_git_dir(&self) -> bool {
         self.head && (self.commondir || (self.objects && self.refs))

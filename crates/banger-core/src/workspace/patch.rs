@@ -15,6 +15,7 @@
 //! content).
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::io::{BufRead, Read};
 use std::iter::Peekable;
 
@@ -96,17 +97,31 @@ pub fn check(patch: impl BufRead) -> Result<(), WorkspaceError> {
     let mut mode_known = false;
     let mut target_depth = usize::MAX;
     let depth_of = |p: &str| p.split('/').count().saturating_sub(1);
-    // The names the patch gives each directory, for the git-dir check.
-    let mut dirs: HashMap<String, GitDirNames> = HashMap::new();
-    let mut note = |path: &str| {
-        let mut dir = String::new();
+    // The git-dir names (HEAD, objects, refs, commondir) the patch puts in each directory,
+    // keyed by a hash of the directory's path: memory grows only with those names, and a
+    // collision can only refuse more. At most MAX_GIT_NAME_DIRS directories are tracked.
+    let mut dirs: HashMap<u64, GitDirNames> = HashMap::new();
+    let mut note = |path: &str| -> Result<(), String> {
+        let mut prefix = std::hash::DefaultHasher::new();
         for part in path.split('/') {
-            dirs.entry(dir.clone()).or_default().add(part.as_bytes());
-            if !dir.is_empty() {
-                dir.push('/');
+            if GitDirNames::is_git_name(part.as_bytes()) {
+                if dirs.len() >= MAX_GIT_NAME_DIRS {
+                    return Err(
+                        "too many directories holding HEAD, objects, refs or commondir".into(),
+                    );
+                }
+                let names = dirs.entry(prefix.finish()).or_default();
+                names.add(part.as_bytes());
+                if names.may_be_git_dir() {
+                    return Err(format!(
+                        "{path:?} puts HEAD beside objects, refs or commondir: the directory \
+                         could become a git repository whose config git obeys"
+                    ));
+                }
             }
-            dir.push_str(part);
+            part.hash(&mut prefix);
         }
+        Ok(())
     };
     while let Some((n, line)) = next_line(&mut lines)? {
         let bad = |why: &str| WorkspaceError::UnsafePatch {
@@ -120,20 +135,18 @@ pub fn check(patch: impl BufRead) -> Result<(), WorkspaceError> {
         if let Some(rest) = text.strip_prefix("diff --git ") {
             symlink = false;
             mode_known = false;
-            target_depth = usize::MAX;
-            for path in check_diff_line(rest).map_err(|why| bad(&why))? {
-                target_depth = target_depth.min(depth_of(&path));
-                note(&path);
-            }
+            let path = check_diff_line(rest).map_err(|why| bad(&why))?;
+            target_depth = depth_of(&path);
+            note(&path).map_err(|why| bad(&why))?;
         } else if let Some(rest) = text.strip_prefix("--- ") {
             if let Some(path) = check_side(rest, "a/").map_err(|why| bad(&why))? {
                 target_depth = target_depth.min(depth_of(&path));
-                note(&path);
+                note(&path).map_err(|why| bad(&why))?;
             }
         } else if let Some(rest) = text.strip_prefix("+++ ") {
             if let Some(path) = check_side(rest, "b/").map_err(|why| bad(&why))? {
                 target_depth = target_depth.min(depth_of(&path));
-                note(&path);
+                note(&path).map_err(|why| bad(&why))?;
             }
         } else if ["rename from ", "rename to ", "copy from ", "copy to "]
             .iter()
@@ -241,18 +254,11 @@ pub fn check(patch: impl BufRead) -> Result<(), WorkspaceError> {
             return Err(bad("a line git diff does not write outside a hunk"));
         }
     }
-    if let Some((dir, _)) = dirs.iter().find(|(_, names)| names.may_be_git_dir()) {
-        return Err(WorkspaceError::UnsafePatch {
-            line: 0,
-            why: format!(
-                "it writes HEAD beside objects, refs or commondir in {:?}: the directory \
-                 could become a git repository whose config git obeys",
-                if dir.is_empty() { "." } else { dir }
-            ),
-        });
-    }
     Ok(())
 }
+
+/// Directories with a git-dir name (HEAD, objects, refs, commondir) one patch may touch.
+const MAX_GIT_NAME_DIRS: usize = 100_000;
 
 /// `-a,b +c,d` of a hunk header: the old and new line counts (1 when omitted).
 fn hunk_counts(text: &str) -> Option<(u64, u64)> {
@@ -286,36 +292,40 @@ fn check_side(rest: &str, prefix: &str) -> Result<Option<String>, String> {
     Ok(Some(path.to_owned()))
 }
 
-/// The `diff --git` names. Unquoted names may hold spaces, so every way to split the line
-/// into `a/X b/Y` must give safe paths. Returns every path any split gives.
-fn check_diff_line(rest: &str) -> Result<Vec<String>, String> {
-    let mut paths = Vec::new();
+/// The one path of a `diff --git` line: both names must be the same (the guest's diff
+/// writes no renames or copies), which also makes an unquoted line with spaces unambiguous
+/// (`a/X b/X`, split in the middle, as git apply does).
+fn check_diff_line(rest: &str) -> Result<String, String> {
+    const DIFFERENT: &str = "a diff line whose two names differ (a rename or copy)";
     if rest.starts_with('"') || rest.ends_with('"') {
         let (first, second) = split_quoted(rest)?;
-        for (name, prefix) in [(first, "a/"), (second, "b/")] {
-            let path = name
-                .strip_prefix(prefix)
-                .ok_or_else(|| format!("a name without the {prefix} prefix"))?;
-            check_path(path)?;
-            paths.push(path.to_owned());
+        let old = first
+            .strip_prefix("a/")
+            .ok_or("a name without the a/ prefix")?;
+        let new = second
+            .strip_prefix("b/")
+            .ok_or("a name without the b/ prefix")?;
+        if old != new {
+            return Err(DIFFERENT.into());
         }
-        return Ok(paths);
+        check_path(new)?;
+        return Ok(new.to_owned());
     }
     let body = rest
         .strip_prefix("a/")
         .ok_or("a name without the a/ prefix")?;
-    for (at, _) in body.match_indices(" b/") {
-        let (old, new) = (&body[..at], &body[at + 3..]);
-        check_path(old)?;
-        check_path(new)?;
-        paths.push(old.to_owned());
-        paths.push(new.to_owned());
+    let half = body.len().saturating_sub(3) / 2;
+    let (old, new) = match (body.get(..half), body.get(half..)) {
+        (Some(old), Some(rest)) if body.len() == 2 * half + 3 => {
+            (old, rest.strip_prefix(" b/").ok_or(DIFFERENT)?)
+        }
+        _ => return Err(DIFFERENT.into()),
+    };
+    if old != new {
+        return Err(DIFFERENT.into());
     }
-    if paths.is_empty() {
-        Err("a diff line without two names".into())
-    } else {
-        Ok(paths)
-    }
+    check_path(new)?;
+    Ok(new.to_owned())
 }
 
 /// Splits `"a/x" "b/y"` (either side may be unquoted) into the two unquoted names.
@@ -386,6 +396,9 @@ fn unquote(name: &str) -> Result<String, String> {
 
 /// A path `git apply` writes: relative, no empty, `.` or `..` component, nothing named `.git`.
 fn check_path(path: &str) -> Result<(), String> {
+    if path.len() > super::extract::PATH_MAX {
+        return Err("a path longer than 4096 bytes".into());
+    }
     if path.is_empty() || path.starts_with('/') {
         return Err(format!("unsafe path {path:?}"));
     }
@@ -546,6 +559,23 @@ index 6666666..0000000
     }
 
     #[test]
+    fn hostile_headers_cost_linear_time_and_bounded_memory() {
+        // A diff line that splits into a/X b/Y a million ways, and one deep path of git-dir
+        // names: refused (or accepted) at once, not after quadratic work.
+        let started = std::time::Instant::now();
+        let line = format!("diff --git a/{}\n", " b/x".repeat(1 << 20));
+        assert!(refused(&line));
+        let deep = "HEAD/".repeat(800) + "f";
+        let patch = format!("diff --git a/{deep} b/{deep}\nindex 1..2 100644\n");
+        check(patch.as_bytes()).expect("one HEAD per directory is fine");
+        let many: String = (0..20_000)
+            .map(|i| format!("diff --git a/d{i}/HEAD b/d{i}/HEAD\nindex 1..2 100644\n"))
+            .collect();
+        check(many.as_bytes()).expect("accepted");
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    }
+
+    #[test]
     fn a_line_over_the_cap_is_refused() {
         // A newline-free hunk line: refused once the cap is reached, not held whole.
         let mut patch =
@@ -585,6 +615,8 @@ index 6666666..0000000
              copy to top\n",
             "diff --git a/x b/y\nrename from x\nrename to y\n",
             "diff --git a/x b/x\nindex 1..2 100777\n",
+            "diff --git a/x b/y\n",
+            "diff --git \"a/x\" \"b/y\"\n",
             "new file mode 104755\n",
             "new mode 100777\n",
             "diff --git a/l b/l\nnew file mode 120000\n--- /dev/null\n+++ b/l\n@@ -0,0 +1 @@\n+../../etc\n",
