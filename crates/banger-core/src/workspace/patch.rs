@@ -97,6 +97,8 @@ pub fn check(patch: impl BufRead) -> Result<(), WorkspaceError> {
     let mut mode_known = false;
     let mut target_depth = usize::MAX;
     let depth_of = |p: &str| p.split('/').count().saturating_sub(1);
+    // Whether the current file may still give its `---`/`+++` names.
+    let mut names_open = false;
     // The git-dir names (HEAD, objects, refs, commondir) the patch puts in each directory,
     // keyed by a hash of the directory's path: memory grows only with those names, and a
     // collision can only refuse more. At most MAX_GIT_NAME_DIRS directories are tracked.
@@ -135,10 +137,16 @@ pub fn check(patch: impl BufRead) -> Result<(), WorkspaceError> {
         if let Some(rest) = text.strip_prefix("diff --git ") {
             symlink = false;
             mode_known = false;
+            names_open = true;
             let path = check_diff_line(rest).map_err(|why| bad(&why))?;
             target_depth = depth_of(&path);
             note(&path).map_err(|why| bad(&why))?;
         } else if let Some(rest) = text.strip_prefix("--- ") {
+            // A second `---` in one file would start a file patch without a git header
+            // (and without a mode: git apply keeps the host path's type).
+            if !std::mem::replace(&mut names_open, false) {
+                return Err(bad("a file patch without its own diff --git header"));
+            }
             if let Some(path) = check_side(rest, "a/").map_err(|why| bad(&why))? {
                 target_depth = target_depth.min(depth_of(&path));
                 note(&path).map_err(|why| bad(&why))?;
@@ -593,8 +601,8 @@ index 6666666..0000000
         for bad in [
             "diff --git a/.git/config b/.git/config\n",
             "diff --git a/x/.GIT/hooks/pre-commit b/x/.GIT/hooks/pre-commit\n",
-            "--- a/x\n+++ b/.git/config\n@@ -0,0 +1 @@\n+x\n",
-            "--- a/../../etc/passwd\n",
+            "diff --git a/x b/x\n--- a/x\n+++ b/.git/config\n@@ -0,0 +1 @@\n+x\n",
+            "diff --git a/x b/x\n--- a/../../etc/passwd\n",
             "+++ b//etc/passwd\n",
             "+++ b/a/./b\n",
             "rename from x\nrename to .git/hooks/post-checkout\n",
@@ -616,6 +624,9 @@ index 6666666..0000000
             "diff --git a/x b/y\nrename from x\nrename to y\n",
             "diff --git a/x b/x\nindex 1..2 100777\n",
             "diff --git a/x b/y\n",
+            // A traditional (headerless) file patch after a git one inherits nothing.
+            "diff --git a/f b/f\nindex 1..2 100644\n--- a/f\n+++ b/f\n@@ -1 +1 @@\n-a\n+b\n\
+             --- a/l\n+++ b/l\n@@ -1 +1 @@\n-x\n+../../etc\n",
             "diff --git \"a/x\" \"b/y\"\n",
             "new file mode 104755\n",
             "new mode 100777\n",
