@@ -145,11 +145,12 @@ pub async fn create_work_disk(
             tool: "mkfs.ext4",
             message: format!("cannot create {}: {e}", path.display()),
         })?;
+    let extended = work_disk_extended_options(mkfs_knows_prezeroed(Path::new("mkfs.ext4")).await);
     run(
         "mkfs.ext4",
         Command::new(system_tool("mkfs.ext4"))
             .args(["-q", "-F", "-L", WORK_LABEL, "-t", "ext4"])
-            .args(["-E", "assume_storage_prezeroed=1,root_owner=0:0"])
+            .args(["-E", extended])
             .arg("-N")
             .arg(inodes.to_string())
             .arg("-d")
@@ -251,6 +252,61 @@ async fn give_seed_to_guest_root(image: &Path, seed_dir: &Path) -> Result<(), Di
         });
     }
     Ok(())
+}
+
+/// The `-E` options for a new work disk. e2fsprogs 1.47 has `assume_storage_prezeroed`: the
+/// sparse file reads as zeros, so inode tables and journal are neither written now nor by
+/// the guest later. Older mkfs.ext4 (Ubuntu 22.04's 1.46.5) refuses it; there lazy init
+/// leaves the inode tables to the guest kernel (and the journal, safe on a file of zeros).
+pub fn work_disk_extended_options(prezeroed: bool) -> &'static str {
+    if prezeroed {
+        "assume_storage_prezeroed=1,root_owner=0:0"
+    } else {
+        "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0"
+    }
+}
+
+/// Whether the list of extended options a mkfs.ext4 prints (for an unknown `-E` option)
+/// names `assume_storage_prezeroed`.
+pub fn lists_prezeroed(help: &str) -> bool {
+    help.contains("assume_storage_prezeroed")
+}
+
+/// The extended options `mkfs` (a path, or a name on PATH) knows, as it lists them when
+/// given an unknown one (`-E help`, dry run `-n` on a scratch file). `None` when it does not
+/// run.
+pub async fn mkfs_extended_options_help(mkfs: &Path) -> Option<String> {
+    let dir = tempfile::tempdir().ok()?;
+    let scratch = dir.path().join("probe.img");
+    std::fs::File::create(&scratch)
+        .and_then(|f| f.set_len(1 << 20))
+        .ok()?;
+    let output = Command::new(mkfs)
+        .args(["-q", "-n", "-E", "help"])
+        .arg(&scratch)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    Some(text)
+}
+
+/// Whether `mkfs` knows `assume_storage_prezeroed`; asked once per process for mkfs.ext4 on
+/// PATH, each time for another path.
+pub async fn mkfs_knows_prezeroed(mkfs: &Path) -> bool {
+    static ON_PATH: tokio::sync::OnceCell<bool> = tokio::sync::OnceCell::const_new();
+    let ask = async || {
+        mkfs_extended_options_help(mkfs)
+            .await
+            .is_some_and(|help| lists_prezeroed(&help))
+    };
+    if mkfs == Path::new("mkfs.ext4") {
+        *ON_PATH.get_or_init(ask).await
+    } else {
+        ask().await
+    }
 }
 
 pub use crate::domain::SystemDiskStrategy;
@@ -504,6 +560,18 @@ mod tests {
     use super::*;
     use crate::host::RecordingHost;
 
+    #[test]
+    fn the_layouts_dm_name_is_one_the_helper_makes_for_its_owner() {
+        let layout = crate::layout::Layout::from_lookup(|k| {
+            (k == "BANGER_HOME").then(|| std::path::PathBuf::from("/b"))
+        })
+        .unwrap();
+        let id = "0123456789abcdef0123456789abcdef";
+        let name = layout.vm_dm_name(1000, id);
+        assert_eq!(name, banger_proto::helper::dm_name(1000, id));
+        assert_eq!(banger_proto::helper::parse_dm_name(&name), Some((1000, id)));
+    }
+
     /// `debugfs -R "stat PATH"`'s owner line, e.g. "User:     0   Group:     0".
     fn owner_in_image(image: &Path, path: &str) -> (u32, u32) {
         let out = std::process::Command::new(system_tool("debugfs"))
@@ -729,6 +797,61 @@ mod tests {
         assert!(
             std::fs::metadata(&dst).unwrap().blocks() * 512 < 4 << 20,
             "holes kept"
+        );
+    }
+
+    /// An e2fsprogs 1.46 stand-in: lists its extended options without
+    /// assume_storage_prezeroed and refuses that option, as Ubuntu 22.04's mkfs.ext4 does.
+    fn old_mkfs(dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("mkfs.ext4");
+        std::fs::write(
+            &path,
+            "#!/bin/sh\ncase \"$*\" in *assume_storage_prezeroed*|*help*)\n\
+             printf '\\nBad option(s) specified: x\\n\\nValid extended options are:\\n\\tlazy_itable_init=<0 to disable, 1 to enable>\\n\\troot_owner=<uid>:<gid>\\n' >&2; exit 1;;\nesac\n\
+             exec mkfs.ext4 \"$@\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn work_disk_options_follow_what_mkfs_knows() {
+        let dir = tempfile::tempdir().unwrap();
+        if !crate::image::on_path("mkfs.ext4") {
+            eprintln!("SKIP: mkfs.ext4 is not installed");
+            return;
+        }
+        let real = mkfs_extended_options_help(Path::new("mkfs.ext4"))
+            .await
+            .unwrap();
+        assert!(real.contains("root_owner"), "{real}");
+        let old = old_mkfs(dir.path());
+        assert!(!mkfs_knows_prezeroed(&old).await);
+        let options = work_disk_extended_options(false);
+        assert!(!options.contains("prezeroed"));
+        // The fallback options make a file system the old stand-in (and the real one) accepts.
+        let disk = dir.path().join("work.ext4");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let status = std::process::Command::new(&old)
+            .args(["-q", "-F", "-t", "ext4", "-E", options])
+            .arg(&disk)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let fsck = std::process::Command::new("e2fsck")
+            .args(["-n", "-f"])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
         );
     }
 }

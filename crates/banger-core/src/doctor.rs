@@ -373,7 +373,19 @@ pub async fn check_tool(tool: &Tool, path_var: Option<&OsStr>) -> DoctorCheck {
     }
     if tool.name == "mkfs.ext4" {
         return match probe(&found.path, &["-V"]).await {
-            Ok(text) => mkfs_version_check(&shown, &text),
+            Ok(text) => {
+                let mut check = mkfs_version_check(&shown, &text);
+                // What `vm create` does with this mkfs.ext4 (disk::work_disk_extended_options).
+                if check.status == CheckStatus::Ok {
+                    let prezeroed = crate::disk::mkfs_knows_prezeroed(&found.path).await;
+                    check.detail.push_str(if prezeroed {
+                        "; work disks: assume_storage_prezeroed"
+                    } else {
+                        "; work disks: lazy init (no assume_storage_prezeroed before 1.47)"
+                    });
+                }
+                check
+            }
             Err(why) => problem(tool.name, CheckStatus::Fail, why, install),
         };
     }

@@ -158,7 +158,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from_output(output: Output) -> Self {
+    pub fn from_output(output: Output) -> Self {
         Self {
             code: output.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -415,7 +415,8 @@ impl TestEnv {
             .unwrap();
         assert!(status.success(), "mkfs.ext4 failed");
         let kernel = dir.join("vmlinux");
-        std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub").unwrap();
+        // The name of the command-line virtio-mmio parameter: a kernel Firecracker can boot.
+        std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub virtio_mmio.device").unwrap();
         self.banger(&[
             "image",
             "import",

@@ -186,12 +186,24 @@ async fn handle(
         Ok(collected) => collected.to_bytes(),
         Err(_) => Bytes::new(),
     };
-    let reply = match server.spec.operation(&method, &path) {
-        Err(message) => state::fault(message),
-        Ok(op) => match server.spec.check_body(&op, &method, &body) {
+    // Firecracker's HTTP server knows GET, PUT, PATCH and DELETE only; any other method is a 400
+    // whose body has an `error`, not a `fault_message`.
+    let reply = if !matches!(method.as_str(), "GET" | "PUT" | "PATCH" | "DELETE") {
+        state::Reply {
+            status: 400,
+            body: Some(json!({
+                "error": "Invalid HTTP Method: Unsupported HTTP method.\nAll previous unanswered requests will be dropped."
+            })),
+            after: After::Nothing,
+        }
+    } else {
+        match server.spec.operation(&method, &path) {
             Err(message) => state::fault(message),
-            Ok(value) => server.machine.lock().await.apply(&op.id, &op.params, value),
-        },
+            Ok(op) => match server.spec.check_body(&op, &method, &body) {
+                Err(message) => state::fault(message),
+                Ok(value) => server.machine.lock().await.apply(&op.id, &op.params, value),
+            },
+        }
     };
     if reply.after == After::Exit {
         server.exiting.store(true, Ordering::SeqCst);

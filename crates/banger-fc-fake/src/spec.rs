@@ -12,6 +12,9 @@ use anyhow::{Context, bail};
 use serde_json::{Map, Value};
 
 /// One operation of the spec matched by a request.
+/// The schema whose objects take unknown fields (see [`Spec::check`]).
+const OPEN_SCHEMA: &str = "#/definitions/TokenBucket";
+
 #[derive(Debug, Clone)]
 pub struct Operation {
     /// `operationId`, e.g. `putGuestDriveByID`.
@@ -135,6 +138,21 @@ impl Spec {
 
     /// Validates `value` against `schema`; `at` names the place for messages.
     pub fn check(&self, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+        // Firecracker's rate-limiter buckets (`TokenBucketConfig`) are the one body type
+        // deserialized without `deny_unknown_fields`: unknown fields inside them pass.
+        if schema.get("$ref").and_then(Value::as_str) == Some(OPEN_SCHEMA) {
+            let resolved = self.resolve(schema)?;
+            let properties = resolved.get("properties").and_then(Value::as_object);
+            let object = value
+                .as_object()
+                .ok_or_else(|| format!("invalid type: {}, expected a map at {at}", shown(value)))?;
+            for (key, field) in object {
+                if let Some(field_schema) = properties.and_then(|p| p.get(key)) {
+                    self.check(field_schema, field, &format!("{at}.{key}"))?;
+                }
+            }
+            return Ok(());
+        }
         let schema = self.resolve(schema)?;
         let kind = schema.get("type").and_then(Value::as_str).or_else(|| {
             schema

@@ -66,6 +66,7 @@ pub fn fault(message: impl Into<String>) -> Reply {
 }
 
 const AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
+const PCI_DISABLED: &str = "PCI is not enabled";
 const BEFORE_START: &str = "The requested operation is not supported before starting the microVM.";
 
 /// The microVM.
@@ -183,9 +184,7 @@ impl Machine {
                 if self.started {
                     return Err(fault(AFTER_START));
                 }
-                if self.logger.is_some() {
-                    return Err(fault("Logger is already configured."));
-                }
+                // A second logger configuration replaces the first (204), as in Firecracker.
                 if let Some(path) = str_field("log_path") {
                     self.must_exist(&path, "log_path")?;
                 }
@@ -236,6 +235,10 @@ impl Machine {
                 Ok(Reply::no_content())
             }
             "putGuestDriveByID" => {
+                // Hot-plugging a drive or NIC needs PCI, which banger's VMs do not enable.
+                if self.started {
+                    return Err(fault(PCI_DISABLED));
+                }
                 self.pre_boot()?;
                 let id = str_field("drive_id").unwrap_or_default();
                 match (str_field("path_on_host"), str_field("socket")) {
@@ -259,6 +262,9 @@ impl Machine {
                 Ok(Reply::no_content())
             }
             "putGuestNetworkInterfaceByID" => {
+                if self.started {
+                    return Err(fault(PCI_DISABLED));
+                }
                 self.pre_boot()?;
                 let tap = str_field("host_dev_name").unwrap_or_default();
                 if tap.is_empty() || tap.len() > 15 || tap.contains('/') {

@@ -18,7 +18,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use banger_proto::helper::{parse_dm_name, parse_loop_device};
+use banger_proto::helper::{parse_dm_name, parse_legacy_dm_name, parse_loop_device};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
 use nix::sys::stat::Mode;
@@ -365,8 +365,14 @@ fn dm_uuid(owner: u32, vm_id: &str) -> String {
     format!("BANGER-{owner}-{vm_id}")
 }
 
-fn dm_name(name: &str) -> Result<&str, Invalid> {
-    parse_dm_name(name).ok_or_else(|| Invalid::DmName(name.to_owned()))
+/// The VM id of `owner`'s dm name `banger-<owner>-<vm id>`; another owner's name is refused
+/// by its name before anything looks at the mapping.
+fn dm_name(name: &str, owner: u32) -> Result<&str, Invalid> {
+    match parse_dm_name(name) {
+        None => Err(Invalid::DmName(name.to_owned())),
+        Some((o, _)) if o != owner => Err(Invalid::DmNotOwned(name.to_owned())),
+        Some((_, vm_id)) => Ok(vm_id),
+    }
 }
 
 fn require_dm() -> Result<(), DiskError> {
@@ -388,7 +394,7 @@ pub fn dm_snapshot_create(
     records: &LoopRecords,
 ) -> Result<String, DiskError> {
     let owner = records.owner;
-    let vm_id = dm_name(name)?;
+    let vm_id = dm_name(name, owner)?;
     let origin = owned_loop(origin_loop, records)?;
     owned_loop(cow_loop, records)?;
     if origin_loop == cow_loop {
@@ -434,9 +440,13 @@ pub fn dm_snapshot_create(
     Ok(device)
 }
 
-/// Removes the mapping `name` if it carries this owner's banger uuid.
+/// Removes the mapping `name` if it carries this owner's banger uuid (also under the name
+/// `banger-<vm id>` mappings had before names carried the uid: the uuid proves the owner).
 pub fn dm_remove(name: &str, owner: u32) -> Result<(), DiskError> {
-    let vm_id = dm_name(name)?;
+    let vm_id = match parse_legacy_dm_name(name) {
+        Some(vm_id) => vm_id,
+        None => dm_name(name, owner)?,
+    };
     require_dm()?;
     let uuid = dmsetup(&["info", "--noheadings", "-c", "-o", "uuid", name])?;
     if uuid.trim() != dm_uuid(owner, vm_id) {
@@ -480,7 +490,30 @@ mod tests {
             dm_snapshot_create("root", "/dev/loop0", "/dev/loop1", &records),
             Err(DiskError::Invalid(Invalid::DmName(_)))
         ));
-        let name = "banger-0123456789abcdef0123456789abcdef";
+        // The old name without the uid, and another owner's name.
+        for (name, owner) in [
+            ("banger-0123456789abcdef0123456789abcdef", 0),
+            ("banger-1000-0123456789abcdef0123456789abcdef", 0),
+        ] {
+            let records = LoopRecords {
+                dir: dir.path().to_owned(),
+                owner,
+            };
+            assert!(
+                matches!(
+                    dm_snapshot_create(name, "/dev/loop0", "/dev/loop1", &records),
+                    Err(DiskError::Invalid(
+                        Invalid::DmName(_) | Invalid::DmNotOwned(_)
+                    ))
+                ),
+                "{name}"
+            );
+        }
+        assert!(matches!(
+            dm_remove("banger-1000-0123456789abcdef0123456789abcdef", 0),
+            Err(DiskError::Invalid(Invalid::DmNotOwned(_)))
+        ));
+        let name = "banger-0-0123456789abcdef0123456789abcdef";
         assert!(matches!(
             dm_snapshot_create(name, "/dev/sda", "/dev/loop1", &records),
             Err(DiskError::Invalid(Invalid::LoopDevice(_)))

@@ -21,9 +21,12 @@
 //! a per-owner parent `banger-<owner uid>` that must be root's; a VM cgroup that still exists
 //! when a VM starts (after its stale jail was removed) is refused, never reused.
 //!
-//! Every file placed in the jail is opened once beneath the state dir's descriptor
-//! (`confine`), checked through the descriptor (a regular file, the owner's), and linked or
-//! mounted from that descriptor, so swapping a path component after the check changes nothing.
+//! The jail base is a tmpfs of the helper's own ([`prepare_base`]), so nothing the jailer
+//! makes for the owner there (the jail's device nodes) can be hard-linked out. Every file
+//! placed in the jail is opened once beneath the state dir's descriptor (`confine`), checked
+//! through the descriptor (a regular file, the owner's), and bind-mounted from that
+//! descriptor, so swapping a path component after the check changes nothing. Removal
+//! unmounts only those placements, by their fixed names, following no symlink.
 
 use std::fs::File;
 use std::io::Read;
@@ -88,6 +91,11 @@ pub enum JailError {
     },
     #[error("the jailer failed: {0}")]
     Jailer(String),
+    #[error(
+        "the jail base {base:?} has a mount that is not the helper's own tmpfs ({found}); hint: \
+         unmount it, or pick another --jail-base"
+    )]
+    ForeignBase { base: String, found: String },
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> JailError {
@@ -190,6 +198,77 @@ impl JailConfig {
     pub fn parent_cgroup(&self) -> String {
         format!("banger-{}", self.uid)
     }
+
+    /// The source of the helper's own tmpfs on the jail base, as mountinfo shows it.
+    fn base_source(&self) -> String {
+        format!("banger-jail-{}", self.uid)
+    }
+}
+
+/// The topmost mount on `dir` (the last mountinfo line for it): (fs type, source).
+fn mount_on(dir: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.split(' ').nth(4).map(unescape_mount_path).as_deref() == Some(dir))
+        .filter_map(|l| {
+            let (_, tail) = l.split_once(" - ")?;
+            let mut f = tail.split(' ');
+            Some((f.next()?.to_owned(), f.next()?.to_owned()))
+        })
+        .next_back()
+}
+
+/// Refuses a jail base whose topmost mount is not the helper's own tmpfs: a jail on a file
+/// system shared with a dir the owner can write would let the owner hard-link the jail's
+/// device nodes (`/dev/kvm`, ...) out and keep them after the jail is gone.
+fn own_base(config: &JailConfig) -> Result<(), JailError> {
+    match mount_on(&config.base) {
+        Some((fs, source)) if fs == "tmpfs" && source == config.base_source() => Ok(()),
+        found => Err(JailError::ForeignBase {
+            base: config.base.display().to_string(),
+            found: found.map_or_else(
+                || "no mount".to_owned(),
+                |(fs, source)| format!("{fs} from {source}"),
+            ),
+        }),
+    }
+}
+
+/// Makes the jail base a file system of the helper's own at its start: a tmpfs (`nosuid`,
+/// devices allowed: the jailer makes `/dev/kvm` there; `mode=0711`: nobody lists the VM ids)
+/// on a root-owned dir, or the one an earlier run of the helper left (with its live jails).
+/// A base with any other mount on it is refused. The owner's files are bind-mounted into a
+/// jail (a hard link cannot cross), and no jail node can be hard-linked out of it.
+pub fn prepare_base(config: &JailConfig) -> Result<(), JailError> {
+    let base = &config.base;
+    if !base.is_absolute() {
+        return Err(Invalid::PathShape(base.display().to_string()).into());
+    }
+    std::fs::create_dir_all(base).map_err(io(format!("cannot create {}", base.display())))?;
+    for dir in base.ancestors() {
+        let meta =
+            std::fs::symlink_metadata(dir).map_err(io(format!("cannot stat {}", dir.display())))?;
+        let sticky = meta.permissions().mode() & 0o1000 != 0;
+        if !meta.is_dir() || meta.uid() != 0 || (dir != base && !sticky && !root_controlled(&meta))
+        {
+            return Err(JailError::UnsafeDir(dir.display().to_string()));
+        }
+    }
+    if mount_on(base).is_none() {
+        nix::mount::mount(
+            Some(config.base_source().as_str()),
+            base,
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID,
+            Some("mode=0711,uid=0,gid=0"),
+        )
+        .map_err(|e| JailError::Io {
+            context: format!("cannot mount a tmpfs on the jail base {}", base.display()),
+            source: e.into(),
+        })?;
+        info!(base = %base.display(), "mounted the jail base");
+    }
+    own_base(config)
 }
 
 /// A root-owned regular file nobody else may write, in directories only root may change;
@@ -233,8 +312,8 @@ pub fn chroot_dir(config: &JailConfig, exec_name: &str, vm_id: &str) -> PathBuf 
     config.base.join(exec_name).join(vm_id).join("root")
 }
 
-/// Places the opened `file` at `target`: a hard link when on the same file system, else an
-/// empty file with the source bind-mounted on it.
+/// Places the opened `file` at `target`: a hard link when on the same file system (never, on
+/// the helper's own tmpfs), else an empty file with the source bind-mounted on it.
 fn place(file: &File, target: &Path) -> Result<(), JailError> {
     let source = format!("/proc/self/fd/{}", file.as_raw_fd());
     match nix::unistd::linkat(
@@ -411,17 +490,15 @@ fn check_cgroups(config: &JailConfig, vm_id: &str) -> Result<(), JailError> {
 }
 
 fn build(config: &JailConfig, chroot: &Path, placed: &[(File, &str)]) -> Result<(), JailError> {
-    std::fs::create_dir_all(&config.base)
-        .map_err(io(format!("cannot create {}", config.base.display())))?;
-    std::fs::set_permissions(&config.base, std::fs::Permissions::from_mode(0o755))
-        .map_err(io(format!("cannot chmod {}", config.base.display())))?;
-    // Root builds the jail in it: nobody else may have placed or may swap anything there.
-    let meta = std::fs::symlink_metadata(&config.base)
-        .map_err(io(format!("cannot stat {}", config.base.display())))?;
-    if !meta.is_dir() || meta.uid() != 0 {
-        return Err(JailError::UnsafeDir(config.base.display().to_string()));
-    }
+    // Root builds the jail on its own file system, where nobody else placed anything.
+    own_base(config)?;
     std::fs::create_dir_all(chroot).map_err(io(format!("cannot create {}", chroot.display())))?;
+    // `<exec name>/` and `<vm id>/` stay root's and unlistable (the VM ids are nobody's
+    // business); the owner only passes through to its `root/`.
+    for dir in chroot.ancestors().skip(1).take(2) {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(io(format!("cannot chmod {}", dir.display())))?;
+    }
     for (file, name) in placed {
         place(file, &chroot.join(name.trim_start_matches('/')))?;
     }
@@ -591,28 +668,63 @@ fn kill_pid_file(chroot: &Path, exec_name: &str, child: u32, vm_id: &str, uid: u
         if named.is_some_and(|p| p as u32 == child || !Path::new(&format!("/proc/{p}")).exists()) {
             return;
         }
-        if let Some(pid) = named.filter(|&p| p > 1) {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            let owner = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|ids| ids.split_whitespace().next())
-                .and_then(|real| real.parse::<u32>().ok());
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if owner == Some(uid) && String::from_utf8_lossy(&cmdline).contains(vm_id) {
-                warn!(pid, vm_id, "killing a Firecracker the failed jailer left");
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                return;
-            }
+        if let Some(pid) = named.filter(|&p| p > 1)
+            && kill_if(pid, |pid| is_vm_process(pid, uid, vm_id))
+        {
+            warn!(pid, vm_id, "killed a Firecracker the failed jailer left");
+            return;
         }
         if Instant::now() >= deadline {
             return;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Whether `/proc/<pid>` runs as `uid` (real uid) with `vm_id` on its command line.
+fn is_vm_process(pid: i32, uid: u32, vm_id: &str) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let owner = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().next())
+        .and_then(|real| real.parse::<u32>().ok());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    owner == Some(uid) && String::from_utf8_lossy(&cmdline).contains(vm_id)
+}
+
+/// SIGKILLs the process `pid` names now when `check(pid)` holds: a pidfd is opened first and
+/// the signal goes through it, so a process that exits after the check (and a new process
+/// given the same pid) is never signalled. Returns whether the signal was delivered.
+pub fn kill_if(pid: i32, check: impl FnOnce(i32) -> bool) -> bool {
+    // SAFETY: pidfd_open(2) takes a pid and flags (0) and returns a new descriptor or -1; no
+    // memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let Ok(fd) = i32::try_from(fd) else {
+        return false;
+    };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+    let pidfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // The pidfd pins the process: what /proc says now is about it while it lives, and a
+    // signal through the pidfd reaches it or nothing.
+    if !check(pid) {
+        return false;
+    }
+    // SAFETY: pidfd_send_signal(2) with a pidfd open for the call, SIGKILL, a null siginfo
+    // (allowed: the kernel fills it as for kill(2)) and flags 0.
+    let sent = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    sent == 0
 }
 
 /// The pid in a root-written pid file (regular, uid 0, not a symlink), if any.
@@ -641,7 +753,20 @@ pub fn remove(config: &JailConfig, vm_id: &str) -> Result<(), JailError> {
     Ok(())
 }
 
+/// The names the helper may have bind-mounted in a jail's root (see [`place`]).
+const PLACED: [&str; 5] = [
+    JAIL_KERNEL,
+    JAIL_INITRD,
+    JAIL_SYSTEM_DISK,
+    JAIL_WORK_DISK,
+    JAIL_CONSOLE,
+];
+
 /// Removes every jail dir of `vm_id` under the base (any exec file name), unmounting first.
+/// Only the helper's own placements are unmounted: the fixed `JAIL_*` names directly in the
+/// jail's root, with `UMOUNT_NOFOLLOW` (the root dir is the owner's: a name there may have
+/// been swapped for a symlink). Any other mount under the jail (one the owner made) makes the
+/// removal fail, never an unmount by a path the owner could redirect.
 fn remove_jails(config: &JailConfig, vm_id: &str) -> Result<(), JailError> {
     if let Ok(entries) = std::fs::read_dir(&config.base) {
         for entry in entries.flatten() {
@@ -649,13 +774,20 @@ fn remove_jails(config: &JailConfig, vm_id: &str) -> Result<(), JailError> {
             if std::fs::symlink_metadata(&dir).is_err() {
                 continue;
             }
-            for mount in mounts_under(&dir) {
-                nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
-                    JailError::Io {
-                        context: format!("cannot unmount {}", mount.display()),
-                        source: e.into(),
-                    }
-                })?;
+            let root = dir.join("root");
+            for name in PLACED {
+                unmount_placed(&root.join(name.trim_start_matches('/')))?;
+            }
+            if let Some(foreign) = mounts_under(&dir).first() {
+                return Err(JailError::Io {
+                    context: format!(
+                        "cannot remove {}: {} is a mount the helper did not make; hint: \
+                         unmount it",
+                        dir.display(),
+                        foreign.display()
+                    ),
+                    source: std::io::Error::from(std::io::ErrorKind::ResourceBusy),
+                });
             }
             std::fs::remove_dir_all(&dir)
                 .map_err(io(format!("cannot remove {}", dir.display())))?;
@@ -665,18 +797,34 @@ fn remove_jails(config: &JailConfig, vm_id: &str) -> Result<(), JailError> {
     Ok(())
 }
 
-/// Mount points at or below `dir`, deepest first.
+/// Unmounts every mount stacked on `path` without following a symlink there; a path that is
+/// missing or no mount point is left alone.
+fn unmount_placed(path: &Path) -> Result<(), JailError> {
+    use nix::mount::MntFlags;
+    // Bounded: a name holds the helper's one bind mount; more would be stacked by others.
+    for _ in 0..16 {
+        match nix::mount::umount2(path, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => return Ok(()),
+            Err(e) => {
+                return Err(JailError::Io {
+                    context: format!("cannot unmount {}", path.display()),
+                    source: e.into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Mount points at or below `dir`.
 fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut found: Vec<PathBuf> = text
-        .lines()
+    text.lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(unescape_mount_path)
         .filter(|p| p.starts_with(dir))
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    found.dedup();
-    found
+        .collect()
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -791,6 +939,58 @@ mod tests {
                 "{cpus} {memory_mib}"
             );
         }
+    }
+
+    /// A process that ends after the check and whose pid a new process takes is never
+    /// signalled (the new process stays alive); a live process that passes is killed.
+    #[test]
+    fn kill_if_never_signals_a_process_that_took_the_checked_pid() {
+        use std::process::Command;
+        let mut target = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = target.id() as i32;
+        let mut victim = None;
+        let killed = kill_if(pid, |p| {
+            target.kill().unwrap();
+            target.wait().unwrap();
+            // Hand the pid to a new process (ns_last_pid, as root), retried since other
+            // processes fork meanwhile.
+            for _ in 0..100 {
+                let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", (p - 1).to_string());
+                let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+                if child.id() as i32 == p {
+                    victim = Some(child);
+                    break;
+                }
+                child.kill().unwrap();
+                child.wait().unwrap();
+            }
+            true
+        });
+        assert!(
+            !killed,
+            "a signal was delivered after the checked process ended"
+        );
+        match victim {
+            Some(mut victim) => {
+                assert!(
+                    victim.try_wait().unwrap().is_none(),
+                    "the process that took the pid was killed"
+                );
+                victim.kill().unwrap();
+                victim.wait().unwrap();
+            }
+            None => eprintln!("SKIP: could not hand pid {pid} to a new process (ns_last_pid)"),
+        }
+        let mut live = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = live.id() as i32;
+        assert!(!kill_if(pid, |_| false));
+        assert!(live.try_wait().unwrap().is_none());
+        assert!(kill_if(pid, |_| true));
+        let status = live.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
     }
 
     #[test]

@@ -178,6 +178,9 @@ fn serve(args: &Args) -> Result<()> {
         cgroups: jail::Cgroups::detect(),
     };
     jail::check(&jail).context("the configured jailer cannot be used")?;
+    if jail.binaries.is_some() {
+        jail::prepare_base(&jail).context("the jail base cannot be used")?;
+    }
     let record_dir = args
         .record_dir
         .clone()

@@ -1,5 +1,6 @@
 //! The helper's server: accepts connections on its Unix socket, refuses every peer whose uid
-//! (SO_PEERCRED) is not the owner, reads one frame at a time, validates the operation's
+//! (SO_PEERCRED) is not the owner in the accept loop itself (so no other uid counts toward
+//! the connection limit), reads one frame at a time, validates the operation's
 //! arguments and runs it (network operations in `net`, loop and device-mapper ones in `disk`,
 //! the jailer in `jail`; paths beneath the state dir's descriptor from `confine`). A bad frame
 //! or a refused argument gets an error reply; the server keeps serving. A connection whose
@@ -125,6 +126,10 @@ impl Server {
                     continue;
                 }
             };
+            // Another uid is refused here, before it could take one of the owner's slots.
+            if !self.peer_is_owner(&stream) {
+                continue;
+            }
             if self.active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
                 self.log_refusal(|| warn!("too many connections; refusing one"));
                 continue;
@@ -139,6 +144,46 @@ impl Server {
         Ok(())
     }
 
+    /// Whether the peer (SO_PEERCRED) is the owner. Anyone else gets a refusal sent without
+    /// blocking (a new connection's buffer takes the short reply) and the connection closed,
+    /// all in the accept loop, so no uid but the owner's ever counts toward the limit.
+    fn peer_is_owner(&self, stream: &UnixStream) -> bool {
+        let peer = match nix::sys::socket::getsockopt(stream, sockopt::PeerCredentials) {
+            Ok(cred) => cred,
+            Err(e) => {
+                self.log_refusal(|| warn!("cannot read peer credentials: {e}"));
+                return false;
+            }
+        };
+        if peer.uid() == self.net.owner {
+            return true;
+        }
+        self.log_refusal(|| {
+            warn!(
+                peer_uid = peer.uid(),
+                peer_pid = peer.pid(),
+                owner = self.net.owner,
+                "refused a client that is not the owner"
+            )
+        });
+        let reply = error_reply(
+            HelperErrorCode::Invalid,
+            format!(
+                "uid {} is not this helper's owner (uid {})",
+                peer.uid(),
+                self.net.owner
+            ),
+        );
+        let mut frame = Vec::new();
+        if stream.set_nonblocking(true).is_ok()
+            && banger_proto::helper::write_frame(&mut frame, &reply).is_ok()
+        {
+            let mut writer: &UnixStream = stream;
+            let _ = writer.write_all(&frame);
+        }
+        false
+    }
+
     fn connection(&self, mut stream: UnixStream) {
         let peer = match nix::sys::socket::getsockopt(&stream, sockopt::PeerCredentials) {
             Ok(cred) => cred,
@@ -147,27 +192,6 @@ impl Server {
                 return;
             }
         };
-        if peer.uid() != self.net.owner {
-            self.log_refusal(|| {
-                warn!(
-                    peer_uid = peer.uid(),
-                    peer_pid = peer.pid(),
-                    owner = self.net.owner,
-                    "refused a client that is not the owner"
-                )
-            });
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-            let reply = error_reply(
-                HelperErrorCode::Invalid,
-                format!(
-                    "uid {} is not this helper's owner (uid {})",
-                    peer.uid(),
-                    self.net.owner
-                ),
-            );
-            let _ = send(&mut stream, &reply, None);
-            return;
-        }
         let _ = stream.set_read_timeout(Some(IDLE));
         let _ = stream.set_write_timeout(Some(IDLE));
         loop {

@@ -49,9 +49,9 @@ pub enum Invalid {
     SameLoop(String),
     #[error("the snapshot origin {0} is not read-only")]
     OriginWritable(String),
-    #[error("{0:?} is not a banger device-mapper name (banger-<vm id>)")]
+    #[error("{0:?} is not a banger device-mapper name (banger-<owner uid>-<vm id>)")]
     DmName(String),
-    #[error("{0} was not made by banger for this owner")]
+    #[error("{0} is not a device-mapper mapping banger made for this owner")]
     DmNotOwned(String),
 }
 

@@ -391,6 +391,9 @@ fn another_user_is_refused_and_the_log_stays_short() {
     );
 }
 
+/// A VM id both sides use (ids are not secret).
+const VM_ID: &str = "0123456789abcdef0123456789abcdef";
+
 #[test]
 fn another_users_helper_cannot_touch_the_owners_loops() {
     let owner = test_user("bangertest");
@@ -435,13 +438,52 @@ fn another_users_helper_cannot_touch_the_owners_loops() {
             evil,
             &evil_helper.socket,
             &HelperOp::DmSnapshotCreate {
-                name: "banger-0123456789abcdef0123456789abcdef".into(),
+                name: banger_proto::helper::dm_name(evil, VM_ID),
                 origin_loop: origin.clone(),
                 cow_loop: store.clone(),
             },
         ),
         "not attached by this helper",
     );
+    // ... take the name the owner's VM needs (VM ids are no secret: dm names are host-wide),
+    // over loops of its own, or remove the owner's mapping by its name.
+    let own_origin = device(request_as(
+        evil,
+        &evil_helper.socket,
+        &attach_op(&attacker.state.join("disk.img"), true),
+    ));
+    let own_store = device(request_as(
+        evil,
+        &evil_helper.socket,
+        &attach_op(&attacker.state.join("cow.img"), false),
+    ));
+    let victims_name = banger_proto::helper::dm_name(owner, VM_ID);
+    refused(
+        request_as(
+            evil,
+            &evil_helper.socket,
+            &HelperOp::DmSnapshotCreate {
+                name: victims_name.clone(),
+                origin_loop: own_origin.clone(),
+                cow_loop: own_store.clone(),
+            },
+        ),
+        "not a device-mapper mapping banger made for this owner",
+    );
+    refused(
+        request_as(
+            evil,
+            &evil_helper.socket,
+            &HelperOp::DmRemove {
+                name: victims_name.clone(),
+            },
+        ),
+        "not a device-mapper mapping banger made for this owner",
+    );
+    assert!(!Path::new("/dev/mapper").join(&victims_name).exists());
+    for dev in [&own_origin, &own_store] {
+        detach(evil, &evil_helper, dev);
+    }
     // ... attach the owner's file by its path, or through a hard link in its own state dir
     // (made by root here: protected_hardlinks stops the user).
     refused(
@@ -710,4 +752,126 @@ fn another_users_helper_cannot_touch_the_owners_jail_or_cgroup() {
     assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
     assert!(!victim_jail.exists());
     assert!(!victim_cgroup.exists());
+}
+
+#[test]
+fn another_user_flooding_connections_does_not_starve_the_owner() {
+    let owner = test_user("bangertest");
+    let evil = test_user("bangerevil");
+    let home = home(owner, "bgaf");
+    let helper = helper_for(&home);
+    // The attacker opens connections as fast as it can and holds up to 400 open (never
+    // reading), for 15 s or until the test kills it.
+    let mut flood = Command::new("perl")
+        .args([
+            "-MIO::Socket::UNIX",
+            "-e",
+            "my @s; my $end = time + 15; while (time < $end) { \
+               my $c = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Peer => $ARGV[0]) or next; \
+               push @s, $c; shift @s if @s > 400; }",
+        ])
+        .arg(&helper.socket)
+        .uid(evil)
+        .gid(evil)
+        .spawn()
+        .unwrap();
+    let refusals = || {
+        common::log(&helper)
+            .lines()
+            .filter(|l| l.contains("refused a client that is not the owner"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while refusals() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the flood never reached the helper"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Every request of the owner's is served while the flood runs.
+    for i in 0..30 {
+        let reply = request_as(owner, &helper.socket, &HelperOp::Hello);
+        assert!(
+            matches!(reply, HelperReply::Ok { .. }),
+            "request {i}: {reply:?}"
+        );
+    }
+    assert!(
+        flood.try_wait().unwrap().is_none(),
+        "the flood ended before the owner's requests did"
+    );
+    let _ = flood.kill();
+    let _ = flood.wait();
+    assert!(
+        !common::log(&helper).contains("too many connections"),
+        "the attacker's connections counted toward the limit:\n{}",
+        common::log(&helper)
+    );
+}
+
+/// The owner hard-links the device nodes the jailer made for it (`/dev/kvm`, `/dev/net/tun`,
+/// the owner's inside the jail) into its home to keep them after the jail is gone: refused
+/// (EXDEV, the jail is on the helper's own tmpfs), and nothing appears in the home.
+#[test]
+fn the_owner_cannot_hard_link_a_jails_device_nodes_out() {
+    let owner = test_user("bangertest");
+    let home = home(owner, "bgan");
+    let (helper, base, _) = jail_helper_for(&home);
+    let id = format!("{:08x}{:024x}", std::process::id(), 0xde7u32);
+    let reply = request_as(
+        owner,
+        &helper.socket,
+        &HelperOp::SpawnJailed {
+            vm_id: id.clone(),
+            files: vm_files(&home, &id),
+            cpus: 1,
+            memory_mib: 128,
+        },
+    );
+    let (pid, root) = match reply {
+        HelperReply::Ok {
+            result: HelperResult::Jailed { pid, root },
+        } => (pid, PathBuf::from(root)),
+        other => panic!("{other:?}\n{}", common::log(&helper)),
+    };
+    assert!(root.starts_with(&base));
+    let home_dir = home.dir.path().join("home");
+    let mut nodes = 0;
+    for name in ["dev/kvm", "dev/net/tun", "dev/userfaultfd", "dev/urandom"] {
+        let node = root.join(name);
+        let Ok(meta) = std::fs::symlink_metadata(&node) else {
+            continue;
+        };
+        nodes += 1;
+        assert_eq!(meta.uid(), owner, "{name} is the owner's in the jail");
+        let target = home_dir.join(name.replace('/', "-"));
+        let out = Command::new("ln")
+            .arg(&node)
+            .arg(&target)
+            .uid(owner)
+            .gid(owner)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "ln {name} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("Invalid cross-device link"), "{stderr}");
+        assert!(std::fs::symlink_metadata(&target).is_err());
+    }
+    assert!(
+        nodes > 0,
+        "the jailer made no device nodes in {}",
+        root.display()
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "still alive");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let reply = request_as(owner, &helper.socket, &HelperOp::RemoveJail { vm_id: id });
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
 }

@@ -296,7 +296,7 @@ fn device_mapper_operations_validate_and_name_what_is_missing() {
     let cow = file(&helper.state.join("vms/def/system.cow"), 4);
     let base_loop = attached(attach(&helper, &base, true));
     let cow_loop = attached(attach(&helper, &cow, false));
-    let name = "banger-0123456789abcdef0123456789abcdef".to_owned();
+    let name = "banger-0-0123456789abcdef0123456789abcdef".to_owned();
     let create = |name: &str, origin: &str, cow: &str| {
         request(
             &helper.socket,
@@ -315,6 +315,7 @@ fn device_mapper_operations_validate_and_name_what_is_missing() {
         "banger-abc",
         "banger-0123456789abcdef0123456789abcdef/../../control",
         "other-0123456789abcdef0123456789abcdef",
+        "banger-00-0123456789abcdef0123456789abcdef",
     ] {
         refused(
             create(bad, &base_loop, &cow_loop),
@@ -325,6 +326,30 @@ fn device_mapper_operations_validate_and_name_what_is_missing() {
             "not a banger device-mapper name",
         );
     }
+    // The name without the owner's uid is made no more (only removed).
+    refused(
+        create(
+            "banger-0123456789abcdef0123456789abcdef",
+            &base_loop,
+            &cow_loop,
+        ),
+        "not a banger device-mapper name",
+    );
+    // Another owner's name (a VM id is no secret): refused by the name alone.
+    let theirs = "banger-1000-0123456789abcdef0123456789abcdef";
+    refused(
+        create(theirs, &base_loop, &cow_loop),
+        "not a device-mapper mapping banger made for this owner",
+    );
+    refused(
+        request(
+            &helper.socket,
+            HelperOp::DmRemove {
+                name: theirs.into(),
+            },
+        ),
+        "not a device-mapper mapping banger made for this owner",
+    );
     refused(create(&name, "/dev/sda", &cow_loop), "not a loop device");
     refused(create(&name, &base_loop, &base_loop), "both the origin");
     refused(create(&name, &cow_loop, &base_loop), "is not read-only");

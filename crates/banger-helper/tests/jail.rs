@@ -5,9 +5,10 @@
 //! behaviour) and the fake Firecracker (a visible SKIP line says the real ones were not run).
 //! Refusals of a bad vm id, files outside the state dir or through a symlink, binaries others
 //! may write (at the start and after it), a VM cgroup that exists already; a spawn + removal
-//! that leaves nothing behind (no process, mount, jail dir or cgroup), both with hard links
-//! (same file system) and bind mounts (the jail base on a tmpfs); a failing start that leaves
-//! no live Firecracker. Needs root and `cargo build --workspace --bins` (the fakes are another
+//! that leaves nothing behind (no process, mount, jail dir or cgroup), the files bind-mounted
+//! into a jail on the helper's own tmpfs (taken over by a restarted helper; a base with
+//! another mount refused); a removal that unmounts only the helper's own names, through no
+//! symlink; a failing start that leaves no live Firecracker. Needs root and `cargo build --workspace --bins` (the fakes are another
 //! crate's binaries).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -84,11 +85,10 @@ fn binaries(dir: &Path) -> (PathBuf, PathBuf, bool) {
     (workspace_bin("banger-jailer-fake"), exec_file, false)
 }
 
-/// The common helper with a jail base (`--jail-base`), a tmpfs when asked (unmounted on drop).
+/// The common helper with a jail base (`--jail-base`, the helper's own tmpfs).
 struct Helper {
     inner: common::Helper,
     base: PathBuf,
-    tmpfs: bool,
     exec_file: PathBuf,
     real: bool,
 }
@@ -100,32 +100,18 @@ impl std::ops::Deref for Helper {
     }
 }
 
-impl Drop for Helper {
-    fn drop(&mut self) {
-        self.inner.stop();
-        if self.tmpfs {
-            let _ = Command::new("umount").arg(&self.base).status();
-        }
-    }
-}
-
-fn start_helper(tmpfs_base: bool) -> Helper {
-    start_with(tmpfs_base, None)
+fn start_helper() -> Helper {
+    start_with(None)
 }
 
 /// The helper with the test's binaries, or with `jailer` instead of the chosen jailer.
-fn start_with(tmpfs_base: bool, jailer: Option<&Path>) -> Helper {
-    let dir = common::temp_dir("bgj");
+fn start_with(jailer: Option<&Path>) -> Helper {
+    start_in(common::temp_dir("bgj"), jailer)
+}
+
+/// [`start_with`] in `dir` (its jail base `<dir>/jail`).
+fn start_in(dir: tempfile::TempDir, jailer: Option<&Path>) -> Helper {
     let base = dir.path().join("jail");
-    std::fs::create_dir(&base).unwrap();
-    if tmpfs_base {
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "bgj-test"])
-            .arg(&base)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mount tmpfs");
-    }
     let (chosen, exec_file, real) = binaries(dir.path());
     let jailer = jailer.map_or(chosen, Path::to_path_buf);
     let inner = common::start(
@@ -143,7 +129,6 @@ fn start_with(tmpfs_base: bool, jailer: Option<&Path>) -> Helper {
     Helper {
         inner,
         base,
-        tmpfs: tmpfs_base,
         exec_file,
         real,
     }
@@ -207,7 +192,7 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 
 #[test]
 fn spawn_jailed_refuses_what_it_must() {
-    let helper = start_helper(false);
+    let helper = start_helper();
     let id = vm_id();
     let files = setup(&helper, &id);
     let socket = &helper.socket;
@@ -357,8 +342,9 @@ fn a_helper_with_unsafe_binaries_does_not_start() {
     }
 }
 
-fn spawn_and_remove(tmpfs_base: bool) {
-    let helper = start_helper(tmpfs_base);
+#[test]
+fn spawn_jailed_leaves_nothing() {
+    let helper = start_helper();
     let id = vm_id();
     let files = setup(&helper, &id);
     let reply = request(&helper.socket, spawn_op(&files, &id));
@@ -377,16 +363,22 @@ fn spawn_and_remove(tmpfs_base: bool) {
     assert!(cmdline.contains(&id), "{cmdline}");
     let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid as i32))).unwrap();
     assert_eq!(sid.as_raw(), pid as i32, "a session leader");
-    // The files sit in the jail under their fixed names: the same inode (hard link) on
-    // one file system, a bind mount across.
+    // The files sit in the jail under their fixed names, bind-mounted (the jail base is the
+    // helper's own tmpfs, so a hard link cannot cross).
     let kernel = std::fs::metadata(root.join("vmlinux")).unwrap();
     let source = std::fs::metadata(&files.kernel).unwrap();
     assert_eq!((kernel.dev(), kernel.ino()), (source.dev(), source.ino()));
     let mounts = mounts_under(&helper.base);
-    if tmpfs_base {
-        assert_eq!(mounts.len(), 4, "{mounts:?}");
-    } else {
-        assert!(mounts.is_empty(), "{mounts:?}");
+    assert_eq!(mounts.len(), 4, "{mounts:?}");
+    // Nobody but root lists the VM ids.
+    for dir in [
+        helper.base.clone(),
+        helper.base.join("firecracker"),
+        helper.base.join("firecracker").join(&id),
+    ] {
+        let meta = std::fs::metadata(&dir).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o711, "{}", dir.display());
+        assert_eq!(meta.uid(), 0);
     }
     for name in [
         "firecracker.log",
@@ -520,20 +512,111 @@ fn banger_processes(id: &str) -> Vec<u32> {
     found
 }
 
-#[test]
-fn spawn_jailed_with_hard_links_leaves_nothing() {
-    spawn_and_remove(false);
+/// The topmost mount on `dir`: (fs type, source, options), from mountinfo.
+fn mount_on(dir: &Path) -> Vec<(String, String, String)> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m) == dir))
+        .map(|l| {
+            let opts = l.split(' ').nth(5).unwrap().to_owned();
+            let (_, tail) = l.split_once(" - ").unwrap();
+            let mut f = tail.split(' ');
+            (f.next().unwrap().into(), f.next().unwrap().into(), opts)
+        })
+        .collect()
 }
 
+/// The jail base is the helper's own tmpfs (nosuid, devices allowed); a restarted helper
+/// takes it over with its live jails (no second mount on top); a base with any other mount
+/// is refused at the start.
 #[test]
-fn spawn_jailed_with_bind_mounts_leaves_nothing() {
-    spawn_and_remove(true);
+fn the_jail_base_is_the_helpers_own_tmpfs() {
+    let first = start_helper();
+    let mounts = mount_on(&first.base);
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    let (fs, source, opts) = &mounts[0];
+    assert_eq!((fs.as_str(), source.as_str()), ("tmpfs", "banger-jail-0"));
+    assert!(opts.split(',').any(|o| o == "nosuid"), "{opts}");
+    assert!(!opts.split(',').any(|o| o == "nodev"), "{opts}");
+    let id = vm_id();
+    let files = setup(&first, &id);
+    let pid = match request(&first.socket, spawn_op(&files, &id)) {
+        HelperReply::Ok {
+            result: HelperResult::Jailed { pid, .. },
+        } => pid,
+        other => panic!("{other:?}\n{}", common::log(&first)),
+    };
+    let _guard = KillOnDrop(pid);
+    // The helper restarts (its VM lives on): the same base, no mount on top.
+    let mut first = first;
+    first.inner.stop();
+    assert!(is_alive(pid));
+    let (jailer, exec_file, _) = binaries(first.dir.path());
+    let second = common::start(
+        common::temp_dir("bgj2"),
+        &[],
+        &[
+            "--jail-base".as_ref(),
+            first.base.as_os_str(),
+            "--jailer".as_ref(),
+            jailer.as_os_str(),
+            "--firecracker".as_ref(),
+            exec_file.as_os_str(),
+        ],
+    );
+    assert_eq!(mount_on(&first.base).len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_alive(pid) {
+        assert!(Instant::now() < deadline, "still alive");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let reply = request(&second.socket, HelperOp::RemoveJail { vm_id: id.clone() });
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    assert!(!first.base.join("firecracker").join(&id).exists());
+    assert!(mounts_under(&first.base).is_empty());
+    drop(second);
+    drop(first);
+
+    // A base with a mount that is not the helper's: refused, nothing mounted on top.
+    let dir = common::temp_dir("bgjm");
+    let base = dir.path().join("jail");
+    mount_tmpfs("bgj-foreign", &base);
+    let _unmount = Unmount(base.clone());
+    let (jailer, exec_file, _) = binaries(dir.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_banger-helper"))
+        .args(["--foreground", "--owner", "0", "--socket"])
+        .arg(dir.path().join("h.sock"))
+        .arg("--state-dir")
+        .arg(dir.path())
+        .arg("--record-dir")
+        .arg(dir.path().join("records"))
+        .arg("--jail-base")
+        .arg(&base)
+        .arg("--jailer")
+        .arg(&jailer)
+        .arg("--firecracker")
+        .arg(&exec_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("not the helper's own tmpfs (tmpfs from bgj-foreign)"),
+        "{stderr}"
+    );
+    assert_eq!(mount_on(&base).len(), 1);
 }
 
 #[test]
 fn a_failing_jailer_leaves_no_jail_and_no_firecracker() {
     // A jailer whose Firecracker exits at once.
-    let helper = start_helper(false);
+    let helper = start_helper();
     let id = vm_id();
     let files = setup(&helper, &id);
     if !helper.real {
@@ -561,7 +644,7 @@ fn a_failing_jailer_leaves_no_jail_and_no_firecracker() {
     )
     .unwrap();
     std::fs::set_permissions(&jailer, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let helper = start_with(false, Some(&jailer));
+    let helper = start_with(Some(&jailer));
     let files = setup(&helper, &id);
     refused(
         request(&helper.socket, spawn_op(&files, &id)),
@@ -581,7 +664,7 @@ fn a_failing_jailer_leaves_no_jail_and_no_firecracker() {
     )
     .unwrap();
     std::fs::set_permissions(&forking, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let helper = start_with(false, Some(&forking));
+    let helper = start_with(Some(&forking));
     let files = setup(&helper, &id);
     let reply = request(&helper.socket, spawn_op(&files, &id));
     refused(reply, "the jailer failed");
@@ -600,4 +683,112 @@ fn a_failing_jailer_leaves_no_jail_and_no_firecracker() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!helper.base.join("firecracker").join(&id).exists());
+}
+
+fn mount_tmpfs(source: &str, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", source])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mount tmpfs on {}", dir.display());
+}
+
+fn is_mount_point(dir: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| Path::new(m) == dir)
+}
+
+/// The owner swaps one of the jail's placed names for a symlink to a mount elsewhere, and
+/// mounts something of its own inside the jail (a FUSE mount in the review; a tmpfs here):
+/// `remove_jail` unmounts neither the symlink's target nor the owner's mount (it refuses to
+/// remove the jail while that is there), then removes the jail once it is gone.
+#[test]
+fn remove_jail_unmounts_only_its_own_names_and_follows_no_symlink() {
+    let helper = start_helper();
+    let id = vm_id();
+    let files = setup(&helper, &id);
+    let (pid, root) = match request(&helper.socket, spawn_op(&files, &id)) {
+        HelperReply::Ok {
+            result: HelperResult::Jailed { pid, root },
+        } => (pid, PathBuf::from(root)),
+        other => panic!("{other:?}\n{}", common::log(&helper)),
+    };
+    let _guard = KillOnDrop(pid);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_alive(pid) {
+        assert!(Instant::now() < deadline, "still alive");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A mount outside the jail that a redirected unmount would hit.
+    let victim = helper.dir.path().join("victim");
+    mount_tmpfs("bgj-victim", &victim);
+    std::fs::write(victim.join("kept"), "kept").unwrap();
+    let cleanup = scopeguard(&victim);
+    // The placed system disk, once unmounted, swapped for a symlink to the victim.
+    let placed = root.join("system.raw");
+    assert!(is_mount_point(&placed), "system.raw is bind-mounted");
+    let ok = Command::new("umount").arg(&placed).status().unwrap();
+    assert!(ok.success());
+    std::fs::remove_file(&placed).unwrap();
+    std::os::unix::fs::symlink(&victim, &placed).unwrap();
+    // The owner's own mount deep in the jail.
+    let owners = root.join("a/b");
+    mount_tmpfs("bgj-owner", &owners);
+    let _owners_cleanup = scopeguard(&owners);
+
+    refused(
+        request(&helper.socket, HelperOp::RemoveJail { vm_id: id.clone() }),
+        "a mount the helper did not make",
+    );
+    assert!(
+        is_mount_point(&victim),
+        "the symlink's target was unmounted"
+    );
+    assert!(victim.join("kept").is_file());
+    assert!(is_mount_point(&owners), "the owner's mount was unmounted");
+    assert!(helper.base.join("firecracker").join(&id).exists());
+
+    let ok = Command::new("umount").arg(&owners).status().unwrap();
+    assert!(ok.success());
+    let reply = request(&helper.socket, HelperOp::RemoveJail { vm_id: id.clone() });
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    assert!(!helper.base.join("firecracker").join(&id).exists());
+    assert!(
+        is_mount_point(&victim),
+        "the symlink's target was unmounted"
+    );
+    assert!(victim.join("kept").is_file());
+    drop(cleanup);
+}
+
+/// Lazily unmounts `dir` (every mount stacked there) when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        while is_mount_point(&self.0) {
+            if !Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                break;
+            }
+        }
+    }
+}
+
+fn scopeguard(dir: &Path) -> Unmount {
+    Unmount(dir.to_path_buf())
 }

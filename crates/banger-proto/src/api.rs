@@ -288,6 +288,51 @@ pub struct Kernel {
     /// Warnings found at import (e.g. unusable under Firecracker); not stored.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// What the kernel can boot, read from its configuration or ELF file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<KernelCapabilities>,
+}
+
+/// What a kernel can boot, read from its build configuration (a `config` file beside it, or
+/// its embedded IKCONFIG) or, without one, from its ELF file (`from` says which).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct KernelCapabilities {
+    /// Finds virtio-mmio devices declared on its command line (`virtio_mmio.device=`), as
+    /// Firecracker declares them: `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y`, virtio-mmio built in.
+    pub virtio_mmio_cmdline: bool,
+    /// Finds virtio-mmio devices through ACPI (how QEMU microvm declares them by default).
+    pub acpi_virtio: bool,
+    /// Cannot mount a virtio-blk ext4 root by itself (drivers are modules): needs an initrd.
+    pub needs_initrd: bool,
+    /// Has a PVH entry point (QEMU boots an ELF vmlinux only through it).
+    pub pvh: bool,
+    /// `config` (a build configuration) or `elf` (strings and notes of the ELF file).
+    pub from: String,
+}
+
+/// `POST /v1/kernels/build`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BuildKernelRequest {
+    /// Kernel name (default `microvm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Rebuild even when a kernel of the same recipe is cached or stored.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `GET /v1/kernels/build/progress`: the running kernel build, if any.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct KernelBuildProgress {
+    pub running: bool,
+    /// 0–100.
+    pub percent: u8,
+    /// What the build does now (`unpacking …`, `compiling (N steps)`).
+    pub step: String,
 }
 
 /// An image: a root filesystem (raw ext4) plus the kernel it boots (`banger image ls --json`).

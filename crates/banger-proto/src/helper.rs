@@ -36,8 +36,15 @@ pub fn nft_table(owner: u32) -> String {
     format!("banger_{owner}")
 }
 
-/// Prefix of every device-mapper name banger makes: `banger-<vm id>`.
+/// Prefix of every device-mapper name banger makes: `banger-<owner uid>-<vm id>`.
 pub const DM_PREFIX: &str = "banger-";
+
+/// The device-mapper name of `owner`'s VM `vm_id`: `banger-<owner uid>-<vm id>`. Device-mapper
+/// names are host-wide and VM ids are not secret: the uid keeps one owner from taking the
+/// name another owner's VM needs.
+pub fn dm_name(owner: u32, vm_id: &str) -> String {
+    format!("{DM_PREFIX}{owner}-{vm_id}")
+}
 
 /// One request: the operation and the op_id of the daemon request that caused it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -339,15 +346,27 @@ pub fn parse_tap_name(name: &str) -> Option<(u32, u32)> {
     (index <= MAX_TAP_INDEX).then_some((owner, index))
 }
 
-/// Whether `name` is a device-mapper name banger makes: [`DM_PREFIX`] then a VM id (32
-/// lowercase hex digits, a simple UUID). Returns the VM id.
-pub fn parse_dm_name(name: &str) -> Option<&str> {
+/// Whether `name` is a device-mapper name banger makes ([`dm_name`]): [`DM_PREFIX`], the
+/// owner's uid (decimal, no leading zeros), `-`, a VM id (32 lowercase hex digits, a simple
+/// UUID). Returns the uid and the VM id.
+pub fn parse_dm_name(name: &str) -> Option<(u32, &str)> {
+    let (owner, id) = name.strip_prefix(DM_PREFIX)?.split_once('-')?;
+    let owner = parse_decimal(owner)?;
+    is_dm_vm_id(id).then_some((owner, id))
+}
+
+/// Whether `name` is the name banger gave a mapping before names carried the owner's uid
+/// (`banger-<vm id>`); returns the VM id. Only removal still accepts it.
+pub fn parse_legacy_dm_name(name: &str) -> Option<&str> {
     let id = name.strip_prefix(DM_PREFIX)?;
-    (id.len() == 32
+    is_dm_vm_id(id).then_some(id)
+}
+
+fn is_dm_vm_id(id: &str) -> bool {
+    id.len() == 32
         && id
             .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    .then_some(id)
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Whether `device` is a loop device path (`/dev/loopN`, N without leading zeros); returns N.
@@ -413,9 +432,18 @@ mod tests {
     #[test]
     fn dm_names_and_loop_devices_follow_the_pattern() {
         let id = "0123456789abcdef0123456789abcdef";
-        assert_eq!(parse_dm_name(&format!("banger-{id}")), Some(id));
+        assert_eq!(dm_name(1000, id), format!("banger-1000-{id}"));
+        assert_eq!(parse_dm_name(&dm_name(1000, id)), Some((1000, id)));
+        assert_eq!(parse_dm_name(&dm_name(0, id)), Some((0, id)));
+        assert_eq!(parse_legacy_dm_name(&format!("banger-{id}")), Some(id));
+        assert_eq!(parse_dm_name(&format!("banger-{id}")), None);
+        assert_eq!(parse_legacy_dm_name(&dm_name(1000, id)), None);
         for bad in [
             "banger-",
+            "banger-01000-0123456789abcdef0123456789abcdef",
+            "banger--0123456789abcdef0123456789abcdef",
+            "banger-1000-0123456789ABCDEF0123456789abcdef",
+            "banger-1000-../../control",
             "banger-0123456789ABCDEF0123456789abcdef",
             "banger-0123456789abcdef0123456789abcde",
             "banger-0123456789abcdef0123456789abcdef0",

@@ -132,9 +132,11 @@ impl Layout {
     pub fn vm_system_dm(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("system.dm.json")
     }
-    /// The device-mapper name of the VM's system disk.
-    pub fn vm_dm_name(&self, vm_id: &str) -> String {
-        format!("banger-{vm_id}")
+    /// The device-mapper name of `owner`'s VM's system disk: `banger-<owner uid>-<vm id>`
+    /// (`banger_proto::helper::dm_name`; dm names are host-wide, and the helper makes only its
+    /// owner's).
+    pub fn vm_dm_name(&self, owner: u32, vm_id: &str) -> String {
+        format!("banger-{owner}-{vm_id}")
     }
     /// The VM's work disk (ext4, mounted at /root in the guest).
     pub fn vm_work_disk(&self, vm_id: &str) -> PathBuf {
@@ -172,6 +174,20 @@ impl Layout {
     /// The initrd of the kernel with `digest` (when it has one).
     pub fn kernel_initrd(&self, digest: &str) -> PathBuf {
         self.kernel_dir(digest).join(KERNEL_INITRD)
+    }
+    /// The build configuration of the kernel with `digest`, when known (built or imported
+    /// with a `config` beside it).
+    pub fn kernel_config(&self, digest: &str) -> PathBuf {
+        self.kernel_dir(digest).join(KERNEL_CONFIG)
+    }
+    /// What the kernel with `digest` can boot (JSON `KernelCapabilities`), read once from its
+    /// configuration or ELF file and kept beside it (the directory is content-addressed).
+    pub fn kernel_capabilities(&self, digest: &str) -> PathBuf {
+        self.kernel_dir(digest).join(KERNEL_CAPABILITIES)
+    }
+    /// Where `banger kernel build` logs the build (make's output).
+    pub fn kernel_build_log(&self) -> PathBuf {
+        self.logs_dir().join(KERNEL_BUILD_LOG)
     }
     /// Raw root filesystem of the image with `digest`.
     pub fn image_rootfs(&self, digest: &str) -> PathBuf {
@@ -272,6 +288,12 @@ impl VmSeed {
 pub const KERNEL_VMLINUX: &str = "vmlinux";
 /// The optional initrd in a kernel directory.
 pub const KERNEL_INITRD: &str = "initrd.img";
+/// A kernel's build configuration, beside it in its store directory.
+pub const KERNEL_CONFIG: &str = "config";
+/// What a kernel can boot (JSON), beside it in its store directory.
+pub const KERNEL_CAPABILITIES: &str = "capabilities.json";
+/// The log of `banger kernel build`, in the logs dir.
+pub const KERNEL_BUILD_LOG: &str = "kernel-build.log";
 
 /// Files a backend keeps in a VM's runtime dir (it is given the directory, not a [`Layout`]).
 pub mod vm_runtime {

@@ -401,9 +401,30 @@ pub enum KernelCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
-    /// List kernels.
+    /// Build banger's microVM kernel from Debian's linux-source-6.1 package (no root needed).
+    ///
+    /// Boots under Firecracker and under QEMU with its devices on the kernel command line, no
+    /// initrd. Minutes on a small machine the first time; cached by recipe digest (and under
+    /// $BANGER_CACHE_DIR when set).
+    Build {
+        /// Kernel name.
+        #[arg(default_value = "microvm")]
+        name: String,
+        /// Rebuild even when this recipe's kernel is stored or cached.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// List kernels and what they can boot.
     #[command(alias = "list")]
     Ls(JsonFlag),
+    /// Show one kernel and what it can boot.
+    Show {
+        name: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Remove a kernel no image uses.
     #[command(alias = "remove")]
     Rm { name: String },

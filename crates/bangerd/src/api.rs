@@ -14,14 +14,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
-    ApiError, BuildImageRequest, BuildProgress, CheckStatus, ConsoleChunk, CopyDirection,
-    CopyRequest, CopyResult, CreateVmRequest, DaemonStatus, DiskUsage, DoctorCheck, DoctorReport,
-    ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, FsUsage, GuestStats, Image,
-    ImportImageRequest, ImportKernelRequest, Kernel, LeaseInfo, LifecycleResult, NetCounters,
-    NetworkStatus, OP_ID_HEADER, PortChangeRequest, PortList, PortMapping, PortProto,
-    PrepareProgress, PrepareResult, PrepareWorkspaceRequest, SshConfigRequest, SshConfigResult,
-    SshInfo, StopVmRequest, Vm, VmNetwork, VmRuntime, VmSpec, VmState, VmStats, WorkspaceDiff,
-    WorkspaceStatus,
+    ApiError, BuildImageRequest, BuildKernelRequest, BuildProgress, CheckStatus, ConsoleChunk,
+    CopyDirection, CopyRequest, CopyResult, CreateVmRequest, DaemonStatus, DiskUsage, DoctorCheck,
+    DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, FsUsage, GuestStats,
+    Image, ImportImageRequest, ImportKernelRequest, Kernel, KernelBuildProgress,
+    KernelCapabilities, LeaseInfo, LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER,
+    PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress, PrepareResult,
+    PrepareWorkspaceRequest, SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, Vm,
+    VmNetwork, VmRuntime, VmSpec, VmState, VmStats, WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -76,7 +76,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images/{name}", get(get_image).delete(remove_image))
         .route("/v1/kernels", get(list_kernels))
         .route("/v1/kernels/import", post(import_kernel))
-        .route("/v1/kernels/{name}", axum::routing::delete(remove_kernel))
+        .route("/v1/kernels/build", post(build_kernel))
+        .route("/v1/kernels/build/progress", get(kernel_build_progress))
+        .route("/v1/kernels/{name}", get(get_kernel).delete(remove_kernel))
         .route("/v1/network", get(network_status))
         .route("/v1/network/down", post(network_down))
         .route("/v1/ssh-config", post(ssh_config))
@@ -610,6 +612,34 @@ async fn import_kernel(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/kernels/build", tag = "images", request_body = BuildKernelRequest,
+    responses((status = 201, body = Kernel), (status = 422, body = ErrorBody)))]
+async fn build_kernel(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<BuildKernelRequest>,
+) -> Result<(StatusCode, Json<Kernel>), HttpError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.manager.build_kernel(request).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/kernels/build/progress", tag = "images",
+    responses((status = 200, description = "The running kernel build (running=false when none)", body = KernelBuildProgress)))]
+async fn kernel_build_progress(State(state): State<AppState>) -> Json<KernelBuildProgress> {
+    Json(state.manager.kernel_build_progress())
+}
+
+#[utoipa::path(get, path = "/v1/kernels/{name}", tag = "images",
+    params(("name" = String, Path, description = "Kernel name")),
+    responses((status = 200, body = Kernel), (status = 404, body = ErrorBody)))]
+async fn get_kernel(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Kernel>, HttpError> {
+    Ok(Json(state.manager.get_kernel(&name).await?))
+}
+
 #[utoipa::path(delete, path = "/v1/kernels/{name}", tag = "images",
     params(("name" = String, Path, description = "Kernel name")),
     responses((status = 204, description = "Removed"),
@@ -657,6 +687,9 @@ async fn remove_kernel(
         build_progress,
         list_kernels,
         import_kernel,
+        build_kernel,
+        kernel_build_progress,
+        get_kernel,
         remove_kernel,
         prepare_workspace,
         workspace_status,
@@ -712,6 +745,9 @@ async fn remove_kernel(
         Kernel,
         ImportImageRequest,
         ImportKernelRequest,
+        BuildKernelRequest,
+        KernelBuildProgress,
+        KernelCapabilities,
         BuildImageRequest,
         BuildProgress
     ))

@@ -2,6 +2,7 @@
 //! `images/<digest>/rootfs.ext4`), their import from local files, and the build of the default
 //! Debian image from the embedded guest recipe (`guest/` in the repository).
 
+pub mod kernel;
 pub mod mirror;
 
 use std::path::{Path, PathBuf};
@@ -74,10 +75,15 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Digest of the embedded guest recipe: any change to a script or overlay file changes it.
+/// Digest of the embedded image recipe: any change to a script or overlay file changes it
+/// (the microVM kernel's files under `microvm-kernel/` excepted).
 pub fn recipe_digest() -> String {
     let mut hasher = Sha256::new();
     for (path, content, mode) in GUEST_FILES {
+        // The microVM kernel has its own recipe digest (`kernel::recipe_digest`).
+        if kernel::is_recipe_file(path) {
+            continue;
+        }
         hasher.update(path.as_bytes());
         hasher.update([0]);
         hasher.update(mode.to_le_bytes());

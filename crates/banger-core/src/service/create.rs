@@ -183,7 +183,7 @@ impl Manager {
             SystemDiskStrategy::DmSnapshot => {
                 let host = self.disk_host();
                 let op_id = crate::net::current_op_id();
-                let name = self.layout.vm_dm_name(id);
+                let name = self.layout.vm_dm_name(nix::unistd::getuid().as_raw(), id);
                 let cow = self.layout.vm_system_cow(id);
                 let state = self.layout.vm_system_dm(id);
                 let cow_bytes = std::fs::metadata(&base).map(|m| m.len()).unwrap_or(0);
@@ -216,11 +216,19 @@ impl Manager {
         bridge: bool,
     ) -> Result<Selection, Error> {
         let mut facts = Facts {
+            kernel: Err("not checked".into()),
             firecracker: Err("not checked".into()),
             tap: Err("not checked".into()),
             kvm: Err("not checked".into()),
         };
         if requested != VmmChoice::Qemu {
+            let kernel = self.find_kernel(&image.kernel)?;
+            let caps = self.kernel_capabilities(&kernel).await;
+            facts.kernel = match crate::image::kernel::firecracker_blocker(&caps, kernel.has_initrd)
+            {
+                Some(why) => Err(format!("kernel {}, which {why}", kernel.name)),
+                None => Ok(()),
+            };
             facts.firecracker = self
                 .backends
                 .firecracker()
@@ -236,8 +244,7 @@ impl Manager {
                         .into(),
                 )
             };
-            if facts.firecracker.is_ok() && facts.tap.is_ok() {
-                let kernel = self.find_kernel(&image.kernel)?;
+            if facts.firecracker.is_ok() && facts.kernel.is_ok() && facts.tap.is_ok() {
                 let path = self.layout.kernel_vmlinux(&kernel.digest);
                 let choice = self.accel_choice(&path).await?;
                 facts.kvm = match choice.accel {

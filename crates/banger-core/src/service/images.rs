@@ -13,7 +13,7 @@ use crate::image::{self, ImageError, mirror};
 use crate::store::AssetTable;
 
 /// Names of images and kernels: short, no path separators.
-fn check_asset_name(kind: &'static str, name: &str) -> Result<(), Error> {
+pub(super) fn check_asset_name(kind: &'static str, name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
@@ -57,7 +57,12 @@ impl Manager {
     }
 
     pub async fn list_kernels(&self) -> Result<Vec<Kernel>, Error> {
-        Ok(self.store().list_kernels()?)
+        let kernels = self.store().list_kernels()?;
+        let mut out = Vec::with_capacity(kernels.len());
+        for kernel in kernels {
+            out.push(self.with_capabilities(kernel).await);
+        }
+        Ok(out)
     }
 
     /// Registers a kernel (and initrd) from local files, copying them into the store.
@@ -88,15 +93,24 @@ impl Manager {
                 source,
             )
             .await?;
+        if let Some(config) = &config {
+            let dest = self.layout.kernel_config(&stored.digest);
+            if !dest.is_file() {
+                let tmp = dest.with_extension("partial");
+                if std::fs::write(&tmp, config).is_ok() {
+                    let _ = std::fs::rename(&tmp, &dest);
+                }
+            }
+        }
         if let Some(warning) = warning {
             tracing::warn!(kernel = %stored.name, "{warning}");
             stored.warnings.push(warning);
         }
-        Ok(stored)
+        Ok(self.with_capabilities(stored).await)
     }
 
     /// Copies kernel files into `kernels/<digest>/` and records them under `name`.
-    async fn store_kernel(
+    pub(super) async fn store_kernel(
         &self,
         name: &str,
         kernel: &Path,
@@ -137,6 +151,7 @@ impl Manager {
             source,
             created_at: crate::now_rfc3339(),
             warnings: Vec::new(),
+            capabilities: None,
         };
         self.store().put_kernel(&row)?;
         info!(kernel = %row.name, digest = %row.digest, "kernel stored");
@@ -208,7 +223,7 @@ impl Manager {
     }
 
     /// A scratch directory under the data dir, removed when dropped.
-    fn scratch_dir(&self, prefix: &str) -> Result<tempfile::TempDir, Error> {
+    pub(super) fn scratch_dir(&self, prefix: &str) -> Result<tempfile::TempDir, Error> {
         let parent = self.layout.tmp_dir();
         std::fs::create_dir_all(&parent)
             .map_err(Error::io(format!("cannot create {}", parent.display())))?;
@@ -332,6 +347,7 @@ impl Manager {
                 source.clone(),
             )
             .await?;
+        self.keep_kernel_config(&kernel, &kernel_out.join("config"));
         self.store_image(&name, &rootfs_out, None, &kernel.name, source)
             .await
     }
@@ -418,7 +434,7 @@ fn last_build_step(log: &Path) -> Option<String> {
 }
 
 /// Takes an exclusive `flock` on `path` (created if needed), waiting for other holders.
-async fn lock_file(path: &Path) -> Result<std::fs::File, Error> {
+pub(super) async fn lock_file(path: &Path) -> Result<std::fs::File, Error> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .map_err(Error::io(format!("cannot create {}", parent.display())))?;

@@ -11,6 +11,7 @@ mod cp;
 mod create;
 mod doctor;
 mod images;
+mod kernels;
 mod logs;
 mod network;
 mod pause;
@@ -78,6 +79,8 @@ pub struct Manager {
     key_lock: tokio::sync::Mutex<()>,
     /// Counters of the workspace prepares running now, by VM name.
     prepares: Mutex<HashMap<String, Arc<crate::workspace::transfer::Progress>>>,
+    /// The running `banger kernel build`'s progress.
+    kernel_build: Mutex<banger_proto::KernelBuildProgress>,
     /// Privileged actions (the root helper); `None` when `network.mode = "user"`.
     host: Option<Arc<dyn HostOps>>,
     helper_socket: std::path::PathBuf,
@@ -136,6 +139,7 @@ impl Manager {
             asset_lock: tokio::sync::Mutex::new(()),
             key_lock: tokio::sync::Mutex::new(()),
             prepares: Mutex::new(HashMap::new()),
+            kernel_build: Mutex::new(banger_proto::KernelBuildProgress::default()),
             host,
             helper_socket,
             net_info: Mutex::new(None),

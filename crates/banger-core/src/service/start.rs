@@ -16,7 +16,8 @@ use crate::domain::SystemDiskStrategy;
 use crate::guest::ssh;
 use crate::model::{VmRecord, VmRuntime};
 use crate::vmm::{
-    Accel, LaunchSpec, NetAttach, Snapshot, VmBackend, VmProcess, VmmError, accel, cgroup, process,
+    Accel, DeviceDiscovery, LaunchSpec, NetAttach, Snapshot, VmBackend, VmProcess, VmmError, accel,
+    cgroup, process,
 };
 
 /// The guest's static address under QEMU user-mode networking.
@@ -143,6 +144,12 @@ impl Manager {
         let initrd = kernel
             .has_initrd
             .then(|| self.layout.kernel_initrd(&kernel.digest));
+        let kernel_caps = self.kernel_capabilities(&kernel).await;
+        let devices = if crate::image::kernel::devices_on_cmdline(&kernel_caps) {
+            DeviceDiscovery::CommandLine
+        } else {
+            DeviceDiscovery::Acpi
+        };
         let strategy = record.spec.system_disk;
         let system_disk = match strategy {
             SystemDiskStrategy::Qcow2 => self.layout.vm_system_disk(&record.id),
@@ -162,6 +169,20 @@ impl Manager {
                     disk.display()
                 )));
             }
+        }
+        if caps.cmdline_devices_only
+            && let Some(why) =
+                crate::image::kernel::firecracker_blocker(&kernel_caps, kernel.has_initrd)
+        {
+            return Err(Error::HostSetup {
+                message: format!(
+                    "cannot start VM {} under {}: kernel {} {why}",
+                    record.name,
+                    backend.display_name(),
+                    kernel.name
+                ),
+                hint: "recreate the VM with --vmm qemu, or with an image whose kernel comes from `banger kernel build`".into(),
+            });
         }
         let choice = self.accel_choice(&kernel_path).await?;
         if caps.requires_kvm && choice.accel != Accel::Kvm {
@@ -211,12 +232,17 @@ impl Manager {
             }
             None => (USER_NET.to_owned(), None),
         };
+        // A kernel without ACPI gets Firecracker's boot arguments whatever the backend
+        // (i8042 probing kept short, reboot through the keyboard controller).
+        let boot_args = match devices {
+            DeviceDiscovery::CommandLine => crate::vmm::NO_ACPI_BOOT_ARGS,
+            DeviceDiscovery::Acpi => backend.boot_args(),
+        };
         // User mode: outbound or isolated, and the published ports (a busy one refuses the
         // start before anything runs).
         let (isolated, ports) = self.user_net_for_start(record, lease.is_some())?;
         let mut cmdline = format!(
-            "console=ttyS0 root=/dev/vda rw {} banger.hostname={} {net_args}",
-            backend.boot_args(),
+            "console=ttyS0 root=/dev/vda rw {boot_args} banger.hostname={} {net_args}",
             record.name
         );
         if choice.accel == Accel::Tcg
@@ -257,6 +283,7 @@ impl Manager {
                 _ if caps.needs_tap => self.seams.tap.clone(),
                 _ => None,
             },
+            devices,
         };
         // A suspended VM: a fresh VMM loads the snapshot and resumes it. The snapshot is
         // deleted once a load was tried: after a load the guest's disks move on from it, so

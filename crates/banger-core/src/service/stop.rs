@@ -80,8 +80,11 @@ impl Manager {
         }
         // 1. What makes data safe: flush the guest's page cache to its disks; unless forced,
         // the guest then ends the VMM by itself the way its backend needs.
+        // A kernel without ACPI cannot power the VM off; its reboot ends the VMM.
         let script = if force {
             "sync"
+        } else if self.kernel_takes_devices_on_cmdline(record).await {
+            super::kernels::REBOOT_STOP_SCRIPT
         } else {
             vmm.guest_stop_script()
         };

@@ -49,7 +49,20 @@ impl Manager {
         record: &VmRecord,
         image_digest: &str,
     ) -> Result<std::path::PathBuf, Error> {
-        let name = self.layout.vm_dm_name(&record.id);
+        // The mapping recorded at create, also under a name from before dm names carried
+        // the uid: one that exists is the VM's (never a second snapshot on the same store).
+        if let Some(dm) = load_dm(&self.layout.vm_system_dm(&record.id)).filter(|dm| {
+            banger_proto::helper::parse_dm_name(&dm.name).is_some()
+                || banger_proto::helper::parse_legacy_dm_name(&dm.name).is_some()
+        }) {
+            let recorded = std::path::Path::new("/dev/mapper").join(&dm.name);
+            if recorded.exists() {
+                return Ok(recorded);
+            }
+        }
+        let name = self
+            .layout
+            .vm_dm_name(nix::unistd::getuid().as_raw(), &record.id);
         let device = std::path::Path::new("/dev/mapper").join(&name);
         if device.exists() {
             return Ok(device);

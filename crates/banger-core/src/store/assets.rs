@@ -143,6 +143,7 @@ fn kernel_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Kernel> {
         source: row.get(4)?,
         created_at: row.get(5)?,
         warnings: Vec::new(),
+        capabilities: None,
     })
 }
 

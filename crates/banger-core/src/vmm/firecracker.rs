@@ -41,7 +41,7 @@ pub const MIN_VERSION: (u32, u32, u32) = (1, 5, 0);
 /// Boot arguments Firecracker's docs recommend: `reboot=k` + `panic=1` so a guest reboot or
 /// panic ends the process; the i8042 ones skip probing for devices Firecracker does not have
 /// (tens of ms) while keeping the keyboard controller that `SendCtrlAltDel` needs.
-pub const BOOT_ARGS: &str = "reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+pub const BOOT_ARGS: &str = super::NO_ACPI_BOOT_ARGS;
 /// Bound on one API request.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on the API socket appearing after spawn.
@@ -532,6 +532,7 @@ impl Hypervisor for Firecracker {
             requires_kvm: true,
             supports_memory_snapshot: true,
             supports_pause: true,
+            cmdline_devices_only: true,
         }
     }
 

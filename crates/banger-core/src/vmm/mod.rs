@@ -103,6 +103,9 @@ pub struct Capabilities {
     pub supports_memory_snapshot: bool,
     /// Can pause and resume the vCPUs.
     pub supports_pause: bool,
+    /// Declares its virtio-mmio devices only on the kernel command line (no ACPI): boots only
+    /// kernels with `virtio_mmio_cmdline` and no need of an initrd it lacks.
+    pub cmdline_devices_only: bool,
 }
 
 /// Everything a backend needs to boot one VM.
@@ -131,6 +134,19 @@ pub struct LaunchSpec {
     pub mac: String,
     /// Host tap device for the NIC (bridge networking); `None` means user-mode networking.
     pub tap: Option<String>,
+    /// How the guest kernel finds its virtio-mmio devices (QEMU declares them either way;
+    /// Firecracker only on the command line).
+    pub devices: DeviceDiscovery,
+}
+
+/// How a kernel finds its virtio-mmio devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceDiscovery {
+    /// Through ACPI tables (Debian's cloud kernel, whose virtio drivers are modules).
+    Acpi,
+    /// From `virtio_mmio.device=` entries on the kernel command line, no ACPI: Firecracker's
+    /// way, and banger's microVM kernel's.
+    CommandLine,
 }
 
 /// Where a memory snapshot lives: the VM state file and the guest memory file.
@@ -173,6 +189,13 @@ pub enum DiskRefusal {
     /// How the backend is set up here excludes it (e.g. the jailer's chroot).
     Setup { message: String, hint: String },
 }
+
+/// Boot arguments of a kernel that finds its devices on the command line, without ACPI
+/// (Firecracker's guests, and banger's microVM kernel under QEMU): `reboot=k` + `panic=1` so
+/// a guest reboot or panic ends the VMM; the i8042 ones skip probing for devices such a VM
+/// does not have (tens of ms) while keeping the keyboard controller Ctrl-Alt-Del needs.
+pub const NO_ACPI_BOOT_ARGS: &str =
+    "reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// A VMM backend.
 pub trait Hypervisor: Send + Sync {

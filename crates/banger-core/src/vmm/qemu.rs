@@ -13,7 +13,10 @@ pub use crate::domain::TcgThreads;
 use crate::domain::VmmKind;
 use crate::layout::vm_runtime;
 
-use super::{Accel, Capabilities, Hypervisor, LaunchSpec, NetAttach, VmProcess, VmmError, qmp};
+use super::{
+    Accel, Capabilities, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, VmProcess, VmmError,
+    qmp,
+};
 
 /// The QEMU backend.
 #[derive(Debug, Clone)]
@@ -52,14 +55,27 @@ impl Qemu {
     /// The full argument list for `spec` (without the binary).
     pub fn args(&self, spec: &LaunchSpec) -> Vec<String> {
         // ACPI: Debian's cloud kernel finds virtio-mmio devices only through ACPI, and ACPI is
-        // how a guest power-off ends QEMU. The PIT stays on only for a TCG guest that has to
-        // calibrate its TSC by itself (no `tsc_early_khz` known).
+        // how a guest power-off ends QEMU. A kernel that takes its devices on the command line
+        // (Firecracker's way) boots with ACPI off: QEMU then appends a `virtio_mmio.device=`
+        // entry per device to the command line itself (`auto-kernel-cmdline`), and an i8042
+        // takes Ctrl-Alt-Del (the guest reboots, which ends QEMU: `-no-reboot`). The PIT stays
+        // on only for a TCG guest that has to calibrate its TSC by itself (no `tsc_early_khz`).
         let pit = if spec.accel == Accel::Tcg && !spec.cmdline.contains("tsc_early_khz=") {
             "on"
         } else {
             "off"
         };
-        let machine = format!("microvm,isa-serial=on,rtc=on,acpi=on,pic=off,pit={pit}");
+        // Without ACPI the kernel takes its timer interrupt from the legacy PIC and PIT (as
+        // under Firecracker, whose KVM irqchip has both); without them it hangs in boot
+        // ("Failed to register legacy timer interrupt").
+        let machine = match spec.devices {
+            DeviceDiscovery::Acpi => {
+                format!("microvm,isa-serial=on,rtc=on,acpi=on,pic=off,pit={pit}")
+            }
+            DeviceDiscovery::CommandLine => {
+                "microvm,isa-serial=on,rtc=on,acpi=off,pic=on,pit=on".to_owned()
+            }
+        };
         // TCG runs all vCPUs of a VM on one host thread (`thread=single`) unless configured
         // otherwise. With one thread per vCPU (MTTCG, QEMU's default), QEMU 7.2 (Debian 12)
         // races when the guest patches kernel code that another vCPU is translating (static
@@ -169,6 +185,11 @@ impl Qemu {
                 "virtserialport,chardev=ws,name={}",
                 crate::workspace::CHANNEL_PORT_NAME
             ),
+        ]);
+        if spec.devices == DeviceDiscovery::CommandLine {
+            args.extend(["-device".into(), "i8042".into()]);
+        }
+        args.extend([
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp_socket(spec).display()),
             "-daemonize".into(),
@@ -262,6 +283,7 @@ impl Hypervisor for Qemu {
             requires_kvm: false,
             supports_memory_snapshot: false,
             supports_pause: true,
+            cmdline_devices_only: false,
         }
     }
 
@@ -328,8 +350,17 @@ impl Hypervisor for Qemu {
         })
     }
 
+    /// The ACPI power button, then Ctrl-Alt-Del: a guest without ACPI (devices on the command
+    /// line) has an i8042 instead and reboots, which ends QEMU. Without a keyboard the keys
+    /// go nowhere, so an ACPI guest sees only the button.
     async fn request_shutdown(&self, process: &VmProcess) -> Result<(), VmmError> {
-        qmp::execute(&process.control_socket, "system_powerdown")
+        qmp::execute(&process.control_socket, "system_powerdown").await?;
+        let keys = serde_json::json!({ "keys": [
+            { "type": "qcode", "data": "ctrl" },
+            { "type": "qcode", "data": "alt" },
+            { "type": "qcode", "data": "delete" },
+        ] });
+        qmp::execute_with(&process.control_socket, "send-key", Some(keys))
             .await
             .map(drop)
     }
@@ -386,6 +417,7 @@ mod tests {
             },
             mac: "52:54:00:01:02:03".into(),
             tap: None,
+            devices: DeviceDiscovery::Acpi,
         }
     }
 
@@ -464,6 +496,20 @@ mod tests {
             joined.contains("virtserialport,chardev=ws,name=org.banger.workspace"),
             "{joined}"
         );
+    }
+
+    #[test]
+    fn a_command_line_kernel_gets_acpi_off_and_a_keyboard_for_ctrl_alt_del() {
+        let acpi = Qemu::new("qemu".into()).args(&spec(Accel::Tcg)).join(" ");
+        assert!(
+            acpi.contains("acpi=on") && !acpi.contains("i8042"),
+            "{acpi}"
+        );
+        let mut cmdline = spec(Accel::Tcg);
+        cmdline.devices = DeviceDiscovery::CommandLine;
+        let args = Qemu::new("qemu".into()).args(&cmdline).join(" ");
+        assert!(args.contains("acpi=off,pic=on,pit=on"), "{args}");
+        assert!(args.contains("-device i8042"), "{args}");
     }
 
     fn netdev(spec: &LaunchSpec) -> String {

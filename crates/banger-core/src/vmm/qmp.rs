@@ -38,7 +38,7 @@ pub async fn human_monitor_command(path: &Path, command_line: &str) -> Result<St
     Ok(answer.as_str().unwrap_or_default().to_owned())
 }
 
-async fn execute_with(
+pub async fn execute_with(
     path: &Path,
     command: &str,
     arguments: Option<Value>,

@@ -10,6 +10,8 @@ pub use crate::domain::{VmmChoice, VmmKind};
 pub struct Facts {
     /// The firecracker binary answered `--version` with a supported version.
     pub firecracker: Result<String, String>,
+    /// The image's kernel can boot under Firecracker (its devices on the command line).
+    pub kernel: Result<(), String>,
     /// A tap device can be had for the VM (bridge networking).
     pub tap: Result<(), String>,
     /// KVM really runs guests (checked last: it may need a probe boot).
@@ -38,6 +40,12 @@ pub fn select(requested: VmmChoice, facts: &Facts) -> Result<Selection, SelectEr
             return Some((
                 why.clone(),
                 "install Firecracker (a `firecracker` binary on PATH, or set firecracker.binary in the config file), or use --vmm qemu".into(),
+            ));
+        }
+        if let Err(why) = &facts.kernel {
+            return Some((
+                format!("Firecracker cannot boot {why}"),
+                "use --vmm qemu, or an image whose kernel comes from `banger kernel build`".into(),
             ));
         }
         if let Err(why) = &facts.tap {
@@ -91,6 +99,7 @@ mod tests {
 
     fn facts(fc: bool, tap: bool, kvm: bool) -> Facts {
         Facts {
+            kernel: Ok(()),
             firecracker: if fc {
                 Ok("firecracker 1.7.0".into())
             } else {
@@ -137,5 +146,18 @@ mod tests {
                 .kind,
             VmmKind::Qemu
         );
+    }
+
+    #[test]
+    fn a_kernel_firecracker_cannot_boot_is_never_picked() {
+        let mut f = facts(true, true, true);
+        f.kernel =
+            Err("kernel default, which cannot find virtio-mmio devices on its command line".into());
+        let s = select(VmmChoice::Auto, &f).unwrap();
+        assert_eq!(s.kind, VmmKind::Qemu);
+        assert!(s.reason.contains("kernel"), "{}", s.reason);
+        let e = select(VmmChoice::Firecracker, &f).unwrap_err();
+        assert!(e.message.contains("Firecracker cannot boot"), "{e:?}");
+        assert!(e.hint.contains("--vmm qemu"), "{e:?}");
     }
 }

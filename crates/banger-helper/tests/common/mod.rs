@@ -28,11 +28,29 @@ impl Helper {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Lazily unmounts every mount under the helper's dir (its jail base's tmpfs, which
+    /// outlives the helper as it would a restart), deepest first.
+    pub fn unmount_all(&self) {
+        let dir = self.dir.path();
+        let mut mounts: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(PathBuf::from)
+            .filter(|m| m.starts_with(dir))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for mount in mounts {
+            let _ = Command::new("umount").arg("-l").arg(&mount).status();
+        }
+    }
 }
 
 impl Drop for Helper {
     fn drop(&mut self) {
         self.stop();
+        self.unmount_all();
     }
 }
 

@@ -1,8 +1,8 @@
 //! `banger image …` and `banger kernel …`.
 
 use banger_proto::{
-    BuildImageRequest, BuildProgress, ByteSize, Image, ImportImageRequest, ImportKernelRequest,
-    Kernel,
+    BuildImageRequest, BuildKernelRequest, BuildProgress, ByteSize, Image, ImportImageRequest,
+    ImportKernelRequest, Kernel, KernelBuildProgress, KernelCapabilities,
 };
 use hyper::Method;
 
@@ -152,6 +152,30 @@ pub async fn run_kernel(client: &Client, command: KernelCommand) -> Result<u8, C
             }
             Ok(0)
         }
+        KernelCommand::Build { name, force, json } => {
+            let request = BuildKernelRequest {
+                name: Some(name.clone()),
+                force,
+            };
+            let kernel = build_kernel(client, &name, &request).await?;
+            if json.json {
+                print_json(&kernel)?;
+            } else {
+                print_kernel(&kernel);
+            }
+            Ok(0)
+        }
+        KernelCommand::Show { name, json } => {
+            let kernel: Kernel = client
+                .call(Method::GET, &format!("/v1/kernels/{name}"), None::<&()>)
+                .await?;
+            if json.json {
+                print_json(&kernel)?;
+            } else {
+                print_kernel(&kernel);
+            }
+            Ok(0)
+        }
         KernelCommand::Ls(flag) => {
             let kernels: Vec<Kernel> = client.call(Method::GET, "/v1/kernels", None::<&()>).await?;
             if flag.json {
@@ -164,6 +188,9 @@ pub async fn run_kernel(client: &Client, command: KernelCommand) -> Result<u8, C
                             k.name.clone(),
                             k.release.clone().unwrap_or_else(|| "-".into()),
                             if k.has_initrd { "yes" } else { "no" }.into(),
+                            k.capabilities
+                                .as_ref()
+                                .map_or_else(|| "-".into(), boots_under),
                             k.digest[..12.min(k.digest.len())].to_owned(),
                             k.source.clone(),
                         ]
@@ -171,7 +198,10 @@ pub async fn run_kernel(client: &Client, command: KernelCommand) -> Result<u8, C
                     .collect();
                 print!(
                     "{}",
-                    output::table(&["NAME", "RELEASE", "INITRD", "DIGEST", "SOURCE"], &rows)
+                    output::table(
+                        &["NAME", "RELEASE", "INITRD", "BOOTS", "DIGEST", "SOURCE"],
+                        &rows
+                    )
                 );
             }
             Ok(0)
@@ -184,6 +214,103 @@ pub async fn run_kernel(client: &Client, command: KernelCommand) -> Result<u8, C
             Ok(0)
         }
     }
+}
+
+/// Which backends a kernel boots under, for `kernel ls`: `qemu`, or `qemu,firecracker`.
+fn boots_under(caps: &KernelCapabilities) -> String {
+    if caps.virtio_mmio_cmdline && !caps.needs_initrd {
+        "qemu,firecracker".into()
+    } else {
+        "qemu".into()
+    }
+}
+
+fn yes_no(value: bool) -> String {
+    if value { "yes" } else { "no" }.into()
+}
+
+fn print_kernel(kernel: &Kernel) {
+    let mut pairs = vec![
+        ("name", kernel.name.clone()),
+        ("digest", kernel.digest.clone()),
+        (
+            "release",
+            kernel.release.clone().unwrap_or_else(|| "-".into()),
+        ),
+        ("initrd", yes_no(kernel.has_initrd)),
+        ("source", kernel.source.clone()),
+        ("created", kernel.created_at.clone()),
+    ];
+    if let Some(caps) = &kernel.capabilities {
+        pairs.extend([
+            ("boots under", boots_under(caps)),
+            ("virtio-mmio cmdline", yes_no(caps.virtio_mmio_cmdline)),
+            ("virtio via ACPI", yes_no(caps.acpi_virtio)),
+            ("needs initrd", yes_no(caps.needs_initrd)),
+            ("PVH entry", yes_no(caps.pvh)),
+            ("read from", caps.from.clone()),
+        ]);
+    }
+    print!("{}", output::pairs(&pairs));
+    for warning in &kernel.warnings {
+        eprintln!("banger: warning: {warning}");
+    }
+}
+
+/// Runs the build, showing the daemon's progress (polled) when stderr is a terminal, else a
+/// line per ten percent.
+async fn build_kernel(
+    client: &Client,
+    name: &str,
+    request: &BuildKernelRequest,
+) -> Result<Kernel, ClientError> {
+    use std::io::IsTerminal;
+    use std::time::Duration;
+    let call = client.call(Method::POST, "/v1/kernels/build", Some(request));
+    tokio::pin!(call);
+    let terminal = std::io::stderr().is_terminal();
+    let bar = terminal.then(|| {
+        let bar = indicatif::ProgressBar::new(100);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:30}] {pos}% ({elapsed})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(format!("building kernel {name}"));
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
+    });
+    let mut last_tenth = None;
+    let result = loop {
+        tokio::select! {
+            result = &mut call => break result,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                let progress: Result<KernelBuildProgress, _> = client
+                    .call(Method::GET, "/v1/kernels/build/progress", None::<&()>)
+                    .await;
+                let Ok(p) = progress else { continue };
+                if !p.running {
+                    continue;
+                }
+                match &bar {
+                    Some(bar) => {
+                        bar.set_position(u64::from(p.percent));
+                        bar.set_message(format!("kernel {name}: {}", p.step));
+                    }
+                    None if last_tenth != Some(p.percent / 10) => {
+                        last_tenth = Some(p.percent / 10);
+                        eprintln!("banger: kernel {name}: {}% {}", p.percent, p.step);
+                    }
+                    None => {}
+                }
+            }
+        }
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    result
 }
 
 /// Runs the build request while polling the daemon for the build's latest step: shown in a
