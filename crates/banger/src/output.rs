@@ -1,7 +1,8 @@
 //! Text rendering for humans: aligned tables and key/value blocks, and the escaping of
-//! guest-controlled text (console, guest paths, guest stderr in errors) so that it reaches
-//! the terminal shown, never as control sequences. `--json` bypasses this (JSON escapes
-//! control characters itself).
+//! daemon- and guest-controlled text (console, guest paths, guest stderr in errors and
+//! warnings, a VM's last error) so that it reaches the terminal shown, never as control
+//! sequences. The generic printers ([`table`], [`pairs`], [`warning`]) escape every value
+//! they print, so no call site has to; [`json`] escapes what JSON leaves raw (DEL, C1).
 
 use std::borrow::Cow;
 
@@ -41,8 +42,37 @@ fn escape(text: &str, multiline: bool) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Renders rows under a header with columns padded to their widest cell.
+/// `banger: warning: TEXT` with TEXT escaped (one line).
+pub fn warning(text: &str) -> String {
+    format!("banger: warning: {}", escape_line(text))
+}
+
+/// JSON text with DEL and the C1 controls (U+007F-U+009F) written as `\u` escapes too:
+/// serde_json leaves them raw, and a terminal acts on C1 (U+009B is CSI). They can only
+/// occur inside JSON strings, so the result is the same JSON.
+pub fn json(text: String) -> String {
+    if !text.chars().any(|c| ('\u{7f}'..='\u{9f}').contains(&c)) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if ('\u{7f}'..='\u{9f}').contains(&c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Renders rows under a header with columns padded to their widest cell; every cell is
+/// escaped ([`escape_line`]).
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| escape_line(c).into_owned()).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -160,12 +190,19 @@ pub fn vm_details(vm: &Vm) -> String {
     self::pairs(&pairs)
 }
 
-/// Aligned `key: value` lines.
+/// Aligned `key: value` lines; every value is escaped ([`escape_line`]).
 pub fn pairs(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     pairs
         .iter()
-        .map(|(k, v)| format!("{k:<width$}  {v}\n", k = format!("{k}:"), width = width + 1))
+        .map(|(k, v)| {
+            format!(
+                "{k:<width$}  {v}\n",
+                k = format!("{k}:"),
+                v = escape_line(v),
+                width = width + 1
+            )
+        })
         .collect()
 }
 
@@ -201,6 +238,31 @@ mod tests {
         );
         let shown = super::vm_details(&vm(serde_json::Value::Null));
         assert!(shown.contains("none (cgroup leaf only"), "{shown}");
+    }
+
+    #[test]
+    fn generic_printers_escape_every_value() {
+        let hostile = "sync: \x1b]0;pwned\x07\r\n\x7f\u{9b}31m";
+        let shown = super::pairs(&[("last error", hostile.into())]);
+        assert_eq!(
+            shown,
+            "last error:  sync: \\x1b]0;pwned\\x07\\x0d\\x0a\\x7f\\u{9b}31m\n"
+        );
+        let shown = super::table(&["A"], &[vec![hostile.into()]]);
+        assert!(
+            !shown.chars().any(|c| c.is_control() && c != '\n'),
+            "{shown:?}"
+        );
+        let shown = super::warning(hostile);
+        assert!(shown.starts_with("banger: warning: sync: \\x1b"));
+        assert!(!shown.chars().any(|c| c.is_control()), "{shown:?}");
+        // JSON: serde_json escapes C0 but not DEL or C1; the printer does.
+        let text = serde_json::to_string(&serde_json::json!({ "e": hostile })).unwrap();
+        assert!(text.contains('\u{9b}'));
+        let shown = super::json(text);
+        assert!(!shown.chars().any(|c| c.is_control()), "{shown:?}");
+        let back: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        assert_eq!(back["e"], hostile);
     }
 
     #[test]

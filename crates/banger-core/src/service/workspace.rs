@@ -358,14 +358,19 @@ pub(super) fn stream_from_guest<T>(
         }
         kept
     });
+    let mut overran = false;
     let consumed = match child.stdout.take() {
         Some(mut out) => {
             let result = consume(&mut out);
             if result.is_err() {
                 let _ = child.kill();
             }
-            // Whatever is left (the tar's trailing blocks) is drained so ssh can exit.
-            let _ = std::io::copy(&mut out, &mut std::io::sink());
+            // Whatever is left (the tar's trailing blocks) is drained so ssh can exit, within
+            // bounds: a guest that keeps writing is cut off (killing ssh ends the drain).
+            if !drain_bounded(out, DRAIN_CAP, DRAIN_LIMIT) {
+                overran = true;
+                let _ = child.kill();
+            }
             result
         }
         None => Err(WorkspaceError::Io {
@@ -376,6 +381,12 @@ pub(super) fn stream_from_guest<T>(
     let status = child.wait().map_err(WorkspaceError::io("ssh failed"));
     let stderr = reader.join().unwrap_or_default();
     let status = status?;
+    if overran && consumed.is_ok() {
+        return Err(WorkspaceError::Refused(format!(
+            "the guest kept writing after its output (over {DRAIN_CAP} bytes or {} s)",
+            DRAIN_LIMIT.as_secs()
+        )));
+    }
     if !status.success() && consumed.is_ok() {
         return Err(WorkspaceError::Remote {
             code: status.code(),
@@ -388,6 +399,24 @@ pub(super) fn stream_from_guest<T>(
         });
     }
     Ok((consumed?, stderr))
+}
+
+/// Bytes of the guest's stdout read after the consumer is done (a tar's trailing blocks).
+const DRAIN_CAP: u64 = 1 << 20;
+/// How long the guest may take to close its stdout after the consumer is done.
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
+/// Reads `out` to its end on a thread, up to `cap` bytes within `limit`: whether it ended
+/// in bounds. Past them the thread keeps reading until the writer goes (the caller kills it).
+fn drain_bounded(out: impl Read + Send + 'static, cap: u64, limit: Duration) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = out;
+        let read = std::io::copy(&mut (&mut out).take(cap + 1), &mut std::io::sink());
+        let _ = tx.send(matches!(read, Ok(n) if n <= cap));
+        let _ = std::io::copy(&mut out, &mut std::io::sink());
+    });
+    rx.recv_timeout(limit).unwrap_or(false)
 }
 
 /// `export --patch`: the guest's patch, streamed to a private file beside `dest`, checked
@@ -481,4 +510,32 @@ fn to_api(diff: Diff) -> WorkspaceDiff {
 /// Where `vm exec` runs: /root/repo once a workspace was prepared.
 pub(super) fn workdir(prepared: bool) -> Option<String> {
     prepared.then(|| GUEST_DIR.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn the_drain_of_guest_output_is_bounded_in_bytes_and_time() {
+        // A tar's trailing blocks: drained.
+        let (mut guest, host) = UnixStream::pair().expect("pair");
+        guest.write_all(&[0; 10240]).expect("write");
+        drop(guest);
+        assert!(drain_bounded(host, 1 << 20, Duration::from_secs(30)));
+        // An endless stream: cut off at the byte cap.
+        assert!(!drain_bounded(
+            std::io::repeat(7),
+            1 << 20,
+            Duration::from_secs(30)
+        ));
+        // A guest that neither writes nor closes: cut off at the time limit.
+        let (guest, host) = UnixStream::pair().expect("pair");
+        let started = Instant::now();
+        assert!(!drain_bounded(host, 1 << 20, Duration::from_millis(200)));
+        assert!(started.elapsed() < Duration::from_secs(10));
+        drop(guest);
+    }
 }

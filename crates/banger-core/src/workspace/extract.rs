@@ -11,7 +11,17 @@
 //!   are refused or skipped;
 //! - modes are masked: files 0644, or 0755 when the owner could execute; directories 0755
 //!   (no setuid/setgid/sticky, no group or other write); an existing directory keeps its mode;
-//! - at most [`Rules::max_entries`] entries and [`Rules::max_bytes`] content bytes.
+//! - at most [`Rules::max_entries`] entries (directories created for a path count too) and
+//!   [`Rules::max_bytes`] content bytes (the size a PAX record gives counts, and no more is
+//!   ever copied); paths and symlink targets of at most [`PATH_MAX`] bytes, at most
+//!   [`MAX_DEPTH`] components deep; long names and PAX headers of at most
+//!   [`super::tar_guard::MAX_EXTENSION`] bytes (checked before the tar crate reads them);
+//! - a symlink as the copied object itself (`vm cp`) is refused: its target resolves beside
+//!   the destination, outside the copy;
+//! - after extraction, a directory that git would open as a repository (a bare repository:
+//!   `HEAD` with `objects` and `refs`, or `HEAD` with `commondir`, any case) is refused at
+//!   [`install`], counting what already exists at the destination: git runs such a
+//!   repository's configured commands (pager, fsmonitor) in it.
 //!
 //! Everything is extracted into a private staging directory beside the destination and moved
 //! into place only when the whole tar was accepted ([`install`]): a failure leaves no partial
@@ -22,15 +32,22 @@ use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use super::WorkspaceError;
+use super::tar_guard::TarGuard;
 
 /// Entries of a guest tar at most (a huge file count is refused, not written).
 pub const MAX_ENTRIES: u64 = 500_000;
 /// Content bytes of a guest tar at most.
 pub const MAX_BYTES: u64 = 64 << 30;
+/// Bytes of a path or symlink target at most (Linux `PATH_MAX`).
+pub const PATH_MAX: usize = 4096;
+/// Bytes of one path component at most (Linux `NAME_MAX`).
+pub const NAME_MAX: usize = 255;
+/// Components of a path at most.
+pub const MAX_DEPTH: usize = 256;
 
 /// What an extraction accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,23 +176,26 @@ pub fn extract(
     rules: &Rules,
 ) -> Result<Extracted, WorkspaceError> {
     let mut out = Extracted::default();
-    // What each relative path (components joined by `/`) was written as; "" is `tree`.
-    let mut kinds: HashMap<Vec<u8>, NodeKind> = HashMap::new();
-    // Directories get their mode at the end (created under the caller's umask).
-    let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
+    // What each written path is, as a tree: (id of the directory holding it, its name) ->
+    // (its id, kind); `tree` itself is id 0, its kind `out.root`. Only names are stored, so
+    // memory grows with the entries (capped), not with their path lengths.
+    let mut nodes: HashMap<(usize, Vec<u8>), (usize, NodeKind)> = HashMap::new();
+    let mut last_id = 0usize;
     if strip.is_none() {
-        dir_modes.push((tree.to_path_buf(), DIR_MODE));
-        std::fs::create_dir(tree).map_err(WorkspaceError::io(format!(
-            "cannot create {}",
-            tree.display()
-        )))?;
-        kinds.insert(Vec::new(), NodeKind::Dir);
+        make_dir(tree)?;
         out.root = Some(NodeKind::Dir);
     }
-    let mut archive = tar::Archive::new(reader);
-    let bad_tar = |e: std::io::Error| WorkspaceError::Io {
-        context: "cannot read the guest's tar".into(),
-        source: e,
+    let mut archive = tar::Archive::new(TarGuard::new(reader));
+    let bad_tar = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            // The guard's refusals.
+            WorkspaceError::Refused(format!("the guest's tar: {e}"))
+        } else {
+            WorkspaceError::Io {
+                context: "cannot read the guest's tar".into(),
+                source: e,
+            }
+        }
     };
     let mut seen = 0u64;
     for entry in archive.entries().map_err(bad_tar)? {
@@ -194,7 +214,16 @@ pub fn extract(
             why,
         };
         let kind = entry.header().entry_type();
+        if raw.len() > PATH_MAX {
+            return Err(refuse(format!("a path longer than {PATH_MAX} bytes")));
+        }
         let mut parts = components(&raw).map_err(&refuse)?;
+        if parts.len() > MAX_DEPTH {
+            return Err(refuse(format!("a path deeper than {MAX_DEPTH} components")));
+        }
+        if parts.iter().any(|p| p.len() > NAME_MAX) {
+            return Err(refuse(format!("a name longer than {NAME_MAX} bytes")));
+        }
         if let Some(first) = strip {
             match parts.first() {
                 Some(p) if *p == first.as_bytes() => {
@@ -233,7 +262,6 @@ pub fn extract(
             )?;
             continue;
         };
-        let key = parts.join(&b'/');
         if parts.is_empty() && strip.is_none() {
             // The tree root itself (`.`): it exists and keeps the directory mode.
             if node != NodeKind::Dir {
@@ -242,10 +270,21 @@ pub fn extract(
             continue;
         }
         let link_target = if node == NodeKind::Symlink {
+            if parts.is_empty() {
+                // The copied object itself: even `a/b` resolves beside the destination.
+                return Err(refuse(
+                    "a symlink as the copied object (its target is outside the copy)".into(),
+                ));
+            }
             let target = entry
                 .link_name_bytes()
                 .map(|t| t.into_owned())
                 .unwrap_or_default();
+            if target.len() > PATH_MAX {
+                return Err(refuse(format!(
+                    "a symlink target longer than {PATH_MAX} bytes"
+                )));
+            }
             if let Err(why) = link_stays_inside(parts.len().saturating_sub(1), &target) {
                 skip(why, &mut out)?;
                 continue;
@@ -255,41 +294,51 @@ pub fn extract(
             None
         };
         // Parents: directories of this tar (created on the way), never a symlink or file.
+        // `current` is what `parts[..depth]` is, `holder` the directory that holds it.
         let mut path = tree.to_path_buf();
-        for depth in 0..parts.len() {
-            let prefix = parts[..depth].join(&b'/');
-            match kinds.get(&prefix) {
-                Some(NodeKind::Dir) => {}
+        let mut current = out.root.map(|kind| (0usize, kind));
+        let mut holder = 0usize;
+        for (depth, name) in parts.iter().enumerate() {
+            let dir = match current {
+                Some((id, NodeKind::Dir)) => id,
                 Some(_) => return Err(refuse("below a symlink or file of the tar".into())),
                 None => {
-                    std::fs::create_dir(&path).map_err(WorkspaceError::io(format!(
-                        "cannot create {}",
-                        path.display()
-                    )))?;
-                    dir_modes.push((path.clone(), DIR_MODE));
-                    kinds.insert(prefix, NodeKind::Dir);
+                    // Created directories count as entries: deep paths cannot multiply
+                    // what one entry creates.
+                    seen += 1;
+                    if seen > rules.max_entries {
+                        return Err(WorkspaceError::Refused(format!(
+                            "the guest's tar has more than {} entries",
+                            rules.max_entries
+                        )));
+                    }
+                    make_dir(&path)?;
                     if depth == 0 {
                         out.root = Some(NodeKind::Dir);
+                        0
+                    } else {
+                        last_id += 1;
+                        nodes.insert(
+                            (holder, parts[depth - 1].to_vec()),
+                            (last_id, NodeKind::Dir),
+                        );
+                        last_id
                     }
                 }
-            }
-            path.push(OsStr::from_bytes(parts[depth]));
+            };
+            path.push(OsStr::from_bytes(name));
+            holder = dir;
+            current = nodes.get(&(dir, name.to_vec())).copied();
         }
-        match (kinds.get(&key), node) {
+        match (current, node) {
             (None, _) => {}
-            (Some(NodeKind::Dir), NodeKind::Dir) => continue,
+            (Some((_, NodeKind::Dir)), NodeKind::Dir) => continue,
             (Some(_), _) => return Err(refuse("appears twice".into())),
         }
         let mode = entry.header().mode().unwrap_or(0o644);
         let mtime = entry.header().mtime().ok();
         match node {
-            NodeKind::Dir => {
-                std::fs::create_dir(&path).map_err(WorkspaceError::io(format!(
-                    "cannot create {}",
-                    path.display()
-                )))?;
-                dir_modes.push((path.clone(), DIR_MODE));
-            }
+            NodeKind::Dir => make_dir(&path)?,
             NodeKind::Symlink => {
                 let target = link_target.unwrap_or_default();
                 std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path).map_err(
@@ -297,12 +346,17 @@ pub fn extract(
                 )?;
             }
             NodeKind::File => {
-                let size = entry.header().size().unwrap_or(0);
-                if out.bytes.saturating_add(size) > rules.max_bytes {
-                    return Err(WorkspaceError::Refused(format!(
+                // `entry.size()`: what the tar crate copies (a PAX `size=` overrides the
+                // header's field).
+                let remaining = rules.max_bytes.saturating_sub(out.bytes);
+                let too_big = || {
+                    WorkspaceError::Refused(format!(
                         "the guest's tar holds more than {} bytes",
                         rules.max_bytes
-                    )));
+                    ))
+                };
+                if entry.size() > remaining {
+                    return Err(too_big());
                 }
                 let mode = file_mode(mode);
                 let mut file = std::fs::OpenOptions::new()
@@ -315,9 +369,11 @@ pub fn extract(
                         "cannot create {}",
                         path.display()
                     )))?;
-                let written = std::io::copy(&mut entry, &mut file).map_err(WorkspaceError::io(
-                    format!("cannot write {}", path.display()),
-                ))?;
+                let written = std::io::copy(&mut (&mut entry).take(remaining + 1), &mut file)
+                    .map_err(|e| bad_tar_or(e, &path))?;
+                if written > remaining {
+                    return Err(too_big());
+                }
                 // The umask must not change what the guest's mode (masked) says.
                 file.set_permissions(std::fs::Permissions::from_mode(mode))
                     .map_err(WorkspaceError::io(format!(
@@ -330,18 +386,40 @@ pub fn extract(
                 out.bytes += written;
             }
         }
-        if parts.is_empty() {
-            out.root = Some(node);
+        match parts.last() {
+            None => out.root = Some(node),
+            Some(name) => {
+                last_id += 1;
+                nodes.insert((holder, name.to_vec()), (last_id, node));
+            }
         }
-        kinds.insert(key, node);
         out.entries += 1;
     }
-    for (dir, mode) in dir_modes {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).map_err(
-            WorkspaceError::io(format!("cannot chmod {}", dir.display())),
-        )?;
-    }
     Ok(out)
+}
+
+/// Creates directory `path` with [`DIR_MODE`] (set after creation: the umask must not
+/// change it).
+fn make_dir(path: &Path) -> Result<(), WorkspaceError> {
+    std::fs::create_dir(path).map_err(WorkspaceError::io(format!(
+        "cannot create {}",
+        path.display()
+    )))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(DIR_MODE)).map_err(
+        WorkspaceError::io(format!("cannot chmod {}", path.display())),
+    )
+}
+
+/// A failed copy of entry data to `path`: the guard's refusal or a read/write error.
+fn bad_tar_or(e: std::io::Error, path: &Path) -> WorkspaceError {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        WorkspaceError::Refused(format!("the guest's tar: {e}"))
+    } else {
+        WorkspaceError::Io {
+            context: format!("cannot write {}", path.display()),
+            source: e,
+        }
+    }
 }
 
 /// A private staging directory beside `dest` (same file system, so [`install`] renames);
@@ -362,6 +440,7 @@ pub fn staging_for(dest: &Path) -> Result<tempfile::TempDir, WorkspaceError> {
 /// directories keep their mode, existing files and symlinks are replaced, never written
 /// through); anything else is refused. Every name is checked before the first move.
 pub fn install(from: &Path, dest: &Path) -> Result<(), WorkspaceError> {
+    refuse_git_dirs(from, dest)?;
     check(from, dest)?;
     place(from, dest)
 }
@@ -382,6 +461,112 @@ fn conflict(dest: &Path, why: &str) -> WorkspaceError {
         path: dest.display().to_string(),
         why: why.into(),
     }
+}
+
+/// What git looks for to open a directory as a repository (`is_git_directory`): `HEAD` with
+/// `objects` and `refs`, or `HEAD` with `commondir`. Names in any case (a case-insensitive
+/// file system matches them too).
+#[derive(Debug, Default)]
+pub struct GitDirNames {
+    head: bool,
+    objects: bool,
+    refs: bool,
+    commondir: bool,
+}
+
+impl GitDirNames {
+    /// Notes one name in the directory.
+    pub fn add(&mut self, name: &[u8]) {
+        if name.eq_ignore_ascii_case(b"HEAD") {
+            self.head = true;
+        } else if name.eq_ignore_ascii_case(b"objects") {
+            self.objects = true;
+        } else if name.eq_ignore_ascii_case(b"refs") {
+            self.refs = true;
+        } else if name.eq_ignore_ascii_case(b"commondir") {
+            self.commondir = true;
+        }
+    }
+
+    /// Whether `name` is one of the names git looks for.
+    pub fn is_git_name(name: &[u8]) -> bool {
+        let mut probe = Self::default();
+        probe.add(name);
+        probe.head || probe.objects || probe.refs || probe.commondir
+    }
+
+    /// Whether git would take the directory for a git dir.
+    pub fn is_git_dir(&self) -> bool {
+        self.head && (self.commondir || (self.objects && self.refs))
+    }
+
+    /// Whether the directory holds `HEAD` beside any other git dir name (what a patch may
+    /// complete with files the host tree already has).
+    pub fn may_be_git_dir(&self) -> bool {
+        self.head && (self.commondir || self.objects || self.refs)
+    }
+}
+
+/// The names in directory `dir` (none when it is not a directory; symlinks not followed).
+fn names_in(dir: &Path, into: &mut GitDirNames) -> Result<(), WorkspaceError> {
+    if !lstat(dir)?.is_some_and(|m| m.is_dir()) {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir)
+        .map_err(WorkspaceError::io(format!("cannot list {}", dir.display())))?
+    {
+        let entry = entry.map_err(WorkspaceError::io(format!("cannot list {}", dir.display())))?;
+        into.add(entry.file_name().as_bytes());
+    }
+    Ok(())
+}
+
+/// Refuses the staged `from` when, moved to `dest`, some directory would be one git opens
+/// as a repository (a bare repository the guest planted: git obeys its config, e.g. runs
+/// `core.pager` or `core.fsmonitor`). Counts what exists at the destination too.
+fn refuse_git_dirs(from: &Path, dest: &Path) -> Result<(), WorkspaceError> {
+    let refuse = |dir: &Path| WorkspaceError::UnsafeEntry {
+        path: dir.display().to_string(),
+        why: "it would be a git repository (HEAD with objects and refs, or with commondir): \
+              git would run commands from its config"
+            .into(),
+    };
+    // The directory `dest` goes into gains its name.
+    if let (Some(parent), Some(name)) = (dest.parent(), dest.file_name()) {
+        let mut names = GitDirNames::default();
+        names_in(parent, &mut names)?;
+        names.add(name.as_bytes());
+        if names.is_git_dir() {
+            return Err(refuse(parent));
+        }
+    }
+    fn walk(
+        from: &Path,
+        dest: &Path,
+        refuse: &dyn Fn(&Path) -> WorkspaceError,
+    ) -> Result<(), WorkspaceError> {
+        if !lstat(from)?.is_some_and(|m| m.is_dir()) {
+            return Ok(());
+        }
+        let mut names = GitDirNames::default();
+        names_in(from, &mut names)?;
+        names_in(dest, &mut names)?;
+        if names.is_git_dir() {
+            return Err(refuse(dest));
+        }
+        for entry in std::fs::read_dir(from).map_err(WorkspaceError::io(format!(
+            "cannot list {}",
+            from.display()
+        )))? {
+            let entry = entry.map_err(WorkspaceError::io(format!(
+                "cannot list {}",
+                from.display()
+            )))?;
+            walk(&entry.path(), &dest.join(entry.file_name()), refuse)?;
+        }
+        Ok(())
+    }
+    walk(from, dest, &refuse)
 }
 
 fn check(from: &Path, dest: &Path) -> Result<(), WorkspaceError> {
@@ -811,6 +996,264 @@ mod tests {
             &Rules::lenient(),
         );
         assert!(matches!(result, Err(WorkspaceError::UnsafeEntry { .. })));
+    }
+
+    /// A raw entry: a header of `kind` claiming `size`, then `data` (padded).
+    fn raw(
+        builder: &mut tar::Builder<Vec<u8>>,
+        kind: tar::EntryType,
+        name: &str,
+        size: u64,
+        data: &[u8],
+    ) {
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(kind);
+        header.set_mode(0o644);
+        header.set_path(name).expect("name");
+        header.set_size(size);
+        header.set_cksum();
+        builder.append(&header, data).expect("append");
+    }
+
+    /// A PAX record `key=value` with its length prefix.
+    fn pax(key: &str, value: &str) -> Vec<u8> {
+        let body = format!(" {key}={value}\n");
+        let mut len = body.len() + 1;
+        while len.to_string().len() + body.len() != len {
+            len += 1;
+        }
+        format!("{len}{body}").into_bytes()
+    }
+
+    fn extract_bytes(
+        bytes: &[u8],
+        rules: &Rules,
+    ) -> (tempfile::TempDir, Result<Extracted, WorkspaceError>) {
+        let base = tempfile::tempdir().expect("tempdir");
+        let result = extract_to_dir(bytes, &base.path().join("out"), rules);
+        (base, result)
+    }
+
+    #[test]
+    fn oversized_extension_headers_are_refused_before_they_are_read() {
+        let big = vec![b'a'; 1 << 20];
+        for kind in [T::GNULongName, T::GNULongLink, T::XHeader, T::XGlobalHeader] {
+            let mut builder = tar::Builder::new(Vec::new());
+            raw(&mut builder, kind, "././@LongLink", big.len() as u64, &big);
+            raw(&mut builder, T::Regular, "f", 1, b"x");
+            let (base, result) =
+                extract_bytes(&builder.into_inner().expect("tar"), &Rules::strict());
+            assert!(
+                matches!(result, Err(WorkspaceError::Refused(_))),
+                "{kind:?}: {result:?}"
+            );
+            assert_nothing_written(base.path());
+        }
+        // Claimed huge but cut short: refused on the claim alone (nothing is buffered).
+        let mut builder = tar::Builder::new(Vec::new());
+        raw(&mut builder, T::GNULongName, "././@LongLink", 1 << 40, b"");
+        let (base, result) = extract_bytes(&builder.into_inner().expect("tar"), &Rules::strict());
+        assert!(
+            matches!(result, Err(WorkspaceError::Refused(_))),
+            "{result:?}"
+        );
+        assert_nothing_written(base.path());
+    }
+
+    #[test]
+    fn a_pax_size_counts_toward_the_byte_cap() {
+        // Header size 0, PAX size=1 MiB, 1 MiB of data: the tar crate copies 1 MiB.
+        let rules = Rules {
+            max_bytes: 1000,
+            ..Rules::strict()
+        };
+        let tar_with = |size: usize| {
+            let mut builder = tar::Builder::new(Vec::new());
+            let records = pax("size", &size.to_string());
+            raw(
+                &mut builder,
+                T::XHeader,
+                "pax",
+                records.len() as u64,
+                &records,
+            );
+            raw(&mut builder, T::Regular, "f", 0, &vec![b'z'; size]);
+            raw(&mut builder, T::Regular, "g", 2, b"ok");
+            builder.into_inner().expect("tar")
+        };
+        let (base, result) = extract_bytes(&tar_with(1 << 20), &rules);
+        assert!(
+            matches!(result, Err(WorkspaceError::Refused(_))),
+            "{result:?}"
+        );
+        assert_nothing_written(base.path());
+        // Under the cap the PAX size is followed exactly: the next header is found.
+        let (base, result) = extract_bytes(&tar_with(700), &rules);
+        let result = result.expect("accepted");
+        assert_eq!(result.bytes, 702);
+        assert_eq!(
+            std::fs::read(base.path().join("out/f")).expect("f").len(),
+            700
+        );
+        assert_eq!(std::fs::read(base.path().join("out/g")).expect("g"), b"ok");
+    }
+
+    #[test]
+    fn deep_and_long_paths_are_bounded() {
+        // Directories a path creates count as entries.
+        let names: Vec<String> = (0..10)
+            .map(|i| format!("{i}/a/b/c/d/e/f/g/h/i/file"))
+            .collect();
+        let entries: Vec<_> = names
+            .iter()
+            .map(|n| (n.as_str(), T::Regular, 0o644, &b"x"[..]))
+            .collect();
+        let rules = Rules {
+            max_entries: 50,
+            ..Rules::strict()
+        };
+        let (base, result) = extract_bytes(&tar(&entries), &rules);
+        assert!(
+            matches!(result, Err(WorkspaceError::Refused(_))),
+            "{result:?}"
+        );
+        assert_nothing_written(base.path());
+        // Too deep, too long (a GNU long name under the extension cap), a name too long.
+        for path in [
+            "d/".repeat(MAX_DEPTH) + "f",
+            format!("{}/f", "n".repeat(200)).repeat(25),
+            "n".repeat(NAME_MAX + 1),
+        ] {
+            let mut builder = tar::Builder::new(Vec::new());
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(T::Regular);
+            header.set_mode(0o644);
+            header.set_size(1);
+            builder
+                .append_data(&mut header, &path, &b"x"[..])
+                .expect("append");
+            let (base, result) =
+                extract_bytes(&builder.into_inner().expect("tar"), &Rules::strict());
+            assert!(
+                matches!(result, Err(WorkspaceError::UnsafeEntry { .. })),
+                "{}: {result:?}",
+                path.len()
+            );
+            assert_nothing_written(base.path());
+        }
+    }
+
+    /// Real tars (GNU long names, PAX records) pass the guard intact.
+    #[test]
+    fn gnu_and_pax_tars_from_tar_are_read_whole() {
+        let src = tempfile::tempdir().expect("tempdir");
+        let long = format!("{}/{}", "a".repeat(150), "b".repeat(150));
+        std::fs::create_dir_all(src.path().join("t").join(&long)).expect("mkdir");
+        std::fs::write(
+            src.path().join("t").join(&long).join("f"),
+            vec![9u8; 70_000],
+        )
+        .expect("write");
+        std::os::unix::fs::symlink(
+            format!("{}/f", "b".repeat(150)),
+            src.path().join("t").join("a".repeat(150)).join("l"),
+        )
+        .expect("ln");
+        std::fs::write(src.path().join("t/small"), "x").expect("write");
+        for format in ["gnu", "pax"] {
+            let out = std::process::Command::new("tar")
+                .args(["-c", "-f", "-", &format!("--format={format}"), "-C"])
+                .arg(src.path().join("t"))
+                .arg(".")
+                .output();
+            let Ok(out) = out.map_err(|e| eprintln!("SKIP: no tar here: {e}")) else {
+                return;
+            };
+            assert!(out.status.success(), "{format}");
+            let (base, result) = extract_bytes(&out.stdout, &Rules::strict());
+            let result = result.unwrap_or_else(|e| panic!("{format}: {e}"));
+            assert_eq!(result.bytes, 70_001, "{format}");
+            let tree = base.path().join("out");
+            assert_eq!(
+                std::fs::read(tree.join(&long).join("f")).expect("f").len(),
+                70_000
+            );
+            assert_eq!(
+                std::fs::read(tree.join("a".repeat(150)).join("l"))
+                    .expect("via link")
+                    .len(),
+                70_000
+            );
+            assert_eq!(std::fs::read(tree.join("small")).expect("small"), b"x");
+        }
+    }
+
+    #[test]
+    fn a_symlink_as_the_copied_object_is_refused() {
+        // `vm cp vm:out.txt ~/`: out.txt -> .ssh/authorized_keys would resolve in ~.
+        let base = tempfile::tempdir().expect("tempdir");
+        let bytes = tar(&[("out.txt", T::Symlink, 0o777, b".ssh/authorized_keys")]);
+        let result = extract(
+            bytes.as_slice(),
+            &base.path().join("tree"),
+            Some(OsStr::new("out.txt")),
+            &Rules::lenient(),
+        );
+        assert!(
+            matches!(result, Err(WorkspaceError::UnsafeEntry { .. })),
+            "{result:?}"
+        );
+        assert_nothing_written(base.path());
+    }
+
+    #[test]
+    fn a_planted_bare_repository_is_refused() {
+        let config: &[u8] = b"[core]\n\tpager = touch /tmp/pwned; cat\n";
+        let cases: &[&[Spec]] = &[
+            &[
+                ("docs/HEAD", T::Regular, 0o644, b"ref: refs/heads/main\n"),
+                ("docs/config", T::Regular, 0o644, config),
+                ("docs/objects/", T::Directory, 0o755, b""),
+                ("docs/refs/", T::Directory, 0o755, b""),
+            ],
+            &[
+                ("head", T::Regular, 0o644, b"ref: refs/heads/main\n"),
+                ("config", T::Regular, 0o644, config),
+                ("Objects/x", T::Regular, 0o644, b""),
+                ("REFS/y", T::Regular, 0o644, b""),
+            ],
+            &[
+                ("a/b/HEAD", T::Regular, 0o644, b"ref: refs/heads/main\n"),
+                ("a/b/commondir", T::Regular, 0o644, b"../c\n"),
+            ],
+        ];
+        for case in cases {
+            let (base, result) = run(case);
+            assert!(
+                matches!(result, Err(WorkspaceError::UnsafeEntry { .. })),
+                "{case:?}: {result:?}"
+            );
+            assert_nothing_written(base.path());
+        }
+        // Completed by what the destination already holds: refused, the destination as it was.
+        let base = tempfile::tempdir().expect("tempdir");
+        let dest = base.path().join("out");
+        std::fs::create_dir_all(dest.join("docs/objects")).expect("mkdir");
+        std::fs::write(dest.join("docs/HEAD"), "x").expect("write");
+        let bytes = tar(&[("docs/refs/heads/main", T::Regular, 0o644, b"0")]);
+        let result = extract_to_dir(bytes.as_slice(), &dest, &Rules::strict());
+        assert!(
+            matches!(result, Err(WorkspaceError::UnsafeEntry { .. })),
+            "{result:?}"
+        );
+        assert!(!dest.join("docs/refs").exists());
+        assert_eq!(std::fs::read_dir(base.path()).expect("ls").count(), 1);
+        // Two of the three names are fine.
+        let (_base, result) = run(&[
+            ("docs/HEAD", T::Regular, 0o644, b"x"),
+            ("docs/refs/x", T::Regular, 0o644, b"x"),
+        ]);
+        result.expect("accepted");
     }
 
     #[test]

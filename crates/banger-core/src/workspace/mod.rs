@@ -7,6 +7,7 @@
 pub mod extract;
 pub mod fileset;
 pub mod patch;
+pub mod tar_guard;
 pub mod transfer;
 
 pub use fileset::{Entry, Kind, Manifest, Plan, Scan};

@@ -37,12 +37,12 @@ fn render(report: &DoctorReport) -> String {
         out.push_str(&format!(
             "{status:<4}  {name:<width$}  {detail}\n",
             name = check.name,
-            detail = check.detail
+            detail = crate::output::escape_line(&check.detail)
         ));
         if check.status != CheckStatus::Ok
             && let Some(fix) = &check.fix
         {
-            out.push_str(&format!("      fix: {fix}\n"));
+            out.push_str(&format!("      fix: {}\n", crate::output::escape_line(fix)));
         }
     }
     out

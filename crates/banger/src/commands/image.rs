@@ -375,7 +375,7 @@ pub async fn run_kernel(client: &Client, command: KernelCommand) -> Result<u8, C
             } else {
                 println!("Imported kernel {} ({})", kernel.name, &kernel.digest[..12]);
                 for warning in &kernel.warnings {
-                    eprintln!("banger: warning: {warning}");
+                    eprintln!("{}", output::warning(warning));
                 }
             }
             Ok(0)

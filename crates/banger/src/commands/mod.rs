@@ -11,10 +11,10 @@ pub mod workspace;
 use std::io::IsTerminal;
 use std::time::Duration;
 
-/// Prints `value` as pretty JSON on stdout.
+/// Prints `value` as pretty JSON on stdout (DEL and C1 escaped too, see [`crate::output::json`]).
 pub fn print_json(value: &impl serde::Serialize) -> Result<(), crate::client::ClientError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| anyhow::anyhow!(e))?;
-    println!("{text}");
+    println!("{}", crate::output::json(text));
     Ok(())
 }
 

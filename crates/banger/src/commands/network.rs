@@ -7,6 +7,7 @@ use hyper::Method;
 use crate::cli::{HelperCommand, NetworkCommand};
 use crate::client::{Client, ClientError};
 use crate::commands::print_json;
+use crate::output::escape_line;
 
 const SOCKET_UNIT: &str = include_str!("../../../../contrib/systemd/banger-helper@.socket");
 const SERVICE_UNIT: &str = include_str!("../../../../contrib/systemd/banger-helper@.service");
@@ -40,10 +41,12 @@ pub async fn run(client: &Client, command: NetworkCommand) -> Result<u8, ClientE
         return Ok(0);
     }
     let yes = |b: bool| if b { "yes" } else { "no" };
+    // Daemon text, escaped like every printed value (output.rs).
+    let socket = escape_line(&status.helper_socket);
     match (&status.helper, &status.helper_error) {
-        (true, _) => println!("helper:    {} (answers)", status.helper_socket),
-        (false, Some(e)) => println!("helper:    {} ({e})", status.helper_socket),
-        (false, None) => println!("helper:    {} (not used)", status.helper_socket),
+        (true, _) => println!("helper:    {socket} (answers)"),
+        (false, Some(e)) => println!("helper:    {socket} ({})", escape_line(e)),
+        (false, None) => println!("helper:    {socket} (not used)"),
     }
     println!("mode:      {}", status.mode);
     if let (Some(subnet), Some(gw)) = (&status.subnet, &status.gateway) {
@@ -51,10 +54,14 @@ pub async fn run(client: &Client, command: NetworkCommand) -> Result<u8, ClientE
     }
     println!("bridge up: {}", yes(status.bridge_up));
     println!("nft table: {}", yes(status.nft_table));
-    println!("taps:      {}", status.taps.join(" "));
-    println!("dns:       {}", status.dns.as_deref().unwrap_or("-"));
+    println!("taps:      {}", escape_line(&status.taps.join(" ")));
+    println!(
+        "dns:       {}",
+        escape_line(status.dns.as_deref().unwrap_or("-"))
+    );
     for lease in &status.leases {
-        println!("lease:     {} {} {}", lease.vm, lease.ip, lease.tap);
+        let line = format!("{} {} {}", lease.vm, lease.ip, lease.tap);
+        println!("lease:     {}", escape_line(&line));
     }
     Ok(0)
 }

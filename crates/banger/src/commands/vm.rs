@@ -48,7 +48,7 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             } else if result.changed {
                 println!(
                     "Stopped VM {name} ({})",
-                    result.stop_method.as_deref().unwrap_or("stopped")
+                    output::escape_line(result.stop_method.as_deref().unwrap_or("stopped"))
                 );
             } else {
                 println!("VM {name} is not running");
@@ -207,7 +207,7 @@ async fn start(client: &Client, name: &VmName, json: bool) -> Result<u8, ClientE
 /// One `banger: warning: …` line on stderr per warning of a lifecycle operation.
 fn print_warnings(result: &LifecycleResult) {
     for warning in &result.warnings {
-        eprintln!("banger: warning: {warning}");
+        eprintln!("{}", output::warning(warning));
     }
 }
 
@@ -238,7 +238,10 @@ async fn check_workspace(
     let status = match workspace::status(client, name, false).await {
         Ok(status) => status,
         Err(e) => {
-            eprintln!("banger: warning: cannot check the workspace of {name}: {e}");
+            eprintln!(
+                "{}",
+                output::warning(&format!("cannot check the workspace of {name}: {e}"))
+            );
             return Ok(());
         }
     };
