@@ -81,9 +81,16 @@ fn hex(bytes: &[u8]) -> String {
 /// (the microVM kernel's files under `microvm-kernel/` excepted).
 pub fn recipe_digest() -> String {
     let mut hasher = Sha256::new();
+    // The microVM kernel has its own recipe digest (`kernel::recipe_digest`).
+    hash_guest_files(&mut hasher, |path| !kernel::is_recipe_file(path));
+    hex(&hasher.finalize())
+}
+
+/// Feeds every embedded guest file `wanted` selects (path, mode, length, content) into
+/// `hasher`: the common part of the image's and the kernel's recipe digests.
+fn hash_guest_files(hasher: &mut Sha256, wanted: impl Fn(&str) -> bool) {
     for (path, content, mode) in GUEST_FILES {
-        // The microVM kernel has its own recipe digest (`kernel::recipe_digest`).
-        if kernel::is_recipe_file(path) {
+        if !wanted(path) {
             continue;
         }
         hasher.update(path.as_bytes());
@@ -92,7 +99,6 @@ pub fn recipe_digest() -> String {
         hasher.update((content.len() as u64).to_le_bytes());
         hasher.update(content);
     }
-    hex(&hasher.finalize())
 }
 
 /// Writes the embedded recipe into `dir` (`dir/build-kernel.sh`, `dir/rootfs/...`).
