@@ -1158,7 +1158,9 @@ mod tests {
                 .arg(src.path().join("t"))
                 .arg(".")
                 .output();
-            let Ok(out) = out.map_err(|e| eprintln!("SKIP: no tar here: {e}")) else {
+            let Ok(out) = out.map_err(|e| {
+                banger_shared::skip::report("extract of tar archives", &format!("no tar here: {e}"))
+            }) else {
                 return;
             };
             assert!(out.status.success(), "{format}");
