@@ -273,19 +273,29 @@ async fn cp_then_rename(flags: &[&str], source: &Path, dest: &Path) -> Result<()
         let _ = std::fs::remove_dir_all(&tmp);
     };
     remove_tmp();
-    let status = Command::new("cp")
+    let output = Command::new("cp")
         .args(flags)
         .arg(source)
         .arg(&tmp)
         .stdin(Stdio::null())
-        .status()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
         .await
         .map_err(io_err("cannot run cp"))?;
-    if !status.success() {
+    if !output.status.success() {
         remove_tmp();
+        // cp's own words ("No space left on device", "Permission denied") are the cause.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let cause = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map(|l| l.trim_start_matches("cp: ").to_owned())
+            .unwrap_or_else(|| output.status.to_string());
         return Err(ImageError::Io {
             context: format!("cannot copy {}", source.display()),
-            source: std::io::Error::other(status.to_string()),
+            source: std::io::Error::other(cause),
         });
     }
     std::fs::rename(&tmp, dest).map_err(io_err(format!("cannot rename {}", tmp.display())))
@@ -350,6 +360,22 @@ pub fn on_path(tool: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_failed_copy_says_why_and_leaves_nothing() {
+        #![allow(clippy::unwrap_used)]
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("rootfs.ext4");
+        let err = copy_into_place(&dir.path().join("missing.ext4"), &dest)
+            .await
+            .unwrap_err();
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(
+            cause.contains("No such file or directory"),
+            "{err}: {cause}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 
     #[test]
     fn recipe_holds_the_build_scripts() {
