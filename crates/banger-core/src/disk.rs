@@ -109,6 +109,19 @@ pub async fn create_system_overlay(
     .await
 }
 
+/// Grows the qcow2 image `path` to a virtual size of `size_bytes` (`qemu-img resize`, which
+/// refuses to shrink without `--shrink`, never given here). The VM must be stopped.
+pub async fn grow_qcow2(path: &Path, size_bytes: u64) -> Result<(), DiskError> {
+    run(
+        "qemu-img",
+        Command::new("qemu-img")
+            .args(["resize", "-q", "-f", "qcow2"])
+            .arg(path)
+            .arg(size_bytes.to_string()),
+    )
+    .await
+}
+
 /// Extends the raw system disk `path` (a clone or copy of the image) to `size_bytes` with a
 /// hole, when it is smaller: the guest grows its root filesystem into it at boot.
 pub fn grow_raw_system_disk(path: &Path, size_bytes: u64) -> Result<(), DiskError> {
