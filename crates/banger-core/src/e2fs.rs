@@ -111,13 +111,7 @@ async fn run(tool: &'static str, command: &mut Command) -> Result<ToolRun, DiskE
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => DiskError::MissingTool(tool),
-            _ => DiskError::Tool {
-                tool,
-                message: e.to_string(),
-            },
-        })?;
+        .map_err(DiskError::spawn(tool))?;
     let (stdout, stderr) = tokio::join!(
         read_tail(child.stdout.take()),
         read_tail(child.stderr.take())

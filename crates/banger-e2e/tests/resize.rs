@@ -39,6 +39,21 @@ fn root_df(env: &TestEnv) -> u64 {
     guest_number(env, "df -B1 --output=size /root | tail -n 1")
 }
 
+/// `vm set dev ARGS` fails with exit `code`, one line saying `says` and a hint.
+#[track_caller]
+fn refused(env: &TestEnv, args: &[&str], code: i32, says: &str) {
+    let mut all = vec!["vm", "set", "dev"];
+    all.extend_from_slice(args);
+    let run = env.banger(&all);
+    assert_eq!(run.code, code, "{args:?}: {}", run.stderr);
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(says) && run.stderr.contains("hint"),
+        "{args:?}: {}",
+        run.stderr
+    );
+}
+
 fn work_disk(env: &TestEnv, vm: &Value) -> PathBuf {
     env.home()
         .join("vms")
@@ -83,31 +98,13 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 4 * GIB);
 
     // 2. A smaller disk is refused; the file, the record and the guest keep 4 GiB.
-    let shrink = env.banger(&["vm", "set", "dev", "--disk", "1G"]);
-    assert_eq!(shrink.code, 1, "{}", shrink.stderr);
-    assert!(
-        shrink.stderr.contains("cannot shrink") && shrink.stderr.contains("hint"),
-        "{}",
-        shrink.stderr
-    );
+    refused(&env, &["--disk", "1G"], 1, "cannot shrink");
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 4 * GIB);
     assert_eq!(show(&env)["spec"]["disk_size_bytes"], 4 * GIB);
     assert_eq!(root_df(&env), grown);
     // CPUs and memory wait for a stop; more than the host has is refused outright.
-    let running = env.banger(&["vm", "set", "dev", "--cpus", "1"]);
-    assert_eq!(running.code, 4, "{}", running.stderr);
-    assert!(
-        running.stderr.contains("stop it first"),
-        "{}",
-        running.stderr
-    );
-    let too_many = env.banger(&["vm", "set", "dev", "--cpus", "200"]);
-    assert_eq!(too_many.code, 1, "{}", too_many.stderr);
-    assert!(
-        too_many.stderr.contains("this host has"),
-        "{}",
-        too_many.stderr
-    );
+    refused(&env, &["--cpus", "1"], 4, "stop it first");
+    refused(&env, &["--cpus", "200"], 1, "this host has");
     assert_eq!(guest_number(&env, "nproc"), 2);
     let mem_before = guest_number(&env, "awk '/^MemTotal:/ {print $2}' /proc/meminfo");
     assert!(mem_before > 600 << 10, "MemTotal {mem_before} kB with 768M");

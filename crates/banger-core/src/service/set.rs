@@ -318,6 +318,14 @@ impl Manager {
                 result.online = true;
             }
         } else {
+            // The host writes the disks only while no VMM has them open.
+            let pid = record.runtime.as_ref().and_then(|r| r.pid);
+            if pid.is_some_and(|pid| process::is_alive(pid, &record.id)) {
+                return Err(Error::NotNow {
+                    message: format!("VM {name} is {} but its VMM still runs", record.state),
+                    hint: format!("stop it first (`banger vm stop {name}`)"),
+                });
+            }
             self.set_offline(&mut record, plan, &mut result.warnings)
                 .await?;
         }
