@@ -16,13 +16,14 @@ use banger_core::service::Manager;
 use banger_proto::{
     ApiError, BuildImageRequest, BuildKernelRequest, BuildProgress, CheckStatus, ConsoleChunk,
     CopyDirection, CopyRequest, CopyResult, CreateVmRequest, DaemonStatus, DiskUsage, DoctorCheck,
-    DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, FsUsage, GuestStats,
-    Image, ImportImageRequest, ImportKernelRequest, Kernel, KernelBuildProgress,
-    KernelCapabilities, LeaseInfo, LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER,
-    PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress, PrepareResult,
-    PrepareWorkspaceRequest, PullPolicy, PullRequest, PullResult, PushRequest, RegistryAccess,
-    SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, TransferProgress, TransferResult,
-    Vm, VmNetwork, VmRuntime, VmSpec, VmState, VmStats, WorkspaceDiff, WorkspaceStatus,
+    DoctorReport, ErrorBody, ErrorCode, ExecDefaults, ExportResult, ExportWorkspaceRequest,
+    FsUsage, GuestStats, Image, ImportImageRequest, ImportKernelRequest, Kernel,
+    KernelBuildProgress, KernelCapabilities, LeaseInfo, LifecycleResult, NetCounters,
+    NetworkStatus, OP_ID_HEADER, PortChangeRequest, PortList, PortMapping, PortProto,
+    PrepareProgress, PrepareResult, PrepareWorkspaceRequest, PullPolicy, PullRequest, PullResult,
+    PushRequest, RegistryAccess, SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest,
+    TransferProgress, TransferResult, Vm, VmNetwork, VmRuntime, VmSpec, VmState, VmStats,
+    WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -761,6 +762,7 @@ async fn transfer_progress(
         ssh_config
     ),
     components(schemas(
+        ExecDefaults,
         VmStats,
         DiskUsage,
         NetCounters,

@@ -2,10 +2,12 @@
 //! `images/<digest>/rootfs.ext4`), their import from local files, and the build of the default
 //! Debian image from the embedded guest recipe (`guest/` in the repository).
 
+pub mod container;
 pub mod kernel;
 pub mod mirror;
 pub mod oci;
 pub mod registry;
+pub mod tree;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -77,13 +79,26 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Directory of the `image build --from` scripts in the guest recipe.
+pub const FROM_IMAGE_DIR: &str = "from-image/";
+
 /// Digest of the embedded image recipe: any change to a script or overlay file changes it
-/// (the microVM kernel's files under `microvm-kernel/` excepted).
+/// (the microVM kernel's files under `microvm-kernel/` and the `--from` scripts under
+/// `from-image/` excepted).
 pub fn recipe_digest() -> String {
+    recipe_digest_with(false)
+}
+
+/// Digest of what `image build --from` runs: the image recipe and the `from-image/` scripts.
+pub fn from_recipe_digest() -> String {
+    recipe_digest_with(true)
+}
+
+fn recipe_digest_with(from_image: bool) -> String {
     let mut hasher = Sha256::new();
     for (path, content, mode) in GUEST_FILES {
         // The microVM kernel has its own recipe digest (`kernel::recipe_digest`).
-        if kernel::is_recipe_file(path) {
+        if kernel::is_recipe_file(path) || (!from_image && path.starts_with(FROM_IMAGE_DIR)) {
             continue;
         }
         hasher.update(path.as_bytes());

@@ -10,6 +10,7 @@ pub mod console_cap;
 mod cp;
 mod create;
 mod doctor;
+mod from_image;
 mod images;
 mod kernels;
 mod logs;

@@ -111,6 +111,10 @@ const MIGRATIONS: &[Migration] = &[
         created_at    TEXT NOT NULL
     ) STRICT;
     CREATE INDEX blobs_by_local ON blobs(kind, local);"),
+    // 9: an image's work-seed (the digest of a tree under work-seeds/), when it has one, and
+    // its `vm exec` defaults (JSON `ExecDefaults`; from a container image's config).
+    Sql("ALTER TABLE images ADD COLUMN work_seed TEXT;
+         ALTER TABLE images ADD COLUMN exec_json TEXT;"),
 ];
 
 /// Reads every VM row through the typed record, so an unknown value fails here, naming it.
