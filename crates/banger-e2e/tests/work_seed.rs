@@ -103,11 +103,11 @@ fn a_work_seed_reaches_new_vms_of_its_image_only_and_survives_push_and_pull() {
         .join("images")
         .join(default["digest"].as_str().unwrap())
         .join("rootfs.ext4");
-    let seeded = env
-        .banger(&[
+    let import = |name: &str| {
+        env.banger(&[
             "image",
             "import",
-            "seeded",
+            name,
             "--rootfs",
             rootfs.to_str().unwrap(),
             "--kernel",
@@ -117,24 +117,12 @@ fn a_work_seed_reaches_new_vms_of_its_image_only_and_survives_push_and_pull() {
             "--json",
         ])
         .ok()
-        .json();
+        .json()
+    };
+    let seeded = import("seeded");
     let seed_digest = seeded["work_seed"].as_str().unwrap().to_owned();
     // The same tree twice is the same seed.
-    let again = env
-        .banger(&[
-            "image",
-            "import",
-            "seeded2",
-            "--rootfs",
-            rootfs.to_str().unwrap(),
-            "--kernel",
-            "default",
-            "--work-seed",
-            seed.to_str().unwrap(),
-            "--json",
-        ])
-        .ok()
-        .json();
+    let again = import("seeded2");
     assert_eq!(again["work_seed"], seeded["work_seed"]);
     env.banger(&["image", "rm", "seeded2"]).ok();
     // A special file is refused with a clear error.

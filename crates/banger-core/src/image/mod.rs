@@ -110,7 +110,10 @@ fn recipe_digest_with(from_image: bool) -> String {
     hex(&hasher.finalize())
 }
 
-/// Writes the embedded recipe into `dir` (`dir/build-kernel.sh`, `dir/rootfs/...`).
+/// Writes the embedded recipe into `dir` (`dir/build-kernel.sh`, `dir/rootfs/...`). Its
+/// directories get mode 0755 whatever the daemon's umask (077): the overlay is tarred into
+/// the image as it is, `rootfs/` itself becoming the guest's `/`, so a 0700 directory there
+/// would lock every non-root service (dbus, networkd) out of `/`, `/etc` and `/usr`.
 pub fn write_recipe(dir: &Path) -> Result<(), ImageError> {
     use std::os::unix::fs::PermissionsExt;
     for (relative, content, mode) in GUEST_FILES {
@@ -118,6 +121,12 @@ pub fn write_recipe(dir: &Path) -> Result<(), ImageError> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(io_err(format!("cannot create {}", parent.display())))?;
+            let mut ancestor = Some(parent);
+            while let Some(d) = ancestor.filter(|d| d.starts_with(dir)) {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+                    .map_err(io_err(format!("cannot chmod {}", d.display())))?;
+                ancestor = d.parent();
+            }
         }
         std::fs::write(&path, content)
             .map_err(io_err(format!("cannot write {}", path.display())))?;
@@ -366,6 +375,26 @@ mod tests {
         assert!(names.contains(&"build-kernel.sh"), "{names:?}");
         assert!(names.contains(&"build-rootfs.sh"), "{names:?}");
         assert_eq!(recipe_digest(), recipe_digest());
+    }
+
+    #[test]
+    fn the_recipe_is_written_with_open_directories() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = dir.path().join("recipe");
+        // SAFETY: umask only changes this process's file creation mask.
+        let old = unsafe { nix::libc::umask(0o077) };
+        let written = write_recipe(&recipe);
+        // SAFETY: as above, restoring the previous mask.
+        unsafe { nix::libc::umask(old) };
+        written.unwrap();
+        for d in ["", "rootfs", "rootfs/etc", "rootfs/usr"] {
+            let mode = std::fs::metadata(recipe.join(d))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o755, "{d}");
+        }
     }
 
     #[test]

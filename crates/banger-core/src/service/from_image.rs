@@ -232,6 +232,7 @@ impl Manager {
             return Ok(existing);
         }
         let mut config = config;
+        let mut known_users: Option<Vec<String>> = None;
         if request.force || !out.is_file() {
             let tars = match (&source, layers) {
                 (_, Some((remote, layers))) => {
@@ -265,27 +266,40 @@ impl Manager {
             };
             let tree_tar = scratch.path().join("tree.tar");
             let (shown, tree_out) = (from.to_owned(), tree_tar.clone());
-            let distro = tokio::task::spawn_blocking(move || -> Result<Distro, Error> {
-                let mut tree = Tree::new();
-                for tar in &tars {
-                    tree.apply_layer(tar, LayerMode::Oci)
-                        .map_err(|e| Error::InvalidRequest(format!("layer refused: {e}")))?;
-                }
-                let distro = inspect(&tree, &shown).map_err(unusable)?;
-                let file = std::fs::File::create(&tree_out)
-                    .map_err(Error::io(format!("cannot create {}", tree_out.display())))?;
-                // The guest's /dev is a devtmpfs: device nodes are never needed (and a user
-                // namespace cannot make them).
-                tree.write_tar(std::io::BufWriter::new(file), |p| p.starts_with("dev/"))
-                    .map_err(|e| Error::Failed(e.to_string()))?;
-                drop(tree);
-                for tar in &tars {
-                    let _ = std::fs::remove_file(tar);
-                }
-                Ok(distro)
-            })
-            .await
-            .map_err(|e| Error::Failed(format!("layer task failed: {e}")))??;
+            let (distro, users) =
+                tokio::task::spawn_blocking(move || -> Result<(Distro, Vec<String>), Error> {
+                    let mut tree = Tree::new();
+                    for tar in &tars {
+                        tree.apply_layer(tar, LayerMode::Oci)
+                            .map_err(|e| Error::InvalidRequest(format!("layer refused: {e}")))?;
+                    }
+                    let distro = inspect(&tree, &shown).map_err(unusable)?;
+                    // The users the image knows: USER applies only when it names one of them.
+                    let users: Vec<String> = tree
+                        .read_file("etc/passwd", 4 << 20)
+                        .map(|p| {
+                            String::from_utf8_lossy(&p)
+                                .lines()
+                                .filter_map(|l| l.split(':').next())
+                                .map(str::to_owned)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let file = std::fs::File::create(&tree_out)
+                        .map_err(Error::io(format!("cannot create {}", tree_out.display())))?;
+                    // The guest's /dev is a devtmpfs: device nodes are never needed (and a user
+                    // namespace cannot make them).
+                    tree.write_tar(std::io::BufWriter::new(file), |p| p.starts_with("dev/"))
+                        .map_err(|e| Error::Failed(e.to_string()))?;
+                    drop(tree);
+                    for tar in &tars {
+                        let _ = std::fs::remove_file(tar);
+                    }
+                    Ok((distro, users))
+                })
+                .await
+                .map_err(|e| Error::Failed(format!("layer task failed: {e}")))??;
+            known_users = Some(users);
             let mirror = self.mirror_for_distro(request, &distro)?;
             self.check_build_tools()?;
             let recipe_dir = scratch.path().join("recipe");
@@ -317,14 +331,25 @@ impl Manager {
         let mut stored = self
             .store_image(name, &out, None, &kernel.name, from_source, work_seed)
             .await?;
-        stored.exec = exec_defaults(&config);
+        let mut exec = exec_defaults(&config);
+        if let (Some(defaults), Some(users)) = (exec.as_mut(), &known_users)
+            && defaults.user.as_ref().is_some_and(|u| !users.contains(u))
+        {
+            tracing::warn!(user = ?defaults.user, "the image's USER is not in its /etc/passwd: vm exec runs as root");
+            defaults.user = None;
+        }
+        stored.exec = exec.filter(|d| *d != ExecDefaults::default());
         self.store().put_image(&stored)?;
         Ok(stored)
     }
 
     /// The apt mirror for `distro`: `--mirror`, else `images.mirror`, else the host's apt
     /// mirror when the host runs the same distribution.
-    fn mirror_for_distro(&self, request: &BuildImageRequest, distro: &Distro) -> Result<String, Error> {
+    fn mirror_for_distro(
+        &self,
+        request: &BuildImageRequest,
+        distro: &Distro,
+    ) -> Result<String, Error> {
         if let Some(mirror) = &request.mirror {
             return Ok(mirror.clone());
         }
