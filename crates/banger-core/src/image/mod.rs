@@ -94,8 +94,13 @@ pub fn from_recipe_digest() -> String {
     recipe_digest_with(true)
 }
 
+/// Part of every recipe digest: how [`write_recipe`] lays the recipe out (its directories
+/// 0755); images built from a recipe written otherwise have another digest.
+const RECIPE_LAYOUT: &[u8] = b"recipe dirs 0755\0";
+
 fn recipe_digest_with(from_image: bool) -> String {
     let mut hasher = Sha256::new();
+    hasher.update(RECIPE_LAYOUT);
     for (path, content, mode) in GUEST_FILES {
         // The microVM kernel has its own recipe digest (`kernel::recipe_digest`).
         if kernel::is_recipe_file(path) || (!from_image && path.starts_with(FROM_IMAGE_DIR)) {
