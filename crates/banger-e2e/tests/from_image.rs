@@ -49,7 +49,12 @@ fn base_tar() -> Option<PathBuf> {
     };
     let partial = tar.with_extension("partial");
     run(Command::new("mmdebstrap")
-        .args(["--variant=minbase", "--mode=unshare", "--quiet"])
+        .args([
+            "--variant=minbase",
+            "--mode=unshare",
+            "--format=tar",
+            "--quiet",
+        ])
         .arg("--customize-hook=rm -f \"$1/etc/apt/sources.list\"")
         .arg("--customize-hook=rm -rf \"$1\"/dev/*")
         .args(["bookworm"])

@@ -487,10 +487,13 @@ pub struct SshInfo {
     pub host_key_alias: String,
     /// Where a connection-sharing master may put its socket.
     pub control_path: String,
-    /// Where `vm exec` runs commands: /root/repo once a workspace was prepared, else the
-    /// image's working directory, if it names one.
+    /// Where `vm exec` runs commands: /root/repo once a workspace was prepared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
+    /// Where `vm exec` runs commands when no workspace was prepared: the image's working
+    /// directory, if it names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_workdir: Option<String>,
     /// `NAME=VALUE` pairs `vm exec` sets (the image's environment).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<String>,

@@ -41,7 +41,7 @@ impl Manager {
             .find_image(&record.spec.image)?
             .and_then(|image| image.exec)
             .unwrap_or_default();
-        let workdir = super::workspace::workdir(prepared).or(exec.workdir);
+        let workdir = super::workspace::workdir(prepared);
         Ok(SshInfo {
             host: target.host,
             port: target.port,
@@ -51,6 +51,7 @@ impl Manager {
             host_key_alias: target.host_key_alias,
             control_path: self.layout.vm_ssh_control(&record.id).display().to_string(),
             workdir,
+            exec_workdir: exec.workdir,
             env: exec.env,
             exec_user: exec.user,
         })

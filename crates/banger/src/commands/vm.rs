@@ -128,7 +128,7 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
                     banger_shared::ssh::shell_quote(user)
                 );
             }
-            if let Some(dir) = &info.workdir {
+            if let Some(dir) = info.workdir.as_ref().or(info.exec_workdir.as_ref()) {
                 remote = format!("cd {} && {remote}", banger_shared::ssh::shell_quote(dir));
             }
             let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
