@@ -32,8 +32,9 @@ fn cache_dir() -> PathBuf {
     )
 }
 
-/// A Debian bookworm minbase tree as a tar (device nodes left out), made once and cached;
-/// its apt source (the host's mirror) removed: the container image names no mirror.
+/// A Debian bookworm minbase tree as a tar (with /dev's device nodes, which banger leaves
+/// out), made once and cached; its apt source (the host's mirror) removed: the container
+/// image names no mirror.
 fn base_tar() -> Option<PathBuf> {
     let cache = cache_dir();
     std::fs::create_dir_all(&cache).unwrap();
@@ -56,7 +57,6 @@ fn base_tar() -> Option<PathBuf> {
             "--quiet",
         ])
         .arg("--customize-hook=rm -f \"$1/etc/apt/sources.list\"")
-        .arg("--customize-hook=rm -rf \"$1\"/dev/*")
         .args(["bookworm"])
         .arg(&partial)
         .arg(&mirror));
