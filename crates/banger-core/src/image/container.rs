@@ -236,70 +236,62 @@ pub fn unpack_blob(
     size: u64,
     dest: &Path,
 ) -> Result<(), ContainerError> {
-    let result = unpack_inner(reader, compression, digest, size, dest);
+    let result = (move || -> Result<(), ContainerError> {
+        let expected = sha256_hex(digest)?.to_owned();
+        let corrupt = |reason: String| ContainerError::Corrupt {
+            digest: digest.to_owned(),
+            reason,
+        };
+        let mut hashing = HashingReader {
+            inner: reader.take(size.saturating_add(1)),
+            hasher: Sha256::new(),
+            read: 0,
+        };
+        let out = std::fs::File::create(dest)
+            .map_err(io_err(format!("cannot create {}", dest.display())))?;
+        let mut out = LimitedWriter {
+            inner: std::io::BufWriter::with_capacity(1 << 20, out),
+            left: MAX_LAYER_BYTES,
+        };
+        let copied = match compression {
+            Compression::None => std::io::copy(&mut hashing, &mut out),
+            Compression::Gzip => std::io::copy(
+                &mut flate2::read::MultiGzDecoder::new(&mut hashing),
+                &mut out,
+            ),
+            Compression::Zstd => zstd::stream::read::Decoder::new(&mut hashing)
+                .and_then(|mut d| std::io::copy(&mut d, &mut out)),
+        };
+        if let Err(e) = copied {
+            return Err(corrupt(format!("cannot decompress: {e}")));
+        }
+        // Whatever the decompressor left unread still counts for the digest.
+        std::io::copy(&mut hashing, &mut std::io::sink())
+            .map_err(|e| corrupt(format!("cannot read: {e}")))?;
+        out.inner
+            .flush()
+            .map_err(io_err(format!("cannot write {}", dest.display())))?;
+        if hashing.read != size {
+            return Err(corrupt(format!(
+                "{} bytes, the manifest says {size}",
+                hashing.read
+            )));
+        }
+        let got: String = hashing
+            .hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if got != expected {
+            return Err(corrupt("digest mismatch".into()));
+        }
+        Ok(())
+    })();
     if result.is_err() {
         let _ = std::fs::remove_file(dest);
     }
     result
-}
-
-fn unpack_inner(
-    reader: impl Read,
-    compression: Compression,
-    digest: &str,
-    size: u64,
-    dest: &Path,
-) -> Result<(), ContainerError> {
-    let expected = sha256_hex(digest)?.to_owned();
-    let corrupt = |reason: String| ContainerError::Corrupt {
-        digest: digest.to_owned(),
-        reason,
-    };
-    let mut hashing = HashingReader {
-        inner: reader.take(size.saturating_add(1)),
-        hasher: Sha256::new(),
-        read: 0,
-    };
-    let out =
-        std::fs::File::create(dest).map_err(io_err(format!("cannot create {}", dest.display())))?;
-    let mut out = LimitedWriter {
-        inner: std::io::BufWriter::with_capacity(1 << 20, out),
-        left: MAX_LAYER_BYTES,
-    };
-    let copied = match compression {
-        Compression::None => std::io::copy(&mut hashing, &mut out),
-        Compression::Gzip => std::io::copy(
-            &mut flate2::read::MultiGzDecoder::new(&mut hashing),
-            &mut out,
-        ),
-        Compression::Zstd => zstd::stream::read::Decoder::new(&mut hashing)
-            .and_then(|mut d| std::io::copy(&mut d, &mut out)),
-    };
-    if let Err(e) = copied {
-        return Err(corrupt(format!("cannot decompress: {e}")));
-    }
-    // Whatever the decompressor left unread still counts for the digest.
-    std::io::copy(&mut hashing, &mut std::io::sink())
-        .map_err(|e| corrupt(format!("cannot read: {e}")))?;
-    out.inner
-        .flush()
-        .map_err(io_err(format!("cannot write {}", dest.display())))?;
-    if hashing.read != size {
-        return Err(corrupt(format!(
-            "{} bytes, the manifest says {size}",
-            hashing.read
-        )));
-    }
-    let got: String = hashing
-        .hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    if got != expected {
-        return Err(corrupt("digest mismatch".into()));
-    }
-    Ok(())
 }
 
 struct HashingReader<R> {
