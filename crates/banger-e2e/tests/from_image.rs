@@ -216,6 +216,8 @@ fn a_container_image_becomes_a_bootable_banger_image() {
     let (alpine_tar, noapt_tar) = (w.join("alpine.tar"), w.join("noapt.tar"));
     tar_of(&alpine, &alpine_tar);
     tar_of(&noapt, &noapt_tar);
+    let seed = w.join("seed");
+    write(&seed.join(".profile"), "echo seeded\n", 0o644);
     umoci_image(&layout, "alpine", &[&alpine_tar], &[]);
     umoci_image(&layout, "noapt", &[&noapt_tar], &[]);
     run(Command::new("chmod").args(["-R", "a+rX"]).arg(w));
@@ -237,6 +239,8 @@ fn a_container_image_becomes_a_bootable_banger_image() {
             tag,
             "--from",
             &format!("oci:{}:{tag}", layout.display()),
+            "--work-seed",
+            seed.to_str().unwrap(),
         ]);
         assert_ne!(refused.code, 0, "{tag} was accepted");
         assert!(
@@ -245,6 +249,25 @@ fn a_container_image_becomes_a_bootable_banger_image() {
             refused.stderr
         );
     }
+    // Nothing of the refused builds stays: no image, no work-seed.
+    let images = env.banger(&["image", "ls", "--json"]).ok().json();
+    assert_eq!(images.as_array().unwrap().len(), 1, "{images}");
+    let seeds = env.home().join("work-seeds");
+    let left: Vec<_> = std::fs::read_dir(&seeds)
+        .map(|d| d.collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "a refused build left its work-seed: {left:?}"
+    );
+    // `default` is the recipe's image: a --from build must be named.
+    let unnamed = env.banger(&["image", "build", "--from", &reference]);
+    assert_ne!(unnamed.code, 0);
+    assert!(
+        unnamed.stderr.contains("name the image"),
+        "{}",
+        unnamed.stderr
+    );
 
     let built = env
         .banger(&["image", "build", "fromc", "--from", &reference, "--json"])

@@ -306,20 +306,50 @@ impl Manager {
     pub async fn build_image(&self, request: BuildImageRequest) -> Result<Image, Error> {
         let name = request.name.clone().unwrap_or_else(|| "default".into());
         check_asset_name("image", &name)?;
-        let recipe = image::recipe_digest();
-        let source = format!("build:{recipe}");
+        if let Some(from) = &request.from
+            && name == "default"
+        {
+            // `default` is the recipe's image, whose kernel every --from image boots.
+            return Err(Error::InvalidRequest(format!(
+                "name the image built from {from}: banger image build NAME --from {from} (`default` is the recipe's image)"
+            )));
+        }
         let _guard = self.asset_lock.lock().await;
         let work_seed = match &request.work_seed {
             Some(dir) => Some(self.store_work_seed_dir(dir).await?),
             None => None,
         };
-        if let Some(from) = &request.from {
-            return self
-                .build_from_container(&name, from, &request, work_seed)
-                .await;
+        let built = match &request.from {
+            Some(from) => {
+                self.build_from_container(&name, from, &request, work_seed.clone())
+                    .await
+            }
+            None => {
+                self.build_recipe_image(&name, &request, work_seed.clone())
+                    .await
+            }
+        };
+        // A seed stored for a build that failed goes, unless an image names it.
+        if built.is_err()
+            && let Some(seed) = &work_seed
+            && !self.store().digest_in_use(AssetTable::WorkSeeds, seed)?
+        {
+            let _ = std::fs::remove_dir_all(self.layout.work_seed(seed));
         }
+        built
+    }
+
+    /// The recipe's image (the caller holds the asset lock).
+    async fn build_recipe_image(
+        &self,
+        name: &str,
+        request: &BuildImageRequest,
+        work_seed: Option<String>,
+    ) -> Result<Image, Error> {
+        let recipe = image::recipe_digest();
+        let source = format!("build:{recipe}");
         if !request.force
-            && let Some(existing) = self.store().find_image(&name)?
+            && let Some(existing) = self.store().find_image(name)?
             && existing.source == source
             && existing.work_seed == work_seed
         {
@@ -386,7 +416,7 @@ impl Manager {
         let modules = kernel_out.join("modules");
         let kernel = self
             .store_kernel(
-                &name,
+                name,
                 &kernel_out.join("vmlinux"),
                 Some(&kernel_out.join("initrd.img")),
                 modules.is_dir().then_some(modules.as_path()),
@@ -395,7 +425,7 @@ impl Manager {
             )
             .await?;
         self.keep_kernel_config(&kernel, &kernel_out.join("config"));
-        self.store_image(&name, &rootfs_out, None, &kernel.name, source, work_seed)
+        self.store_image(name, &rootfs_out, None, &kernel.name, source, work_seed)
             .await
     }
 
