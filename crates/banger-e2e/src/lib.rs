@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod registry;
+
 /// The unprivileged user that owns [`TestEnv::nonroot`] instances when tests run as root.
 pub const NONROOT_USER: &str = "bangertest";
 

@@ -595,6 +595,7 @@ async fn fake_manager_with(
             rootfs: rootfs.display().to_string(),
             kernel: kernel.display().to_string(),
             initrd: None,
+            work_seed: None,
         })
         .await
         .unwrap();
@@ -769,6 +770,7 @@ async fn dm_manager(
             rootfs: rootfs.display().to_string(),
             kernel: kernel.display().to_string(),
             initrd: None,
+            work_seed: None,
         })
         .await
         .unwrap();

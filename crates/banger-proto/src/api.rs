@@ -502,9 +502,32 @@ pub struct Image {
     /// Name of the kernel it boots.
     pub kernel: String,
     pub size_bytes: u64,
-    /// Where it came from: `build:<recipe digest>` or `import:<path>`.
+    /// Where it came from: `build:<recipe digest>`, `import:<path>` or `pull:<ref>@<digest>`.
     pub source: String,
     pub created_at: String,
+    /// The image's work-seed (what a new VM's /root starts with), by digest; none when the
+    /// image has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_seed: Option<String>,
+    /// What `vm exec` runs with in VMs of this image (an image built `--from` a container
+    /// image keeps its ENV, WORKDIR and USER).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecDefaults>,
+}
+
+/// Defaults of `vm exec` in VMs of an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ExecDefaults {
+    /// `NAME=VALUE` pairs set for the command.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// Where the command runs when no workspace was prepared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// The guest user the command runs as (a name; root when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// `POST /v1/images/import`: register local files as an image (and its kernel).
@@ -519,6 +542,10 @@ pub struct ImportImageRequest {
     pub kernel: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
+    /// Absolute path of a directory whose tree a new VM's /root starts with (symlinks kept
+    /// as links; every file the guest root's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_seed: Option<String>,
 }
 
 /// `POST /v1/kernels/import`.
@@ -547,6 +574,18 @@ pub struct BuildImageRequest {
     /// Rebuild even when an image of the same recipe exists.
     #[serde(default)]
     pub force: bool,
+    /// Absolute path of a directory whose tree a new VM's /root starts with (symlinks kept
+    /// as links; every file the guest root's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_seed: Option<String>,
+    /// Build from this container image instead of the recipe: `HOST[:PORT]/REPO[:TAG]` in a
+    /// registry, or `oci:/ABSOLUTE/DIR[:TAG]` (an OCI image layout). Debian-family images
+    /// with apt only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Plain HTTP to a `from` registry that is not on loopback.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// `GET /v1/images/build/progress`: the image build running now, if any.
@@ -588,6 +627,16 @@ pub struct SshInfo {
     /// Where `vm exec` runs commands: /root/repo once a workspace was prepared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
+    /// Where `vm exec` runs commands when no workspace was prepared: the image's working
+    /// directory, if it names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_workdir: Option<String>,
+    /// `NAME=VALUE` pairs `vm exec` sets (the image's environment).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// The guest user `vm exec` runs commands as (the image's; root when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_user: Option<String>,
 }
 
 /// `GET /v1/vms/{name}/console?offset=N`: serial console output from byte `offset`.

@@ -16,14 +16,15 @@ use banger_core::service::Manager;
 use banger_proto::{
     ApiError, BuildImageRequest, BuildKernelRequest, BuildProgress, CheckStatus, ConsoleChunk,
     CopyDirection, CopyRequest, CopyResult, CreateVmRequest, DaemonStatus, DiskFsck, DiskUsage,
-    DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, FsUsage,
-    FsckResult, GuestStats, Image, ImportImageRequest, ImportKernelRequest, Kernel,
-    KernelBuildProgress, KernelCapabilities, LastStop, LeaseInfo, LifecycleResult, NetCounters,
-    NetworkStatus, OP_ID_HEADER, PortChangeRequest, PortList, PortMapping, PortProto,
-    PrepareProgress, PrepareResult, PrepareWorkspaceRequest, PullPolicy, PullRequest, PullResult,
-    PushRequest, RegistryAccess, SetVmRequest, SetVmResult, SshConfigRequest, SshConfigResult,
-    SshInfo, StartFsck, StopKind, StopVmRequest, TransferProgress, TransferResult, Vm, VmNetwork,
-    VmRuntime, VmSpec, VmState, VmStats, WorkspaceDiff, WorkspaceStatus,
+    DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExecDefaults, ExportResult,
+    ExportWorkspaceRequest, FsUsage, FsckResult, GuestStats, Image, ImportImageRequest,
+    ImportKernelRequest, Kernel, KernelBuildProgress, KernelCapabilities, LastStop, LeaseInfo,
+    LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER, PortChangeRequest, PortList,
+    PortMapping, PortProto, PrepareProgress, PrepareResult, PrepareWorkspaceRequest, PullPolicy,
+    PullRequest, PullResult, PushRequest, RegistryAccess, SetVmRequest, SetVmResult,
+    SshConfigRequest, SshConfigResult, SshInfo, StartFsck, StopKind, StopVmRequest,
+    TransferProgress, TransferResult, Vm, VmNetwork, VmRuntime, VmSpec, VmState, VmStats,
+    WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -781,13 +782,14 @@ async fn transfer_progress(
         ssh_config
     ),
     components(schemas(
+        DiskFsck,
+        ExecDefaults,
+        FsckResult,
+        LastStop,
         SetVmRequest,
         SetVmResult,
-        LastStop,
-        StopKind,
         StartFsck,
-        DiskFsck,
-        FsckResult,
+        StopKind,
         VmStats,
         DiskUsage,
         NetCounters,

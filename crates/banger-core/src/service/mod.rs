@@ -11,6 +11,7 @@ pub mod console_cap;
 mod cp;
 mod create;
 mod doctor;
+mod from_image;
 mod fsck;
 mod images;
 mod kernels;

@@ -117,6 +117,10 @@ const MIGRATIONS: &[Migration] = &[
     Sql("ALTER TABLE vms ADD COLUMN last_stop TEXT;
     ALTER TABLE vms ADD COLUMN start_fsck TEXT;
     ALTER TABLE vms ADD COLUMN grow_work_fs INTEGER NOT NULL DEFAULT 0 CHECK (grow_work_fs IN (0, 1));"),
+    // 10: an image's work-seed (the digest of a tree under work-seeds/), when it has one, and
+    // its `vm exec` defaults (JSON `ExecDefaults`; from a container image's config).
+    Sql("ALTER TABLE images ADD COLUMN work_seed TEXT;
+         ALTER TABLE images ADD COLUMN exec_json TEXT;"),
 ];
 
 /// Reads every VM row through the typed record, so an unknown value fails here, naming it.

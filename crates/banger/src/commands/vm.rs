@@ -113,7 +113,22 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
                 .map(|arg| banger_shared::ssh::shell_quote(arg))
                 .collect::<Vec<_>>()
                 .join(" ");
-            if let Some(dir) = &info.workdir {
+            // The image's defaults (a container image's ENV and USER).
+            if !info.env.is_empty() {
+                let pairs: Vec<String> = info
+                    .env
+                    .iter()
+                    .map(|pair| banger_shared::ssh::shell_quote(pair))
+                    .collect();
+                remote = format!("env {} {remote}", pairs.join(" "));
+            }
+            if let Some(user) = &info.exec_user {
+                remote = format!(
+                    "runuser -u {} -- {remote}",
+                    banger_shared::ssh::shell_quote(user)
+                );
+            }
+            if let Some(dir) = info.workdir.as_ref().or(info.exec_workdir.as_ref()) {
                 remote = format!("cd {} && {remote}", banger_shared::ssh::shell_quote(dir));
             }
             let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
