@@ -13,6 +13,7 @@
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -105,6 +106,13 @@ pub struct HelperProcess {
     pub socket: PathBuf,
     /// The helper's stderr.
     pub log: PathBuf,
+}
+
+impl HelperProcess {
+    /// The helper's pid (`ip netns exec` execs it, so this is the helper itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for HelperProcess {
@@ -702,5 +710,133 @@ pub fn processes_with_env(comm: &str, needle: &str) -> Vec<u32> {
                 .is_ok_and(|environ| environ.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
         })
         .map(|p| p.pid)
+        .collect()
+}
+
+/// A network namespace, deleted on drop even when the test fails.
+#[derive(Debug)]
+pub struct Netns(pub String);
+
+impl Netns {
+    /// A new namespace named `PREFIX-<test pid>` (an old one of that name is deleted first),
+    /// its loopback up.
+    pub fn new(prefix: &str) -> Self {
+        let name = format!("{prefix}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["netns", "add", &name]);
+        let ns = Self(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+    /// `ip -n NAME ARGS`.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.0.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+    /// The stdout of `ARGS` run inside the namespace; fails the test unless it succeeds.
+    pub fn output(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+    /// Runs `f` on a thread that entered this namespace.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let file = std::fs::File::open(format!("/run/netns/{}", self.0)).unwrap();
+        std::thread::spawn(move || {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+    }
+    /// The names of the namespace's network interfaces.
+    pub fn links(&self) -> Vec<String> {
+        let value: serde_json::Value =
+            serde_json::from_str(&self.output(&["ip", "-j", "link"])).unwrap();
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["ifname"].as_str().unwrap().to_owned())
+            .collect()
+    }
+    /// The names of the namespace's nftables tables.
+    pub fn nft_tables(&self) -> Vec<String> {
+        let value: serde_json::Value =
+            serde_json::from_str(&self.output(&["nft", "-j", "list", "tables"])).unwrap();
+        value["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e.get("table"))
+            .map(|t| t["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.0));
+    }
+}
+
+/// Runs `ip ARGS`, failing the test unless it succeeds.
+pub fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().unwrap();
+    assert!(status.success(), "ip {args:?}");
+}
+
+/// The real uid a process runs as (`Uid:` in /proc/PID/status).
+pub fn process_uid(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// A TCP server in `ns` on `addr` that accepts for ever, sending each peer its address.
+pub fn tcp_server(ns: &Netns, addr: &str) {
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let listener = ns
+        .run(move || std::net::TcpListener::bind(addr).unwrap())
+        .join()
+        .unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let peer = stream.peer_addr().map(|p| p.ip().to_string());
+            let _ = (&stream).write_all(format!("{}\n", peer.unwrap_or_default()).as_bytes());
+        }
+    });
+}
+
+/// Loop devices whose backing file's path contains `needle`.
+pub fn loops_backed_by(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let backing = std::fs::read_to_string(entry.path().join("loop/backing_file")).ok()?;
+            backing
+                .contains(needle)
+                .then(|| entry.file_name().to_string_lossy().into_owned())
+        })
         .collect()
 }

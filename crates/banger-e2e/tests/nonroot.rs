@@ -7,18 +7,7 @@
 
 use std::path::Path;
 
-use banger_e2e::{Run, TestEnv};
-
-/// The uid a process runs as (`Uid:` in /proc/PID/status, the real uid).
-fn process_uid(pid: u32) -> u32 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
+use banger_e2e::{Run, TestEnv, process_uid};
 
 fn exec(env: &TestEnv, script: &str) -> Run {
     env.banger(&["vm", "exec", "dev", "--", "sh", "-c", script])

@@ -28,6 +28,8 @@ const USER_NET: &str = "banger.ip=10.0.2.15/24 banger.gw=10.0.2.2 banger.dns=10.
 struct StartOutcome {
     restored: bool,
     warnings: Vec<String>,
+    /// A bridge VM's published ports, bound before launch, served once it runs.
+    forwards: Vec<crate::net::forward::Bound>,
 }
 
 /// Steps done so far by a start, undone in reverse when a later one fails.
@@ -97,6 +99,9 @@ impl Manager {
                 record.last_error = None;
                 self.transition(&mut record, VmState::Running)?;
                 info!(vm = %name, restored = outcome.restored, "VM running");
+                if let Err(e) = self.open_forwards(&record, std::mem::take(&mut outcome.forwards)) {
+                    outcome.warnings.push(e.to_api().message);
+                }
                 self.refresh_ssh_config();
                 Ok(LifecycleResult {
                     restored: outcome.restored,
@@ -241,6 +246,7 @@ impl Manager {
         // User mode: outbound or isolated, and the published ports (a busy one refuses the
         // start before anything runs).
         let (isolated, ports) = self.user_net_for_start(record, lease.is_some())?;
+        outcome.forwards = self.bind_forwards(record)?;
         let mut cmdline = format!(
             "console=ttyS0 root=/dev/vda rw {boot_args} banger.hostname={} {net_args}",
             record.name
