@@ -92,8 +92,17 @@ pub fn recipe_digest() -> String {
         hasher.update((content.len() as u64).to_le_bytes());
         hasher.update(content);
     }
+    // The overlay's directory modes become the image's (`/`, `/etc`, `/usr`): they are
+    // part of what the recipe makes. Builds that wrote them under the daemon's umask
+    // (0700) made images whose non-root services (systemd-networkd, dbus) cannot start;
+    // this keeps their cache entries from being reused.
+    hasher.update(b"dirs:");
+    hasher.update(RECIPE_DIR_MODE.to_le_bytes());
     hex(&hasher.finalize())
 }
+
+/// Mode of every directory [`write_recipe`] makes, whatever the daemon's umask.
+const RECIPE_DIR_MODE: u32 = 0o755;
 
 /// Writes the embedded recipe into `dir` (`dir/build-kernel.sh`, `dir/rootfs/...`).
 pub fn write_recipe(dir: &Path) -> Result<(), ImageError> {
@@ -103,6 +112,15 @@ pub fn write_recipe(dir: &Path) -> Result<(), ImageError> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(io_err(format!("cannot create {}", parent.display())))?;
+            // The daemon's umask (077) made them 0700; the overlay's directories are the
+            // image's `/`, `/etc`, `/usr`, ..., which every guest user must traverse.
+            for ancestor in parent.ancestors().take_while(|a| a.starts_with(dir)) {
+                std::fs::set_permissions(
+                    ancestor,
+                    std::fs::Permissions::from_mode(RECIPE_DIR_MODE),
+                )
+                .map_err(io_err(format!("cannot chmod {}", ancestor.display())))?;
+            }
         }
         std::fs::write(&path, content)
             .map_err(io_err(format!("cannot write {}", path.display())))?;
@@ -344,6 +362,26 @@ pub fn on_path(tool: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recipe_directories_are_world_traversable_whatever_the_umask() {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        // What the daemon's umask 077 makes (changing the umask here would race other tests).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.path().join("rootfs/etc"))
+            .unwrap();
+        write_recipe(dir.path()).unwrap();
+        for sub in ["rootfs", "rootfs/etc", "rootfs/usr"] {
+            let mode = std::fs::metadata(dir.path().join(sub))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o755, "{sub}");
+        }
+    }
 
     #[test]
     fn recipe_holds_the_build_scripts() {
