@@ -1,4 +1,5 @@
-//! User-mode networking with real VMs under QEMU: outbound network by default (the guest
+//! User-mode networking with real VMs under QEMU, the daemon (and so QEMU) running as an
+//! unprivileged owner ([`TestEnv::nonroot`]): outbound network by default (the guest
 //! fetches a file from an HTTP server this test runs on the host's loopback, reached as
 //! QEMU's host address 10.0.2.2), none with `--net isolated`, and published ports: `-p` at
 //! create, `vm port add|rm` on a running VM, kept across a daemon SIGKILL and a stop/start,
@@ -10,7 +11,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use banger_e2e::{TestEnv, poll};
+use banger_e2e::{TestEnv, poll, process_uid};
 
 /// A port nobody listens on right now.
 fn free_port() -> u16 {
@@ -131,7 +132,8 @@ fn ports(env: &TestEnv, vm: &str) -> Vec<(u16, u16)> {
 
 #[test]
 fn user_mode_has_egress_isolated_has_none_and_ports_publish_live() {
-    let env = TestEnv::new();
+    let env = TestEnv::nonroot();
+    assert_ne!(env.owner().uid, 0, "the owner must not be root");
     // User mode whether or not a root helper runs here; a generous start timeout for a
     // loaded TCG host.
     std::fs::write(
@@ -185,6 +187,16 @@ fn user_mode_has_egress_isolated_has_none_and_ports_publish_live() {
     // vm port add on the running VM: live at once, same QEMU process (no restart).
     let qemu = env.qemu_pids();
     assert_eq!(qemu.len(), 1);
+    assert_eq!(
+        process_uid(qemu[0]),
+        env.owner().uid,
+        "QEMU runs as the owner"
+    );
+    assert_eq!(
+        process_uid(env.wait_for_daemon()),
+        env.owner().uid,
+        "the daemon runs as the owner"
+    );
     guest_server(&env, "web", 8001);
     let p2 = free_port();
     env.banger(&["vm", "port", "add", "web", &format!("{p2}:8001")])

@@ -211,7 +211,7 @@ impl Manager {
 
         // Bridge mode: the network (and DNS) up, the VM's own tap ready, a static address.
         let lease = self.store().lease_of(&record.id)?;
-        let (net_args, attach) = match &lease {
+        let (net_args, attach, tap_fd) = match &lease {
             Some(lease) => {
                 let info = self
                     .ensure_network()
@@ -223,19 +223,28 @@ impl Manager {
                 })
                 .await
                 .map_err(step("lease"))?;
-                self.host_call(HelperOp::EnsureTap {
-                    name: lease.tap.clone(),
-                })
-                .await
-                .map_err(step("tap"))?;
+                let name = lease.tap.clone();
+                // A backend that takes its tap as a descriptor gets a queue the helper
+                // opened: `/dev/net/tun` may be root's only.
+                let tap_fd = if caps.tap_fd {
+                    let reply = self
+                        .host_call(HelperOp::OpenTap { name: name.clone() })
+                        .await
+                        .map_err(step("tap"))?;
+                    reply.fd.map(Arc::new)
+                } else {
+                    self.host_call(HelperOp::EnsureTap { name: name.clone() })
+                        .await
+                        .map_err(step("tap"))?;
+                    None
+                };
                 (
                     super::network::cmdline_for(lease.ip, &info),
-                    Some(NetAttach::Tap {
-                        name: lease.tap.clone(),
-                    }),
+                    Some(NetAttach::Tap { name }),
+                    tap_fd,
                 )
             }
-            None => (USER_NET.to_owned(), None),
+            None => (USER_NET.to_owned(), None, None),
         };
         // A kernel without ACPI gets Firecracker's boot arguments whatever the backend
         // (i8042 probing kept short, reboot through the keyboard controller).
@@ -289,6 +298,7 @@ impl Manager {
                 _ if caps.needs_tap => self.seams.tap.clone(),
                 _ => None,
             },
+            tap_fd,
             devices,
         };
         // A suspended VM: a fresh VMM loads the snapshot and resumes it. The snapshot is
