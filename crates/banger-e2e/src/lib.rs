@@ -552,6 +552,113 @@ impl TestEnv {
 }
 
 impl TestEnv {
+    /// Runs `script` (sh) in `dir` as the instance's owner; panics unless it succeeds.
+    pub fn owner_sh(&self, dir: &Path, script: &str) -> String {
+        let out = self
+            .owner_command("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The workspace round trip of VM `vm` for the instance's owner: a repository the owner
+    /// made (`a.txt` committed) is prepared into the guest, where git works on it (no
+    /// "dubious ownership": every file is the guest root's); the guest changes `a.txt` and
+    /// adds `b.txt`; `export --patch` applies to the owner's repository and `export --to`
+    /// writes files the owner owns. Leaves `b.txt` in the guest's /root/repo.
+    pub fn workspace_round_trip(&self, vm: &str) {
+        let exec = |script: &str| self.banger(&["vm", "exec", vm, "--", "sh", "-c", script]);
+        let repo = self.dir().join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        self.chown_to_owner(&repo);
+        self.owner_sh(
+            &repo,
+            "git init -q . && git config user.email t@example.com && git config user.name T \
+             && echo hello > a.txt && git add a.txt && git commit -qm init",
+        );
+        self.banger(&["vm", "workspace", "prepare", vm, repo.to_str().unwrap()])
+            .ok();
+        let status =
+            exec("cd /root/repo && git status --porcelain && stat -c '%u:%g' . a.txt .git").ok();
+        assert!(!status.stderr.contains("dubious"), "{}", status.stderr);
+        assert_eq!(status.stdout.trim(), "0:0\n0:0\n0:0", "{}", status.stdout);
+        exec("cd /root/repo && echo changed > a.txt && echo new > b.txt").ok();
+        let patch = self.dir().join("out.patch");
+        self.banger(&[
+            "vm",
+            "workspace",
+            "export",
+            vm,
+            "--patch",
+            patch.to_str().unwrap(),
+        ])
+        .ok();
+        self.owner_sh(&repo, &format!("git apply {}", patch.display()));
+        assert_eq!(
+            std::fs::read_to_string(repo.join("a.txt")).unwrap(),
+            "changed\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(repo.join("b.txt")).unwrap(),
+            "new\n"
+        );
+        let out = self.dir().join("exported");
+        self.banger(&[
+            "vm",
+            "workspace",
+            "export",
+            vm,
+            "--to",
+            out.to_str().unwrap(),
+        ])
+        .ok();
+        let exported = out.join("b.txt");
+        assert_eq!(std::fs::read_to_string(&exported).unwrap(), "new\n");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&exported).unwrap()),
+            self.owner().uid
+        );
+    }
+
+    /// Starts servers in the guest of VM `vm` (perl from perl-base, as transient systemd
+    /// units so they outlive the exec): on TCP `port` one that greets every client with
+    /// `hello-from-guest PORT`, and with `udp` a UDP echo on `port` that answers `echo:DATA`.
+    pub fn guest_servers(&self, vm: &str, port: u16, udp: bool) {
+        let tcp = "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalPort => $ARGV[0], \
+                   Listen => 5, ReuseAddr => 1) or die $!; \
+                   while (my $c = $s->accept) { print $c \"hello-from-guest $ARGV[0]\\n\"; close $c }";
+        let echo = "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalPort => $ARGV[0], \
+                    Proto => 'udp') or die $!; \
+                    while (1) { my $peer = $s->recv(my $d, 1500); $s->send(\"echo:$d\", 0, $peer) }";
+        let mut servers = vec![("hello", tcp)];
+        if udp {
+            servers.push(("echo", echo));
+        }
+        for (unit, script) in servers {
+            self.banger(&[
+                "vm",
+                "exec",
+                vm,
+                "--",
+                "systemd-run",
+                &format!("--unit={unit}{port}"),
+                "perl",
+                "-e",
+                script,
+                &port.to_string(),
+            ])
+            .ok();
+        }
+    }
+
     /// Prints the end of every VM console and of the daemon log: what a failed test needs.
     pub fn dump_diagnostics(&self) {
         let mut logs: Vec<PathBuf> = std::fs::read_dir(self.home().join("vms"))

@@ -73,27 +73,6 @@ fn fetch_script(port: u16, len: usize) -> String {
     )
 }
 
-/// Starts a TCP server in the guest on `port` that greets every client (perl from
-/// perl-base, run as a transient systemd unit so it outlives the exec).
-fn guest_server(env: &TestEnv, vm: &str, port: u16) {
-    let script = "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalPort => $ARGV[0], \
-                  Listen => 5, ReuseAddr => 1) or die $!; \
-                  while (my $c = $s->accept) { print $c \"hello-from-guest $ARGV[0]\\n\"; close $c }";
-    env.banger(&[
-        "vm",
-        "exec",
-        vm,
-        "--",
-        "systemd-run",
-        &format!("--unit=hello{port}"),
-        "perl",
-        "-e",
-        script,
-        &port.to_string(),
-    ])
-    .ok();
-}
-
 /// The greeting read from 127.0.0.1:`port`, or None when nothing answers with one.
 fn greeting(port: u16) -> Option<String> {
     let mut stream =
@@ -181,7 +160,7 @@ fn user_mode_has_egress_isolated_has_none_and_ports_publish_live() {
     assert_eq!(&fetched.stdout[..64], digest, "{}", fetched.stdout);
 
     // -p: the host reaches a server started in the guest.
-    guest_server(&env, "web", 8000);
+    env.guest_servers("web", 8000, false);
     answers(p1, 8000);
 
     // vm port add on the running VM: live at once, same QEMU process (no restart).
@@ -197,7 +176,7 @@ fn user_mode_has_egress_isolated_has_none_and_ports_publish_live() {
         env.owner().uid,
         "the daemon runs as the owner"
     );
-    guest_server(&env, "web", 8001);
+    env.guest_servers("web", 8001, false);
     let p2 = free_port();
     env.banger(&["vm", "port", "add", "web", &format!("{p2}:8001")])
         .ok();
@@ -252,8 +231,8 @@ fn user_mode_has_egress_isolated_has_none_and_ports_publish_live() {
     let stopped = env.banger(&["vm", "port", "web"]).ok();
     assert!(stopped.stdout.contains("next start"), "{}", stopped.stdout);
     env.banger(&["vm", "start", "web"]).ok();
-    guest_server(&env, "web", 8000);
-    guest_server(&env, "web", 8001);
+    env.guest_servers("web", 8000, false);
+    env.guest_servers("web", 8001, false);
     answers(p1, 8000);
     answers(p2, 8001);
     env.banger(&["vm", "stop", "web"]).ok();

@@ -9,7 +9,6 @@
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::path::Path;
 use std::time::Duration;
 
 use banger_e2e::{Netns, Run, TestEnv, loops_backed_by, poll, process_uid, tcp_server};
@@ -18,50 +17,6 @@ const TEST: &str = "a_nonroot_owner_runs_bridge_vms_through_the_root_helper_with
 
 fn exec(env: &TestEnv, script: &str) -> Run {
     env.banger(&["vm", "exec", "dev", "--", "bash", "-c", script])
-}
-
-/// Runs `script` in `dir` as the instance's owner; panics unless it succeeds.
-fn owner_sh(env: &TestEnv, dir: &Path, script: &str) -> String {
-    let out = env
-        .owner_command("sh")
-        .arg("-c")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Starts servers in the guest (perl from perl-base, as transient systemd units so they
-/// outlive the exec): TCP on `port` greeting every client, and a UDP echo on `port` that
-/// prefixes each answer with `echo:`.
-fn guest_servers(env: &TestEnv, port: u16) {
-    let tcp = "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalPort => $ARGV[0], \
-               Listen => 5, ReuseAddr => 1) or die $!; \
-               while (my $c = $s->accept) { print $c \"hello-from-guest $ARGV[0]\\n\"; close $c }";
-    let udp = "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalPort => $ARGV[0], \
-               Proto => 'udp') or die $!; \
-               while (1) { my $peer = $s->recv(my $d, 1500); $s->send(\"echo:$d\", 0, $peer) }";
-    for (unit, script) in [("tcp", tcp), ("udp", udp)] {
-        env.banger(&[
-            "vm",
-            "exec",
-            "dev",
-            "--",
-            "systemd-run",
-            &format!("--unit={unit}{port}"),
-            "perl",
-            "-e",
-            script,
-            &port.to_string(),
-        ])
-        .ok();
-    }
 }
 
 /// The greeting read from 127.0.0.1:`port` inside `ns`, or None when nothing answers.
@@ -260,70 +215,17 @@ fn a_nonroot_owner_runs_bridge_vms_through_the_root_helper_with_published_ports(
 
     // Workspace: a repository the owner made; git works on it in the guest; export comes
     // back to the owner.
-    let repo = env.dir().join("repo");
-    std::fs::create_dir(&repo).unwrap();
-    env.chown_to_owner(&repo);
-    owner_sh(
-        &env,
-        &repo,
-        "git init -q . && git config user.email t@example.com && git config user.name T \
-         && echo hello > a.txt && git add a.txt && git commit -qm init",
-    );
-    env.banger(&["vm", "workspace", "prepare", "dev", repo.to_str().unwrap()])
-        .ok();
-    let status = exec(
-        &env,
-        "cd /root/repo && git status --porcelain && stat -c '%u:%g' . a.txt .git",
-    )
-    .ok();
-    assert!(!status.stderr.contains("dubious"), "{}", status.stderr);
-    assert_eq!(status.stdout.trim(), "0:0\n0:0\n0:0", "{}", status.stdout);
-    exec(
-        &env,
-        "cd /root/repo && echo changed > a.txt && echo new > b.txt",
-    )
-    .ok();
-    let patch = env.dir().join("out.patch");
-    env.banger(&[
-        "vm",
-        "workspace",
-        "export",
-        "dev",
-        "--patch",
-        patch.to_str().unwrap(),
-    ])
-    .ok();
-    owner_sh(&env, &repo, &format!("git apply {}", patch.display()));
-    assert_eq!(
-        std::fs::read_to_string(repo.join("a.txt")).unwrap(),
-        "changed\n"
-    );
-    let exported = env.dir().join("exported");
-    env.banger(&[
-        "vm",
-        "workspace",
-        "export",
-        "dev",
-        "--to",
-        exported.to_str().unwrap(),
-    ])
-    .ok();
-    let b = exported.join("b.txt");
-    assert_eq!(std::fs::read_to_string(&b).unwrap(), "new\n");
-    assert_eq!(
-        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&b).unwrap()),
-        owner.uid
-    );
+    env.workspace_round_trip("dev");
 
     // Published ports: the daemon relays the host side to the lease address.
-    guest_servers(&env, 8000);
+    env.guest_servers("dev", 8000, true);
     answers(&ns, p_tcp, 8000);
     udp_answers(&ns, p_udp);
     let shown = env.banger(&["vm", "show", "dev", "--json"]).ok().json();
     assert_eq!(shown["network"]["ports"].as_array().unwrap().len(), 2);
 
     // vm port add on the running VM: live at once, same QEMU process.
-    guest_servers(&env, 8001);
+    env.guest_servers("dev", 8001, true);
     env.banger(&["vm", "port", "add", "dev", &format!("{p_added}:8001")])
         .ok();
     answers(&ns, p_added, 8001);
@@ -331,8 +233,8 @@ fn a_nonroot_owner_runs_bridge_vms_through_the_root_helper_with_published_ports(
     assert_eq!(
         ports(&env),
         [
-            ("tcp".to_owned(), p_added, 8001),
             ("tcp".to_owned(), p_tcp, 8000),
+            ("tcp".to_owned(), p_added, 8001),
             ("udp".to_owned(), p_udp, 8000),
         ]
     );
@@ -368,7 +270,7 @@ fn a_nonroot_owner_runs_bridge_vms_through_the_root_helper_with_published_ports(
     env.banger(&["vm", "stop", "dev"]).ok();
     closes(&ns, p_tcp);
     env.banger(&["vm", "start", "dev"]).ok();
-    guest_servers(&env, 8000);
+    env.guest_servers("dev", 8000, true);
     answers(&ns, p_tcp, 8000);
     udp_answers(&ns, p_udp);
     // A port taken while the VM is stopped refuses the start, naming it.

@@ -144,15 +144,22 @@ impl Manager {
     /// After a daemon restart: listens again on a running bridge VM's published ports. A
     /// port that cannot be bound now (taken meanwhile) is logged and left out.
     pub(super) fn reopen_forwards(&self, record: &VmRecord) {
-        let ports = match self.store().lease_of(&record.id) {
-            Ok(Some(_)) => match self.store().ports_of(&record.id) {
-                Ok(ports) => ports,
-                Err(e) => {
-                    warn!(vm = %record.name, "cannot read the published ports: {e}");
-                    return;
-                }
-            },
-            _ => return,
+        // One store guard for both reads (a guard in a `match` scrutinee lives to the end
+        // of the match: a second `self.store()` inside would wait for itself).
+        let ports = {
+            let store = self.store();
+            match store.lease_of(&record.id) {
+                Ok(Some(_)) => store.ports_of(&record.id),
+                Ok(None) => return,
+                Err(e) => Err(e),
+            }
+        };
+        let ports = match ports {
+            Ok(ports) => ports,
+            Err(e) => {
+                warn!(vm = %record.name, "cannot read the published ports: {e}");
+                return;
+            }
         };
         let bound: Vec<Bound> = ports
             .iter()
