@@ -65,12 +65,26 @@ impl Bound {
 #[derive(Debug)]
 struct Forward {
     mapping: PortMapping,
-    task: JoinHandle<()>,
+    /// `None` only inside [`Forward::stop`].
+    task: Option<JoinHandle<()>>,
+}
+
+impl Forward {
+    /// Ends the task and waits until it is gone, so its socket is closed on return (an
+    /// abort alone closes it whenever the runtime next drops the task).
+    async fn stop(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
 }
 
 impl Drop for Forward {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
@@ -101,7 +115,10 @@ impl Forwards {
                 }
             };
             debug!(vm = vm_id, port = %mapping.host_side(), %target, "forwarding");
-            started.push(Forward { mapping, task });
+            started.push(Forward {
+                mapping,
+                task: Some(task),
+            });
         }
         self.map()
             .entry(vm_id.to_owned())
@@ -110,8 +127,9 @@ impl Forwards {
         Ok(())
     }
 
-    /// Stops serving the host sides of `ports` for VM `vm_id` (those it serves).
-    pub fn close(&self, vm_id: &str, ports: &[PortMapping]) {
+    /// Stops serving the host sides of `ports` for VM `vm_id` (those it serves); their
+    /// sockets are closed when this returns.
+    pub async fn close(&self, vm_id: &str, ports: &[PortMapping]) {
         let removed: Vec<Forward> = {
             let mut map = self.map();
             let Some(list) = map.get_mut(vm_id) else {
@@ -123,10 +141,13 @@ impl Forwards {
             *list = kept;
             gone
         };
-        drop(removed);
+        for forward in removed {
+            forward.stop().await;
+        }
     }
 
-    /// Stops serving every port of VM `vm_id` (its process ended).
+    /// Stops serving every port of VM `vm_id` (its process ended). Their tasks are aborted;
+    /// the sockets close as the runtime drops them, right after.
     pub fn close_vm(&self, vm_id: &str) {
         let removed = self.map().remove(vm_id);
         drop(removed);
@@ -364,20 +385,12 @@ mod tests {
         }
 
         // Closing one port ends its listener and its live connection; the other stays.
-        forwards.close("vm1", &[mapping("tcp", ht, 1)]);
+        forwards.close("vm1", &[mapping("tcp", ht, 1)]).await;
         let mut end = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut end)).await;
         assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
-        tokio::task::yield_now().await;
-        let mut rebound = None;
-        for _ in 0..100 {
-            if let Ok(b) = Bound::bind(&mapping("tcp", ht, 1)) {
-                rebound = Some(b);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(rebound.is_some(), "the closed port is still bound");
+        // Closed on return: the host side binds again at once.
+        Bound::bind(&mapping("tcp", ht, 1)).unwrap();
         assert_eq!(forwards.served("vm1"), [mapping("udp", hu, udp_port)]);
         forwards.close_vm("vm1");
         assert!(forwards.served("vm1").is_empty());

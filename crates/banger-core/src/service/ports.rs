@@ -268,7 +268,7 @@ impl Manager {
         // A running bridge VM's new ports are checked by binding them for real, below.
         self.check_ports(Some(name.as_str()), &add, !(live && bridge))?;
         if live && bridge {
-            self.change_forwards(&record, &add, &remove)?;
+            self.change_forwards(&record, &add, &remove).await?;
         } else if live {
             let qmp = self.qmp_socket(&record)?;
             for p in &remove {
@@ -305,13 +305,13 @@ impl Manager {
     /// `vm port add|rm` on a running bridge VM: the listeners of `remove` closed first (so a
     /// port replaced in the same request can bind again), then `add` bound; when one cannot
     /// be bound, the removed ones are served again and nothing changes.
-    fn change_forwards(
+    async fn change_forwards(
         &self,
         record: &VmRecord,
         add: &[PortMapping],
         remove: &[PortMapping],
     ) -> Result<(), Error> {
-        self.forwards.close(&record.id, remove);
+        self.forwards.close(&record.id, remove).await;
         let bound: Result<Vec<Bound>, Error> = add.iter().map(bind).collect();
         match bound {
             Ok(bound) => self.open_forwards(record, bound),
@@ -451,5 +451,88 @@ mod tests {
         assert!(err.contains("is in use"), "{err}");
         drop(held);
         probe(&p).unwrap();
+    }
+
+    /// A restarted daemon listens again on a bridge VM's published ports (reconcile's
+    /// path), and `vm port add|rm` on it changes the daemon's listeners: bound, refused
+    /// when busy (nothing changes), closed.
+    #[tokio::test]
+    async fn bridge_ports_are_served_again_and_changed_by_the_daemon() {
+        use crate::config::Config;
+        use crate::domain::{SystemDiskStrategy, VmmKind};
+        use crate::host::RecordingHost;
+        use crate::layout::Layout;
+        use crate::model::VmSpec;
+        use std::sync::Arc;
+
+        let free = || {
+            TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        use std::net::TcpListener;
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(
+            dir.path().join("data"),
+            dir.path().join("run"),
+            dir.path().join("config.toml"),
+        );
+        let host = Arc::new(RecordingHost::new());
+        let manager =
+            Manager::with_host(layout, Config::default(), Some(host), "/x".into()).unwrap();
+        let pool = manager.choose_network(None).await.unwrap().unwrap();
+        let record = VmRecord::new(
+            VmName::parse("b").unwrap(),
+            VmSpec {
+                cpus: 1,
+                memory_mib: 256,
+                disk_size_bytes: 1 << 30,
+                image: "default".into(),
+                vmm: VmmKind::Qemu,
+                vmm_reason: "test".into(),
+                system_disk: SystemDiskStrategy::Qcow2,
+            },
+        );
+        let (p1, p2) = (free(), free());
+        let first = PortMapping::parse(&format!("{p1}:80")).unwrap();
+        {
+            let mut store = manager.store();
+            store.insert_vm_with_lease(&record, Some(pool)).unwrap();
+            store.change_ports(&record.id, &[first], &[]).unwrap();
+        }
+        manager.reopen_forwards(&record);
+        assert_eq!(manager.forwards.served(&record.id), [first]);
+        assert!(probe(&first).is_err(), "the daemon holds the port");
+
+        // Add one; a busy one is refused and nothing changes; remove one.
+        let second = PortMapping::parse(&format!("{p2}:81")).unwrap();
+        manager
+            .change_forwards(&record, &[second], &[])
+            .await
+            .unwrap();
+        assert_eq!(manager.forwards.served(&record.id).len(), 2);
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy =
+            PortMapping::parse(&format!("{}:82", held.local_addr().unwrap().port())).unwrap();
+        let err = manager
+            .change_forwards(&record, &[busy], &[first])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is in use"), "{err}");
+        let mut served = manager.forwards.served(&record.id);
+        served.sort();
+        let mut expected = vec![first, second];
+        expected.sort();
+        assert_eq!(served, expected, "the removed port is served again");
+        manager
+            .change_forwards(&record, &[], &[second])
+            .await
+            .unwrap();
+        assert_eq!(manager.forwards.served(&record.id), [first]);
+        manager.forwards.close_vm(&record.id);
+        assert!(manager.forwards.served(&record.id).is_empty());
     }
 }
