@@ -490,7 +490,8 @@ mod tests {
                 memory_mib: 256,
                 disk_size_bytes: 1 << 30,
                 image: "default".into(),
-                vmm: VmmKind::Qemu,
+                // Any backend: the relay does not depend on it.
+                vmm: VmmKind::ALL[0],
                 vmm_reason: "test".into(),
                 system_disk: SystemDiskStrategy::Qcow2,
             },
