@@ -1,6 +1,8 @@
-//! `vm suspend`: sync the guest, pause, write a memory snapshot, end the process; the next
-//! `vm start` restores it. Also where the snapshot lives and its removal.
+//! `vm suspend`: sync the guest, pause, write a memory snapshot, end the process, seal the
+//! snapshot (fsync, checksums, the disks' identity: `crate::snapshot`); the next `vm start`
+//! restores it. Also where the snapshot lives and its removal.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use banger_proto::{LifecycleResult, VmState};
@@ -9,13 +11,15 @@ use tracing::{info, warn};
 use super::stop::{QUIT_GRACE, STOP_DIAL, STOP_SYNC};
 use super::{Manager, result};
 use crate::Error;
+use crate::domain::SystemDiskStrategy;
 use crate::guest::ssh;
+use crate::model::VmRecord;
 use crate::vmm::{Snapshot, StopTimings, stop_sequence};
 
 impl Manager {
-    /// Suspends a VM to disk (backends with memory snapshots: Firecracker): `sync` in the
-    /// guest over SSH, pause, snapshot (state + memory files in the VM's directory), end the
-    /// process. The next `start` restores it. A suspended VM is left as it is.
+    /// Suspends a VM to disk (backends with memory snapshots): `sync` in the guest over SSH,
+    /// pause, snapshot (state and memory files in the VM's directory), end the process, seal
+    /// the snapshot. The next `start` restores it. A suspended VM is left as it is.
     pub async fn suspend_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
         let vm = self.locked(name).await?;
         let name = &vm.name;
@@ -23,15 +27,12 @@ impl Manager {
         if current.state == VmState::Suspended {
             return Ok(result(current.to_api(), false));
         }
-        if !self
-            .backend(&current)
-            .capabilities()
-            .supports_memory_snapshot
-        {
+        let backend = self.backend(&current);
+        if !backend.capabilities().supports_memory_snapshot {
             return Err(Error::Unsupported {
                 message: format!(
-                    "cannot suspend VM {name}: suspend needs the Firecracker backend (it runs on {})",
-                    current.spec.vmm
+                    "cannot suspend VM {name}: its VMM ({}) cannot save guest memory",
+                    backend.display_name()
                 ),
                 hint: "use `banger vm pause NAME` or `banger vm stop NAME`".into(),
             });
@@ -129,12 +130,52 @@ impl Manager {
         self.release_runtime_now(&record).await;
         record.clear_process();
         record.last_error = None;
+        // 4. Seal: the files and disks flushed, checksums and disk identities in the manifest
+        // (written last: without it a start boots cold). A snapshot that cannot be sealed is
+        // removed; the VM is then stopped, its guest synced.
+        let files = vec![snapshot.state.clone(), snapshot.memory.clone()];
+        let disks = self.snapshot_disks(&record);
+        let manifest = self.layout.vm_snapshot_manifest(&record.id);
+        let vmm_kind = record.spec.vmm.to_string();
+        let sealed = tokio::task::spawn_blocking(move || {
+            crate::snapshot::seal(&vmm_kind, &files, &disks, &manifest)
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("sealing the snapshot panicked: {e}")))
+        .and_then(|r| r.map_err(|e| Error::Failed(e.to_string())));
+        let sealed = match sealed {
+            Ok(sealed) => sealed,
+            Err(e) => {
+                warn!(vm = %name, "cannot seal the snapshot: {e}");
+                self.remove_snapshot(&record.id);
+                self.transition(&mut record, VmState::Stopped)?;
+                return Err(Error::StepFailed {
+                    step: format!(
+                        "cannot suspend VM {name}: the snapshot could not be written; the VM is \
+                         stopped (its guest was synced)"
+                    ),
+                    source: Box::new(e),
+                });
+            }
+        };
         self.transition(&mut record, VmState::Suspended)?;
-        info!(vm = %name, method, snapshot = %snapshot.state.display(), "VM suspended");
+        info!(vm = %name, method, snapshot = %snapshot.state.display(), bytes = sealed.size(), "VM suspended");
         Ok(LifecycleResult {
             warnings,
             ..result(record.to_api(), true)
         })
+    }
+
+    /// The disk files a snapshot of the VM pairs with (for the dm system disk: its COW store,
+    /// the file that takes the guest's writes).
+    pub(super) fn snapshot_disks(&self, record: &VmRecord) -> Vec<PathBuf> {
+        let id = record.id.as_str();
+        let system = match record.spec.system_disk {
+            SystemDiskStrategy::Qcow2 => self.layout.vm_system_disk(id),
+            SystemDiskStrategy::DmSnapshot => self.layout.vm_system_cow(id),
+            SystemDiskStrategy::Reflink | SystemDiskStrategy::Copy => self.layout.vm_system_raw(id),
+        };
+        vec![system, self.layout.vm_work_disk(id)]
     }
 
     /// Where the VM's suspend snapshot lives (in its durable directory).
@@ -145,10 +186,12 @@ impl Manager {
         }
     }
 
-    /// Deletes the VM's suspend snapshot, if any.
+    /// Deletes the VM's suspend snapshot, if any (the manifest first: a snapshot without it
+    /// is never loaded).
     pub(super) fn remove_snapshot(&self, vm_id: &str) {
         let snapshot = self.snapshot_paths(vm_id);
-        for file in [&snapshot.state, &snapshot.memory] {
+        let manifest = self.layout.vm_snapshot_manifest(vm_id);
+        for file in [&manifest, &snapshot.state, &snapshot.memory] {
             match std::fs::remove_file(file) {
                 Ok(()) => info!(file = %file.display(), "snapshot file removed"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
