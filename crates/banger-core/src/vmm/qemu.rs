@@ -29,6 +29,8 @@ use super::{
 const MIGRATE_BANDWIDTH: u64 = 1 << 40;
 /// Bound on writing or loading a VM's state.
 const MIGRATE_LIMIT: Duration = Duration::from_secs(120);
+/// Bound on a cancelled migration's end.
+const MIGRATE_CANCEL_LIMIT: Duration = Duration::from_secs(10);
 
 /// The QEMU backend.
 #[derive(Debug, Clone)]
@@ -446,10 +448,37 @@ impl Hypervisor for Qemu {
             .map(drop)
     }
 
+    /// `cont`, after cancelling an outgoing migration still under way (a suspend cut short
+    /// by a daemon that died): when it completed it would stop the vCPUs again.
     async fn resume(&self, process: &VmProcess) -> Result<(), VmmError> {
-        qmp::execute(&process.control_socket, "cont")
-            .await
-            .map(drop)
+        let qmp = &process.control_socket;
+        let deadline = Instant::now() + MIGRATE_CANCEL_LIMIT;
+        let mut cancelled = false;
+        loop {
+            let info = qmp::execute(qmp, "query-migrate").await?;
+            let status = info
+                .get("status")
+                .and_then(|s| s.as_str())
+                .unwrap_or("none");
+            if matches!(status, "none" | "completed" | "failed" | "cancelled") {
+                break;
+            }
+            if !cancelled {
+                qmp::execute(qmp, "migrate_cancel").await?;
+                cancelled = true;
+            }
+            if Instant::now() >= deadline {
+                return Err(VmmError::Control {
+                    path: qmp.display().to_string(),
+                    message: format!(
+                        "a migration is still {status} {}s after it was cancelled",
+                        MIGRATE_CANCEL_LIMIT.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        qmp::execute(qmp, "cont").await.map(drop)
     }
 
     /// `query-status` answers `{"running": bool, "status": "running"|"paused"|...}`: `paused`
@@ -587,6 +616,47 @@ mod tests {
         assert_eq!(accel_arg(&qemu, Accel::Kvm), "kvm");
         let multi = Qemu::new("qemu".into()).with_tcg_threads(TcgThreads::Multi);
         assert_eq!(accel_arg(&multi, Accel::Tcg), "tcg,thread=multi");
+    }
+
+    #[test]
+    fn suspend_writes_a_file_uri_from_8_2_and_goes_through_cat_before() {
+        let v = |major, minor| Some(QemuVersion { major, minor });
+        let state = Path::new("/d/vms/x/snapshot.state");
+        let new = Qemu::new("qemu".into()).with_version(v(10, 0));
+        assert_eq!(
+            new.migration_uri(state, Direction::Save),
+            "file:/d/vms/x/snapshot.state"
+        );
+        assert_eq!(
+            new.migration_uri(state, Direction::Load),
+            "file:/d/vms/x/snapshot.state"
+        );
+        for old in [v(7, 2), v(8, 1), None] {
+            let qemu = Qemu::new("qemu".into()).with_version(old);
+            assert_eq!(
+                qemu.migration_uri(state, Direction::Save),
+                "exec:cat > /d/vms/x/snapshot.state"
+            );
+            assert_eq!(
+                qemu.migration_uri(state, Direction::Load),
+                "exec:cat /d/vms/x/snapshot.state"
+            );
+        }
+        // `file:` would read a comma as an option; the shell gets the path quoted.
+        let odd = Path::new("/d/it's, here/snapshot.state");
+        assert_eq!(
+            new.migration_uri(odd, Direction::Save),
+            r"exec:cat > '/d/it'\''s, here/snapshot.state'"
+        );
+    }
+
+    #[test]
+    fn every_vm_has_a_balloon_that_reports_free_pages() {
+        let args = Qemu::new("qemu".into()).args(&spec(Accel::Tcg)).join(" ");
+        assert!(
+            args.contains("-device virtio-balloon-device,free-page-reporting=on"),
+            "{args}"
+        );
     }
 
     #[test]
