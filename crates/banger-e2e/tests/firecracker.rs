@@ -1095,7 +1095,7 @@ async fn pause_resume_and_suspend_against_the_fake() {
         "snapshot removed"
     );
 
-    // A snapshot file damaged after the suspend: its checksum differs, nothing is loaded, a
+    // A snapshot file damaged after the suspend (its size and checksum differ): nothing is loaded, a
     // cold boot.
     let suspended = manager.suspend_vm("sus").await.unwrap();
     assert_eq!(suspended.vm.state, VmState::Suspended);
@@ -1110,7 +1110,7 @@ async fn pause_resume_and_suspend_against_the_fake() {
     ));
     assert!(!booted.restored);
     assert!(
-        booted.warnings.len() == 1 && booted.warnings[0].contains("checksum differs"),
+        booted.warnings.len() == 1 && booted.warnings[0].contains("is damaged"),
         "{:?}",
         booted.warnings
     );

@@ -98,6 +98,13 @@ fn assert_files_there(env: &TestEnv) {
     );
 }
 
+/// Exactly one QEMU runs and no snapshot file is left in the VM's directory.
+fn assert_one_vmm_and_no_snapshot(env: &TestEnv, dir: &std::path::Path) {
+    let left = snapshot_files(dir);
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(env.qemu_pids().len(), 1, "one QEMU");
+}
+
 /// Suspends and restores `dev` and checks what a restore must keep.
 fn suspend_and_restore(env: &TestEnv, pid: u32) {
     let dir = vm_dir(env);
@@ -139,12 +146,7 @@ fn suspend_and_restore(env: &TestEnv, pid: u32) {
         (counter(env).1 > first).then_some(())
     });
     assert_files_there(env);
-    assert!(
-        snapshot_files(&dir).is_empty(),
-        "{:?}",
-        snapshot_files(&dir)
-    );
-    assert_eq!(env.qemu_pids().len(), 1);
+    assert_one_vmm_and_no_snapshot(env, &dir);
 }
 
 /// `vm start` of a suspended `dev` whose snapshot cannot be used: a warning naming `why`, a
@@ -164,12 +166,7 @@ fn assert_cold_boot(env: &TestEnv, boot: &str, why: &str) {
     );
     assert_ne!(boot_id(env), boot, "a new boot");
     assert_files_there(env);
-    assert!(
-        snapshot_files(&dir).is_empty(),
-        "{:?}",
-        snapshot_files(&dir)
-    );
-    assert_eq!(env.qemu_pids().len(), 1);
+    assert_one_vmm_and_no_snapshot(env, &dir);
 }
 
 #[test]
@@ -294,12 +291,7 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
                 format!("round {r}\nsys {r}")
             );
         }
-        assert_eq!(env.qemu_pids().len(), 1, "one QEMU");
-        assert!(
-            snapshot_files(&dir).is_empty(),
-            "{:?}",
-            snapshot_files(&dir)
-        );
+        assert_one_vmm_and_no_snapshot(&env, &dir);
         assert_eq!(env.daemon_pids().len(), 1, "one daemon");
     }
     env.banger(&["vm", "stop", "dev"]).ok();

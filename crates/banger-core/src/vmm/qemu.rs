@@ -623,23 +623,43 @@ mod tests {
         let v = |major, minor| Some(QemuVersion { major, minor });
         let state = Path::new("/d/vms/x/snapshot.state");
         let new = Qemu::new("qemu".into()).with_version(v(10, 0));
-        assert_eq!(
-            new.migration_uri(state, Direction::Save),
-            "file:/d/vms/x/snapshot.state"
-        );
-        assert_eq!(
-            new.migration_uri(state, Direction::Load),
-            "file:/d/vms/x/snapshot.state"
-        );
-        for old in [v(7, 2), v(8, 1), None] {
-            let qemu = Qemu::new("qemu".into()).with_version(old);
+        for (version, save, load) in [
+            (
+                v(10, 0),
+                "file:/d/vms/x/snapshot.state",
+                "file:/d/vms/x/snapshot.state",
+            ),
+            (
+                v(8, 2),
+                "file:/d/vms/x/snapshot.state",
+                "file:/d/vms/x/snapshot.state",
+            ),
+            (
+                v(8, 1),
+                "exec:cat > /d/vms/x/snapshot.state",
+                "exec:cat /d/vms/x/snapshot.state",
+            ),
+            (
+                v(7, 2),
+                "exec:cat > /d/vms/x/snapshot.state",
+                "exec:cat /d/vms/x/snapshot.state",
+            ),
+            (
+                None,
+                "exec:cat > /d/vms/x/snapshot.state",
+                "exec:cat /d/vms/x/snapshot.state",
+            ),
+        ] {
+            let qemu = Qemu::new("qemu".into()).with_version(version);
             assert_eq!(
                 qemu.migration_uri(state, Direction::Save),
-                "exec:cat > /d/vms/x/snapshot.state"
+                save,
+                "{version:?}"
             );
             assert_eq!(
                 qemu.migration_uri(state, Direction::Load),
-                "exec:cat /d/vms/x/snapshot.state"
+                load,
+                "{version:?}"
             );
         }
         // `file:` would read a comma as an option; the shell gets the path quoted.
