@@ -116,23 +116,13 @@ impl Manager {
                 source: Box::new(Error::from(e)),
             });
         }
-        // 3. End the paused process (SIGTERM, then SIGKILL) and make the snapshot durable.
+        // 3. End the paused process (QMP quit / SIGTERM, then SIGKILL).
         let timings = StopTimings {
             poweroff: Duration::ZERO,
             signal: Duration::ZERO,
             quit: QUIT_GRACE,
         };
         let method = stop_sequence(vmm.as_ref(), &control, &record.id, false, true, timings).await;
-        for file in [&snapshot.state, &snapshot.memory] {
-            if let Err(e) = std::fs::File::open(file).and_then(|f| f.sync_all()) {
-                warn!(vm = %name, file = %file.display(), "cannot flush snapshot file: {e}");
-            }
-        }
-        if let Some(dir) = snapshot.state.parent()
-            && let Err(e) = std::fs::File::open(dir).and_then(|f| f.sync_all())
-        {
-            warn!(vm = %name, "cannot flush {}: {e}", dir.display());
-        }
         self.release_runtime_now(&record).await;
         record.clear_process();
         record.last_error = None;
