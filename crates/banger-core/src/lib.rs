@@ -14,6 +14,7 @@ pub mod image;
 pub mod model;
 pub mod net;
 pub mod service;
+pub mod snapshot;
 pub mod store;
 pub mod usage;
 pub mod vmm;

@@ -1098,10 +1098,43 @@ async fn pause_resume_and_suspend_against_the_fake() {
         "snapshot removed"
     );
 
-    // A snapshot Firecracker refuses to load: a warning, then a cold boot on a fresh process.
+    // A snapshot file damaged after the suspend (its size and checksum differ): nothing is loaded, a
+    // cold boot.
+    let suspended = manager.suspend_vm("sus").await.unwrap();
+    assert_eq!(suspended.vm.state, VmState::Suspended);
+    let manifest = vm_dir.join("snapshot.json");
+    assert!(manifest.is_file(), "sealed");
+    std::fs::write(&snap_state, b"not a snapshot\n").unwrap();
+    let before = install.requests().len();
+    let booted = manager.start_vm("sus").await.unwrap();
+    reaper.0.push((
+        booted.vm.runtime.clone().unwrap().pid.unwrap(),
+        vm.id.clone(),
+    ));
+    assert!(!booted.restored);
+    assert!(
+        booted.warnings.len() == 1 && booted.warnings[0].contains("is damaged"),
+        "{:?}",
+        booted.warnings
+    );
+    let sent = since(&install, before);
+    assert!(sent.iter().all(|r| r.1 != "/snapshot/load"), "{sent:?}");
+    assert!(!snap_state.exists() && !snap_mem.exists() && !manifest.exists());
+
+    // A snapshot Firecracker refuses to load (sealed as it is, so only the VMM can tell): a
+    // warning, then a cold boot on a fresh process.
     let suspended = manager.suspend_vm("sus").await.unwrap();
     assert_eq!(suspended.vm.state, VmState::Suspended);
     std::fs::write(&snap_state, b"not a snapshot\n").unwrap();
+    let sealed = banger_core::snapshot::read(&manifest).unwrap();
+    let disks: Vec<PathBuf> = sealed.disks.iter().map(|d| d.path.clone()).collect();
+    banger_core::snapshot::seal(
+        "firecracker",
+        &[snap_state.clone(), snap_mem.clone()],
+        &disks,
+        &manifest,
+    )
+    .unwrap();
     let before = install.requests().len();
     let booted = manager.start_vm("sus").await.unwrap();
     let boot_pid = booted.vm.runtime.clone().unwrap().pid.unwrap();

@@ -150,13 +150,20 @@ impl Layout {
     pub fn vm_console_log(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("console.log")
     }
-    /// The VM state file of the VM's suspend snapshot (Firecracker `snapshot_path`).
+    /// The VM state file of the VM's suspend snapshot (Firecracker `snapshot_path`; QEMU's
+    /// migration stream, devices and memory in one file).
     pub fn vm_snapshot_state(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("snapshot.state")
     }
-    /// The guest memory file of the VM's suspend snapshot (Firecracker `mem_file_path`).
+    /// The guest memory file of the VM's suspend snapshot (Firecracker `mem_file_path`; QEMU
+    /// writes none).
     pub fn vm_snapshot_memory(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("snapshot.mem")
+    }
+    /// What makes the VM's suspend snapshot complete (JSON): its files' sizes and checksums
+    /// and the identity of the disks it pairs with. Written last, atomically.
+    pub fn vm_snapshot_manifest(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("snapshot.json")
     }
     /// Scratch space for building and importing (same file system as the stores, so results
     /// are renamed into place atomically).

@@ -91,8 +91,8 @@ pub enum VmCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
-    /// Suspend a VM to disk (like `multipass suspend`; Firecracker only): sync, pause, save
-    /// memory and device state in the VM's directory, end the VMM. `vm start` restores it.
+    /// Suspend a VM to disk (like `multipass suspend`): sync, pause, save memory and device
+    /// state in the VM's directory (checksummed), end the VMM. `vm start` restores it.
     Suspend {
         name: VmName,
         #[command(flatten)]

@@ -413,7 +413,7 @@ async fn resume_vm(
 #[utoipa::path(post, path = "/v1/vms/{name}/suspend", tag = "vms",
     params(("name" = String, Path, description = "VM name")),
     responses((status = 200, description = "Suspended: memory snapshot written, VMM ended (changed=false when it already was)", body = LifecycleResult),
-              (status = 400, description = "The VM's backend has no memory snapshots (QEMU)", body = ErrorBody),
+              (status = 400, description = "The VM's backend cannot save its memory (Firecracker through the jailer)", body = ErrorBody),
               (status = 404, body = ErrorBody),
               (status = 409, description = "The VM is not running", body = ErrorBody),
               (status = 422, description = "The snapshot failed; the VM runs on", body = ErrorBody)))]

@@ -146,6 +146,19 @@ pub fn write_recipe(dir: &Path) -> Result<(), ImageError> {
                 .map_err(io_err(format!("cannot chmod {}", ancestor.display())))?;
             }
         }
+        // The daemon's umask (077) would make these 0700, and the overlay's directories
+        // (`rootfs/` is the guest's `/`, then /etc, /usr, ...) enter the image with their
+        // modes: a guest whose / is 0700 fails every service that drops root.
+        let mut sub = dir.to_path_buf();
+        for part in Path::new(relative)
+            .parent()
+            .into_iter()
+            .flat_map(Path::components)
+        {
+            sub.push(part);
+            std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755))
+                .map_err(io_err(format!("cannot chmod {}", sub.display())))?;
+        }
         std::fs::write(&path, content)
             .map_err(io_err(format!("cannot write {}", path.display())))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))
@@ -439,6 +452,28 @@ mod tests {
         assert!(names.contains(&"build-kernel.sh"), "{names:?}");
         assert!(names.contains(&"build-rootfs.sh"), "{names:?}");
         assert_eq!(recipe_digest(), recipe_digest());
+    }
+
+    #[test]
+    fn the_recipe_directories_are_world_readable_whatever_the_umask() {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        // What a umask of 077 (the daemon's) makes of a new directory.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir.path().join("rootfs"))
+            .unwrap();
+        write_recipe(dir.path()).unwrap();
+        let mut dirs = vec![dir.path().join("rootfs")];
+        while let Some(d) = dirs.pop() {
+            let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o755, "{}", d.display());
+            for entry in std::fs::read_dir(&d).unwrap().flatten() {
+                if entry.file_type().unwrap().is_dir() {
+                    dirs.push(entry.path());
+                }
+            }
+        }
     }
 
     #[test]

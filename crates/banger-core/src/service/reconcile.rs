@@ -75,9 +75,10 @@ impl Manager {
                 record.record_stop(kind, how);
             }
             record.clear_process();
-            if record.state == VmState::Stopping {
-                // A suspend may have been cut short: its snapshot cannot be trusted. The guest
-                // was synced before the snapshot, so its disks hold its data.
+            if matches!(record.state, VmState::Stopping | VmState::Starting) {
+                // A suspend may have been cut short (its snapshot cannot be trusted), or a
+                // start may have loaded the snapshot and run the guest on (its disks moved
+                // on). The guest was synced before the snapshot, so its disks hold its data.
                 self.remove_snapshot(&record.id);
             }
             if has_process(record.state) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use banger_proto::LifecycleResult;
 use banger_proto::helper::HelperOp;
-use banger_proto::{StopKind, VmState};
+use banger_proto::{StopKind, VmName, VmState};
 use tracing::{info, warn};
 
 use super::{Manager, result};
@@ -315,37 +315,28 @@ impl Manager {
         // deleted once a load was tried: after a load the guest's disks move on from it, so
         // loading it again would pair old memory with newer disks. A refused load boots cold
         // (the guest was synced before the snapshot was taken).
-        let mut restored = None;
-        if let Some(snapshot) = restore {
-            if !snapshot.state.is_file() || !snapshot.memory.is_file() {
-                outcome.warnings.push(format!(
-                    "VM {} was suspended but its snapshot is missing; booted it from its disks",
-                    record.name
-                ));
+        let mut restoring = restore;
+        if let Some(snapshot) = restoring {
+            // Checked first: every file as sealed, the disks the very ones it was taken with.
+            let manifest = self.layout.vm_snapshot_manifest(&record.id);
+            let disks = self.snapshot_disks(record);
+            let checked =
+                tokio::task::spawn_blocking(move || crate::snapshot::verify(&manifest, &disks))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+            if let Err(why) = checked {
+                warn!(vm = %record.name, "not restoring the snapshot: {why}");
+                outcome.warnings.push(cold_boot_warning(&record.name, &why));
+                restoring = None;
+                self.remove_snapshot(&record.id);
             } else {
-                match backend.restore(&spec, snapshot).await {
-                    Ok(process) => {
-                        info!(vm = %record.name, pid = process.pid, "VM restored from its snapshot");
-                        outcome.restored = true;
-                        restored = Some(process);
-                    }
-                    Err(e) => {
-                        warn!(vm = %record.name, "cannot restore the snapshot, booting instead: {e}");
-                        outcome.warnings.push(format!(
-                            "cannot restore VM {} from its snapshot ({e}); booted it from its disks instead (the guest was synced before suspend)",
-                            record.name
-                        ));
-                    }
-                }
+                info!(vm = %record.name, state = %snapshot.state.display(), "restoring the VM from its snapshot");
             }
-            self.remove_snapshot(&record.id);
         }
         // A port picked free may be taken before QEMU binds it: try a few.
         let mut attempt = 0;
         let process = loop {
-            if let Some(process) = restored.take() {
-                break process;
-            }
             attempt += 1;
             if attach.is_none() {
                 spec.net = NetAttach::User {
@@ -354,14 +345,32 @@ impl Manager {
                     ports: ports.clone(),
                 };
             }
-            match backend.launch(&spec).await {
+            let tried = match restoring {
+                Some(snapshot) => backend.restore(&spec, snapshot).await,
+                None => backend.launch(&spec).await,
+            };
+            match tried {
                 Ok(process) => break process,
                 Err(e @ VmmError::PortTaken { .. }) if attempt < 3 => {
                     warn!("port was taken, retrying: {e}");
                 }
+                Err(e) if restoring.is_some() => {
+                    warn!(vm = %record.name, "cannot restore the snapshot, booting instead: {e}");
+                    outcome
+                        .warnings
+                        .push(cold_boot_warning(&record.name, &e.to_string()));
+                    restoring = None;
+                    self.remove_snapshot(&record.id);
+                    attempt = 0;
+                }
                 Err(e) => return Err(step("launch the VMM")(e.into())),
             }
         };
+        if restoring.is_some() {
+            info!(vm = %record.name, pid = process.pid, "VM restored from its snapshot");
+            outcome.restored = true;
+            self.remove_snapshot(&record.id);
+        }
         let (ssh_host, ssh_port) = match (&spec.net, &lease) {
             (NetAttach::User { ssh_port, .. }, _) => ("127.0.0.1".to_owned(), *ssh_port),
             (NetAttach::Tap { .. }, Some(lease)) => (lease.ip.to_string(), 22),
@@ -407,7 +416,12 @@ impl Manager {
         })
         .await;
         match ready {
-            Ok(true) => Ok(()),
+            Ok(true) => {
+                if outcome.restored {
+                    self.set_guest_clock(record, &target, outcome).await;
+                }
+                Ok(())
+            }
             Ok(false) => Err(Error::Failed(format!(
                 "VM {} stopped during boot: {}",
                 record.name,
@@ -420,6 +434,51 @@ impl Manager {
             ))),
         }
     }
+}
+
+impl Manager {
+    /// After a restore the guest's clock stands where it was at suspend: set it to the
+    /// host's (over the connection the readiness probe opened, so it lands within a
+    /// round trip). A failure is a warning: the guest runs, with a late clock.
+    async fn set_guest_clock(
+        &self,
+        record: &VmRecord,
+        target: &ssh::SshTarget,
+        outcome: &mut StartOutcome,
+    ) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let script = format!(
+            "date -u -s @{}.{:09} >/dev/null",
+            now.as_secs(),
+            now.subsec_nanos()
+        );
+        let set = ssh::run(target, &script, CLOCK_DIAL, CLOCK_LIMIT).await;
+        let why = match set {
+            Ok((Some(0), _, _)) => return,
+            Ok((code, _, stderr)) => format!("exit {code:?}: {}", stderr.trim()),
+            Err(e) => e.to_string(),
+        };
+        warn!(vm = %record.name, "cannot set the guest clock after restore: {why}");
+        outcome.warnings.push(format!(
+            "cannot set VM {}'s clock after the restore ({why}); it is behind by the time it \
+             was suspended",
+            record.name
+        ));
+    }
+}
+
+/// Bounds on setting a restored guest's clock.
+const CLOCK_DIAL: Duration = Duration::from_secs(5);
+const CLOCK_LIMIT: Duration = Duration::from_secs(15);
+
+/// What a start that could not restore a suspended VM says.
+fn cold_boot_warning(name: &VmName, why: &str) -> String {
+    format!(
+        "cannot restore VM {name} from its snapshot ({why}); booted it from its disks instead \
+         (the guest was synced before suspend)"
+    )
 }
 
 /// A locally administered MAC derived from the VM id (stable across restarts).

@@ -1,21 +1,28 @@
-//! `vm suspend`: sync the guest, pause, write a memory snapshot, end the process; the next
-//! `vm start` restores it. Also where the snapshot lives and its removal.
+//! `vm suspend`: sync the guest, pause, write a memory snapshot, end the process, seal the
+//! snapshot (fsync, checksums, the disks' identity: `crate::snapshot`); the next `vm start`
+//! restores it. Also where the snapshot lives and its removal.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use banger_proto::{LifecycleResult, VmState};
 use tracing::{info, warn};
 
-use super::stop::{QUIT_GRACE, STOP_DIAL, STOP_SYNC};
+use super::stop::{QUIT_GRACE, STOP_DIAL};
 use super::{Manager, result};
 use crate::Error;
+use crate::domain::SystemDiskStrategy;
 use crate::guest::ssh;
+use crate::model::VmRecord;
 use crate::vmm::{Snapshot, StopTimings, stop_sequence};
 
+/// Bound on the guest's `sync` before a suspend.
+const SUSPEND_SYNC: Duration = Duration::from_secs(15);
+
 impl Manager {
-    /// Suspends a VM to disk (backends with memory snapshots: Firecracker): `sync` in the
-    /// guest over SSH, pause, snapshot (state + memory files in the VM's directory), end the
-    /// process. The next `start` restores it. A suspended VM is left as it is.
+    /// Suspends a VM to disk (backends with memory snapshots): `sync` in the guest over SSH,
+    /// pause, snapshot (state and memory files in the VM's directory), end the process, seal
+    /// the snapshot. The next `start` restores it. A suspended VM is left as it is.
     pub async fn suspend_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
         let vm = self.locked(name).await?;
         let name = &vm.name;
@@ -23,15 +30,12 @@ impl Manager {
         if current.state == VmState::Suspended {
             return Ok(result(current.to_api(), false));
         }
-        if !self
-            .backend(&current)
-            .capabilities()
-            .supports_memory_snapshot
-        {
+        let backend = self.backend(&current);
+        if !backend.capabilities().supports_memory_snapshot {
             return Err(Error::Unsupported {
                 message: format!(
-                    "cannot suspend VM {name}: suspend needs the Firecracker backend (it runs on {})",
-                    current.spec.vmm
+                    "cannot suspend VM {name}: its VMM ({}) cannot save guest memory",
+                    backend.display_name()
                 ),
                 hint: "use `banger vm pause NAME` or `banger vm stop NAME`".into(),
             });
@@ -61,9 +65,12 @@ impl Manager {
                 source: Box::new(Error::from(e)),
             });
         }
-        // Dialled directly: STOP_DIAL then bounds a hung guest (not so through a master).
+        // Through the VM's shared connection when it is up (a fresh SSH handshake is most of
+        // a suspend's time under TCG). A master ignores the dial bound, so the whole sync is
+        // bounded instead, and shorter than a stop's: a sync cut short only costs the
+        // cold-boot fallback its unwritten pages; the snapshot holds them all the same.
         let synced = match self.ssh_target(&record) {
-            Ok(target) => match ssh::run(&target.direct(), "sync", STOP_DIAL, STOP_SYNC).await {
+            Ok(target) => match ssh::run(&target, "sync", STOP_DIAL, SUSPEND_SYNC).await {
                 Ok((Some(0), _, _)) => Ok(()),
                 Ok((code, _, stderr)) => Err(format!("exit {code:?}: {}", stderr.trim())),
                 Err(e) => Err(e.to_string()),
@@ -109,32 +116,62 @@ impl Manager {
                 source: Box::new(Error::from(e)),
             });
         }
-        // 3. End the paused process (SIGTERM, then SIGKILL) and make the snapshot durable.
+        // 3. End the paused process (QMP quit / SIGTERM, then SIGKILL).
         let timings = StopTimings {
             poweroff: Duration::ZERO,
             signal: Duration::ZERO,
             quit: QUIT_GRACE,
         };
         let method = stop_sequence(vmm.as_ref(), &control, &record.id, false, true, timings).await;
-        for file in [&snapshot.state, &snapshot.memory] {
-            if let Err(e) = std::fs::File::open(file).and_then(|f| f.sync_all()) {
-                warn!(vm = %name, file = %file.display(), "cannot flush snapshot file: {e}");
-            }
-        }
-        if let Some(dir) = snapshot.state.parent()
-            && let Err(e) = std::fs::File::open(dir).and_then(|f| f.sync_all())
-        {
-            warn!(vm = %name, "cannot flush {}: {e}", dir.display());
-        }
         self.release_runtime_now(&record).await;
         record.clear_process();
         record.last_error = None;
+        // 4. Seal: the files and disks flushed, checksums and disk identities in the manifest
+        // (written last: without it a start boots cold). A snapshot that cannot be sealed is
+        // removed; the VM is then stopped, its guest synced.
+        let files = vec![snapshot.state.clone(), snapshot.memory.clone()];
+        let disks = self.snapshot_disks(&record);
+        let manifest = self.layout.vm_snapshot_manifest(&record.id);
+        let vmm_kind = record.spec.vmm.to_string();
+        let sealed = tokio::task::spawn_blocking(move || {
+            crate::snapshot::seal(&vmm_kind, &files, &disks, &manifest)
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("sealing the snapshot panicked: {e}")))
+        .and_then(|r| r.map_err(|e| Error::Failed(e.to_string())));
+        let sealed = match sealed {
+            Ok(sealed) => sealed,
+            Err(e) => {
+                warn!(vm = %name, "cannot seal the snapshot: {e}");
+                self.remove_snapshot(&record.id);
+                self.transition(&mut record, VmState::Stopped)?;
+                return Err(Error::StepFailed {
+                    step: format!(
+                        "cannot suspend VM {name}: the snapshot could not be written; the VM is \
+                         stopped (its guest was synced)"
+                    ),
+                    source: Box::new(e),
+                });
+            }
+        };
         self.transition(&mut record, VmState::Suspended)?;
-        info!(vm = %name, method, snapshot = %snapshot.state.display(), "VM suspended");
+        info!(vm = %name, method, snapshot = %snapshot.state.display(), bytes = sealed.size(), "VM suspended");
         Ok(LifecycleResult {
             warnings,
             ..result(record.to_api(), true)
         })
+    }
+
+    /// The disk files a snapshot of the VM pairs with (for the dm system disk: its COW store,
+    /// the file that takes the guest's writes).
+    pub(super) fn snapshot_disks(&self, record: &VmRecord) -> Vec<PathBuf> {
+        let id = record.id.as_str();
+        let system = match record.spec.system_disk {
+            SystemDiskStrategy::Qcow2 => self.layout.vm_system_disk(id),
+            SystemDiskStrategy::DmSnapshot => self.layout.vm_system_cow(id),
+            SystemDiskStrategy::Reflink | SystemDiskStrategy::Copy => self.layout.vm_system_raw(id),
+        };
+        vec![system, self.layout.vm_work_disk(id)]
     }
 
     /// Where the VM's suspend snapshot lives (in its durable directory).
@@ -145,10 +182,12 @@ impl Manager {
         }
     }
 
-    /// Deletes the VM's suspend snapshot, if any.
+    /// Deletes the VM's suspend snapshot, if any (the manifest first: a snapshot without it
+    /// is never loaded).
     pub(super) fn remove_snapshot(&self, vm_id: &str) {
         let snapshot = self.snapshot_paths(vm_id);
-        for file in [&snapshot.state, &snapshot.memory] {
+        let manifest = self.layout.vm_snapshot_manifest(vm_id);
+        for file in [&manifest, &snapshot.state, &snapshot.memory] {
             match std::fs::remove_file(file) {
                 Ok(()) => info!(file = %file.display(), "snapshot file removed"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

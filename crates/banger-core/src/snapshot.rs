@@ -1,0 +1,382 @@
+//! A memory snapshot as the daemon trusts it: the files the VMM wrote, made durable (fsync),
+//! their sizes and sha256 in a manifest written last and atomically (temp file, fsync,
+//! rename, fsync of the directory), with the identity of the VM's disks at that moment
+//! (device, inode, size, mtime). A snapshot is loaded only when the manifest is there, every
+//! file still has its size and checksum, and every disk its identity: a torn or damaged file
+//! would load as garbage, and memory paired with disks that moved on corrupts them. Blocking
+//! (hashing, fsync): callers run it on the blocking pool.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest format this banger writes and reads.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Why a snapshot cannot be sealed or trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// No manifest: the suspend never completed (or an older banger wrote the snapshot).
+    #[error("the snapshot is incomplete (no {0})")]
+    Incomplete(String),
+    /// The manifest cannot be read.
+    #[error("the snapshot's manifest {path} is unreadable: {message}")]
+    Manifest { path: String, message: String },
+    /// A snapshot file is missing, or its size or checksum differs from the manifest's.
+    #[error("snapshot file {file} is damaged: {why}")]
+    Damaged { file: String, why: String },
+    /// A disk is not the one the snapshot was taken with (written, replaced or resized since).
+    #[error("disk {disk} changed since the snapshot was taken ({why})")]
+    DiskChanged { disk: String, why: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(context: String) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    move |source| SnapshotError::Io { context, source }
+}
+
+/// What a sealed snapshot holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub version: u32,
+    /// The VMM that wrote it (`qemu`, `firecracker`).
+    pub vmm: String,
+    pub files: Vec<FileSum>,
+    pub disks: Vec<DiskIdentity>,
+}
+
+impl Manifest {
+    /// The bytes the snapshot's files take.
+    pub fn size(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// One file of a snapshot, by its name in the snapshot's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSum {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Which disk file a snapshot pairs with, as the file system tells it apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskIdentity {
+    pub path: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: i64,
+}
+
+impl DiskIdentity {
+    /// The identity of the disk at `path` now.
+    pub fn of(path: &Path) -> Result<Self, SnapshotError> {
+        let meta =
+            std::fs::metadata(path).map_err(io_err(format!("cannot stat {}", path.display())))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_sec: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        })
+    }
+
+    /// How `now` differs from this identity, if it does.
+    fn difference(&self, now: &Self) -> Option<String> {
+        if (self.dev, self.ino) != (now.dev, now.ino) {
+            Some("it is another file now".into())
+        } else if self.size != now.size {
+            Some(format!("size {} then, {} now", self.size, now.size))
+        } else if (self.mtime_sec, self.mtime_nsec) != (now.mtime_sec, now.mtime_nsec) {
+            Some("it was written since".into())
+        } else {
+            None
+        }
+    }
+}
+
+fn sync_file(path: &Path) -> Result<(), SnapshotError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(format!("cannot flush {}", path.display())))
+}
+
+fn checksum(path: &Path) -> Result<String, SnapshotError> {
+    crate::image::sha256_files(&[path]).map_err(|e| SnapshotError::Io {
+        context: format!("cannot hash {}", path.display()),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Seals a snapshot: flushes the `files` the VMM wrote (those of them that exist; at least one
+/// must) and the `disks`, hashes the files, records the disks' identity, and writes the
+/// manifest at `manifest` atomically. The files must sit in the manifest's directory.
+pub fn seal(
+    vmm: &str,
+    files: &[PathBuf],
+    disks: &[PathBuf],
+    manifest: &Path,
+) -> Result<Manifest, SnapshotError> {
+    let mut sums = Vec::new();
+    for file in files.iter().filter(|f| f.is_file()) {
+        sync_file(file)?;
+        let size = std::fs::metadata(file)
+            .map_err(io_err(format!("cannot stat {}", file.display())))?
+            .len();
+        sums.push(FileSum {
+            name: file_name(file),
+            size,
+            sha256: checksum(file)?,
+        });
+    }
+    if sums.is_empty() {
+        return Err(SnapshotError::Damaged {
+            file: files
+                .first()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default(),
+            why: "the VMM wrote no file".into(),
+        });
+    }
+    let mut identities = Vec::new();
+    for disk in disks {
+        sync_file(disk)?;
+        identities.push(DiskIdentity::of(disk)?);
+    }
+    let sealed = Manifest {
+        version: MANIFEST_VERSION,
+        vmm: vmm.to_owned(),
+        files: sums,
+        disks: identities,
+    };
+    let dir = manifest.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .map_err(io_err(format!("cannot create a file in {}", dir.display())))?;
+    let text = serde_json::to_vec_pretty(&sealed).map_err(|e| SnapshotError::Manifest {
+        path: manifest.display().to_string(),
+        message: e.to_string(),
+    })?;
+    tmp.write_all(&text)
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(io_err(format!("cannot write {}", manifest.display())))?;
+    tmp.persist(manifest).map_err(|e| SnapshotError::Io {
+        context: format!("cannot write {}", manifest.display()),
+        source: e.error,
+    })?;
+    sync_file(dir)?;
+    Ok(sealed)
+}
+
+/// Reads the manifest at `manifest`, if any (no check of the files).
+pub fn read(manifest: &Path) -> Result<Manifest, SnapshotError> {
+    let text = match std::fs::read(manifest) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(SnapshotError::Incomplete(file_name(manifest)));
+        }
+        Err(e) => return Err(io_err(format!("cannot read {}", manifest.display()))(e)),
+    };
+    let parsed: Manifest = serde_json::from_slice(&text).map_err(|e| SnapshotError::Manifest {
+        path: manifest.display().to_string(),
+        message: e.to_string(),
+    })?;
+    if parsed.version != MANIFEST_VERSION {
+        return Err(SnapshotError::Manifest {
+            path: manifest.display().to_string(),
+            message: format!(
+                "format {} (this banger reads {MANIFEST_VERSION})",
+                parsed.version
+            ),
+        });
+    }
+    Ok(parsed)
+}
+
+/// Checks a sealed snapshot before it is loaded: the manifest is there, every file has its
+/// size and checksum, and `disks` are, in order, the very disks it was sealed with.
+pub fn verify(manifest: &Path, disks: &[PathBuf]) -> Result<Manifest, SnapshotError> {
+    let sealed = read(manifest)?;
+    let dir = manifest.parent().unwrap_or(Path::new("."));
+    for sum in &sealed.files {
+        if sum.name.contains('/') || sum.name.is_empty() {
+            return Err(SnapshotError::Manifest {
+                path: manifest.display().to_string(),
+                message: format!("file name {:?}", sum.name),
+            });
+        }
+        let path = dir.join(&sum.name);
+        let damaged = |why: String| SnapshotError::Damaged {
+            file: path.display().to_string(),
+            why,
+        };
+        let size = match std::fs::metadata(&path) {
+            Ok(meta) => meta.len(),
+            Err(e) => return Err(damaged(e.to_string())),
+        };
+        if size != sum.size {
+            return Err(damaged(format!("{size} bytes, sealed with {}", sum.size)));
+        }
+        if checksum(&path)? != sum.sha256 {
+            return Err(damaged("its checksum differs".into()));
+        }
+    }
+    if sealed.disks.len() != disks.len()
+        || sealed.disks.iter().zip(disks).any(|(d, p)| &d.path != p)
+    {
+        return Err(SnapshotError::DiskChanged {
+            disk: disks
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            why: "the VM's disks are other files than the snapshot's".into(),
+        });
+    }
+    for then in &sealed.disks {
+        let now = DiskIdentity::of(&then.path).map_err(|e| SnapshotError::DiskChanged {
+            disk: then.path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        if let Some(why) = then.difference(&now) {
+            return Err(SnapshotError::DiskChanged {
+                disk: then.path.display().to_string(),
+                why,
+            });
+        }
+    }
+    Ok(sealed)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        state: PathBuf,
+        memory: PathBuf,
+        disk: PathBuf,
+        manifest: PathBuf,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fixture {
+            state: dir.path().join("snapshot.state"),
+            memory: dir.path().join("snapshot.mem"),
+            disk: dir.path().join("work.ext4"),
+            manifest: dir.path().join("snapshot.json"),
+            _dir: dir,
+        };
+        std::fs::write(&f.state, vec![7u8; 100_000]).unwrap();
+        std::fs::write(&f.disk, b"disk").unwrap();
+        f
+    }
+
+    #[test]
+    fn a_sealed_snapshot_verifies_and_lists_only_the_files_written() {
+        let f = fixture();
+        let sealed = seal(
+            "qemu",
+            &[f.state.clone(), f.memory.clone()],
+            std::slice::from_ref(&f.disk),
+            &f.manifest,
+        )
+        .unwrap();
+        assert_eq!(sealed.files.len(), 1, "no memory file: {sealed:?}");
+        assert_eq!(sealed.size(), 100_000);
+        assert_eq!(
+            verify(&f.manifest, std::slice::from_ref(&f.disk)).unwrap(),
+            sealed
+        );
+    }
+
+    #[test]
+    fn a_damaged_file_or_a_written_disk_is_refused() {
+        let f = fixture();
+        seal(
+            "qemu",
+            std::slice::from_ref(&f.state),
+            std::slice::from_ref(&f.disk),
+            &f.manifest,
+        )
+        .unwrap();
+        // Same size, one byte flipped.
+        let mut bytes = std::fs::read(&f.state).unwrap();
+        bytes[500] ^= 0xff;
+        std::fs::write(&f.state, &bytes).unwrap();
+        let err = verify(&f.manifest, std::slice::from_ref(&f.disk)).unwrap_err();
+        assert!(matches!(err, SnapshotError::Damaged { .. }), "{err}");
+        assert!(err.to_string().contains("checksum"), "{err}");
+
+        seal(
+            "qemu",
+            std::slice::from_ref(&f.state),
+            std::slice::from_ref(&f.disk),
+            &f.manifest,
+        )
+        .unwrap();
+        std::fs::File::options()
+            .append(true)
+            .open(&f.disk)
+            .unwrap()
+            .write_all(b"more")
+            .unwrap();
+        let err = verify(&f.manifest, std::slice::from_ref(&f.disk)).unwrap_err();
+        assert!(matches!(err, SnapshotError::DiskChanged { .. }), "{err}");
+
+        // A disk replaced by another file of the same size and times.
+        seal(
+            "qemu",
+            std::slice::from_ref(&f.state),
+            std::slice::from_ref(&f.disk),
+            &f.manifest,
+        )
+        .unwrap();
+        let other = f.disk.with_extension("new");
+        std::fs::write(&other, std::fs::read(&f.disk).unwrap()).unwrap();
+        std::fs::rename(&other, &f.disk).unwrap();
+        let err = verify(&f.manifest, std::slice::from_ref(&f.disk)).unwrap_err();
+        assert!(err.to_string().contains("another file"), "{err}");
+    }
+
+    #[test]
+    fn no_manifest_means_incomplete() {
+        let f = fixture();
+        let err = verify(&f.manifest, std::slice::from_ref(&f.disk)).unwrap_err();
+        assert!(matches!(err, SnapshotError::Incomplete(_)), "{err}");
+        std::fs::write(&f.manifest, b"{").unwrap();
+        let err = verify(&f.manifest, std::slice::from_ref(&f.disk)).unwrap_err();
+        assert!(matches!(err, SnapshotError::Manifest { .. }), "{err}");
+    }
+
+    #[test]
+    fn nothing_written_cannot_be_sealed() {
+        let f = fixture();
+        let err = seal("qemu", std::slice::from_ref(&f.memory), &[], &f.manifest).unwrap_err();
+        assert!(matches!(err, SnapshotError::Damaged { .. }), "{err}");
+        assert!(!f.manifest.exists());
+    }
+}

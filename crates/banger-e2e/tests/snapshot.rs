@@ -1,0 +1,323 @@
+//! Suspend and resume of real QEMU VMs (TCG here, booted from the real default image): a
+//! guest process keeps running across `vm suspend` → `vm start` (same process, its counter
+//! continued, the same boot), the guest clock is the host's again, files are there; a damaged
+//! state file or a disk written since boots cold with a warning; a daemon or QEMU killed
+//! mid-suspend loses nothing and leaks nothing. QEMU 7.2 (`exec:` migration) when
+//! `BANGER_QEMU_7_2` names it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use banger_e2e::{TestEnv, poll, poll_or_none};
+
+/// Starts a guest process (its own session, so the SSH session may end) that writes its pid
+/// to /root/counter.pid and then counts in /root/counter, ten times a second.
+const START_COUNTER: &str = "setsid -f sh -c 'echo $$ > /root/counter.pid; i=0; \
+    while :; do i=$((i+1)); echo $i > /root/counter.new; mv /root/counter.new /root/counter; \
+    sleep 0.1; done' </dev/null >/dev/null 2>&1";
+
+fn guest(env: &TestEnv, script: &str) -> String {
+    env.banger(&["vm", "exec", "dev", "--", "sh", "-c", script])
+        .ok()
+        .stdout
+        .trim()
+        .to_owned()
+}
+
+fn vm_dir(env: &TestEnv) -> PathBuf {
+    let id = env.banger(&["vm", "show", "dev", "--json"]).ok().json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    env.home().join("vms").join(id)
+}
+
+/// The snapshot files in the VM's directory.
+fn snapshot_files(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("snapshot"))
+        .collect()
+}
+
+fn boot_id(env: &TestEnv) -> String {
+    guest(env, "cat /proc/sys/kernel/random/boot_id")
+}
+
+fn counter(env: &TestEnv) -> (u32, u64) {
+    let out = guest(env, "cat /root/counter.pid; cat /root/counter");
+    let mut lines = out.lines();
+    let pid = lines.next().unwrap().trim().parse().unwrap();
+    let count = lines.next().unwrap().trim().parse().unwrap();
+    (pid, count)
+}
+
+/// A shared 2-core host under load boots a TCG guest slowly: a generous start bound.
+const CONFIG: &str = "[daemon]\nstart_timeout_secs = 900\n";
+
+/// A fresh instance with [`CONFIG`] (plus `extra`) and the default image.
+fn instance(extra: &str) -> TestEnv {
+    let env = TestEnv::new();
+    std::fs::write(env.config_file(), format!("{CONFIG}{extra}")).unwrap();
+    env.build_default_image();
+    env
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Runs a VM, starts the counter and writes a file on each disk; returns the counter's pid.
+fn run_with_counter(env: &TestEnv) -> u32 {
+    let run = env.banger(&["vm", "run", "dev"]);
+    if run.code != 0 {
+        env.dump_diagnostics();
+    }
+    run.ok();
+    guest(env, START_COUNTER);
+    guest(
+        env,
+        "echo work-disk > /root/before.txt && echo system-disk > /var/tmp/before.txt",
+    );
+    poll(Duration::from_secs(30), "the counter running", || {
+        let (pid, count) = counter(env);
+        (count > 2).then_some(pid)
+    })
+}
+
+fn assert_files_there(env: &TestEnv) {
+    assert_eq!(
+        guest(env, "cat /root/before.txt /var/tmp/before.txt"),
+        "work-disk\nsystem-disk"
+    );
+}
+
+/// Exactly one QEMU runs and no snapshot file is left in the VM's directory.
+fn assert_one_vmm_and_no_snapshot(env: &TestEnv, dir: &std::path::Path) {
+    let left = snapshot_files(dir);
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(env.qemu_pids().len(), 1, "one QEMU");
+}
+
+/// Suspends and restores `dev` and checks what a restore must keep.
+fn suspend_and_restore(env: &TestEnv, pid: u32) {
+    let dir = vm_dir(env);
+    let boot = boot_id(env);
+    let (_, before) = counter(env);
+    let started = Instant::now();
+    let suspended = env.banger(&["vm", "suspend", "dev", "--json"]).ok().json();
+    eprintln!("suspend took {:?}", started.elapsed());
+    assert_eq!(suspended["vm"]["state"], "suspended", "{suspended}");
+    assert!(env.qemu_pids().is_empty(), "QEMU ended");
+    let state = std::fs::metadata(dir.join("snapshot.state")).unwrap().len();
+    eprintln!("state file: {state} bytes");
+    assert!(dir.join("snapshot.json").is_file(), "sealed");
+    let shown = env.banger(&["vm", "show", "dev", "--json"]).ok().json();
+    assert_eq!(shown["state"], "suspended");
+
+    // Time off, so a guest clock that stood still would be more than 2 s behind.
+    std::thread::sleep(Duration::from_secs(5));
+    let started = Instant::now();
+    let restored = env.banger(&["vm", "start", "dev", "--json"]).ok().json();
+    eprintln!("restore took {:?}", started.elapsed());
+    assert_eq!(restored["restored"], true, "{restored}");
+    assert!(restored.get("warnings").is_none(), "{restored}");
+    assert_eq!(restored["vm"]["state"], "running");
+
+    let host_before = now_secs();
+    let guest_now: f64 = guest(env, "date +%s.%N").parse().unwrap();
+    let host_after = now_secs();
+    assert!(
+        guest_now > host_before - 2.0 && guest_now < host_after + 2.0,
+        "guest clock {guest_now}, host {host_before}..{host_after}"
+    );
+    assert_eq!(boot_id(env), boot, "the same boot, not a new one");
+    let (same_pid, first) = counter(env);
+    assert_eq!(same_pid, pid, "the counting process survived");
+    assert!(first >= before, "counter continued: {before} then {first}");
+    guest(env, &format!("kill -0 {pid}"));
+    poll(Duration::from_secs(30), "the counter counting on", || {
+        (counter(env).1 > first).then_some(())
+    });
+    assert_files_there(env);
+    assert_one_vmm_and_no_snapshot(env, &dir);
+}
+
+/// `vm start` of a suspended `dev` whose snapshot cannot be used: a warning naming `why`, a
+/// cold boot, the files there, the snapshot gone.
+fn assert_cold_boot(env: &TestEnv, boot: &str, why: &str) {
+    let dir = vm_dir(env);
+    let started = env.banger(&["vm", "start", "dev", "--json"]).ok().json();
+    assert_ne!(started["restored"], true, "{started}");
+    let warnings = started["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{started}");
+    let warning = warnings[0].as_str().unwrap();
+    assert!(
+        warning.contains("cannot restore VM dev from its snapshot")
+            && warning.contains(why)
+            && warning.contains("booted it from its disks"),
+        "{warning}"
+    );
+    assert_ne!(boot_id(env), boot, "a new boot");
+    assert_files_there(env);
+    assert_one_vmm_and_no_snapshot(env, &dir);
+}
+
+#[test]
+fn qemu_suspend_and_start_resume_the_running_guest() {
+    let env = instance("");
+    let pid = run_with_counter(&env);
+    suspend_and_restore(&env, pid);
+    // Twice: a restored VM suspends again.
+    suspend_and_restore(&env, pid);
+
+    // A state file damaged after the suspend: checked before loading, a cold boot.
+    let dir = vm_dir(&env);
+    let boot = boot_id(&env);
+    env.banger(&["vm", "suspend", "dev"]).ok();
+    let state = dir.join("snapshot.state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let middle = bytes.len() / 2;
+    for b in &mut bytes[middle..middle + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&state, &bytes).unwrap();
+    assert_cold_boot(&env, &boot, "checksum");
+
+    // A disk written since the suspend (here only its mtime): the memory would not match it.
+    let boot = boot_id(&env);
+    env.banger(&["vm", "suspend", "dev"]).ok();
+    let work = dir.join("work.ext4");
+    let file = std::fs::File::options().write(true).open(&work).unwrap();
+    file.set_modified(SystemTime::now() + Duration::from_secs(1))
+        .unwrap();
+    drop(file);
+    assert_cold_boot(&env, &boot, "changed since");
+
+    // A plain stop after all that, for a clean file system.
+    env.banger(&["vm", "stop", "dev"]).ok();
+}
+
+/// Where a suspend is interrupted.
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    /// The daemon, while the record says `stopping` (the guest's sync, before the VMM pauses).
+    DaemonWhileSyncing,
+    /// The daemon, once QEMU writes the state file.
+    DaemonWhileWriting,
+    /// QEMU, once it writes the state file.
+    QemuWhileWriting,
+}
+
+#[test]
+fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
+    let env = instance("");
+    let run = env.banger(&["vm", "run", "dev"]);
+    if run.code != 0 {
+        env.dump_diagnostics();
+    }
+    run.ok();
+    let dir = vm_dir(&env);
+    let state = dir.join("snapshot.state");
+    for (round, kill) in [
+        Kill::DaemonWhileSyncing,
+        Kill::DaemonWhileWriting,
+        Kill::QemuWhileWriting,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // Written (not synced) right before the suspend: the suspend's sync must keep it.
+        guest(
+            &env,
+            &format!(
+                "echo round {round} > /root/round{round} && echo sys {round} > /var/tmp/round{round}"
+            ),
+        );
+        let mut suspend = env
+            .command(&["vm", "suspend", "dev"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let hit = poll_or_none(Duration::from_secs(60), || {
+            let now = match kill {
+                Kill::DaemonWhileSyncing => {
+                    let shown = env.banger(&["vm", "show", "dev", "--json"]);
+                    shown.code == 0 && shown.json()["state"] == "stopping"
+                }
+                Kill::DaemonWhileWriting | Kill::QemuWhileWriting => state.exists(),
+            };
+            if now {
+                return Some(true);
+            }
+            // Finished before the moment came: nothing was interrupted.
+            suspend.try_wait().unwrap().map(|_| false)
+        })
+        .expect("the suspend neither reached the moment nor finished");
+        if hit {
+            match kill {
+                Kill::DaemonWhileSyncing | Kill::DaemonWhileWriting => env.kill_daemon(),
+                Kill::QemuWhileWriting => {
+                    for pid in env.qemu_pids() {
+                        nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        )
+                        .unwrap();
+                    }
+                }
+            }
+        }
+        eprintln!("round {round}: {kill:?}: interrupted: {hit}");
+        let _ = suspend.wait();
+        // The next command starts a daemon that reconciles; the VM then starts (from the
+        // snapshot when the suspend finished, else cold) with everything written before.
+        let started = env.banger(&["vm", "start", "dev", "--json"]).ok().json();
+        eprintln!(
+            "round {round}: restored: {}, warnings: {}",
+            started["restored"], started["warnings"]
+        );
+        assert_eq!(started["vm"]["state"], "running", "{started}");
+        for r in 0..=round {
+            assert_eq!(
+                guest(&env, &format!("cat /root/round{r} /var/tmp/round{r}")),
+                format!("round {r}\nsys {r}")
+            );
+        }
+        assert_one_vmm_and_no_snapshot(&env, &dir);
+        assert_eq!(env.daemon_pids().len(), 1, "one daemon");
+    }
+    env.banger(&["vm", "stop", "dev"]).ok();
+    let fsck = std::process::Command::new(banger_e2e::system_tool("e2fsck"))
+        .args(["-fn"])
+        .arg(dir.join("work.ext4"))
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+#[test]
+fn qemu_7_2_suspends_and_resumes_through_exec_migration() {
+    let Ok(binary) = std::env::var("BANGER_QEMU_7_2") else {
+        eprintln!(
+            "SKIP: qemu_7_2_suspends_and_resumes_through_exec_migration: BANGER_QEMU_7_2 is \
+             not set (scripts/fetch-qemu-7.2 prints the path; .ci/run sets it)"
+        );
+        return;
+    };
+    let env = instance(&format!("[qemu]\nbinary = {binary:?}\naccel = \"tcg\"\n"));
+    let pid = run_with_counter(&env);
+    suspend_and_restore(&env, pid);
+    env.banger(&["vm", "stop", "dev"]).ok();
+}
