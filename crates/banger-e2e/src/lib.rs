@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod registry;
+
 /// The unprivileged user that owns [`TestEnv::nonroot`] instances when tests run as root.
 pub const NONROOT_USER: &str = "bangertest";
 
@@ -314,7 +316,7 @@ impl TestEnv {
     /// does not run as root.
     pub fn start_helper(&self, test: &str) -> Option<HelperProcess> {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIP: {test}: the root helper needs the test to run as root");
+            banger_shared::skip::report(test, "the root helper needs the test to run as root");
             return None;
         }
         let socket = self.dir().join("helper.sock");
@@ -720,7 +722,7 @@ pub fn system_tool(name: &str) -> PathBuf {
 pub fn root_or_skip(test: &str, why: &str) -> bool {
     let root = nix::unistd::geteuid().is_root();
     if !root {
-        eprintln!("SKIP: {test}: needs root ({why})");
+        banger_shared::skip::report(test, &format!("needs root ({why})"));
     }
     root
 }
