@@ -935,6 +935,23 @@ pub fn tcp_server(ns: &Netns, addr: &str) {
     });
 }
 
+/// The greeting of a server from [`TestEnv::guest_servers`] read from 127.0.0.1:`port` (in
+/// the calling thread's network namespace), or None when nothing answers with one.
+pub fn guest_greeting(port: u16) -> Option<String> {
+    let mut stream = std::net::TcpStream::connect_timeout(
+        &([127, 0, 0, 1], port).into(),
+        Duration::from_secs(3),
+    )
+    .ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.starts_with("hello-from-guest")
+        .then(|| text.trim().to_owned())
+}
+
 /// Loop devices whose backing file's path contains `needle`.
 pub fn loops_backed_by(needle: &str) -> Vec<String> {
     std::fs::read_dir("/sys/block")

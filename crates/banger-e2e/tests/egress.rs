@@ -6,12 +6,12 @@
 //! a busy host port refused with nothing changed. Traffic goes only to the host's loopback.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use banger_e2e::{TestEnv, poll, process_uid};
+use banger_e2e::{TestEnv, guest_greeting as greeting, poll, process_uid};
 
 /// A port nobody listens on right now.
 fn free_port() -> u16 {
@@ -71,19 +71,6 @@ fn fetch_script(port: u16, len: usize) -> String {
         "exec 3<>/dev/tcp/10.0.2.2/{port} && printf 'GET /blob HTTP/1.0\\r\\nHost: host\\r\\n\\r\\n' >&3 \
          && cat <&3 > /tmp/resp && tail -c {len} /tmp/resp | sha256sum"
     )
-}
-
-/// The greeting read from 127.0.0.1:`port`, or None when nothing answers with one.
-fn greeting(port: u16) -> Option<String> {
-    let mut stream =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(3)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    text.starts_with("hello-from-guest")
-        .then(|| text.trim().to_owned())
 }
 
 #[track_caller]

@@ -7,11 +7,12 @@
 //! a daemon SIGKILL and a stop/start), and nothing left after rm + `network down`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Read;
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use banger_e2e::{Netns, Run, TestEnv, loops_backed_by, poll, process_uid, tcp_server};
+use banger_e2e::{
+    Netns, Run, TestEnv, guest_greeting, loops_backed_by, poll, process_uid, tcp_server,
+};
 
 const TEST: &str = "a_nonroot_owner_runs_bridge_vms_through_the_root_helper_with_published_ports";
 
@@ -21,20 +22,7 @@ fn exec(env: &TestEnv, script: &str) -> Run {
 
 /// The greeting read from 127.0.0.1:`port` inside `ns`, or None when nothing answers.
 fn greeting(ns: &Netns, port: u16) -> Option<String> {
-    ns.run(move || {
-        let mut stream =
-            TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(3))
-                .ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).ok()?;
-        text.starts_with("hello-from-guest")
-            .then(|| text.trim().to_owned())
-    })
-    .join()
-    .unwrap()
+    ns.run(move || guest_greeting(port)).join().unwrap()
 }
 
 /// The answer to one datagram sent to 127.0.0.1:`port` inside `ns`, within 2 s.
