@@ -834,7 +834,10 @@ mod tests {
     async fn work_disk_options_follow_what_mkfs_knows() {
         let dir = tempfile::tempdir().unwrap();
         if !crate::image::on_path("mkfs.ext4") {
-            eprintln!("SKIP: mkfs.ext4 is not installed");
+            banger_shared::skip::report(
+                "work_disk_options_follow_what_mkfs_knows",
+                "mkfs.ext4 is not installed",
+            );
             return;
         }
         let real = mkfs_extended_options_help(Path::new("mkfs.ext4"))
