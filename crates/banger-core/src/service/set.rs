@@ -501,7 +501,8 @@ mod tests {
             memory_mib: 1024,
             disk_size_bytes: 2 * GIB,
             image: "default".into(),
-            vmm: VmmKind::Qemu,
+            // Any backend: the plan never depends on it.
+            vmm: VmmKind::ALL[0],
             vmm_reason: "test".into(),
             system_disk: SystemDiskStrategy::Qcow2,
         }
