@@ -308,7 +308,7 @@ impl TestEnv {
     /// does not run as root.
     pub fn start_helper(&self, test: &str) -> Option<HelperProcess> {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIP: {test}: the root helper needs the test to run as root");
+            banger_shared::skip::report(test, "the root helper needs the test to run as root");
             return None;
         }
         let socket = self.dir().join("helper.sock");
@@ -607,7 +607,7 @@ pub fn system_tool(name: &str) -> PathBuf {
 pub fn root_or_skip(test: &str, why: &str) -> bool {
     let root = nix::unistd::geteuid().is_root();
     if !root {
-        eprintln!("SKIP: {test}: needs root ({why})");
+        banger_shared::skip::report(test, &format!("needs root ({why})"));
     }
     root
 }

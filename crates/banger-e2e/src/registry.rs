@@ -22,7 +22,10 @@ impl Registry {
     pub fn start() -> Option<Self> {
         let binary = Path::new("/usr/bin/docker-registry");
         if !binary.is_file() {
-            eprintln!("SKIP: docker-registry is not installed (scripts/install-deps)");
+            banger_shared::skip::report(
+                "registry tests",
+                "docker-registry is not installed (scripts/install-deps)",
+            );
             return None;
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -45,7 +45,10 @@ fn base_tar() -> Option<PathBuf> {
         return Some(tar);
     }
     let Some(mirror) = banger_core::image::mirror::host_debian_mirror(Path::new("/etc/apt")) else {
-        eprintln!("SKIP: from_image: no Debian mirror in the host's apt configuration");
+        banger_shared::skip::report(
+            "from_image",
+            "no Debian mirror in the host's apt configuration",
+        );
         return None;
     };
     let partial = tar.with_extension("partial");
@@ -140,7 +143,10 @@ fn inode(image: &Path, path: &str) -> String {
 fn a_container_image_becomes_a_bootable_banger_image() {
     for tool in ["umoci", "skopeo", "mmdebstrap"] {
         if !system_tool(tool).is_file() {
-            eprintln!("SKIP: from_image: {tool} is not installed (scripts/install-deps)");
+            banger_shared::skip::report(
+                "from_image",
+                &format!("{tool} is not installed (scripts/install-deps)"),
+            );
             return;
         }
     }

@@ -162,6 +162,31 @@ pub enum VmCommand {
     Ls(JsonFlag),
     /// List or change a VM's published ports (`-p` of `vm create|run`).
     Port(PortArgs),
+    /// Change a VM's vCPUs, memory or disk sizes. CPUs, memory and the system disk change
+    /// while the VM is stopped (its next start uses them); the work disk also grows while a
+    /// QEMU VM runs (/root grows at once). Disks only grow; a smaller size is refused and
+    /// nothing changes. More vCPUs or memory than this host has are refused.
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true)
+        .args(["cpus", "memory", "disk", "system_disk"])))]
+    Set {
+        name: VmName,
+        /// Number of vCPUs (at most the host's CPUs).
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Guest memory, e.g. 2G or 1536 (MiB); at most the host's memory.
+        #[arg(long, value_parser = ByteSize::parse_mib)]
+        memory: Option<ByteSize>,
+        /// Work disk size (/root), e.g. 20G: at least its current size.
+        #[arg(long, value_parser = ByteSize::parse)]
+        disk: Option<ByteSize>,
+        /// System disk size (/), e.g. 16G: at least its current size; the guest grows / into
+        /// it at its next boot.
+        #[arg(long, value_parser = ByteSize::parse)]
+        system_disk: Option<ByteSize>,
+        /// Print the new spec as JSON.
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Show one VM.
     Show {
         name: VmName,

@@ -94,16 +94,26 @@ pub fn from_recipe_digest() -> String {
     recipe_digest_with(true)
 }
 
-/// Part of every recipe digest: how [`write_recipe`] lays the recipe out (its directories
-/// 0755); images built from a recipe written otherwise have another digest.
-const RECIPE_LAYOUT: &[u8] = b"recipe dirs 0755\0";
-
 fn recipe_digest_with(from_image: bool) -> String {
     let mut hasher = Sha256::new();
-    hasher.update(RECIPE_LAYOUT);
+    // The microVM kernel has its own recipe digest (`kernel::recipe_digest`).
+    hash_guest_files(&mut hasher, |path| {
+        !kernel::is_recipe_file(path) && (from_image || !path.starts_with(FROM_IMAGE_DIR))
+    });
+    // The overlay's directory modes become the image's (`/`, `/etc`, `/usr`): they are
+    // part of what the recipe makes. Builds that wrote them under the daemon's umask
+    // (0700) made images whose non-root services (systemd-networkd, dbus) cannot start;
+    // this keeps their cache entries from being reused.
+    hasher.update(b"dirs:");
+    hasher.update(RECIPE_DIR_MODE.to_le_bytes());
+    hex(&hasher.finalize())
+}
+
+/// Feeds every embedded guest file `wanted` selects (path, mode, length, content) into
+/// `hasher`: the common part of the image's and the kernel's recipe digests.
+fn hash_guest_files(hasher: &mut Sha256, wanted: impl Fn(&str) -> bool) {
     for (path, content, mode) in GUEST_FILES {
-        // The microVM kernel has its own recipe digest (`kernel::recipe_digest`).
-        if kernel::is_recipe_file(path) || (!from_image && path.starts_with(FROM_IMAGE_DIR)) {
+        if !wanted(path) {
             continue;
         }
         hasher.update(path.as_bytes());
@@ -112,13 +122,12 @@ fn recipe_digest_with(from_image: bool) -> String {
         hasher.update((content.len() as u64).to_le_bytes());
         hasher.update(content);
     }
-    hex(&hasher.finalize())
 }
 
-/// Writes the embedded recipe into `dir` (`dir/build-kernel.sh`, `dir/rootfs/...`). Its
-/// directories get mode 0755 whatever the daemon's umask (077): the overlay is tarred into
-/// the image as it is, `rootfs/` itself becoming the guest's `/`, so a 0700 directory there
-/// would lock every non-root service (dbus, networkd) out of `/`, `/etc` and `/usr`.
+/// Mode of every directory [`write_recipe`] makes, whatever the daemon's umask.
+const RECIPE_DIR_MODE: u32 = 0o755;
+
+/// Writes the embedded recipe into `dir` (`dir/build-kernel.sh`, `dir/rootfs/...`).
 pub fn write_recipe(dir: &Path) -> Result<(), ImageError> {
     use std::os::unix::fs::PermissionsExt;
     for (relative, content, mode) in GUEST_FILES {
@@ -126,11 +135,14 @@ pub fn write_recipe(dir: &Path) -> Result<(), ImageError> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(io_err(format!("cannot create {}", parent.display())))?;
-            let mut ancestor = Some(parent);
-            while let Some(d) = ancestor.filter(|d| d.starts_with(dir)) {
-                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
-                    .map_err(io_err(format!("cannot chmod {}", d.display())))?;
-                ancestor = d.parent();
+            // The daemon's umask (077) made them 0700; the overlay's directories are the
+            // image's `/`, `/etc`, `/usr`, ..., which every guest user must traverse.
+            for ancestor in parent.ancestors().take_while(|a| a.starts_with(dir)) {
+                std::fs::set_permissions(
+                    ancestor,
+                    std::fs::Permissions::from_mode(RECIPE_DIR_MODE),
+                )
+                .map_err(io_err(format!("cannot chmod {}", ancestor.display())))?;
             }
         }
         std::fs::write(&path, content)
@@ -296,19 +308,29 @@ async fn cp_then_rename(flags: &[&str], source: &Path, dest: &Path) -> Result<()
         let _ = std::fs::remove_dir_all(&tmp);
     };
     remove_tmp();
-    let status = Command::new("cp")
+    let output = Command::new("cp")
         .args(flags)
         .arg(source)
         .arg(&tmp)
         .stdin(Stdio::null())
-        .status()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
         .await
         .map_err(io_err("cannot run cp"))?;
-    if !status.success() {
+    if !output.status.success() {
         remove_tmp();
+        // cp's own words ("No space left on device", "Permission denied") are the cause.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let cause = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map(|l| l.trim_start_matches("cp: ").to_owned())
+            .unwrap_or_else(|| output.status.to_string());
         return Err(ImageError::Io {
             context: format!("cannot copy {}", source.display()),
-            source: std::io::Error::other(status.to_string()),
+            source: std::io::Error::other(cause),
         });
     }
     std::fs::rename(&tmp, dest).map_err(io_err(format!("cannot rename {}", tmp.display())))
@@ -374,32 +396,48 @@ pub fn on_path(tool: &str) -> bool {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_failed_copy_says_why_and_leaves_nothing() {
+        #![allow(clippy::unwrap_used)]
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("rootfs.ext4");
+        let err = copy_into_place(&dir.path().join("missing.ext4"), &dest)
+            .await
+            .unwrap_err();
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(
+            cause.contains("No such file or directory"),
+            "{err}: {cause}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn recipe_directories_are_world_traversable_whatever_the_umask() {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        // What the daemon's umask 077 makes (changing the umask here would race other tests).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.path().join("rootfs/etc"))
+            .unwrap();
+        write_recipe(dir.path()).unwrap();
+        for sub in ["rootfs", "rootfs/etc", "rootfs/usr"] {
+            let mode = std::fs::metadata(dir.path().join(sub))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o755, "{sub}");
+        }
+    }
+
     #[test]
     fn recipe_holds_the_build_scripts() {
         let names: Vec<&str> = GUEST_FILES.iter().map(|(p, _, _)| *p).collect();
         assert!(names.contains(&"build-kernel.sh"), "{names:?}");
         assert!(names.contains(&"build-rootfs.sh"), "{names:?}");
         assert_eq!(recipe_digest(), recipe_digest());
-    }
-
-    #[test]
-    fn the_recipe_is_written_with_open_directories() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let recipe = dir.path().join("recipe");
-        // SAFETY: umask only changes this process's file creation mask.
-        let old = unsafe { nix::libc::umask(0o077) };
-        let written = write_recipe(&recipe);
-        // SAFETY: as above, restoring the previous mask.
-        unsafe { nix::libc::umask(old) };
-        written.unwrap();
-        for d in ["", "rootfs", "rootfs/etc", "rootfs/usr"] {
-            let mode = std::fs::metadata(recipe.join(d))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o755, "{d}");
-        }
     }
 
     #[test]

@@ -19,11 +19,11 @@ use crate::vmm::select::{self as vmm_select, Facts, Selection};
 use crate::vmm::{DiskRefusal, VmBackend};
 
 /// Upper bounds that keep a typo from asking for an absurd VM.
-const MAX_CPUS: u32 = 256;
-const MAX_MEMORY_MIB: u64 = 4 << 20;
-const MIN_MEMORY_MIB: u64 = 128;
+pub(super) const MAX_CPUS: u32 = 256;
+pub(super) const MAX_MEMORY_MIB: u64 = 4 << 20;
+pub(super) const MIN_MEMORY_MIB: u64 = 128;
 const MIN_DISK_BYTES: u64 = 64 << 20;
-const MAX_DISK_BYTES: u64 = 64 << 40;
+pub(super) const MAX_DISK_BYTES: u64 = 64 << 40;
 
 impl Manager {
     /// Creates a VM in state Created: its record, system overlay and work disk (with the

@@ -1,9 +1,10 @@
 //! [`Manager`]: one method per daemon operation. Transports (the HTTP server) only parse,
 //! call one method and render its result; all decisions are made here. One file per verb:
 //! `create`, `start`, `stop`, `pause` (and resume), `suspend`, `reconcile` (daemon start),
-//! `rm`, `show` (ls/show), `ssh` (ssh/exec), `logs`, `workspace`, `cp`, `images`, `network`,
-//! `doctor`; `backend` says which VMM serves a VM and `system_disk` holds the dm disk's host
-//! side. This file holds the Manager, the per-VM lock and the record's state transitions.
+//! `rm`, `show` (ls/show), `set` (resources), `ssh` (ssh/exec), `logs`, `workspace`, `cp`,
+//! `images`, `network`, `doctor`; `backend` says which VMM serves a VM, `system_disk` holds the
+//! dm disk's host side and `fsck` how a VMM ended and the disk checks before a start. This
+//! file holds the Manager, the per-VM lock and the record's state transitions.
 
 mod backend;
 pub mod console_cap;
@@ -11,6 +12,7 @@ mod cp;
 mod create;
 mod doctor;
 mod from_image;
+mod fsck;
 mod images;
 mod kernels;
 mod logs;
@@ -20,6 +22,7 @@ mod ports;
 mod reconcile;
 mod registry;
 mod rm;
+mod set;
 mod show;
 mod ssh;
 mod start;
@@ -223,6 +226,8 @@ impl Manager {
         // Not waited for: `vm ls` answers while the helper removes the jail.
         drop(self.release_runtime(&record));
         record.clear_process();
+        let (kind, how) = self.found_stopped(&record);
+        record.record_stop(kind, how);
         record.last_error =
             Some("the VM stopped outside banger (guest power-off or VMM exit)".into());
         if let Err(e) = self.transition(&mut record, VmState::Stopped) {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use banger_proto::LifecycleResult;
-use banger_proto::VmState;
 use banger_proto::helper::HelperOp;
+use banger_proto::{StopKind, VmState};
 use tracing::{info, warn};
 
 use super::{Manager, result};
@@ -106,6 +106,9 @@ impl Manager {
             }
             Err(err) => {
                 warn!(vm = %name, "start failed, undoing: {err}");
+                if undo.process.is_some() {
+                    record.record_stop(StopKind::Unclean, "a failed start killed the VMM");
+                }
                 undo.undo().await;
                 record.clear_process();
                 record.last_error = Some(err.to_api().message);
@@ -170,6 +173,13 @@ impl Manager {
                 )));
             }
         }
+        // After an unclean stop, e2fsck before the guest mounts anything; never under a
+        // guest restored from its snapshot (its filesystems are mounted in its memory).
+        let restoring = restore.is_some_and(|s| s.state.is_file() && s.memory.is_file());
+        let warnings = self
+            .check_disks_before_start(record, &system_disk, &work_disk, restoring)
+            .await?;
+        outcome.warnings.extend(warnings);
         if caps.cmdline_devices_only
             && let Some(why) =
                 crate::image::kernel::firecracker_blocker(&kernel_caps, kernel.has_initrd)

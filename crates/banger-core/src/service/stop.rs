@@ -45,6 +45,7 @@ impl Manager {
         let method = self.stop_process(&record, pid, force, maybe_paused).await;
         self.release_runtime_now(&record).await;
         record.clear_process();
+        record.record_stop(super::fsck::stop_kind(method), method);
         record.last_error = None;
         self.transition(&mut record, VmState::Stopped)?;
         info!(vm = %name, method, "VM stopped");

@@ -14,8 +14,8 @@ use crate::domain::VmmKind;
 use crate::layout::vm_runtime;
 
 use super::{
-    Accel, Capabilities, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, VmProcess, VmmError,
-    qmp,
+    Accel, Capabilities, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, VmDisk, VmProcess,
+    VmmError, qmp,
 };
 
 /// The QEMU backend.
@@ -389,6 +389,60 @@ impl Hypervisor for Qemu {
         let status = qmp::execute(&process.control_socket, "query-status").await?;
         Ok(status.get("status").and_then(|s| s.as_str()) == Some("paused"))
     }
+
+    /// QMP `block_resize` of the drive (`sys` or `work`, the `-drive` ids), after
+    /// `query-block` gave its current virtual size: `block_resize` shrinks as readily as it
+    /// grows (the guest's filesystem would be cut), so a smaller size is never sent. The
+    /// virtio-blk device tells the guest at once (a config-change interrupt).
+    async fn grow_disk(
+        &self,
+        process: &VmProcess,
+        disk: VmDisk,
+        size_bytes: u64,
+    ) -> Result<(), VmmError> {
+        let socket = &process.control_socket;
+        let device = drive_id(disk);
+        let blocks = qmp::execute(socket, "query-block").await?;
+        let current = current_size(&blocks, device).ok_or_else(|| VmmError::Control {
+            path: socket.display().to_string(),
+            message: format!("query-block: no drive {device} with a size"),
+        })?;
+        match size_bytes.cmp(&current) {
+            std::cmp::Ordering::Less => Err(VmmError::WouldShrink {
+                disk: disk.as_str(),
+                current,
+                requested: size_bytes,
+            }),
+            std::cmp::Ordering::Equal => Ok(()),
+            std::cmp::Ordering::Greater => qmp::execute_with(
+                socket,
+                "block_resize",
+                Some(serde_json::json!({ "device": device, "size": size_bytes })),
+            )
+            .await
+            .map(drop),
+        }
+    }
+}
+
+/// The `-drive` id of a disk (what QMP's block commands name as `device`).
+fn drive_id(disk: VmDisk) -> &'static str {
+    match disk {
+        VmDisk::System => "sys",
+        VmDisk::Work => "work",
+    }
+}
+
+/// The virtual size `query-block` reports for `device`.
+fn current_size(blocks: &serde_json::Value, device: &str) -> Option<u64> {
+    blocks
+        .as_array()?
+        .iter()
+        .find(|b| b.get("device").and_then(|d| d.as_str()) == Some(device))?
+        .get("inserted")?
+        .get("image")?
+        .get("virtual-size")?
+        .as_u64()
 }
 
 #[cfg(test)]
@@ -510,6 +564,23 @@ mod tests {
         let args = Qemu::new("qemu".into()).args(&cmdline).join(" ");
         assert!(args.contains("acpi=off,pic=on,pit=on"), "{args}");
         assert!(args.contains("-device i8042"), "{args}");
+    }
+
+    #[test]
+    fn the_drive_size_is_read_from_query_block() {
+        let blocks = serde_json::json!([
+            { "device": "sys", "inserted": { "image": { "virtual-size": 8589934592u64 } } },
+            { "device": "work", "inserted": { "image": { "virtual-size": 2147483648u64 } } },
+            { "device": "empty" },
+        ]);
+        assert_eq!(current_size(&blocks, "work"), Some(2 << 30));
+        assert_eq!(
+            current_size(&blocks, drive_id(VmDisk::System)),
+            Some(8 << 30)
+        );
+        assert_eq!(current_size(&blocks, "empty"), None);
+        assert_eq!(current_size(&blocks, "none"), None);
+        assert_eq!(current_size(&serde_json::json!({}), "work"), None);
     }
 
     fn netdev(spec: &LaunchSpec) -> String {
