@@ -101,6 +101,7 @@ fn spec(dir: &Path, name: &str) -> LaunchSpec {
         },
         mac: "52:54:00:01:02:03".into(),
         tap: Some("bg-tap-0".into()),
+        tap_fd: None,
         devices: banger_core::vmm::DeviceDiscovery::CommandLine,
     }
 }

@@ -782,14 +782,14 @@ async fn transfer_progress(
         ssh_config
     ),
     components(schemas(
+        DiskFsck,
         ExecDefaults,
+        FsckResult,
+        LastStop,
         SetVmRequest,
         SetVmResult,
-        LastStop,
-        StopKind,
         StartFsck,
-        DiskFsck,
-        FsckResult,
+        StopKind,
         VmStats,
         DiskUsage,
         NetCounters,

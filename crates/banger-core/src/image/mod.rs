@@ -127,7 +127,10 @@ fn hash_guest_files(hasher: &mut Sha256, wanted: impl Fn(&str) -> bool) {
 /// Mode of every directory [`write_recipe`] makes, whatever the daemon's umask.
 const RECIPE_DIR_MODE: u32 = 0o755;
 
-/// Writes the embedded recipe into `dir` (`dir/build-kernel.sh`, `dir/rootfs/...`).
+/// Writes the embedded recipe into `dir` (`dir/build-kernel.sh`, `dir/rootfs/...`). Its
+/// directories get mode 0755 whatever the daemon's umask (077): the overlay is tarred into
+/// the image as it is, `rootfs/` itself becoming the guest's `/`, so a 0700 directory there
+/// would lock every non-root service (dbus, networkd) out of `/`, `/etc` and `/usr`.
 pub fn write_recipe(dir: &Path) -> Result<(), ImageError> {
     use std::os::unix::fs::PermissionsExt;
     for (relative, content, mode) in GUEST_FILES {
@@ -135,8 +138,6 @@ pub fn write_recipe(dir: &Path) -> Result<(), ImageError> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(io_err(format!("cannot create {}", parent.display())))?;
-            // The daemon's umask (077) made them 0700; the overlay's directories are the
-            // image's `/`, `/etc`, `/usr`, ..., which every guest user must traverse.
             for ancestor in parent.ancestors().take_while(|a| a.starts_with(dir)) {
                 std::fs::set_permissions(
                     ancestor,

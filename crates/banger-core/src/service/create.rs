@@ -45,7 +45,7 @@ impl Manager {
             NetChoice::Bridge(pool) => (Some(pool), false),
             NetChoice::User { isolated } => (None, isolated),
         };
-        self.check_ports(None, &request.ports, pool.is_some())?;
+        self.check_ports(None, &request.ports, true)?;
         let selection = self.select_vmm(asked.vmm, &image, pool.is_some()).await?;
         let backend = self.backend_of(selection.kind);
         // E.g. a jailer asked for and not there: refused before anything is written.

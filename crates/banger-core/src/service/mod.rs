@@ -100,6 +100,8 @@ pub struct Manager {
     dns_addr: Mutex<Option<String>>,
     /// The previous CPU reading of each VMM, for `vm stats` (see [`stats::CpuSamples`]).
     cpu_samples: stats::CpuSamples,
+    /// Published ports of running bridge VMs, relayed by the daemon itself.
+    forwards: crate::net::forward::Forwards,
 }
 
 impl Manager {
@@ -155,6 +157,7 @@ impl Manager {
             dns_task: Mutex::new(None),
             dns_addr: Mutex::new(None),
             cpu_samples: stats::CpuSamples::default(),
+            forwards: Default::default(),
         })
     }
 

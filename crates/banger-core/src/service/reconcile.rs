@@ -109,6 +109,7 @@ impl Manager {
             self.transition(record, observed)?;
         }
         info!(vm = %record.name, pid, state = %record.state, "reattached to VM");
+        self.reopen_forwards(record);
         Ok(())
     }
 }

@@ -113,6 +113,9 @@ pub struct Capabilities {
     /// Declares its virtio-mmio devices only on the kernel command line (no ACPI): boots only
     /// kernels with `virtio_mmio_cmdline` and no need of an initrd it lacks.
     pub cmdline_devices_only: bool,
+    /// Takes its tap as a queue the root helper opened ([`LaunchSpec::tap_fd`]) instead of
+    /// opening `/dev/net/tun` itself (which is root's only on hosts without udev's rule).
+    pub tap_fd: bool,
 }
 
 /// Everything a backend needs to boot one VM.
@@ -141,6 +144,9 @@ pub struct LaunchSpec {
     pub mac: String,
     /// Host tap device for the NIC (bridge networking); `None` means user-mode networking.
     pub tap: Option<String>,
+    /// An open queue of the tap (from the root helper) for a backend with
+    /// [`Capabilities::tap_fd`]; the VMM inherits it.
+    pub tap_fd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
     /// How the guest kernel finds its virtio-mmio devices (QEMU declares them either way;
     /// Firecracker only on the command line).
     pub devices: DeviceDiscovery,

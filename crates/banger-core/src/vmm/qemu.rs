@@ -6,6 +6,7 @@
 //! QEMU's `migrate`-to-file would need a different restore path; `vm suspend` is
 //! Firecracker-only.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -160,9 +161,11 @@ impl Qemu {
                     isolated,
                     ports,
                 } => user_netdev(*ssh_port, *isolated, ports),
-                NetAttach::Tap { name } => {
-                    format!("tap,id=n0,ifname={name},script=no,downscript=no")
-                }
+                NetAttach::Tap { name } => match &spec.tap_fd {
+                    // The helper's queue of the tap, inherited (see `launch`).
+                    Some(fd) => format!("tap,id=n0,fd={}", fd.as_raw_fd()),
+                    None => format!("tap,id=n0,ifname={name},script=no,downscript=no"),
+                },
             },
             "-device".into(),
             format!("virtio-net-device,netdev=n0,mac={}", spec.mac),
@@ -284,6 +287,7 @@ impl Hypervisor for Qemu {
             supports_memory_snapshot: false,
             supports_pause: true,
             cmdline_devices_only: false,
+            tap_fd: true,
         }
     }
 
@@ -307,14 +311,26 @@ impl Hypervisor for Qemu {
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<VmProcess, VmmError> {
         let binary = self.binary.display().to_string();
-        let output = tokio::process::Command::new(&self.binary)
+        let mut command = tokio::process::Command::new(&self.binary);
+        command
             .args(self.args(spec))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .await
-            .map_err(VmmError::spawn(&binary))?;
+            .stderr(Stdio::piped());
+        if let Some(fd) = &spec.tap_fd {
+            let raw = fd.as_raw_fd();
+            // SAFETY: fcntl is async-signal-safe; it clears close-on-exec on the child's copy
+            // of the tap queue only, so QEMU (and no other child) inherits it.
+            unsafe {
+                command.pre_exec(move || {
+                    if nix::libc::fcntl(raw, nix::libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let output = command.output().await.map_err(VmmError::spawn(&binary))?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             let message = stderr
@@ -471,6 +487,7 @@ mod tests {
             },
             mac: "52:54:00:01:02:03".into(),
             tap: None,
+            tap_fd: None,
             devices: DeviceDiscovery::Acpi,
         }
     }
