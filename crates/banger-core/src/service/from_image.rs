@@ -378,6 +378,62 @@ impl Manager {
 mod tests {
     use super::*;
 
+    fn tree_with(files: &[(&str, &str)], links: &[(&str, &str)]) -> (tempfile::TempDir, Tree) {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, text) in files {
+            let path = dir.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        for (path, target) in links {
+            let path = dir.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(target, path).unwrap();
+        }
+        let tree = Tree::from_dir(dir.path()).unwrap();
+        (dir, tree)
+    }
+
+    #[test]
+    fn only_debian_family_images_with_apt_are_taken() {
+        // Debian's layout: /etc/os-release is a relative symlink into /usr/lib.
+        let debian = "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\nVERSION_CODENAME=bookworm\n";
+        let (_d, tree) = tree_with(
+            &[
+                ("usr/lib/os-release", debian),
+                ("usr/bin/apt-get", ""),
+                ("usr/bin/dpkg", ""),
+            ],
+            &[("etc/os-release", "../usr/lib/os-release")],
+        );
+        assert_eq!(
+            inspect(&tree, "r").unwrap(),
+            Distro {
+                id: "debian".into(),
+                codename: "bookworm".into()
+            }
+        );
+        let ubuntu = "ID=ubuntu\nID_LIKE=debian\nVERSION_CODENAME=noble\n";
+        let (_d, tree) = tree_with(
+            &[
+                ("etc/os-release", ubuntu),
+                ("usr/bin/apt-get", ""),
+                ("usr/bin/dpkg", ""),
+            ],
+            &[],
+        );
+        assert_eq!(inspect(&tree, "r").unwrap().codename, "noble");
+        let (_d, tree) = tree_with(&[("etc/os-release", "ID=fedora\n")], &[]);
+        let e = inspect(&tree, "r").unwrap_err().to_string();
+        assert!(e.contains("not Debian-family"), "{e}");
+        let (_d, tree) = tree_with(&[("etc/os-release", debian)], &[]);
+        let e = inspect(&tree, "r").unwrap_err().to_string();
+        assert!(e.contains("no apt-get"), "{e}");
+        let (_d, tree) = tree_with(&[("usr/bin/apt-get", "")], &[]);
+        let e = inspect(&tree, "r").unwrap_err().to_string();
+        assert!(e.contains("no /etc/os-release"), "{e}");
+    }
+
     #[test]
     fn exec_defaults_keep_what_makes_sense() {
         let config = ImageConfig {
