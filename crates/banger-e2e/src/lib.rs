@@ -11,6 +11,8 @@
 //! helper for the owner through [`TestEnv::start_helper`].
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod leaks;
+
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
