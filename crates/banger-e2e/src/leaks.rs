@@ -306,8 +306,8 @@ fn runtime_files(runtime: &Path) -> Vec<String> {
     walk(runtime)
         .into_iter()
         .filter(|p| {
-            !(p.components().count() == 1 && p.to_string_lossy().starts_with("bangerd"))
-                && !runtime.join(p).is_dir()
+            let daemons = p.components().count() == 1 && p.to_string_lossy().starts_with("bangerd");
+            !daemons && !runtime.join(p).is_dir()
         })
         .map(|p| format!("run/{}", p.display()))
         .collect()
