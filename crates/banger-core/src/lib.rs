@@ -7,6 +7,7 @@ pub mod disk;
 pub mod doctor;
 pub mod domain;
 pub mod error;
+pub mod fault;
 pub mod guest;
 pub mod host;
 pub mod image;

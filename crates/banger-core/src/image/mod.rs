@@ -298,6 +298,7 @@ async fn cp_then_rename(flags: &[&str], source: &Path, dest: &Path) -> Result<()
             source: std::io::Error::other(cause),
         });
     }
+    crate::fault::point("copy.before_rename")?;
     std::fs::rename(&tmp, dest).map_err(io_err(format!("cannot rename {}", tmp.display())))
 }
 

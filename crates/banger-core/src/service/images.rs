@@ -143,6 +143,7 @@ impl Manager {
                 dir.display()
             )))?;
         }
+        crate::fault::point("kernel.after_copy")?;
         let row = Kernel {
             name: name.to_owned(),
             digest,
@@ -206,6 +207,7 @@ impl Manager {
                 .map_err(Error::io(format!("cannot create {}", parent.display())))?;
             image::copy_into_place(rootfs, &dest).await?;
         }
+        crate::fault::point("image.after_copy")?;
         let size_bytes = std::fs::metadata(&dest)
             .map_err(Error::io(format!("cannot stat {}", dest.display())))?
             .len();
@@ -332,6 +334,7 @@ impl Manager {
             )
             .await?;
         }
+        crate::fault::point("build.after_scripts")?;
         let release = std::fs::read_to_string(kernel_out.join("kernel.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())

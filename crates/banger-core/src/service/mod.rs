@@ -2,7 +2,7 @@
 //! call one method and render its result; all decisions are made here. One file per verb:
 //! `create`, `start`, `stop`, `pause` (and resume), `suspend`, `reconcile` (daemon start),
 //! `rm`, `show` (ls/show), `ssh` (ssh/exec), `logs`, `workspace`, `cp`, `images`, `network`,
-//! `doctor`; `backend` says which VMM serves a VM and `system_disk` holds the dm disk's host
+//! `doctor`, `recover` (daemon start: orphans, then `reconcile`); `backend` says which VMM serves a VM and `system_disk` holds the dm disk's host
 //! side. This file holds the Manager, the per-VM lock and the record's state transitions.
 
 mod backend;
@@ -17,6 +17,7 @@ mod network;
 mod pause;
 mod ports;
 mod reconcile;
+mod recover;
 mod registry;
 mod rm;
 mod show;

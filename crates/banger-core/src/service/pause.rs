@@ -49,6 +49,7 @@ impl Manager {
         // The VMM first, then the record: a daemon dying in between is corrected at
         // reattach, which asks the VMM.
         vmm.pause(&control).await?;
+        crate::fault::point("pause.after_vmm")?;
         self.transition(&mut record, VmState::Paused)?;
         info!(vm = %name, "VM paused");
         Ok(result(record.to_api(), true))
@@ -63,6 +64,7 @@ impl Manager {
             return Ok(result(record.to_api(), false));
         }
         vmm.resume(&control).await?;
+        crate::fault::point("resume.after_vmm")?;
         self.transition(&mut record, VmState::Running)?;
         info!(vm = %name, "VM resumed");
         Ok(result(record.to_api(), true))

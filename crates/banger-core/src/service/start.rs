@@ -203,6 +203,7 @@ impl Manager {
             runtime_dir.display()
         )))?;
         undo.runtime_dir = Some(runtime_dir.clone());
+        crate::fault::point("start.after_runtime_dir")?;
 
         // Bridge mode: the network (and DNS) up, the VM's own tap ready, a static address.
         let lease = self.store().lease_of(&record.id)?;
@@ -313,7 +314,9 @@ impl Manager {
                 }
             }
             self.remove_snapshot(&record.id);
+            crate::fault::point("start.after_restore")?;
         }
+        crate::fault::point("start.before_launch")?;
         // A port picked free may be taken before QEMU binds it: try a few.
         let mut attempt = 0;
         let process = loop {
@@ -336,6 +339,7 @@ impl Manager {
                 Err(e) => return Err(step("launch the VMM")(e.into())),
             }
         };
+        crate::fault::point("start.after_launch")?;
         let (ssh_host, ssh_port) = match (&spec.net, &lease) {
             (NetAttach::User { ssh_port, .. }, _) => ("127.0.0.1".to_owned(), *ssh_port),
             (NetAttach::Tap { .. }, Some(lease)) => (lease.ip.to_string(), 22),
@@ -356,6 +360,7 @@ impl Manager {
         });
         // Durable before waiting: a daemon crash now still knows which process to clean up.
         self.store().update_vm(record)?;
+        crate::fault::point("start.after_record")?;
         if let Some(jail) = &process.jail {
             info!(vm = %record.name, jail = %jail.display(), "Firecracker runs in its jail (cgroup set by the jailer)");
         } else if let Some(root) = cgroup::default_root() {

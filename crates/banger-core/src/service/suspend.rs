@@ -50,6 +50,7 @@ impl Manager {
         // Stopping while the snapshot is written: a daemon that dies now leaves a VM that
         // reconciliation stops (and whose partial snapshot it deletes).
         self.transition(&mut record, VmState::Stopping)?;
+        crate::fault::point("suspend.after_stopping")?;
         let mut warnings = Vec::new();
         // 1. Data safety first: a paused guest cannot sync, so resume it for that.
         if was == VmState::Paused
@@ -109,6 +110,7 @@ impl Manager {
                 source: Box::new(Error::from(e)),
             });
         }
+        crate::fault::point("suspend.after_snapshot")?;
         // 3. End the paused process (SIGTERM, then SIGKILL) and make the snapshot durable.
         let timings = StopTimings {
             poweroff: Duration::ZERO,
@@ -126,6 +128,7 @@ impl Manager {
         {
             warn!(vm = %name, "cannot flush {}: {e}", dir.display());
         }
+        crate::fault::point("suspend.after_stop")?;
         self.release_runtime_now(&record).await;
         record.clear_process();
         record.last_error = None;
