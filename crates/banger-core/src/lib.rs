@@ -2,6 +2,7 @@
 //! transitions, every on-disk path, the SQLite state store, configuration, and the
 //! [`service::Manager`] whose methods are the daemon's operations.
 
+pub mod cause;
 pub mod config;
 pub mod disk;
 pub mod doctor;

@@ -177,7 +177,7 @@ impl Manager {
         if code != Some(0) {
             return Err(WorkspaceError::Remote {
                 code,
-                stderr: stderr.trim().to_owned(),
+                stderr: crate::cause::last_line(&stderr, "").unwrap_or_default(),
             }
             .into());
         }
@@ -390,12 +390,8 @@ pub(super) fn stream_from_guest<T>(
     if !status.success() && consumed.is_ok() {
         return Err(WorkspaceError::Remote {
             code: status.code(),
-            stderr: String::from_utf8_lossy(&stderr)
-                .trim()
-                .lines()
-                .last()
-                .unwrap_or("")
-                .to_owned(),
+            stderr: crate::cause::last_line(&String::from_utf8_lossy(&stderr), "")
+                .unwrap_or_default(),
         });
     }
     Ok((consumed?, stderr))
