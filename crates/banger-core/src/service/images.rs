@@ -164,6 +164,9 @@ impl Manager {
     pub async fn import_image(&self, request: ImportImageRequest) -> Result<Image, Error> {
         check_asset_name("image", &request.name)?;
         let rootfs = image::check_input("rootfs", &request.rootfs)?;
+        // A kernel this import adds goes again when the image cannot be stored (a full disk).
+        let new_kernel =
+            request.kernel.starts_with('/') && self.store().find_kernel(&request.name)?.is_none();
         let kernel_name = if request.kernel.starts_with('/') {
             let kernel = self
                 .import_kernel(ImportKernelRequest {
@@ -181,10 +184,19 @@ impl Manager {
             }
             self.find_kernel(&request.kernel)?.name
         };
-        let _guard = self.asset_lock.lock().await;
         let source = format!("import:{}", rootfs.display());
-        self.store_image(&request.name, &rootfs, None, &kernel_name, source)
-            .await
+        let stored = {
+            let _guard = self.asset_lock.lock().await;
+            self.store_image(&request.name, &rootfs, None, &kernel_name, source)
+                .await
+        };
+        if stored.is_err()
+            && new_kernel
+            && let Err(e) = self.remove_kernel(&kernel_name).await
+        {
+            tracing::warn!(kernel = %kernel_name, "cannot remove the kernel of a failed import: {e}");
+        }
+        stored
     }
 
     /// Copies a root filesystem into `images/<digest>/` and records it under `name`.
@@ -205,7 +217,11 @@ impl Manager {
             let parent = dest.parent().map(Path::to_path_buf).unwrap_or_default();
             std::fs::create_dir_all(&parent)
                 .map_err(Error::io(format!("cannot create {}", parent.display())))?;
-            image::copy_into_place(rootfs, &dest).await?;
+            if let Err(e) = image::copy_into_place(rootfs, &dest).await {
+                // Only when empty: the digest's directory this copy made.
+                let _ = std::fs::remove_dir(&parent);
+                return Err(e.into());
+            }
         }
         crate::fault::point("image.after_copy")?;
         let size_bytes = std::fs::metadata(&dest)
