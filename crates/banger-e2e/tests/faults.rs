@@ -13,21 +13,19 @@
 //! environment.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/fake_manager.rs"]
+mod fake_manager;
+
 use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use banger_core::config::Config;
-use banger_core::domain::VmmChoice;
-use banger_core::layout::Layout;
-use banger_core::service::{Manager, Seams};
-use banger_core::vmm::Accel;
-use banger_core::vmm::accel::AccelChoice;
+use banger_core::service::Manager;
 use banger_e2e::leaks::{LeakScope, Snapshot, assert_no_leaks};
 use banger_e2e::{Run, TestEnv, bin, poll_or_none, processes_with_cmdline};
-use banger_proto::{CreateVmRequest, ImportImageRequest, VmState};
+use banger_proto::{CreateVmRequest, VmState};
 
 /// What the daemon was doing when the fault hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,21 +147,7 @@ fn fake_firecracker(dir: &Path) -> PathBuf {
 /// The daemon's Manager on `dir` with the fake's seams (a second one on the same dir is a
 /// daemon restart).
 fn manager(dir: &Path, firecracker: &Path) -> Manager {
-    let home = dir.join("home");
-    let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
-    let mut config = Config::default();
-    config.firecracker.binary = firecracker.display().to_string();
-    config.defaults.vmm = VmmChoice::Firecracker;
-    config.daemon.stop_timeout_secs = 5;
-    Manager::open(layout, config).unwrap().with_seams(Seams {
-        tap: Some("bg-tap-0".into()),
-        accel: Some(AccelChoice {
-            accel: Accel::Kvm,
-            reason: "test seam: KVM assumed".into(),
-        }),
-        skip_readiness: true,
-        host_ops: None,
-    })
+    fake_manager::open(dir, firecracker, |_| {})
 }
 
 fn op_name(op: Op) -> &'static str {
@@ -270,25 +254,7 @@ async fn lifecycle_fault(step: &str, op: Op, mode: &str) {
     let fc = fake_firecracker(dir.path());
     let scope = LeakScope::new(dir.path(), &dir.path().join("home"));
     let manager = manager(dir.path(), &fc);
-    let rootfs = dir.path().join("rootfs.ext4");
-    let made = Command::new(banger_e2e::system_tool("mkfs.ext4"))
-        .args(["-q", "-F"])
-        .arg(&rootfs)
-        .arg("16M")
-        .status()
-        .unwrap();
-    assert!(made.success());
-    let kernel = dir.path().join("vmlinux");
-    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub virtio_mmio.device").unwrap();
-    manager
-        .import_image(ImportImageRequest {
-            name: "default".into(),
-            rootfs: rootfs.display().to_string(),
-            kernel: kernel.display().to_string(),
-            initrd: None,
-        })
-        .await
-        .unwrap();
+    fake_manager::import_stub(&manager, dir.path()).await;
     let baseline = Snapshot::take(&scope);
     // The state the operation starts from.
     let before: &[&str] = match op {
@@ -505,27 +471,8 @@ fn faults_in_image_import_are_recovered() {
         for fault in faults_of(step) {
             let env = TestEnv::new();
             let baseline = env.leak_snapshot();
-            let stub = env.dir().join("stub");
-            std::fs::create_dir_all(&stub).unwrap();
-            let rootfs = stub.join("rootfs.ext4");
-            let made = Command::new(banger_e2e::system_tool("mkfs.ext4"))
-                .args(["-q", "-F"])
-                .arg(&rootfs)
-                .arg("4M")
-                .status()
-                .unwrap();
-            assert!(made.success());
-            let kernel = stub.join("vmlinux");
-            std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub").unwrap();
-            let args = [
-                "image",
-                "import",
-                "default",
-                "--rootfs",
-                rootfs.to_str().unwrap(),
-                "--kernel",
-                kernel.to_str().unwrap(),
-            ];
+            let args = env.stub_image_import();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let run = with_fault(&env, &fault, &args);
             assert_faulted(&env, &run, &fault, &baseline);
             check_stores(&env, &fault);
