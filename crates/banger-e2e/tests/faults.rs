@@ -42,6 +42,8 @@ enum Op {
     ImageImport,
     ImageBuild,
     ImagePull,
+    /// `vm workspace prepare` (a real QEMU guest: the only step here that needs one).
+    WorkspacePrepare,
 }
 
 /// Every step and the operation that reaches it.
@@ -70,6 +72,8 @@ const CASES: &[(&str, Op)] = &[
     ("build.after_scripts", Op::ImageBuild),
     ("pull.after_fetch", Op::ImagePull),
     ("pull.after_rootfs_move", Op::ImagePull),
+    ("workspace.before_transfer", Op::WorkspacePrepare),
+    ("workspace.after_transfer", Op::WorkspacePrepare),
 ];
 
 /// Steps just before an outside call (disk tools, the helper, the VMM, SSH, a rename): they
@@ -81,6 +85,7 @@ const FAIL_CASES: &[&str] = &[
     "start.before_launch",
     "start.after_record",
     "copy.before_rename",
+    "workspace.before_transfer",
 ];
 
 /// The step names the source holds: every `fault::point("NAME")` under banger-core/src.
@@ -160,7 +165,7 @@ fn op_name(op: Op) -> &'static str {
         Op::Resume => "resume",
         Op::Restore => "restore",
         Op::Rm => "rm",
-        Op::ImageImport | Op::ImageBuild | Op::ImagePull => "image",
+        Op::ImageImport | Op::ImageBuild | Op::ImagePull | Op::WorkspacePrepare => "other",
     }
 }
 
@@ -575,4 +580,73 @@ fn faults_in_image_pull_are_recovered() {
     }
     let _ = server.kill();
     let _ = server.wait();
+}
+
+// ---------------------------------------------------------------------------------------
+// Workspace prepare: one real guest (TCG boots take minutes here), every step on it.
+
+#[test]
+fn faults_in_workspace_prepare_are_recovered() {
+    let env = TestEnv::new();
+    // TCG boots on a loaded host can take minutes.
+    std::fs::write(env.config_file(), "[daemon]\nstart_timeout_secs = 900\n").unwrap();
+    env.build_default_image();
+    let repo = env.dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}");
+    };
+    git(&["init", "-q", "."]);
+    std::fs::write(repo.join("file.txt"), "v0\n").unwrap();
+    git(&["add", "-A"]);
+    git(&["commit", "-qm", "init"]);
+    let repo_s = repo.to_str().unwrap();
+    env.banger(&["vm", "create", "dev"]).ok();
+    env.banger_within(Duration::from_secs(1000), &["vm", "start", "dev"])
+        .ok();
+    let mut round = 0;
+    for (step, _) in CASES.iter().filter(|(_, op)| *op == Op::WorkspacePrepare) {
+        for fault in faults_of(step) {
+            round += 1;
+            // A change for this round to carry.
+            let content = format!("v{round}\n");
+            std::fs::write(repo.join("file.txt"), &content).unwrap();
+            // The shared SSH connection (ControlPersist) is up in both snapshots.
+            env.banger(&["vm", "exec", "dev", "--", "true"]).ok();
+            let before = env.leak_snapshot();
+            let run = with_fault(&env, &fault, &["vm", "workspace", "prepare", "dev", repo_s]);
+            assert_faulted(&env, &run, &fault, &before);
+            // The VM outlived the daemon and is listed running, its QEMU alive.
+            let vm = env.banger(&["vm", "show", "dev", "--json"]).ok().json();
+            assert_eq!(vm["state"], "running", "{fault}: {vm}");
+            assert_eq!(env.qemu_pids().len(), 1, "{fault}");
+            // Preparing again brings the guest up to date.
+            env.banger(&["vm", "workspace", "prepare", "dev", repo_s])
+                .ok();
+            let seen = env
+                .banger(&["vm", "exec", "dev", "--", "cat", "/root/repo/file.txt"])
+                .ok();
+            assert_eq!(seen.stdout, content, "{fault}");
+            let status = env
+                .banger(&["vm", "workspace", "status", "dev", "--json"])
+                .ok()
+                .json();
+            assert_eq!(status["host_dirty"], false, "{fault}: {status}");
+            assert_no_leaks(&before, &env.leak_snapshot(), &fault);
+        }
+    }
+    env.banger_within(Duration::from_secs(180), &["vm", "stop", "dev"])
+        .ok();
+    env.banger(&["vm", "rm", "dev"]).ok();
+    assert!(env.qemu_pids().is_empty());
 }

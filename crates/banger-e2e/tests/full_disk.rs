@@ -1,15 +1,18 @@
 //! A full host disk: the data dir (`BANGER_HOME`) on a small loop-mounted ext4 file system
 //! this test makes. `image import`, `kernel import` and `vm create` then fail with the
 //! tools' own "no space" reason on one line, leave no record and nothing on the host (the
-//! leak check), and work again once space is freed. Needs root (the mount).
+//! leak check), and work again once space is freed. A running QEMU guest whose writes hit
+//! the full disk is paused by QEMU (`werror=stop`), `vm show` says why, and `vm resume`
+//! after freeing space finishes the writes intact. Needs root (the mount).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use banger_e2e::leaks::assert_no_leaks;
-use banger_e2e::{Run, TestEnv, root_or_skip, system_tool};
+use banger_e2e::{Run, TestEnv, poll_or_none, root_or_skip, system_tool};
 
 /// The loop mount on the instance's home, lazily unmounted on drop (the daemon may still
 /// hold files there when a test fails).
@@ -67,17 +70,12 @@ fn assert_no_space(run: &Run, what: &str) {
     );
 }
 
-#[test]
-fn a_full_data_dir_fails_cleanly_and_recovers() {
-    const TEST: &str = "a_full_data_dir_fails_cleanly_and_recovers";
-    if !root_or_skip(TEST, "loop-mounting a small file system as the data dir") {
-        return;
-    }
-    let env = TestEnv::new();
+/// Puts `env`'s home on a new ext4 file system of `mib` MiB, loop-mounted.
+fn small_home(env: &TestEnv, mib: u64) -> Mounted {
     let image = env.dir().join("home.ext4");
     std::fs::File::create(&image)
         .unwrap()
-        .set_len(48 << 20)
+        .set_len(mib << 20)
         .unwrap();
     run(
         system_tool("mkfs.ext4"),
@@ -93,7 +91,17 @@ fn a_full_data_dir_fails_cleanly_and_recovers() {
             env.home().to_str().unwrap(),
         ],
     );
-    let mounted = Mounted(env.home());
+    Mounted(env.home())
+}
+
+#[test]
+fn a_full_data_dir_fails_cleanly_and_recovers() {
+    const TEST: &str = "a_full_data_dir_fails_cleanly_and_recovers";
+    if !root_or_skip(TEST, "loop-mounting a small file system as the data dir") {
+        return;
+    }
+    let env = TestEnv::new();
+    let mounted = small_home(&env, 48);
     env.import_stub_image();
     let before = env.leak_snapshot();
     let listed = |env: &TestEnv, what: &str| env.banger(&[what, "ls", "--json"]).ok().json();
@@ -184,6 +192,89 @@ fn a_full_data_dir_fails_cleanly_and_recovers() {
         &env.leak_snapshot(),
         "create and rm after freeing space",
     );
+    env.banger(&["daemon", "stop"]).ok();
+    env.kill_daemon();
+    drop(mounted);
+}
+
+#[test]
+fn a_guest_writing_to_a_full_host_disk_is_paused_and_resumes_intact() {
+    const TEST: &str = "a_guest_writing_to_a_full_host_disk_is_paused_and_resumes_intact";
+    if !root_or_skip(TEST, "loop-mounting a small file system as the data dir") {
+        return;
+    }
+    let env = TestEnv::new();
+    // TCG boots on a loaded host can take minutes.
+    std::fs::write(env.config_file(), "[daemon]\nstart_timeout_secs = 900\n").unwrap();
+    let mounted = small_home(&env, 900);
+    env.build_default_image();
+    env.banger(&["vm", "create", "dev", "--vmm", "qemu"]).ok();
+    env.banger_within(Duration::from_secs(1000), &["vm", "start", "dev"])
+        .ok();
+    // 128 MiB of a known pattern, flushed, then read back from the disk, not the cache.
+    const BYTES: u64 = 128 << 20;
+    let script = format!(
+        "yes banger | head -c {BYTES} > /root/big && sync && echo 3 > /proc/sys/vm/drop_caches \
+         && sha256sum /root/big"
+    );
+    let expected = {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("yes banger | head -c {BYTES} | sha256sum"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    // Leave 48 MiB: the guest's writes run out of host space.
+    let filler = fill(&env.home());
+    let len = std::fs::metadata(&filler).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap()
+        .set_len(len.saturating_sub(48 << 20))
+        .unwrap();
+    let writer = env
+        .command(&["vm", "exec", "dev", "--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let paused = poll_or_none(Duration::from_secs(600), || {
+        let vm = env.banger(&["vm", "show", "dev", "--json"]).ok().json();
+        vm["runtime"]["io_error"].as_str().map(str::to_owned)
+    });
+    let Some(why) = paused else {
+        panic!("QEMU did not pause the guest on the full disk");
+    };
+    assert!(why.contains("no space left on the host"), "{why}");
+    let shown = env.banger(&["vm", "show", "dev"]).ok();
+    assert!(
+        shown.stdout.contains("paused by QEMU") && shown.stdout.contains("vm resume dev"),
+        "{}",
+        shown.stdout
+    );
+    // Space again: resume, and the writes finish with the pattern intact on the disk.
+    std::fs::remove_file(&filler).unwrap();
+    let resumed = env.banger(&["vm", "resume", "dev", "--json"]).ok().json();
+    assert_eq!(resumed["changed"], true, "{resumed}");
+    let mut writer = writer;
+    let done = poll_or_none(Duration::from_secs(600), || writer.try_wait().unwrap());
+    assert!(
+        done.is_some(),
+        "the guest's writes did not finish after resume"
+    );
+    let output = Run::from_output(writer.wait_with_output().unwrap()).ok();
+    assert!(output.stdout.starts_with(&expected), "{}", output.stdout);
+    let vm = env.banger(&["vm", "show", "dev", "--json"]).ok().json();
+    assert!(vm["runtime"]["io_error"].is_null(), "{vm}");
+    env.banger_within(Duration::from_secs(300), &["vm", "stop", "dev"])
+        .ok();
+    env.banger(&["vm", "rm", "dev"]).ok();
     env.banger(&["daemon", "stop"]).ok();
     env.kill_daemon();
     drop(mounted);

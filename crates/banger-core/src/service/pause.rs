@@ -55,17 +55,21 @@ impl Manager {
         Ok(result(record.to_api(), true))
     }
 
-    /// Resumes a paused VM. A running VM is left as it is (`changed: false`).
+    /// Resumes a paused VM, or one its VMM paused on a host I/O error (the drive's request
+    /// is retried). A running VM is left as it is (`changed: false`).
     pub async fn resume_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
         let vm = self.locked(name).await?;
         let name = &vm.name;
         let (mut record, vmm, control) = self.live_vm(name)?;
-        if record.state == VmState::Running {
+        if record.state == VmState::Running && !matches!(vmm.io_error(&control).await, Ok(Some(_)))
+        {
             return Ok(result(record.to_api(), false));
         }
         vmm.resume(&control).await?;
         crate::fault::point("resume.after_vmm")?;
-        self.transition(&mut record, VmState::Running)?;
+        if record.state != VmState::Running {
+            self.transition(&mut record, VmState::Running)?;
+        }
         info!(vm = %name, "VM resumed");
         Ok(result(record.to_api(), true))
     }

@@ -65,6 +65,7 @@ impl Manager {
         let fresh = old.is_empty();
         let progress = Arc::new(Progress::default());
         let _running = Running::new(self, &name, &progress);
+        crate::fault::point("workspace.before_transfer")?;
         let (root, head, plan, sent) = tokio::task::spawn_blocking(move || {
             let root = fileset::resolve_root(&path, git)?;
             let head = if git { fileset::head(&root) } else { None };
@@ -84,6 +85,7 @@ impl Manager {
         })
         .await
         .map_err(|e| Error::Failed(format!("prepare worker failed: {e}")))??;
+        crate::fault::point("workspace.after_transfer")?;
         let host_path = root.display().to_string();
         let ws = WorkspaceRecord {
             host_path: host_path.clone(),
