@@ -79,15 +79,9 @@ async fn run(tool: &'static str, command: &mut Command) -> Result<(), DiskError>
     if output.status.success() {
         return Ok(());
     }
-    let stderr = String::from_utf8_lossy(&output.stderr);
     Err(DiskError::Tool {
         tool,
-        message: stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no output")
-            .to_owned(),
+        message: crate::cause::of_failure(tool, &output.status, &output.stderr),
     })
 }
 

@@ -2,12 +2,14 @@
 //! transitions, every on-disk path, the SQLite state store, configuration, and the
 //! [`service::Manager`] whose methods are the daemon's operations.
 
+pub mod cause;
 pub mod config;
 pub mod disk;
 pub mod doctor;
 pub mod domain;
 pub mod e2fs;
 pub mod error;
+pub mod fault;
 pub mod guest;
 pub mod host;
 pub mod image;

@@ -11,6 +11,8 @@
 //! helper for the owner through [`TestEnv::start_helper`].
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod leaks;
+
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -414,29 +416,21 @@ impl TestEnv {
     /// Imports a stand-in image named `default` (a small ext4 file and a file with an ELF
     /// header as kernel): enough for record-level tests, which never boot it.
     pub fn import_stub_image(&self) {
-        let dir = self.dir.path().join("stub");
-        std::fs::create_dir_all(&dir).unwrap();
-        let rootfs = dir.join("rootfs.ext4");
-        let status = Command::new(system_tool("mkfs.ext4"))
-            .args(["-q", "-F"])
-            .arg(&rootfs)
-            .arg("4M")
-            .status()
-            .unwrap();
-        assert!(status.success(), "mkfs.ext4 failed");
-        let kernel = dir.join("vmlinux");
-        // The name of the command-line virtio-mmio parameter: a kernel Firecracker can boot.
-        std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub virtio_mmio.device").unwrap();
-        self.banger(&[
-            "image",
-            "import",
-            "default",
-            "--rootfs",
-            rootfs.to_str().unwrap(),
-            "--kernel",
-            kernel.to_str().unwrap(),
-        ])
-        .ok();
+        let args = self.stub_image_import();
+        self.banger(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .ok();
+    }
+
+    /// The arguments of the `banger image import` of [`Self::import_stub_image`], with its
+    /// files made (in `stub/` of the instance's directory).
+    pub fn stub_image_import(&self) -> Vec<String> {
+        let (rootfs, kernel) = stub_image_files(&self.dir.path().join("stub"));
+        let path = |p: PathBuf| p.display().to_string();
+        ["image", "import", "default", "--rootfs"]
+            .map(String::from)
+            .into_iter()
+            .chain([path(rootfs), "--kernel".into(), path(kernel)])
+            .collect()
     }
 
     /// Builds (or takes from the shared cache) the real default image: Debian with systemd and
@@ -703,6 +697,24 @@ impl Drop for TestEnv {
             );
         }
     }
+}
+
+/// Makes a stand-in image's files in `dir`: `rootfs.ext4` (a small ext4) and `vmlinux` (an
+/// ELF header naming the command-line virtio-mmio parameter: a kernel Firecracker can boot).
+/// Returns their paths.
+pub fn stub_image_files(dir: &Path) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let rootfs = dir.join("rootfs.ext4");
+    let status = Command::new(system_tool("mkfs.ext4"))
+        .args(["-q", "-F"])
+        .arg(&rootfs)
+        .arg("4M")
+        .status()
+        .unwrap();
+    assert!(status.success(), "mkfs.ext4 failed");
+    let kernel = dir.join("vmlinux");
+    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub virtio_mmio.device").unwrap();
+    (rootfs, kernel)
 }
 
 /// Path of system tool `name`: found on PATH, else in /usr/sbin or /sbin, which an ordinary

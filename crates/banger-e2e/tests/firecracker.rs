@@ -5,6 +5,9 @@
 //! this; the daemon-level tests below check the backend choice and its refusals.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/fake_manager.rs"]
+mod fake_manager;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -20,7 +23,7 @@ use banger_core::vmm::{
     stop_sequence,
 };
 use banger_e2e::{TestEnv, bin};
-use banger_proto::{CreateVmRequest, ImportImageRequest, VmState};
+use banger_proto::{CreateVmRequest, VmState};
 use serde_json::Value;
 
 /// A `firecracker` on a PATH-like dir: a wrapper exec'ing the fake with test knobs.
@@ -555,22 +558,7 @@ fn open_fake_manager(
     dir: &Path,
     tweak: impl FnOnce(&mut Config),
 ) -> Manager {
-    let home = dir.join("home");
-    let layout = Layout::new(home.clone(), home.join("run"), dir.join("config.toml"));
-    let mut config = Config::default();
-    config.firecracker.binary = install.dir.path().join("firecracker").display().to_string();
-    config.defaults.vmm = VmmChoice::Firecracker;
-    config.daemon.stop_timeout_secs = 5;
-    tweak(&mut config);
-    Manager::open(layout, config).unwrap().with_seams(Seams {
-        tap: Some("bg-tap-0".into()),
-        accel: Some(AccelChoice {
-            accel: Accel::Kvm,
-            reason: "test seam: KVM assumed".into(),
-        }),
-        skip_readiness: true,
-        host_ops: None,
-    })
+    fake_manager::open(dir, &install.dir.path().join("firecracker"), tweak)
 }
 
 /// [`fake_manager`] with the config adjusted by `tweak`.
@@ -580,26 +568,7 @@ async fn fake_manager_with(
     tweak: impl FnOnce(&mut Config),
 ) -> Manager {
     let manager = open_fake_manager(install, dir, tweak);
-    let rootfs = dir.join("rootfs.ext4");
-    let made = std::process::Command::new(banger_e2e::system_tool("mkfs.ext4"))
-        .args(["-q", "-F"])
-        .arg(&rootfs)
-        .arg("16M")
-        .status()
-        .unwrap();
-    assert!(made.success());
-    let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub virtio_mmio.device").unwrap();
-    manager
-        .import_image(ImportImageRequest {
-            name: "default".into(),
-            rootfs: rootfs.display().to_string(),
-            kernel: kernel.display().to_string(),
-            initrd: None,
-            work_seed: None,
-        })
-        .await
-        .unwrap();
+    fake_manager::import_stub(&manager, dir).await;
     manager
 }
 
@@ -730,7 +699,7 @@ async fn the_manager_kills_a_firecracker_that_ignores_everything() {
 
 /// A Manager with `defaults.system_disk = "dm"` whose helper operations go to `ops` (else to
 /// banger-helper's socket, where nothing answers in tests), with an
-/// imported 16 MiB image. Answers the manager, the image and the data dir.
+/// imported stand-in image. Answers the manager, the image and the data dir.
 async fn dm_manager(
     install: &FakeInstall,
     dir: &Path,
@@ -753,28 +722,7 @@ async fn dm_manager(
         skip_readiness: true,
         host_ops: ops.map(|o| o as std::sync::Arc<dyn banger_core::host::HostOps>),
     });
-    let rootfs = dir.join("rootfs.ext4");
-    assert!(
-        std::process::Command::new(banger_e2e::system_tool("mkfs.ext4"))
-            .args(["-q", "-F"])
-            .arg(&rootfs)
-            .arg("16M")
-            .status()
-            .unwrap()
-            .success()
-    );
-    let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub virtio_mmio.device").unwrap();
-    let image = manager
-        .import_image(ImportImageRequest {
-            name: "default".into(),
-            rootfs: rootfs.display().to_string(),
-            kernel: kernel.display().to_string(),
-            initrd: None,
-            work_seed: None,
-        })
-        .await
-        .unwrap();
+    let image = fake_manager::import_stub(&manager, dir).await;
     (manager, image, home)
 }
 

@@ -120,6 +120,11 @@ pub struct VmRuntime {
     /// (`firecracker.jailer`); absent when it runs unjailed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jail: Option<String>,
+    /// Set (by `vm show`) when the VMM paused the guest because a host read or write of a
+    /// disk failed, e.g. "work disk: no space left on the host": nothing was written wrong;
+    /// `banger vm resume NAME` continues it once the cause is fixed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_error: Option<String>,
 }
 
 /// A VM as the daemon reports it (`GET /v1/vms/{name}`, `banger vm show --json`).

@@ -189,6 +189,12 @@ pub fn vm_details(vm: &Vm) -> String {
             pairs.push(("jail", jail));
         }
         pairs.push(("ssh", format!("{}:{}", runtime.ssh_host, runtime.ssh_port)));
+        if let Some(why) = &runtime.io_error {
+            pairs.push((
+                "paused by QEMU",
+                format!("{why}; free space, then `banger vm resume {}`", vm.name),
+            ));
+        }
     }
     if let Some(stop) = &vm.last_stop {
         pairs.push((

@@ -122,10 +122,9 @@ fn create_private_dir(dir: &std::path::Path) -> Result<()> {
 async fn serve(layout: Layout, config: Config) -> Result<()> {
     let socket = layout.socket();
     let manager = Arc::new(Manager::open(layout.clone(), config)?);
-    // Scratch left by a daemon that died mid-build or mid-pull (this one holds the lock).
-    manager.remove_stale_scratch();
+    // What a daemon that died left half-made, then the VMs (this one holds the lock).
     manager
-        .reconcile()
+        .recover()
         .await
         .context("cannot reconcile VM state")?;
     manager.start_network().await;

@@ -134,9 +134,11 @@ pub async fn ensure_key(path: &Path, comment: &str) -> Result<String, SshError> 
             .await
             .map_err(|e| SshError::Keygen(e.to_string()))?;
         if !output.status.success() {
-            return Err(SshError::Keygen(
-                String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            ));
+            return Err(SshError::Keygen(crate::cause::of_failure(
+                "ssh-keygen",
+                &output.status,
+                &output.stderr,
+            )));
         }
     }
     std::fs::read_to_string(&public)

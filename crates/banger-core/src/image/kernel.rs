@@ -185,11 +185,11 @@ pub async fn run_build(
         return Ok(());
     }
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let tail: Vec<&str> = text.lines().rev().take(5).collect();
+    let tail = crate::cause::last_line(&text, "").unwrap_or_else(|| "no output".into());
     Err(ImageError::BuildFailed {
         step: "kernel build",
         status: status.to_string(),
-        tail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        tail: format!("{tail} (full log: {})", log.display()),
     })
 }
 

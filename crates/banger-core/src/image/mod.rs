@@ -335,18 +335,13 @@ async fn cp_then_rename(flags: &[&str], source: &Path, dest: &Path) -> Result<()
     if !output.status.success() {
         remove_tmp();
         // cp's own words ("No space left on device", "Permission denied") are the cause.
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let cause = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .map(|l| l.trim_start_matches("cp: ").to_owned())
-            .unwrap_or_else(|| output.status.to_string());
+        let cause = crate::cause::of_failure("cp", &output.status, &output.stderr);
         return Err(ImageError::Io {
             context: format!("cannot copy {}", source.display()),
             source: std::io::Error::other(cause),
         });
     }
+    crate::fault::point("copy.before_rename")?;
     std::fs::rename(&tmp, dest).map_err(io_err(format!("cannot rename {}", tmp.display())))
 }
 
@@ -388,12 +383,7 @@ pub async fn run_script(
         return Ok(());
     }
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let tail = text
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("no output")
-        .to_owned();
+    let tail = crate::cause::last_line(&text, "").unwrap_or_else(|| "no output".into());
     Err(ImageError::BuildFailed {
         step,
         status: status.to_string(),

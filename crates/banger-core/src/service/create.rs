@@ -72,6 +72,7 @@ impl Manager {
         let made = async {
             self.make_vm_disks(&record, &image.digest, image.work_seed.as_deref())
                 .await?;
+            crate::fault::point("create.before_record")?;
             let lease = self.store().insert_vm_with_lease(&record, pool)?;
             let settings = {
                 let mut store = self.store();
@@ -158,6 +159,7 @@ impl Manager {
         .await;
         let _ = std::fs::remove_dir_all(seed.root());
         made?;
+        crate::fault::point("create.after_work_disk")?;
         let base = self.layout.image_rootfs(image_digest);
         let raw = self.layout.vm_system_raw(id);
         let io = |what: &'static str| {
@@ -224,6 +226,7 @@ impl Manager {
                 .map_err(|e| Error::Failed(format!("dm task failed: {e}")))??;
             }
         }
+        crate::fault::point("create.after_system_disk")?;
         Ok(())
     }
 

@@ -144,6 +144,7 @@ impl Manager {
                 dir.display()
             )))?;
         }
+        crate::fault::point("kernel.after_copy")?;
         let row = Kernel {
             name: name.to_owned(),
             digest,
@@ -164,6 +165,9 @@ impl Manager {
     pub async fn import_image(&self, request: ImportImageRequest) -> Result<Image, Error> {
         check_asset_name("image", &request.name)?;
         let rootfs = image::check_input("rootfs", &request.rootfs)?;
+        // A kernel this import adds goes again when the image cannot be stored (a full disk).
+        let new_kernel =
+            request.kernel.starts_with('/') && self.store().find_kernel(&request.name)?.is_none();
         let kernel_name = if request.kernel.starts_with('/') {
             let kernel = self
                 .import_kernel(ImportKernelRequest {
@@ -181,21 +185,30 @@ impl Manager {
             }
             self.find_kernel(&request.kernel)?.name
         };
-        let _guard = self.asset_lock.lock().await;
         let work_seed = match &request.work_seed {
             Some(dir) => Some(self.store_work_seed_dir(dir).await?),
             None => None,
         };
         let source = format!("import:{}", rootfs.display());
-        self.store_image(
-            &request.name,
-            &rootfs,
-            None,
-            &kernel_name,
-            source,
-            work_seed,
-        )
-        .await
+        let stored = {
+            let _guard = self.asset_lock.lock().await;
+            self.store_image(
+                &request.name,
+                &rootfs,
+                None,
+                &kernel_name,
+                source,
+                work_seed,
+            )
+            .await
+        };
+        if stored.is_err()
+            && new_kernel
+            && let Err(e) = self.remove_kernel(&kernel_name).await
+        {
+            tracing::warn!(kernel = %kernel_name, "cannot remove the kernel of a failed import: {e}");
+        }
+        stored
     }
 
     /// Copies a root filesystem into `images/<digest>/` and records it under `name`.
@@ -217,8 +230,13 @@ impl Manager {
             let parent = dest.parent().map(Path::to_path_buf).unwrap_or_default();
             std::fs::create_dir_all(&parent)
                 .map_err(Error::io(format!("cannot create {}", parent.display())))?;
-            image::copy_into_place(rootfs, &dest).await?;
+            if let Err(e) = image::copy_into_place(rootfs, &dest).await {
+                // Only when empty: the digest's directory this copy made.
+                let _ = std::fs::remove_dir(&parent);
+                return Err(e.into());
+            }
         }
+        crate::fault::point("image.after_copy")?;
         let size_bytes = std::fs::metadata(&dest)
             .map_err(Error::io(format!("cannot stat {}", dest.display())))?
             .len();
@@ -409,6 +427,7 @@ impl Manager {
             )
             .await?;
         }
+        crate::fault::point("build.after_scripts")?;
         let release = std::fs::read_to_string(kernel_out.join("kernel.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())

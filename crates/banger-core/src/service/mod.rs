@@ -2,9 +2,10 @@
 //! call one method and render its result; all decisions are made here. One file per verb:
 //! `create`, `start`, `stop`, `pause` (and resume), `suspend`, `reconcile` (daemon start),
 //! `rm`, `show` (ls/show), `set` (resources), `ssh` (ssh/exec), `logs`, `workspace`, `cp`,
-//! `images`, `network`, `doctor`; `backend` says which VMM serves a VM, `system_disk` holds the
-//! dm disk's host side and `fsck` how a VMM ended and the disk checks before a start. This
-//! file holds the Manager, the per-VM lock and the record's state transitions.
+//! `images`, `network`, `doctor`, `recover` (daemon start: orphans, then `reconcile`);
+//! `backend` says which VMM serves a VM, `system_disk` holds the dm disk's host side and
+//! `fsck` how a VMM ended and the disk checks before a start. This file holds the Manager,
+//! the per-VM lock and the record's state transitions.
 
 mod backend;
 pub mod console_cap;
@@ -20,6 +21,7 @@ mod network;
 mod pause;
 mod ports;
 mod reconcile;
+mod recover;
 mod registry;
 mod rm;
 mod set;

@@ -49,21 +49,27 @@ impl Manager {
         // The VMM first, then the record: a daemon dying in between is corrected at
         // reattach, which asks the VMM.
         vmm.pause(&control).await?;
+        crate::fault::point("pause.after_vmm")?;
         self.transition(&mut record, VmState::Paused)?;
         info!(vm = %name, "VM paused");
         Ok(result(record.to_api(), true))
     }
 
-    /// Resumes a paused VM. A running VM is left as it is (`changed: false`).
+    /// Resumes a paused VM, or one its VMM paused on a host I/O error (the drive's request
+    /// is retried). A running VM is left as it is (`changed: false`).
     pub async fn resume_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
         let vm = self.locked(name).await?;
         let name = &vm.name;
         let (mut record, vmm, control) = self.live_vm(name)?;
-        if record.state == VmState::Running {
+        if record.state == VmState::Running && !matches!(vmm.io_error(&control).await, Ok(Some(_)))
+        {
             return Ok(result(record.to_api(), false));
         }
         vmm.resume(&control).await?;
-        self.transition(&mut record, VmState::Running)?;
+        crate::fault::point("resume.after_vmm")?;
+        if record.state != VmState::Running {
+            self.transition(&mut record, VmState::Running)?;
+        }
         info!(vm = %name, "VM resumed");
         Ok(result(record.to_api(), true))
     }

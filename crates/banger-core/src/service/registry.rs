@@ -409,6 +409,7 @@ impl Manager {
             staged.push((layer.kind, Staged::Fetched { path: dest, local }));
         }
 
+        crate::fault::point("pull.after_fetch")?;
         // Into the stores, then the rows.
         let _lock = self.asset_lock.lock().await;
         let find = |k: LayerKind| staged.iter().find(|(kind, _)| *kind == k).map(|(_, s)| s);
@@ -492,6 +493,7 @@ impl Manager {
                                 "cannot move the root filesystem into {}",
                                 dest.display()
                             )))?;
+                            crate::fault::point("pull.after_rootfs_move")?;
                         }
                         local.clone()
                     }

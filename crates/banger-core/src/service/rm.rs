@@ -42,8 +42,10 @@ impl Manager {
                 warn!(vm = %name, tap = %lease.tap, "cannot remove the tap: {}", e.to_api().message);
             }
         }
+        crate::fault::point("rm.after_teardown")?;
         // Deleting the VM deletes its lease (ON DELETE CASCADE).
         self.store().delete_vm(name.as_str())?;
+        crate::fault::point("rm.after_record")?;
         for dir in [
             self.layout.vm_dir(&record.id),
             self.layout.vm_runtime_dir(&record.id),

@@ -5,7 +5,7 @@ use banger_proto::{Vm, VmName};
 
 use super::Manager;
 use crate::Error;
-use crate::model::VmRecord;
+use crate::model::{VmRecord, has_process};
 
 impl Manager {
     /// All VMs by name.
@@ -17,11 +17,19 @@ impl Manager {
             .collect())
     }
 
-    /// One VM.
+    /// One VM, with the reason its VMM paused it on a host I/O error, if it did.
     pub async fn get_vm(&self, name: &str) -> Result<Vm, Error> {
         let name = VmName::parse(name)?;
-        let record = self.store().get_vm(name.as_str())?;
-        Ok(self.vm_api(&self.observe(record)))
+        let record = self.observe(self.store().get_vm(name.as_str())?);
+        let mut vm = self.vm_api(&record);
+        let pid = record.runtime.as_ref().and_then(|r| r.pid);
+        if let (Some(pid), Some(runtime)) =
+            (pid.filter(|_| has_process(record.state)), &mut vm.runtime)
+        {
+            let (vmm, control) = self.control(&record, pid);
+            runtime.io_error = vmm.io_error(&control).await.ok().flatten();
+        }
+        Ok(vm)
     }
 
     /// The API form of a VM, with its network (lease) looked up.

@@ -218,6 +218,7 @@ impl Manager {
             runtime_dir.display()
         )))?;
         undo.runtime_dir = Some(runtime_dir.clone());
+        crate::fault::point("start.after_runtime_dir")?;
 
         // Bridge mode: the network (and DNS) up, the VM's own tap ready, a static address.
         let lease = self.store().lease_of(&record.id)?;
@@ -334,6 +335,7 @@ impl Manager {
                 info!(vm = %record.name, state = %snapshot.state.display(), "restoring the VM from its snapshot");
             }
         }
+        crate::fault::point("start.before_launch")?;
         // A port picked free may be taken before QEMU binds it: try a few.
         let mut attempt = 0;
         let process = loop {
@@ -370,7 +372,9 @@ impl Manager {
             info!(vm = %record.name, pid = process.pid, "VM restored from its snapshot");
             outcome.restored = true;
             self.remove_snapshot(&record.id);
+            crate::fault::point("start.after_restore")?;
         }
+        crate::fault::point("start.after_launch")?;
         let (ssh_host, ssh_port) = match (&spec.net, &lease) {
             (NetAttach::User { ssh_port, .. }, _) => ("127.0.0.1".to_owned(), *ssh_port),
             (NetAttach::Tap { .. }, Some(lease)) => (lease.ip.to_string(), 22),
@@ -391,6 +395,7 @@ impl Manager {
         });
         // Durable before waiting: a daemon crash now still knows which process to clean up.
         self.store().update_vm(record)?;
+        crate::fault::point("start.after_record")?;
         if let Some(jail) = &process.jail {
             info!(vm = %record.name, jail = %jail.display(), "Firecracker runs in its jail (cgroup set by the jailer)");
         } else if let Some(root) = cgroup::default_root() {

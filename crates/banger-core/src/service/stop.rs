@@ -42,8 +42,11 @@ impl Manager {
         if record.state != VmState::Stopping {
             self.transition(&mut record, VmState::Stopping)?;
         }
+        crate::fault::point("stop.after_stopping")?;
         let method = self.stop_process(&record, pid, force, maybe_paused).await;
+        crate::fault::point("stop.after_process")?;
         self.release_runtime_now(&record).await;
+        crate::fault::point("stop.after_release")?;
         record.clear_process();
         record.record_stop(super::fsck::stop_kind(method), method);
         record.last_error = None;

@@ -54,6 +54,7 @@ impl Manager {
         // Stopping while the snapshot is written: a daemon that dies now leaves a VM that
         // reconciliation stops (and whose partial snapshot it deletes).
         self.transition(&mut record, VmState::Stopping)?;
+        crate::fault::point("suspend.after_stopping")?;
         let mut warnings = Vec::new();
         // 1. Data safety first: a paused guest cannot sync, so resume it for that.
         if was == VmState::Paused
@@ -116,6 +117,7 @@ impl Manager {
                 source: Box::new(Error::from(e)),
             });
         }
+        crate::fault::point("suspend.after_snapshot")?;
         // 3. End the paused process (QMP quit / SIGTERM, then SIGKILL).
         let timings = StopTimings {
             poweroff: Duration::ZERO,
@@ -123,6 +125,7 @@ impl Manager {
             quit: QUIT_GRACE,
         };
         let method = stop_sequence(vmm.as_ref(), &control, &record.id, false, true, timings).await;
+        crate::fault::point("suspend.after_stop")?;
         self.release_runtime_now(&record).await;
         record.clear_process();
         record.last_error = None;

@@ -65,6 +65,7 @@ impl Manager {
         let fresh = old.is_empty();
         let progress = Arc::new(Progress::default());
         let _running = Running::new(self, &name, &progress);
+        crate::fault::point("workspace.before_transfer")?;
         let (root, head, plan, sent) = tokio::task::spawn_blocking(move || {
             let root = fileset::resolve_root(&path, git)?;
             let head = if git { fileset::head(&root) } else { None };
@@ -84,6 +85,7 @@ impl Manager {
         })
         .await
         .map_err(|e| Error::Failed(format!("prepare worker failed: {e}")))??;
+        crate::fault::point("workspace.after_transfer")?;
         let host_path = root.display().to_string();
         let ws = WorkspaceRecord {
             host_path: host_path.clone(),
@@ -177,7 +179,7 @@ impl Manager {
         if code != Some(0) {
             return Err(WorkspaceError::Remote {
                 code,
-                stderr: stderr.trim().to_owned(),
+                stderr: crate::cause::last_line(&stderr, "").unwrap_or_default(),
             }
             .into());
         }
@@ -390,12 +392,8 @@ pub(super) fn stream_from_guest<T>(
     if !status.success() && consumed.is_ok() {
         return Err(WorkspaceError::Remote {
             code: status.code(),
-            stderr: String::from_utf8_lossy(&stderr)
-                .trim()
-                .lines()
-                .last()
-                .unwrap_or("")
-                .to_owned(),
+            stderr: crate::cause::last_line(&String::from_utf8_lossy(&stderr), "")
+                .unwrap_or_default(),
         });
     }
     Ok((consumed?, stderr))

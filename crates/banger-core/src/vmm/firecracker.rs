@@ -339,12 +339,7 @@ impl Firecracker {
             }
             if let Ok(Some(status)) = child.try_wait() {
                 let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                let message = text
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| status.to_string());
+                let message = crate::cause::of_failure("", &status, text.as_bytes());
                 return Err(VmmError::LaunchFailed {
                     binary: shown,
                     message,

@@ -321,6 +321,14 @@ pub trait Hypervisor: Send + Sync {
         std::future::ready(Err(VmmError::Unsupported("report whether a VM is paused")))
     }
 
+    /// Why the VMM paused the guest on a host I/O error (a full data dir), if it did.
+    fn io_error(
+        &self,
+        _process: &VmProcess,
+    ) -> impl std::future::Future<Output = Result<Option<String>, VmmError>> + Send {
+        std::future::ready(Ok(None))
+    }
+
     /// Writes a memory snapshot of a paused VM (capability `supports_memory_snapshot`).
     fn snapshot(
         &self,
@@ -384,6 +392,10 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
     fn pause<'a>(&'a self, process: &'a VmProcess) -> BoxFuture<'a, Result<(), VmmError>>;
     fn resume<'a>(&'a self, process: &'a VmProcess) -> BoxFuture<'a, Result<(), VmmError>>;
     fn is_paused<'a>(&'a self, process: &'a VmProcess) -> BoxFuture<'a, Result<bool, VmmError>>;
+    fn io_error<'a>(
+        &'a self,
+        process: &'a VmProcess,
+    ) -> BoxFuture<'a, Result<Option<String>, VmmError>>;
     fn snapshot<'a>(
         &'a self,
         process: &'a VmProcess,
@@ -458,6 +470,12 @@ impl<H: Hypervisor + std::fmt::Debug> VmBackend for H {
     }
     fn is_paused<'a>(&'a self, process: &'a VmProcess) -> BoxFuture<'a, Result<bool, VmmError>> {
         Box::pin(Hypervisor::is_paused(self, process))
+    }
+    fn io_error<'a>(
+        &'a self,
+        process: &'a VmProcess,
+    ) -> BoxFuture<'a, Result<Option<String>, VmmError>> {
+        Box::pin(Hypervisor::io_error(self, process))
     }
     fn snapshot<'a>(
         &'a self,

@@ -260,7 +260,7 @@ impl Qemu {
             // vda: the system disk; vdb: the work disk (device order = command-line order).
             "-drive".into(),
             format!(
-                "id=sys,file={},format={},if=none,discard=unmap",
+                "id=sys,file={},format={},if=none,discard=unmap,werror=stop,rerror=stop",
                 spec.system_disk.display(),
                 spec.system_disk_format
             ),
@@ -268,7 +268,7 @@ impl Qemu {
             "virtio-blk-device,drive=sys".into(),
             "-drive".into(),
             format!(
-                "id=work,file={},format=raw,if=none,discard=unmap",
+                "id=work,file={},format=raw,if=none,discard=unmap,werror=stop,rerror=stop",
                 spec.work_disk.display()
             ),
             "-device".into(),
@@ -575,6 +575,18 @@ impl Hypervisor for Qemu {
             .map(drop),
         }
     }
+
+    /// The drives are `werror=stop,rerror=stop`: a failed host write or read (a full data
+    /// dir) pauses the guest, status `io-error`, instead of handing it the error; `query-block`
+    /// says which drive and why (`nospace`, `failed`).
+    async fn io_error(&self, process: &VmProcess) -> Result<Option<String>, VmmError> {
+        let status = qmp::execute(&process.control_socket, "query-status").await?;
+        if status.get("status").and_then(|s| s.as_str()) != Some("io-error") {
+            return Ok(None);
+        }
+        let blocks = qmp::execute(&process.control_socket, "query-block").await?;
+        Ok(Some(describe_io_error(&blocks)))
+    }
 }
 
 /// Which way a migration URI moves a VM's state.
@@ -643,9 +655,48 @@ fn current_size(blocks: &serde_json::Value, device: &str) -> Option<u64> {
         .as_u64()
 }
 
+/// "`work` disk: no space left on the host" (one entry a failed drive) from `query-block`.
+fn describe_io_error(blocks: &serde_json::Value) -> String {
+    let failed: Vec<String> = blocks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| {
+            let status = b.get("io-status")?.as_str()?;
+            let why = match status {
+                "ok" => return None,
+                "nospace" => "no space left on the host",
+                _ => "the host's read or write failed",
+            };
+            Some(format!("{} disk: {why}", b.get("device")?.as_str()?))
+        })
+        .collect();
+    if failed.is_empty() {
+        "a host read or write failed".into()
+    } else {
+        failed.join(", ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn io_errors_name_the_drive_and_the_cause() {
+        let blocks = serde_json::json!([
+            {"device": "sys", "io-status": "ok"},
+            {"device": "work", "io-status": "nospace"},
+        ]);
+        assert_eq!(
+            describe_io_error(&blocks),
+            "work disk: no space left on the host"
+        );
+        assert_eq!(
+            describe_io_error(&serde_json::json!([])),
+            "a host read or write failed"
+        );
+    }
 
     fn spec(accel: Accel) -> LaunchSpec {
         LaunchSpec {

@@ -119,7 +119,7 @@ pub fn git(root: &Path, args: &[&str]) -> Result<Vec<u8>, WorkspaceError> {
     if !output.status.success() {
         return Err(WorkspaceError::Git {
             args: args.join(" "),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            stderr: crate::cause::of_failure("git", &output.status, &output.stderr),
         });
     }
     Ok(output.stdout)

@@ -241,7 +241,7 @@ pub fn send_with(
         if !status.success() {
             return Err(WorkspaceError::Remote {
                 code: status.code(),
-                stderr: stderr.trim().lines().last().unwrap_or("").to_owned(),
+                stderr: crate::cause::last_line(&stderr, "").unwrap_or_default(),
             });
         }
         let (files, bytes, wire_bytes, channel) = written?;

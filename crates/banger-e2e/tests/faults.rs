@@ -1,0 +1,652 @@
+//! Every fault point (`crate::fault::point("…")` in banger-core, see its module doc) is hit:
+//! the daemon SIGKILLs itself there (and, for the steps before an outside call, the step
+//! fails instead). Then a daemon starts without the fault and must tell the truth and clean
+//! up: `vm ls` shows each VM in a state its process agrees with, the VM can be started,
+//! stopped and removed as its state allows, and the leak check finds nothing the operation
+//! added. [`every_fault_point_has_a_case`] reads the step names from the source, so a new
+//! step without a case here fails.
+//!
+//! Lifecycle steps run against the fake Firecracker (banger-fc-fake): no guest boots. The
+//! daemon is this test binary itself, re-run as a child ([`fault_daemon_child`]) holding a
+//! Manager with the fake's seams, because a SIGKILL must end a process other than the test.
+//! Image steps run the real `bangerd` through the CLI with `BANGER_FAULT` in its
+//! environment.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/fake_manager.rs"]
+mod fake_manager;
+
+use std::collections::BTreeSet;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use banger_core::service::Manager;
+use banger_e2e::leaks::{LeakScope, Snapshot, assert_no_leaks};
+use banger_e2e::{Run, TestEnv, bin, poll_or_none, processes_with_cmdline};
+use banger_proto::{CreateVmRequest, VmState};
+
+/// What the daemon was doing when the fault hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Create,
+    Start,
+    Stop,
+    Suspend,
+    Pause,
+    Resume,
+    /// `vm start` of a suspended VM (restores its snapshot).
+    Restore,
+    Rm,
+    ImageImport,
+    ImageBuild,
+    ImagePull,
+    /// `vm workspace prepare` (a real QEMU guest: the only step here that needs one).
+    WorkspacePrepare,
+}
+
+/// Every step and the operation that reaches it.
+const CASES: &[(&str, Op)] = &[
+    ("create.after_work_disk", Op::Create),
+    ("create.after_system_disk", Op::Create),
+    ("create.before_record", Op::Create),
+    ("start.after_runtime_dir", Op::Start),
+    ("start.before_launch", Op::Start),
+    ("start.after_launch", Op::Start),
+    ("start.after_record", Op::Start),
+    ("start.after_restore", Op::Restore),
+    ("stop.after_stopping", Op::Stop),
+    ("stop.after_process", Op::Stop),
+    ("stop.after_release", Op::Stop),
+    ("suspend.after_stopping", Op::Suspend),
+    ("suspend.after_snapshot", Op::Suspend),
+    ("suspend.after_stop", Op::Suspend),
+    ("pause.after_vmm", Op::Pause),
+    ("resume.after_vmm", Op::Resume),
+    ("rm.after_teardown", Op::Rm),
+    ("rm.after_record", Op::Rm),
+    ("copy.before_rename", Op::ImageImport),
+    ("kernel.after_copy", Op::ImageImport),
+    ("image.after_copy", Op::ImageImport),
+    ("build.after_scripts", Op::ImageBuild),
+    ("pull.after_fetch", Op::ImagePull),
+    ("pull.after_rootfs_move", Op::ImagePull),
+    ("workspace.before_transfer", Op::WorkspacePrepare),
+    ("workspace.after_transfer", Op::WorkspacePrepare),
+];
+
+/// Steps just before an outside call (disk tools, the helper, the VMM, SSH, a rename): they
+/// are also made to fail, and the operation must undo itself at once, without a restart.
+const FAIL_CASES: &[&str] = &[
+    "create.after_work_disk",
+    "create.after_system_disk",
+    "start.after_runtime_dir",
+    "start.before_launch",
+    "start.after_record",
+    "copy.before_rename",
+    "workspace.before_transfer",
+];
+
+/// The step names the source holds: every `fault::point("NAME")` under banger-core/src.
+fn steps_in_source() -> BTreeSet<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../banger-core/src");
+    let mut found = BTreeSet::new();
+    let mut stack = vec![root];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("fault.rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for piece in text.split("fault::point(\"").skip(1) {
+                    found.insert(piece.split('"').next().unwrap().to_owned());
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn every_fault_point_has_a_case() {
+    let in_source = steps_in_source();
+    assert!(in_source.len() >= 20, "{in_source:?}");
+    let cased: BTreeSet<String> = CASES.iter().map(|(s, _)| (*s).to_owned()).collect();
+    let missing: Vec<&String> = in_source.difference(&cased).collect();
+    let stale: Vec<&String> = cased.difference(&in_source).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "fault points without a case in tests/faults.rs: {missing:?}; cases of no fault point: {stale:?}"
+    );
+    for step in FAIL_CASES {
+        assert!(cased.contains(*step), "{step}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Lifecycle steps: the fake Firecracker, the daemon as a child process.
+
+const CHILD_DIR: &str = "BANGER_FAULT_TEST_DIR";
+const CHILD_FC: &str = "BANGER_FAULT_TEST_FC";
+const CHILD_OP: &str = "BANGER_FAULT_TEST_OP";
+const VM: &str = "fc";
+
+/// A `firecracker` wrapper exec'ing the fake.
+fn fake_firecracker(dir: &Path) -> PathBuf {
+    let binary = dir.join("firecracker");
+    std::fs::write(
+        &binary,
+        format!(
+            "#!/bin/sh\nexec {} \"$@\"\n",
+            bin("banger-fc-fake").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    binary
+}
+
+/// The daemon's Manager on `dir` with the fake's seams (a second one on the same dir is a
+/// daemon restart).
+fn manager(dir: &Path, firecracker: &Path) -> Manager {
+    fake_manager::open(dir, firecracker, |_| {})
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Create => "create",
+        Op::Start => "start",
+        Op::Stop => "stop",
+        Op::Suspend => "suspend",
+        Op::Pause => "pause",
+        Op::Resume => "resume",
+        Op::Restore => "restore",
+        Op::Rm => "rm",
+        Op::ImageImport | Op::ImageBuild | Op::ImagePull | Op::WorkspacePrepare => "other",
+    }
+}
+
+/// Runs one lifecycle operation on [`VM`].
+async fn run_op(manager: &Manager, op: &str) -> Result<(), banger_core::Error> {
+    match op {
+        "create" => manager
+            .create_vm(CreateVmRequest {
+                name: VM.into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "start" | "restore" => manager.start_vm(VM).await.map(drop),
+        "stop" => manager.stop_vm(VM, false).await.map(drop),
+        "suspend" => manager.suspend_vm(VM).await.map(drop),
+        "pause" => manager.pause_vm(VM).await.map(drop),
+        "resume" => manager.resume_vm(VM).await.map(drop),
+        "rm" => manager.remove_vm(VM).await,
+        other => panic!("unknown operation {other}"),
+    }
+}
+
+/// Not a test: the entry point of the daemon child that [`lifecycle_fault`] runs (this
+/// binary with `--exact fault_daemon_child`); without its variables it does nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn fault_daemon_child() {
+    let (Some(dir), Some(fc), Some(op)) = (
+        std::env::var_os(CHILD_DIR),
+        std::env::var_os(CHILD_FC),
+        std::env::var(CHILD_OP).ok(),
+    ) else {
+        return;
+    };
+    let manager = manager(Path::new(&dir), Path::new(&fc));
+    let outcome = run_op(&manager, &op).await;
+    // Reached only when the fault did not kill this process.
+    match outcome {
+        Ok(()) => println!("FAULT-CHILD: ok"),
+        Err(e) => println!("FAULT-CHILD: error: {}", e.to_api().message),
+    }
+}
+
+/// The VMs as a restarted daemon lists them, checked against their processes: a VM listed
+/// as running or paused has a live VMM, any other has none; none is left mid-operation.
+async fn truthful_list(manager: &Manager, step: &str) -> Vec<(String, VmState)> {
+    let vms = manager.list_vms().await.unwrap();
+    vms.iter()
+        .map(|vm| {
+            let alive = !processes_with_cmdline("banger-fc-fake", &vm.id).is_empty();
+            let live_state = matches!(vm.state, VmState::Running | VmState::Paused);
+            assert_eq!(
+                alive,
+                live_state,
+                "{step}: VM {} is listed {} but its VMM is {}",
+                vm.name,
+                vm.state,
+                if alive { "alive" } else { "gone" }
+            );
+            assert!(
+                !matches!(vm.state, VmState::Starting | VmState::Stopping),
+                "{step}: VM {} left {}",
+                vm.name,
+                vm.state
+            );
+            (vm.name.clone(), vm.state)
+        })
+        .collect()
+}
+
+/// Starts, stops and removes the VM as its state allows.
+async fn cycle(manager: &Manager, state: VmState, step: &str) {
+    if matches!(
+        state,
+        VmState::Created | VmState::Stopped | VmState::Suspended
+    ) {
+        let started = manager.start_vm(VM).await;
+        assert!(started.is_ok(), "{step}: start after recovery: {started:?}");
+    }
+    let stopped = manager.stop_vm(VM, false).await.unwrap();
+    assert_eq!(stopped.vm.state, VmState::Stopped, "{step}");
+    manager.remove_vm(VM).await.unwrap();
+}
+
+/// One lifecycle step faulted with `mode` ("kill" or "fail").
+async fn lifecycle_fault(step: &str, op: Op, mode: &str) {
+    let dir = tempfile::Builder::new()
+        .prefix("bgflt")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let fc = fake_firecracker(dir.path());
+    let scope = LeakScope::new(dir.path(), &dir.path().join("home"));
+    let manager = manager(dir.path(), &fc);
+    fake_manager::import_stub(&manager, dir.path()).await;
+    let baseline = Snapshot::take(&scope);
+    // The state the operation starts from.
+    let before: &[&str] = match op {
+        Op::Create => &[],
+        Op::Start | Op::Rm => &["create"],
+        Op::Stop | Op::Suspend | Op::Pause => &["create", "start"],
+        Op::Resume => &["create", "start", "pause"],
+        Op::Restore => &["create", "start", "suspend"],
+        _ => unreachable!(),
+    };
+    for setup in before {
+        run_op(&manager, setup).await.unwrap();
+    }
+    drop(manager);
+    let before_op = Snapshot::take(&scope);
+
+    let fault = if mode == "kill" {
+        step.to_owned()
+    } else {
+        format!("{step}=fail")
+    };
+    let out_file = dir.path().join("child.out");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "fault_daemon_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_DIR, dir.path())
+        .env(CHILD_FC, &fc)
+        .env(CHILD_OP, op_name(op))
+        .env(banger_core::fault::ENV, &fault)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_file).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = poll_or_none(Duration::from_secs(120), || child.try_wait().unwrap());
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("{fault}: the daemon child hangs");
+    };
+    let stdout = std::fs::read_to_string(&out_file).unwrap_or_default();
+    if mode == "kill" {
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "{fault}: the fault point was not reached: {stdout}"
+        );
+    } else {
+        assert!(
+            stdout.contains("FAULT-CHILD: error: ") && stdout.contains(step),
+            "{fault}: the step did not fail: {stdout}"
+        );
+        // An outside call that fails is undone at once, before any restart.
+        assert_no_leaks(&before_op, &Snapshot::take(&scope), &fault);
+    }
+
+    // A daemon without the fault: recovery, a truthful list, the VM usable, nothing left.
+    let manager = self::manager(dir.path(), &fc);
+    manager.recover().await.unwrap();
+    let listed = truthful_list(&manager, &fault).await;
+    match listed.as_slice() {
+        [] => assert!(
+            op == Op::Create || op == Op::Rm,
+            "{fault}: the VM is gone after {op:?}"
+        ),
+        [(name, state)] => {
+            assert_eq!(name, VM);
+            cycle(&manager, *state, &fault).await;
+        }
+        more => panic!("{fault}: {more:?}"),
+    }
+    assert!(manager.list_vms().await.unwrap().is_empty());
+    assert_no_leaks(&baseline, &Snapshot::take(&scope), &fault);
+    for pid in processes_with_cmdline("banger-fc-fake", &dir.path().display().to_string()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// All lifecycle cases of operations `ops`, each killed and (where listed) failed.
+async fn lifecycle_cases(ops: &[Op]) {
+    for (step, op) in CASES.iter().filter(|(_, op)| ops.contains(op)) {
+        for fault in faults_of(step) {
+            let mode = if fault.ends_with("=fail") {
+                "fail"
+            } else {
+                "kill"
+            };
+            lifecycle_fault(step, *op, mode).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_in_create_and_rm_are_recovered() {
+    lifecycle_cases(&[Op::Create, Op::Rm]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_in_start_are_recovered() {
+    lifecycle_cases(&[Op::Start, Op::Restore]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_in_stop_suspend_pause_and_resume_are_recovered() {
+    lifecycle_cases(&[Op::Stop, Op::Suspend, Op::Pause, Op::Resume]).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Image steps: the real daemon, `BANGER_FAULT` in its environment.
+
+/// `banger ARGS` with the fault set: the daemon it starts carries it.
+fn with_fault(env: &TestEnv, fault: &str, args: &[&str]) -> Run {
+    Run::from_output(
+        env.command(args)
+            .env(banger_core::fault::ENV, fault)
+            .output()
+            .unwrap(),
+    )
+}
+
+/// After a faulted image operation: a daemon without the fault lists only images whose
+/// files are there, and every stored directory is named by a record.
+fn check_stores(env: &TestEnv, fault: &str) {
+    let images = env.banger(&["image", "ls", "--json"]).ok().json();
+    for image in images.as_array().unwrap() {
+        let digest = image["digest"].as_str().unwrap();
+        assert!(
+            env.home()
+                .join("images")
+                .join(digest)
+                .join("rootfs.ext4")
+                .is_file(),
+            "{fault}: image {image} is listed without its file"
+        );
+    }
+    let kernels = env.banger(&["kernel", "ls", "--json"]).ok().json();
+    let known: BTreeSet<String> = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(kernels.as_array().unwrap())
+        .map(|a| a["digest"].as_str().unwrap().to_owned())
+        .collect();
+    for kind in ["images", "kernels"] {
+        for entry in std::fs::read_dir(env.home().join(kind))
+            .into_iter()
+            .flatten()
+        {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(
+                known.contains(&name),
+                "{fault}: {kind}/{name} has no record"
+            );
+        }
+    }
+}
+
+/// The faults to try at `step`: killed, and failed where it is in [`FAIL_CASES`].
+fn faults_of(step: &str) -> Vec<String> {
+    let mut faults = vec![step.to_owned()];
+    if FAIL_CASES.contains(&step) {
+        faults.push(format!("{step}=fail"));
+    }
+    faults
+}
+
+/// Removes image `image` and kernel `kernel` if listed.
+fn remove_assets(env: &TestEnv, image: &str, kernel: &str) {
+    let _ = env.banger(&["image", "rm", image]);
+    let _ = env.banger(&["kernel", "rm", kernel]);
+}
+
+/// Asserts that the faulted command failed the way its mode says: a failed step is undone
+/// at once (nothing added since `baseline`), then its daemon is stopped; a killed daemon
+/// is gone.
+#[track_caller]
+fn assert_faulted(env: &TestEnv, run: &Run, fault: &str, baseline: &Snapshot) {
+    assert_ne!(
+        run.code, 0,
+        "{fault}: the command succeeded: {}",
+        run.stdout
+    );
+    if fault.ends_with("=fail") {
+        assert!(
+            run.stderr.contains("injected fault at"),
+            "{fault}: {}",
+            run.stderr
+        );
+        assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+        assert_no_leaks(baseline, &env.leak_snapshot(), fault);
+        // The next command's daemon runs without the fault.
+        env.banger(&["daemon", "stop"]).ok();
+    } else {
+        assert!(
+            poll_or_none(Duration::from_secs(10), || env
+                .daemon_pids()
+                .is_empty()
+                .then_some(()))
+            .is_some(),
+            "{fault}: the daemon still runs"
+        );
+    }
+}
+
+#[test]
+fn faults_in_image_import_are_recovered() {
+    for (step, _) in CASES.iter().filter(|(_, op)| *op == Op::ImageImport) {
+        for fault in faults_of(step) {
+            let env = TestEnv::new();
+            let baseline = env.leak_snapshot();
+            let args = env.stub_image_import();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let run = with_fault(&env, &fault, &args);
+            assert_faulted(&env, &run, &fault, &baseline);
+            check_stores(&env, &fault);
+            // Importing again works, and a VM can be made of it and removed.
+            env.banger(&args).ok();
+            env.banger(&["vm", "create", "v", "--vmm", "qemu"]).ok();
+            env.banger(&["vm", "rm", "v"]).ok();
+            remove_assets(&env, "default", "default");
+            assert_no_leaks(&baseline, &env.leak_snapshot(), &fault);
+        }
+    }
+}
+
+#[test]
+fn faults_in_image_build_are_recovered() {
+    const TEST: &str = "faults_in_image_build_are_recovered";
+    let Some(cache) = std::env::var_os("BANGER_CACHE_DIR").filter(|v| !v.is_empty()) else {
+        banger_shared::skip::report(TEST, "BANGER_CACHE_DIR is not set (a build takes minutes)");
+        return;
+    };
+    let recipe = banger_core::image::recipe_digest();
+    let built = Path::new(&cache).join(format!("guest-{}", &recipe[..16]));
+    if !built.join("rootfs.ext4").is_file() {
+        banger_shared::skip::report(
+            TEST,
+            &format!("{} holds no build of this recipe", built.display()),
+        );
+        return;
+    }
+    for fault in ["build.after_scripts", "build.after_scripts=fail"] {
+        let env = TestEnv::new().with_env("BANGER_CACHE_DIR", &cache.to_string_lossy());
+        let baseline = env.leak_snapshot();
+        let run = with_fault(&env, fault, &["image", "build"]);
+        assert_faulted(&env, &run, fault, &baseline);
+        check_stores(&env, fault);
+        assert_eq!(
+            env.banger(&["image", "ls", "--json"]).ok().json(),
+            serde_json::json!([])
+        );
+        remove_assets(&env, "default", "default");
+        assert_no_leaks(&baseline, &env.leak_snapshot(), fault);
+    }
+}
+
+#[test]
+fn faults_in_image_pull_are_recovered() {
+    const TEST: &str = "faults_in_image_pull_are_recovered";
+    let registry = Path::new("/usr/bin/docker-registry");
+    if !registry.is_file() {
+        banger_shared::skip::report(TEST, "docker-registry is not installed");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let storage = tempfile::tempdir_in("/var/tmp").unwrap();
+    let config = storage.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut server = Command::new(registry)
+        .arg("serve")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let answering = poll_or_none(Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    assert!(answering.is_some(), "the registry does not answer");
+    let reference = format!("127.0.0.1:{port}/banger/stub:1");
+    let source = TestEnv::new();
+    source.import_stub_image();
+    source
+        .banger(&["image", "push", "default", &reference])
+        .ok();
+    for (step, _) in CASES.iter().filter(|(_, op)| *op == Op::ImagePull) {
+        for fault in faults_of(step) {
+            let env = TestEnv::new();
+            let baseline = env.leak_snapshot();
+            let run = with_fault(&env, &fault, &["image", "pull", &reference, "dev"]);
+            assert_faulted(&env, &run, &fault, &baseline);
+            check_stores(&env, &fault);
+            env.banger(&["image", "pull", &reference, "dev"]).ok();
+            env.banger(&["vm", "create", "v", "--vmm", "qemu", "--image", "dev"])
+                .ok();
+            env.banger(&["vm", "rm", "v"]).ok();
+            remove_assets(&env, "dev", "dev");
+            assert_no_leaks(&baseline, &env.leak_snapshot(), &fault);
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+// ---------------------------------------------------------------------------------------
+// Workspace prepare: one real guest (TCG boots take minutes here), every step on it.
+
+#[test]
+fn faults_in_workspace_prepare_are_recovered() {
+    let env = TestEnv::new();
+    // TCG boots on a loaded host can take minutes.
+    std::fs::write(env.config_file(), "[daemon]\nstart_timeout_secs = 900\n").unwrap();
+    env.build_default_image();
+    let repo = env.dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}");
+    };
+    git(&["init", "-q", "."]);
+    std::fs::write(repo.join("file.txt"), "v0\n").unwrap();
+    git(&["add", "-A"]);
+    git(&["commit", "-qm", "init"]);
+    let repo_s = repo.to_str().unwrap();
+    env.banger(&["vm", "create", "dev"]).ok();
+    env.banger_within(Duration::from_secs(1000), &["vm", "start", "dev"])
+        .ok();
+    let mut round = 0;
+    for (step, _) in CASES.iter().filter(|(_, op)| *op == Op::WorkspacePrepare) {
+        for fault in faults_of(step) {
+            round += 1;
+            // A change for this round to carry.
+            let content = format!("v{round}\n");
+            std::fs::write(repo.join("file.txt"), &content).unwrap();
+            // The shared SSH connection (ControlPersist) is up in both snapshots.
+            env.banger(&["vm", "exec", "dev", "--", "true"]).ok();
+            let before = env.leak_snapshot();
+            let run = with_fault(&env, &fault, &["vm", "workspace", "prepare", "dev", repo_s]);
+            assert_faulted(&env, &run, &fault, &before);
+            // The VM outlived the daemon and is listed running, its QEMU alive.
+            let vm = env.banger(&["vm", "show", "dev", "--json"]).ok().json();
+            assert_eq!(vm["state"], "running", "{fault}: {vm}");
+            assert_eq!(env.qemu_pids().len(), 1, "{fault}");
+            // Preparing again brings the guest up to date.
+            env.banger(&["vm", "workspace", "prepare", "dev", repo_s])
+                .ok();
+            let seen = env
+                .banger(&["vm", "exec", "dev", "--", "cat", "/root/repo/file.txt"])
+                .ok();
+            assert_eq!(seen.stdout, content, "{fault}");
+            let status = env
+                .banger(&["vm", "workspace", "status", "dev", "--json"])
+                .ok()
+                .json();
+            assert_eq!(status["host_dirty"], false, "{fault}: {status}");
+            assert_no_leaks(&before, &env.leak_snapshot(), &fault);
+        }
+    }
+    env.banger_within(Duration::from_secs(180), &["vm", "stop", "dev"])
+        .ok();
+    env.banger(&["vm", "rm", "dev"]).ok();
+    assert!(env.qemu_pids().is_empty());
+}
