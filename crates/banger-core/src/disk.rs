@@ -43,6 +43,19 @@ pub enum DiskError {
     },
 }
 
+impl DiskError {
+    /// Maps a failure to start `tool`: not found means not installed.
+    pub fn spawn(tool: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        move |e| match e.kind() {
+            std::io::ErrorKind::NotFound => Self::MissingTool(tool),
+            _ => Self::Tool {
+                tool,
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
 /// Path of system tool `name`: on PATH, else in /usr/sbin or /sbin (Debian installs
 /// e2fsprogs there, and an ordinary user's PATH lacks them); the bare name when not found, so
 /// running it reports it missing.
@@ -62,13 +75,7 @@ async fn run(tool: &'static str, command: &mut Command) -> Result<(), DiskError>
         .stderr(Stdio::piped())
         .output()
         .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => DiskError::MissingTool(tool),
-            _ => DiskError::Tool {
-                tool,
-                message: e.to_string(),
-            },
-        })?;
+        .map_err(DiskError::spawn(tool))?;
     if output.status.success() {
         return Ok(());
     }
@@ -105,6 +112,19 @@ pub async fn create_system_overlay(
             .arg(base)
             .arg(overlay)
             .arg(size_bytes.max(base_len).to_string()),
+    )
+    .await
+}
+
+/// Grows the qcow2 image `path` to a virtual size of `size_bytes` (`qemu-img resize`, which
+/// refuses to shrink without `--shrink`, never given here). The VM must be stopped.
+pub async fn grow_qcow2(path: &Path, size_bytes: u64) -> Result<(), DiskError> {
+    run(
+        "qemu-img",
+        Command::new("qemu-img")
+            .args(["resize", "-q", "-f", "qcow2"])
+            .arg(path)
+            .arg(size_bytes.to_string()),
     )
     .await
 }
@@ -234,13 +254,7 @@ async fn give_seed_to_guest_root(image: &Path, seed_dir: &Path) -> Result<(), Di
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => DiskError::MissingTool("debugfs"),
-            _ => DiskError::Tool {
-                tool: "debugfs",
-                message: e.to_string(),
-            },
-        })?;
+        .map_err(DiskError::spawn("debugfs"))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     let failure = stderr
         .lines()
@@ -820,7 +834,10 @@ mod tests {
     async fn work_disk_options_follow_what_mkfs_knows() {
         let dir = tempfile::tempdir().unwrap();
         if !crate::image::on_path("mkfs.ext4") {
-            eprintln!("SKIP: mkfs.ext4 is not installed");
+            banger_shared::skip::report(
+                "work_disk_options_follow_what_mkfs_knows",
+                "mkfs.ext4 is not installed",
+            );
             return;
         }
         let real = mkfs_extended_options_help(Path::new("mkfs.ext4"))

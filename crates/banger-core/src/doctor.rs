@@ -958,6 +958,8 @@ mod tests {
             size_bytes: 1,
             source: "import:/x".into(),
             created_at: "2024-01-01T00:00:00Z".into(),
+            work_seed: None,
+            exec: None,
         };
         assert_eq!(
             default_image_check("default", Some(&image)).status,

@@ -55,6 +55,16 @@ pub enum Error {
     /// The VM's backend cannot do this (e.g. `vm suspend` on QEMU).
     #[error("{message}")]
     Unsupported { message: String, hint: String },
+    /// A request value the VM or the host cannot take (e.g. shrinking a disk, more vCPUs
+    /// than the host has); nothing was changed.
+    #[error("{message}")]
+    Refused { message: String, hint: String },
+    /// The operation needs the VM in another state (e.g. stopped), said in its own words.
+    #[error("{message}")]
+    NotNow { message: String, hint: String },
+    /// A disk check before a start found what `e2fsck -p` cannot repair; the VM stays down.
+    #[error("{message}")]
+    DiskCheck { message: String, hint: String },
     /// A lifecycle step failed; the VM was put back as it was.
     #[error("{step}")]
     StepFailed {
@@ -101,8 +111,13 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::InvalidName(_) => ErrorCode::InvalidName,
-            Self::InvalidRequest(_) | Self::Unsupported { .. } => ErrorCode::InvalidRequest,
-            Self::InvalidState { .. } | Self::Transition(_) => ErrorCode::InvalidState,
+            Self::InvalidRequest(_) | Self::Unsupported { .. } | Self::Refused { .. } => {
+                ErrorCode::InvalidRequest
+            }
+            Self::InvalidState { .. } | Self::Transition(_) | Self::NotNow { .. } => {
+                ErrorCode::InvalidState
+            }
+            Self::DiskCheck { .. } => ErrorCode::OperationFailed,
             Self::Store(StoreError::VmExists(_)) => ErrorCode::AlreadyExists,
             Self::Store(StoreError::VmNotFound(_)) => ErrorCode::NotFound,
             Self::Config(_) => ErrorCode::InvalidRequest,
@@ -169,7 +184,11 @@ impl Error {
             ),
             Self::AssetNotFound { .. } => Some("`banger kernel ls` lists kernels".into()),
             Self::InUse { .. } => Some("remove those first".into()),
-            Self::HostSetup { hint, .. } | Self::Unsupported { hint, .. } => Some(hint.clone()),
+            Self::HostSetup { hint, .. }
+            | Self::Unsupported { hint, .. }
+            | Self::Refused { hint, .. }
+            | Self::NotNow { hint, .. }
+            | Self::DiskCheck { hint, .. } => Some(hint.clone()),
             Self::Image(ImageError::MissingTool(_))
             | Self::Vmm(VmmError::MissingBinary(_))
             | Self::Disk(DiskError::MissingTool(_))

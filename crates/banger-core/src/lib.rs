@@ -6,6 +6,7 @@ pub mod config;
 pub mod disk;
 pub mod doctor;
 pub mod domain;
+pub mod e2fs;
 pub mod error;
 pub mod guest;
 pub mod host;

@@ -2,7 +2,7 @@
 //! record holds domain enums ([`crate::domain`]); [`VmRecord::to_api`] turns them into the
 //! proto's strings.
 
-use banger_proto::{Vm, VmName, VmState};
+use banger_proto::{LastStop, StartFsck, StopKind, Vm, VmName, VmState};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{Accel, SystemDiskStrategy, VmmKind};
@@ -82,6 +82,7 @@ impl VmSpec {
             vmm: self.vmm.as_str().into(),
             vmm_reason: self.vmm_reason.clone(),
             system_disk: self.system_disk.as_str().into(),
+            system_disk_size_bytes: None,
         }
     }
 }
@@ -131,6 +132,13 @@ pub struct VmRecord {
     pub updated_at: String,
     pub last_error: Option<String>,
     pub runtime: Option<VmRuntime>,
+    /// How the VMM last ended; `None` until it ended once (the disks are as made).
+    pub last_stop: Option<LastStop>,
+    /// What the last start checked on the disks.
+    pub start_fsck: Option<StartFsck>,
+    /// The work disk's file was grown and its filesystem not yet (`vm set --disk` whose
+    /// guest-side or host-side grow did not finish): the next start grows it on the host.
+    pub grow_work_fs: bool,
 }
 
 impl VmRecord {
@@ -146,7 +154,19 @@ impl VmRecord {
             updated_at: now,
             last_error: None,
             runtime: None,
+            last_stop: None,
+            start_fsck: None,
+            grow_work_fs: false,
         }
+    }
+
+    /// Records how the VMM ended (see [`LastStop`]); persisted by the next store write.
+    pub fn record_stop(&mut self, kind: StopKind, how: impl Into<String>) {
+        self.last_stop = Some(LastStop {
+            kind,
+            how: how.into(),
+            at: crate::now_rfc3339(),
+        });
     }
 
     /// Forgets the VMM process (its pid and jail) once it ended; the rest of the runtime
@@ -170,6 +190,8 @@ impl VmRecord {
             last_error: self.last_error.clone(),
             runtime: self.runtime.as_ref().map(VmRuntime::to_api),
             network: None,
+            last_stop: self.last_stop.clone(),
+            start_fsck: self.start_fsck.clone(),
         }
     }
 }

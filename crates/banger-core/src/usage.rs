@@ -158,7 +158,10 @@ mod tests {
             .arg("3G")
             .status();
         let Ok(status) = status else {
-            eprintln!("SKIP qcow2_virtual_size_comes_from_the_header: qemu-img is not installed");
+            banger_shared::skip::report(
+                "qcow2_virtual_size_comes_from_the_header",
+                "qemu-img is not installed",
+            );
             return;
         };
         assert!(status.success());

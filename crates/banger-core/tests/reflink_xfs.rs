@@ -92,8 +92,9 @@ fn write_at(path: &Path, offset: u64, data: &[u8]) {
 #[test]
 fn a_2gib_image_clones_at_once_and_the_clone_is_independent() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "SKIP: a_2gib_image_clones_at_once_and_the_clone_is_independent: needs root (mounting an xfs image)"
+        banger_shared::skip::report(
+            "a_2gib_image_clones_at_once_and_the_clone_is_independent",
+            "needs root (mounting an xfs image)",
         );
         return;
     }

@@ -30,7 +30,13 @@ fn the_service_never_matches_on_a_backend() {
         }
         files += 1;
         let text = std::fs::read_to_string(&path).unwrap();
-        for (number, line) in text.lines().enumerate() {
+        // Unit tests at a file's end build records of either backend; only the code above
+        // them is the service.
+        for (number, line) in text
+            .lines()
+            .enumerate()
+            .take_while(|(_, l)| l.trim() != "#[cfg(test)]")
+        {
             let code = line.split("//").next().unwrap_or("");
             for pattern in FORBIDDEN {
                 if code.contains(pattern) {

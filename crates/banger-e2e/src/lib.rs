@@ -13,11 +13,14 @@
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod registry;
 
 /// The unprivileged user that owns [`TestEnv::nonroot`] instances when tests run as root.
 pub const NONROOT_USER: &str = "bangertest";
@@ -105,6 +108,13 @@ pub struct HelperProcess {
     pub socket: PathBuf,
     /// The helper's stderr.
     pub log: PathBuf,
+}
+
+impl HelperProcess {
+    /// The helper's pid (`ip netns exec` execs it, so this is the helper itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for HelperProcess {
@@ -306,7 +316,7 @@ impl TestEnv {
     /// does not run as root.
     pub fn start_helper(&self, test: &str) -> Option<HelperProcess> {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIP: {test}: the root helper needs the test to run as root");
+            banger_shared::skip::report(test, "the root helper needs the test to run as root");
             return None;
         }
         let socket = self.dir().join("helper.sock");
@@ -544,6 +554,113 @@ impl TestEnv {
 }
 
 impl TestEnv {
+    /// Runs `script` (sh) in `dir` as the instance's owner; panics unless it succeeds.
+    pub fn owner_sh(&self, dir: &Path, script: &str) -> String {
+        let out = self
+            .owner_command("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The workspace round trip of VM `vm` for the instance's owner: a repository the owner
+    /// made (`a.txt` committed) is prepared into the guest, where git works on it (no
+    /// "dubious ownership": every file is the guest root's); the guest changes `a.txt` and
+    /// adds `b.txt`; `export --patch` applies to the owner's repository and `export --to`
+    /// writes files the owner owns. Leaves `b.txt` in the guest's /root/repo.
+    pub fn workspace_round_trip(&self, vm: &str) {
+        let exec = |script: &str| self.banger(&["vm", "exec", vm, "--", "sh", "-c", script]);
+        let repo = self.dir().join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        self.chown_to_owner(&repo);
+        self.owner_sh(
+            &repo,
+            "git init -q . && git config user.email t@example.com && git config user.name T \
+             && echo hello > a.txt && git add a.txt && git commit -qm init",
+        );
+        self.banger(&["vm", "workspace", "prepare", vm, repo.to_str().unwrap()])
+            .ok();
+        let status =
+            exec("cd /root/repo && git status --porcelain && stat -c '%u:%g' . a.txt .git").ok();
+        assert!(!status.stderr.contains("dubious"), "{}", status.stderr);
+        assert_eq!(status.stdout.trim(), "0:0\n0:0\n0:0", "{}", status.stdout);
+        exec("cd /root/repo && echo changed > a.txt && echo new > b.txt").ok();
+        let patch = self.dir().join("out.patch");
+        self.banger(&[
+            "vm",
+            "workspace",
+            "export",
+            vm,
+            "--patch",
+            patch.to_str().unwrap(),
+        ])
+        .ok();
+        self.owner_sh(&repo, &format!("git apply {}", patch.display()));
+        assert_eq!(
+            std::fs::read_to_string(repo.join("a.txt")).unwrap(),
+            "changed\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(repo.join("b.txt")).unwrap(),
+            "new\n"
+        );
+        let out = self.dir().join("exported");
+        self.banger(&[
+            "vm",
+            "workspace",
+            "export",
+            vm,
+            "--to",
+            out.to_str().unwrap(),
+        ])
+        .ok();
+        let exported = out.join("b.txt");
+        assert_eq!(std::fs::read_to_string(&exported).unwrap(), "new\n");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&exported).unwrap()),
+            self.owner().uid
+        );
+    }
+
+    /// Starts servers in the guest of VM `vm` (perl from perl-base, as transient systemd
+    /// units so they outlive the exec): on TCP `port` one that greets every client with
+    /// `hello-from-guest PORT`, and with `udp` a UDP echo on `port` that answers `echo:DATA`.
+    pub fn guest_servers(&self, vm: &str, port: u16, udp: bool) {
+        let tcp = "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalPort => $ARGV[0], \
+                   Listen => 5, ReuseAddr => 1) or die $!; \
+                   while (my $c = $s->accept) { print $c \"hello-from-guest $ARGV[0]\\n\"; close $c }";
+        let echo = "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalPort => $ARGV[0], \
+                    Proto => 'udp') or die $!; \
+                    while (1) { my $peer = $s->recv(my $d, 1500); $s->send(\"echo:$d\", 0, $peer) }";
+        let mut servers = vec![("hello", tcp)];
+        if udp {
+            servers.push(("echo", echo));
+        }
+        for (unit, script) in servers {
+            self.banger(&[
+                "vm",
+                "exec",
+                vm,
+                "--",
+                "systemd-run",
+                &format!("--unit={unit}{port}"),
+                "perl",
+                "-e",
+                script,
+                &port.to_string(),
+            ])
+            .ok();
+        }
+    }
+
     /// Prints the end of every VM console and of the daemon log: what a failed test needs.
     pub fn dump_diagnostics(&self) {
         let mut logs: Vec<PathBuf> = std::fs::read_dir(self.home().join("vms"))
@@ -605,7 +722,7 @@ pub fn system_tool(name: &str) -> PathBuf {
 pub fn root_or_skip(test: &str, why: &str) -> bool {
     let root = nix::unistd::geteuid().is_root();
     if !root {
-        eprintln!("SKIP: {test}: needs root ({why})");
+        banger_shared::skip::report(test, &format!("needs root ({why})"));
     }
     root
 }
@@ -702,5 +819,150 @@ pub fn processes_with_env(comm: &str, needle: &str) -> Vec<u32> {
                 .is_ok_and(|environ| environ.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
         })
         .map(|p| p.pid)
+        .collect()
+}
+
+/// A network namespace, deleted on drop even when the test fails.
+#[derive(Debug)]
+pub struct Netns(pub String);
+
+impl Netns {
+    /// A new namespace named `PREFIX-<test pid>` (an old one of that name is deleted first),
+    /// its loopback up.
+    pub fn new(prefix: &str) -> Self {
+        let name = format!("{prefix}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["netns", "add", &name]);
+        let ns = Self(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+    /// `ip -n NAME ARGS`.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.0.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+    /// The stdout of `ARGS` run inside the namespace; fails the test unless it succeeds.
+    pub fn output(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+    /// Runs `f` on a thread that entered this namespace.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let file = std::fs::File::open(format!("/run/netns/{}", self.0)).unwrap();
+        std::thread::spawn(move || {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+    }
+    /// The names of the namespace's network interfaces.
+    pub fn links(&self) -> Vec<String> {
+        let value: serde_json::Value =
+            serde_json::from_str(&self.output(&["ip", "-j", "link"])).unwrap();
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["ifname"].as_str().unwrap().to_owned())
+            .collect()
+    }
+    /// The names of the namespace's nftables tables.
+    pub fn nft_tables(&self) -> Vec<String> {
+        let value: serde_json::Value =
+            serde_json::from_str(&self.output(&["nft", "-j", "list", "tables"])).unwrap();
+        value["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e.get("table"))
+            .map(|t| t["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.0));
+    }
+}
+
+/// Runs `ip ARGS`, failing the test unless it succeeds.
+pub fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().unwrap();
+    assert!(status.success(), "ip {args:?}");
+}
+
+/// The real uid a process runs as (`Uid:` in /proc/PID/status).
+pub fn process_uid(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// A TCP server in `ns` on `addr` that accepts for ever, sending each peer its address.
+pub fn tcp_server(ns: &Netns, addr: &str) {
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let listener = ns
+        .run(move || std::net::TcpListener::bind(addr).unwrap())
+        .join()
+        .unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let peer = stream.peer_addr().map(|p| p.ip().to_string());
+            let _ = (&stream).write_all(format!("{}\n", peer.unwrap_or_default()).as_bytes());
+        }
+    });
+}
+
+/// The greeting of a server from [`TestEnv::guest_servers`] read from 127.0.0.1:`port` (in
+/// the calling thread's network namespace), or None when nothing answers with one.
+pub fn guest_greeting(port: u16) -> Option<String> {
+    let mut stream = std::net::TcpStream::connect_timeout(
+        &([127, 0, 0, 1], port).into(),
+        Duration::from_secs(3),
+    )
+    .ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.starts_with("hello-from-guest")
+        .then(|| text.trim().to_owned())
+}
+
+/// Loop devices whose backing file's path contains `needle`.
+pub fn loops_backed_by(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let backing = std::fs::read_to_string(entry.path().join("loop/backing_file")).ok()?;
+            backing
+                .contains(needle)
+                .then(|| entry.file_name().to_string_lossy().into_owned())
+        })
         .collect()
 }

@@ -1,16 +1,17 @@
-//! User-mode networking with real VMs under QEMU: outbound network by default (the guest
+//! User-mode networking with real VMs under QEMU, the daemon (and so QEMU) running as an
+//! unprivileged owner ([`TestEnv::nonroot`]): outbound network by default (the guest
 //! fetches a file from an HTTP server this test runs on the host's loopback, reached as
 //! QEMU's host address 10.0.2.2), none with `--net isolated`, and published ports: `-p` at
 //! create, `vm port add|rm` on a running VM, kept across a daemon SIGKILL and a stop/start,
 //! a busy host port refused with nothing changed. Traffic goes only to the host's loopback.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use banger_e2e::{TestEnv, poll};
+use banger_e2e::{TestEnv, guest_greeting as greeting, poll, process_uid};
 
 /// A port nobody listens on right now.
 fn free_port() -> u16 {
@@ -72,40 +73,6 @@ fn fetch_script(port: u16, len: usize) -> String {
     )
 }
 
-/// Starts a TCP server in the guest on `port` that greets every client (perl from
-/// perl-base, run as a transient systemd unit so it outlives the exec).
-fn guest_server(env: &TestEnv, vm: &str, port: u16) {
-    let script = "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalPort => $ARGV[0], \
-                  Listen => 5, ReuseAddr => 1) or die $!; \
-                  while (my $c = $s->accept) { print $c \"hello-from-guest $ARGV[0]\\n\"; close $c }";
-    env.banger(&[
-        "vm",
-        "exec",
-        vm,
-        "--",
-        "systemd-run",
-        &format!("--unit=hello{port}"),
-        "perl",
-        "-e",
-        script,
-        &port.to_string(),
-    ])
-    .ok();
-}
-
-/// The greeting read from 127.0.0.1:`port`, or None when nothing answers with one.
-fn greeting(port: u16) -> Option<String> {
-    let mut stream =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(3)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    text.starts_with("hello-from-guest")
-        .then(|| text.trim().to_owned())
-}
-
 #[track_caller]
 fn answers(port: u16, guest_port: u16) {
     let got = poll(Duration::from_secs(60), "the published port", || {
@@ -131,7 +98,8 @@ fn ports(env: &TestEnv, vm: &str) -> Vec<(u16, u16)> {
 
 #[test]
 fn user_mode_has_egress_isolated_has_none_and_ports_publish_live() {
-    let env = TestEnv::new();
+    let env = TestEnv::nonroot();
+    assert_ne!(env.owner().uid, 0, "the owner must not be root");
     // User mode whether or not a root helper runs here; a generous start timeout for a
     // loaded TCG host.
     std::fs::write(
@@ -179,13 +147,23 @@ fn user_mode_has_egress_isolated_has_none_and_ports_publish_live() {
     assert_eq!(&fetched.stdout[..64], digest, "{}", fetched.stdout);
 
     // -p: the host reaches a server started in the guest.
-    guest_server(&env, "web", 8000);
+    env.guest_servers("web", 8000, false);
     answers(p1, 8000);
 
     // vm port add on the running VM: live at once, same QEMU process (no restart).
     let qemu = env.qemu_pids();
     assert_eq!(qemu.len(), 1);
-    guest_server(&env, "web", 8001);
+    assert_eq!(
+        process_uid(qemu[0]),
+        env.owner().uid,
+        "QEMU runs as the owner"
+    );
+    assert_eq!(
+        process_uid(env.wait_for_daemon()),
+        env.owner().uid,
+        "the daemon runs as the owner"
+    );
+    env.guest_servers("web", 8001, false);
     let p2 = free_port();
     env.banger(&["vm", "port", "add", "web", &format!("{p2}:8001")])
         .ok();
@@ -240,8 +218,8 @@ fn user_mode_has_egress_isolated_has_none_and_ports_publish_live() {
     let stopped = env.banger(&["vm", "port", "web"]).ok();
     assert!(stopped.stdout.contains("next start"), "{}", stopped.stdout);
     env.banger(&["vm", "start", "web"]).ok();
-    guest_server(&env, "web", 8000);
-    guest_server(&env, "web", 8001);
+    env.guest_servers("web", 8000, false);
+    env.guest_servers("web", 8001, false);
     answers(p1, 8000);
     answers(p2, 8001);
     env.banger(&["vm", "stop", "web"]).ok();

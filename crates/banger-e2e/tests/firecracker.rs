@@ -101,6 +101,7 @@ fn spec(dir: &Path, name: &str) -> LaunchSpec {
         },
         mac: "52:54:00:01:02:03".into(),
         tap: Some("bg-tap-0".into()),
+        tap_fd: None,
         devices: banger_core::vmm::DeviceDiscovery::CommandLine,
     }
 }
@@ -595,6 +596,7 @@ async fn fake_manager_with(
             rootfs: rootfs.display().to_string(),
             kernel: kernel.display().to_string(),
             initrd: None,
+            work_seed: None,
         })
         .await
         .unwrap();
@@ -769,6 +771,7 @@ async fn dm_manager(
             rootfs: rootfs.display().to_string(),
             kernel: kernel.display().to_string(),
             initrd: None,
+            work_seed: None,
         })
         .await
         .unwrap();
@@ -1516,4 +1519,145 @@ async fn jailed_vms_reattach_and_are_cleaned_up_however_they_end() {
     }
     assert!(mounts_under(&helper.base).is_empty());
     second.remove_vm("jr").await.unwrap();
+}
+
+/// `vm set` and the disk check on a Firecracker VM (no guest: the fake): its disks do not
+/// grow while it runs (stopped only, with a clear refusal that changes nothing); stopped,
+/// CPUs, memory and both disks change and the next launch asks Firecracker for the new
+/// machine; a Firecracker killed behind banger's back is an unclean stop, after which the next
+/// start runs e2fsck on the work disk and on the raw system disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_set_and_the_unclean_stop_check_against_the_fake() {
+    use banger_proto::{FsckResult, SetVmRequest, StopKind};
+    let install = FakeInstall::new(&[]);
+    let dir = short_tmp("bgfc");
+    let manager = fake_manager(&install, dir.path()).await;
+    let mut reaper = Reaper(Vec::new());
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "fc".into(),
+            disk_size_bytes: Some(256 << 20),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let work = dir.path().join("home/vms").join(&vm.id).join("work.ext4");
+    let system = dir.path().join("home/vms").join(&vm.id).join("system.raw");
+    let system_size = vm.spec.system_disk_size_bytes.unwrap();
+    assert_eq!(system_size, std::fs::metadata(&system).unwrap().len());
+    let started = manager.start_vm("fc").await.unwrap();
+    reaper
+        .0
+        .push((started.vm.runtime.unwrap().pid.unwrap(), vm.id.clone()));
+
+    let grow = |bytes: u64| SetVmRequest {
+        disk_size_bytes: Some(bytes),
+        ..Default::default()
+    };
+    let err = manager.set_vm("fc", grow(512 << 20)).await.unwrap_err();
+    let api = err.to_api();
+    assert_eq!(api.code, banger_proto::ErrorCode::InvalidState);
+    assert!(
+        api.message.contains("Firecracker") && api.hint.unwrap().contains("stop it first"),
+        "{}",
+        api.message
+    );
+    assert_eq!(std::fs::metadata(&work).unwrap().len(), 256 << 20);
+    let vm_now = manager.get_vm("fc").await.unwrap();
+    assert_eq!(vm_now.spec.disk_size_bytes, 256 << 20);
+
+    let stopped = manager.stop_vm("fc", false).await.unwrap();
+    assert_eq!(stopped.vm.last_stop.unwrap().kind, StopKind::Clean);
+    let set = manager
+        .set_vm(
+            "fc",
+            SetVmRequest {
+                cpus: Some(1),
+                memory_mib: Some(256),
+                disk_size_bytes: Some(512 << 20),
+                system_disk_size_bytes: Some(system_size + (64 << 20)),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(set.changed, ["cpus", "memory", "disk", "system_disk"]);
+    assert!(set.warnings.is_empty(), "{:?}", set.warnings);
+    assert_eq!(std::fs::metadata(&work).unwrap().len(), 512 << 20);
+    assert_eq!(
+        std::fs::metadata(&system).unwrap().len(),
+        system_size + (64 << 20)
+    );
+    // The work filesystem fills its grown file.
+    let dumped = std::process::Command::new(banger_e2e::system_tool("dumpe2fs"))
+        .arg("-h")
+        .arg(&work)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&dumped.stdout);
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        field("Block count:") * field("Block size:"),
+        512 << 20,
+        "{text}"
+    );
+
+    let before = install.requests().len();
+    let started = manager.start_vm("fc").await.unwrap();
+    let pid = started.vm.runtime.clone().unwrap().pid.unwrap();
+    reaper.0.push((pid, vm.id.clone()));
+    let config = install.requests()[before..]
+        .iter()
+        .find(|r| r.1 == "/machine-config")
+        .map(|r| r.3.clone())
+        .unwrap();
+    assert_eq!(
+        (&config["vcpu_count"], &config["mem_size_mib"]),
+        (&Value::from(1), &Value::from(256)),
+        "{config}"
+    );
+    let check = started.vm.start_fsck.unwrap();
+    assert!(!check.ran && check.why.contains("clean"), "{check:?}");
+
+    // Killed behind banger's back: unclean, and the next start checks both raw disks.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let gone = loop {
+        let vm = manager.get_vm("fc").await.unwrap();
+        if vm.state == VmState::Stopped {
+            break vm;
+        }
+        assert!(std::time::Instant::now() < deadline, "the fake still runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(gone.last_stop.unwrap().kind, StopKind::Unclean);
+    let started = manager.start_vm("fc").await.unwrap();
+    reaper.0.push((
+        started.vm.runtime.clone().unwrap().pid.unwrap(),
+        vm.id.clone(),
+    ));
+    let check = started.vm.start_fsck.unwrap();
+    assert!(check.ran, "{check:?}");
+    let disks: Vec<(&str, FsckResult)> = check
+        .disks
+        .iter()
+        .map(|d| (d.disk.as_str(), d.result))
+        .collect();
+    assert_eq!(
+        disks,
+        [("work", FsckResult::Clean), ("system", FsckResult::Clean)],
+        "{check:?}"
+    );
+    manager.stop_vm("fc", true).await.unwrap();
+    manager.remove_vm("fc").await.unwrap();
 }

@@ -30,7 +30,10 @@ fn build_kernel(env: &TestEnv) -> serde_json::Value {
 #[test]
 fn the_microvm_kernel_boots_to_ssh_with_its_devices_on_the_command_line() {
     if !Path::new(SOURCE).is_file() {
-        eprintln!("SKIP: {SOURCE} is missing (Debian's linux-source-6.1; scripts/install-deps)");
+        banger_shared::skip::report(
+            "the_microvm_kernel_boots_to_ssh_with_its_devices_on_the_command_line",
+            &format!("{SOURCE} is missing (Debian's linux-source-6.1; scripts/install-deps)"),
+        );
         return;
     }
     let env = TestEnv::new();

@@ -5,93 +5,13 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use banger_e2e::{TestEnv, bin, poll};
+use banger_e2e::{Netns, TestEnv, bin, poll, tcp_server};
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
-
-/// A network namespace, deleted on drop even when the test fails.
-struct Netns(String);
-
-impl Netns {
-    fn new(prefix: &str) -> Self {
-        let name = format!("{prefix}-{}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["netns", "add", &name]);
-        let ns = Self(name);
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", self.0.as_str()];
-        all.extend_from_slice(args);
-        ip(&all);
-    }
-    fn output(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-    /// Runs `f` on a thread that entered this namespace.
-    fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let file = std::fs::File::open(format!("/run/netns/{}", self.0)).unwrap();
-        std::thread::spawn(move || {
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-    }
-    fn links(&self) -> Vec<String> {
-        let value: serde_json::Value =
-            serde_json::from_str(&self.output(&["ip", "-j", "link"])).unwrap();
-        value
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["ifname"].as_str().unwrap().to_owned())
-            .collect()
-    }
-    fn nft_tables(&self) -> Vec<String> {
-        let value: serde_json::Value =
-            serde_json::from_str(&self.output(&["nft", "-j", "list", "tables"])).unwrap();
-        value["nftables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|e| e.get("table"))
-            .map(|t| t["name"].as_str().unwrap().to_owned())
-            .collect()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-        let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.0));
-    }
-}
-
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().unwrap();
-    assert!(status.success(), "ip {args:?}");
-}
 
 /// The root helper running inside `ns`, killed on drop.
 struct Helper(Child);
@@ -676,21 +596,6 @@ fn dns_answers(ns: &Netns, from: Option<&str>, server: &str) -> bool {
     })
     .join()
     .unwrap()
-}
-
-/// A TCP server in `ns` on `addr` that accepts for ever, sending each peer its address.
-fn tcp_server(ns: &Netns, addr: &str) {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let listener = ns
-        .run(move || TcpListener::bind(addr).unwrap())
-        .join()
-        .unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let peer = stream.peer_addr().map(|p| p.ip().to_string());
-            let _ = (&stream).write_all(format!("{}\n", peer.unwrap_or_default()).as_bytes());
-        }
-    });
 }
 
 /// A UDP server in `ns` on `addr` that answers every datagram with itself.

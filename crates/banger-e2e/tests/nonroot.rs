@@ -5,40 +5,10 @@
 //! and room to install (the system disk's configured size, grown into at boot).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
-
-use banger_e2e::{Run, TestEnv};
-
-/// The uid a process runs as (`Uid:` in /proc/PID/status, the real uid).
-fn process_uid(pid: u32) -> u32 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
+use banger_e2e::{Run, TestEnv, process_uid};
 
 fn exec(env: &TestEnv, script: &str) -> Run {
     env.banger(&["vm", "exec", "dev", "--", "sh", "-c", script])
-}
-
-/// Runs `script` in `dir` as the instance's owner; panics unless it succeeds.
-fn owner_sh(env: &TestEnv, dir: &Path, script: &str) -> String {
-    let out = env
-        .owner_command("sh")
-        .arg("-c")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]
@@ -127,64 +97,7 @@ fn an_unprivileged_owner_builds_an_image_and_works_in_a_vm() {
 
     // Workspace from a repository the owner made: git works on it in the guest, and the
     // export comes back to the owner.
-    let repo = env.dir().join("repo");
-    std::fs::create_dir(&repo).unwrap();
-    env.chown_to_owner(&repo);
-    owner_sh(
-        &env,
-        &repo,
-        "git init -q . && git config user.email t@example.com && git config user.name T \
-         && echo hello > a.txt && git add a.txt && git commit -qm init",
-    );
-    env.banger(&["vm", "workspace", "prepare", "dev", repo.to_str().unwrap()])
-        .ok();
-    let status = exec(
-        &env,
-        "cd /root/repo && git status --porcelain && stat -c '%u:%g' . a.txt .git",
-    )
-    .ok();
-    assert!(!status.stderr.contains("dubious"), "{}", status.stderr);
-    assert_eq!(status.stdout.trim(), "0:0\n0:0\n0:0", "{}", status.stdout);
-    exec(
-        &env,
-        "cd /root/repo && echo changed > a.txt && echo new > b.txt",
-    )
-    .ok();
-    let patch = env.dir().join("out.patch");
-    let out = env.dir().join("exported");
-    env.banger(&[
-        "vm",
-        "workspace",
-        "export",
-        "dev",
-        "--patch",
-        patch.to_str().unwrap(),
-    ])
-    .ok();
-    owner_sh(&env, &repo, &format!("git apply {}", patch.display()));
-    assert_eq!(
-        std::fs::read_to_string(repo.join("a.txt")).unwrap(),
-        "changed\n"
-    );
-    assert_eq!(
-        std::fs::read_to_string(repo.join("b.txt")).unwrap(),
-        "new\n"
-    );
-    env.banger(&[
-        "vm",
-        "workspace",
-        "export",
-        "dev",
-        "--to",
-        out.to_str().unwrap(),
-    ])
-    .ok();
-    let exported = out.join("b.txt");
-    assert_eq!(std::fs::read_to_string(&exported).unwrap(), "new\n");
-    assert_eq!(
-        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&exported).unwrap()),
-        owner.uid
-    );
+    env.workspace_round_trip("dev");
 
     // Stop keeps what was written; rm leaves no process and no VM directory.
     env.banger(&["vm", "stop", "dev"]).ok();

@@ -69,9 +69,9 @@ fn the_installed_qemu_boots_with_the_threading_its_version_allows() {
 #[test]
 fn qemu_7_2_boots_single_threaded() {
     let Ok(binary) = std::env::var("BANGER_QEMU_7_2") else {
-        eprintln!(
-            "SKIP qemu_7_2_boots_single_threaded: BANGER_QEMU_7_2 is not set \
-             (scripts/fetch-qemu-7.2 prints the path; .ci/run sets it)"
+        banger_shared::skip::report(
+            "qemu_7_2_boots_single_threaded",
+            "BANGER_QEMU_7_2 is not set (scripts/fetch-qemu-7.2 prints the path; .ci/run sets it)",
         );
         return;
     };

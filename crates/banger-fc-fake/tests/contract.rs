@@ -23,15 +23,18 @@ struct Fake {
 fn real_firecracker() -> Option<PathBuf> {
     match std::env::var_os("FIRECRACKER_BIN").map(PathBuf::from) {
         Some(path) if path.is_file() => {
-            eprintln!(
-                "replaying against the real Firecracker at {}",
-                path.display()
+            banger_shared::skip::announce_real(
+                "contract replay",
+                &format!("against the real Firecracker at {}", path.display()),
             );
             Some(path)
         }
         Some(path) => panic!("FIRECRACKER_BIN={} is not a file", path.display()),
         None => {
-            eprintln!("SKIP: FIRECRACKER_BIN is not set: the cases ran against the fake only");
+            banger_shared::skip::report(
+                "contract replay against the real Firecracker",
+                "FIRECRACKER_BIN is not set: the cases ran against the fake only",
+            );
             None
         }
     }
@@ -557,7 +560,10 @@ fn the_vendored_spec_is_the_reference_copy() {
     let reference = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../../shared/reference/firecracker-1.17.0-dev.yaml");
     let Ok(reference) = std::fs::read(&reference) else {
-        eprintln!("no reference copy beside the repository; skipped");
+        banger_shared::skip::report(
+            "the_vendored_spec_is_the_reference_copy",
+            "no ../shared/reference beside the repository",
+        );
         return;
     };
     assert!(

@@ -979,7 +979,10 @@ mod tests {
                 victim.kill().unwrap();
                 victim.wait().unwrap();
             }
-            None => eprintln!("SKIP: could not hand pid {pid} to a new process (ns_last_pid)"),
+            None => banger_shared::skip::report(
+                "pid reuse check",
+                &format!("could not hand pid {pid} to a new process (ns_last_pid)"),
+            ),
         }
         let mut live = Command::new("sleep").arg("30").spawn().unwrap();
         let pid = live.id() as i32;

@@ -286,6 +286,52 @@ pub fn ensure_tap(config: &NetConfig, name: &str) -> Result<(), NetError> {
     Ok(())
 }
 
+/// `struct ifreq` as TUNSETIFF reads it: the name, then the flags (the union's first member),
+/// padded to the kernel's 40 bytes.
+#[repr(C)]
+struct TunIfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+nix::ioctl_write_ptr_bad!(tun_set_iff, 0x4004_54ca, TunIfReq);
+
+/// TUNSETIFF flags: a tap, without packet information, with virtio-net headers (what QEMU
+/// asks for itself when it opens a tap by name).
+const TAP_FLAGS: libc::c_short = 0x0002 | 0x1000 | 0x4000;
+
+/// [`ensure_tap`], then a queue of it opened here (`/dev/net/tun` + TUNSETIFF) for the
+/// owner's VMM to use as its NIC (`-netdev tap,fd=N`). The owner could open their own tap
+/// themselves where `/dev/net/tun` is 0666 (the kernel lets a tap's owner attach to it); the
+/// descriptor gives them exactly that and nothing more, on hosts where the node is root's
+/// only (no udev).
+pub fn open_tap(config: &NetConfig, name: &str) -> Result<std::os::fd::OwnedFd, NetError> {
+    use std::os::fd::AsRawFd;
+    ensure_tap(config, name)?;
+    let io = |context: String| move |source| NetError::Io { context, source };
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(io("cannot open /dev/net/tun".into()))?;
+    let mut request = TunIfReq {
+        name: [0; 16],
+        flags: TAP_FLAGS,
+        _pad: [0; 22],
+    };
+    // The name was validated (at most 15 bytes), so a NUL always follows it.
+    let bytes = name.as_bytes();
+    request.name[..bytes.len().min(15)].copy_from_slice(&bytes[..bytes.len().min(15)]);
+    // SAFETY: TUNSETIFF reads one `struct ifreq`, which `TunIfReq` lays out (40 bytes); the
+    // descriptor is open for the call.
+    unsafe { tun_set_iff(tun.as_raw_fd(), &request) }.map_err(|errno| NetError::Io {
+        context: format!("cannot attach to tap {name}"),
+        source: std::io::Error::from(errno),
+    })?;
+    Ok(tun.into())
+}
+
 /// Removes the tap (a name of this owner's, checked by the caller) when it exists.
 pub fn delete_tap(name: &str) -> Result<(), NetError> {
     if link_exists(name) {

@@ -273,6 +273,18 @@ impl Server {
                     Err(e) => failed(&display_chain(&e)),
                 },
             },
+            HelperOp::OpenTap { name } => match validate::tap(name, self.net.owner) {
+                Err(e) => invalid(e),
+                Ok(name) => match net::open_tap(&self.net, name) {
+                    Ok(fd) => (
+                        HelperReply::Ok {
+                            result: HelperResult::Done,
+                        },
+                        Some(fd),
+                    ),
+                    Err(e) => failed(&display_chain(&e)),
+                },
+            },
             HelperOp::DeleteTap { name } => match validate::tap(name, self.net.owner) {
                 Err(e) => invalid(e),
                 Ok(name) => match net::delete_tap(name) {

@@ -163,6 +163,41 @@ fn network_up_and_down_in_a_namespace() {
     let socket = std::net::UdpSocket::from(fd.expect("an fd with the reply"));
     assert_eq!(socket.local_addr().unwrap().to_string(), "172.30.0.1:53");
 
+    // A tap queue arrives as a file descriptor attached to that tap (made on demand, on the
+    // bridge); while it is open the tap carries (IFF_UP|LOWER_UP once attached).
+    let mut stream = UnixStream::connect(&helper.socket).unwrap();
+    write_frame(
+        &mut stream,
+        &HelperRequest {
+            op_id: "tap".into(),
+            op: HelperOp::OpenTap {
+                name: "bg0t5".into(),
+            },
+        },
+    )
+    .unwrap();
+    let (reply, fd) = recv_with_fd(&stream);
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    let fd = fd.expect("a tap queue with the reply");
+    assert_eq!(tap_name_of(&fd), "bg0t5");
+    let master = ns.exec(&["readlink", "/sys/class/net/bg0t5/master"]);
+    assert!(
+        String::from_utf8_lossy(&master.stdout)
+            .trim()
+            .ends_with("/bg0")
+    );
+    // Another owner's tap name is refused before anything is opened.
+    refused(
+        request(
+            &helper.socket,
+            HelperOp::OpenTap {
+                name: "bg1000t0".into(),
+            },
+        ),
+        "not of this helper's owner",
+    );
+    drop(fd);
+
     let reply = request(&helper.socket, HelperOp::NetworkDown);
     assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
     let names = links(&ns);
@@ -174,6 +209,17 @@ fn network_up_and_down_in_a_namespace() {
     // Down again: idempotent.
     let reply = request(&helper.socket, HelperOp::NetworkDown);
     assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+}
+
+/// The name of the tap a tun queue is attached to (TUNGETIFF).
+fn tap_name_of(fd: &std::os::fd::OwnedFd) -> String {
+    use std::os::fd::AsRawFd;
+    nix::ioctl_read_bad!(tun_get_iff, 0x8004_54d2, [u8; 40]);
+    let mut ifreq = [0u8; 40];
+    // SAFETY: TUNGETIFF writes one 40-byte `struct ifreq`; the descriptor is open.
+    unsafe { tun_get_iff(fd.as_raw_fd(), &mut ifreq) }.unwrap();
+    let end = ifreq[..16].iter().position(|b| *b == 0).unwrap_or(16);
+    String::from_utf8_lossy(&ifreq[..end]).into_owned()
 }
 
 fn recv_with_fd(stream: &UnixStream) -> (HelperReply, Option<std::os::fd::OwnedFd>) {

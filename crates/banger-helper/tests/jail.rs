@@ -60,15 +60,19 @@ fn binaries(dir: &Path) -> (PathBuf, PathBuf, bool) {
         std::env::var_os("JAILER_BIN"),
         std::env::var_os("FIRECRACKER_BIN"),
     ) {
-        eprintln!(
-            "REAL: jail tests run the real jailer {} and Firecracker {}",
-            jailer.to_string_lossy(),
-            firecracker.to_string_lossy()
+        banger_shared::skip::announce_real(
+            "helper jail tests",
+            &format!(
+                "the real jailer {} and Firecracker {}",
+                jailer.to_string_lossy(),
+                firecracker.to_string_lossy()
+            ),
         );
         return (jailer.into(), firecracker.into(), true);
     }
-    eprintln!(
-        "SKIP: real jailer/Firecracker not run (set JAILER_BIN and FIRECRACKER_BIN); using the fakes"
+    banger_shared::skip::report(
+        "helper jail tests against the real jailer/Firecracker",
+        "JAILER_BIN and FIRECRACKER_BIN are not set; the fakes ran instead",
     );
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
@@ -274,7 +278,10 @@ fn spawn_jailed_refuses_what_it_must() {
             refused(reply, "exists already");
             assert!(exists, "the existing cgroup was left alone");
         }
-        None => eprintln!("SKIP: no cgroup hierarchy with the cpu and memory controllers here"),
+        None => banger_shared::skip::report(
+            "existing cgroup refused",
+            "no cgroup hierarchy with the cpu and memory controllers here",
+        ),
     }
     // Nothing was built, and the helper still serves.
     assert_eq!(

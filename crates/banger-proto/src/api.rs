@@ -86,6 +86,10 @@ pub struct VmSpec {
     /// How the system disk was made: `qcow2`, `reflink`, `dm` or `copy`.
     #[serde(default = "default_system_disk")]
     pub system_disk: String,
+    /// Size of the system disk the guest sees, in bytes (read from the disk; absent when it
+    /// cannot be read). The root filesystem grows into it at boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_disk_size_bytes: Option<u64>,
 }
 
 fn default_vmm() -> String {
@@ -138,6 +142,139 @@ pub struct Vm {
     /// The VM's network (absent in replies that do not look it up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<VmNetwork>,
+    /// How the VM's VMM last ended (absent until it stopped once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_stop: Option<LastStop>,
+    /// What the last start checked on the disks before booting (absent until it started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_fsck: Option<StartFsck>,
+}
+
+/// Whether a VM's disks were left consistent when its VMM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum StopKind {
+    /// The guest shut down by itself (power-off after `sync`, ACPI, reboot): its filesystems
+    /// were unmounted.
+    Clean,
+    /// The VMM ended under a running guest (killed, quit, crashed, host crash): the next start
+    /// checks the disks first.
+    Unclean,
+}
+
+impl StopKind {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Clean => "clean",
+            Self::Unclean => "unclean",
+        }
+    }
+}
+
+/// How a VM's VMM last ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LastStop {
+    pub kind: StopKind,
+    /// What ended it: a `vm stop` method (`poweroff`, `acpi`, `ctrl-alt-del`, `quit`, `kill`)
+    /// or what the daemon found (e.g. `the VMM exited without the guest shutting down`).
+    pub how: String,
+    /// RFC 3339 UTC.
+    pub at: String,
+}
+
+/// What a start checked on a VM's disks before booting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StartFsck {
+    /// RFC 3339 UTC.
+    pub at: String,
+    /// Whether `e2fsck` ran on any disk.
+    pub ran: bool,
+    /// Why it ran or not (e.g. `the last stop was clean (poweroff)`).
+    pub why: String,
+    /// One entry per disk considered when it ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskFsck>,
+}
+
+/// `e2fsck -p` on one disk before a start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DiskFsck {
+    /// `work` or `system`.
+    pub disk: String,
+    pub result: FsckResult,
+    /// e2fsck's exit status, when it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// e2fsck's last line, or why the disk was not checked.
+    pub detail: String,
+}
+
+/// Outcome of `e2fsck -p` on one disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum FsckResult {
+    /// Nothing to repair (exit 0).
+    Clean,
+    /// Repaired, journal replay included (exit 1 or 2).
+    Repaired,
+    /// Not repairable automatically (exit 4 or more): the start was refused.
+    Failed,
+    /// Not checked on the host (e.g. a qcow2 system disk; `detail` says why).
+    Skipped,
+}
+
+impl FsckResult {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Clean => "clean",
+            Self::Repaired => "repaired",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+/// `PATCH /v1/vms/{name}` (`banger vm set`): the resources to change; omitted fields stay.
+/// CPUs, memory and the system disk change only while the VM is stopped; the work disk also
+/// grows while a QEMU VM runs. Disks only grow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SetVmRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// New size of the work disk in bytes (at least its current size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size_bytes: Option<u64>,
+    /// New size of the system disk in bytes (at least its current size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_disk_size_bytes: Option<u64>,
+}
+
+/// What `PATCH /v1/vms/{name}` changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SetVmResult {
+    /// The VM with its new spec.
+    pub vm: Vm,
+    /// What changed: `cpus`, `memory`, `disk`, `system_disk` (empty: nothing did).
+    pub changed: Vec<String>,
+    /// Whether the work disk was grown under the running guest (its /root grew at once).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub online: bool,
+    /// What did not happen as asked without failing the change (e.g. the guest could not
+    /// grow /root now, so the next start grows it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// A VM's network: `bridge` with its lease, `user` (QEMU user-mode networking with
@@ -365,9 +502,32 @@ pub struct Image {
     /// Name of the kernel it boots.
     pub kernel: String,
     pub size_bytes: u64,
-    /// Where it came from: `build:<recipe digest>` or `import:<path>`.
+    /// Where it came from: `build:<recipe digest>`, `import:<path>` or `pull:<ref>@<digest>`.
     pub source: String,
     pub created_at: String,
+    /// The image's work-seed (what a new VM's /root starts with), by digest; none when the
+    /// image has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_seed: Option<String>,
+    /// What `vm exec` runs with in VMs of this image (an image built `--from` a container
+    /// image keeps its ENV, WORKDIR and USER).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecDefaults>,
+}
+
+/// Defaults of `vm exec` in VMs of an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ExecDefaults {
+    /// `NAME=VALUE` pairs set for the command.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// Where the command runs when no workspace was prepared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// The guest user the command runs as (a name; root when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// `POST /v1/images/import`: register local files as an image (and its kernel).
@@ -382,6 +542,10 @@ pub struct ImportImageRequest {
     pub kernel: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
+    /// Absolute path of a directory whose tree a new VM's /root starts with (symlinks kept
+    /// as links; every file the guest root's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_seed: Option<String>,
 }
 
 /// `POST /v1/kernels/import`.
@@ -410,6 +574,18 @@ pub struct BuildImageRequest {
     /// Rebuild even when an image of the same recipe exists.
     #[serde(default)]
     pub force: bool,
+    /// Absolute path of a directory whose tree a new VM's /root starts with (symlinks kept
+    /// as links; every file the guest root's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_seed: Option<String>,
+    /// Build from this container image instead of the recipe: `HOST[:PORT]/REPO[:TAG]` in a
+    /// registry, or `oci:/ABSOLUTE/DIR[:TAG]` (an OCI image layout). Debian-family images
+    /// with apt only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Plain HTTP to a `from` registry that is not on loopback.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// `GET /v1/images/build/progress`: the image build running now, if any.
@@ -451,6 +627,16 @@ pub struct SshInfo {
     /// Where `vm exec` runs commands: /root/repo once a workspace was prepared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
+    /// Where `vm exec` runs commands when no workspace was prepared: the image's working
+    /// directory, if it names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_workdir: Option<String>,
+    /// `NAME=VALUE` pairs `vm exec` sets (the image's environment).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// The guest user `vm exec` runs commands as (the image's; root when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_user: Option<String>,
 }
 
 /// `GET /v1/vms/{name}/console?offset=N`: serial console output from byte `offset`.

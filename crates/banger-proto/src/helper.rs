@@ -1,8 +1,8 @@
 //! The root helper's wire protocol: [`HelperRequest`] (a closed set of [`HelperOp`]s) and
 //! [`HelperReply`], each sent as one frame on a Unix stream socket: a 4-byte big-endian length,
 //! then that many bytes of JSON. Frames above [`MAX_FRAME`] are refused before anything is
-//! allocated. A reply to [`HelperOp::BindDns`] carries a file descriptor (SCM_RIGHTS) next to
-//! its frame; that part is the transport's business, not this module's.
+//! allocated. A reply to [`HelperOp::BindDns`] or [`HelperOp::OpenTap`] carries a file
+//! descriptor (SCM_RIGHTS) next to its frame; that part is the transport's business, not this module's.
 //!
 //! The codec is generic over `std::io::Read`/`Write`, so both sides (and the fuzz test) use the
 //! same code.
@@ -72,6 +72,11 @@ pub enum HelperOp {
     /// Makes sure the tap (named for the owner) exists, is owned by the owner, attached to
     /// the owner's bridge and up.
     EnsureTap { name: String },
+    /// [`HelperOp::EnsureTap`], then a queue of that tap opened by the helper
+    /// (`/dev/net/tun`, TUNSETIFF as a tap without packet info, with virtio-net headers),
+    /// passed back with SCM_RIGHTS: the owner's VMM uses it as its NIC where `/dev/net/tun`
+    /// is not open to the owner.
+    OpenTap { name: String },
     /// Removes the tap if it exists.
     DeleteTap { name: String },
     /// Checks that `ip` may be leased: inside the subnet, not the network, gateway or broadcast
@@ -164,6 +169,7 @@ impl HelperOp {
             Self::NetworkStatus => "network_status",
             Self::NetworkDown => "network_down",
             Self::EnsureTap { .. } => "ensure_tap",
+            Self::OpenTap { .. } => "open_tap",
             Self::DeleteTap { .. } => "delete_tap",
             Self::CheckAddress { .. } => "check_address",
             Self::BindDns => "bind_dns",

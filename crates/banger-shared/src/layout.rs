@@ -230,6 +230,16 @@ impl Layout {
     pub fn kernels_dir(&self) -> PathBuf {
         self.data_dir.join("kernels")
     }
+    /// Content-addressed work-seed store: each seed is a directory tree (owned by the daemon's
+    /// user; the guest's root owns it on the work disk).
+    pub fn work_seeds_dir(&self) -> PathBuf {
+        self.data_dir.join(WORK_SEEDS)
+    }
+    /// The tree of the work-seed with `digest` (sha256 over the length and the bytes of its
+    /// canonical tar, as the other stores' digests): a new VM's /root starts with it.
+    pub fn work_seed(&self, digest: &str) -> PathBuf {
+        self.work_seeds_dir().join(digest)
+    }
     /// The root helper's socket for `uid` when the config names none.
     pub fn default_helper_socket(uid: u32) -> PathBuf {
         PathBuf::from(format!("/run/banger-helper/{uid}.sock"))
@@ -297,6 +307,8 @@ impl VmSeed {
     }
 }
 
+/// Directory of the work-seed store under the data dir.
+pub const WORK_SEEDS: &str = "work-seeds";
 /// The kernel image in a kernel directory.
 pub const KERNEL_VMLINUX: &str = "vmlinux";
 /// The optional initrd in a kernel directory.

@@ -162,6 +162,31 @@ pub enum VmCommand {
     Ls(JsonFlag),
     /// List or change a VM's published ports (`-p` of `vm create|run`).
     Port(PortArgs),
+    /// Change a VM's vCPUs, memory or disk sizes. CPUs, memory and the system disk change
+    /// while the VM is stopped (its next start uses them); the work disk also grows while a
+    /// QEMU VM runs (/root grows at once). Disks only grow; a smaller size is refused and
+    /// nothing changes. More vCPUs or memory than this host has are refused.
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true)
+        .args(["cpus", "memory", "disk", "system_disk"])))]
+    Set {
+        name: VmName,
+        /// Number of vCPUs (at most the host's CPUs).
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Guest memory, e.g. 2G or 1536 (MiB); at most the host's memory.
+        #[arg(long, value_parser = ByteSize::parse_mib)]
+        memory: Option<ByteSize>,
+        /// Work disk size (/root), e.g. 20G: at least its current size.
+        #[arg(long, value_parser = ByteSize::parse)]
+        disk: Option<ByteSize>,
+        /// System disk size (/), e.g. 16G: at least its current size; the guest grows / into
+        /// it at its next boot.
+        #[arg(long, value_parser = ByteSize::parse)]
+        system_disk: Option<ByteSize>,
+        /// Print the new spec as JSON.
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Show one VM.
     Show {
         name: VmName,
@@ -371,7 +396,8 @@ pub struct JsonFlag {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Build the default Debian image (mmdebstrap, no root needed) and its kernel.
+    /// Build the default Debian image (mmdebstrap, no root needed) and its kernel, or an
+    /// image from a container image (--from).
     Build {
         /// Image name.
         #[arg(default_value = "default")]
@@ -382,6 +408,21 @@ pub enum ImageCommand {
         /// Rebuild even when the image of this recipe exists.
         #[arg(long)]
         force: bool,
+        /// A directory whose tree each new VM's /root (work disk) starts with: dotfiles,
+        /// pre-fetched caches. Stored with the image (symlinks kept as links), pushed and
+        /// pulled with it; every file is the guest root's.
+        #[arg(long, value_name = "DIR")]
+        work_seed: Option<std::path::PathBuf>,
+        /// Build from a container image instead: HOST[:PORT]/REPO[:TAG] in a registry, or
+        /// oci:DIR[:TAG] (an OCI image layout). Its layers become the root filesystem;
+        /// systemd, openssh-server and banger's guest setup are added with its own apt
+        /// (Debian-family images only) from the host's apt mirror (or --mirror); its ENV,
+        /// WORKDIR and USER become `vm exec`'s defaults; it boots the default kernel.
+        #[arg(long, value_name = "REF")]
+        from: Option<String>,
+        /// Allow plain HTTP to a --from registry that is not on loopback.
+        #[arg(long, requires = "from")]
+        insecure: bool,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -397,6 +438,9 @@ pub enum ImageCommand {
         /// Initrd for a kernel file.
         #[arg(long)]
         initrd: Option<std::path::PathBuf>,
+        /// A directory whose tree each new VM's /root starts with (as for `image build`).
+        #[arg(long, value_name = "DIR")]
+        work_seed: Option<std::path::PathBuf>,
         #[command(flatten)]
         json: JsonFlag,
     },

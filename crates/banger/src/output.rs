@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 
-use banger_proto::{ByteSize, Vm};
+use banger_proto::{ByteSize, SetVmResult, Vm};
 
 /// `text` with every control character (C0 except newline and tab, DEL, C1) shown as an
 /// escape (`\x1b`, `\u{9b}`) instead of sent; `\r\n` becomes `\n`. For multi-line guest
@@ -136,7 +136,13 @@ pub fn vm_details(vm: &Vm) -> String {
             "backend",
             format!("{}: {}", vm.spec.vmm, vm.spec.vmm_reason),
         ),
-        ("system disk", vm.spec.system_disk.clone()),
+        (
+            "system disk",
+            match vm.spec.system_disk_size_bytes {
+                Some(bytes) => format!("{}, {}", vm.spec.system_disk, ByteSize(bytes)),
+                None => vm.spec.system_disk.clone(),
+            },
+        ),
         ("created", vm.created_at.clone()),
         ("updated", vm.updated_at.clone()),
     ];
@@ -184,10 +190,77 @@ pub fn vm_details(vm: &Vm) -> String {
         }
         pairs.push(("ssh", format!("{}:{}", runtime.ssh_host, runtime.ssh_port)));
     }
+    if let Some(stop) = &vm.last_stop {
+        pairs.push((
+            "last stop",
+            format!("{} ({}), {}", stop.kind.as_str(), stop.how, stop.at),
+        ));
+    }
+    if let Some(check) = &vm.start_fsck {
+        let text = if check.ran {
+            let disks: Vec<String> = check
+                .disks
+                .iter()
+                .map(|d| match d.exit_code {
+                    Some(code) => format!("{} {} (exit {code})", d.disk, d.result.as_str()),
+                    None => format!("{} {} ({})", d.disk, d.result.as_str(), d.detail),
+                })
+                .collect();
+            format!("ran: {}; {}", check.why, disks.join(", "))
+        } else {
+            format!("not run: {}", check.why)
+        };
+        pairs.push(("start fsck", text));
+    }
     if let Some(error) = &vm.last_error {
         pairs.push(("last error", error.clone()));
     }
     self::pairs(&pairs)
+}
+
+/// What `vm set` changed, in one line.
+pub fn set_summary(result: &SetVmResult) -> String {
+    let spec = &result.vm.spec;
+    let name = &result.vm.name;
+    let values: Vec<String> = result
+        .changed
+        .iter()
+        .map(|what| match what.as_str() {
+            "cpus" => format!("{} vCPUs", spec.cpus),
+            "memory" => format!("{} memory", ByteSize(spec.memory_mib << 20)),
+            "disk" => format!("{} work disk", ByteSize(spec.disk_size_bytes)),
+            "system_disk" => format!(
+                "{} system disk",
+                spec.system_disk_size_bytes
+                    .map_or_else(|| "?".to_owned(), |b| ByteSize(b).to_string())
+            ),
+            other => other.to_owned(),
+        })
+        .collect();
+    if values.is_empty() {
+        return format!(
+            "VM {name} already has that: nothing changed ({} vCPUs, {} memory, {} work disk)\n",
+            spec.cpus,
+            ByteSize(spec.memory_mib << 20),
+            ByteSize(spec.disk_size_bytes)
+        );
+    }
+    let mut notes = Vec::new();
+    if result.online {
+        notes.push("/root has the room now");
+    }
+    if result.changed.iter().any(|c| c == "cpus" || c == "memory") {
+        notes.push("its next start uses the new CPUs and memory");
+    }
+    if result.changed.iter().any(|c| c == "system_disk") {
+        notes.push("the guest grows / into the system disk at its next boot");
+    }
+    let notes = if notes.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", notes.join("; "))
+    };
+    escape_line(&format!("VM {name} now has {}{notes}", values.join(", "))).into_owned() + "\n"
 }
 
 /// Aligned `key: value` lines; every value is escaped ([`escape_line`]).

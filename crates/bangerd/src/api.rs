@@ -15,14 +15,16 @@ use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
     ApiError, BuildImageRequest, BuildKernelRequest, BuildProgress, CheckStatus, ConsoleChunk,
-    CopyDirection, CopyRequest, CopyResult, CreateVmRequest, DaemonStatus, DiskUsage, DoctorCheck,
-    DoctorReport, ErrorBody, ErrorCode, ExportResult, ExportWorkspaceRequest, FsUsage, GuestStats,
-    Image, ImportImageRequest, ImportKernelRequest, Kernel, KernelBuildProgress,
-    KernelCapabilities, LeaseInfo, LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER,
-    PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress, PrepareResult,
-    PrepareWorkspaceRequest, PullPolicy, PullRequest, PullResult, PushRequest, RegistryAccess,
-    SshConfigRequest, SshConfigResult, SshInfo, StopVmRequest, TransferProgress, TransferResult,
-    Vm, VmNetwork, VmRuntime, VmSpec, VmState, VmStats, WorkspaceDiff, WorkspaceStatus,
+    CopyDirection, CopyRequest, CopyResult, CreateVmRequest, DaemonStatus, DiskFsck, DiskUsage,
+    DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExecDefaults, ExportResult,
+    ExportWorkspaceRequest, FsUsage, FsckResult, GuestStats, Image, ImportImageRequest,
+    ImportKernelRequest, Kernel, KernelBuildProgress, KernelCapabilities, LastStop, LeaseInfo,
+    LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER, PortChangeRequest, PortList,
+    PortMapping, PortProto, PrepareProgress, PrepareResult, PrepareWorkspaceRequest, PullPolicy,
+    PullRequest, PullResult, PushRequest, RegistryAccess, SetVmRequest, SetVmResult,
+    SshConfigRequest, SshConfigResult, SshInfo, StartFsck, StopKind, StopVmRequest,
+    TransferProgress, TransferResult, Vm, VmNetwork, VmRuntime, VmSpec, VmState, VmStats,
+    WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -56,7 +58,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/doctor", get(doctor))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/stats", get(stats))
-        .route("/v1/vms/{name}", get(get_vm).delete(remove_vm))
+        .route(
+            "/v1/vms/{name}",
+            get(get_vm).patch(set_vm).delete(remove_vm),
+        )
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/pause", post(pause_vm))
@@ -280,6 +285,21 @@ async fn get_vm(
     Path(name): Path<String>,
 ) -> Result<Json<Vm>, HttpError> {
     Ok(Json(state.manager.get_vm(&name).await?))
+}
+
+#[utoipa::path(patch, path = "/v1/vms/{name}", tag = "vms", request_body = SetVmRequest,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "Changed (`changed` lists what; empty when nothing differed)", body = SetVmResult),
+              (status = 400, description = "Refused (a smaller disk, more than the host has); nothing changed", body = ErrorBody),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "Not while the VM runs (CPUs, memory, system disk), is paused or suspended", body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+async fn set_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<SetVmRequest>,
+) -> Result<Json<SetVmResult>, HttpError> {
+    Ok(Json(state.manager.set_vm(&name, request).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/vms/{name}", tag = "vms",
@@ -724,6 +744,7 @@ async fn transfer_progress(
         create_vm,
         stats,
         get_vm,
+        set_vm,
         remove_vm,
         start_vm,
         stop_vm,
@@ -761,6 +782,14 @@ async fn transfer_progress(
         ssh_config
     ),
     components(schemas(
+        DiskFsck,
+        ExecDefaults,
+        FsckResult,
+        LastStop,
+        SetVmRequest,
+        SetVmResult,
+        StartFsck,
+        StopKind,
         VmStats,
         DiskUsage,
         NetCounters,

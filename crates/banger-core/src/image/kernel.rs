@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-use super::{GUEST_FILES, ImageError, io_err};
+use super::{ImageError, io_err};
 
 /// Where the kernel recipe lives inside the guest recipe.
 pub const RECIPE_DIR: &str = "microvm-kernel/";
@@ -48,16 +48,7 @@ pub fn recipe_digest(source: &Path) -> Result<String, ImageError> {
         ),
     })?;
     let mut hasher = Sha256::new();
-    for (path, content, mode) in GUEST_FILES {
-        if !is_recipe_file(path) {
-            continue;
-        }
-        hasher.update(path.as_bytes());
-        hasher.update([0]);
-        hasher.update(mode.to_le_bytes());
-        hasher.update((content.len() as u64).to_le_bytes());
-        hasher.update(content);
-    }
+    super::hash_guest_files(&mut hasher, is_recipe_file);
     hasher.update(source.as_os_str().as_encoded_bytes());
     hasher.update(meta.len().to_le_bytes());
     hasher.update(meta.mtime().to_le_bytes());
@@ -252,7 +243,7 @@ mod tests {
 
     #[test]
     fn the_kernel_recipe_is_embedded_and_apart_from_the_image_recipe() {
-        let names: Vec<&str> = GUEST_FILES.iter().map(|f| f.0).collect();
+        let names: Vec<&str> = super::super::GUEST_FILES.iter().map(|f| f.0).collect();
         assert!(names.contains(&BUILD_SCRIPT), "{names:?}");
         assert!(
             names.contains(&"microvm-kernel/microvm.config"),

@@ -2,10 +2,12 @@
 //! `images/<digest>/rootfs.ext4`), their import from local files, and the build of the default
 //! Debian image from the embedded guest recipe (`guest/` in the repository).
 
+pub mod container;
 pub mod kernel;
 pub mod mirror;
 pub mod oci;
 pub mod registry;
+pub mod tree;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -77,13 +79,41 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Directory of the `image build --from` scripts in the guest recipe.
+pub const FROM_IMAGE_DIR: &str = "from-image/";
+
 /// Digest of the embedded image recipe: any change to a script or overlay file changes it
-/// (the microVM kernel's files under `microvm-kernel/` excepted).
+/// (the microVM kernel's files under `microvm-kernel/` and the `--from` scripts under
+/// `from-image/` excepted).
 pub fn recipe_digest() -> String {
+    recipe_digest_with(false)
+}
+
+/// Digest of what `image build --from` runs: the image recipe and the `from-image/` scripts.
+pub fn from_recipe_digest() -> String {
+    recipe_digest_with(true)
+}
+
+fn recipe_digest_with(from_image: bool) -> String {
     let mut hasher = Sha256::new();
+    // The microVM kernel has its own recipe digest (`kernel::recipe_digest`).
+    hash_guest_files(&mut hasher, |path| {
+        !kernel::is_recipe_file(path) && (from_image || !path.starts_with(FROM_IMAGE_DIR))
+    });
+    // The overlay's directory modes become the image's (`/`, `/etc`, `/usr`): they are
+    // part of what the recipe makes. Builds that wrote them under the daemon's umask
+    // (0700) made images whose non-root services (systemd-networkd, dbus) cannot start;
+    // this keeps their cache entries from being reused.
+    hasher.update(b"dirs:");
+    hasher.update(RECIPE_DIR_MODE.to_le_bytes());
+    hex(&hasher.finalize())
+}
+
+/// Feeds every embedded guest file `wanted` selects (path, mode, length, content) into
+/// `hasher`: the common part of the image's and the kernel's recipe digests.
+fn hash_guest_files(hasher: &mut Sha256, wanted: impl Fn(&str) -> bool) {
     for (path, content, mode) in GUEST_FILES {
-        // The microVM kernel has its own recipe digest (`kernel::recipe_digest`).
-        if kernel::is_recipe_file(path) {
+        if !wanted(path) {
             continue;
         }
         hasher.update(path.as_bytes());
@@ -92,10 +122,15 @@ pub fn recipe_digest() -> String {
         hasher.update((content.len() as u64).to_le_bytes());
         hasher.update(content);
     }
-    hex(&hasher.finalize())
 }
 
-/// Writes the embedded recipe into `dir` (`dir/build-kernel.sh`, `dir/rootfs/...`).
+/// Mode of every directory [`write_recipe`] makes, whatever the daemon's umask.
+const RECIPE_DIR_MODE: u32 = 0o755;
+
+/// Writes the embedded recipe into `dir` (`dir/build-kernel.sh`, `dir/rootfs/...`). Its
+/// directories get mode 0755 whatever the daemon's umask (077): the overlay is tarred into
+/// the image as it is, `rootfs/` itself becoming the guest's `/`, so a 0700 directory there
+/// would lock every non-root service (dbus, networkd) out of `/`, `/etc` and `/usr`.
 pub fn write_recipe(dir: &Path) -> Result<(), ImageError> {
     use std::os::unix::fs::PermissionsExt;
     for (relative, content, mode) in GUEST_FILES {
@@ -103,6 +138,13 @@ pub fn write_recipe(dir: &Path) -> Result<(), ImageError> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(io_err(format!("cannot create {}", parent.display())))?;
+            for ancestor in parent.ancestors().take_while(|a| a.starts_with(dir)) {
+                std::fs::set_permissions(
+                    ancestor,
+                    std::fs::Permissions::from_mode(RECIPE_DIR_MODE),
+                )
+                .map_err(io_err(format!("cannot chmod {}", ancestor.display())))?;
+            }
         }
         // The daemon's umask (077) would make these 0700, and the overlay's directories
         // (`rootfs/` is the guest's `/`, then /etc, /usr, ...) enter the image with their
@@ -280,19 +322,29 @@ async fn cp_then_rename(flags: &[&str], source: &Path, dest: &Path) -> Result<()
         let _ = std::fs::remove_dir_all(&tmp);
     };
     remove_tmp();
-    let status = Command::new("cp")
+    let output = Command::new("cp")
         .args(flags)
         .arg(source)
         .arg(&tmp)
         .stdin(Stdio::null())
-        .status()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
         .await
         .map_err(io_err("cannot run cp"))?;
-    if !status.success() {
+    if !output.status.success() {
         remove_tmp();
+        // cp's own words ("No space left on device", "Permission denied") are the cause.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let cause = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map(|l| l.trim_start_matches("cp: ").to_owned())
+            .unwrap_or_else(|| output.status.to_string());
         return Err(ImageError::Io {
             context: format!("cannot copy {}", source.display()),
-            source: std::io::Error::other(status.to_string()),
+            source: std::io::Error::other(cause),
         });
     }
     std::fs::rename(&tmp, dest).map_err(io_err(format!("cannot rename {}", tmp.display())))
@@ -357,6 +409,42 @@ pub fn on_path(tool: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_failed_copy_says_why_and_leaves_nothing() {
+        #![allow(clippy::unwrap_used)]
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("rootfs.ext4");
+        let err = copy_into_place(&dir.path().join("missing.ext4"), &dest)
+            .await
+            .unwrap_err();
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(
+            cause.contains("No such file or directory"),
+            "{err}: {cause}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn recipe_directories_are_world_traversable_whatever_the_umask() {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        // What the daemon's umask 077 makes (changing the umask here would race other tests).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.path().join("rootfs/etc"))
+            .unwrap();
+        write_recipe(dir.path()).unwrap();
+        for sub in ["rootfs", "rootfs/etc", "rootfs/usr"] {
+            let mode = std::fs::metadata(dir.path().join(sub))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o755, "{sub}");
+        }
+    }
 
     #[test]
     fn recipe_holds_the_build_scripts() {

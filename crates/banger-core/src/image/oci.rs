@@ -42,10 +42,17 @@ pub enum LayerKind {
     Kernel,
     /// The initrd.
     Initrd,
+    /// The work-seed: a tar of the tree a new VM's /root starts with (images only).
+    WorkSeed,
 }
 
 impl LayerKind {
-    pub const ALL: [LayerKind; 3] = [LayerKind::Rootfs, LayerKind::Kernel, LayerKind::Initrd];
+    pub const ALL: [LayerKind; 4] = [
+        LayerKind::Rootfs,
+        LayerKind::Kernel,
+        LayerKind::Initrd,
+        LayerKind::WorkSeed,
+    ];
 
     /// The layer's media type.
     pub fn media_type(self) -> &'static str {
@@ -53,6 +60,7 @@ impl LayerKind {
             LayerKind::Rootfs => "application/vnd.banger.rootfs.v1.ext4+zstd",
             LayerKind::Kernel => "application/vnd.banger.kernel.v1.vmlinux+zstd",
             LayerKind::Initrd => "application/vnd.banger.initrd.v1+zstd",
+            LayerKind::WorkSeed => "application/vnd.banger.work-seed.v1.tar+zstd",
         }
     }
 
@@ -66,6 +74,7 @@ impl LayerKind {
             LayerKind::Rootfs => "rootfs",
             LayerKind::Kernel => "kernel",
             LayerKind::Initrd => "initrd",
+            LayerKind::WorkSeed => "work-seed",
         }
     }
 
@@ -108,6 +117,9 @@ pub struct ArtifactConfig {
     /// The guest contract the rootfs was built for (see [`GUEST_CONTRACT`]).
     pub guest_contract: u32,
     pub kernel: KernelConfig,
+    /// `vm exec` defaults of an image (one built `--from` a container image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<banger_proto::ExecDefaults>,
 }
 
 /// What the config says about the kernel.
@@ -261,7 +273,9 @@ pub fn check_manifest(
     let has = |k: LayerKind| layers.iter().any(|l| l.kind == k);
     let complete = match kind {
         ArtifactKind::Image => has(LayerKind::Rootfs) && has(LayerKind::Kernel),
-        ArtifactKind::Kernel => has(LayerKind::Kernel) && !has(LayerKind::Rootfs),
+        ArtifactKind::Kernel => {
+            has(LayerKind::Kernel) && !has(LayerKind::Rootfs) && !has(LayerKind::WorkSeed)
+        }
     };
     if !complete {
         return Err(not_banger("missing layers"));
@@ -461,6 +475,7 @@ mod tests {
             kind: ArtifactKind::Image,
             guest_contract: GUEST_CONTRACT,
             kernel: KernelConfig::default(),
+            exec: None,
         })
         .unwrap();
         let m = manifest(

@@ -14,6 +14,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 
+use super::container::{self, ChannelReader, ContainerError};
 use super::oci::{self, Layer, OciError};
 
 /// Why a transfer failed.
@@ -23,6 +24,8 @@ pub enum RegistryError {
     Format(#[from] OciError),
     #[error("registry: {0}")]
     Client(#[from] oci_client::errors::OciDistributionError),
+    #[error(transparent)]
+    Container(#[from] ContainerError),
     /// The bytes served do not match the digest the manifest names (or their stated size).
     #[error(
         "layer {digest} is corrupt: {reason}; nothing was stored (the registry serves bad data)"
@@ -257,6 +260,88 @@ impl Remote {
             });
         }
         written
+    }
+
+    /// A container image's manifest (an index resolved to linux/amd64), as its layer
+    /// descriptors, its digest and its config (checked against the manifest's digest).
+    pub async fn container_manifest(
+        &self,
+    ) -> Result<(Vec<container::Descriptor>, String, Vec<u8>), RegistryError> {
+        let (manifest, digest, config) = self
+            .client
+            .pull_manifest_and_config(&self.reference, &RegistryAuth::Anonymous)
+            .await?;
+        let config = config.into_bytes();
+        if oci::sha256_digest(&config) != manifest.config.digest {
+            return Err(ContainerError::Corrupt {
+                digest: manifest.config.digest.clone(),
+                reason: "config digest mismatch".into(),
+            }
+            .into());
+        }
+        let layers = manifest
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(container::Descriptor {
+                    media_type: l.media_type.clone(),
+                    digest: l.digest.clone(),
+                    size: u64::try_from(l.size).map_err(|_| {
+                        ContainerError::Unusable(format!("layer {} has a negative size", l.digest))
+                    })?,
+                    platform: None,
+                    annotations: Default::default(),
+                })
+            })
+            .collect::<Result<Vec<_>, ContainerError>>()?;
+        Ok((layers, digest, config))
+    }
+
+    /// Streams a container image layer into `dest`, decompressed, its digest and size
+    /// checked while it streams (see [`container::unpack_blob`]).
+    pub async fn container_layer(
+        &self,
+        layer: &container::Descriptor,
+        dest: &Path,
+        progress: &Arc<Progress>,
+    ) -> Result<(), RegistryError> {
+        let compression = container::compression_of(&layer.media_type)?;
+        let mut stream = self
+            .client
+            .pull_blob_stream(&self.reference, layer.digest.as_str())
+            .await?;
+        progress.blobs.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
+        let (digest, size, out) = (layer.digest.clone(), layer.size, dest.to_owned());
+        let worker = tokio::task::spawn_blocking(move || {
+            container::unpack_blob(ChannelReader::new(rx), compression, &digest, size, &out)
+        });
+        let mut failure = None;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    progress
+                        .done
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    if tx.send(chunk).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    failure = Some(corrupt(&layer.digest, e));
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let unpacked = worker
+            .await
+            .map_err(|e| io_err("layer writer")(std::io::Error::other(e.to_string())))?;
+        if let Some(failure) = failure {
+            let _ = std::fs::remove_file(dest);
+            return Err(failure);
+        }
+        Ok(unpacked?)
     }
 
     /// Whether the registry has the blob `digest` in this repository.

@@ -1,8 +1,10 @@
 //! Bridge networking on the daemon side: the op_id carried to the helper, the `NAME.vm` DNS
-//! server ([`dns`]) and the generated OpenSSH configuration ([`sshconfig`]). Leases live in
+//! server ([`dns`]), published ports relayed by the daemon ([`forward`]) and the generated
+//! OpenSSH configuration ([`sshconfig`]). Leases live in
 //! the store (`store::leases`); privileged work goes through [`crate::host::HostOps`].
 
 pub mod dns;
+pub mod forward;
 pub mod sshconfig;
 
 tokio::task_local! {

@@ -11,6 +11,7 @@ use crate::Error;
 use crate::disk;
 use crate::domain::{SystemDiskStrategy, VmmChoice};
 use crate::guest::ssh;
+use crate::image;
 use crate::model::{VmRecord, VmSpec};
 use crate::store::StoreError;
 use crate::vmm::accel::Accel;
@@ -18,11 +19,11 @@ use crate::vmm::select::{self as vmm_select, Facts, Selection};
 use crate::vmm::{DiskRefusal, VmBackend};
 
 /// Upper bounds that keep a typo from asking for an absurd VM.
-const MAX_CPUS: u32 = 256;
-const MAX_MEMORY_MIB: u64 = 4 << 20;
-const MIN_MEMORY_MIB: u64 = 128;
+pub(super) const MAX_CPUS: u32 = 256;
+pub(super) const MAX_MEMORY_MIB: u64 = 4 << 20;
+pub(super) const MIN_MEMORY_MIB: u64 = 128;
 const MIN_DISK_BYTES: u64 = 64 << 20;
-const MAX_DISK_BYTES: u64 = 64 << 40;
+pub(super) const MAX_DISK_BYTES: u64 = 64 << 40;
 
 impl Manager {
     /// Creates a VM in state Created: its record, system overlay and work disk (with the
@@ -44,7 +45,7 @@ impl Manager {
             NetChoice::Bridge(pool) => (Some(pool), false),
             NetChoice::User { isolated } => (None, isolated),
         };
-        self.check_ports(None, &request.ports, pool.is_some())?;
+        self.check_ports(None, &request.ports, true)?;
         let selection = self.select_vmm(asked.vmm, &image, pool.is_some()).await?;
         let backend = self.backend_of(selection.kind);
         // E.g. a jailer asked for and not there: refused before anything is written.
@@ -69,7 +70,8 @@ impl Manager {
         let record = VmRecord::new(name, spec);
         let vm_dir = self.layout.vm_dir(&record.id);
         let made = async {
-            self.make_vm_disks(&record, &image.digest).await?;
+            self.make_vm_disks(&record, &image.digest, image.work_seed.as_deref())
+                .await?;
             let lease = self.store().insert_vm_with_lease(&record, pool)?;
             let settings = {
                 let mut store = self.store();
@@ -101,11 +103,13 @@ impl Manager {
         Ok(self.vm_api(&record))
     }
 
-    /// The VM's directory with its disks and pinned host key.
+    /// The VM's directory with its disks and pinned host key; the work disk starts with the
+    /// image's work-seed, when it has one.
     pub(super) async fn make_vm_disks(
         &self,
         record: &VmRecord,
         image_digest: &str,
+        work_seed: Option<&str>,
     ) -> Result<(), Error> {
         let id = &record.id;
         let vm_dir = self.layout.vm_dir(id);
@@ -116,6 +120,19 @@ impl Manager {
         let seed = self.layout.vm_seed(id);
         let ssh_dir = seed.ssh_dir();
         let banger_dir = seed.banger_dir();
+        std::fs::create_dir_all(seed.root()).map_err(Error::io(format!(
+            "cannot create {}",
+            seed.root().display()
+        )))?;
+        if let Some(digest) = work_seed {
+            // Hard links into the store: no copy of the seed's bytes (mkfs.ext4 -d reads
+            // them once).
+            let (from, to) = (self.layout.work_seed(digest), seed.root().to_path_buf());
+            tokio::task::spawn_blocking(move || image::tree::link_seed(&from, &to))
+                .await
+                .map_err(|e| Error::Failed(format!("work-seed task failed: {e}")))?
+                .map_err(super::images::seed_error)?;
+        }
         for dir in [&ssh_dir, &banger_dir, &seed.repo_dir()] {
             std::fs::create_dir_all(dir)
                 .map_err(Error::io(format!("cannot create {}", dir.display())))?;

@@ -9,6 +9,7 @@ use tracing::info;
 
 use super::Manager;
 use crate::Error;
+use crate::image::tree::{Tree, TreeError};
 use crate::image::{self, ImageError, mirror};
 use crate::store::AssetTable;
 
@@ -181,9 +182,20 @@ impl Manager {
             self.find_kernel(&request.kernel)?.name
         };
         let _guard = self.asset_lock.lock().await;
+        let work_seed = match &request.work_seed {
+            Some(dir) => Some(self.store_work_seed_dir(dir).await?),
+            None => None,
+        };
         let source = format!("import:{}", rootfs.display());
-        self.store_image(&request.name, &rootfs, None, &kernel_name, source)
-            .await
+        self.store_image(
+            &request.name,
+            &rootfs,
+            None,
+            &kernel_name,
+            source,
+            work_seed,
+        )
+        .await
     }
 
     /// Copies a root filesystem into `images/<digest>/` and records it under `name`.
@@ -194,6 +206,7 @@ impl Manager {
         known_digest: Option<String>,
         kernel: &str,
         source: String,
+        work_seed: Option<String>,
     ) -> Result<Image, Error> {
         let digest = match known_digest {
             Some(d) => d,
@@ -216,10 +229,64 @@ impl Manager {
             size_bytes,
             source,
             created_at: crate::now_rfc3339(),
+            work_seed,
+            exec: None,
         };
         self.store().put_image(&row)?;
         info!(image = %row.name, digest = %row.digest, "image stored");
         Ok(row)
+    }
+
+    /// Stores the host directory `dir` (an absolute path) as a work-seed; returns its digest.
+    pub(super) async fn store_work_seed_dir(&self, dir: &str) -> Result<String, Error> {
+        let path = PathBuf::from(dir);
+        if !path.is_absolute() {
+            return Err(ImageError::RelativePath(dir.to_owned()).into());
+        }
+        if !path.is_dir() {
+            return Err(Error::InvalidRequest(format!(
+                "work-seed {dir} is not a directory; give the directory whose tree a new VM's /root starts with"
+            )));
+        }
+        self.store_work_seed(move || Tree::from_dir(&path)).await
+    }
+
+    /// Stores the tree `read` makes as a work-seed (checked, materialized in scratch, then
+    /// renamed into `work-seeds/<digest>/`); returns its digest: that of the canonical tar of
+    /// the stored tree, so pushing it later gives the same bytes.
+    pub(super) async fn store_work_seed(
+        &self,
+        read: impl FnOnce() -> Result<Tree, TreeError> + Send + 'static,
+    ) -> Result<String, Error> {
+        let scratch = self.scratch_dir("seed")?;
+        let store = self.layout.work_seeds_dir();
+        let layout = self.layout.clone();
+        tokio::task::spawn_blocking(move || -> Result<String, Error> {
+            let tree = read().map_err(seed_error)?;
+            tree.check_work_seed("work-seed").map_err(seed_error)?;
+            let staged = scratch.path().join("tree");
+            tree.materialize(&staged).map_err(seed_error)?;
+            drop(tree);
+            let tar = scratch.path().join("seed.tar");
+            let file = std::fs::File::create(&tar)
+                .map_err(Error::io(format!("cannot create {}", tar.display())))?;
+            Tree::from_dir(&staged)
+                .and_then(|t| t.write_tar(std::io::BufWriter::new(file), |_| false))
+                .map_err(seed_error)?;
+            let digest = image::sha256_files(&[tar.as_path()])?;
+            let dest = layout.work_seed(&digest);
+            if !dest.is_dir() {
+                std::fs::create_dir_all(&store)
+                    .map_err(Error::io(format!("cannot create {}", store.display())))?;
+                std::fs::rename(&staged, &dest).map_err(Error::io(format!(
+                    "cannot move the work-seed into {}",
+                    dest.display()
+                )))?;
+            }
+            Ok(digest)
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("work-seed task failed: {e}")))?
     }
 
     /// A scratch directory under the data dir, removed when dropped.
@@ -239,15 +306,55 @@ impl Manager {
     pub async fn build_image(&self, request: BuildImageRequest) -> Result<Image, Error> {
         let name = request.name.clone().unwrap_or_else(|| "default".into());
         check_asset_name("image", &name)?;
+        if let Some(from) = &request.from
+            && name == "default"
+        {
+            // `default` is the recipe's image, whose kernel every --from image boots.
+            return Err(Error::InvalidRequest(format!(
+                "name the image built from {from}: banger image build NAME --from {from} (`default` is the recipe's image)"
+            )));
+        }
+        let _guard = self.asset_lock.lock().await;
+        let work_seed = match &request.work_seed {
+            Some(dir) => Some(self.store_work_seed_dir(dir).await?),
+            None => None,
+        };
+        let built = match &request.from {
+            Some(from) => {
+                self.build_from_container(&name, from, &request, work_seed.clone())
+                    .await
+            }
+            None => {
+                self.build_recipe_image(&name, &request, work_seed.clone())
+                    .await
+            }
+        };
+        // A seed stored for a build that failed goes, unless an image names it.
+        if built.is_err()
+            && let Some(seed) = &work_seed
+            && !self.store().digest_in_use(AssetTable::WorkSeeds, seed)?
+        {
+            let _ = std::fs::remove_dir_all(self.layout.work_seed(seed));
+        }
+        built
+    }
+
+    /// The recipe's image (the caller holds the asset lock).
+    async fn build_recipe_image(
+        &self,
+        name: &str,
+        request: &BuildImageRequest,
+        work_seed: Option<String>,
+    ) -> Result<Image, Error> {
         let recipe = image::recipe_digest();
         let source = format!("build:{recipe}");
         if !request.force
-            && let Some(existing) = self.store().find_image(&name)?
+            && let Some(existing) = self.store().find_image(name)?
             && existing.source == source
+            && existing.work_seed == work_seed
         {
             return Ok(existing);
         }
-        let _guard = self.asset_lock.lock().await;
         let cache = std::env::var_os("BANGER_CACHE_DIR")
             .filter(|v| !v.is_empty())
             .map(|dir| PathBuf::from(dir).join(format!("guest-{}", &recipe[..16])));
@@ -266,28 +373,7 @@ impl Manager {
         let log = self.layout.logs_dir().join("image-build.log");
         let cached = kernel_out.join("vmlinux").is_file() && rootfs_out.is_file() && !request.force;
         if !cached {
-            // No root: mmdebstrap bootstraps in a user namespace (newuidmap and the owner's
-            // subordinate ids), the kernel package is unpacked with dpkg-deb -x.
-            let mut tools = vec![
-                "mmdebstrap",
-                "mkfs.ext4",
-                "apt-get",
-                "dpkg-deb",
-                "cpio",
-                "busybox",
-                "tar",
-            ];
-            if !nix::unistd::geteuid().is_root() {
-                tools.extend(["newuidmap", "newgidmap"]);
-            }
-            for tool in tools {
-                if !image::on_path(tool) && !Path::new("/usr/sbin").join(tool).exists() {
-                    return Err(Error::HostSetup {
-                        message: format!("{tool} is not installed (needed by image build)"),
-                        hint: "run `sudo scripts/install-deps`".into(),
-                    });
-                }
-            }
+            self.check_build_tools()?;
             let mirror = request
                 .mirror
                 .clone()
@@ -297,16 +383,7 @@ impl Manager {
                 })
                 .or_else(|| mirror::host_debian_mirror(Path::new("/etc/apt")))
                 .ok_or(ImageError::NoMirror)?;
-            std::fs::create_dir_all(self.layout.logs_dir())
-                .and_then(|()| {
-                    use std::io::Write;
-                    let mut file = std::fs::File::options()
-                        .create(true)
-                        .append(true)
-                        .open(&log)?;
-                    writeln!(file, "{BUILD_MARKER} {}", crate::now_rfc3339())
-                })
-                .map_err(Error::io(format!("cannot write {}", log.display())))?;
+            self.mark_build_start(&log)?;
             let recipe_dir = scratch.path().join("recipe");
             image::write_recipe(&recipe_dir)?;
             std::fs::create_dir_all(&work)
@@ -339,7 +416,7 @@ impl Manager {
         let modules = kernel_out.join("modules");
         let kernel = self
             .store_kernel(
-                &name,
+                name,
                 &kernel_out.join("vmlinux"),
                 Some(&kernel_out.join("initrd.img")),
                 modules.is_dir().then_some(modules.as_path()),
@@ -348,8 +425,51 @@ impl Manager {
             )
             .await?;
         self.keep_kernel_config(&kernel, &kernel_out.join("config"));
-        self.store_image(&name, &rootfs_out, None, &kernel.name, source)
+        self.store_image(name, &rootfs_out, None, &kernel.name, source, work_seed)
             .await
+    }
+
+    /// Refuses an image build when a tool it needs is missing.
+    pub(super) fn check_build_tools(&self) -> Result<(), Error> {
+        // No root: mmdebstrap bootstraps in a user namespace (newuidmap and the owner's
+        // subordinate ids), the kernel package is unpacked with dpkg-deb -x.
+        let mut tools = vec![
+            "mmdebstrap",
+            "mkfs.ext4",
+            "apt-get",
+            "dpkg-deb",
+            "cpio",
+            "busybox",
+            "tar",
+        ];
+        if !nix::unistd::geteuid().is_root() {
+            tools.extend(["newuidmap", "newgidmap"]);
+        }
+        for tool in tools {
+            if !image::on_path(tool) && !Path::new("/usr/sbin").join(tool).exists() {
+                return Err(Error::HostSetup {
+                    message: format!("{tool} is not installed (needed by image build)"),
+                    hint: "run `sudo scripts/install-deps`".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the build marker into the build log (progress lines before it are an earlier
+    /// build's).
+    pub(super) fn mark_build_start(&self, log: &Path) -> Result<(), Error> {
+        std::fs::create_dir_all(self.layout.logs_dir())
+            .and_then(|()| {
+                use std::io::Write;
+                let mut file = std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(log)?;
+                writeln!(file, "{BUILD_MARKER} {}", crate::now_rfc3339())
+            })
+            .map_err(Error::io(format!("cannot write {}", log.display())))?;
+        Ok(())
     }
 
     /// The running build's latest progress line (the build scripts print their steps with
@@ -382,6 +502,11 @@ impl Manager {
             let dir = self.layout.images_dir().join(&image.digest);
             let _ = std::fs::remove_dir_all(dir);
         }
+        if let Some(seed) = &image.work_seed
+            && !self.store().digest_in_use(AssetTable::WorkSeeds, seed)?
+        {
+            let _ = std::fs::remove_dir_all(self.layout.work_seed(seed));
+        }
         info!(image = %name, "image removed");
         Ok(())
     }
@@ -407,6 +532,14 @@ impl Manager {
         }
         info!(kernel = %name, "kernel removed");
         Ok(())
+    }
+}
+
+/// A work-seed that cannot be stored: refused input is the request's fault.
+pub(super) fn seed_error(error: TreeError) -> Error {
+    match error {
+        TreeError::Io { context, source } => Error::Io { context, source },
+        refused => Error::InvalidRequest(format!("work-seed refused: {refused}")),
     }
 }
 

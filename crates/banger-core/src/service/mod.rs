@@ -1,15 +1,18 @@
 //! [`Manager`]: one method per daemon operation. Transports (the HTTP server) only parse,
 //! call one method and render its result; all decisions are made here. One file per verb:
 //! `create`, `start`, `stop`, `pause` (and resume), `suspend`, `reconcile` (daemon start),
-//! `rm`, `show` (ls/show), `ssh` (ssh/exec), `logs`, `workspace`, `cp`, `images`, `network`,
-//! `doctor`; `backend` says which VMM serves a VM and `system_disk` holds the dm disk's host
-//! side. This file holds the Manager, the per-VM lock and the record's state transitions.
+//! `rm`, `show` (ls/show), `set` (resources), `ssh` (ssh/exec), `logs`, `workspace`, `cp`,
+//! `images`, `network`, `doctor`; `backend` says which VMM serves a VM, `system_disk` holds the
+//! dm disk's host side and `fsck` how a VMM ended and the disk checks before a start. This
+//! file holds the Manager, the per-VM lock and the record's state transitions.
 
 mod backend;
 pub mod console_cap;
 mod cp;
 mod create;
 mod doctor;
+mod from_image;
+mod fsck;
 mod images;
 mod kernels;
 mod logs;
@@ -19,6 +22,7 @@ mod ports;
 mod reconcile;
 mod registry;
 mod rm;
+mod set;
 mod show;
 mod ssh;
 mod start;
@@ -96,6 +100,8 @@ pub struct Manager {
     dns_addr: Mutex<Option<String>>,
     /// The previous CPU reading of each VMM, for `vm stats` (see [`stats::CpuSamples`]).
     cpu_samples: stats::CpuSamples,
+    /// Published ports of running bridge VMs, relayed by the daemon itself.
+    forwards: crate::net::forward::Forwards,
 }
 
 impl Manager {
@@ -151,6 +157,7 @@ impl Manager {
             dns_task: Mutex::new(None),
             dns_addr: Mutex::new(None),
             cpu_samples: stats::CpuSamples::default(),
+            forwards: Default::default(),
         })
     }
 
@@ -222,6 +229,8 @@ impl Manager {
         // Not waited for: `vm ls` answers while the helper removes the jail.
         drop(self.release_runtime(&record));
         record.clear_process();
+        let (kind, how) = self.found_stopped(&record);
+        record.record_stop(kind, how);
         record.last_error =
             Some("the VM stopped outside banger (guest power-off or VMM exit)".into());
         if let Err(e) = self.transition(&mut record, VmState::Stopped) {

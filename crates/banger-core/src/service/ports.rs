@@ -1,18 +1,21 @@
-//! A VM's user-mode network in the [`Manager`]: isolated or with outbound network, and its
-//! published ports: checked when asked for (a busy or already published host port is refused
-//! before anything changes), kept in the store, on QEMU's command line at every start
-//! (`hostfwd`), and added to or removed from a running VM through QMP
-//! (`hostfwd_add`/`hostfwd_remove`) without a restart. QEMU owns the listening sockets, so
-//! published ports outlive a daemon crash like the VM does.
+//! A VM's network choice (bridge, user or isolated) in the [`Manager`], and its published
+//! ports: checked when asked for (a busy or already published host port is refused before
+//! anything changes) and kept in the store. User-mode VMs: on QEMU's command line at every
+//! start (`hostfwd`), added to or removed from a running VM through QMP
+//! (`hostfwd_add`/`hostfwd_remove`) without a restart; QEMU owns the listening sockets, so
+//! they outlive a daemon crash like the VM does. Bridge VMs: the daemon listens itself and
+//! relays to the VM's lease address ([`crate::net::forward`]), from a start (bound before the
+//! VMM launches) or a reattach after a daemon restart until the VM's process ends.
 
-use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::net::Ipv4Addr;
 
-use banger_proto::{PortChangeRequest, PortList, PortMapping, PortProto, VmName, VmNetwork};
+use banger_proto::{PortChangeRequest, PortList, PortMapping, VmName, VmNetwork};
 use tracing::{info, warn};
 
 use super::Manager;
 use crate::Error;
 use crate::model::{VmRecord, has_process};
+use crate::net::forward::Bound;
 use crate::store::LeasePool;
 use crate::vmm::qmp;
 
@@ -45,22 +48,16 @@ impl Manager {
     }
 
     /// Refuses `ports` for VM `vm` (`None`: a VM being created) unless each host side is
-    /// free: not twice in the list, not published by another VM, and bindable now (unless
-    /// `skip_bind`, for ports the VM itself holds).
+    /// free: not twice in the list, not published by another VM, and (with `bindable`)
+    /// bindable now.
     pub(super) fn check_ports(
         &self,
         vm: Option<&str>,
         ports: &[PortMapping],
-        bridge: bool,
+        bindable: bool,
     ) -> Result<(), Error> {
         if ports.is_empty() {
             return Ok(());
-        }
-        if bridge {
-            return Err(Error::Unsupported {
-                message: "published ports need user-mode networking; a bridge VM is reached at its own address".into(),
-                hint: "connect to NAME.vm:PORT (or the VM's address) from the host, or create the VM with --net user".into(),
-            });
         }
         if let Some(p) = ports.iter().find(|p| p.host_port == 0 || p.guest_port == 0) {
             return Err(Error::InvalidRequest(format!(
@@ -84,32 +81,97 @@ impl Manager {
                     describe(p)
                 )));
             }
-            probe(p)?;
+            if bindable {
+                probe(p)?;
+            }
         }
         Ok(())
     }
 
     /// What a start needs of the VM's user-mode network: isolated or not, and its published
-    /// ports, each checked free on the host.
+    /// ports, each checked free on the host. A bridge VM has neither: see
+    /// [`Self::bind_forwards`].
     pub(super) fn user_net_for_start(
         &self,
         record: &VmRecord,
         bridge: bool,
     ) -> Result<(bool, Vec<PortMapping>), Error> {
+        if bridge {
+            return Ok((false, Vec::new()));
+        }
         let (isolated, ports) = {
             let store = self.store();
             (store.is_isolated(&record.id)?, store.ports_of(&record.id)?)
         };
-        if bridge {
-            if !ports.is_empty() {
-                warn!(vm = %record.name, "published ports are ignored on the bridge");
-            }
-            return Ok((false, Vec::new()));
-        }
         for p in &ports {
             probe(p)?;
         }
         Ok((isolated, ports))
+    }
+
+    /// The host sockets of a bridge VM's published ports, bound now (before its VMM launches,
+    /// so a busy port refuses the start with the port named) and served from
+    /// [`Self::open_forwards`] once the VM runs. Empty for a VM without a lease.
+    pub(super) fn bind_forwards(&self, record: &VmRecord) -> Result<Vec<Bound>, Error> {
+        let ports = {
+            let store = self.store();
+            if store.lease_of(&record.id)?.is_none() {
+                return Ok(Vec::new());
+            }
+            store.ports_of(&record.id)?
+        };
+        ports.iter().map(bind).collect()
+    }
+
+    /// Serves `bound` for the bridge VM `record` (relayed to its lease address).
+    pub(super) fn open_forwards(&self, record: &VmRecord, bound: Vec<Bound>) -> Result<(), Error> {
+        if bound.is_empty() {
+            return Ok(());
+        }
+        let lease = self.store().lease_of(&record.id)?.ok_or_else(|| {
+            Error::Failed(format!(
+                "VM {} has no lease to forward ports to",
+                record.name
+            ))
+        })?;
+        self.forwards
+            .open(&record.id, lease.ip, bound)
+            .map_err(Error::io("cannot serve a published port"))?;
+        info!(vm = %record.name, ports = ?self.forwards.served(&record.id), "published ports forwarded by the daemon");
+        Ok(())
+    }
+
+    /// After a daemon restart: listens again on a running bridge VM's published ports. A
+    /// port that cannot be bound now (taken meanwhile) is logged and left out.
+    pub(super) fn reopen_forwards(&self, record: &VmRecord) {
+        // One store guard for both reads (a guard in a `match` scrutinee lives to the end
+        // of the match: a second `self.store()` inside would wait for itself).
+        let ports = {
+            let store = self.store();
+            match store.lease_of(&record.id) {
+                Ok(Some(_)) => store.ports_of(&record.id),
+                Ok(None) => return,
+                Err(e) => Err(e),
+            }
+        };
+        let ports = match ports {
+            Ok(ports) => ports,
+            Err(e) => {
+                warn!(vm = %record.name, "cannot read the published ports: {e}");
+                return;
+            }
+        };
+        let bound: Vec<Bound> = ports
+            .iter()
+            .filter_map(|p| {
+                bind(p)
+                    .map_err(|e| warn!(vm = %record.name, "published port not served: {e}"))
+                    .ok()
+            })
+            .collect();
+        if let Err(e) = self.open_forwards(record, bound) {
+            warn!(vm = %record.name, "published ports not served: {e}");
+        }
     }
 
     /// The API form of a VM's network.
@@ -202,9 +264,12 @@ impl Manager {
                 )));
             }
         }
-        self.check_ports(Some(name.as_str()), &add, bridge)?;
         let live = has_process(record.state);
-        if live {
+        // A running bridge VM's new ports are checked by binding them for real, below.
+        self.check_ports(Some(name.as_str()), &add, !(live && bridge))?;
+        if live && bridge {
+            self.change_forwards(&record, &add, &remove).await?;
+        } else if live {
             let qmp = self.qmp_socket(&record)?;
             for p in &remove {
                 hmp(
@@ -235,6 +300,29 @@ impl Manager {
         self.store().change_ports(&record.id, &add, &remove)?;
         info!(vm = %name, live, added = ?add, removed = ?remove, "published ports changed");
         self.list_ports(name.as_str()).await
+    }
+
+    /// `vm port add|rm` on a running bridge VM: the listeners of `remove` closed first (so a
+    /// port replaced in the same request can bind again), then `add` bound; when one cannot
+    /// be bound, the removed ones are served again and nothing changes.
+    async fn change_forwards(
+        &self,
+        record: &VmRecord,
+        add: &[PortMapping],
+        remove: &[PortMapping],
+    ) -> Result<(), Error> {
+        self.forwards.close(&record.id, remove).await;
+        let bound: Result<Vec<Bound>, Error> = add.iter().map(bind).collect();
+        match bound {
+            Ok(bound) => self.open_forwards(record, bound),
+            Err(e) => {
+                let back: Vec<Bound> = remove.iter().filter_map(|p| bind(p).ok()).collect();
+                if let Err(again) = self.open_forwards(record, back) {
+                    warn!(vm = %record.name, "cannot serve the ports again: {again}");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// The QMP socket of a running VM with user-mode networking (published ports are its
@@ -305,12 +393,12 @@ fn overlaps(p: &PortMapping, q: &PortMapping) -> bool {
 
 /// Binds the host side for a moment: a busy port is a clear error before anything changes.
 fn probe(p: &PortMapping) -> Result<(), Error> {
-    let addr = (p.host_ip, p.host_port);
-    let bound = match p.proto {
-        PortProto::Tcp => TcpListener::bind(addr).map(drop),
-        PortProto::Udp => UdpSocket::bind(addr).map(drop),
-    };
-    bound.map_err(|e| {
+    bind(p).map(drop)
+}
+
+/// Binds the host side of `p`, with the error a busy (or otherwise unusable) port gets.
+fn bind(p: &PortMapping) -> Result<Bound, Error> {
+    Bound::bind(p).map_err(|e| {
         let why = match e.kind() {
             std::io::ErrorKind::AddrInUse => "is in use by another program".to_owned(),
             std::io::ErrorKind::PermissionDenied => {
@@ -355,6 +443,7 @@ mod tests {
 
     #[test]
     fn a_busy_port_is_refused_by_the_probe() {
+        use std::net::TcpListener;
         let held = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = held.local_addr().unwrap().port();
         let p = PortMapping::parse(&format!("{port}:80")).unwrap();
@@ -362,5 +451,89 @@ mod tests {
         assert!(err.contains("is in use"), "{err}");
         drop(held);
         probe(&p).unwrap();
+    }
+
+    /// A restarted daemon listens again on a bridge VM's published ports (reconcile's
+    /// path), and `vm port add|rm` on it changes the daemon's listeners: bound, refused
+    /// when busy (nothing changes), closed.
+    #[tokio::test]
+    async fn bridge_ports_are_served_again_and_changed_by_the_daemon() {
+        use crate::config::Config;
+        use crate::domain::{SystemDiskStrategy, VmmKind};
+        use crate::host::RecordingHost;
+        use crate::layout::Layout;
+        use crate::model::VmSpec;
+        use std::sync::Arc;
+
+        let free = || {
+            TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        use std::net::TcpListener;
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(
+            dir.path().join("data"),
+            dir.path().join("run"),
+            dir.path().join("config.toml"),
+        );
+        let host = Arc::new(RecordingHost::new());
+        let manager =
+            Manager::with_host(layout, Config::default(), Some(host), "/x".into()).unwrap();
+        let pool = manager.choose_network(None).await.unwrap().unwrap();
+        let record = VmRecord::new(
+            VmName::parse("b").unwrap(),
+            VmSpec {
+                cpus: 1,
+                memory_mib: 256,
+                disk_size_bytes: 1 << 30,
+                image: "default".into(),
+                // Any backend: the relay does not depend on it.
+                vmm: VmmKind::ALL[0],
+                vmm_reason: "test".into(),
+                system_disk: SystemDiskStrategy::Qcow2,
+            },
+        );
+        let (p1, p2) = (free(), free());
+        let first = PortMapping::parse(&format!("{p1}:80")).unwrap();
+        {
+            let mut store = manager.store();
+            store.insert_vm_with_lease(&record, Some(pool)).unwrap();
+            store.change_ports(&record.id, &[first], &[]).unwrap();
+        }
+        manager.reopen_forwards(&record);
+        assert_eq!(manager.forwards.served(&record.id), [first]);
+        assert!(probe(&first).is_err(), "the daemon holds the port");
+
+        // Add one; a busy one is refused and nothing changes; remove one.
+        let second = PortMapping::parse(&format!("{p2}:81")).unwrap();
+        manager
+            .change_forwards(&record, &[second], &[])
+            .await
+            .unwrap();
+        assert_eq!(manager.forwards.served(&record.id).len(), 2);
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy =
+            PortMapping::parse(&format!("{}:82", held.local_addr().unwrap().port())).unwrap();
+        let err = manager
+            .change_forwards(&record, &[busy], &[first])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is in use"), "{err}");
+        let mut served = manager.forwards.served(&record.id);
+        served.sort();
+        let mut expected = vec![first, second];
+        expected.sort();
+        assert_eq!(served, expected, "the removed port is served again");
+        manager
+            .change_forwards(&record, &[], &[second])
+            .await
+            .unwrap();
+        assert_eq!(manager.forwards.served(&record.id), [first]);
+        manager.forwards.close_vm(&record.id);
+        assert!(manager.forwards.served(&record.id).is_empty());
     }
 }

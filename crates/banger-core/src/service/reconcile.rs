@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use banger_proto::VmState;
+use banger_proto::{StopKind, VmState};
 use tracing::{info, warn};
 
 use super::Manager;
@@ -31,9 +31,15 @@ impl Manager {
                 self.reattach(&mut record, pid).await?;
                 continue;
             }
+            // How the VMM ended, for the next start's disk check.
+            let mut ended = None;
             if let Some(pid) = pid.filter(|_| alive) {
                 warn!(vm = %record.name, state = %record.state, "VM was mid-operation when the daemon died; stopping it");
-                self.stop_process(&record, pid, true, true).await;
+                let method = self.stop_process(&record, pid, true, true).await;
+                ended = Some((
+                    super::fsck::stop_kind(method),
+                    "stopped at daemon start, mid-operation",
+                ));
             }
             if record.state == VmState::Starting {
                 // The daemon may have died before it recorded the VMM's pid (QEMU was still
@@ -54,12 +60,20 @@ impl Manager {
                     for pid in found {
                         warn!(vm = %record.name, pid, "killing a VMM left by an interrupted start");
                         process::kill(pid, &record.id).await;
+                        ended = Some((StopKind::Unclean, "the daemon died during its start"));
                     }
+                }
+                if pid.is_some() {
+                    ended = Some((StopKind::Unclean, "the daemon died during its start"));
                 }
                 // A jail made before the daemon recorded it: removal is idempotent.
                 self.remove_jail(&record).await;
             }
             self.release_runtime_now(&record).await;
+            let (kind, how) = ended.unwrap_or_else(|| self.found_stopped(&record));
+            if ended.is_some() || record.state != VmState::Starting {
+                record.record_stop(kind, how);
+            }
             record.clear_process();
             if matches!(record.state, VmState::Stopping | VmState::Starting) {
                 // A suspend may have been cut short (its snapshot cannot be trusted), or a
@@ -96,6 +110,7 @@ impl Manager {
             self.transition(record, observed)?;
         }
         info!(vm = %record.name, pid, state = %record.state, "reattached to VM");
+        self.reopen_forwards(record);
         Ok(())
     }
 }

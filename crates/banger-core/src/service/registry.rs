@@ -22,6 +22,7 @@ use super::images::check_asset_name;
 use crate::Error;
 use crate::image::oci::{self, ArtifactConfig, ArtifactKind, KernelConfig, LayerKind};
 use crate::image::registry::{self, Progress, Remote};
+use crate::image::tree::{LayerMode, Tree};
 use crate::image::{self};
 use crate::store::BlobRecord;
 
@@ -97,7 +98,11 @@ impl Manager {
 
     /// Connects to the registry of `reference` with the request's credentials, else those of
     /// the user's `~/.docker/config.json`.
-    async fn remote(&self, reference: &str, access: &RegistryAccess) -> Result<Remote, Error> {
+    pub(super) async fn remote(
+        &self,
+        reference: &str,
+        access: &RegistryAccess,
+    ) -> Result<Remote, Error> {
         oci::check_reference(reference).map_err(bad_request)?;
         let host = oci::registry_host(reference).unwrap_or_default().to_owned();
         let credentials = match (&access.username, &access.password) {
@@ -137,7 +142,15 @@ impl Manager {
             local: image.digest.clone(),
         }];
         files.extend(self.kernel_files(&kernel));
-        let config = self.artifact_config(ArtifactKind::Image, &kernel).await;
+        if let Some(seed) = &image.work_seed {
+            files.push(PushFile {
+                kind: LayerKind::WorkSeed,
+                path: self.layout.work_seed(seed),
+                local: seed.clone(),
+            });
+        }
+        let mut config = self.artifact_config(ArtifactKind::Image, &kernel).await;
+        config.exec = image.exec.clone();
         self.push_artifact(ArtifactKind::Image, files, config, &request)
             .await
     }
@@ -183,6 +196,7 @@ impl Manager {
                 cmdline: Vec::new(),
                 capabilities,
             },
+            exec: None,
         }
     }
 
@@ -217,7 +231,23 @@ impl Manager {
                 ));
                 continue;
             }
-            let source = file.path.clone();
+            let source = if file.kind == LayerKind::WorkSeed {
+                // A work-seed is stored as a tree: its canonical tar is what is pushed.
+                let tar = scratch.path().join("work-seed.tar");
+                let (dir, out) = (file.path.clone(), tar.clone());
+                tokio::task::spawn_blocking(move || {
+                    let file = std::fs::File::create(&out)
+                        .map_err(Error::io(format!("cannot create {}", out.display())))?;
+                    Tree::from_dir(&dir)
+                        .and_then(|t| t.write_tar(std::io::BufWriter::new(file), |_| false))
+                        .map_err(super::images::seed_error)
+                })
+                .await
+                .map_err(|e| Error::Failed(format!("work-seed task failed: {e}")))??;
+                tar
+            } else {
+                file.path.clone()
+            };
             let dest = scratch.path().join(file.kind.as_str());
             let compressed =
                 tokio::task::spawn_blocking(move || registry::compress(&source, &dest))
@@ -356,7 +386,7 @@ impl Manager {
                 .blob(&layer.descriptor.digest)?
                 .filter(|b| b.kind == layer.kind.as_str())
                 .map(|b| b.local)
-                .filter(|local| self.stored_file(layer.kind, local).is_file());
+                .filter(|local| self.stored_file(layer.kind, local).exists());
             match known {
                 Some(local) => {
                     progress.skipped.fetch_add(1, Ordering::Relaxed);
@@ -382,6 +412,22 @@ impl Manager {
         // Into the stores, then the rows.
         let _lock = self.asset_lock.lock().await;
         let find = |k: LayerKind| staged.iter().find(|(kind, _)| *kind == k).map(|(_, s)| s);
+        // The work-seed first: a refused one leaves nothing stored.
+        let work_seed = match find(LayerKind::WorkSeed) {
+            None => None,
+            Some(Staged::Stored(local)) => Some(local.clone()),
+            Some(Staged::Fetched { path, .. }) => {
+                let tar = path.clone();
+                Some(
+                    self.store_work_seed(move || {
+                        let mut tree = Tree::new();
+                        tree.apply_layer(&tar, LayerMode::Plain)?;
+                        Ok(tree)
+                    })
+                    .await?,
+                )
+            }
+        };
         let kernel_stage = find(LayerKind::Kernel);
         let initrd_stage = find(LayerKind::Initrd);
         let kernel_digest = match (kernel_stage, initrd_stage) {
@@ -451,10 +497,21 @@ impl Manager {
                     }
                 };
                 let rootfs = self.layout.image_rootfs(&digest);
-                Some(
-                    self.store_image(&name, &rootfs, Some(digest), &kernel.name, source.clone())
-                        .await?,
-                )
+                let mut row = self
+                    .store_image(
+                        &name,
+                        &rootfs,
+                        Some(digest),
+                        &kernel.name,
+                        source.clone(),
+                        work_seed.clone(),
+                    )
+                    .await?;
+                if config.exec.is_some() {
+                    row.exec = config.exec.clone();
+                    self.store().put_image(&row)?;
+                }
+                Some(row)
             }
         };
         // Remember which blob is which local file (after the files are in place).
@@ -462,6 +519,7 @@ impl Manager {
             let local = match layer.kind {
                 LayerKind::Rootfs => image_row.as_ref().map(|i| i.digest.clone()),
                 LayerKind::Kernel | LayerKind::Initrd => Some(kernel.digest.clone()),
+                LayerKind::WorkSeed => work_seed.clone(),
             };
             if let Some(local) = local {
                 self.store().put_blob(&BlobRecord {
@@ -539,6 +597,7 @@ impl Manager {
             LayerKind::Rootfs => self.layout.image_rootfs(local),
             LayerKind::Kernel => self.layout.kernel_dir(local).join("vmlinux"),
             LayerKind::Initrd => self.layout.kernel_dir(local).join("initrd.img"),
+            LayerKind::WorkSeed => self.layout.work_seed(local),
         }
     }
 
@@ -639,7 +698,7 @@ fn bad_request(error: oci::OciError) -> Error {
     Error::InvalidRequest(error.to_string())
 }
 
-fn transfer_error(error: registry::RegistryError) -> Error {
+pub(super) fn transfer_error(error: registry::RegistryError) -> Error {
     match error {
         registry::RegistryError::Format(e) => bad_request(e),
         other => Error::Transfer(other.to_string()),

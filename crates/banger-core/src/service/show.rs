@@ -28,6 +28,7 @@ impl Manager {
     pub(super) fn vm_api(&self, record: &VmRecord) -> Vm {
         let mut vm = record.to_api();
         vm.network = self.vm_network(record);
+        vm.spec.system_disk_size_bytes = self.system_disk_size(record);
         vm
     }
 }

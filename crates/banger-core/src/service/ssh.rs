@@ -34,6 +34,14 @@ impl Manager {
             return Err(not_running(&name, record.state));
         }
         let target = self.ssh_target(&record)?;
+        let prepared = self.store().workspace(&record.id)?.is_some();
+        // The image may be gone (removed after the VM was made): no defaults then.
+        let exec = self
+            .store()
+            .find_image(&record.spec.image)?
+            .and_then(|image| image.exec)
+            .unwrap_or_default();
+        let workdir = super::workspace::workdir(prepared);
         Ok(SshInfo {
             host: target.host,
             port: target.port,
@@ -42,7 +50,10 @@ impl Manager {
             known_hosts_file: target.known_hosts.display().to_string(),
             host_key_alias: target.host_key_alias,
             control_path: self.layout.vm_ssh_control(&record.id).display().to_string(),
-            workdir: super::workspace::workdir(self.store().workspace(&record.id)?.is_some()),
+            workdir,
+            exec_workdir: exec.workdir,
+            env: exec.env,
+            exec_user: exec.user,
         })
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use banger_proto::LifecycleResult;
 use banger_proto::helper::HelperOp;
-use banger_proto::{VmName, VmState};
+use banger_proto::{StopKind, VmName, VmState};
 use tracing::{info, warn};
 
 use super::{Manager, result};
@@ -28,6 +28,8 @@ const USER_NET: &str = "banger.ip=10.0.2.15/24 banger.gw=10.0.2.2 banger.dns=10.
 struct StartOutcome {
     restored: bool,
     warnings: Vec<String>,
+    /// A bridge VM's published ports, bound before launch, served once it runs.
+    forwards: Vec<crate::net::forward::Bound>,
 }
 
 /// Steps done so far by a start, undone in reverse when a later one fails.
@@ -97,6 +99,9 @@ impl Manager {
                 record.last_error = None;
                 self.transition(&mut record, VmState::Running)?;
                 info!(vm = %name, restored = outcome.restored, "VM running");
+                if let Err(e) = self.open_forwards(&record, std::mem::take(&mut outcome.forwards)) {
+                    outcome.warnings.push(e.to_api().message);
+                }
                 self.refresh_ssh_config();
                 Ok(LifecycleResult {
                     restored: outcome.restored,
@@ -106,6 +111,9 @@ impl Manager {
             }
             Err(err) => {
                 warn!(vm = %name, "start failed, undoing: {err}");
+                if undo.process.is_some() {
+                    record.record_stop(StopKind::Unclean, "a failed start killed the VMM");
+                }
                 undo.undo().await;
                 record.clear_process();
                 record.last_error = Some(err.to_api().message);
@@ -170,6 +178,13 @@ impl Manager {
                 )));
             }
         }
+        // After an unclean stop, e2fsck before the guest mounts anything; never under a
+        // guest restored from its snapshot (its filesystems are mounted in its memory).
+        let restoring = restore.is_some_and(|s| s.state.is_file() && s.memory.is_file());
+        let warnings = self
+            .check_disks_before_start(record, &system_disk, &work_disk, restoring)
+            .await?;
+        outcome.warnings.extend(warnings);
         if caps.cmdline_devices_only
             && let Some(why) =
                 crate::image::kernel::firecracker_blocker(&kernel_caps, kernel.has_initrd)
@@ -206,7 +221,7 @@ impl Manager {
 
         // Bridge mode: the network (and DNS) up, the VM's own tap ready, a static address.
         let lease = self.store().lease_of(&record.id)?;
-        let (net_args, attach) = match &lease {
+        let (net_args, attach, tap_fd) = match &lease {
             Some(lease) => {
                 let info = self
                     .ensure_network()
@@ -218,19 +233,28 @@ impl Manager {
                 })
                 .await
                 .map_err(step("lease"))?;
-                self.host_call(HelperOp::EnsureTap {
-                    name: lease.tap.clone(),
-                })
-                .await
-                .map_err(step("tap"))?;
+                let name = lease.tap.clone();
+                // A backend that takes its tap as a descriptor gets a queue the helper
+                // opened: `/dev/net/tun` may be root's only.
+                let tap_fd = if caps.tap_fd {
+                    let reply = self
+                        .host_call(HelperOp::OpenTap { name: name.clone() })
+                        .await
+                        .map_err(step("tap"))?;
+                    reply.fd.map(Arc::new)
+                } else {
+                    self.host_call(HelperOp::EnsureTap { name: name.clone() })
+                        .await
+                        .map_err(step("tap"))?;
+                    None
+                };
                 (
                     super::network::cmdline_for(lease.ip, &info),
-                    Some(NetAttach::Tap {
-                        name: lease.tap.clone(),
-                    }),
+                    Some(NetAttach::Tap { name }),
+                    tap_fd,
                 )
             }
-            None => (USER_NET.to_owned(), None),
+            None => (USER_NET.to_owned(), None, None),
         };
         // A kernel without ACPI gets Firecracker's boot arguments whatever the backend
         // (i8042 probing kept short, reboot through the keyboard controller).
@@ -241,6 +265,7 @@ impl Manager {
         // User mode: outbound or isolated, and the published ports (a busy one refuses the
         // start before anything runs).
         let (isolated, ports) = self.user_net_for_start(record, lease.is_some())?;
+        outcome.forwards = self.bind_forwards(record)?;
         let mut cmdline = format!(
             "console=ttyS0 root=/dev/vda rw {boot_args} banger.hostname={} {net_args}",
             record.name
@@ -283,6 +308,7 @@ impl Manager {
                 _ if caps.needs_tap => self.seams.tap.clone(),
                 _ => None,
             },
+            tap_fd,
             devices,
         };
         // A suspended VM: a fresh VMM loads the snapshot and resumes it. The snapshot is

@@ -138,7 +138,9 @@ impl Manager {
                     .map(|image| self.layout.image_rootfs(&image.digest)),
             ),
             _ => {
-                let disk = self.layout.vm_system_disk(&record.id);
+                let disk = self
+                    .system_disk_file(record)
+                    .unwrap_or_else(|| self.layout.vm_system_disk(&record.id));
                 (disk.clone(), Some(disk))
             }
         };

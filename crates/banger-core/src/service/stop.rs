@@ -45,6 +45,7 @@ impl Manager {
         let method = self.stop_process(&record, pid, force, maybe_paused).await;
         self.release_runtime_now(&record).await;
         record.clear_process();
+        record.record_stop(super::fsck::stop_kind(method), method);
         record.last_error = None;
         self.transition(&mut record, VmState::Stopped)?;
         info!(vm = %name, method, "VM stopped");
@@ -112,11 +113,12 @@ impl Manager {
         stop_sequence(vmm.as_ref(), &control, marker, synced, force, timings).await
     }
 
-    /// Removes a stopped VM's transient state: its runtime dir, its cgroup leaf and its
-    /// jail. The jail goes through the helper on the blocking pool; the returned task ends
+    /// Removes a stopped VM's transient state: the daemon's listeners of its published
+    /// ports, its runtime dir, its cgroup leaf and its jail. The jail goes through the helper on the blocking pool; the returned task ends
     /// when it is gone (`None`: no jail).
     pub(super) fn release_runtime(&self, record: &VmRecord) -> Option<JoinHandle<()>> {
         let vm_id = record.id.as_str();
+        self.forwards.close_vm(vm_id);
         let _ = std::fs::remove_dir_all(self.layout.vm_runtime_dir(vm_id));
         if let Some(root) = cgroup::default_root() {
             cgroup::remove(&root, vm_id);

@@ -55,18 +55,24 @@ impl Store {
 
     /// Inserts or replaces the image called `image.name`.
     pub fn put_image(&self, image: &Image) -> Result<(), StoreError> {
+        let exec_json = image
+            .exec
+            .as_ref()
+            .and_then(|e| serde_json::to_string(e).ok());
         self.conn.execute(
-            "INSERT INTO images (name, digest, kernel, size_bytes, source, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO images (name, digest, kernel, size_bytes, source, created_at, work_seed, exec_json)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT(name) DO UPDATE SET digest = ?2, kernel = ?3, size_bytes = ?4,
-                 source = ?5, created_at = ?6",
+                 source = ?5, created_at = ?6, work_seed = ?7, exec_json = ?8",
             params![
                 image.name,
                 image.digest,
                 image.kernel,
                 image.size_bytes,
                 image.source,
-                image.created_at
+                image.created_at,
+                image.work_seed,
+                exec_json
             ],
         )?;
         Ok(())
@@ -76,7 +82,7 @@ impl Store {
         Ok(self
             .conn
             .query_row(
-                "SELECT name, digest, kernel, size_bytes, source, created_at FROM images WHERE name = ?1",
+                "SELECT name, digest, kernel, size_bytes, source, created_at, work_seed, exec_json FROM images WHERE name = ?1",
                 [name],
                 image_row,
             )
@@ -85,7 +91,7 @@ impl Store {
 
     pub fn list_images(&self) -> Result<Vec<Image>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT name, digest, kernel, size_bytes, source, created_at FROM images ORDER BY name",
+            "SELECT name, digest, kernel, size_bytes, source, created_at, work_seed, exec_json FROM images ORDER BY name",
         )?;
         let rows = stmt.query_map([], image_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -121,6 +127,7 @@ impl Store {
         let sql = match table {
             AssetTable::Kernels => "SELECT COUNT(*) FROM kernels WHERE digest = ?1",
             AssetTable::Images => "SELECT COUNT(*) FROM images WHERE digest = ?1",
+            AssetTable::WorkSeeds => "SELECT COUNT(*) FROM images WHERE work_seed = ?1",
         };
         let count: i64 = self.conn.query_row(sql, [digest], |row| row.get(0))?;
         Ok(count > 0)
@@ -132,6 +139,8 @@ impl Store {
 pub enum AssetTable {
     Kernels,
     Images,
+    /// The work-seeds images name.
+    WorkSeeds,
 }
 
 fn kernel_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Kernel> {
@@ -155,5 +164,10 @@ fn image_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Image> {
         size_bytes: row.get(3)?,
         source: row.get(4)?,
         created_at: row.get(5)?,
+        work_seed: row.get(6)?,
+        // Written by put_image from the typed value; unreadable JSON reads as none.
+        exec: row
+            .get::<_, Option<String>>(7)?
+            .and_then(|j| serde_json::from_str(&j).ok()),
     })
 }

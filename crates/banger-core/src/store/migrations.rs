@@ -111,11 +111,21 @@ const MIGRATIONS: &[Migration] = &[
         created_at    TEXT NOT NULL
     ) STRICT;
     CREATE INDEX blobs_by_local ON blobs(kind, local);"),
+    // 9: how each VM's VMM last ended (`last_stop`, JSON `LastStop`: clean or unclean), what
+    // its last start checked (`start_fsck`, JSON `StartFsck`), and whether its work disk's
+    // filesystem still has to grow into a grown file (`vm set --disk`).
+    Sql("ALTER TABLE vms ADD COLUMN last_stop TEXT;
+    ALTER TABLE vms ADD COLUMN start_fsck TEXT;
+    ALTER TABLE vms ADD COLUMN grow_work_fs INTEGER NOT NULL DEFAULT 0 CHECK (grow_work_fs IN (0, 1));"),
+    // 10: an image's work-seed (the digest of a tree under work-seeds/), when it has one, and
+    // its `vm exec` defaults (JSON `ExecDefaults`; from a container image's config).
+    Sql("ALTER TABLE images ADD COLUMN work_seed TEXT;
+         ALTER TABLE images ADD COLUMN exec_json TEXT;"),
 ];
 
 /// Reads every VM row through the typed record, so an unknown value fails here, naming it.
 fn check_typed_rows(tx: &Transaction<'_>) -> Result<(), StoreError> {
-    let mut stmt = tx.prepare(&format!("SELECT {} FROM vms", super::VM_COLUMNS))?;
+    let mut stmt = tx.prepare(&format!("SELECT {} FROM vms", super::VM_COLUMNS_V8))?;
     let rows = stmt.query_map([], super::raw_vm)?;
     for row in rows {
         row?.into_record()?;

@@ -51,7 +51,9 @@ pub struct Store {
     conn: Connection,
 }
 
-const VM_COLUMNS: &str = "id, name, cpus, memory_mib, disk_size_bytes, image, state, created_at, updated_at, last_error, runtime_json, vmm, vmm_reason, system_disk";
+/// The columns of a VM row up to schema 8 (what migration 6 checks), then the later ones.
+const VM_COLUMNS_V8: &str = "id, name, cpus, memory_mib, disk_size_bytes, image, state, created_at, updated_at, last_error, runtime_json, vmm, vmm_reason, system_disk";
+const VM_COLUMNS: &str = "id, name, cpus, memory_mib, disk_size_bytes, image, state, created_at, updated_at, last_error, runtime_json, vmm, vmm_reason, system_disk, last_stop, start_fsck, grow_work_fs";
 
 impl Store {
     /// Opens (creating if needed) the database at `path` and applies pending migrations.
@@ -72,12 +74,44 @@ impl Store {
         insert_vm_on(&self.conn, vm)
     }
 
-    /// Writes the mutable fields (state, error, runtime, updated_at) of an existing VM.
+    /// Writes the mutable fields (state, error, runtime, how it last stopped, what its last
+    /// start checked, updated_at) of an existing VM.
     pub fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
         let runtime = runtime_json(vm)?;
+        let last_stop = to_json(&vm.last_stop)?;
+        let start_fsck = to_json(&vm.start_fsck)?;
         let changed = self.conn.execute(
-            "UPDATE vms SET state = ?2, updated_at = ?3, last_error = ?4, runtime_json = ?5 WHERE id = ?1",
-            params![vm.id, vm.state.as_str(), vm.updated_at, vm.last_error, runtime],
+            "UPDATE vms SET state = ?2, updated_at = ?3, last_error = ?4, runtime_json = ?5, last_stop = ?6, start_fsck = ?7 WHERE id = ?1",
+            params![
+                vm.id,
+                vm.state.as_str(),
+                vm.updated_at,
+                vm.last_error,
+                runtime,
+                last_stop,
+                start_fsck
+            ],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::VmNotFound(vm.name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Writes an existing VM's resources (`vm set`): CPUs, memory, work disk size, and whether
+    /// its work filesystem still has to grow. Separate from [`Self::update_vm`], which runs
+    /// without the VM's lock when a dead VMM is found, so a stale record never writes them.
+    pub fn update_spec(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        let changed = self.conn.execute(
+            "UPDATE vms SET cpus = ?2, memory_mib = ?3, disk_size_bytes = ?4, grow_work_fs = ?5, updated_at = ?6 WHERE id = ?1",
+            params![
+                vm.id,
+                vm.spec.cpus,
+                vm.spec.memory_mib,
+                vm.spec.disk_size_bytes,
+                vm.grow_work_fs,
+                vm.updated_at
+            ],
         )?;
         if changed == 0 {
             return Err(StoreError::VmNotFound(vm.name.to_string()));
@@ -131,7 +165,7 @@ fn insert_vm_on(conn: &Connection, vm: &VmRecord) -> Result<(), StoreError> {
     let runtime = runtime_json(vm)?;
     let result = conn.execute(
         &format!(
-            "INSERT INTO vms ({VM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+            "INSERT INTO vms ({VM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
         ),
         params![
             vm.id,
@@ -148,6 +182,9 @@ fn insert_vm_on(conn: &Connection, vm: &VmRecord) -> Result<(), StoreError> {
             vm.spec.vmm.as_str(),
             vm.spec.vmm_reason,
             vm.spec.system_disk.as_str(),
+            to_json(&vm.last_stop)?,
+            to_json(&vm.start_fsck)?,
+            vm.grow_work_fs,
         ],
     );
     match result {
@@ -162,7 +199,12 @@ fn insert_vm_on(conn: &Connection, vm: &VmRecord) -> Result<(), StoreError> {
 }
 
 fn runtime_json(vm: &VmRecord) -> Result<Option<String>, StoreError> {
-    vm.runtime
+    to_json(&vm.runtime)
+}
+
+/// An optional document of a VM row as JSON text (`NULL` when absent).
+fn to_json<T: serde::Serialize>(value: &Option<T>) -> Result<Option<String>, StoreError> {
+    value
         .as_ref()
         .map(serde_json::to_string)
         .transpose()
@@ -185,9 +227,15 @@ struct RawVm {
     vmm: String,
     vmm_reason: String,
     system_disk: String,
+    last_stop: Option<String>,
+    start_fsck: Option<String>,
+    grow_work_fs: bool,
 }
 
+/// Reads a row of [`VM_COLUMNS`], or of [`VM_COLUMNS_V8`] (migration 6's check, before the
+/// later columns exist), whose later fields read as absent.
 fn raw_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawVm> {
+    let later = row.as_ref().column_count() > 14;
     Ok(RawVm {
         id: row.get(0)?,
         name: row.get(1)?,
@@ -203,6 +251,9 @@ fn raw_vm(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawVm> {
         vmm: row.get(11)?,
         vmm_reason: row.get(12)?,
         system_disk: row.get(13)?,
+        last_stop: if later { row.get(14)? } else { None },
+        start_fsck: if later { row.get(15)? } else { None },
+        grow_work_fs: later && row.get(16)?,
     })
 }
 
@@ -221,6 +272,16 @@ impl RawVm {
             .map(|text| serde_json::from_str(&text))
             .transpose()
             .map_err(|e| corrupt(&format!("runtime: {e}")))?;
+        let last_stop = self
+            .last_stop
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|e| corrupt(&format!("last stop: {e}")))?;
+        let start_fsck = self
+            .start_fsck
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|e| corrupt(&format!("start fsck: {e}")))?;
         Ok(VmRecord {
             id: self.id,
             name,
@@ -238,6 +299,9 @@ impl RawVm {
             updated_at: self.updated_at,
             last_error: self.last_error,
             runtime,
+            last_stop,
+            start_fsck,
+            grow_work_fs: self.grow_work_fs,
         })
     }
 }
@@ -357,6 +421,81 @@ mod tests {
             store.get_vm("dev"),
             Err(StoreError::VmNotFound(_))
         ));
+    }
+
+    /// How a VM last stopped, what its last start checked and its resources survive a
+    /// reopen; a spec write leaves the lifecycle fields alone and the other way round.
+    #[test]
+    fn stops_checks_and_resources_are_kept() {
+        use banger_proto::{DiskFsck, FsckResult, StartFsck, StopKind};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut vm = VmRecord::new(VmName::parse("a").unwrap(), spec());
+        {
+            let store = Store::open(&path).unwrap();
+            store.insert_vm(&vm).unwrap();
+            vm.record_stop(StopKind::Unclean, "kill");
+            vm.start_fsck = Some(StartFsck {
+                at: "t".into(),
+                ran: true,
+                why: "the last stop was unclean (kill)".into(),
+                disks: vec![DiskFsck {
+                    disk: "work".into(),
+                    result: FsckResult::Repaired,
+                    exit_code: Some(1),
+                    detail: "work.ext4: 11/65536 files".into(),
+                }],
+            });
+            store.update_vm(&vm).unwrap();
+            let mut bigger = vm.clone();
+            bigger.spec.cpus = 1;
+            bigger.spec.memory_mib = 512;
+            bigger.spec.disk_size_bytes = 16 << 30;
+            bigger.grow_work_fs = true;
+            // A stale copy of the record (what `vm ls` writes when it finds the VMM dead)
+            // does not undo the spec.
+            store.update_spec(&bigger).unwrap();
+            store.update_vm(&vm).unwrap();
+            vm = bigger;
+        }
+        let store = Store::open(&path).unwrap();
+        let read = store.get_vm("a").unwrap();
+        assert_eq!(read.last_stop, vm.last_stop);
+        assert_eq!(read.start_fsck, vm.start_fsck);
+        assert_eq!(
+            (
+                read.spec.cpus,
+                read.spec.memory_mib,
+                read.spec.disk_size_bytes
+            ),
+            (1, 512, 16 << 30)
+        );
+        assert!(read.grow_work_fs);
+        assert_eq!(read.last_stop.unwrap().kind, StopKind::Unclean);
+    }
+
+    /// A VM recorded before schema 9 has no stop, no check and nothing to grow: its next
+    /// start runs no fsck.
+    #[test]
+    fn rows_from_before_stop_records_read_as_never_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            migrations::apply_up_to(&mut conn, 8).unwrap();
+            conn.execute(
+                "INSERT INTO vms (id, name, cpus, memory_mib, disk_size_bytes, image, state, created_at, updated_at, vmm, system_disk) \
+                 VALUES ('a1', 'old', 1, 128, 67108864, 'default', 'stopped', 't', 't', 'qemu', 'qcow2')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let old = store.get_vm("old").unwrap();
+        assert_eq!(
+            (old.last_stop, old.start_fsck, old.grow_work_fs),
+            (None, None, false)
+        );
     }
 
     #[test]

@@ -210,8 +210,12 @@ mod tests {
 
     #[test]
     fn measured_tsc_is_plausible() {
-        if let Some(khz) = super::measure_tsc_khz() {
-            assert!((100_000..10_000_000).contains(&khz), "{khz} kHz");
+        match super::measure_tsc_khz() {
+            Some(khz) => assert!((100_000..10_000_000).contains(&khz), "{khz} kHz"),
+            None => banger_shared::skip::report(
+                "measured_tsc_is_plausible",
+                "this host gives no TSC frequency to measure",
+            ),
         }
     }
 

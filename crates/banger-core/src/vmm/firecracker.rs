@@ -533,6 +533,7 @@ impl Hypervisor for Firecracker {
             supports_memory_snapshot: true,
             supports_pause: true,
             cmdline_devices_only: true,
+            tap_fd: false,
         }
     }
 

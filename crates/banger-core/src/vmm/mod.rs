@@ -68,6 +68,13 @@ pub enum VmmError {
     /// The backend cannot do this.
     #[error("this VMM backend cannot {0}")]
     Unsupported(&'static str),
+    /// A disk resize that would shrink the disk (never sent to the VMM).
+    #[error("refusing to shrink the {disk} disk from {current} to {requested} bytes")]
+    WouldShrink {
+        disk: &'static str,
+        current: u64,
+        requested: u64,
+    },
     #[error("{context}")]
     Io {
         context: String,
@@ -106,6 +113,9 @@ pub struct Capabilities {
     /// Declares its virtio-mmio devices only on the kernel command line (no ACPI): boots only
     /// kernels with `virtio_mmio_cmdline` and no need of an initrd it lacks.
     pub cmdline_devices_only: bool,
+    /// Takes its tap as a queue the root helper opened ([`LaunchSpec::tap_fd`]) instead of
+    /// opening `/dev/net/tun` itself (which is root's only on hosts without udev's rule).
+    pub tap_fd: bool,
 }
 
 /// Everything a backend needs to boot one VM.
@@ -134,6 +144,9 @@ pub struct LaunchSpec {
     pub mac: String,
     /// Host tap device for the NIC (bridge networking); `None` means user-mode networking.
     pub tap: Option<String>,
+    /// An open queue of the tap (from the root helper) for a backend with
+    /// [`Capabilities::tap_fd`]; the VMM inherits it.
+    pub tap_fd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
     /// How the guest kernel finds its virtio-mmio devices (QEMU declares them either way;
     /// Firecracker only on the command line).
     pub devices: DeviceDiscovery,
@@ -147,6 +160,25 @@ pub enum DeviceDiscovery {
     /// From `virtio_mmio.device=` entries on the kernel command line, no ACPI: Firecracker's
     /// way, and banger's microVM kernel's.
     CommandLine,
+}
+
+/// One of a VM's two disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmDisk {
+    /// The system disk (the guest's `/`).
+    System,
+    /// The work disk (the guest's `/root`).
+    Work,
+}
+
+impl VmDisk {
+    /// `system` or `work`, as `vm stats` and `vm show` name them.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::Work => "work",
+        }
+    }
 }
 
 /// Where a memory snapshot lives: the VM state file and the guest memory file.
@@ -306,6 +338,19 @@ pub trait Hypervisor: Send + Sync {
     ) -> impl std::future::Future<Output = Result<VmProcess, VmmError>> + Send {
         std::future::ready(Err(VmmError::Unsupported("restore a snapshot")))
     }
+
+    /// Grows `disk` of the running VM to `size_bytes`; the guest sees the new size at once
+    /// (growing its filesystem is the caller's). A size below the disk's current one is
+    /// refused ([`VmmError::WouldShrink`]) before the VMM is asked to resize; the same size
+    /// changes nothing. `Unsupported` when the backend cannot do it while the VM runs.
+    fn grow_disk(
+        &self,
+        _process: &VmProcess,
+        _disk: VmDisk,
+        _size_bytes: u64,
+    ) -> impl std::future::Future<Output = Result<(), VmmError>> + Send {
+        std::future::ready(Err(VmmError::Unsupported("grow a disk while the VM runs")))
+    }
 }
 
 /// A boxed future: what makes [`VmBackend`] usable as a trait object.
@@ -343,6 +388,12 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
         &'a self,
         process: &'a VmProcess,
         snapshot: &'a Snapshot,
+    ) -> BoxFuture<'a, Result<(), VmmError>>;
+    fn grow_disk<'a>(
+        &'a self,
+        process: &'a VmProcess,
+        disk: VmDisk,
+        size_bytes: u64,
     ) -> BoxFuture<'a, Result<(), VmmError>>;
 }
 
@@ -414,6 +465,14 @@ impl<H: Hypervisor + std::fmt::Debug> VmBackend for H {
         snapshot: &'a Snapshot,
     ) -> BoxFuture<'a, Result<(), VmmError>> {
         Box::pin(Hypervisor::snapshot(self, process, snapshot))
+    }
+    fn grow_disk<'a>(
+        &'a self,
+        process: &'a VmProcess,
+        disk: VmDisk,
+        size_bytes: u64,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(Hypervisor::grow_disk(self, process, disk, size_bytes))
     }
 }
 

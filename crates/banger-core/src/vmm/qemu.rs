@@ -8,6 +8,7 @@
 //! `-S -incoming defer`, `migrate-incoming` from that file, then `cont`. A virtio-balloon with
 //! free-page reporting hands memory the guest freed back to QEMU, so it is not in the file.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -19,8 +20,8 @@ use crate::domain::VmmKind;
 use crate::layout::vm_runtime;
 
 use super::{
-    Accel, Capabilities, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, Snapshot, VmProcess,
-    VmmError, process, qmp,
+    Accel, Capabilities, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, Snapshot, VmDisk,
+    VmProcess, VmmError, process, qmp,
 };
 
 /// The migration bandwidth while suspending (bytes/s): QEMU's default (128 MiB/s on 10.0,
@@ -94,14 +95,26 @@ impl Qemu {
     /// Runs QEMU with `args` (it daemonizes) and reads the pid it wrote.
     async fn spawn(&self, spec: &LaunchSpec, args: Vec<String>) -> Result<VmProcess, VmmError> {
         let binary = self.binary.display().to_string();
-        let output = tokio::process::Command::new(&self.binary)
+        let mut command = tokio::process::Command::new(&self.binary);
+        command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .await
-            .map_err(VmmError::spawn(&binary))?;
+            .stderr(Stdio::piped());
+        if let Some(fd) = &spec.tap_fd {
+            let raw = fd.as_raw_fd();
+            // SAFETY: fcntl is async-signal-safe; it clears close-on-exec on the child's copy
+            // of the tap queue only, so QEMU (and no other child) inherits it.
+            unsafe {
+                command.pre_exec(move || {
+                    if nix::libc::fcntl(raw, nix::libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let output = command.output().await.map_err(VmmError::spawn(&binary))?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             let message = stderr
@@ -267,9 +280,11 @@ impl Qemu {
                     isolated,
                     ports,
                 } => user_netdev(*ssh_port, *isolated, ports),
-                NetAttach::Tap { name } => {
-                    format!("tap,id=n0,ifname={name},script=no,downscript=no")
-                }
+                NetAttach::Tap { name } => match &spec.tap_fd {
+                    // The helper's queue of the tap, inherited (see `launch`).
+                    Some(fd) => format!("tap,id=n0,fd={}", fd.as_raw_fd()),
+                    None => format!("tap,id=n0,ifname={name},script=no,downscript=no"),
+                },
             },
             "-device".into(),
             format!("virtio-net-device,netdev=n0,mac={}", spec.mac),
@@ -396,6 +411,7 @@ impl Hypervisor for Qemu {
             supports_memory_snapshot: true,
             supports_pause: true,
             cmdline_devices_only: false,
+            tap_fd: true,
         }
     }
 
@@ -525,6 +541,40 @@ impl Hypervisor for Qemu {
         }
         Ok(process)
     }
+
+    /// QMP `block_resize` of the drive (`sys` or `work`, the `-drive` ids), after
+    /// `query-block` gave its current virtual size: `block_resize` shrinks as readily as it
+    /// grows (the guest's filesystem would be cut), so a smaller size is never sent. The
+    /// virtio-blk device tells the guest at once (a config-change interrupt).
+    async fn grow_disk(
+        &self,
+        process: &VmProcess,
+        disk: VmDisk,
+        size_bytes: u64,
+    ) -> Result<(), VmmError> {
+        let socket = &process.control_socket;
+        let device = drive_id(disk);
+        let blocks = qmp::execute(socket, "query-block").await?;
+        let current = current_size(&blocks, device).ok_or_else(|| VmmError::Control {
+            path: socket.display().to_string(),
+            message: format!("query-block: no drive {device} with a size"),
+        })?;
+        match size_bytes.cmp(&current) {
+            std::cmp::Ordering::Less => Err(VmmError::WouldShrink {
+                disk: disk.as_str(),
+                current,
+                requested: size_bytes,
+            }),
+            std::cmp::Ordering::Equal => Ok(()),
+            std::cmp::Ordering::Greater => qmp::execute_with(
+                socket,
+                "block_resize",
+                Some(serde_json::json!({ "device": device, "size": size_bytes })),
+            )
+            .await
+            .map(drop),
+        }
+    }
 }
 
 /// Which way a migration URI moves a VM's state.
@@ -573,6 +623,26 @@ async fn wait_migration(qmp: &Path, what: &str, alive: impl Fn() -> bool) -> Res
     }
 }
 
+/// The `-drive` id of a disk (what QMP's block commands name as `device`).
+fn drive_id(disk: VmDisk) -> &'static str {
+    match disk {
+        VmDisk::System => "sys",
+        VmDisk::Work => "work",
+    }
+}
+
+/// The virtual size `query-block` reports for `device`.
+fn current_size(blocks: &serde_json::Value, device: &str) -> Option<u64> {
+    blocks
+        .as_array()?
+        .iter()
+        .find(|b| b.get("device").and_then(|d| d.as_str()) == Some(device))?
+        .get("inserted")?
+        .get("image")?
+        .get("virtual-size")?
+        .as_u64()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -599,6 +669,7 @@ mod tests {
             },
             mac: "52:54:00:01:02:03".into(),
             tap: None,
+            tap_fd: None,
             devices: DeviceDiscovery::Acpi,
         }
     }
@@ -753,6 +824,23 @@ mod tests {
         let args = Qemu::new("qemu".into()).args(&cmdline).join(" ");
         assert!(args.contains("acpi=off,pic=on,pit=on"), "{args}");
         assert!(args.contains("-device i8042"), "{args}");
+    }
+
+    #[test]
+    fn the_drive_size_is_read_from_query_block() {
+        let blocks = serde_json::json!([
+            { "device": "sys", "inserted": { "image": { "virtual-size": 8589934592u64 } } },
+            { "device": "work", "inserted": { "image": { "virtual-size": 2147483648u64 } } },
+            { "device": "empty" },
+        ]);
+        assert_eq!(current_size(&blocks, "work"), Some(2 << 30));
+        assert_eq!(
+            current_size(&blocks, drive_id(VmDisk::System)),
+            Some(8 << 30)
+        );
+        assert_eq!(current_size(&blocks, "empty"), None);
+        assert_eq!(current_size(&blocks, "none"), None);
+        assert_eq!(current_size(&serde_json::json!({}), "work"), None);
     }
 
     fn netdev(spec: &LaunchSpec) -> String {

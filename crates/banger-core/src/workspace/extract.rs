@@ -582,19 +582,7 @@ fn check(from: &Path, dest: &Path) -> Result<(), WorkspaceError> {
         return Err(conflict(dest, "is a symlink on the host (not followed)"));
     }
     match (ours.is_dir(), there.is_dir()) {
-        (true, true) => {
-            for entry in std::fs::read_dir(from).map_err(WorkspaceError::io(format!(
-                "cannot list {}",
-                from.display()
-            )))? {
-                let entry = entry.map_err(WorkspaceError::io(format!(
-                    "cannot list {}",
-                    from.display()
-                )))?;
-                check(&entry.path(), &dest.join(entry.file_name()))?;
-            }
-            Ok(())
-        }
+        (true, true) => for_each_child(from, dest, check),
         (true, false) => Err(conflict(dest, "exists and is not a directory")),
         (false, true) => Err(conflict(dest, "is a directory")),
         (false, false) if there.is_file() || there.is_symlink() => Ok(()),
@@ -611,15 +599,19 @@ fn place(from: &Path, dest: &Path) -> Result<(), WorkspaceError> {
             dest.display()
         )));
     }
-    for entry in std::fs::read_dir(from).map_err(WorkspaceError::io(format!(
-        "cannot list {}",
-        from.display()
-    )))? {
-        let entry = entry.map_err(WorkspaceError::io(format!(
-            "cannot list {}",
-            from.display()
-        )))?;
-        place(&entry.path(), &dest.join(entry.file_name()))?;
+    for_each_child(from, dest, place)
+}
+
+/// Calls `step(child, dest/child's name)` for every entry of directory `from`.
+fn for_each_child(
+    from: &Path,
+    dest: &Path,
+    step: fn(&Path, &Path) -> Result<(), WorkspaceError>,
+) -> Result<(), WorkspaceError> {
+    let listing = || WorkspaceError::io(format!("cannot list {}", from.display()));
+    for entry in std::fs::read_dir(from).map_err(listing())? {
+        let entry = entry.map_err(listing())?;
+        step(&entry.path(), &dest.join(entry.file_name()))?;
     }
     Ok(())
 }
@@ -1166,7 +1158,9 @@ mod tests {
                 .arg(src.path().join("t"))
                 .arg(".")
                 .output();
-            let Ok(out) = out.map_err(|e| eprintln!("SKIP: no tar here: {e}")) else {
+            let Ok(out) = out.map_err(|e| {
+                banger_shared::skip::report("extract of tar archives", &format!("no tar here: {e}"))
+            }) else {
                 return;
             };
             assert!(out.status.success(), "{format}");

@@ -535,7 +535,10 @@ index 6666666..0000000
             std::fs::write(path, body).expect("write");
         };
         if git(root, &["init", "-q"]).is_err() {
-            eprintln!("SKIP: git is not usable here");
+            banger_shared::skip::report(
+                "patch checker against git apply",
+                "git is not usable here",
+            );
             return;
         }
         write("src/main.rs", "fn main() {}\n");

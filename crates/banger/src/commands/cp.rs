@@ -3,9 +3,8 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use banger_proto::{CopyDirection, CopyRequest, CopyResult, PrepareProgress, VmName};
+use banger_proto::{CopyDirection, CopyRequest, CopyResult, VmName};
 use hyper::Method;
 
 use crate::client::{Client, ClientError};
@@ -93,32 +92,11 @@ async fn with_bar(
     name: &VmName,
     call: impl Future<Output = Result<CopyResult, ClientError>>,
 ) -> Result<CopyResult, ClientError> {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ({elapsed})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_message("copying");
-    bar.enable_steady_tick(Duration::from_millis(100));
-    tokio::pin!(call);
-    let result = loop {
-        tokio::select! {
-            result = &mut call => break result,
-            () = tokio::time::sleep(Duration::from_millis(200)) => {
-                let progress: Result<PrepareProgress, _> = client
-                    .call(Method::GET, &format!("/v1/vms/{name}/workspace/progress"), None::<&()>)
-                    .await;
-                if let Ok(p) = progress && p.running {
-                    bar.set_length(p.bytes_total.max(p.bytes_sent));
-                    bar.set_position(p.bytes_sent);
-                }
-            }
-        }
-    };
-    bar.finish_and_clear();
-    result
+    super::workspace::with_progress_bar(client, name, "copying".into(), call, |bar, p| {
+        bar.set_length(p.bytes_total.max(p.bytes_sent));
+        bar.set_position(p.bytes_sent);
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -22,21 +22,49 @@ fn absolute(path: &std::path::Path) -> Result<String, ClientError> {
         .map_err(|e| ClientError::Other(anyhow::anyhow!("{}: {e}", path.display())))
 }
 
+/// `--from`: a registry reference as it is, `oci:DIR[:TAG]` with DIR made absolute.
+fn absolute_from(from: &str) -> Result<String, ClientError> {
+    let Some(rest) = from.strip_prefix("oci:") else {
+        return Ok(from.to_owned());
+    };
+    let (dir, tag) = match rest.rsplit_once(':') {
+        Some((dir, tag)) if !tag.contains('/') => (dir, Some(tag)),
+        _ => (rest, None),
+    };
+    let dir = absolute(std::path::Path::new(dir))?;
+    Ok(match tag {
+        Some(tag) => format!("oci:{dir}:{tag}"),
+        None => format!("oci:{dir}"),
+    })
+}
+
 fn print_image(image: &Image, json: bool) -> Result<(), ClientError> {
     if json {
         return print_json(image);
     }
-    print!(
-        "{}",
-        output::pairs(&[
-            ("name", image.name.clone()),
-            ("digest", image.digest.clone()),
-            ("kernel", image.kernel.clone()),
-            ("size", ByteSize(image.size_bytes).to_string()),
-            ("source", image.source.clone()),
-            ("created", image.created_at.clone()),
-        ])
-    );
+    let mut pairs = vec![
+        ("name", image.name.clone()),
+        ("digest", image.digest.clone()),
+        ("kernel", image.kernel.clone()),
+        ("size", ByteSize(image.size_bytes).to_string()),
+        ("source", image.source.clone()),
+        ("created", image.created_at.clone()),
+    ];
+    if let Some(seed) = &image.work_seed {
+        pairs.push(("work-seed", seed[..12.min(seed.len())].to_owned()));
+    }
+    if let Some(exec) = &image.exec {
+        if let Some(dir) = &exec.workdir {
+            pairs.push(("exec workdir", dir.clone()));
+        }
+        if let Some(user) = &exec.user {
+            pairs.push(("exec user", user.clone()));
+        }
+        if !exec.env.is_empty() {
+            pairs.push(("exec env", exec.env.join(" ")));
+        }
+    }
+    print!("{}", output::pairs(&pairs));
     Ok(())
 }
 
@@ -238,12 +266,21 @@ pub async fn run_image(client: &Client, command: ImageCommand) -> Result<u8, Cli
             name,
             mirror,
             force,
+            work_seed,
+            from,
+            insecure,
             json,
         } => {
             let request = BuildImageRequest {
                 name: Some(name.clone()),
                 mirror,
                 force,
+                work_seed: work_seed.as_deref().map(absolute).transpose()?,
+                from: match from {
+                    Some(from) => Some(absolute_from(&from)?),
+                    None => None,
+                },
+                insecure,
             };
             let image: Image = build_with_progress(
                 client,
@@ -259,6 +296,7 @@ pub async fn run_image(client: &Client, command: ImageCommand) -> Result<u8, Cli
             rootfs,
             kernel,
             initrd,
+            work_seed,
             json,
         } => {
             let kernel_path = std::path::Path::new(&kernel);
@@ -272,6 +310,7 @@ pub async fn run_image(client: &Client, command: ImageCommand) -> Result<u8, Cli
                 rootfs: absolute(&rootfs)?,
                 kernel,
                 initrd: initrd.as_deref().map(absolute).transpose()?,
+                work_seed: work_seed.as_deref().map(absolute).transpose()?,
             };
             let image: Image = with_progress(
                 "importing",

@@ -1,5 +1,5 @@
 //! `banger vm …`: create, run, start, stop, pause, resume, suspend, exec, ssh, logs, ls,
-//! show, rm.
+//! show, set, rm.
 
 use std::io::{IsTerminal, Write};
 use std::os::unix::process::CommandExt;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use banger_proto::{
     ByteSize, ConsoleChunk, CreateVmRequest, LifecycleResult, PortChangeRequest, PortList,
-    PullPolicy, SshInfo, StopVmRequest, Vm, VmName,
+    PullPolicy, SetVmRequest, SetVmResult, SshInfo, StopVmRequest, Vm, VmName,
 };
 use hyper::Method;
 
@@ -113,7 +113,22 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
                 .map(|arg| banger_shared::ssh::shell_quote(arg))
                 .collect::<Vec<_>>()
                 .join(" ");
-            if let Some(dir) = &info.workdir {
+            // The image's defaults (a container image's ENV and USER).
+            if !info.env.is_empty() {
+                let pairs: Vec<String> = info
+                    .env
+                    .iter()
+                    .map(|pair| banger_shared::ssh::shell_quote(pair))
+                    .collect();
+                remote = format!("env {} {remote}", pairs.join(" "));
+            }
+            if let Some(user) = &info.exec_user {
+                remote = format!(
+                    "runuser -u {} -- {remote}",
+                    banger_shared::ssh::shell_quote(user)
+                );
+            }
+            if let Some(dir) = info.workdir.as_ref().or(info.exec_workdir.as_ref()) {
                 remote = format!("cd {} && {remote}", banger_shared::ssh::shell_quote(dir));
             }
             let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
@@ -148,6 +163,35 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             Ok(0)
         }
         VmCommand::Port(args) => port(client, args).await,
+        VmCommand::Set {
+            name,
+            cpus,
+            memory,
+            disk,
+            system_disk,
+            json,
+        } => {
+            let request = SetVmRequest {
+                cpus,
+                memory_mib: memory.map(ByteSize::mib),
+                disk_size_bytes: disk.map(|d| d.0),
+                system_disk_size_bytes: system_disk.map(|d| d.0),
+            };
+            let result: SetVmResult = with_progress(
+                &format!("changing {name}"),
+                client.call(Method::PATCH, &format!("/v1/vms/{name}"), Some(&request)),
+            )
+            .await?;
+            for warning in &result.warnings {
+                eprintln!("{}", output::warning(warning));
+            }
+            if json.json {
+                print_json(&result.vm.spec)?;
+            } else {
+                print!("{}", output::set_summary(&result));
+            }
+            Ok(0)
+        }
         VmCommand::Show { name, json } => {
             let vm: Vm = client
                 .call(Method::GET, &format!("/v1/vms/{name}"), None::<&()>)

@@ -128,7 +128,25 @@ pub async fn prepare(
     if !std::io::stderr().is_terminal() {
         return call.await;
     }
-    // A bar fed by polling the daemon's counters while the prepare call runs.
+    with_progress_bar(client, name, format!("scanning {path}"), call, |bar, p| {
+        if p.files_total > 0 {
+            bar.set_length(p.bytes_total);
+            bar.set_position(p.bytes_sent);
+            bar.set_message(format!("{}/{} files", p.files_sent, p.files_total));
+        }
+    })
+    .await
+}
+
+/// Runs `call` (a prepare or a copy of VM `name`) under a progress bar that `show` updates
+/// from the daemon's transfer counters, polled while the call runs.
+pub async fn with_progress_bar<T>(
+    client: &Client,
+    name: &VmName,
+    message: String,
+    call: impl Future<Output = Result<T, ClientError>>,
+    show: impl Fn(&indicatif::ProgressBar, &PrepareProgress),
+) -> Result<T, ClientError> {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -136,7 +154,7 @@ pub async fn prepare(
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    bar.set_message(format!("scanning {path}"));
+    bar.set_message(message);
     bar.enable_steady_tick(Duration::from_millis(100));
     tokio::pin!(call);
     let result = loop {
@@ -146,10 +164,8 @@ pub async fn prepare(
                 let progress: Result<PrepareProgress, _> = client
                     .call(Method::GET, &format!("/v1/vms/{name}/workspace/progress"), None::<&()>)
                     .await;
-                if let Ok(p) = progress && p.running && p.files_total > 0 {
-                    bar.set_length(p.bytes_total);
-                    bar.set_position(p.bytes_sent);
-                    bar.set_message(format!("{}/{} files", p.files_sent, p.files_total));
+                if let Ok(p) = progress && p.running {
+                    show(&bar, &p);
                 }
             }
         }
