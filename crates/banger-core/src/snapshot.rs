@@ -281,6 +281,23 @@ mod tests {
         manifest: PathBuf,
     }
 
+    impl Fixture {
+        /// Seals the state file with the disk.
+        fn seal(&self) -> Manifest {
+            seal(
+                "qemu",
+                std::slice::from_ref(&self.state),
+                std::slice::from_ref(&self.disk),
+                &self.manifest,
+            )
+            .unwrap()
+        }
+
+        fn verify(&self) -> Result<Manifest, SnapshotError> {
+            verify(&self.manifest, std::slice::from_ref(&self.disk))
+        }
+    }
+
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let f = Fixture {
@@ -307,68 +324,47 @@ mod tests {
         .unwrap();
         assert_eq!(sealed.files.len(), 1, "no memory file: {sealed:?}");
         assert_eq!(sealed.size(), 100_000);
-        assert_eq!(
-            verify(&f.manifest, std::slice::from_ref(&f.disk)).unwrap(),
-            sealed
-        );
+        assert_eq!(f.verify().unwrap(), sealed);
     }
 
     #[test]
     fn a_damaged_file_or_a_written_disk_is_refused() {
         let f = fixture();
-        seal(
-            "qemu",
-            std::slice::from_ref(&f.state),
-            std::slice::from_ref(&f.disk),
-            &f.manifest,
-        )
-        .unwrap();
+        f.seal();
         // Same size, one byte flipped.
         let mut bytes = std::fs::read(&f.state).unwrap();
         bytes[500] ^= 0xff;
         std::fs::write(&f.state, &bytes).unwrap();
-        let err = verify(&f.manifest, std::slice::from_ref(&f.disk)).unwrap_err();
+        let err = f.verify().unwrap_err();
         assert!(matches!(err, SnapshotError::Damaged { .. }), "{err}");
         assert!(err.to_string().contains("checksum"), "{err}");
 
-        seal(
-            "qemu",
-            std::slice::from_ref(&f.state),
-            std::slice::from_ref(&f.disk),
-            &f.manifest,
-        )
-        .unwrap();
+        f.seal();
         std::fs::File::options()
             .append(true)
             .open(&f.disk)
             .unwrap()
             .write_all(b"more")
             .unwrap();
-        let err = verify(&f.manifest, std::slice::from_ref(&f.disk)).unwrap_err();
+        let err = f.verify().unwrap_err();
         assert!(matches!(err, SnapshotError::DiskChanged { .. }), "{err}");
 
         // A disk replaced by another file of the same size and times.
-        seal(
-            "qemu",
-            std::slice::from_ref(&f.state),
-            std::slice::from_ref(&f.disk),
-            &f.manifest,
-        )
-        .unwrap();
+        f.seal();
         let other = f.disk.with_extension("new");
         std::fs::write(&other, std::fs::read(&f.disk).unwrap()).unwrap();
         std::fs::rename(&other, &f.disk).unwrap();
-        let err = verify(&f.manifest, std::slice::from_ref(&f.disk)).unwrap_err();
+        let err = f.verify().unwrap_err();
         assert!(err.to_string().contains("another file"), "{err}");
     }
 
     #[test]
     fn no_manifest_means_incomplete() {
         let f = fixture();
-        let err = verify(&f.manifest, std::slice::from_ref(&f.disk)).unwrap_err();
+        let err = f.verify().unwrap_err();
         assert!(matches!(err, SnapshotError::Incomplete(_)), "{err}");
         std::fs::write(&f.manifest, b"{").unwrap();
-        let err = verify(&f.manifest, std::slice::from_ref(&f.disk)).unwrap_err();
+        let err = f.verify().unwrap_err();
         assert!(matches!(err, SnapshotError::Manifest { .. }), "{err}");
     }
 

@@ -310,9 +310,9 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
 #[test]
 fn qemu_7_2_suspends_and_resumes_through_exec_migration() {
     let Ok(binary) = std::env::var("BANGER_QEMU_7_2") else {
-        eprintln!(
-            "SKIP: qemu_7_2_suspends_and_resumes_through_exec_migration: BANGER_QEMU_7_2 is \
-             not set (scripts/fetch-qemu-7.2 prints the path; .ci/run sets it)"
+        banger_shared::skip::report(
+            "qemu_7_2_suspends_and_resumes_through_exec_migration",
+            "BANGER_QEMU_7_2 is not set (scripts/fetch-qemu-7.2 prints the path; .ci/run sets it)",
         );
         return;
     };

@@ -416,12 +416,14 @@ impl Manager {
         let probe = self.readiness_probe().await;
         let limit = Duration::from_secs(self.config.daemon.start_timeout_secs);
         let id = record.id.clone();
+        let waiting = std::time::Instant::now();
         let ready = ssh::wait_ready(&target, limit, &probe, || {
             process::is_alive(process.pid, &id)
         })
         .await;
         match ready {
             Ok(true) => {
+                info!(vm = %record.name, ms = waiting.elapsed().as_millis() as u64, "guest SSH answered");
                 if outcome.restored {
                     self.set_guest_clock(record, &target, outcome).await;
                 }
