@@ -745,7 +745,8 @@ async fn a_dm_system_disk_is_made_and_torn_down_through_the_helper_seam() {
     assert_eq!(vm.spec.system_disk, "dm");
     let base = home.join("images").join(&image.digest).join("rootfs.ext4");
     let cow = home.join("vms").join(&vm.id).join("system.cow");
-    let name = format!("banger-{}", vm.id);
+    // dm names are host-wide: they carry the owner (`Layout::vm_dm_name`).
+    let name = banger_proto::helper::dm_name(nix::unistd::getuid().as_raw(), &vm.id);
     assert_eq!(
         ops.calls(),
         [
@@ -766,7 +767,7 @@ async fn a_dm_system_disk_is_made_and_torn_down_through_the_helper_seam() {
     );
     assert_eq!(
         std::fs::metadata(&cow).unwrap().len(),
-        16 << 20,
+        std::fs::metadata(&base).unwrap().len(),
         "cow as large as the image"
     );
     manager.remove_vm("dm").await.unwrap();
