@@ -116,6 +116,7 @@ impl VmRuntime {
             ssh_host: self.ssh_host.clone(),
             ssh_port: self.ssh_port,
             jail: self.jail.clone(),
+            jailer: false,
         }
     }
 }

@@ -192,7 +192,6 @@ async fn lifecycle_against_the_fake_firecracker() {
     assert_eq!(
         paths,
         [
-            ("PUT", "/logger", 204),
             ("PUT", "/metrics", 204),
             ("PUT", "/machine-config", 204),
             ("PUT", "/boot-source", 204),
@@ -203,12 +202,15 @@ async fn lifecycle_against_the_fake_firecracker() {
             ("PUT", "/actions", 204),
         ]
     );
-    let boot_args = requests[3].3["boot_args"].as_str().unwrap();
+    let boot_args = requests[2].3["boot_args"].as_str().unwrap();
     assert!(
         boot_args.contains("reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"),
         "{boot_args}"
     );
-    assert_eq!(requests[8].3["action_type"], "InstanceStart");
+    assert_eq!(requests[7].3["action_type"], "InstanceStart");
+    // Its log (from `--log-path`, levels shown) is the VM's, beside the console log.
+    let log = std::fs::read_to_string(dir.path().join("one/firecracker.log")).unwrap();
+    assert!(log.contains(":main:INFO] Running Firecracker v"), "{log}");
     assert_eq!(state(&process).await, "Running");
 
     // Pause/resume; a snapshot of a running VM is refused with Firecracker's own message.
@@ -251,8 +253,7 @@ async fn lifecycle_against_the_fake_firecracker() {
     assert_eq!(
         after,
         [
-            ("PUT".to_owned(), "/logger".to_owned(), 204),
-            ("PUT".into(), "/metrics".into(), 204),
+            ("PUT".to_owned(), "/metrics".to_owned(), 204),
             ("PUT".into(), "/snapshot/load".into(), 204),
         ]
     );
@@ -1077,16 +1078,12 @@ async fn pause_resume_and_suspend_against_the_fake() {
         .collect();
     assert_eq!(
         paths,
-        [
-            ("PUT", "/logger", 204),
-            ("PUT", "/metrics", 204),
-            ("PUT", "/snapshot/load", 204),
-        ]
+        [("PUT", "/metrics", 204), ("PUT", "/snapshot/load", 204),]
     );
-    assert_eq!(sent[2].3["resume_vm"], true);
-    assert_eq!(sent[2].3["snapshot_path"], snap_state.display().to_string());
+    assert_eq!(sent[1].3["resume_vm"], true);
+    assert_eq!(sent[1].3["snapshot_path"], snap_state.display().to_string());
     assert_eq!(
-        sent[2].3["mem_backend"]["backend_path"],
+        sent[1].3["mem_backend"]["backend_path"],
         snap_mem.display().to_string()
     );
     assert_eq!(fc_state().await, "Running");
@@ -1120,7 +1117,6 @@ async fn pause_resume_and_suspend_against_the_fake() {
     assert_eq!(
         after_load,
         [
-            "/logger",
             "/metrics",
             "/machine-config",
             "/boot-source",
@@ -1288,7 +1284,7 @@ async fn a_jailed_firecracker_runs_the_lifecycle() {
                 .map(|r| r.3.clone())
                 .unwrap_or_else(|| panic!("no {path} in {requests:?}"))
         };
-        assert_eq!(body("/logger")["log_path"], "/firecracker.log");
+        assert!(requests.iter().all(|r| r.1 != "/logger"), "{requests:?}");
         assert_eq!(body("/metrics")["metrics_path"], "/firecracker.metrics");
         assert_eq!(body("/serial")["serial_out_path"], "/console.log");
         assert_eq!(body("/boot-source")["kernel_image_path"], "/vmlinux");
@@ -1297,6 +1293,9 @@ async fn a_jailed_firecracker_runs_the_lifecycle() {
         assert_eq!(requests.last().unwrap().3["action_type"], "InstanceStart");
         // The jail holds the VM's own files (hard links: same inode).
         let vm_dir = dir.path().join("home/vms").join(&vm.id);
+        // Firecracker's log is the VM's own file, written from inside the jail.
+        let log = std::fs::read_to_string(vm_dir.join("firecracker.log")).unwrap();
+        assert!(log.contains(":main:INFO] Running Firecracker v"), "{log}");
         use std::os::unix::fs::MetadataExt;
         let inside = std::fs::metadata(jail_dir.join("root/work.ext4")).unwrap();
         let source = std::fs::metadata(vm_dir.join("work.ext4")).unwrap();
@@ -1483,4 +1482,123 @@ async fn jailed_vms_reattach_and_are_cleaned_up_however_they_end() {
     }
     assert!(mounts_under(&helper.base).is_empty());
     second.remove_vm("jr").await.unwrap();
+}
+
+/// The seams of [`open_fake_manager`], with the wait for SSH kept when `readiness` (no guest
+/// answers, so a start waits until the VMM dies or the start timeout).
+fn seams(readiness: bool) -> Seams {
+    Seams {
+        tap: Some("bg-tap-0".into()),
+        accel: Some(AccelChoice {
+            accel: Accel::Kvm,
+            reason: "test seam: KVM assumed".into(),
+        }),
+        skip_readiness: !readiness,
+        host_ops: None,
+    }
+}
+
+/// Polls `manager` until VM `name` is seen stopped (its VMM died); its `last_error`.
+async fn wait_stopped(manager: &Manager, name: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let vm = manager.get_vm(name).await.unwrap();
+        if vm.state == VmState::Stopped {
+            return vm.last_error.unwrap_or_default();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VM {name} still {} after 30 s",
+            vm.state
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Firecracker's reason for a guest that triple-faults, as the real one (and the fake's
+/// `--die-after-boot`) logs it.
+const SHUTDOWN_REASON: &str =
+    "Firecracker: Unexpected exit reason on vcpu run: Shutdown (exit code 1)";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_firecracker_that_dies_is_reported_with_its_own_reason() {
+    // During boot: the start waits for SSH, Firecracker dies at once after InstanceStart.
+    let install = FakeInstall::new(&["--die-after-boot", "0"]);
+    let dir = short_tmp("bgfd");
+    let manager = fake_manager_with(&install, dir.path(), |c| c.daemon.start_timeout_secs = 60)
+        .await
+        .with_seams(seams(true));
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "dies".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = manager.start_vm("dies").await.unwrap_err().to_api().message;
+    assert!(err.contains("VM dies stopped during boot"), "{err}");
+    assert!(err.contains(SHUTDOWN_REASON), "{err}");
+    assert!(
+        !err.contains("Running Firecracker"),
+        "not its banner: {err}"
+    );
+    let shown = manager.get_vm("dies").await.unwrap();
+    assert_eq!(shown.state, VmState::Created);
+    assert!(
+        shown
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains(SHUTDOWN_REASON),
+        "{shown:?}"
+    );
+    // The log outlived the undo (the runtime dir is gone); `vm logs` says why too.
+    let vm_dir = dir.path().join("home/vms").join(&vm.id);
+    let log = std::fs::read_to_string(vm_dir.join("firecracker.log")).unwrap();
+    assert!(log.contains(":ERROR] Unexpected exit reason"), "{log}");
+    assert!(!dir.path().join("home/run/vms").join(&vm.id).exists());
+    let chunk = manager.console("dies", 0).await.unwrap();
+    assert!(!chunk.running);
+    assert!(
+        chunk
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains(SHUTDOWN_REASON),
+        "{chunk:?}"
+    );
+    assert!(banger_e2e::processes_with_cmdline("banger-fc-fake", &vm.id).is_empty());
+
+    // After boot: the start returned, then Firecracker dies; the next look says why.
+    let install = FakeInstall::new(&["--die-after-boot", "1000"]);
+    let dir = short_tmp("bgfd");
+    let manager = fake_manager(&install, dir.path()).await;
+    let mut reaper = Reaper(Vec::new());
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "later".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let started = manager.start_vm("later").await.unwrap();
+    reaper
+        .0
+        .push((started.vm.runtime.unwrap().pid.unwrap(), vm.id.clone()));
+    assert_eq!(started.vm.state, VmState::Running);
+    let error = wait_stopped(&manager, "later").await;
+    assert!(error.contains("stopped outside banger"), "{error}");
+    assert!(error.contains(SHUTDOWN_REASON), "{error}");
+    let chunk = manager.console("later", 0).await.unwrap();
+    assert!(
+        chunk
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains(SHUTDOWN_REASON),
+        "{chunk:?}"
+    );
+    // rm takes the log with the VM.
+    manager.remove_vm("later").await.unwrap();
+    assert!(!dir.path().join("home/vms").join(&vm.id).exists());
 }

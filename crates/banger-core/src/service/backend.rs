@@ -49,6 +49,12 @@ impl Manager {
         }
     }
 
+    /// Why `record`'s VMM ended, in the VMM's own words when it left them (Firecracker's log
+    /// in the VM's data dir).
+    pub(super) fn exit_reason(&self, record: &VmRecord, backend: &dyn VmBackend) -> Option<String> {
+        backend.exit_reason(&self.layout.vm_dir(&record.id))
+    }
+
     pub(super) async fn accel_choice(&self, kernel: &Path) -> Result<accel::AccelChoice, Error> {
         if let Some(choice) = &self.seams.accel {
             return Ok(choice.clone());

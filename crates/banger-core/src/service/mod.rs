@@ -218,12 +218,15 @@ impl Manager {
         if pid.is_some_and(|pid| process::is_alive(pid, &record.id)) {
             return record;
         }
-        warn!(vm = %record.name, "VMM is gone; marking the VM stopped");
+        let reason = self.exit_reason(&record, &*self.backend(&record));
+        warn!(vm = %record.name, reason = reason.as_deref().unwrap_or("unknown"), "VMM is gone; marking the VM stopped");
         // Not waited for: `vm ls` answers while the helper removes the jail.
         drop(self.release_runtime(&record));
         record.clear_process();
-        record.last_error =
-            Some("the VM stopped outside banger (guest power-off or VMM exit)".into());
+        record.last_error = Some(match reason {
+            Some(reason) => format!("the VM stopped outside banger: {reason}"),
+            None => "the VM stopped outside banger (guest power-off or VMM exit)".into(),
+        });
         if let Err(e) = self.transition(&mut record, VmState::Stopped) {
             warn!(vm = %record.name, "cannot record the stop: {e}");
         }

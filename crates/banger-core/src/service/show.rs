@@ -28,6 +28,10 @@ impl Manager {
     pub(super) fn vm_api(&self, record: &VmRecord) -> Vm {
         let mut vm = record.to_api();
         vm.network = self.vm_network(record);
+        if let Some(runtime) = vm.runtime.as_mut() {
+            runtime.jailer = record.spec.vmm == crate::domain::VmmKind::Firecracker
+                && !self.config.firecracker.jailer.is_empty();
+        }
         vm
     }
 }

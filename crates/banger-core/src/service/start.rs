@@ -382,11 +382,18 @@ impl Manager {
         .await;
         match ready {
             Ok(true) => Ok(()),
-            Ok(false) => Err(Error::Failed(format!(
-                "VM {} stopped during boot: {}",
-                record.name,
-                console_tail(&console_log)
-            ))),
+            Ok(false) => Err(Error::Failed(match self.exit_reason(record, &*backend) {
+                Some(reason) => format!(
+                    "VM {} stopped during boot: {reason}; console: {}",
+                    record.name,
+                    console_tail(&console_log)
+                ),
+                None => format!(
+                    "VM {} stopped during boot: {}",
+                    record.name,
+                    console_tail(&console_log)
+                ),
+            })),
             Err(e) => Err(Error::Failed(format!(
                 "VM {}: {e}; console: {}",
                 record.name,
