@@ -46,6 +46,14 @@ impl FakeInstall {
         Self { dir, record }
     }
 
+    /// A `firecracker` that runs `command` with banger's arguments (the real binary).
+    fn wrapping(command: &str) -> Self {
+        let install = Self::new(&[]);
+        let script = format!("#!/bin/sh\nexec {command} \"$@\"\n");
+        std::fs::write(install.dir.path().join("firecracker"), script).unwrap();
+        install
+    }
+
     fn backend(&self) -> Firecracker {
         Firecracker::new(self.dir.path().join("firecracker"))
     }
@@ -580,6 +588,17 @@ async fn fake_manager_with(
     tweak: impl FnOnce(&mut Config),
 ) -> Manager {
     let manager = open_fake_manager(install, dir, tweak);
+    import_default(
+        &manager,
+        dir,
+        b"\x7fELF\x02\x01\x01\x00stub virtio_mmio.device",
+    )
+    .await;
+    manager
+}
+
+/// Imports image `default`: a 16 MiB ext4 and `kernel`.
+async fn import_default(manager: &Manager, dir: &Path, kernel: &[u8]) {
     let rootfs = dir.join("rootfs.ext4");
     let made = std::process::Command::new(banger_e2e::system_tool("mkfs.ext4"))
         .args(["-q", "-F"])
@@ -588,18 +607,17 @@ async fn fake_manager_with(
         .status()
         .unwrap();
     assert!(made.success());
-    let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, b"\x7fELF\x02\x01\x01\x00stub virtio_mmio.device").unwrap();
+    let path = dir.join("vmlinux");
+    std::fs::write(&path, kernel).unwrap();
     manager
         .import_image(ImportImageRequest {
             name: "default".into(),
             rootfs: rootfs.display().to_string(),
-            kernel: kernel.display().to_string(),
+            kernel: path.display().to_string(),
             initrd: None,
         })
         .await
         .unwrap();
-    manager
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1174,11 +1192,31 @@ struct JailHelper {
 
 impl JailHelper {
     fn start(dir: &Path, install: &FakeInstall) -> Self {
+        Self::start_with(
+            dir,
+            &bin("banger-jailer-fake"),
+            &install.dir.path().join("firecracker"),
+            None,
+        )
+    }
+
+    /// The helper with `jailer` and `firecracker` pinned, in network namespace `netns` (only
+    /// that: it shares the test's mounts) when given.
+    fn start_with(dir: &Path, jailer: &Path, firecracker: &Path, netns: Option<&NetNs>) -> Self {
         let socket = dir.join("helper.sock");
         let base = dir.join("jail");
         let home = dir.join("home");
         std::fs::create_dir_all(&home).unwrap();
-        let child = std::process::Command::new(bin("banger-helper"))
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{}", ns.0))
+                    .arg(bin("banger-helper"));
+                c
+            }
+            None => std::process::Command::new(bin("banger-helper")),
+        };
+        let child = command
             .args(["--foreground", "--owner", "0"])
             .arg("--socket")
             .arg(&socket)
@@ -1187,9 +1225,9 @@ impl JailHelper {
             .arg("--jail-base")
             .arg(&base)
             .arg("--jailer")
-            .arg(bin("banger-jailer-fake"))
+            .arg(jailer)
             .arg("--firecracker")
-            .arg(install.dir.path().join("firecracker"))
+            .arg(firecracker)
             .arg("--record-dir")
             .arg(dir.join("records"))
             .stdin(std::process::Stdio::null())
@@ -1601,4 +1639,343 @@ async fn a_firecracker_that_dies_is_reported_with_its_own_reason() {
     // rm takes the log with the VM.
     manager.remove_vm("later").await.unwrap();
     assert!(!dir.path().join("home/vms").join(&vm.id).exists());
+}
+
+/// The real binaries (`FIRECRACKER_BIN`, and `JAILER_BIN` when `jailed`) when set and this
+/// runs as root (their taps go into a network namespace of the test; the jailer needs root);
+/// a visible REAL line, else a SKIP line.
+fn real_binaries(test: &str, jailed: bool) -> Option<(PathBuf, Option<PathBuf>)> {
+    let var = |name: &str| std::env::var_os(name).map(PathBuf::from);
+    let Some(fc) = var("FIRECRACKER_BIN") else {
+        eprintln!("SKIP: {test}: FIRECRACKER_BIN is not set (the real Firecracker)");
+        return None;
+    };
+    assert!(
+        fc.is_file(),
+        "FIRECRACKER_BIN={} is not a file",
+        fc.display()
+    );
+    let jailer = if jailed {
+        let Some(jailer) = var("JAILER_BIN") else {
+            eprintln!("SKIP: {test}: JAILER_BIN is not set (the real jailer)");
+            return None;
+        };
+        assert!(
+            jailer.is_file(),
+            "JAILER_BIN={} is not a file",
+            jailer.display()
+        );
+        Some(jailer)
+    } else {
+        None
+    };
+    if !banger_e2e::root_or_skip(test, "Firecracker's tap goes into a namespace of the test") {
+        return None;
+    }
+    eprintln!("REAL: {test}: Firecracker {}", fc.display());
+    Some((fc, jailer))
+}
+
+/// A network namespace of the test (the taps Firecracker creates land there), deleted on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "bgfc{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
+        let added = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(added.success());
+        Self(name)
+    }
+
+    /// Waits until it holds no link but `lo` (a tap goes once its process is gone and the
+    /// kernel unregistered it).
+    fn assert_empty(&self) {
+        let gone = banger_e2e::poll_or_none(Duration::from_secs(10), || {
+            self.links().is_empty().then_some(())
+        });
+        assert!(gone.is_some(), "links left: {:?}", self.links());
+    }
+
+    /// Its links other than `lo`.
+    fn links(&self) -> Vec<String> {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &self.0, "-o", "link"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().to_owned()))
+            .filter(|n| n != "lo")
+            .collect()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// The smallest x86-64 ELF "kernel" Firecracker loads (one PT_LOAD at 16 MiB running `code`
+/// in long mode), with banger's marker of a kernel that finds its devices on the command line.
+fn tiny_kernel(code: &[u8]) -> Vec<u8> {
+    const BASE: u64 = 0x100_0000;
+    let size = 64 + 56 + code.len() as u64;
+    let mut elf = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&(BASE + 120).to_le_bytes()); // entry: the code
+    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for half in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    elf.extend_from_slice(&0u64.to_le_bytes());
+    for word in [BASE, BASE, size, size, 0x1000] {
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.extend_from_slice(code);
+    elf.extend_from_slice(b"\0virtio_mmio.device\0");
+    elf
+}
+
+/// `hlt; jmp hlt`: a guest that runs and does nothing.
+const HALTS: [u8; 3] = [0xf4, 0xeb, 0xfd];
+/// `ud2` with no IDT: a triple fault, KVM_EXIT_SHUTDOWN, and Firecracker exits with an error.
+const TRIPLE_FAULTS: [u8; 2] = [0x0f, 0x0b];
+
+/// Replaces every stored kernel under `dir`'s data dir by `kernel` (or removes it).
+fn set_kernels(dir: &Path, kernel: Option<&[u8]>) {
+    for entry in std::fs::read_dir(dir.join("home/kernels")).unwrap() {
+        let path = entry.unwrap().path().join("vmlinux");
+        match kernel {
+            Some(bytes) => std::fs::write(&path, bytes).unwrap(),
+            None => std::fs::remove_file(&path).unwrap(),
+        }
+    }
+}
+
+/// `GET /` of a VM's Firecracker through its runtime dir's socket: (state, id).
+async fn instance_info(dir: &Path, vm_id: &str) -> (String, String) {
+    let socket = dir.join("home/run/vms").join(vm_id).join("fc.sock");
+    let info = ApiClient::new(socket)
+        .call("GET", "/", None)
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        info["state"].as_str().unwrap().to_owned(),
+        info["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_real_firecracker_runs_the_unjailed_conversation() {
+    let test = "the_real_firecracker_runs_the_unjailed_conversation";
+    let Some((fc, _)) = real_binaries(test, false) else {
+        return;
+    };
+    let ns = NetNs::new();
+    let install = FakeInstall::wrapping(&format!(
+        "nsenter --net=/run/netns/{} {}",
+        ns.0,
+        fc.display()
+    ));
+    assert!(install.backend().version().await.unwrap() >= (1, 5, 0));
+    let dir = short_tmp("bgfr");
+    let tweak = |c: &mut Config| {
+        c.daemon.start_timeout_secs = 60;
+        c.daemon.stop_timeout_secs = 3;
+    };
+    let open = |readiness: bool| {
+        open_fake_manager(&install, dir.path(), tweak).with_seams(seams(readiness))
+    };
+    let manager = open(false);
+    import_default(&manager, dir.path(), &tiny_kernel(&HALTS)).await;
+    let mut reaper = Reaper(Vec::new());
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "real".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let vm_dir = dir.path().join("home/vms").join(&vm.id);
+
+    // Spawn, the config PUTs and InstanceStart, all accepted by the real one; it runs.
+    let started = manager.start_vm("real").await.unwrap();
+    let pid = started.vm.runtime.unwrap().pid.unwrap();
+    reaper.0.push((pid, vm.id.clone()));
+    assert!(process::is_alive(pid, &vm.id));
+    assert_eq!(
+        instance_info(dir.path(), &vm.id).await,
+        ("Running".to_owned(), vm.id.clone())
+    );
+    let log = std::fs::read_to_string(vm_dir.join("firecracker.log")).unwrap();
+    assert!(log.contains(":main:INFO] Running Firecracker v"), "{log}");
+    assert!(log.contains("InstanceStart"), "{log}");
+    assert!(!log.contains(":ERROR]"), "{log}");
+    assert_eq!(ns.links(), ["bg-tap-0"], "its tap, in the test's namespace");
+
+    // Pause and resume, as the real one reports them.
+    manager.pause_vm("real").await.unwrap();
+    assert_eq!(instance_info(dir.path(), &vm.id).await.0, "Paused");
+    manager.resume_vm("real").await.unwrap();
+    assert_eq!(instance_info(dir.path(), &vm.id).await.0, "Running");
+
+    // Daemon restart: a new Manager reattaches by pid and asks the VMM whether it is paused.
+    manager.pause_vm("real").await.unwrap();
+    drop(manager);
+    let manager = open(false);
+    manager.reconcile().await.unwrap();
+    let shown = manager.get_vm("real").await.unwrap();
+    assert_eq!(shown.state, VmState::Paused);
+    assert_eq!(shown.runtime.unwrap().pid, Some(pid));
+    manager.resume_vm("real").await.unwrap();
+
+    // Stop: no SSH, a guest without i8042 ignores Ctrl-Alt-Del: SIGTERM ends Firecracker.
+    let stopped = manager.stop_vm("real", false).await.unwrap();
+    assert_eq!(stopped.vm.state, VmState::Stopped);
+    assert_eq!(stopped.stop_method.as_deref(), Some("quit"));
+    assert!(!process::is_alive(pid, &vm.id));
+    assert!(!dir.path().join("home/run/vms").join(&vm.id).exists());
+    ns.assert_empty();
+
+    // A kernel the real one refuses: its fault message, the VM back to stopped, nothing left.
+    set_kernels(dir.path(), None);
+    let err = manager.start_vm("real").await.unwrap_err().to_api().message;
+    assert!(
+        err.contains("PUT /boot-source") && err.contains("kernel file cannot be opened"),
+        "{err}"
+    );
+    assert_eq!(
+        manager.get_vm("real").await.unwrap().state,
+        VmState::Stopped
+    );
+    assert!(banger_e2e::processes_with_cmdline("firecracker", &vm.id).is_empty());
+
+    // A guest that dies during boot (a triple fault): the start names Firecracker's reason.
+    set_kernels(dir.path(), Some(&tiny_kernel(&TRIPLE_FAULTS)));
+    drop(manager);
+    let manager = open(true);
+    let err = manager.start_vm("real").await.unwrap_err().to_api().message;
+    assert!(err.contains("VM real stopped during boot"), "{err}");
+    assert!(err.contains(SHUTDOWN_REASON), "{err}");
+    let shown = manager.get_vm("real").await.unwrap();
+    assert_eq!(shown.state, VmState::Stopped);
+    assert!(
+        shown
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains(SHUTDOWN_REASON),
+        "{shown:?}"
+    );
+    let chunk = manager.console("real", 0).await.unwrap();
+    assert!(
+        chunk
+            .last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains(SHUTDOWN_REASON),
+        "{chunk:?}"
+    );
+
+    // Dying after the start returned: the next look says why.
+    drop(manager);
+    let manager = open(false);
+    let started = manager.start_vm("real").await.unwrap();
+    reaper
+        .0
+        .push((started.vm.runtime.unwrap().pid.unwrap(), vm.id.clone()));
+    let error = wait_stopped(&manager, "real").await;
+    assert!(error.contains("stopped outside banger"), "{error}");
+    assert!(error.contains(SHUTDOWN_REASON), "{error}");
+
+    // rm leaves nothing: no process, no files, no tap.
+    manager.remove_vm("real").await.unwrap();
+    assert!(!vm_dir.exists());
+    assert!(banger_e2e::processes_with_cmdline("firecracker", &vm.id).is_empty());
+    ns.assert_empty();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_real_jailed_firecracker_that_dies_names_its_reason() {
+    let test = "the_real_jailed_firecracker_that_dies_names_its_reason";
+    let Some((fc, Some(jailer))) = real_binaries(test, true) else {
+        return;
+    };
+    let ns = NetNs::new();
+    let install = FakeInstall::wrapping(&fc.display().to_string());
+    let dir = short_tmp("bgrj");
+    let helper = JailHelper::start_with(dir.path(), &jailer, &fc, Some(&ns));
+    let socket = helper.socket.display().to_string();
+    let jailed = |c: &mut Config| {
+        c.firecracker.jailer = jailer.display().to_string();
+        c.network.mode = NetMode::User;
+        c.network.helper_socket = socket.clone();
+        c.daemon.start_timeout_secs = 60;
+        c.daemon.stop_timeout_secs = 3;
+    };
+    let manager = open_fake_manager(&install, dir.path(), jailed).with_seams(seams(false));
+    import_default(&manager, dir.path(), &tiny_kernel(&HALTS)).await;
+    let mut reaper = Reaper(Vec::new());
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "rj".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let vm_dir = dir.path().join("home/vms").join(&vm.id);
+    let jail_dir = helper.base.join("firecracker").join(&vm.id);
+
+    // It runs in its jail; its log is the VM's own file; stop removes the jail.
+    let shown = manager.get_vm("rj").await;
+    assert!(shown.unwrap().runtime.is_none());
+    let started = manager.start_vm("rj").await.unwrap();
+    let runtime = started.vm.runtime.unwrap();
+    let pid = runtime.pid.unwrap();
+    reaper.0.push((pid, vm.id.clone()));
+    assert!(runtime.jail.is_some());
+    assert_eq!(instance_info(dir.path(), &vm.id).await.0, "Running");
+    let log = std::fs::read_to_string(vm_dir.join("firecracker.log")).unwrap();
+    assert!(log.contains(":main:INFO] Running Firecracker v"), "{log}");
+    let stopped = manager.stop_vm("rj", false).await.unwrap();
+    assert_eq!(stopped.stop_method.as_deref(), Some("quit"));
+    assert!(!process::is_alive(pid, &vm.id));
+    assert!(!jail_dir.exists());
+    // Stopped, `vm show` says the jailer runs it at the next start.
+    let shown = manager.get_vm("rj").await.unwrap().runtime.unwrap();
+    assert!(shown.jail.is_none() && shown.jailer, "{shown:?}");
+
+    // A guest that dies during boot: the reason from the log it wrote inside the jail.
+    set_kernels(dir.path(), Some(&tiny_kernel(&TRIPLE_FAULTS)));
+    drop(manager);
+    let manager = open_fake_manager(&install, dir.path(), jailed).with_seams(seams(true));
+    let err = manager.start_vm("rj").await.unwrap_err().to_api().message;
+    assert!(err.contains("VM rj stopped during boot"), "{err}");
+    assert!(err.contains(SHUTDOWN_REASON), "{err}");
+    assert!(!jail_dir.exists(), "jail left");
+    assert!(mounts_under(&helper.base).is_empty());
+    let log = std::fs::read_to_string(vm_dir.join("firecracker.log")).unwrap();
+    assert!(log.contains(":ERROR] Unexpected exit reason"), "{log}");
+    manager.remove_vm("rj").await.unwrap();
+    assert!(!vm_dir.exists());
+    assert!(banger_e2e::processes_with_cmdline("firecracker", &vm.id).is_empty());
+    ns.assert_empty();
 }
