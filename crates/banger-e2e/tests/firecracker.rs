@@ -1979,3 +1979,74 @@ async fn the_real_jailed_firecracker_that_dies_names_its_reason() {
     assert!(banger_e2e::processes_with_cmdline("firecracker", &vm.id).is_empty());
     ns.assert_empty();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn firecracker_kvm_overrides_the_kvm_check_for_firecracker_only() {
+    let install = FakeInstall::new(&[]);
+    let no_accel_seam = Seams {
+        accel: None,
+        ..seams(false)
+    };
+    // "yes": KVM taken as working without a check; `vm show` says so.
+    let dir = short_tmp("bgkv");
+    let manager = fake_manager_with(&install, dir.path(), |c| {
+        c.firecracker.kvm = banger_core::domain::FirecrackerKvm::Yes;
+        // QEMU's own setting does not decide Firecracker's KVM.
+        c.qemu.accel = banger_core::domain::AccelMode::Tcg;
+    })
+    .await
+    .with_seams(no_accel_seam.clone());
+    let mut reaper = Reaper(Vec::new());
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "kvm".into(),
+            vmm: Some("firecracker".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(vm.spec.vmm, "firecracker");
+    let started = manager.start_vm("kvm").await.unwrap();
+    let runtime = started.vm.runtime.unwrap();
+    reaper.0.push((runtime.pid.unwrap(), vm.id.clone()));
+    assert_eq!(runtime.accel, "kvm");
+    assert!(
+        runtime.reason.contains("firecracker.kvm = \"yes\""),
+        "{runtime:?}"
+    );
+    manager.stop_vm("kvm", false).await.unwrap();
+
+    // "no": never Firecracker; asked for, a one-line refusal naming the key, nothing made.
+    let dir = short_tmp("bgkv");
+    let manager = fake_manager_with(&install, dir.path(), |c| {
+        c.firecracker.kvm = banger_core::domain::FirecrackerKvm::No;
+        c.qemu.accel = banger_core::domain::AccelMode::Kvm;
+    })
+    .await
+    .with_seams(no_accel_seam);
+    let err = manager
+        .create_vm(CreateVmRequest {
+            name: "nokvm".into(),
+            vmm: Some("firecracker".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+        .to_api();
+    assert!(err.message.contains("firecracker.kvm = \"no\""), "{err:?}");
+    assert!(manager.list_vms().await.unwrap().is_empty());
+    let auto = manager
+        .create_vm(CreateVmRequest {
+            name: "auto".into(),
+            vmm: Some("auto".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(auto.spec.vmm, "qemu", "{}", auto.spec.vmm_reason);
+    assert!(
+        auto.spec.vmm_reason.contains("firecracker.kvm"),
+        "{}",
+        auto.spec.vmm_reason
+    );
+}

@@ -184,7 +184,7 @@ impl Manager {
                 hint: "recreate the VM with --vmm qemu, or with an image whose kernel comes from `banger kernel build`".into(),
             });
         }
-        let choice = self.accel_choice(&kernel_path).await?;
+        let choice = self.vmm_accel(&*backend, &kernel_path).await?;
         if caps.requires_kvm && choice.accel != Accel::Kvm {
             return Err(Error::HostSetup {
                 message: format!(
