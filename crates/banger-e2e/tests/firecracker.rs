@@ -1555,8 +1555,53 @@ async fn wait_stopped(manager: &Manager, name: &str) -> String {
 
 /// Firecracker's reason for a guest that triple-faults, as the real one (and the fake's
 /// `--die-after-boot`) logs it.
-const SHUTDOWN_REASON: &str =
-    "Firecracker: Unexpected exit reason on vcpu run: Shutdown (exit code 1)";
+/// (The real one's exit code then is 1, or 0 when its main thread wins a race.)
+const SHUTDOWN_REASON: &str = "Firecracker: Unexpected exit reason on vcpu run: Shutdown";
+
+/// Starts VM `name`, whose Firecracker dies during boot: the start fails naming Firecracker's
+/// reason (not its banner), the VM is back in `back_to` with the reason as its last error,
+/// and `vm logs` ends with it; its log outlived the undo.
+async fn assert_dies_during_boot(manager: &Manager, name: &str, back_to: VmState, vm_dir: &Path) {
+    let err = manager.start_vm(name).await.unwrap_err().to_api().message;
+    assert!(
+        err.contains(&format!("VM {name} stopped during boot")),
+        "{err}"
+    );
+    assert!(err.contains(SHUTDOWN_REASON), "{err}");
+    assert!(
+        !err.contains("Running Firecracker"),
+        "not its banner: {err}"
+    );
+    let shown = manager.get_vm(name).await.unwrap();
+    assert_eq!(shown.state, back_to);
+    assert_reason(shown.last_error.as_deref());
+    let chunk = manager.console(name, 0).await.unwrap();
+    assert!(!chunk.running);
+    assert_reason(chunk.last_error.as_deref());
+    let log = std::fs::read_to_string(vm_dir.join("firecracker.log")).unwrap();
+    assert!(log.contains(":ERROR] Unexpected exit reason"), "{log}");
+}
+
+/// VM `name` runs (its start returned) and its Firecracker dies: the next look marks it
+/// stopped, naming Firecracker's reason, and so does `vm logs`.
+async fn assert_dies_running(manager: &Manager, name: &str) {
+    let error = wait_stopped(manager, name).await;
+    assert!(error.contains("stopped outside banger"), "{error}");
+    assert_reason(Some(&error));
+    assert_reason(
+        manager
+            .console(name, 0)
+            .await
+            .unwrap()
+            .last_error
+            .as_deref(),
+    );
+}
+
+fn assert_reason(error: Option<&str>) {
+    let error = error.unwrap_or_default();
+    assert!(error.contains(SHUTDOWN_REASON), "{error:?}");
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_firecracker_that_dies_is_reported_with_its_own_reason() {
@@ -1573,38 +1618,10 @@ async fn a_firecracker_that_dies_is_reported_with_its_own_reason() {
         })
         .await
         .unwrap();
-    let err = manager.start_vm("dies").await.unwrap_err().to_api().message;
-    assert!(err.contains("VM dies stopped during boot"), "{err}");
-    assert!(err.contains(SHUTDOWN_REASON), "{err}");
-    assert!(
-        !err.contains("Running Firecracker"),
-        "not its banner: {err}"
-    );
-    let shown = manager.get_vm("dies").await.unwrap();
-    assert_eq!(shown.state, VmState::Created);
-    assert!(
-        shown
-            .last_error
-            .as_deref()
-            .unwrap_or_default()
-            .contains(SHUTDOWN_REASON),
-        "{shown:?}"
-    );
-    // The log outlived the undo (the runtime dir is gone); `vm logs` says why too.
+    // The log outlived the undo (the runtime dir is gone).
     let vm_dir = dir.path().join("home/vms").join(&vm.id);
-    let log = std::fs::read_to_string(vm_dir.join("firecracker.log")).unwrap();
-    assert!(log.contains(":ERROR] Unexpected exit reason"), "{log}");
+    assert_dies_during_boot(&manager, "dies", VmState::Created, &vm_dir).await;
     assert!(!dir.path().join("home/run/vms").join(&vm.id).exists());
-    let chunk = manager.console("dies", 0).await.unwrap();
-    assert!(!chunk.running);
-    assert!(
-        chunk
-            .last_error
-            .as_deref()
-            .unwrap_or_default()
-            .contains(SHUTDOWN_REASON),
-        "{chunk:?}"
-    );
     assert!(banger_e2e::processes_with_cmdline("banger-fc-fake", &vm.id).is_empty());
 
     // After boot: the start returned, then Firecracker dies; the next look says why.
@@ -1624,18 +1641,7 @@ async fn a_firecracker_that_dies_is_reported_with_its_own_reason() {
         .0
         .push((started.vm.runtime.unwrap().pid.unwrap(), vm.id.clone()));
     assert_eq!(started.vm.state, VmState::Running);
-    let error = wait_stopped(&manager, "later").await;
-    assert!(error.contains("stopped outside banger"), "{error}");
-    assert!(error.contains(SHUTDOWN_REASON), "{error}");
-    let chunk = manager.console("later", 0).await.unwrap();
-    assert!(
-        chunk
-            .last_error
-            .as_deref()
-            .unwrap_or_default()
-            .contains(SHUTDOWN_REASON),
-        "{chunk:?}"
-    );
+    assert_dies_running(&manager, "later").await;
     // rm takes the log with the VM.
     manager.remove_vm("later").await.unwrap();
     assert!(!dir.path().join("home/vms").join(&vm.id).exists());
@@ -1726,29 +1732,10 @@ impl Drop for NetNs {
     }
 }
 
-/// The smallest x86-64 ELF "kernel" Firecracker loads (one PT_LOAD at 16 MiB running `code`
-/// in long mode), with banger's marker of a kernel that finds its devices on the command line.
+/// [`banger_e2e::tiny_elf_kernel`] running `code`, with banger's marker of a kernel that
+/// finds its devices on the command line.
 fn tiny_kernel(code: &[u8]) -> Vec<u8> {
-    const BASE: u64 = 0x100_0000;
-    let size = 64 + 56 + code.len() as u64;
-    let mut elf = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&(BASE + 120).to_le_bytes()); // entry: the code
-    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers
-    elf.extend_from_slice(&0u64.to_le_bytes()); // no section headers
-    elf.extend_from_slice(&0u32.to_le_bytes());
-    for half in [64u16, 56, 1, 64, 0, 0] {
-        elf.extend_from_slice(&half.to_le_bytes());
-    }
-    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    elf.extend_from_slice(&0u64.to_le_bytes());
-    for word in [BASE, BASE, size, size, 0x1000] {
-        elf.extend_from_slice(&word.to_le_bytes());
-    }
-    elf.extend_from_slice(code);
+    let mut elf = banger_e2e::tiny_elf_kernel(code);
     elf.extend_from_slice(b"\0virtio_mmio.device\0");
     elf
 }
@@ -1872,28 +1859,7 @@ async fn the_real_firecracker_runs_the_unjailed_conversation() {
     set_kernels(dir.path(), Some(&tiny_kernel(&TRIPLE_FAULTS)));
     drop(manager);
     let manager = open(true);
-    let err = manager.start_vm("real").await.unwrap_err().to_api().message;
-    assert!(err.contains("VM real stopped during boot"), "{err}");
-    assert!(err.contains(SHUTDOWN_REASON), "{err}");
-    let shown = manager.get_vm("real").await.unwrap();
-    assert_eq!(shown.state, VmState::Stopped);
-    assert!(
-        shown
-            .last_error
-            .as_deref()
-            .unwrap_or_default()
-            .contains(SHUTDOWN_REASON),
-        "{shown:?}"
-    );
-    let chunk = manager.console("real", 0).await.unwrap();
-    assert!(
-        chunk
-            .last_error
-            .as_deref()
-            .unwrap_or_default()
-            .contains(SHUTDOWN_REASON),
-        "{chunk:?}"
-    );
+    assert_dies_during_boot(&manager, "real", VmState::Stopped, &vm_dir).await;
 
     // Dying after the start returned: the next look says why.
     drop(manager);
@@ -1902,9 +1868,7 @@ async fn the_real_firecracker_runs_the_unjailed_conversation() {
     reaper
         .0
         .push((started.vm.runtime.unwrap().pid.unwrap(), vm.id.clone()));
-    let error = wait_stopped(&manager, "real").await;
-    assert!(error.contains("stopped outside banger"), "{error}");
-    assert!(error.contains(SHUTDOWN_REASON), "{error}");
+    assert_dies_running(&manager, "real").await;
 
     // rm leaves nothing: no process, no files, no tap.
     manager.remove_vm("real").await.unwrap();
@@ -1967,13 +1931,9 @@ async fn the_real_jailed_firecracker_that_dies_names_its_reason() {
     set_kernels(dir.path(), Some(&tiny_kernel(&TRIPLE_FAULTS)));
     drop(manager);
     let manager = open_fake_manager(&install, dir.path(), jailed).with_seams(seams(true));
-    let err = manager.start_vm("rj").await.unwrap_err().to_api().message;
-    assert!(err.contains("VM rj stopped during boot"), "{err}");
-    assert!(err.contains(SHUTDOWN_REASON), "{err}");
+    assert_dies_during_boot(&manager, "rj", VmState::Stopped, &vm_dir).await;
     assert!(!jail_dir.exists(), "jail left");
     assert!(mounts_under(&helper.base).is_empty());
-    let log = std::fs::read_to_string(vm_dir.join("firecracker.log")).unwrap();
-    assert!(log.contains(":ERROR] Unexpected exit reason"), "{log}");
     manager.remove_vm("rj").await.unwrap();
     assert!(!vm_dir.exists());
     assert!(banger_e2e::processes_with_cmdline("firecracker", &vm.id).is_empty());

@@ -756,14 +756,31 @@ pub fn remove(config: &JailConfig, vm_id: &str) -> Result<(), JailError> {
     }
     remove_jails(config, vm_id)?;
     for dir in cgroup_dirs(config, vm_id) {
-        match std::fs::remove_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => warn!(cgroup = %dir.display(), "cannot remove the VM's cgroup: {e}"),
+        // A VMM that just ended stays in its cgroup until it is reaped (the helper's reaper
+        // thread, a moment later): busy is retried for a bounded time.
+        let deadline = std::time::Instant::now() + CGROUP_BUSY_WAIT;
+        loop {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e)
+                    if e.raw_os_error() == Some(nix::libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    warn!(cgroup = %dir.display(), "cannot remove the VM's cgroup: {e}");
+                    break;
+                }
+            }
         }
     }
     Ok(())
 }
+
+/// How long `remove` retries the rmdir of a VM cgroup whose last process is still exiting.
+const CGROUP_BUSY_WAIT: Duration = Duration::from_secs(3);
 
 /// The names the helper may have bind-mounted in a jail's root (see [`place`]).
 const PLACED: [&str; 6] = [
