@@ -467,8 +467,8 @@ pub struct ConsoleChunk {
     pub next_offset: u64,
     /// Whether the VM still runs (more output may come).
     pub running: bool,
-    /// When it does not: why it last stopped or failed to start, if not by `vm stop` (e.g.
-    /// Firecracker's own reason for exiting).
+    /// For a VM that is not running: why it last stopped or failed to start, when that was
+    /// not `vm stop` (e.g. Firecracker's own reason for exiting).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
