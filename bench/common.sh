@@ -10,8 +10,14 @@
 #                     bangerd is found next to it
 #   BANGER_CACHE_DIR  image build cache (default /var/tmp/banger-test-cache, as the e2e tests)
 #   BENCH_KEEP=1      keep the temporary BANGER_HOME (logs, console output) after the run
+#   BENCH_QUICK=1     quick mode: one round, small sizes (what bench/smoke runs; the numbers
+#                     mean little, a script that fails means a rotten benchmark)
 
 set -euo pipefail
+
+BENCH_QUICK=${BENCH_QUICK:-0}
+# pick NORMAL QUICK: the default for a parameter, by BENCH_QUICK.
+pick() { if [[ $BENCH_QUICK == 1 ]]; then printf '%s' "$2"; else printf '%s' "$1"; fi; }
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$BENCH_DIR")

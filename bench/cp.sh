@@ -14,9 +14,9 @@
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-MIB=${1:-200}
-FILES=${2:-2000}
-ROUNDS=${ROUNDS:-3}
+MIB=${1:-$(pick 200 4)}
+FILES=${2:-$(pick 2000 50)}
+ROUNDS=${ROUNDS:-$(pick 3 1)}
 NAME=bcp
 
 ensure_image

@@ -7,11 +7,14 @@
 # runs on a loop-mounted xfs (reflink=1) made here, so the three share one file system.
 # Needs root, mkfs.xfs (xfsprogs), qemu-img. Prints a table and the copy/X ratios.
 #
-#   bench/disk-provision.sh [SIZES...]      default: 256M 1G 4G
+#   bench/disk-provision.sh [SIZES...]      default: 256M 1G 4G (BENCH_QUICK=1: 64M)
 set -euo pipefail
 
 sizes=("$@")
-[[ ${#sizes[@]} -gt 0 ]] || sizes=(256M 1G 4G)
+if [[ ${#sizes[@]} -eq 0 ]]; then
+    # BENCH_QUICK=1 (bench/smoke): one small size.
+    if [[ ${BENCH_QUICK:-0} == 1 ]]; then sizes=(64M); else sizes=(256M 1G 4G); fi
+fi
 [[ $EUID -eq 0 ]] || { echo "disk-provision: run as root (loop mount)" >&2; exit 1; }
 for tool in mkfs.xfs qemu-img losetup python3; do
     command -v "$tool" >/dev/null || { echo "disk-provision: $tool is missing (scripts/install-deps)" >&2; exit 1; }

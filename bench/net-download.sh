@@ -13,8 +13,8 @@
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-MIB=${1:-64}
-ROUNDS=${ROUNDS:-3}
+MIB=${1:-$(pick 64 4)}
+ROUNDS=${ROUNDS:-$(pick 3 1)}
 NAME=bnet
 
 printf '[network]\nmode = "user"\n' >"$BANGER_CONFIG"

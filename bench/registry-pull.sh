@@ -12,8 +12,8 @@
 #
 #   bench/registry-pull.sh [ROUNDS=3]
 set -euo pipefail
-ROUNDS=${1:-3}
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+ROUNDS=${1:-$(pick 3 1)}
 
 for tool in docker-registry skopeo zstd; do
     command -v "$tool" >/dev/null || { echo "registry-pull: $tool is missing (scripts/install-deps)" >&2; exit 1; }

@@ -2,7 +2,7 @@
 # Benchmark: `banger vm start` (stopped VM -> command returns, i.e. SSH answers) against the
 # same QEMU command line launched by hand and polled with `ssh ... true`.
 #
-#   bench/vm-start.sh [ROUNDS=3]
+#   bench/vm-start.sh [ROUNDS=3]          (BENCH_QUICK=1: one round)
 #
 # Each round:
 #   1. banger: time `banger vm start NAME` of the stopped VM.
@@ -27,7 +27,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 if [[ ${1:-} == --kernels ]]; then
-    ROUNDS=${2:-3}
+    ROUNDS=${2:-$(pick 3 1)}
     ensure_image
     log "microVM kernel build (cache: $BANGER_CACHE_DIR)"
     t0=$(now)
@@ -78,7 +78,7 @@ if [[ ${1:-} == --kernels ]]; then
     exit 0
 fi
 
-ROUNDS=${1:-3}
+ROUNDS=${1:-$(pick 3 1)}
 NAME=bstart
 POLL=0.05        # seconds between ssh attempts in the baseline
 BOOT_LIMIT=180   # seconds before a baseline boot counts as failed
@@ -112,12 +112,18 @@ capture_cmdline() {
     readarray -d '' QEMU_ARGV <"/proc/$pid/cmdline"
 }
 
-# Rewrites QEMU_ARGV for an independent launch on PORT into BASE_ARGV.
+# Rewrites QEMU_ARGV for an independent launch on PORT into BASE_ARGV. Every path in the VM's
+# runtime dir (the pid file's dir: sockets such as the workspace channel's) moves to BASE_DIR:
+# `banger vm stop` deleted that dir.
 baseline_argv() {
-    local port=$1 i arg prev=""
+    local port=$1 i arg prev="" runtime=""
     BASE_ARGV=()
+    for ((i = 1; i < ${#QEMU_ARGV[@]}; i++)); do
+        [[ ${QEMU_ARGV[i - 1]} == -pidfile ]] && runtime=$(dirname "${QEMU_ARGV[i]}")
+    done
     for ((i = 0; i < ${#QEMU_ARGV[@]}; i++)); do
         arg=${QEMU_ARGV[i]}
+        [[ -n $runtime ]] && arg=${arg//"$runtime/"/"$BASE_DIR/"}
         case "$prev" in
             -pidfile) arg=$BASE_DIR/qemu.pid ;;
             -qmp) arg="unix:$BASE_DIR/qmp.sock,server=on,wait=off" ;;
@@ -134,7 +140,7 @@ baseline_start() {
     local t0 t1 deadline
     BASE_PORT=$(free_port)
     baseline_argv "$BASE_PORT"
-    rm -f "$BASE_DIR/qemu.pid" "$BASE_DIR/qmp.sock"
+    rm -f "$BASE_DIR"/*.pid "$BASE_DIR"/*.sock
     ssh_opts "$NAME" "$BASE_PORT" 1
     [[ ${BENCH_VERBOSE:-0} == 1 ]] && log "baseline: ${BASE_ARGV[*]}"
     t0=$(now)

@@ -10,10 +10,10 @@
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-VMS=${1:-20}
-RUNNING=${2:-2}
-ROUNDS=${3:-20}
-WATCH_SECS=${4:-20}
+VMS=${1:-$(pick 20 3)}
+RUNNING=${2:-$(pick 2 1)}
+ROUNDS=${3:-$(pick 20 3)}
+WATCH_SECS=${4:-$(pick 20 4)}
 
 ensure_image
 log "creating $VMS VMs, starting $RUNNING"

@@ -17,7 +17,7 @@
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-ROUNDS=${1:-3}
+ROUNDS=${1:-$(pick 3 1)}
 NAME=bstop
 
 ensure_image

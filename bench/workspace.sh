@@ -19,10 +19,10 @@
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-FILES=${1:-10000}
-MIB=${2:-100}
-ROUNDS=${ROUNDS:-5}
-FULL_ROUNDS=${FULL_ROUNDS:-3}
+FILES=${1:-$(pick 10000 200)}
+MIB=${2:-$(pick 100 4)}
+ROUNDS=${ROUNDS:-$(pick 5 1)}
+FULL_ROUNDS=${FULL_ROUNDS:-$(pick 3 1)}
 NAME=bws
 
 command -v rsync >/dev/null || { echo "bench: rsync is not installed (apt-get install rsync)" >&2; exit 1; }

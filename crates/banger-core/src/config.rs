@@ -6,7 +6,7 @@ use std::path::Path;
 use banger_proto::{ByteSize, SizeError};
 use serde::Deserialize;
 
-use crate::domain::{AccelMode, NetMode, SystemDiskChoice, TcgThreads, VmmChoice};
+use crate::domain::{AccelMode, FirecrackerKvm, NetMode, SystemDiskChoice, TcgThreads, VmmChoice};
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +83,9 @@ pub struct FirecrackerConfig {
     /// Firecracker's jailer (a path, or a name looked up on PATH): when set, Firecracker VMs
     /// start through it, run by the root helper. Default "" (no jailer; a cgroup leaf only).
     pub jailer: String,
+    /// Whether KVM works for Firecracker: "auto" (checked by evidence, as `qemu.accel =
+    /// "auto"`, whatever `qemu.accel` says), "yes" (assumed, unchecked) or "no".
+    pub kvm: FirecrackerKvm,
 }
 
 impl Default for FirecrackerConfig {
@@ -90,6 +93,7 @@ impl Default for FirecrackerConfig {
         Self {
             binary: "firecracker".into(),
             jailer: String::new(),
+            kvm: FirecrackerKvm::Auto,
         }
     }
 }
@@ -364,6 +368,11 @@ mod tests {
                 "auto, firecracker, qemu",
             ),
             ("[qemu]\naccel = \"hvf\"\n", "qemu.accel", "auto, kvm, tcg"),
+            (
+                "[firecracker]\nkvm = \"maybe\"\n",
+                "firecracker.kvm",
+                "auto, yes, no",
+            ),
         ] {
             let err = load(text).unwrap_err().to_string();
             assert!(err.contains(key) && err.contains(choices), "{err}");

@@ -179,6 +179,19 @@ wire_enum! {
 }
 
 wire_enum! {
+    /// Whether Firecracker may count on KVM (`firecracker.kvm`): Firecracker has no emulation,
+    /// so without KVM it is never picked (`auto`) and refused when asked for.
+    FirecrackerKvm ("Firecracker KVM setting") {
+        /// The evidence check of `qemu.accel = "auto"` (fast checks, then a probe boot).
+        Auto = "auto",
+        /// KVM taken as working, unchecked (Firecracker's own error shows if it is not).
+        Yes = "yes",
+        /// Never: `vmm = auto` picks QEMU, `--vmm firecracker` is refused.
+        No = "no",
+    }
+}
+
+wire_enum! {
     /// How TCG maps vCPUs to host threads (`qemu.tcg_threads`).
     TcgThreads ("tcg threads") {
         /// A thread per vCPU where the QEMU version is known to be safe (8.1 and later), else

@@ -118,6 +118,7 @@ impl VmRuntime {
             ssh_port: self.ssh_port,
             jail: self.jail.clone(),
             io_error: None,
+            jailer: false,
         }
     }
 }

@@ -136,6 +136,33 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// The smallest x86-64 ELF kernel Firecracker loads: one PT_LOAD at 16 MiB holding `code`,
+/// entered in long mode (the loader checks only the layout; what the code does decides how
+/// the "guest" behaves where KVM runs it).
+pub fn tiny_elf_kernel(code: &[u8]) -> Vec<u8> {
+    const BASE: u64 = 0x100_0000;
+    let size = 64 + 56 + code.len() as u64;
+    let mut elf = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&(BASE + 120).to_le_bytes()); // entry: the code
+    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for half in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    elf.extend_from_slice(&0u64.to_le_bytes());
+    for word in [BASE, BASE, size, size, 0x1000] {
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.extend_from_slice(code);
+    elf
+}
+
 /// Path of a workspace binary, with a clear failure when it was not built.
 pub fn bin(name: &str) -> PathBuf {
     let path = bin_dir().join(name);

@@ -23,7 +23,7 @@ use banger_core::vmm::{
     stop_sequence,
 };
 use banger_e2e::{TestEnv, bin};
-use banger_proto::{CreateVmRequest, VmState};
+use banger_proto::{CreateVmRequest, ImportImageRequest, VmState};
 use serde_json::Value;
 
 /// A `firecracker` on a PATH-like dir: a wrapper exec'ing the fake with test knobs.
@@ -47,6 +47,14 @@ impl FakeInstall {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
         Self { dir, record }
+    }
+
+    /// A `firecracker` that runs `command` with banger's arguments (the real binary).
+    fn wrapping(command: &str) -> Self {
+        let install = Self::new(&[]);
+        let script = format!("#!/bin/sh\nexec {command} \"$@\"\n");
+        std::fs::write(install.dir.path().join("firecracker"), script).unwrap();
+        install
     }
 
     fn backend(&self) -> Firecracker {
@@ -196,7 +204,6 @@ async fn lifecycle_against_the_fake_firecracker() {
     assert_eq!(
         paths,
         [
-            ("PUT", "/logger", 204),
             ("PUT", "/metrics", 204),
             ("PUT", "/machine-config", 204),
             ("PUT", "/boot-source", 204),
@@ -207,12 +214,15 @@ async fn lifecycle_against_the_fake_firecracker() {
             ("PUT", "/actions", 204),
         ]
     );
-    let boot_args = requests[3].3["boot_args"].as_str().unwrap();
+    let boot_args = requests[2].3["boot_args"].as_str().unwrap();
     assert!(
         boot_args.contains("reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"),
         "{boot_args}"
     );
-    assert_eq!(requests[8].3["action_type"], "InstanceStart");
+    assert_eq!(requests[7].3["action_type"], "InstanceStart");
+    // Its log (from `--log-path`, levels shown) is the VM's, beside the console log.
+    let log = std::fs::read_to_string(dir.path().join("one/firecracker.log")).unwrap();
+    assert!(log.contains(":main:INFO] Running Firecracker v"), "{log}");
     assert_eq!(state(&process).await, "Running");
 
     // Pause/resume; a snapshot of a running VM is refused with Firecracker's own message.
@@ -255,8 +265,7 @@ async fn lifecycle_against_the_fake_firecracker() {
     assert_eq!(
         after,
         [
-            ("PUT".to_owned(), "/logger".to_owned(), 204),
-            ("PUT".into(), "/metrics".into(), 204),
+            ("PUT".to_owned(), "/metrics".to_owned(), 204),
             ("PUT".into(), "/snapshot/load".into(), 204),
         ]
     );
@@ -1029,16 +1038,12 @@ async fn pause_resume_and_suspend_against_the_fake() {
         .collect();
     assert_eq!(
         paths,
-        [
-            ("PUT", "/logger", 204),
-            ("PUT", "/metrics", 204),
-            ("PUT", "/snapshot/load", 204),
-        ]
+        [("PUT", "/metrics", 204), ("PUT", "/snapshot/load", 204),]
     );
-    assert_eq!(sent[2].3["resume_vm"], true);
-    assert_eq!(sent[2].3["snapshot_path"], snap_state.display().to_string());
+    assert_eq!(sent[1].3["resume_vm"], true);
+    assert_eq!(sent[1].3["snapshot_path"], snap_state.display().to_string());
     assert_eq!(
-        sent[2].3["mem_backend"]["backend_path"],
+        sent[1].3["mem_backend"]["backend_path"],
         snap_mem.display().to_string()
     );
     assert_eq!(fc_state().await, "Running");
@@ -1105,7 +1110,6 @@ async fn pause_resume_and_suspend_against_the_fake() {
     assert_eq!(
         after_load,
         [
-            "/logger",
             "/metrics",
             "/machine-config",
             "/boot-source",
@@ -1163,11 +1167,31 @@ struct JailHelper {
 
 impl JailHelper {
     fn start(dir: &Path, install: &FakeInstall) -> Self {
+        Self::start_with(
+            dir,
+            &bin("banger-jailer-fake"),
+            &install.dir.path().join("firecracker"),
+            None,
+        )
+    }
+
+    /// The helper with `jailer` and `firecracker` pinned, in network namespace `netns` (only
+    /// that: it shares the test's mounts) when given.
+    fn start_with(dir: &Path, jailer: &Path, firecracker: &Path, netns: Option<&NetNs>) -> Self {
         let socket = dir.join("helper.sock");
         let base = dir.join("jail");
         let home = dir.join("home");
         std::fs::create_dir_all(&home).unwrap();
-        let child = std::process::Command::new(bin("banger-helper"))
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{}", ns.0))
+                    .arg(bin("banger-helper"));
+                c
+            }
+            None => std::process::Command::new(bin("banger-helper")),
+        };
+        let child = command
             .args(["--foreground", "--owner", "0"])
             .arg("--socket")
             .arg(&socket)
@@ -1176,9 +1200,9 @@ impl JailHelper {
             .arg("--jail-base")
             .arg(&base)
             .arg("--jailer")
-            .arg(bin("banger-jailer-fake"))
+            .arg(jailer)
             .arg("--firecracker")
-            .arg(install.dir.path().join("firecracker"))
+            .arg(firecracker)
             .arg("--record-dir")
             .arg(dir.join("records"))
             .stdin(std::process::Stdio::null())
@@ -1273,7 +1297,7 @@ async fn a_jailed_firecracker_runs_the_lifecycle() {
                 .map(|r| r.3.clone())
                 .unwrap_or_else(|| panic!("no {path} in {requests:?}"))
         };
-        assert_eq!(body("/logger")["log_path"], "/firecracker.log");
+        assert!(requests.iter().all(|r| r.1 != "/logger"), "{requests:?}");
         assert_eq!(body("/metrics")["metrics_path"], "/firecracker.metrics");
         assert_eq!(body("/serial")["serial_out_path"], "/console.log");
         assert_eq!(body("/boot-source")["kernel_image_path"], "/vmlinux");
@@ -1282,6 +1306,9 @@ async fn a_jailed_firecracker_runs_the_lifecycle() {
         assert_eq!(requests.last().unwrap().3["action_type"], "InstanceStart");
         // The jail holds the VM's own files (hard links: same inode).
         let vm_dir = dir.path().join("home/vms").join(&vm.id);
+        // Firecracker's log is the VM's own file, written from inside the jail.
+        let log = std::fs::read_to_string(vm_dir.join("firecracker.log")).unwrap();
+        assert!(log.contains(":main:INFO] Running Firecracker v"), "{log}");
         use std::os::unix::fs::MetadataExt;
         let inside = std::fs::metadata(jail_dir.join("root/work.ext4")).unwrap();
         let source = std::fs::metadata(vm_dir.join("work.ext4")).unwrap();
@@ -1609,4 +1636,518 @@ async fn vm_set_and_the_unclean_stop_check_against_the_fake() {
     );
     manager.stop_vm("fc", true).await.unwrap();
     manager.remove_vm("fc").await.unwrap();
+}
+
+/// Firecracker's reason for a guest that triple-faults, as the real one (and the fake's
+/// `--die-after-boot`) logs it.
+/// (The real one's exit code then is 1, or 0 when its main thread wins a race.)
+const SHUTDOWN_REASON: &str = "Firecracker: Unexpected exit reason on vcpu run: Shutdown";
+
+/// `hlt; jmp hlt`: a guest that runs and does nothing.
+const HALTS: [u8; 3] = [0xf4, 0xeb, 0xfd];
+
+/// `ud2` with no IDT: a triple fault, KVM_EXIT_SHUTDOWN, and Firecracker exits with an error.
+const TRIPLE_FAULTS: [u8; 2] = [0x0f, 0x0b];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_firecracker_that_dies_is_reported_with_its_own_reason() {
+    // During boot: the start waits for SSH, Firecracker dies at once after InstanceStart.
+    let install = FakeInstall::new(&["--die-after-boot", "0"]);
+    let dir = short_tmp("bgfd");
+    let manager = fake_manager_with(&install, dir.path(), |c| c.daemon.start_timeout_secs = 60)
+        .await
+        .with_seams(seams(true));
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "dies".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The log outlived the undo (the runtime dir is gone).
+    let vm_dir = dir.path().join("home/vms").join(&vm.id);
+    assert_dies_during_boot(&manager, "dies", VmState::Created, &vm_dir).await;
+    assert!(!dir.path().join("home/run/vms").join(&vm.id).exists());
+    assert!(banger_e2e::processes_with_cmdline("banger-fc-fake", &vm.id).is_empty());
+
+    // After boot: the start returned, then Firecracker dies; the next look says why.
+    let install = FakeInstall::new(&["--die-after-boot", "1000"]);
+    let dir = short_tmp("bgfd");
+    let manager = fake_manager(&install, dir.path()).await;
+    let mut reaper = Reaper(Vec::new());
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "later".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let started = manager.start_vm("later").await.unwrap();
+    reaper
+        .0
+        .push((started.vm.runtime.unwrap().pid.unwrap(), vm.id.clone()));
+    assert_eq!(started.vm.state, VmState::Running);
+    assert_dies_running(&manager, "later").await;
+    // rm takes the log with the VM.
+    manager.remove_vm("later").await.unwrap();
+    assert!(!dir.path().join("home/vms").join(&vm.id).exists());
+}
+
+/// Starts VM `name`, whose Firecracker dies during boot: the start fails naming Firecracker's
+/// reason (not its banner), the VM is back in `back_to` with the reason as its last error,
+/// and `vm logs` ends with it; its log outlived the undo.
+async fn assert_dies_during_boot(manager: &Manager, name: &str, back_to: VmState, vm_dir: &Path) {
+    let err = manager.start_vm(name).await.unwrap_err().to_api().message;
+    assert!(
+        err.contains(&format!("VM {name} stopped during boot")),
+        "{err}"
+    );
+    assert!(err.contains(SHUTDOWN_REASON), "{err}");
+    assert!(
+        !err.contains("Running Firecracker"),
+        "not its banner: {err}"
+    );
+    let shown = manager.get_vm(name).await.unwrap();
+    assert_eq!(shown.state, back_to);
+    assert_reason(shown.last_error.as_deref());
+    let chunk = manager.console(name, 0).await.unwrap();
+    assert!(!chunk.running);
+    assert_reason(chunk.last_error.as_deref());
+    let log = std::fs::read_to_string(vm_dir.join("firecracker.log")).unwrap();
+    assert!(log.contains(":ERROR] Unexpected exit reason"), "{log}");
+}
+
+/// VM `name` runs (its start returned) and its Firecracker dies: the next look marks it
+/// stopped, naming Firecracker's reason, and so does `vm logs`.
+async fn assert_dies_running(manager: &Manager, name: &str) {
+    let error = wait_stopped(manager, name).await;
+    assert!(error.contains("stopped outside banger"), "{error}");
+    assert_reason(Some(&error));
+    assert_reason(
+        manager
+            .console(name, 0)
+            .await
+            .unwrap()
+            .last_error
+            .as_deref(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn firecracker_kvm_overrides_the_kvm_check_for_firecracker_only() {
+    let install = FakeInstall::new(&[]);
+    let no_accel_seam = Seams {
+        accel: None,
+        ..seams(false)
+    };
+    // "yes": KVM taken as working without a check; `vm show` says so.
+    let dir = short_tmp("bgkv");
+    let manager = fake_manager_with(&install, dir.path(), |c| {
+        c.firecracker.kvm = banger_core::domain::FirecrackerKvm::Yes;
+        // QEMU's own setting does not decide Firecracker's KVM.
+        c.qemu.accel = banger_core::domain::AccelMode::Tcg;
+    })
+    .await
+    .with_seams(no_accel_seam.clone());
+    let mut reaper = Reaper(Vec::new());
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "kvm".into(),
+            vmm: Some("firecracker".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(vm.spec.vmm, "firecracker");
+    let started = manager.start_vm("kvm").await.unwrap();
+    let runtime = started.vm.runtime.unwrap();
+    reaper.0.push((runtime.pid.unwrap(), vm.id.clone()));
+    assert_eq!(runtime.accel, "kvm");
+    assert!(
+        runtime.reason.contains("firecracker.kvm = \"yes\""),
+        "{runtime:?}"
+    );
+    manager.stop_vm("kvm", false).await.unwrap();
+
+    // "no": never Firecracker; asked for, a one-line refusal naming the key, nothing made.
+    let dir = short_tmp("bgkv");
+    let manager = fake_manager_with(&install, dir.path(), |c| {
+        c.firecracker.kvm = banger_core::domain::FirecrackerKvm::No;
+        c.qemu.accel = banger_core::domain::AccelMode::Kvm;
+    })
+    .await
+    .with_seams(no_accel_seam);
+    let err = manager
+        .create_vm(CreateVmRequest {
+            name: "nokvm".into(),
+            vmm: Some("firecracker".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+        .to_api();
+    assert!(err.message.contains("firecracker.kvm = \"no\""), "{err:?}");
+    assert!(manager.list_vms().await.unwrap().is_empty());
+    let auto = manager
+        .create_vm(CreateVmRequest {
+            name: "auto".into(),
+            vmm: Some("auto".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(auto.spec.vmm, "qemu", "{}", auto.spec.vmm_reason);
+    assert!(
+        auto.spec.vmm_reason.contains("firecracker.kvm"),
+        "{}",
+        auto.spec.vmm_reason
+    );
+}
+
+/// Imports image `default`: a 16 MiB ext4 and `kernel`.
+async fn import_default(manager: &Manager, dir: &Path, kernel: &[u8]) {
+    let rootfs = dir.join("rootfs.ext4");
+    let made = std::process::Command::new(banger_e2e::system_tool("mkfs.ext4"))
+        .args(["-q", "-F"])
+        .arg(&rootfs)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let path = dir.join("vmlinux");
+    std::fs::write(&path, kernel).unwrap();
+    manager
+        .import_image(ImportImageRequest {
+            name: "default".into(),
+            rootfs: rootfs.display().to_string(),
+            kernel: path.display().to_string(),
+            initrd: None,
+            work_seed: None,
+        })
+        .await
+        .unwrap();
+}
+
+/// `GET /` of a VM's Firecracker through its runtime dir's socket: (state, id).
+async fn instance_info(dir: &Path, vm_id: &str) -> (String, String) {
+    let socket = dir.join("home/run/vms").join(vm_id).join("fc.sock");
+    let info = ApiClient::new(socket)
+        .call("GET", "/", None)
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        info["state"].as_str().unwrap().to_owned(),
+        info["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_real_firecracker_runs_the_unjailed_conversation() {
+    let test = "the_real_firecracker_runs_the_unjailed_conversation";
+    let Some((fc, _)) = real_binaries(test, false) else {
+        return;
+    };
+    let ns = NetNs::new();
+    let install = FakeInstall::wrapping(&format!(
+        "nsenter --net=/run/netns/{} {}",
+        ns.0,
+        fc.display()
+    ));
+    assert!(install.backend().version().await.unwrap() >= (1, 5, 0));
+    let dir = short_tmp("bgfr");
+    let tweak = |c: &mut Config| {
+        c.daemon.start_timeout_secs = 60;
+        c.daemon.stop_timeout_secs = 3;
+    };
+    let open = |readiness: bool| {
+        open_fake_manager(&install, dir.path(), tweak).with_seams(seams(readiness))
+    };
+    let manager = open(false);
+    import_default(&manager, dir.path(), &tiny_kernel(&HALTS)).await;
+    let mut reaper = Reaper(Vec::new());
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "real".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let vm_dir = dir.path().join("home/vms").join(&vm.id);
+
+    // Spawn, the config PUTs and InstanceStart, all accepted by the real one; it runs.
+    let started = manager.start_vm("real").await.unwrap();
+    let pid = started.vm.runtime.unwrap().pid.unwrap();
+    reaper.0.push((pid, vm.id.clone()));
+    assert!(process::is_alive(pid, &vm.id));
+    assert_eq!(
+        instance_info(dir.path(), &vm.id).await,
+        ("Running".to_owned(), vm.id.clone())
+    );
+    let log = std::fs::read_to_string(vm_dir.join("firecracker.log")).unwrap();
+    assert!(log.contains(":main:INFO] Running Firecracker v"), "{log}");
+    assert!(log.contains("InstanceStart"), "{log}");
+    assert!(!log.contains(":ERROR]"), "{log}");
+    assert_eq!(ns.links(), ["bg-tap-0"], "its tap, in the test's namespace");
+
+    // Pause and resume, as the real one reports them.
+    manager.pause_vm("real").await.unwrap();
+    assert_eq!(instance_info(dir.path(), &vm.id).await.0, "Paused");
+    manager.resume_vm("real").await.unwrap();
+    assert_eq!(instance_info(dir.path(), &vm.id).await.0, "Running");
+
+    // Daemon restart: a new Manager reattaches by pid and asks the VMM whether it is paused.
+    manager.pause_vm("real").await.unwrap();
+    drop(manager);
+    let manager = open(false);
+    manager.reconcile().await.unwrap();
+    let shown = manager.get_vm("real").await.unwrap();
+    assert_eq!(shown.state, VmState::Paused);
+    assert_eq!(shown.runtime.unwrap().pid, Some(pid));
+    manager.resume_vm("real").await.unwrap();
+
+    // Stop: no SSH, a guest without i8042 ignores Ctrl-Alt-Del: SIGTERM ends Firecracker.
+    let stopped = manager.stop_vm("real", false).await.unwrap();
+    assert_eq!(stopped.vm.state, VmState::Stopped);
+    assert_eq!(stopped.stop_method.as_deref(), Some("quit"));
+    assert!(!process::is_alive(pid, &vm.id));
+    assert!(!dir.path().join("home/run/vms").join(&vm.id).exists());
+    ns.assert_empty();
+
+    // A kernel the real one refuses: its fault message, the VM back to stopped, nothing left.
+    set_kernels(dir.path(), None);
+    let err = manager.start_vm("real").await.unwrap_err().to_api().message;
+    assert!(
+        err.contains("PUT /boot-source") && err.contains("kernel file cannot be opened"),
+        "{err}"
+    );
+    assert_eq!(
+        manager.get_vm("real").await.unwrap().state,
+        VmState::Stopped
+    );
+    assert!(banger_e2e::processes_with_cmdline("firecracker", &vm.id).is_empty());
+
+    // A guest that dies during boot (a triple fault): the start names Firecracker's reason.
+    set_kernels(dir.path(), Some(&tiny_kernel(&TRIPLE_FAULTS)));
+    drop(manager);
+    let manager = open(true);
+    assert_dies_during_boot(&manager, "real", VmState::Stopped, &vm_dir).await;
+
+    // Dying after the start returned: the next look says why.
+    drop(manager);
+    let manager = open(false);
+    let started = manager.start_vm("real").await.unwrap();
+    reaper
+        .0
+        .push((started.vm.runtime.unwrap().pid.unwrap(), vm.id.clone()));
+    assert_dies_running(&manager, "real").await;
+
+    // rm leaves nothing: no process, no files, no tap.
+    manager.remove_vm("real").await.unwrap();
+    assert!(!vm_dir.exists());
+    assert!(banger_e2e::processes_with_cmdline("firecracker", &vm.id).is_empty());
+    ns.assert_empty();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_real_jailed_firecracker_that_dies_names_its_reason() {
+    let test = "the_real_jailed_firecracker_that_dies_names_its_reason";
+    let Some((fc, Some(jailer))) = real_binaries(test, true) else {
+        return;
+    };
+    let ns = NetNs::new();
+    let install = FakeInstall::wrapping(&fc.display().to_string());
+    let dir = short_tmp("bgrj");
+    let helper = JailHelper::start_with(dir.path(), &jailer, &fc, Some(&ns));
+    let socket = helper.socket.display().to_string();
+    let jailed = |c: &mut Config| {
+        c.firecracker.jailer = jailer.display().to_string();
+        c.network.mode = NetMode::User;
+        c.network.helper_socket = socket.clone();
+        c.daemon.start_timeout_secs = 60;
+        c.daemon.stop_timeout_secs = 3;
+    };
+    let manager = open_fake_manager(&install, dir.path(), jailed).with_seams(seams(false));
+    import_default(&manager, dir.path(), &tiny_kernel(&HALTS)).await;
+    let mut reaper = Reaper(Vec::new());
+    let vm = manager
+        .create_vm(CreateVmRequest {
+            name: "rj".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let vm_dir = dir.path().join("home/vms").join(&vm.id);
+    let jail_dir = helper.base.join("firecracker").join(&vm.id);
+
+    // It runs in its jail; its log is the VM's own file; stop removes the jail.
+    let shown = manager.get_vm("rj").await;
+    assert!(shown.unwrap().runtime.is_none());
+    let started = manager.start_vm("rj").await.unwrap();
+    let runtime = started.vm.runtime.unwrap();
+    let pid = runtime.pid.unwrap();
+    reaper.0.push((pid, vm.id.clone()));
+    assert!(runtime.jail.is_some());
+    assert_eq!(instance_info(dir.path(), &vm.id).await.0, "Running");
+    let log = std::fs::read_to_string(vm_dir.join("firecracker.log")).unwrap();
+    assert!(log.contains(":main:INFO] Running Firecracker v"), "{log}");
+    let stopped = manager.stop_vm("rj", false).await.unwrap();
+    assert_eq!(stopped.stop_method.as_deref(), Some("quit"));
+    assert!(!process::is_alive(pid, &vm.id));
+    assert!(!jail_dir.exists());
+    // Stopped, `vm show` says the jailer runs it at the next start.
+    let shown = manager.get_vm("rj").await.unwrap().runtime.unwrap();
+    assert!(shown.jail.is_none() && shown.jailer, "{shown:?}");
+
+    // A guest that dies during boot: the reason from the log it wrote inside the jail.
+    set_kernels(dir.path(), Some(&tiny_kernel(&TRIPLE_FAULTS)));
+    drop(manager);
+    let manager = open_fake_manager(&install, dir.path(), jailed).with_seams(seams(true));
+    assert_dies_during_boot(&manager, "rj", VmState::Stopped, &vm_dir).await;
+    assert!(!jail_dir.exists(), "jail left");
+    assert!(mounts_under(&helper.base).is_empty());
+    manager.remove_vm("rj").await.unwrap();
+    assert!(!vm_dir.exists());
+    assert!(banger_e2e::processes_with_cmdline("firecracker", &vm.id).is_empty());
+    ns.assert_empty();
+}
+
+/// Polls `manager` until VM `name` is seen stopped (its VMM died); its `last_error`.
+async fn wait_stopped(manager: &Manager, name: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let vm = manager.get_vm(name).await.unwrap();
+        if vm.state == VmState::Stopped {
+            return vm.last_error.unwrap_or_default();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VM {name} still {} after 30 s",
+            vm.state
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn assert_reason(error: Option<&str>) {
+    let error = error.unwrap_or_default();
+    assert!(error.contains(SHUTDOWN_REASON), "{error:?}");
+}
+
+/// The real binaries (`FIRECRACKER_BIN`, and `JAILER_BIN` when `jailed`) when set and this
+/// runs as root (their taps go into a network namespace of the test; the jailer needs root);
+/// a visible REAL line, else a SKIP line.
+fn real_binaries(test: &str, jailed: bool) -> Option<(PathBuf, Option<PathBuf>)> {
+    let var = |name: &str| std::env::var_os(name).map(PathBuf::from);
+    let Some(fc) = var("FIRECRACKER_BIN") else {
+        eprintln!("SKIP: {test}: FIRECRACKER_BIN is not set (the real Firecracker)");
+        return None;
+    };
+    assert!(
+        fc.is_file(),
+        "FIRECRACKER_BIN={} is not a file",
+        fc.display()
+    );
+    let jailer = if jailed {
+        let Some(jailer) = var("JAILER_BIN") else {
+            eprintln!("SKIP: {test}: JAILER_BIN is not set (the real jailer)");
+            return None;
+        };
+        assert!(
+            jailer.is_file(),
+            "JAILER_BIN={} is not a file",
+            jailer.display()
+        );
+        Some(jailer)
+    } else {
+        None
+    };
+    if !banger_e2e::root_or_skip(test, "Firecracker's tap goes into a namespace of the test") {
+        return None;
+    }
+    eprintln!("REAL: {test}: Firecracker {}", fc.display());
+    Some((fc, jailer))
+}
+
+/// The seams of [`open_fake_manager`], with the wait for SSH kept when `readiness` (no guest
+/// answers, so a start waits until the VMM dies or the start timeout).
+fn seams(readiness: bool) -> Seams {
+    Seams {
+        tap: Some("bg-tap-0".into()),
+        accel: Some(AccelChoice {
+            accel: Accel::Kvm,
+            reason: "test seam: KVM assumed".into(),
+        }),
+        skip_readiness: !readiness,
+        host_ops: None,
+    }
+}
+
+/// Replaces every stored kernel under `dir`'s data dir by `kernel` (or removes it).
+fn set_kernels(dir: &Path, kernel: Option<&[u8]>) {
+    for entry in std::fs::read_dir(dir.join("home/kernels")).unwrap() {
+        let path = entry.unwrap().path().join("vmlinux");
+        match kernel {
+            Some(bytes) => std::fs::write(&path, bytes).unwrap(),
+            None => std::fs::remove_file(&path).unwrap(),
+        }
+    }
+}
+
+/// [`banger_e2e::tiny_elf_kernel`] running `code`, with banger's marker of a kernel that
+/// finds its devices on the command line.
+fn tiny_kernel(code: &[u8]) -> Vec<u8> {
+    let mut elf = banger_e2e::tiny_elf_kernel(code);
+    elf.extend_from_slice(b"\0virtio_mmio.device\0");
+    elf
+}
+
+/// A network namespace of the test (the taps Firecracker creates land there), deleted on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "bgfc{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
+        let added = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(added.success());
+        Self(name)
+    }
+
+    /// Waits until it holds no link but `lo` (a tap goes once its process is gone and the
+    /// kernel unregistered it).
+    fn assert_empty(&self) {
+        let gone = banger_e2e::poll_or_none(Duration::from_secs(10), || {
+            self.links().is_empty().then_some(())
+        });
+        assert!(gone.is_some(), "links left: {:?}", self.links());
+    }
+
+    /// Its links other than `lo`.
+    fn links(&self) -> Vec<String> {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &self.0, "-o", "link"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().to_owned()))
+            .filter(|n| n != "lo")
+            .collect()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
 }

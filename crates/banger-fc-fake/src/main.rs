@@ -5,14 +5,19 @@
 //! `spec/firecracker-1.17.0-dev.yaml` in this crate, the vendored reference copy) and answers bad
 //! ones with 400 and `{"fault_message": ...}`, and enforces Firecracker's state machine.
 //!
-//! Options a real Firecracker also takes: `--api-sock PATH`, `--id ID`, `--version`, and the
-//! ones the jailer adds (`--start-time-us`, `--start-time-cpu-us`, `--parent-cpu-time-us`);
+//! Options a real Firecracker also takes: `--api-sock PATH`, `--id ID`, `--version`,
+//! `--log-path PATH` (an existing file: its log from the first line, in Firecracker's format
+//! `<time> [<id>:<thread>(:<LEVEL>)] <message>`; without it the startup lines go to stdout, the
+//! serial console, as Firecracker's do), `--level LEVEL`, `--show-level`, and the ones the
+//! jailer adds (`--start-time-us`, `--start-time-cpu-us`, `--parent-cpu-time-us`);
 //! `--flag=value` works like `--flag value`.
 //! Fake-only: `--chroot DIR` (set by `banger-jailer-fake`: the jail's root, inside which the
 //! API socket and every path of a request are resolved, as for a chrooted Firecracker), `--spec PATH`, `--ctrl-alt-del exit|ignore` (what the "guest" does on
 //! SendCtrlAltDel: exit like a guest with i8042 and `reboot=k`, default; or ignore it),
 //! `--record FILE` (one JSON line per request: method, path, body, status),
-//! `--ignore-sigterm` (a hung VMM: only SIGKILL ends it).
+//! `--ignore-sigterm` (a hung VMM: only SIGKILL ends it), `--die-after-boot MS` (the guest
+//! dies MS ms after `InstanceStart`: Firecracker's own ERROR lines for a vCPU shutdown in its
+//! log, its error on stderr, exit code 1, as the real one does for a triple-faulting guest).
 
 mod spec;
 mod state;
@@ -49,6 +54,9 @@ struct Args {
     record: Option<PathBuf>,
     ignore_sigterm: bool,
     chroot: Option<PathBuf>,
+    log_path: Option<String>,
+    show_level: bool,
+    die_after_boot: Option<u64>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -63,6 +71,9 @@ fn parse_args() -> anyhow::Result<Args> {
         record: None,
         ignore_sigterm: false,
         chroot: None,
+        log_path: None,
+        show_level: false,
+        die_after_boot: None,
     };
     let mut iter = std::env::args().skip(1).flat_map(|arg| {
         // `--flag=value` is `--flag value`.
@@ -77,6 +88,23 @@ fn parse_args() -> anyhow::Result<Args> {
         let mut value = |name: &str| iter.next().with_context(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--chroot" => args.chroot = Some(value("--chroot")?.into()),
+            "--log-path" => args.log_path = Some(value("--log-path")?),
+            "--level" => {
+                let level = value("--level")?;
+                if !["off", "trace", "debug", "info", "warn", "warning", "error"]
+                    .contains(&level.to_ascii_lowercase().as_str())
+                {
+                    bail!("Invalid value for logger level: {level}");
+                }
+            }
+            "--show-level" => args.show_level = true,
+            "--die-after-boot" => {
+                let text = value("--die-after-boot")?;
+                let ms = text
+                    .parse::<u64>()
+                    .with_context(|| format!("--die-after-boot {text}: not a number"))?;
+                args.die_after_boot = Some(ms);
+            }
             "--start-time-us" | "--start-time-cpu-us" | "--parent-cpu-time-us" => {
                 let text = value(&arg)?;
                 text.parse::<u64>()
@@ -106,6 +134,47 @@ struct Server {
     machine: Mutex<Machine>,
     record: Option<std::sync::Mutex<std::fs::File>>,
     exiting: AtomicBool,
+    log: Log,
+    die_after_boot: Option<u64>,
+}
+
+/// Firecracker's log: a file opened at start (`--log-path`), else stdout.
+struct Log {
+    file: Option<std::sync::Mutex<std::fs::File>>,
+    id: String,
+    show_level: bool,
+}
+
+impl Log {
+    /// One line as Firecracker writes it: `<time> [<id>:<thread>:<LEVEL>] <message>`.
+    fn line(&self, thread: &str, level: &str, message: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let level = if self.show_level {
+            format!(":{level}")
+        } else {
+            String::new()
+        };
+        let text = format!(
+            "{}.{:09} [{}:{thread}{level}] {message}\n",
+            now.as_secs(),
+            now.subsec_nanos(),
+            self.id
+        );
+        match &self.file {
+            Some(file) => {
+                if let Ok(mut file) = file.lock() {
+                    let _ = file.write_all(text.as_bytes());
+                }
+            }
+            None => {
+                let mut out = std::io::stdout();
+                let _ = out.write_all(text.as_bytes());
+                let _ = out.flush();
+            }
+        }
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -125,6 +194,24 @@ async fn main() -> anyhow::Result<()> {
         .api_sock
         .context("--api-sock is required (the fake has no --no-api mode)")?;
     let socket = state::host_path(args.chroot.as_deref(), &socket.to_string_lossy());
+    // Firecracker opens, never creates, its log file.
+    let log_file = args
+        .log_path
+        .as_deref()
+        .map(|path| {
+            let host = state::host_path(args.chroot.as_deref(), path);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&host)
+                .with_context(|| format!("Failed to open the log file {}", host.display()))
+        })
+        .transpose()?
+        .map(std::sync::Mutex::new);
+    let log = Log {
+        file: log_file,
+        id: args.id.clone(),
+        show_level: args.show_level,
+    };
     let listener = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("Failed to open the API socket at {}", socket.display()))?;
     let record = args
@@ -139,6 +226,15 @@ async fn main() -> anyhow::Result<()> {
         .transpose()?
         .map(std::sync::Mutex::new);
     let version = spec.version().to_owned();
+    log.line("main", "INFO", &format!("Running Firecracker v{version}"));
+    log.line(
+        "main",
+        "INFO",
+        &format!(
+            "Listening on API socket ({:?}).",
+            socket.display().to_string()
+        ),
+    );
     let server = Arc::new(Server {
         spec,
         machine: Mutex::new(Machine::new(
@@ -149,6 +245,8 @@ async fn main() -> anyhow::Result<()> {
         )),
         record,
         exiting: AtomicBool::new(false),
+        log,
+        die_after_boot: args.die_after_boot,
     });
     let (exit_tx, mut exit_rx) = tokio::sync::mpsc::channel::<()>(1);
     loop {
@@ -207,6 +305,38 @@ async fn handle(
     };
     if reply.after == After::Exit {
         server.exiting.store(true, Ordering::SeqCst);
+    }
+    let started = method == "PUT"
+        && path == "/actions"
+        && reply.status == 204
+        && serde_json::from_slice::<Value>(&body)
+            .is_ok_and(|b| b["action_type"] == "InstanceStart");
+    if let (true, Some(ms)) = (started, server.die_after_boot) {
+        let server = server.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            // What the real one logs for a guest that triple-faults (KVM_EXIT_SHUTDOWN).
+            let log = &server.log;
+            log.line(
+                "fc_vcpu 0",
+                "ERROR",
+                "Unexpected exit reason on vcpu run: Shutdown",
+            );
+            log.line("main", "INFO", "Vmm is stopping.");
+            log.line(
+                "main",
+                "ERROR",
+                "RunWithApiError error: MicroVM stopped with an error: GenericError",
+            );
+            log.line(
+                "main",
+                "ERROR",
+                "Firecracker exiting with error. exit_code=1",
+            );
+            eprintln!("Error: RunWithApi(MicroVMStoppedWithError(GenericError))");
+            let _ = std::io::stdout().flush();
+            std::process::exit(1);
+        });
     }
     if let Some(record) = &server.record {
         let line = json!({

@@ -423,6 +423,9 @@ pub fn spawn(
     if let Some(initrd) = &files.initrd {
         placed.push((owners_file(initrd, root)?, JAIL_INITRD));
     }
+    if let Some(log) = &files.log {
+        placed.push((owners_file(log, root)?, JAIL_LOG));
+    }
     // A jail left by a crash is removed first: the jailer reuses an existing dir. Its cgroup
     // is not: one that exists is refused (only `remove_jail` removes a VM's cgroup).
     remove_jails(config, vm_id)?;
@@ -503,7 +506,9 @@ fn build(config: &JailConfig, chroot: &Path, placed: &[(File, &str)]) -> Result<
         place(file, &chroot.join(name.trim_start_matches('/')))?;
     }
     for name in [JAIL_LOG, JAIL_METRICS] {
-        owned_empty(config, &chroot.join(name.trim_start_matches('/')))?;
+        if !placed.iter().any(|(_, placed)| *placed == name) {
+            owned_empty(config, &chroot.join(name.trim_start_matches('/')))?;
+        }
     }
     Ok(())
 }
@@ -554,8 +559,15 @@ pub fn jailer_args(
         }
     }
     args.extend(["--".into(), "--api-sock".into(), JAIL_API_SOCKET.into()]);
+    // Its log from the first line, levels shown (the daemon reads its exit reason there).
+    args.extend(["--log-path".into(), JAIL_LOG.into()]);
+    args.extend(FIRECRACKER_LOG_ARGS.map(String::from));
     args
 }
+
+/// Firecracker's log settings after `--log-path` (as the daemon passes them unjailed:
+/// `banger_core::vmm::firecracker::LOG_ARGS`).
+const FIRECRACKER_LOG_ARGS: [&str; 3] = ["--level", "Info", "--show-level"];
 
 /// The last non-empty line of a file (the jailer's error), at most 4 KiB read from its end.
 fn last_line(path: &Path) -> String {
@@ -744,22 +756,40 @@ pub fn remove(config: &JailConfig, vm_id: &str) -> Result<(), JailError> {
     }
     remove_jails(config, vm_id)?;
     for dir in cgroup_dirs(config, vm_id) {
-        match std::fs::remove_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => warn!(cgroup = %dir.display(), "cannot remove the VM's cgroup: {e}"),
+        // A VMM that just ended stays in its cgroup until it is reaped (the helper's reaper
+        // thread, a moment later): busy is retried for a bounded time.
+        let deadline = std::time::Instant::now() + CGROUP_BUSY_WAIT;
+        loop {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e)
+                    if e.raw_os_error() == Some(nix::libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    warn!(cgroup = %dir.display(), "cannot remove the VM's cgroup: {e}");
+                    break;
+                }
+            }
         }
     }
     Ok(())
 }
 
+/// How long `remove` retries the rmdir of a VM cgroup whose last process is still exiting.
+const CGROUP_BUSY_WAIT: Duration = Duration::from_secs(3);
+
 /// The names the helper may have bind-mounted in a jail's root (see [`place`]).
-const PLACED: [&str; 5] = [
+const PLACED: [&str; 6] = [
     JAIL_KERNEL,
     JAIL_INITRD,
     JAIL_SYSTEM_DISK,
     JAIL_WORK_DISK,
     JAIL_CONSOLE,
+    JAIL_LOG,
 ];
 
 /// Removes every jail dir of `vm_id` under the base (any exec file name), unmounting first.
@@ -872,6 +902,7 @@ mod tests {
                 system_disk: "/s".into(),
                 work_disk: "/w".into(),
                 console_log: "/c".into(),
+                log: None,
             },
             cpus: 2,
             memory_mib: 1024,
@@ -883,7 +914,8 @@ mod tests {
             args,
             "--id 0123456789abcdef0123456789abcdef --exec-file /usr/bin/firecracker \
              --uid 1000 --gid 100 --chroot-base-dir /srv/banger-jail/1000 --cgroup-version 2 \
-             -- --api-sock /run/firecracker.socket"
+             -- --api-sock /run/firecracker.socket --log-path /firecracker.log --level Info \
+             --show-level"
         );
         assert!(!args.contains("--daemonize"));
         config.cgroups = Cgroups::V2 {
@@ -926,6 +958,7 @@ mod tests {
             system_disk: "/s".into(),
             work_disk: "/w".into(),
             console_log: "/c".into(),
+            log: None,
         };
         for (cpus, memory_mib) in [(1, u64::MAX), (1, u64::MAX >> 20), (0, 128)] {
             let request = SpawnRequest {

@@ -614,6 +614,7 @@ fn vm_files(home: &Home, vm_id: &str) -> banger_proto::helper::JailFiles {
         system_disk: text("system.raw"),
         work_disk: text("work.ext4"),
         console_log: text("console.log"),
+        log: None,
     }
 }
 

@@ -117,6 +117,7 @@ fn op() -> impl Strategy<Value = HelperOp> {
                     system_disk: path.clone(),
                     work_disk: path.clone(),
                     console_log: path,
+                    log: None,
                 },
                 cpus,
                 memory_mib,

@@ -145,6 +145,7 @@ fn setup(helper: &Helper, vm_id: &str) -> JailFiles {
     for name in ["vmlinux", "system.raw", "work.ext4", "console.log"] {
         std::fs::write(vm.join(name), name).unwrap();
     }
+    std::fs::write(vm.join("firecracker.log"), "").unwrap();
     let text = |n: &str| vm.join(n).display().to_string();
     JailFiles {
         kernel: text("vmlinux"),
@@ -152,6 +153,7 @@ fn setup(helper: &Helper, vm_id: &str) -> JailFiles {
         system_disk: text("system.raw"),
         work_disk: text("work.ext4"),
         console_log: text("console.log"),
+        log: Some(text("firecracker.log")),
     }
 }
 
@@ -376,7 +378,7 @@ fn spawn_jailed_leaves_nothing() {
     let source = std::fs::metadata(&files.kernel).unwrap();
     assert_eq!((kernel.dev(), kernel.ino()), (source.dev(), source.ino()));
     let mounts = mounts_under(&helper.base);
-    assert_eq!(mounts.len(), 4, "{mounts:?}");
+    assert_eq!(mounts.len(), 5, "{mounts:?}");
     // Nobody but root lists the VM ids.
     for dir in [
         helper.base.clone(),

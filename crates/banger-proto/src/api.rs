@@ -125,6 +125,10 @@ pub struct VmRuntime {
     /// `banger vm resume NAME` continues it once the cause is fixed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_error: Option<String>,
+    /// A Firecracker VM: the daemon starts it through the jailer (`firecracker.jailer` is
+    /// set), whether or not it runs now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub jailer: bool,
 }
 
 /// A VM as the daemon reports it (`GET /v1/vms/{name}`, `banger vm show --json`).
@@ -654,6 +658,10 @@ pub struct ConsoleChunk {
     pub next_offset: u64,
     /// Whether the VM still runs (more output may come).
     pub running: bool,
+    /// For a VM that is not running: why it last stopped or failed to start, when that was
+    /// not `vm stop` (e.g. Firecracker's own reason for exiting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// Result of `POST /v1/vms/{name}/start|stop|pause|resume|suspend`.

@@ -140,6 +140,10 @@ pub struct JailFiles {
     pub work_disk: String,
     /// Receives the serial console (`PUT /serial`).
     pub console_log: String,
+    /// Firecracker's log (`--log-path`), kept in the VM's data dir so it outlives the jail;
+    /// absent: the helper makes an empty one in the jail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
 }
 
 /// In-jail paths (as the jailed Firecracker sees them) of the files in [`JailFiles`], and of

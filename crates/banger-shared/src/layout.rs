@@ -150,6 +150,11 @@ impl Layout {
     pub fn vm_console_log(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("console.log")
     }
+    /// Firecracker's own log of the VM's last boot (its reason when it exits), see
+    /// [`VM_FIRECRACKER_LOG`].
+    pub fn vm_firecracker_log(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join(VM_FIRECRACKER_LOG)
+    }
     /// The VM state file of the VM's suspend snapshot (Firecracker `snapshot_path`; QEMU's
     /// migration stream, devices and memory in one file).
     pub fn vm_snapshot_state(&self, vm_id: &str) -> PathBuf {
@@ -328,11 +333,18 @@ pub mod vm_runtime {
     pub const QEMU_PID: &str = "qemu.pid";
     /// Firecracker's API socket (a symlink into the jail when jailed).
     pub const FIRECRACKER_API_SOCKET: &str = "fc.sock";
-    /// Firecracker's log, metrics and stderr.
-    pub const FIRECRACKER_LOG: &str = "firecracker.log";
+    /// Firecracker's metrics (its log and stderr are in the VM's data dir:
+    /// [`super::VM_FIRECRACKER_LOG`]).
     pub const FIRECRACKER_METRICS: &str = "firecracker.metrics";
-    pub const FIRECRACKER_STDERR: &str = "firecracker.stderr";
 }
+
+/// Firecracker's log (`--log-path`), in the VM's data dir beside `console.log`: it outlives
+/// the runtime dir, a failed start's undo and the jail, so the reason Firecracker gave for
+/// exiting can be shown afterwards. Recreated at each start; the daemon keeps it under a cap.
+pub const VM_FIRECRACKER_LOG: &str = "firecracker.log";
+/// Firecracker's stderr (unjailed; the jailer's is the helper's), beside its log; the daemon
+/// adds the exit status of a Firecracker it reaped.
+pub const VM_FIRECRACKER_STDERR: &str = "firecracker.stderr";
 
 /// File name, in a VM's runtime dir, of the Unix socket QEMU listens on for the workspace
 /// channel: a plain byte pipe into the guest that carries a prepare's tar without SSH's

@@ -182,9 +182,20 @@ pub fn vm_details(vm: &Vm) -> String {
             pairs.push(("pid", pid.to_string()));
         }
         if runtime.vmm == "firecracker" {
-            let jail = match &runtime.jail {
-                Some(root) => format!("jailer, chroot {root}"),
-                None => "none (cgroup leaf only; set firecracker.jailer to use the jailer)".into(),
+            let jail = match (&runtime.jail, runtime.pid.is_some(), runtime.jailer) {
+                (Some(root), _, _) => format!("jailer, chroot {root}"),
+                (None, false, true) => {
+                    "none while stopped; the jailer runs it at its next start (firecracker.jailer is set)".into()
+                }
+                (None, false, false) => {
+                    "none while stopped; it starts unjailed (set firecracker.jailer to use the jailer)".into()
+                }
+                (None, true, true) => {
+                    "none (started before firecracker.jailer was set; stop and start it to jail it)".into()
+                }
+                (None, true, false) => {
+                    "none (cgroup leaf only; set firecracker.jailer to use the jailer)".into()
+                }
             };
             pairs.push(("jail", jail));
         }
@@ -317,6 +328,24 @@ mod tests {
         );
         let shown = super::vm_details(&vm(serde_json::Value::Null));
         assert!(shown.contains("none (cgroup leaf only"), "{shown}");
+        // Stopped (no pid): what its next start does, by whether the jailer is set.
+        let stopped = |jailer: bool| {
+            let mut vm = vm(serde_json::Value::Null);
+            let runtime = vm.runtime.as_mut().unwrap();
+            runtime.pid = None;
+            runtime.jailer = jailer;
+            super::vm_details(&vm)
+        };
+        let shown = stopped(true);
+        assert!(
+            shown.contains("none while stopped; the jailer runs it at its next start"),
+            "{shown}"
+        );
+        let shown = stopped(false);
+        assert!(
+            shown.contains("none while stopped; it starts unjailed"),
+            "{shown}"
+        );
     }
 
     #[test]

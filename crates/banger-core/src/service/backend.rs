@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::Manager;
 use crate::Error;
-use crate::domain::VmmKind;
+use crate::domain::{AccelMode, FirecrackerKvm, VmmKind};
 use crate::model::VmRecord;
 use crate::vmm::{VmBackend, VmProcess, accel};
 
@@ -47,6 +47,57 @@ impl Manager {
             Ok(Err(e)) => tracing::warn!(vm = %record.name, "{e}"),
             Err(e) => tracing::warn!(vm = %record.name, "jail removal task failed: {e}"),
         }
+    }
+
+    /// Why `record`'s VMM ended, in the VMM's own words when it left them (Firecracker's log
+    /// in the VM's data dir).
+    pub(super) fn exit_reason(&self, record: &VmRecord, backend: &dyn VmBackend) -> Option<String> {
+        backend.exit_reason(&self.layout.vm_dir(&record.id))
+    }
+
+    /// The acceleration a VM on `backend` runs with: for a backend that runs only under KVM
+    /// (Firecracker), `firecracker.kvm` decides whether it has KVM; else [`Self::accel_choice`].
+    pub(super) async fn vmm_accel(
+        &self,
+        backend: &dyn VmBackend,
+        kernel: &Path,
+    ) -> Result<accel::AccelChoice, Error> {
+        if !backend.capabilities().requires_kvm || self.seams.accel.is_some() {
+            return self.accel_choice(kernel).await;
+        }
+        let assumed = |accel, reason: &str| accel::AccelChoice {
+            accel,
+            reason: reason.into(),
+        };
+        Ok(match self.config.firecracker.kvm {
+            FirecrackerKvm::Yes => assumed(
+                accel::Accel::Kvm,
+                "KVM assumed (firecracker.kvm = \"yes\", unchecked)",
+            ),
+            FirecrackerKvm::No => assumed(
+                accel::Accel::Tcg,
+                "no KVM for Firecracker (firecracker.kvm = \"no\")",
+            ),
+            FirecrackerKvm::Auto if self.config.qemu.accel == AccelMode::Auto => {
+                self.accel_choice(kernel).await?
+            }
+            // `qemu.accel` forces QEMU's choice; Firecracker's still goes by evidence.
+            FirecrackerKvm::Auto => {
+                let scratch = self.layout.runtime_dir().to_path_buf();
+                self.firecracker_kvm
+                    .get_or_init(|| async {
+                        accel::choose(
+                            AccelMode::Auto,
+                            self.backends.qemu().binary(),
+                            kernel,
+                            &scratch,
+                        )
+                        .await
+                    })
+                    .await
+                    .clone()
+            }
+        })
     }
 
     pub(super) async fn accel_choice(&self, kernel: &Path) -> Result<accel::AccelChoice, Error> {

@@ -4,6 +4,11 @@
 //! [`CONSOLE_CHECK_SECS`] and at start. A VM that outlives the daemon writes unchecked until
 //! the next daemon starts and cuts it; `vm logs` readers whose offset passed the new end
 //! start over. Each check also takes group/other bits off the log (QEMU creates it 0640).
+//!
+//! Firecracker's own log (in the VM's data dir) is cut the same way at
+//! [`FIRECRACKER_LOG_CAP`]. Firecracker writes it at its own offset, not appending: after a
+//! cut its next line lands past a hole, so the file's disk use is what is measured (the
+//! blocks it holds), and readers drop the NULs of the hole.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -15,6 +20,8 @@ use super::Manager;
 
 /// Bytes a console log may reach before it is cut, unless the config says otherwise.
 pub const CONSOLE_LOG_CAP: u64 = 8 << 20;
+/// Bytes of disk Firecracker's log of one VM may take before it is cut.
+pub const FIRECRACKER_LOG_CAP: u64 = 1 << 20;
 /// How often the daemon checks the console logs of its VMs.
 pub const CONSOLE_CHECK_SECS: u64 = 5;
 
@@ -32,7 +39,12 @@ impl Manager {
         let cap = self.config.daemon.console_log_max_bytes.max(4096);
         for vm in vms {
             let log = self.layout.vm_console_log(&vm.id);
-            for path in [log.with_extension("log.prev"), log] {
+            let vmm_log = self.layout.vm_firecracker_log(&vm.id);
+            for (path, cap) in [
+                (log.with_extension("log.prev"), cap),
+                (log, cap),
+                (vmm_log, FIRECRACKER_LOG_CAP),
+            ] {
                 match cap_file(&path, cap) {
                     Ok(Some(size)) => {
                         info!(vm = %vm.name, path = %path.display(), size, "console log cut at its cap")
@@ -57,7 +69,9 @@ pub fn cap_file(path: &Path, cap: u64) -> std::io::Result<Option<u64>> {
     if meta.permissions().mode() & 0o077 != 0 {
         file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     }
-    let size = meta.len();
+    use std::os::unix::fs::MetadataExt;
+    // What it holds on disk: a file written past a hole (see the module doc) is not more.
+    let size = meta.len().min(meta.blocks().saturating_mul(512));
     if size <= cap {
         return Ok(None);
     }
@@ -65,7 +79,7 @@ pub fn cap_file(path: &Path, cap: u64) -> std::io::Result<Option<u64>> {
     let mut file = file;
     writeln!(
         file,
-        "[banger: the console log passed {cap} bytes ({size}) and was cut here]"
+        "[banger: this log passed {cap} bytes ({size}) and was cut here]"
     )?;
     Ok(Some(size))
 }
@@ -90,10 +104,27 @@ mod tests {
         writer.write_all(b"after\n").unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(
-            text.starts_with("[banger: the console log passed 8192 bytes"),
+            text.starts_with("[banger: this log passed 8192 bytes"),
             "{text}"
         );
         assert!(text.ends_with("cut here]\nafter\n"), "{text}");
         assert_eq!(cap_file(&dir.path().join("none"), 1).unwrap(), None);
+    }
+
+    #[test]
+    fn a_log_written_at_its_own_offset_is_cut_once_and_read_without_the_hole() {
+        // Firecracker's log: opened without O_APPEND, so after a cut it writes past a hole.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("firecracker.log");
+        std::fs::File::create(&path).unwrap();
+        let mut writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        writer.write_all(&[b'x'; 65536]).unwrap();
+        assert_eq!(cap_file(&path, 8192).unwrap(), Some(65536));
+        writer.write_all(b"[id:main:ERROR] the reason\n").unwrap();
+        // The file is long but holds a few blocks: not cut again (the line stays).
+        assert_eq!(cap_file(&path, 8192).unwrap(), None);
+        let text = crate::vmm::firecracker::read_tail(&path);
+        assert!(text.contains("was cut here]\n"), "{text:?}");
+        assert!(text.ends_with("[id:main:ERROR] the reason\n"), "{text:?}");
     }
 }

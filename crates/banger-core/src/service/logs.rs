@@ -1,4 +1,4 @@
-//! `vm logs`: the serial console from an offset.
+//! `vm logs`: the serial console from an offset, and why a VM that is not running stopped.
 
 use banger_proto::{ConsoleChunk, VmName};
 
@@ -29,10 +29,12 @@ impl Manager {
                 .map_err(Error::io(format!("cannot read {}", path.display())))?;
             next_offset = start + data.len() as u64;
         }
+        let running = has_process(record.state);
         Ok(ConsoleChunk {
             data: String::from_utf8_lossy(&data).into_owned(),
             next_offset,
-            running: has_process(record.state),
+            running,
+            last_error: record.last_error.filter(|_| !running),
         })
     }
 }

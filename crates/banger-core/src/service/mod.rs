@@ -78,6 +78,9 @@ pub struct Manager {
     backends: Backends,
     /// KVM-or-TCG is decided once per daemon (a probe boot may be needed).
     accel: tokio::sync::OnceCell<AccelChoice>,
+    /// Firecracker's KVM check (`firecracker.kvm = "auto"`) when `qemu.accel` is not `auto`
+    /// (else it shares [`Manager::accel`]).
+    firecracker_kvm: tokio::sync::OnceCell<AccelChoice>,
     /// Test-only overrides of discovered host facts (see [`Seams`]).
     seams: Seams,
     /// Serialises image and kernel builds and imports.
@@ -146,6 +149,7 @@ impl Manager {
             vm_locks: Mutex::new(HashMap::new()),
             backends,
             accel: tokio::sync::OnceCell::new(),
+            firecracker_kvm: tokio::sync::OnceCell::new(),
             seams: Seams::default(),
             asset_lock: tokio::sync::Mutex::new(()),
             key_lock: tokio::sync::Mutex::new(()),
@@ -227,14 +231,17 @@ impl Manager {
         if pid.is_some_and(|pid| process::is_alive(pid, &record.id)) {
             return record;
         }
-        warn!(vm = %record.name, "VMM is gone; marking the VM stopped");
+        let reason = self.exit_reason(&record, &*self.backend(&record));
+        warn!(vm = %record.name, reason = reason.as_deref().unwrap_or("unknown"), "VMM is gone; marking the VM stopped");
         // Not waited for: `vm ls` answers while the helper removes the jail.
         drop(self.release_runtime(&record));
         record.clear_process();
         let (kind, how) = self.found_stopped(&record);
         record.record_stop(kind, how);
-        record.last_error =
-            Some("the VM stopped outside banger (guest power-off or VMM exit)".into());
+        record.last_error = Some(match reason {
+            Some(reason) => format!("the VM stopped outside banger: {reason}"),
+            None => "the VM stopped outside banger (guest power-off or VMM exit)".into(),
+        });
         if let Err(e) = self.transition(&mut record, VmState::Stopped) {
             warn!(vm = %record.name, "cannot record the stop: {e}");
         }

@@ -81,11 +81,19 @@ impl Manager {
                 // on). The guest was synced before the snapshot, so its disks hold its data.
                 self.remove_snapshot(&record.id);
             }
+            let died_running = has_process(record.state) && !alive && pid.is_some();
             if has_process(record.state) {
                 record.state = VmState::Stopping;
             }
             if record.state == VmState::Starting {
                 record.last_error = Some("the daemon stopped during start".into());
+            } else if died_running {
+                // It died while the daemon was away: say why, when the VMM left a reason.
+                if let Some(reason) = self.exit_reason(&record, &*self.backend(&record)) {
+                    record.last_error = Some(format!(
+                        "the VM stopped while the daemon was down: {reason}"
+                    ));
+                }
             }
             self.transition(&mut record, VmState::Stopped)?;
             info!(vm = %record.name, "VM marked stopped after daemon restart");

@@ -37,6 +37,10 @@ impl Manager {
         let mut vm = record.to_api();
         vm.network = self.vm_network(record);
         vm.spec.system_disk_size_bytes = self.system_disk_size(record);
+        if let Some(runtime) = vm.runtime.as_mut() {
+            runtime.jailer = record.spec.vmm == crate::domain::VmmKind::Firecracker
+                && !self.config.firecracker.jailer.is_empty();
+        }
         vm
     }
 }

@@ -199,7 +199,7 @@ impl Manager {
                 hint: "recreate the VM with --vmm qemu, or with an image whose kernel comes from `banger kernel build`".into(),
             });
         }
-        let choice = self.accel_choice(&kernel_path).await?;
+        let choice = self.vmm_accel(&*backend, &kernel_path).await?;
         if caps.requires_kvm && choice.accel != Accel::Kvm {
             return Err(Error::HostSetup {
                 message: format!(
@@ -429,11 +429,18 @@ impl Manager {
                 }
                 Ok(())
             }
-            Ok(false) => Err(Error::Failed(format!(
-                "VM {} stopped during boot: {}",
-                record.name,
-                console_tail(&console_log)
-            ))),
+            Ok(false) => Err(Error::Failed(match self.exit_reason(record, &*backend) {
+                Some(reason) => format!(
+                    "VM {} stopped during boot: {reason}; console: {}",
+                    record.name,
+                    console_tail(&console_log)
+                ),
+                None => format!(
+                    "VM {} stopped during boot: {}",
+                    record.name,
+                    console_tail(&console_log)
+                ),
+            })),
             Err(e) => Err(Error::Failed(format!(
                 "VM {}: {e}; console: {}",
                 record.name,

@@ -33,7 +33,7 @@ use super::{
 };
 use crate::domain::{SystemDiskStrategy, VmmKind};
 use crate::host::HostOps;
-use crate::layout::vm_runtime;
+use crate::layout::{VM_FIRECRACKER_LOG, VM_FIRECRACKER_STDERR, vm_runtime};
 
 /// Oldest Firecracker whose API matches what banger sends (`mem_backend` on snapshot load,
 /// `/entropy`, the drive `io_engine` field).
@@ -46,6 +46,12 @@ pub const BOOT_ARGS: &str = super::NO_ACPI_BOOT_ARGS;
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on the API socket appearing after spawn.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
+/// Firecracker's log settings after `--log-path`: levels shown, so its reason for exiting
+/// (an ERROR line) can be told from its startup lines.
+pub const LOG_ARGS: [&str; 3] = ["--level", "Info", "--show-level"];
+/// How the daemon notes, in Firecracker's stderr file, the exit status of a Firecracker it
+/// reaped (a signal leaves nothing in its log).
+const EXIT_NOTE: &str = "[banger] firecracker ended: ";
 
 /// An HTTP/1.1 client for Firecracker's API socket.
 #[derive(Debug, Clone)]
@@ -284,8 +290,8 @@ impl Firecracker {
         ]
     }
 
-    /// Spawns the process, waits for its socket and sets up logger and metrics. On error the
-    /// process is killed.
+    /// Spawns the process (its log going to [`VM_FIRECRACKER_LOG`] from the first line),
+    /// waits for its socket and sets up metrics. On error the process is killed.
     async fn spawn(&self, spec: &LaunchSpec) -> Result<(VmProcess, ApiClient), VmmError> {
         if let Some(jailer) = self.jailer_path()? {
             return self.spawn_jailed(spec, jailer).await;
@@ -294,8 +300,9 @@ impl Firecracker {
         let io_err = |context: String| move |source| VmmError::Io { context, source };
         let socket = api_socket(&spec.runtime_dir);
         let _ = std::fs::remove_file(&socket);
-        // Firecracker opens (never creates) its log and metrics files.
-        let log = spec.runtime_dir.join(vm_runtime::FIRECRACKER_LOG);
+        // Firecracker opens (never creates) its log and metrics files; the log starts empty at
+        // each boot and outlives the runtime dir (see `exit_reason`).
+        let log = vm_file(spec, VM_FIRECRACKER_LOG);
         let metrics = spec.runtime_dir.join(vm_runtime::FIRECRACKER_METRICS);
         for file in [&log, &metrics] {
             std::fs::File::create(file)
@@ -312,7 +319,7 @@ impl Firecracker {
                 "cannot create {}",
                 spec.console_log.display()
             )))?;
-        let stderr_path = spec.runtime_dir.join(vm_runtime::FIRECRACKER_STDERR);
+        let stderr_path = vm_file(spec, VM_FIRECRACKER_STDERR);
         let stderr = std::fs::File::create(&stderr_path)
             .map_err(io_err(format!("cannot create {}", stderr_path.display())))?;
         let mut child = tokio::process::Command::new(&self.binary)
@@ -321,6 +328,9 @@ impl Firecracker {
             .arg(&socket)
             .arg("--id")
             .arg(&spec.vm_id)
+            .arg("--log-path")
+            .arg(&log)
+            .args(LOG_ARGS)
             // Its own process group: the daemon's signals and exit never reach it.
             .process_group(0)
             .stdin(Stdio::null())
@@ -338,8 +348,8 @@ impl Firecracker {
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-                let message = crate::cause::of_failure("", &status, text.as_bytes());
+                let message = exit_reason_in(&log, &stderr_path)
+                    .unwrap_or_else(|| format!("Firecracker exited ({status})"));
                 return Err(VmmError::LaunchFailed {
                     binary: shown,
                     message,
@@ -358,9 +368,19 @@ impl Firecracker {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // Reap it when it exits while this daemon lives; after a daemon restart init does.
+        // Reap it when it exits while this daemon lives, noting how it ended where its log
+        // cannot (a signal); after a daemon restart init reaps it.
         tokio::spawn(async move {
-            let _ = child.wait().await;
+            if let Ok(status) = child.wait().await {
+                let note = format!("{EXIT_NOTE}{status}\n");
+                let appended = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&stderr_path)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, note.as_bytes()));
+                if let Err(e) = appended {
+                    tracing::debug!("cannot note Firecracker's exit: {e}");
+                }
+            }
         });
         let process = VmProcess {
             pid,
@@ -368,24 +388,15 @@ impl Firecracker {
             jail: None,
         };
         let client = ApiClient::new(&socket);
-        let setup = async {
-            client
-                .call(
-                    "PUT",
-                    "/logger",
-                    Some(&json!({ "log_path": log.display().to_string(), "level": "Info" })),
-                )
-                .await?;
-            client
-                .call(
-                    "PUT",
-                    "/metrics",
-                    Some(&json!({ "metrics_path": metrics.display().to_string() })),
-                )
-                .await?;
-            Ok::<_, VmmError>(())
-        };
-        if let Err(e) = setup.await {
+        let setup = client
+            .call(
+                "PUT",
+                "/metrics",
+                Some(&json!({ "metrics_path": metrics.display().to_string() })),
+            )
+            .await;
+        if let Err(e) = setup {
+            let e = died(e, &process, spec);
             process::kill(pid, &spec.vm_id).await;
             return Err(e);
         }
@@ -423,11 +434,13 @@ impl Firecracker {
         };
         // The jailer and Firecracker binaries are the helper's own configuration (a request
         // never names what root runs); `jailer` here only names the start in errors.
-        // The console log must exist to be placed in the jail.
-        std::fs::File::create(&spec.console_log).map_err(io_err(format!(
-            "cannot create {}",
-            spec.console_log.display()
-        )))?;
+        // The console log and Firecracker's log must exist to be placed in the jail; the log
+        // stays in the VM's data dir when the jail goes.
+        let log = vm_file(spec, VM_FIRECRACKER_LOG);
+        for file in [&spec.console_log, &log] {
+            std::fs::File::create(file)
+                .map_err(io_err(format!("cannot create {}", file.display())))?;
+        }
         let text = |p: &Path| p.display().to_string();
         let op = HelperOp::SpawnJailed {
             vm_id: spec.vm_id.clone(),
@@ -437,6 +450,7 @@ impl Firecracker {
                 system_disk: text(&spec.system_disk),
                 work_disk: text(&spec.work_disk),
                 console_log: text(&spec.console_log),
+                log: Some(text(&log)),
             },
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
@@ -471,11 +485,8 @@ impl Firecracker {
             std::os::unix::fs::symlink(&target, &socket)
                 .map_err(io_err(format!("cannot link {}", socket.display())))?;
             let client = ApiClient::new(&socket);
+            // The helper started it with `--log-path` (JAIL_LOG, the VM's own log file).
             for (path, body) in [
-                (
-                    "/logger",
-                    json!({ "log_path": helper::JAIL_LOG, "level": "Info" }),
-                ),
                 ("/metrics", json!({ "metrics_path": helper::JAIL_METRICS })),
                 (
                     "/serial",
@@ -489,6 +500,7 @@ impl Firecracker {
         match setup.await {
             Ok(client) => Ok((process, client)),
             Err(e) => {
+                let e = died(e, &process, spec);
                 self.undo_spawn(&process, &spec.vm_id).await;
                 Err(e)
             }
@@ -509,6 +521,135 @@ pub fn jailed_spec(spec: &LaunchSpec) -> LaunchSpec {
 /// The API socket in a VM's runtime dir.
 pub fn api_socket(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join(vm_runtime::FIRECRACKER_API_SOCKET)
+}
+
+/// A file beside the console log: in the VM's data dir, which outlives the runtime dir.
+fn vm_file(spec: &LaunchSpec, name: &str) -> PathBuf {
+    spec.console_log.with_file_name(name)
+}
+
+/// `error` of a request to a Firecracker that is gone by now: the reason it gave instead of
+/// (or after) a broken connection.
+fn died(error: VmmError, process: &VmProcess, spec: &LaunchSpec) -> VmmError {
+    if process::is_alive(process.pid, &spec.vm_id) {
+        return error;
+    }
+    let log = vm_file(spec, VM_FIRECRACKER_LOG);
+    let stderr = vm_file(spec, VM_FIRECRACKER_STDERR);
+    match exit_reason_in(&log, &stderr) {
+        Some(reason) => VmmError::LaunchFailed {
+            binary: "firecracker".into(),
+            message: format!("{reason} (while banger sent: {error})"),
+        },
+        None => error,
+    }
+}
+
+/// How much of the end of Firecracker's log and stderr is read for its exit reason.
+const REASON_TAIL: u64 = 64 << 10;
+
+/// The last [`REASON_TAIL`] bytes of `path` as text, without the NULs of a log the daemon
+/// cut while Firecracker kept writing at its own offset (see `console_cap`). Empty when
+/// missing.
+pub fn read_tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut data = Vec::new();
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(REASON_TAIL)))
+        .is_err()
+        || file.take(REASON_TAIL).read_to_end(&mut data).is_err()
+    {
+        return String::new();
+    }
+    data.retain(|b| *b != 0);
+    String::from_utf8_lossy(&data).into_owned()
+}
+
+/// [`exit_reason`] of the log and stderr files (blocking, small reads).
+pub fn exit_reason_in(log: &Path, stderr: &Path) -> Option<String> {
+    exit_reason(&read_tail(log), &read_tail(stderr))
+}
+
+/// Why Firecracker exited, in its own words, from its log (`--show-level` lines:
+/// `<time> [<id>:<thread>:<LEVEL>] <message>`) and its stderr; `None` when neither says.
+///
+/// The reason is the last ERROR line that is not one of the generic closing lines
+/// ("Firecracker exiting with error", "RunWithApiError ...") nor a refused API request (those
+/// reach the caller with the request), with the exit code when the log has it. A clean exit
+/// (code 0, no error) is the guest resetting the machine: with `reboot=k` a reboot, or a panic
+/// with `panic=1`. Else stderr's last line (a Rust panic), else how the daemon saw it end (a
+/// signal, noted by the reaper).
+pub fn exit_reason(log: &str, stderr: &str) -> Option<String> {
+    let mut errors = Vec::new();
+    let mut exit_code = None;
+    for line in log.lines() {
+        let Some((level, message)) = log_line(line) else {
+            continue;
+        };
+        if let Some(code) = message.split("exit_code=").nth(1) {
+            exit_code = code.trim().parse::<i32>().ok();
+        }
+        if level == "ERROR" && !message.starts_with("Received Error. Status code") {
+            errors.push(message);
+        }
+    }
+    let generic =
+        |m: &&str| m.starts_with("Firecracker exiting") || m.starts_with("RunWithApiError");
+    let chosen = errors
+        .iter()
+        .rev()
+        .find(|m| !generic(m))
+        .or_else(|| {
+            errors
+                .iter()
+                .rev()
+                .find(|m| m.starts_with("RunWithApiError"))
+        })
+        .map(|m| m.trim_start_matches("RunWithApiError error: ").to_owned());
+    let code = |text: String| match exit_code {
+        Some(code) => format!("{text} (exit code {code})"),
+        None => text,
+    };
+    if let Some(reason) = chosen {
+        return Some(code(format!("Firecracker: {reason}")));
+    }
+    let stderr_lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("note:"))
+        .collect();
+    let own = stderr_lines
+        .iter()
+        .rev()
+        .find(|l| !l.starts_with(EXIT_NOTE.trim_end()))
+        .copied();
+    if let Some(line) = own {
+        return Some(code(format!("Firecracker: {line}")));
+    }
+    if exit_code == Some(0) {
+        return Some(
+            "Firecracker exited normally: the guest reset the machine (a reboot, or a panic with panic=1)"
+                .into(),
+        );
+    }
+    stderr_lines
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix(EXIT_NOTE.trim_end()))
+        .map(|status| format!("Firecracker ended: {}", status.trim()))
+}
+
+/// `(LEVEL, message)` of one `--show-level` log line.
+fn log_line(line: &str) -> Option<(&str, &str)> {
+    let open = line.find('[')?;
+    let close = open + line[open..].find("] ")?;
+    let level = line[open + 1..close].rsplit(':').next()?;
+    matches!(level, "ERROR" | "WARN" | "INFO" | "DEBUG" | "TRACE")
+        .then(|| (level, line[close + 2..].trim()))
 }
 
 impl Hypervisor for Firecracker {
@@ -592,6 +733,13 @@ impl Hypervisor for Firecracker {
         "ctrl-alt-del"
     }
 
+    fn exit_reason(&self, vm_dir: &Path) -> Option<String> {
+        exit_reason_in(
+            &vm_dir.join(VM_FIRECRACKER_LOG),
+            &vm_dir.join(VM_FIRECRACKER_STDERR),
+        )
+    }
+
     async fn launch(&self, spec: &LaunchSpec) -> Result<VmProcess, VmmError> {
         let tap = spec.tap.clone().ok_or(VmmError::NeedsTap)?;
         let (process, client) = self.spawn(spec).await?;
@@ -602,6 +750,7 @@ impl Hypervisor for Firecracker {
         };
         for (method, path, body) in Self::boot_requests(&sent, &tap) {
             if let Err(e) = client.call(method, &path, Some(&body)).await {
+                let e = died(e, &process, spec);
                 self.undo_spawn(&process, &spec.vm_id).await;
                 return Err(e);
             }
@@ -708,6 +857,7 @@ impl Hypervisor for Firecracker {
             )
             .await;
         if let Err(e) = loaded {
+            let e = died(e, &process, spec);
             self.undo_spawn(&process, &spec.vm_id).await;
             return Err(e);
         }
@@ -717,7 +867,66 @@ impl Hypervisor for Firecracker {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_version;
+    use super::{exit_reason, parse_version};
+
+    /// The real Firecracker v1.17 (`--show-level`) for a guest that triple-faults right after
+    /// InstanceStart, as logged here.
+    const SHUTDOWN_LOG: &str = "\
+2026-11-29T22:30:07.879014773 [t1:main:INFO] Running Firecracker v1.17.0-dev
+2026-11-29T22:30:07.982062578 [t1:fc_api:INFO] The API server received a Put request on \"/actions\" with body \"{\\\"action_type\\\":\\\"InstanceStart\\\"}\".
+2026-11-29T22:30:07.995750419 [t1:fc_vcpu 0:WARN] Received a VcpuEvent::Resume message with immediate_exit enabled. immediate_exit was disabled before proceeding
+2026-11-29T22:30:07.995925459 [t1:fc_vcpu 0:ERROR] Unexpected exit reason on vcpu run: Shutdown
+2026-11-29T22:30:07.995978398 [t1:main:INFO] Vmm is stopping.
+2026-11-29T22:30:07.995994171 [t1:fc_api:INFO] The request was executed successfully. Status code: 204 No Content.
+2026-11-29T22:30:07.997398385 [t1:main:INFO] Killing vCPU threads
+2026-11-29T22:30:08.026310769 [t1:main:ERROR] RunWithApiError error: MicroVM stopped with an error: GenericError
+2026-11-29T22:30:08.026352481 [t1:main:ERROR] Firecracker exiting with error. exit_code=1
+";
+
+    #[test]
+    fn the_exit_reason_is_firecrackers_own_error_line() {
+        let stderr = "Error: RunWithApi(MicroVMStoppedWithError(GenericError))\n";
+        assert_eq!(
+            exit_reason(SHUTDOWN_LOG, stderr).as_deref(),
+            Some("Firecracker: Unexpected exit reason on vcpu run: Shutdown (exit code 1)")
+        );
+        // Only the generic lines: the most specific of them.
+        let generic: String = SHUTDOWN_LOG
+            .lines()
+            .filter(|l| !l.contains("vcpu run"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(
+            exit_reason(&generic, "").as_deref(),
+            Some("Firecracker: MicroVM stopped with an error: GenericError (exit code 1)")
+        );
+        // A refused request is not why it exited; a clean exit is the guest's reset.
+        let clean = "\
+1.0 [t1:fc_api:ERROR] Received Error. Status code: 400 Bad Request. Message: nope
+2.0 [t1:main:INFO] Vmm is stopping.
+3.0 [t1:main:INFO] Firecracker exiting successfully. exit_code=0
+";
+        let reason = exit_reason(clean, "").unwrap();
+        assert!(
+            reason.starts_with("Firecracker exited normally: the guest reset"),
+            "{reason}"
+        );
+        // The banner alone says nothing; stderr then (a panic), else how it ended.
+        let banner = "1.0 [t1:main:INFO] Running Firecracker v1.17.0-dev\n";
+        assert_eq!(exit_reason(banner, ""), None);
+        assert_eq!(
+            exit_reason(
+                banner,
+                "thread 'main' panicked at src/main.rs:1:1:\nboom\nnote: run with `RUST_BACKTRACE=1`\n[banger] firecracker ended: exit status: 101\n"
+            )
+            .as_deref(),
+            Some("Firecracker: boom")
+        );
+        assert_eq!(
+            exit_reason(banner, "[banger] firecracker ended: signal: 9 (SIGKILL)\n").as_deref(),
+            Some("Firecracker ended: signal: 9 (SIGKILL)")
+        );
+    }
 
     #[test]
     fn versions_parse() {

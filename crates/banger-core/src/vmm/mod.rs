@@ -272,6 +272,12 @@ pub trait Hypervisor: Send + Sync {
         Ok(())
     }
 
+    /// Why the VMM of the VM whose data dir is `vm_dir` ended, in its own words, when it left
+    /// them there (Firecracker's log); `None` when it says nothing. Blocking (small reads).
+    fn exit_reason(&self, _vm_dir: &Path) -> Option<String> {
+        None
+    }
+
     /// Starts the VMM detached from the daemon (it survives a daemon restart) and returns once
     /// the VMM runs the guest. Leaves nothing behind on error.
     fn launch(
@@ -378,6 +384,7 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
     fn dm_disks(&self) -> Result<(), String>;
     fn check_system_disk(&self, strategy: SystemDiskStrategy) -> Result<(), DiskRefusal>;
     fn remove_jail(&self, op_id: &str, vm_id: &str) -> Result<(), VmmError>;
+    fn exit_reason(&self, vm_dir: &Path) -> Option<String>;
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<VmProcess, VmmError>>;
     fn restore<'a>(
         &'a self,
@@ -442,6 +449,9 @@ impl<H: Hypervisor + std::fmt::Debug> VmBackend for H {
     }
     fn remove_jail(&self, op_id: &str, vm_id: &str) -> Result<(), VmmError> {
         Hypervisor::remove_jail(self, op_id, vm_id)
+    }
+    fn exit_reason(&self, vm_dir: &Path) -> Option<String> {
+        Hypervisor::exit_reason(self, vm_dir)
     }
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<VmProcess, VmmError>> {
         Box::pin(Hypervisor::launch(self, spec))

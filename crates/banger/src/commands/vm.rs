@@ -345,6 +345,13 @@ async fn logs(client: &Client, name: &VmName, follow: bool) -> Result<u8, Client
         let more = chunk.next_offset > offset;
         offset = chunk.next_offset;
         if !more && (!follow || !chunk.running) {
+            // Why it is not running (e.g. Firecracker's reason for exiting), after its output.
+            if let Some(error) = &chunk.last_error {
+                eprintln!(
+                    "banger: VM {name} is not running: {}",
+                    crate::output::escape_line(error)
+                );
+            }
             return Ok(0);
         }
         if !more {
