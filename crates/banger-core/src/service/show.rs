@@ -20,7 +20,10 @@ impl Manager {
     /// One VM, with the reason its VMM paused it on a host I/O error, if it did.
     pub async fn get_vm(&self, name: &str) -> Result<Vm, Error> {
         let name = VmName::parse(name)?;
-        let record = self.observe(self.store().get_vm(name.as_str())?);
+        // The store's guard must be gone before observe(), which writes a VM it finds dead
+        // (a temporary in this `let` would hold the lock through the call: a deadlock).
+        let stored = self.store().get_vm(name.as_str())?;
+        let record = self.observe(stored);
         let mut vm = self.vm_api(&record);
         let pid = record.runtime.as_ref().and_then(|r| r.pid);
         if let (Some(pid), Some(runtime)) =
