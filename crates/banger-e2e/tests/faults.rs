@@ -623,6 +623,9 @@ fn faults_in_workspace_prepare_are_recovered() {
             std::fs::write(repo.join("file.txt"), &content).unwrap();
             // The shared SSH connection (ControlPersist) is up in both snapshots.
             env.banger(&["vm", "exec", "dev", "--", "true"]).ok();
+            // The fault reaches only a daemon started with it: stop this one (the VM keeps
+            // running; the next daemon reattaches it).
+            env.banger(&["daemon", "stop"]).ok();
             let before = env.leak_snapshot();
             let run = with_fault(&env, &fault, &["vm", "workspace", "prepare", "dev", repo_s]);
             assert_faulted(&env, &run, &fault, &before);

@@ -365,6 +365,9 @@ pub async fn run_script(
     command
         .arg(script)
         .args(args)
+        // mkfs.ext4 -d TARBALL refuses file names it cannot convert from UTF-8 under a
+        // daemon started without a UTF-8 locale; C.UTF-8 is in every Debian.
+        .env("LC_ALL", "C.UTF-8")
         .stdin(Stdio::null())
         .stdout(log_file)
         .stderr(log_err)
