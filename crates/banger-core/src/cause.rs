@@ -9,7 +9,8 @@ use std::process::ExitStatus;
 pub const MAX_CHARS: usize = 300;
 
 /// The last non-empty line of `output` without a leading "`program`: " (as cp, mkfs and ssh
-/// prefix their messages), control characters dropped, at most [`MAX_CHARS`]; `None` when
+/// prefix their messages), control characters shown escaped (`\x1b`, never sent to a
+/// terminal), at most [`MAX_CHARS`]; `None` when
 /// every line is blank.
 pub fn last_line(output: &str, program: &str) -> Option<String> {
     let line = output.lines().rev().find(|l| !l.trim().is_empty())?.trim();
@@ -20,7 +21,14 @@ pub fn last_line(output: &str, program: &str) -> Option<String> {
     };
     Some(
         line.chars()
-            .filter(|c| !c.is_control())
+            .flat_map(|c| {
+                let shown = if c.is_control() {
+                    format!("\\x{:02x}", u32::from(c))
+                } else {
+                    c.to_string()
+                };
+                shown.chars().collect::<Vec<_>>()
+            })
             .take(MAX_CHARS)
             .collect(),
     )
@@ -69,5 +77,9 @@ mod tests {
         let line = last_line(&long, "").unwrap();
         assert_eq!(line.chars().count(), MAX_CHARS);
         assert!(!line.contains('\x1b'));
+        assert_eq!(
+            last_line("boom \x1b]0;pwned\x07", "").as_deref(),
+            Some("boom \\x1b]0;pwned\\x07")
+        );
     }
 }
