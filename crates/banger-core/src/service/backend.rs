@@ -84,7 +84,7 @@ impl Manager {
             // `qemu.accel` forces QEMU's choice; Firecracker's still goes by evidence.
             FirecrackerKvm::Auto => {
                 let scratch = self.layout.runtime_dir().to_path_buf();
-                self.firecracker_kvm
+                self.evidence_accel
                     .get_or_init(|| async {
                         accel::choose(
                             AccelMode::Auto,

@@ -9,7 +9,7 @@ use super::system_disk::save_dm;
 use super::{Manager, host_key_alias, set_mode};
 use crate::Error;
 use crate::disk;
-use crate::domain::{SystemDiskStrategy, VmmChoice, VmmKind};
+use crate::domain::{SystemDiskStrategy, VmmChoice};
 use crate::guest::ssh;
 use crate::image;
 use crate::model::{VmRecord, VmSpec};
@@ -269,9 +269,7 @@ impl Manager {
             };
             if facts.firecracker.is_ok() && facts.kernel.is_ok() && facts.tap.is_ok() {
                 let path = self.layout.kernel_vmlinux(&kernel.digest);
-                let choice = self
-                    .vmm_accel(&*self.backend_of(VmmKind::Firecracker), &path)
-                    .await?;
+                let choice = self.vmm_accel(self.backends.firecracker(), &path).await?;
                 facts.kvm = match choice.accel {
                     Accel::Kvm => Ok(()),
                     Accel::Tcg => Err(choice.reason),

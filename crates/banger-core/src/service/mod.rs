@@ -80,7 +80,7 @@ pub struct Manager {
     accel: tokio::sync::OnceCell<AccelChoice>,
     /// Firecracker's KVM check (`firecracker.kvm = "auto"`) when `qemu.accel` is not `auto`
     /// (else it shares [`Manager::accel`]).
-    firecracker_kvm: tokio::sync::OnceCell<AccelChoice>,
+    evidence_accel: tokio::sync::OnceCell<AccelChoice>,
     /// Test-only overrides of discovered host facts (see [`Seams`]).
     seams: Seams,
     /// Serialises image and kernel builds and imports.
@@ -149,7 +149,7 @@ impl Manager {
             vm_locks: Mutex::new(HashMap::new()),
             backends,
             accel: tokio::sync::OnceCell::new(),
-            firecracker_kvm: tokio::sync::OnceCell::new(),
+            evidence_accel: tokio::sync::OnceCell::new(),
             seams: Seams::default(),
             asset_lock: tokio::sync::Mutex::new(()),
             key_lock: tokio::sync::Mutex::new(()),

@@ -41,8 +41,7 @@ impl Manager {
         vm.network = self.vm_network(record);
         vm.spec.system_disk_size_bytes = self.system_disk_size(record);
         if let Some(runtime) = vm.runtime.as_mut() {
-            runtime.jailer = record.spec.vmm == crate::domain::VmmKind::Firecracker
-                && !self.config.firecracker.jailer.is_empty();
+            runtime.jailer = self.backend_of(record.spec.vmm).jailed();
         }
         vm
     }

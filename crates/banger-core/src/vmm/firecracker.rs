@@ -691,6 +691,10 @@ impl Hypervisor for Firecracker {
         self.jailer_path().map(drop)
     }
 
+    fn jailed(&self) -> bool {
+        self.jailer.is_some()
+    }
+
     fn dm_disks(&self) -> Result<(), String> {
         match self.jailer {
             Some(_) => Err("the jailer's chroot takes regular files only".into()),

@@ -260,6 +260,11 @@ pub trait Hypervisor: Send + Sync {
         Ok(())
     }
 
+    /// Whether this backend starts its VMMs confined by a jailer (chroot, own uid, cgroup).
+    fn jailed(&self) -> bool {
+        false
+    }
+
     /// Whether this backend can run a VM on a `strategy` system disk.
     fn check_system_disk(&self, _strategy: SystemDiskStrategy) -> Result<(), DiskRefusal> {
         Ok(())
@@ -382,6 +387,7 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
     fn control_socket(&self, runtime_dir: &Path) -> PathBuf;
     fn preflight(&self) -> Result<(), VmmError>;
     fn dm_disks(&self) -> Result<(), String>;
+    fn jailed(&self) -> bool;
     fn check_system_disk(&self, strategy: SystemDiskStrategy) -> Result<(), DiskRefusal>;
     fn remove_jail(&self, op_id: &str, vm_id: &str) -> Result<(), VmmError>;
     fn exit_reason(&self, vm_dir: &Path) -> Option<String>;
@@ -443,6 +449,9 @@ impl<H: Hypervisor + std::fmt::Debug> VmBackend for H {
     }
     fn dm_disks(&self) -> Result<(), String> {
         Hypervisor::dm_disks(self)
+    }
+    fn jailed(&self) -> bool {
+        Hypervisor::jailed(self)
     }
     fn check_system_disk(&self, strategy: SystemDiskStrategy) -> Result<(), DiskRefusal> {
         Hypervisor::check_system_disk(self, strategy)
