@@ -40,7 +40,7 @@ impl Manager {
         let guest = guest_path(&request.guest_path)?;
         let lock = self.vm_lock(&name);
         let _guard = lock.lock().await;
-        let record = self.running_vm(&name)?;
+        let record = self.running_vm(&name).await?;
         let target = self.ssh_target(&record)?;
         let progress = Arc::new(Progress::default());
         let _running = Running::new(self, &name, &progress);

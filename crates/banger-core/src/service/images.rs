@@ -31,34 +31,42 @@ pub(super) fn check_asset_name(kind: &'static str, name: &str) -> Result<(), Err
 }
 
 impl Manager {
-    pub(super) fn find_image(&self, name: &str) -> Result<Image, Error> {
-        self.store()
-            .find_image(name)?
+    pub(super) async fn find_image(&self, name: &str) -> Result<Image, Error> {
+        self.db
+            .find_image(name)
+            .await?
             .ok_or_else(|| Error::AssetNotFound {
                 kind: "image",
                 name: name.to_owned(),
             })
     }
 
-    pub(super) fn find_kernel(&self, name: &str) -> Result<Kernel, Error> {
-        self.store()
-            .find_kernel(name)?
+    pub(super) async fn find_kernel(&self, name: &str) -> Result<Kernel, Error> {
+        self.db
+            .find_kernel(name)
+            .await?
             .ok_or_else(|| Error::AssetNotFound {
                 kind: "kernel",
                 name: name.to_owned(),
             })
     }
 
+    /// Whether a stored image or kernel still names `digest` in `table`.
+    async fn digest_in_use(&self, table: AssetTable, digest: &str) -> Result<bool, Error> {
+        let digest = digest.to_owned();
+        self.db.run(move |s| s.digest_in_use(table, &digest)).await
+    }
+
     pub async fn list_images(&self) -> Result<Vec<Image>, Error> {
-        Ok(self.store().list_images()?)
+        self.db.run(|s| s.list_images()).await
     }
 
     pub async fn get_image(&self, name: &str) -> Result<Image, Error> {
-        self.find_image(name)
+        self.find_image(name).await
     }
 
     pub async fn list_kernels(&self) -> Result<Vec<Kernel>, Error> {
-        let kernels = self.store().list_kernels()?;
+        let kernels = self.db.run(|s| s.list_kernels()).await?;
         let mut out = Vec::with_capacity(kernels.len());
         for kernel in kernels {
             out.push(self.with_capabilities(kernel).await);
@@ -155,7 +163,7 @@ impl Manager {
             warnings: Vec::new(),
             capabilities: None,
         };
-        self.store().put_kernel(&row)?;
+        self.db.put_kernel(&row).await?;
         info!(kernel = %row.name, digest = %row.digest, "kernel stored");
         Ok(row)
     }
@@ -167,7 +175,7 @@ impl Manager {
         let rootfs = image::check_input("rootfs", &request.rootfs)?;
         // A kernel this import adds goes again when the image cannot be stored (a full disk).
         let new_kernel =
-            request.kernel.starts_with('/') && self.store().find_kernel(&request.name)?.is_none();
+            request.kernel.starts_with('/') && self.db.find_kernel(&request.name).await?.is_none();
         let kernel_name = if request.kernel.starts_with('/') {
             let kernel = self
                 .import_kernel(ImportKernelRequest {
@@ -183,7 +191,7 @@ impl Manager {
                     "--initrd goes with a kernel file, not a stored kernel's name".into(),
                 ));
             }
-            self.find_kernel(&request.kernel)?.name
+            self.find_kernel(&request.kernel).await?.name
         };
         let work_seed = match &request.work_seed {
             Some(dir) => Some(self.store_work_seed_dir(dir).await?),
@@ -250,7 +258,7 @@ impl Manager {
             work_seed,
             exec: None,
         };
-        self.store().put_image(&row)?;
+        self.db.put_image(&row).await?;
         info!(image = %row.name, digest = %row.digest, "image stored");
         Ok(row)
     }
@@ -350,9 +358,9 @@ impl Manager {
         // A seed stored for a build that failed goes, unless an image names it.
         if built.is_err()
             && let Some(seed) = &work_seed
-            && !self.store().digest_in_use(AssetTable::WorkSeeds, seed)?
+            && !self.digest_in_use(AssetTable::WorkSeeds, seed).await?
         {
-            let _ = std::fs::remove_dir_all(self.layout.work_seed(seed));
+            super::remove_tree(self.layout.work_seed(seed)).await;
         }
         built
     }
@@ -367,7 +375,7 @@ impl Manager {
         let recipe = image::recipe_digest();
         let source = format!("build:{recipe}");
         if !request.force
-            && let Some(existing) = self.store().find_image(name)?
+            && let Some(existing) = self.db.find_image(name).await?
             && existing.source == source
             && existing.work_seed == work_seed
         {
@@ -504,8 +512,9 @@ impl Manager {
     /// Removes an image no VM uses; its files go when no other image shares them.
     pub async fn remove_image(&self, name: &str) -> Result<(), Error> {
         let _guard = self.asset_lock.lock().await;
-        let image = self.find_image(name)?;
-        let users = self.store().vms_using_image(name)?;
+        let image = self.find_image(name).await?;
+        let used_by = name.to_owned();
+        let users = self.db.run(move |s| s.vms_using_image(&used_by)).await?;
         if !users.is_empty() {
             return Err(Error::InUse {
                 kind: "image",
@@ -513,18 +522,18 @@ impl Manager {
                 users: format!("VM {}", users.join(", ")),
             });
         }
-        self.store().delete_image(name)?;
+        let doomed = name.to_owned();
+        self.db.run(move |s| s.delete_image(&doomed)).await?;
         if !self
-            .store()
-            .digest_in_use(AssetTable::Images, &image.digest)?
+            .digest_in_use(AssetTable::Images, &image.digest)
+            .await?
         {
-            let dir = self.layout.images_dir().join(&image.digest);
-            let _ = std::fs::remove_dir_all(dir);
+            super::remove_tree(self.layout.images_dir().join(&image.digest)).await;
         }
         if let Some(seed) = &image.work_seed
-            && !self.store().digest_in_use(AssetTable::WorkSeeds, seed)?
+            && !self.digest_in_use(AssetTable::WorkSeeds, seed).await?
         {
-            let _ = std::fs::remove_dir_all(self.layout.work_seed(seed));
+            super::remove_tree(self.layout.work_seed(seed)).await;
         }
         info!(image = %name, "image removed");
         Ok(())
@@ -533,8 +542,12 @@ impl Manager {
     /// Removes a kernel no image uses.
     pub async fn remove_kernel(&self, name: &str) -> Result<(), Error> {
         let _guard = self.asset_lock.lock().await;
-        let kernel = self.find_kernel(name)?;
-        let users = self.store().images_using_kernel(name)?;
+        let kernel = self.find_kernel(name).await?;
+        let used_by = name.to_owned();
+        let users = self
+            .db
+            .run(move |s| s.images_using_kernel(&used_by))
+            .await?;
         if !users.is_empty() {
             return Err(Error::InUse {
                 kind: "kernel",
@@ -542,12 +555,13 @@ impl Manager {
                 users: format!("image {}", users.join(", ")),
             });
         }
-        self.store().delete_kernel(name)?;
+        let doomed = name.to_owned();
+        self.db.run(move |s| s.delete_kernel(&doomed)).await?;
         if !self
-            .store()
-            .digest_in_use(AssetTable::Kernels, &kernel.digest)?
+            .digest_in_use(AssetTable::Kernels, &kernel.digest)
+            .await?
         {
-            let _ = std::fs::remove_dir_all(self.layout.kernel_dir(&kernel.digest));
+            super::remove_tree(self.layout.kernel_dir(&kernel.digest)).await;
         }
         info!(kernel = %name, "kernel removed");
         Ok(())

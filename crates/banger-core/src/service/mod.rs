@@ -11,6 +11,7 @@ mod backend;
 pub mod console_cap;
 mod cp;
 mod create;
+mod db;
 mod doctor;
 mod from_image;
 mod fsck;
@@ -37,7 +38,7 @@ mod workspace;
 pub use ports::{NETDEV_ID, hostfwd};
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use banger_proto::{LifecycleResult, Vm, VmName, VmState};
 use tracing::warn;
@@ -51,6 +52,7 @@ use crate::model::{VmRecord, check_transition, has_process};
 use crate::store::Store;
 use crate::vmm::accel::AccelChoice;
 use crate::vmm::{Backends, process};
+use db::Db;
 
 /// Host facts a test can impose instead of the Manager discovering them: what a fake VMM
 /// (banger-fc-fake) cannot provide. Production code never sets these.
@@ -73,7 +75,8 @@ pub struct Manager {
     layout: Layout,
     defaults: ResolvedDefaults,
     config: Config,
-    store: Mutex<Store>,
+    /// The state database, used from async code through [`Db::run`].
+    db: Db,
     vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     backends: Backends,
     /// KVM-or-TCG is decided once per daemon (a probe boot may be needed).
@@ -145,7 +148,7 @@ impl Manager {
             layout,
             defaults,
             config,
-            store: Mutex::new(store),
+            db: Db::new(store),
             vm_locks: Mutex::new(HashMap::new()),
             backends,
             accel: tokio::sync::OnceCell::new(),
@@ -181,12 +184,6 @@ impl Manager {
         &self.config
     }
 
-    /// The store. A panic while holding the lock cannot leave SQLite half-written (every write
-    /// is one transaction), so a poisoned lock is safe to take over.
-    fn store(&self) -> MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The lock that serialises lifecycle operations on one VM; VMs do not wait for each other.
     fn vm_lock(&self, name: &VmName) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.vm_locks.lock().unwrap_or_else(|p| p.into_inner());
@@ -205,25 +202,22 @@ impl Manager {
     }
 
     /// Applies `to` to `record` after checking the transition, and persists it.
-    fn transition(&self, record: &mut VmRecord, to: VmState) -> Result<(), Error> {
+    async fn transition(&self, record: &mut VmRecord, to: VmState) -> Result<(), Error> {
         check_transition(record.state, to)?;
         record.state = to;
         record.updated_at = crate::now_rfc3339();
-        self.store().update_vm(record)?;
-        Ok(())
+        self.db.update_vm(record).await
     }
 
-    /// The VM called `name` as it is now (see [`Self::observe`]). The store guard is released
-    /// before observing, which may write to the store itself: taking both in one expression
-    /// would deadlock on the store's mutex.
-    pub(super) fn observed_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
-        let record = self.store().get_vm(name.as_str())?;
-        Ok(self.observe(record))
+    /// The VM called `name` as it is now (see [`Self::observe`]).
+    pub(super) async fn observed_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
+        let record = self.db.get_vm(name.as_str()).await?;
+        Ok(self.observe(record).await)
     }
 
     /// The record as it is now: a VM recorded as running whose VMM is gone (guest powered
     /// off, VMM killed) is marked stopped.
-    pub(super) fn observe(&self, mut record: VmRecord) -> VmRecord {
+    pub(super) async fn observe(&self, mut record: VmRecord) -> VmRecord {
         if !has_process(record.state) {
             return record;
         }
@@ -242,7 +236,7 @@ impl Manager {
             Some(reason) => format!("the VM stopped outside banger: {reason}"),
             None => "the VM stopped outside banger (guest power-off or VMM exit)".into(),
         });
-        if let Err(e) = self.transition(&mut record, VmState::Stopped) {
+        if let Err(e) = self.transition(&mut record, VmState::Stopped).await {
             warn!(vm = %record.name, "cannot record the stop: {e}");
         }
         record
@@ -283,6 +277,18 @@ pub(super) fn not_running(name: &VmName, state: VmState) -> Error {
 /// The alias under which a VM's host key is pinned, independent of host and port.
 pub fn host_key_alias(name: &VmName) -> String {
     format!("{name}.vm")
+}
+
+/// Removes a directory tree (a VM's, an image's) on the blocking pool; a failure is left
+/// behind (logged), not reported.
+async fn remove_tree(dir: std::path::PathBuf) {
+    let shown = dir.display().to_string();
+    match tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Ok(Err(e)) => warn!("cannot remove {shown}: {e}"),
+        Err(e) => warn!("cannot remove {shown}: {e}"),
+    }
 }
 
 fn set_mode(path: &std::path::Path, mode: u32) -> Result<(), Error> {

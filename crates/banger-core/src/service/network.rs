@@ -15,7 +15,7 @@ use crate::Error;
 use crate::domain::NetMode;
 use crate::host::{HostError, HostReply};
 use crate::net::{self, dns, sshconfig};
-use crate::store::{LeasePool, Store};
+use crate::store::LeasePool;
 
 /// The network a VM gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,11 +122,13 @@ impl Manager {
                 .map_err(Error::io("cannot use the DNS socket"))?;
             let socket = tokio::net::UdpSocket::from_std(std_socket)
                 .map_err(Error::io("cannot use the DNS socket"))?;
-            let store = Store::open(&self.layout.state_db())?;
-            let store = Arc::new(std::sync::Mutex::new(store));
+            // The serve loop asks on a blocking thread (see `dns::serve`).
+            let db = self.db.clone();
             let lookup: dns::Lookup = Arc::new(move |name: &str| {
-                let store = store.lock().unwrap_or_else(|p| p.into_inner());
-                store.lease_by_name(name).ok().flatten().map(|l| l.ip)
+                db.blocking(|s| s.lease_by_name(name))
+                    .ok()
+                    .flatten()
+                    .map(|l| l.ip)
             });
             let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
             let upstreams = dns::upstreams(&resolv, info.gateway);
@@ -154,10 +156,10 @@ impl Manager {
             return;
         }
         let has_leases = self
-            .store()
-            .list_leases()
-            .map(|l| !l.is_empty())
-            .unwrap_or(false);
+            .db
+            .run(|s| s.list_leases())
+            .await
+            .is_ok_and(|l| !l.is_empty());
         if !has_leases
             && self.config.network.mode != NetMode::Bridge
             && self.helper_info().await.is_err()
@@ -172,8 +174,9 @@ impl Manager {
     /// `banger network status`.
     pub async fn network_status(&self) -> Result<NetworkStatus, Error> {
         let leases = self
-            .store()
-            .list_leases()?
+            .db
+            .run(|s| s.list_leases())
+            .await?
             .into_iter()
             .map(|l| LeaseInfo {
                 vm: l.vm_name,
@@ -233,13 +236,14 @@ impl Manager {
     /// Refused while a bridge VM runs.
     pub async fn network_down(&self) -> Result<NetworkStatus, Error> {
         let _guard = self.net_lock.lock().await;
+        let (leases, vms) = self
+            .db
+            .run(|s| Ok::<_, crate::store::StoreError>((s.list_leases()?, s.list_vms()?)))
+            .await?;
         let running: Vec<String> = {
-            let store = self.store();
             let leased: std::collections::HashSet<String> =
-                store.list_leases()?.into_iter().map(|l| l.vm_id).collect();
-            store
-                .list_vms()?
-                .into_iter()
+                leases.into_iter().map(|l| l.vm_id).collect();
+            vms.into_iter()
                 .filter(|v| leased.contains(&v.id))
                 .filter(|v| {
                     !matches!(
@@ -274,7 +278,7 @@ impl Manager {
     /// Rewrites the generated ssh config; with `install`, adds the Include line too.
     pub async fn ssh_config(&self, install: bool) -> Result<SshConfigResult, Error> {
         let path = self.layout.ssh_config_file(&self.config.ssh.config_file);
-        let hosts = self.write_ssh_config(&path)?;
+        let hosts = self.write_ssh_config(&path).await?;
         let mut result = SshConfigResult {
             path: path.display().to_string(),
             hosts,
@@ -291,21 +295,21 @@ impl Manager {
     }
 
     /// Keeps the generated ssh config current once the user has generated it.
-    pub(super) fn refresh_ssh_config(&self) {
+    pub(super) async fn refresh_ssh_config(&self) {
         let path = self.layout.ssh_config_file(&self.config.ssh.config_file);
         if !path.exists() {
             return;
         }
-        if let Err(e) = self.write_ssh_config(&path) {
+        if let Err(e) = self.write_ssh_config(&path).await {
             warn!("cannot refresh {}: {}", path.display(), e.to_api().message);
         }
     }
 
-    fn write_ssh_config(&self, path: &std::path::Path) -> Result<Vec<String>, Error> {
-        let (vms, leases) = {
-            let store = self.store();
-            (store.list_vms()?, store.list_leases()?)
-        };
+    async fn write_ssh_config(&self, path: &std::path::Path) -> Result<Vec<String>, Error> {
+        let (vms, leases) = self
+            .db
+            .run(|s| Ok::<_, crate::store::StoreError>((s.list_vms()?, s.list_leases()?)))
+            .await?;
         let entries: Vec<sshconfig::HostEntry> = vms
             .iter()
             .filter_map(|vm| {
