@@ -128,9 +128,9 @@ impl Manager {
         release: Option<String>,
         source: String,
     ) -> Result<Kernel, Error> {
-        let mut inputs = vec![kernel];
-        inputs.extend(initrd);
-        let digest = image::sha256_files(&inputs)?;
+        let mut inputs = vec![kernel.to_path_buf()];
+        inputs.extend(initrd.map(Path::to_path_buf));
+        let digest = hash_files(inputs).await?;
         let dir = self.layout.kernel_dir(&digest);
         if !dir.join("vmlinux").is_file() {
             let tmp = self.scratch_dir("kernel")?;
@@ -231,7 +231,7 @@ impl Manager {
     ) -> Result<Image, Error> {
         let digest = match known_digest {
             Some(d) => d,
-            None => image::sha256_files(&[rootfs])?,
+            None => hash_files(vec![rootfs.to_path_buf()]).await?,
         };
         let dest = self.layout.image_rootfs(&digest);
         if !dest.is_file() {
@@ -566,6 +566,17 @@ impl Manager {
         info!(kernel = %name, "kernel removed");
         Ok(())
     }
+}
+
+/// [`image::sha256_files`] on the blocking pool: an image is gigabytes.
+async fn hash_files(paths: Vec<PathBuf>) -> Result<String, Error> {
+    tokio::task::spawn_blocking(move || {
+        let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        image::sha256_files(&paths)
+    })
+    .await
+    .map_err(|e| Error::Failed(format!("hashing task failed: {e}")))?
+    .map_err(Error::from)
 }
 
 /// A work-seed that cannot be stored: refused input is the request's fault.
