@@ -64,8 +64,9 @@ pub struct Seams {
     pub accel: Option<AccelChoice>,
     /// Do not wait for the guest's SSH server after launch (no guest runs in a fake).
     pub skip_readiness: bool,
-    /// Where the dm system disk's privileged operations go (a recording fake), instead of
-    /// banger-helper; device-mapper is then taken as available.
+    /// Where every privileged operation goes (a recording fake) instead of banger-helper:
+    /// the network's, the dm system disk's and the jailer's. Device-mapper is then taken as
+    /// available.
     pub host_ops: Option<Arc<dyn HostOps>>,
 }
 
@@ -96,8 +97,10 @@ pub struct Manager {
     kernel_build: Mutex<banger_proto::KernelBuildProgress>,
     /// Counters of the registry pushes and pulls running now, by transfer id.
     transfers: Mutex<HashMap<String, Arc<crate::image::registry::Progress>>>,
-    /// Privileged actions (the root helper); `None` when `network.mode = "user"`.
-    host: Option<Arc<dyn HostOps>>,
+    /// Privileged actions: the root helper (or the test's [`Seams::host_ops`]), the one
+    /// [`HostOps`] the network, the dm system disks and the jailer share. The network uses
+    /// it only when `network.mode` is not `"user"` (see [`Manager::network_helper`]).
+    helper: Arc<dyn HostOps>,
     helper_socket: std::path::PathBuf,
     /// The helper's settings once it answered.
     net_info: Mutex<Option<banger_proto::helper::HelperInfo>>,
@@ -120,16 +123,16 @@ impl Manager {
         } else {
             config.network.helper_socket.clone().into()
         };
-        let host: Option<Arc<dyn HostOps>> = (config.network.mode != NetMode::User)
-            .then(|| Arc::new(HelperClient::new(helper_socket.clone())) as Arc<dyn HostOps>);
-        Self::with_host(layout, config, host, helper_socket)
+        let helper = Arc::new(HelperClient::new(helper_socket.clone()));
+        Self::with_host(layout, config, helper, helper_socket)
     }
 
-    /// Like [`Manager::open`] with an explicit [`HostOps`] (tests use a recording fake).
+    /// Like [`Manager::open`] with an explicit [`HostOps`] (tests use a recording fake);
+    /// `helper_socket` is only shown (`network status`).
     pub fn with_host(
         layout: Layout,
         config: Config,
-        host: Option<Arc<dyn HostOps>>,
+        helper: Arc<dyn HostOps>,
         helper_socket: std::path::PathBuf,
     ) -> Result<Self, Error> {
         for dir in [layout.data_dir().to_path_buf(), layout.logs_dir()] {
@@ -139,11 +142,7 @@ impl Manager {
         let defaults = config.resolved_defaults(&layout.config_file().display().to_string())?;
         let store = Store::open(&layout.state_db())?;
         // A jailer must start as root: the helper runs it, whatever the network mode.
-        let backends = Backends::from_config(&config, || {
-            host.clone().unwrap_or_else(|| {
-                Arc::new(HelperClient::new(helper_socket.clone())) as Arc<dyn HostOps>
-            })
-        });
+        let backends = Backends::from_config(&config, helper.clone());
         Ok(Self {
             layout,
             defaults,
@@ -159,7 +158,7 @@ impl Manager {
             prepares: Mutex::new(HashMap::new()),
             kernel_build: Mutex::new(banger_proto::KernelBuildProgress::default()),
             transfers: Mutex::new(HashMap::new()),
-            host,
+            helper,
             helper_socket,
             net_info: Mutex::new(None),
             net_lock: tokio::sync::Mutex::new(()),
@@ -172,8 +171,18 @@ impl Manager {
 
     /// Replaces discovered host facts with `seams` (tests against a fake VMM).
     pub fn with_seams(mut self, seams: Seams) -> Self {
+        if let Some(ops) = &seams.host_ops {
+            self.helper = ops.clone();
+            self.backends = Backends::from_config(&self.config, ops.clone());
+        }
         self.seams = seams;
         self
+    }
+
+    /// The helper for network operations; `None` when `network.mode = "user"` (bridge
+    /// networking off: no network operation reaches a helper).
+    fn network_helper(&self) -> Option<&Arc<dyn HostOps>> {
+        (self.config.network.mode != NetMode::User).then_some(&self.helper)
     }
 
     pub fn layout(&self) -> &Layout {

@@ -27,7 +27,7 @@ pub(super) enum Mode {
 impl Manager {
     /// Runs one helper operation on a blocking thread, with the current op_id.
     pub(super) async fn host_call(&self, op: HelperOp) -> Result<HostReply, Error> {
-        let Some(host) = self.host.clone() else {
+        let Some(host) = self.network_helper().cloned() else {
             return Err(Error::HostSetup {
                 message: "bridge networking is off (network.mode = \"user\")".into(),
                 hint: "set network.mode to \"auto\" or \"bridge\" in the config file".into(),
@@ -77,7 +77,7 @@ impl Manager {
         let want = match mode {
             NetMode::User => return Ok(None),
             NetMode::Bridge => Mode::Bridge,
-            NetMode::Auto if self.host.is_none() => return Ok(None),
+            NetMode::Auto if self.network_helper().is_none() => return Ok(None),
             NetMode::Auto => Mode::User,
         };
         let info = match self.helper_info().await {
@@ -152,7 +152,7 @@ impl Manager {
     /// At daemon start: bring the network (and DNS) up when VMs use it or the mode asks for
     /// it. Failures are logged: user-mode VMs work without it.
     pub async fn start_network(&self) {
-        if self.host.is_none() {
+        if self.network_helper().is_none() {
             return;
         }
         let has_leases = self
@@ -381,7 +381,7 @@ mod tests {
         );
         let host = Arc::new(RecordingHost::new());
         let manager =
-            Manager::with_host(layout, Config::default(), Some(host.clone()), "/x".into()).unwrap();
+            Manager::with_host(layout, Config::default(), host.clone(), "/x".into()).unwrap();
         let info = manager.ensure_network().await.unwrap();
         assert_eq!(info.gateway, Ipv4Addr::new(172, 30, 0, 1));
         manager.ensure_network().await.unwrap();
@@ -420,8 +420,13 @@ mod tests {
         );
         let mut config = Config::default();
         config.network.mode = NetMode::User;
-        let manager = Manager::with_host(layout, config.clone(), None, "/x".into()).unwrap();
+        let host = Arc::new(RecordingHost::new());
+        let manager =
+            Manager::with_host(layout, config.clone(), host.clone(), "/x".into()).unwrap();
         assert!(manager.choose_network(None).await.unwrap().is_none());
         assert!(manager.choose_network(Some("bridge")).await.is_err());
+        manager.start_network().await;
+        assert!(manager.network_status().await.is_ok());
+        assert_eq!(host.calls(), [], "a network operation reached the helper");
     }
 }

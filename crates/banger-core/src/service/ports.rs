@@ -503,8 +503,7 @@ mod tests {
             dir.path().join("config.toml"),
         );
         let host = Arc::new(RecordingHost::new());
-        let manager =
-            Manager::with_host(layout, Config::default(), Some(host), "/x".into()).unwrap();
+        let manager = Manager::with_host(layout, Config::default(), host, "/x".into()).unwrap();
         let pool = manager.choose_network(None).await.unwrap().unwrap();
         let record = VmRecord::new(
             VmName::parse("b").unwrap(),
