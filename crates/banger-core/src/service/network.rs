@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use banger_proto::helper::{HelperInfo, HelperOp, HelperResult};
+use banger_proto::helper::{HelperInfo, HelperOp};
 use banger_proto::{LeaseInfo, NetworkStatus, SshConfigResult, VmState};
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use super::Manager;
 use crate::Error;
 use crate::domain::NetMode;
-use crate::host::{HostError, HostReply};
+use crate::host::{HostError, HostOps};
 use crate::net::{self, dns, sshconfig};
 use crate::store::LeasePool;
 
@@ -25,8 +25,12 @@ pub(super) enum Mode {
 }
 
 impl Manager {
-    /// Runs one helper operation on a blocking thread, with the current op_id.
-    pub(super) async fn host_call(&self, op: HelperOp) -> Result<HostReply, Error> {
+    /// Runs one network operation of the helper on a blocking thread, with the current
+    /// op_id; refused when bridge networking is off.
+    pub(super) async fn net_op<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&dyn HostOps, &str) -> Result<T, HostError> + Send + 'static,
+    ) -> Result<T, Error> {
         let Some(host) = self.network_helper().cloned() else {
             return Err(Error::HostSetup {
                 message: "bridge networking is off (network.mode = \"user\")".into(),
@@ -34,10 +38,15 @@ impl Manager {
             });
         };
         let op_id = net::current_op_id();
-        tokio::task::spawn_blocking(move || host.call(&op_id, op))
+        tokio::task::spawn_blocking(move || op(host.as_ref(), &op_id))
             .await
             .map_err(|e| Error::Failed(format!("helper call panicked: {e}")))?
             .map_err(Error::Host)
+    }
+
+    /// Runs one network operation whose reply carries nothing but success.
+    pub(super) async fn host_run(&self, op: HelperOp) -> Result<(), Error> {
+        self.net_op(move |host, op_id| host.run(op_id, op)).await
     }
 
     /// The helper's settings, asking it when not known yet.
@@ -50,15 +59,7 @@ impl Manager {
         {
             return Ok(info);
         }
-        let info = match self.host_call(HelperOp::Hello).await?.result {
-            HelperResult::Info(info) => info,
-            other => {
-                return Err(Error::Host(HostError::Protocol {
-                    op: "hello",
-                    message: format!("unexpected result {other:?}"),
-                }));
-            }
-        };
+        let info = self.net_op(|host, op_id| host.hello(op_id)).await?;
         *self.net_info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info.clone());
         Ok(info)
     }
@@ -95,7 +96,7 @@ impl Manager {
     pub(super) async fn ensure_network(&self) -> Result<HelperInfo, Error> {
         let _guard = self.net_lock.lock().await;
         let info = self.helper_info().await?;
-        self.host_call(HelperOp::NetworkUp {
+        self.host_run(HelperOp::NetworkUp {
             pool_size: self.config.network.pool_size,
         })
         .await?;
@@ -106,13 +107,7 @@ impl Manager {
             .as_ref()
             .is_some_and(|t| !t.is_finished());
         if !running {
-            let reply = self.host_call(HelperOp::BindDns).await?;
-            let fd = reply.fd.ok_or_else(|| {
-                Error::Host(HostError::Protocol {
-                    op: "bind_dns",
-                    message: "no socket came with the reply".into(),
-                })
-            })?;
+            let fd = self.net_op(|host, op_id| host.bind_dns(op_id)).await?;
             let std_socket = std::net::UdpSocket::from(fd);
             std_socket
                 .set_nonblocking(true)
@@ -137,12 +132,9 @@ impl Manager {
             let task = tokio::spawn(dns::serve(socket, lookup, upstreams, clients));
             *self.dns_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
             *self.dns_addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(address.to_string());
-            match self.host_call(HelperOp::RouteDns).await {
-                Ok(HostReply {
-                    result: HelperResult::Routed { routed: true },
-                    ..
-                }) => info!("systemd-resolved routes ~vm to the bridge"),
-                Ok(_) => info!("no systemd-resolved here: .vm names resolve from VMs only"),
+            match self.net_op(|host, op_id| host.route_dns(op_id)).await {
+                Ok(true) => info!("systemd-resolved routes ~vm to the bridge"),
+                Ok(false) => info!("no systemd-resolved here: .vm names resolve from VMs only"),
                 Err(e) => warn!("cannot route ~vm through systemd-resolved: {e}"),
             }
         }
@@ -210,11 +202,8 @@ impl Manager {
                 }),
             leases,
         };
-        match self.host_call(HelperOp::NetworkStatus).await {
-            Ok(HostReply {
-                result: HelperResult::Status(state),
-                ..
-            }) => {
+        match self.net_op(|host, op_id| host.network_status(op_id)).await {
+            Ok(state) => {
                 status.helper = true;
                 status.bridge_up = state.bridge_up;
                 status.nft_table = state.nft_table;
@@ -226,7 +215,6 @@ impl Manager {
                     status.bridge = Some(info.bridge);
                 }
             }
-            Ok(other) => status.helper_error = Some(format!("unexpected reply {:?}", other.result)),
             Err(e) => status.helper_error = Some(e.to_api().message),
         }
         Ok(status)
@@ -269,7 +257,7 @@ impl Manager {
             task.abort();
         }
         *self.dns_addr.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        self.host_call(HelperOp::NetworkDown).await?;
+        self.host_run(HelperOp::NetworkDown).await?;
         info!("bridge network removed");
         drop(_guard);
         self.network_status().await

@@ -35,7 +35,7 @@ impl Manager {
             // The tap goes with the VM. When the helper cannot do it now, `banger network
             // down` removes every banger tap later.
             if let Err(e) = self
-                .host_call(banger_proto::helper::HelperOp::DeleteTap {
+                .host_run(banger_proto::helper::HelperOp::DeleteTap {
                     name: lease.tap.clone(),
                 })
                 .await

@@ -239,7 +239,7 @@ impl Manager {
                     .await
                     .map_err(step("bridge network"))?;
                 // The helper checks the lease against its subnet (which may have changed).
-                self.host_call(HelperOp::CheckAddress {
+                self.host_run(HelperOp::CheckAddress {
                     ip: lease.ip.to_string(),
                 })
                 .await
@@ -247,14 +247,14 @@ impl Manager {
                 let name = lease.tap.clone();
                 // A backend that takes its tap as a descriptor gets a queue the helper
                 // opened: `/dev/net/tun` may be root's only.
+                let tap = name.clone();
                 let tap_fd = if caps.tap_fd {
-                    let reply = self
-                        .host_call(HelperOp::OpenTap { name: name.clone() })
+                    self.net_op(move |host, op_id| host.open_tap(op_id, &tap))
                         .await
-                        .map_err(step("tap"))?;
-                    reply.fd.map(Arc::new)
+                        .map_err(step("tap"))?
+                        .map(Arc::new)
                 } else {
-                    self.host_call(HelperOp::EnsureTap { name: name.clone() })
+                    self.net_op(move |host, op_id| host.ensure_tap(op_id, &tap))
                         .await
                         .map_err(step("tap"))?;
                     None
