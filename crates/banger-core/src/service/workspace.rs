@@ -81,6 +81,7 @@ impl Manager {
                 fresh,
                 Some(&channel),
                 &progress,
+                &crate::workspace::receive_script,
             )?;
             Ok::<_, WorkspaceError>((root, head, plan, sent))
         })
