@@ -163,6 +163,41 @@ create_vm() {
     BENCH_VMS+=("$1")
 }
 
+# The default image, then VM NAME created, started and settled; sets PORT (its SSH port) and
+# SSH_OPTS (see ssh_opts).
+running_vm() {
+    ensure_image
+    create_vm "$1"
+    banger vm start "$1" >/dev/null
+    settle "$1"
+    PORT=$(vm_field "$1" runtime.ssh_port)
+    ssh_opts "$1" "$PORT"
+}
+
+# generate_tree DIR FILES MIB SEED SIZES DIRS SUBDIRS BIG: FILES files of random content under
+# DIR, spread over DIRS directories of SUBDIRS subdirectories each; each file takes a size
+# from the comma-separated SIZES (seeded by SEED), and one file in BIG is enlarged so the tree
+# holds ~MIB MiB in total.
+generate_tree() {
+    python3 - "$@" <<'PY'
+import os, random, sys
+root, n, mib, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+choices = [int(x) for x in sys.argv[5].split(",")]
+spread, subdirs, big_every = int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
+random.seed(seed)
+sizes = [random.choice(choices) for _ in range(n)]
+big = max(1, n // big_every)
+rest = mib * 2**20 - sum(sizes)
+for i in range(big):
+    sizes[i] += max(0, rest // big)
+for i, size in enumerate(sizes):
+    d = os.path.join(root, f"d{i % spread:02d}", f"s{i % subdirs}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"f{i}.dat"), "wb") as f:
+        f.write(os.urandom(size))
+PY
+}
+
 bench_cleanup() {
     local rc=$? pid name
     trap - EXIT INT TERM

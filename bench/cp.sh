@@ -19,30 +19,11 @@ FILES=${2:-$(pick 2000 50)}
 ROUNDS=${ROUNDS:-$(pick 3 1)}
 NAME=bcp
 
-ensure_image
-create_vm "$NAME"
-banger vm start "$NAME" >/dev/null
-settle "$NAME"
-PORT=$(vm_field "$NAME" runtime.ssh_port)
-ssh_opts "$NAME" "$PORT"
+running_vm "$NAME"
 
 TREE=$BENCH_HOME/tree
 log "generating $FILES files (~$MIB MiB) in $TREE"
-python3 - "$TREE" "$FILES" "$MIB" <<'PY'
-import os, random, sys
-root, n, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-random.seed(11)
-sizes = [random.choice([500, 4000, 16000, 64000]) for _ in range(n)]
-big = max(1, n // 100)
-rest = mib * 2**20 - sum(sizes)
-for i in range(big):
-    sizes[i] += max(0, rest // big)
-for i, size in enumerate(sizes):
-    d = os.path.join(root, f"d{i % 50:02d}", f"s{i % 5}")
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f"f{i}.dat"), "wb") as f:
-        f.write(os.urandom(size))
-PY
+generate_tree "$TREE" "$FILES" "$MIB" 11 500,4000,16000,64000 50 5 100
 log "tree: $(du -sh "$TREE" | cut -f1)"
 
 # scp takes -P for the port; the rest of the ssh options as they are, without the target.

@@ -26,31 +26,12 @@ FULL_ROUNDS=${FULL_ROUNDS:-$(pick 3 1)}
 NAME=bws
 
 command -v rsync >/dev/null || { echo "bench: rsync is not installed (apt-get install rsync)" >&2; exit 1; }
-ensure_image
-create_vm "$NAME"
-banger vm start "$NAME" >/dev/null
-settle "$NAME"
-PORT=$(vm_field "$NAME" runtime.ssh_port)
-ssh_opts "$NAME" "$PORT"
+running_vm "$NAME"
 
 REPO=$BENCH_HOME/repo
 log "generating $FILES files (~$MIB MiB) in $REPO"
-python3 - "$REPO" "$FILES" "$MIB" <<'PY'
-import os, random, sys
-root, n, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-random.seed(7)
-# Mostly small files, a few large ones, ~mib MiB in total.
-sizes = [random.choice([200, 1000, 4000, 12000]) for _ in range(n)]
-big = max(1, n // 200)
-rest = mib * 2**20 - sum(sizes)
-for i in range(big):
-    sizes[i] += max(0, rest // big)
-for i, size in enumerate(sizes):
-    d = os.path.join(root, f"d{i % 100:02d}", f"s{i % 7}")
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f"f{i}.dat"), "wb") as f:
-        f.write(os.urandom(size))
-PY
+# Mostly small files, a few large ones, ~MIB MiB in total.
+generate_tree "$REPO" "$FILES" "$MIB" 7 200,1000,4000,12000 100 7 200
 git -C "$REPO" init -q
 git -C "$REPO" add -A
 # No background auto-gc: it would repack .git while the benchmark reads it.

@@ -8,7 +8,8 @@
 //! that leaves nothing behind (no process, mount, jail dir or cgroup), the files bind-mounted
 //! into a jail on the helper's own tmpfs (taken over by a restarted helper; a base with
 //! another mount refused); a removal that unmounts only the helper's own names, through no
-//! symlink; a failing start that leaves no live Firecracker. Needs root and `cargo build --workspace --bins` (the fakes are another
+//! symlink; a failing start that leaves no live Firecracker; the shipped systemd units with the
+//! jailer drop-in, emulated (socket activation, bounding set). Needs root and `cargo build --workspace --bins` (the fakes are another
 //! crate's binaries).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -800,4 +801,207 @@ impl Drop for Unmount {
 
 fn scopeguard(dir: &Path) -> Unmount {
     Unmount(dir.to_path_buf())
+}
+
+/// The helper as systemd would run it from the shipped units with the jailer drop-in (the
+/// paths substituted as `banger helper install --jailer --firecracker` writes them): the
+/// merged `ExecStart`, socket activation (`systemd-socket-activate`, the sd_listen_fds
+/// protocol of `banger-helper@.socket`), `NoNewPrivileges` and the union of the
+/// `CapabilityBoundingSet` lines (`setpriv`). Under exactly that it jails a Firecracker whose
+/// API answers and removes the jail, leaving nothing. What systemd adds beyond these
+/// (`ProtectSystem`, which the drop-in turns off, and `KillMode`) is not emulated.
+#[test]
+fn the_shipped_units_with_the_jailer_drop_in_run_the_jailer() {
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib/systemd");
+    let service = std::fs::read_to_string(units.join("banger-helper@.service")).unwrap();
+    let drop_in = std::fs::read_to_string(units.join("banger-helper-jailer.conf")).unwrap();
+    let unit = merged_service(&[&service, &drop_in]);
+
+    let dir = common::temp_dir("bgu");
+    let (jailer, exec_file, real) = binaries(dir.path());
+    let helper_bin = env!("CARGO_BIN_EXE_banger-helper");
+    let exec_start = unit.exec_start.expect("the units name an ExecStart");
+    let mut args: Vec<String> = exec_start
+        .split_whitespace()
+        .map(|a| {
+            a.replace("%i", "0")
+                .replace("/usr/local/bin/banger-helper", helper_bin)
+                .replace("/usr/local/bin/jailer", &jailer.display().to_string())
+                .replace(
+                    "/usr/local/bin/firecracker",
+                    &exec_file.display().to_string(),
+                )
+        })
+        .collect();
+    assert_eq!(args[0], helper_bin, "{exec_start}");
+    assert!(
+        args.windows(2).any(|w| w[0] == "--jailer")
+            && args.windows(2).any(|w| w[0] == "--firecracker"),
+        "the drop-in pins the jailer and Firecracker: {exec_start}"
+    );
+    assert!(unit.no_new_privileges, "NoNewPrivileges=yes is lost");
+    // The test's own locations (systemd's defaults are under /run and the owner's home).
+    let state = dir.path().join("state");
+    let base = dir.path().join("jail");
+    std::fs::create_dir_all(&state).unwrap();
+    for (flag, path) in [
+        ("--state-dir", &state),
+        ("--record-dir", &dir.path().join("records")),
+        ("--jail-base", &base),
+    ] {
+        args.push(flag.into());
+        args.push(path.display().to_string());
+    }
+    let bounding: Vec<String> = unit
+        .capabilities
+        .iter()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let socket = dir.path().join("helper.sock");
+    let log = std::fs::File::create(dir.path().join("helper.log")).unwrap();
+    let child = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&socket)
+        .args(["setpriv", "--no-new-privs", "--bounding-set"])
+        .arg(format!("-all,{}", bounding.join(",")))
+        .arg("--")
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("systemd-socket-activate (package systemd) and setpriv (util-linux)");
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let helper = Helper {
+        inner: common::Helper {
+            child,
+            socket: socket.clone(),
+            state: state.canonicalize().unwrap(),
+            dir,
+        },
+        base,
+        exec_file,
+        real,
+    };
+
+    let id = vm_id();
+    let files = setup(&helper, &id);
+    // The first connection starts the helper (socket activation).
+    let reply = request(&helper.socket, spawn_op(&files, &id));
+    let (vm_pid, root) = match reply {
+        HelperReply::Ok {
+            result: HelperResult::Jailed { pid, root },
+        } => (pid, PathBuf::from(root)),
+        other => panic!("{other:?}\n{}", common::log(&helper)),
+    };
+    let _guard = KillOnDrop(vm_pid);
+    // The helper runs with the units' bounding set, no more.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let cap_bnd = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    // Capped by what this process may hold (a container may lack some, as under systemd).
+    let ours = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    let want = unit
+        .capabilities
+        .iter()
+        .fold(0u64, |mask, c| mask | 1 << capability_number(c));
+    assert_eq!(cap_bnd, want & ours, "the helper's bounding set");
+    assert!(status.lines().any(|l| l == "NoNewPrivs:\t1"), "{status}");
+    let answer = http_get(&root.join("run/firecracker.socket"));
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains(&id),
+        "{answer}"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(vm_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_alive(vm_pid) {
+        assert!(Instant::now() < deadline, "still alive");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let reply = request(&helper.socket, HelperOp::RemoveJail { vm_id: id.clone() });
+    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
+    assert!(!helper.base.join("firecracker").join(&id).exists());
+    assert!(mounts_under(&helper.base).is_empty());
+    for dir in cgroup_dirs(&id) {
+        assert!(!dir.exists(), "{} left", dir.display());
+    }
+    assert!(banger_processes(&id).is_empty());
+}
+
+/// What the test reads of a service unit and its drop-ins, merged as systemd merges them.
+struct MergedService {
+    /// The last `ExecStart`, after an empty assignment reset the list.
+    exec_start: Option<String>,
+    /// The union of every `CapabilityBoundingSet` line.
+    capabilities: Vec<String>,
+    no_new_privileges: bool,
+}
+
+fn merged_service(texts: &[&str]) -> MergedService {
+    let mut merged = MergedService {
+        exec_start: None,
+        capabilities: Vec::new(),
+        no_new_privileges: false,
+    };
+    for text in texts {
+        // Continuation lines (a trailing backslash) join the next line.
+        let joined = text.replace("\\\n", " ");
+        for line in joined.lines().map(str::trim) {
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            let value = value.trim();
+            match key.trim() {
+                "ExecStart" if value.is_empty() => merged.exec_start = None,
+                "ExecStart" => merged.exec_start = Some(value.to_owned()),
+                "CapabilityBoundingSet" => {
+                    for cap in value.split_whitespace() {
+                        if !merged.capabilities.iter().any(|c| c == cap) {
+                            merged.capabilities.push(cap.to_owned());
+                        }
+                    }
+                }
+                "NoNewPrivileges" => merged.no_new_privileges = value == "yes",
+                _ => {}
+            }
+        }
+    }
+    merged
+}
+
+/// The bit of a capability named in a unit (linux/capability.h).
+fn capability_number(name: &str) -> u32 {
+    match name {
+        "CAP_CHOWN" => 0,
+        "CAP_DAC_OVERRIDE" => 1,
+        "CAP_DAC_READ_SEARCH" => 2,
+        "CAP_FOWNER" => 3,
+        "CAP_KILL" => 5,
+        "CAP_SETGID" => 6,
+        "CAP_SETUID" => 7,
+        "CAP_NET_BIND_SERVICE" => 10,
+        "CAP_NET_ADMIN" => 12,
+        "CAP_SYS_CHROOT" => 18,
+        "CAP_SYS_ADMIN" => 21,
+        "CAP_SYS_RESOURCE" => 24,
+        "CAP_MKNOD" => 27,
+        other => panic!("capability {other} is not in this test's table"),
+    }
 }

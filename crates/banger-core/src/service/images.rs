@@ -11,6 +11,7 @@ use super::Manager;
 use crate::Error;
 use crate::image::tree::{Tree, TreeError};
 use crate::image::{self, ImageError, mirror};
+use crate::layout;
 use crate::store::AssetTable;
 
 /// Names of images and kernels: short, no path separators.
@@ -132,17 +133,17 @@ impl Manager {
         inputs.extend(initrd.map(Path::to_path_buf));
         let digest = hash_files(inputs).await?;
         let dir = self.layout.kernel_dir(&digest);
-        if !dir.join("vmlinux").is_file() {
+        if !dir.join(layout::KERNEL_VMLINUX).is_file() {
             let tmp = self.scratch_dir("kernel")?;
             let staged = tmp.path().join("k");
             std::fs::create_dir_all(&staged)
                 .map_err(Error::io(format!("cannot create {}", staged.display())))?;
-            image::copy_into_place(kernel, &staged.join("vmlinux")).await?;
+            image::copy_into_place(kernel, &staged.join(layout::KERNEL_VMLINUX)).await?;
             if let Some(initrd) = initrd {
-                image::copy_into_place(initrd, &staged.join("initrd.img")).await?;
+                image::copy_into_place(initrd, &staged.join(layout::KERNEL_INITRD)).await?;
             }
             if let Some(modules) = modules {
-                image::copy_tree(modules, &staged.join("modules")).await?;
+                image::copy_tree(modules, &staged.join(layout::KERNEL_MODULES)).await?;
             }
             std::fs::create_dir_all(self.layout.kernels_dir())
                 .map_err(Error::io("cannot create the kernel store"))?;
@@ -396,8 +397,10 @@ impl Manager {
         };
         let kernel_out = work.join("kernel");
         let rootfs_out = work.join("rootfs.ext4");
-        let log = self.layout.logs_dir().join("image-build.log");
-        let cached = kernel_out.join("vmlinux").is_file() && rootfs_out.is_file() && !request.force;
+        let log = self.layout.logs_dir().join(layout::IMAGE_BUILD_LOG);
+        let cached = kernel_out.join(layout::KERNEL_VMLINUX).is_file()
+            && rootfs_out.is_file()
+            && !request.force;
         if !cached {
             self.check_build_tools()?;
             let mirror = request
@@ -440,12 +443,12 @@ impl Manager {
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| v.get("release").and_then(|r| r.as_str()).map(str::to_owned));
-        let modules = kernel_out.join("modules");
+        let modules = kernel_out.join(layout::KERNEL_MODULES);
         let kernel = self
             .store_kernel(
                 name,
-                &kernel_out.join("vmlinux"),
-                Some(&kernel_out.join("initrd.img")),
+                &kernel_out.join(layout::KERNEL_VMLINUX),
+                Some(&kernel_out.join(layout::KERNEL_INITRD)),
                 modules.is_dir().then_some(modules.as_path()),
                 release,
                 source.clone(),
@@ -504,7 +507,7 @@ impl Manager {
     pub fn build_progress(&self) -> BuildProgress {
         let running = self.asset_lock.try_lock().is_err();
         let step = running
-            .then(|| last_build_step(&self.layout.logs_dir().join("image-build.log")))
+            .then(|| last_build_step(&self.layout.logs_dir().join(layout::IMAGE_BUILD_LOG)))
             .flatten();
         BuildProgress { running, step }
     }
@@ -636,7 +639,7 @@ mod tests {
     #[test]
     fn the_build_step_is_the_last_script_line_of_the_current_build() {
         let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("image-build.log");
+        let log = dir.path().join(layout::IMAGE_BUILD_LOG);
         assert_eq!(last_build_step(&log), None, "no log");
         std::fs::write(
             &log,

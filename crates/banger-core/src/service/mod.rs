@@ -35,8 +35,6 @@ mod suspend;
 mod system_disk;
 mod workspace;
 
-pub use ports::{NETDEV_ID, hostfwd};
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

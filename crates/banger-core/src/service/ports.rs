@@ -17,7 +17,7 @@ use crate::Error;
 use crate::model::{VmRecord, has_process};
 use crate::net::forward::Bound;
 use crate::store::LeasePool;
-use crate::vmm::qmp;
+use crate::vmm::PortForward;
 
 /// How a new VM is networked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,9 +27,6 @@ pub(super) enum NetChoice {
     /// QEMU user mode; `isolated`: without outbound network.
     User { isolated: bool },
 }
-
-/// The QEMU netdev id of every VM's NIC (see `vmm::qemu`).
-pub const NETDEV_ID: &str = "n0";
 
 impl Manager {
     /// The network of a new VM from the request (`bridge`, `user`, `isolated`) or the config.
@@ -290,32 +287,7 @@ impl Manager {
         if live && bridge {
             self.change_forwards(&record, &add, &remove).await?;
         } else if live {
-            let qmp = self.qmp_socket(&record)?;
-            for p in &remove {
-                hmp(
-                    &qmp,
-                    &format!("hostfwd_remove {NETDEV_ID} {}", hostfwd_host(p)),
-                )
-                .await?;
-            }
-            let mut added: Vec<PortMapping> = Vec::new();
-            for p in &add {
-                if let Err(e) = hmp(&qmp, &format!("hostfwd_add {NETDEV_ID} {}", hostfwd(p))).await
-                {
-                    for q in &added {
-                        let _ = hmp(
-                            &qmp,
-                            &format!("hostfwd_remove {NETDEV_ID} {}", hostfwd_host(q)),
-                        )
-                        .await;
-                    }
-                    for q in &remove {
-                        let _ = hmp(&qmp, &format!("hostfwd_add {NETDEV_ID} {}", hostfwd(q))).await;
-                    }
-                    return Err(e);
-                }
-                added.push(*p);
-            }
+            self.change_user_forwards(&record, &add, &remove).await?;
         }
         let (id, added, removed) = (record.id.clone(), add.clone(), remove.clone());
         self.db
@@ -348,9 +320,15 @@ impl Manager {
         }
     }
 
-    /// The QMP socket of a running VM with user-mode networking (published ports are its
-    /// forwards); refused for a backend that only has taps.
-    fn qmp_socket(&self, record: &VmRecord) -> Result<std::path::PathBuf, Error> {
+    /// `vm port add|rm` on a running user-mode VM: the backend's forwards of `remove` dropped,
+    /// then `add` made; when one cannot be made, those made are dropped and the removed ones
+    /// made again, so nothing changes.
+    async fn change_user_forwards(
+        &self,
+        record: &VmRecord,
+        add: &[PortMapping],
+        remove: &[PortMapping],
+    ) -> Result<(), Error> {
         let backend = self.backend(record);
         if backend.capabilities().needs_tap {
             return Err(Error::Unsupported {
@@ -361,40 +339,31 @@ impl Manager {
                 hint: "reach the VM at NAME.vm:PORT from the host".into(),
             });
         }
-        Ok(backend.control_socket(&self.layout.vm_runtime_dir(&record.id)))
-    }
-}
-
-/// Runs a QEMU monitor command; QEMU reports a failure as text in the answer: `hostfwd_add`
-/// says nothing when it worked, `hostfwd_remove` says "... removed" (or "... not found",
-/// which leaves what was wanted: no such forward).
-async fn hmp(qmp_socket: &std::path::Path, command: &str) -> Result<(), Error> {
-    let answer = qmp::human_monitor_command(qmp_socket, command).await?;
-    if hmp_succeeded(&answer) {
+        let pid = record.runtime.as_ref().and_then(|r| r.pid).ok_or_else(|| {
+            Error::Failed(format!(
+                "VM {} runs but has no recorded process",
+                record.name
+            ))
+        })?;
+        let (vmm, control) = self.control(record, pid);
+        for p in remove {
+            vmm.forward_port(&control, p, PortForward::Remove).await?;
+        }
+        let mut added: Vec<PortMapping> = Vec::new();
+        for p in add {
+            if let Err(e) = vmm.forward_port(&control, p, PortForward::Add).await {
+                for q in &added {
+                    let _ = vmm.forward_port(&control, q, PortForward::Remove).await;
+                }
+                for q in remove {
+                    let _ = vmm.forward_port(&control, q, PortForward::Add).await;
+                }
+                return Err(e.into());
+            }
+            added.push(*p);
+        }
         Ok(())
-    } else {
-        Err(Error::Failed(format!(
-            "QEMU refused `{command}`: {}",
-            answer.trim()
-        )))
     }
-}
-
-fn hmp_succeeded(answer: &str) -> bool {
-    let text = answer.trim();
-    text.is_empty()
-        || (text.starts_with("host forwarding rule for ")
-            && (text.ends_with(" removed") || text.ends_with(" not found")))
-}
-
-/// `proto:hostip:hostport-:guestport`, QEMU's hostfwd rule.
-pub fn hostfwd(p: &PortMapping) -> String {
-    format!("{}-:{}", hostfwd_host(p), p.guest_port)
-}
-
-/// `proto:hostip:hostport`, what `hostfwd_remove` names.
-fn hostfwd_host(p: &PortMapping) -> String {
-    format!("{}:{}:{}", p.proto.as_str(), p.host_ip, p.host_port)
 }
 
 fn describe(p: &PortMapping) -> String {
@@ -443,25 +412,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hostfwd_rules_and_overlaps() {
+    fn overlapping_host_sides() {
         let p = PortMapping::parse("8080:8000").unwrap();
-        assert_eq!(hostfwd(&p), "tcp:127.0.0.1:8080-:8000");
         let any = PortMapping::parse("0.0.0.0:8080:9000").unwrap();
         assert!(overlaps(&p, &any));
         let udp = PortMapping::parse("8080:8000/udp").unwrap();
         assert!(!overlaps(&p, &udp));
-        assert_eq!(hostfwd_host(&udp), "udp:127.0.0.1:8080");
-    }
-
-    #[test]
-    fn monitor_answers() {
-        assert!(hmp_succeeded(""));
-        assert!(hmp_succeeded(
-            "host forwarding rule for tcp:127.0.0.1:8080 removed\r\n"
-        ));
-        assert!(!hmp_succeeded(
-            "Could not set up host forwarding rule 'tcp:127.0.0.1:8080-:80'\r\n"
-        ));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! registry blob became which local file, so pulling what is already stored fetches no blob and
 //! pushing what the registry has sends none.
 
+use crate::layout;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -168,13 +169,13 @@ impl Manager {
         let dir = self.layout.kernel_dir(&kernel.digest);
         let mut files = vec![PushFile {
             kind: LayerKind::Kernel,
-            path: dir.join("vmlinux"),
+            path: dir.join(layout::KERNEL_VMLINUX),
             local: kernel.digest.clone(),
         }];
         if kernel.has_initrd {
             files.push(PushFile {
                 kind: LayerKind::Initrd,
-                path: dir.join("initrd.img"),
+                path: dir.join(layout::KERNEL_INITRD),
                 local: kernel.digest.clone(),
             });
         }
@@ -182,7 +183,10 @@ impl Manager {
     }
 
     async fn artifact_config(&self, kind: ArtifactKind, kernel: &Kernel) -> ArtifactConfig {
-        let path = self.layout.kernel_dir(&kernel.digest).join("vmlinux");
+        let path = self
+            .layout
+            .kernel_dir(&kernel.digest)
+            .join(layout::KERNEL_VMLINUX);
         let capabilities = tokio::task::spawn_blocking(move || {
             oci::kernel_capabilities(image::kernel_config(&path).as_deref())
         })
@@ -440,7 +444,11 @@ impl Manager {
         let initrd_stage = find(LayerKind::Initrd);
         let kernel_digest = match (kernel_stage, initrd_stage) {
             (Some(Staged::Stored(k)), None) => {
-                let has_no_initrd = !self.layout.kernel_dir(k).join("initrd.img").exists();
+                let has_no_initrd = !self
+                    .layout
+                    .kernel_dir(k)
+                    .join(layout::KERNEL_INITRD)
+                    .exists();
                 has_no_initrd.then(|| k.clone())
             }
             (Some(Staged::Stored(k)), Some(Staged::Stored(i))) if k == i => Some(k.clone()),
@@ -610,8 +618,8 @@ impl Manager {
     fn stored_file(&self, kind: LayerKind, local: &str) -> PathBuf {
         match kind {
             LayerKind::Rootfs => self.layout.image_rootfs(local),
-            LayerKind::Kernel => self.layout.kernel_dir(local).join("vmlinux"),
-            LayerKind::Initrd => self.layout.kernel_dir(local).join("initrd.img"),
+            LayerKind::Kernel => self.layout.kernel_dir(local).join(layout::KERNEL_VMLINUX),
+            LayerKind::Initrd => self.layout.kernel_dir(local).join(layout::KERNEL_INITRD),
             LayerKind::WorkSeed => self.layout.work_seed(local),
         }
     }

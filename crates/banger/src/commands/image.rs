@@ -145,21 +145,16 @@ async fn push(
     registry: &RegistryArgs,
     json: bool,
 ) -> Result<u8, ClientError> {
-    let id = transfer_id();
-    let request = PushRequest {
-        name,
-        reference,
-        access: access(registry)?,
-        transfer_id: Some(id.clone()),
-    };
-    let started = Instant::now();
-    let result: TransferResult = with_transfer_progress(
-        client,
-        &id,
-        &format!("pushing {}", request.reference),
-        client.call(Method::POST, route, Some(&request)),
-    )
-    .await?;
+    let access = access(registry)?;
+    let label = format!("pushing {reference}");
+    let (result, elapsed): (TransferResult, _) =
+        transfer(client, route, &label, |transfer_id| PushRequest {
+            name,
+            reference,
+            access,
+            transfer_id,
+        })
+        .await?;
     if json {
         print_json(&result)?;
     } else {
@@ -168,13 +163,13 @@ async fn push(
             result.name,
             result.reference,
             result.manifest_digest,
-            summary(&result, started.elapsed())
+            summary(&result, elapsed)
         );
     }
     Ok(0)
 }
 
-/// `image|kernel pull`; returns the result and the stored object.
+/// `image|kernel pull`; prints the result and the stored object.
 async fn pull(
     client: &Client,
     route: &str,
@@ -183,21 +178,16 @@ async fn pull(
     registry: &RegistryArgs,
     json: bool,
 ) -> Result<u8, ClientError> {
-    let id = transfer_id();
-    let request = PullRequest {
-        reference,
-        name,
-        access: access(registry)?,
-        transfer_id: Some(id.clone()),
-    };
-    let started = Instant::now();
-    let pulled: PullResult = with_transfer_progress(
-        client,
-        &id,
-        &format!("pulling {}", request.reference),
-        client.call(Method::POST, route, Some(&request)),
-    )
-    .await?;
+    let access = access(registry)?;
+    let label = format!("pulling {reference}");
+    let (pulled, elapsed): (PullResult, _) =
+        transfer(client, route, &label, |transfer_id| PullRequest {
+            reference,
+            name,
+            access,
+            transfer_id,
+        })
+        .await?;
     let result = &pulled.transfer;
     if json {
         print_json(&pulled)?;
@@ -207,10 +197,35 @@ async fn pull(
             result.reference,
             result.name,
             result.manifest_digest,
-            summary(result, started.elapsed())
+            summary(result, elapsed)
         );
     }
     Ok(0)
+}
+
+/// One push or pull: the request made with a fresh transfer id, sent to `route` with the
+/// transfer's progress shown under `label`; its answer and how long it took.
+async fn transfer<Req, Res>(
+    client: &Client,
+    route: &str,
+    label: &str,
+    request: impl FnOnce(Option<String>) -> Req,
+) -> Result<(Res, Duration), ClientError>
+where
+    Req: serde::Serialize,
+    Res: serde::de::DeserializeOwned,
+{
+    let id = transfer_id();
+    let request = request(Some(id.clone()));
+    let started = Instant::now();
+    let answer = with_transfer_progress(
+        client,
+        &id,
+        label,
+        client.call(Method::POST, route, Some(&request)),
+    )
+    .await?;
+    Ok((answer, started.elapsed()))
 }
 
 fn summary(result: &TransferResult, elapsed: Duration) -> String {
