@@ -105,3 +105,40 @@ impl Db {
         self.run(move |s| s.blob(&digest)).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A store closure that blocks leaves the (only) async worker free: the task that
+    /// unblocks it gets to run.
+    #[tokio::test(flavor = "current_thread")]
+    async fn store_work_runs_off_the_async_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::new(Store::open(&dir.path().join("state.db")).unwrap());
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let started = Instant::now();
+        let blocked = {
+            let db = db.clone();
+            tokio::spawn(async move {
+                db.run(move |store| {
+                    // Bounded, so a regression fails the assertion below instead of hanging.
+                    let _ = released.recv_timeout(Duration::from_secs(20));
+                    store.list_vms()
+                })
+                .await
+            })
+        };
+        tokio::task::yield_now().await;
+        release.send(()).unwrap();
+        assert!(blocked.await.unwrap().unwrap().is_empty());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the store closure held the async worker"
+        );
+        // The lock is free again for the next caller.
+        assert!(db.list_vms().await.unwrap().is_empty());
+    }
+}
