@@ -160,7 +160,7 @@ impl Manager {
             seed.root(),
         )
         .await;
-        let _ = std::fs::remove_dir_all(seed.root());
+        super::remove_tree(seed.root().to_path_buf()).await;
         made?;
         crate::fault::point("create.after_work_disk")?;
         let base = self.layout.image_rootfs(image_digest);

@@ -147,7 +147,7 @@ impl Manager {
             }
             std::fs::create_dir_all(self.layout.kernels_dir())
                 .map_err(Error::io("cannot create the kernel store"))?;
-            let _ = std::fs::remove_dir_all(&dir);
+            super::remove_tree(dir.clone()).await;
             std::fs::rename(&staged, &dir).map_err(Error::io(format!(
                 "cannot move kernel into {}",
                 dir.display()

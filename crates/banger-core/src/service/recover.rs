@@ -14,7 +14,7 @@ use crate::layout::Layout;
 impl Manager {
     /// The daemon's start-up recovery: stale scratch, orphaned files, then the VMs.
     pub async fn recover(&self) -> Result<(), Error> {
-        self.remove_stale_scratch();
+        self.remove_stale_scratch().await;
         self.remove_orphans().await?;
         self.reconcile().await
     }

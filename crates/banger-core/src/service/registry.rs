@@ -75,10 +75,10 @@ impl Manager {
 
     /// Removes the scratch directory's contents: called at daemon start, when no build,
     /// import or pull runs, so a pull killed half-way leaves nothing once the daemon is back.
-    pub fn remove_stale_scratch(&self) {
+    pub async fn remove_stale_scratch(&self) {
         let dir = self.layout.tmp_dir();
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for entry in entries.flatten() {
+        let removal = tokio::task::spawn_blocking(move || {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let path = entry.path();
                 let removed =
                     std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
@@ -86,6 +86,9 @@ impl Manager {
                     tracing::warn!(path = %path.display(), "cannot remove stale scratch: {e}");
                 }
             }
+        });
+        if let Err(e) = removal.await {
+            tracing::warn!("stale scratch removal failed: {e}");
         }
     }
 
