@@ -557,11 +557,11 @@ pub struct Backends {
 }
 
 impl Backends {
-    /// The backends as configured; `jailer_host` is where a configured jailer's privileged
-    /// steps go (asked only when `firecracker.jailer` is set).
+    /// The backends as configured; `helper` is where a configured jailer's privileged steps
+    /// go.
     pub fn from_config(
         config: &crate::config::Config,
-        jailer_host: impl FnOnce() -> Arc<dyn crate::host::HostOps>,
+        helper: Arc<dyn crate::host::HostOps>,
     ) -> Self {
         let qemu = qemu::Qemu::new(config.qemu.binary.clone().into())
             .with_tcg_threads(config.qemu.tcg_threads);
@@ -570,7 +570,7 @@ impl Backends {
         if !config.firecracker.jailer.is_empty() {
             firecracker = firecracker.with_jailer(firecracker::Jailer {
                 binary: config.firecracker.jailer.clone().into(),
-                host: jailer_host(),
+                host: helper,
             });
         }
         Self {
