@@ -1,6 +1,7 @@
 //! [`HostOps`]: every privileged action goes through this one seam (youki's Syscall idea):
 //! the network (bridge, taps, nftables, DNS socket) and the `dm` system disks (loop devices,
-//! device-mapper snapshots), so the daemon never needs root. The real implementation,
+//! device-mapper snapshots) and Firecracker's jailer, so the daemon itself does nothing
+//! privileged. The real implementation,
 //! [`HelperClient`], talks to `banger-helper` over its Unix socket (frames of
 //! `banger_proto::helper`, the DNS socket arriving by SCM_RIGHTS); [`RecordingHost`] records the
 //! operations for tests that cannot, or need not, run the helper.
