@@ -22,20 +22,21 @@ for ((i = 0; i < RECORDS; i++)); do
 done
 BENCH_VMS+=("${NAMES[@]}")
 
-# vm ls latencies (seconds, one per line) into FILE until the flag file is gone.
+# "start end" of each `vm ls` (seconds) into FILE until the flag file is gone (no forks but
+# the CLI's own, so the probe asks as often as it can).
 probe() {
     local file=$1 flag=$2 t0
     while [[ -e $flag ]]; do
-        t0=$(now)
+        t0=$EPOCHREALTIME
         banger vm ls --json >/dev/null
-        sub "$(now)" "$t0" >>"$file"
+        echo "$t0 $EPOCHREALTIME" >>"$file"
     done
 }
 
 percentiles() { # FILE: p50 p99 max in ms
     python3 - "$1" <<'PY'
 import sys
-xs = sorted(float(l) for l in open(sys.argv[1]) if l.strip())
+xs = sorted(float(b) - float(a) for a, b in (l.split() for l in open(sys.argv[1]) if l.strip()))
 pick = lambda p: xs[round((len(xs) - 1) * p)] * 1000
 print(f"{len(xs)} answers: p50 {pick(0.5):.1f} ms, p99 {pick(0.99):.1f} ms, max {xs[-1] * 1000:.1f} ms")
 PY

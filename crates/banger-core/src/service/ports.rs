@@ -173,29 +173,7 @@ impl Manager {
     /// The API form of a VM's network.
     pub(super) async fn vm_network(&self, record: &VmRecord) -> Option<VmNetwork> {
         let id = record.id.clone();
-        let read =
-            move |store: &mut crate::store::Store| -> Result<VmNetwork, crate::store::StoreError> {
-                let ports = store.ports_of(&id)?;
-                Ok(match store.lease_of(&id)? {
-                    Some(lease) => VmNetwork {
-                        mode: "bridge".into(),
-                        ip: Some(lease.ip.to_string()),
-                        tap: Some(lease.tap),
-                        ports,
-                    },
-                    None => VmNetwork {
-                        mode: if store.is_isolated(&id)? {
-                            "isolated"
-                        } else {
-                            "user"
-                        }
-                        .into(),
-                        ip: None,
-                        tap: None,
-                        ports,
-                    },
-                })
-            };
+        let read = move |store: &mut crate::store::Store| network_in(store, &id);
         match self.db.run(read).await {
             Ok(network) => Some(network),
             Err(e) => {
@@ -364,6 +342,34 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// A VM's network as the store knows it: its lease (bridge), else user mode or isolated, and
+/// its published ports.
+pub(super) fn network_in(
+    store: &mut crate::store::Store,
+    id: &str,
+) -> Result<VmNetwork, crate::store::StoreError> {
+    let ports = store.ports_of(id)?;
+    Ok(match store.lease_of(id)? {
+        Some(lease) => VmNetwork {
+            mode: "bridge".into(),
+            ip: Some(lease.ip.to_string()),
+            tap: Some(lease.tap),
+            ports,
+        },
+        None => VmNetwork {
+            mode: if store.is_isolated(id)? {
+                "isolated"
+            } else {
+                "user"
+            }
+            .into(),
+            ip: None,
+            tap: None,
+            ports,
+        },
+    })
 }
 
 fn describe(p: &PortMapping) -> String {

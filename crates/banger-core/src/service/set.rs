@@ -263,13 +263,7 @@ impl Manager {
     /// The file holding a VM's system disk as its VMM opens it; `None` for a dm snapshot (a
     /// device over the image and a copy-on-write store).
     pub(super) fn system_disk_file(&self, record: &VmRecord) -> Option<PathBuf> {
-        match record.spec.system_disk {
-            SystemDiskStrategy::Qcow2 => Some(self.layout.vm_system_disk(&record.id)),
-            SystemDiskStrategy::Reflink | SystemDiskStrategy::Copy => {
-                Some(self.layout.vm_system_raw(&record.id))
-            }
-            SystemDiskStrategy::DmSnapshot => None,
-        }
+        system_disk_file(&self.layout, record)
     }
 
     /// The size the guest sees of a VM's system disk (a dm snapshot: its image's).
@@ -487,6 +481,34 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| Error::Failed(format!("disk task failed: {e}")))
+}
+
+/// The file of a VM's own system disk: its overlay or raw copy; `None` for a dm snapshot
+/// (whose device is made at start from the image's rootfs).
+pub(super) fn system_disk_file(
+    layout: &crate::layout::Layout,
+    record: &VmRecord,
+) -> Option<PathBuf> {
+    match record.spec.system_disk {
+        SystemDiskStrategy::Qcow2 => Some(layout.vm_system_disk(&record.id)),
+        SystemDiskStrategy::Reflink | SystemDiskStrategy::Copy => {
+            Some(layout.vm_system_raw(&record.id))
+        }
+        SystemDiskStrategy::DmSnapshot => None,
+    }
+}
+
+/// The size the guest sees of a VM's system disk, given its image when it has no file of its
+/// own (a dm snapshot). Blocking (reads a disk header).
+pub(super) fn system_disk_size_of(
+    layout: &crate::layout::Layout,
+    record: &VmRecord,
+    image: Option<&banger_proto::Image>,
+) -> Option<u64> {
+    match system_disk_file(layout, record) {
+        Some(file) => usage::virtual_bytes(&file),
+        None => usage::virtual_bytes(&layout.image_rootfs(&image?.digest)),
+    }
 }
 
 #[cfg(test)]

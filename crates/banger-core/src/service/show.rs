@@ -4,17 +4,39 @@
 use banger_proto::{Vm, VmName};
 
 use super::Manager;
+use super::ports::network_in;
+use super::set::system_disk_size_of;
 use crate::Error;
 use crate::model::{VmRecord, has_process};
 
 impl Manager {
-    /// All VMs by name.
+    /// All VMs by name. The store is read once for all of them (records, networks, images),
+    /// so a listing waits for the database once, not once per VM, while other operations write.
     pub async fn list_vms(&self) -> Result<Vec<Vm>, Error> {
-        let records = self.db.list_vms().await?;
-        let mut vms = Vec::with_capacity(records.len());
-        for record in records {
-            let record = self.observe(record).await;
-            vms.push(self.vm_api(&record).await);
+        let layout = self.layout.clone();
+        let rows = self
+            .db
+            .run(move |store| {
+                let records = store.list_vms()?;
+                let mut rows = Vec::with_capacity(records.len());
+                for record in records {
+                    // A VM whose rows cannot be read is still listed, without them.
+                    let network = network_in(store, &record.id).ok();
+                    let image = store.find_image(&record.spec.image).ok().flatten();
+                    let size = system_disk_size_of(&layout, &record, image.as_ref());
+                    rows.push((record, network, size));
+                }
+                Ok::<_, crate::store::StoreError>(rows)
+            })
+            .await?;
+        let mut vms = Vec::with_capacity(rows.len());
+        for (record, network, size) in rows {
+            let observed = self.observe(record).await;
+            let mut vm = observed.to_api();
+            vm.network = network;
+            vm.spec.system_disk_size_bytes = size;
+            self.fill_runtime(&observed, &mut vm);
+            vms.push(vm);
         }
         Ok(vms)
     }
@@ -39,9 +61,14 @@ impl Manager {
         let mut vm = record.to_api();
         vm.network = self.vm_network(record).await;
         vm.spec.system_disk_size_bytes = self.system_disk_size(record).await;
+        self.fill_runtime(record, &mut vm);
+        vm
+    }
+
+    /// What the API adds to a VM's runtime that the record does not hold.
+    fn fill_runtime(&self, record: &VmRecord, vm: &mut Vm) {
         if let Some(runtime) = vm.runtime.as_mut() {
             runtime.jailer = self.backend_of(record.spec.vmm).jailed();
         }
-        vm
     }
 }
