@@ -20,8 +20,8 @@ use crate::domain::VmmKind;
 use crate::layout::vm_runtime;
 
 use super::{
-    Accel, Capabilities, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, Snapshot, VmDisk,
-    VmProcess, VmmError, process, qmp,
+    Accel, Capabilities, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, Snapshot, StopMethod,
+    VmDisk, VmProcess, VmmError, process, qmp,
 };
 
 /// The migration bandwidth while suspending (bytes/s): QEMU's default (128 MiB/s on 10.0,
@@ -429,8 +429,8 @@ impl Hypervisor for Qemu {
         qmp_socket_in(runtime_dir)
     }
 
-    fn shutdown_signal(&self) -> &'static str {
-        "acpi"
+    fn shutdown_signal(&self) -> StopMethod {
+        StopMethod::Acpi
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<VmProcess, VmmError> {
