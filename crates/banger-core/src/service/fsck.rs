@@ -343,20 +343,22 @@ impl Manager {
             },
         };
         if restarted {
-            // The boot that checked `/` repaired it and restarted; this boot did not check.
+            // The boot that checked `/` repaired it and restarted; this boot did not check
+            // (it mounted `/` read-write at once), and the image kept the contract.
             found.result = FsckResult::Repaired;
             found.exit_code = None;
+            found.contract = Ok(());
             found.detail = "checked by the guest at boot: repaired, then the guest restarted \
                  (as fsck asks after repairing a mounted /) and booted again"
                 .into();
         }
-        match &found.contract {
-            Ok(()) => {
-                info!(vm = %name, disk = "system", result = found.result.as_str(), "system disk: checked by the guest at boot: {} ({})", found.result.as_str(), found.detail)
-            }
-            Err(why) => {
-                warn!(vm = %name, disk = "system", result = found.result.as_str(), "system disk: the image does not keep the guest contract for a boot fsck of /: {why}")
-            }
+        if found.result == FsckResult::Skipped {
+            warn!(vm = %name, disk = "system", "system disk: not checked by the guest at boot: {}", found.detail);
+        } else {
+            info!(vm = %name, disk = "system", result = found.result.as_str(), "system disk: checked by the guest at boot: {} ({})", found.result.as_str(), found.detail);
+        }
+        if let Err(why) = &found.contract {
+            warn!(vm = %name, disk = "system", "the image does not keep the guest contract for a boot fsck of /: {why}");
         }
         let entry = DiskFsck {
             disk: VmDisk::System.as_str().into(),
