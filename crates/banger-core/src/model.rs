@@ -167,8 +167,22 @@ impl VmRecord {
         self.last_stop = Some(LastStop {
             kind,
             how: how.into(),
+            stop_method: None,
             at: crate::now_rfc3339(),
         });
+    }
+
+    /// Records that `method`, a step of the stop sequence, ended the VMM.
+    pub fn record_stop_method(&mut self, method: banger_proto::StopMethod, how: impl Into<String>) {
+        let kind = if method.guest_shut_down() {
+            StopKind::Clean
+        } else {
+            StopKind::Unclean
+        };
+        self.record_stop(kind, how);
+        if let Some(stop) = self.last_stop.as_mut() {
+            stop.stop_method = Some(method);
+        }
     }
 
     /// Forgets the VMM process (its pid and jail) once it ended; the rest of the runtime

@@ -246,7 +246,7 @@ async fn lifecycle_against_the_fake_firecracker() {
     assert!(!synced);
     let vmm = fc.clone();
     let how = stop_sequence(&vmm, &process, &spec.vm_id, synced, false, TIMINGS).await;
-    assert_eq!(how, "ctrl-alt-del");
+    assert_eq!(how.as_str(), "ctrl-alt-del");
     assert!(!process::is_alive(process.pid, &spec.vm_id));
     assert_eq!(
         install.requests().last().unwrap().3["action_type"],
@@ -271,7 +271,7 @@ async fn lifecycle_against_the_fake_firecracker() {
     );
     assert_eq!(state(&restored).await, "Running");
     let how = stop_sequence(&vmm, &restored, &restored_spec.vm_id, false, false, TIMINGS).await;
-    assert_eq!(how, "ctrl-alt-del");
+    assert_eq!(how.as_str(), "ctrl-alt-del");
 }
 
 #[tokio::test]
@@ -294,7 +294,7 @@ async fn stop_falls_back_to_quit_then_kill() {
         TIMINGS,
     )
     .await;
-    assert_eq!(how, "quit");
+    assert_eq!(how.as_str(), "quit");
     assert!(!process::is_alive(process.pid, &spec.vm_id));
 
     // A hung VMM that ignores SIGTERM too: only the kill ends it.
@@ -305,7 +305,7 @@ async fn stop_falls_back_to_quit_then_kill() {
     reaper.0.push((process.pid, spec.vm_id.clone()));
     let vmm = fc;
     let how = stop_sequence(&vmm, &process, &spec.vm_id, false, false, TIMINGS).await;
-    assert_eq!(how, "kill");
+    assert_eq!(how.as_str(), "kill");
     assert!(!process::is_alive(process.pid, &spec.vm_id));
     let actions: Vec<Value> = hung
         .requests()
@@ -655,7 +655,10 @@ async fn the_manager_lifecycle_runs_against_the_fake() {
 
         // stop: the SSH sync is attempted (nothing answers), then SendCtrlAltDel ends it.
         let stopped = manager.stop_vm("fc", false).await.unwrap();
-        assert_eq!(stopped.stop_method.as_deref(), Some("ctrl-alt-del"));
+        assert_eq!(
+            stopped.stop_method.map(|m| m.as_str()),
+            Some("ctrl-alt-del")
+        );
         assert_eq!(stopped.vm.state, VmState::Stopped);
         assert!(!process::is_alive(pid, &vm.id));
         assert!(
@@ -684,7 +687,7 @@ async fn the_manager_kills_a_firecracker_that_ignores_everything() {
     let pid = started.vm.runtime.unwrap().pid.unwrap();
     reaper.0.push((pid, started.vm.id.clone()));
     let stopped = manager.stop_vm("hung", false).await.unwrap();
-    assert_eq!(stopped.stop_method.as_deref(), Some("kill"));
+    assert_eq!(stopped.stop_method.map(|m| m.as_str()), Some("kill"));
     assert_eq!(stopped.vm.state, VmState::Stopped);
     assert!(!process::is_alive(pid, &started.vm.id));
 
@@ -1135,7 +1138,10 @@ async fn pause_resume_and_suspend_against_the_fake() {
     let before = install.requests().len();
     let stopped = manager.stop_vm("sus", false).await.unwrap();
     assert_eq!(stopped.vm.state, VmState::Stopped);
-    assert_eq!(stopped.stop_method.as_deref(), Some("ctrl-alt-del"));
+    assert_eq!(
+        stopped.stop_method.map(|m| m.as_str()),
+        Some("ctrl-alt-del")
+    );
     let sent = since(&install, before);
     let resumed_at = sent
         .iter()
@@ -1322,7 +1328,10 @@ async fn a_jailed_firecracker_runs_the_lifecycle() {
 
         // stop through the symlinked API socket: SendCtrlAltDel ends it; the jail goes.
         let stopped = manager.stop_vm("jfc", false).await.unwrap();
-        assert_eq!(stopped.stop_method.as_deref(), Some("ctrl-alt-del"));
+        assert_eq!(
+            stopped.stop_method.map(|m| m.as_str()),
+            Some("ctrl-alt-del")
+        );
         assert_eq!(stopped.vm.state, VmState::Stopped);
         assert!(stopped.vm.runtime.unwrap().jail.is_none());
         assert!(!process::is_alive(pid, &vm.id));
@@ -1463,7 +1472,7 @@ async fn jailed_vms_reattach_and_are_cleaned_up_however_they_end() {
     assert!(jail_dir.exists());
     // Its stop reaches the jailed API through the runtime dir's link, then kills.
     let stopped = second.stop_vm("jr", false).await.unwrap();
-    assert_eq!(stopped.stop_method.as_deref(), Some("kill"));
+    assert_eq!(stopped.stop_method.map(|m| m.as_str()), Some("kill"));
     assert!(!process::is_alive(pid, &vm.id));
     assert!(!jail_dir.exists(), "jail left after a kill");
 
@@ -1912,7 +1921,7 @@ async fn the_real_firecracker_runs_the_unjailed_conversation() {
     // Stop: no SSH, a guest without i8042 ignores Ctrl-Alt-Del: SIGTERM ends Firecracker.
     let stopped = manager.stop_vm("real", false).await.unwrap();
     assert_eq!(stopped.vm.state, VmState::Stopped);
-    assert_eq!(stopped.stop_method.as_deref(), Some("quit"));
+    assert_eq!(stopped.stop_method.map(|m| m.as_str()), Some("quit"));
     assert!(!process::is_alive(pid, &vm.id));
     assert!(!dir.path().join("home/run/vms").join(&vm.id).exists());
     ns.assert_empty();
@@ -1995,7 +2004,7 @@ async fn the_real_jailed_firecracker_that_dies_names_its_reason() {
     let log = std::fs::read_to_string(vm_dir.join("firecracker.log")).unwrap();
     assert!(log.contains(":main:INFO] Running Firecracker v"), "{log}");
     let stopped = manager.stop_vm("rj", false).await.unwrap();
-    assert_eq!(stopped.stop_method.as_deref(), Some("quit"));
+    assert_eq!(stopped.stop_method.map(|m| m.as_str()), Some("quit"));
     assert!(!process::is_alive(pid, &vm.id));
     assert!(!jail_dir.exists());
     // Stopped, `vm show` says the jailer runs it at the next start.

@@ -2,9 +2,11 @@
 //! time down): its work disk grows from 2 GiB to 4 GiB while it runs (`df /root` shows it at
 //! once, files intact) and a smaller size is refused with nothing changed; CPUs, memory and
 //! the system disk change while it is stopped and its next boot has them; a clean stop skips
-//! the fsck; a QEMU SIGKILLed while the guest writes is recorded unclean, the next start runs
-//! e2fsck (in the log under its op_id, and in `vm show`), boots, and the work disk checks
-//! clean afterwards.
+//! the fsck (its boot mounts `/` read-write at once); a QEMU SIGKILLed while the guest writes
+//! to both disks is recorded unclean, the next start runs e2fsck on the work disk (in the log
+//! under its op_id, and in `vm show`) and boots with the guest checking its qcow2 `/` itself
+//! (systemd-fsck-root, whose result `vm show` and the log tell; `/` ends up read-write), and
+//! both disks check clean on the host afterwards (the qcow2 through a raw copy).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -155,16 +157,24 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
             .contains("clean (poweroff)"),
         "{vm}"
     );
+    // No check of / in the guest after a clean stop: / is mounted read-write at once.
+    let cmdline = guest(&env, "cat /proc/cmdline");
+    assert!(
+        cmdline.contains(" rw ") && !cmdline.contains("fsck.mode"),
+        "{cmdline}"
+    );
 
-    // 4. QEMU killed while the guest writes: recorded unclean; the next start runs e2fsck.
+    // 4. QEMU killed while the guest writes to both disks: recorded unclean; the next start
+    // runs e2fsck on the work disk, and the guest checks its qcow2 system disk at boot.
     guest(
         &env,
-        "mkdir -p /root/stream && setsid sh -c 'i=0; while :; do \
-         dd if=/dev/urandom of=/root/stream/f$i bs=64k count=8 2>/dev/null; i=$((i+1)); done' \
-         </dev/null >/dev/null 2>&1 &",
+        "mkdir -p /root/stream /var/tmp/stream && setsid sh -c 'i=0; while :; do \
+         dd if=/dev/urandom of=/root/stream/f$i bs=64k count=8 2>/dev/null; \
+         dd if=/dev/urandom of=/var/tmp/stream/f$i bs=64k count=8 2>/dev/null; \
+         i=$((i+1)); done' </dev/null >/dev/null 2>&1 &",
     );
     poll(Duration::from_secs(120), "the guest writing", || {
-        (guest_number(&env, "ls /root/stream | wc -l") > 20).then_some(())
+        (guest_number(&env, "ls /var/tmp/stream | wc -l") > 20).then_some(())
     });
     let pid = vm["runtime"]["pid"].as_u64().unwrap();
     nix::sys::signal::kill(
@@ -205,14 +215,49 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
         "{checked}"
     );
     assert_eq!(disks[1]["disk"], "system", "{checked}");
-    assert_eq!(disks[1]["result"], "skipped", "qcow2: {checked}");
+    assert_eq!(disks[1]["checked_by"], "guest", "qcow2: {checked}");
+    let system = disks[1]["result"].as_str().unwrap();
+    assert!(["clean", "repaired"].contains(&system), "{checked}");
+    assert!(
+        log.lines().any(|l| l.contains(op_id)
+            && l.contains(&format!(
+                "system disk: checked by the guest at boot: {system}"
+            ))),
+        "no guest check of / under op {op_id} in the daemon log"
+    );
     let shown = env.banger(&["vm", "show", "dev"]).ok().stdout;
     assert!(
         shown.contains("last stop:")
             && shown.contains("unclean")
-            && shown.contains("ran: the last stop was unclean"),
+            && shown.contains("ran: the last stop was unclean")
+            && shown.contains(&format!(
+                "system disk: checked by the guest at boot: {system}"
+            )),
         "{shown}"
     );
+    // The guest's check ran in this boot (or, when it repaired /, in the boot before, which
+    // restarted), and / is read-write.
+    let unit = guest(
+        &env,
+        "systemctl show -p ExecMainStartTimestampMonotonic -p ExecMainStatus systemd-fsck-root",
+    );
+    let restarted = disks[1]["detail"].as_str().unwrap().contains("restarted");
+    if !restarted {
+        assert!(
+            unit.contains("ExecMainStatus=0")
+                && !unit.contains("ExecMainStartTimestampMonotonic=0"),
+            "{unit}"
+        );
+    }
+    let root_options = guest(
+        &env,
+        "awk '$2 == \"/\" { o = $4 } END { print o }' /proc/mounts",
+    );
+    assert!(
+        root_options.starts_with("rw"),
+        "/ is mounted {root_options}"
+    );
+    assert_eq!(guest(&env, "touch /var/tmp/after && echo ok"), "ok");
     assert_eq!(guest(&env, "sha256sum /root/keep"), sum);
 
     // 5. Stopped cleanly: the work disk checks clean on the host.
@@ -230,5 +275,31 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
         String::from_utf8_lossy(&check.stderr)
     );
     assert_eq!(show(&env)["last_stop"]["kind"], "clean");
+    // The qcow2 system disk, through a raw copy e2fsck can open.
+    let raw = env.home().join("system-check.raw");
+    let converted = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(disk.with_file_name("system.qcow2"))
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        converted.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&converted.stderr)
+    );
+    let check = std::process::Command::new(system_tool("e2fsck"))
+        .arg("-fn")
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "e2fsck -fn of the system disk: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    std::fs::remove_file(&raw).unwrap();
     env.banger(&["vm", "rm", "dev"]).ok();
 }

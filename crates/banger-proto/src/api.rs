@@ -182,6 +182,47 @@ impl StopKind {
     }
 }
 
+/// Which step of `vm stop`'s sequence ended the VMM, in the order they are tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum StopMethod {
+    /// The guest powered itself off after `sync` and `poweroff` over SSH.
+    Poweroff,
+    /// QEMU: the guest shut down after the ACPI power button (QMP `system_powerdown`).
+    Acpi,
+    /// Firecracker (and a guest without ACPI): the guest shut down after Ctrl-Alt-Del.
+    CtrlAltDel,
+    /// The VMM quit when asked (QMP `quit`, Firecracker SIGTERM) under a running guest.
+    Quit,
+    /// The VMM was killed (SIGKILL): nothing else ended it within its bound.
+    Kill,
+}
+
+impl StopMethod {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Poweroff => "poweroff",
+            Self::Acpi => "acpi",
+            Self::CtrlAltDel => "ctrl-alt-del",
+            Self::Quit => "quit",
+            Self::Kill => "kill",
+        }
+    }
+
+    /// Whether the guest shut itself down (its filesystems unmounted): the stop is clean.
+    pub fn guest_shut_down(self) -> bool {
+        matches!(self, Self::Poweroff | Self::Acpi | Self::CtrlAltDel)
+    }
+}
+
+impl std::fmt::Display for StopMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a VM's VMM last ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -190,6 +231,9 @@ pub struct LastStop {
     /// What ended it: a `vm stop` method (`poweroff`, `acpi`, `ctrl-alt-del`, `quit`, `kill`)
     /// or what the daemon found (e.g. `the VMM exited without the guest shutting down`).
     pub how: String,
+    /// The step of `vm stop`'s sequence that ended it, when a stop sequence did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_method: Option<StopMethod>,
     /// RFC 3339 UTC.
     pub at: String,
 }
@@ -209,13 +253,17 @@ pub struct StartFsck {
     pub disks: Vec<DiskFsck>,
 }
 
-/// `e2fsck -p` on one disk before a start.
+/// The check of one disk at a start: `e2fsck -p` on the host before the boot, or the guest's
+/// own fsck of `/` at boot (a disk the host cannot open, e.g. a qcow2 overlay).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DiskFsck {
     /// `work` or `system`.
     pub disk: String,
     pub result: FsckResult,
+    /// Who checked it (absent in records from before the guest's check: the host).
+    #[serde(default, skip_serializing_if = "FsckBy::is_host")]
+    pub checked_by: FsckBy,
     /// e2fsck's exit status, when it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
@@ -223,7 +271,27 @@ pub struct DiskFsck {
     pub detail: String,
 }
 
-/// Outcome of `e2fsck -p` on one disk.
+/// Who checks a disk after an unclean stop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum FsckBy {
+    /// The daemon, with `e2fsck -p` before the boot.
+    #[default]
+    Host,
+    /// The guest's systemd-fsck-root at boot, before `/` is mounted read-write; the daemon
+    /// reads its result over SSH once the guest is up.
+    Guest,
+}
+
+impl FsckBy {
+    /// Whether this is [`FsckBy::Host`] (left out of the JSON).
+    pub fn is_host(&self) -> bool {
+        *self == Self::Host
+    }
+}
+
+/// Outcome of a disk's check (`e2fsck -p` on the host, or the guest's boot fsck).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
@@ -234,7 +302,7 @@ pub enum FsckResult {
     Repaired,
     /// Not repairable automatically (exit 4 or more): the start was refused.
     Failed,
-    /// Not checked on the host (e.g. a qcow2 system disk; `detail` says why).
+    /// Not checked (e.g. a qcow2 system disk the guest did not check at boot; `detail` says why).
     Skipped,
 }
 
@@ -671,9 +739,9 @@ pub struct LifecycleResult {
     pub vm: Vm,
     /// False when the VM already was in the requested state (the call was a no-op).
     pub changed: bool,
-    /// How the stop ended: `poweroff` (guest powered off after sync), `acpi`, `quit`, `kill`.
+    /// `stop` only: which step of the stop sequence ended the VMM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stop_method: Option<String>,
+    pub stop_method: Option<StopMethod>,
     /// `start` only: true when the VM was restored from its suspend snapshot instead of booted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub restored: bool,

@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 
-use banger_proto::{ByteSize, SetVmResult, Vm};
+use banger_proto::{ByteSize, FsckBy, FsckResult, SetVmResult, Vm};
 
 /// `text` with every control character (C0 except newline and tab, DEL, C1) shown as an
 /// escape (`\x1b`, `\u{9b}`) instead of sent; `\r\n` becomes `\n`. For multi-line guest
@@ -218,9 +218,21 @@ pub fn vm_details(vm: &Vm) -> String {
             let disks: Vec<String> = check
                 .disks
                 .iter()
-                .map(|d| match d.exit_code {
-                    Some(code) => format!("{} {} (exit {code})", d.disk, d.result.as_str()),
-                    None => format!("{} {} ({})", d.disk, d.result.as_str(), d.detail),
+                .map(|d| match (d.checked_by, d.result, d.exit_code) {
+                    (FsckBy::Guest, FsckResult::Skipped, _) => {
+                        format!("{} disk: not checked ({})", d.disk, d.detail)
+                    }
+                    (FsckBy::Guest, result, _) => format!(
+                        "{} disk: checked by the guest at boot: {}",
+                        d.disk,
+                        result.as_str()
+                    ),
+                    (FsckBy::Host, _, Some(code)) => {
+                        format!("{} {} (exit {code})", d.disk, d.result.as_str())
+                    }
+                    (FsckBy::Host, _, None) => {
+                        format!("{} {} ({})", d.disk, d.result.as_str(), d.detail)
+                    }
                 })
                 .collect();
             format!("ran: {}; {}", check.why, disks.join(", "))

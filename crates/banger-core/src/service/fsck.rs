@@ -3,16 +3,20 @@
 //! power-off or reboot the guest's console shows) and unclean when the VMM ended under a
 //! running guest (QMP quit, SIGKILL, a crash, a host crash, a failed start). Before the next
 //! start of an unclean VM, `e2fsck -p` runs on the work disk and on a system disk the host
-//! can open as ext4 (raw: reflink or copy; a dm device); a qcow2 system disk is left to the
-//! guest kernel, which replays its journal when it mounts `/`. A VM that never ran, or is
-//! restored from a suspend snapshot, is never checked. What `e2fsck -p` cannot repair stops
-//! the start with its output. A work filesystem left smaller than its grown file by
-//! `vm set --disk` is grown here too.
+//! can open as ext4 (raw: reflink or copy; a dm device). A system disk the host cannot open
+//! (a qcow2 overlay) is checked by the guest itself: that boot mounts `/` read-only and asks
+//! systemd-fsck-root for a forced, repairing check before systemd-remount-fs makes it
+//! read-write ([`GUEST_ROOT_FSCK`]); once the guest is up the daemon reads the check's result
+//! over SSH ([`GUEST_FSCK_SCRIPT`]). A check that repaired the mounted `/` makes the guest
+//! restart, which ends the VMM (`-no-reboot`): the start then boots once more, plainly. A VM
+//! that never ran, or is restored from a suspend snapshot, is never checked. What
+//! `e2fsck -p` cannot repair stops the start with its output. A work filesystem left smaller
+//! than its grown file by `vm set --disk` is grown here too.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use banger_proto::{DiskFsck, FsckResult, StartFsck, StopKind};
+use banger_proto::{DiskFsck, FsckBy, FsckResult, StartFsck, StopKind, StopMethod};
 use tracing::{info, warn};
 
 use super::Manager;
@@ -25,12 +29,128 @@ use crate::vmm::VmDisk;
 /// How much of the end of a console log is read to see how the guest ended.
 const CONSOLE_TAIL: u64 = 256 << 10;
 
+/// Kernel command line words for a boot that mounts `/` read-write at once (every boot but
+/// one that checks `/`).
+pub(super) const ROOT_RW: &str = "rw";
+
+/// Kernel command line words for a boot in which the guest checks `/` before using it: the
+/// initrd (or the kernel) mounts it read-only; systemd-fsck-root runs a forced check that
+/// repairs what it finds (`fsck -y -f`); systemd-remount-fs then remounts `/` read-write. An
+/// image with `/` in its fstab has both units already; for one without (banger's), the
+/// command line pulls in the check (`systemd.wants=`) and tells systemd-remount-fs to make
+/// `/` read-write (`$SYSTEMD_REMOUNT_ROOT_RW`, which that boot's processes see in their
+/// environment).
+pub(super) const GUEST_ROOT_FSCK: &str = "ro fsck.mode=force fsck.repair=yes \
+     systemd.wants=systemd-fsck-root.service systemd.setenv=SYSTEMD_REMOUNT_ROOT_RW=1";
+
+/// What the guest reports of its boot's check of `/` (one `key=value` a line, read by
+/// [`parse_guest_fsck`]): the unit's state from systemd, whether fsck said it corrected
+/// errors (systemd-fsck leaves `/run/systemd/quotacheck` then), the options `/` is mounted
+/// with, and the check's last log lines.
+pub(super) const GUEST_FSCK_SCRIPT: &str = "\
+systemctl show -p ConditionResult -p ExecMainStartTimestampMonotonic -p ExecMainStatus \
+ -p Result systemd-fsck-root.service 2>/dev/null
+if test -e /run/systemd/quotacheck; then echo Corrected=yes; fi
+awk '$2 == \"/\" { o = $4 } END { print \"RootOptions=\" o }' /proc/mounts
+journalctl -b -o cat --no-pager -u systemd-fsck-root.service 2>/dev/null | tail -n 3 | sed 's/^/Log=/'
+exit 0";
+
+/// The guest's check of `/` at boot as [`GUEST_FSCK_SCRIPT`] reported it: the result, a
+/// detail for `vm show`, and whether the image kept the guest contract (when not, why: a
+/// warning for the daemon's log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct GuestFsck {
+    pub result: FsckResult,
+    pub exit_code: Option<i32>,
+    pub detail: String,
+    pub contract: Result<(), String>,
+}
+
+/// Reads [`GUEST_FSCK_SCRIPT`]'s output.
+pub(super) fn parse_guest_fsck(output: &str) -> GuestFsck {
+    let value = |key: &str| {
+        output
+            .lines()
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .next_back()
+            .map(str::trim)
+    };
+    let log: Vec<&str> = output
+        .lines()
+        .filter_map(|l| l.strip_prefix("Log="))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let last_log = log.last().copied().unwrap_or_default().to_owned();
+    let rw = value("RootOptions").is_some_and(|o| o.split(',').any(|opt| opt == "rw"));
+    let not_checked = |why: String| GuestFsck {
+        result: FsckResult::Skipped,
+        exit_code: None,
+        detail: why.clone(),
+        contract: Err(why),
+    };
+    let ran = value("ExecMainStartTimestampMonotonic").is_some_and(|t| t != "0" && !t.is_empty());
+    if value("ConditionResult") == Some("no") {
+        return not_checked(
+            "the guest did not check / at boot: it was read-write before systemd-fsck-root ran \
+             (the image's initrd or fstab mounts it rw)"
+                .into(),
+        );
+    }
+    if !ran {
+        return not_checked(
+            "the guest did not check / at boot: systemd-fsck-root.service did not run \
+             (the image lacks it, or has no systemd)"
+                .into(),
+        );
+    }
+    if log.iter().any(|l| {
+        l.contains("doesn't exist, not checking") || l.contains("does not exist, not checking")
+    }) {
+        return not_checked(format!("the guest did not check / at boot: {last_log}"));
+    }
+    let exit_code = value("ExecMainStatus").and_then(|c| c.parse::<i32>().ok());
+    let success = value("Result") == Some("success") && exit_code == Some(0);
+    let result = match (success, value("Corrected") == Some("yes")) {
+        (false, _) => FsckResult::Failed,
+        (true, true) => FsckResult::Repaired,
+        (true, false) => FsckResult::Clean,
+    };
+    let contract = if rw {
+        Ok(())
+    } else {
+        Err("/ is still read-only after the guest's check (the image does not remount it read-write: add / to its fstab)".into())
+    };
+    GuestFsck {
+        result,
+        exit_code,
+        detail: if last_log.is_empty() {
+            "checked by the guest at boot".into()
+        } else {
+            format!("checked by the guest at boot: {last_log}")
+        },
+        contract,
+    }
+}
+
+/// Whether a guest booted with [`GUEST_ROOT_FSCK`] ended its boot by restarting after the
+/// check (what systemd-fsck asks for once e2fsck repaired a mounted `/`): the console of
+/// that boot shows the check and a restart, and no panic.
+pub(super) fn console_shows_fsck_restart(console: &str) -> bool {
+    let boot = console
+        .rfind("Linux version ")
+        .map_or(console, |at| &console[at..]);
+    boot.contains("systemd-fsck-root")
+        && boot.contains("reboot: Restarting system")
+        && !boot.contains("Kernel panic")
+}
 /// How a `vm stop` method (what ended the VMM) leaves the disks: the guest's own shutdown
 /// unmounted them; QMP quit and SIGKILL (also after a `sync`) did not.
-pub(super) fn stop_kind(method: &str) -> StopKind {
-    match method {
-        "poweroff" | "acpi" | "ctrl-alt-del" => StopKind::Clean,
-        _ => StopKind::Unclean,
+pub(super) fn stop_kind(method: StopMethod) -> StopKind {
+    if method.guest_shut_down() {
+        StopKind::Clean
+    } else {
+        StopKind::Unclean
     }
 }
 
@@ -67,9 +187,7 @@ pub(super) fn host_checks_system_disk(strategy: SystemDiskStrategy) -> Result<()
         SystemDiskStrategy::Reflink | SystemDiskStrategy::Copy | SystemDiskStrategy::DmSnapshot => {
             Ok(())
         }
-        SystemDiskStrategy::Qcow2 => Err(
-            "a qcow2 overlay, which e2fsck cannot open; the guest kernel replays its journal when it mounts /",
-        ),
+        SystemDiskStrategy::Qcow2 => Err("a qcow2 overlay, which e2fsck cannot open"),
     }
 }
 
@@ -92,14 +210,16 @@ impl Manager {
     /// (the start is refused with e2fsck's output when it cannot repair one); then a work
     /// filesystem still to grow into its file is grown. Nothing is touched when `restoring` (a
     /// guest restored from its snapshot has its filesystems mounted in memory). Records what
-    /// it did in `record.start_fsck`; returns warnings for the start's result.
+    /// it did in `record.start_fsck`; returns warnings for the start's result and whether the
+    /// guest is to check `/` at this boot (a system disk the host cannot check).
     pub(super) async fn check_disks_before_start(
         &self,
         record: &mut VmRecord,
         system_disk: &Path,
         work_disk: &Path,
         restoring: bool,
-    ) -> Result<Vec<String>, Error> {
+    ) -> Result<DiskCheck, Error> {
+        let mut checked = DiskCheck::default();
         let name = record.name.to_string();
         let step = |source: crate::disk::DiskError| Error::StepFailed {
             step: format!("cannot start VM {name}: check its disks"),
@@ -114,7 +234,7 @@ impl Manager {
         if restoring {
             report.why = "restored from its suspend snapshot (its filesystems stay mounted in the guest's memory)".into();
             record.start_fsck = Some(report);
-            return Ok(Vec::new());
+            return Ok(checked);
         }
         match &record.last_stop {
             None => report.why = "no stop recorded: the disks are as created".into(),
@@ -127,13 +247,15 @@ impl Manager {
                 let system = host_checks_system_disk(record.spec.system_disk);
                 for (disk, path) in [(VmDisk::Work, work_disk), (VmDisk::System, system_disk)] {
                     if let (VmDisk::System, Err(why)) = (disk, system) {
-                        info!(vm = %name, disk = disk.as_str(), "no e2fsck on the host: {why}");
+                        info!(vm = %name, disk = disk.as_str(), "no e2fsck on the host ({why}): the guest checks / at this boot");
                         report.disks.push(DiskFsck {
                             disk: disk.as_str().into(),
                             result: FsckResult::Skipped,
+                            checked_by: FsckBy::Guest,
                             exit_code: None,
-                            detail: why.into(),
+                            detail: format!("{why}; left to the guest's check of / at boot, whose result the start did not get"),
                         });
+                        checked.guest_checks_root = true;
                         continue;
                     }
                     let run = e2fs::fsck(path, false).await.map_err(step)?;
@@ -142,6 +264,7 @@ impl Manager {
                     report.disks.push(DiskFsck {
                         disk: disk.as_str().into(),
                         result,
+                        checked_by: FsckBy::Host,
                         exit_code: Some(run.exit_code),
                         detail: run.last_line(),
                     });
@@ -167,7 +290,7 @@ impl Manager {
             info!(vm = %name, "no e2fsck before start: {}", report.why);
         }
         record.start_fsck = Some(report);
-        let mut warnings = Vec::new();
+        let warnings = &mut checked.warnings;
         if record.grow_work_fs {
             match e2fs::check_and_grow(work_disk).await {
                 Ok(()) => {
@@ -183,8 +306,91 @@ impl Manager {
                 }
             }
         }
-        Ok(warnings)
+        Ok(checked)
     }
+
+    /// After a boot with [`GUEST_ROOT_FSCK`]: reads the guest's check of `/` over SSH and
+    /// records it as the system disk's entry of `record.start_fsck` (`restarted`: the guest
+    /// restarted after its check repaired `/`, and this is the boot after). Logs it; an image
+    /// that did not check `/` (or left it read-only) gets a warning in the log, not a failed
+    /// start.
+    pub(super) async fn record_guest_fsck(
+        &self,
+        record: &mut VmRecord,
+        target: &crate::guest::ssh::SshTarget,
+        restarted: bool,
+    ) {
+        let name = record.name.to_string();
+        let read =
+            crate::guest::ssh::run(target, GUEST_FSCK_SCRIPT, GUEST_FSCK_DIAL, GUEST_FSCK_LIMIT)
+                .await;
+        let mut found = match read {
+            Ok((Some(0), stdout, _)) => parse_guest_fsck(&stdout),
+            Ok((code, _, stderr)) => GuestFsck {
+                result: FsckResult::Skipped,
+                exit_code: None,
+                detail: format!(
+                    "cannot read the guest's check of / (exit {code:?}): {}",
+                    stderr.trim()
+                ),
+                contract: Ok(()),
+            },
+            Err(e) => GuestFsck {
+                result: FsckResult::Skipped,
+                exit_code: None,
+                detail: format!("cannot read the guest's check of /: {e}"),
+                contract: Ok(()),
+            },
+        };
+        if restarted {
+            // The boot that checked `/` repaired it and restarted; this boot did not check
+            // (it mounted `/` read-write at once), and the image kept the contract.
+            found.result = FsckResult::Repaired;
+            found.exit_code = None;
+            found.contract = Ok(());
+            found.detail = "checked by the guest at boot: repaired, then the guest restarted \
+                 (as fsck asks after repairing a mounted /) and booted again"
+                .into();
+        }
+        if found.result == FsckResult::Skipped {
+            warn!(vm = %name, disk = "system", "system disk: not checked by the guest at boot: {}", found.detail);
+        } else {
+            info!(vm = %name, disk = "system", result = found.result.as_str(), "system disk: checked by the guest at boot: {} ({})", found.result.as_str(), found.detail);
+        }
+        if let Err(why) = &found.contract {
+            warn!(vm = %name, disk = "system", "the image does not keep the guest contract for a boot fsck of /: {why}");
+        }
+        let entry = DiskFsck {
+            disk: VmDisk::System.as_str().into(),
+            result: found.result,
+            checked_by: FsckBy::Guest,
+            exit_code: found.exit_code,
+            detail: found.detail,
+        };
+        if let Some(report) = record.start_fsck.as_mut() {
+            match report
+                .disks
+                .iter_mut()
+                .find(|d| d.disk == VmDisk::System.as_str())
+            {
+                Some(disk) => *disk = entry,
+                None => report.disks.push(entry),
+            }
+        }
+    }
+}
+
+/// Bounds on reading the guest's check of `/` once it is up.
+const GUEST_FSCK_DIAL: std::time::Duration = std::time::Duration::from_secs(10);
+const GUEST_FSCK_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What [`Manager::check_disks_before_start`] leaves to the start.
+#[derive(Debug, Default)]
+pub(super) struct DiskCheck {
+    /// For the start's result.
+    pub warnings: Vec<String>,
+    /// The guest checks `/` at this boot ([`GUEST_ROOT_FSCK`]).
+    pub guest_checks_root: bool,
 }
 
 #[cfg(test)]
@@ -193,10 +399,14 @@ mod tests {
 
     #[test]
     fn only_the_guests_own_shutdown_is_clean() {
-        for clean in ["poweroff", "acpi", "ctrl-alt-del"] {
+        for clean in [
+            StopMethod::Poweroff,
+            StopMethod::Acpi,
+            StopMethod::CtrlAltDel,
+        ] {
             assert_eq!(stop_kind(clean), StopKind::Clean, "{clean}");
         }
-        for unclean in ["quit", "kill", "something new"] {
+        for unclean in [StopMethod::Quit, StopMethod::Kill] {
             assert_eq!(stop_kind(unclean), StopKind::Unclean, "{unclean}");
         }
     }
@@ -220,6 +430,101 @@ mod tests {
             "{boot}reboot: Power down\n{boot}[ 5.0] still running\n"
         )));
         assert!(!console_shows_shutdown(""));
+    }
+
+    const UNIT_RAN: &str = "ConditionResult=yes\nExecMainStartTimestampMonotonic=5296444\n\
+                            ExecMainStatus=0\nResult=success\n";
+
+    #[test]
+    fn the_guests_check_of_root_is_read_from_systemd_and_its_log() {
+        let clean = parse_guest_fsck(&format!(
+            "{UNIT_RAN}RootOptions=rw,relatime\nLog=Pass 5: Checking group summary information\n\
+             Log=banger-root: 11641/31488 files (0.1% non-contiguous), 98201/127232 blocks\n"
+        ));
+        assert_eq!(clean.result, FsckResult::Clean);
+        assert_eq!(clean.exit_code, Some(0));
+        assert!(
+            clean.detail.contains("11641/31488 files"),
+            "{}",
+            clean.detail
+        );
+        assert_eq!(clean.contract, Ok(()));
+
+        let repaired = parse_guest_fsck(&format!("{UNIT_RAN}Corrected=yes\nRootOptions=rw\n"));
+        assert_eq!(repaired.result, FsckResult::Repaired);
+
+        let failed = parse_guest_fsck(
+            "ConditionResult=yes\nExecMainStartTimestampMonotonic=9\nExecMainStatus=1\n\
+             Result=exit-code\nRootOptions=rw\nLog=fsck failed with exit status 4.\n",
+        );
+        assert_eq!(failed.result, FsckResult::Failed);
+        assert_eq!(failed.exit_code, Some(1));
+
+        // `/` left read-only: the check counts, the image breaks the contract.
+        let ro = parse_guest_fsck(&format!("{UNIT_RAN}RootOptions=ro,relatime\n"));
+        assert_eq!(ro.result, FsckResult::Clean);
+        assert!(ro.contract.is_err());
+    }
+
+    #[test]
+    fn an_image_that_did_not_check_root_is_skipped_with_a_reason() {
+        for (output, says) in [
+            (
+                "ConditionResult=no\nExecMainStartTimestampMonotonic=0\nRootOptions=rw\n",
+                "read-write before",
+            ),
+            (
+                "ExecMainStartTimestampMonotonic=0\nRootOptions=rw\n",
+                "did not run",
+            ),
+            ("", "did not run"),
+            (
+                &format!(
+                    "{UNIT_RAN}RootOptions=rw\nLog=fsck.ext4 doesn't exist, not checking file system.\n"
+                ),
+                "doesn't exist",
+            ),
+        ] {
+            let found = parse_guest_fsck(output);
+            assert_eq!(found.result, FsckResult::Skipped, "{output}");
+            assert!(found.detail.contains(says), "{output}: {}", found.detail);
+            assert!(found.contract.is_err(), "{output}");
+        }
+    }
+
+    #[test]
+    fn a_restart_after_the_guests_check_is_told_from_a_panic() {
+        let boot = "[    0.000000] Linux version 6.1.0-40-cloud-amd64\n";
+        let check = "Starting systemd-fsck-root.service - File System Check on Root Device...\n";
+        assert!(console_shows_fsck_restart(&format!(
+            "{boot}{check}Reached target reboot.target\n[ 10.7] reboot: Restarting system\n"
+        )));
+        assert!(!console_shows_fsck_restart(&format!(
+            "{boot}{check}Kernel panic - not syncing\nreboot: Restarting system\n"
+        )));
+        assert!(!console_shows_fsck_restart(&format!(
+            "{boot}reboot: Restarting system\n"
+        )));
+        // The check and restart of an earlier boot say nothing of the last one.
+        assert!(!console_shows_fsck_restart(&format!(
+            "{boot}{check}reboot: Restarting system\n{boot}still booting\n"
+        )));
+    }
+
+    #[test]
+    fn a_guest_check_boot_mounts_root_read_only_and_asks_for_the_check() {
+        let words: Vec<&str> = GUEST_ROOT_FSCK.split_whitespace().collect();
+        assert_eq!(words[0], "ro");
+        for word in [
+            "fsck.mode=force",
+            "fsck.repair=yes",
+            "systemd.wants=systemd-fsck-root.service",
+            "systemd.setenv=SYSTEMD_REMOUNT_ROOT_RW=1",
+        ] {
+            assert!(words.contains(&word), "{GUEST_ROOT_FSCK}");
+        }
+        assert!(!words.contains(&"rw"));
+        assert_eq!(ROOT_RW, "rw");
     }
 
     #[test]

@@ -190,10 +190,11 @@ impl Manager {
         // After an unclean stop, e2fsck before the guest mounts anything; never under a
         // guest restored from its snapshot (its filesystems are mounted in its memory).
         let restoring = restore.is_some_and(|s| s.state.is_file() && s.memory.is_file());
-        let warnings = self
+        let checked = self
             .check_disks_before_start(record, &system_disk, &work_disk, restoring)
             .await?;
-        outcome.warnings.extend(warnings);
+        outcome.warnings.extend(checked.warnings);
+        let guest_fsck = checked.guest_checks_root;
         if caps.cmdline_devices_only
             && let Some(why) =
                 crate::image::kernel::firecracker_blocker(&kernel_caps, kernel.has_initrd)
@@ -277,17 +278,22 @@ impl Manager {
         // start before anything runs).
         let (isolated, ports) = self.user_net_for_start(record, lease.is_some()).await?;
         outcome.forwards = self.bind_forwards(record).await?;
-        let mut cmdline = format!(
-            "console=ttyS0 root=/dev/vda rw {boot_args} banger.hostname={} {net_args}",
-            record.name
-        );
+        // `/` read-write at once, or (the guest checks it at this boot) read-only until
+        // systemd-fsck-root checked it.
+        let mut tail = format!("{boot_args} banger.hostname={} {net_args}", record.name);
         if choice.accel == Accel::Tcg
             && let Some(khz) = accel::this_host_tsc_khz()
         {
             // Without these, TCG guests hang in timer calibration at random, or fall back to a
             // coarse clock because the vCPUs' TSCs look unsynchronised.
-            cmdline.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+            tail.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
         }
+        let cmdline_with = |root: &str| format!("console=ttyS0 root=/dev/vda {root} {tail}");
+        let cmdline = cmdline_with(if guest_fsck {
+            super::fsck::GUEST_ROOT_FSCK
+        } else {
+            super::fsck::ROOT_RW
+        });
         let console_log = self.layout.vm_console_log(&record.id);
         // Keep the previous boot's console for `vm logs` until this one starts writing.
         let _ = std::fs::rename(&console_log, console_log.with_extension("log.prev"));
@@ -346,116 +352,142 @@ impl Manager {
             }
         }
         crate::fault::point("start.before_launch")?;
-        // A port picked free may be taken before QEMU binds it: try a few.
-        let mut attempt = 0;
-        let process = loop {
-            attempt += 1;
-            if attach.is_none() {
-                spec.net = NetAttach::User {
-                    ssh_port: free_port().map_err(Error::io("cannot pick a port"))?,
-                    isolated,
-                    ports: ports.clone(),
+        // A guest whose check of `/` repaired it restarts, which ends the VMM: boot it once
+        // more, plainly.
+        let mut fsck_restarted = false;
+        'boot: loop {
+            // A port picked free may be taken before QEMU binds it: try a few.
+            let mut attempt = 0;
+            let process = loop {
+                attempt += 1;
+                if attach.is_none() {
+                    spec.net = NetAttach::User {
+                        ssh_port: free_port().map_err(Error::io("cannot pick a port"))?,
+                        isolated,
+                        ports: ports.clone(),
+                    };
+                }
+                let tried = match restoring {
+                    Some(snapshot) => backend.restore(&spec, snapshot).await,
+                    None => backend.launch(&spec).await,
                 };
-            }
-            let tried = match restoring {
-                Some(snapshot) => backend.restore(&spec, snapshot).await,
-                None => backend.launch(&spec).await,
+                match tried {
+                    Ok(process) => break process,
+                    Err(e @ VmmError::PortTaken { .. }) if attempt < 3 => {
+                        warn!("port was taken, retrying: {e}");
+                    }
+                    Err(e) if restoring.is_some() => {
+                        warn!(vm = %record.name, "cannot restore the snapshot, booting instead: {e}");
+                        outcome
+                            .warnings
+                            .push(cold_boot_warning(&record.name, &e.to_string()));
+                        restoring = None;
+                        self.remove_snapshot(&record.id);
+                        attempt = 0;
+                    }
+                    Err(e) => return Err(step("launch the VMM")(e.into())),
+                }
             };
-            match tried {
-                Ok(process) => break process,
-                Err(e @ VmmError::PortTaken { .. }) if attempt < 3 => {
-                    warn!("port was taken, retrying: {e}");
-                }
-                Err(e) if restoring.is_some() => {
-                    warn!(vm = %record.name, "cannot restore the snapshot, booting instead: {e}");
-                    outcome
-                        .warnings
-                        .push(cold_boot_warning(&record.name, &e.to_string()));
-                    restoring = None;
-                    self.remove_snapshot(&record.id);
-                    attempt = 0;
-                }
-                Err(e) => return Err(step("launch the VMM")(e.into())),
+            if restoring.is_some() {
+                info!(vm = %record.name, pid = process.pid, "VM restored from its snapshot");
+                outcome.restored = true;
+                self.remove_snapshot(&record.id);
+                crate::fault::point("start.after_restore")?;
             }
-        };
-        if restoring.is_some() {
-            info!(vm = %record.name, pid = process.pid, "VM restored from its snapshot");
-            outcome.restored = true;
-            self.remove_snapshot(&record.id);
-            crate::fault::point("start.after_restore")?;
-        }
-        crate::fault::point("start.after_launch")?;
-        let (ssh_host, ssh_port) = match (&spec.net, &lease) {
-            (NetAttach::User { ssh_port, .. }, _) => ("127.0.0.1".to_owned(), *ssh_port),
-            (NetAttach::Tap { .. }, Some(lease)) => (lease.ip.to_string(), 22),
-            (NetAttach::Tap { .. }, None) => ("127.0.0.1".to_owned(), 0),
-        };
-        undo.process = Some((process.clone(), record.id.clone()));
-        if process.jail.is_some() {
-            undo.jail = Some(backend.clone());
-        }
-        record.runtime = Some(VmRuntime {
-            vmm: record.spec.vmm,
-            accel: choice.accel,
-            reason: choice.reason.clone(),
-            pid: Some(process.pid),
-            ssh_host,
-            ssh_port,
-            jail: process.jail.as_ref().map(|p| p.display().to_string()),
-        });
-        // Durable before waiting: a daemon crash now still knows which process to clean up.
-        self.db.update_vm(record).await?;
-        crate::fault::point("start.after_record")?;
-        if let Some(jail) = &process.jail {
-            info!(vm = %record.name, jail = %jail.display(), "Firecracker runs in its jail (cgroup set by the jailer)");
-        } else if let Some(root) = cgroup::default_root() {
-            match cgroup::place(&root, &record.id, process.pid, spec.cpus, spec.memory_mib) {
-                Ok(leaf) => {
-                    info!(vm = %record.name, cgroup = %leaf.display(), "VMM placed in its cgroup")
-                }
-                Err(why) => info!(vm = %record.name, "VMM runs without a cgroup of its own: {why}"),
+            crate::fault::point("start.after_launch")?;
+            let (ssh_host, ssh_port) = match (&spec.net, &lease) {
+                (NetAttach::User { ssh_port, .. }, _) => ("127.0.0.1".to_owned(), *ssh_port),
+                (NetAttach::Tap { .. }, Some(lease)) => (lease.ip.to_string(), 22),
+                (NetAttach::Tap { .. }, None) => ("127.0.0.1".to_owned(), 0),
+            };
+            undo.process = Some((process.clone(), record.id.clone()));
+            if process.jail.is_some() {
+                undo.jail = Some(backend.clone());
             }
-        }
-        info!(vm = %record.name, pid = process.pid, net = ?spec.net, accel = choice.accel.as_str(), "VMM launched; waiting for SSH");
-        if self.seams.skip_readiness {
-            // Test seam: a fake VMM runs no guest that could answer.
-            return Ok(());
-        }
+            record.runtime = Some(VmRuntime {
+                vmm: record.spec.vmm,
+                accel: choice.accel,
+                reason: choice.reason.clone(),
+                pid: Some(process.pid),
+                ssh_host,
+                ssh_port,
+                jail: process.jail.as_ref().map(|p| p.display().to_string()),
+            });
+            // Durable before waiting: a daemon crash now still knows which process to clean up.
+            self.db.update_vm(record).await?;
+            crate::fault::point("start.after_record")?;
+            if let Some(jail) = &process.jail {
+                info!(vm = %record.name, jail = %jail.display(), "Firecracker runs in its jail (cgroup set by the jailer)");
+            } else if let Some(root) = cgroup::default_root() {
+                match cgroup::place(&root, &record.id, process.pid, spec.cpus, spec.memory_mib) {
+                    Ok(leaf) => {
+                        info!(vm = %record.name, cgroup = %leaf.display(), "VMM placed in its cgroup")
+                    }
+                    Err(why) => {
+                        info!(vm = %record.name, "VMM runs without a cgroup of its own: {why}")
+                    }
+                }
+            }
+            info!(vm = %record.name, pid = process.pid, net = ?spec.net, accel = choice.accel.as_str(), "VMM launched; waiting for SSH");
+            if self.seams.skip_readiness {
+                // Test seam: a fake VMM runs no guest that could answer.
+                return Ok(());
+            }
 
-        let target = self.ssh_target(record)?;
-        let probe = self.readiness_probe().await;
-        let limit = Duration::from_secs(self.config.daemon.start_timeout_secs);
-        let id = record.id.clone();
-        let waiting = std::time::Instant::now();
-        let ready = ssh::wait_ready(&target, limit, &probe, || {
-            process::is_alive(process.pid, &id)
-        })
-        .await;
-        match ready {
-            Ok(true) => {
-                info!(vm = %record.name, ms = waiting.elapsed().as_millis() as u64, "guest SSH answered");
-                if outcome.restored {
-                    self.set_guest_clock(record, &target, outcome).await;
+            let target = self.ssh_target(record)?;
+            let probe = self.readiness_probe().await;
+            let limit = Duration::from_secs(self.config.daemon.start_timeout_secs);
+            let id = record.id.clone();
+            let waiting = std::time::Instant::now();
+            let ready = ssh::wait_ready(&target, limit, &probe, || {
+                process::is_alive(process.pid, &id)
+            })
+            .await;
+            match ready {
+                Ok(true) => {
+                    info!(vm = %record.name, ms = waiting.elapsed().as_millis() as u64, "guest SSH answered");
+                    if outcome.restored {
+                        self.set_guest_clock(record, &target, outcome).await;
+                    }
+                    if guest_fsck {
+                        self.record_guest_fsck(record, &target, fsck_restarted)
+                            .await;
+                    }
+                    return Ok(());
                 }
-                Ok(())
+                Ok(false)
+                    if guest_fsck
+                        && !fsck_restarted
+                        && super::fsck::console_shows_fsck_restart(&read_console(&console_log)) =>
+                {
+                    info!(vm = %record.name, "the guest's check of / repaired it and restarted the guest; booting it again");
+                    fsck_restarted = true;
+                    spec.cmdline = cmdline_with(super::fsck::ROOT_RW);
+                    record.runtime = None;
+                    continue 'boot;
+                }
+                Ok(false) => {
+                    return Err(Error::Failed(match self.exit_reason(record, &*backend) {
+                        Some(reason) => format!(
+                            "VM {} stopped during boot: {reason}; console: {}",
+                            record.name,
+                            console_tail(&console_log)
+                        ),
+                        None => format!(
+                            "VM {} stopped during boot: {}",
+                            record.name,
+                            console_tail(&console_log)
+                        ),
+                    }));
+                }
+                Err(e) => {
+                    return Err(Error::Failed(format!(
+                        "VM {}: {e}; console: {}",
+                        record.name,
+                        console_tail(&console_log)
+                    )));
+                }
             }
-            Ok(false) => Err(Error::Failed(match self.exit_reason(record, &*backend) {
-                Some(reason) => format!(
-                    "VM {} stopped during boot: {reason}; console: {}",
-                    record.name,
-                    console_tail(&console_log)
-                ),
-                None => format!(
-                    "VM {} stopped during boot: {}",
-                    record.name,
-                    console_tail(&console_log)
-                ),
-            })),
-            Err(e) => Err(Error::Failed(format!(
-                "VM {}: {e}; console: {}",
-                record.name,
-                console_tail(&console_log)
-            ))),
         }
     }
 }
@@ -516,6 +548,13 @@ fn mac_for(id: &str) -> String {
 fn free_port() -> std::io::Result<u16> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     Ok(listener.local_addr()?.port())
+}
+
+/// A console log as text (empty when it cannot be read).
+fn read_console(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default()
 }
 
 /// The console lines that explain a failed boot: the last lines reporting a failure or

@@ -12,7 +12,7 @@ use super::{Manager, result};
 use crate::Error;
 use crate::guest::ssh;
 use crate::model::VmRecord;
-use crate::vmm::{StopTimings, cgroup, process, stop_sequence};
+use crate::vmm::{StopMethod, StopTimings, cgroup, process, stop_sequence};
 
 /// Bound on dialling the guest's SSH server when stopping.
 pub(super) const STOP_DIAL: Duration = Duration::from_secs(5);
@@ -48,12 +48,12 @@ impl Manager {
         self.release_runtime_now(&record).await;
         crate::fault::point("stop.after_release")?;
         record.clear_process();
-        record.record_stop(super::fsck::stop_kind(method), method);
+        record.record_stop_method(method, method.as_str());
         record.last_error = None;
         self.transition(&mut record, VmState::Stopped).await?;
-        info!(vm = %name, method, "VM stopped");
+        info!(vm = %name, method = method.as_str(), "VM stopped");
         Ok(LifecycleResult {
-            stop_method: Some(method.into()),
+            stop_method: Some(method),
             ..result(record.to_api(), true)
         })
     }
@@ -66,7 +66,7 @@ impl Manager {
         pid: u32,
         force: bool,
         maybe_paused: bool,
-    ) -> &'static str {
+    ) -> StopMethod {
         let marker = record.id.as_str();
         let grace = Duration::from_secs(self.config.daemon.stop_timeout_secs);
         let (vmm, control) = self.control(record, pid);

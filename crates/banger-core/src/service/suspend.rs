@@ -158,7 +158,7 @@ impl Manager {
             }
         };
         self.transition(&mut record, VmState::Suspended).await?;
-        info!(vm = %name, method, snapshot = %snapshot.state.display(), bytes = sealed.size(), "VM suspended");
+        info!(vm = %name, method = method.as_str(), snapshot = %snapshot.state.display(), bytes = sealed.size(), "VM suspended");
         Ok(LifecycleResult {
             warnings,
             ..result(record.to_api(), true)

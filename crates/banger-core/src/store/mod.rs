@@ -442,6 +442,7 @@ mod tests {
                 disks: vec![DiskFsck {
                     disk: "work".into(),
                     result: FsckResult::Repaired,
+                    checked_by: Default::default(),
                     exit_code: Some(1),
                     detail: "work.ext4: 11/65536 files".into(),
                 }],

@@ -29,7 +29,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 use super::{
-    Capabilities, DiskRefusal, Hypervisor, LaunchSpec, Snapshot, VmProcess, VmmError, process,
+    Capabilities, DiskRefusal, Hypervisor, LaunchSpec, Snapshot, StopMethod, VmProcess, VmmError,
+    process,
 };
 use crate::domain::{SystemDiskStrategy, VmmKind};
 use crate::host::HostOps;
@@ -723,8 +724,8 @@ impl Hypervisor for Firecracker {
             .map_err(|e| VmmError::JailRemoval(e.to_string()))
     }
 
-    fn shutdown_signal(&self) -> &'static str {
-        "ctrl-alt-del"
+    fn shutdown_signal(&self) -> StopMethod {
+        StopMethod::CtrlAltDel
     }
 
     fn exit_reason(&self, vm_dir: &Path) -> Option<String> {

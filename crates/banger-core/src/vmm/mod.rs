@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use accel::Accel;
+pub use banger_proto::StopMethod;
 
 use crate::domain::{SystemDiskStrategy, VmmKind};
 
@@ -312,7 +313,7 @@ pub trait Hypervisor: Send + Sync {
 
     /// How [`Hypervisor::request_shutdown`] asks, as reported by `vm stop`: `acpi` or
     /// `ctrl-alt-del`.
-    fn shutdown_signal(&self) -> &'static str;
+    fn shutdown_signal(&self) -> StopMethod;
 
     /// Pauses the vCPUs (capability `supports_pause`).
     fn pause(
@@ -404,7 +405,7 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
     fn capabilities(&self) -> Capabilities;
     fn boot_args(&self) -> &'static str;
     fn guest_stop_script(&self) -> &'static str;
-    fn shutdown_signal(&self) -> &'static str;
+    fn shutdown_signal(&self) -> StopMethod;
     fn control_socket(&self, runtime_dir: &Path) -> PathBuf;
     fn preflight(&self) -> Result<(), VmmError>;
     fn dm_disks(&self) -> Result<(), String>;
@@ -465,7 +466,7 @@ impl<H: Hypervisor + std::fmt::Debug> VmBackend for H {
     fn guest_stop_script(&self) -> &'static str {
         Hypervisor::guest_stop_script(self)
     }
-    fn shutdown_signal(&self) -> &'static str {
+    fn shutdown_signal(&self) -> StopMethod {
         Hypervisor::shutdown_signal(self)
     }
     fn control_socket(&self, runtime_dir: &Path) -> PathBuf {
@@ -620,10 +621,10 @@ pub async fn stop_sequence(
     synced: bool,
     force: bool,
     timings: StopTimings,
-) -> &'static str {
+) -> StopMethod {
     let pid = process.pid;
     if synced && !force && process::wait_gone(pid, marker, timings.poweroff).await {
-        return "poweroff";
+        return StopMethod::Poweroff;
     }
     if !force {
         match vmm.request_shutdown(process).await {
@@ -639,8 +640,8 @@ pub async fn stop_sequence(
         && vmm.quit(process).await.is_ok()
         && process::wait_gone(pid, marker, timings.quit).await
     {
-        return "quit";
+        return StopMethod::Quit;
     }
     process::kill(pid, marker).await;
-    "kill"
+    StopMethod::Kill
 }

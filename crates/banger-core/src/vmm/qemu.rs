@@ -21,7 +21,7 @@ use crate::layout::vm_runtime;
 
 use super::{
     Accel, Capabilities, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, PortForward, Snapshot,
-    VmDisk, VmProcess, VmmError, process, qmp,
+    StopMethod, VmDisk, VmProcess, VmmError, process, qmp,
 };
 
 /// The migration bandwidth while suspending (bytes/s): QEMU's default (128 MiB/s on 10.0,
@@ -451,8 +451,8 @@ impl Hypervisor for Qemu {
         qmp_socket_in(runtime_dir)
     }
 
-    fn shutdown_signal(&self) -> &'static str {
-        "acpi"
+    fn shutdown_signal(&self) -> StopMethod {
+        StopMethod::Acpi
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<VmProcess, VmmError> {

@@ -48,7 +48,7 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             } else if result.changed {
                 println!(
                     "Stopped VM {name} ({})",
-                    output::escape_line(result.stop_method.as_deref().unwrap_or("stopped"))
+                    result.stop_method.map_or("stopped", |m| m.as_str())
                 );
             } else {
                 println!("VM {name} is not running");
