@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::Manager;
 use crate::Error;
-use crate::domain::SystemDiskStrategy;
+use crate::domain::{DiskFormat, SystemDiskStrategy};
 use crate::e2fs;
 use crate::model::VmRecord;
 use crate::vmm::VmDisk;
@@ -73,6 +73,16 @@ pub(super) fn host_checks_system_disk(strategy: SystemDiskStrategy) -> Result<()
     }
 }
 
+/// Whether the host can check a work disk in `format` with e2fsck, or why not.
+pub(super) fn host_checks_work_disk(format: DiskFormat) -> Result<(), &'static str> {
+    match format {
+        DiskFormat::Raw => Ok(()),
+        DiskFormat::Qcow2 => Err(
+            "a qcow2 overlay over a named snapshot, which e2fsck cannot open; the guest kernel replays its journal when it mounts /root",
+        ),
+    }
+}
+
 impl Manager {
     /// How the VMM of `record` ended when the daemon found it gone without having stopped it
     /// itself: clean when the guest's console shows it shutting down, else unclean.
@@ -98,6 +108,7 @@ impl Manager {
         record: &mut VmRecord,
         system_disk: &Path,
         work_disk: &Path,
+        work_format: DiskFormat,
         restoring: bool,
     ) -> Result<Vec<String>, Error> {
         let name = record.name.to_string();
@@ -125,8 +136,13 @@ impl Manager {
                 report.why = format!("the last stop was unclean ({})", stop.how);
                 report.ran = true;
                 let system = host_checks_system_disk(record.spec.system_disk);
+                let work = host_checks_work_disk(work_format);
                 for (disk, path) in [(VmDisk::Work, work_disk), (VmDisk::System, system_disk)] {
-                    if let (VmDisk::System, Err(why)) = (disk, system) {
+                    let check = match disk {
+                        VmDisk::System => system,
+                        VmDisk::Work => work,
+                    };
+                    if let Err(why) = check {
                         info!(vm = %name, disk = disk.as_str(), "no e2fsck on the host: {why}");
                         report.disks.push(DiskFsck {
                             disk: disk.as_str().into(),
@@ -168,7 +184,12 @@ impl Manager {
         }
         record.start_fsck = Some(report);
         let mut warnings = Vec::new();
-        if record.grow_work_fs {
+        if record.grow_work_fs && work_format != DiskFormat::Raw {
+            info!(vm = %name, "the work filesystem still has to grow; the host cannot grow a qcow2 overlay's");
+            warnings.push(format!(
+                "the work filesystem of VM {name} is smaller than its disk; grow it in the guest with `resize2fs` on /root's device"
+            ));
+        } else if record.grow_work_fs {
             match e2fs::check_and_grow(work_disk).await {
                 Ok(()) => {
                     record.grow_work_fs = false;

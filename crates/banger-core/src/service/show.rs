@@ -40,6 +40,7 @@ impl Manager {
         let mut vm = record.to_api();
         vm.network = self.vm_network(record);
         vm.spec.system_disk_size_bytes = self.system_disk_size(record);
+        vm.snapshots = self.snapshot_summary(record);
         if let Some(runtime) = vm.runtime.as_mut() {
             runtime.jailer = self.backend_of(record.spec.vmm).jailed();
         }

@@ -168,7 +168,7 @@ impl Manager {
         };
         let backend = self.backend(record);
         let caps = backend.capabilities();
-        let work_disk = self.layout.vm_work_disk(&record.id);
+        let (work_disk, work_format) = self.work_disk(&record.id);
         for disk in [&system_disk, &work_disk] {
             if !disk.exists() {
                 return Err(Error::Failed(format!(
@@ -182,7 +182,7 @@ impl Manager {
         // guest restored from its snapshot (its filesystems are mounted in its memory).
         let restoring = restore.is_some_and(|s| s.state.is_file() && s.memory.is_file());
         let warnings = self
-            .check_disks_before_start(record, &system_disk, &work_disk, restoring)
+            .check_disks_before_start(record, &system_disk, &work_disk, work_format, restoring)
             .await?;
         outcome.warnings.extend(warnings);
         if caps.cmdline_devices_only
@@ -293,6 +293,7 @@ impl Manager {
             system_disk,
             system_disk_format: strategy.format(),
             work_disk,
+            work_disk_format: work_format.as_str(),
             runtime_dir,
             console_log: console_log.clone(),
             net: attach.clone().unwrap_or(NetAttach::User {
