@@ -330,3 +330,114 @@ fn snapshots_restore_exact_prefixes_and_merge_on_removal() {
     env.banger(&["vm", "rm", "dev"]).ok();
     assert!(!dir.exists());
 }
+
+/// `sh -c SCRIPT` in VM `vm`, trimmed.
+fn guest_in(env: &TestEnv, vm: &str, script: &str) -> String {
+    env.banger(&["vm", "exec", vm, "--", "sh", "-c", script])
+        .ok()
+        .stdout
+        .trim()
+        .to_owned()
+}
+
+/// What tells a guest apart: hostname, machine-id, SSH host key, MAC of its NIC.
+fn identity(env: &TestEnv, vm: &str) -> [String; 4] {
+    [
+        guest_in(env, vm, "hostname"),
+        guest_in(env, vm, "cat /etc/machine-id"),
+        guest_in(
+            env,
+            vm,
+            "cut -d' ' -f1,2 /root/.banger/ssh_host_ed25519_key.pub",
+        ),
+        guest_in(
+            env,
+            vm,
+            "for d in /sys/class/net/*; do [ \"${d##*/}\" = lo ] || cat $d/address; done",
+        ),
+    ]
+}
+
+/// A clone (two more boots, both VMs running at once): its own name, machine-id, host key and
+/// MAC, the source's files and none of what either writes afterwards; the source and its
+/// snapshot cannot go while the clone exists.
+#[test]
+fn clones_boot_with_their_own_identity() {
+    let env = TestEnv::new();
+    std::fs::write(env.config_file(), CONFIG).unwrap();
+    env.build_default_image();
+    let run = env.banger(&["vm", "run", "src", "--memory", "512M"]);
+    if run.code != 0 {
+        env.dump_diagnostics();
+    }
+    run.ok();
+    guest_in(&env, "src", "echo before > /root/shared && sync");
+    env.banger(&["vm", "stop", "src"]).ok();
+    // A memory clone is refused: it would resume as a twin.
+    let memory = env.banger(&["vm", "clone", "src", "cl", "--memory"]);
+    assert_eq!(memory.code, 1, "{}", memory.stderr);
+    assert!(memory.stderr.contains("hint"), "{}", memory.stderr);
+    let cloned = env
+        .banger(&["vm", "clone", "src", "cl", "--json"])
+        .ok()
+        .json();
+    assert_eq!(cloned["cloned_from"], "src/clone-cl", "{cloned}");
+    assert_eq!(cloned["state"], "created", "{cloned}");
+    // The source and the snapshot the clone continues from stay while it exists.
+    let rm = env.banger(&["vm", "rm", "src"]);
+    assert_eq!(rm.code, 1, "{}", rm.stderr);
+    assert!(
+        rm.stderr.contains("cl") && rm.stderr.contains("hint"),
+        "{}",
+        rm.stderr
+    );
+    let rm = env.banger(&["vm", "snapshot", "rm", "src", "clone-cl"]);
+    assert_eq!(rm.code, 1, "{}", rm.stderr);
+    assert!(rm.stderr.contains("clone cl"), "{}", rm.stderr);
+
+    env.banger(&["vm", "start", "src"]).ok();
+    let started = env.banger(&["vm", "start", "cl"]);
+    if started.code != 0 {
+        env.dump_diagnostics();
+    }
+    started.ok();
+    let (src, cl) = (identity(&env, "src"), identity(&env, "cl"));
+    assert_eq!(cl[0], "cl");
+    for (what, (a, b)) in ["hostname", "machine-id", "host key", "MAC"]
+        .iter()
+        .zip(src.iter().zip(cl.iter()))
+    {
+        assert_ne!(a, b, "{what}: the clone has its source's");
+    }
+    let cl_id = env.banger(&["vm", "show", "cl", "--json"]).ok().json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(cl[1], cl_id, "the clone's machine-id is its id");
+    // The pinned key is the one the clone's sshd serves now (a new connection checks it).
+    let pinned =
+        std::fs::read_to_string(env.home().join("vms").join(&cl_id).join("known_hosts")).unwrap();
+    assert!(pinned.contains(&cl[2]), "{pinned}");
+    let ssh_control = env.home().join("run/vms").join(&cl_id).join("ssh-control");
+    let _ = std::fs::remove_file(ssh_control);
+    assert_eq!(guest_in(&env, "cl", "cat /root/shared"), "before");
+    // Written in one, absent in the other.
+    guest_in(&env, "cl", "echo cl > /root/only-cl && sync");
+    guest_in(&env, "src", "echo src > /root/only-src && sync");
+    assert_eq!(
+        guest_in(&env, "src", "ls /root/only-cl 2>/dev/null | wc -l"),
+        "0"
+    );
+    assert_eq!(
+        guest_in(&env, "cl", "ls /root/only-src 2>/dev/null | wc -l"),
+        "0"
+    );
+    assert_eq!(guest_in(&env, "cl", "cat /root/only-cl"), "cl");
+
+    env.banger(&["vm", "stop", "cl"]).ok();
+    env.banger(&["vm", "stop", "src"]).ok();
+    env.banger(&["vm", "rm", "cl"]).ok();
+    env.banger(&["vm", "snapshot", "rm", "src", "clone-cl"])
+        .ok();
+    env.banger(&["vm", "rm", "src"]).ok();
+}

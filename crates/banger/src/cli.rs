@@ -169,6 +169,24 @@ pub enum VmCommand {
     /// continue from.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Make a new VM from a snapshot of a QEMU VM, without copying its disks.
+    ///
+    /// Without --snapshot, a snapshot `clone-NEW` of SRC is taken first (SRC must be stopped).
+    /// The clone gets its own name, MAC, address and machine-id, and at its first start its
+    /// own SSH host key. SRC cannot be removed while the clone exists.
+    Clone {
+        src: VmName,
+        new: VmName,
+        /// Clone this snapshot of SRC instead of taking one.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Memory snapshots cannot be cloned (a resumed twin would share its source's
+        /// identity); refused.
+        #[arg(long, hide = true)]
+        memory: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Change a VM's vCPUs, memory or disk sizes. CPUs, memory and the system disk change
     /// while the VM is stopped (its next start uses them); the work disk also grows while a
     /// QEMU VM runs (/root grows at once). Disks only grow; a smaller size is refused and

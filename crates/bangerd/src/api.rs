@@ -14,10 +14,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
-    ApiError, BuildImageRequest, BuildKernelRequest, BuildProgress, CheckStatus, ConsoleChunk,
-    CopyDirection, CopyRequest, CopyResult, CreateSnapshotRequest, CreateVmRequest, DaemonStatus,
-    DiskFsck, DiskUsage, DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExecDefaults,
-    ExportResult, ExportWorkspaceRequest, FsUsage, FsckResult, GuestStats, Image,
+    ApiError, BuildImageRequest, BuildKernelRequest, BuildProgress, CheckStatus, CloneVmRequest,
+    ConsoleChunk, CopyDirection, CopyRequest, CopyResult, CreateSnapshotRequest, CreateVmRequest,
+    DaemonStatus, DiskFsck, DiskUsage, DoctorCheck, DoctorReport, ErrorBody, ErrorCode,
+    ExecDefaults, ExportResult, ExportWorkspaceRequest, FsUsage, FsckResult, GuestStats, Image,
     ImportImageRequest, ImportKernelRequest, Kernel, KernelBuildProgress, KernelCapabilities,
     LastStop, LeaseInfo, LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER,
     PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress, PrepareResult,
@@ -67,6 +67,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{name}/pause", post(pause_vm))
         .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/suspend", post(suspend_vm))
+        .route("/v1/vms/{name}/clone", post(clone_vm))
         .route("/v1/vms/{name}/ssh", get(ssh_info))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/vms/{name}/ports", get(list_ports).post(change_ports))
@@ -349,6 +350,20 @@ async fn change_ports(
     ApiJson(request): ApiJson<PortChangeRequest>,
 ) -> Result<Json<PortList>, HttpError> {
     Ok(Json(state.manager.change_ports(&name, request).await?))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/clone", tag = "snapshots",
+    request_body = CloneVmRequest,
+    params(("name" = String, Path, description = "The source VM")),
+    responses((status = 200, description = "The clone, created (not started)", body = Vm),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "The name is taken, or the source must be stopped to snapshot it", body = ErrorBody)))]
+async fn clone_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<CloneVmRequest>,
+) -> Result<Json<Vm>, HttpError> {
+    Ok(Json(state.manager.clone_vm(&name, request).await?))
 }
 
 #[utoipa::path(get, path = "/v1/vms/{name}/snapshots", tag = "snapshots",
@@ -829,6 +844,7 @@ async fn transfer_progress(
         console,
         list_ports,
         change_ports,
+        clone_vm,
         list_snapshots,
         create_snapshot,
         restore_snapshot,
@@ -888,6 +904,7 @@ async fn transfer_progress(
         VmSnapshot,
         SnapshotList,
         CreateSnapshotRequest,
+        CloneVmRequest,
         VmSpec,
         VmState,
         VmRuntime,

@@ -41,6 +41,7 @@ impl Manager {
         vm.network = self.vm_network(record);
         vm.spec.system_disk_size_bytes = self.system_disk_size(record);
         vm.snapshots = self.snapshot_summary(record);
+        vm.cloned_from = self.cloned_from(record);
         if let Some(runtime) = vm.runtime.as_mut() {
             runtime.jailer = self.backend_of(record.spec.vmm).jailed();
         }

@@ -41,7 +41,7 @@ impl Manager {
 
     /// Refuses a VM whose disks cannot be snapshotted: one whose VMM cannot open qcow2, or
     /// whose system disk is not a qcow2 overlay.
-    fn check_snapshottable(&self, record: &VmRecord) -> Result<(), Error> {
+    pub(super) fn check_snapshottable(&self, record: &VmRecord) -> Result<(), Error> {
         let backend = self.backend(record);
         if !backend.capabilities().supports_qcow2 {
             return Err(Error::Unsupported {
@@ -67,7 +67,11 @@ impl Manager {
     }
 
     /// The VM's snapshot called `snapshot`, with no step half done.
-    fn named_snapshot(&self, record: &VmRecord, snapshot: &str) -> Result<SnapshotRecord, Error> {
+    pub(super) fn named_snapshot(
+        &self,
+        record: &VmRecord,
+        snapshot: &str,
+    ) -> Result<SnapshotRecord, Error> {
         let found = self.store().find_snapshot(&record.id, snapshot)?;
         let found = found.ok_or_else(|| Error::AssetNotFound {
             kind: "snapshot",
@@ -93,12 +97,22 @@ impl Manager {
     ) -> Result<VmSnapshot, Error> {
         let vm = self.locked(name).await?;
         let record = self.observed_vm(&vm.name)?;
-        self.check_snapshottable(&record)?;
-        must_be_stopped(&record, "snapshot")?;
         let snapshot_name = match request.name {
             Some(n) => n,
             None => default_name(std::time::SystemTime::now()),
         };
+        let done = self.take_snapshot(&record, snapshot_name).await?;
+        Ok(self.snapshot_api(&record, &done, Some(&done.id)))
+    }
+
+    /// Takes snapshot `snapshot_name` of `record` (its lock held).
+    pub(super) async fn take_snapshot(
+        &self,
+        record: &VmRecord,
+        snapshot_name: String,
+    ) -> Result<SnapshotRecord, Error> {
+        self.check_snapshottable(record)?;
+        must_be_stopped(record, "snapshot")?;
         banger_proto::check_snapshot_name(&snapshot_name).map_err(Error::InvalidRequest)?;
         if self
             .store()
@@ -137,11 +151,10 @@ impl Manager {
         // The VM's suspend state (if any) paired with the files now in the snapshot.
         self.remove_snapshot(&record.id);
         info!(vm = %record.name, snapshot = %snapshot.name, id = %snapshot.id, "snapshot taken");
-        let done = SnapshotRecord {
+        Ok(SnapshotRecord {
             pending: None,
             ..snapshot
-        };
-        Ok(self.snapshot_api(&record, &done, Some(&done.id)))
+        })
     }
 
     /// The file steps of taking `snapshot` (each done only when not done yet): the VM's tops
@@ -522,7 +535,7 @@ impl Manager {
 }
 
 /// Refuses an operation on a VM that is not stopped (or never started).
-fn must_be_stopped(record: &VmRecord, what: &str) -> Result<(), Error> {
+pub(super) fn must_be_stopped(record: &VmRecord, what: &str) -> Result<(), Error> {
     match record.state {
         VmState::Stopped | VmState::Created => Ok(()),
         VmState::Suspended => Err(Error::NotNow {

@@ -271,6 +271,10 @@ impl Manager {
             "console=ttyS0 root=/dev/vda rw {boot_args} banger.hostname={} {net_args}",
             record.name
         );
+        if let Some(args) = self.clone_boot_args(record) {
+            cmdline.push(' ');
+            cmdline.push_str(&args);
+        }
         if choice.accel == Accel::Tcg
             && let Some(khz) = accel::this_host_tsc_khz()
         {
@@ -427,6 +431,8 @@ impl Manager {
                 info!(vm = %record.name, ms = waiting.elapsed().as_millis() as u64, "guest SSH answered");
                 if outcome.restored {
                     self.set_guest_clock(record, &target, outcome).await;
+                } else {
+                    self.own_host_key(record, &target).await?;
                 }
                 Ok(())
             }

@@ -127,7 +127,8 @@ const MIGRATIONS: &[Migration] = &[
     // half done (finished at daemon start). `vm_disk_heads`: the snapshot a VM's disks
     // continue from now (no row: from none), and `restoring` a restore whose rename of the
     // new top overlays may be half done. `vm_clones`: the snapshot (of another VM) a clone's
-    // disks continue from at its creation; the snapshot cannot go while the clone exists.
+    // disks continue from at its creation; the snapshot cannot go while the clone exists;
+    // `fresh`: its SSH host key is still its source's (replaced at its first start).
     Sql("CREATE TABLE vm_snapshots (
         id          TEXT PRIMARY KEY NOT NULL,
         vm_id       TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
@@ -145,7 +146,8 @@ const MIGRATIONS: &[Migration] = &[
     ) STRICT;
     CREATE TABLE vm_clones (
         vm_id       TEXT PRIMARY KEY NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
-        snapshot_id TEXT NOT NULL REFERENCES vm_snapshots(id) ON DELETE RESTRICT
+        snapshot_id TEXT NOT NULL REFERENCES vm_snapshots(id) ON DELETE RESTRICT,
+        fresh       INTEGER NOT NULL DEFAULT 1 CHECK (fresh IN (0, 1))
     ) STRICT;"),
 ];
 

@@ -246,6 +246,34 @@ impl Store {
         Ok(())
     }
 
+    /// Records `vm_id` as a clone of snapshot `snapshot_id` (its host key still to replace).
+    pub fn add_clone(&self, vm_id: &str, snapshot_id: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO vm_clones (vm_id, snapshot_id) VALUES (?1, ?2)",
+            params![vm_id, snapshot_id],
+        )?;
+        Ok(())
+    }
+
+    /// The snapshot the VM was cloned from and whether its host key is still the source's.
+    pub fn clone_source(&self, vm_id: &str) -> Result<Option<(String, bool)>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT snapshot_id, fresh FROM vm_clones WHERE vm_id = ?1",
+                [vm_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Marks the clone's host key as its own.
+    pub fn clone_identity_done(&self, vm_id: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("UPDATE vm_clones SET fresh = 0 WHERE vm_id = ?1", [vm_id])?;
+        Ok(())
+    }
+
     /// The names of the VMs cloned from snapshot `id`.
     pub fn clones_of(&self, snapshot_id: &str) -> Result<Vec<String>, StoreError> {
         let mut stmt = self.conn.prepare(
@@ -341,6 +369,25 @@ mod tests {
         store.abandon_snapshot(&s4).unwrap();
         assert_eq!(store.disk_head(&vm.id).unwrap().unwrap().snapshot_id, "2");
         assert!(store.find_snapshot(&vm.id, "four").unwrap().is_none());
+        // A clone (another VM) of snapshot 2: listed, fresh until its key is its own, and
+        // the snapshot cannot be deleted under it.
+        let clone = VmRecord::new(banger_proto::VmName::parse("b").unwrap(), vm.spec.clone());
+        store.insert_vm_with_lease(&clone, None).unwrap();
+        store.add_clone(&clone.id, "2").unwrap();
+        assert_eq!(store.clones_of("2").unwrap(), vec!["b".to_owned()]);
+        assert_eq!(
+            store.clone_source(&clone.id).unwrap(),
+            Some(("2".into(), true))
+        );
+        store.clone_identity_done(&clone.id).unwrap();
+        assert_eq!(
+            store.clone_source(&clone.id).unwrap(),
+            Some(("2".into(), false))
+        );
+        let s2 = store.snapshot_by_id("2").unwrap().unwrap();
+        assert!(store.delete_snapshot(&s2).is_err());
+        store.delete_vm("b").unwrap();
+        assert!(store.clones_of("2").unwrap().is_empty());
         // The VM's rows go with it.
         store.delete_vm("a").unwrap();
         assert!(store.snapshots_of(&vm.id).unwrap().is_empty());

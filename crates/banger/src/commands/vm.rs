@@ -6,9 +6,9 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use banger_proto::{
-    ByteSize, ConsoleChunk, CreateSnapshotRequest, CreateVmRequest, LifecycleResult,
-    PortChangeRequest, PortList, PullPolicy, SetVmRequest, SetVmResult, SnapshotList, SshInfo,
-    StopVmRequest, Vm, VmName, VmSnapshot,
+    ByteSize, CloneVmRequest, ConsoleChunk, CreateSnapshotRequest, CreateVmRequest,
+    LifecycleResult, PortChangeRequest, PortList, PullPolicy, SetVmRequest, SetVmResult,
+    SnapshotList, SshInfo, StopVmRequest, Vm, VmName, VmSnapshot,
 };
 use hyper::Method;
 
@@ -165,6 +165,42 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
         }
         VmCommand::Port(args) => port(client, args).await,
         VmCommand::Snapshot(command) => snapshot(client, command).await,
+        VmCommand::Clone {
+            src,
+            new,
+            snapshot,
+            memory,
+            json,
+        } => {
+            if memory {
+                eprintln!(
+                    "banger: cannot clone with --memory: a clone resumed from its source's memory would keep the source's identity (host key, machine-id, addresses); hint: clone from a disk snapshot (without --memory) and start the clone"
+                );
+                return Ok(1);
+            }
+            let request = CloneVmRequest {
+                name: new.to_string(),
+                snapshot,
+            };
+            let vm: Vm = with_progress(
+                &format!("cloning {src} to {new}"),
+                client.call(
+                    Method::POST,
+                    &format!("/v1/vms/{src}/clone"),
+                    Some(&request),
+                ),
+            )
+            .await?;
+            if json.json {
+                print_json(&vm)?;
+            } else {
+                println!(
+                    "VM {new} cloned from {}; start it with `banger vm start {new}`",
+                    vm.cloned_from.as_deref().unwrap_or(src.as_str())
+                );
+            }
+            Ok(0)
+        }
         VmCommand::Set {
             name,
             cpus,
