@@ -11,10 +11,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use banger_proto::helper::{HelperOp, HelperResult};
+use banger_proto::helper::HelperOp;
 use tokio::process::Command;
 
-use crate::host::{HostError, HostOps, HostReply};
+use crate::host::{HostError, HostOps};
 
 /// Filesystem label the guest mounts at /root.
 pub const WORK_LABEL: &str = "banger-work";
@@ -480,28 +480,20 @@ pub fn dm_snapshot_attach(
     base: &Path,
     cow: &Path,
 ) -> Result<DmDisk, DiskError> {
-    let base_loop = device(host.call(op_id, loop_attach(base, true)))?;
-    let cow_loop = match device(host.call(op_id, loop_attach(cow, false))) {
+    let base_loop = host.loop_attach(op_id, base, true)?;
+    let cow_loop = match host.loop_attach(op_id, cow, false) {
         Ok(device) => device,
         Err(e) => {
             detach(host, op_id, &base_loop, base);
-            return Err(e);
+            return Err(e.into());
         }
     };
-    let created = device(host.call(
-        op_id,
-        HelperOp::DmSnapshotCreate {
-            name: name.to_owned(),
-            origin_loop: base_loop.clone(),
-            cow_loop: cow_loop.clone(),
-        },
-    ));
-    let device = match created {
+    let device = match host.dm_snapshot_create(op_id, name, &base_loop, &cow_loop) {
         Ok(device) => device,
         Err(e) => {
             detach(host, op_id, &cow_loop, cow);
             detach(host, op_id, &base_loop, base);
-            return Err(e);
+            return Err(e.into());
         }
     };
     Ok(DmDisk {
@@ -514,13 +506,6 @@ pub fn dm_snapshot_attach(
     })
 }
 
-fn loop_attach(file: &Path, read_only: bool) -> HelperOp {
-    HelperOp::LoopAttach {
-        file: file.display().to_string(),
-        read_only,
-    }
-}
-
 fn loop_detach(device: &str, file: Option<&Path>) -> HelperOp {
     HelperOp::LoopDetach {
         device: device.to_owned(),
@@ -530,19 +515,8 @@ fn loop_detach(device: &str, file: Option<&Path>) -> HelperOp {
 
 /// Best-effort detach while undoing a failed setup (the setup's error is the one reported).
 fn detach(host: &dyn HostOps, op_id: &str, device: &str, file: &Path) {
-    if let Err(e) = host.call(op_id, loop_detach(device, Some(file))) {
+    if let Err(e) = host.run(op_id, loop_detach(device, Some(file))) {
         tracing::warn!(device, "cannot detach while undoing a dm setup: {e}");
-    }
-}
-
-/// The device a helper call answered.
-fn device(reply: Result<HostReply, HostError>) -> Result<String, DiskError> {
-    match reply?.result {
-        HelperResult::Device { device } => Ok(device),
-        other => Err(DiskError::Host(HostError::Protocol {
-            op: "device",
-            message: format!("expected a device, got {other:?}"),
-        })),
     }
 }
 
@@ -556,7 +530,7 @@ pub fn dm_snapshot_remove(host: &dyn HostOps, op_id: &str, disk: &DmDisk) -> Res
         loop_detach(&disk.cow_loop, disk.cow_file.as_deref()),
         loop_detach(&disk.base_loop, disk.base_file.as_deref()),
     ]
-    .map(|op| host.call(op_id, op));
+    .map(|op| host.run(op_id, op));
     match results.into_iter().find_map(Result::err) {
         Some(e) => Err(DiskError::Host(e)),
         None => Ok(()),

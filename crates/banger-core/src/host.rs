@@ -1,6 +1,7 @@
 //! [`HostOps`]: every privileged action goes through this one seam (youki's Syscall idea):
 //! the network (bridge, taps, nftables, DNS socket) and the `dm` system disks (loop devices,
-//! device-mapper snapshots), so the daemon never needs root. The real implementation,
+//! device-mapper snapshots) and Firecracker's jailer, so the daemon itself does nothing
+//! privileged. The real implementation,
 //! [`HelperClient`], talks to `banger-helper` over its Unix socket (frames of
 //! `banger_proto::helper`, the DNS socket arriving by SCM_RIGHTS); [`RecordingHost`] records the
 //! operations for tests that cannot, or need not, run the helper.
@@ -13,8 +14,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use banger_proto::helper::{
-    HelperErrorCode, HelperInfo, HelperOp, HelperReply, HelperRequest, HelperResult, MAX_FRAME,
-    frame_len, write_frame,
+    HelperErrorCode, HelperInfo, HelperOp, HelperReply, HelperRequest, HelperResult, JailFiles,
+    MAX_FRAME, NetworkState, frame_len, write_frame,
 };
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 
@@ -47,19 +48,135 @@ pub struct HostReply {
     pub fd: Option<OwnedFd>,
 }
 
-/// Privileged actions. Blocking: callers run them on a blocking thread.
+/// Privileged actions. Blocking: callers run them on a blocking thread. An implementation
+/// provides [`HostOps::call`] (one operation of the wire protocol); callers use the typed
+/// methods, which check the reply's shape.
 pub trait HostOps: Send + Sync + std::fmt::Debug {
     fn call(&self, op_id: &str, op: HelperOp) -> Result<HostReply, HostError>;
+
+    /// Runs `op`, whose reply carries nothing but success.
+    fn run(&self, op_id: &str, op: HelperOp) -> Result<(), HostError> {
+        self.call(op_id, op).map(drop)
+    }
 
     /// The helper's settings, if it answers.
     fn hello(&self, op_id: &str) -> Result<HelperInfo, HostError> {
         match self.call(op_id, HelperOp::Hello)?.result {
             HelperResult::Info(info) => Ok(info),
-            other => Err(HostError::Protocol {
-                op: "hello",
-                message: format!("unexpected result {other:?}"),
-            }),
+            other => Err(unexpected("hello", other)),
         }
+    }
+
+    /// What exists of the owner's network (bridge, nftables table, taps).
+    fn network_status(&self, op_id: &str) -> Result<NetworkState, HostError> {
+        match self.call(op_id, HelperOp::NetworkStatus)?.result {
+            HelperResult::Status(state) => Ok(state),
+            other => Err(unexpected("network_status", other)),
+        }
+    }
+
+    /// The DNS server's UDP socket, bound by the helper on the gateway's port 53.
+    fn bind_dns(&self, op_id: &str) -> Result<OwnedFd, HostError> {
+        self.call(op_id, HelperOp::BindDns)?
+            .fd
+            .ok_or_else(|| HostError::Protocol {
+                op: "bind_dns",
+                message: "no socket came with the reply".into(),
+            })
+    }
+
+    /// Routes `~vm` to the bridge through systemd-resolved; `false` when it does not run here.
+    fn route_dns(&self, op_id: &str) -> Result<bool, HostError> {
+        match self.call(op_id, HelperOp::RouteDns)?.result {
+            HelperResult::Routed { routed } => Ok(routed),
+            other => Err(unexpected("route_dns", other)),
+        }
+    }
+
+    /// Makes the tap `name` (idempotent), for a backend that opens it itself.
+    fn ensure_tap(&self, op_id: &str, name: &str) -> Result<(), HostError> {
+        let op = HelperOp::EnsureTap {
+            name: name.to_owned(),
+        };
+        self.run(op_id, op)
+    }
+
+    /// A queue of the tap `name`, opened by the helper (`/dev/net/tun` may be root's only),
+    /// if one came with the reply.
+    fn open_tap(&self, op_id: &str, name: &str) -> Result<Option<OwnedFd>, HostError> {
+        let op = HelperOp::OpenTap {
+            name: name.to_owned(),
+        };
+        Ok(self.call(op_id, op)?.fd)
+    }
+
+    /// Attaches `file` to a free loop device; answers the device (`/dev/loopN`).
+    fn loop_attach(
+        &self,
+        op_id: &str,
+        file: &std::path::Path,
+        read_only: bool,
+    ) -> Result<String, HostError> {
+        let op = HelperOp::LoopAttach {
+            file: file.display().to_string(),
+            read_only,
+        };
+        device(self.call(op_id, op)?.result, "loop_attach")
+    }
+
+    /// Maps the snapshot `name` of `origin_loop` with copy-on-write store `cow_loop`;
+    /// answers the device (`/dev/mapper/NAME`).
+    fn dm_snapshot_create(
+        &self,
+        op_id: &str,
+        name: &str,
+        origin_loop: &str,
+        cow_loop: &str,
+    ) -> Result<String, HostError> {
+        let op = HelperOp::DmSnapshotCreate {
+            name: name.to_owned(),
+            origin_loop: origin_loop.to_owned(),
+            cow_loop: cow_loop.to_owned(),
+        };
+        device(self.call(op_id, op)?.result, "dm_snapshot_create")
+    }
+
+    /// Runs the jailer for VM `vm_id`; answers the jailed Firecracker's pid and the jail's
+    /// root directory.
+    fn spawn_jailed(
+        &self,
+        op_id: &str,
+        vm_id: &str,
+        files: JailFiles,
+        cpus: u32,
+        memory_mib: u64,
+    ) -> Result<(u32, PathBuf), HostError> {
+        let op = HelperOp::SpawnJailed {
+            vm_id: vm_id.to_owned(),
+            files,
+            cpus,
+            memory_mib,
+        };
+        match self.call(op_id, op)?.result {
+            HelperResult::Jailed { pid, root } => Ok((pid, PathBuf::from(root))),
+            other => Err(unexpected("spawn_jailed", other)),
+        }
+    }
+}
+
+/// The error for a reply of the wrong shape.
+fn unexpected(op: &'static str, result: HelperResult) -> HostError {
+    HostError::Protocol {
+        op,
+        message: format!("unexpected result {result:?}"),
+    }
+}
+
+/// The block device a reply names.
+fn device(result: HelperResult, op: &'static str) -> Result<String, HostError> {
+    match result {
+        HelperResult::Device { device } => Ok(device),
+        other => Err(unexpected(op, other)),
     }
 }
 

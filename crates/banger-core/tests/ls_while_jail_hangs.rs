@@ -98,7 +98,7 @@ async fn vm_ls_answers_while_a_jail_removal_hangs() {
     let manager = Manager::with_host(
         layout,
         config,
-        Some(helper as Arc<dyn HostOps>),
+        helper as Arc<dyn HostOps>,
         dir.path().join("helper.sock"),
     )
     .unwrap();

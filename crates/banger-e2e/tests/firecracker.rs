@@ -707,8 +707,8 @@ async fn the_manager_kills_a_firecracker_that_ignores_everything() {
     assert!(pids.is_empty(), "{pids:?}");
 }
 
-/// A Manager with `defaults.system_disk = "dm"` whose helper operations go to `ops` (else to
-/// banger-helper's socket, where nothing answers in tests), with an
+/// A Manager with `defaults.system_disk = "dm"` and user networking whose helper operations
+/// go to `ops` (else to banger-helper's socket, where nothing answers in tests), with an
 /// imported stand-in image. Answers the manager, the image and the data dir.
 async fn dm_manager(
     install: &FakeInstall,
@@ -723,6 +723,9 @@ async fn dm_manager(
     config.defaults.system_disk = SystemDiskChoice::DmSnapshot;
     // No helper answers here, whatever runs on this machine.
     config.network.helper_socket = dir.join("no-helper.sock").display().to_string();
+    // User networking, as when no helper answers: the seam's fake takes every privileged
+    // operation, and the disk's are the ones these tests record.
+    config.network.mode = banger_core::domain::NetMode::User;
     let manager = Manager::open(layout, config).unwrap().with_seams(Seams {
         tap: Some("bg-tap-0".into()),
         accel: Some(AccelChoice {

@@ -1,5 +1,5 @@
-//! Every on-disk path banger uses, in one place (like Lima's filenames.go). Nothing else in
-//! the code base joins path components on its own.
+//! Every on-disk path banger uses, in one place (like Lima's filenames.go): the names here;
+//! other code joins them, never a literal of its own.
 //!
 //! - data dir (`$BANGER_HOME`, default `$XDG_DATA_HOME/banger` or `~/.local/share/banger`):
 //!   durable state: `state.db`, `logs/`, `vms/<id>/`, `images/`, `kernels/`, `keys/`.
@@ -111,6 +111,11 @@ impl Layout {
     /// The daemon's log file.
     pub fn daemon_log(&self) -> PathBuf {
         self.logs_dir().join("bangerd.log")
+    }
+    /// Where the CLI sends a daemon's stderr when it spawns one (what it printed before its
+    /// log was open).
+    pub fn daemon_stderr(&self) -> PathBuf {
+        self.logs_dir().join("bangerd.stderr")
     }
     /// Durable per-VM files (disks, keys), keyed by VM id so a reused name never sees old data.
     pub fn vm_dir(&self, vm_id: &str) -> PathBuf {
@@ -358,6 +363,10 @@ pub const WORK_SEEDS: &str = "work-seeds";
 pub const KERNEL_VMLINUX: &str = "vmlinux";
 /// The optional initrd in a kernel directory.
 pub const KERNEL_INITRD: &str = "initrd.img";
+/// The kernel modules tree (`lib/modules/<version>`) of a kernel directory, when it has one.
+pub const KERNEL_MODULES: &str = "modules";
+/// The log of `banger image build`, in the logs dir.
+pub const IMAGE_BUILD_LOG: &str = "image-build.log";
 /// A kernel's build configuration, beside it in its store directory.
 pub const KERNEL_CONFIG: &str = "config";
 /// What a kernel can boot (JSON), beside it in its store directory.

@@ -165,7 +165,7 @@ impl Client {
         let logs = self.layout.logs_dir();
         std::fs::create_dir_all(&logs)
             .with_context(|| format!("cannot create {}", logs.display()))?;
-        let stderr_path = logs.join("bangerd.stderr");
+        let stderr_path = self.layout.daemon_stderr();
         let stderr = std::fs::File::options()
             .create(true)
             .append(true)

@@ -154,11 +154,7 @@ pub async fn run_build(
     log: &Path,
     mut on_progress: impl FnMut(u8, String),
 ) -> Result<(), ImageError> {
-    let log_file = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(io_err(format!("cannot open {}", log.display())))?;
+    let log_file = super::open_log(log)?;
     let mut child = Command::new("bash")
         .arg(script)
         .arg(out_dir)

@@ -58,6 +58,15 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageErr
     move |source| ImageError::Io { context, source }
 }
 
+/// A build log, opened to append to.
+fn open_log(log: &Path) -> Result<std::fs::File, ImageError> {
+    std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io_err(format!("cannot open {}", log.display())))
+}
+
 /// Hex sha256 over the contents of `paths`, in order, each prefixed by its length.
 pub fn sha256_files(paths: &[&Path]) -> Result<String, ImageError> {
     let mut hasher = Sha256::new();
@@ -353,11 +362,7 @@ pub async fn run_script(
     args: &[&std::ffi::OsStr],
     log: &Path,
 ) -> Result<(), ImageError> {
-    let log_file = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(log)
-        .map_err(io_err(format!("cannot open {}", log.display())))?;
+    let log_file = open_log(log)?;
     let log_err = log_file
         .try_clone()
         .map_err(io_err(format!("cannot open {}", log.display())))?;

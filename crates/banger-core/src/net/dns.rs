@@ -21,7 +21,8 @@ const TTL: u32 = 5;
 /// How long to wait for an upstream resolver.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Looks up the lease address of a VM by name.
+/// Looks up the lease address of a VM by name. May block (it reads the state database):
+/// [`serve`] calls it on a blocking thread.
 pub type Lookup = Arc<dyn Fn(&str) -> Option<Ipv4Addr> + Send + Sync>;
 
 /// The host's resolvers from `resolv.conf` text, without `exclude` (our own address).
@@ -71,7 +72,18 @@ pub async fn serve(
             debug!(%peer, "ignored an unparsable DNS packet");
             continue;
         };
-        if let Some(answer) = answer_local(&query, &lookup) {
+        let local = {
+            let lookup = lookup.clone();
+            tokio::task::spawn_blocking(move || {
+                let answer = answer_local(&query, &lookup);
+                (query, answer)
+            })
+        };
+        let Ok((query, answer)) = local.await else {
+            warn!("the DNS lookup task failed");
+            continue;
+        };
+        if let Some(answer) = answer {
             if let Ok(bytes) = answer.to_vec() {
                 let _ = socket.send_to(&bytes, peer).await;
             }

@@ -35,14 +35,15 @@ impl Manager {
     pub async fn clone_vm(&self, source: &str, request: CloneVmRequest) -> Result<Vm, Error> {
         let new_name = VmName::parse(&request.name)?;
         let src = self.locked(source).await?;
-        let src_record = self.observed_vm(&src.name)?;
+        let src_record = self.observed_vm(&src.name).await?;
         self.check_snapshottable(&src_record)?;
-        if self.store().find_vm(new_name.as_str())?.is_some() {
+        let taken = new_name.to_string();
+        if self.db.run(move |s| s.find_vm(&taken)).await?.is_some() {
             return Err(StoreError::VmExists(new_name.to_string()).into());
         }
         let _new = self.locked(new_name.as_str()).await?;
         let snapshot = match &request.snapshot {
-            Some(snap) => self.named_snapshot(&src_record, snap)?,
+            Some(snap) => self.named_snapshot(&src_record, snap).await?,
             None => {
                 must_be_stopped(&src_record, "clone (without --snapshot)")?;
                 self.take_snapshot(&src_record, format!("clone-{new_name}"))
@@ -97,18 +98,20 @@ impl Manager {
                 format!("{} {key}\n", super::host_key_alias(&record.name)),
             )
             .map_err(Error::io(format!("cannot write {}", known_hosts.display())))?;
-            let lease = self.store().insert_vm_with_lease(&record, pool)?;
-            let settings = {
-                let store = self.store();
-                store
-                    .set_isolated(&record.id, isolated)
-                    .and_then(|()| store.add_clone(&record.id, &snapshot.id))
-            };
-            if let Err(e) = settings {
-                let _ = self.store().delete_vm(record.name.as_str());
-                return Err(e.into());
-            }
-            Ok::<_, Error>(lease)
+            let (stored, snapshot_id) = (record.clone(), snapshot.id.clone());
+            self.db
+                .run(move |store| {
+                    let lease = store.insert_vm_with_lease(&stored, pool)?;
+                    let settings = store
+                        .set_isolated(&stored.id, isolated)
+                        .and_then(|()| store.add_clone(&stored.id, &snapshot_id));
+                    if let Err(e) = settings {
+                        let _ = store.delete_vm(stored.name.as_str());
+                        return Err(e);
+                    }
+                    Ok(lease)
+                })
+                .await
         }
         .await;
         if let Err(e) = made {
@@ -116,30 +119,38 @@ impl Manager {
             return Err(e);
         }
         info!(vm = %record.name, id = %record.id, source = %src_record.name, snapshot = %snapshot.name, "VM cloned");
-        self.refresh_ssh_config();
-        Ok(self.vm_api(&record))
+        self.refresh_ssh_config().await;
+        Ok(self.vm_api(&record).await)
     }
 
     /// Kernel arguments a clone boots with: its own machine-id (its disk holds its source's).
-    pub(super) fn clone_boot_args(&self, record: &VmRecord) -> Option<String> {
-        self.store()
-            .clone_source(&record.id)
+    pub(super) async fn clone_boot_args(&self, record: &VmRecord) -> Option<String> {
+        let vm_id = record.id.clone();
+        self.db
+            .run(move |s| s.clone_source(&vm_id))
+            .await
             .ok()
             .flatten()
             .map(|_| format!("systemd.machine_id={}", record.id))
     }
 
     /// `SRC/SNAPSHOT` of a clone, for `vm show`.
-    pub(super) fn cloned_from(&self, record: &VmRecord) -> Option<String> {
-        let (snapshot_id, _) = self.store().clone_source(&record.id).ok()??;
-        let snapshot = self.store().snapshot_by_id(&snapshot_id).ok()??;
-        let source = self
-            .store()
-            .list_vms()
-            .ok()?
-            .into_iter()
-            .find(|v| v.id == snapshot.vm_id)?;
-        Some(format!("{}/{}", source.name, snapshot.name))
+    pub(super) async fn cloned_from(&self, record: &VmRecord) -> Option<String> {
+        let vm_id = record.id.clone();
+        self.db
+            .run(move |s| {
+                let Some((snapshot_id, _)) = s.clone_source(&vm_id)? else {
+                    return Ok(None);
+                };
+                let Some(snapshot) = s.snapshot_by_id(&snapshot_id)? else {
+                    return Ok(None);
+                };
+                let source = s.list_vms()?.into_iter().find(|v| v.id == snapshot.vm_id);
+                Ok::<_, StoreError>(source.map(|v| format!("{}/{}", v.name, snapshot.name)))
+            })
+            .await
+            .ok()
+            .flatten()
     }
 
     /// At a clone's first start, once SSH answered (with its source's key): the guest makes
@@ -150,7 +161,8 @@ impl Manager {
         record: &VmRecord,
         target: &ssh::SshTarget,
     ) -> Result<(), Error> {
-        let Some((_, true)) = self.store().clone_source(&record.id)? else {
+        let vm_id = record.id.clone();
+        let Some((_, true)) = self.db.run(move |s| s.clone_source(&vm_id)).await? else {
             return Ok(());
         };
         let (code, out, err) = ssh::run(
@@ -180,7 +192,8 @@ impl Manager {
             format!("{} {key}\n", super::host_key_alias(&record.name)),
         )
         .map_err(Error::io(format!("cannot write {}", known_hosts.display())))?;
-        self.store().clone_identity_done(&record.id)?;
+        let vm_id = record.id.clone();
+        self.db.run(move |s| s.clone_identity_done(&vm_id)).await?;
         info!(vm = %record.name, "the clone has its own SSH host key now");
         Ok(())
     }

@@ -29,7 +29,7 @@ impl Manager {
     /// Cuts every VM's console log (and the previous boot's) that passed the cap. Blocking:
     /// run it on a blocking thread.
     pub fn cap_console_logs(&self) {
-        let vms = match self.store().list_vms() {
+        let vms = match self.db.blocking(|s| s.list_vms()) {
             Ok(vms) => vms,
             Err(e) => {
                 warn!("cannot list VMs to cap their console logs: {e}");

@@ -1,6 +1,6 @@
 //! `vm cp` of the [`Manager`]: a file, symlink or directory copied between the host and a
 //! running guest, both ways, as a tar. To the guest it is the workspace transfer
-//! ([`transfer::send_with`]: the workspace channel for large copies, SSH otherwise) with a
+//! ([`transfer::send`]: the workspace channel for large copies, SSH otherwise) with a
 //! guest script that places the copy; from the guest, the guest's `tar -c` streams over SSH
 //! into the one guest-tar extractor ([`extract`], lenient rules: `.git`, special files and
 //! symlinks pointing out are skipped and reported), staged beside the destination and moved
@@ -40,7 +40,7 @@ impl Manager {
         let guest = guest_path(&request.guest_path)?;
         let lock = self.vm_lock(&name);
         let _guard = lock.lock().await;
-        let record = self.running_vm(&name)?;
+        let record = self.running_vm(&name).await?;
         let target = self.ssh_target(&record)?;
         let progress = Arc::new(Progress::default());
         let _running = Running::new(self, &name, &progress);
@@ -103,7 +103,7 @@ fn to_guest(
     let mut plan = fileset::plan(&Manifest::new(), scan);
     progress.set_totals(&plan);
     let script = |receive: &Receive| place_in_guest_script(guest, &name, receive);
-    let sent = transfer::send_with(
+    let sent = transfer::send(
         target,
         parent,
         &mut plan,

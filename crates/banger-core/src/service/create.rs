@@ -35,17 +35,18 @@ impl Manager {
         let vm = self.locked(&request.name).await?;
         let name = vm.name.clone();
         let asked = self.resolve_spec(&request)?;
-        if self.store().find_vm(name.as_str())?.is_some() {
+        let taken = name.to_string();
+        if self.db.run(move |s| s.find_vm(&taken)).await?.is_some() {
             return Err(StoreError::VmExists(name.to_string()).into());
         }
-        let image = self.find_image(&asked.image)?;
+        let image = self.find_image(&asked.image).await?;
         // Decided before anything is written: a backend that cannot work changes nothing.
         // Firecracker has no user-mode networking: it needs the bridge (a lease and its tap).
         let (pool, isolated) = match self.choose_net(request.network.as_deref()).await? {
             NetChoice::Bridge(pool) => (Some(pool), false),
             NetChoice::User { isolated } => (None, isolated),
         };
-        self.check_ports(None, &request.ports, true)?;
+        self.check_ports(None, &request.ports, true).await?;
         let selection = self.select_vmm(asked.vmm, &image, pool.is_some()).await?;
         let backend = self.backend_of(selection.kind);
         // E.g. a jailer asked for and not there: refused before anything is written.
@@ -73,18 +74,20 @@ impl Manager {
             self.make_vm_disks(&record, &image.digest, image.work_seed.as_deref())
                 .await?;
             crate::fault::point("create.before_record")?;
-            let lease = self.store().insert_vm_with_lease(&record, pool)?;
-            let settings = {
-                let mut store = self.store();
-                store
-                    .set_isolated(&record.id, isolated)
-                    .and_then(|()| store.change_ports(&record.id, &request.ports, &[]))
-            };
-            if let Err(e) = settings {
-                let _ = self.store().delete_vm(record.name.as_str());
-                return Err(e.into());
-            }
-            Ok::<_, Error>(lease)
+            let (stored, ports) = (record.clone(), request.ports.clone());
+            self.db
+                .run(move |store| {
+                    let lease = store.insert_vm_with_lease(&stored, pool)?;
+                    let settings = store
+                        .set_isolated(&stored.id, isolated)
+                        .and_then(|()| store.change_ports(&stored.id, &ports, &[]));
+                    if let Err(e) = settings {
+                        let _ = store.delete_vm(stored.name.as_str());
+                        return Err(e);
+                    }
+                    Ok(lease)
+                })
+                .await
         }
         .await;
         let lease = match made {
@@ -95,13 +98,13 @@ impl Manager {
                 if let Err(e) = self.remove_dm_disk(&record.id).await {
                     tracing::warn!(vm = %record.name, "device-mapper teardown incomplete after a failed create: {e}");
                 }
-                let _ = std::fs::remove_dir_all(&vm_dir);
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&vm_dir)).await;
                 return Err(err);
             }
         };
         info!(vm = %record.name, id = %record.id, image = %record.spec.image, ip = ?lease.as_ref().map(|l| l.ip), tap = ?lease.as_ref().map(|l| &l.tap), "VM created");
-        self.refresh_ssh_config();
-        Ok(self.vm_api(&record))
+        self.refresh_ssh_config().await;
+        Ok(self.vm_api(&record).await)
     }
 
     /// The VM's directory with its disks and pinned host key; the work disk starts with the
@@ -157,7 +160,7 @@ impl Manager {
             seed.root(),
         )
         .await;
-        let _ = std::fs::remove_dir_all(seed.root());
+        super::remove_tree(seed.root().to_path_buf()).await;
         made?;
         crate::fault::point("create.after_work_disk")?;
         let base = self.layout.image_rootfs(image_digest);
@@ -245,7 +248,7 @@ impl Manager {
             kvm: Err("not checked".into()),
         };
         if requested != VmmChoice::Qemu {
-            let kernel = self.find_kernel(&image.kernel)?;
+            let kernel = self.find_kernel(&image.kernel).await?;
             let caps = self.kernel_capabilities(&kernel).await;
             facts.kernel = match crate::image::kernel::firecracker_blocker(&caps, kernel.has_initrd)
             {

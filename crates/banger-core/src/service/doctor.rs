@@ -12,7 +12,7 @@ impl Manager {
     pub async fn doctor(&self) -> Result<DoctorReport, Error> {
         let mut checks = doctor::run_checks(&self.config, &self.layout).await.checks;
         let name = &self.config.defaults.image;
-        let image = self.store().find_image(name)?;
+        let image = self.db.find_image(name).await?;
         checks.push(doctor::default_image_check(name, image.as_ref()));
         checks.push(doctor::firecracker_check(
             self.backends

@@ -156,6 +156,7 @@ impl Manager {
     ) -> Result<Image, Error> {
         let kernel = self
             .find_kernel(DEFAULT_KERNEL)
+            .await
             .map_err(|_| Error::HostSetup {
                 message: "image build --from boots the default kernel, which is not stored".into(),
                 hint: "run `banger image build` once first".into(),
@@ -223,7 +224,7 @@ impl Manager {
             Some(dir) => dir.join("rootfs.ext4"),
             None => scratch.path().join("rootfs.ext4"),
         };
-        if let Some(existing) = self.store().find_image(name)?
+        if let Some(existing) = self.db.find_image(name).await?
             && !request.force
             && !manifest_digest.is_empty()
             && existing.source == from_source
@@ -339,7 +340,7 @@ impl Manager {
             defaults.user = None;
         }
         stored.exec = exec.filter(|d| *d != ExecDefaults::default());
-        self.store().put_image(&stored)?;
+        self.db.put_image(&stored).await?;
         Ok(stored)
     }
 

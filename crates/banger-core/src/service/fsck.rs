@@ -193,7 +193,7 @@ impl Manager {
             match e2fs::check_and_grow(work_disk).await {
                 Ok(()) => {
                     record.grow_work_fs = false;
-                    self.store().update_spec(record)?;
+                    self.db.update_spec(record).await?;
                     info!(vm = %name, "work filesystem grown to fill its disk");
                 }
                 Err(e) => {

@@ -11,6 +11,7 @@ use super::Manager;
 use crate::Error;
 use crate::image::tree::{Tree, TreeError};
 use crate::image::{self, ImageError, mirror};
+use crate::layout;
 use crate::store::AssetTable;
 
 /// Names of images and kernels: short, no path separators.
@@ -31,34 +32,42 @@ pub(super) fn check_asset_name(kind: &'static str, name: &str) -> Result<(), Err
 }
 
 impl Manager {
-    pub(super) fn find_image(&self, name: &str) -> Result<Image, Error> {
-        self.store()
-            .find_image(name)?
+    pub(super) async fn find_image(&self, name: &str) -> Result<Image, Error> {
+        self.db
+            .find_image(name)
+            .await?
             .ok_or_else(|| Error::AssetNotFound {
                 kind: "image",
                 name: name.to_owned(),
             })
     }
 
-    pub(super) fn find_kernel(&self, name: &str) -> Result<Kernel, Error> {
-        self.store()
-            .find_kernel(name)?
+    pub(super) async fn find_kernel(&self, name: &str) -> Result<Kernel, Error> {
+        self.db
+            .find_kernel(name)
+            .await?
             .ok_or_else(|| Error::AssetNotFound {
                 kind: "kernel",
                 name: name.to_owned(),
             })
     }
 
+    /// Whether a stored image or kernel still names `digest` in `table`.
+    async fn digest_in_use(&self, table: AssetTable, digest: &str) -> Result<bool, Error> {
+        let digest = digest.to_owned();
+        self.db.run(move |s| s.digest_in_use(table, &digest)).await
+    }
+
     pub async fn list_images(&self) -> Result<Vec<Image>, Error> {
-        Ok(self.store().list_images()?)
+        self.db.run(|s| s.list_images()).await
     }
 
     pub async fn get_image(&self, name: &str) -> Result<Image, Error> {
-        self.find_image(name)
+        self.find_image(name).await
     }
 
     pub async fn list_kernels(&self) -> Result<Vec<Kernel>, Error> {
-        let kernels = self.store().list_kernels()?;
+        let kernels = self.db.run(|s| s.list_kernels()).await?;
         let mut out = Vec::with_capacity(kernels.len());
         for kernel in kernels {
             out.push(self.with_capabilities(kernel).await);
@@ -120,25 +129,25 @@ impl Manager {
         release: Option<String>,
         source: String,
     ) -> Result<Kernel, Error> {
-        let mut inputs = vec![kernel];
-        inputs.extend(initrd);
-        let digest = image::sha256_files(&inputs)?;
+        let mut inputs = vec![kernel.to_path_buf()];
+        inputs.extend(initrd.map(Path::to_path_buf));
+        let digest = hash_files(inputs).await?;
         let dir = self.layout.kernel_dir(&digest);
-        if !dir.join("vmlinux").is_file() {
+        if !dir.join(layout::KERNEL_VMLINUX).is_file() {
             let tmp = self.scratch_dir("kernel")?;
             let staged = tmp.path().join("k");
             std::fs::create_dir_all(&staged)
                 .map_err(Error::io(format!("cannot create {}", staged.display())))?;
-            image::copy_into_place(kernel, &staged.join("vmlinux")).await?;
+            image::copy_into_place(kernel, &staged.join(layout::KERNEL_VMLINUX)).await?;
             if let Some(initrd) = initrd {
-                image::copy_into_place(initrd, &staged.join("initrd.img")).await?;
+                image::copy_into_place(initrd, &staged.join(layout::KERNEL_INITRD)).await?;
             }
             if let Some(modules) = modules {
-                image::copy_tree(modules, &staged.join("modules")).await?;
+                image::copy_tree(modules, &staged.join(layout::KERNEL_MODULES)).await?;
             }
             std::fs::create_dir_all(self.layout.kernels_dir())
                 .map_err(Error::io("cannot create the kernel store"))?;
-            let _ = std::fs::remove_dir_all(&dir);
+            super::remove_tree(dir.clone()).await;
             std::fs::rename(&staged, &dir).map_err(Error::io(format!(
                 "cannot move kernel into {}",
                 dir.display()
@@ -155,7 +164,7 @@ impl Manager {
             warnings: Vec::new(),
             capabilities: None,
         };
-        self.store().put_kernel(&row)?;
+        self.db.put_kernel(&row).await?;
         info!(kernel = %row.name, digest = %row.digest, "kernel stored");
         Ok(row)
     }
@@ -167,7 +176,7 @@ impl Manager {
         let rootfs = image::check_input("rootfs", &request.rootfs)?;
         // A kernel this import adds goes again when the image cannot be stored (a full disk).
         let new_kernel =
-            request.kernel.starts_with('/') && self.store().find_kernel(&request.name)?.is_none();
+            request.kernel.starts_with('/') && self.db.find_kernel(&request.name).await?.is_none();
         let kernel_name = if request.kernel.starts_with('/') {
             let kernel = self
                 .import_kernel(ImportKernelRequest {
@@ -183,7 +192,7 @@ impl Manager {
                     "--initrd goes with a kernel file, not a stored kernel's name".into(),
                 ));
             }
-            self.find_kernel(&request.kernel)?.name
+            self.find_kernel(&request.kernel).await?.name
         };
         let work_seed = match &request.work_seed {
             Some(dir) => Some(self.store_work_seed_dir(dir).await?),
@@ -223,7 +232,7 @@ impl Manager {
     ) -> Result<Image, Error> {
         let digest = match known_digest {
             Some(d) => d,
-            None => image::sha256_files(&[rootfs])?,
+            None => hash_files(vec![rootfs.to_path_buf()]).await?,
         };
         let dest = self.layout.image_rootfs(&digest);
         if !dest.is_file() {
@@ -250,7 +259,7 @@ impl Manager {
             work_seed,
             exec: None,
         };
-        self.store().put_image(&row)?;
+        self.db.put_image(&row).await?;
         info!(image = %row.name, digest = %row.digest, "image stored");
         Ok(row)
     }
@@ -350,9 +359,9 @@ impl Manager {
         // A seed stored for a build that failed goes, unless an image names it.
         if built.is_err()
             && let Some(seed) = &work_seed
-            && !self.store().digest_in_use(AssetTable::WorkSeeds, seed)?
+            && !self.digest_in_use(AssetTable::WorkSeeds, seed).await?
         {
-            let _ = std::fs::remove_dir_all(self.layout.work_seed(seed));
+            super::remove_tree(self.layout.work_seed(seed)).await;
         }
         built
     }
@@ -367,7 +376,7 @@ impl Manager {
         let recipe = image::recipe_digest();
         let source = format!("build:{recipe}");
         if !request.force
-            && let Some(existing) = self.store().find_image(name)?
+            && let Some(existing) = self.db.find_image(name).await?
             && existing.source == source
             && existing.work_seed == work_seed
         {
@@ -388,8 +397,10 @@ impl Manager {
         };
         let kernel_out = work.join("kernel");
         let rootfs_out = work.join("rootfs.ext4");
-        let log = self.layout.logs_dir().join("image-build.log");
-        let cached = kernel_out.join("vmlinux").is_file() && rootfs_out.is_file() && !request.force;
+        let log = self.layout.logs_dir().join(layout::IMAGE_BUILD_LOG);
+        let cached = kernel_out.join(layout::KERNEL_VMLINUX).is_file()
+            && rootfs_out.is_file()
+            && !request.force;
         if !cached {
             self.check_build_tools()?;
             let mirror = request
@@ -432,12 +443,12 @@ impl Manager {
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| v.get("release").and_then(|r| r.as_str()).map(str::to_owned));
-        let modules = kernel_out.join("modules");
+        let modules = kernel_out.join(layout::KERNEL_MODULES);
         let kernel = self
             .store_kernel(
                 name,
-                &kernel_out.join("vmlinux"),
-                Some(&kernel_out.join("initrd.img")),
+                &kernel_out.join(layout::KERNEL_VMLINUX),
+                Some(&kernel_out.join(layout::KERNEL_INITRD)),
                 modules.is_dir().then_some(modules.as_path()),
                 release,
                 source.clone(),
@@ -496,7 +507,7 @@ impl Manager {
     pub fn build_progress(&self) -> BuildProgress {
         let running = self.asset_lock.try_lock().is_err();
         let step = running
-            .then(|| last_build_step(&self.layout.logs_dir().join("image-build.log")))
+            .then(|| last_build_step(&self.layout.logs_dir().join(layout::IMAGE_BUILD_LOG)))
             .flatten();
         BuildProgress { running, step }
     }
@@ -504,8 +515,9 @@ impl Manager {
     /// Removes an image no VM uses; its files go when no other image shares them.
     pub async fn remove_image(&self, name: &str) -> Result<(), Error> {
         let _guard = self.asset_lock.lock().await;
-        let image = self.find_image(name)?;
-        let users = self.store().vms_using_image(name)?;
+        let image = self.find_image(name).await?;
+        let used_by = name.to_owned();
+        let users = self.db.run(move |s| s.vms_using_image(&used_by)).await?;
         if !users.is_empty() {
             return Err(Error::InUse {
                 kind: "image",
@@ -513,18 +525,18 @@ impl Manager {
                 users: format!("VM {}", users.join(", ")),
             });
         }
-        self.store().delete_image(name)?;
+        let doomed = name.to_owned();
+        self.db.run(move |s| s.delete_image(&doomed)).await?;
         if !self
-            .store()
-            .digest_in_use(AssetTable::Images, &image.digest)?
+            .digest_in_use(AssetTable::Images, &image.digest)
+            .await?
         {
-            let dir = self.layout.images_dir().join(&image.digest);
-            let _ = std::fs::remove_dir_all(dir);
+            super::remove_tree(self.layout.images_dir().join(&image.digest)).await;
         }
         if let Some(seed) = &image.work_seed
-            && !self.store().digest_in_use(AssetTable::WorkSeeds, seed)?
+            && !self.digest_in_use(AssetTable::WorkSeeds, seed).await?
         {
-            let _ = std::fs::remove_dir_all(self.layout.work_seed(seed));
+            super::remove_tree(self.layout.work_seed(seed)).await;
         }
         info!(image = %name, "image removed");
         Ok(())
@@ -533,8 +545,12 @@ impl Manager {
     /// Removes a kernel no image uses.
     pub async fn remove_kernel(&self, name: &str) -> Result<(), Error> {
         let _guard = self.asset_lock.lock().await;
-        let kernel = self.find_kernel(name)?;
-        let users = self.store().images_using_kernel(name)?;
+        let kernel = self.find_kernel(name).await?;
+        let used_by = name.to_owned();
+        let users = self
+            .db
+            .run(move |s| s.images_using_kernel(&used_by))
+            .await?;
         if !users.is_empty() {
             return Err(Error::InUse {
                 kind: "kernel",
@@ -542,16 +558,28 @@ impl Manager {
                 users: format!("image {}", users.join(", ")),
             });
         }
-        self.store().delete_kernel(name)?;
+        let doomed = name.to_owned();
+        self.db.run(move |s| s.delete_kernel(&doomed)).await?;
         if !self
-            .store()
-            .digest_in_use(AssetTable::Kernels, &kernel.digest)?
+            .digest_in_use(AssetTable::Kernels, &kernel.digest)
+            .await?
         {
-            let _ = std::fs::remove_dir_all(self.layout.kernel_dir(&kernel.digest));
+            super::remove_tree(self.layout.kernel_dir(&kernel.digest)).await;
         }
         info!(kernel = %name, "kernel removed");
         Ok(())
     }
+}
+
+/// [`image::sha256_files`] on the blocking pool: an image is gigabytes.
+async fn hash_files(paths: Vec<PathBuf>) -> Result<String, Error> {
+    tokio::task::spawn_blocking(move || {
+        let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        image::sha256_files(&paths)
+    })
+    .await
+    .map_err(|e| Error::Failed(format!("hashing task failed: {e}")))?
+    .map_err(Error::from)
 }
 
 /// A work-seed that cannot be stored: refused input is the request's fault.
@@ -611,7 +639,7 @@ mod tests {
     #[test]
     fn the_build_step_is_the_last_script_line_of_the_current_build() {
         let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("image-build.log");
+        let log = dir.path().join(layout::IMAGE_BUILD_LOG);
         assert_eq!(last_build_step(&log), None, "no log");
         std::fs::write(
             &log,

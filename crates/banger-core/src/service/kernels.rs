@@ -50,10 +50,10 @@ impl Manager {
     /// Whether the VM's kernel takes its devices on the command line (no ACPI: a guest
     /// power-off does not end the VMM, a reboot does).
     pub(super) async fn kernel_takes_devices_on_cmdline(&self, record: &VmRecord) -> bool {
-        let Ok(image) = self.find_image(&record.spec.image) else {
+        let Ok(image) = self.find_image(&record.spec.image).await else {
             return false;
         };
-        let Ok(kernel) = self.find_kernel(&image.kernel) else {
+        let Ok(kernel) = self.find_kernel(&image.kernel).await else {
             return false;
         };
         microvm::devices_on_cmdline(&self.kernel_capabilities(&kernel).await)
@@ -61,7 +61,7 @@ impl Manager {
 
     /// One stored kernel, with its capabilities.
     pub async fn get_kernel(&self, name: &str) -> Result<Kernel, Error> {
-        let kernel = self.find_kernel(name)?;
+        let kernel = self.find_kernel(name).await?;
         Ok(self.with_capabilities(kernel).await)
     }
 
@@ -89,7 +89,7 @@ impl Manager {
         let source_tarball = microvm::source_tarball();
         let recipe = microvm::recipe_digest(&source_tarball)?;
         let source = format!("build-microvm:{}", &recipe[..16]);
-        let existing = self.store().find_kernel(&name)?;
+        let existing = self.db.find_kernel(&name).await?;
         if !request.force
             && let Some(existing) = existing
             && existing.source == source

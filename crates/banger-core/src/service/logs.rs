@@ -14,7 +14,7 @@ impl Manager {
     pub async fn console(&self, name: &str, offset: u64) -> Result<ConsoleChunk, Error> {
         use std::io::{Read, Seek, SeekFrom};
         let name = VmName::parse(name)?;
-        let record = self.observed_vm(&name)?;
+        let record = self.observed_vm(&name).await?;
         let path = self.layout.vm_console_log(&record.id);
         let mut data = Vec::new();
         let mut next_offset = offset;

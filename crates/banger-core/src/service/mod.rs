@@ -12,6 +12,7 @@ mod clone;
 pub mod console_cap;
 mod cp;
 mod create;
+mod db;
 mod doctor;
 mod from_image;
 mod fsck;
@@ -36,10 +37,8 @@ mod suspend;
 mod system_disk;
 mod workspace;
 
-pub use ports::{NETDEV_ID, hostfwd};
-
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use banger_proto::{LifecycleResult, Vm, VmName, VmState};
 use tracing::warn;
@@ -53,6 +52,7 @@ use crate::model::{VmRecord, check_transition, has_process};
 use crate::store::Store;
 use crate::vmm::accel::AccelChoice;
 use crate::vmm::{Backends, process};
+use db::Db;
 
 /// Host facts a test can impose instead of the Manager discovering them: what a fake VMM
 /// (banger-fc-fake) cannot provide. Production code never sets these.
@@ -64,8 +64,9 @@ pub struct Seams {
     pub accel: Option<AccelChoice>,
     /// Do not wait for the guest's SSH server after launch (no guest runs in a fake).
     pub skip_readiness: bool,
-    /// Where the dm system disk's privileged operations go (a recording fake), instead of
-    /// banger-helper; device-mapper is then taken as available.
+    /// Where every privileged operation goes (a recording fake) instead of banger-helper:
+    /// the network's, the dm system disk's and the jailer's. Device-mapper is then taken as
+    /// available.
     pub host_ops: Option<Arc<dyn HostOps>>,
 }
 
@@ -75,7 +76,8 @@ pub struct Manager {
     layout: Layout,
     defaults: ResolvedDefaults,
     config: Config,
-    store: Mutex<Store>,
+    /// The state database, used from async code through [`Db::run`].
+    db: Db,
     vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     backends: Backends,
     /// KVM-or-TCG is decided once per daemon (a probe boot may be needed).
@@ -95,8 +97,10 @@ pub struct Manager {
     kernel_build: Mutex<banger_proto::KernelBuildProgress>,
     /// Counters of the registry pushes and pulls running now, by transfer id.
     transfers: Mutex<HashMap<String, Arc<crate::image::registry::Progress>>>,
-    /// Privileged actions (the root helper); `None` when `network.mode = "user"`.
-    host: Option<Arc<dyn HostOps>>,
+    /// Privileged actions: the root helper (or the test's [`Seams::host_ops`]), the one
+    /// [`HostOps`] the network, the dm system disks and the jailer share. The network uses
+    /// it only when `network.mode` is not `"user"` (see [`Manager::network_helper`]).
+    helper: Arc<dyn HostOps>,
     helper_socket: std::path::PathBuf,
     /// The helper's settings once it answered.
     net_info: Mutex<Option<banger_proto::helper::HelperInfo>>,
@@ -119,16 +123,16 @@ impl Manager {
         } else {
             config.network.helper_socket.clone().into()
         };
-        let host: Option<Arc<dyn HostOps>> = (config.network.mode != NetMode::User)
-            .then(|| Arc::new(HelperClient::new(helper_socket.clone())) as Arc<dyn HostOps>);
-        Self::with_host(layout, config, host, helper_socket)
+        let helper = Arc::new(HelperClient::new(helper_socket.clone()));
+        Self::with_host(layout, config, helper, helper_socket)
     }
 
-    /// Like [`Manager::open`] with an explicit [`HostOps`] (tests use a recording fake).
+    /// Like [`Manager::open`] with an explicit [`HostOps`] (tests use a recording fake);
+    /// `helper_socket` is only shown (`network status`).
     pub fn with_host(
         layout: Layout,
         config: Config,
-        host: Option<Arc<dyn HostOps>>,
+        helper: Arc<dyn HostOps>,
         helper_socket: std::path::PathBuf,
     ) -> Result<Self, Error> {
         for dir in [layout.data_dir().to_path_buf(), layout.logs_dir()] {
@@ -138,16 +142,12 @@ impl Manager {
         let defaults = config.resolved_defaults(&layout.config_file().display().to_string())?;
         let store = Store::open(&layout.state_db())?;
         // A jailer must start as root: the helper runs it, whatever the network mode.
-        let backends = Backends::from_config(&config, || {
-            host.clone().unwrap_or_else(|| {
-                Arc::new(HelperClient::new(helper_socket.clone())) as Arc<dyn HostOps>
-            })
-        });
+        let backends = Backends::from_config(&config, helper.clone());
         Ok(Self {
             layout,
             defaults,
             config,
-            store: Mutex::new(store),
+            db: Db::new(store),
             vm_locks: Mutex::new(HashMap::new()),
             backends,
             accel: tokio::sync::OnceCell::new(),
@@ -158,7 +158,7 @@ impl Manager {
             prepares: Mutex::new(HashMap::new()),
             kernel_build: Mutex::new(banger_proto::KernelBuildProgress::default()),
             transfers: Mutex::new(HashMap::new()),
-            host,
+            helper,
             helper_socket,
             net_info: Mutex::new(None),
             net_lock: tokio::sync::Mutex::new(()),
@@ -171,8 +171,18 @@ impl Manager {
 
     /// Replaces discovered host facts with `seams` (tests against a fake VMM).
     pub fn with_seams(mut self, seams: Seams) -> Self {
+        if let Some(ops) = &seams.host_ops {
+            self.helper = ops.clone();
+            self.backends = Backends::from_config(&self.config, ops.clone());
+        }
         self.seams = seams;
         self
+    }
+
+    /// The helper for network operations; `None` when `network.mode = "user"` (bridge
+    /// networking off: no network operation reaches a helper).
+    fn network_helper(&self) -> Option<&Arc<dyn HostOps>> {
+        (self.config.network.mode != NetMode::User).then_some(&self.helper)
     }
 
     pub fn layout(&self) -> &Layout {
@@ -181,12 +191,6 @@ impl Manager {
 
     pub fn config(&self) -> &Config {
         &self.config
-    }
-
-    /// The store. A panic while holding the lock cannot leave SQLite half-written (every write
-    /// is one transaction), so a poisoned lock is safe to take over.
-    fn store(&self) -> MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The lock that serialises lifecycle operations on one VM; VMs do not wait for each other.
@@ -207,25 +211,22 @@ impl Manager {
     }
 
     /// Applies `to` to `record` after checking the transition, and persists it.
-    fn transition(&self, record: &mut VmRecord, to: VmState) -> Result<(), Error> {
+    async fn transition(&self, record: &mut VmRecord, to: VmState) -> Result<(), Error> {
         check_transition(record.state, to)?;
         record.state = to;
         record.updated_at = crate::now_rfc3339();
-        self.store().update_vm(record)?;
-        Ok(())
+        self.db.update_vm(record).await
     }
 
-    /// The VM called `name` as it is now (see [`Self::observe`]). The store guard is released
-    /// before observing, which may write to the store itself: taking both in one expression
-    /// would deadlock on the store's mutex.
-    pub(super) fn observed_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
-        let record = self.store().get_vm(name.as_str())?;
-        Ok(self.observe(record))
+    /// The VM called `name` as it is now (see [`Self::observe`]).
+    pub(super) async fn observed_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
+        let record = self.db.get_vm(name.as_str()).await?;
+        Ok(self.observe(record).await)
     }
 
     /// The record as it is now: a VM recorded as running whose VMM is gone (guest powered
     /// off, VMM killed) is marked stopped.
-    pub(super) fn observe(&self, mut record: VmRecord) -> VmRecord {
+    pub(super) async fn observe(&self, mut record: VmRecord) -> VmRecord {
         if !has_process(record.state) {
             return record;
         }
@@ -244,7 +245,7 @@ impl Manager {
             Some(reason) => format!("the VM stopped outside banger: {reason}"),
             None => "the VM stopped outside banger (guest power-off or VMM exit)".into(),
         });
-        if let Err(e) = self.transition(&mut record, VmState::Stopped) {
+        if let Err(e) = self.transition(&mut record, VmState::Stopped).await {
             warn!(vm = %record.name, "cannot record the stop: {e}");
         }
         record
@@ -285,6 +286,18 @@ pub(super) fn not_running(name: &VmName, state: VmState) -> Error {
 /// The alias under which a VM's host key is pinned, independent of host and port.
 pub fn host_key_alias(name: &VmName) -> String {
     format!("{name}.vm")
+}
+
+/// Removes a directory tree (a VM's, an image's) on the blocking pool; a failure is left
+/// behind (logged), not reported.
+async fn remove_tree(dir: std::path::PathBuf) {
+    let shown = dir.display().to_string();
+    match tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Ok(Err(e)) => warn!("cannot remove {shown}: {e}"),
+        Err(e) => warn!("cannot remove {shown}: {e}"),
+    }
 }
 
 fn set_mode(path: &std::path::Path, mode: u32) -> Result<(), Error> {

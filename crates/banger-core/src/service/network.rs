@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use banger_proto::helper::{HelperInfo, HelperOp, HelperResult};
+use banger_proto::helper::{HelperInfo, HelperOp};
 use banger_proto::{LeaseInfo, NetworkStatus, SshConfigResult, VmState};
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
@@ -13,9 +13,9 @@ use tracing::{info, warn};
 use super::Manager;
 use crate::Error;
 use crate::domain::NetMode;
-use crate::host::{HostError, HostReply};
+use crate::host::{HostError, HostOps};
 use crate::net::{self, dns, sshconfig};
-use crate::store::{LeasePool, Store};
+use crate::store::LeasePool;
 
 /// The network a VM gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,19 +25,28 @@ pub(super) enum Mode {
 }
 
 impl Manager {
-    /// Runs one helper operation on a blocking thread, with the current op_id.
-    pub(super) async fn host_call(&self, op: HelperOp) -> Result<HostReply, Error> {
-        let Some(host) = self.host.clone() else {
+    /// Runs one network operation of the helper on a blocking thread, with the current
+    /// op_id; refused when bridge networking is off.
+    pub(super) async fn net_op<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&dyn HostOps, &str) -> Result<T, HostError> + Send + 'static,
+    ) -> Result<T, Error> {
+        let Some(host) = self.network_helper().cloned() else {
             return Err(Error::HostSetup {
                 message: "bridge networking is off (network.mode = \"user\")".into(),
                 hint: "set network.mode to \"auto\" or \"bridge\" in the config file".into(),
             });
         };
         let op_id = net::current_op_id();
-        tokio::task::spawn_blocking(move || host.call(&op_id, op))
+        tokio::task::spawn_blocking(move || op(host.as_ref(), &op_id))
             .await
             .map_err(|e| Error::Failed(format!("helper call panicked: {e}")))?
             .map_err(Error::Host)
+    }
+
+    /// Runs one network operation whose reply carries nothing but success.
+    pub(super) async fn host_run(&self, op: HelperOp) -> Result<(), Error> {
+        self.net_op(move |host, op_id| host.run(op_id, op)).await
     }
 
     /// The helper's settings, asking it when not known yet.
@@ -50,15 +59,7 @@ impl Manager {
         {
             return Ok(info);
         }
-        let info = match self.host_call(HelperOp::Hello).await?.result {
-            HelperResult::Info(info) => info,
-            other => {
-                return Err(Error::Host(HostError::Protocol {
-                    op: "hello",
-                    message: format!("unexpected result {other:?}"),
-                }));
-            }
-        };
+        let info = self.net_op(|host, op_id| host.hello(op_id)).await?;
         *self.net_info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info.clone());
         Ok(info)
     }
@@ -77,7 +78,7 @@ impl Manager {
         let want = match mode {
             NetMode::User => return Ok(None),
             NetMode::Bridge => Mode::Bridge,
-            NetMode::Auto if self.host.is_none() => return Ok(None),
+            NetMode::Auto if self.network_helper().is_none() => return Ok(None),
             NetMode::Auto => Mode::User,
         };
         let info = match self.helper_info().await {
@@ -95,7 +96,7 @@ impl Manager {
     pub(super) async fn ensure_network(&self) -> Result<HelperInfo, Error> {
         let _guard = self.net_lock.lock().await;
         let info = self.helper_info().await?;
-        self.host_call(HelperOp::NetworkUp {
+        self.host_run(HelperOp::NetworkUp {
             pool_size: self.config.network.pool_size,
         })
         .await?;
@@ -106,13 +107,7 @@ impl Manager {
             .as_ref()
             .is_some_and(|t| !t.is_finished());
         if !running {
-            let reply = self.host_call(HelperOp::BindDns).await?;
-            let fd = reply.fd.ok_or_else(|| {
-                Error::Host(HostError::Protocol {
-                    op: "bind_dns",
-                    message: "no socket came with the reply".into(),
-                })
-            })?;
+            let fd = self.net_op(|host, op_id| host.bind_dns(op_id)).await?;
             let std_socket = std::net::UdpSocket::from(fd);
             std_socket
                 .set_nonblocking(true)
@@ -122,11 +117,13 @@ impl Manager {
                 .map_err(Error::io("cannot use the DNS socket"))?;
             let socket = tokio::net::UdpSocket::from_std(std_socket)
                 .map_err(Error::io("cannot use the DNS socket"))?;
-            let store = Store::open(&self.layout.state_db())?;
-            let store = Arc::new(std::sync::Mutex::new(store));
+            // The serve loop asks on a blocking thread (see `dns::serve`).
+            let db = self.db.clone();
             let lookup: dns::Lookup = Arc::new(move |name: &str| {
-                let store = store.lock().unwrap_or_else(|p| p.into_inner());
-                store.lease_by_name(name).ok().flatten().map(|l| l.ip)
+                db.blocking(|s| s.lease_by_name(name))
+                    .ok()
+                    .flatten()
+                    .map(|l| l.ip)
             });
             let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
             let upstreams = dns::upstreams(&resolv, info.gateway);
@@ -135,12 +132,9 @@ impl Manager {
             let task = tokio::spawn(dns::serve(socket, lookup, upstreams, clients));
             *self.dns_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
             *self.dns_addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(address.to_string());
-            match self.host_call(HelperOp::RouteDns).await {
-                Ok(HostReply {
-                    result: HelperResult::Routed { routed: true },
-                    ..
-                }) => info!("systemd-resolved routes ~vm to the bridge"),
-                Ok(_) => info!("no systemd-resolved here: .vm names resolve from VMs only"),
+            match self.net_op(|host, op_id| host.route_dns(op_id)).await {
+                Ok(true) => info!("systemd-resolved routes ~vm to the bridge"),
+                Ok(false) => info!("no systemd-resolved here: .vm names resolve from VMs only"),
                 Err(e) => warn!("cannot route ~vm through systemd-resolved: {e}"),
             }
         }
@@ -150,14 +144,14 @@ impl Manager {
     /// At daemon start: bring the network (and DNS) up when VMs use it or the mode asks for
     /// it. Failures are logged: user-mode VMs work without it.
     pub async fn start_network(&self) {
-        if self.host.is_none() {
+        if self.network_helper().is_none() {
             return;
         }
         let has_leases = self
-            .store()
-            .list_leases()
-            .map(|l| !l.is_empty())
-            .unwrap_or(false);
+            .db
+            .run(|s| s.list_leases())
+            .await
+            .is_ok_and(|l| !l.is_empty());
         if !has_leases
             && self.config.network.mode != NetMode::Bridge
             && self.helper_info().await.is_err()
@@ -172,8 +166,9 @@ impl Manager {
     /// `banger network status`.
     pub async fn network_status(&self) -> Result<NetworkStatus, Error> {
         let leases = self
-            .store()
-            .list_leases()?
+            .db
+            .run(|s| s.list_leases())
+            .await?
             .into_iter()
             .map(|l| LeaseInfo {
                 vm: l.vm_name,
@@ -207,11 +202,8 @@ impl Manager {
                 }),
             leases,
         };
-        match self.host_call(HelperOp::NetworkStatus).await {
-            Ok(HostReply {
-                result: HelperResult::Status(state),
-                ..
-            }) => {
+        match self.net_op(|host, op_id| host.network_status(op_id)).await {
+            Ok(state) => {
                 status.helper = true;
                 status.bridge_up = state.bridge_up;
                 status.nft_table = state.nft_table;
@@ -223,7 +215,6 @@ impl Manager {
                     status.bridge = Some(info.bridge);
                 }
             }
-            Ok(other) => status.helper_error = Some(format!("unexpected reply {:?}", other.result)),
             Err(e) => status.helper_error = Some(e.to_api().message),
         }
         Ok(status)
@@ -233,13 +224,14 @@ impl Manager {
     /// Refused while a bridge VM runs.
     pub async fn network_down(&self) -> Result<NetworkStatus, Error> {
         let _guard = self.net_lock.lock().await;
+        let (leases, vms) = self
+            .db
+            .run(|s| Ok::<_, crate::store::StoreError>((s.list_leases()?, s.list_vms()?)))
+            .await?;
         let running: Vec<String> = {
-            let store = self.store();
             let leased: std::collections::HashSet<String> =
-                store.list_leases()?.into_iter().map(|l| l.vm_id).collect();
-            store
-                .list_vms()?
-                .into_iter()
+                leases.into_iter().map(|l| l.vm_id).collect();
+            vms.into_iter()
                 .filter(|v| leased.contains(&v.id))
                 .filter(|v| {
                     !matches!(
@@ -265,7 +257,7 @@ impl Manager {
             task.abort();
         }
         *self.dns_addr.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        self.host_call(HelperOp::NetworkDown).await?;
+        self.host_run(HelperOp::NetworkDown).await?;
         info!("bridge network removed");
         drop(_guard);
         self.network_status().await
@@ -274,7 +266,7 @@ impl Manager {
     /// Rewrites the generated ssh config; with `install`, adds the Include line too.
     pub async fn ssh_config(&self, install: bool) -> Result<SshConfigResult, Error> {
         let path = self.layout.ssh_config_file(&self.config.ssh.config_file);
-        let hosts = self.write_ssh_config(&path)?;
+        let hosts = self.write_ssh_config(&path).await?;
         let mut result = SshConfigResult {
             path: path.display().to_string(),
             hosts,
@@ -291,21 +283,21 @@ impl Manager {
     }
 
     /// Keeps the generated ssh config current once the user has generated it.
-    pub(super) fn refresh_ssh_config(&self) {
+    pub(super) async fn refresh_ssh_config(&self) {
         let path = self.layout.ssh_config_file(&self.config.ssh.config_file);
         if !path.exists() {
             return;
         }
-        if let Err(e) = self.write_ssh_config(&path) {
+        if let Err(e) = self.write_ssh_config(&path).await {
             warn!("cannot refresh {}: {}", path.display(), e.to_api().message);
         }
     }
 
-    fn write_ssh_config(&self, path: &std::path::Path) -> Result<Vec<String>, Error> {
-        let (vms, leases) = {
-            let store = self.store();
-            (store.list_vms()?, store.list_leases()?)
-        };
+    async fn write_ssh_config(&self, path: &std::path::Path) -> Result<Vec<String>, Error> {
+        let (vms, leases) = self
+            .db
+            .run(|s| Ok::<_, crate::store::StoreError>((s.list_vms()?, s.list_leases()?)))
+            .await?;
         let entries: Vec<sshconfig::HostEntry> = vms
             .iter()
             .filter_map(|vm| {
@@ -377,7 +369,7 @@ mod tests {
         );
         let host = Arc::new(RecordingHost::new());
         let manager =
-            Manager::with_host(layout, Config::default(), Some(host.clone()), "/x".into()).unwrap();
+            Manager::with_host(layout, Config::default(), host.clone(), "/x".into()).unwrap();
         let info = manager.ensure_network().await.unwrap();
         assert_eq!(info.gateway, Ipv4Addr::new(172, 30, 0, 1));
         manager.ensure_network().await.unwrap();
@@ -416,8 +408,13 @@ mod tests {
         );
         let mut config = Config::default();
         config.network.mode = NetMode::User;
-        let manager = Manager::with_host(layout, config.clone(), None, "/x".into()).unwrap();
+        let host = Arc::new(RecordingHost::new());
+        let manager =
+            Manager::with_host(layout, config.clone(), host.clone(), "/x".into()).unwrap();
         assert!(manager.choose_network(None).await.unwrap().is_none());
         assert!(manager.choose_network(Some("bridge")).await.is_err());
+        manager.start_network().await;
+        assert!(manager.network_status().await.is_ok());
+        assert_eq!(host.calls(), [], "a network operation reached the helper");
     }
 }

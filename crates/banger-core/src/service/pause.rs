@@ -13,11 +13,11 @@ use crate::vmm::{VmBackend, VmProcess, process};
 impl Manager {
     /// The VM called `name` with its live VMM process, for pause/resume/suspend; refused
     /// unless it runs (paused or not).
-    pub(super) fn live_vm(
+    pub(super) async fn live_vm(
         &self,
         name: &VmName,
     ) -> Result<(VmRecord, Arc<dyn VmBackend>, VmProcess), Error> {
-        let record = self.observed_vm(name)?;
+        let record = self.observed_vm(name).await?;
         let pid = record
             .runtime
             .as_ref()
@@ -36,7 +36,7 @@ impl Manager {
     pub async fn pause_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
         let vm = self.locked(name).await?;
         let name = &vm.name;
-        let (mut record, vmm, control) = self.live_vm(name)?;
+        let (mut record, vmm, control) = self.live_vm(name).await?;
         if record.state == VmState::Paused {
             return Ok(result(record.to_api(), false));
         }
@@ -50,7 +50,7 @@ impl Manager {
         // reattach, which asks the VMM.
         vmm.pause(&control).await?;
         crate::fault::point("pause.after_vmm")?;
-        self.transition(&mut record, VmState::Paused)?;
+        self.transition(&mut record, VmState::Paused).await?;
         info!(vm = %name, "VM paused");
         Ok(result(record.to_api(), true))
     }
@@ -60,7 +60,7 @@ impl Manager {
     pub async fn resume_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
         let vm = self.locked(name).await?;
         let name = &vm.name;
-        let (mut record, vmm, control) = self.live_vm(name)?;
+        let (mut record, vmm, control) = self.live_vm(name).await?;
         if record.state == VmState::Running && !matches!(vmm.io_error(&control).await, Ok(Some(_)))
         {
             return Ok(result(record.to_api(), false));
@@ -68,7 +68,7 @@ impl Manager {
         vmm.resume(&control).await?;
         crate::fault::point("resume.after_vmm")?;
         if record.state != VmState::Running {
-            self.transition(&mut record, VmState::Running)?;
+            self.transition(&mut record, VmState::Running).await?;
         }
         info!(vm = %name, "VM resumed");
         Ok(result(record.to_api(), true))

@@ -17,7 +17,7 @@ use crate::Error;
 use crate::model::{VmRecord, has_process};
 use crate::net::forward::Bound;
 use crate::store::LeasePool;
-use crate::vmm::qmp;
+use crate::vmm::PortForward;
 
 /// How a new VM is networked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,9 +27,6 @@ pub(super) enum NetChoice {
     /// QEMU user mode; `isolated`: without outbound network.
     User { isolated: bool },
 }
-
-/// The QEMU netdev id of every VM's NIC (see `vmm::qemu`).
-pub const NETDEV_ID: &str = "n0";
 
 impl Manager {
     /// The network of a new VM from the request (`bridge`, `user`, `isolated`) or the config.
@@ -50,7 +47,7 @@ impl Manager {
     /// Refuses `ports` for VM `vm` (`None`: a VM being created) unless each host side is
     /// free: not twice in the list, not published by another VM, and (with `bindable`)
     /// bindable now.
-    pub(super) fn check_ports(
+    pub(super) async fn check_ports(
         &self,
         vm: Option<&str>,
         ports: &[PortMapping],
@@ -64,7 +61,7 @@ impl Manager {
                 "port 0 in {p} is not a port; use 1 to 65535"
             )));
         }
-        let published = self.store().all_ports()?;
+        let published = self.db.run(|s| s.all_ports()).await?;
         for (i, p) in ports.iter().enumerate() {
             if ports[..i].iter().any(|q| overlaps(p, q)) {
                 return Err(Error::InvalidRequest(format!(
@@ -91,7 +88,7 @@ impl Manager {
     /// What a start needs of the VM's user-mode network: isolated or not, and its published
     /// ports, each checked free on the host. A bridge VM has neither: see
     /// [`Self::bind_forwards`].
-    pub(super) fn user_net_for_start(
+    pub(super) async fn user_net_for_start(
         &self,
         record: &VmRecord,
         bridge: bool,
@@ -99,10 +96,13 @@ impl Manager {
         if bridge {
             return Ok((false, Vec::new()));
         }
-        let (isolated, ports) = {
-            let store = self.store();
-            (store.is_isolated(&record.id)?, store.ports_of(&record.id)?)
-        };
+        let id = record.id.clone();
+        let (isolated, ports) = self
+            .db
+            .run(move |s| {
+                Ok::<_, crate::store::StoreError>((s.is_isolated(&id)?, s.ports_of(&id)?))
+            })
+            .await?;
         for p in &ports {
             probe(p)?;
         }
@@ -112,28 +112,31 @@ impl Manager {
     /// The host sockets of a bridge VM's published ports, bound now (before its VMM launches,
     /// so a busy port refuses the start with the port named) and served from
     /// [`Self::open_forwards`] once the VM runs. Empty for a VM without a lease.
-    pub(super) fn bind_forwards(&self, record: &VmRecord) -> Result<Vec<Bound>, Error> {
-        let ports = {
-            let store = self.store();
-            if store.lease_of(&record.id)?.is_none() {
-                return Ok(Vec::new());
-            }
-            store.ports_of(&record.id)?
-        };
+    pub(super) async fn bind_forwards(&self, record: &VmRecord) -> Result<Vec<Bound>, Error> {
+        let ports = self.leased_ports(record).await?;
         ports.iter().map(bind).collect()
     }
 
     /// Serves `bound` for the bridge VM `record` (relayed to its lease address).
-    pub(super) fn open_forwards(&self, record: &VmRecord, bound: Vec<Bound>) -> Result<(), Error> {
+    pub(super) async fn open_forwards(
+        &self,
+        record: &VmRecord,
+        bound: Vec<Bound>,
+    ) -> Result<(), Error> {
         if bound.is_empty() {
             return Ok(());
         }
-        let lease = self.store().lease_of(&record.id)?.ok_or_else(|| {
-            Error::Failed(format!(
-                "VM {} has no lease to forward ports to",
-                record.name
-            ))
-        })?;
+        let id = record.id.clone();
+        let lease = self
+            .db
+            .run(move |s| s.lease_of(&id))
+            .await?
+            .ok_or_else(|| {
+                Error::Failed(format!(
+                    "VM {} has no lease to forward ports to",
+                    record.name
+                ))
+            })?;
         self.forwards
             .open(&record.id, lease.ip, bound)
             .map_err(Error::io("cannot serve a published port"))?;
@@ -143,24 +146,17 @@ impl Manager {
 
     /// After a daemon restart: listens again on a running bridge VM's published ports. A
     /// port that cannot be bound now (taken meanwhile) is logged and left out.
-    pub(super) fn reopen_forwards(&self, record: &VmRecord) {
-        // One store guard for both reads (a guard in a `match` scrutinee lives to the end
-        // of the match: a second `self.store()` inside would wait for itself).
-        let ports = {
-            let store = self.store();
-            match store.lease_of(&record.id) {
-                Ok(Some(_)) => store.ports_of(&record.id),
-                Ok(None) => return,
-                Err(e) => Err(e),
-            }
-        };
-        let ports = match ports {
+    pub(super) async fn reopen_forwards(&self, record: &VmRecord) {
+        let ports = match self.leased_ports(record).await {
             Ok(ports) => ports,
             Err(e) => {
-                warn!(vm = %record.name, "cannot read the published ports: {e}");
+                warn!(vm = %record.name, "cannot read the published ports: {}", e.to_api().message);
                 return;
             }
         };
+        if ports.is_empty() {
+            return;
+        }
         let bound: Vec<Bound> = ports
             .iter()
             .filter_map(|p| {
@@ -169,50 +165,65 @@ impl Manager {
                     .ok()
             })
             .collect();
-        if let Err(e) = self.open_forwards(record, bound) {
+        if let Err(e) = self.open_forwards(record, bound).await {
             warn!(vm = %record.name, "published ports not served: {e}");
         }
     }
 
     /// The API form of a VM's network.
-    pub(super) fn vm_network(&self, record: &VmRecord) -> Option<VmNetwork> {
-        let store = self.store();
-        let read = || -> Result<VmNetwork, crate::store::StoreError> {
-            let ports = store.ports_of(&record.id)?;
-            Ok(match store.lease_of(&record.id)? {
-                Some(lease) => VmNetwork {
-                    mode: "bridge".into(),
-                    ip: Some(lease.ip.to_string()),
-                    tap: Some(lease.tap),
-                    ports,
-                },
-                None => VmNetwork {
-                    mode: if store.is_isolated(&record.id)? {
-                        "isolated"
-                    } else {
-                        "user"
-                    }
-                    .into(),
-                    ip: None,
-                    tap: None,
-                    ports,
-                },
-            })
-        };
-        match read() {
+    pub(super) async fn vm_network(&self, record: &VmRecord) -> Option<VmNetwork> {
+        let id = record.id.clone();
+        let read =
+            move |store: &mut crate::store::Store| -> Result<VmNetwork, crate::store::StoreError> {
+                let ports = store.ports_of(&id)?;
+                Ok(match store.lease_of(&id)? {
+                    Some(lease) => VmNetwork {
+                        mode: "bridge".into(),
+                        ip: Some(lease.ip.to_string()),
+                        tap: Some(lease.tap),
+                        ports,
+                    },
+                    None => VmNetwork {
+                        mode: if store.is_isolated(&id)? {
+                            "isolated"
+                        } else {
+                            "user"
+                        }
+                        .into(),
+                        ip: None,
+                        tap: None,
+                        ports,
+                    },
+                })
+            };
+        match self.db.run(read).await {
             Ok(network) => Some(network),
             Err(e) => {
-                warn!(vm = %record.name, "cannot read the VM's network: {e}");
+                warn!(vm = %record.name, "cannot read the VM's network: {}", e.to_api().message);
                 None
             }
         }
     }
 
+    /// The published ports of a VM holding a lease; none without one.
+    async fn leased_ports(&self, record: &VmRecord) -> Result<Vec<PortMapping>, Error> {
+        let id = record.id.clone();
+        self.db
+            .run(move |s| {
+                if s.lease_of(&id)?.is_none() {
+                    return Ok(Vec::new());
+                }
+                s.ports_of(&id)
+            })
+            .await
+    }
+
     /// `vm port NAME`.
     pub async fn list_ports(&self, name: &str) -> Result<PortList, Error> {
         let name = VmName::parse(name)?;
-        let record = self.observed_vm(&name)?;
-        let ports = self.store().ports_of(&record.id)?;
+        let record = self.observed_vm(&name).await?;
+        let id = record.id.clone();
+        let ports = self.db.run(move |s| s.ports_of(&id)).await?;
         Ok(PortList {
             vm: name.to_string(),
             live: has_process(record.state),
@@ -229,9 +240,14 @@ impl Manager {
     ) -> Result<PortList, Error> {
         let vm = self.locked(name).await?;
         let name = vm.name.clone();
-        let record = self.observed_vm(&name)?;
-        let current = self.store().ports_of(&record.id)?;
-        let bridge = self.store().lease_of(&record.id)?.is_some();
+        let record = self.observed_vm(&name).await?;
+        let id = record.id.clone();
+        let (current, bridge) = self
+            .db
+            .run(move |s| {
+                Ok::<_, crate::store::StoreError>((s.ports_of(&id)?, s.lease_of(&id)?.is_some()))
+            })
+            .await?;
         for p in &request.remove {
             if !current.iter().any(|q| same_host_side(p, q)) {
                 return Err(Error::InvalidRequest(format!(
@@ -266,38 +282,17 @@ impl Manager {
         }
         let live = has_process(record.state);
         // A running bridge VM's new ports are checked by binding them for real, below.
-        self.check_ports(Some(name.as_str()), &add, !(live && bridge))?;
+        self.check_ports(Some(name.as_str()), &add, !(live && bridge))
+            .await?;
         if live && bridge {
             self.change_forwards(&record, &add, &remove).await?;
         } else if live {
-            let qmp = self.qmp_socket(&record)?;
-            for p in &remove {
-                hmp(
-                    &qmp,
-                    &format!("hostfwd_remove {NETDEV_ID} {}", hostfwd_host(p)),
-                )
-                .await?;
-            }
-            let mut added: Vec<PortMapping> = Vec::new();
-            for p in &add {
-                if let Err(e) = hmp(&qmp, &format!("hostfwd_add {NETDEV_ID} {}", hostfwd(p))).await
-                {
-                    for q in &added {
-                        let _ = hmp(
-                            &qmp,
-                            &format!("hostfwd_remove {NETDEV_ID} {}", hostfwd_host(q)),
-                        )
-                        .await;
-                    }
-                    for q in &remove {
-                        let _ = hmp(&qmp, &format!("hostfwd_add {NETDEV_ID} {}", hostfwd(q))).await;
-                    }
-                    return Err(e);
-                }
-                added.push(*p);
-            }
+            self.change_user_forwards(&record, &add, &remove).await?;
         }
-        self.store().change_ports(&record.id, &add, &remove)?;
+        let (id, added, removed) = (record.id.clone(), add.clone(), remove.clone());
+        self.db
+            .run(move |s| s.change_ports(&id, &added, &removed))
+            .await?;
         info!(vm = %name, live, added = ?add, removed = ?remove, "published ports changed");
         self.list_ports(name.as_str()).await
     }
@@ -314,10 +309,10 @@ impl Manager {
         self.forwards.close(&record.id, remove).await;
         let bound: Result<Vec<Bound>, Error> = add.iter().map(bind).collect();
         match bound {
-            Ok(bound) => self.open_forwards(record, bound),
+            Ok(bound) => self.open_forwards(record, bound).await,
             Err(e) => {
                 let back: Vec<Bound> = remove.iter().filter_map(|p| bind(p).ok()).collect();
-                if let Err(again) = self.open_forwards(record, back) {
+                if let Err(again) = self.open_forwards(record, back).await {
                     warn!(vm = %record.name, "cannot serve the ports again: {again}");
                 }
                 Err(e)
@@ -325,9 +320,15 @@ impl Manager {
         }
     }
 
-    /// The QMP socket of a running VM with user-mode networking (published ports are its
-    /// forwards); refused for a backend that only has taps.
-    fn qmp_socket(&self, record: &VmRecord) -> Result<std::path::PathBuf, Error> {
+    /// `vm port add|rm` on a running user-mode VM: the backend's forwards of `remove` dropped,
+    /// then `add` made; when one cannot be made, those made are dropped and the removed ones
+    /// made again, so nothing changes.
+    async fn change_user_forwards(
+        &self,
+        record: &VmRecord,
+        add: &[PortMapping],
+        remove: &[PortMapping],
+    ) -> Result<(), Error> {
         let backend = self.backend(record);
         if backend.capabilities().needs_tap {
             return Err(Error::Unsupported {
@@ -338,40 +339,31 @@ impl Manager {
                 hint: "reach the VM at NAME.vm:PORT from the host".into(),
             });
         }
-        Ok(backend.control_socket(&self.layout.vm_runtime_dir(&record.id)))
-    }
-}
-
-/// Runs a QEMU monitor command; QEMU reports a failure as text in the answer: `hostfwd_add`
-/// says nothing when it worked, `hostfwd_remove` says "... removed" (or "... not found",
-/// which leaves what was wanted: no such forward).
-async fn hmp(qmp_socket: &std::path::Path, command: &str) -> Result<(), Error> {
-    let answer = qmp::human_monitor_command(qmp_socket, command).await?;
-    if hmp_succeeded(&answer) {
+        let pid = record.runtime.as_ref().and_then(|r| r.pid).ok_or_else(|| {
+            Error::Failed(format!(
+                "VM {} runs but has no recorded process",
+                record.name
+            ))
+        })?;
+        let (vmm, control) = self.control(record, pid);
+        for p in remove {
+            vmm.forward_port(&control, p, PortForward::Remove).await?;
+        }
+        let mut added: Vec<PortMapping> = Vec::new();
+        for p in add {
+            if let Err(e) = vmm.forward_port(&control, p, PortForward::Add).await {
+                for q in &added {
+                    let _ = vmm.forward_port(&control, q, PortForward::Remove).await;
+                }
+                for q in remove {
+                    let _ = vmm.forward_port(&control, q, PortForward::Add).await;
+                }
+                return Err(e.into());
+            }
+            added.push(*p);
+        }
         Ok(())
-    } else {
-        Err(Error::Failed(format!(
-            "QEMU refused `{command}`: {}",
-            answer.trim()
-        )))
     }
-}
-
-fn hmp_succeeded(answer: &str) -> bool {
-    let text = answer.trim();
-    text.is_empty()
-        || (text.starts_with("host forwarding rule for ")
-            && (text.ends_with(" removed") || text.ends_with(" not found")))
-}
-
-/// `proto:hostip:hostport-:guestport`, QEMU's hostfwd rule.
-pub fn hostfwd(p: &PortMapping) -> String {
-    format!("{}-:{}", hostfwd_host(p), p.guest_port)
-}
-
-/// `proto:hostip:hostport`, what `hostfwd_remove` names.
-fn hostfwd_host(p: &PortMapping) -> String {
-    format!("{}:{}:{}", p.proto.as_str(), p.host_ip, p.host_port)
 }
 
 fn describe(p: &PortMapping) -> String {
@@ -420,25 +412,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hostfwd_rules_and_overlaps() {
+    fn overlapping_host_sides() {
         let p = PortMapping::parse("8080:8000").unwrap();
-        assert_eq!(hostfwd(&p), "tcp:127.0.0.1:8080-:8000");
         let any = PortMapping::parse("0.0.0.0:8080:9000").unwrap();
         assert!(overlaps(&p, &any));
         let udp = PortMapping::parse("8080:8000/udp").unwrap();
         assert!(!overlaps(&p, &udp));
-        assert_eq!(hostfwd_host(&udp), "udp:127.0.0.1:8080");
-    }
-
-    #[test]
-    fn monitor_answers() {
-        assert!(hmp_succeeded(""));
-        assert!(hmp_succeeded(
-            "host forwarding rule for tcp:127.0.0.1:8080 removed\r\n"
-        ));
-        assert!(!hmp_succeeded(
-            "Could not set up host forwarding rule 'tcp:127.0.0.1:8080-:80'\r\n"
-        ));
     }
 
     #[test]
@@ -480,8 +459,7 @@ mod tests {
             dir.path().join("config.toml"),
         );
         let host = Arc::new(RecordingHost::new());
-        let manager =
-            Manager::with_host(layout, Config::default(), Some(host), "/x".into()).unwrap();
+        let manager = Manager::with_host(layout, Config::default(), host, "/x".into()).unwrap();
         let pool = manager.choose_network(None).await.unwrap().unwrap();
         let record = VmRecord::new(
             VmName::parse("b").unwrap(),
@@ -498,12 +476,14 @@ mod tests {
         );
         let (p1, p2) = (free(), free());
         let first = PortMapping::parse(&format!("{p1}:80")).unwrap();
-        {
-            let mut store = manager.store();
-            store.insert_vm_with_lease(&record, Some(pool)).unwrap();
-            store.change_ports(&record.id, &[first], &[]).unwrap();
-        }
-        manager.reopen_forwards(&record);
+        manager
+            .db
+            .blocking(|store| {
+                store.insert_vm_with_lease(&record, Some(pool))?;
+                store.change_ports(&record.id, &[first], &[])
+            })
+            .unwrap();
+        manager.reopen_forwards(&record).await;
         assert_eq!(manager.forwards.served(&record.id), [first]);
         assert!(probe(&first).is_err(), "the daemon holds the port");
 

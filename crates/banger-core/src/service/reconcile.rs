@@ -16,7 +16,7 @@ impl Manager {
     /// not as the VMM itself says); VMs caught mid-start, mid-stop or mid-suspend, or whose
     /// VMM died, are cleaned up and marked stopped.
     pub async fn reconcile(&self) -> Result<(), Error> {
-        let records = self.store().list_vms()?;
+        let records = self.db.list_vms().await?;
         for mut record in records {
             if !matches!(
                 record.state,
@@ -95,7 +95,7 @@ impl Manager {
                     ));
                 }
             }
-            self.transition(&mut record, VmState::Stopped)?;
+            self.transition(&mut record, VmState::Stopped).await?;
             info!(vm = %record.name, "VM marked stopped after daemon restart");
         }
         Ok(())
@@ -115,10 +115,10 @@ impl Manager {
         };
         if observed != record.state {
             info!(vm = %record.name, recorded = %record.state, observed = %observed, "VMM state differs from the record; following the VMM");
-            self.transition(record, observed)?;
+            self.transition(record, observed).await?;
         }
         info!(vm = %record.name, pid, state = %record.state, "reattached to VM");
-        self.reopen_forwards(record);
+        self.reopen_forwards(record).await;
         Ok(())
     }
 }

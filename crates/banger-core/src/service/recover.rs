@@ -9,12 +9,13 @@ use tracing::{info, warn};
 
 use super::Manager;
 use crate::Error;
+use crate::layout::Layout;
 
 impl Manager {
     /// The daemon's start-up recovery: stale scratch, orphaned files, then the VMs.
     pub async fn recover(&self) -> Result<(), Error> {
-        self.remove_stale_scratch();
-        self.remove_orphans()?;
+        self.remove_stale_scratch().await;
+        self.remove_orphans().await?;
         self.recover_snapshots().await?;
         self.reconcile().await
     }
@@ -22,42 +23,53 @@ impl Manager {
     /// Removes `vms/<id>` and `run/vms/<id>` of VMs without a record, `images/<digest>` and
     /// `kernels/<digest>` no row names, and `*.partial` copies in the stores. Only names of
     /// banger's own shape (hex ids and digests) are touched.
-    fn remove_orphans(&self) -> Result<(), Error> {
-        let (vms, images, kernels) = {
-            let store = self.store();
-            let vms: Vec<String> = store.list_vms()?.into_iter().map(|v| v.id).collect();
-            let images: Vec<String> = store.list_images()?.into_iter().map(|i| i.digest).collect();
-            let kernels: Vec<String> = store
-                .list_kernels()?
-                .into_iter()
-                .map(|k| k.digest)
-                .collect();
-            (vms, images, kernels)
-        };
-        let runtime_vms = self.layout.vm_runtime_dir("x");
-        let runtime_vms = runtime_vms.parent().unwrap_or(self.layout.runtime_dir());
-        let vm_dirs = self.layout.vm_dir("x");
-        let vm_dirs = vm_dirs.parent().unwrap_or(self.layout.data_dir());
-        for (parent, known, len) in [
-            (vm_dirs, &vms, 32),
-            (runtime_vms, &vms, 32),
-            (self.layout.images_dir().as_path(), &images, 64),
-            (self.layout.kernels_dir().as_path(), &kernels, 64),
-        ] {
-            for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let ours = name.len() == len && name.bytes().all(|b| b.is_ascii_hexdigit());
-                if !ours {
-                    continue;
-                }
-                if known.contains(&name) {
-                    remove_partials(&entry.path());
-                } else {
-                    remove(&entry.path(), "no record names it");
-                }
+    async fn remove_orphans(&self) -> Result<(), Error> {
+        let (vms, images, kernels) = self
+            .db
+            .run(|store| {
+                let vms: Vec<String> = store.list_vms()?.into_iter().map(|v| v.id).collect();
+                let images: Vec<String> =
+                    store.list_images()?.into_iter().map(|i| i.digest).collect();
+                let kernels: Vec<String> = store
+                    .list_kernels()?
+                    .into_iter()
+                    .map(|k| k.digest)
+                    .collect();
+                Ok::<_, crate::store::StoreError>((vms, images, kernels))
+            })
+            .await?;
+        let layout = self.layout.clone();
+        tokio::task::spawn_blocking(move || remove_unnamed(&layout, &vms, &images, &kernels))
+            .await
+            .map_err(|e| Error::Failed(format!("orphan removal task failed: {e}")))
+    }
+}
+
+/// Removes the directories under `layout` that no VM, image or kernel names.
+fn remove_unnamed(layout: &Layout, vms: &[String], images: &[String], kernels: &[String]) {
+    let runtime_vms = layout.vm_runtime_dir("x");
+    let runtime_vms = runtime_vms.parent().unwrap_or(layout.runtime_dir());
+    let vm_dirs = layout.vm_dir("x");
+    let vm_dirs = vm_dirs.parent().unwrap_or(layout.data_dir());
+    let (images_dir, kernels_dir) = (layout.images_dir(), layout.kernels_dir());
+    for (parent, known, len) in [
+        (vm_dirs, vms, 32),
+        (runtime_vms, vms, 32),
+        (images_dir.as_path(), images, 64),
+        (kernels_dir.as_path(), kernels, 64),
+    ] {
+        for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = name.len() == len && name.bytes().all(|b| b.is_ascii_hexdigit());
+            if !ours {
+                continue;
+            }
+            if known.contains(&name) {
+                remove_partials(&entry.path());
+            } else {
+                remove(&entry.path(), "no record names it");
             }
         }
-        Ok(())
     }
 }
 

@@ -7,6 +7,7 @@
 //! registry blob became which local file, so pulling what is already stored fetches no blob and
 //! pushing what the registry has sends none.
 
+use crate::layout;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -74,10 +75,10 @@ impl Manager {
 
     /// Removes the scratch directory's contents: called at daemon start, when no build,
     /// import or pull runs, so a pull killed half-way leaves nothing once the daemon is back.
-    pub fn remove_stale_scratch(&self) {
+    pub async fn remove_stale_scratch(&self) {
         let dir = self.layout.tmp_dir();
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for entry in entries.flatten() {
+        let removal = tokio::task::spawn_blocking(move || {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let path = entry.path();
                 let removed =
                     std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
@@ -85,6 +86,9 @@ impl Manager {
                     tracing::warn!(path = %path.display(), "cannot remove stale scratch: {e}");
                 }
             }
+        });
+        if let Err(e) = removal.await {
+            tracing::warn!("stale scratch removal failed: {e}");
         }
     }
 
@@ -134,8 +138,8 @@ impl Manager {
 
     /// `image push NAME REF`: the image's rootfs, kernel and initrd as one artifact.
     pub async fn push_image(&self, request: PushRequest) -> Result<TransferResult, Error> {
-        let image = self.find_image(&request.name)?;
-        let kernel = self.find_kernel(&image.kernel)?;
+        let image = self.find_image(&request.name).await?;
+        let kernel = self.find_kernel(&image.kernel).await?;
         let mut files = vec![PushFile {
             kind: LayerKind::Rootfs,
             path: self.layout.image_rootfs(&image.digest),
@@ -157,7 +161,7 @@ impl Manager {
 
     /// `kernel push NAME REF`: the kernel and its initrd as one artifact.
     pub async fn push_kernel(&self, request: PushRequest) -> Result<TransferResult, Error> {
-        let kernel = self.find_kernel(&request.name)?;
+        let kernel = self.find_kernel(&request.name).await?;
         let files = self.kernel_files(&kernel);
         let config = self.artifact_config(ArtifactKind::Kernel, &kernel).await;
         self.push_artifact(ArtifactKind::Kernel, files, config, &request)
@@ -168,13 +172,13 @@ impl Manager {
         let dir = self.layout.kernel_dir(&kernel.digest);
         let mut files = vec![PushFile {
             kind: LayerKind::Kernel,
-            path: dir.join("vmlinux"),
+            path: dir.join(layout::KERNEL_VMLINUX),
             local: kernel.digest.clone(),
         }];
         if kernel.has_initrd {
             files.push(PushFile {
                 kind: LayerKind::Initrd,
-                path: dir.join("initrd.img"),
+                path: dir.join(layout::KERNEL_INITRD),
                 local: kernel.digest.clone(),
             });
         }
@@ -182,7 +186,10 @@ impl Manager {
     }
 
     async fn artifact_config(&self, kind: ArtifactKind, kernel: &Kernel) -> ArtifactConfig {
-        let path = self.layout.kernel_dir(&kernel.digest).join("vmlinux");
+        let path = self
+            .layout
+            .kernel_dir(&kernel.digest)
+            .join(layout::KERNEL_VMLINUX);
         let capabilities = tokio::task::spawn_blocking(move || {
             oci::kernel_capabilities(image::kernel_config(&path).as_deref())
         })
@@ -212,9 +219,11 @@ impl Manager {
         let scratch = self.scratch_dir("push")?;
         let mut layers = Vec::new();
         for file in files {
+            let (kind, local) = (file.kind.as_str(), file.local.clone());
             let known = self
-                .store()
-                .blob_for(file.kind.as_str(), &file.local)?
+                .db
+                .run(move |s| s.blob_for(kind, &local))
+                .await?
                 .filter(|b| b.kind == file.kind.as_str());
             if let Some(blob) = known
                 && remote
@@ -273,13 +282,15 @@ impl Manager {
                 progress.skipped.fetch_add(1, Ordering::Relaxed);
             }
             let _ = std::fs::remove_file(&compressed.path);
-            self.store().put_blob(&BlobRecord {
-                digest: compressed.digest.clone(),
-                kind: file.kind.as_str().into(),
-                local: file.local.clone(),
-                size: compressed.size,
-                uncompressed: compressed.source_size,
-            })?;
+            self.db
+                .put_blob(BlobRecord {
+                    digest: compressed.digest.clone(),
+                    kind: file.kind.as_str().into(),
+                    local: file.local.clone(),
+                    size: compressed.size,
+                    uncompressed: compressed.source_size,
+                })
+                .await?;
             layers.push(layer_descriptor(
                 file.kind,
                 compressed.digest,
@@ -295,13 +306,15 @@ impl Manager {
             .push_bytes(config_bytes, &manifest.config.digest)
             .await
             .map_err(transfer_error)?;
-        self.store().put_blob(&BlobRecord {
-            digest: manifest.config.digest.clone(),
-            kind: "config".into(),
-            local: config_text,
-            size: manifest.config.size,
-            uncompressed: manifest.config.size,
-        })?;
+        self.db
+            .put_blob(BlobRecord {
+                digest: manifest.config.digest.clone(),
+                kind: "config".into(),
+                local: config_text,
+                size: manifest.config.size,
+                uncompressed: manifest.config.size,
+            })
+            .await?;
         let manifest_digest = remote
             .push_manifest(&manifest)
             .await
@@ -359,11 +372,11 @@ impl Manager {
         let (manifest, layers) =
             oci::check_manifest(reference, &manifest_bytes, kind).map_err(bad_request)?;
         let source = format!("pull:{reference}@{manifest_digest}");
-        self.check_pull_target(kind, &name, reference)?;
+        self.check_pull_target(kind, &name, reference).await?;
 
         // The config: remembered from an earlier pull, else fetched.
         let config_digest = manifest.config.digest.clone();
-        let remembered = self.store().blob(&config_digest)?;
+        let remembered = self.db.blob(&config_digest).await?;
         let config_bytes = match remembered {
             Some(blob) if blob.kind == "config" => blob.local.into_bytes(),
             _ => {
@@ -382,8 +395,9 @@ impl Manager {
         let mut to_fetch = Vec::new();
         for layer in &layers {
             let known = self
-                .store()
-                .blob(&layer.descriptor.digest)?
+                .db
+                .blob(&layer.descriptor.digest)
+                .await?
                 .filter(|b| b.kind == layer.kind.as_str())
                 .map(|b| b.local)
                 .filter(|local| self.stored_file(layer.kind, local).exists());
@@ -433,7 +447,11 @@ impl Manager {
         let initrd_stage = find(LayerKind::Initrd);
         let kernel_digest = match (kernel_stage, initrd_stage) {
             (Some(Staged::Stored(k)), None) => {
-                let has_no_initrd = !self.layout.kernel_dir(k).join("initrd.img").exists();
+                let has_no_initrd = !self
+                    .layout
+                    .kernel_dir(k)
+                    .join(layout::KERNEL_INITRD)
+                    .exists();
                 has_no_initrd.then(|| k.clone())
             }
             (Some(Staged::Stored(k)), Some(Staged::Stored(i))) if k == i => Some(k.clone()),
@@ -460,7 +478,7 @@ impl Manager {
                     // Read from the stored kernel (its config or ELF) when asked for.
                     capabilities: None,
                 };
-                self.store().put_kernel(&row)?;
+                self.db.put_kernel(&row).await?;
                 row
             }
             None => {
@@ -511,7 +529,7 @@ impl Manager {
                     .await?;
                 if config.exec.is_some() {
                     row.exec = config.exec.clone();
-                    self.store().put_image(&row)?;
+                    self.db.put_image(&row).await?;
                 }
                 Some(row)
             }
@@ -524,23 +542,27 @@ impl Manager {
                 LayerKind::WorkSeed => work_seed.clone(),
             };
             if let Some(local) = local {
-                self.store().put_blob(&BlobRecord {
-                    digest: layer.descriptor.digest.clone(),
-                    kind: layer.kind.as_str().into(),
-                    local,
-                    size: layer.descriptor.size,
-                    uncompressed: layer.size,
-                })?;
+                self.db
+                    .put_blob(BlobRecord {
+                        digest: layer.descriptor.digest.clone(),
+                        kind: layer.kind.as_str().into(),
+                        local,
+                        size: layer.descriptor.size,
+                        uncompressed: layer.size,
+                    })
+                    .await?;
             }
         }
         let config_text = String::from_utf8(config_bytes).unwrap_or_default();
-        self.store().put_blob(&BlobRecord {
-            digest: config_digest,
-            kind: "config".into(),
-            local: config_text,
-            size: manifest.config.size,
-            uncompressed: manifest.config.size,
-        })?;
+        self.db
+            .put_blob(BlobRecord {
+                digest: config_digest,
+                kind: "config".into(),
+                local: config_text,
+                size: manifest.config.size,
+                uncompressed: manifest.config.size,
+            })
+            .await?;
         info!(name = %name, reference = %reference, digest = %manifest_digest, blobs = progress.blobs.load(Ordering::Relaxed), "pulled");
         Ok((
             TransferResult {
@@ -560,20 +582,22 @@ impl Manager {
 
     /// A pull may replace an image or kernel pulled from the same reference that no VM uses,
     /// nothing else.
-    fn check_pull_target(
+    async fn check_pull_target(
         &self,
         kind: ArtifactKind,
         name: &str,
         reference: &str,
     ) -> Result<(), Error> {
         let prefix = format!("pull:{reference}@");
-        // One statement per store call: a guard held across a second call would deadlock.
         let existing_source = match kind {
-            ArtifactKind::Image => self.store().find_image(name)?.map(|i| i.source),
-            ArtifactKind::Kernel => self.store().find_kernel(name)?.map(|k| k.source),
+            ArtifactKind::Image => self.db.find_image(name).await?.map(|i| i.source),
+            ArtifactKind::Kernel => self.db.find_kernel(name).await?.map(|k| k.source),
         };
         let users = match kind {
-            ArtifactKind::Image => self.store().vms_using_image(name)?,
+            ArtifactKind::Image => {
+                let name = name.to_owned();
+                self.db.run(move |s| s.vms_using_image(&name)).await?
+            }
             ArtifactKind::Kernel => Vec::new(),
         };
         let what = match kind {
@@ -597,8 +621,8 @@ impl Manager {
     fn stored_file(&self, kind: LayerKind, local: &str) -> PathBuf {
         match kind {
             LayerKind::Rootfs => self.layout.image_rootfs(local),
-            LayerKind::Kernel => self.layout.kernel_dir(local).join("vmlinux"),
-            LayerKind::Initrd => self.layout.kernel_dir(local).join("initrd.img"),
+            LayerKind::Kernel => self.layout.kernel_dir(local).join(layout::KERNEL_VMLINUX),
+            LayerKind::Initrd => self.layout.kernel_dir(local).join(layout::KERNEL_INITRD),
             LayerKind::WorkSeed => self.layout.work_seed(local),
         }
     }
@@ -639,8 +663,9 @@ impl Manager {
         }
         let prefix = format!("pull:{image}@");
         let present = self
-            .store()
-            .list_images()?
+            .db
+            .run(|s| s.list_images())
+            .await?
             .into_iter()
             .find(|i| i.source.starts_with(&prefix));
         match (policy, present) {

@@ -14,7 +14,7 @@ impl Manager {
         let vm = self.locked(name).await?;
         let name = &vm.name;
         // A VM recorded as running whose VMM died is stopped, and so removable.
-        let record = self.observed_vm(name)?;
+        let record = self.observed_vm(name).await?;
         if !model::removable(record.state) {
             return Err(Error::InvalidState {
                 name: name.to_string(),
@@ -23,7 +23,7 @@ impl Manager {
             });
         }
         // Its snapshots go with it: not while a clone continues from one.
-        self.check_no_clones(&record)?;
+        self.check_no_clones(&record).await?;
         // A jail whose removal failed at stop still holds hard links to the VM's disks: try
         // again (idempotent; nothing to do without a jail).
         self.remove_jail(&record).await;
@@ -32,12 +32,13 @@ impl Manager {
         {
             tracing::warn!(vm = %name, "device-mapper teardown incomplete: {e}");
         }
-        let lease = self.store().lease_of(&record.id)?;
+        let id = record.id.clone();
+        let lease = self.db.run(move |s| s.lease_of(&id)).await?;
         if let Some(lease) = &lease {
             // The tap goes with the VM. When the helper cannot do it now, `banger network
             // down` removes every banger tap later.
             if let Err(e) = self
-                .host_call(banger_proto::helper::HelperOp::DeleteTap {
+                .host_run(banger_proto::helper::HelperOp::DeleteTap {
                     name: lease.tap.clone(),
                 })
                 .await
@@ -47,20 +48,27 @@ impl Manager {
         }
         crate::fault::point("rm.after_teardown")?;
         // Deleting the VM deletes its lease (ON DELETE CASCADE).
-        self.store().delete_vm(name.as_str())?;
+        let doomed = name.to_string();
+        self.db.run(move |s| s.delete_vm(&doomed)).await?;
         crate::fault::point("rm.after_record")?;
-        for dir in [
+        let dirs = [
             self.layout.vm_dir(&record.id),
             self.layout.vm_runtime_dir(&record.id),
-        ] {
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(format!("cannot remove {}", dir.display()))(e)),
+        ];
+        tokio::task::spawn_blocking(move || {
+            for dir in dirs {
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(format!("cannot remove {}", dir.display()))(e)),
+                }
             }
-        }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("VM removal task failed: {e}")))??;
         info!(vm = %name, id = %record.id, "VM removed");
-        self.refresh_ssh_config();
+        self.refresh_ssh_config().await;
         Ok(())
     }
 }

@@ -273,11 +273,12 @@ impl Manager {
     }
 
     /// The size the guest sees of a VM's system disk (a dm snapshot: its image's).
-    pub(super) fn system_disk_size(&self, record: &VmRecord) -> Option<u64> {
+    pub(super) async fn system_disk_size(&self, record: &VmRecord) -> Option<u64> {
         match self.system_disk_file(record) {
             Some(file) => usage::virtual_bytes(&file),
             None => {
-                let image = self.store().find_image(&record.spec.image).ok()??;
+                let name = record.spec.image.clone();
+                let image = self.db.run(move |s| s.find_image(&name)).await.ok()??;
                 usage::virtual_bytes(&self.layout.image_rootfs(&image.digest))
             }
         }
@@ -288,11 +289,11 @@ impl Manager {
     pub async fn set_vm(&self, name: &str, request: SetVmRequest) -> Result<SetVmResult, Error> {
         let vm = self.locked(name).await?;
         let name = &vm.name;
-        let mut record = self.observed_vm(name)?;
+        let mut record = self.observed_vm(name).await?;
         let (work, _) = self.work_disk(&record.id);
         let sizes = DiskSizes {
             work: usage::virtual_bytes(&work).unwrap_or(record.spec.disk_size_bytes),
-            system: self.system_disk_size(&record),
+            system: self.system_disk_size(&record).await,
         };
         let plan = plan(
             name.as_str(),
@@ -303,7 +304,7 @@ impl Manager {
             HostLimits::here(),
         )?;
         let mut result = SetVmResult {
-            vm: self.vm_api(&record),
+            vm: self.vm_api(&record).await,
             changed: plan.changed(),
             online: false,
             warnings: Vec::new(),
@@ -330,7 +331,7 @@ impl Manager {
                 .await?;
         }
         info!(vm = %name, changed = ?result.changed, online = result.online, cpus = record.spec.cpus, memory_mib = record.spec.memory_mib, disk = record.spec.disk_size_bytes, "VM resources changed");
-        result.vm = self.vm_api(&record);
+        result.vm = self.vm_api(&record).await;
         Ok(result)
     }
 
@@ -386,12 +387,12 @@ impl Manager {
             record.spec.disk_size_bytes = bytes;
             record.grow_work_fs = true;
             record.updated_at = crate::now_rfc3339();
-            self.store().update_spec(record)?;
+            self.db.update_spec(record).await?;
             let file = work.clone();
             let grown = blocking(move || disk::grow_raw_system_disk(&file, bytes)).await;
             if let Err(e) = grown.and_then(|r| r.map_err(Error::from)) {
                 (record.spec.disk_size_bytes, record.grow_work_fs) = before;
-                self.store().update_spec(record)?;
+                self.db.update_spec(record).await?;
                 return Err(e);
             }
             match e2fs::grow(&work).await {
@@ -412,7 +413,7 @@ impl Manager {
             record.spec.memory_mib = memory;
         }
         record.updated_at = crate::now_rfc3339();
-        self.store().update_spec(record)?;
+        self.db.update_spec(record).await?;
         Ok(())
     }
 
@@ -451,7 +452,7 @@ impl Manager {
         record.spec.disk_size_bytes = bytes;
         record.grow_work_fs = true;
         record.updated_at = crate::now_rfc3339();
-        self.store().update_spec(record)?;
+        self.db.update_spec(record).await?;
         let grown = match self.ssh_target(record) {
             Ok(target) => ssh::run(
                 &target,
@@ -475,7 +476,7 @@ impl Manager {
             Ok(size) => {
                 info!(vm = %name, fs_bytes = %size.trim(), "/root grown in the guest");
                 record.grow_work_fs = false;
-                self.store().update_spec(record)?;
+                self.db.update_spec(record).await?;
             }
             Err(why) => {
                 warn!(vm = %name, "the guest could not grow /root: {why}");

@@ -10,21 +10,20 @@ use crate::model::{VmRecord, has_process};
 impl Manager {
     /// All VMs by name.
     pub async fn list_vms(&self) -> Result<Vec<Vm>, Error> {
-        let records = self.store().list_vms()?;
-        Ok(records
-            .into_iter()
-            .map(|record| self.vm_api(&self.observe(record)))
-            .collect())
+        let records = self.db.list_vms().await?;
+        let mut vms = Vec::with_capacity(records.len());
+        for record in records {
+            let record = self.observe(record).await;
+            vms.push(self.vm_api(&record).await);
+        }
+        Ok(vms)
     }
 
     /// One VM, with the reason its VMM paused it on a host I/O error, if it did.
     pub async fn get_vm(&self, name: &str) -> Result<Vm, Error> {
         let name = VmName::parse(name)?;
-        // The store's guard must be gone before observe(), which writes a VM it finds dead
-        // (a temporary in this `let` would hold the lock through the call: a deadlock).
-        let stored = self.store().get_vm(name.as_str())?;
-        let record = self.observe(stored);
-        let mut vm = self.vm_api(&record);
+        let record = self.observed_vm(&name).await?;
+        let mut vm = self.vm_api(&record).await;
         let pid = record.runtime.as_ref().and_then(|r| r.pid);
         if let (Some(pid), Some(runtime)) =
             (pid.filter(|_| has_process(record.state)), &mut vm.runtime)
@@ -36,12 +35,12 @@ impl Manager {
     }
 
     /// The API form of a VM, with its network (lease) looked up.
-    pub(super) fn vm_api(&self, record: &VmRecord) -> Vm {
+    pub(super) async fn vm_api(&self, record: &VmRecord) -> Vm {
         let mut vm = record.to_api();
-        vm.network = self.vm_network(record);
-        vm.spec.system_disk_size_bytes = self.system_disk_size(record);
-        vm.snapshots = self.snapshot_summary(record);
-        vm.cloned_from = self.cloned_from(record);
+        vm.network = self.vm_network(record).await;
+        vm.spec.system_disk_size_bytes = self.system_disk_size(record).await;
+        vm.snapshots = self.snapshot_summary(record).await;
+        vm.cloned_from = self.cloned_from(record).await;
         if let Some(runtime) = vm.runtime.as_mut() {
             runtime.jailer = self.backend_of(record.spec.vmm).jailed();
         }

@@ -67,12 +67,13 @@ impl Manager {
     }
 
     /// The VM's snapshot called `snapshot`, with no step half done.
-    pub(super) fn named_snapshot(
+    pub(super) async fn named_snapshot(
         &self,
         record: &VmRecord,
         snapshot: &str,
     ) -> Result<SnapshotRecord, Error> {
-        let found = self.store().find_snapshot(&record.id, snapshot)?;
+        let (vm_id, name) = (record.id.clone(), snapshot.to_owned());
+        let found = self.db.run(move |s| s.find_snapshot(&vm_id, &name)).await?;
         let found = found.ok_or_else(|| Error::AssetNotFound {
             kind: "snapshot",
             name: format!("{}/{snapshot}", record.name),
@@ -96,13 +97,13 @@ impl Manager {
         request: CreateSnapshotRequest,
     ) -> Result<VmSnapshot, Error> {
         let vm = self.locked(name).await?;
-        let record = self.observed_vm(&vm.name)?;
+        let record = self.observed_vm(&vm.name).await?;
         let snapshot_name = match request.name {
             Some(n) => n,
             None => default_name(std::time::SystemTime::now()),
         };
         let done = self.take_snapshot(&record, snapshot_name).await?;
-        Ok(self.snapshot_api(&record, &done, Some(&done.id)))
+        Ok(self.snapshot_api(&record, &done, Some(&done.id)).await)
     }
 
     /// Takes snapshot `snapshot_name` of `record` (its lock held).
@@ -114,9 +115,11 @@ impl Manager {
         self.check_snapshottable(record)?;
         must_be_stopped(record, "snapshot")?;
         banger_proto::check_snapshot_name(&snapshot_name).map_err(Error::InvalidRequest)?;
+        let (vm_id, name) = (record.id.clone(), snapshot_name.clone());
         if self
-            .store()
-            .find_snapshot(&record.id, &snapshot_name)?
+            .db
+            .run(move |s| s.find_snapshot(&vm_id, &name))
+            .await?
             .is_some()
         {
             return Err(Error::Refused {
@@ -130,14 +133,21 @@ impl Manager {
             vm_id: record.id.clone(),
             name: snapshot_name,
             work_format,
-            parent: self.store().disk_head(&record.id)?.map(|h| h.snapshot_id),
+            parent: {
+                let vm_id = record.id.clone();
+                self.db
+                    .run(move |s| s.disk_head(&vm_id))
+                    .await?
+                    .map(|h| h.snapshot_id)
+            },
             created_at: crate::now_rfc3339(),
             pending: Some(SnapshotPending::Create),
         };
-        self.store().begin_snapshot(&snapshot)?;
+        let begun = snapshot.clone();
+        self.db.run(move |s| s.begin_snapshot(&begun)).await?;
         if let Err(e) = self.finish_create(&snapshot).await {
             warn!(vm = %record.name, snapshot = %snapshot.name, "snapshot failed, undoing: {e}");
-            if let Err(undo) = self.undo_create(&snapshot) {
+            if let Err(undo) = self.undo_create(&snapshot).await {
                 warn!(vm = %record.name, "cannot undo the snapshot now (the daemon's next start finishes it): {undo}");
             }
             return Err(Error::StepFailed {
@@ -196,12 +206,13 @@ impl Manager {
         }
         sync_dir(&self.layout.vm_dir(id))?;
         crate::fault::point("snapshot.after_overlays")?;
-        self.store().finish_snapshot_step(&snapshot.id)?;
+        let id = snapshot.id.clone();
+        self.db.run(move |s| s.finish_snapshot_step(&id)).await?;
         Ok(())
     }
 
     /// Puts the VM's disk files back where `snapshot`'s create found them and forgets it.
-    fn undo_create(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
+    async fn undo_create(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
         let id = &snapshot.vm_id;
         let files = self.layout.vm_named_snapshot(id, &snapshot.id);
         let work_qcow2 = snapshot.work_format == DiskFormat::Qcow2;
@@ -230,40 +241,54 @@ impl Manager {
         remove_dir_if_there(files.dir())?;
         // The snapshots directory goes with the last snapshot (fails harmlessly otherwise).
         let _ = std::fs::remove_dir(self.layout.vm_snapshots_dir(id));
-        self.store().abandon_snapshot(snapshot)?;
+        let abandoned = snapshot.clone();
+        self.db.run(move |s| s.abandon_snapshot(&abandoned)).await?;
         Ok(())
     }
 
     /// The VM's named snapshots, oldest first.
     pub async fn list_named_snapshots(&self, name: &str) -> Result<SnapshotList, Error> {
         let name = banger_proto::VmName::parse(name)?;
-        let record = self.store().get_vm(name.as_str())?;
-        let snapshots = self.store().snapshots_of(&record.id)?;
-        let head = self.store().disk_head(&record.id)?.map(|h| h.snapshot_id);
-        let list = snapshots
+        let record = self.db.get_vm(name.as_str()).await?;
+        let vm_id = record.id.clone();
+        let (snapshots, head) = self
+            .db
+            .run(move |s| {
+                Ok::<_, crate::store::StoreError>((s.snapshots_of(&vm_id)?, s.disk_head(&vm_id)?))
+            })
+            .await?;
+        let head = head.map(|h| h.snapshot_id);
+        let mut list = Vec::new();
+        for s in snapshots
             .iter()
             .filter(|s| s.pending != Some(SnapshotPending::Create))
-            .map(|s| self.snapshot_api(&record, s, head.as_deref()))
-            .collect();
+        {
+            list.push(self.snapshot_api(&record, s, head.as_deref()).await);
+        }
         Ok(SnapshotList {
             vm: record.name.to_string(),
             snapshots: list,
         })
     }
 
-    fn snapshot_api(
+    async fn snapshot_api(
         &self,
         record: &VmRecord,
         s: &SnapshotRecord,
         head: Option<&str>,
     ) -> VmSnapshot {
-        let parent = s.parent.as_deref().and_then(|p| {
-            self.store()
-                .snapshot_by_id(p)
-                .ok()
-                .flatten()
-                .map(|p| p.name)
-        });
+        let (parent_id, id) = (s.parent.clone(), s.id.clone());
+        let (parent, clones) = self
+            .db
+            .run(move |st| {
+                let parent = match parent_id {
+                    Some(p) => st.snapshot_by_id(&p)?.map(|p| p.name),
+                    None => None,
+                };
+                Ok::<_, crate::store::StoreError>((parent, st.clones_of(&id)?))
+            })
+            .await
+            .unwrap_or_default();
         VmSnapshot {
             id: s.id.clone(),
             name: s.name.clone(),
@@ -271,13 +296,14 @@ impl Manager {
             bytes: dir_allocated(self.layout.vm_named_snapshot(&record.id, &s.id).dir()),
             parent,
             current: head == Some(s.id.as_str()),
-            clones: self.store().clones_of(&s.id).unwrap_or_default(),
+            clones,
         }
     }
 
     /// The VM's snapshots counted, for `vm show` and `vm ls` (`None` without any).
-    pub(super) fn snapshot_summary(&self, record: &VmRecord) -> Option<SnapshotSummary> {
-        let snapshots = self.store().snapshots_of(&record.id).ok()?;
+    pub(super) async fn snapshot_summary(&self, record: &VmRecord) -> Option<SnapshotSummary> {
+        let vm_id = record.id.clone();
+        let snapshots = self.db.run(move |s| s.snapshots_of(&vm_id)).await.ok()?;
         if snapshots.is_empty() {
             return None;
         }
@@ -290,12 +316,15 @@ impl Manager {
     /// Puts a stopped VM's disks back to snapshot `snapshot`: what was written since is gone.
     pub async fn restore_named_snapshot(&self, name: &str, snapshot: &str) -> Result<Vm, Error> {
         let vm = self.locked(name).await?;
-        let mut record = self.observed_vm(&vm.name)?;
+        let mut record = self.observed_vm(&vm.name).await?;
         self.check_snapshottable(&record)?;
         must_be_stopped(&record, "restore a snapshot of")?;
-        let found = self.named_snapshot(&record, snapshot)?;
+        let found = self.named_snapshot(&record, snapshot).await?;
         // The commit point: from here the restore is finished, now or at the next start.
-        self.store().begin_restore(&record.id, &found.id)?;
+        let (vm_id, snapshot_id) = (record.id.clone(), found.id.clone());
+        self.db
+            .run(move |s| s.begin_restore(&vm_id, &snapshot_id))
+            .await?;
         crate::fault::point("snapshot.restore_after_record")?;
         if let Err(e) = self.finish_restore(&record.id, &found).await {
             return Err(Error::StepFailed {
@@ -314,9 +343,9 @@ impl Manager {
         }
         record.grow_work_fs = false;
         record.updated_at = crate::now_rfc3339();
-        self.store().update_spec(&record)?;
+        self.db.update_spec(&record).await?;
         info!(vm = %record.name, snapshot, "restored to snapshot");
-        Ok(self.vm_api(&record))
+        Ok(self.vm_api(&record).await)
     }
 
     /// New empty tops over `snapshot`'s files, each renamed over the VM's top (redone whole
@@ -343,16 +372,18 @@ impl Manager {
         };
         qcow2::create_overlay(&work, &Layout::vm_overlay_partial(&work_top), &work_top).await?;
         sync_dir(&self.layout.vm_dir(vm_id))?;
-        self.store().finish_restore(vm_id)?;
+        let id = vm_id.to_owned();
+        self.db.run(move |s| s.finish_restore(&id)).await?;
         Ok(())
     }
 
     /// Removes a named snapshot: what continues from it is rebased off it first.
     pub async fn remove_named_snapshot(&self, name: &str, snapshot: &str) -> Result<(), Error> {
         let vm = self.locked(name).await?;
-        let record = self.observed_vm(&vm.name)?;
-        let found = self.named_snapshot(&record, snapshot)?;
-        let clones = self.store().clones_of(&found.id)?;
+        let record = self.observed_vm(&vm.name).await?;
+        let found = self.named_snapshot(&record, snapshot).await?;
+        let id = found.id.clone();
+        let clones = self.db.run(move |s| s.clones_of(&id)).await?;
         if !clones.is_empty() {
             return Err(Error::Refused {
                 message: format!(
@@ -364,7 +395,7 @@ impl Manager {
                 hint: format!("remove them first (`banger vm rm {}`)", clones.join(" ")),
             });
         }
-        let dependents = self.dependents(&record, &found)?;
+        let dependents = self.dependents(&record, &found).await?;
         if !dependents.is_empty() && !matches!(record.state, VmState::Stopped | VmState::Created) {
             return Err(Error::NotNow {
                 message: format!(
@@ -374,7 +405,8 @@ impl Manager {
                 hint: format!("stop it first (`banger vm stop {}`)", record.name),
             });
         }
-        self.store().begin_snapshot_removal(&found.id)?;
+        let id = found.id.clone();
+        self.db.run(move |s| s.begin_snapshot_removal(&id)).await?;
         crate::fault::point("snapshot.rm_after_record")?;
         self.finish_remove(&found).await.map_err(|e| Error::StepFailed {
             step: format!(
@@ -389,14 +421,19 @@ impl Manager {
 
     /// The disk files that continue from `snapshot`'s: its children's and, when the VM's
     /// head is it, the VM's tops, as (system, work) pairs.
-    fn dependents(
+    async fn dependents(
         &self,
         record: &VmRecord,
         snapshot: &SnapshotRecord,
     ) -> Result<Vec<(PathBuf, PathBuf)>, Error> {
-        let mut pairs: Vec<(PathBuf, PathBuf)> = self
-            .store()
-            .snapshots_of(&record.id)?
+        let vm_id = record.id.clone();
+        let (all, head) = self
+            .db
+            .run(move |s| {
+                Ok::<_, crate::store::StoreError>((s.snapshots_of(&vm_id)?, s.disk_head(&vm_id)?))
+            })
+            .await?;
+        let mut pairs: Vec<(PathBuf, PathBuf)> = all
             .into_iter()
             .filter(|s| s.parent.as_deref() == Some(snapshot.id.as_str()))
             .map(|s| {
@@ -407,7 +444,6 @@ impl Manager {
                 )
             })
             .collect();
-        let head = self.store().disk_head(&record.id)?;
         if head.is_some_and(|h| h.snapshot_id == snapshot.id) {
             pairs.push((
                 self.layout.vm_system_disk(&record.id),
@@ -421,8 +457,9 @@ impl Manager {
     /// rebased onto that file's own backing, then its directory goes, then its row.
     async fn finish_remove(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
         let record = self
-            .store()
-            .list_vms()?
+            .db
+            .list_vms()
+            .await?
             .into_iter()
             .find(|v| v.id == snapshot.vm_id)
             .ok_or_else(|| Error::Failed(format!("no VM has snapshot {}", snapshot.id)))?;
@@ -437,7 +474,7 @@ impl Manager {
                 qcow2::backing_of(&own[0]).await?,
                 qcow2::backing_of(&own[1]).await?,
             ];
-            for (system, work) in self.dependents(&record, snapshot)? {
+            for (system, work) in self.dependents(&record, snapshot).await? {
                 for (i, dependent) in [system, work].iter().enumerate() {
                     let current = qcow2::backing_of(dependent).await?;
                     if current.is_some_and(|b| b.path == own[i]) {
@@ -449,14 +486,15 @@ impl Manager {
         }
         remove_dir_if_there(files.dir())?;
         let _ = std::fs::remove_dir(self.layout.vm_snapshots_dir(&record.id));
-        self.store().delete_snapshot(snapshot)?;
+        let deleted = snapshot.clone();
+        self.db.run(move |s| s.delete_snapshot(&deleted)).await?;
         Ok(())
     }
 
     /// At daemon start: finishes the snapshot steps a dead daemon left half done (creates,
     /// restores, removes), and removes snapshot directories no row names.
     pub(super) async fn recover_snapshots(&self) -> Result<(), Error> {
-        let pending = self.store().pending_snapshots()?;
+        let pending = self.db.run(|s| s.pending_snapshots()).await?;
         for snapshot in pending {
             let finished = match snapshot.pending {
                 Some(SnapshotPending::Create) => self.finish_create(&snapshot).await,
@@ -472,13 +510,16 @@ impl Manager {
                 }
             }
         }
-        let restoring = self.store().restoring_vms()?;
+        let restoring = self.db.run(|s| s.restoring_vms()).await?;
         for vm_id in restoring {
-            let head = self.store().disk_head(&vm_id)?;
-            let snapshot = match head {
-                Some(h) => self.store().snapshot_by_id(&h.snapshot_id)?,
-                None => None,
-            };
+            let id = vm_id.clone();
+            let snapshot = self
+                .db
+                .run(move |s| match s.disk_head(&id)? {
+                    Some(h) => s.snapshot_by_id(&h.snapshot_id),
+                    None => Ok(None),
+                })
+                .await?;
             let Some(snapshot) = snapshot else { continue };
             match self.finish_restore(&vm_id, &snapshot).await {
                 Ok(()) => {
@@ -488,11 +529,13 @@ impl Manager {
                 Err(e) => warn!(vm_id = %vm_id, "cannot finish a half-done restore: {e}"),
             }
         }
-        let vms = self.store().list_vms()?;
+        let vms = self.db.list_vms().await?;
         for vm in vms {
+            let vm_id = vm.id.clone();
             let known: Vec<String> = self
-                .store()
-                .snapshots_of(&vm.id)?
+                .db
+                .run(move |s| s.snapshots_of(&vm_id))
+                .await?
                 .into_iter()
                 .map(|s| s.id)
                 .collect();
@@ -510,12 +553,18 @@ impl Manager {
     }
 
     /// Refuses to remove a VM whose snapshots other VMs were cloned from.
-    pub(super) fn check_no_clones(&self, record: &VmRecord) -> Result<(), Error> {
-        let mut clones = Vec::new();
-        let snapshots = self.store().snapshots_of(&record.id)?;
-        for s in snapshots {
-            clones.extend(self.store().clones_of(&s.id)?);
-        }
+    pub(super) async fn check_no_clones(&self, record: &VmRecord) -> Result<(), Error> {
+        let vm_id = record.id.clone();
+        let clones = self
+            .db
+            .run(move |s| {
+                let mut clones = Vec::new();
+                for snapshot in s.snapshots_of(&vm_id)? {
+                    clones.extend(s.clones_of(&snapshot.id)?);
+                }
+                Ok::<_, crate::store::StoreError>(clones)
+            })
+            .await?;
         if clones.is_empty() {
             return Ok(());
         }

@@ -29,18 +29,23 @@ impl Manager {
     /// What `vm exec` and `vm ssh` need; refused unless the VM runs.
     pub async fn ssh_info(&self, name: &str) -> Result<SshInfo, Error> {
         let name = VmName::parse(name)?;
-        let record = self.observed_vm(&name)?;
+        let record = self.observed_vm(&name).await?;
         if record.state != VmState::Running {
             return Err(not_running(&name, record.state));
         }
         let target = self.ssh_target(&record)?;
-        let prepared = self.store().workspace(&record.id)?.is_some();
+        let (id, image) = (record.id.clone(), record.spec.image.clone());
+        let (prepared, image) = self
+            .db
+            .run(move |s| {
+                Ok::<_, crate::store::StoreError>((
+                    s.workspace(&id)?.is_some(),
+                    s.find_image(&image)?,
+                ))
+            })
+            .await?;
         // The image may be gone (removed after the VM was made): no defaults then.
-        let exec = self
-            .store()
-            .find_image(&record.spec.image)?
-            .and_then(|image| image.exec)
-            .unwrap_or_default();
+        let exec = image.and_then(|image| image.exec).unwrap_or_default();
         let workdir = super::workspace::workdir(prepared);
         Ok(SshInfo {
             host: target.host,

@@ -67,7 +67,7 @@ impl Manager {
     pub async fn start_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
         let vm = self.locked(name).await?;
         let name = &vm.name;
-        let record = self.observed_vm(name)?;
+        let record = self.observed_vm(name).await?;
         if record.state == VmState::Running {
             return Ok(result(record.to_api(), false));
         }
@@ -88,7 +88,7 @@ impl Manager {
             self.remove_snapshot(&record.id);
             None
         };
-        self.transition(&mut record, VmState::Starting)?;
+        self.transition(&mut record, VmState::Starting).await?;
         let mut undo = StartUndo::default();
         let mut outcome = StartOutcome::default();
         match self
@@ -97,12 +97,15 @@ impl Manager {
         {
             Ok(()) => {
                 record.last_error = None;
-                self.transition(&mut record, VmState::Running)?;
+                self.transition(&mut record, VmState::Running).await?;
                 info!(vm = %name, restored = outcome.restored, "VM running");
-                if let Err(e) = self.open_forwards(&record, std::mem::take(&mut outcome.forwards)) {
+                if let Err(e) = self
+                    .open_forwards(&record, std::mem::take(&mut outcome.forwards))
+                    .await
+                {
                     outcome.warnings.push(e.to_api().message);
                 }
-                self.refresh_ssh_config();
+                self.refresh_ssh_config().await;
                 Ok(LifecycleResult {
                     restored: outcome.restored,
                     warnings: outcome.warnings,
@@ -123,7 +126,7 @@ impl Manager {
                 } else {
                     previous
                 };
-                if let Err(e) = self.transition(&mut record, back) {
+                if let Err(e) = self.transition(&mut record, back).await {
                     warn!(vm = %name, "cannot restore state: {e}");
                 }
                 Err(err)
@@ -146,8 +149,14 @@ impl Manager {
                 source: Box::new(source),
             }
         };
-        let image = self.find_image(&record.spec.image).map_err(step("image"))?;
-        let kernel = self.find_kernel(&image.kernel).map_err(step("kernel"))?;
+        let image = self
+            .find_image(&record.spec.image)
+            .await
+            .map_err(step("image"))?;
+        let kernel = self
+            .find_kernel(&image.kernel)
+            .await
+            .map_err(step("kernel"))?;
         let kernel_path = self.layout.kernel_vmlinux(&kernel.digest);
         let initrd = kernel
             .has_initrd
@@ -221,7 +230,8 @@ impl Manager {
         crate::fault::point("start.after_runtime_dir")?;
 
         // Bridge mode: the network (and DNS) up, the VM's own tap ready, a static address.
-        let lease = self.store().lease_of(&record.id)?;
+        let id = record.id.clone();
+        let lease = self.db.run(move |s| s.lease_of(&id)).await?;
         let (net_args, attach, tap_fd) = match &lease {
             Some(lease) => {
                 let info = self
@@ -229,7 +239,7 @@ impl Manager {
                     .await
                     .map_err(step("bridge network"))?;
                 // The helper checks the lease against its subnet (which may have changed).
-                self.host_call(HelperOp::CheckAddress {
+                self.host_run(HelperOp::CheckAddress {
                     ip: lease.ip.to_string(),
                 })
                 .await
@@ -237,14 +247,14 @@ impl Manager {
                 let name = lease.tap.clone();
                 // A backend that takes its tap as a descriptor gets a queue the helper
                 // opened: `/dev/net/tun` may be root's only.
+                let tap = name.clone();
                 let tap_fd = if caps.tap_fd {
-                    let reply = self
-                        .host_call(HelperOp::OpenTap { name: name.clone() })
+                    self.net_op(move |host, op_id| host.open_tap(op_id, &tap))
                         .await
-                        .map_err(step("tap"))?;
-                    reply.fd.map(Arc::new)
+                        .map_err(step("tap"))?
+                        .map(Arc::new)
                 } else {
-                    self.host_call(HelperOp::EnsureTap { name: name.clone() })
+                    self.net_op(move |host, op_id| host.ensure_tap(op_id, &tap))
                         .await
                         .map_err(step("tap"))?;
                     None
@@ -265,13 +275,13 @@ impl Manager {
         };
         // User mode: outbound or isolated, and the published ports (a busy one refuses the
         // start before anything runs).
-        let (isolated, ports) = self.user_net_for_start(record, lease.is_some())?;
-        outcome.forwards = self.bind_forwards(record)?;
+        let (isolated, ports) = self.user_net_for_start(record, lease.is_some()).await?;
+        outcome.forwards = self.bind_forwards(record).await?;
         let mut cmdline = format!(
             "console=ttyS0 root=/dev/vda rw {boot_args} banger.hostname={} {net_args}",
             record.name
         );
-        if let Some(args) = self.clone_boot_args(record) {
+        if let Some(args) = self.clone_boot_args(record).await {
             cmdline.push(' ');
             cmdline.push_str(&args);
         }
@@ -399,7 +409,7 @@ impl Manager {
             jail: process.jail.as_ref().map(|p| p.display().to_string()),
         });
         // Durable before waiting: a daemon crash now still knows which process to clean up.
-        self.store().update_vm(record)?;
+        self.db.update_vm(record).await?;
         crate::fault::point("start.after_record")?;
         if let Some(jail) = &process.jail {
             info!(vm = %record.name, jail = %jail.display(), "Firecracker runs in its jail (cgroup set by the jailer)");

@@ -63,24 +63,30 @@ impl CpuSamples {
 impl Manager {
     /// How many VMs have a VMM process now (running or paused), as recorded.
     pub async fn running_vm_count(&self) -> Result<u32, Error> {
-        let records = self.store().list_vms()?;
+        let records = self.db.list_vms().await?;
         Ok(records.iter().filter(|r| has_process(r.state)).count() as u32)
     }
 
     /// Figures for the VMs named (all when `names` is empty), in name order.
     pub async fn vm_stats(&self, names: &[String], guest: bool) -> Result<Vec<VmStats>, Error> {
         let records: Vec<VmRecord> = if names.is_empty() {
-            self.store().list_vms()?
+            self.db.list_vms().await?
         } else {
             let mut records = Vec::with_capacity(names.len());
             for name in names {
                 let name = VmName::parse(name)?;
-                records.push(self.store().get_vm(name.as_str())?);
+                records.push(self.db.get_vm(name.as_str()).await?);
             }
             records
         };
-        let records: Vec<VmRecord> = records.into_iter().map(|r| self.observe(r)).collect();
-        let mut stats: Vec<VmStats> = records.iter().map(|r| self.host_stats(r)).collect();
+        let mut observed = Vec::with_capacity(records.len());
+        let mut stats = Vec::with_capacity(records.len());
+        for record in records {
+            let record = self.observe(record).await;
+            stats.push(self.host_stats(&record).await);
+            observed.push(record);
+        }
+        let records = observed;
         let live: Vec<u32> = records
             .iter()
             .filter_map(|r| r.runtime.as_ref().and_then(|rt| rt.pid))
@@ -121,7 +127,17 @@ impl Manager {
     }
 
     /// What the host knows of `record` without asking the guest.
-    fn host_stats(&self, record: &VmRecord) -> VmStats {
+    async fn host_stats(&self, record: &VmRecord) -> VmStats {
+        let (image, id) = (record.spec.image.clone(), record.id.clone());
+        let (image, lease) = self
+            .db
+            .run(move |s| {
+                let image = s.find_image(&image).ok().flatten();
+                let lease = s.lease_of(&id).ok().flatten();
+                Ok::<_, Error>((image, lease))
+            })
+            .await
+            .unwrap_or_default();
         let process = has_process(record.state)
             .then(|| record.runtime.as_ref().and_then(|r| r.pid))
             .flatten()
@@ -131,11 +147,7 @@ impl Manager {
             // image's size.
             SystemDiskStrategy::DmSnapshot => (
                 self.layout.vm_system_cow(&record.id),
-                self.store()
-                    .find_image(&record.spec.image)
-                    .ok()
-                    .flatten()
-                    .map(|image| self.layout.image_rootfs(&image.digest)),
+                image.map(|image| self.layout.image_rootfs(&image.digest)),
             ),
             _ => {
                 let disk = self
@@ -167,10 +179,7 @@ impl Manager {
         }
         // A bridge VM's tap: what the host receives on it the guest sent (tx for the guest).
         let network = if process.is_some() {
-            self.store()
-                .lease_of(&record.id)
-                .ok()
-                .flatten()
+            lease
                 .and_then(|lease| usage::interface_counters(&lease.tap))
                 .map(|[rx, tx, rx_packets, tx_packets]| NetCounters {
                     source: "tap".into(),

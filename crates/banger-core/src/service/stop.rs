@@ -29,18 +29,18 @@ impl Manager {
     pub async fn stop_vm(&self, name: &str, force: bool) -> Result<LifecycleResult, Error> {
         let vm = self.locked(name).await?;
         let name = &vm.name;
-        let mut record = self.observed_vm(name)?;
+        let mut record = self.observed_vm(name).await?;
         let pid = record.runtime.as_ref().and_then(|r| r.pid);
         let live_pid = pid.filter(|pid| process::is_alive(*pid, &record.id));
         let Some(pid) = live_pid else {
             if record.state == VmState::Error {
-                self.transition(&mut record, VmState::Stopped)?;
+                self.transition(&mut record, VmState::Stopped).await?;
             }
             return Ok(result(record.to_api(), false));
         };
         let maybe_paused = record.state != VmState::Running;
         if record.state != VmState::Stopping {
-            self.transition(&mut record, VmState::Stopping)?;
+            self.transition(&mut record, VmState::Stopping).await?;
         }
         crate::fault::point("stop.after_stopping")?;
         let method = self.stop_process(&record, pid, force, maybe_paused).await;
@@ -50,7 +50,7 @@ impl Manager {
         record.clear_process();
         record.record_stop(super::fsck::stop_kind(method), method);
         record.last_error = None;
-        self.transition(&mut record, VmState::Stopped)?;
+        self.transition(&mut record, VmState::Stopped).await?;
         info!(vm = %name, method, "VM stopped");
         Ok(LifecycleResult {
             stop_method: Some(method.into()),

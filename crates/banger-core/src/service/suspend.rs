@@ -26,7 +26,7 @@ impl Manager {
     pub async fn suspend_vm(&self, name: &str) -> Result<LifecycleResult, Error> {
         let vm = self.locked(name).await?;
         let name = &vm.name;
-        let current = self.observed_vm(name)?;
+        let current = self.observed_vm(name).await?;
         if current.state == VmState::Suspended {
             return Ok(result(current.to_api(), false));
         }
@@ -49,18 +49,18 @@ impl Manager {
                 hint: "use `banger vm pause NAME` or `banger vm stop NAME`".into(),
             });
         }
-        let (mut record, vmm, control) = self.live_vm(name)?;
+        let (mut record, vmm, control) = self.live_vm(name).await?;
         let was = record.state;
         // Stopping while the snapshot is written: a daemon that dies now leaves a VM that
         // reconciliation stops (and whose partial snapshot it deletes).
-        self.transition(&mut record, VmState::Stopping)?;
+        self.transition(&mut record, VmState::Stopping).await?;
         crate::fault::point("suspend.after_stopping")?;
         let mut warnings = Vec::new();
         // 1. Data safety first: a paused guest cannot sync, so resume it for that.
         if was == VmState::Paused
             && let Err(e) = vmm.resume(&control).await
         {
-            self.transition(&mut record, was)?;
+            self.transition(&mut record, was).await?;
             return Err(Error::StepFailed {
                 step: format!("cannot suspend VM {name}: resuming it to sync failed"),
                 source: Box::new(Error::from(e)),
@@ -111,7 +111,7 @@ impl Manager {
                     Err(_) => VmState::Paused,
                 }
             };
-            self.transition(&mut record, back)?;
+            self.transition(&mut record, back).await?;
             return Err(Error::StepFailed {
                 step: format!("cannot suspend VM {name}"),
                 source: Box::new(Error::from(e)),
@@ -147,7 +147,7 @@ impl Manager {
             Err(e) => {
                 warn!(vm = %name, "cannot seal the snapshot: {e}");
                 self.remove_snapshot(&record.id);
-                self.transition(&mut record, VmState::Stopped)?;
+                self.transition(&mut record, VmState::Stopped).await?;
                 return Err(Error::StepFailed {
                     step: format!(
                         "cannot suspend VM {name}: the snapshot could not be written; the VM is \
@@ -157,7 +157,7 @@ impl Manager {
                 });
             }
         };
-        self.transition(&mut record, VmState::Suspended)?;
+        self.transition(&mut record, VmState::Suspended).await?;
         info!(vm = %name, method, snapshot = %snapshot.state.display(), bytes = sealed.size(), "VM suspended");
         Ok(LifecycleResult {
             warnings,

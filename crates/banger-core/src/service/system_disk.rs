@@ -7,19 +7,14 @@ use std::sync::Arc;
 use super::Manager;
 use crate::Error;
 use crate::disk;
-use crate::host::{HelperClient, HostOps};
+use crate::host::HostOps;
 use crate::model::VmRecord;
 
 impl Manager {
-    /// Where the dm system disk's operations go: the test seam's fake, else banger-helper
-    /// (the network's client, or one of its own when networking is user-mode: dm disks need
-    /// the helper whatever the network mode).
+    /// Where the dm system disk's operations go: the Manager's helper, whatever the network
+    /// mode (dm disks need it either way).
     pub(super) fn disk_host(&self) -> Arc<dyn HostOps> {
-        self.seams
-            .host_ops
-            .clone()
-            .or_else(|| self.host.clone())
-            .unwrap_or_else(|| Arc::new(HelperClient::new(self.helper_socket.clone())))
+        self.helper.clone()
     }
 
     /// Whether dm snapshot system disks can be made here (device-mapper exists and

@@ -32,8 +32,8 @@ const GUEST_LIMIT: Duration = Duration::from_secs(600);
 
 impl Manager {
     /// The record of a VM that must be running for `what`.
-    pub(super) fn running_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
-        let record = self.observed_vm(name)?;
+    pub(super) async fn running_vm(&self, name: &VmName) -> Result<VmRecord, Error> {
+        let record = self.observed_vm(name).await?;
         if record.state != VmState::Running {
             return Err(super::not_running(name, record.state));
         }
@@ -57,11 +57,12 @@ impl Manager {
             )));
         }
         let _vm = self.locked(name.as_str()).await?;
-        let record = self.running_vm(&name)?;
+        let record = self.running_vm(&name).await?;
         let target = self.ssh_target(&record)?;
         let channel = self.layout.vm_workspace_channel(&record.id);
         let git = !request.no_git;
-        let old = self.store().manifest(&record.id)?;
+        let id = record.id.clone();
+        let old = self.db.run(move |s| s.manifest(&id)).await?;
         let fresh = old.is_empty();
         let progress = Arc::new(Progress::default());
         let _running = Running::new(self, &name, &progress);
@@ -80,6 +81,7 @@ impl Manager {
                 fresh,
                 Some(&channel),
                 &progress,
+                &crate::workspace::receive_script,
             )?;
             Ok::<_, WorkspaceError>((root, head, plan, sent))
         })
@@ -94,11 +96,15 @@ impl Manager {
             base_tree: sent.base_tree.clone(),
             prepared_at: crate::now_rfc3339(),
         };
-        self.store().save_workspace(&record.id, &ws, &plan.next)?;
+        let files_total = plan.next.len() as u64;
+        let (id, saved, next) = (record.id.clone(), ws, plan.next);
+        self.db
+            .run(move |s| s.save_workspace(&id, &saved, &next))
+            .await?;
         let result = PrepareResult {
             host_path,
             commit: head,
-            files_total: plan.next.len() as u64,
+            files_total,
             files_sent: sent.files,
             bytes_sent: sent.bytes,
             wire_bytes: sent.wire_bytes,
@@ -127,13 +133,23 @@ impl Manager {
         guest: bool,
     ) -> Result<WorkspaceStatus, Error> {
         let name = VmName::parse(name)?;
-        let record = self.observed_vm(&name)?;
-        let Some(ws) = self.store().workspace(&record.id)? else {
+        let record = self.observed_vm(&name).await?;
+        let id = record.id.clone();
+        let (ws, manifest) = self
+            .db
+            .run(move |s| {
+                Ok::<_, crate::store::StoreError>(match s.workspace(&id)? {
+                    Some(ws) => Some((ws, s.manifest(&id)?)),
+                    None => None,
+                })
+            })
+            .await?
+            .unzip();
+        let (Some(ws), Some(manifest)) = (ws, manifest) else {
             return Ok(WorkspaceStatus::default());
         };
-        let manifest = self.store().manifest(&record.id)?;
         let guest_diff = if guest {
-            let record = self.running_vm(&name)?;
+            let record = self.running_vm(&name).await?;
             Some(self.guest_diff(&record, &manifest).await?)
         } else {
             None
@@ -242,8 +258,9 @@ impl Manager {
             )));
         }
         let _vm = self.locked(name.as_str()).await?;
-        let record = self.running_vm(&name)?;
-        let ws = self.store().workspace(&record.id)?;
+        let record = self.running_vm(&name).await?;
+        let id = record.id.clone();
+        let ws = self.db.run(move |s| s.workspace(&id)).await?;
         let Some(base) = ws.and_then(|w| w.base_tree) else {
             return Err(WorkspaceError::NotPrepared(name.to_string()).into());
         };

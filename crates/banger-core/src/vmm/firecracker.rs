@@ -21,7 +21,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use banger_proto::helper::{self, HelperOp, HelperResult, JailFiles};
+use banger_proto::helper::{self, HelperOp, JailFiles};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -442,37 +442,28 @@ impl Firecracker {
                 .map_err(io_err(format!("cannot create {}", file.display())))?;
         }
         let text = |p: &Path| p.display().to_string();
-        let op = HelperOp::SpawnJailed {
-            vm_id: spec.vm_id.clone(),
-            files: JailFiles {
-                kernel: text(&spec.kernel),
-                initrd: spec.initrd.as_deref().map(text),
-                system_disk: text(&spec.system_disk),
-                work_disk: text(&spec.work_disk),
-                console_log: text(&spec.console_log),
-                log: Some(text(&log)),
-            },
-            cpus: spec.cpus,
-            memory_mib: spec.memory_mib,
+        let (vm_id, cpus, memory_mib) = (spec.vm_id.clone(), spec.cpus, spec.memory_mib);
+        let files = JailFiles {
+            kernel: text(&spec.kernel),
+            initrd: spec.initrd.as_deref().map(text),
+            system_disk: text(&spec.system_disk),
+            work_disk: text(&spec.work_disk),
+            console_log: text(&spec.console_log),
+            log: Some(text(&log)),
         };
         let op_id = crate::net::current_op_id();
-        let reply = tokio::task::spawn_blocking(move || host.call(&op_id, op))
-            .await
-            .map_err(|e| VmmError::LaunchFailed {
-                binary: text(&jailer),
-                message: format!("helper call panicked: {e}"),
-            })?
-            .map_err(|e| VmmError::LaunchFailed {
-                binary: text(&jailer),
-                message: e.to_string(),
-            })?;
-        let HelperResult::Jailed { pid, root } = reply.result else {
-            return Err(VmmError::LaunchFailed {
-                binary: text(&jailer),
-                message: format!("unexpected helper reply {:?}", reply.result),
-            });
-        };
-        let root = PathBuf::from(root);
+        let (pid, root) = tokio::task::spawn_blocking(move || {
+            host.spawn_jailed(&op_id, &vm_id, files, cpus, memory_mib)
+        })
+        .await
+        .map_err(|e| VmmError::LaunchFailed {
+            binary: text(&jailer),
+            message: format!("helper call panicked: {e}"),
+        })?
+        .map_err(|e| VmmError::LaunchFailed {
+            binary: text(&jailer),
+            message: e.to_string(),
+        })?;
         let process = VmProcess {
             pid,
             control_socket: api_socket(&spec.runtime_dir),
@@ -723,13 +714,12 @@ impl Hypervisor for Firecracker {
         };
         jailer
             .host
-            .call(
+            .run(
                 op_id,
                 HelperOp::RemoveJail {
                     vm_id: vm_id.to_owned(),
                 },
             )
-            .map(drop)
             .map_err(|e| VmmError::JailRemoval(e.to_string()))
     }
 

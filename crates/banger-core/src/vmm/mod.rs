@@ -1,8 +1,9 @@
 //! VMM backends behind one trait. Firecracker (API socket) and QEMU `-M microvm` (QMP)
 //! implement [`Hypervisor`] (native async fns); callers hold a backend as
 //! `Arc<dyn VmBackend>` (the same methods with boxed futures) and never switch on which one it
-//! is: what differs is in the backend's methods and its [`Capabilities`]. [`stop_sequence`] is
-//! the backend-neutral part of the §5 stop.
+//! is: what differs is in the backend's methods and its [`Capabilities`] (only the backend
+//! choice, `select`, weighs them by name). [`stop_sequence`] is the backend-neutral part of the
+//! §5 stop.
 
 pub mod accel;
 pub mod cgroup;
@@ -95,6 +96,13 @@ impl VmmError {
             },
         }
     }
+}
+
+/// Which way [`Hypervisor::forward_port`] changes a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortForward {
+    Add,
+    Remove,
 }
 
 /// What a backend can do, so callers decide by capability, not by backend name.
@@ -342,6 +350,19 @@ pub trait Hypervisor: Send + Sync {
         std::future::ready(Ok(None))
     }
 
+    /// Adds or removes one published port's forward on a running VM's user-mode network
+    /// (capability: not `needs_tap`), without a restart.
+    fn forward_port(
+        &self,
+        _process: &VmProcess,
+        _port: &banger_proto::PortMapping,
+        _change: PortForward,
+    ) -> impl std::future::Future<Output = Result<(), VmmError>> + Send {
+        std::future::ready(Err(VmmError::Unsupported(
+            "publish ports on a running VM's user-mode network",
+        )))
+    }
+
     /// Writes a memory snapshot of a paused VM (capability `supports_memory_snapshot`).
     fn snapshot(
         &self,
@@ -411,6 +432,12 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
         &'a self,
         process: &'a VmProcess,
     ) -> BoxFuture<'a, Result<Option<String>, VmmError>>;
+    fn forward_port<'a>(
+        &'a self,
+        process: &'a VmProcess,
+        port: &'a banger_proto::PortMapping,
+        change: PortForward,
+    ) -> BoxFuture<'a, Result<(), VmmError>>;
     fn snapshot<'a>(
         &'a self,
         process: &'a VmProcess,
@@ -498,6 +525,14 @@ impl<H: Hypervisor + std::fmt::Debug> VmBackend for H {
     ) -> BoxFuture<'a, Result<Option<String>, VmmError>> {
         Box::pin(Hypervisor::io_error(self, process))
     }
+    fn forward_port<'a>(
+        &'a self,
+        process: &'a VmProcess,
+        port: &'a banger_proto::PortMapping,
+        change: PortForward,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(Hypervisor::forward_port(self, process, port, change))
+    }
     fn snapshot<'a>(
         &'a self,
         process: &'a VmProcess,
@@ -524,11 +559,11 @@ pub struct Backends {
 }
 
 impl Backends {
-    /// The backends as configured; `jailer_host` is where a configured jailer's privileged
-    /// steps go (asked only when `firecracker.jailer` is set).
+    /// The backends as configured; `helper` is where a configured jailer's privileged steps
+    /// go.
     pub fn from_config(
         config: &crate::config::Config,
-        jailer_host: impl FnOnce() -> Arc<dyn crate::host::HostOps>,
+        helper: Arc<dyn crate::host::HostOps>,
     ) -> Self {
         let qemu = qemu::Qemu::new(config.qemu.binary.clone().into())
             .with_tcg_threads(config.qemu.tcg_threads);
@@ -537,7 +572,7 @@ impl Backends {
         if !config.firecracker.jailer.is_empty() {
             firecracker = firecracker.with_jailer(firecracker::Jailer {
                 binary: config.firecracker.jailer.clone().into(),
-                host: jailer_host(),
+                host: helper,
             });
         }
         Self {

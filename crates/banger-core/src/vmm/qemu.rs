@@ -20,8 +20,8 @@ use crate::domain::VmmKind;
 use crate::layout::vm_runtime;
 
 use super::{
-    Accel, Capabilities, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, Snapshot, VmDisk,
-    VmProcess, VmmError, process, qmp,
+    Accel, Capabilities, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, PortForward, Snapshot,
+    VmDisk, VmProcess, VmmError, process, qmp,
 };
 
 /// The migration bandwidth while suspending (bytes/s): QEMU's default (128 MiB/s on 10.0,
@@ -334,15 +334,37 @@ impl Qemu {
 /// work either way.
 fn user_netdev(ssh_port: u16, isolated: bool, ports: &[banger_proto::PortMapping]) -> String {
     let mut netdev = format!(
-        "user,id={},restrict={}",
-        crate::service::NETDEV_ID,
+        "user,id={NETDEV_ID},restrict={}",
         if isolated { "on" } else { "off" }
     );
     netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{ssh_port}-:22"));
     for p in ports {
-        netdev.push_str(&format!(",hostfwd={}", crate::service::hostfwd(p)));
+        netdev.push_str(&format!(",hostfwd={}", hostfwd(p)));
     }
     netdev
+}
+
+/// The QEMU netdev id of every VM's NIC.
+const NETDEV_ID: &str = "n0";
+
+/// `proto:hostip:hostport-:guestport`, QEMU's hostfwd rule.
+fn hostfwd(p: &banger_proto::PortMapping) -> String {
+    format!("{}-:{}", hostfwd_host(p), p.guest_port)
+}
+
+/// `proto:hostip:hostport`, what `hostfwd_remove` names.
+fn hostfwd_host(p: &banger_proto::PortMapping) -> String {
+    format!("{}:{}:{}", p.proto.as_str(), p.host_ip, p.host_port)
+}
+
+/// Whether a monitor answer to `hostfwd_add`/`hostfwd_remove` means it worked: QEMU reports a
+/// failure as text; `hostfwd_add` says nothing when it worked, `hostfwd_remove` says
+/// "... removed" (or "... not found", which leaves what was wanted: no such forward).
+fn hmp_succeeded(answer: &str) -> bool {
+    let text = answer.trim();
+    text.is_empty()
+        || (text.starts_with("host forwarding rule for ")
+            && (text.ends_with(" removed") || text.ends_with(" not found")))
 }
 
 /// A QEMU release, as `--version` prints it.
@@ -580,6 +602,27 @@ impl Hypervisor for Qemu {
     /// The drives are `werror=stop,rerror=stop`: a failed host write or read (a full data
     /// dir) pauses the guest, status `io-error`, instead of handing it the error; `query-block`
     /// says which drive and why (`nospace`, `failed`).
+    async fn forward_port(
+        &self,
+        process: &VmProcess,
+        port: &banger_proto::PortMapping,
+        change: PortForward,
+    ) -> Result<(), VmmError> {
+        let command = match change {
+            PortForward::Add => format!("hostfwd_add {NETDEV_ID} {}", hostfwd(port)),
+            PortForward::Remove => format!("hostfwd_remove {NETDEV_ID} {}", hostfwd_host(port)),
+        };
+        let answer = qmp::human_monitor_command(&process.control_socket, &command).await?;
+        if hmp_succeeded(&answer) {
+            Ok(())
+        } else {
+            Err(VmmError::Control {
+                path: process.control_socket.display().to_string(),
+                message: format!("QEMU refused `{command}`: {}", answer.trim()),
+            })
+        }
+    }
+
     async fn io_error(&self, process: &VmProcess) -> Result<Option<String>, VmmError> {
         let status = qmp::execute(&process.control_socket, "query-status").await?;
         if status.get("status").and_then(|s| s.as_str()) != Some("io-error") {
@@ -682,6 +725,21 @@ fn describe_io_error(blocks: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostfwd_rules_and_monitor_answers() {
+        let p = banger_proto::PortMapping::parse("8080:8000").unwrap();
+        assert_eq!(hostfwd(&p), "tcp:127.0.0.1:8080-:8000");
+        let udp = banger_proto::PortMapping::parse("8080:8000/udp").unwrap();
+        assert_eq!(hostfwd_host(&udp), "udp:127.0.0.1:8080");
+        assert!(hmp_succeeded(""));
+        assert!(hmp_succeeded(
+            "host forwarding rule for tcp:127.0.0.1:8080 removed\r\n"
+        ));
+        assert!(!hmp_succeeded(
+            "Could not set up host forwarding rule 'tcp:127.0.0.1:8080-:80'\r\n"
+        ));
+    }
 
     #[test]
     fn io_errors_name_the_drive_and_the_cause() {

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
 use super::fileset::{Kind, Plan, exclude_patterns, hex, in_git_dir, open_nofollow};
-use super::{CHANNEL_ABSENT, CHANNEL_READY, Receive, WorkspaceError, receive_script};
+use super::{CHANNEL_ABSENT, CHANNEL_READY, Receive, WorkspaceError};
 use crate::guest::ssh::{OUTPUT_CAP, SshTarget};
 
 /// Counters of a running or finished transfer; shared with whoever reports progress.
@@ -89,32 +89,11 @@ pub const CHANNEL_MIN_BYTES: u64 = 1 << 20;
 /// `plan.next`. `fresh`: the guest holds no earlier prepare. `channel`: the host end of the
 /// VM's workspace channel (see [`crate::layout::WORKSPACE_CHANNEL_SOCKET`]), used for the tar
 /// of a large transfer when it accepts a connection and the guest has the port; the lists
-/// and anything smaller go over SSH. Blocking: run it on a blocking thread.
-pub fn send(
-    target: &SshTarget,
-    root: &Path,
-    plan: &mut Plan,
-    git: bool,
-    fresh: bool,
-    channel: Option<&Path>,
-    progress: &Arc<Progress>,
-) -> Result<Sent, WorkspaceError> {
-    send_with(
-        target,
-        root,
-        plan,
-        git,
-        fresh,
-        channel,
-        progress,
-        &receive_script,
-    )
-}
-
-/// [`send`] with the guest script made by `script` from what it must read (`vm cp` runs
-/// its own, built around [`super::read_tar`]).
+/// and anything smaller go over SSH. `script` makes the guest's script from what it must
+/// read: [`super::receive_script`] for a workspace prepare (`vm cp` runs its own, built around
+/// [`super::read_tar`]). Blocking: run it on a blocking thread.
 #[allow(clippy::too_many_arguments)]
-pub fn send_with(
+pub fn send(
     target: &SshTarget,
     root: &Path,
     plan: &mut Plan,
