@@ -244,6 +244,12 @@ mod tests {
     }
 
     #[test]
+    fn the_host_checks_raw_work_disks_only() {
+        assert!(host_checks_work_disk(DiskFormat::Raw).is_ok());
+        assert!(host_checks_work_disk(DiskFormat::Qcow2).is_err());
+    }
+
+    #[test]
     fn the_host_checks_raw_system_disks_only() {
         assert!(host_checks_system_disk(SystemDiskStrategy::Qcow2).is_err());
         for raw in [
