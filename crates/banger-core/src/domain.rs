@@ -113,6 +113,16 @@ wire_enum! {
     }
 }
 
+wire_enum! {
+    /// The format of a disk file as its VMM opens it.
+    DiskFormat ("disk format") {
+        /// The bytes the guest sees, as they are (a sparse file).
+        Raw = "raw",
+        /// A qcow2 image, usually an overlay over a backing file.
+        Qcow2 = "qcow2",
+    }
+}
+
 impl SystemDiskStrategy {
     /// The format the VMM opens the disk with.
     pub fn format(self) -> &'static str {

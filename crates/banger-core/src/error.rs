@@ -182,6 +182,13 @@ impl Error {
                 "build the default image with `banger image build`, or `banger image import`"
                     .into(),
             ),
+            Self::AssetNotFound {
+                kind: "snapshot",
+                name,
+            } => Some(format!(
+                "`banger vm snapshot ls {}` lists its snapshots",
+                name.split('/').next().unwrap_or_default()
+            )),
             Self::AssetNotFound { .. } => Some("`banger kernel ls` lists kernels".into()),
             Self::InUse { .. } => Some("remove those first".into()),
             Self::HostSetup { hint, .. }

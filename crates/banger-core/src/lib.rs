@@ -15,6 +15,7 @@ pub mod host;
 pub mod image;
 pub mod model;
 pub mod net;
+pub mod qcow2;
 pub mod service;
 pub mod snapshot;
 pub mod store;

@@ -208,6 +208,8 @@ impl VmRecord {
             network: None,
             last_stop: self.last_stop.clone(),
             start_fsck: self.start_fsck.clone(),
+            snapshots: None,
+            cloned_from: None,
         }
     }
 }

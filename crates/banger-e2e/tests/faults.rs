@@ -25,7 +25,7 @@ use std::time::Duration;
 use banger_core::service::Manager;
 use banger_e2e::leaks::{LeakScope, Snapshot, assert_no_leaks};
 use banger_e2e::{Run, TestEnv, bin, poll_or_none, processes_with_cmdline};
-use banger_proto::{CreateVmRequest, VmState};
+use banger_proto::{CreateSnapshotRequest, CreateVmRequest, VmState};
 
 /// What the daemon was doing when the fault hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +44,12 @@ enum Op {
     ImagePull,
     /// `vm workspace prepare` (a real QEMU guest: the only step here that needs one).
     WorkspacePrepare,
+    /// `vm snapshot create` of a stopped QEMU VM (no guest: files and qemu-img only).
+    SnapshotCreate,
+    /// `vm snapshot restore`.
+    SnapshotRestore,
+    /// `vm snapshot rm` of a snapshot the VM and a later snapshot continue from.
+    SnapshotRm,
 }
 
 /// Every step and the operation that reaches it.
@@ -74,6 +80,14 @@ const CASES: &[(&str, Op)] = &[
     ("pull.after_rootfs_move", Op::ImagePull),
     ("workspace.before_transfer", Op::WorkspacePrepare),
     ("workspace.after_transfer", Op::WorkspacePrepare),
+    ("snapshot.after_record", Op::SnapshotCreate),
+    ("snapshot.after_system_moved", Op::SnapshotCreate),
+    ("snapshot.after_work_moved", Op::SnapshotCreate),
+    ("snapshot.after_overlays", Op::SnapshotCreate),
+    ("snapshot.restore_after_record", Op::SnapshotRestore),
+    ("snapshot.restore_after_system", Op::SnapshotRestore),
+    ("snapshot.rm_after_record", Op::SnapshotRm),
+    ("snapshot.rm_after_rebase", Op::SnapshotRm),
 ];
 
 /// Steps just before an outside call (disk tools, the helper, the VMM, SSH, a rename): they
@@ -86,6 +100,10 @@ const FAIL_CASES: &[&str] = &[
     "start.after_record",
     "copy.before_rename",
     "workspace.before_transfer",
+    "snapshot.after_record",
+    "snapshot.after_system_moved",
+    "snapshot.after_work_moved",
+    "snapshot.after_overlays",
 ];
 
 /// The step names the source holds: every `fault::point("NAME")` under banger-core/src.
@@ -131,6 +149,8 @@ fn every_fault_point_has_a_case() {
 const CHILD_DIR: &str = "BANGER_FAULT_TEST_DIR";
 const CHILD_FC: &str = "BANGER_FAULT_TEST_FC";
 const CHILD_OP: &str = "BANGER_FAULT_TEST_OP";
+/// Set: the child's Manager makes QEMU VMs (the snapshot cases).
+const CHILD_QEMU: &str = "BANGER_FAULT_TEST_QEMU";
 const VM: &str = "fc";
 
 /// A `firecracker` wrapper exec'ing the fake.
@@ -165,6 +185,9 @@ fn op_name(op: Op) -> &'static str {
         Op::Resume => "resume",
         Op::Restore => "restore",
         Op::Rm => "rm",
+        Op::SnapshotCreate => "snapshot-create",
+        Op::SnapshotRestore => "snapshot-restore",
+        Op::SnapshotRm => "snapshot-rm",
         Op::ImageImport | Op::ImageBuild | Op::ImagePull | Op::WorkspacePrepare => "other",
     }
 }
@@ -185,6 +208,35 @@ async fn run_op(manager: &Manager, op: &str) -> Result<(), banger_core::Error> {
         "pause" => manager.pause_vm(VM).await.map(drop),
         "resume" => manager.resume_vm(VM).await.map(drop),
         "rm" => manager.remove_vm(VM).await,
+        "qemu-create" => manager
+            .create_vm(CreateVmRequest {
+                name: VM.into(),
+                vmm: Some("qemu".into()),
+                disk_size_bytes: Some(64 << 20),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "snapshot-create" => manager
+            .create_named_snapshot(
+                VM,
+                CreateSnapshotRequest {
+                    name: Some("s1".into()),
+                },
+            )
+            .await
+            .map(drop),
+        "snapshot-s2" => manager
+            .create_named_snapshot(
+                VM,
+                CreateSnapshotRequest {
+                    name: Some("s2".into()),
+                },
+            )
+            .await
+            .map(drop),
+        "snapshot-restore" => manager.restore_named_snapshot(VM, "s1").await.map(drop),
+        "snapshot-rm" => manager.remove_named_snapshot(VM, "s1").await,
         other => panic!("unknown operation {other}"),
     }
 }
@@ -200,7 +252,11 @@ async fn fault_daemon_child() {
     ) else {
         return;
     };
-    let manager = manager(Path::new(&dir), Path::new(&fc));
+    let manager = if std::env::var_os(CHILD_QEMU).is_some() {
+        qemu_manager(Path::new(&dir), Path::new(&fc))
+    } else {
+        manager(Path::new(&dir), Path::new(&fc))
+    };
     let outcome = run_op(&manager, &op).await;
     // Reached only when the fault did not kill this process.
     match outcome {
@@ -371,6 +427,238 @@ async fn faults_in_start_are_recovered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn faults_in_stop_suspend_pause_and_resume_are_recovered() {
     lifecycle_cases(&[Op::Stop, Op::Suspend, Op::Pause, Op::Resume]).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Named snapshot steps: a QEMU VM that never boots (its disks are files and qemu-img), the
+// daemon as a child process as above; guest writes are stood in for by `qemu-io`.
+
+/// The Manager of the snapshot cases: QEMU VMs with small disks.
+fn qemu_manager(dir: &Path, firecracker: &Path) -> Manager {
+    fake_manager::open(dir, firecracker, |config| {
+        config.defaults.vmm = banger_core::domain::VmmChoice::Qemu;
+        config.defaults.system_disk_size = "16M".into();
+    })
+}
+
+/// The VM's directory (its id is the only one under vms/).
+fn only_vm_dir(dir: &Path) -> PathBuf {
+    let vms = dir.join("home/vms");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&vms)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    found.pop().unwrap()
+}
+
+/// What a guest would see on the VM's two disks now (each chain read whole), and each
+/// chain checked by `qemu-img check`.
+fn disk_contents(vm_dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    let read = |top: PathBuf, format: &str| -> Vec<u8> {
+        if format == "qcow2" {
+            let check = Command::new("qemu-img")
+                .args(["check", "-q"])
+                .arg(&top)
+                .status()
+                .unwrap();
+            assert!(check.success(), "qemu-img check {}", top.display());
+        }
+        let out = top.with_extension("content");
+        let status = Command::new("qemu-img")
+            .args(["convert", "-f", format, "-O", "raw"])
+            .arg(&top)
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success(), "qemu-img convert {}", top.display());
+        let bytes = std::fs::read(&out).unwrap();
+        std::fs::remove_file(out).unwrap();
+        bytes
+    };
+    let work = if vm_dir.join("work.qcow2").exists() {
+        read(vm_dir.join("work.qcow2"), "qcow2")
+    } else {
+        read(vm_dir.join("work.ext4"), "raw")
+    };
+    (read(vm_dir.join("system.qcow2"), "qcow2"), work)
+}
+
+/// Writes `byte` over the first 64 KiB of both of the VM's top overlays (a guest's writes).
+fn scribble(vm_dir: &Path, byte: u8) {
+    for top in ["system.qcow2", "work.qcow2"] {
+        let status = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c"])
+            .arg(format!("write -P {byte} 0 65536"))
+            .arg(vm_dir.join(top))
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "qemu-io {top}");
+    }
+}
+
+/// The VM's snapshots by name, none left half done.
+async fn snapshot_names(manager: &Manager, fault: &str) -> Vec<String> {
+    manager
+        .list_named_snapshots(VM)
+        .await
+        .unwrap()
+        .snapshots
+        .into_iter()
+        .inspect(|s| assert!(!s.name.is_empty(), "{fault}"))
+        .map(|s| s.name)
+        .collect()
+}
+
+/// One snapshot step faulted with `mode`: afterwards (at once for a failed step, after a
+/// restart for a killed one) the VM's disks hold either the state before the operation or
+/// the one after it, whole, and nothing leaks once the VM is removed.
+async fn snapshot_fault(step: &str, op: Op, mode: &str) {
+    let dir = tempfile::Builder::new()
+        .prefix("bgsnap")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let fc = fake_firecracker(dir.path());
+    let scope = LeakScope::new(dir.path(), &dir.path().join("home"));
+    let manager = qemu_manager(dir.path(), &fc);
+    fake_manager::import_stub(&manager, dir.path()).await;
+    let baseline = Snapshot::take(&scope);
+    run_op(&manager, "qemu-create").await.unwrap();
+    let vm_dir = only_vm_dir(dir.path());
+    // The contents the operation may end with: before it, and after it.
+    let (before, after) = match op {
+        Op::SnapshotCreate => {
+            let now = disk_contents(&vm_dir);
+            (now.clone(), now)
+        }
+        Op::SnapshotRestore => {
+            run_op(&manager, "snapshot-create").await.unwrap();
+            let at_s1 = disk_contents(&vm_dir);
+            scribble(&vm_dir, 0x5a);
+            (disk_contents(&vm_dir), at_s1)
+        }
+        Op::SnapshotRm => {
+            run_op(&manager, "snapshot-create").await.unwrap();
+            scribble(&vm_dir, 0x5a);
+            run_op(&manager, "snapshot-s2").await.unwrap();
+            scribble(&vm_dir, 0x6b);
+            let now = disk_contents(&vm_dir);
+            (now.clone(), now)
+        }
+        _ => unreachable!(),
+    };
+    assert!(op != Op::SnapshotRestore || before != after);
+    drop(manager);
+    let before_op = Snapshot::take(&scope);
+
+    let fault = if mode == "kill" {
+        step.to_owned()
+    } else {
+        format!("{step}=fail")
+    };
+    let out_file = dir.path().join("child.out");
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "fault_daemon_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_DIR, dir.path())
+        .env(CHILD_FC, &fc)
+        .env(CHILD_QEMU, "1")
+        .env(CHILD_OP, op_name(op))
+        .env(banger_core::fault::ENV, &fault)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_file).unwrap())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    let stdout = std::fs::read_to_string(&out_file).unwrap_or_default();
+    if mode == "kill" {
+        assert_eq!(status.signal(), Some(9), "{fault}: not reached: {stdout}");
+    } else {
+        assert!(
+            stdout.contains("FAULT-CHILD: error: ") && stdout.contains(step),
+            "{fault}: the step did not fail: {stdout}"
+        );
+        // Undone at once: the disks and the files as before the operation.
+        assert_eq!(disk_contents(&vm_dir), before, "{fault}: disks changed");
+        assert_no_leaks(&before_op, &Snapshot::take(&scope), &fault);
+    }
+
+    let manager = qemu_manager(dir.path(), &fc);
+    manager.recover().await.unwrap();
+    let now = disk_contents(&vm_dir);
+    assert!(
+        now == before || now == after,
+        "{fault}: the disks are neither as before the operation nor as after it"
+    );
+    let names = snapshot_names(&manager, &fault).await;
+    match op {
+        // A killed create is finished at the restart; a failed one was undone.
+        Op::SnapshotCreate if mode == "kill" => assert_eq!(names, ["s1"], "{fault}"),
+        Op::SnapshotCreate => assert!(names.is_empty(), "{fault}: {names:?}"),
+        // Past its commit point, a restore is finished at the restart.
+        Op::SnapshotRestore => {
+            assert_eq!(names, ["s1"], "{fault}");
+            assert!(now == after, "{fault}: the restore was not finished");
+        }
+        Op::SnapshotRm => assert_eq!(names, ["s2"], "{fault}"),
+        _ => unreachable!(),
+    }
+    // The VM's rows and files, snapshots included, go with it.
+    manager.remove_vm(VM).await.unwrap();
+    assert_no_leaks(&baseline, &Snapshot::take(&scope), &fault);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_in_named_snapshots_are_recovered() {
+    let ops = [Op::SnapshotCreate, Op::SnapshotRestore, Op::SnapshotRm];
+    for (step, op) in CASES.iter().filter(|(_, op)| ops.contains(op)) {
+        for fault in faults_of(step) {
+            let mode = if fault.ends_with("=fail") {
+                "fail"
+            } else {
+                "kill"
+            };
+            snapshot_fault(step, *op, mode).await;
+        }
+    }
+}
+
+/// Named snapshots need qcow2: a Firecracker VM is refused with a hint, nothing changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn firecracker_vms_refuse_named_snapshots() {
+    let dir = tempfile::Builder::new()
+        .prefix("bgsnap")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let fc = fake_firecracker(dir.path());
+    let manager = manager(dir.path(), &fc);
+    fake_manager::import_stub(&manager, dir.path()).await;
+    run_op(&manager, "create").await.unwrap();
+    let err = run_op(&manager, "snapshot-create")
+        .await
+        .unwrap_err()
+        .to_api();
+    assert!(
+        err.message.contains("named snapshots")
+            && err.hint.is_some_and(|h| h.contains("--vmm qemu")),
+        "{}",
+        err.message
+    );
+    assert!(
+        manager
+            .list_named_snapshots(VM)
+            .await
+            .unwrap()
+            .snapshots
+            .is_empty()
+    );
+    manager.remove_vm(VM).await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------

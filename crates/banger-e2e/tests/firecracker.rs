@@ -103,6 +103,7 @@ fn spec(dir: &Path, name: &str) -> LaunchSpec {
         system_disk: vm_dir.join("system.raw"),
         system_disk_format: "raw",
         work_disk: vm_dir.join("work.ext4"),
+        work_disk_format: "raw",
         runtime_dir,
         console_log: vm_dir.join("console.log"),
         net: banger_core::vmm::NetAttach::User {

@@ -157,6 +157,96 @@ pub struct Vm {
     /// What the last start checked on the disks before booting (absent until it started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_fsck: Option<StartFsck>,
+    /// The VM's named snapshots, counted (absent when it has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<SnapshotSummary>,
+    /// The snapshot this VM was cloned from (`vm clone`), as `VM/SNAPSHOT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloned_from: Option<String>,
+}
+
+/// How many named snapshots a VM has and what their files take on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SnapshotSummary {
+    pub count: u32,
+    /// Bytes allocated on the host by the snapshots' disk files.
+    pub bytes: u64,
+}
+
+/// A named snapshot of a VM's two disks (`vm snapshot`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VmSnapshot {
+    /// Random id (32 hex digits): the snapshot's directory under the VM's.
+    pub id: String,
+    pub name: String,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// Bytes allocated on the host by its disk files (what only it holds: the data written
+    /// between it and the snapshot before it).
+    pub bytes: u64,
+    /// The snapshot the VM continued from when this one was taken, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Whether the VM's disks now continue from this snapshot (the last one taken or
+    /// restored).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub current: bool,
+    /// VMs cloned from it (they depend on its files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clones: Vec<String>,
+}
+
+/// `GET /v1/vms/{name}/snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SnapshotList {
+    pub vm: String,
+    /// Oldest first.
+    pub snapshots: Vec<VmSnapshot>,
+}
+
+/// `POST /v1/vms/{name}/snapshots`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CreateSnapshotRequest {
+    /// The snapshot's name (1-63 of a-z, 0-9, '.', '_', '-'); default `snap-YYYYMMDD-HHMMSS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/vms/{name}/clone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CloneVmRequest {
+    /// The new VM's name.
+    pub name: String,
+    /// The source's snapshot to clone; default: a new snapshot `clone-NAME` of the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+/// Checks a snapshot name: 1-63 characters of `a-z`, `0-9`, `.`, `_` and `-`, starting with a
+/// letter or digit.
+pub fn check_snapshot_name(name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!(
+            "snapshot name {name:?} must have 1 to 63 characters"
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| !ok_char(*c)) {
+        return Err(format!(
+            "snapshot name {name:?} has {c:?}; use only a-z, 0-9, '.', '_' and '-'"
+        ));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(format!(
+            "snapshot name {name:?} must start with a letter or digit"
+        ));
+    }
+    Ok(())
 }
 
 /// Whether a VM's disks were left consistent when its VMM ended.

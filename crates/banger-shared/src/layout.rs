@@ -147,6 +147,28 @@ impl Layout {
     pub fn vm_work_disk(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("work.ext4")
     }
+    /// The VM's work disk once it has a named snapshot: a qcow2 overlay over the work file of
+    /// the snapshot it continues from (`work.ext4` is then gone from the VM's directory).
+    pub fn vm_work_overlay(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("work.qcow2")
+    }
+    /// Where a new top overlay of the VM is made before it is renamed over `top` (one of
+    /// [`Layout::vm_system_disk`], [`Layout::vm_work_overlay`]); a `.partial` left by a crash
+    /// is removed at daemon start.
+    pub fn vm_overlay_partial(top: &Path) -> PathBuf {
+        let mut name = top.file_name().unwrap_or_default().to_os_string();
+        name.push(".partial");
+        top.with_file_name(name)
+    }
+    /// The VM's named snapshots (`vm snapshot`), one directory each.
+    pub fn vm_snapshots_dir(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("snapshots")
+    }
+    /// The files of the VM's named snapshot `snapshot_id`: the disk files the VM had when
+    /// it was taken, read-only members of the backing chains of the disks made from it.
+    pub fn vm_named_snapshot(&self, vm_id: &str, snapshot_id: &str) -> NamedSnapshotFiles {
+        NamedSnapshotFiles(self.vm_snapshots_dir(vm_id).join(snapshot_id))
+    }
     /// The VM's pinned SSH host key.
     pub fn vm_known_hosts(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("known_hosts")
@@ -314,6 +336,24 @@ impl VmSeed {
     /// `/root/repo`: where workspaces go.
     pub fn repo_dir(&self) -> PathBuf {
         self.0.join("repo")
+    }
+}
+
+/// The directory of one named snapshot of a VM (see [`Layout::vm_named_snapshot`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedSnapshotFiles(PathBuf);
+
+impl NamedSnapshotFiles {
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+    /// The system disk: the qcow2 overlay the VM had (its backing chain ends at the image).
+    pub fn system(&self) -> PathBuf {
+        self.0.join("system.qcow2")
+    }
+    /// The work disk: the VM's raw `work.ext4` (its first snapshot) or its qcow2 overlay.
+    pub fn work(&self, qcow2: bool) -> PathBuf {
+        self.0.join(if qcow2 { "work.qcow2" } else { "work.ext4" })
     }
 }
 

@@ -162,6 +162,31 @@ pub enum VmCommand {
     Ls(JsonFlag),
     /// List or change a VM's published ports (`-p` of `vm create|run`).
     Port(PortArgs),
+    /// Named snapshots of a QEMU VM's disks: take, list, restore, remove.
+    ///
+    /// A snapshot freezes both disks of a stopped VM without copying them (the VM continues
+    /// on new qcow2 overlays over them). `*` in `ls` marks the snapshot the VM's disks
+    /// continue from.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Make a new VM from a snapshot of a QEMU VM, without copying its disks.
+    ///
+    /// Without --snapshot, a snapshot `clone-NEW` of SRC is taken first (SRC must be stopped).
+    /// The clone gets its own name, MAC, address and machine-id, and at its first start its
+    /// own SSH host key. SRC cannot be removed while the clone exists.
+    Clone {
+        src: VmName,
+        new: VmName,
+        /// Clone this snapshot of SRC instead of taking one.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Memory snapshots cannot be cloned (a resumed twin would share its source's
+        /// identity); refused.
+        #[arg(long, hide = true)]
+        memory: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Change a VM's vCPUs, memory or disk sizes. CPUs, memory and the system disk change
     /// while the VM is stopped (its next start uses them); the work disk also grows while a
     /// QEMU VM runs (/root grows at once). Disks only grow; a smaller size is refused and
@@ -198,6 +223,42 @@ pub enum VmCommand {
     Rm {
         #[arg(required = true)]
         names: Vec<VmName>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot of a stopped VM's disks.
+    Create {
+        name: VmName,
+        /// The snapshot's name [default: snap-YYYYMMDD-HHMMSS, UTC].
+        snapshot: Option<String>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// List a VM's snapshots, oldest first.
+    #[command(alias = "list")]
+    Ls {
+        name: VmName,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Put a stopped VM's disks back to a snapshot: what was written since is lost.
+    Restore {
+        name: VmName,
+        snapshot: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Remove a snapshot. What continues from it (later snapshots, the VM's disks) is
+    /// rebased off it first (this copies into them what only it held; the VM must be stopped
+    /// then). Refused while a clone continues from it.
+    #[command(alias = "remove")]
+    Rm {
+        name: VmName,
+        snapshot: String,
+        #[command(flatten)]
+        json: JsonFlag,
     },
 }
 

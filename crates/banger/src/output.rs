@@ -241,10 +241,50 @@ pub fn vm_details(vm: &Vm) -> String {
         };
         pairs.push(("start fsck", text));
     }
+    if let Some(s) = &vm.snapshots {
+        pairs.push((
+            "snapshots",
+            format!(
+                "{}, {} (`banger vm snapshot ls {}`)",
+                s.count,
+                ByteSize(s.bytes),
+                vm.name
+            ),
+        ));
+    }
+    if let Some(source) = &vm.cloned_from {
+        pairs.push(("cloned from", source.clone()));
+    }
     if let Some(error) = &vm.last_error {
         pairs.push(("last error", error.clone()));
     }
     self::pairs(&pairs)
+}
+
+/// `vm snapshot ls` as a table.
+pub fn snapshot_table(list: &banger_proto::SnapshotList) -> String {
+    let rows: Vec<Vec<String>> = list
+        .snapshots
+        .iter()
+        .map(|s| {
+            vec![
+                if s.current {
+                    format!("{} *", s.name)
+                } else {
+                    s.name.clone()
+                },
+                ByteSize(s.bytes).to_string(),
+                s.parent.clone().unwrap_or_else(|| "-".into()),
+                if s.clones.is_empty() {
+                    "-".into()
+                } else {
+                    s.clones.join(",")
+                },
+                s.created_at.clone(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "SIZE", "PARENT", "CLONES", "CREATED"], &rows)
 }
 
 /// What `vm set` changed, in one line.

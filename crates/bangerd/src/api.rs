@@ -14,17 +14,17 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use banger_core::service::Manager;
 use banger_proto::{
-    ApiError, BuildImageRequest, BuildKernelRequest, BuildProgress, CheckStatus, ConsoleChunk,
-    CopyDirection, CopyRequest, CopyResult, CreateVmRequest, DaemonStatus, DiskFsck, DiskUsage,
-    DoctorCheck, DoctorReport, ErrorBody, ErrorCode, ExecDefaults, ExportResult,
-    ExportWorkspaceRequest, FsUsage, FsckResult, GuestStats, Image, ImportImageRequest,
-    ImportKernelRequest, Kernel, KernelBuildProgress, KernelCapabilities, LastStop, LeaseInfo,
-    LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER, PortChangeRequest, PortList,
-    PortMapping, PortProto, PrepareProgress, PrepareResult, PrepareWorkspaceRequest, PullPolicy,
-    PullRequest, PullResult, PushRequest, RegistryAccess, SetVmRequest, SetVmResult,
-    SshConfigRequest, SshConfigResult, SshInfo, StartFsck, StopKind, StopVmRequest,
-    TransferProgress, TransferResult, Vm, VmNetwork, VmRuntime, VmSpec, VmState, VmStats,
-    WorkspaceDiff, WorkspaceStatus,
+    ApiError, BuildImageRequest, BuildKernelRequest, BuildProgress, CheckStatus, CloneVmRequest,
+    ConsoleChunk, CopyDirection, CopyRequest, CopyResult, CreateSnapshotRequest, CreateVmRequest,
+    DaemonStatus, DiskFsck, DiskUsage, DoctorCheck, DoctorReport, ErrorBody, ErrorCode,
+    ExecDefaults, ExportResult, ExportWorkspaceRequest, FsUsage, FsckResult, GuestStats, Image,
+    ImportImageRequest, ImportKernelRequest, Kernel, KernelBuildProgress, KernelCapabilities,
+    LastStop, LeaseInfo, LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER,
+    PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress, PrepareResult,
+    PrepareWorkspaceRequest, PullPolicy, PullRequest, PullResult, PushRequest, RegistryAccess,
+    SetVmRequest, SetVmResult, SnapshotList, SnapshotSummary, SshConfigRequest, SshConfigResult,
+    SshInfo, StartFsck, StopKind, StopVmRequest, TransferProgress, TransferResult, Vm, VmNetwork,
+    VmRuntime, VmSnapshot, VmSpec, VmState, VmStats, WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -67,9 +67,22 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{name}/pause", post(pause_vm))
         .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/suspend", post(suspend_vm))
+        .route("/v1/vms/{name}/clone", post(clone_vm))
         .route("/v1/vms/{name}/ssh", get(ssh_info))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/vms/{name}/ports", get(list_ports).post(change_ports))
+        .route(
+            "/v1/vms/{name}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/v1/vms/{name}/snapshots/{snapshot}",
+            axum::routing::delete(remove_snapshot),
+        )
+        .route(
+            "/v1/vms/{name}/snapshots/{snapshot}/restore",
+            post(restore_snapshot),
+        )
         .route("/v1/vms/{name}/workspace", get(workspace_status))
         .route("/v1/vms/{name}/workspace/prepare", post(prepare_workspace))
         .route("/v1/vms/{name}/workspace/export", post(export_workspace))
@@ -337,6 +350,82 @@ async fn change_ports(
     ApiJson(request): ApiJson<PortChangeRequest>,
 ) -> Result<Json<PortList>, HttpError> {
     Ok(Json(state.manager.change_ports(&name, request).await?))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/clone", tag = "snapshots",
+    request_body = CloneVmRequest,
+    params(("name" = String, Path, description = "The source VM")),
+    responses((status = 200, description = "The clone, created (not started)", body = Vm),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "The name is taken, or the source must be stopped to snapshot it", body = ErrorBody)))]
+async fn clone_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<CloneVmRequest>,
+) -> Result<Json<Vm>, HttpError> {
+    Ok(Json(state.manager.clone_vm(&name, request).await?))
+}
+
+#[utoipa::path(get, path = "/v1/vms/{name}/snapshots", tag = "snapshots",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "The VM's named snapshots, oldest first", body = SnapshotList),
+              (status = 404, body = ErrorBody)))]
+async fn list_snapshots(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<SnapshotList>, HttpError> {
+    Ok(Json(state.manager.list_named_snapshots(&name).await?))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/snapshots", tag = "snapshots",
+    request_body = CreateSnapshotRequest,
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "Taken: the VM's disk files are the snapshot's now, the VM continues on new overlays", body = VmSnapshot),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "The VM is not stopped, or the name is taken", body = ErrorBody)))]
+async fn create_snapshot(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<CreateSnapshotRequest>,
+) -> Result<Json<VmSnapshot>, HttpError> {
+    Ok(Json(
+        state.manager.create_named_snapshot(&name, request).await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/snapshots/{snapshot}/restore", tag = "snapshots",
+    params(("name" = String, Path, description = "VM name"),
+           ("snapshot" = String, Path, description = "Snapshot name")),
+    responses((status = 200, description = "The VM's disks are the snapshot's; what was written since is gone", body = Vm),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "The VM is not stopped", body = ErrorBody)))]
+async fn restore_snapshot(
+    State(state): State<AppState>,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Result<Json<Vm>, HttpError> {
+    Ok(Json(
+        state
+            .manager
+            .restore_named_snapshot(&name, &snapshot)
+            .await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/vms/{name}/snapshots/{snapshot}", tag = "snapshots",
+    params(("name" = String, Path, description = "VM name"),
+           ("snapshot" = String, Path, description = "Snapshot name")),
+    responses((status = 204, description = "Removed; what continued from it was rebased off it"),
+              (status = 404, body = ErrorBody),
+              (status = 409, description = "A clone continues from it, or the VM must be stopped first", body = ErrorBody)))]
+async fn remove_snapshot(
+    State(state): State<AppState>,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Result<StatusCode, HttpError> {
+    state
+        .manager
+        .remove_named_snapshot(&name, &snapshot)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/v1/network", tag = "network",
@@ -755,6 +844,11 @@ async fn transfer_progress(
         console,
         list_ports,
         change_ports,
+        clone_vm,
+        list_snapshots,
+        create_snapshot,
+        restore_snapshot,
+        remove_snapshot,
         list_images,
         get_image,
         remove_image,
@@ -806,6 +900,11 @@ async fn transfer_progress(
         CopyResult,
         CopyDirection,
         Vm,
+        SnapshotSummary,
+        VmSnapshot,
+        SnapshotList,
+        CreateSnapshotRequest,
+        CloneVmRequest,
         VmSpec,
         VmState,
         VmRuntime,

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use super::Manager;
 use crate::Error;
-use crate::domain::SystemDiskStrategy;
+use crate::domain::{DiskFormat, SystemDiskStrategy};
 use crate::e2fs;
 use crate::model::VmRecord;
 use crate::vmm::VmDisk;
@@ -191,6 +191,16 @@ pub(super) fn host_checks_system_disk(strategy: SystemDiskStrategy) -> Result<()
     }
 }
 
+/// Whether the host can check a work disk in `format` with e2fsck, or why not.
+pub(super) fn host_checks_work_disk(format: DiskFormat) -> Result<(), &'static str> {
+    match format {
+        DiskFormat::Raw => Ok(()),
+        DiskFormat::Qcow2 => Err(
+            "a qcow2 overlay over a named snapshot, which e2fsck cannot open; the guest kernel replays its journal when it mounts /root",
+        ),
+    }
+}
+
 impl Manager {
     /// How the VMM of `record` ended when the daemon found it gone without having stopped it
     /// itself: clean when the guest's console shows it shutting down, else unclean.
@@ -217,6 +227,7 @@ impl Manager {
         record: &mut VmRecord,
         system_disk: &Path,
         work_disk: &Path,
+        work_format: DiskFormat,
         restoring: bool,
     ) -> Result<DiskCheck, Error> {
         let mut checked = DiskCheck::default();
@@ -245,17 +256,31 @@ impl Manager {
                 report.why = format!("the last stop was unclean ({})", stop.how);
                 report.ran = true;
                 let system = host_checks_system_disk(record.spec.system_disk);
+                let work = host_checks_work_disk(work_format);
                 for (disk, path) in [(VmDisk::Work, work_disk), (VmDisk::System, system_disk)] {
-                    if let (VmDisk::System, Err(why)) = (disk, system) {
-                        info!(vm = %name, disk = disk.as_str(), "no e2fsck on the host ({why}): the guest checks / at this boot");
+                    let check = match disk {
+                        VmDisk::System => system,
+                        VmDisk::Work => work,
+                    };
+                    if let Err(why) = check {
+                        let guest_root = matches!(disk, VmDisk::System);
+                        let detail = if guest_root {
+                            info!(vm = %name, disk = disk.as_str(), "no e2fsck on the host ({why}): the guest checks / at this boot");
+                            format!(
+                                "{why}; left to the guest's check of / at boot, whose result the start did not get"
+                            )
+                        } else {
+                            info!(vm = %name, disk = disk.as_str(), "no e2fsck on the host: {why}");
+                            why.to_owned()
+                        };
                         report.disks.push(DiskFsck {
                             disk: disk.as_str().into(),
                             result: FsckResult::Skipped,
                             checked_by: FsckBy::Guest,
                             exit_code: None,
-                            detail: format!("{why}; left to the guest's check of / at boot, whose result the start did not get"),
+                            detail,
                         });
-                        checked.guest_checks_root = true;
+                        checked.guest_checks_root |= guest_root;
                         continue;
                     }
                     let run = e2fs::fsck(path, false).await.map_err(step)?;
@@ -291,7 +316,12 @@ impl Manager {
         }
         record.start_fsck = Some(report);
         let warnings = &mut checked.warnings;
-        if record.grow_work_fs {
+        if record.grow_work_fs && work_format != DiskFormat::Raw {
+            info!(vm = %name, "the work filesystem still has to grow; the host cannot grow a qcow2 overlay's");
+            warnings.push(format!(
+                "the work filesystem of VM {name} is smaller than its disk; grow it in the guest with `resize2fs` on /root's device"
+            ));
+        } else if record.grow_work_fs {
             match e2fs::check_and_grow(work_disk).await {
                 Ok(()) => {
                     record.grow_work_fs = false;
@@ -525,6 +555,12 @@ mod tests {
         }
         assert!(!words.contains(&"rw"));
         assert_eq!(ROOT_RW, "rw");
+    }
+
+    #[test]
+    fn the_host_checks_raw_work_disks_only() {
+        assert!(host_checks_work_disk(DiskFormat::Raw).is_ok());
+        assert!(host_checks_work_disk(DiskFormat::Qcow2).is_err());
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! [`Manager`]: one method per daemon operation. Transports (the HTTP server) only parse,
 //! call one method and render its result; all decisions are made here. One file per verb:
 //! `create`, `start`, `stop`, `pause` (and resume), `suspend`, `reconcile` (daemon start),
-//! `rm`, `show` (ls/show), `set` (resources), `ssh` (ssh/exec), `logs`, `workspace`, `cp`,
+//! `rm`, `show` (ls/show), `snapshots` (named snapshots), `clone`, `set` (resources), `ssh` (ssh/exec), `logs`, `workspace`, `cp`,
 //! `images`, `network`, `doctor`, `recover` (daemon start: orphans, then `reconcile`);
 //! `backend` says which VMM serves a VM, `system_disk` holds the dm disk's host side and
 //! `fsck` how a VMM ended and the disk checks before a start. This file holds the Manager,
 //! the per-VM lock and the record's state transitions.
 
 mod backend;
+mod clone;
 pub mod console_cap;
 mod cp;
 mod create;
@@ -27,6 +28,7 @@ mod registry;
 mod rm;
 mod set;
 mod show;
+mod snapshots;
 mod ssh;
 mod start;
 mod stats;

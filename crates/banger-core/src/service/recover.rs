@@ -1,7 +1,7 @@
 //! What a daemon does on start, before it serves: it removes what a daemon that died left
 //! half-made (scratch of a build or pull, partial copies, and the directories of VMs, images
 //! and kernels that no record names: made before their record was written, or left after it
-//! was deleted), then reconciles the VMs' state with their processes ([`Manager::reconcile`]).
+//! was deleted), finishes the named-snapshot steps it left half done, then reconciles the VMs' state with their processes ([`Manager::reconcile`]).
 
 use std::path::Path;
 
@@ -16,6 +16,7 @@ impl Manager {
     pub async fn recover(&self) -> Result<(), Error> {
         self.remove_stale_scratch().await;
         self.remove_orphans().await?;
+        self.recover_snapshots().await?;
         self.reconcile().await
     }
 

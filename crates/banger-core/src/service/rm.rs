@@ -1,4 +1,5 @@
-//! `vm rm`: a VM that does not run goes with its jail, dm disk, tap, lease and files.
+//! `vm rm`: a VM that does not run goes with its jail, dm disk, tap, lease and files (its
+//! named snapshots too; refused while a clone continues from one of them).
 
 use tracing::{info, warn};
 
@@ -21,6 +22,8 @@ impl Manager {
                 hint: "stop it first with `banger vm stop NAME`",
             });
         }
+        // Its snapshots go with it: not while a clone continues from one.
+        self.check_no_clones(&record).await?;
         // A jail whose removal failed at stop still holds hard links to the VM's disks: try
         // again (idempotent; nothing to do without a jail).
         self.remove_jail(&record).await;

@@ -284,7 +284,7 @@ impl Manager {
         let vm = self.locked(name).await?;
         let name = &vm.name;
         let mut record = self.observed_vm(name).await?;
-        let work = self.layout.vm_work_disk(&record.id);
+        let (work, _) = self.work_disk(&record.id);
         let sizes = DiskSizes {
             work: usage::virtual_bytes(&work).unwrap_or(record.spec.disk_size_bytes),
             system: self.system_disk_size(&record).await,
@@ -337,7 +337,17 @@ impl Manager {
         warnings: &mut Vec<String>,
     ) -> Result<(), Error> {
         let name = record.name.to_string();
-        let work = self.layout.vm_work_disk(&record.id);
+        let (work, work_format) = self.work_disk(&record.id);
+        if plan.disk.is_some() && work_format != crate::domain::DiskFormat::Raw {
+            return Err(Error::Refused {
+                message: format!(
+                    "the work disk of VM {name} is a qcow2 overlay over its snapshot: the host cannot check and grow its filesystem while the VM is stopped"
+                ),
+                hint: format!(
+                    "start it and grow it while it runs (`banger vm start {name}; banger vm set {name} --disk SIZE`); nothing was changed"
+                ),
+            });
+        }
         // resize2fs needs a freshly checked filesystem, and one e2fsck cannot repair is
         // refused here, before anything changed.
         if plan.disk.is_some() {

@@ -4,8 +4,18 @@
 use banger_proto::{Vm, VmName};
 
 use super::Manager;
+use super::clone::cloned_from_in;
 use super::ports::network_in;
 use super::set::system_disk_size_of;
+use super::snapshots::snapshot_summary_in;
+
+/// What a listing reads beside a VM's record.
+struct Extra {
+    network: Option<banger_proto::VmNetwork>,
+    size: Option<u64>,
+    snapshots: Option<banger_proto::SnapshotSummary>,
+    cloned_from: Option<String>,
+}
 use crate::Error;
 use crate::model::{VmRecord, has_process};
 
@@ -18,23 +28,35 @@ impl Manager {
             .db
             .run(move |store| {
                 let records = store.list_vms()?;
+                let names = records
+                    .iter()
+                    .map(|r| (r.id.clone(), r.name.to_string()))
+                    .collect();
                 let mut rows = Vec::with_capacity(records.len());
                 for record in records {
                     // A VM whose rows cannot be read is still listed, without them.
-                    let network = network_in(store, &record.id).ok();
                     let image = store.find_image(&record.spec.image).ok().flatten();
-                    let size = system_disk_size_of(&layout, &record, image.as_ref());
-                    rows.push((record, network, size));
+                    let extra = Extra {
+                        network: network_in(store, &record.id).ok(),
+                        size: system_disk_size_of(&layout, &record, image.as_ref()),
+                        snapshots: snapshot_summary_in(store, &layout, &record.id)
+                            .ok()
+                            .flatten(),
+                        cloned_from: cloned_from_in(store, &names, &record.id).ok().flatten(),
+                    };
+                    rows.push((record, extra));
                 }
                 Ok::<_, crate::store::StoreError>(rows)
             })
             .await?;
         let mut vms = Vec::with_capacity(rows.len());
-        for (record, network, size) in rows {
+        for (record, extra) in rows {
             let observed = self.observe(record).await;
             let mut vm = observed.to_api();
-            vm.network = network;
-            vm.spec.system_disk_size_bytes = size;
+            vm.network = extra.network;
+            vm.spec.system_disk_size_bytes = extra.size;
+            vm.snapshots = extra.snapshots;
+            vm.cloned_from = extra.cloned_from;
             self.fill_runtime(&observed, &mut vm);
             vms.push(vm);
         }
@@ -61,6 +83,8 @@ impl Manager {
         let mut vm = record.to_api();
         vm.network = self.vm_network(record).await;
         vm.spec.system_disk_size_bytes = self.system_disk_size(record).await;
+        vm.snapshots = self.snapshot_summary(record).await;
+        vm.cloned_from = self.cloned_from(record).await;
         self.fill_runtime(record, &mut vm);
         vm
     }

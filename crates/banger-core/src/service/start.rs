@@ -177,7 +177,7 @@ impl Manager {
         };
         let backend = self.backend(record);
         let caps = backend.capabilities();
-        let work_disk = self.layout.vm_work_disk(&record.id);
+        let (work_disk, work_format) = self.work_disk(&record.id);
         for disk in [&system_disk, &work_disk] {
             if !disk.exists() {
                 return Err(Error::Failed(format!(
@@ -191,7 +191,7 @@ impl Manager {
         // guest restored from its snapshot (its filesystems are mounted in its memory).
         let restoring = restore.is_some_and(|s| s.state.is_file() && s.memory.is_file());
         let checked = self
-            .check_disks_before_start(record, &system_disk, &work_disk, restoring)
+            .check_disks_before_start(record, &system_disk, &work_disk, work_format, restoring)
             .await?;
         outcome.warnings.extend(checked.warnings);
         let guest_fsck = checked.guest_checks_root;
@@ -281,6 +281,10 @@ impl Manager {
         // `/` read-write at once, or (the guest checks it at this boot) read-only until
         // systemd-fsck-root checked it.
         let mut tail = format!("{boot_args} banger.hostname={} {net_args}", record.name);
+        if let Some(args) = self.clone_boot_args(record).await {
+            tail.push(' ');
+            tail.push_str(&args);
+        }
         if choice.accel == Accel::Tcg
             && let Some(khz) = accel::this_host_tsc_khz()
         {
@@ -309,6 +313,7 @@ impl Manager {
             system_disk,
             system_disk_format: strategy.format(),
             work_disk,
+            work_disk_format: work_format.as_str(),
             runtime_dir,
             console_log: console_log.clone(),
             net: attach.clone().unwrap_or(NetAttach::User {
@@ -448,6 +453,8 @@ impl Manager {
                     info!(vm = %record.name, ms = waiting.elapsed().as_millis() as u64, "guest SSH answered");
                     if outcome.restored {
                         self.set_guest_clock(record, &target, outcome).await;
+                    } else {
+                        self.own_host_key(record, &target).await?;
                     }
                     if guest_fsck {
                         self.record_guest_fsck(record, &target, fsck_restarted)

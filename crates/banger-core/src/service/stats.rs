@@ -156,7 +156,7 @@ impl Manager {
                 (disk.clone(), Some(disk))
             }
         };
-        let work = self.layout.vm_work_disk(&record.id);
+        let (work, _) = self.work_disk(&record.id);
         let mut disks = Vec::new();
         if let (Some(allocated), Some(virtual_bytes)) = (
             usage::allocated_bytes(&system),

@@ -174,7 +174,7 @@ impl Manager {
             SystemDiskStrategy::DmSnapshot => self.layout.vm_system_cow(id),
             SystemDiskStrategy::Reflink | SystemDiskStrategy::Copy => self.layout.vm_system_raw(id),
         };
-        vec![system, self.layout.vm_work_disk(id)]
+        vec![system, self.work_disk(id).0]
     }
 
     /// Where the VM's suspend snapshot lives (in its durable directory).

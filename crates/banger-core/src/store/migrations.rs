@@ -121,6 +121,34 @@ const MIGRATIONS: &[Migration] = &[
     // its `vm exec` defaults (JSON `ExecDefaults`; from a container image's config).
     Sql("ALTER TABLE images ADD COLUMN work_seed TEXT;
          ALTER TABLE images ADD COLUMN exec_json TEXT;"),
+    // 11: named snapshots of VMs' disks (`vm snapshot`; files in vms/<vm id>/snapshots/<id>/).
+    // `work_format` is the format of the work file it froze; `parent` the snapshot the VM
+    // continued from when it was taken; `pending` a create or remove whose file steps may be
+    // half done (finished at daemon start). `vm_disk_heads`: the snapshot a VM's disks
+    // continue from now (no row: from none), and `restoring` a restore whose rename of the
+    // new top overlays may be half done. `vm_clones`: the snapshot (of another VM) a clone's
+    // disks continue from at its creation; the snapshot cannot go while the clone exists;
+    // `fresh`: its SSH host key is still its source's (replaced at its first start).
+    Sql("CREATE TABLE vm_snapshots (
+        id          TEXT PRIMARY KEY NOT NULL,
+        vm_id       TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        name        TEXT NOT NULL,
+        work_format TEXT NOT NULL CHECK (work_format IN ('raw', 'qcow2')),
+        parent      TEXT REFERENCES vm_snapshots(id) ON DELETE SET NULL,
+        created_at  TEXT NOT NULL,
+        pending     TEXT CHECK (pending IN ('create', 'remove')),
+        UNIQUE (vm_id, name)
+    ) STRICT;
+    CREATE TABLE vm_disk_heads (
+        vm_id       TEXT PRIMARY KEY NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        snapshot_id TEXT NOT NULL REFERENCES vm_snapshots(id) ON DELETE CASCADE,
+        restoring   INTEGER NOT NULL DEFAULT 0 CHECK (restoring IN (0, 1))
+    ) STRICT;
+    CREATE TABLE vm_clones (
+        vm_id       TEXT PRIMARY KEY NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        snapshot_id TEXT NOT NULL REFERENCES vm_snapshots(id) ON DELETE RESTRICT,
+        fresh       INTEGER NOT NULL DEFAULT 1 CHECK (fresh IN (0, 1))
+    ) STRICT;"),
 ];
 
 /// Reads every VM row through the typed record, so an unknown value fails here, naming it.

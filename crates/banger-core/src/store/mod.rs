@@ -7,6 +7,7 @@ mod blobs;
 mod leases;
 mod migrations;
 mod ports;
+mod snapshots;
 mod workspace;
 
 pub use workspace::WorkspaceRecord;
@@ -14,6 +15,7 @@ pub use workspace::WorkspaceRecord;
 pub use assets::AssetTable;
 pub use blobs::BlobRecord;
 pub use leases::{Lease, LeasePool};
+pub use snapshots::{DiskHead, SnapshotPending, SnapshotRecord};
 
 use std::path::Path;
 

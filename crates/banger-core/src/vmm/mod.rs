@@ -141,8 +141,10 @@ pub struct LaunchSpec {
     /// The system disk (qcow2 overlay or raw).
     pub system_disk: PathBuf,
     pub system_disk_format: &'static str,
-    /// The work disk (raw ext4, mounted at /root).
+    /// The work disk (ext4, mounted at /root): raw, or (QEMU, once the VM has a named
+    /// snapshot) a qcow2 overlay.
     pub work_disk: PathBuf,
+    pub work_disk_format: &'static str,
     /// Directory for sockets and the pid file.
     pub runtime_dir: PathBuf,
     /// File receiving the serial console.

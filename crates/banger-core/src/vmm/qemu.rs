@@ -268,8 +268,9 @@ impl Qemu {
             "virtio-blk-device,drive=sys".into(),
             "-drive".into(),
             format!(
-                "id=work,file={},format=raw,if=none,discard=unmap,werror=stop,rerror=stop",
-                spec.work_disk.display()
+                "id=work,file={},format={},if=none,discard=unmap,werror=stop,rerror=stop",
+                spec.work_disk.display(),
+                spec.work_disk_format
             ),
             "-device".into(),
             "virtio-blk-device,drive=work".into(),
@@ -769,6 +770,7 @@ mod tests {
             system_disk: "/s".into(),
             system_disk_format: "qcow2",
             work_disk: "/w".into(),
+            work_disk_format: "raw",
             runtime_dir: "/run/t".into(),
             console_log: "/c".into(),
             net: NetAttach::User {

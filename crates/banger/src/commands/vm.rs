@@ -1,17 +1,18 @@
 //! `banger vm …`: create, run, start, stop, pause, resume, suspend, exec, ssh, logs, ls,
-//! show, set, rm.
+//! show, set, rm, snapshot.
 
 use std::io::{IsTerminal, Write};
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use banger_proto::{
-    ByteSize, ConsoleChunk, CreateVmRequest, LifecycleResult, PortChangeRequest, PortList,
-    PullPolicy, SetVmRequest, SetVmResult, SshInfo, StopVmRequest, Vm, VmName,
+    ByteSize, CloneVmRequest, ConsoleChunk, CreateSnapshotRequest, CreateVmRequest,
+    LifecycleResult, PortChangeRequest, PortList, PullPolicy, SetVmRequest, SetVmResult,
+    SnapshotList, SshInfo, StopVmRequest, Vm, VmName, VmSnapshot,
 };
 use hyper::Method;
 
-use crate::cli::{CreateArgs, PortAction, PortArgs, PullArg, VmCommand};
+use crate::cli::{CreateArgs, PortAction, PortArgs, PullArg, SnapshotCommand, VmCommand};
 use crate::client::{Client, ClientError};
 use crate::commands::{print_json, with_progress, workspace};
 use crate::output;
@@ -163,6 +164,43 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             Ok(0)
         }
         VmCommand::Port(args) => port(client, args).await,
+        VmCommand::Snapshot(command) => snapshot(client, command).await,
+        VmCommand::Clone {
+            src,
+            new,
+            snapshot,
+            memory,
+            json,
+        } => {
+            if memory {
+                eprintln!(
+                    "banger: cannot clone with --memory: a clone resumed from its source's memory would keep the source's identity (host key, machine-id, addresses); hint: clone from a disk snapshot (without --memory) and start the clone"
+                );
+                return Ok(1);
+            }
+            let request = CloneVmRequest {
+                name: new.to_string(),
+                snapshot,
+            };
+            let vm: Vm = with_progress(
+                &format!("cloning {src} to {new}"),
+                client.call(
+                    Method::POST,
+                    &format!("/v1/vms/{src}/clone"),
+                    Some(&request),
+                ),
+            )
+            .await?;
+            if json.json {
+                print_json(&vm)?;
+            } else {
+                println!(
+                    "VM {new} cloned from {}; start it with `banger vm start {new}`",
+                    vm.cloned_from.as_deref().unwrap_or(src.as_str())
+                );
+            }
+            Ok(0)
+        }
         VmCommand::Set {
             name,
             cpus,
@@ -358,6 +396,89 @@ async fn logs(client: &Client, name: &VmName, follow: bool) -> Result<u8, Client
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+async fn snapshot(client: &Client, command: SnapshotCommand) -> Result<u8, ClientError> {
+    match command {
+        SnapshotCommand::Create {
+            name,
+            snapshot,
+            json,
+        } => {
+            let request = CreateSnapshotRequest { name: snapshot };
+            let taken: VmSnapshot = with_progress(
+                &format!("snapshotting {name}"),
+                client.call(
+                    Method::POST,
+                    &format!("/v1/vms/{name}/snapshots"),
+                    Some(&request),
+                ),
+            )
+            .await?;
+            if json.json {
+                print_json(&taken)?;
+            } else {
+                println!("snapshot {} of VM {name} taken", taken.name);
+            }
+        }
+        SnapshotCommand::Ls { name, json } => {
+            let list: SnapshotList = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/vms/{name}/snapshots"),
+                    None::<&()>,
+                )
+                .await?;
+            if json.json {
+                print_json(&list)?;
+            } else if list.snapshots.is_empty() {
+                println!("VM {name} has no snapshots");
+            } else {
+                print!("{}", output::snapshot_table(&list));
+            }
+        }
+        SnapshotCommand::Restore {
+            name,
+            snapshot,
+            json,
+        } => {
+            let vm: Vm = with_progress(
+                &format!("restoring {name} to {snapshot}"),
+                client.call(
+                    Method::POST,
+                    &format!("/v1/vms/{name}/snapshots/{snapshot}/restore"),
+                    None::<&()>,
+                ),
+            )
+            .await?;
+            if json.json {
+                print_json(&vm)?;
+            } else {
+                println!("VM {name} restored to snapshot {snapshot}");
+            }
+        }
+        SnapshotCommand::Rm {
+            name,
+            snapshot,
+            json,
+        } => {
+            with_progress(
+                &format!("removing snapshot {snapshot} of {name}"),
+                client.call::<()>(
+                    Method::DELETE,
+                    &format!("/v1/vms/{name}/snapshots/{snapshot}"),
+                    None::<&()>,
+                ),
+            )
+            .await?;
+            if json.json {
+                print_json(&serde_json::json!({ "vm": name.to_string(), "removed": snapshot }))?;
+            } else {
+                println!("snapshot {snapshot} of VM {name} removed");
+            }
+        }
+    }
+    Ok(0)
 }
 
 async fn port(client: &Client, args: PortArgs) -> Result<u8, ClientError> {

@@ -1,0 +1,216 @@
+//! `vm clone SRC NEW [--snapshot SNAP]`: a new VM whose two disks are new empty qcow2
+//! overlays over a named snapshot of SRC (without `--snapshot`, one taken now, `clone-NEW`;
+//! SRC must be stopped then). Nothing is copied. The clone has its own record, id, name (its
+//! hostname and DNS name), MAC and address like any new VM; its machine-id is its id, given
+//! to systemd on the kernel command line at every boot (`systemd.machine_id=`), since the
+//! one in its system disk is SRC's; and at its first start the guest makes itself a new SSH
+//! host key, which the daemon pins in place of SRC's (it connects the first time with SRC's
+//! key, which only the clone's disk and SRC's hold). A snapshot with clones cannot be removed
+//! and neither can SRC while a clone exists.
+
+use banger_proto::{CloneVmRequest, Vm, VmName};
+use tracing::{info, warn};
+
+use super::Manager;
+use super::ports::NetChoice;
+use super::snapshots::must_be_stopped;
+use crate::Error;
+use crate::domain::DiskFormat;
+use crate::guest::ssh;
+use crate::layout::Layout;
+use crate::model::VmRecord;
+use crate::qcow2::{self, Backing};
+use crate::store::StoreError;
+
+/// Makes the guest's new SSH host key, replacing the one its disk came with, has sshd load
+/// it, and prints the public half.
+const NEW_HOST_KEY: &str = "set -e; k=/root/.banger/ssh_host_ed25519_key; \
+    rm -f $k.new $k.new.pub; ssh-keygen -q -t ed25519 -N '' -C \"$(hostname).vm\" -f $k.new; \
+    mv -f $k.new.pub $k.pub; mv -f $k.new $k; \
+    systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null || pkill -HUP -x sshd || true; \
+    cat $k.pub";
+
+impl Manager {
+    /// Clones VM `source` (see the module doc); returns the new VM, in state created.
+    pub async fn clone_vm(&self, source: &str, request: CloneVmRequest) -> Result<Vm, Error> {
+        let new_name = VmName::parse(&request.name)?;
+        let src = self.locked(source).await?;
+        let src_record = self.observed_vm(&src.name).await?;
+        self.check_snapshottable(&src_record)?;
+        let taken = new_name.to_string();
+        if self.db.run(move |s| s.find_vm(&taken)).await?.is_some() {
+            return Err(StoreError::VmExists(new_name.to_string()).into());
+        }
+        let _new = self.locked(new_name.as_str()).await?;
+        let snapshot = match &request.snapshot {
+            Some(snap) => self.named_snapshot(&src_record, snap).await?,
+            None => {
+                must_be_stopped(&src_record, "clone (without --snapshot)")?;
+                self.take_snapshot(&src_record, format!("clone-{new_name}"))
+                    .await?
+            }
+        };
+        let (pool, isolated) = match self.choose_net(None).await? {
+            NetChoice::Bridge(pool) => (Some(pool), false),
+            NetChoice::User { isolated } => (None, isolated),
+        };
+        let mut spec = src_record.spec.clone();
+        spec.vmm_reason = format!("cloned from {}", src_record.name);
+        let record = VmRecord::new(new_name.clone(), spec);
+        let vm_dir = self.layout.vm_dir(&record.id);
+        let made = async {
+            std::fs::create_dir_all(&vm_dir)
+                .map_err(Error::io(format!("cannot create {}", vm_dir.display())))?;
+            let files = self.layout.vm_named_snapshot(&src_record.id, &snapshot.id);
+            let work_qcow2 = snapshot.work_format == DiskFormat::Qcow2;
+            for (backing, top) in [
+                (
+                    Backing {
+                        path: files.system(),
+                        format: DiskFormat::Qcow2,
+                    },
+                    self.layout.vm_system_disk(&record.id),
+                ),
+                (
+                    Backing {
+                        path: files.work(work_qcow2),
+                        format: snapshot.work_format,
+                    },
+                    self.layout.vm_work_overlay(&record.id),
+                ),
+            ] {
+                qcow2::create_overlay(&backing, &Layout::vm_overlay_partial(&top), &top).await?;
+            }
+            // The source's key, under the clone's name, until the clone's first start
+            // replaces it.
+            let pinned = std::fs::read_to_string(self.layout.vm_known_hosts(&src_record.id))
+                .map_err(Error::io(format!(
+                    "cannot read the known_hosts of VM {source}"
+                )))?;
+            let key = pinned
+                .split_whitespace()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .join(" ");
+            let known_hosts = self.layout.vm_known_hosts(&record.id);
+            std::fs::write(
+                &known_hosts,
+                format!("{} {key}\n", super::host_key_alias(&record.name)),
+            )
+            .map_err(Error::io(format!("cannot write {}", known_hosts.display())))?;
+            let (stored, snapshot_id) = (record.clone(), snapshot.id.clone());
+            self.db
+                .run(move |store| {
+                    let lease = store.insert_vm_with_lease(&stored, pool)?;
+                    let settings = store
+                        .set_isolated(&stored.id, isolated)
+                        .and_then(|()| store.add_clone(&stored.id, &snapshot_id));
+                    if let Err(e) = settings {
+                        let _ = store.delete_vm(stored.name.as_str());
+                        return Err(e);
+                    }
+                    Ok(lease)
+                })
+                .await
+        }
+        .await;
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&vm_dir);
+            return Err(e);
+        }
+        info!(vm = %record.name, id = %record.id, source = %src_record.name, snapshot = %snapshot.name, "VM cloned");
+        self.refresh_ssh_config().await;
+        Ok(self.vm_api(&record).await)
+    }
+
+    /// Kernel arguments a clone boots with: its own machine-id (its disk holds its source's).
+    pub(super) async fn clone_boot_args(&self, record: &VmRecord) -> Option<String> {
+        let vm_id = record.id.clone();
+        self.db
+            .run(move |s| s.clone_source(&vm_id))
+            .await
+            .ok()
+            .flatten()
+            .map(|_| format!("systemd.machine_id={}", record.id))
+    }
+
+    /// `SRC/SNAPSHOT` of a clone, for `vm show`.
+    pub(super) async fn cloned_from(&self, record: &VmRecord) -> Option<String> {
+        let vm_id = record.id.clone();
+        self.db
+            .run(move |s| {
+                let names = s
+                    .list_vms()?
+                    .into_iter()
+                    .map(|v| (v.id, v.name.to_string()))
+                    .collect();
+                cloned_from_in(s, &names, &vm_id)
+            })
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// At a clone's first start, once SSH answered (with its source's key): the guest makes
+    /// its own host key, which replaces the pinned one. A failure is an error: a clone never
+    /// runs with its source's key once started.
+    pub(super) async fn own_host_key(
+        &self,
+        record: &VmRecord,
+        target: &ssh::SshTarget,
+    ) -> Result<(), Error> {
+        let vm_id = record.id.clone();
+        let Some((_, true)) = self.db.run(move |s| s.clone_source(&vm_id)).await? else {
+            return Ok(());
+        };
+        let (code, out, err) = ssh::run(
+            target,
+            NEW_HOST_KEY,
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_secs(120),
+        )
+        .await?;
+        let key = out
+            .lines()
+            .rfind(|l| l.starts_with("ssh-ed25519 "))
+            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "));
+        let Some(key) = key.filter(|_| code == Some(0)) else {
+            warn!(vm = %record.name, "cannot give the clone its own host key: {err}");
+            return Err(Error::Failed(format!(
+                "cannot give clone {} its own SSH host key: {}",
+                record.name,
+                err.lines()
+                    .rfind(|l| !l.trim().is_empty())
+                    .unwrap_or("no output")
+            )));
+        };
+        let known_hosts = self.layout.vm_known_hosts(&record.id);
+        std::fs::write(
+            &known_hosts,
+            format!("{} {key}\n", super::host_key_alias(&record.name)),
+        )
+        .map_err(Error::io(format!("cannot write {}", known_hosts.display())))?;
+        let vm_id = record.id.clone();
+        self.db.run(move |s| s.clone_identity_done(&vm_id)).await?;
+        info!(vm = %record.name, "the clone has its own SSH host key now");
+        Ok(())
+    }
+}
+
+/// `SOURCE/SNAPSHOT` a clone was made from, given every VM's name by id; `None` for a VM that
+/// is no clone.
+pub(super) fn cloned_from_in(
+    store: &mut crate::store::Store,
+    names: &std::collections::HashMap<String, String>,
+    vm_id: &str,
+) -> Result<Option<String>, StoreError> {
+    let Some((snapshot_id, _)) = store.clone_source(vm_id)? else {
+        return Ok(None);
+    };
+    let Some(snapshot) = store.snapshot_by_id(&snapshot_id)? else {
+        return Ok(None);
+    };
+    Ok(names
+        .get(&snapshot.vm_id)
+        .map(|name| format!("{name}/{}", snapshot.name)))
+}
