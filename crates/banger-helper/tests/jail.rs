@@ -429,24 +429,7 @@ fn spawn_jailed_leaves_nothing() {
     }
 
     // The daemon's stop: the process ends, then the jail goes.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while is_alive(pid) {
-        assert!(Instant::now() < deadline, "still alive");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let reply = request(&helper.socket, HelperOp::RemoveJail { vm_id: id.clone() });
-    assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
-    assert!(!helper.base.join("firecracker").join(&id).exists());
-    assert!(mounts_under(&helper.base).is_empty());
-    for dir in cgroup_dirs(&id) {
-        assert!(!dir.exists(), "{} left", dir.display());
-    }
-    assert!(banger_processes(&id).is_empty());
+    kill_and_remove_jail(&helper, pid, &id);
     // The sources are untouched.
     assert_eq!(std::fs::read_to_string(&files.kernel).unwrap(), "vmlinux");
     assert_eq!(
@@ -925,24 +908,30 @@ fn the_shipped_units_with_the_jailer_drop_in_run_the_jailer() {
         "{answer}"
     );
 
+    kill_and_remove_jail(&helper, vm_pid, &id);
+}
+
+/// The daemon's stop of jailed VM `id`: its Firecracker `pid` killed and gone, then the jail
+/// removed, leaving no jail dir, mount, cgroup or process.
+fn kill_and_remove_jail(helper: &Helper, pid: u32, id: &str) {
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(vm_pid as i32),
+        nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while is_alive(vm_pid) {
+    while is_alive(pid) {
         assert!(Instant::now() < deadline, "still alive");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let reply = request(&helper.socket, HelperOp::RemoveJail { vm_id: id.clone() });
+    let reply = request(&helper.socket, HelperOp::RemoveJail { vm_id: id.into() });
     assert!(matches!(reply, HelperReply::Ok { .. }), "{reply:?}");
-    assert!(!helper.base.join("firecracker").join(&id).exists());
+    assert!(!helper.base.join("firecracker").join(id).exists());
     assert!(mounts_under(&helper.base).is_empty());
-    for dir in cgroup_dirs(&id) {
+    for dir in cgroup_dirs(id) {
         assert!(!dir.exists(), "{} left", dir.display());
     }
-    assert!(banger_processes(&id).is_empty());
+    assert!(banger_processes(id).is_empty());
 }
 
 /// What the test reads of a service unit and its drop-ins, merged as systemd merges them.
