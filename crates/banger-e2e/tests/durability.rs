@@ -3,8 +3,8 @@
 //! `vm stop --force`, which skips the power-off but syncs first. Each round writes contents
 //! of its own, so a file left from an earlier round does not pass.
 //!
-//! Rounds per kind: `BANGER_DURABILITY_ROUNDS` (default 3, what CI runs: a round is a TCG boot;
-//! set 20 for the full run).
+//! Rounds per kind: `BANGER_DURABILITY_ROUNDS` (default 3 for `scripts/test` on a developer's
+//! machine, a round being a TCG boot; `.ci/run` sets 20).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Instant;
