@@ -134,23 +134,6 @@ impl Manager {
             .map(|_| format!("systemd.machine_id={}", record.id))
     }
 
-    /// `SRC/SNAPSHOT` of a clone, for `vm show`.
-    pub(super) async fn cloned_from(&self, record: &VmRecord) -> Option<String> {
-        let vm_id = record.id.clone();
-        self.db
-            .run(move |s| {
-                let names = s
-                    .list_vms()?
-                    .into_iter()
-                    .map(|v| (v.id, v.name.to_string()))
-                    .collect();
-                cloned_from_in(s, &names, &vm_id)
-            })
-            .await
-            .ok()
-            .flatten()
-    }
-
     /// At a clone's first start, once SSH answered (with its source's key): the guest makes
     /// its own host key, which replaces the pinned one. A failure is an error: a clone never
     /// runs with its source's key once started.

@@ -170,19 +170,6 @@ impl Manager {
         }
     }
 
-    /// The API form of a VM's network.
-    pub(super) async fn vm_network(&self, record: &VmRecord) -> Option<VmNetwork> {
-        let id = record.id.clone();
-        let read = move |store: &mut crate::store::Store| network_in(store, &id);
-        match self.db.run(read).await {
-            Ok(network) => Some(network),
-            Err(e) => {
-                warn!(vm = %record.name, "cannot read the VM's network: {}", e.to_api().message);
-                None
-            }
-        }
-    }
-
     /// The published ports of a VM holding a lease; none without one.
     async fn leased_ports(&self, record: &VmRecord) -> Result<Vec<PortMapping>, Error> {
         let id = record.id.clone();

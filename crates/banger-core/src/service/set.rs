@@ -268,14 +268,11 @@ impl Manager {
 
     /// The size the guest sees of a VM's system disk (a dm snapshot: its image's).
     pub(super) async fn system_disk_size(&self, record: &VmRecord) -> Option<u64> {
-        match self.system_disk_file(record) {
-            Some(file) => usage::virtual_bytes(&file),
-            None => {
-                let name = record.spec.image.clone();
-                let image = self.db.run(move |s| s.find_image(&name)).await.ok()??;
-                usage::virtual_bytes(&self.layout.image_rootfs(&image.digest))
-            }
-        }
+        let image = match self.system_disk_file(record) {
+            Some(_) => None,
+            None => self.db.find_image(&record.spec.image).await.ok()?,
+        };
+        system_disk_size_of(&self.layout, record, image.as_ref())
     }
 
     /// Changes a VM's CPUs, memory and disk sizes (see the module doc); returns the VM with

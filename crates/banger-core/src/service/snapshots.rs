@@ -300,17 +300,6 @@ impl Manager {
         }
     }
 
-    /// The VM's snapshots counted, for `vm show` and `vm ls` (`None` without any).
-    pub(super) async fn snapshot_summary(&self, record: &VmRecord) -> Option<SnapshotSummary> {
-        let vm_id = record.id.clone();
-        let layout = self.layout.clone();
-        self.db
-            .run(move |s| snapshot_summary_in(s, &layout, &vm_id))
-            .await
-            .ok()
-            .flatten()
-    }
-
     /// Puts a stopped VM's disks back to snapshot `snapshot`: what was written since is gone.
     pub async fn restore_named_snapshot(&self, name: &str, snapshot: &str) -> Result<Vm, Error> {
         let vm = self.locked(name).await?;
@@ -654,8 +643,8 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
 }
 
 /// Bytes allocated by the files under `dir` (recursively).
-/// [`Manager::snapshot_summary`] on a store already in hand (blocking: sums the files'
-/// allocation).
+/// A VM's snapshots counted, for `vm show` and `vm ls` (`None` without any). Blocking: sums
+/// the files' allocation.
 pub(super) fn snapshot_summary_in(
     store: &mut crate::store::Store,
     layout: &crate::layout::Layout,
