@@ -404,6 +404,31 @@ impl TestEnv {
         self.dir.path().join("home")
     }
 
+    /// The root file system of image `name` in this instance's store.
+    pub fn image_rootfs(&self, name: &str) -> PathBuf {
+        let image = self.banger(&["image", "show", name, "--json"]).ok().json();
+        self.home()
+            .join("images")
+            .join(image["digest"].as_str().unwrap())
+            .join("rootfs.ext4")
+    }
+
+    /// `md5sum f* | sort -k2` of files `f0`..`f{count-1}` holding `content(i)`, computed on the
+    /// host: what the same command prints in a guest that wrote them.
+    pub fn md5_lines(&self, count: usize, content: impl Fn(usize) -> String) -> String {
+        let dir = tempfile::tempdir_in(self.home()).unwrap();
+        for i in 0..count {
+            std::fs::write(dir.path().join(format!("f{i}")), content(i)).unwrap();
+        }
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("md5sum f* | sort -k2")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.home().join("run/bangerd.sock")
     }

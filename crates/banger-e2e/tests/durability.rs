@@ -28,25 +28,6 @@ fn write_files(round: &str) -> String {
     )
 }
 
-/// The guest's `md5sum` lines of those files, as the host computes them.
-fn expected(env: &TestEnv, round: &str) -> String {
-    let dir = tempfile::tempdir_in(env.home()).unwrap();
-    for i in 0..1000 {
-        std::fs::write(
-            dir.path().join(format!("f{i}")),
-            format!("{round}: file {i}\n"),
-        )
-        .unwrap();
-    }
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("md5sum f* | sort -k2")
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn writes_survive_an_immediate_stop_round_after_round() {
     let env = TestEnv::new();
@@ -87,7 +68,7 @@ fn writes_survive_an_immediate_stop_round_after_round() {
                 ])
                 .ok();
             assert!(
-                hashes.stdout == expected(&env, &round),
+                hashes.stdout == env.md5_lines(1000, |i| format!("{round}: file {i}\n")),
                 "{round}: the files differ after stop and start"
             );
         }

@@ -504,15 +504,7 @@ fn qemu_vms_can_use_raw_system_disks() {
         .json();
     assert_eq!(vm["spec"]["system_disk"], "copy");
     let id = vm["id"].as_str().unwrap();
-    let image = env
-        .banger(&["image", "show", "default", "--json"])
-        .ok()
-        .json();
-    let rootfs = env
-        .home()
-        .join("images")
-        .join(image["digest"].as_str().unwrap())
-        .join("rootfs.ext4");
+    let rootfs = env.image_rootfs("default");
     let raw = env.home().join("vms").join(id).join("system.raw");
     // The copy holds the image, then a hole up to the system disk's virtual size (8 GiB by
     // default): compare the image's length only, never read the whole disk.

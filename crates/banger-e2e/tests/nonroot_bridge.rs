@@ -131,15 +131,7 @@ fn a_nonroot_owner_runs_bridge_vms_through_the_root_helper_with_published_ports(
     env.chown_to_owner(&env.config_file());
 
     // Image import: the built image's root file system under another name, with its kernel.
-    let built = env
-        .banger(&["image", "show", "default", "--json"])
-        .ok()
-        .json();
-    let rootfs = env
-        .home()
-        .join("images")
-        .join(built["digest"].as_str().unwrap())
-        .join("rootfs.ext4");
+    let rootfs = env.image_rootfs("default");
     env.banger(&[
         "image",
         "import",

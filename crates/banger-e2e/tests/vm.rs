@@ -15,25 +15,6 @@ const WRITE_FILES: &str = "mkdir -p /root/repo/durable && cd /root/repo/durable 
 /// Prints one line per file: its name and checksum.
 const HASH_FILES: &str = "cd /root/repo/durable && md5sum f* | sort -k2";
 
-fn expected_hashes(env: &TestEnv) -> String {
-    // Same checksums computed on the host, from the same contents.
-    let dir = tempfile::tempdir_in(env.home()).unwrap();
-    for i in 0..1000 {
-        std::fs::write(
-            dir.path().join(format!("f{i}")),
-            format!("content of file {i}\n"),
-        )
-        .unwrap();
-    }
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("md5sum f* | sort -k2")
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn exec_semantics_and_a_stop_that_never_loses_data() {
     let env = TestEnv::new();
@@ -101,7 +82,10 @@ fn exec_semantics_and_a_stop_that_never_loses_data() {
     let hashes = env
         .banger(&["vm", "exec", "dev", "--", "sh", "-c", HASH_FILES])
         .ok();
-    assert_eq!(hashes.stdout, expected_hashes(&env));
+    assert_eq!(
+        hashes.stdout,
+        env.md5_lines(1000, |i| format!("content of file {i}\n"))
+    );
 
     // The serial console is kept and readable.
     let logs = env.banger(&["vm", "logs", "dev"]).ok();

@@ -94,15 +94,7 @@ fn a_work_seed_reaches_new_vms_of_its_image_only_and_survives_push_and_pull() {
     let seed = env.dir().join("seed");
     make_seed(&seed);
     env.chown_to_owner(&seed);
-    let default = env
-        .banger(&["image", "show", "default", "--json"])
-        .ok()
-        .json();
-    let rootfs = env
-        .home()
-        .join("images")
-        .join(default["digest"].as_str().unwrap())
-        .join("rootfs.ext4");
+    let rootfs = env.image_rootfs("default");
     let import = |name: &str| {
         env.banger(&[
             "image",
