@@ -95,8 +95,17 @@ fn exec_semantics_and_a_stop_that_never_loses_data() {
         logs.stdout
     );
 
-    env.banger(&["vm", "stop", "dev"]).ok();
-    env.banger(&["vm", "rm", "dev"]).ok();
+    // A running VM is not removed without --force; with it, it is stopped and removed.
+    let refused = env.banger(&["vm", "rm", "dev"]);
+    assert_eq!(refused.code, 4, "{}", refused.stderr);
+    assert!(refused.stderr.contains("--force"), "{}", refused.stderr);
+    env.banger(&["vm", "exec", "dev", "--", "true"]).ok();
+    let removed = env.banger(&["vm", "rm", "-f", "dev"]).ok();
+    assert!(
+        removed.stdout.contains("Removed VM dev"),
+        "{}",
+        removed.stdout
+    );
     assert!(env.qemu_pids().is_empty());
 }
 

@@ -218,11 +218,15 @@ pub enum VmCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
-    /// Remove VMs and their disks. Running VMs must be stopped first.
+    /// Remove VMs and their disks. Running VMs must be stopped first, or given `--force`.
     #[command(alias = "remove")]
     Rm {
         #[arg(required = true)]
         names: Vec<VmName>,
+        /// Stop a running, paused or suspended VM first, as `vm stop --force` does (a bounded
+        /// guest sync, then the VMM ends).
+        #[arg(short, long)]
+        force: bool,
     },
 }
 

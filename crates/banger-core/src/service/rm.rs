@@ -19,7 +19,7 @@ impl Manager {
             return Err(Error::InvalidState {
                 name: name.to_string(),
                 state: record.state,
-                hint: "stop it first with `banger vm stop NAME`",
+                hint: "stop it first with `banger vm stop NAME`, or remove it with `banger vm rm --force NAME`",
             });
         }
         // Its snapshots go with it: not while a clone continues from one.

@@ -241,8 +241,17 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             }
             Ok(0)
         }
-        VmCommand::Rm { names } => {
+        VmCommand::Rm { names, force } => {
             for name in names {
+                if force {
+                    let _: LifecycleResult = client
+                        .call(
+                            Method::POST,
+                            &format!("/v1/vms/{name}/stop"),
+                            Some(&StopVmRequest { force: true }),
+                        )
+                        .await?;
+                }
                 client
                     .call::<()>(Method::DELETE, &format!("/v1/vms/{name}"), None::<&()>)
                     .await?;
