@@ -137,6 +137,10 @@ pub struct QemuConfig {
     /// but QEMU before 8.1 can hang a guest that patches its own code; see
     /// docs/ARCHITECTURE.md, "TCG and guest code patching").
     pub tcg_threads: TcgThreads,
+    /// After an unclean stop, check qcow2 disks with the host's e2fsck through a raw view
+    /// (`qemu-storage-daemon`'s FUSE export) before the start (default true). Off, or where
+    /// FUSE cannot be had, the guest checks its qcow2 `/` at boot instead.
+    pub check_qcow2_on_host: bool,
 }
 
 impl Default for QemuConfig {
@@ -145,6 +149,7 @@ impl Default for QemuConfig {
             binary: "qemu-system-x86_64".into(),
             accel: AccelMode::Auto,
             tcg_threads: TcgThreads::Auto,
+            check_qcow2_on_host: true,
         }
     }
 }

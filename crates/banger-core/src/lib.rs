@@ -5,6 +5,7 @@
 pub mod cause;
 pub mod config;
 pub mod disk;
+pub mod disk_view;
 pub mod doctor;
 pub mod domain;
 pub mod e2fs;

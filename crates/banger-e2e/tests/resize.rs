@@ -1,12 +1,13 @@
-//! `vm set` and the fsck after an unclean stop, on one real QEMU VM (three boots, to keep TCG
-//! time down): its work disk grows from 2 GiB to 4 GiB while it runs (`df /root` shows it at
-//! once, files intact) and a smaller size is refused with nothing changed; CPUs, memory and
-//! the system disk change while it is stopped and its next boot has them; a clean stop skips
-//! the fsck (its boot mounts `/` read-write at once); a QEMU SIGKILLed while the guest writes
-//! to both disks is recorded unclean, the next start runs e2fsck on the work disk (in the log
-//! under its op_id, and in `vm show`) and boots with the guest checking its qcow2 `/` itself
-//! (systemd-fsck-root, whose result `vm show` and the log tell; `/` ends up read-write), and
-//! both disks check clean on the host afterwards (the qcow2 through a raw copy).
+//! `vm set` and the fsck after an unclean stop, on one real QEMU VM (to keep TCG time down):
+//! its work disk grows from 2 GiB to 4 GiB while it runs (`df /root` shows it at once, files
+//! intact) and a smaller size is refused with nothing changed; CPUs, memory and the system
+//! disk change while it is stopped and its next boot has them; a clean stop skips the fsck
+//! (its boot mounts `/` read-write at once); a QEMU SIGKILLed while the guest writes to both
+//! disks is recorded unclean and the next start runs e2fsck on the host on both disks (the
+//! qcow2 system disk through its raw view; in the log under its op_id, and in `vm show`), so
+//! the guest boots once, read-write; with `qemu.check_qcow2_on_host` off the guest checks its
+//! qcow2 `/` itself instead (systemd-fsck-root, whose result `vm show` and the log tell; `/`
+//! ends up read-write); and both disks check clean on the host afterwards.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -53,6 +54,48 @@ fn refused(env: &TestEnv, args: &[&str], code: i32, says: &str) {
         run.stderr.contains(says) && run.stderr.contains("hint"),
         "{args:?}: {}",
         run.stderr
+    );
+}
+
+/// Kills QEMU with SIGKILL while the guest writes to both disks; the VM is then recorded
+/// stopped, uncleanly.
+fn kill_while_writing(env: &TestEnv) {
+    guest(
+        env,
+        "rm -rf /root/stream /var/tmp/stream; mkdir -p /root/stream /var/tmp/stream && \
+         setsid sh -c 'i=0; while :; do \
+         dd if=/dev/urandom of=/root/stream/f$i bs=64k count=8 2>/dev/null; \
+         dd if=/dev/urandom of=/var/tmp/stream/f$i bs=64k count=8 2>/dev/null; \
+         i=$((i+1)); done' </dev/null >/dev/null 2>&1 &",
+    );
+    poll(Duration::from_secs(120), "the guest writing", || {
+        (guest_number(env, "ls /var/tmp/stream | wc -l") > 20).then_some(())
+    });
+    let pid = show(env)["runtime"]["pid"].as_u64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    poll(Duration::from_secs(10), "QEMU gone", || {
+        env.qemu_pids().is_empty().then_some(())
+    });
+    let killed = show(env);
+    assert_eq!(killed["state"], "stopped", "{killed}");
+    assert_eq!(killed["last_stop"]["kind"], "unclean", "{killed}");
+}
+
+/// `vm start dev` under operation id `op_id` (to find its lines in the daemon's log).
+fn start_as(env: &TestEnv, op_id: &str) {
+    let started = env
+        .command(&["vm", "start", "dev"])
+        .env("BANGER_OP_ID", op_id)
+        .output()
+        .unwrap();
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
     );
 }
 
@@ -165,40 +208,56 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
     );
 
     // 4. QEMU killed while the guest writes to both disks: recorded unclean; the next start
-    // runs e2fsck on the work disk, and the guest checks its qcow2 system disk at boot.
-    guest(
-        &env,
-        "mkdir -p /root/stream /var/tmp/stream && setsid sh -c 'i=0; while :; do \
-         dd if=/dev/urandom of=/root/stream/f$i bs=64k count=8 2>/dev/null; \
-         dd if=/dev/urandom of=/var/tmp/stream/f$i bs=64k count=8 2>/dev/null; \
-         i=$((i+1)); done' </dev/null >/dev/null 2>&1 &",
+    // runs e2fsck on both disks on the host, the qcow2 system disk through its raw view.
+    kill_while_writing(&env);
+    let op_id = "e2e-host-fsck-after-kill";
+    start_as(&env, op_id);
+    let checked = show(&env);
+    let disks = checked["start_fsck"]["disks"].as_array().unwrap().clone();
+    assert_eq!(checked["start_fsck"]["ran"], true, "{checked}");
+    for (disk, name) in disks.iter().zip(["work", "system"]) {
+        assert_eq!(disk["disk"], name, "{checked}");
+        // `checked_by` is left out when it is the host.
+        assert_ne!(disk["checked_by"], "guest", "{checked}");
+        assert!(
+            ["clean", "repaired"].contains(&disk["result"].as_str().unwrap()),
+            "{checked}"
+        );
+    }
+    let log = std::fs::read_to_string(env.log_file()).unwrap();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains(op_id) && l.contains("e2fsck -p before start"))
+            .count(),
+        2,
+        "two host checks under op {op_id} in the daemon log"
     );
-    poll(Duration::from_secs(120), "the guest writing", || {
-        (guest_number(&env, "ls /var/tmp/stream | wc -l") > 20).then_some(())
-    });
-    let pid = vm["runtime"]["pid"].as_u64().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    poll(Duration::from_secs(10), "QEMU gone", || {
-        env.qemu_pids().is_empty().then_some(())
-    });
-    let killed = show(&env);
-    assert_eq!(killed["state"], "stopped", "{killed}");
-    assert_eq!(killed["last_stop"]["kind"], "unclean", "{killed}");
-    let op_id = "e2e-fsck-after-kill";
-    let started = env
-        .command(&["vm", "start", "dev"])
-        .env("BANGER_OP_ID", op_id)
-        .output()
-        .unwrap();
+    // Checked before the boot, so the guest neither checks / nor boots twice.
+    let cmdline = guest(&env, "cat /proc/cmdline");
     assert!(
-        started.status.success(),
-        "{}",
-        String::from_utf8_lossy(&started.stderr)
+        cmdline.contains(" rw ") && !cmdline.contains("fsck.mode"),
+        "{cmdline}"
     );
+    let vm_dir = work_disk(&env, &checked).parent().unwrap().to_path_buf();
+    assert!(
+        !std::fs::read_dir(&vm_dir).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("view")),
+        "a raw view is left in {}",
+        vm_dir.display()
+    );
+    assert_eq!(guest(&env, "sha256sum /root/keep"), sum);
+
+    // 5. The same with the host's check of qcow2 disks off: the guest checks its qcow2 `/`
+    // itself at boot.
+    std::fs::write(env.config_file(), "[qemu]\ncheck_qcow2_on_host = false\n").unwrap();
+    env.chown_to_owner(&env.config_file());
+    env.banger(&["daemon", "stop"]).ok();
+    kill_while_writing(&env);
+    let op_id = "e2e-fsck-after-kill";
+    start_as(&env, op_id);
     let log = std::fs::read_to_string(env.log_file()).unwrap();
     assert!(
         log.lines()
@@ -260,7 +319,7 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
     assert_eq!(guest(&env, "touch /var/tmp/after && echo ok"), "ok");
     assert_eq!(guest(&env, "sha256sum /root/keep"), sum);
 
-    // 5. Stopped cleanly: the work disk checks clean on the host.
+    // 6. Stopped cleanly: the work disk checks clean on the host.
     env.banger(&["vm", "stop", "dev"]).ok();
     let check = std::process::Command::new(system_tool("e2fsck"))
         .arg("-fn")

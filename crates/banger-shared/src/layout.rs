@@ -143,6 +143,11 @@ impl Layout {
     pub fn vm_dm_name(&self, owner: u32, vm_id: &str) -> String {
         format!("banger-{owner}-{vm_id}")
     }
+    /// Where the host sees one of the VM's qcow2 disks as a raw file while it checks it
+    /// (`disk`: "system" or "work"; an empty file, mounted over only during the check).
+    pub fn vm_disk_view(&self, vm_id: &str, disk: &str) -> PathBuf {
+        self.vm_dir(vm_id).join(format!("{disk}.fsck-view.raw"))
+    }
     /// The VM's work disk (ext4, mounted at /root in the guest).
     pub fn vm_work_disk(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("work.ext4")

@@ -2,9 +2,10 @@
 //! the guest shut itself down (power-off after `sync`, the ACPI button, Ctrl-Alt-Del, or a
 //! power-off or reboot the guest's console shows) and unclean when the VMM ended under a
 //! running guest (QMP quit, SIGKILL, a crash, a host crash, a failed start). Before the next
-//! start of an unclean VM, `e2fsck -p` runs on the work disk and on a system disk the host
-//! can open as ext4 (raw: reflink or copy; a dm device). A system disk the host cannot open
-//! (a qcow2 overlay) is checked by the guest itself: that boot mounts `/` read-only and asks
+//! start of an unclean VM, `e2fsck -p` runs on both disks: a raw one (reflink, copy, a dm
+//! device) as it is, a qcow2 one through a raw view ([`crate::disk_view`]). A qcow2 system
+//! disk with no view (no usable FUSE, or `qemu.check_qcow2_on_host` off) is checked by the
+//! guest itself: that boot mounts `/` read-only and asks
 //! systemd-fsck-root for a forced, repairing check before systemd-remount-fs makes it
 //! read-write ([`GUEST_ROOT_FSCK`]); once the guest is up the daemon reads the check's result
 //! over SSH ([`GUEST_FSCK_SCRIPT`]). A check that repaired the mounted `/` makes the guest
@@ -181,23 +182,29 @@ fn console_tail(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Whether the host can check a system disk made by `strategy` with e2fsck, or why not.
-pub(super) fn host_checks_system_disk(strategy: SystemDiskStrategy) -> Result<(), &'static str> {
+/// How the host's e2fsck reaches a disk: the file itself (raw), or a raw view of a qcow2
+/// chain ([`crate::disk_view::RawView`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HostAccess {
+    Direct,
+    Qcow2View,
+}
+
+/// How the host reaches a system disk made by `strategy`.
+pub(super) fn system_disk_access(strategy: SystemDiskStrategy) -> HostAccess {
     match strategy {
         SystemDiskStrategy::Reflink | SystemDiskStrategy::Copy | SystemDiskStrategy::DmSnapshot => {
-            Ok(())
+            HostAccess::Direct
         }
-        SystemDiskStrategy::Qcow2 => Err("a qcow2 overlay, which e2fsck cannot open"),
+        SystemDiskStrategy::Qcow2 => HostAccess::Qcow2View,
     }
 }
 
-/// Whether the host can check a work disk in `format` with e2fsck, or why not.
-pub(super) fn host_checks_work_disk(format: DiskFormat) -> Result<(), &'static str> {
+/// How the host reaches a work disk in `format`.
+pub(super) fn work_disk_access(format: DiskFormat) -> HostAccess {
     match format {
-        DiskFormat::Raw => Ok(()),
-        DiskFormat::Qcow2 => Err(
-            "a qcow2 overlay over a named snapshot, which e2fsck cannot open; the guest kernel replays its journal when it mounts /root",
-        ),
+        DiskFormat::Raw => HostAccess::Direct,
+        DiskFormat::Qcow2 => HostAccess::Qcow2View,
     }
 }
 
@@ -255,35 +262,50 @@ impl Manager {
             Some(stop) => {
                 report.why = format!("the last stop was unclean ({})", stop.how);
                 report.ran = true;
-                let system = host_checks_system_disk(record.spec.system_disk);
-                let work = host_checks_work_disk(work_format);
+                let system = system_disk_access(record.spec.system_disk);
+                let work = work_disk_access(work_format);
                 for (disk, path) in [(VmDisk::Work, work_disk), (VmDisk::System, system_disk)] {
-                    let check = match disk {
+                    let access = match disk {
                         VmDisk::System => system,
                         VmDisk::Work => work,
                     };
-                    if let Err(why) = check {
-                        let guest_root = matches!(disk, VmDisk::System);
-                        let detail = if guest_root {
-                            info!(vm = %name, disk = disk.as_str(), "no e2fsck on the host ({why}): the guest checks / at this boot");
-                            format!(
-                                "{why}; left to the guest's check of / at boot, whose result the start did not get"
-                            )
-                        } else {
-                            info!(vm = %name, disk = disk.as_str(), "no e2fsck on the host: {why}");
-                            why.to_owned()
-                        };
-                        report.disks.push(DiskFsck {
-                            disk: disk.as_str().into(),
-                            result: FsckResult::Skipped,
-                            checked_by: FsckBy::Guest,
-                            exit_code: None,
-                            detail,
-                        });
-                        checked.guest_checks_root |= guest_root;
-                        continue;
+                    let view = match access {
+                        HostAccess::Direct => None,
+                        HostAccess::Qcow2View => match self.disk_view(record, disk, path).await {
+                            Ok(view) => Some(view),
+                            Err(why) => {
+                                let guest_root = matches!(disk, VmDisk::System);
+                                let detail = if guest_root {
+                                    info!(vm = %name, disk = disk.as_str(), "no e2fsck on the host ({why}): the guest checks / at this boot");
+                                    format!(
+                                        "{why}; left to the guest's check of / at boot, whose result the start did not get"
+                                    )
+                                } else {
+                                    info!(vm = %name, disk = disk.as_str(), "no e2fsck on the host: {why}");
+                                    format!(
+                                        "{why}; the guest kernel replays its journal when it mounts /root"
+                                    )
+                                };
+                                report.disks.push(DiskFsck {
+                                    disk: disk.as_str().into(),
+                                    result: FsckResult::Skipped,
+                                    checked_by: FsckBy::Guest,
+                                    exit_code: None,
+                                    detail,
+                                });
+                                checked.guest_checks_root |= guest_root;
+                                continue;
+                            }
+                        },
+                    };
+                    let run = match &view {
+                        Some(view) => e2fs::fsck(view.path(), false).await,
+                        None => e2fs::fsck(path, false).await,
+                    };
+                    if let Some(view) = view {
+                        view.close().await;
                     }
-                    let run = e2fs::fsck(path, false).await.map_err(step)?;
+                    let run = run.map_err(step)?;
                     let result = run.fsck_result();
                     info!(vm = %name, disk = disk.as_str(), exit_code = run.exit_code, result = result.as_str(), output = ?run.tail(8), "e2fsck -p before start: {}", report.why);
                     report.disks.push(DiskFsck {
@@ -302,10 +324,16 @@ impl Manager {
                                 run.exit_code,
                                 run.tail(6)
                             ),
-                            hint: format!(
-                                "the VM stays stopped; repair the disk by hand with `e2fsck -f {}` (answering its questions), then start it again",
-                                path.display()
-                            ),
+                            hint: match access {
+                                HostAccess::Direct => format!(
+                                    "the VM stays stopped; repair the disk by hand with `e2fsck -f {}` (answering its questions), then start it again",
+                                    path.display()
+                                ),
+                                HostAccess::Qcow2View => format!(
+                                    "the VM stays stopped; repair the disk by hand with `e2fsck -f` on a raw view of {} (docs/config.md, check_qcow2_on_host), then start it again",
+                                    path.display()
+                                ),
+                            },
                         });
                     }
                 }
@@ -337,6 +365,23 @@ impl Manager {
             }
         }
         Ok(checked)
+    }
+
+    /// A raw view of the qcow2 `disk` of `record` at `path` for the host's e2fsck, or why
+    /// there is none.
+    async fn disk_view(
+        &self,
+        record: &VmRecord,
+        disk: VmDisk,
+        path: &Path,
+    ) -> Result<crate::disk_view::RawView, String> {
+        if !self.config.qemu.check_qcow2_on_host {
+            return Err("a qcow2 overlay, and qemu.check_qcow2_on_host is off".into());
+        }
+        let mountpoint = self.layout.vm_disk_view(&record.id, disk.as_str());
+        crate::disk_view::RawView::open(path, &mountpoint)
+            .await
+            .map_err(|e| format!("a qcow2 overlay with no raw view for e2fsck ({e})"))
     }
 
     /// After a boot with [`GUEST_ROOT_FSCK`]: reads the guest's check of `/` over SSH and
@@ -558,20 +603,19 @@ mod tests {
     }
 
     #[test]
-    fn the_host_checks_raw_work_disks_only() {
-        assert!(host_checks_work_disk(DiskFormat::Raw).is_ok());
-        assert!(host_checks_work_disk(DiskFormat::Qcow2).is_err());
-    }
-
-    #[test]
-    fn the_host_checks_raw_system_disks_only() {
-        assert!(host_checks_system_disk(SystemDiskStrategy::Qcow2).is_err());
+    fn the_host_reaches_raw_disks_directly_and_qcow2_ones_through_a_view() {
+        assert_eq!(work_disk_access(DiskFormat::Raw), HostAccess::Direct);
+        assert_eq!(work_disk_access(DiskFormat::Qcow2), HostAccess::Qcow2View);
+        assert_eq!(
+            system_disk_access(SystemDiskStrategy::Qcow2),
+            HostAccess::Qcow2View
+        );
         for raw in [
             SystemDiskStrategy::Reflink,
             SystemDiskStrategy::Copy,
             SystemDiskStrategy::DmSnapshot,
         ] {
-            assert!(host_checks_system_disk(raw).is_ok(), "{raw}");
+            assert_eq!(system_disk_access(raw), HostAccess::Direct, "{raw}");
         }
     }
 }
