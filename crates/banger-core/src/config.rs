@@ -6,7 +6,9 @@ use std::path::Path;
 use banger_proto::{ByteSize, SizeError};
 use serde::Deserialize;
 
-use crate::domain::{AccelMode, FirecrackerKvm, NetMode, SystemDiskChoice, TcgThreads, VmmChoice};
+use crate::domain::{
+    AccelMode, FirecrackerKvm, NetMode, QemuDevices, SystemDiskChoice, TcgThreads, VmmChoice,
+};
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +139,9 @@ pub struct QemuConfig {
     /// but QEMU before 8.1 can hang a guest that patches its own code; see
     /// docs/ARCHITECTURE.md, "TCG and guest code patching").
     pub tcg_threads: TcgThreads,
+    /// "auto" (ACPI where the kernel reads it, else the command line) or "cmdline" (devices
+    /// on the kernel command line with ACPI off, Firecracker's boot path).
+    pub devices: QemuDevices,
 }
 
 impl Default for QemuConfig {
@@ -145,6 +150,7 @@ impl Default for QemuConfig {
             binary: "qemu-system-x86_64".into(),
             accel: AccelMode::Auto,
             tcg_threads: TcgThreads::Auto,
+            devices: QemuDevices::Auto,
         }
     }
 }

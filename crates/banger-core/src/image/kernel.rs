@@ -23,6 +23,9 @@ pub const BUILD_SCRIPT: &str = "microvm-kernel/build.sh";
 pub const DEFAULT_SOURCE: &str = "/usr/src/linux-source-6.1.tar.xz";
 /// The name `banger kernel build` stores its kernel under by default.
 pub const DEFAULT_NAME: &str = "microvm";
+/// The name a recipe image build stores Debian's cloud kernel under (images built `--from`
+/// boot it: it has the modules tree they install).
+pub const DEBIAN_NAME: &str = "debian";
 
 /// Whether a guest recipe file belongs to the kernel recipe (and not to the image's).
 pub fn is_recipe_file(path: &str) -> bool {
