@@ -74,7 +74,12 @@ pub fn capabilities_from_config(config: &str) -> KernelCapabilities {
     let mmio = built_in("CONFIG_VIRTIO_MMIO");
     KernelCapabilities {
         virtio_mmio_cmdline: mmio && built_in("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES"),
-        acpi_virtio: built_in("CONFIG_ACPI") && (mmio || is("CONFIG_VIRTIO_MMIO", "m")),
+        // ACPI without PCI cannot load QEMU microvm's tables: ACPICA fails "During Region
+        // initialization" (AE_BAD_PARAMETER, seen with 6.1) and no device is found, so such a
+        // kernel takes its devices on the command line.
+        acpi_virtio: built_in("CONFIG_ACPI")
+            && built_in("CONFIG_PCI")
+            && (mmio || is("CONFIG_VIRTIO_MMIO", "m")),
         needs_initrd: !(mmio
             && built_in("CONFIG_VIRTIO_BLK")
             && built_in("CONFIG_EXT4_FS")
@@ -200,7 +205,7 @@ mod tests {
     const MICROVM: &str = "CONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\n\
         CONFIG_VIRTIO_BLK=y\nCONFIG_EXT4_FS=y\nCONFIG_DEVTMPFS=y\nCONFIG_PVH=y\n\
         # CONFIG_ACPI is not set\n";
-    const CLOUD: &str = "CONFIG_ACPI=y\nCONFIG_VIRTIO_MMIO=m\nCONFIG_VIRTIO_BLK=m\n\
+    const CLOUD: &str = "CONFIG_ACPI=y\nCONFIG_PCI=y\nCONFIG_VIRTIO_MMIO=m\nCONFIG_VIRTIO_BLK=m\n\
         CONFIG_EXT4_FS=y\nCONFIG_DEVTMPFS=y\nCONFIG_PVH=y\n";
 
     #[test]
@@ -209,6 +214,15 @@ mod tests {
         assert!(caps.virtio_mmio_cmdline && !caps.acpi_virtio && !caps.needs_initrd && caps.pvh);
         assert_eq!(firecracker_blocker(&caps, false), None);
         assert!(devices_on_cmdline(&caps));
+    }
+
+    #[test]
+    fn acpi_without_pci_is_not_taken_for_acpi_discovery() {
+        let caps = capabilities_from_config(&format!("{MICROVM}CONFIG_ACPI=y\n"));
+        assert!(caps.virtio_mmio_cmdline && !caps.acpi_virtio);
+        assert!(devices_on_cmdline(&caps));
+        let caps = capabilities_from_config(&format!("{MICROVM}CONFIG_ACPI=y\nCONFIG_PCI=y\n"));
+        assert!(caps.acpi_virtio && !devices_on_cmdline(&caps));
     }
 
     #[test]
