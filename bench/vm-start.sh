@@ -21,8 +21,8 @@
 #
 # Cold `banger vm start` -> SSH side by side, interleaved in each round: Debian's cloud kernel
 # + initrd (ACPI, `image build --kernel debian`'s) and banger's microVM kernel (the default
-# image's, no initrd) with its devices found through ACPI (QEMU's default) and on the kernel
-# command line (`qemu.devices = "cmdline"`, Firecracker's way), each under single- and
+# image's, no initrd) with `qemu.devices = "auto"` (the discovery its capabilities choose)
+# and `"cmdline"` (forced, Firecracker's way), each under single- and
 # multi-threaded TCG (qemu.tcg_threads; the daemon restarts between settings). The kernel
 # build is cached (BANGER_CACHE_DIR).
 
@@ -52,7 +52,7 @@ if [[ ${1:-} == --kernels ]]; then
     for vm in cloud micro; do banger vm start "$vm" >/dev/null; banger vm stop "$vm" >/dev/null; done
     declare -A T=()
     FMT='%-7s %6s | %9s %9s %9s | %9s %9s %9s\n'
-    printf "\n$FMT" round load1 cloud_1 acpi_1 cmdline_1 cloud_m acpi_m cmdline_m
+    printf "\n$FMT" round load1 cloud_1 auto_1 cmdline_1 cloud_m auto_m cmdline_m
     for ((r = 1; r <= ROUNDS; r++)); do
         load1=$(cut -d' ' -f1 /proc/loadavg)
         row=()
@@ -77,7 +77,7 @@ if [[ ${1:-} == --kernels ]]; then
     done
     printf "$FMT" median "" "${med[@]}"
     echo
-    echo "cold vm start -> SSH (_1: single-thread TCG, _m: multi): cloud = Debian cloud kernel + initrd (ACPI); acpi / cmdline = banger's microVM kernel, devices through ACPI / on the command line"
+    echo "cold vm start -> SSH (_1: single-thread TCG, _m: multi): cloud = Debian cloud kernel + initrd (ACPI); auto / cmdline = banger's microVM kernel with qemu.devices auto / cmdline"
     echo "load average at the end: $(loadavg)"
     exit 0
 fi
