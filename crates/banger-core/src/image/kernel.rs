@@ -91,7 +91,8 @@ pub fn capabilities_from_config(config: &str) -> KernelCapabilities {
 
 /// Capabilities from an ELF vmlinux without a configuration: a built-in virtio-mmio driver
 /// with command-line devices has the `virtio_mmio.device` parameter in the kernel's
-/// parameter table, its ACPI match the `LNRO0005` id; a PVH entry is an ELF note `Xen` of
+/// parameter table, its ACPI match the `LNRO0005` id (used only with PCI built in, seen by
+/// x86's PCI setup message); a PVH entry is an ELF note `Xen` of
 /// type 18 (XEN_ELFNOTE_PHYS32_ENTRY). Whether the root's drivers are built in cannot be
 /// read: a kernel without built-in virtio-mmio is taken to need an initrd.
 pub fn capabilities_from_elf(bytes: &[u8]) -> KernelCapabilities {
@@ -99,7 +100,8 @@ pub fn capabilities_from_elf(bytes: &[u8]) -> KernelCapabilities {
     let cmdline = has(b"virtio_mmio.device");
     KernelCapabilities {
         virtio_mmio_cmdline: cmdline,
-        acpi_virtio: has(b"LNRO0005"),
+        // As from a config: ACPI discovery only with PCI built in (x86's PCI setup message).
+        acpi_virtio: has(b"LNRO0005") && has(b"PCI: Using configuration type"),
         needs_initrd: !cmdline,
         pvh: has(b"\x04\x00\x00\x00\x04\x00\x00\x00\x12\x00\x00\x00Xen\x00")
             || has(b"\x04\x00\x00\x00\x08\x00\x00\x00\x12\x00\x00\x00Xen\x00"),
@@ -240,8 +242,11 @@ mod tests {
         bytes.extend_from_slice(b"\x04\x00\x00\x00\x08\x00\x00\x00\x12\x00\x00\x00Xen\x00");
         let caps = capabilities_from_elf(&bytes);
         assert!(caps.virtio_mmio_cmdline && caps.pvh && !caps.acpi_virtio);
-        let caps = capabilities_from_elf(b"\x7fELF LNRO0005");
+        let caps = capabilities_from_elf(b"\x7fELF LNRO0005 PCI: Using configuration type %d");
         assert!(!caps.virtio_mmio_cmdline && caps.acpi_virtio && caps.needs_initrd);
+        // banger's microVM kernel: ACPI's virtio match but no PCI.
+        let caps = capabilities_from_elf(b"\x7fELF LNRO0005 virtio_mmio.device");
+        assert!(caps.virtio_mmio_cmdline && !caps.acpi_virtio && devices_on_cmdline(&caps));
     }
 
     #[test]
