@@ -20,25 +20,23 @@
 #   bench/vm-start.sh --kernels [ROUNDS=3]
 #
 # Cold `banger vm start` -> SSH side by side, interleaved in each round: Debian's cloud kernel
-# + initrd (ACPI) and banger's microVM kernel (`banger kernel build`: devices on the command
-# line, no initrd), each under single- and multi-threaded TCG (qemu.tcg_threads; the daemon
-# restarts between the two). The kernel build is cached (BANGER_CACHE_DIR).
+# + initrd (ACPI, `image build --kernel debian`'s) and banger's microVM kernel (the default
+# image's, no initrd) with `qemu.devices = "auto"` (the discovery its capabilities choose)
+# and `"cmdline"` (forced, Firecracker's way), each under single- and
+# multi-threaded TCG (qemu.tcg_threads; the daemon restarts between settings). The kernel
+# build is cached (BANGER_CACHE_DIR).
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 if [[ ${1:-} == --kernels ]]; then
     ROUNDS=${2:-$(pick 3 1)}
     ensure_image
-    log "microVM kernel build (cache: $BANGER_CACHE_DIR)"
-    t0=$(now)
-    banger kernel build >/dev/null
-    log "kernel ready in $(sub "$(now)" "$t0") s"
     digest=$(banger image show default --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["digest"])')
-    banger image import micro --rootfs "$BANGER_HOME/images/$digest/rootfs.ext4" --kernel microvm >/dev/null
-    # use_threads single|multi: restarts the daemon with that TCG threading.
-    use_threads() {
+    banger image import cloud --rootfs "$BANGER_HOME/images/$digest/rootfs.ext4" --kernel debian >/dev/null
+    # configure THREADS DEVICES: restarts the daemon with that TCG threading and discovery.
+    configure() {
         banger daemon stop >/dev/null 2>&1 || true
-        printf '[qemu]\ntcg_threads = "%s"\n' "$1" >"$BANGER_CONFIG"
+        printf '[qemu]\ntcg_threads = "%s"\ndevices = "%s"\n' "$1" "$2" >"$BANGER_CONFIG"
     }
     cold_start() { # NAME -> ELAPSED
         local t0
@@ -47,33 +45,39 @@ if [[ ${1:-} == --kernels ]]; then
         ELAPSED=$(sub "$(now)" "$t0")
         banger vm stop "$1" >/dev/null
     }
-    use_threads single
-    banger vm create cloud --vmm qemu >/dev/null && BENCH_VMS+=(cloud)
-    banger vm create micro --image micro --vmm qemu >/dev/null && BENCH_VMS+=(micro)
+    configure single auto
+    banger vm create cloud --image cloud --vmm qemu >/dev/null && BENCH_VMS+=(cloud)
+    banger vm create micro --vmm qemu >/dev/null && BENCH_VMS+=(micro)
     # First boots (host keys, first-boot setup) are not measured.
     for vm in cloud micro; do banger vm start "$vm" >/dev/null; banger vm stop "$vm" >/dev/null; done
     declare -A T=()
-    FMT='%-7s %6s | %12s %12s | %12s %12s\n'
-    printf "\n$FMT" round load1 cloud_single micro_single cloud_multi micro_multi
+    FMT='%-7s %6s | %9s %9s %9s | %9s %9s %9s\n'
+    printf "\n$FMT" round load1 cloud_1 auto_1 cmdline_1 cloud_m auto_m cmdline_m
     for ((r = 1; r <= ROUNDS; r++)); do
         load1=$(cut -d' ' -f1 /proc/loadavg)
         row=()
         for threads in single multi; do
-            use_threads "$threads"
-            banger daemon status >/dev/null 2>&1 || true
-            for vm in cloud micro; do
+            for case in cloud:auto micro:auto micro:cmdline; do
+                vm=${case%%:*} devices=${case#*:}
+                [[ $vm == cloud && $devices == cmdline ]] && continue
+                configure "$threads" "$devices"
                 cold_start "$vm"
-                T[$vm-$threads]+="$ELAPSED "
+                T[$vm-$devices-$threads]+="$ELAPSED "
                 row+=("$ELAPSED")
             done
         done
-        printf "$FMT" "$r" "$load1" "${row[0]}" "${row[1]}" "${row[2]}" "${row[3]}"
+        printf "$FMT" "$r" "$load1" "${row[@]}"
     done
-    # shellcheck disable=SC2086
-    printf "$FMT" median "" "$(median ${T[cloud-single]})" "$(median ${T[micro-single]})" \
-        "$(median ${T[cloud-multi]})" "$(median ${T[micro-multi]})"
+    med=()
+    for threads in single multi; do
+        for key in cloud-auto micro-auto micro-cmdline; do
+            # shellcheck disable=SC2086
+            med+=("$(median ${T[$key-$threads]})")
+        done
+    done
+    printf "$FMT" median "" "${med[@]}"
     echo
-    echo "cold vm start -> SSH: cloud = Debian cloud kernel + initrd (ACPI), micro = banger's microVM kernel (no initrd)"
+    echo "cold vm start -> SSH (_1: single-thread TCG, _m: multi): cloud = Debian cloud kernel + initrd (ACPI); auto / cmdline = banger's microVM kernel with qemu.devices auto / cmdline"
     echo "load average at the end: $(loadavg)"
     exit 0
 fi

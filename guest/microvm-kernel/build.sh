@@ -30,7 +30,7 @@ done
 [ -f /usr/include/libelf.h ] || die "libelf headers are missing (package libelf-dev; scripts/install-deps)"
 
 # Roughly how many build steps `make vmlinux` prints for this config (for the percentage).
-EXPECTED_STEPS=1400
+EXPECTED_STEPS=1900
 JOBS=${BANGER_KERNEL_JOBS:-$(nproc)}
 
 WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/banger-kernel-build.XXXXXX")

@@ -6,7 +6,9 @@ use std::path::Path;
 use banger_proto::{ByteSize, SizeError};
 use serde::Deserialize;
 
-use crate::domain::{AccelMode, FirecrackerKvm, NetMode, SystemDiskChoice, TcgThreads, VmmChoice};
+use crate::domain::{
+    AccelMode, FirecrackerKvm, NetMode, QemuDevices, SystemDiskChoice, TcgThreads, VmmChoice,
+};
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +143,9 @@ pub struct QemuConfig {
     /// (`qemu-storage-daemon`'s FUSE export) before the start (default true). Off, or where
     /// FUSE cannot be had, the guest checks its qcow2 `/` at boot instead.
     pub check_qcow2_on_host: bool,
+    /// "auto" (ACPI where the kernel reads it, else the command line) or "cmdline" (devices
+    /// on the kernel command line with ACPI off, Firecracker's boot path).
+    pub devices: QemuDevices,
 }
 
 impl Default for QemuConfig {
@@ -150,6 +155,7 @@ impl Default for QemuConfig {
             accel: AccelMode::Auto,
             tcg_threads: TcgThreads::Auto,
             check_qcow2_on_host: true,
+            devices: QemuDevices::Auto,
         }
     }
 }

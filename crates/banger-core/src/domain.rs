@@ -215,6 +215,18 @@ wire_enum! {
     }
 }
 
+wire_enum! {
+    /// How QEMU declares a VM's virtio-mmio devices to its kernel (`qemu.devices`).
+    QemuDevices ("device discovery") {
+        /// Through ACPI where the kernel reads it (Debian's cloud kernel, banger's microVM
+        /// kernel), else on the kernel command line.
+        Auto = "auto",
+        /// On the kernel command line with ACPI off, as Firecracker does, for every kernel
+        /// that takes them there (banger's microVM kernel); a guest stops by rebooting.
+        Cmdline = "cmdline",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

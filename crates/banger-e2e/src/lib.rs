@@ -486,11 +486,13 @@ impl TestEnv {
     }
 
     /// Builds (or takes from the shared cache) the real default image: Debian with systemd and
-    /// sshd, and Debian's cloud kernel. The cache (`BANGER_CACHE_DIR`, default
-    /// /var/tmp/banger-test-cache) is keyed by the recipe digest, so only the first test of a
-    /// run (or of a recipe change) pays for the bootstrap; the others wait for it on a lock.
+    /// sshd, and banger's microVM kernel (Debian's cloud kernel is stored too, as `debian`).
+    /// The cache (`BANGER_CACHE_DIR`, default /var/tmp/banger-test-cache) is keyed by the
+    /// recipe digests, so only the first test of a run (or of a recipe change) pays for the
+    /// bootstrap and the kernel compile; the others wait for it on a lock.
     /// A [`TestEnv::nonroot`] owner other than the test's user builds as itself into its own
-    /// cache, `owner-NAME/` inside that one.
+    /// cache, `owner-NAME/` inside that one, seeded with the shared cache's microVM kernels
+    /// (compiled there first, as root, when missing): the kernel is compiled once per recipe.
     pub fn build_default_image(&self) {
         let mut cache = PathBuf::from(
             std::env::var("BANGER_CACHE_DIR")
@@ -499,9 +501,36 @@ impl TestEnv {
                 .unwrap_or_else(|| "/var/tmp/banger-test-cache".into()),
         );
         if let Some(owner) = &self.owner {
+            let shared = cache.clone();
+            let root = TestEnv::new();
+            Run::from_output(
+                root.command(&["kernel", "build"])
+                    .env("BANGER_CACHE_DIR", &shared)
+                    .output()
+                    .unwrap(),
+            )
+            .ok();
+            drop(root);
             cache = cache.join(format!("owner-{}", owner.name));
             std::fs::create_dir_all(&cache).unwrap();
+            for entry in std::fs::read_dir(&shared).unwrap().flatten() {
+                let name = entry.file_name();
+                let built = entry.path().join("vmlinux").is_file();
+                if name.to_string_lossy().starts_with("microvm-kernel-")
+                    && built
+                    && !cache.join(&name).exists()
+                {
+                    let status = Command::new("cp")
+                        .arg("-a")
+                        .arg(entry.path())
+                        .arg(cache.join(&name))
+                        .status()
+                        .unwrap();
+                    assert!(status.success(), "cp {}", entry.path().display());
+                }
+            }
             let status = Command::new("chown")
+                .arg("-R")
                 .arg(format!("{}:{}", owner.uid, owner.gid))
                 .arg(&cache)
                 .status()

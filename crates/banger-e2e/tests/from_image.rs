@@ -279,7 +279,7 @@ fn a_container_image_becomes_a_bootable_banger_image() {
         .banger(&["image", "build", "fromc", "--from", &reference, "--json"])
         .ok()
         .json();
-    assert_eq!(built["kernel"], "default", "{built}");
+    assert_eq!(built["kernel"], "debian", "{built}");
     assert_eq!(built["exec"]["workdir"], "/srv/data", "{built}");
     let rootfs = env
         .home()

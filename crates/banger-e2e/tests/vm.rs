@@ -21,9 +21,12 @@ fn exec_semantics_and_a_stop_that_never_loses_data() {
     env.build_default_image();
     env.banger(&["vm", "run", "dev"]).ok();
 
-    // uname -r in the guest is the release of the kernel banger built.
-    let kernels = env.banger(&["kernel", "ls", "--json"]).ok().json();
-    let release = kernels[0]["release"].as_str().unwrap().to_owned();
+    // uname -r in the guest is the release of the default image's kernel banger built.
+    let kernel = env
+        .banger(&["kernel", "show", "default", "--json"])
+        .ok()
+        .json();
+    let release = kernel["release"].as_str().unwrap().to_owned();
     let uname = env.banger(&["vm", "exec", "dev", "--", "uname", "-r"]).ok();
     assert_eq!(uname.stdout.trim(), release);
 

@@ -753,6 +753,32 @@ pub struct BuildImageRequest {
     /// Plain HTTP to a `from` registry that is not on loopback.
     #[serde(default)]
     pub insecure: bool,
+    /// The kernel a recipe image boots (default: banger's microVM kernel).
+    #[serde(default)]
+    pub kernel: ImageKernel,
+}
+
+/// The kernel `image build` gives a recipe image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ImageKernel {
+    /// banger's microVM kernel (`banger kernel build`): no initrd, no modules, faster boots;
+    /// compiled once per recipe (minutes), then cached.
+    #[default]
+    Microvm,
+    /// Debian's cloud kernel with its initrd and modules (stored under the image's name).
+    Debian,
+}
+
+impl ImageKernel {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Microvm => "microvm",
+            Self::Debian => "debian",
+        }
+    }
 }
 
 /// `GET /v1/images/build/progress`: the image build running now, if any.

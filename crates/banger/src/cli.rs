@@ -341,6 +341,13 @@ pub struct CreateArgs {
     pub json: JsonFlag,
 }
 
+/// `image build --kernel` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum KernelArg {
+    Microvm,
+    Debian,
+}
+
 /// `--pull` values.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum PullArg {
@@ -488,6 +495,11 @@ pub enum ImageCommand {
         /// Allow plain HTTP to a --from registry that is not on loopback.
         #[arg(long, requires = "from")]
         insecure: bool,
+        /// The kernel a recipe image boots: `microvm` (banger's own: no initrd, faster
+        /// boots; compiled once per recipe, minutes, then cached) or `debian` (Debian's cloud
+        /// kernel with its initrd and modules).
+        #[arg(long, value_enum, default_value = "microvm", conflicts_with = "from")]
+        kernel: KernelArg,
         #[command(flatten)]
         json: JsonFlag,
     },

@@ -18,13 +18,13 @@ use banger_proto::{
     ConsoleChunk, CopyDirection, CopyRequest, CopyResult, CreateSnapshotRequest, CreateVmRequest,
     DaemonStatus, DiskFsck, DiskUsage, DoctorCheck, DoctorReport, ErrorBody, ErrorCode,
     ExecDefaults, ExportResult, ExportWorkspaceRequest, FsUsage, FsckResult, GuestStats, Image,
-    ImportImageRequest, ImportKernelRequest, Kernel, KernelBuildProgress, KernelCapabilities,
-    LastStop, LeaseInfo, LifecycleResult, NetCounters, NetworkStatus, OP_ID_HEADER,
-    PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress, PrepareResult,
-    PrepareWorkspaceRequest, PullPolicy, PullRequest, PullResult, PushRequest, RegistryAccess,
-    SetVmRequest, SetVmResult, SnapshotList, SnapshotSummary, SshConfigRequest, SshConfigResult,
-    SshInfo, StartFsck, StopKind, StopVmRequest, TransferProgress, TransferResult, Vm, VmNetwork,
-    VmRuntime, VmSnapshot, VmSpec, VmState, VmStats, WorkspaceDiff, WorkspaceStatus,
+    ImageKernel, ImportImageRequest, ImportKernelRequest, Kernel, KernelBuildProgress,
+    KernelCapabilities, LastStop, LeaseInfo, LifecycleResult, NetCounters, NetworkStatus,
+    OP_ID_HEADER, PortChangeRequest, PortList, PortMapping, PortProto, PrepareProgress,
+    PrepareResult, PrepareWorkspaceRequest, PullPolicy, PullRequest, PullResult, PushRequest,
+    RegistryAccess, SetVmRequest, SetVmResult, SnapshotList, SnapshotSummary, SshConfigRequest,
+    SshConfigResult, SshInfo, StartFsck, StopKind, StopVmRequest, TransferProgress, TransferResult,
+    Vm, VmNetwork, VmRuntime, VmSnapshot, VmSpec, VmState, VmStats, WorkspaceDiff, WorkspaceStatus,
 };
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, info, info_span, warn};
@@ -937,6 +937,7 @@ async fn transfer_progress(
         KernelBuildProgress,
         KernelCapabilities,
         BuildImageRequest,
+        ImageKernel,
         BuildProgress,
         PushRequest,
         PullRequest,

@@ -23,6 +23,9 @@ pub const BUILD_SCRIPT: &str = "microvm-kernel/build.sh";
 pub const DEFAULT_SOURCE: &str = "/usr/src/linux-source-6.1.tar.xz";
 /// The name `banger kernel build` stores its kernel under by default.
 pub const DEFAULT_NAME: &str = "microvm";
+/// The name a recipe image build stores Debian's cloud kernel under (images built `--from`
+/// boot it: it has the modules tree they install).
+pub const DEBIAN_NAME: &str = "debian";
 
 /// Whether a guest recipe file belongs to the kernel recipe (and not to the image's).
 pub fn is_recipe_file(path: &str) -> bool {
@@ -71,7 +74,12 @@ pub fn capabilities_from_config(config: &str) -> KernelCapabilities {
     let mmio = built_in("CONFIG_VIRTIO_MMIO");
     KernelCapabilities {
         virtio_mmio_cmdline: mmio && built_in("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES"),
-        acpi_virtio: built_in("CONFIG_ACPI") && (mmio || is("CONFIG_VIRTIO_MMIO", "m")),
+        // ACPI without PCI cannot load QEMU microvm's tables: ACPICA fails "During Region
+        // initialization" (AE_BAD_PARAMETER, seen with 6.1) and no device is found, so such a
+        // kernel takes its devices on the command line.
+        acpi_virtio: built_in("CONFIG_ACPI")
+            && built_in("CONFIG_PCI")
+            && (mmio || is("CONFIG_VIRTIO_MMIO", "m")),
         needs_initrd: !(mmio
             && built_in("CONFIG_VIRTIO_BLK")
             && built_in("CONFIG_EXT4_FS")
@@ -83,7 +91,8 @@ pub fn capabilities_from_config(config: &str) -> KernelCapabilities {
 
 /// Capabilities from an ELF vmlinux without a configuration: a built-in virtio-mmio driver
 /// with command-line devices has the `virtio_mmio.device` parameter in the kernel's
-/// parameter table, its ACPI match the `LNRO0005` id; a PVH entry is an ELF note `Xen` of
+/// parameter table, its ACPI match the `LNRO0005` id (used only with PCI built in, seen by
+/// x86's PCI setup message); a PVH entry is an ELF note `Xen` of
 /// type 18 (XEN_ELFNOTE_PHYS32_ENTRY). Whether the root's drivers are built in cannot be
 /// read: a kernel without built-in virtio-mmio is taken to need an initrd.
 pub fn capabilities_from_elf(bytes: &[u8]) -> KernelCapabilities {
@@ -91,7 +100,8 @@ pub fn capabilities_from_elf(bytes: &[u8]) -> KernelCapabilities {
     let cmdline = has(b"virtio_mmio.device");
     KernelCapabilities {
         virtio_mmio_cmdline: cmdline,
-        acpi_virtio: has(b"LNRO0005"),
+        // As from a config: ACPI discovery only with PCI built in (x86's PCI setup message).
+        acpi_virtio: has(b"LNRO0005") && has(b"PCI: Using configuration type"),
         needs_initrd: !cmdline,
         pvh: has(b"\x04\x00\x00\x00\x04\x00\x00\x00\x12\x00\x00\x00Xen\x00")
             || has(b"\x04\x00\x00\x00\x08\x00\x00\x00\x12\x00\x00\x00Xen\x00"),
@@ -197,7 +207,7 @@ mod tests {
     const MICROVM: &str = "CONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\n\
         CONFIG_VIRTIO_BLK=y\nCONFIG_EXT4_FS=y\nCONFIG_DEVTMPFS=y\nCONFIG_PVH=y\n\
         # CONFIG_ACPI is not set\n";
-    const CLOUD: &str = "CONFIG_ACPI=y\nCONFIG_VIRTIO_MMIO=m\nCONFIG_VIRTIO_BLK=m\n\
+    const CLOUD: &str = "CONFIG_ACPI=y\nCONFIG_PCI=y\nCONFIG_VIRTIO_MMIO=m\nCONFIG_VIRTIO_BLK=m\n\
         CONFIG_EXT4_FS=y\nCONFIG_DEVTMPFS=y\nCONFIG_PVH=y\n";
 
     #[test]
@@ -206,6 +216,15 @@ mod tests {
         assert!(caps.virtio_mmio_cmdline && !caps.acpi_virtio && !caps.needs_initrd && caps.pvh);
         assert_eq!(firecracker_blocker(&caps, false), None);
         assert!(devices_on_cmdline(&caps));
+    }
+
+    #[test]
+    fn acpi_without_pci_is_not_taken_for_acpi_discovery() {
+        let caps = capabilities_from_config(&format!("{MICROVM}CONFIG_ACPI=y\n"));
+        assert!(caps.virtio_mmio_cmdline && !caps.acpi_virtio);
+        assert!(devices_on_cmdline(&caps));
+        let caps = capabilities_from_config(&format!("{MICROVM}CONFIG_ACPI=y\nCONFIG_PCI=y\n"));
+        assert!(caps.acpi_virtio && !devices_on_cmdline(&caps));
     }
 
     #[test]
@@ -223,8 +242,11 @@ mod tests {
         bytes.extend_from_slice(b"\x04\x00\x00\x00\x08\x00\x00\x00\x12\x00\x00\x00Xen\x00");
         let caps = capabilities_from_elf(&bytes);
         assert!(caps.virtio_mmio_cmdline && caps.pvh && !caps.acpi_virtio);
-        let caps = capabilities_from_elf(b"\x7fELF LNRO0005");
+        let caps = capabilities_from_elf(b"\x7fELF LNRO0005 PCI: Using configuration type %d");
         assert!(!caps.virtio_mmio_cmdline && caps.acpi_virtio && caps.needs_initrd);
+        // banger's microVM kernel: ACPI's virtio match but no PCI.
+        let caps = capabilities_from_elf(b"\x7fELF LNRO0005 virtio_mmio.device");
+        assert!(caps.virtio_mmio_cmdline && !caps.acpi_virtio && devices_on_cmdline(&caps));
     }
 
     #[test]

@@ -17,8 +17,9 @@ use crate::image::container::{self, ContainerError, ImageConfig, Source};
 use crate::image::tree::{LayerMode, Tree};
 use crate::image::{self, mirror};
 
-/// The kernel images built `--from` boot: the one `banger image build` stores.
-const DEFAULT_KERNEL: &str = "default";
+/// The kernel images built `--from` boot: Debian's cloud kernel, which `banger image build`
+/// stores (with the modules tree the image gets).
+const DEFAULT_KERNEL: &str = crate::image::kernel::DEBIAN_NAME;
 
 /// What a container image's root filesystem says about its distribution.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,7 +159,7 @@ impl Manager {
             .find_kernel(DEFAULT_KERNEL)
             .await
             .map_err(|_| Error::HostSetup {
-                message: "image build --from boots the default kernel, which is not stored".into(),
+                message: format!("image build --from boots Debian's cloud kernel ({DEFAULT_KERNEL}), which is not stored"),
                 hint: "run `banger image build` once first".into(),
             })?;
         let kernel_dir = self.layout.kernel_dir(&kernel.digest);

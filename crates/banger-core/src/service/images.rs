@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use banger_proto::{
-    BuildImageRequest, BuildProgress, Image, ImportImageRequest, ImportKernelRequest, Kernel,
+    BuildImageRequest, BuildProgress, Image, ImageKernel, ImportImageRequest, ImportKernelRequest,
+    Kernel,
 };
 use tracing::info;
 
@@ -341,6 +342,14 @@ impl Manager {
                 "name the image built from {from}: banger image build NAME --from {from} (`default` is the recipe's image)"
             )));
         }
+        if request.from.is_none()
+            && request.kernel == ImageKernel::Microvm
+            && name == image::kernel::DEBIAN_NAME
+        {
+            return Err(Error::InvalidRequest(format!(
+                "`{name}` names Debian's cloud kernel: choose another image name, or --kernel debian"
+            )));
+        }
         let _guard = self.asset_lock.lock().await;
         let work_seed = match &request.work_seed {
             Some(dir) => Some(self.store_work_seed_dir(dir).await?),
@@ -374,7 +383,17 @@ impl Manager {
         work_seed: Option<String>,
     ) -> Result<Image, Error> {
         let recipe = image::recipe_digest();
-        let source = format!("build:{recipe}");
+        // The image's source names its kernel's too: a new kernel recipe rebuilds the image
+        // record (not its root filesystem, cached by the image recipe alone).
+        let source = match request.kernel {
+            ImageKernel::Debian => format!("build:{recipe}"),
+            ImageKernel::Microvm => {
+                format!(
+                    "build:{recipe}+{}",
+                    super::kernels::microvm_kernel_source()?
+                )
+            }
+        };
         if !request.force
             && let Some(existing) = self.db.find_image(name).await?
             && existing.source == source
@@ -443,19 +462,31 @@ impl Manager {
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| v.get("release").and_then(|r| r.as_str()).map(str::to_owned));
+        // Debian's cloud kernel is stored as `debian` either way (images built `--from` boot
+        // it); the image's own kernel is stored under the image's name: the microVM kernel
+        // unless asked otherwise.
         let modules = kernel_out.join(layout::KERNEL_MODULES);
-        let kernel = self
-            .store_kernel(
-                name,
-                &kernel_out.join(layout::KERNEL_VMLINUX),
-                Some(&kernel_out.join(layout::KERNEL_INITRD)),
-                modules.is_dir().then_some(modules.as_path()),
-                release,
-                source.clone(),
-            )
-            .await?;
-        self.keep_kernel_config(&kernel, &kernel_out.join("config"));
-        self.store_image(name, &rootfs_out, None, &kernel.name, source, work_seed)
+        let mut names = vec![image::kernel::DEBIAN_NAME];
+        if request.kernel == ImageKernel::Debian && name != image::kernel::DEBIAN_NAME {
+            names.push(name);
+        }
+        for kernel_name in names {
+            let kernel = self
+                .store_kernel(
+                    kernel_name,
+                    &kernel_out.join(layout::KERNEL_VMLINUX),
+                    Some(&kernel_out.join(layout::KERNEL_INITRD)),
+                    modules.is_dir().then_some(modules.as_path()),
+                    release.clone(),
+                    format!("build:{recipe}"),
+                )
+                .await?;
+            self.keep_kernel_config(&kernel, &kernel_out.join("config"));
+        }
+        if request.kernel == ImageKernel::Microvm {
+            self.build_microvm_kernel(name, request.force).await?;
+        }
+        self.store_image(name, &rootfs_out, None, name, source, work_seed)
             .await
     }
 
@@ -506,9 +537,18 @@ impl Manager {
     /// sizes into the build log; a marker line starts each build).
     pub fn build_progress(&self) -> BuildProgress {
         let running = self.asset_lock.try_lock().is_err();
-        let step = running
-            .then(|| last_build_step(&self.layout.logs_dir().join(layout::IMAGE_BUILD_LOG)))
-            .flatten();
+        // An image build that compiles the microVM kernel shows the compile's progress.
+        let kernel = self.kernel_build_progress();
+        let step = if running && kernel.running {
+            Some(format!(
+                "compiling the microVM kernel (once per recipe, minutes): {}% {}",
+                kernel.percent, kernel.step
+            ))
+        } else {
+            running
+                .then(|| last_build_step(&self.layout.logs_dir().join(layout::IMAGE_BUILD_LOG)))
+                .flatten()
+        };
         BuildProgress { running, step }
     }
 

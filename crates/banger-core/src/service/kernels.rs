@@ -56,7 +56,8 @@ impl Manager {
         let Ok(kernel) = self.find_kernel(&image.kernel).await else {
             return false;
         };
-        microvm::devices_on_cmdline(&self.kernel_capabilities(&kernel).await)
+        self.backend(record).capabilities().cmdline_devices_only
+            || microvm::devices_on_cmdline(&self.kernel_capabilities(&kernel).await)
     }
 
     /// One stored kernel, with its capabilities.
@@ -86,9 +87,7 @@ impl Manager {
             .clone()
             .unwrap_or_else(|| microvm::DEFAULT_NAME.into());
         super::images::check_asset_name("kernel", &name)?;
-        let source_tarball = microvm::source_tarball();
-        let recipe = microvm::recipe_digest(&source_tarball)?;
-        let source = format!("build-microvm:{}", &recipe[..16]);
+        let source = microvm_kernel_source()?;
         let existing = self.db.find_kernel(&name).await?;
         if !request.force
             && let Some(existing) = existing
@@ -97,6 +96,25 @@ impl Manager {
             return Ok(self.with_capabilities(existing).await);
         }
         let _guard = self.asset_lock.lock().await;
+        self.build_microvm_kernel(&name, request.force).await
+    }
+
+    /// [`Self::build_kernel`] for a caller that holds the asset lock (`image build` too):
+    /// reuses a stored kernel `name` of this recipe unless `force`.
+    pub(super) async fn build_microvm_kernel(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> Result<Kernel, Error> {
+        let source_tarball = microvm::source_tarball();
+        let recipe = microvm::recipe_digest(&source_tarball)?;
+        let source = format!("build-microvm:{}", &recipe[..16]);
+        if !force
+            && let Some(existing) = self.db.find_kernel(name).await?
+            && existing.source == source
+        {
+            return Ok(self.with_capabilities(existing).await);
+        }
         let cache = std::env::var_os("BANGER_CACHE_DIR")
             .filter(|v| !v.is_empty())
             .map(|dir| PathBuf::from(dir).join(format!("microvm-kernel-{}", &recipe[..16])));
@@ -111,7 +129,7 @@ impl Manager {
             None => None,
         };
         let vmlinux = out.join("vmlinux");
-        if request.force || !vmlinux.is_file() {
+        if force || !vmlinux.is_file() {
             for tool in ["make", "gcc", "flex", "bison", "bc"] {
                 if !image::on_path(tool) {
                     return Err(Error::HostSetup {
@@ -153,7 +171,7 @@ impl Manager {
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| v.get("release").and_then(|r| r.as_str()).map(str::to_owned));
         let kernel = self
-            .store_kernel(&name, &vmlinux, None, None, release, source)
+            .store_kernel(name, &vmlinux, None, None, release, source)
             .await?;
         self.keep_kernel_config(&kernel, &out.join("config"));
         Ok(self.with_capabilities(kernel).await)
@@ -170,4 +188,10 @@ impl Manager {
             }
         }
     }
+}
+
+/// The `source` a stored kernel built from this recipe (and source tarball) has.
+pub(super) fn microvm_kernel_source() -> Result<String, Error> {
+    let recipe = microvm::recipe_digest(&microvm::source_tarball())?;
+    Ok(format!("build-microvm:{}", &recipe[..16]))
 }

@@ -162,11 +162,6 @@ impl Manager {
             .has_initrd
             .then(|| self.layout.kernel_initrd(&kernel.digest));
         let kernel_caps = self.kernel_capabilities(&kernel).await;
-        let devices = if crate::image::kernel::devices_on_cmdline(&kernel_caps) {
-            DeviceDiscovery::CommandLine
-        } else {
-            DeviceDiscovery::Acpi
-        };
         let strategy = record.spec.system_disk;
         let system_disk = match strategy {
             SystemDiskStrategy::Qcow2 => self.layout.vm_system_disk(&record.id),
@@ -177,6 +172,16 @@ impl Manager {
         };
         let backend = self.backend(record);
         let caps = backend.capabilities();
+        // A backend that declares devices only on the command line (Firecracker, QEMU with
+        // `qemu.devices = "cmdline"`) boots every kernel that way, else ACPI where the kernel
+        // reads it.
+        let devices = if caps.cmdline_devices_only
+            || crate::image::kernel::devices_on_cmdline(&kernel_caps)
+        {
+            DeviceDiscovery::CommandLine
+        } else {
+            DeviceDiscovery::Acpi
+        };
         let (work_disk, work_format) = self.work_disk(&record.id);
         for disk in [&system_disk, &work_disk] {
             if !disk.exists() {
@@ -206,7 +211,7 @@ impl Manager {
                     backend.display_name(),
                     kernel.name
                 ),
-                hint: "recreate the VM with --vmm qemu, or with an image whose kernel comes from `banger kernel build`".into(),
+                hint: "recreate the VM with --vmm qemu (with qemu.devices = \"auto\"), or with an image whose kernel comes from `banger kernel build`".into(),
             });
         }
         let choice = self.vmm_accel(&*backend, &kernel_path).await?;

@@ -236,9 +236,11 @@ pub enum DiskRefusal {
 /// Boot arguments of a kernel that finds its devices on the command line, without ACPI
 /// (Firecracker's guests, and banger's microVM kernel under QEMU): `reboot=k` + `panic=1` so
 /// a guest reboot or panic ends the VMM; the i8042 ones skip probing for devices such a VM
-/// does not have (tens of ms) while keeping the keyboard controller Ctrl-Alt-Del needs.
+/// does not have (tens of ms) while keeping the keyboard controller Ctrl-Alt-Del needs;
+/// `acpi=off` so a kernel that also reads ACPI (banger's microVM kernel) takes its devices
+/// from the command line only, whatever tables the VMM has.
 pub const NO_ACPI_BOOT_ARGS: &str =
-    "reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+    "acpi=off reboot=k panic=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// A VMM backend.
 pub trait Hypervisor: Send + Sync {
@@ -567,7 +569,8 @@ impl Backends {
         helper: Arc<dyn crate::host::HostOps>,
     ) -> Self {
         let qemu = qemu::Qemu::new(config.qemu.binary.clone().into())
-            .with_tcg_threads(config.qemu.tcg_threads);
+            .with_tcg_threads(config.qemu.tcg_threads)
+            .with_devices(config.qemu.devices);
         let mut firecracker =
             firecracker::Firecracker::new(config.firecracker.binary.clone().into());
         if !config.firecracker.jailer.is_empty() {

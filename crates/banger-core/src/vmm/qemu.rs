@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-pub use crate::domain::TcgThreads;
 use crate::domain::VmmKind;
+pub use crate::domain::{QemuDevices, TcgThreads};
 use crate::layout::vm_runtime;
 
 use super::{
@@ -41,6 +41,8 @@ pub struct Qemu {
     multi_threaded_tcg: bool,
     /// The binary's version, when known: it decides how a suspend writes its file.
     version: Option<QemuVersion>,
+    /// Devices always on the kernel command line (`qemu.devices = "cmdline"`).
+    cmdline_devices: bool,
 }
 
 impl Qemu {
@@ -49,6 +51,16 @@ impl Qemu {
             binary,
             multi_threaded_tcg: false,
             version: None,
+            cmdline_devices: false,
+        }
+    }
+
+    /// Declares devices on the kernel command line (ACPI off) for every kernel:
+    /// `qemu.devices = "cmdline"`.
+    pub fn with_devices(self, choice: QemuDevices) -> Self {
+        Self {
+            cmdline_devices: choice == QemuDevices::Cmdline,
+            ..self
         }
     }
 
@@ -433,7 +445,7 @@ impl Hypervisor for Qemu {
             requires_kvm: false,
             supports_memory_snapshot: true,
             supports_pause: true,
-            cmdline_devices_only: false,
+            cmdline_devices_only: self.cmdline_devices,
             tap_fd: true,
         }
     }

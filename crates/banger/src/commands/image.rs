@@ -4,9 +4,9 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use banger_proto::{
-    BuildImageRequest, BuildKernelRequest, BuildProgress, ByteSize, Image, ImportImageRequest,
-    ImportKernelRequest, Kernel, KernelBuildProgress, KernelCapabilities, PullRequest, PullResult,
-    PushRequest, RegistryAccess, TransferProgress, TransferResult,
+    BuildImageRequest, BuildKernelRequest, BuildProgress, ByteSize, Image, ImageKernel,
+    ImportImageRequest, ImportKernelRequest, Kernel, KernelBuildProgress, KernelCapabilities,
+    PullRequest, PullResult, PushRequest, RegistryAccess, TransferProgress, TransferResult,
 };
 use hyper::Method;
 
@@ -284,9 +284,14 @@ pub async fn run_image(client: &Client, command: ImageCommand) -> Result<u8, Cli
             work_seed,
             from,
             insecure,
+            kernel,
             json,
         } => {
             let request = BuildImageRequest {
+                kernel: match kernel {
+                    crate::cli::KernelArg::Microvm => ImageKernel::Microvm,
+                    crate::cli::KernelArg::Debian => ImageKernel::Debian,
+                },
                 name: Some(name.clone()),
                 mirror,
                 force,
