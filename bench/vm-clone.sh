@@ -56,6 +56,17 @@ first_start() {
     banger vm exec "$name" -- true
     t3=$(now)
     MAKE=$(sub "$t1" "$t0") START=$(sub "$t2" "$t1") EXEC=$(sub "$t3" "$t2") TOTAL=$(sub "$t3" "$t0")
+    if [[ $kind == clone ]]; then
+        # Untimed check on a fresh connection (no shared one): the guest serves the host key
+        # the daemon pinned for the clone, which is not the source's.
+        ssh_opts "$name" "$(vm_field "$name" runtime.ssh_port)"
+        ssh "${SSH_OPTS[@]}" true </dev/null || { log "$name: ssh with its pinned host key failed"; exit 1; }
+        key() { awk '{print $2, $3}' "$BENCH_HOME/vms/$(vm_id "$1")/known_hosts"; }
+        if [[ $(key "$name") == "$(key "$SRC")" ]]; then
+            log "$name: pinned the source's host key"
+            exit 1
+        fi
+    fi
     banger vm stop "$name" >/dev/null
     banger vm rm "$name" >/dev/null
     BENCH_VMS=("${BENCH_VMS[@]:1}")
