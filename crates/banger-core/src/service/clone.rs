@@ -23,11 +23,16 @@ use crate::qcow2::{self, Backing};
 use crate::store::StoreError;
 
 /// Makes the guest's new SSH host key, replacing the one its disk came with, has sshd load
-/// it, and prints the public half.
+/// it, and prints the public half. sshd reloads on SIGHUP to its listener (the unit's main
+/// process; sessions keep running): sent directly, since `systemctl reload` first runs
+/// `sshd -t`, which cost ~0.4 s of a clone's first start under TCG while the guest still
+/// boots. `systemctl reload` stays as the fallback.
 const NEW_HOST_KEY: &str = "set -e; k=/root/.banger/ssh_host_ed25519_key; \
     rm -f $k.new $k.new.pub; ssh-keygen -q -t ed25519 -N '' -C \"$(hostname).vm\" -f $k.new; \
     mv -f $k.new.pub $k.pub; mv -f $k.new $k; \
-    systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null || pkill -HUP -x sshd || true; \
+    p=$(systemctl show -p MainPID --value ssh 2>/dev/null || true); \
+    if [ \"${p:-0}\" -gt 0 ] 2>/dev/null && kill -HUP \"$p\" 2>/dev/null; then :; \
+    else systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null || true; fi; \
     cat $k.pub";
 
 impl Manager {
