@@ -81,12 +81,12 @@ fn wait_written(env: &TestEnv, n: u64) -> u64 {
     })
 }
 
-/// The guest's filesystems take writes (not frozen): a write to each returns well before
-/// the guest's freeze watchdog (30 s) would have thawed them.
+/// The guest's filesystems are not frozen: `fsfreeze -u` of a thawed filesystem fails
+/// (EINVAL), of a frozen one succeeds (and would say so); then both take a write.
 #[track_caller]
 fn not_frozen(env: &TestEnv, why: &str) {
     let run = env.banger_within(
-        Duration::from_secs(20),
+        Duration::from_secs(120),
         &[
             "vm",
             "exec",
@@ -94,10 +94,12 @@ fn not_frozen(env: &TestEnv, why: &str) {
             "--",
             "sh",
             "-c",
-            "touch /root/.probe /.probe && sync",
+            "fsfreeze -u /root 2>/dev/null && echo FROZEN /root; \
+             fsfreeze -u / 2>/dev/null && echo FROZEN /; touch /root/.probe /.probe && sync",
         ],
     );
     assert_eq!(run.code, 0, "{why}: {}", run.stderr);
+    assert!(!run.stdout.contains("FROZEN"), "{why}: {}", run.stdout);
 }
 
 /// `banger ARGS` with the fault set: the daemon it starts carries it.

@@ -258,9 +258,12 @@ impl Qemu {
             "-serial".into(),
             "chardev:console".into(),
             // vda: the system disk; vdb: the work disk (device order = command-line order).
+            // `auto-read-only=off`: a drive that becomes the backing of a live snapshot's
+            // overlay keeps the fd it has; with `-drive`'s default (on) QEMU reopens it
+            // read-only by its file name, which the snapshot has just moved away.
             "-drive".into(),
             format!(
-                "id=sys,file={},format={},if=none,discard=unmap,werror=stop,rerror=stop",
+                "id=sys,file={},format={},if=none,auto-read-only=off,discard=unmap,werror=stop,rerror=stop",
                 spec.system_disk.display(),
                 spec.system_disk_format
             ),
@@ -268,7 +271,7 @@ impl Qemu {
             "virtio-blk-device,drive=sys".into(),
             "-drive".into(),
             format!(
-                "id=work,file={},format={},if=none,discard=unmap,werror=stop,rerror=stop",
+                "id=work,file={},format={},if=none,auto-read-only=off,discard=unmap,werror=stop,rerror=stop",
                 spec.work_disk.display(),
                 spec.work_disk_format
             ),
