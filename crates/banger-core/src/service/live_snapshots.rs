@@ -3,7 +3,10 @@
 //!
 //! 1. The VM's top files move into the snapshot's directory (the VMM keeps writing to them
 //!    through the files it has open) and new empty overlays naming them as backing are made
-//!    at the tops' paths, without opening the backings (the VMM holds their locks).
+//!    beside the tops (`Layout::vm_overlay_live`, a name per snapshot), without opening the
+//!    backings (the VMM holds their locks). Nothing is at the tops' paths until the switch is
+//!    done: QEMU reopens the image it switches away from read-only by the name it opened it
+//!    with, which then fails (and is ignored) instead of opening another file.
 //! 2. A running guest syncs and freezes `/root` and `/` (`fsfreeze`, over SSH): from then
 //!    on its disks hold two clean filesystems and take no writes. A guest-side watchdog, and
 //!    the end of the SSH session when the daemon dies, thaw it whatever happens. A paused VM
@@ -11,7 +14,8 @@
 //! 3. The VMM switches both disks to the new overlays at one instant (QEMU: one
 //!    `transaction` of two `blockdev-snapshot-sync`; both or neither), behind
 //!    `VmBackend::switch_disks`.
-//! 4. The guest thaws; the intent row is cleared.
+//! 4. The new overlays are renamed to the tops' paths (the VMM keeps their open files); the
+//!    guest thaws; the intent row is cleared.
 //!
 //! Crash safety: the intent row is written first, as for a stopped VM's snapshot. Until the
 //! switch, undoing puts the files back where they were (the VMM writes on through the same
@@ -153,6 +157,7 @@ impl Manager {
             crate::fault::point("snapshot.live.after_freeze")?;
             vmm.switch_disks(control, &switch).await?;
             crate::fault::point("snapshot.live.after_switch")?;
+            self.live_overlays_in_place(snapshot)?;
             Ok::<(), Error>(())
         }
         .await;
@@ -203,7 +208,9 @@ impl Manager {
             path: files.work(work_qcow2),
             format: snapshot.work_format,
         };
-        for (backing, top) in [(&system, &system_top), (&work, &work_top)] {
+        let system_next = Layout::vm_overlay_live(&system_top, &snapshot.id);
+        let work_next = Layout::vm_overlay_live(&work_top, &snapshot.id);
+        for (backing, top) in [(&system, &system_next), (&work, &work_next)] {
             if top.exists() {
                 continue;
             }
@@ -219,10 +226,49 @@ impl Manager {
         sync_dir(&self.layout.vm_dir(id))?;
         crate::fault::point("snapshot.live.after_overlays")?;
         Ok(DiskSwitch {
-            system: system_top,
-            work: work_top,
+            system: system_next,
+            work: work_next,
             tag: switch_tag(&snapshot.id),
         })
+    }
+
+    /// Step 4's renames: the live overlays (those still beside the tops) become the tops.
+    /// Also what finishing after a crash does first: a live overlay the VMM may have written
+    /// to holds the guest's latest writes.
+    pub(super) fn live_overlays_in_place(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
+        let id = &snapshot.vm_id;
+        for top in [
+            self.layout.vm_system_disk(id),
+            self.layout.vm_work_overlay(id),
+        ] {
+            let next = Layout::vm_overlay_live(&top, &snapshot.id);
+            if next.exists() {
+                std::fs::rename(&next, &top).map_err(Error::io(format!(
+                    "cannot rename {} to {}",
+                    next.display(),
+                    top.display()
+                )))?;
+            }
+        }
+        sync_dir(&self.layout.vm_dir(id))
+    }
+
+    /// Removes the live overlays of `snapshot` the VMM never switched to (an undo).
+    fn remove_live_overlays(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
+        let id = &snapshot.vm_id;
+        for top in [
+            self.layout.vm_system_disk(id),
+            self.layout.vm_work_overlay(id),
+        ] {
+            let next = Layout::vm_overlay_live(&top, &snapshot.id);
+            match std::fs::remove_file(&next) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io(format!("cannot remove {}", next.display()))(e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Ends a live snapshot that did not go through (module doc): taken when the VMM had
@@ -233,6 +279,7 @@ impl Manager {
         record: &VmRecord,
     ) -> Result<Settled, Error> {
         let Some((vmm, control)) = self.live_control(record) else {
+            self.live_overlays_in_place(snapshot)?;
             self.finish_create(snapshot).await?;
             return Ok(Settled::FinishedStopped);
         };
@@ -241,18 +288,21 @@ impl Manager {
             .await
         {
             Ok(true) => {
+                self.live_overlays_in_place(snapshot)?;
                 let id = snapshot.id.clone();
                 self.db.run(move |s| s.finish_snapshot_step(&id)).await?;
                 info!(vm = %record.name, snapshot = %snapshot.name, "live snapshot taken (the VMM had switched)");
                 Ok(Settled::Taken)
             }
             Ok(false) => {
+                self.remove_live_overlays(snapshot)?;
                 self.undo_create(snapshot).await?;
                 Ok(Settled::Undone)
             }
             // Asked as the VMM ended: settled as a stopped VM's once it is gone.
             Err(e) if self.live_control(record).is_none() => {
                 warn!(vm = %record.name, "the VMM ended during the snapshot: {e}");
+                self.live_overlays_in_place(snapshot)?;
                 self.finish_create(snapshot).await?;
                 Ok(Settled::FinishedStopped)
             }

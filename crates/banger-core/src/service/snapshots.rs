@@ -560,7 +560,11 @@ impl Manager {
             Some(record) if self.live_control(&record).is_some() => {
                 self.settle_live_create(snapshot, &record).await.map(drop)
             }
-            _ => self.finish_create(snapshot).await,
+            _ => {
+                // A live snapshot's overlays, if the VMM died too: they hold its last writes.
+                self.live_overlays_in_place(snapshot)?;
+                self.finish_create(snapshot).await
+            }
         }
     }
 
