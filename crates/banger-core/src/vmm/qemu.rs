@@ -800,6 +800,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_switch_is_told_by_the_drives_top_nodes() {
+        let blocks = serde_json::json!([
+            { "device": "sys", "inserted": { "node-name": "snapabcs" } },
+            { "device": "work", "inserted": { "node-name": "#block123" } },
+        ]);
+        assert_eq!(switch_node("snapabc", VmDisk::System), "snapabcs");
+        assert_eq!(switch_node("snapabc", VmDisk::Work), "snapabcw");
+        assert_eq!(top_node(&blocks, "sys"), Some("snapabcs"));
+        assert_eq!(top_node(&blocks, "work"), Some("#block123"));
+        assert_eq!(top_node(&blocks, "other"), None);
+    }
+
+    #[test]
+    fn drives_keep_their_fds_when_they_become_backings() {
+        let spec_args = Qemu::new("qemu-system-x86_64".into()).args(&spec(Accel::Tcg));
+        let drives: Vec<&String> = spec_args
+            .iter()
+            .filter(|a| a.starts_with("id=sys,") || a.starts_with("id=work,"))
+            .collect();
+        assert_eq!(drives.len(), 2, "{spec_args:?}");
+        assert!(drives.iter().all(|d| d.contains("auto-read-only=off")));
+    }
+
+    #[test]
     fn hostfwd_rules_and_monitor_answers() {
         let p = banger_proto::PortMapping::parse("8080:8000").unwrap();
         assert_eq!(hostfwd(&p), "tcp:127.0.0.1:8080-:8000");
