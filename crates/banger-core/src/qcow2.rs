@@ -67,6 +67,41 @@ pub async fn create_overlay(
     })
 }
 
+/// Creates `overlay` like [`create_overlay`], of `size_bytes`, without opening the backing
+/// (`-u`): for a backing a running VMM holds open, whose write lock a plain create would
+/// wait for in vain.
+pub async fn create_overlay_unopened(
+    backing: &Backing,
+    size_bytes: u64,
+    partial: &Path,
+    overlay: &Path,
+) -> Result<(), DiskError> {
+    let _ = std::fs::remove_file(partial);
+    let size = size_bytes.to_string();
+    qemu_img(&[
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-u".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-F".as_ref(),
+        backing.format.as_str().as_ref(),
+        "-b".as_ref(),
+        backing.path.as_os_str(),
+        partial.as_os_str(),
+        size.as_ref(),
+    ])
+    .await?;
+    std::fs::rename(partial, overlay).map_err(|source| DiskError::Io {
+        context: format!(
+            "cannot rename {} to {}",
+            partial.display(),
+            overlay.display()
+        ),
+        source,
+    })
+}
+
 /// What `qemu-img info --output=json` says a file is backed by (`-U`: also while a VMM has
 /// it open).
 pub async fn backing_of(path: &Path) -> Result<Option<Backing>, DiskError> {

@@ -50,6 +50,9 @@ enum Op {
     SnapshotRestore,
     /// `vm snapshot rm` of a snapshot the VM and a later snapshot continue from.
     SnapshotRm,
+    /// `vm snapshot create` of a running QEMU VM: a real guest, so its cases (killed, failed,
+    /// and QEMU killed too) run in tests/live_snapshots.rs.
+    LiveSnapshot,
 }
 
 /// Every step and the operation that reaches it.
@@ -88,6 +91,12 @@ const CASES: &[(&str, Op)] = &[
     ("snapshot.restore_after_system", Op::SnapshotRestore),
     ("snapshot.rm_after_record", Op::SnapshotRm),
     ("snapshot.rm_after_rebase", Op::SnapshotRm),
+    ("snapshot.live.after_record", Op::LiveSnapshot),
+    ("snapshot.live.after_system_moved", Op::LiveSnapshot),
+    ("snapshot.live.after_overlays", Op::LiveSnapshot),
+    ("snapshot.live.after_freeze", Op::LiveSnapshot),
+    ("snapshot.live.after_switch", Op::LiveSnapshot),
+    ("snapshot.live.after_thaw", Op::LiveSnapshot),
 ];
 
 /// Steps just before an outside call (disk tools, the helper, the VMM, SSH, a rename): they
@@ -188,7 +197,11 @@ fn op_name(op: Op) -> &'static str {
         Op::SnapshotCreate => "snapshot-create",
         Op::SnapshotRestore => "snapshot-restore",
         Op::SnapshotRm => "snapshot-rm",
-        Op::ImageImport | Op::ImageBuild | Op::ImagePull | Op::WorkspacePrepare => "other",
+        Op::ImageImport
+        | Op::ImageBuild
+        | Op::ImagePull
+        | Op::WorkspacePrepare
+        | Op::LiveSnapshot => "other",
     }
 }
 

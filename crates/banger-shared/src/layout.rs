@@ -165,6 +165,15 @@ impl Layout {
         name.push(".partial");
         top.with_file_name(name)
     }
+    /// Where a live snapshot (`snapshot_id`) makes the VM's new top overlay for `top`, which
+    /// the running VMM opens there and which is renamed over `top` once the VMM switched to it.
+    /// A name of its own per snapshot: the VMM may reopen a node by the name it opened it
+    /// with, which must never be another file.
+    pub fn vm_overlay_live(top: &Path, snapshot_id: &str) -> PathBuf {
+        let mut name = top.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".live-{snapshot_id}"));
+        top.with_file_name(name)
+    }
     /// The VM's named snapshots (`vm snapshot`), one directory each.
     pub fn vm_snapshots_dir(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("snapshots")

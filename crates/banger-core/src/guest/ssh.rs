@@ -71,6 +71,117 @@ pub async fn run(
     }
 }
 
+/// The guest side of [`freeze`]: `sync`, a watchdog that thaws after `WATCHDOG` seconds
+/// whatever happens, both filesystems frozen (the work disk's `/root`, then `/`), `frozen`
+/// printed; then it waits for a line or the end of its input (the daemon's thaw, or ssh
+/// ending because the daemon died) and thaws. Nothing in it writes to a filesystem once they
+/// are frozen (`read`, `echo` are builtins; `fsfreeze -u` only reads its binary).
+const FREEZE_SCRIPT: &str = "sync
+( sleep WATCHDOG; fsfreeze -u / ; fsfreeze -u /root ) </dev/null >/dev/null 2>&1 &
+w=$!
+thaw() { fsfreeze -u / 2>/dev/null; fsfreeze -u /root 2>/dev/null; kill $w 2>/dev/null; }
+trap 'thaw; exit 1' HUP INT TERM PIPE
+if ! { fsfreeze -f /root && fsfreeze -f /; }; then thaw; exit 3; fi
+echo frozen
+read -r line
+thaw
+echo thawed
+";
+
+/// A guest whose filesystems [`freeze`] froze. [`Frozen::thaw`] thaws them; so does
+/// dropping it (ssh is killed, the guest reads the end of its input) and, should even that
+/// not reach the guest, the guest's own watchdog.
+#[derive(Debug)]
+pub struct Frozen {
+    child: tokio::process::Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+/// Syncs and freezes the guest's `/root` and `/` (`fsfreeze`), so their disks hold a clean
+/// filesystem until [`Frozen::thaw`]; the guest thaws by itself after `watchdog`. Bounded
+/// by `limit` (the sync may take a while).
+pub async fn freeze(
+    target: &SshTarget,
+    connect: Duration,
+    watchdog: Duration,
+    limit: Duration,
+) -> Result<Frozen, SshError> {
+    use tokio::io::AsyncBufReadExt;
+    let script = FREEZE_SCRIPT.replace("WATCHDOG", &watchdog.as_secs().max(1).to_string());
+    let mut child = Command::from(target.batch_command(connect))
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => SshError::MissingSsh,
+            _ => SshError::Io {
+                context: "cannot run ssh".into(),
+                source: e,
+            },
+        })?;
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take().ok_or_else(|| SshError::Io {
+        context: "ssh has no stdout".into(),
+        source: std::io::Error::other("no pipe"),
+    })?;
+    let mut frozen = Frozen {
+        child,
+        stdin,
+        stdout: tokio::io::BufReader::new(stdout).lines(),
+    };
+    match tokio::time::timeout(limit, frozen.wait_for("frozen")).await {
+        Ok(Ok(())) => Ok(frozen),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(SshError::Timeout(limit.as_secs())),
+    }
+}
+
+impl Frozen {
+    /// Reads the remote's output up to the line `word`; its end first is a failure, told
+    /// with what it wrote to stderr.
+    async fn wait_for(&mut self, word: &str) -> Result<(), SshError> {
+        loop {
+            match self.stdout.next_line().await {
+                Ok(Some(line)) if line.trim() == word => return Ok(()),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    let stderr = self.child.stderr.take();
+                    let err = read_capped(stderr).await;
+                    let status = self.child.wait().await.ok().and_then(|s| s.code());
+                    return Err(SshError::Io {
+                        context: format!(
+                            "the guest did not say {word} (exit {status:?}): {}",
+                            err.trim()
+                        ),
+                        source: std::io::Error::other("fsfreeze"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Thaws the guest's filesystems and waits (up to `limit`) for it to say so.
+    pub async fn thaw(mut self, limit: Duration) -> Result<(), SshError> {
+        use tokio::io::AsyncWriteExt;
+        if let Some(mut stdin) = self.stdin.take() {
+            // A failed write means ssh is gone: the guest then reads the end of its input.
+            let _ = stdin.write_all(b"thaw\n").await;
+            drop(stdin);
+        }
+        match tokio::time::timeout(limit, self.wait_for("thawed")).await {
+            Ok(result) => {
+                let _ = tokio::time::timeout(limit, self.child.wait()).await;
+                result
+            }
+            Err(_) => Err(SshError::Timeout(limit.as_secs())),
+        }
+    }
+}
+
 /// Polls until the guest's sshd accepts banger's key and runs `probe` (which must exit 0
 /// whenever the guest is up: it doubles as first-boot setup, saving a connection), the
 /// `alive` check fails (returns `Ok(false)`), or `limit` passes.

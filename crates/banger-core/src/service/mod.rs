@@ -18,6 +18,7 @@ mod from_image;
 mod fsck;
 mod images;
 mod kernels;
+mod live_snapshots;
 mod logs;
 mod network;
 mod pause;

@@ -90,7 +90,8 @@ impl Manager {
         Ok(found)
     }
 
-    /// Takes a named snapshot of a stopped VM's disks.
+    /// Takes a named snapshot of a VM's disks: stopped, or running or paused (QEMU, see
+    /// `live_snapshots`).
     pub async fn create_named_snapshot(
         &self,
         name: &str,
@@ -113,7 +114,10 @@ impl Manager {
         snapshot_name: String,
     ) -> Result<SnapshotRecord, Error> {
         self.check_snapshottable(record)?;
-        must_be_stopped(record, "snapshot")?;
+        let live = matches!(record.state, VmState::Running | VmState::Paused);
+        if !live {
+            must_be_stopped(record, "snapshot")?;
+        }
         banger_proto::check_snapshot_name(&snapshot_name).map_err(Error::InvalidRequest)?;
         let (vm_id, name) = (record.id.clone(), snapshot_name.clone());
         if self
@@ -145,7 +149,11 @@ impl Manager {
         };
         let begun = snapshot.clone();
         self.db.run(move |s| s.begin_snapshot(&begun)).await?;
-        if let Err(e) = self.finish_create(&snapshot).await {
+        if live {
+            for warning in self.take_live_snapshot(record, &snapshot).await? {
+                warn!(vm = %record.name, snapshot = %snapshot.name, "{warning}");
+            }
+        } else if let Err(e) = self.finish_create(&snapshot).await {
             warn!(vm = %record.name, snapshot = %snapshot.name, "snapshot failed, undoing: {e}");
             if let Err(undo) = self.undo_create(&snapshot).await {
                 warn!(vm = %record.name, "cannot undo the snapshot now (the daemon's next start finishes it): {undo}");
@@ -169,7 +177,7 @@ impl Manager {
 
     /// The file steps of taking `snapshot` (each done only when not done yet): the VM's tops
     /// move into the snapshot's directory, new empty overlays over them become the tops.
-    async fn finish_create(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
+    pub(super) async fn finish_create(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
         crate::fault::point("snapshot.after_record")?;
         let id = &snapshot.vm_id;
         let files = self.layout.vm_named_snapshot(id, &snapshot.id);
@@ -212,7 +220,7 @@ impl Manager {
     }
 
     /// Puts the VM's disk files back where `snapshot`'s create found them and forgets it.
-    async fn undo_create(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
+    pub(super) async fn undo_create(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
         let id = &snapshot.vm_id;
         let files = self.layout.vm_named_snapshot(id, &snapshot.id);
         let work_qcow2 = snapshot.work_format == DiskFormat::Qcow2;
@@ -484,7 +492,7 @@ impl Manager {
         let pending = self.db.run(|s| s.pending_snapshots()).await?;
         for snapshot in pending {
             let finished = match snapshot.pending {
-                Some(SnapshotPending::Create) => self.finish_create(&snapshot).await,
+                Some(SnapshotPending::Create) => self.recover_create(&snapshot).await,
                 Some(SnapshotPending::Remove) => self.finish_remove(&snapshot).await,
                 None => Ok(()),
             };
@@ -537,6 +545,27 @@ impl Manager {
             }
         }
         Ok(())
+    }
+
+    /// A create a dead daemon left: a VM whose VMM still runs was being snapshotted live
+    /// (settled by what the VMM says); any other is finished as a stopped VM's.
+    async fn recover_create(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
+        let record = self
+            .db
+            .list_vms()
+            .await?
+            .into_iter()
+            .find(|v| v.id == snapshot.vm_id);
+        match record {
+            Some(record) if self.live_control(&record).is_some() => {
+                self.settle_live_create(snapshot, &record).await.map(drop)
+            }
+            _ => {
+                // A live snapshot's overlays, if the VMM died too: they hold its last writes.
+                self.live_overlays_in_place(snapshot)?;
+                self.finish_create(snapshot).await
+            }
+        }
     }
 
     /// Refuses to remove a VM whose snapshots other VMs were cloned from.
@@ -606,7 +635,7 @@ pub fn default_name(time: std::time::SystemTime) -> String {
 }
 
 /// Renames `from` to `to` unless `to` is there already (the step was done).
-fn move_once(from: &Path, to: &Path) -> Result<(), Error> {
+pub(super) fn move_once(from: &Path, to: &Path) -> Result<(), Error> {
     if to.exists() {
         return Ok(());
     }
@@ -636,7 +665,7 @@ fn remove_dir_if_there(path: &Path) -> Result<(), Error> {
 }
 
 /// fsyncs directory `dir`, so the renames in it survive a power loss.
-fn sync_dir(dir: &Path) -> Result<(), Error> {
+pub(super) fn sync_dir(dir: &Path) -> Result<(), Error> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(Error::io(format!("cannot sync {}", dir.display())))

@@ -199,6 +199,17 @@ pub struct Snapshot {
     pub memory: PathBuf,
 }
 
+/// New top files for a running VM's two disks ([`Hypervisor::switch_disks`]): each an empty
+/// qcow2 overlay over the file the VMM writes now; `tag` names the switch, so whether it
+/// happened can be asked later ([`Hypervisor::disks_switched`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSwitch {
+    pub system: PathBuf,
+    pub work: PathBuf,
+    /// Letters and digits, at most 24 of them.
+    pub tag: String,
+}
+
 /// How a VM's NIC reaches the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetAttach {
@@ -384,6 +395,31 @@ pub trait Hypervisor: Send + Sync {
         std::future::ready(Err(VmmError::Unsupported("restore a snapshot")))
     }
 
+    /// Makes a running (or paused) VM write to new top files, both disks at one instant
+    /// (either both switch or neither): what it wrote before stays in the files it had open.
+    /// `Unsupported` when the backend cannot switch disks under a running VM.
+    fn switch_disks(
+        &self,
+        _process: &VmProcess,
+        _switch: &DiskSwitch,
+    ) -> impl std::future::Future<Output = Result<(), VmmError>> + Send {
+        std::future::ready(Err(VmmError::Unsupported(
+            "switch a running VM's disks to new files",
+        )))
+    }
+
+    /// Whether the VM writes to the tops of the switch tagged `tag` (a daemon that died
+    /// around [`Hypervisor::switch_disks`] asks at its next start).
+    fn disks_switched(
+        &self,
+        _process: &VmProcess,
+        _tag: &str,
+    ) -> impl std::future::Future<Output = Result<bool, VmmError>> + Send {
+        std::future::ready(Err(VmmError::Unsupported(
+            "switch a running VM's disks to new files",
+        )))
+    }
+
     /// Grows `disk` of the running VM to `size_bytes`; the guest sees the new size at once
     /// (growing its filesystem is the caller's). A size below the disk's current one is
     /// refused ([`VmmError::WouldShrink`]) before the VMM is asked to resize; the same size
@@ -452,6 +488,16 @@ pub trait VmBackend: Send + Sync + std::fmt::Debug {
         disk: VmDisk,
         size_bytes: u64,
     ) -> BoxFuture<'a, Result<(), VmmError>>;
+    fn switch_disks<'a>(
+        &'a self,
+        process: &'a VmProcess,
+        switch: &'a DiskSwitch,
+    ) -> BoxFuture<'a, Result<(), VmmError>>;
+    fn disks_switched<'a>(
+        &'a self,
+        process: &'a VmProcess,
+        tag: &'a str,
+    ) -> BoxFuture<'a, Result<bool, VmmError>>;
 }
 
 impl<H: Hypervisor + std::fmt::Debug> VmBackend for H {
@@ -550,6 +596,20 @@ impl<H: Hypervisor + std::fmt::Debug> VmBackend for H {
         size_bytes: u64,
     ) -> BoxFuture<'a, Result<(), VmmError>> {
         Box::pin(Hypervisor::grow_disk(self, process, disk, size_bytes))
+    }
+    fn switch_disks<'a>(
+        &'a self,
+        process: &'a VmProcess,
+        switch: &'a DiskSwitch,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        Box::pin(Hypervisor::switch_disks(self, process, switch))
+    }
+    fn disks_switched<'a>(
+        &'a self,
+        process: &'a VmProcess,
+        tag: &'a str,
+    ) -> BoxFuture<'a, Result<bool, VmmError>> {
+        Box::pin(Hypervisor::disks_switched(self, process, tag))
     }
 }
 

@@ -20,8 +20,8 @@ pub use crate::domain::{QemuDevices, TcgThreads};
 use crate::layout::vm_runtime;
 
 use super::{
-    Accel, Capabilities, DeviceDiscovery, Hypervisor, LaunchSpec, NetAttach, PortForward, Snapshot,
-    StopMethod, VmDisk, VmProcess, VmmError, process, qmp,
+    Accel, Capabilities, DeviceDiscovery, DiskSwitch, Hypervisor, LaunchSpec, NetAttach,
+    PortForward, Snapshot, StopMethod, VmDisk, VmProcess, VmmError, process, qmp,
 };
 
 /// The migration bandwidth while suspending (bytes/s): QEMU's default (128 MiB/s on 10.0,
@@ -270,9 +270,12 @@ impl Qemu {
             "-serial".into(),
             "chardev:console".into(),
             // vda: the system disk; vdb: the work disk (device order = command-line order).
+            // `auto-read-only=off`: a drive that becomes the backing of a live snapshot's
+            // overlay keeps the fd it has; with `-drive`'s default (on) QEMU reopens it
+            // read-only by its file name, which the snapshot has just moved away.
             "-drive".into(),
             format!(
-                "id=sys,file={},format={},if=none,discard=unmap,werror=stop,rerror=stop",
+                "id=sys,file={},format={},if=none,auto-read-only=off,discard=unmap,werror=stop,rerror=stop",
                 spec.system_disk.display(),
                 spec.system_disk_format
             ),
@@ -280,7 +283,7 @@ impl Qemu {
             "virtio-blk-device,drive=sys".into(),
             "-drive".into(),
             format!(
-                "id=work,file={},format={},if=none,discard=unmap,werror=stop,rerror=stop",
+                "id=work,file={},format={},if=none,auto-read-only=off,discard=unmap,werror=stop,rerror=stop",
                 spec.work_disk.display(),
                 spec.work_disk_format
             ),
@@ -611,6 +614,57 @@ impl Hypervisor for Qemu {
         }
     }
 
+    /// One QMP `transaction` of two `blockdev-snapshot-sync` actions (mode `existing`: the
+    /// overlays were made beforehand, naming their backings): QEMU drains both drives, opens
+    /// each new file over the image it had open and writes there from then on; both or
+    /// neither. The new nodes are named after the tag (`TAGs`, `TAGw`), which is how
+    /// [`Hypervisor::disks_switched`] tells. QEMU 7.2 and 10.x take the `-drive` ids as
+    /// `device`.
+    async fn switch_disks(&self, process: &VmProcess, switch: &DiskSwitch) -> Result<(), VmmError> {
+        let actions: Vec<serde_json::Value> = [
+            (VmDisk::System, &switch.system),
+            (VmDisk::Work, &switch.work),
+        ]
+        .into_iter()
+        .map(|(disk, file)| {
+            json!({
+                "type": "blockdev-snapshot-sync",
+                "data": {
+                    "device": drive_id(disk),
+                    "snapshot-file": file.display().to_string(),
+                    "snapshot-node-name": switch_node(&switch.tag, disk),
+                    "format": "qcow2",
+                    "mode": "existing",
+                }
+            })
+        })
+        .collect();
+        qmp::execute_with(
+            &process.control_socket,
+            "transaction",
+            Some(json!({ "actions": actions })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Whether `query-block` shows both drives on the switch's nodes (neither: `false`; one
+    /// only cannot come of a transaction and is an error).
+    async fn disks_switched(&self, process: &VmProcess, tag: &str) -> Result<bool, VmmError> {
+        let blocks = qmp::execute(&process.control_socket, "query-block").await?;
+        let on = |disk: VmDisk| {
+            top_node(&blocks, drive_id(disk)) == Some(switch_node(tag, disk).as_str())
+        };
+        match (on(VmDisk::System), on(VmDisk::Work)) {
+            (true, true) => Ok(true),
+            (false, false) => Ok(false),
+            _ => Err(VmmError::Control {
+                path: process.control_socket.display().to_string(),
+                message: format!("only one of the VM's disks is on the new files of {tag}"),
+            }),
+        }
+    }
+
     /// The drives are `werror=stop,rerror=stop`: a failed host write or read (a full data
     /// dir) pauses the guest, status `io-error`, instead of handing it the error; `query-block`
     /// says which drive and why (`nospace`, `failed`).
@@ -699,6 +753,25 @@ fn drive_id(disk: VmDisk) -> &'static str {
     }
 }
 
+/// The node name of `disk`'s new top in the switch tagged `tag`.
+fn switch_node(tag: &str, disk: VmDisk) -> String {
+    match disk {
+        VmDisk::System => format!("{tag}s"),
+        VmDisk::Work => format!("{tag}w"),
+    }
+}
+
+/// The node name of the image `device` reads and writes (its top), per `query-block`.
+fn top_node<'a>(blocks: &'a serde_json::Value, device: &str) -> Option<&'a str> {
+    blocks
+        .as_array()?
+        .iter()
+        .find(|b| b.get("device").and_then(|d| d.as_str()) == Some(device))?
+        .get("inserted")?
+        .get("node-name")?
+        .as_str()
+}
+
 /// The virtual size `query-block` reports for `device`.
 fn current_size(blocks: &serde_json::Value, device: &str) -> Option<u64> {
     blocks
@@ -737,6 +810,30 @@ fn describe_io_error(blocks: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_switch_is_told_by_the_drives_top_nodes() {
+        let blocks = serde_json::json!([
+            { "device": "sys", "inserted": { "node-name": "snapabcs" } },
+            { "device": "work", "inserted": { "node-name": "#block123" } },
+        ]);
+        assert_eq!(switch_node("snapabc", VmDisk::System), "snapabcs");
+        assert_eq!(switch_node("snapabc", VmDisk::Work), "snapabcw");
+        assert_eq!(top_node(&blocks, "sys"), Some("snapabcs"));
+        assert_eq!(top_node(&blocks, "work"), Some("#block123"));
+        assert_eq!(top_node(&blocks, "other"), None);
+    }
+
+    #[test]
+    fn drives_keep_their_fds_when_they_become_backings() {
+        let spec_args = Qemu::new("qemu-system-x86_64".into()).args(&spec(Accel::Tcg));
+        let drives: Vec<&String> = spec_args
+            .iter()
+            .filter(|a| a.starts_with("id=sys,") || a.starts_with("id=work,"))
+            .collect();
+        assert_eq!(drives.len(), 2, "{spec_args:?}");
+        assert!(drives.iter().all(|d| d.contains("auto-read-only=off")));
+    }
 
     #[test]
     fn hostfwd_rules_and_monitor_answers() {

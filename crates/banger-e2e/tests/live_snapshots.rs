@@ -1,0 +1,454 @@
+//! Live named snapshots (`vm snapshot create` of a running or paused QEMU VM) on one real
+//! VM. A guest loop writes numbered files (each by an atomic rename); a snapshot taken while
+//! it runs holds an exact prefix 1..k of them, every file whole, k at least what the loop had
+//! written (and synced) before the command, and both of its disks pass `e2fsck -fn` on the
+//! host: the guest's filesystems were frozen when the VMM switched to new overlays. The loop
+//! keeps writing through the snapshot. Then every `snapshot.live.*` fault point: the daemon
+//! killed there (and, before the switch, the step failed), and at two of them QEMU killed
+//! too. Afterwards the VM runs (or starts), its guest is not frozen, nothing written before
+//! the command is lost, and no overlay or snapshot directory is left that no snapshot names.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use banger_e2e::{Run, TestEnv, poll, poll_or_none, system_tool};
+use serde_json::Value;
+
+/// A shared 2-core host under load boots a TCG guest slowly: a generous start bound.
+const CONFIG: &str = "[daemon]\nstart_timeout_secs = 900\n";
+
+/// Starts a guest loop (its own session) that continues the numbering in /root/nums: file N
+/// holds N, written beside and renamed into place, twenty a second.
+const START_WRITER: &str = "mkdir -p /root/nums && setsid -f sh -c 'cd /root/nums; \
+    i=$(ls | sort -n | tail -n 1); i=${i:-0}; \
+    while :; do i=$((i+1)); echo $i > .next; mv .next $i; sleep 0.05; done' \
+    </dev/null >/dev/null 2>&1";
+
+/// Every live snapshot step, killed there; the first four (before the VMM switches) also
+/// failed there.
+const KILLS: &[&str] = &[
+    "snapshot.live.after_record",
+    "snapshot.live.after_system_moved",
+    "snapshot.live.after_overlays",
+    "snapshot.live.after_freeze",
+    "snapshot.live.after_switch",
+    "snapshot.live.after_thaw",
+];
+const FAILS: &[&str] = &[
+    "snapshot.live.after_record",
+    "snapshot.live.after_system_moved",
+    "snapshot.live.after_overlays",
+    "snapshot.live.after_freeze",
+];
+/// Steps at which QEMU is killed too (after the daemon): before and after the switch.
+const QEMU_KILLS: &[&str] = &["snapshot.live.after_overlays", "snapshot.live.after_switch"];
+
+fn guest(env: &TestEnv, script: &str) -> String {
+    env.banger(&["vm", "exec", "dev", "--", "sh", "-c", script])
+        .ok()
+        .stdout
+        .trim()
+        .to_owned()
+}
+
+fn show(env: &TestEnv) -> Value {
+    env.banger(&["vm", "show", "dev", "--json"]).ok().json()
+}
+
+fn vm_dir(env: &TestEnv) -> PathBuf {
+    env.home()
+        .join("vms")
+        .join(show(env)["id"].as_str().unwrap())
+}
+
+/// The number of files the writer had made (the highest name), then synced to disk.
+fn written_synced(env: &TestEnv) -> u64 {
+    guest(
+        env,
+        "n=$(ls /root/nums | sort -n | tail -n 1); sync; echo $n",
+    )
+    .parse()
+    .unwrap_or(0)
+}
+
+/// Waits until the writer passed `n`.
+fn wait_written(env: &TestEnv, n: u64) -> u64 {
+    poll(Duration::from_secs(120), "the writer writing", || {
+        let now: u64 = guest(env, "ls /root/nums | sort -n | tail -n 1")
+            .parse()
+            .unwrap_or(0);
+        (now > n).then_some(now)
+    })
+}
+
+/// The numbered files as the guest sees them: the highest, and how many of 1..=`upto` are
+/// missing or do not hold their number.
+fn guest_prefix(env: &TestEnv, upto: u64) -> (u64, u64) {
+    let script = format!(
+        "cd /root/nums; n=$(ls | sort -n | tail -n 1); bad=0; \
+             for i in $(seq 1 {upto}); do [ \"$(cat $i 2>/dev/null)\" = \"$i\" ] || \
+             {{ bad=$((bad+1)); ls -l $i >&2; }}; done; echo $n $bad"
+    );
+    let run = env
+        .banger(&["vm", "exec", "dev", "--", "sh", "-c", &script])
+        .ok();
+    eprintln!("guest files: {}{}", run.stdout, run.stderr);
+    let out = run.stdout;
+    let mut words = out.split_whitespace().filter_map(|w| w.parse::<u64>().ok());
+    (words.next().unwrap(), words.next().unwrap())
+}
+
+/// The guest's filesystems are not frozen: `fsfreeze -u` of a thawed filesystem fails
+/// (EINVAL), of a frozen one succeeds (and would say so); then both take a write.
+#[track_caller]
+fn not_frozen(env: &TestEnv, why: &str) {
+    let run = env.banger_within(
+        Duration::from_secs(120),
+        &[
+            "vm",
+            "exec",
+            "dev",
+            "--",
+            "sh",
+            "-c",
+            "fsfreeze -u /root 2>/dev/null && echo FROZEN /root; \
+             fsfreeze -u / 2>/dev/null && echo FROZEN /; touch /root/.probe /.probe && sync",
+        ],
+    );
+    assert_eq!(run.code, 0, "{why}: {}", run.stderr);
+    assert!(!run.stdout.contains("FROZEN"), "{why}: {}", run.stdout);
+}
+
+/// `banger ARGS` with the fault set: the daemon it starts carries it.
+fn with_fault(env: &TestEnv, fault: &str, args: &[&str]) -> Run {
+    Run::from_output(
+        env.command(args)
+            .env(banger_core::fault::ENV, fault)
+            .output()
+            .unwrap(),
+    )
+}
+
+/// The guest-visible content of the disk file `top` (its whole chain) as a raw file.
+fn as_raw(top: &Path, format: &str, into: &Path) -> PathBuf {
+    let raw = into.join(format!(
+        "{}.raw",
+        top.file_name().unwrap().to_string_lossy()
+    ));
+    let _ = std::fs::remove_file(&raw);
+    let status = Command::new("qemu-img")
+        .args(["convert", "-U", "-f", format, "-O", "raw"])
+        .arg(top)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(status.success(), "qemu-img convert {}", top.display());
+    raw
+}
+
+/// `e2fsck -fn` of an ext4 image finds nothing to fix.
+#[track_caller]
+fn fsck_clean(image: &Path, what: &str) {
+    let out = Command::new(system_tool("e2fsck"))
+        .args(["-fn"])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: e2fsck -fn {}: {}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The files of directory `dir` in the ext4 image `image`, name → content (`debugfs rdump`).
+fn files_in(image: &Path, dir: &str, scratch: &Path) -> BTreeMap<String, String> {
+    let out = scratch.join("rdump");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let run = Command::new(system_tool("debugfs"))
+        .arg("-R")
+        .arg(format!("rdump {dir} {}", out.display()))
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "debugfs rdump {dir}");
+    let base = out.join(dir.trim_start_matches('/'));
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        files.insert(name, std::fs::read_to_string(entry.path()).unwrap());
+    }
+    files
+}
+
+/// The numbered files are exactly 1..=M, each holding its number; returns M.
+#[track_caller]
+fn exact_prefix(files: &BTreeMap<String, String>) -> u64 {
+    let mut numbers: Vec<u64> = files
+        .keys()
+        .filter(|n| !n.starts_with('.'))
+        .map(|n| n.parse().unwrap_or_else(|_| panic!("unexpected file {n}")))
+        .collect();
+    numbers.sort_unstable();
+    let m = numbers.len() as u64;
+    assert_eq!(numbers, (1..=m).collect::<Vec<_>>(), "not a prefix");
+    for n in &numbers {
+        assert_eq!(
+            files[&n.to_string()].trim(),
+            n.to_string(),
+            "file {n} is torn"
+        );
+    }
+    m
+}
+
+/// The stopped VM's disks as the host reads them: both pass `e2fsck -fn`; returns the
+/// numbered files' exact prefix M.
+#[track_caller]
+fn host_view(env: &TestEnv, scratch: &Path, what: &str) -> u64 {
+    let dir = vm_dir(env);
+    let system = as_raw(&dir.join("system.qcow2"), "qcow2", scratch);
+    fsck_clean(&system, what);
+    std::fs::remove_file(system).unwrap();
+    let (top, format) = if dir.join("work.qcow2").exists() {
+        (dir.join("work.qcow2"), "qcow2")
+    } else {
+        (dir.join("work.ext4"), "raw")
+    };
+    let work = as_raw(&top, format, scratch);
+    fsck_clean(&work, what);
+    let m = exact_prefix(&files_in(&work, "/nums", scratch));
+    std::fs::remove_file(work).unwrap();
+    m
+}
+
+fn snapshots(env: &TestEnv) -> Vec<Value> {
+    env.banger(&["vm", "snapshot", "ls", "dev", "--json"])
+        .ok()
+        .json()["snapshots"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Nothing orphaned: the snapshot directories are exactly the listed snapshots', each with
+/// its two files; no partial overlay in the VM's directory; the VM's tops are there.
+#[track_caller]
+fn no_orphans(env: &TestEnv, what: &str) -> BTreeSet<String> {
+    let dir = vm_dir(env);
+    let listed: BTreeMap<String, String> = snapshots(env)
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_owned(),
+                s["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let on_disk: BTreeSet<String> = std::fs::read_dir(dir.join("snapshots"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        on_disk,
+        listed.keys().cloned().collect::<BTreeSet<_>>(),
+        "{what}: snapshot directories"
+    );
+    for id in &on_disk {
+        let files = std::fs::read_dir(dir.join("snapshots").join(id))
+            .unwrap()
+            .count();
+        assert_eq!(files, 2, "{what}: snapshot {id} holds {files} files");
+    }
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert!(
+            !name.contains("partial") && !name.contains(".live-"),
+            "{what}: {name} left in the VM's directory"
+        );
+    }
+    assert!(dir.join("system.qcow2").is_file(), "{what}");
+    assert!(
+        dir.join("work.qcow2").is_file() || dir.join("work.ext4").is_file(),
+        "{what}"
+    );
+    listed.into_values().collect()
+}
+
+#[test]
+fn live_snapshots_are_consistent_and_survive_faults() {
+    let env = TestEnv::new();
+    std::fs::write(env.config_file(), CONFIG).unwrap();
+    env.build_default_image();
+    let scratch = tempfile::tempdir().unwrap();
+    let scratch = scratch.path();
+    let run = env.banger(&["vm", "run", "dev", "--disk", "1G"]);
+    if run.code != 0 {
+        env.dump_diagnostics();
+    }
+    run.ok();
+    guest(&env, START_WRITER);
+    wait_written(&env, 10);
+
+    // A snapshot while the writer runs; the VM runs on, the writer keeps writing.
+    let before = written_synced(&env);
+    let taken = env
+        .banger(&["vm", "snapshot", "create", "dev", "s1", "--json"])
+        .ok()
+        .json();
+    let after = wait_written(&env, 0);
+    assert_eq!(taken["current"], true, "{taken}");
+    assert_eq!(show(&env)["state"], "running");
+    let dir = vm_dir(&env);
+    let s1_dir = dir.join("snapshots").join(taken["id"].as_str().unwrap());
+    // No copy: the raw work disk itself moved into the snapshot; the VM writes to overlays.
+    assert!(s1_dir.join("work.ext4").is_file() && s1_dir.join("system.qcow2").is_file());
+    assert!(dir.join("work.qcow2").is_file() && !dir.join("work.ext4").exists());
+    not_frozen(&env, "after s1");
+    wait_written(&env, after + 10);
+    // The snapshot's files, read on the host while the VM runs on over them: two clean
+    // filesystems, an exact prefix holding at least what was synced before the command.
+    let system = as_raw(&s1_dir.join("system.qcow2"), "qcow2", scratch);
+    fsck_clean(&system, "s1 system disk");
+    std::fs::remove_file(system).unwrap();
+    let work = as_raw(&s1_dir.join("work.ext4"), "raw", scratch);
+    fsck_clean(&work, "s1 work disk");
+    let k1 = exact_prefix(&files_in(&work, "/nums", scratch));
+    std::fs::remove_file(work).unwrap();
+    assert!(
+        before <= k1 && k1 <= after,
+        "s1 holds {k1} files; {before} before, {after} after"
+    );
+
+    // A paused VM: no freeze (its vCPUs do not run), and it stays paused.
+    env.banger(&["vm", "pause", "dev"]).ok();
+    env.banger(&["vm", "snapshot", "create", "dev", "p1"]).ok();
+    assert_eq!(show(&env)["state"], "paused");
+    env.banger(&["vm", "resume", "dev"]).ok();
+    not_frozen(&env, "after p1");
+    let mut names = no_orphans(&env, "p1");
+    assert_eq!(
+        names,
+        ["p1", "s1"].map(String::from).into_iter().collect(),
+        "{names:?}"
+    );
+
+    // Every step faulted.
+    let mut round = 0;
+    let mut last_before = 0;
+    for step in KILLS {
+        let mut faults = vec![(*step).to_owned()];
+        if FAILS.contains(step) {
+            faults.push(format!("{step}=fail"));
+        }
+        for fault in faults {
+            round += 1;
+            let name = format!("f{round}");
+            let failed = fault.ends_with("=fail");
+            let kill_qemu = !failed && QEMU_KILLS.contains(step);
+            let before = written_synced(&env);
+            // The fault reaches only a daemon started with it (the VM keeps running; the
+            // next daemon reattaches it).
+            env.banger(&["daemon", "stop"]).ok();
+            let run = with_fault(&env, &fault, &["vm", "snapshot", "create", "dev", &name]);
+            assert_ne!(run.code, 0, "{fault}: the command succeeded");
+            if failed {
+                assert!(
+                    run.stderr.contains("injected fault at"),
+                    "{fault}: {}",
+                    run.stderr
+                );
+                env.banger(&["daemon", "stop"]).ok();
+            } else {
+                assert!(
+                    poll_or_none(Duration::from_secs(10), || env
+                        .daemon_pids()
+                        .is_empty()
+                        .then_some(()))
+                    .is_some(),
+                    "{fault}: the daemon still runs"
+                );
+            }
+            if kill_qemu {
+                for pid in env.qemu_pids() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                poll(Duration::from_secs(20), "QEMU gone", || {
+                    env.qemu_pids().is_empty().then_some(())
+                });
+            }
+            // The next daemon (without the fault) settles the snapshot at its start.
+            let now = no_orphans(&env, &fault);
+            let switched = matches!(
+                *step,
+                "snapshot.live.after_switch" | "snapshot.live.after_thaw"
+            );
+            // Taken when the VMM had switched; undone when it had not and still runs; kept
+            // (every byte is in its files) when it died.
+            assert_eq!(
+                now.contains(&name),
+                switched || kill_qemu,
+                "{fault}: {now:?}"
+            );
+            if kill_qemu {
+                assert_eq!(show(&env)["state"], "stopped", "{fault}");
+                // Killed, not stopped: the guest's journal is replayed at the next boot,
+                // where every file synced before the command must be whole (later ones may
+                // be empty: ext4 had not allocated their data when QEMU died).
+                env.banger_within(Duration::from_secs(1000), &["vm", "start", "dev"])
+                    .ok();
+                let (m, torn) = guest_prefix(&env, before);
+                assert_eq!(torn, 0, "{fault}: {torn} of 1..{before} missing or torn");
+                assert!(m >= before, "{fault}: {m} files, {before} synced before");
+                // The files after those go (they may be empty), and the writer goes on.
+                guest(
+                    &env,
+                    &format!(
+                        "cd /root/nums; for f in *; do [ \"$f\" -gt {before} ] && rm -f \"$f\"; done; sync"
+                    ),
+                );
+                guest(&env, START_WRITER);
+            } else {
+                assert_eq!(show(&env)["state"], "running", "{fault}");
+            }
+            not_frozen(&env, &fault);
+            wait_written(&env, before);
+            names = now;
+            last_before = before;
+        }
+    }
+    assert!(names.contains("s1") && names.contains("p1"), "{names:?}");
+
+    // Stopped: the VM's own disks are clean and lost nothing.
+    env.banger_within(Duration::from_secs(300), &["vm", "stop", "dev"])
+        .ok();
+    let m = host_view(&env, scratch, "after the faults");
+    assert!(
+        m > last_before,
+        "{m} files, {last_before} before the last fault"
+    );
+
+    // Restore s1, start: exactly its files.
+    env.banger(&["vm", "snapshot", "restore", "dev", "s1"]).ok();
+    assert_eq!(host_view(&env, scratch, "restored s1"), k1);
+    env.banger_within(Duration::from_secs(1000), &["vm", "start", "dev"])
+        .ok();
+    let seen: u64 = guest(&env, "ls /root/nums | wc -l").parse().unwrap();
+    assert_eq!(seen, k1, "the guest after restoring s1");
+    env.banger_within(Duration::from_secs(300), &["vm", "stop", "dev"])
+        .ok();
+    env.banger(&["vm", "rm", "dev"]).ok();
+    assert!(!dir.exists());
+    assert!(env.qemu_pids().is_empty());
+}
