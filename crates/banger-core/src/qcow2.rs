@@ -44,27 +44,7 @@ pub async fn create_overlay(
     partial: &Path,
     overlay: &Path,
 ) -> Result<(), DiskError> {
-    let _ = std::fs::remove_file(partial);
-    qemu_img(&[
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-F".as_ref(),
-        backing.format.as_str().as_ref(),
-        "-b".as_ref(),
-        backing.path.as_os_str(),
-        partial.as_os_str(),
-    ])
-    .await?;
-    std::fs::rename(partial, overlay).map_err(|source| DiskError::Io {
-        context: format!(
-            "cannot rename {} to {}",
-            partial.display(),
-            overlay.display()
-        ),
-        source,
-    })
+    create_overlay_sized(backing, None, partial, overlay).await
 }
 
 /// Creates `overlay` like [`create_overlay`], of `size_bytes`, without opening the backing
@@ -76,12 +56,23 @@ pub async fn create_overlay_unopened(
     partial: &Path,
     overlay: &Path,
 ) -> Result<(), DiskError> {
+    create_overlay_sized(backing, Some(size_bytes), partial, overlay).await
+}
+
+/// [`create_overlay`] (`unopened_size` `None`) or [`create_overlay_unopened`].
+async fn create_overlay_sized(
+    backing: &Backing,
+    unopened_size: Option<u64>,
+    partial: &Path,
+    overlay: &Path,
+) -> Result<(), DiskError> {
     let _ = std::fs::remove_file(partial);
-    let size = size_bytes.to_string();
-    qemu_img(&[
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-u".as_ref(),
+    let size = unopened_size.map(|bytes| bytes.to_string());
+    let mut args: Vec<&std::ffi::OsStr> = vec!["create".as_ref(), "-q".as_ref()];
+    if size.is_some() {
+        args.push("-u".as_ref());
+    }
+    args.extend([
         "-f".as_ref(),
         "qcow2".as_ref(),
         "-F".as_ref(),
@@ -89,9 +80,11 @@ pub async fn create_overlay_unopened(
         "-b".as_ref(),
         backing.path.as_os_str(),
         partial.as_os_str(),
-        size.as_ref(),
-    ])
-    .await?;
+    ]);
+    if let Some(size) = &size {
+        args.push(size.as_ref());
+    }
+    qemu_img(&args).await?;
     std::fs::rename(partial, overlay).map_err(|source| DiskError::Io {
         context: format!(
             "cannot rename {} to {}",

@@ -40,20 +40,7 @@ pub async fn run(
     connect: Duration,
     limit: Duration,
 ) -> Result<(Option<i32>, String, String), SshError> {
-    let mut child = Command::from(target.batch_command(connect))
-        .arg(script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => SshError::MissingSsh,
-            _ => SshError::Io {
-                context: "cannot run ssh".into(),
-                source: e,
-            },
-        })?;
+    let mut child = spawn(target, connect, script, Stdio::null())?;
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let work = async {
@@ -98,6 +85,29 @@ pub struct Frozen {
     stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
 }
 
+/// `ssh` running `script` in the guest, its output piped, killed when dropped.
+fn spawn(
+    target: &SshTarget,
+    connect: Duration,
+    script: &str,
+    stdin: Stdio,
+) -> Result<tokio::process::Child, SshError> {
+    Command::from(target.batch_command(connect))
+        .arg(script)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => SshError::MissingSsh,
+            _ => SshError::Io {
+                context: "cannot run ssh".into(),
+                source: e,
+            },
+        })
+}
+
 /// Syncs and freezes the guest's `/root` and `/` (`fsfreeze`), so their disks hold a clean
 /// filesystem until [`Frozen::thaw`]; the guest thaws by itself after `watchdog`. Bounded
 /// by `limit` (the sync may take a while).
@@ -109,20 +119,7 @@ pub async fn freeze(
 ) -> Result<Frozen, SshError> {
     use tokio::io::AsyncBufReadExt;
     let script = FREEZE_SCRIPT.replace("WATCHDOG", &watchdog.as_secs().max(1).to_string());
-    let mut child = Command::from(target.batch_command(connect))
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => SshError::MissingSsh,
-            _ => SshError::Io {
-                context: "cannot run ssh".into(),
-                source: e,
-            },
-        })?;
+    let mut child = spawn(target, connect, &script, Stdio::piped())?;
     let stdin = child.stdin.take();
     let stdout = child.stdout.take().ok_or_else(|| SshError::Io {
         context: "ssh has no stdout".into(),
