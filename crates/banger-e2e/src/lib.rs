@@ -798,6 +798,41 @@ pub fn stub_image_files(dir: &Path) -> (PathBuf, PathBuf) {
     (rootfs, kernel)
 }
 
+/// The guest-visible content of the disk file `top` (its whole chain; `format` is `qcow2` or
+/// `raw`) as a raw file in `into`, for host tools that read only raw images.
+pub fn disk_as_raw(top: &Path, format: &str, into: &Path) -> PathBuf {
+    let raw = into.join(format!(
+        "{}.raw",
+        top.file_name().unwrap().to_string_lossy()
+    ));
+    let _ = std::fs::remove_file(&raw);
+    let status = Command::new("qemu-img")
+        .args(["convert", "-U", "-f", format, "-O", "raw"])
+        .arg(top)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(status.success(), "qemu-img convert {}", top.display());
+    raw
+}
+
+/// `e2fsck -fn` of the ext4 image `image` finds nothing to fix (`what` names it on failure).
+#[track_caller]
+pub fn assert_fsck_clean(image: &Path, what: &str) {
+    let out = Command::new(system_tool("e2fsck"))
+        .args(["-fn"])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: e2fsck -fn {}: {}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Path of system tool `name`: found on PATH, else in /usr/sbin or /sbin, which an ordinary
 /// user's PATH lacks (mkfs.ext4, debugfs).
 pub fn system_tool(name: &str) -> PathBuf {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use banger_e2e::{Run, TestEnv, poll, poll_or_none, system_tool};
+use banger_e2e::{Run, TestEnv, assert_fsck_clean, disk_as_raw, poll, poll_or_none, system_tool};
 use serde_json::Value;
 
 /// A shared 2-core host under load boots a TCG guest slowly: a generous start bound.
@@ -132,40 +132,6 @@ fn with_fault(env: &TestEnv, fault: &str, args: &[&str]) -> Run {
     )
 }
 
-/// The guest-visible content of the disk file `top` (its whole chain) as a raw file.
-fn as_raw(top: &Path, format: &str, into: &Path) -> PathBuf {
-    let raw = into.join(format!(
-        "{}.raw",
-        top.file_name().unwrap().to_string_lossy()
-    ));
-    let _ = std::fs::remove_file(&raw);
-    let status = Command::new("qemu-img")
-        .args(["convert", "-U", "-f", format, "-O", "raw"])
-        .arg(top)
-        .arg(&raw)
-        .status()
-        .unwrap();
-    assert!(status.success(), "qemu-img convert {}", top.display());
-    raw
-}
-
-/// `e2fsck -fn` of an ext4 image finds nothing to fix.
-#[track_caller]
-fn fsck_clean(image: &Path, what: &str) {
-    let out = Command::new(system_tool("e2fsck"))
-        .args(["-fn"])
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{what}: e2fsck -fn {}: {}{}",
-        image.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The files of directory `dir` in the ext4 image `image`, name → content (`debugfs rdump`).
 fn files_in(image: &Path, dir: &str, scratch: &Path) -> BTreeMap<String, String> {
     let out = scratch.join("rdump");
@@ -213,16 +179,16 @@ fn exact_prefix(files: &BTreeMap<String, String>) -> u64 {
 #[track_caller]
 fn host_view(env: &TestEnv, scratch: &Path, what: &str) -> u64 {
     let dir = vm_dir(env);
-    let system = as_raw(&dir.join("system.qcow2"), "qcow2", scratch);
-    fsck_clean(&system, what);
+    let system = disk_as_raw(&dir.join("system.qcow2"), "qcow2", scratch);
+    assert_fsck_clean(&system, what);
     std::fs::remove_file(system).unwrap();
     let (top, format) = if dir.join("work.qcow2").exists() {
         (dir.join("work.qcow2"), "qcow2")
     } else {
         (dir.join("work.ext4"), "raw")
     };
-    let work = as_raw(&top, format, scratch);
-    fsck_clean(&work, what);
+    let work = disk_as_raw(&top, format, scratch);
+    assert_fsck_clean(&work, what);
     let m = exact_prefix(&files_in(&work, "/nums", scratch));
     std::fs::remove_file(work).unwrap();
     m
@@ -316,11 +282,11 @@ fn live_snapshots_are_consistent_and_survive_faults() {
     wait_written(&env, after + 10);
     // The snapshot's files, read on the host while the VM runs on over them: two clean
     // filesystems, an exact prefix holding at least what was synced before the command.
-    let system = as_raw(&s1_dir.join("system.qcow2"), "qcow2", scratch);
-    fsck_clean(&system, "s1 system disk");
+    let system = disk_as_raw(&s1_dir.join("system.qcow2"), "qcow2", scratch);
+    assert_fsck_clean(&system, "s1 system disk");
     std::fs::remove_file(system).unwrap();
-    let work = as_raw(&s1_dir.join("work.ext4"), "raw", scratch);
-    fsck_clean(&work, "s1 work disk");
+    let work = disk_as_raw(&s1_dir.join("work.ext4"), "raw", scratch);
+    assert_fsck_clean(&work, "s1 work disk");
     let k1 = exact_prefix(&files_in(&work, "/nums", scratch));
     std::fs::remove_file(work).unwrap();
     assert!(

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use banger_e2e::{TestEnv, poll, system_tool};
+use banger_e2e::{TestEnv, assert_fsck_clean, disk_as_raw, poll, system_tool};
 use serde_json::Value;
 
 const GIB: u64 = 1 << 30;
@@ -75,40 +75,6 @@ fn refused(env: &TestEnv, args: &[&str], code: i32, says: &str) {
         run.stderr.contains(says) && run.stderr.contains("hint"),
         "{args:?}: {}",
         run.stderr
-    );
-}
-
-/// The guest-visible content of the disk file `top` (its whole chain) as a raw file.
-fn as_raw(top: &Path, format: &str, into: &Path) -> PathBuf {
-    let raw = into.join(format!(
-        "{}.raw",
-        top.file_name().unwrap().to_string_lossy()
-    ));
-    let _ = std::fs::remove_file(&raw);
-    let status = Command::new("qemu-img")
-        .args(["convert", "-U", "-f", format, "-O", "raw"])
-        .arg(top)
-        .arg(&raw)
-        .status()
-        .unwrap();
-    assert!(status.success(), "qemu-img convert {}", top.display());
-    raw
-}
-
-/// `e2fsck -fn` of an ext4 image finds nothing to fix.
-#[track_caller]
-fn fsck_clean(image: &Path) {
-    let out = Command::new(system_tool("e2fsck"))
-        .args(["-fn"])
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "e2fsck -fn {}: {}{}",
-        image.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -174,8 +140,8 @@ fn host_view(env: &TestEnv, scratch: &Path, marker: &str) -> (BTreeMap<String, S
     } else {
         (dir.join("work.ext4"), "raw")
     };
-    let raw = as_raw(&top, format, scratch);
-    fsck_clean(&raw);
+    let raw = disk_as_raw(&top, format, scratch);
+    assert_fsck_clean(&raw, "the work disk");
     let files = files_in(&raw, "/nums", scratch);
     let has = exists_in(&raw, marker);
     std::fs::remove_file(raw).unwrap();
@@ -184,7 +150,7 @@ fn host_view(env: &TestEnv, scratch: &Path, marker: &str) -> (BTreeMap<String, S
 
 /// Whether `path` is on the VM's system disk (read on the host).
 fn on_system_disk(env: &TestEnv, scratch: &Path, path: &str) -> bool {
-    let raw = as_raw(&vm_dir(env).join("system.qcow2"), "qcow2", scratch);
+    let raw = disk_as_raw(&vm_dir(env).join("system.qcow2"), "qcow2", scratch);
     let has = exists_in(&raw, path);
     std::fs::remove_file(raw).unwrap();
     has
