@@ -32,14 +32,13 @@ use banger_proto::VmState;
 use tracing::{info, warn};
 
 use super::Manager;
-use super::snapshots::{move_once, sync_dir};
+use super::snapshots::{MovedTops, sync_dir};
 use super::stop::STOP_DIAL;
 use crate::Error;
-use crate::domain::DiskFormat;
 use crate::guest::ssh;
 use crate::layout::Layout;
 use crate::model::{VmRecord, has_process};
-use crate::qcow2::{self, Backing};
+use crate::qcow2;
 use crate::store::SnapshotRecord;
 use crate::vmm::{DiskSwitch, VmBackend, VmProcess, process};
 
@@ -182,32 +181,14 @@ impl Manager {
     /// tops' paths (each done only when not done yet).
     async fn prepare_live_files(&self, snapshot: &SnapshotRecord) -> Result<DiskSwitch, Error> {
         let id = &snapshot.vm_id;
-        let files = self.layout.vm_named_snapshot(id, &snapshot.id);
-        let work_qcow2 = snapshot.work_format == DiskFormat::Qcow2;
-        std::fs::create_dir_all(files.dir()).map_err(Error::io(format!(
-            "cannot create {}",
-            files.dir().display()
-        )))?;
-        let system_top = self.layout.vm_system_disk(id);
-        let work_top = self.layout.vm_work_overlay(id);
-        let work_before = if work_qcow2 {
-            work_top.clone()
-        } else {
-            self.layout.vm_work_disk(id)
-        };
-        move_once(&system_top, &files.system())?;
-        crate::fault::point("snapshot.live.after_system_moved")?;
-        move_once(&work_before, &files.work(work_qcow2))?;
-        sync_dir(files.dir())?;
-        sync_dir(&self.layout.vm_dir(id))?;
-        let system = Backing {
-            path: files.system(),
-            format: DiskFormat::Qcow2,
-        };
-        let work = Backing {
-            path: files.work(work_qcow2),
-            format: snapshot.work_format,
-        };
+        let MovedTops {
+            system,
+            work,
+            system_top,
+            work_top,
+        } = self.move_tops(snapshot, || {
+            crate::fault::point("snapshot.live.after_system_moved")
+        })?;
         let system_next = Layout::vm_overlay_live(&system_top, &snapshot.id);
         let work_next = Layout::vm_overlay_live(&work_top, &snapshot.id);
         for (backing, top) in [(&system, &system_next), (&work, &work_next)] {

@@ -180,6 +180,32 @@ impl Manager {
     pub(super) async fn finish_create(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
         crate::fault::point("snapshot.after_record")?;
         let id = &snapshot.vm_id;
+        let tops = self.move_tops(snapshot, || {
+            crate::fault::point("snapshot.after_system_moved")
+        })?;
+        crate::fault::point("snapshot.after_work_moved")?;
+        let (system_top, work_top) = (&tops.system_top, &tops.work_top);
+        for (backing, top) in [(&tops.system, system_top), (&tops.work, work_top)] {
+            if !top.exists() {
+                qcow2::create_overlay(backing, &Layout::vm_overlay_partial(top), top).await?;
+            }
+        }
+        sync_dir(&self.layout.vm_dir(id))?;
+        crate::fault::point("snapshot.after_overlays")?;
+        let id = snapshot.id.clone();
+        self.db.run(move |s| s.finish_snapshot_step(&id)).await?;
+        Ok(())
+    }
+
+    /// The first file step of taking `snapshot`, stopped or live: the VM's tops move into the
+    /// snapshot's directory (each only when not moved yet; `after_system` runs the fault point
+    /// between the two moves), and both directories are synced.
+    pub(super) fn move_tops(
+        &self,
+        snapshot: &SnapshotRecord,
+        after_system: impl FnOnce() -> Result<(), crate::fault::Injected>,
+    ) -> Result<MovedTops, Error> {
+        let id = &snapshot.vm_id;
         let files = self.layout.vm_named_snapshot(id, &snapshot.id);
         let work_qcow2 = snapshot.work_format == DiskFormat::Qcow2;
         std::fs::create_dir_all(files.dir()).map_err(Error::io(format!(
@@ -194,29 +220,22 @@ impl Manager {
             self.layout.vm_work_disk(id)
         };
         move_once(&system_top, &files.system())?;
-        crate::fault::point("snapshot.after_system_moved")?;
+        after_system()?;
         move_once(&work_before, &files.work(work_qcow2))?;
         sync_dir(files.dir())?;
         sync_dir(&self.layout.vm_dir(id))?;
-        crate::fault::point("snapshot.after_work_moved")?;
-        let system = Backing {
-            path: files.system(),
-            format: DiskFormat::Qcow2,
-        };
-        let work = Backing {
-            path: files.work(work_qcow2),
-            format: snapshot.work_format,
-        };
-        for (backing, top) in [(&system, &system_top), (&work, &work_top)] {
-            if !top.exists() {
-                qcow2::create_overlay(backing, &Layout::vm_overlay_partial(top), top).await?;
-            }
-        }
-        sync_dir(&self.layout.vm_dir(id))?;
-        crate::fault::point("snapshot.after_overlays")?;
-        let id = snapshot.id.clone();
-        self.db.run(move |s| s.finish_snapshot_step(&id)).await?;
-        Ok(())
+        Ok(MovedTops {
+            system: Backing {
+                path: files.system(),
+                format: DiskFormat::Qcow2,
+            },
+            work: Backing {
+                path: files.work(work_qcow2),
+                format: snapshot.work_format,
+            },
+            system_top,
+            work_top,
+        })
     }
 
     /// Puts the VM's disk files back where `snapshot`'s create found them and forgets it.
@@ -632,6 +651,15 @@ pub fn default_name(time: std::time::SystemTime) -> String {
         &digits[..8.min(digits.len())],
         &digits[8.min(digits.len())..]
     )
+}
+
+/// Where [`Manager::move_tops`] put a snapshot's files, and the VM's tops (to be made over
+/// them).
+pub(super) struct MovedTops {
+    pub system: Backing,
+    pub work: Backing,
+    pub system_top: PathBuf,
+    pub work_top: PathBuf,
 }
 
 /// Renames `from` to `to` unless `to` is there already (the step was done).
