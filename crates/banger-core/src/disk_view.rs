@@ -51,7 +51,7 @@ impl RawView {
     /// `mountpoint`, a file this creates (or replaces when empty) and [`RawView::close`]
     /// removes. Returns once the export answers.
     pub async fn open(image: &Path, mountpoint: &Path) -> Result<Self, ViewError> {
-        prepare_mountpoint(mountpoint)?;
+        prepare_mountpoint(mountpoint).await?;
         let blockdev_file = serde_json::json!({
             "driver": "file", "node-name": "file", "filename": image,
         });
@@ -140,7 +140,7 @@ impl RawView {
             Err(_) => {
                 tracing::warn!(mountpoint = %self.mountpoint.display(), "{STORAGE_DAEMON} did not end when asked; killed");
                 let _ = self.child.kill().await;
-                detach(&self.mountpoint);
+                detach(&self.mountpoint).await;
             }
         }
         let _ = std::fs::remove_file(&self.mountpoint);
@@ -149,7 +149,7 @@ impl RawView {
 
 /// An empty regular file at `path`; a stale export left there (its daemon gone) is detached
 /// first.
-fn prepare_mountpoint(path: &Path) -> Result<(), ViewError> {
+async fn prepare_mountpoint(path: &Path) -> Result<(), ViewError> {
     let fail = |source| ViewError::Mountpoint {
         path: path.to_owned(),
         source,
@@ -157,7 +157,7 @@ fn prepare_mountpoint(path: &Path) -> Result<(), ViewError> {
     if let Err(e) = std::fs::symlink_metadata(path)
         && e.raw_os_error() == Some(nix::libc::ENOTCONN)
     {
-        detach(path);
+        detach(path).await;
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -174,15 +174,16 @@ fn prepare_mountpoint(path: &Path) -> Result<(), ViewError> {
 
 /// Lazily unmounts an export whose daemon is gone: as root directly, else through
 /// `fusermount3` (which unmounts only the user's own FUSE mounts).
-fn detach(path: &Path) {
+async fn detach(path: &Path) {
     if nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).is_err() {
-        let _ = std::process::Command::new("fusermount3")
+        let _ = Command::new("fusermount3")
             .arg("-u")
             .arg("-z")
             .arg(path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status();
+            .status()
+            .await;
     }
 }
