@@ -573,6 +573,69 @@ impl TestEnv {
         Run::from_output(child.wait_with_output().unwrap())
     }
 
+    /// Runs `banger ARGS`, which must succeed; on failure the daemon's log and the VMs'
+    /// consoles are printed first (for a `vm run`/`vm start` that did not boot).
+    #[track_caller]
+    pub fn banger_or_dump(&self, args: &[&str]) -> Run {
+        let run = self.banger(args);
+        if run.code != 0 {
+            self.dump_diagnostics();
+        }
+        run.ok()
+    }
+
+    /// VM `vm`'s named snapshots as `vm snapshot ls --json` lists them.
+    #[track_caller]
+    pub fn vm_snapshots(&self, vm: &str) -> Vec<serde_json::Value> {
+        match self
+            .banger(&["vm", "snapshot", "ls", vm, "--json"])
+            .ok()
+            .json()
+            .get_mut("snapshots")
+            .map(serde_json::Value::take)
+        {
+            Some(serde_json::Value::Array(list)) => list,
+            other => panic!("no snapshot list: {other:?}"),
+        }
+    }
+
+    /// `sh -c SCRIPT` in VM `vm` (`vm exec`), which must succeed; its output, trimmed.
+    #[track_caller]
+    pub fn guest_sh(&self, vm: &str, script: &str) -> String {
+        self.banger(&["vm", "exec", vm, "--", "sh", "-c", script])
+            .ok()
+            .stdout
+            .trim()
+            .to_owned()
+    }
+
+    /// `vm show VM --json`.
+    #[track_caller]
+    pub fn vm_show(&self, vm: &str) -> serde_json::Value {
+        self.banger(&["vm", "show", vm, "--json"]).ok().json()
+    }
+
+    /// VM `vm`'s directory under this instance's home.
+    #[track_caller]
+    pub fn vm_dir(&self, vm: &str) -> PathBuf {
+        let id = self.vm_show(vm)["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        self.home().join("vms").join(id)
+    }
+
+    /// `banger ARGS` with fault `fault` set (`banger_core::fault`): a daemon it starts
+    /// carries it.
+    pub fn with_fault(&self, fault: &str, args: &[&str]) -> Run {
+        Run::from_output(
+            self.command(args)
+                .env(banger_core::fault::ENV, fault)
+                .output()
+                .unwrap(),
+        )
+    }
+
     /// Sends one raw HTTP/1.1 request on the socket; returns (status, body).
     pub fn raw_request(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
         let mut stream = UnixStream::connect(self.socket()).unwrap();

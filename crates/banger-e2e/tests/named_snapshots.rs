@@ -174,11 +174,7 @@ fn snapshots_restore_exact_prefixes_and_merge_on_removal() {
     let scratch = scratch.path();
 
     // Boot 1: the writer runs, the VM stops cleanly, a first snapshot is taken.
-    let run = env.banger(&["vm", "run", "dev", "--disk", "2G"]);
-    if run.code != 0 {
-        env.dump_diagnostics();
-    }
-    run.ok();
+    env.banger_or_dump(&["vm", "run", "dev", "--disk", "2G"]);
     guest(&env, START_WRITER);
     wait_written(&env, 10);
     env.banger(&["vm", "stop", "dev"]).ok();
@@ -331,11 +327,7 @@ fn clones_boot_with_their_own_identity() {
     let env = TestEnv::new();
     std::fs::write(env.config_file(), CONFIG).unwrap();
     env.build_default_image();
-    let run = env.banger(&["vm", "run", "src", "--memory", "512M"]);
-    if run.code != 0 {
-        env.dump_diagnostics();
-    }
-    run.ok();
+    env.banger_or_dump(&["vm", "run", "src", "--memory", "512M"]);
     guest_in(&env, "src", "echo before > /root/shared && sync");
     env.banger(&["vm", "stop", "src"]).ok();
     // A memory clone is refused: it would resume as a twin.

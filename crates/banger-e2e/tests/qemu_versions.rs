@@ -16,11 +16,7 @@ fn boot_and_exec(binary: &str) -> String {
     )
     .unwrap();
     env.build_default_image();
-    let run = env.banger(&["vm", "run", "dev"]);
-    if run.code != 0 {
-        env.dump_diagnostics();
-    }
-    run.ok();
+    env.banger_or_dump(&["vm", "run", "dev"]);
     let out = env
         .banger(&["vm", "exec", "dev", "--", "cat", "/proc/version"])
         .ok();
