@@ -28,6 +28,8 @@ pub fn check_transition(from: VmState, to: VmState) -> Result<(), TransitionErro
     let legal = matches!(
         (from, to),
         (Created | Stopped | Suspended | Error, Starting)
+            // Restored to a memory snapshot: its next start resumes it.
+            | (Created | Stopped, Suspended)
             | (Starting, Running | Error | Created | Stopped | Suspended)
             | (Running, Stopping | Stopped | Error | Paused)
             | (Paused, Running | Stopping | Stopped | Error)

@@ -159,21 +159,48 @@ pub fn seal(
             why: "the VMM wrote no file".into(),
         });
     }
+    let sealed = Manifest {
+        version: MANIFEST_VERSION,
+        vmm: vmm.to_owned(),
+        files: sums,
+        disks: disk_identities(disks)?,
+    };
+    write(&sealed, manifest)?;
+    Ok(sealed)
+}
+
+/// Seals, for the disks `disks`, files sealed before under `sealed` (a named memory
+/// snapshot's state, linked into the VM's directory by a restore, under the same names):
+/// the files are not hashed again (a load verifies them), the disks are flushed and their
+/// identity recorded.
+pub fn reseal(
+    sealed: &Manifest,
+    disks: &[PathBuf],
+    manifest: &Path,
+) -> Result<Manifest, SnapshotError> {
+    let resealed = Manifest {
+        disks: disk_identities(disks)?,
+        ..sealed.clone()
+    };
+    write(&resealed, manifest)?;
+    Ok(resealed)
+}
+
+fn disk_identities(disks: &[PathBuf]) -> Result<Vec<DiskIdentity>, SnapshotError> {
     let mut identities = Vec::new();
     for disk in disks {
         sync_file(disk)?;
         identities.push(DiskIdentity::of(disk)?);
     }
-    let sealed = Manifest {
-        version: MANIFEST_VERSION,
-        vmm: vmm.to_owned(),
-        files: sums,
-        disks: identities,
-    };
+    Ok(identities)
+}
+
+/// Writes `sealed` at `manifest` atomically (temp file, fsync, rename, fsync of the dir).
+fn write(sealed: &Manifest, manifest: &Path) -> Result<(), SnapshotError> {
     let dir = manifest.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .map_err(io_err(format!("cannot create a file in {}", dir.display())))?;
-    let text = serde_json::to_vec_pretty(&sealed).map_err(|e| SnapshotError::Manifest {
+    let text = serde_json::to_vec_pretty(sealed).map_err(|e| SnapshotError::Manifest {
         path: manifest.display().to_string(),
         message: e.to_string(),
     })?;
@@ -185,7 +212,7 @@ pub fn seal(
         source: e.error,
     })?;
     sync_file(dir)?;
-    Ok(sealed)
+    Ok(())
 }
 
 /// Reads the manifest at `manifest`, if any (no check of the files).
@@ -356,6 +383,43 @@ mod tests {
         std::fs::rename(&other, &f.disk).unwrap();
         let err = f.verify().unwrap_err();
         assert!(err.to_string().contains("another file"), "{err}");
+    }
+
+    #[test]
+    fn a_resealed_copy_pairs_the_same_files_with_other_disks() {
+        // A named memory snapshot: sealed with no disk, its state linked into a VM's
+        // directory beside new disks, resealed for them there.
+        let named = fixture();
+        let sealed = seal(
+            "qemu",
+            std::slice::from_ref(&named.state),
+            &[],
+            &named.manifest,
+        )
+        .unwrap();
+        let vm = tempfile::tempdir().unwrap();
+        let (state, disk, manifest) = (
+            vm.path().join("snapshot.state"),
+            vm.path().join("system.qcow2"),
+            vm.path().join("snapshot.json"),
+        );
+        std::fs::hard_link(&named.state, &state).unwrap();
+        std::fs::write(&disk, b"new top").unwrap();
+        let resealed = reseal(&sealed, std::slice::from_ref(&disk), &manifest).unwrap();
+        assert_eq!(resealed.files, sealed.files);
+        assert_eq!(
+            verify(&manifest, std::slice::from_ref(&disk)).unwrap(),
+            resealed
+        );
+        // Still a check of the disks and the files.
+        std::fs::write(&disk, b"written since").unwrap();
+        let err = verify(&manifest, std::slice::from_ref(&disk)).unwrap_err();
+        assert!(matches!(err, SnapshotError::DiskChanged { .. }), "{err}");
+        reseal(&sealed, std::slice::from_ref(&disk), &manifest).unwrap();
+        std::fs::remove_file(&state).unwrap();
+        std::fs::write(&state, b"torn").unwrap();
+        let err = verify(&manifest, std::slice::from_ref(&disk)).unwrap_err();
+        assert!(matches!(err, SnapshotError::Damaged { .. }), "{err}");
     }
 
     #[test]

@@ -53,6 +53,9 @@ enum Op {
     /// `vm snapshot create` of a running QEMU VM: a real guest, so its cases (killed, failed,
     /// and QEMU killed too) run in tests/live_snapshots.rs.
     LiveSnapshot,
+    /// `vm snapshot create --memory` and the restore of such a snapshot: a real guest, so
+    /// their cases run in tests/memory_snapshots.rs.
+    MemorySnapshot,
 }
 
 /// Every step and the operation that reaches it.
@@ -97,6 +100,12 @@ const CASES: &[(&str, Op)] = &[
     ("snapshot.live.after_freeze", Op::LiveSnapshot),
     ("snapshot.live.after_switch", Op::LiveSnapshot),
     ("snapshot.live.after_thaw", Op::LiveSnapshot),
+    ("snapshot.memory.after_pause", Op::MemorySnapshot),
+    ("snapshot.memory.after_switch", Op::MemorySnapshot),
+    ("snapshot.memory.after_state", Op::MemorySnapshot),
+    ("snapshot.memory.after_resume", Op::MemorySnapshot),
+    ("snapshot.memory.after_seal", Op::MemorySnapshot),
+    ("snapshot.restore_after_disks", Op::MemorySnapshot),
 ];
 
 /// Steps just before an outside call (disk tools, the helper, the VMM, SSH, a rename): they
@@ -201,7 +210,8 @@ fn op_name(op: Op) -> &'static str {
         | Op::ImageBuild
         | Op::ImagePull
         | Op::WorkspacePrepare
-        | Op::LiveSnapshot => "other",
+        | Op::LiveSnapshot
+        | Op::MemorySnapshot => "other",
     }
 }
 
@@ -235,6 +245,7 @@ async fn run_op(manager: &Manager, op: &str) -> Result<(), banger_core::Error> {
                 VM,
                 CreateSnapshotRequest {
                     name: Some("s1".into()),
+                    ..Default::default()
                 },
             )
             .await
@@ -244,6 +255,7 @@ async fn run_op(manager: &Manager, op: &str) -> Result<(), banger_core::Error> {
                 VM,
                 CreateSnapshotRequest {
                     name: Some("s2".into()),
+                    ..Default::default()
                 },
             )
             .await

@@ -196,6 +196,10 @@ pub struct VmSnapshot {
     /// VMs cloned from it (they depend on its files).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clones: Vec<String>,
+    /// Whether it also holds the VM's running state (`--memory`): a VM restored to it
+    /// resumes there instead of booting.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory: bool,
 }
 
 /// `GET /v1/vms/{name}/snapshots`.
@@ -214,6 +218,10 @@ pub struct CreateSnapshotRequest {
     /// The snapshot's name (1-63 of a-z, 0-9, '.', '_', '-'); default `snap-YYYYMMDD-HHMMSS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Also save the running VM's memory and device state, so that a restore resumes it
+    /// where it was (QEMU; the VM must be running or paused).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory: bool,
 }
 
 /// `POST /v1/vms/{name}/clone`.
@@ -225,6 +233,11 @@ pub struct CloneVmRequest {
     /// The source's snapshot to clone; default: a new snapshot `clone-NAME` of the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// Resume the clone from a memory snapshot instead of booting it: refused, since the
+    /// clone would run with its source's identity (host key, machine-id, addresses) in
+    /// memory.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub memory: bool,
 }
 
 /// Checks a snapshot name: 1-63 characters of `a-z`, `0-9`, `.`, `_` and `-`, starting with a

@@ -199,17 +199,17 @@ impl Layout {
     /// The VM state file of the VM's suspend snapshot (Firecracker `snapshot_path`; QEMU's
     /// migration stream, devices and memory in one file).
     pub fn vm_snapshot_state(&self, vm_id: &str) -> PathBuf {
-        self.vm_dir(vm_id).join("snapshot.state")
+        self.vm_dir(vm_id).join(SNAPSHOT_STATE)
     }
     /// The guest memory file of the VM's suspend snapshot (Firecracker `mem_file_path`; QEMU
     /// writes none).
     pub fn vm_snapshot_memory(&self, vm_id: &str) -> PathBuf {
-        self.vm_dir(vm_id).join("snapshot.mem")
+        self.vm_dir(vm_id).join(SNAPSHOT_MEMORY)
     }
     /// What makes the VM's suspend snapshot complete (JSON): its files' sizes and checksums
     /// and the identity of the disks it pairs with. Written last, atomically.
     pub fn vm_snapshot_manifest(&self, vm_id: &str) -> PathBuf {
-        self.vm_dir(vm_id).join("snapshot.json")
+        self.vm_dir(vm_id).join(SNAPSHOT_MANIFEST)
     }
     /// Scratch space for building and importing (same file system as the stores, so results
     /// are renamed into place atomically).
@@ -369,7 +369,28 @@ impl NamedSnapshotFiles {
     pub fn work(&self, qcow2: bool) -> PathBuf {
         self.0.join(if qcow2 { "work.qcow2" } else { "work.ext4" })
     }
+    /// A memory snapshot's VM state (QEMU's migration stream), named as the VM's suspend
+    /// state: a restore links it there.
+    pub fn state(&self) -> PathBuf {
+        self.0.join(SNAPSHOT_STATE)
+    }
+    /// A memory snapshot's guest memory file (Firecracker's; QEMU writes none).
+    pub fn memory(&self) -> PathBuf {
+        self.0.join(SNAPSHOT_MEMORY)
+    }
+    /// A memory snapshot's manifest (`banger_core::snapshot`): the state's size and checksum.
+    /// Without it the snapshot holds only disks.
+    pub fn manifest(&self) -> PathBuf {
+        self.0.join(SNAPSHOT_MANIFEST)
+    }
 }
+
+/// The VM state file of a memory snapshot (a suspend's, or a named snapshot's `--memory`).
+pub const SNAPSHOT_STATE: &str = "snapshot.state";
+/// The guest memory file of a memory snapshot (Firecracker's; QEMU writes none).
+pub const SNAPSHOT_MEMORY: &str = "snapshot.mem";
+/// The manifest that makes a memory snapshot complete.
+pub const SNAPSHOT_MANIFEST: &str = "snapshot.json";
 
 /// Directory of the work-seed store under the data dir.
 pub const WORK_SEEDS: &str = "work-seeds";

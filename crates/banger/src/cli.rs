@@ -171,17 +171,18 @@ pub enum VmCommand {
     Snapshot(SnapshotCommand),
     /// Make a new VM from a snapshot of a QEMU VM, without copying its disks.
     ///
-    /// Without --snapshot, a snapshot `clone-NEW` of SRC is taken first (SRC must be stopped).
-    /// The clone gets its own name, MAC, address and machine-id, and at its first start its
-    /// own SSH host key. SRC cannot be removed while the clone exists.
+    /// Without --snapshot, a snapshot `clone-NEW` of SRC is taken first (of its disks as they
+    /// are; a running SRC is frozen for an instant and runs on). The clone gets its own name,
+    /// MAC, address and machine-id, and at its first start its own SSH host key. SRC cannot
+    /// be removed while the clone exists. A memory snapshot's clone boots from its disks.
     Clone {
         src: VmName,
         new: VmName,
         /// Clone this snapshot of SRC instead of taking one.
         #[arg(long)]
         snapshot: Option<String>,
-        /// Memory snapshots cannot be cloned (a resumed twin would share its source's
-        /// identity); refused.
+        /// Resume the clone from a memory snapshot instead of booting it: refused (the
+        /// clone would run with its source's identity in memory).
         #[arg(long, hide = true)]
         memory: bool,
         #[command(flatten)]
@@ -232,11 +233,16 @@ pub enum VmCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
-    /// Take a snapshot of a stopped VM's disks.
+    /// Take a snapshot of a VM's disks (stopped, running or paused; a running guest's
+    /// filesystems are frozen for the instant of the switch).
     Create {
         name: VmName,
         /// The snapshot's name [default: snap-YYYYMMDD-HHMMSS, UTC].
         snapshot: Option<String>,
+        /// Also save the running VM's memory and devices (QEMU, running or paused VM): after
+        /// `vm snapshot restore`, `vm start` resumes it where it was instead of booting.
+        #[arg(long)]
+        memory: bool,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -247,7 +253,8 @@ pub enum SnapshotCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
-    /// Put a stopped VM's disks back to a snapshot: what was written since is lost.
+    /// Put a stopped VM's disks back to a snapshot: what was written since is lost. A
+    /// memory snapshot leaves the VM suspended there: `vm start` resumes it.
     Restore {
         name: VmName,
         snapshot: String,

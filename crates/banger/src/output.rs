@@ -274,6 +274,7 @@ pub fn snapshot_table(list: &banger_proto::SnapshotList) -> String {
                     s.name.clone()
                 },
                 ByteSize(s.bytes).to_string(),
+                if s.memory { "yes" } else { "-" }.into(),
                 s.parent.clone().unwrap_or_else(|| "-".into()),
                 if s.clones.is_empty() {
                     "-".into()
@@ -284,7 +285,10 @@ pub fn snapshot_table(list: &banger_proto::SnapshotList) -> String {
             ]
         })
         .collect();
-    table(&["NAME", "SIZE", "PARENT", "CLONES", "CREATED"], &rows)
+    table(
+        &["NAME", "SIZE", "MEMORY", "PARENT", "CLONES", "CREATED"],
+        &rows,
+    )
 }
 
 /// What `vm set` changed, in one line.

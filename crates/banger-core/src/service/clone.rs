@@ -1,6 +1,7 @@
 //! `vm clone SRC NEW [--snapshot SNAP]`: a new VM whose two disks are new empty qcow2
-//! overlays over a named snapshot of SRC (without `--snapshot`, one taken now, `clone-NEW`;
-//! SRC must be stopped then). Nothing is copied. The clone has its own record, id, name (its
+//! overlays over a named snapshot of SRC (without `--snapshot`, one taken now, `clone-NEW`,
+//! live when SRC runs). A memory snapshot's clone boots from its disks; resuming a clone
+//! from the memory (`--memory`) is refused: it would be a twin of SRC. Nothing is copied. The clone has its own record, id, name (its
 //! hostname and DNS name), MAC and address like any new VM; its machine-id is its id, given
 //! to systemd on the kernel command line at every boot (`systemd.machine_id=`), since the
 //! one in its system disk is SRC's; and at its first start the guest makes itself a new SSH
@@ -13,7 +14,6 @@ use tracing::{info, warn};
 
 use super::Manager;
 use super::ports::NetChoice;
-use super::snapshots::must_be_stopped;
 use crate::Error;
 use crate::domain::DiskFormat;
 use crate::guest::ssh;
@@ -47,11 +47,21 @@ impl Manager {
             return Err(StoreError::VmExists(new_name.to_string()).into());
         }
         let _new = self.locked(new_name.as_str()).await?;
+        if request.memory {
+            return Err(Error::Refused {
+                message: format!(
+                    "cannot clone VM {} with --memory: a clone resumed from its memory would run \
+                     with {}'s identity (SSH host key, machine-id, addresses)",
+                    src_record.name, src_record.name
+                ),
+                hint: "clone without --memory: the clone boots from the snapshot's disks with its own identity".into(),
+            });
+        }
         let snapshot = match &request.snapshot {
             Some(snap) => self.named_snapshot(&src_record, snap).await?,
+            // A running or paused source is snapshotted live; a suspended one is refused.
             None => {
-                must_be_stopped(&src_record, "clone (without --snapshot)")?;
-                self.take_snapshot(&src_record, format!("clone-{new_name}"))
+                self.take_snapshot(&src_record, format!("clone-{new_name}"), false)
                     .await?
             }
         };

@@ -1,12 +1,14 @@
 //! `vm snapshot create` of a running or paused VM: the same external qcow2 overlays as a
 //! stopped VM's snapshot, switched under the running VMM.
 //!
-//! 1. The VM's top files move into the snapshot's directory (the VMM keeps writing to them
-//!    through the files it has open) and new empty overlays naming them as backing are made
-//!    beside the tops (`Layout::vm_overlay_live`, a name per snapshot), without opening the
-//!    backings (the VMM holds their locks). Nothing is at the tops' paths until the switch is
-//!    done: QEMU reopens the image it switches away from read-only by the name it opened it
-//!    with, which then fails (and is ignored) instead of opening another file.
+//! 1. The VM's top files are linked into the snapshot's directory (hard links: the VMM
+//!    keeps writing to them, under both names) and new empty overlays naming the snapshot's
+//!    links as backing are made beside the tops (`Layout::vm_overlay_live`, a name per
+//!    snapshot), without opening the backings (the VMM holds their locks). The tops' paths
+//!    keep naming the VMM's files until the switch is done: QEMU reopens the image it
+//!    switches away from read-only by the name it opened it with, and so drops its write
+//!    lock on the snapshot's files (a clone's VMM could not open them otherwise); were
+//!    another file at that name it would read that one instead.
 //! 2. A running guest syncs and freezes `/root` and `/` (`fsfreeze`, over SSH): from then
 //!    on its disks hold two clean filesystems and take no writes. A guest-side watchdog, and
 //!    the end of the SSH session when the daemon dies, thaw it whatever happens. A paused VM
@@ -14,12 +16,21 @@
 //! 3. The VMM switches both disks to the new overlays at one instant (QEMU: one
 //!    `transaction` of two `blockdev-snapshot-sync`; both or neither), behind
 //!    `VmBackend::switch_disks`.
-//! 4. The new overlays are renamed to the tops' paths (the VMM keeps their open files); the
-//!    guest thaws; the intent row is cleared.
+//! 4. The new overlays are renamed over the tops' paths (the VMM keeps their open files),
+//!    the VM's other name of a file now in the snapshot (a raw `work.ext4`) goes; the guest
+//!    thaws; the intent row is cleared.
+//!
+//! With `--memory` (`SnapshotRecord::memory_of`), the guest syncs and the VM pauses instead
+//! of freezing (its disks then take no writes either, and hold what a power cut right after
+//! the sync would leave), the switch happens while it is paused, and the VMM then writes its
+//! memory and devices into the snapshot's directory (QEMU: the suspend's migration to a
+//! file) before the VM runs on. The state is sealed (`crate::snapshot`, with no disk: a
+//! restore pairs it with the new tops it makes) once the VM runs again; a snapshot without
+//! its sealed manifest holds disks only. A VM paused by its owner stays paused.
 //!
 //! Crash safety: the intent row is written first, as for a stopped VM's snapshot. Until the
-//! switch, undoing puts the files back where they were (the VMM writes on through the same
-//! open files, whatever their names); after it, the snapshot is finished. Which of the two
+//! switch, undoing takes the files out of the snapshot again (the VMM writes on through the
+//! same open files, whatever their names); after it, the snapshot is finished. Which of the two
 //! applies is asked of the VMM ([`crate::vmm::VmBackend::disks_switched`], by the switch's
 //! node names), by the daemon when a step failed and by the next daemon when this one died.
 //! A VM whose VMM died meanwhile is finished as a stopped VM's snapshot is: every byte its
@@ -32,15 +43,16 @@ use banger_proto::VmState;
 use tracing::{info, warn};
 
 use super::Manager;
-use super::snapshots::{MovedTops, sync_dir};
+use super::snapshots::{MovedTops, same_file, sync_dir};
 use super::stop::STOP_DIAL;
+use super::suspend::SUSPEND_SYNC;
 use crate::Error;
 use crate::guest::ssh;
 use crate::layout::Layout;
 use crate::model::{VmRecord, has_process};
 use crate::qcow2;
-use crate::store::SnapshotRecord;
-use crate::vmm::{DiskSwitch, VmBackend, VmProcess, process};
+use crate::store::{MemoryOf, SnapshotRecord};
+use crate::vmm::{DiskSwitch, Snapshot, VmBackend, VmProcess, process};
 
 /// After this long a frozen guest thaws by itself (the switch takes well under a second).
 const FREEZE_WATCHDOG: Duration = Duration::from_secs(30);
@@ -95,7 +107,28 @@ impl Manager {
             return Ok(warnings);
         };
         warn!(vm = %record.name, snapshot = %snapshot.name, "live snapshot failed, settling: {e}");
-        match self.settle_live_create(snapshot, record).await {
+        let settled = self.settle_live_create(snapshot, record).await;
+        if let Err(why) = self.after_memory_snapshot(snapshot, record).await {
+            warnings.push(why.to_api().message);
+        }
+        match settled {
+            Ok(Settled::Taken) if snapshot.memory_of.is_some() => {
+                let files = self.layout.vm_named_snapshot(&snapshot.vm_id, &snapshot.id);
+                if files.manifest().exists() {
+                    warnings.push(format!(
+                        "the snapshot was taken, but a step after it failed: {e}"
+                    ));
+                    return Ok(warnings);
+                }
+                Err(Error::StepFailed {
+                    step: format!(
+                        "snapshot {} of VM {} holds its disks but not its memory (remove it \
+                         with `banger vm snapshot rm` once the VM is stopped, or keep it)",
+                        snapshot.name, record.name
+                    ),
+                    source: Box::new(e),
+                })
+            }
             Ok(Settled::Taken) => {
                 warnings.push(format!(
                     "the snapshot was taken, but a step after it failed: {e}"
@@ -140,6 +173,11 @@ impl Manager {
     ) -> Result<(), Error> {
         crate::fault::point("snapshot.live.after_record")?;
         let switch = self.prepare_live_files(snapshot).await?;
+        if snapshot.memory_of.is_some() {
+            return self
+                .switch_paused_with_memory(record, snapshot, vmm, control, &switch, warnings)
+                .await;
+        }
         let frozen = if record.state == VmState::Running {
             let target = self.ssh_target(record)?;
             let frozen = ssh::freeze(&target, STOP_DIAL, FREEZE_WATCHDOG, FREEZE_LIMIT)
@@ -177,6 +215,126 @@ impl Manager {
         Ok(())
     }
 
+    /// A memory snapshot's steps after step 1 (module doc): sync, pause, switch, write the
+    /// VMM's state, run on, seal, clear the intent.
+    async fn switch_paused_with_memory(
+        &self,
+        record: &VmRecord,
+        snapshot: &SnapshotRecord,
+        vmm: &dyn VmBackend,
+        control: &VmProcess,
+        switch: &DiskSwitch,
+        warnings: &mut Vec<String>,
+    ) -> Result<(), Error> {
+        if snapshot.memory_of == Some(MemoryOf::Running) {
+            // What the guest has written reaches its disks: a cold boot of the snapshot (a
+            // clone, or a restore whose state cannot be loaded) then finds it there.
+            if let Err(why) = self.sync_guest(record).await {
+                warn!(vm = %record.name, "sync before the memory snapshot failed: {why}");
+                warnings.push(format!(
+                    "cannot sync the guest ({why}): a cold boot of this snapshot's disks would \
+                     miss its unwritten data"
+                ));
+            }
+            vmm.pause(control).await?;
+        }
+        crate::fault::point("snapshot.memory.after_pause")?;
+        vmm.switch_disks(control, switch).await?;
+        crate::fault::point("snapshot.memory.after_switch")?;
+        self.live_overlays_in_place(snapshot)?;
+        let files = self.layout.vm_named_snapshot(&snapshot.vm_id, &snapshot.id);
+        let state = Snapshot {
+            state: files.state(),
+            memory: files.memory(),
+        };
+        vmm.snapshot(control, &state).await?;
+        crate::fault::point("snapshot.memory.after_state")?;
+        self.run_on_after_memory(snapshot, record).await?;
+        crate::fault::point("snapshot.memory.after_resume")?;
+        let (vmm_kind, manifest) = (record.spec.vmm.to_string(), files.manifest());
+        let sealed = tokio::task::spawn_blocking(move || {
+            crate::snapshot::seal(&vmm_kind, &[state.state, state.memory], &[], &manifest)
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("sealing the snapshot panicked: {e}")))?
+        .map_err(|e| Error::Failed(e.to_string()))?;
+        crate::fault::point("snapshot.memory.after_seal")?;
+        let id = snapshot.id.clone();
+        self.db.run(move |s| s.finish_snapshot_step(&id)).await?;
+        info!(vm = %record.name, snapshot = %snapshot.name, bytes = sealed.size(), "memory snapshot taken");
+        Ok(())
+    }
+
+    /// `sync` in the guest through its shared connection, bounded.
+    pub(super) async fn sync_guest(&self, record: &VmRecord) -> Result<(), String> {
+        let target = self.ssh_target(record).map_err(|e| e.to_api().message)?;
+        match ssh::run(&target, "sync", STOP_DIAL, SUSPEND_SYNC).await {
+            Ok((Some(0), _, _)) => Ok(()),
+            Ok((code, _, stderr)) => Err(format!("exit {code:?}: {}", stderr.trim())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// After a memory snapshot that did not go through (also by the next daemon): the VM
+    /// runs on as before it, and a state file that was not sealed is removed.
+    pub(super) async fn after_memory_snapshot(
+        &self,
+        snapshot: &SnapshotRecord,
+        record: &VmRecord,
+    ) -> Result<(), Error> {
+        if snapshot.memory_of.is_none() {
+            return Ok(());
+        }
+        let resumed = self.run_on_after_memory(snapshot, record).await;
+        let files = self.layout.vm_named_snapshot(&snapshot.vm_id, &snapshot.id);
+        if !files.manifest().exists() {
+            for file in [files.state(), files.memory()] {
+                match std::fs::remove_file(&file) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        warn!(file = %file.display(), "cannot remove an unsealed snapshot state: {e}");
+                    }
+                    _ => {}
+                }
+            }
+        }
+        resumed
+    }
+
+    /// The VM paused for a memory snapshot runs again as it did before it: a running VM
+    /// resumes; one its owner paused pauses again after a resume that takes its disks back
+    /// from the finished migration. `resume` first cancels a migration still under way.
+    async fn run_on_after_memory(
+        &self,
+        snapshot: &SnapshotRecord,
+        record: &VmRecord,
+    ) -> Result<(), Error> {
+        let Some(memory_of) = snapshot.memory_of else {
+            return Ok(());
+        };
+        let resumed = match self.live_control(record) {
+            // `resume` first cancels a migration still under way, which then writes no more.
+            Some((vmm, control)) => match vmm.is_paused(&control).await {
+                Ok(true) => match memory_of {
+                    MemoryOf::Running => vmm.resume(&control).await,
+                    MemoryOf::Paused => match vmm.resume(&control).await {
+                        Ok(()) => vmm.pause(&control).await,
+                        Err(e) => Err(e),
+                    },
+                },
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
+            },
+            None => Ok(()),
+        };
+        resumed.map_err(|e| Error::StepFailed {
+            step: format!(
+                "VM {} stays paused after its snapshot (resume it with `banger vm resume {}`)",
+                record.name, record.name
+            ),
+            source: Box::new(e.into()),
+        })
+    }
+
     /// Step 1: the VM's tops into the snapshot's directory, new overlays over them at the
     /// tops' paths (each done only when not done yet).
     async fn prepare_live_files(&self, snapshot: &SnapshotRecord) -> Result<DiskSwitch, Error> {
@@ -186,7 +344,7 @@ impl Manager {
             work,
             system_top,
             work_top,
-        } = self.move_tops(snapshot, || {
+        } = self.move_tops(snapshot, true, || {
             crate::fault::point("snapshot.live.after_system_moved")
         })?;
         let system_next = Layout::vm_overlay_live(&system_top, &snapshot.id);
@@ -213,22 +371,33 @@ impl Manager {
         })
     }
 
-    /// Step 4's renames: the live overlays (those still beside the tops) become the tops.
-    /// Also what finishing after a crash does first: a live overlay the VMM may have written
-    /// to holds the guest's latest writes.
+    /// Step 4's renames: the live overlays (those still beside the tops) become the tops,
+    /// and the VM's names of the files now in the snapshot go. Also what finishing after a
+    /// crash does first: a live overlay the VMM may have written to holds the guest's latest
+    /// writes, and with the VMM gone the snapshot's files take no more writes.
     pub(super) fn live_overlays_in_place(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
         let id = &snapshot.vm_id;
-        for top in [
-            self.layout.vm_system_disk(id),
-            self.layout.vm_work_overlay(id),
-        ] {
-            let next = Layout::vm_overlay_live(&top, &snapshot.id);
+        let files = self.layout.vm_named_snapshot(id, &snapshot.id);
+        let system_top = self.layout.vm_system_disk(id);
+        let work_top = self.layout.vm_work_overlay(id);
+        for top in [&system_top, &work_top] {
+            let next = Layout::vm_overlay_live(top, &snapshot.id);
             if next.exists() {
-                std::fs::rename(&next, &top).map_err(Error::io(format!(
+                std::fs::rename(&next, top).map_err(Error::io(format!(
                     "cannot rename {} to {}",
                     next.display(),
                     top.display()
                 )))?;
+            }
+        }
+        for (name, frozen) in [
+            (system_top, files.system()),
+            (work_top, files.work(true)),
+            (self.layout.vm_work_disk(id), files.work(false)),
+        ] {
+            if same_file(&name, &frozen) {
+                std::fs::remove_file(&name)
+                    .map_err(Error::io(format!("cannot remove {}", name.display())))?;
             }
         }
         sync_dir(&self.layout.vm_dir(id))

@@ -25,7 +25,7 @@ use crate::domain::{DiskFormat, SystemDiskStrategy};
 use crate::layout::Layout;
 use crate::model::VmRecord;
 use crate::qcow2::{self, Backing};
-use crate::store::{SnapshotPending, SnapshotRecord};
+use crate::store::{MemoryOf, SnapshotPending, SnapshotRecord};
 
 impl Manager {
     /// The VM's work disk as its VMM opens it: the qcow2 overlay once it has had a named
@@ -103,20 +103,47 @@ impl Manager {
             Some(n) => n,
             None => default_name(std::time::SystemTime::now()),
         };
-        let done = self.take_snapshot(&record, snapshot_name).await?;
+        let done = self
+            .take_snapshot(&record, snapshot_name, request.memory)
+            .await?;
         Ok(self.snapshot_api(&record, &done, Some(&done.id)).await)
     }
 
-    /// Takes snapshot `snapshot_name` of `record` (its lock held).
+    /// Takes snapshot `snapshot_name` of `record` (its lock held), with its memory when
+    /// `memory`.
     pub(super) async fn take_snapshot(
         &self,
         record: &VmRecord,
         snapshot_name: String,
+        memory: bool,
     ) -> Result<SnapshotRecord, Error> {
         self.check_snapshottable(record)?;
         let live = matches!(record.state, VmState::Running | VmState::Paused);
         if !live {
             must_be_stopped(record, "snapshot")?;
+        }
+        let memory_of = match (memory, record.state) {
+            (false, _) => None,
+            (true, VmState::Running) => Some(MemoryOf::Running),
+            (true, VmState::Paused) => Some(MemoryOf::Paused),
+            (true, state) => {
+                return Err(Error::NotNow {
+                    message: format!(
+                        "VM {} is {state}: a memory snapshot saves a running VM's memory",
+                        record.name
+                    ),
+                    hint: format!(
+                        "start it first (`banger vm start {}`), or snapshot its disks without --memory",
+                        record.name
+                    ),
+                });
+            }
+        };
+        if memory_of.is_some() && !self.backend(record).capabilities().supports_memory_snapshot {
+            return Err(Error::Unsupported {
+                message: format!("VM {}'s VMM cannot save its memory", record.name),
+                hint: "snapshot its disks without --memory".into(),
+            });
         }
         banger_proto::check_snapshot_name(&snapshot_name).map_err(Error::InvalidRequest)?;
         let (vm_id, name) = (record.id.clone(), snapshot_name.clone());
@@ -146,6 +173,7 @@ impl Manager {
             },
             created_at: crate::now_rfc3339(),
             pending: Some(SnapshotPending::Create),
+            memory_of,
         };
         let begun = snapshot.clone();
         self.db.run(move |s| s.begin_snapshot(&begun)).await?;
@@ -180,7 +208,7 @@ impl Manager {
     pub(super) async fn finish_create(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
         crate::fault::point("snapshot.after_record")?;
         let id = &snapshot.vm_id;
-        let tops = self.move_tops(snapshot, || {
+        let tops = self.move_tops(snapshot, false, || {
             crate::fault::point("snapshot.after_system_moved")
         })?;
         crate::fault::point("snapshot.after_work_moved")?;
@@ -199,10 +227,12 @@ impl Manager {
 
     /// The first file step of taking `snapshot`, stopped or live: the VM's tops move into the
     /// snapshot's directory (each only when not moved yet; `after_system` runs the fault point
-    /// between the two moves), and both directories are synced.
+    /// between the two moves), and both directories are synced. A live snapshot links them
+    /// there instead (`live`): its VMM reopens them by their names at the switch.
     pub(super) fn move_tops(
         &self,
         snapshot: &SnapshotRecord,
+        live: bool,
         after_system: impl FnOnce() -> Result<(), crate::fault::Injected>,
     ) -> Result<MovedTops, Error> {
         let id = &snapshot.vm_id;
@@ -219,9 +249,10 @@ impl Manager {
         } else {
             self.layout.vm_work_disk(id)
         };
-        move_once(&system_top, &files.system())?;
+        let step = if live { link_once } else { move_once };
+        step(&system_top, &files.system())?;
         after_system()?;
-        move_once(&work_before, &files.work(work_qcow2))?;
+        step(&work_before, &files.work(work_qcow2))?;
         sync_dir(files.dir())?;
         sync_dir(&self.layout.vm_dir(id))?;
         Ok(MovedTops {
@@ -316,14 +347,16 @@ impl Manager {
             })
             .await
             .unwrap_or_default();
+        let files = self.layout.vm_named_snapshot(&record.id, &s.id);
         VmSnapshot {
             id: s.id.clone(),
             name: s.name.clone(),
             created_at: s.created_at.clone(),
-            bytes: dir_allocated(self.layout.vm_named_snapshot(&record.id, &s.id).dir()),
+            bytes: dir_allocated(files.dir()),
             parent,
             current: head == Some(s.id.as_str()),
             clones,
+            memory: has_memory(s, &files),
         }
     }
 
@@ -340,16 +373,19 @@ impl Manager {
             .run(move |s| s.begin_restore(&vm_id, &snapshot_id))
             .await?;
         crate::fault::point("snapshot.restore_after_record")?;
-        if let Err(e) = self.finish_restore(&record.id, &found).await {
-            return Err(Error::StepFailed {
-                step: format!(
-                    "cannot finish restoring VM {} to snapshot {snapshot} (the daemon's next start finishes it)",
-                    record.name
-                ),
-                source: Box::new(e),
-            });
+        match self.finish_restore(&record.id, &found).await {
+            Ok(Some(suspended)) => record.state = suspended,
+            Ok(None) => {}
+            Err(e) => {
+                return Err(Error::StepFailed {
+                    step: format!(
+                        "cannot finish restoring VM {} to snapshot {snapshot} (the daemon's next start finishes it)",
+                        record.name
+                    ),
+                    source: Box::new(e),
+                });
+            }
         }
-        self.remove_snapshot(&record.id);
         // The disks are the snapshot's now, with its sizes.
         let (work, _) = self.work_disk(&record.id);
         if let Some(bytes) = crate::usage::virtual_bytes(&work) {
@@ -362,9 +398,16 @@ impl Manager {
         Ok(self.vm_api(&record).await)
     }
 
-    /// New empty tops over `snapshot`'s files, each renamed over the VM's top (redone whole
-    /// after a crash: the new tops are empty either way).
-    async fn finish_restore(&self, vm_id: &str, snapshot: &SnapshotRecord) -> Result<(), Error> {
+    /// New empty tops over `snapshot`'s files, each renamed over the VM's top, and for a
+    /// memory snapshot its state linked in as the VM's suspend state, sealed with the new
+    /// tops, the VM then suspended (returned). Redone whole after a crash: the new tops are
+    /// empty either way, and the VM's suspend state goes first.
+    async fn finish_restore(
+        &self,
+        vm_id: &str,
+        snapshot: &SnapshotRecord,
+    ) -> Result<Option<VmState>, Error> {
+        self.remove_snapshot(vm_id);
         let files = self.layout.vm_named_snapshot(vm_id, &snapshot.id);
         let work_qcow2 = snapshot.work_format == DiskFormat::Qcow2;
         let system_top = self.layout.vm_system_disk(vm_id);
@@ -386,9 +429,59 @@ impl Manager {
         };
         qcow2::create_overlay(&work, &Layout::vm_overlay_partial(&work_top), &work_top).await?;
         sync_dir(&self.layout.vm_dir(vm_id))?;
+        let suspended = if has_memory(snapshot, &files) {
+            crate::fault::point("snapshot.restore_after_disks")?;
+            Some(self.restore_memory(vm_id, snapshot).await?)
+        } else {
+            None
+        };
         let id = vm_id.to_owned();
         self.db.run(move |s| s.finish_restore(&id)).await?;
-        Ok(())
+        Ok(suspended)
+    }
+
+    /// A memory snapshot's state becomes the VM's suspend state: linked (not copied) into
+    /// the VM's directory, sealed for the VM's new tops; the VM is then suspended.
+    async fn restore_memory(
+        &self,
+        vm_id: &str,
+        snapshot: &SnapshotRecord,
+    ) -> Result<VmState, Error> {
+        let mut record = self
+            .db
+            .list_vms()
+            .await?
+            .into_iter()
+            .find(|v| v.id == vm_id)
+            .ok_or_else(|| Error::Failed(format!("VM {vm_id} is gone")))?;
+        let files = self.layout.vm_named_snapshot(vm_id, &snapshot.id);
+        let disks = self.snapshot_disks(&record);
+        let links = [
+            (files.state(), self.layout.vm_snapshot_state(vm_id)),
+            (files.memory(), self.layout.vm_snapshot_memory(vm_id)),
+        ];
+        let manifest = (files.manifest(), self.layout.vm_snapshot_manifest(vm_id));
+        tokio::task::spawn_blocking(move || {
+            for (from, to) in &links {
+                if from.exists() {
+                    std::fs::hard_link(from, to).map_err(Error::io(format!(
+                        "cannot link {} to {}",
+                        from.display(),
+                        to.display()
+                    )))?;
+                }
+            }
+            let sealed =
+                crate::snapshot::read(&manifest.0).map_err(|e| Error::Failed(e.to_string()))?;
+            crate::snapshot::reseal(&sealed, &disks, &manifest.1)
+                .map_err(|e| Error::Failed(e.to_string()))
+        })
+        .await
+        .map_err(|e| Error::Failed(format!("linking the snapshot's state panicked: {e}")))??;
+        if record.state != VmState::Suspended {
+            self.transition(&mut record, VmState::Suspended).await?;
+        }
+        Ok(VmState::Suspended)
     }
 
     /// Removes a named snapshot: what continues from it is rebased off it first.
@@ -536,8 +629,7 @@ impl Manager {
                 .await?;
             let Some(snapshot) = snapshot else { continue };
             match self.finish_restore(&vm_id, &snapshot).await {
-                Ok(()) => {
-                    self.remove_snapshot(&vm_id);
+                Ok(_) => {
                     info!(vm_id = %vm_id, snapshot = %snapshot.name, "finished a restore a dead daemon left")
                 }
                 Err(e) => warn!(vm_id = %vm_id, "cannot finish a half-done restore: {e}"),
@@ -577,11 +669,17 @@ impl Manager {
             .find(|v| v.id == snapshot.vm_id);
         match record {
             Some(record) if self.live_control(&record).is_some() => {
-                self.settle_live_create(snapshot, &record).await.map(drop)
+                let settled = self.settle_live_create(snapshot, &record).await.map(drop);
+                // A VM the dead daemon had paused for a memory snapshot runs on.
+                self.after_memory_snapshot(snapshot, &record).await?;
+                settled
             }
-            _ => {
+            record => {
                 // A live snapshot's overlays, if the VMM died too: they hold its last writes.
                 self.live_overlays_in_place(snapshot)?;
+                if let Some(record) = record {
+                    self.after_memory_snapshot(snapshot, &record).await?;
+                }
                 self.finish_create(snapshot).await
             }
         }
@@ -616,6 +714,11 @@ impl Manager {
             ),
         })
     }
+}
+
+/// Whether `snapshot` holds the VM's memory: asked to, and its state sealed.
+fn has_memory(snapshot: &SnapshotRecord, files: &crate::layout::NamedSnapshotFiles) -> bool {
+    snapshot.memory_of.is_some() && files.manifest().exists()
 }
 
 /// Refuses an operation on a VM that is not stopped (or never started).
@@ -665,6 +768,11 @@ pub(super) struct MovedTops {
 /// Renames `from` to `to` unless `to` is there already (the step was done).
 pub(super) fn move_once(from: &Path, to: &Path) -> Result<(), Error> {
     if to.exists() {
+        // Linked there by a live snapshot that ended before its switch: the move's second
+        // half is the old name's removal.
+        if same_file(from, to) {
+            remove_if_there(from)?;
+        }
         return Ok(());
     }
     std::fs::rename(from, to).map_err(Error::io(format!(
@@ -672,6 +780,28 @@ pub(super) fn move_once(from: &Path, to: &Path) -> Result<(), Error> {
         from.display(),
         to.display()
     )))
+}
+
+/// Links `from` at `to` unless `to` exists: a live snapshot's first step, which leaves the
+/// VMM's file at its name until the switch (see `live_snapshots`).
+pub(super) fn link_once(from: &Path, to: &Path) -> Result<(), Error> {
+    if to.exists() {
+        return Ok(());
+    }
+    std::fs::hard_link(from, to).map_err(Error::io(format!(
+        "cannot link {} to {}",
+        from.display(),
+        to.display()
+    )))
+}
+
+/// Whether `a` and `b` both exist and are one file (hard links of it).
+pub(super) fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
 }
 
 fn remove_if_there(path: &Path) -> Result<(), Error> {
@@ -752,6 +882,19 @@ mod tests {
         move_once(&a, &b).unwrap();
         assert_eq!(std::fs::read_to_string(&b).unwrap(), "x");
         assert!(!a.exists());
+        // A live snapshot's link, finished as a move: the old name goes, the file stays.
+        let (c, d) = (dir.path().join("c"), dir.path().join("d"));
+        std::fs::write(&c, "y").unwrap();
+        link_once(&c, &d).unwrap();
+        link_once(&c, &d).unwrap();
+        assert!(same_file(&c, &d));
+        move_once(&c, &d).unwrap();
+        assert!(!c.exists());
+        assert_eq!(std::fs::read_to_string(&d).unwrap(), "y");
+        // Another file at the destination is not the same file: the source stays.
+        std::fs::write(&c, "z").unwrap();
+        move_once(&c, &d).unwrap();
+        assert!(c.exists() && !same_file(&c, &d));
     }
 
     #[test]

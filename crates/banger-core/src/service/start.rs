@@ -194,7 +194,8 @@ impl Manager {
         }
         // After an unclean stop, e2fsck before the guest mounts anything; never under a
         // guest restored from its snapshot (its filesystems are mounted in its memory).
-        let restoring = restore.is_some_and(|s| s.state.is_file() && s.memory.is_file());
+        // (QEMU writes no memory file: its state file holds it.)
+        let restoring = restore.is_some_and(|s| s.state.is_file());
         let checked = self
             .check_disks_before_start(record, &system_disk, &work_disk, work_format, restoring)
             .await?;

@@ -8,16 +8,15 @@ use std::time::Duration;
 use banger_proto::{LifecycleResult, VmState};
 use tracing::{info, warn};
 
-use super::stop::{QUIT_GRACE, STOP_DIAL};
+use super::stop::QUIT_GRACE;
 use super::{Manager, result};
 use crate::Error;
 use crate::domain::SystemDiskStrategy;
-use crate::guest::ssh;
 use crate::model::VmRecord;
 use crate::vmm::{Snapshot, StopTimings, stop_sequence};
 
 /// Bound on the guest's `sync` before a suspend.
-const SUSPEND_SYNC: Duration = Duration::from_secs(15);
+pub(super) const SUSPEND_SYNC: Duration = Duration::from_secs(15);
 
 impl Manager {
     /// Suspends a VM to disk (backends with memory snapshots): `sync` in the guest over SSH,
@@ -70,15 +69,7 @@ impl Manager {
         // a suspend's time under TCG). A master ignores the dial bound, so the whole sync is
         // bounded instead, and shorter than a stop's: a sync cut short only costs the
         // cold-boot fallback its unwritten pages; the snapshot holds them all the same.
-        let synced = match self.ssh_target(&record) {
-            Ok(target) => match ssh::run(&target, "sync", STOP_DIAL, SUSPEND_SYNC).await {
-                Ok((Some(0), _, _)) => Ok(()),
-                Ok((code, _, stderr)) => Err(format!("exit {code:?}: {}", stderr.trim())),
-                Err(e) => Err(e.to_string()),
-            },
-            Err(e) => Err(e.to_api().message),
-        };
-        if let Err(why) = synced {
+        if let Err(why) = self.sync_guest(&record).await {
             warn!(vm = %name, "sync before suspend failed: {why}");
             warnings.push(format!(
                 "cannot sync the guest ({why}): its unwritten data is only in the snapshot; \

@@ -149,6 +149,11 @@ const MIGRATIONS: &[Migration] = &[
         snapshot_id TEXT NOT NULL REFERENCES vm_snapshots(id) ON DELETE RESTRICT,
         fresh       INTEGER NOT NULL DEFAULT 1 CHECK (fresh IN (0, 1))
     ) STRICT;"),
+    // 12: a named snapshot asked to hold the VM's memory too (`--memory`), and the state the
+    // VM was in then (`running`, `paused`): a daemon that died during it resumes a VM it had
+    // paused. It holds the memory once its sealed manifest is in its directory.
+    Sql("ALTER TABLE vm_snapshots ADD COLUMN memory_of TEXT
+         CHECK (memory_of IN ('running', 'paused'));"),
 ];
 
 /// Reads every VM row through the typed record, so an unknown value fails here, naming it.

@@ -15,7 +15,7 @@ pub use workspace::WorkspaceRecord;
 pub use assets::AssetTable;
 pub use blobs::BlobRecord;
 pub use leases::{Lease, LeasePool};
-pub use snapshots::{DiskHead, SnapshotPending, SnapshotRecord};
+pub use snapshots::{DiskHead, MemoryOf, SnapshotPending, SnapshotRecord};
 
 use std::path::Path;
 

@@ -32,6 +32,31 @@ impl SnapshotPending {
     }
 }
 
+/// The state of a VM whose memory a snapshot was asked to hold (`--memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryOf {
+    /// Running: the daemon pauses it for the snapshot and resumes it after.
+    Running,
+    /// Paused by its owner: it stays paused.
+    Paused,
+}
+
+impl MemoryOf {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+        }
+    }
+    fn parse(text: &str) -> Result<Self, StoreError> {
+        match text {
+            "running" => Ok(Self::Running),
+            "paused" => Ok(Self::Paused),
+            other => Err(StoreError::Corrupt(format!("snapshot memory of {other:?}"))),
+        }
+    }
+}
+
 /// One named snapshot's row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotRecord {
@@ -44,6 +69,8 @@ pub struct SnapshotRecord {
     pub parent: Option<String>,
     pub created_at: String,
     pub pending: Option<SnapshotPending>,
+    /// Set when it was asked to hold the VM's memory too (whether it does: its manifest).
+    pub memory_of: Option<MemoryOf>,
 }
 
 /// The snapshot a VM's disks continue from now, and whether a restore of it is half done.
@@ -53,9 +80,9 @@ pub struct DiskHead {
     pub restoring: bool,
 }
 
-const COLUMNS: &str = "id, vm_id, name, work_format, parent, created_at, pending";
+const COLUMNS: &str = "id, vm_id, name, work_format, parent, created_at, pending, memory_of";
 
-fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<[Option<String>; 7]> {
+fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<[Option<String>; 8]> {
     Ok([
         row.get(0)?,
         row.get(1)?,
@@ -64,11 +91,21 @@ fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<[Option<String>; 7]> {
         row.get(4)?,
         row.get(5)?,
         row.get(6)?,
+        row.get(7)?,
     ])
 }
 
-fn to_record(raw: [Option<String>; 7]) -> Result<SnapshotRecord, StoreError> {
-    let [id, vm_id, name, format, parent, created_at, pending] = raw;
+fn to_record(raw: [Option<String>; 8]) -> Result<SnapshotRecord, StoreError> {
+    let [
+        id,
+        vm_id,
+        name,
+        format,
+        parent,
+        created_at,
+        pending,
+        memory_of,
+    ] = raw;
     let text = |v: Option<String>| v.ok_or_else(|| StoreError::Corrupt("snapshot row".into()));
     let format = text(format)?;
     Ok(SnapshotRecord {
@@ -81,6 +118,7 @@ fn to_record(raw: [Option<String>; 7]) -> Result<SnapshotRecord, StoreError> {
         parent,
         created_at: text(created_at)?,
         pending: pending.as_deref().map(SnapshotPending::parse).transpose()?,
+        memory_of: memory_of.as_deref().map(MemoryOf::parse).transpose()?,
     })
 }
 
@@ -164,7 +202,9 @@ impl Store {
     pub fn begin_snapshot(&mut self, snapshot: &SnapshotRecord) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         tx.execute(
-            &format!("INSERT INTO vm_snapshots ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+            &format!(
+                "INSERT INTO vm_snapshots ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+            ),
             params![
                 snapshot.id,
                 snapshot.vm_id,
@@ -173,6 +213,7 @@ impl Store {
                 snapshot.parent,
                 snapshot.created_at,
                 SnapshotPending::Create.as_str(),
+                snapshot.memory_of.map(MemoryOf::as_str),
             ],
         )?;
         set_head(&tx, &snapshot.vm_id, Some(&snapshot.id), false)?;
@@ -334,7 +375,29 @@ mod tests {
             parent: parent.map(str::to_owned),
             created_at: format!("2026-01-01T00:00:0{id}Z"),
             pending: None,
+            memory_of: None,
         }
+    }
+
+    #[test]
+    fn a_memory_snapshot_keeps_the_state_it_was_asked_of() {
+        let (_dir, mut store, vm) = store_with_vm();
+        let s1 = SnapshotRecord {
+            memory_of: Some(MemoryOf::Running),
+            ..snap(&vm, "1", "one", None)
+        };
+        store.begin_snapshot(&s1).unwrap();
+        let found = store.find_snapshot(&vm.id, "one").unwrap().unwrap();
+        assert_eq!(found.memory_of, Some(MemoryOf::Running));
+        let s2 = SnapshotRecord {
+            memory_of: Some(MemoryOf::Paused),
+            ..snap(&vm, "2", "two", Some("1"))
+        };
+        store.begin_snapshot(&s2).unwrap();
+        assert_eq!(
+            store.snapshot_by_id("2").unwrap().unwrap().memory_of,
+            Some(MemoryOf::Paused)
+        );
     }
 
     #[test]

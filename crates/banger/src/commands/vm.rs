@@ -8,7 +8,7 @@ use std::time::Duration;
 use banger_proto::{
     ByteSize, CloneVmRequest, ConsoleChunk, CreateSnapshotRequest, CreateVmRequest,
     LifecycleResult, PortChangeRequest, PortList, PullPolicy, SetVmRequest, SetVmResult,
-    SnapshotList, SshInfo, StopVmRequest, Vm, VmName, VmSnapshot,
+    SnapshotList, SshInfo, StopVmRequest, Vm, VmName, VmSnapshot, VmState,
 };
 use hyper::Method;
 
@@ -172,15 +172,10 @@ pub async fn run(client: &Client, command: VmCommand) -> Result<u8, ClientError>
             memory,
             json,
         } => {
-            if memory {
-                eprintln!(
-                    "banger: cannot clone with --memory: a clone resumed from its source's memory would keep the source's identity (host key, machine-id, addresses); hint: clone from a disk snapshot (without --memory) and start the clone"
-                );
-                return Ok(1);
-            }
             let request = CloneVmRequest {
                 name: new.to_string(),
                 snapshot,
+                memory,
             };
             let vm: Vm = with_progress(
                 &format!("cloning {src} to {new}"),
@@ -412,9 +407,13 @@ async fn snapshot(client: &Client, command: SnapshotCommand) -> Result<u8, Clien
         SnapshotCommand::Create {
             name,
             snapshot,
+            memory,
             json,
         } => {
-            let request = CreateSnapshotRequest { name: snapshot };
+            let request = CreateSnapshotRequest {
+                name: snapshot,
+                memory,
+            };
             let taken: VmSnapshot = with_progress(
                 &format!("snapshotting {name}"),
                 client.call(
@@ -427,7 +426,8 @@ async fn snapshot(client: &Client, command: SnapshotCommand) -> Result<u8, Clien
             if json.json {
                 print_json(&taken)?;
             } else {
-                println!("snapshot {} of VM {name} taken", taken.name);
+                let what = if taken.memory { " (with memory)" } else { "" };
+                println!("snapshot {} of VM {name} taken{what}", taken.name);
             }
         }
         SnapshotCommand::Ls { name, json } => {
@@ -463,7 +463,12 @@ async fn snapshot(client: &Client, command: SnapshotCommand) -> Result<u8, Clien
             if json.json {
                 print_json(&vm)?;
             } else {
-                println!("VM {name} restored to snapshot {snapshot}");
+                match vm.state {
+                    VmState::Suspended => println!(
+                        "VM {name} restored to snapshot {snapshot}, with its memory: `banger vm start {name}` resumes it"
+                    ),
+                    _ => println!("VM {name} restored to snapshot {snapshot}"),
+                }
             }
         }
         SnapshotCommand::Rm {
