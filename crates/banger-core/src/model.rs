@@ -22,14 +22,17 @@ pub struct TransitionError {
 /// (`vm pause`/`vm resume`, or what the VMM reports after a daemon restart); Running/Paused →
 /// Stopping → Suspended (`vm suspend`: the snapshot is written while Stopping, so a daemon that
 /// dies half-way leaves a Stopping VM that reconciliation stops); Running/Paused → Stopped when
-/// the VMM was found dead; Error → Stopped once cleaned up.
+/// the VMM was found dead; Error → Stopped once cleaned up; Stopped/Created → Suspended and
+/// Suspended → Stopped when a restore of a named snapshot brings or takes a memory state.
 pub fn check_transition(from: VmState, to: VmState) -> Result<(), TransitionError> {
     use VmState::*;
     let legal = matches!(
         (from, to),
         (Created | Stopped | Suspended | Error, Starting)
-            // Restored to a memory snapshot: its next start resumes it.
+            // Restored to a memory snapshot (its next start resumes it), and from one to
+            // a disk snapshot.
             | (Created | Stopped, Suspended)
+            | (Suspended, Stopped)
             | (Starting, Running | Error | Created | Stopped | Suspended)
             | (Running, Stopping | Stopped | Error | Paused)
             | (Paused, Running | Stopping | Stopped | Error)
@@ -237,6 +240,8 @@ mod tests {
             (Paused, Stopping),
             (Stopping, Suspended),
             (Suspended, Starting),
+            (Stopped, Suspended),
+            (Suspended, Stopped),
         ] {
             assert!(check_transition(from, to).is_ok(), "{from} -> {to}");
         }

@@ -7,7 +7,8 @@
 //! VM boots, and so does a clone of the memory snapshot's disks. Then every `snapshot.memory.*` fault point, the daemon killed there: the next
 //! daemon leaves the VM running (the dead one had paused it), the snapshot undone, kept with
 //! its disks only, or whole, and no unsealed state behind; and a restore killed after its
-//! disks, finished by the next daemon, still resumes.
+//! disks, finished by the next daemon, still resumes. A VM suspended on a snapshot's memory
+//! can be restored to another snapshot; one suspended by `vm suspend` cannot.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -278,6 +279,14 @@ fn memory_snapshots_resume_where_they_were_and_survive_faults() {
     );
     assert_ne!(run.code, 0);
     assert_eq!(env.vm_show("dev")["state"], "suspended");
+    // Suspended on a snapshot's memory, which the snapshot keeps: another restore is
+    // allowed; one to a disk snapshot leaves the VM stopped, without a suspend state.
+    env.banger(&["vm", "snapshot", "restore", "dev", "clone-c2"])
+        .ok();
+    assert_eq!(env.vm_show("dev")["state"], "stopped");
+    assert!(!dir.join("snapshot.state").exists());
+    env.banger(&["vm", "snapshot", "restore", "dev", "k4"]).ok();
+    assert_eq!(env.vm_show("dev")["state"], "suspended");
     let started = env
         .banger_within(Duration::from_secs(300), &["vm", "start", "dev", "--json"])
         .ok()
@@ -285,6 +294,11 @@ fn memory_snapshots_resume_where_they_were_and_survive_faults() {
     assert_eq!(started["restored"], true, "{started}");
     assert_eq!(counter_pid(&env), pid);
     no_leftovers(&env, &dir, "after the killed restore");
+    // A VM suspended by `vm suspend` holds memory no snapshot has: a restore is refused.
+    env.banger(&["vm", "suspend", "dev"]).ok();
+    let refused = env.banger(&["vm", "snapshot", "restore", "dev", "m1"]);
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("suspended"), "{}", refused.stderr);
 
     env.banger(&["vm", "rm", "-f", "dev"]).ok();
     assert!(!dir.exists());

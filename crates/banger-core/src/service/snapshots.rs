@@ -365,7 +365,11 @@ impl Manager {
         let vm = self.locked(name).await?;
         let mut record = self.observed_vm(&vm.name).await?;
         self.check_snapshottable(&record)?;
-        must_be_stopped(&record, "restore a snapshot of")?;
+        // Suspended by a restore of a memory snapshot: its memory is that snapshot's, which
+        // keeps it; another restore loses nothing.
+        if !self.suspended_on_snapshot(&record).await? {
+            must_be_stopped(&record, "restore a snapshot of")?;
+        }
         let found = self.named_snapshot(&record, snapshot).await?;
         // The commit point: from here the restore is finished, now or at the next start.
         let (vm_id, snapshot_id) = (record.id.clone(), found.id.clone());
@@ -400,7 +404,8 @@ impl Manager {
 
     /// New empty tops over `snapshot`'s files, each renamed over the VM's top, and for a
     /// memory snapshot its state linked in as the VM's suspend state, sealed with the new
-    /// tops, the VM then suspended (returned). Redone whole after a crash: the new tops are
+    /// tops, the VM then suspended; a VM suspended on another snapshot's memory is stopped
+    /// otherwise (the new state returned). Redone whole after a crash: the new tops are
     /// empty either way, and the VM's suspend state goes first.
     async fn finish_restore(
         &self,
@@ -429,15 +434,55 @@ impl Manager {
         };
         qcow2::create_overlay(&work, &Layout::vm_overlay_partial(&work_top), &work_top).await?;
         sync_dir(&self.layout.vm_dir(vm_id))?;
-        let suspended = if has_memory(snapshot, &files) {
+        let state = if has_memory(snapshot, &files) {
             crate::fault::point("snapshot.restore_after_disks")?;
             Some(self.restore_memory(vm_id, snapshot).await?)
         } else {
-            None
+            self.unsuspend(vm_id).await?
         };
         let id = vm_id.to_owned();
         self.db.run(move |s| s.finish_restore(&id)).await?;
-        Ok(suspended)
+        Ok(state)
+    }
+
+    /// Whether `record` is suspended on the memory of the snapshot its disks continue from
+    /// (a restore of it left it so): its suspend state is that snapshot's file.
+    async fn suspended_on_snapshot(&self, record: &VmRecord) -> Result<bool, Error> {
+        if record.state != VmState::Suspended {
+            return Ok(false);
+        }
+        let vm_id = record.id.clone();
+        let head = self
+            .db
+            .run(move |s| match s.disk_head(&vm_id)? {
+                Some(h) => s.snapshot_by_id(&h.snapshot_id),
+                None => Ok(None),
+            })
+            .await?;
+        Ok(head.is_some_and(|head| {
+            same_file(
+                &self.layout.vm_named_snapshot(&record.id, &head.id).state(),
+                &self.layout.vm_snapshot_state(&record.id),
+            )
+        }))
+    }
+
+    /// A VM restored to a disk snapshot from a suspend on another snapshot's memory (its
+    /// suspend state already gone) is stopped.
+    async fn unsuspend(&self, vm_id: &str) -> Result<Option<VmState>, Error> {
+        let record = self
+            .db
+            .list_vms()
+            .await?
+            .into_iter()
+            .find(|v| v.id == vm_id);
+        match record {
+            Some(mut record) if record.state == VmState::Suspended => {
+                self.transition(&mut record, VmState::Stopped).await?;
+                Ok(Some(VmState::Stopped))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// A memory snapshot's state becomes the VM's suspend state: linked (not copied) into
