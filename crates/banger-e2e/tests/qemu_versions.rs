@@ -1,6 +1,7 @@
 //! Every QEMU from 7.2 (Debian 12) to 10.x (bookworm-backports, Debian 13) boots banger's VMs:
 //! one VM under each, with the TCG threading chosen by the version (a thread per vCPU from 8.1
-//! on, one thread before). QEMU 7.2 comes from `scripts/fetch-qemu-7.2` (its path in
+//! on, one thread before), and resumes it from a memory snapshot (the live disk switch, the
+//! migration to a file, `cont` after it: `exec:cat` before 8.2, `file:` from 8.2). QEMU 7.2 comes from `scripts/fetch-qemu-7.2` (its path in
 //! `BANGER_QEMU_7_2`; .ci/run sets it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -34,6 +35,23 @@ fn boot_and_exec(binary: &str) -> String {
         .collect();
     let at = args.iter().position(|a| a == "-accel").unwrap();
     let accel = args[at + 1].clone();
+    // A memory snapshot of the running VM, which runs on; restored, it resumes (the same
+    // process alive).
+    let sleeper = env.guest_sh(
+        "dev",
+        "setsid -f sleep 100000 </dev/null >/dev/null 2>&1; sleep 0.5; pgrep -x -n sleep",
+    );
+    let taken = env
+        .banger(&["vm", "snapshot", "create", "dev", "m", "--memory", "--json"])
+        .ok()
+        .json();
+    assert_eq!(taken["memory"], true, "{taken}");
+    env.guest_sh("dev", "true");
+    env.banger(&["vm", "stop", "dev"]).ok();
+    env.banger(&["vm", "snapshot", "restore", "dev", "m"]).ok();
+    let started = env.banger(&["vm", "start", "dev", "--json"]).ok().json();
+    assert_eq!(started["restored"], true, "{started}");
+    env.guest_sh("dev", &format!("kill -0 {sleeper}"));
     env.banger(&["vm", "stop", "dev"]).ok();
     env.banger(&["vm", "rm", "dev"]).ok();
     accel
