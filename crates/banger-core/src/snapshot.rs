@@ -195,22 +195,19 @@ fn disk_identities(disks: &[PathBuf]) -> Result<Vec<DiskIdentity>, SnapshotError
     Ok(identities)
 }
 
-/// Writes `sealed` at `manifest` atomically (temp file, fsync, rename, fsync of the dir).
+/// Writes `sealed` at `manifest` atomically: written beside it (a `.partial` a crash leaves
+/// is removed at daemon start), fsynced, renamed, the directory fsynced.
 fn write(sealed: &Manifest, manifest: &Path) -> Result<(), SnapshotError> {
     let dir = manifest.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .map_err(io_err(format!("cannot create a file in {}", dir.display())))?;
     let text = serde_json::to_vec_pretty(sealed).map_err(|e| SnapshotError::Manifest {
         path: manifest.display().to_string(),
         message: e.to_string(),
     })?;
-    tmp.write_all(&text)
-        .and_then(|()| tmp.as_file().sync_all())
+    let partial = crate::layout::Layout::vm_overlay_partial(manifest);
+    std::fs::File::create(&partial)
+        .and_then(|mut f| f.write_all(&text).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&partial, manifest))
         .map_err(io_err(format!("cannot write {}", manifest.display())))?;
-    tmp.persist(manifest).map_err(|e| SnapshotError::Io {
-        context: format!("cannot write {}", manifest.display()),
-        source: e.error,
-    })?;
     sync_file(dir)?;
     Ok(())
 }

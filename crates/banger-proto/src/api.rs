@@ -200,6 +200,10 @@ pub struct VmSnapshot {
     /// resumes there instead of booting.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub memory: bool,
+    /// What the owner should know of how `vm snapshot create` went (a guest that did not
+    /// sync or thaw); only in that answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// `GET /v1/vms/{name}/snapshots`.

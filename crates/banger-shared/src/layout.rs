@@ -158,8 +158,9 @@ impl Layout {
         self.vm_dir(vm_id).join("work.qcow2")
     }
     /// Where a new top overlay of the VM is made before it is renamed over `top` (one of
-    /// [`Layout::vm_system_disk`], [`Layout::vm_work_overlay`]); a `.partial` left by a crash
-    /// is removed at daemon start.
+    /// [`Layout::vm_system_disk`], [`Layout::vm_work_overlay`]), or a snapshot's manifest
+    /// before it is renamed into place; a `.partial` left by a crash is removed at daemon
+    /// start.
     pub fn vm_overlay_partial(top: &Path) -> PathBuf {
         let mut name = top.file_name().unwrap_or_default().to_os_string();
         name.push(".partial");

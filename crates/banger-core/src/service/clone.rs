@@ -61,8 +61,13 @@ impl Manager {
             Some(snap) => self.named_snapshot(&src_record, snap).await?,
             // A running or paused source is snapshotted live; a suspended one is refused.
             None => {
-                self.take_snapshot(&src_record, format!("clone-{new_name}"), false)
-                    .await?
+                let (taken, warnings) = self
+                    .take_snapshot(&src_record, format!("clone-{new_name}"), false)
+                    .await?;
+                for warning in warnings {
+                    warn!(vm = %src_record.name, "{warning}");
+                }
+                taken
             }
         };
         let (pool, isolated) = match self.choose_net(None).await? {

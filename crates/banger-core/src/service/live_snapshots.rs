@@ -321,18 +321,50 @@ impl Manager {
                         Err(e) => Err(e),
                     },
                 },
-                Ok(false) => Ok(()),
+                // Running: resumed already; one its owner paused is paused again.
+                Ok(false) => match memory_of {
+                    MemoryOf::Running => Ok(()),
+                    MemoryOf::Paused => vmm.pause(&control).await,
+                },
                 Err(e) => Err(e),
             },
             None => Ok(()),
         };
+        if resumed.is_err() {
+            self.record_pause_as_vmm_says(record).await;
+        }
         resumed.map_err(|e| Error::StepFailed {
             step: format!(
-                "VM {} stays paused after its snapshot (resume it with `banger vm resume {}`)",
-                record.name, record.name
+                "VM {} may stay paused after its snapshot (`banger vm show {}` says; `banger vm resume {}` resumes it)",
+                record.name, record.name, record.name
             ),
             source: Box::new(e.into()),
         })
+    }
+
+    /// Records the VM paused or running as its VMM says (after a resume that failed).
+    async fn record_pause_as_vmm_says(&self, record: &VmRecord) {
+        let Some((vmm, control)) = self.live_control(record) else {
+            return;
+        };
+        let Ok(paused) = vmm.is_paused(&control).await else {
+            return;
+        };
+        let want = if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
+        let name = record.name.clone();
+        let Ok(mut current) = self.db.get_vm(name.as_str()).await else {
+            return;
+        };
+        if has_process(current.state)
+            && current.state != want
+            && let Err(e) = self.transition(&mut current, want).await
+        {
+            warn!(vm = %record.name, "cannot record the VM {want}: {e}");
+        }
     }
 
     /// Step 1: the VM's tops into the snapshot's directory, new overlays over them at the
@@ -367,6 +399,9 @@ impl Manager {
         Ok(DiskSwitch {
             system: system_next,
             work: work_next,
+            // Still the VMM's files: linked, not moved.
+            system_now: system_top,
+            work_now: self.work_disk(id).0,
             tag: switch_tag(&snapshot.id),
         })
     }

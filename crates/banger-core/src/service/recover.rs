@@ -83,7 +83,7 @@ fn remove(path: &Path, why: &str) {
 }
 
 /// Removes the `*.partial` copies directly in `dir` (a copy cut short before its rename).
-fn remove_partials(dir: &Path) {
+pub(super) fn remove_partials(dir: &Path) {
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = entry.path();
         if path.extension().is_some_and(|e| e == "partial") {

@@ -66,6 +66,49 @@ impl Manager {
         Ok(())
     }
 
+    /// Settles what a snapshot step left half done on `record`'s disks (a live snapshot whose
+    /// settling failed, a restore not finished) before an operation uses them, or refuses the
+    /// operation: until then which files are the VM's disks is not decided.
+    pub(super) async fn settle_disks(&self, record: &VmRecord) -> Result<(), Error> {
+        let vm_id = record.id.clone();
+        let (creates, head) = self
+            .db
+            .run(move |s| {
+                let creates: Vec<SnapshotRecord> = s
+                    .pending_snapshots()?
+                    .into_iter()
+                    .filter(|p| p.vm_id == vm_id && p.pending == Some(SnapshotPending::Create))
+                    .collect();
+                let head = match s.disk_head(&vm_id)? {
+                    Some(h) if h.restoring => s.snapshot_by_id(&h.snapshot_id)?,
+                    _ => None,
+                };
+                Ok::<_, crate::store::StoreError>((creates, head))
+            })
+            .await?;
+        let unsettled = |what: String, e: Error| {
+            Error::NotNow {
+            message: format!(
+                "VM {}'s {what} is half done and cannot be finished now: {}",
+                record.name,
+                e.to_api().message
+            ),
+            hint: "see the daemon's log; `banger daemon stop` (the next command starts it again) retries".into(),
+        }
+        };
+        for snapshot in creates {
+            self.recover_create(&snapshot)
+                .await
+                .map_err(|e| unsettled(format!("snapshot {}", snapshot.name), e))?;
+        }
+        if let Some(snapshot) = head {
+            self.finish_restore(&record.id, &snapshot)
+                .await
+                .map_err(|e| unsettled(format!("restore to snapshot {}", snapshot.name), e))?;
+        }
+        Ok(())
+    }
+
     /// The VM's snapshot called `snapshot`, with no step half done.
     pub(super) async fn named_snapshot(
         &self,
@@ -103,21 +146,26 @@ impl Manager {
             Some(n) => n,
             None => default_name(std::time::SystemTime::now()),
         };
-        let done = self
+        let (done, warnings) = self
             .take_snapshot(&record, snapshot_name, request.memory)
             .await?;
-        Ok(self.snapshot_api(&record, &done, Some(&done.id)).await)
+        Ok(VmSnapshot {
+            warnings,
+            ..self.snapshot_api(&record, &done, Some(&done.id)).await
+        })
     }
 
     /// Takes snapshot `snapshot_name` of `record` (its lock held), with its memory when
-    /// `memory`.
+    /// `memory`; also returns what the owner should know (a guest that did not sync or
+    /// thaw).
     pub(super) async fn take_snapshot(
         &self,
         record: &VmRecord,
         snapshot_name: String,
         memory: bool,
-    ) -> Result<SnapshotRecord, Error> {
+    ) -> Result<(SnapshotRecord, Vec<String>), Error> {
         self.check_snapshottable(record)?;
+        self.settle_disks(record).await?;
         let live = matches!(record.state, VmState::Running | VmState::Paused);
         if !live {
             must_be_stopped(record, "snapshot")?;
@@ -177,8 +225,10 @@ impl Manager {
         };
         let begun = snapshot.clone();
         self.db.run(move |s| s.begin_snapshot(&begun)).await?;
+        let mut warnings = Vec::new();
         if live {
-            for warning in self.take_live_snapshot(record, &snapshot).await? {
+            warnings = self.take_live_snapshot(record, &snapshot).await?;
+            for warning in &warnings {
                 warn!(vm = %record.name, snapshot = %snapshot.name, "{warning}");
             }
         } else if let Err(e) = self.finish_create(&snapshot).await {
@@ -197,10 +247,13 @@ impl Manager {
         // The VM's suspend state (if any) paired with the files now in the snapshot.
         self.remove_snapshot(&record.id);
         info!(vm = %record.name, snapshot = %snapshot.name, id = %snapshot.id, "snapshot taken");
-        Ok(SnapshotRecord {
-            pending: None,
-            ..snapshot
-        })
+        Ok((
+            SnapshotRecord {
+                pending: None,
+                ..snapshot
+            },
+            warnings,
+        ))
     }
 
     /// The file steps of taking `snapshot` (each done only when not done yet): the VM's tops
@@ -357,14 +410,17 @@ impl Manager {
             current: head == Some(s.id.as_str()),
             clones,
             memory: has_memory(s, &files),
+            warnings: Vec::new(),
         }
     }
 
     /// Puts a stopped VM's disks back to snapshot `snapshot`: what was written since is gone.
     pub async fn restore_named_snapshot(&self, name: &str, snapshot: &str) -> Result<Vm, Error> {
         let vm = self.locked(name).await?;
-        let mut record = self.observed_vm(&vm.name).await?;
+        let record = self.observed_vm(&vm.name).await?;
         self.check_snapshottable(&record)?;
+        self.settle_disks(&record).await?;
+        let mut record = self.observed_vm(&vm.name).await?;
         // Suspended by a restore of a memory snapshot: its memory is that snapshot's, which
         // keeps it; another restore loses nothing.
         if !self.suspended_on_snapshot(&record).await? {
@@ -436,7 +492,15 @@ impl Manager {
         sync_dir(&self.layout.vm_dir(vm_id))?;
         let state = if has_memory(snapshot, &files) {
             crate::fault::point("snapshot.restore_after_disks")?;
-            Some(self.restore_memory(vm_id, snapshot).await?)
+            match self.restore_memory(vm_id, snapshot).await {
+                Ok(state) => Some(state),
+                // The disks are restored all the same: the VM boots from them.
+                Err(e) => {
+                    warn!(vm_id, snapshot = %snapshot.name, "cannot restore the snapshot's memory; the VM will boot from its disks: {e}");
+                    self.remove_snapshot(vm_id);
+                    self.unsuspend(vm_id).await?
+                }
+            }
         } else {
             self.unsuspend(vm_id).await?
         };
@@ -498,7 +562,7 @@ impl Manager {
             .await?
             .into_iter()
             .find(|v| v.id == vm_id)
-            .ok_or_else(|| Error::Failed(format!("VM {vm_id} is gone")))?;
+            .ok_or_else(|| Error::Failed(format!("the VM with id {vm_id} is gone")))?;
         let files = self.layout.vm_named_snapshot(vm_id, &snapshot.id);
         let disks = self.snapshot_disks(&record);
         let links = [
@@ -533,6 +597,7 @@ impl Manager {
     pub async fn remove_named_snapshot(&self, name: &str, snapshot: &str) -> Result<(), Error> {
         let vm = self.locked(name).await?;
         let record = self.observed_vm(&vm.name).await?;
+        self.settle_disks(&record).await?;
         let found = self.named_snapshot(&record, snapshot).await?;
         let id = found.id.clone();
         let clones = self.db.run(move |s| s.clones_of(&id)).await?;
@@ -697,10 +762,35 @@ impl Manager {
                 if ours && !known.contains(&name) {
                     warn!(path = %entry.path().display(), "removing a snapshot directory no record names");
                     let _ = std::fs::remove_dir_all(entry.path());
+                } else if ours {
+                    super::recover::remove_partials(&entry.path());
+                }
+            }
+            self.remove_reopen_aliases(&vm.id);
+        }
+        Ok(())
+    }
+
+    /// Removes the names a QEMU disk switch gave a top for the switch only
+    /// (`<top>.live-<id>` linked to the top, `vmm::qemu`) and a dead daemon left. Run once
+    /// the pending creates are settled: a live overlay not renamed yet is another file.
+    fn remove_reopen_aliases(&self, vm_id: &str) {
+        let dir = self.layout.vm_dir(vm_id);
+        for top in [
+            self.layout.vm_system_disk(vm_id),
+            self.layout.vm_work_overlay(vm_id),
+            self.layout.vm_work_disk(vm_id),
+        ] {
+            let prefix = Layout::vm_overlay_live(&top, "");
+            let prefix = prefix.file_name().unwrap_or_default().to_string_lossy();
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(prefix.as_ref()) && same_file(&entry.path(), &top) {
+                    warn!(path = %entry.path().display(), "removing a disk switch's alias a dead daemon left");
+                    let _ = std::fs::remove_file(entry.path());
                 }
             }
         }
-        Ok(())
     }
 
     /// A create a dead daemon left: a VM whose VMM still runs was being snapshotted live

@@ -78,6 +78,9 @@ impl Manager {
                 hint: "resume it with `banger vm resume NAME`",
             });
         }
+        // Which files are its disks is decided first (a snapshot step left half done).
+        self.settle_disks(&record).await?;
+        let record = self.observed_vm(name).await?;
         let previous = record.state;
         let mut record = record;
         let snapshot = self.snapshot_paths(&record.id);
@@ -192,12 +195,39 @@ impl Manager {
                 )));
             }
         }
+        // A suspended VM: a fresh VMM loads the snapshot and resumes it. The snapshot is
+        // deleted once a load was tried: after a load the guest's disks move on from it, so
+        // loading it again would pair old memory with newer disks. A refused load boots cold
+        // (the guest was synced before the snapshot was taken).
+        let mut restoring = restore;
+        if let Some(snapshot) = restoring {
+            // Checked first: every file as sealed, the disks the very ones it was taken with.
+            let manifest = self.layout.vm_snapshot_manifest(&record.id);
+            let disks = self.snapshot_disks(record);
+            let checked =
+                tokio::task::spawn_blocking(move || crate::snapshot::verify(&manifest, &disks))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+            if let Err(why) = checked {
+                warn!(vm = %record.name, "not restoring the snapshot: {why}");
+                outcome.warnings.push(cold_boot_warning(&record.name, &why));
+                restoring = None;
+                self.remove_snapshot(&record.id);
+            } else {
+                info!(vm = %record.name, state = %snapshot.state.display(), "restoring the VM from its snapshot");
+            }
+        }
         // After an unclean stop, e2fsck before the guest mounts anything; never under a
         // guest restored from its snapshot (its filesystems are mounted in its memory).
-        // (QEMU writes no memory file: its state file holds it.)
-        let restoring = restore.is_some_and(|s| s.state.is_file());
         let checked = self
-            .check_disks_before_start(record, &system_disk, &work_disk, work_format, restoring)
+            .check_disks_before_start(
+                record,
+                &system_disk,
+                &work_disk,
+                work_format,
+                restoring.is_some(),
+            )
             .await?;
         outcome.warnings.extend(checked.warnings);
         let guest_fsck = checked.guest_checks_root;
@@ -339,29 +369,6 @@ impl Manager {
             tap_fd,
             devices,
         };
-        // A suspended VM: a fresh VMM loads the snapshot and resumes it. The snapshot is
-        // deleted once a load was tried: after a load the guest's disks move on from it, so
-        // loading it again would pair old memory with newer disks. A refused load boots cold
-        // (the guest was synced before the snapshot was taken).
-        let mut restoring = restore;
-        if let Some(snapshot) = restoring {
-            // Checked first: every file as sealed, the disks the very ones it was taken with.
-            let manifest = self.layout.vm_snapshot_manifest(&record.id);
-            let disks = self.snapshot_disks(record);
-            let checked =
-                tokio::task::spawn_blocking(move || crate::snapshot::verify(&manifest, &disks))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
-            if let Err(why) = checked {
-                warn!(vm = %record.name, "not restoring the snapshot: {why}");
-                outcome.warnings.push(cold_boot_warning(&record.name, &why));
-                restoring = None;
-                self.remove_snapshot(&record.id);
-            } else {
-                info!(vm = %record.name, state = %snapshot.state.display(), "restoring the VM from its snapshot");
-            }
-        }
         crate::fault::point("start.before_launch")?;
         // A guest whose check of `/` repaired it restarts, which ends the VMM: boot it once
         // more, plainly.

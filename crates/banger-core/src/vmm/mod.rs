@@ -206,6 +206,10 @@ pub struct Snapshot {
 pub struct DiskSwitch {
     pub system: PathBuf,
     pub work: PathBuf,
+    /// The files the VMM writes now, by their current names (the VMM may know them by a
+    /// name they had when it opened them).
+    pub system_now: PathBuf,
+    pub work_now: PathBuf,
     /// Letters and digits, at most 24 of them.
     pub tag: String,
 }

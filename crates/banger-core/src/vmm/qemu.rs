@@ -620,32 +620,38 @@ impl Hypervisor for Qemu {
     /// neither. The new nodes are named after the tag (`TAGs`, `TAGw`), which is how
     /// [`Hypervisor::disks_switched`] tells. QEMU 7.2 and 10.x take the `-drive` ids as
     /// `device`.
+    ///
+    /// QEMU then reopens each image it switched away from read-only, by the file name it has
+    /// for it, which drops its write lock (a clone's QEMU cannot open the file while it is
+    /// held). That name is the one it opened: for a file a previous switch opened, a name
+    /// since renamed. For the switch it is linked again to the file (`alias`), and removed
+    /// after.
     async fn switch_disks(&self, process: &VmProcess, switch: &DiskSwitch) -> Result<(), VmmError> {
-        let actions: Vec<serde_json::Value> = [
-            (VmDisk::System, &switch.system),
-            (VmDisk::Work, &switch.work),
-        ]
-        .into_iter()
-        .map(|(disk, file)| {
-            json!({
-                "type": "blockdev-snapshot-sync",
-                "data": {
-                    "device": drive_id(disk),
-                    "snapshot-file": file.display().to_string(),
-                    "snapshot-node-name": switch_node(&switch.tag, disk),
-                    "format": "qcow2",
-                    "mode": "existing",
+        let blocks = qmp::execute(&process.control_socket, "query-block").await?;
+        let mut aliases = Vec::new();
+        for (disk, now) in [
+            (VmDisk::System, &switch.system_now),
+            (VmDisk::Work, &switch.work_now),
+        ] {
+            let Some(known) = active_file(&blocks, drive_id(disk)).map(PathBuf::from) else {
+                continue;
+            };
+            if &known != now && !known.exists() {
+                match std::fs::hard_link(now, &known) {
+                    Ok(()) => aliases.push(known),
+                    Err(e) => {
+                        tracing::warn!(file = %known.display(), "cannot link the disk under the name QEMU knows it by; QEMU keeps its write lock on it: {e}")
+                    }
                 }
-            })
-        })
-        .collect();
-        qmp::execute_with(
-            &process.control_socket,
-            "transaction",
-            Some(json!({ "actions": actions })),
-        )
-        .await
-        .map(drop)
+            }
+        }
+        let switched = switch_transaction(process, switch).await;
+        for alias in aliases {
+            if let Err(e) = std::fs::remove_file(&alias) {
+                tracing::warn!(file = %alias.display(), "cannot remove a disk's reopen alias: {e}");
+            }
+        }
+        switched
     }
 
     /// Whether `query-block` shows both drives on the switch's nodes (neither: `false`; one
@@ -769,6 +775,47 @@ fn top_node<'a>(blocks: &'a serde_json::Value, device: &str) -> Option<&'a str> 
         .find(|b| b.get("device").and_then(|d| d.as_str()) == Some(device))?
         .get("inserted")?
         .get("node-name")?
+        .as_str()
+}
+
+/// The disks' switch proper (see [`Hypervisor::switch_disks`]).
+async fn switch_transaction(process: &VmProcess, switch: &DiskSwitch) -> Result<(), VmmError> {
+    let actions: Vec<serde_json::Value> = [
+        (VmDisk::System, &switch.system),
+        (VmDisk::Work, &switch.work),
+    ]
+    .into_iter()
+    .map(|(disk, file)| {
+        json!({
+            "type": "blockdev-snapshot-sync",
+            "data": {
+                "device": drive_id(disk),
+                "snapshot-file": file.display().to_string(),
+                "snapshot-node-name": switch_node(&switch.tag, disk),
+                "format": "qcow2",
+                "mode": "existing",
+            }
+        })
+    })
+    .collect();
+    qmp::execute_with(
+        &process.control_socket,
+        "transaction",
+        Some(json!({ "actions": actions })),
+    )
+    .await
+    .map(drop)
+}
+
+/// The file name QEMU has for the image `device` reads and writes (its top), per
+/// `query-block`.
+fn active_file<'a>(blocks: &'a serde_json::Value, device: &str) -> Option<&'a str> {
+    blocks
+        .as_array()?
+        .iter()
+        .find(|b| b.get("device").and_then(|d| d.as_str()) == Some(device))?
+        .get("inserted")?
+        .get("file")?
         .as_str()
 }
 

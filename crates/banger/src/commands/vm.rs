@@ -423,6 +423,9 @@ async fn snapshot(client: &Client, command: SnapshotCommand) -> Result<u8, Clien
                 ),
             )
             .await?;
+            for warning in &taken.warnings {
+                eprintln!("banger: warning: {warning}");
+            }
             if json.json {
                 print_json(&taken)?;
             } else {
