@@ -193,8 +193,12 @@ impl Manager {
             }
         }
         // After an unclean stop, e2fsck before the guest mounts anything; never under a
-        // guest restored from its snapshot (its filesystems are mounted in its memory).
-        let restoring = restore.is_some_and(|s| s.state.is_file() && s.memory.is_file());
+        // guest restored from its snapshot (its filesystems are mounted in its memory). A
+        // sealed snapshot is one to restore (its manifest is written last; QEMU writes no
+        // memory file beside its state).
+        let restoring = restore.is_some_and(|s| {
+            s.state.is_file() && self.layout.vm_snapshot_manifest(&record.id).is_file()
+        });
         let checked = self
             .check_disks_before_start(record, &system_disk, &work_disk, work_format, restoring)
             .await?;
@@ -398,6 +402,7 @@ impl Manager {
                     Err(e) => return Err(step("launch the VMM")(e.into())),
                 }
             };
+            crate::fault::vmm_running(&record.id, process.pid);
             if restoring.is_some() {
                 info!(vm = %record.name, pid = process.pid, "VM restored from its snapshot");
                 outcome.restored = true;
