@@ -352,7 +352,7 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
             let error = run.stderr.trim();
             assert_eq!(error.lines().count(), 1, "{fault}: {error}");
             let why = if restoring {
-                "stopped during"
+                "VMM ended right after its restore from the snapshot; the VM is stopped"
             } else {
                 "its VMM ended; the VM is stopped"
             };

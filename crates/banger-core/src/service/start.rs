@@ -483,6 +483,16 @@ impl Manager {
                     record.runtime = None;
                     continue 'boot;
                 }
+                Ok(false) if outcome.restored => {
+                    // Its snapshot is used up (deleted once loaded): the next start boots cold.
+                    let reason = self.exit_reason(record, &*backend);
+                    return Err(Error::Failed(format!(
+                        "VM {}'s VMM ended right after its restore from the snapshot{}; the \
+                         VM is stopped and its next start boots it from its disks",
+                        record.name,
+                        reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                    )));
+                }
                 Ok(false) => {
                     return Err(Error::Failed(match self.exit_reason(record, &*backend) {
                         Some(reason) => format!(
