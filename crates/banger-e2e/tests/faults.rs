@@ -51,7 +51,7 @@ enum Op {
     /// `vm snapshot rm` of a snapshot the VM and a later snapshot continue from.
     SnapshotRm,
     /// `vm snapshot create` of a running QEMU VM: a real guest, so its cases (killed, failed,
-    /// and QEMU killed too) run in tests/live_snapshots.rs.
+    /// and QEMU killed with the daemon running on) run in tests/live_snapshots.rs.
     LiveSnapshot,
     /// `vm snapshot create --memory` and the restore of such a snapshot: a real guest, so
     /// their cases run in tests/memory_snapshots.rs.

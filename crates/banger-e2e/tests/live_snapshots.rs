@@ -4,9 +4,10 @@
 //! written (and synced) before the command, and both of its disks pass `e2fsck -fn` on the
 //! host: the guest's filesystems were frozen when the VMM switched to new overlays. The loop
 //! keeps writing through the snapshot. Then every `snapshot.live.*` fault point: the daemon
-//! killed there (and, before the switch, the step failed), and at two of them QEMU killed
-//! too. Afterwards the VM runs (or starts), its guest is not frozen, nothing written before
-//! the command is lost, and no overlay or snapshot directory is left that no snapshot names.
+//! killed there (and, before the switch, the step failed), and QEMU killed there while the
+//! daemon runs on (`kill-vmm`). Afterwards the VM runs (or starts), its guest is not frozen,
+//! nothing written and synced before the command is lost, and no QEMU, suspend state, overlay
+//! or snapshot directory is left that no snapshot names.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,8 +28,8 @@ const START_WRITER: &str = "mkdir -p /root/nums && setsid -f sh -c 'cd /root/num
     while :; do i=$((i+1)); echo $i > .next; mv .next $i; sleep 0.05; done' \
     </dev/null >/dev/null 2>&1";
 
-/// Every live snapshot step, killed there; the first four (before the VMM switches) also
-/// failed there.
+/// Every live snapshot step: the daemon killed there, and (separately, the daemon running on)
+/// QEMU killed there; the first four (before the VMM switches) also failed there.
 const KILLS: &[&str] = &[
     "snapshot.live.after_record",
     "snapshot.live.after_system_moved",
@@ -43,8 +44,6 @@ const FAILS: &[&str] = &[
     "snapshot.live.after_overlays",
     "snapshot.live.after_freeze",
 ];
-/// Steps at which QEMU is killed too (after the daemon): before and after the switch.
-const QEMU_KILLS: &[&str] = &["snapshot.live.after_overlays", "snapshot.live.after_switch"];
 
 fn guest(env: &TestEnv, script: &str) -> String {
     env.banger(&["vm", "exec", "dev", "--", "sh", "-c", script])
@@ -204,7 +203,8 @@ fn snapshots(env: &TestEnv) -> Vec<Value> {
 }
 
 /// Nothing orphaned: the snapshot directories are exactly the listed snapshots', each with
-/// its two files; no partial overlay in the VM's directory; the VM's tops are there.
+/// its two files; no partial or live overlay and no suspend state in the VM's directory; the
+/// VM's tops are there.
 #[track_caller]
 fn no_orphans(env: &TestEnv, what: &str) -> BTreeSet<String> {
     let dir = vm_dir(env);
@@ -238,6 +238,11 @@ fn no_orphans(env: &TestEnv, what: &str) -> BTreeSet<String> {
         let name = entry.file_name().to_string_lossy().into_owned();
         assert!(
             !name.contains("partial") && !name.contains(".live-"),
+            "{what}: {name} left in the VM's directory"
+        );
+        // No suspend state (`snapshot.state`, its memory, its manifest).
+        assert!(
+            !name.starts_with("snapshot."),
             "{what}: {name} left in the VM's directory"
         );
     }
@@ -311,7 +316,7 @@ fn live_snapshots_are_consistent_and_survive_faults() {
     let mut round = 0;
     let mut last_before = 0;
     for step in KILLS {
-        let mut faults = vec![(*step).to_owned()];
+        let mut faults = vec![(*step).to_owned(), format!("{step}=kill-vmm")];
         if FAILS.contains(step) {
             faults.push(format!("{step}=fail"));
         }
@@ -319,14 +324,38 @@ fn live_snapshots_are_consistent_and_survive_faults() {
             round += 1;
             let name = format!("f{round}");
             let failed = fault.ends_with("=fail");
-            let kill_qemu = !failed && QEMU_KILLS.contains(step);
+            let kill_qemu = fault.ends_with("=kill-vmm");
+            let switched = matches!(
+                *step,
+                "snapshot.live.after_switch" | "snapshot.live.after_thaw"
+            );
             let before = written_synced(&env);
             // The fault reaches only a daemon started with it (the VM keeps running; the
             // next daemon reattaches it).
             env.banger(&["daemon", "stop"]).ok();
             let run = with_fault(&env, &fault, &["vm", "snapshot", "create", "dev", &name]);
-            assert_ne!(run.code, 0, "{fault}: the command succeeded");
-            if failed {
+            if kill_qemu {
+                eprintln!("{fault}: exit {}: {}", run.code, run.stderr.trim());
+                // The daemon runs on; past the switch the snapshot is taken.
+                let daemons = env.daemon_pids();
+                assert_eq!(daemons.len(), 1, "{fault}: the daemon died");
+                if switched {
+                    assert_eq!(run.code, 0, "{fault}: {}", run.stderr);
+                } else {
+                    assert_ne!(run.code, 0, "{fault}: the command succeeded");
+                    let error = run.stderr.trim();
+                    assert_eq!(error.lines().count(), 1, "{fault}: {error}");
+                    assert!(
+                        error.contains("VMM ended during its snapshot: the VM is stopped"),
+                        "{fault}: {error}"
+                    );
+                }
+                assert!(env.qemu_pids().is_empty(), "{fault}: QEMU left");
+                assert_eq!(show(&env)["state"], "stopped", "{fault}");
+                assert_eq!(show(&env)["last_stop"]["kind"], "unclean", "{fault}");
+                assert_eq!(env.daemon_pids(), daemons, "{fault}: the same daemon");
+            } else if failed {
+                assert_ne!(run.code, 0, "{fault}: the command succeeded");
                 assert!(
                     run.stderr.contains("injected fault at"),
                     "{fault}: {}",
@@ -334,6 +363,7 @@ fn live_snapshots_are_consistent_and_survive_faults() {
                 );
                 env.banger(&["daemon", "stop"]).ok();
             } else {
+                assert_ne!(run.code, 0, "{fault}: the command succeeded");
                 assert!(
                     poll_or_none(Duration::from_secs(10), || env
                         .daemon_pids()
@@ -343,23 +373,9 @@ fn live_snapshots_are_consistent_and_survive_faults() {
                     "{fault}: the daemon still runs"
                 );
             }
-            if kill_qemu {
-                for pid in env.qemu_pids() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-                poll(Duration::from_secs(20), "QEMU gone", || {
-                    env.qemu_pids().is_empty().then_some(())
-                });
-            }
-            // The next daemon (without the fault) settles the snapshot at its start.
+            // A daemon killed: the next one (without the fault) settles the snapshot at its
+            // start.
             let now = no_orphans(&env, &fault);
-            let switched = matches!(
-                *step,
-                "snapshot.live.after_switch" | "snapshot.live.after_thaw"
-            );
             // Taken when the VMM had switched; undone when it had not and still runs; kept
             // (every byte is in its files) when it died.
             assert_eq!(
@@ -368,7 +384,6 @@ fn live_snapshots_are_consistent_and_survive_faults() {
                 "{fault}: {now:?}"
             );
             if kill_qemu {
-                assert_eq!(show(&env)["state"], "stopped", "{fault}");
                 // Killed, not stopped: the guest's journal is replayed at the next boot,
                 // where every file synced before the command must be whole (later ones may
                 // be empty: ext4 had not allocated their data when QEMU died).

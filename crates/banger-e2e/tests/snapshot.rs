@@ -2,14 +2,15 @@
 //! guest process keeps running across `vm suspend` → `vm start` (same process, its counter
 //! continued, the same boot), the guest clock is the host's again, files are there; a damaged
 //! state file or a disk written since boots cold with a warning; a daemon or QEMU killed
-//! mid-suspend loses nothing and leaks nothing. QEMU 7.2 (`exec:` migration) when
+//! mid-suspend, and QEMU killed at each step of a suspend and of the start restoring one while
+//! the daemon runs on, loses nothing and leaks nothing. QEMU 7.2 (`exec:` migration) when
 //! `BANGER_QEMU_7_2` names it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use banger_e2e::{TestEnv, poll, poll_or_none};
+use banger_e2e::{Run, TestEnv, poll, poll_or_none};
 
 /// Starts a guest process (its own session, so the SSH session may end) that writes its pid
 /// to /root/counter.pid and then counts in /root/counter, ten times a second.
@@ -215,6 +216,31 @@ enum Kill {
     QemuWhileWriting,
 }
 
+/// Steps at which QEMU is killed while the daemon runs on (`BANGER_FAULT=<step>=kill-vmm`):
+/// each of a suspend's, and the start that restores one, once it restored.
+const VMM_KILLS: &[&str] = &[
+    "suspend.after_stopping",
+    "suspend.after_snapshot",
+    "suspend.after_stop",
+    "start.after_restore",
+    "start.after_record",
+];
+
+/// `banger ARGS` served by a fresh daemon whose environment carries `fault`; returns the run
+/// and that daemon's pid, after checking it still runs (a `kill-vmm` fault kills only QEMU).
+fn with_vmm_fault(env: &TestEnv, fault: &str, args: &[&str]) -> (Run, u32) {
+    env.banger(&["daemon", "stop"]).ok();
+    let run = Run::from_output(
+        env.command(args)
+            .env(banger_core::fault::ENV, fault)
+            .output()
+            .unwrap(),
+    );
+    let daemons = env.daemon_pids();
+    assert_eq!(daemons.len(), 1, "{fault}: the daemon died: {daemons:?}");
+    (run, daemons[0])
+}
+
 #[test]
 fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
     let env = instance("");
@@ -293,6 +319,68 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
         }
         assert_one_vmm_and_no_snapshot(&env, &dir);
         assert_eq!(env.daemon_pids().len(), 1, "one daemon");
+    }
+    // QEMU killed (`kill-vmm`: the daemon runs on) at each step of a suspend and of the start
+    // that restores one. Each step runs on a daemon started with its fault, which then boots
+    // the VM again itself.
+    for (round, step) in VMM_KILLS.iter().enumerate() {
+        let round = round + 3;
+        // Written and synced before the command: a VMM crash may only lose unsynced data.
+        guest(
+            &env,
+            &format!(
+                "echo round {round} > /root/round{round} && echo sys {round} > /var/tmp/round{round} && sync"
+            ),
+        );
+        let restoring = step.starts_with("start.");
+        if restoring {
+            env.banger(&["vm", "suspend", "dev"]).ok();
+        }
+        let fault = format!("{step}=kill-vmm");
+        let command = if restoring { "start" } else { "suspend" };
+        let (run, daemon) = with_vmm_fault(&env, &fault, &["vm", command, "dev", "--json"]);
+        eprintln!("{fault}: exit {}: {}{}", run.code, run.stdout, run.stderr);
+        let shown = env.banger(&["vm", "show", "dev", "--json"]).ok().json();
+        // Past the point of no return (the snapshot written): the suspend goes through.
+        let suspended = matches!(*step, "suspend.after_snapshot" | "suspend.after_stop");
+        if suspended {
+            assert_eq!(run.code, 0, "{fault}: {}", run.stderr);
+            assert_eq!(shown["state"], "suspended", "{fault}: {shown}");
+            assert!(dir.join("snapshot.json").is_file(), "{fault}: sealed");
+        } else {
+            assert_ne!(run.code, 0, "{fault}: the command succeeded");
+            let error = run.stderr.trim();
+            assert_eq!(error.lines().count(), 1, "{fault}: {error}");
+            let why = if restoring {
+                "VMM ended right after its restore from the snapshot; the VM is stopped"
+            } else {
+                "its VMM ended; the VM is stopped"
+            };
+            assert!(error.contains(why), "{fault}: {error}");
+            assert_eq!(shown["state"], "stopped", "{fault}: {shown}");
+            assert_eq!(shown["last_stop"]["kind"], "unclean", "{fault}: {shown}");
+            let left = snapshot_files(&dir);
+            assert!(left.is_empty(), "{fault}: {left:?}");
+        }
+        assert!(env.qemu_pids().is_empty(), "{fault}: QEMU left");
+        assert_eq!(env.daemon_pids(), vec![daemon], "{fault}: the same daemon");
+        // The same daemon starts it: from the snapshot when the suspend went through, else
+        // cold (after checking the disks), with every synced file there.
+        let started = env
+            .banger_within(Duration::from_secs(1000), &["vm", "start", "dev", "--json"])
+            .ok()
+            .json();
+        assert_eq!(started["restored"] == true, suspended, "{fault}: {started}");
+        assert_eq!(started["vm"]["state"], "running", "{fault}: {started}");
+        for r in 0..=round {
+            assert_eq!(
+                guest(&env, &format!("cat /root/round{r} /var/tmp/round{r}")),
+                format!("round {r}\nsys {r}"),
+                "{fault}"
+            );
+        }
+        assert_one_vmm_and_no_snapshot(&env, &dir);
+        assert_eq!(env.daemon_pids(), vec![daemon], "{fault}: the same daemon");
     }
     env.banger(&["vm", "stop", "dev"]).ok();
     let fsck = std::process::Command::new(banger_e2e::system_tool("e2fsck"))

@@ -24,6 +24,7 @@ impl Manager {
     /// The backend of `record` and its live process `pid` with its control socket (reattach
     /// by pid).
     pub(super) fn control(&self, record: &VmRecord, pid: u32) -> (Arc<dyn VmBackend>, VmProcess) {
+        crate::fault::vmm_running(&record.id, pid);
         let backend = self.backend(record);
         let control = VmProcess {
             pid,

@@ -104,6 +104,15 @@ impl Manager {
             .switch_live(record, snapshot, &*vmm, &control, &mut warnings)
             .await;
         let Err(e) = taken else {
+            if self.live_control(record).is_none() {
+                // The VMM ended after the switch: the snapshot is taken; the VM is stopped
+                // (unclean: its next start checks the disks).
+                self.observe(record.clone()).await;
+                warnings = vec![format!(
+                    "VM {}'s VMM ended during its snapshot: the VM is stopped, the snapshot taken",
+                    record.name
+                )];
+            }
             return Ok(warnings);
         };
         warn!(vm = %record.name, snapshot = %snapshot.name, "live snapshot failed, settling: {e}");
@@ -142,13 +151,17 @@ impl Manager {
                 ),
                 source: Box::new(e),
             }),
-            Ok(Settled::FinishedStopped) => Err(Error::StepFailed {
-                step: format!(
-                    "VM {}'s VMM ended during its snapshot: the VM is stopped, snapshot {} kept",
-                    record.name, snapshot.name
-                ),
-                source: Box::new(e),
-            }),
+            Ok(Settled::FinishedStopped) => {
+                // Stopped (unclean: its next start checks the disks), as the VMM is.
+                self.observe(record.clone()).await;
+                Err(Error::StepFailed {
+                    step: format!(
+                        "VM {}'s VMM ended during its snapshot: the VM is stopped, snapshot {} kept",
+                        record.name, snapshot.name
+                    ),
+                    source: Box::new(e),
+                })
+            }
             Err(settle) => {
                 warn!(vm = %record.name, "cannot settle the snapshot now (the daemon's next start does): {settle}");
                 Err(Error::StepFailed {

@@ -406,6 +406,7 @@ impl Manager {
                     Err(e) => return Err(step("launch the VMM")(e.into())),
                 }
             };
+            crate::fault::vmm_running(&record.id, process.pid);
             if restoring.is_some() {
                 info!(vm = %record.name, pid = process.pid, "VM restored from its snapshot");
                 outcome.restored = true;
@@ -485,6 +486,16 @@ impl Manager {
                     spec.cmdline = cmdline_with(super::fsck::ROOT_RW);
                     record.runtime = None;
                     continue 'boot;
+                }
+                Ok(false) if outcome.restored => {
+                    // Its snapshot is used up (deleted once loaded): the next start boots cold.
+                    let reason = self.exit_reason(record, &*backend);
+                    return Err(Error::Failed(format!(
+                        "VM {}'s VMM ended right after its restore from the snapshot{}; the \
+                         VM is stopped and its next start boots it from its disks",
+                        record.name,
+                        reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                    )));
                 }
                 Ok(false) => {
                     return Err(Error::Failed(match self.exit_reason(record, &*backend) {

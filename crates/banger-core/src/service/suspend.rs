@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use banger_proto::{LifecycleResult, VmState};
+use banger_proto::{LifecycleResult, StopKind, VmState};
 use tracing::{info, warn};
 
 use super::stop::QUIT_GRACE;
@@ -13,7 +13,7 @@ use super::{Manager, result};
 use crate::Error;
 use crate::domain::SystemDiskStrategy;
 use crate::model::VmRecord;
-use crate::vmm::{Snapshot, StopTimings, stop_sequence};
+use crate::vmm::{Snapshot, StopTimings, process, stop_sequence};
 
 /// Bound on the guest's `sync` before a suspend.
 pub(super) const SUSPEND_SYNC: Duration = Duration::from_secs(15);
@@ -85,8 +85,22 @@ impl Manager {
         }
         .await;
         if let Err(e) = taken {
-            warn!(vm = %name, "snapshot failed, resuming: {e}");
             self.remove_snapshot(&record.id);
+            if !process::is_alive(control.pid, &record.id) {
+                // The VMM died (crashed, killed): nothing to resume. Stopped, and unclean, so
+                // the next start checks the disks (the guest's synced data is on them).
+                warn!(vm = %name, "the VMM ended during the suspend: {e}");
+                self.release_runtime_now(&record).await;
+                record.clear_process();
+                record.record_stop(StopKind::Unclean, "the VMM ended during a suspend");
+                record.last_error = Some(format!("the VMM ended during a suspend: {e}"));
+                self.transition(&mut record, VmState::Stopped).await?;
+                return Err(Error::StepFailed {
+                    step: format!("cannot suspend VM {name}: its VMM ended; the VM is stopped"),
+                    source: Box::new(Error::from(e)),
+                });
+            }
+            warn!(vm = %name, "snapshot failed, resuming: {e}");
             // Back to what it was: a paused VM was resumed for the sync, so pause it again.
             let back = if was == VmState::Paused {
                 match vmm.is_paused(&control).await {
