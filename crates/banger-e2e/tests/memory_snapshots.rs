@@ -8,7 +8,9 @@
 //! daemon leaves the VM running (the dead one had paused it), the snapshot undone, kept with
 //! its disks only, or whole, and no unsealed state behind; and a restore killed after its
 //! disks, finished by the next daemon, still resumes. A VM suspended on a snapshot's memory
-//! can be restored to another snapshot; one suspended by `vm suspend` cannot.
+//! can be restored to another snapshot; one suspended by `vm suspend` cannot. Last, QEMU
+//! killed at every memory step while the daemon runs on (`kill-vmm`): the VM stopped, the
+//! snapshot kept, the next boot with everything synced before.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -224,18 +226,24 @@ fn memory_snapshots_resume_where_they_were_and_survive_faults() {
     );
     env.banger(&["vm", "rm", "-f", "c2"]).ok();
     assert!(snapshot(&env, "clone-c2").is_some());
-    // A memory snapshot's clone boots from its disks, which the snapshot's sync filled.
-    env.banger(&["vm", "clone", "dev", "c3", "--snapshot", "m1"])
+    // A memory snapshot's clone boots from its disks, which the snapshot's sync filled;
+    // the snapshot is the second switch of dev's QEMU, which must have let go of its files
+    // (a clone's QEMU cannot open them otherwise) while dev runs on.
+    env.guest_sh("dev", "echo m2 > /root/m2");
+    env.banger(&["vm", "snapshot", "create", "dev", "m2", "--memory"])
+        .ok();
+    env.banger(&["vm", "clone", "dev", "c3", "--snapshot", "m2"])
         .ok();
     env.banger_within(Duration::from_secs(1000), &["vm", "start", "c3"])
         .ok();
     assert_eq!(
         env.guest_sh(
             "c3",
-            "cat /root/before; ls /root/after 2>/dev/null || echo none"
+            "cat /root/before /root/m2; ls /root/after 2>/dev/null || echo none"
         ),
-        "before\nnone"
+        "before\nm2\nnone"
     );
+    assert_eq!(env.vm_show("dev")["state"], "running");
     env.banger(&["vm", "rm", "-f", "c3"]).ok();
 
     // Every memory step, the daemon killed there.
@@ -299,6 +307,41 @@ fn memory_snapshots_resume_where_they_were_and_survive_faults() {
     let refused = env.banger(&["vm", "snapshot", "restore", "dev", "m1"]);
     assert_ne!(refused.code, 0);
     assert!(refused.stderr.contains("suspended"), "{}", refused.stderr);
+    env.banger_within(Duration::from_secs(300), &["vm", "start", "dev"])
+        .ok();
+
+    // QEMU killed at every memory step, the daemon running on: the VM ends stopped, the
+    // snapshot kept (with its memory once QEMU had written it), and the VM boots again with
+    // what was synced before.
+    for (round, (step, _)) in KILLS.iter().enumerate() {
+        let name = format!("q{round}");
+        env.guest_sh("dev", &format!("echo {round} > /root/q{round}; sync"));
+        env.banger(&["daemon", "stop"]).ok();
+        let fault = format!("{step}=kill-vmm");
+        let run = env.with_fault(
+            &fault,
+            &["vm", "snapshot", "create", "dev", &name, "--memory"],
+        );
+        let written = !matches!(
+            *step,
+            "snapshot.memory.after_pause" | "snapshot.memory.after_switch"
+        );
+        assert_eq!(run.code == 0, written, "{fault}: {}", run.stderr);
+        assert_eq!(env.daemon_pids().len(), 1, "{fault}: the daemon runs on");
+        assert_eq!(env.vm_show("dev")["state"], "stopped", "{fault}");
+        assert!(env.qemu_pids().is_empty(), "{fault}");
+        let kept = snapshot(&env, &name).unwrap_or_else(|| panic!("{fault}: no {name}"));
+        assert_eq!(kept["memory"] == true, written, "{fault}: {kept}");
+        no_leftovers(&env, &dir, &fault);
+        env.banger(&["daemon", "stop"]).ok();
+        env.banger_within(Duration::from_secs(1000), &["vm", "start", "dev"])
+            .ok();
+        assert_eq!(
+            env.guest_sh("dev", &format!("cat /root/q{round}")),
+            round.to_string(),
+            "{fault}"
+        );
+    }
 
     env.banger(&["vm", "rm", "-f", "dev"]).ok();
     assert!(!dir.exists());

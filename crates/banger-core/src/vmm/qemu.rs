@@ -633,7 +633,7 @@ impl Hypervisor for Qemu {
             (VmDisk::System, &switch.system_now),
             (VmDisk::Work, &switch.work_now),
         ] {
-            let Some(known) = active_file(&blocks, drive_id(disk)).map(PathBuf::from) else {
+            let Some(known) = active_file(&blocks, drive_id(disk)) else {
                 continue;
             };
             if &known != now && !known.exists() {
@@ -808,15 +808,25 @@ async fn switch_transaction(process: &VmProcess, switch: &DiskSwitch) -> Result<
 }
 
 /// The file name QEMU has for the image `device` reads and writes (its top), per
-/// `query-block`.
-fn active_file<'a>(blocks: &'a serde_json::Value, device: &str) -> Option<&'a str> {
-    blocks
+/// `query-block`: a plain path, or for a node a switch made (its backing given, not read
+/// from its header) a `json:` description whose `file.filename` is the path.
+fn active_file(blocks: &serde_json::Value, device: &str) -> Option<PathBuf> {
+    let name = blocks
         .as_array()?
         .iter()
         .find(|b| b.get("device").and_then(|d| d.as_str()) == Some(device))?
         .get("inserted")?
         .get("file")?
-        .as_str()
+        .as_str()?;
+    match name.strip_prefix("json:") {
+        None => Some(PathBuf::from(name)),
+        Some(json) => serde_json::from_str::<serde_json::Value>(json)
+            .ok()?
+            .get("file")?
+            .get("filename")?
+            .as_str()
+            .map(PathBuf::from),
+    }
 }
 
 /// The virtual size `query-block` reports for `device`.
@@ -1091,6 +1101,23 @@ mod tests {
         let args = Qemu::new("qemu".into()).args(&cmdline).join(" ");
         assert!(args.contains("acpi=off,pic=on,pit=on"), "{args}");
         assert!(args.contains("-device i8042"), "{args}");
+    }
+
+    #[test]
+    fn the_active_file_is_a_path_or_the_file_of_a_json_description() {
+        let blocks = json!([
+            {"device": "sys", "inserted": {"file": "/v/system.qcow2"}},
+            {"device": "work", "inserted": {"file": "json:{\"backing\": {\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": \"/v/work.qcow2\"}}, \"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": \"/v/work.qcow2.live-abc\"}}"}},
+        ]);
+        assert_eq!(
+            active_file(&blocks, "sys"),
+            Some(PathBuf::from("/v/system.qcow2"))
+        );
+        assert_eq!(
+            active_file(&blocks, "work"),
+            Some(PathBuf::from("/v/work.qcow2.live-abc"))
+        );
+        assert_eq!(active_file(&blocks, "other"), None);
     }
 
     #[test]
