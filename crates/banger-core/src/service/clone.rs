@@ -35,6 +35,25 @@ const NEW_HOST_KEY: &str = "set -e; k=/root/.banger/ssh_host_ed25519_key; \
     else systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null || true; fi; \
     cat $k.pub";
 
+/// The kernel argument that carries a clone's first-start token.
+const CLONE_TOKEN_ARG: &str = "banger.clone_token";
+
+/// What proves the guest is the clone booted with `token` (exit 97 otherwise, before
+/// anything changes), then [`NEW_HOST_KEY`].
+fn new_host_key_script(token: &str) -> String {
+    format!(
+        "grep -qw '{CLONE_TOKEN_ARG}={token}' /proc/cmdline || \
+         {{ echo 'the guest that answered is not the clone being started' >&2; exit 97; }}; \
+         {NEW_HOST_KEY}"
+    )
+}
+
+/// A clone's boot arguments and, at its first start, its token.
+pub(super) struct CloneBoot {
+    pub args: String,
+    pub token: Option<String>,
+}
+
 impl Manager {
     /// Clones VM `source` (see the module doc); returns the new VM, in state created.
     pub async fn clone_vm(&self, source: &str, request: CloneVmRequest) -> Result<Vm, Error> {
@@ -143,32 +162,48 @@ impl Manager {
         Ok(self.vm_api(&record).await)
     }
 
-    /// Kernel arguments a clone boots with: its own machine-id (its disk holds its source's).
-    pub(super) async fn clone_boot_args(&self, record: &VmRecord) -> Option<String> {
+    /// Kernel arguments a clone boots with: its own machine-id (its disk holds its source's),
+    /// and at its first start a token for [`Self::own_host_key`].
+    pub(super) async fn clone_boot_args(&self, record: &VmRecord) -> Option<CloneBoot> {
         let vm_id = record.id.clone();
-        self.db
+        let (_, fresh) = self
+            .db
             .run(move |s| s.clone_source(&vm_id))
             .await
             .ok()
-            .flatten()
-            .map(|_| format!("systemd.machine_id={}", record.id))
+            .flatten()?;
+        let token = fresh.then(|| uuid::Uuid::new_v4().simple().to_string());
+        let mut args = format!("systemd.machine_id={}", record.id);
+        if let Some(token) = &token {
+            args.push_str(&format!(" {CLONE_TOKEN_ARG}={token}"));
+        }
+        Some(CloneBoot { args, token })
     }
 
     /// At a clone's first start, once SSH answered (with its source's key): the guest makes
     /// its own host key, which replaces the pinned one. A failure is an error: a clone never
-    /// runs with its source's key once started.
+    /// runs with its source's key once started. Whoever answered must first show the token
+    /// the clone booted with: its source holds the same host key and, on a bridge, could
+    /// answer for the clone's address, but never saw that kernel command line.
     pub(super) async fn own_host_key(
         &self,
         record: &VmRecord,
         target: &ssh::SshTarget,
+        token: Option<&str>,
     ) -> Result<(), Error> {
         let vm_id = record.id.clone();
         let Some((_, true)) = self.db.run(move |s| s.clone_source(&vm_id)).await? else {
             return Ok(());
         };
+        let Some(token) = token else {
+            return Err(Error::Failed(format!(
+                "clone {} booted without its identity token",
+                record.name
+            )));
+        };
         let (code, out, err) = ssh::run(
             target,
-            NEW_HOST_KEY,
+            &new_host_key_script(token),
             std::time::Duration::from_secs(10),
             std::time::Duration::from_secs(120),
         )
@@ -216,4 +251,21 @@ pub(super) fn cloned_from_in(
     Ok(names
         .get(&snapshot.vm_id)
         .map(|name| format!("{name}/{}", snapshot.name)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_without_the_token_is_refused_before_anything_changes() {
+        // This host's /proc/cmdline has no token: the script stops at once.
+        let script = new_host_key_script("0123456789abcdef");
+        let out = std::process::Command::new("/bin/sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap_or_else(|e| panic!("sh: {e}"));
+        assert_eq!(out.status.code(), Some(97), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not the clone"));
+    }
 }

@@ -317,9 +317,10 @@ impl Manager {
         // `/` read-write at once, or (the guest checks it at this boot) read-only until
         // systemd-fsck-root checked it.
         let mut tail = format!("{boot_args} banger.hostname={} {net_args}", record.name);
-        if let Some(args) = self.clone_boot_args(record).await {
+        let clone = self.clone_boot_args(record).await;
+        if let Some(clone) = &clone {
             tail.push(' ');
-            tail.push_str(&args);
+            tail.push_str(&clone.args);
         }
         if choice.accel == Accel::Tcg
             && let Some(khz) = accel::this_host_tsc_khz()
@@ -468,7 +469,8 @@ impl Manager {
                     if outcome.restored {
                         self.set_guest_clock(record, &target, outcome).await;
                     } else {
-                        self.own_host_key(record, &target).await?;
+                        let token = clone.as_ref().and_then(|c| c.token.as_deref());
+                        self.own_host_key(record, &target, token).await?;
                     }
                     if guest_fsck {
                         self.record_guest_fsck(record, &target, fsck_restarted)
