@@ -619,7 +619,14 @@ impl Manager {
                     "VM {} is {}: removing snapshot {snapshot} merges it into the disks that continue from it, which needs the VM stopped",
                     record.name, record.state
                 ),
-                hint: format!("stop it first (`banger vm stop {}`)", record.name),
+                hint: if record.state == VmState::Suspended {
+                    format!(
+                        "start it and stop it first (`banger vm start {0}; banger vm stop {0}`)",
+                        record.name
+                    )
+                } else {
+                    format!("stop it first (`banger vm stop {}`)", record.name)
+                },
             });
         }
         let id = found.id.clone();
