@@ -679,14 +679,17 @@ impl TestEnv {
 
     /// SIGKILLs every daemon of this instance and waits until they are gone.
     pub fn kill_daemon(&self) {
-        for pid in self.daemon_pids() {
+        let pids = self.daemon_pids();
+        for pid in &pids {
             let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
+                nix::unistd::Pid::from_raw(*pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        // Gone, not only dying: a dying process's environment reads empty before its files
+        // (the daemon's socket) are closed, and a command started then would connect to it.
         poll(Duration::from_secs(10), "daemon gone", || {
-            self.daemon_pids().is_empty().then_some(())
+            pids.iter().all(|pid| exited(*pid)).then_some(())
         });
     }
 }
@@ -916,6 +919,17 @@ pub fn root_or_skip(test: &str, why: &str) -> bool {
         banger_shared::skip::report(test, &format!("needs root ({why})"));
     }
     root
+}
+
+/// Whether process `pid` has exited: gone, or a zombie (its files closed).
+pub fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => true,
+    }
 }
 
 /// Calls `probe` until it returns `Some`, or returns `None` after `limit`.
