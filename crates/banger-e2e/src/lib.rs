@@ -677,6 +677,17 @@ impl TestEnv {
         })
     }
 
+    /// Waits (up to 10 s) until this instance's daemon is gone: no process, and its socket
+    /// refuses connections (a dying process's environment reads empty before its files are
+    /// closed). False when it is still there.
+    pub fn daemon_gone(&self) -> bool {
+        poll_or_none(Duration::from_secs(10), || {
+            (self.daemon_pids().is_empty() && UnixStream::connect(self.socket()).is_err())
+                .then_some(())
+        })
+        .is_some()
+    }
+
     /// SIGKILLs every daemon of this instance and waits until they are gone.
     pub fn kill_daemon(&self) {
         let pids = self.daemon_pids();

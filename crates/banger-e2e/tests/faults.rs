@@ -772,14 +772,7 @@ fn assert_faulted(env: &TestEnv, run: &Run, fault: &str, baseline: &Snapshot) {
         // The next command's daemon runs without the fault.
         env.banger(&["daemon", "stop"]).ok();
     } else {
-        assert!(
-            poll_or_none(Duration::from_secs(10), || env
-                .daemon_pids()
-                .is_empty()
-                .then_some(()))
-            .is_some(),
-            "{fault}: the daemon still runs"
-        );
+        assert!(env.daemon_gone(), "{fault}: the daemon still runs");
     }
 }
 

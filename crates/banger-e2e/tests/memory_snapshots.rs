@@ -16,7 +16,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use banger_e2e::{TestEnv, poll, poll_or_none};
+use banger_e2e::{TestEnv, poll};
 use serde_json::Value;
 
 /// A shared 2-core host under load boots a TCG guest slowly: a generous start bound.
@@ -256,14 +256,7 @@ fn memory_snapshots_resume_where_they_were_and_survive_faults() {
             &["vm", "snapshot", "create", "dev", &name, "--memory"],
         );
         assert_ne!(run.code, 0, "{step}: the command succeeded");
-        assert!(
-            poll_or_none(Duration::from_secs(10), || env
-                .daemon_pids()
-                .is_empty()
-                .then_some(()))
-            .is_some(),
-            "{step}: the daemon still runs"
-        );
+        assert!(env.daemon_gone(), "{step}: the daemon still runs");
         // The next daemon settles the snapshot and runs the VM on.
         assert_eq!(env.vm_show("dev")["state"], "running", "{step}");
         wait_count(&env, before);
