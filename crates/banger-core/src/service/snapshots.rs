@@ -516,13 +516,7 @@ impl Manager {
             return Ok(false);
         }
         let vm_id = record.id.clone();
-        let head = self
-            .db
-            .run(move |s| match s.disk_head(&vm_id)? {
-                Some(h) => s.snapshot_by_id(&h.snapshot_id),
-                None => Ok(None),
-            })
-            .await?;
+        let head = self.db.run(move |s| s.head_snapshot(&vm_id)).await?;
         Ok(head.is_some_and(|head| {
             same_file(
                 &self.layout.vm_named_snapshot(&record.id, &head.id).state(),
@@ -737,13 +731,7 @@ impl Manager {
         let restoring = self.db.run(|s| s.restoring_vms()).await?;
         for vm_id in restoring {
             let id = vm_id.clone();
-            let snapshot = self
-                .db
-                .run(move |s| match s.disk_head(&id)? {
-                    Some(h) => s.snapshot_by_id(&h.snapshot_id),
-                    None => Ok(None),
-                })
-                .await?;
+            let snapshot = self.db.run(move |s| s.head_snapshot(&id)).await?;
             let Some(snapshot) = snapshot else { continue };
             match self.finish_restore(&vm_id, &snapshot).await {
                 Ok(_) => {

@@ -188,6 +188,14 @@ impl Store {
             .optional()?)
     }
 
+    /// The snapshot the VM's disks continue from now, if any.
+    pub fn head_snapshot(&self, vm_id: &str) -> Result<Option<SnapshotRecord>, StoreError> {
+        match self.disk_head(vm_id)? {
+            Some(head) => self.snapshot_by_id(&head.snapshot_id),
+            None => Ok(None),
+        }
+    }
+
     /// Every VM whose restore is half done.
     pub fn restoring_vms(&self) -> Result<Vec<String>, StoreError> {
         let mut stmt = self
