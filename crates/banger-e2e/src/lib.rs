@@ -620,7 +620,7 @@ impl TestEnv {
     pub fn vm_dir(&self, vm: &str) -> PathBuf {
         let id = self.vm_show(vm)["id"]
             .as_str()
-            .unwrap_or_default()
+            .unwrap_or_else(|| panic!("VM {vm} has no id"))
             .to_owned();
         self.home().join("vms").join(id)
     }

@@ -689,16 +689,6 @@ async fn firecracker_vms_refuse_named_snapshots() {
 // ---------------------------------------------------------------------------------------
 // Image steps: the real daemon, `BANGER_FAULT` in its environment.
 
-/// `banger ARGS` with the fault set: the daemon it starts carries it.
-fn with_fault(env: &TestEnv, fault: &str, args: &[&str]) -> Run {
-    Run::from_output(
-        env.command(args)
-            .env(banger_core::fault::ENV, fault)
-            .output()
-            .unwrap(),
-    )
-}
-
 /// After a faulted image operation: a daemon without the fault lists only images whose
 /// files are there, and every stored directory is named by a record.
 fn check_stores(env: &TestEnv, fault: &str) {
@@ -784,7 +774,7 @@ fn faults_in_image_import_are_recovered() {
             let baseline = env.leak_snapshot();
             let args = env.stub_image_import();
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let run = with_fault(&env, &fault, &args);
+            let run = env.with_fault(&fault, &args);
             assert_faulted(&env, &run, &fault, &baseline);
             check_stores(&env, &fault);
             // Importing again works, and a VM can be made of it and removed.
@@ -816,7 +806,7 @@ fn faults_in_image_build_are_recovered() {
     for fault in ["build.after_scripts", "build.after_scripts=fail"] {
         let env = TestEnv::new().with_env("BANGER_CACHE_DIR", &cache.to_string_lossy());
         let baseline = env.leak_snapshot();
-        let run = with_fault(&env, fault, &["image", "build"]);
+        let run = env.with_fault(fault, &["image", "build"]);
         assert_faulted(&env, &run, fault, &baseline);
         check_stores(&env, fault);
         assert_eq!(
@@ -873,7 +863,7 @@ fn faults_in_image_pull_are_recovered() {
         for fault in faults_of(step) {
             let env = TestEnv::new();
             let baseline = env.leak_snapshot();
-            let run = with_fault(&env, &fault, &["image", "pull", &reference, "dev"]);
+            let run = env.with_fault(&fault, &["image", "pull", &reference, "dev"]);
             assert_faulted(&env, &run, &fault, &baseline);
             check_stores(&env, &fault);
             env.banger(&["image", "pull", &reference, "dev"]).ok();
@@ -933,7 +923,7 @@ fn faults_in_workspace_prepare_are_recovered() {
             // running; the next daemon reattaches it).
             env.banger(&["daemon", "stop"]).ok();
             let before = env.leak_snapshot();
-            let run = with_fault(&env, &fault, &["vm", "workspace", "prepare", "dev", repo_s]);
+            let run = env.with_fault(&fault, &["vm", "workspace", "prepare", "dev", repo_s]);
             assert_faulted(&env, &run, &fault, &before);
             // The VM outlived the daemon and is listed running, its QEMU alive.
             let vm = env.banger(&["vm", "show", "dev", "--json"]).ok().json();

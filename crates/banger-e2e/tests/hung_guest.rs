@@ -21,23 +21,9 @@ fn stop_bound() -> Duration {
     Duration::from_secs(POWEROFF_GRACE + 100 + 20)
 }
 
-fn show(env: &TestEnv, vm: &str) -> Value {
-    env.banger(&["vm", "show", vm, "--json"]).ok().json()
-}
-
-/// Output of `sh -c SCRIPT` in `vm`, trimmed.
-fn guest(env: &TestEnv, vm: &str, script: &str) -> String {
-    env.banger(&["vm", "exec", vm, "--", "sh", "-c", script])
-        .ok()
-        .stdout
-        .trim()
-        .to_owned()
-}
-
 /// Writes 1 MiB of random data to `path` in `vm`, syncs, returns its checksum.
 fn write_synced(env: &TestEnv, vm: &str, path: &str) -> String {
-    guest(
-        env,
+    env.guest_sh(
         vm,
         &format!("head -c 1048576 /dev/urandom > {path} && sync && sha256sum < {path}"),
     )
@@ -75,8 +61,7 @@ fn hung_and_hostile_guests_stop_within_the_bound() {
     // logind), the work disk is full and the console floods: QMP `quit` ends it. (Runtime
     // changes only: the next boot is an ordinary one.)
     let kept = write_synced(&env, "hung", "/root/kept");
-    guest(
-        &env,
+    env.guest_sh(
         "hung",
         "printf '[Service]\\nType=oneshot\\nRemainAfterExit=yes\\nExecStart=/bin/true\\n\
          ExecStop=/bin/sleep infinity\\nTimeoutStopSec=infinity\\n' \
@@ -87,7 +72,7 @@ fn hung_and_hostile_guests_stop_within_the_bound() {
          setsid sh -c 'while :; do echo flood flood flood flood flood > /dev/ttyS0; done' \
            </dev/null >/dev/null 2>&1 &",
     );
-    let avail = guest(&env, "hung", "df -B1 --output=avail /root | tail -n 1");
+    let avail = env.guest_sh("hung", "df -B1 --output=avail /root | tail -n 1");
     assert!(
         avail.parse::<u64>().unwrap() < 1 << 20,
         "/root still has {avail} bytes free"
@@ -105,7 +90,7 @@ fn hung_and_hostile_guests_stop_within_the_bound() {
                 began.elapsed()
             );
             assert!(ls.to_string().contains("other"), "{ls}");
-            assert_eq!(guest(&env, "other", "echo alive"), "alive");
+            assert_eq!(env.guest_sh("other", "echo alive"), "alive");
             answered += 1;
         }
         (stop.join().unwrap(), answered)
@@ -118,7 +103,7 @@ fn hung_and_hostile_guests_stop_within_the_bound() {
         "stopped in {took:?}: the power-off grace was not waited"
     );
     eprintln!("hung power-off: stopped by quit in {took:?}; other VM answered {answered} times");
-    let vm = show(&env, "hung");
+    let vm = env.vm_show("hung");
     assert_eq!(vm["state"], "stopped", "{vm}");
     assert_eq!(vm["last_stop"]["stop_method"], "quit", "{vm}");
     assert_eq!(vm["last_stop"]["kind"], "unclean", "{vm}");
@@ -129,18 +114,17 @@ fn hung_and_hostile_guests_stop_within_the_bound() {
 
     // Synced data is intact after the next (checked) start.
     env.banger(&["vm", "start", "hung"]).ok();
-    assert_eq!(guest(&env, "hung", "sha256sum < /root/kept"), kept);
-    guest(&env, "hung", "rm /root/fill");
+    assert_eq!(env.guest_sh("hung", "sha256sum < /root/kept"), kept);
+    env.guest_sh("hung", "rm /root/fill");
 
     // 2. No sshd: the stop cannot sync or power off over SSH; the ACPI button ends it.
     let second = write_synced(&env, "hung", "/root/second");
-    guest(
-        &env,
+    env.guest_sh(
         "hung",
         "setsid sh -c 'systemctl stop ssh.service' </dev/null >/dev/null 2>&1 &",
     );
     poll(Duration::from_secs(60), "sshd gone in the guest", || {
-        let vm = show(&env, "hung");
+        let vm = env.vm_show("hung");
         let port = vm["runtime"]["ssh_port"].as_u64().unwrap() as u16;
         let mut banner = [0u8; 4];
         let gone = std::net::TcpStream::connect(("127.0.0.1", port))
@@ -154,24 +138,24 @@ fn hung_and_hostile_guests_stop_within_the_bound() {
     let (stop, took) = stop_within_bound(&env, "hung");
     assert_eq!(stop["stop_method"], "acpi", "{stop}");
     eprintln!("no sshd: stopped by the ACPI button in {took:?}");
-    let vm = show(&env, "hung");
+    let vm = env.vm_show("hung");
     assert_eq!(vm["last_stop"]["stop_method"], "acpi", "{vm}");
     assert_eq!(vm["last_stop"]["kind"], "clean", "{vm}");
     env.banger(&["vm", "start", "hung"]).ok();
-    assert_eq!(guest(&env, "hung", "sha256sum < /root/second"), second);
+    assert_eq!(env.guest_sh("hung", "sha256sum < /root/second"), second);
     env.banger(&["vm", "stop", "hung"]).ok();
     env.banger(&["vm", "rm", "hung"]).ok();
 
     // 3. A frozen VMM (SIGSTOP): neither SSH nor QMP answers; SIGKILL ends it.
     let frozen = write_synced(&env, "other", "/root/frozen");
-    let vm = show(&env, "other");
+    let vm = env.vm_show("other");
     let pid = nix::unistd::Pid::from_raw(vm["runtime"]["pid"].as_u64().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let (stop, took) = stop_within_bound(&env, "other");
     assert_eq!(stop["stop_method"], "kill", "{stop}");
     eprintln!("frozen QEMU: stopped by SIGKILL in {took:?}");
     assert!(env.qemu_pids().is_empty());
-    let vm = show(&env, "other");
+    let vm = env.vm_show("other");
     assert_eq!(vm["last_stop"]["stop_method"], "kill", "{vm}");
     // The synced file is on the work disk: what the next start's e2fsck would do, then read.
     let disk = env

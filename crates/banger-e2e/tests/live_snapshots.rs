@@ -11,12 +11,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use banger_e2e::{Run, TestEnv, assert_fsck_clean, disk_as_raw, poll, system_tool};
-use serde_json::Value;
+use banger_e2e::{TestEnv, assert_fsck_clean, disk_as_raw, poll, system_tool};
 
 /// A shared 2-core host under load boots a TCG guest slowly: a generous start bound.
 const CONFIG: &str = "[daemon]\nstart_timeout_secs = 900\n";
@@ -45,28 +44,10 @@ const FAILS: &[&str] = &[
     "snapshot.live.after_freeze",
 ];
 
-fn guest(env: &TestEnv, script: &str) -> String {
-    env.banger(&["vm", "exec", "dev", "--", "sh", "-c", script])
-        .ok()
-        .stdout
-        .trim()
-        .to_owned()
-}
-
-fn show(env: &TestEnv) -> Value {
-    env.banger(&["vm", "show", "dev", "--json"]).ok().json()
-}
-
-fn vm_dir(env: &TestEnv) -> PathBuf {
-    env.home()
-        .join("vms")
-        .join(show(env)["id"].as_str().unwrap())
-}
-
 /// The number of files the writer had made (the highest name), then synced to disk.
 fn written_synced(env: &TestEnv) -> u64 {
-    guest(
-        env,
+    env.guest_sh(
+        "dev",
         "n=$(ls /root/nums | sort -n | tail -n 1); sync; echo $n",
     )
     .parse()
@@ -76,7 +57,8 @@ fn written_synced(env: &TestEnv) -> u64 {
 /// Waits until the writer passed `n`.
 fn wait_written(env: &TestEnv, n: u64) -> u64 {
     poll(Duration::from_secs(120), "the writer writing", || {
-        let now: u64 = guest(env, "ls /root/nums | sort -n | tail -n 1")
+        let now: u64 = env
+            .guest_sh("dev", "ls /root/nums | sort -n | tail -n 1")
             .parse()
             .unwrap_or(0);
         (now > n).then_some(now)
@@ -119,16 +101,6 @@ fn not_frozen(env: &TestEnv, why: &str) {
     );
     assert_eq!(run.code, 0, "{why}: {}", run.stderr);
     assert!(!run.stdout.contains("FROZEN"), "{why}: {}", run.stdout);
-}
-
-/// `banger ARGS` with the fault set: the daemon it starts carries it.
-fn with_fault(env: &TestEnv, fault: &str, args: &[&str]) -> Run {
-    Run::from_output(
-        env.command(args)
-            .env(banger_core::fault::ENV, fault)
-            .output()
-            .unwrap(),
-    )
 }
 
 /// The files of directory `dir` in the ext4 image `image`, name → content (`debugfs rdump`).
@@ -177,7 +149,7 @@ fn exact_prefix(files: &BTreeMap<String, String>) -> u64 {
 /// numbered files' exact prefix M.
 #[track_caller]
 fn host_view(env: &TestEnv, scratch: &Path, what: &str) -> u64 {
-    let dir = vm_dir(env);
+    let dir = env.vm_dir("dev");
     let system = disk_as_raw(&dir.join("system.qcow2"), "qcow2", scratch);
     assert_fsck_clean(&system, what);
     std::fs::remove_file(system).unwrap();
@@ -193,22 +165,14 @@ fn host_view(env: &TestEnv, scratch: &Path, what: &str) -> u64 {
     m
 }
 
-fn snapshots(env: &TestEnv) -> Vec<Value> {
-    env.banger(&["vm", "snapshot", "ls", "dev", "--json"])
-        .ok()
-        .json()["snapshots"]
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 /// Nothing orphaned: the snapshot directories are exactly the listed snapshots', each with
 /// its two files; no partial or live overlay and no suspend state in the VM's directory; the
 /// VM's tops are there.
 #[track_caller]
 fn no_orphans(env: &TestEnv, what: &str) -> BTreeSet<String> {
-    let dir = vm_dir(env);
-    let listed: BTreeMap<String, String> = snapshots(env)
+    let dir = env.vm_dir("dev");
+    let listed: BTreeMap<String, String> = env
+        .vm_snapshots("dev")
         .iter()
         .map(|s| {
             (
@@ -266,7 +230,7 @@ fn live_snapshots_are_consistent_and_survive_faults() {
         env.dump_diagnostics();
     }
     run.ok();
-    guest(&env, START_WRITER);
+    env.guest_sh("dev", START_WRITER);
     wait_written(&env, 10);
 
     // A snapshot while the writer runs; the VM runs on, the writer keeps writing.
@@ -277,8 +241,8 @@ fn live_snapshots_are_consistent_and_survive_faults() {
         .json();
     let after = wait_written(&env, 0);
     assert_eq!(taken["current"], true, "{taken}");
-    assert_eq!(show(&env)["state"], "running");
-    let dir = vm_dir(&env);
+    assert_eq!(env.vm_show("dev")["state"], "running");
+    let dir = env.vm_dir("dev");
     let s1_dir = dir.join("snapshots").join(taken["id"].as_str().unwrap());
     // No copy: the raw work disk itself moved into the snapshot; the VM writes to overlays.
     assert!(s1_dir.join("work.ext4").is_file() && s1_dir.join("system.qcow2").is_file());
@@ -302,7 +266,7 @@ fn live_snapshots_are_consistent_and_survive_faults() {
     // A paused VM: no freeze (its vCPUs do not run), and it stays paused.
     env.banger(&["vm", "pause", "dev"]).ok();
     env.banger(&["vm", "snapshot", "create", "dev", "p1"]).ok();
-    assert_eq!(show(&env)["state"], "paused");
+    assert_eq!(env.vm_show("dev")["state"], "paused");
     env.banger(&["vm", "resume", "dev"]).ok();
     not_frozen(&env, "after p1");
     let mut names = no_orphans(&env, "p1");
@@ -333,7 +297,7 @@ fn live_snapshots_are_consistent_and_survive_faults() {
             // The fault reaches only a daemon started with it (the VM keeps running; the
             // next daemon reattaches it).
             env.banger(&["daemon", "stop"]).ok();
-            let run = with_fault(&env, &fault, &["vm", "snapshot", "create", "dev", &name]);
+            let run = env.with_fault(&fault, &["vm", "snapshot", "create", "dev", &name]);
             if kill_qemu {
                 eprintln!("{fault}: exit {}: {}", run.code, run.stderr.trim());
                 // The daemon runs on; past the switch the snapshot is taken.
@@ -351,8 +315,12 @@ fn live_snapshots_are_consistent_and_survive_faults() {
                     );
                 }
                 assert!(env.qemu_pids().is_empty(), "{fault}: QEMU left");
-                assert_eq!(show(&env)["state"], "stopped", "{fault}");
-                assert_eq!(show(&env)["last_stop"]["kind"], "unclean", "{fault}");
+                assert_eq!(env.vm_show("dev")["state"], "stopped", "{fault}");
+                assert_eq!(
+                    env.vm_show("dev")["last_stop"]["kind"],
+                    "unclean",
+                    "{fault}"
+                );
                 assert_eq!(env.daemon_pids(), daemons, "{fault}: the same daemon");
             } else if failed {
                 assert_ne!(run.code, 0, "{fault}: the command succeeded");
@@ -386,15 +354,13 @@ fn live_snapshots_are_consistent_and_survive_faults() {
                 assert_eq!(torn, 0, "{fault}: {torn} of 1..{before} missing or torn");
                 assert!(m >= before, "{fault}: {m} files, {before} synced before");
                 // The files after those go (they may be empty), and the writer goes on.
-                guest(
-                    &env,
-                    &format!(
+                env.guest_sh("dev", &format!(
                         "cd /root/nums; for f in *; do [ \"$f\" -gt {before} ] && rm -f \"$f\"; done; sync"
                     ),
                 );
-                guest(&env, START_WRITER);
+                env.guest_sh("dev", START_WRITER);
             } else {
-                assert_eq!(show(&env)["state"], "running", "{fault}");
+                assert_eq!(env.vm_show("dev")["state"], "running", "{fault}");
             }
             not_frozen(&env, &fault);
             wait_written(&env, before);
@@ -418,7 +384,10 @@ fn live_snapshots_are_consistent_and_survive_faults() {
     assert_eq!(host_view(&env, scratch, "restored s1"), k1);
     env.banger_within(Duration::from_secs(1000), &["vm", "start", "dev"])
         .ok();
-    let seen: u64 = guest(&env, "ls /root/nums | wc -l").parse().unwrap();
+    let seen: u64 = env
+        .guest_sh("dev", "ls /root/nums | wc -l")
+        .parse()
+        .unwrap();
     assert_eq!(seen, k1, "the guest after restoring s1");
     env.banger_within(Duration::from_secs(300), &["vm", "stop", "dev"])
         .ok();

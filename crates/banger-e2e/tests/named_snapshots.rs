@@ -12,12 +12,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use banger_e2e::{TestEnv, assert_fsck_clean, disk_as_raw, poll, system_tool};
-use serde_json::Value;
 
 const GIB: u64 = 1 << 30;
 
@@ -31,27 +30,9 @@ const START_WRITER: &str = "mkdir -p /root/nums && setsid -f sh -c 'cd /root/num
     while :; do i=$((i+1)); echo $i > .next; mv .next $i; sleep 0.05; done' \
     </dev/null >/dev/null 2>&1";
 
-fn guest(env: &TestEnv, script: &str) -> String {
-    env.banger(&["vm", "exec", "dev", "--", "sh", "-c", script])
-        .ok()
-        .stdout
-        .trim()
-        .to_owned()
-}
-
-fn show(env: &TestEnv) -> Value {
-    env.banger(&["vm", "show", "dev", "--json"]).ok().json()
-}
-
-fn vm_dir(env: &TestEnv) -> PathBuf {
-    env.home()
-        .join("vms")
-        .join(show(env)["id"].as_str().unwrap())
-}
-
 /// The number of files the writer made (the highest name).
 fn written(env: &TestEnv) -> u64 {
-    guest(env, "ls /root/nums | sort -n | tail -n 1")
+    env.guest_sh("dev", "ls /root/nums | sort -n | tail -n 1")
         .parse()
         .unwrap_or(0)
 }
@@ -134,7 +115,7 @@ fn exact_prefix(files: &BTreeMap<String, String>) -> u64 {
 /// The VM's work disk on the host (the raw file, or its qcow2 overlay) as a checked raw
 /// image: its numbered files, and whether `marker` is on it.
 fn host_view(env: &TestEnv, scratch: &Path, marker: &str) -> (BTreeMap<String, String>, bool) {
-    let dir = vm_dir(env);
+    let dir = env.vm_dir("dev");
     let (top, format) = if dir.join("work.qcow2").exists() {
         (dir.join("work.qcow2"), "qcow2")
     } else {
@@ -150,19 +131,10 @@ fn host_view(env: &TestEnv, scratch: &Path, marker: &str) -> (BTreeMap<String, S
 
 /// Whether `path` is on the VM's system disk (read on the host).
 fn on_system_disk(env: &TestEnv, scratch: &Path, path: &str) -> bool {
-    let raw = disk_as_raw(&vm_dir(env).join("system.qcow2"), "qcow2", scratch);
+    let raw = disk_as_raw(&env.vm_dir("dev").join("system.qcow2"), "qcow2", scratch);
     let has = exists_in(&raw, path);
     std::fs::remove_file(raw).unwrap();
     has
-}
-
-fn snapshots(env: &TestEnv) -> Vec<Value> {
-    env.banger(&["vm", "snapshot", "ls", "dev", "--json"])
-        .ok()
-        .json()["snapshots"]
-        .as_array()
-        .unwrap()
-        .clone()
 }
 
 #[test]
@@ -175,10 +147,10 @@ fn snapshots_restore_exact_prefixes_and_merge_on_removal() {
 
     // Boot 1: the writer runs, the VM stops cleanly, a first snapshot is taken.
     env.banger_or_dump(&["vm", "run", "dev", "--disk", "2G"]);
-    guest(&env, START_WRITER);
+    env.guest_sh("dev", START_WRITER);
     wait_written(&env, 10);
     env.banger(&["vm", "stop", "dev"]).ok();
-    let dir = vm_dir(&env);
+    let dir = env.vm_dir("dev");
     let taken = env
         .banger(&["vm", "snapshot", "create", "dev", "s1", "--json"])
         .ok()
@@ -201,7 +173,7 @@ fn snapshots_restore_exact_prefixes_and_merge_on_removal() {
     let (s1_files, _) = host_view(&env, scratch, "/after-s1");
     let m1 = exact_prefix(&s1_files);
     assert!(m1 > 10, "{m1} files");
-    let shown = show(&env);
+    let shown = env.vm_show("dev");
     assert_eq!(shown["snapshots"]["count"], 1, "{shown}");
     assert!(shown["snapshots"]["bytes"].as_u64().unwrap() > 0, "{shown}");
 
@@ -209,15 +181,16 @@ fn snapshots_restore_exact_prefixes_and_merge_on_removal() {
     env.banger(&["vm", "start", "dev"]).ok();
     assert_eq!(written(&env), m1);
     refused(&env, &["restore", "dev", "s1"], 4, "stop");
-    guest(&env, "touch /root/after-s1 /var/tmp/after-s1 && sync");
-    guest(&env, START_WRITER);
+    env.guest_sh("dev", "touch /root/after-s1 /var/tmp/after-s1 && sync");
+    env.guest_sh("dev", START_WRITER);
     wait_written(&env, m1 + 10);
     let spec = env
         .banger(&["vm", "set", "dev", "--disk", "3G", "--json"])
         .ok()
         .json();
     assert_eq!(spec["disk_size_bytes"], 3 * GIB, "{spec}");
-    let df: u64 = guest(&env, "df -B1 --output=size /root | tail -n 1")
+    let df: u64 = env
+        .guest_sh("dev", "df -B1 --output=size /root | tail -n 1")
         .parse()
         .unwrap();
     assert!(df > 2 * GIB + GIB / 2, "df /root: {df}");
@@ -252,7 +225,7 @@ fn snapshots_restore_exact_prefixes_and_merge_on_removal() {
     assert_eq!(files, s1_files);
     assert!(!after, "a file written after s1 survived its restore");
     assert!(!on_system_disk(&env, scratch, "/var/tmp/after-s1"));
-    let listed = snapshots(&env);
+    let listed = env.vm_snapshots("dev");
     assert_eq!(listed.len(), 2, "{listed:?}");
     assert_eq!(listed[0]["current"], true, "{listed:?}");
 
@@ -260,7 +233,7 @@ fn snapshots_restore_exact_prefixes_and_merge_on_removal() {
     refused(&env, &["rm", "dev", "nope"], 2, "not found");
     env.banger(&["vm", "snapshot", "rm", "dev", "s1"]).ok();
     assert!(!s1_dir.exists());
-    let listed = snapshots(&env);
+    let listed = env.vm_snapshots("dev");
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["name"], s2_name.as_str());
     assert!(listed[0].get("parent").is_none(), "{listed:?}");
@@ -278,10 +251,11 @@ fn snapshots_restore_exact_prefixes_and_merge_on_removal() {
     env.banger(&["vm", "start", "dev"]).ok();
     assert_eq!(written(&env), m2);
     assert_eq!(
-        guest(&env, "ls /root/after-s1 /var/tmp/after-s1 | wc -l"),
+        env.guest_sh("dev", "ls /root/after-s1 /var/tmp/after-s1 | wc -l"),
         "2"
     );
-    let df: u64 = guest(&env, "df -B1 --output=size /root | tail -n 1")
+    let df: u64 = env
+        .guest_sh("dev", "df -B1 --output=size /root | tail -n 1")
         .parse()
         .unwrap();
     assert!(df > 2 * GIB + GIB / 2, "df /root after restoring s2: {df}");
@@ -292,27 +266,13 @@ fn snapshots_restore_exact_prefixes_and_merge_on_removal() {
     assert!(!dir.exists());
 }
 
-/// `sh -c SCRIPT` in VM `vm`, trimmed.
-fn guest_in(env: &TestEnv, vm: &str, script: &str) -> String {
-    env.banger(&["vm", "exec", vm, "--", "sh", "-c", script])
-        .ok()
-        .stdout
-        .trim()
-        .to_owned()
-}
-
 /// What tells a guest apart: hostname, machine-id, SSH host key, MAC of its NIC.
 fn identity(env: &TestEnv, vm: &str) -> [String; 4] {
     [
-        guest_in(env, vm, "hostname"),
-        guest_in(env, vm, "cat /etc/machine-id"),
-        guest_in(
-            env,
-            vm,
-            "cut -d' ' -f1,2 /root/.banger/ssh_host_ed25519_key.pub",
-        ),
-        guest_in(
-            env,
+        env.guest_sh(vm, "hostname"),
+        env.guest_sh(vm, "cat /etc/machine-id"),
+        env.guest_sh(vm, "cut -d' ' -f1,2 /root/.banger/ssh_host_ed25519_key.pub"),
+        env.guest_sh(
             vm,
             "for d in /sys/class/net/*; do [ \"${d##*/}\" = lo ] || cat $d/address; done",
         ),
@@ -328,7 +288,7 @@ fn clones_boot_with_their_own_identity() {
     std::fs::write(env.config_file(), CONFIG).unwrap();
     env.build_default_image();
     env.banger_or_dump(&["vm", "run", "src", "--memory", "512M"]);
-    guest_in(&env, "src", "echo before > /root/shared && sync");
+    env.guest_sh("src", "echo before > /root/shared && sync");
     env.banger(&["vm", "stop", "src"]).ok();
     // A memory clone is refused: it would resume as a twin.
     let memory = env.banger(&["vm", "clone", "src", "cl", "--memory"]);
@@ -377,19 +337,19 @@ fn clones_boot_with_their_own_identity() {
     assert!(pinned.contains(&cl[2]), "{pinned}");
     let ssh_control = env.home().join("run/vms").join(&cl_id).join("ssh-control");
     let _ = std::fs::remove_file(ssh_control);
-    assert_eq!(guest_in(&env, "cl", "cat /root/shared"), "before");
+    assert_eq!(env.guest_sh("cl", "cat /root/shared"), "before");
     // Written in one, absent in the other.
-    guest_in(&env, "cl", "echo cl > /root/only-cl && sync");
-    guest_in(&env, "src", "echo src > /root/only-src && sync");
+    env.guest_sh("cl", "echo cl > /root/only-cl && sync");
+    env.guest_sh("src", "echo src > /root/only-src && sync");
     assert_eq!(
-        guest_in(&env, "src", "ls /root/only-cl 2>/dev/null | wc -l"),
+        env.guest_sh("src", "ls /root/only-cl 2>/dev/null | wc -l"),
         "0"
     );
     assert_eq!(
-        guest_in(&env, "cl", "ls /root/only-src 2>/dev/null | wc -l"),
+        env.guest_sh("cl", "ls /root/only-src 2>/dev/null | wc -l"),
         "0"
     );
-    assert_eq!(guest_in(&env, "cl", "cat /root/only-cl"), "cl");
+    assert_eq!(env.guest_sh("cl", "cat /root/only-cl"), "cl");
 
     env.banger(&["vm", "stop", "cl"]).ok();
     env.banger(&["vm", "stop", "src"]).ok();

@@ -18,21 +18,8 @@ use serde_json::Value;
 
 const GIB: u64 = 1 << 30;
 
-fn show(env: &TestEnv) -> Value {
-    env.banger(&["vm", "show", "dev", "--json"]).ok().json()
-}
-
-/// Output of `sh -c SCRIPT` in the guest, trimmed.
-fn guest(env: &TestEnv, script: &str) -> String {
-    env.banger(&["vm", "exec", "dev", "--", "sh", "-c", script])
-        .ok()
-        .stdout
-        .trim()
-        .to_owned()
-}
-
 fn guest_number(env: &TestEnv, script: &str) -> u64 {
-    let out = guest(env, script);
+    let out = env.guest_sh("dev", script);
     out.parse()
         .unwrap_or_else(|e| panic!("{script}: {out:?}: {e}"))
 }
@@ -60,8 +47,8 @@ fn refused(env: &TestEnv, args: &[&str], code: i32, says: &str) {
 /// Kills QEMU with SIGKILL while the guest writes to both disks; the VM is then recorded
 /// stopped, uncleanly.
 fn kill_while_writing(env: &TestEnv) {
-    guest(
-        env,
+    env.guest_sh(
+        "dev",
         "rm -rf /root/stream /var/tmp/stream; mkdir -p /root/stream /var/tmp/stream && \
          setsid sh -c 'i=0; while :; do \
          dd if=/dev/urandom of=/root/stream/f$i bs=64k count=8 2>/dev/null; \
@@ -71,7 +58,7 @@ fn kill_while_writing(env: &TestEnv) {
     poll(Duration::from_secs(120), "the guest writing", || {
         (guest_number(env, "ls /var/tmp/stream | wc -l") > 20).then_some(())
     });
-    let pid = show(env)["runtime"]["pid"].as_u64().unwrap();
+    let pid = env.vm_show("dev")["runtime"]["pid"].as_u64().unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -80,7 +67,7 @@ fn kill_while_writing(env: &TestEnv) {
     poll(Duration::from_secs(10), "QEMU gone", || {
         env.qemu_pids().is_empty().then_some(())
     });
-    let killed = show(env);
+    let killed = env.vm_show("dev");
     assert_eq!(killed["state"], "stopped", "{killed}");
     assert_eq!(killed["last_stop"]["kind"], "unclean", "{killed}");
 }
@@ -114,7 +101,7 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
         "vm", "run", "dev", "--disk", "2G", "--cpus", "2", "--memory", "768M",
     ])
     .ok();
-    let vm = show(&env);
+    let vm = env.vm_show("dev");
     let disk = work_disk(&env, &vm);
     assert_eq!(vm["spec"]["system_disk_size_bytes"], 8 * GIB, "{vm}");
     // A fresh VM was never stopped, so its first start checked nothing.
@@ -122,8 +109,8 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
     assert_eq!(vm["start_fsck"]["ran"], false, "{vm}");
 
     // Files the rest must keep.
-    let sum = guest(
-        &env,
+    let sum = env.guest_sh(
+        "dev",
         "head -c 33554432 /dev/urandom > /root/keep && sync && sha256sum /root/keep",
     );
     assert!(root_df(&env) < 2 * GIB);
@@ -139,13 +126,13 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
         (3 * GIB + GIB / 2..4 * GIB).contains(&grown),
         "df /root says {grown} bytes after growing to 4 GiB"
     );
-    assert_eq!(guest(&env, "sha256sum /root/keep"), sum);
+    assert_eq!(env.guest_sh("dev", "sha256sum /root/keep"), sum);
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 4 * GIB);
 
     // 2. A smaller disk is refused; the file, the record and the guest keep 4 GiB.
     refused(&env, &["--disk", "1G"], 1, "cannot shrink");
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 4 * GIB);
-    assert_eq!(show(&env)["spec"]["disk_size_bytes"], 4 * GIB);
+    assert_eq!(env.vm_show("dev")["spec"]["disk_size_bytes"], 4 * GIB);
     assert_eq!(root_df(&env), grown);
     // CPUs and memory wait for a stop; more than the host has is refused outright.
     refused(&env, &["--cpus", "1"], 4, "stop it first");
@@ -157,7 +144,7 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
     // 3. Stopped cleanly: new CPUs, memory and system disk; the next boot has them, and the
     // clean stop skips the fsck.
     env.banger(&["vm", "stop", "dev"]).ok();
-    let stopped = show(&env);
+    let stopped = env.vm_show("dev");
     assert_eq!(stopped["last_stop"]["kind"], "clean", "{stopped}");
     let set = env
         .banger(&[
@@ -182,7 +169,7 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
     );
     let root = guest_number(&env, "df -B1 --output=size / | tail -n 1");
     assert!(root > 9 * GIB, "/ is {root} bytes on a 10 GiB system disk");
-    let vm = show(&env);
+    let vm = env.vm_show("dev");
     assert_eq!(
         (
             &vm["spec"]["cpus"],
@@ -201,7 +188,7 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
         "{vm}"
     );
     // No check of / in the guest after a clean stop: / is mounted read-write at once.
-    let cmdline = guest(&env, "cat /proc/cmdline");
+    let cmdline = env.guest_sh("dev", "cat /proc/cmdline");
     assert!(
         cmdline.contains(" rw ") && !cmdline.contains("fsck.mode"),
         "{cmdline}"
@@ -212,7 +199,7 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
     kill_while_writing(&env);
     let op_id = "e2e-host-fsck-after-kill";
     start_as(&env, op_id);
-    let checked = show(&env);
+    let checked = env.vm_show("dev");
     let disks = checked["start_fsck"]["disks"].as_array().unwrap().clone();
     assert_eq!(checked["start_fsck"]["ran"], true, "{checked}");
     for (disk, name) in disks.iter().zip(["work", "system"]) {
@@ -233,7 +220,7 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
         "two host checks under op {op_id} in the daemon log"
     );
     // Checked before the boot, so the guest neither checks / nor boots twice.
-    let cmdline = guest(&env, "cat /proc/cmdline");
+    let cmdline = env.guest_sh("dev", "cat /proc/cmdline");
     assert!(
         cmdline.contains(" rw ") && !cmdline.contains("fsck.mode"),
         "{cmdline}"
@@ -248,7 +235,7 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
         "a raw view is left in {}",
         vm_dir.display()
     );
-    assert_eq!(guest(&env, "sha256sum /root/keep"), sum);
+    assert_eq!(env.guest_sh("dev", "sha256sum /root/keep"), sum);
 
     // 5. The same with the host's check of qcow2 disks off: the guest checks its qcow2 `/`
     // itself at boot.
@@ -264,7 +251,7 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
             .any(|l| l.contains(op_id) && l.contains("e2fsck -p before start")),
         "no e2fsck line under op {op_id} in the daemon log"
     );
-    let checked = show(&env);
+    let checked = env.vm_show("dev");
     let fsck = &checked["start_fsck"];
     assert_eq!(fsck["ran"], true, "{checked}");
     let disks = fsck["disks"].as_array().unwrap();
@@ -296,8 +283,8 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
     );
     // The guest's check ran in this boot (or, when it repaired /, in the boot before, which
     // restarted), and / is read-write.
-    let unit = guest(
-        &env,
+    let unit = env.guest_sh(
+        "dev",
         "systemctl show -p ExecMainStartTimestampMonotonic -p ExecMainStatus systemd-fsck-root",
     );
     let restarted = disks[1]["detail"].as_str().unwrap().contains("restarted");
@@ -308,16 +295,16 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
             "{unit}"
         );
     }
-    let root_options = guest(
-        &env,
+    let root_options = env.guest_sh(
+        "dev",
         "awk '$2 == \"/\" { o = $4 } END { print o }' /proc/mounts",
     );
     assert!(
         root_options.starts_with("rw"),
         "/ is mounted {root_options}"
     );
-    assert_eq!(guest(&env, "touch /var/tmp/after && echo ok"), "ok");
-    assert_eq!(guest(&env, "sha256sum /root/keep"), sum);
+    assert_eq!(env.guest_sh("dev", "touch /var/tmp/after && echo ok"), "ok");
+    assert_eq!(env.guest_sh("dev", "sha256sum /root/keep"), sum);
 
     // 6. Stopped cleanly: the work disk checks clean on the host.
     env.banger(&["vm", "stop", "dev"]).ok();
@@ -333,7 +320,7 @@ fn disks_grow_resources_change_and_an_unclean_stop_is_checked() {
         String::from_utf8_lossy(&check.stdout),
         String::from_utf8_lossy(&check.stderr)
     );
-    assert_eq!(show(&env)["last_stop"]["kind"], "clean");
+    assert_eq!(env.vm_show("dev")["last_stop"]["kind"], "clean");
     // The qcow2 system disk, through a raw copy e2fsck can open.
     let raw = env.home().join("system-check.raw");
     let converted = std::process::Command::new("qemu-img")

@@ -7,7 +7,6 @@
 //! `BANGER_QEMU_7_2` names it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use banger_e2e::{Run, TestEnv, poll, poll_or_none};
@@ -17,22 +16,6 @@ use banger_e2e::{Run, TestEnv, poll, poll_or_none};
 const START_COUNTER: &str = "setsid -f sh -c 'echo $$ > /root/counter.pid; i=0; \
     while :; do i=$((i+1)); echo $i > /root/counter.new; mv /root/counter.new /root/counter; \
     sleep 0.1; done' </dev/null >/dev/null 2>&1";
-
-fn guest(env: &TestEnv, script: &str) -> String {
-    env.banger(&["vm", "exec", "dev", "--", "sh", "-c", script])
-        .ok()
-        .stdout
-        .trim()
-        .to_owned()
-}
-
-fn vm_dir(env: &TestEnv) -> PathBuf {
-    let id = env.banger(&["vm", "show", "dev", "--json"]).ok().json()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    env.home().join("vms").join(id)
-}
 
 /// The snapshot files in the VM's directory.
 fn snapshot_files(dir: &std::path::Path) -> Vec<String> {
@@ -45,11 +28,11 @@ fn snapshot_files(dir: &std::path::Path) -> Vec<String> {
 }
 
 fn boot_id(env: &TestEnv) -> String {
-    guest(env, "cat /proc/sys/kernel/random/boot_id")
+    env.guest_sh("dev", "cat /proc/sys/kernel/random/boot_id")
 }
 
 fn counter(env: &TestEnv) -> (u32, u64) {
-    let out = guest(env, "cat /root/counter.pid; cat /root/counter");
+    let out = env.guest_sh("dev", "cat /root/counter.pid; cat /root/counter");
     let mut lines = out.lines();
     let pid = lines.next().unwrap().trim().parse().unwrap();
     let count = lines.next().unwrap().trim().parse().unwrap();
@@ -81,9 +64,9 @@ fn run_with_counter(env: &TestEnv) -> u32 {
         env.dump_diagnostics();
     }
     run.ok();
-    guest(env, START_COUNTER);
-    guest(
-        env,
+    env.guest_sh("dev", START_COUNTER);
+    env.guest_sh(
+        "dev",
         "echo work-disk > /root/before.txt && echo system-disk > /var/tmp/before.txt",
     );
     poll(Duration::from_secs(30), "the counter running", || {
@@ -94,7 +77,7 @@ fn run_with_counter(env: &TestEnv) -> u32 {
 
 fn assert_files_there(env: &TestEnv) {
     assert_eq!(
-        guest(env, "cat /root/before.txt /var/tmp/before.txt"),
+        env.guest_sh("dev", "cat /root/before.txt /var/tmp/before.txt"),
         "work-disk\nsystem-disk"
     );
 }
@@ -108,7 +91,7 @@ fn assert_one_vmm_and_no_snapshot(env: &TestEnv, dir: &std::path::Path) {
 
 /// Suspends and restores `dev` and checks what a restore must keep.
 fn suspend_and_restore(env: &TestEnv, pid: u32) {
-    let dir = vm_dir(env);
+    let dir = env.vm_dir("dev");
     let boot = boot_id(env);
     let (_, before) = counter(env);
     let started = Instant::now();
@@ -132,7 +115,7 @@ fn suspend_and_restore(env: &TestEnv, pid: u32) {
     assert_eq!(restored["vm"]["state"], "running");
 
     let host_before = now_secs();
-    let guest_now: f64 = guest(env, "date +%s.%N").parse().unwrap();
+    let guest_now: f64 = env.guest_sh("dev", "date +%s.%N").parse().unwrap();
     let host_after = now_secs();
     assert!(
         guest_now > host_before - 2.0 && guest_now < host_after + 2.0,
@@ -142,7 +125,7 @@ fn suspend_and_restore(env: &TestEnv, pid: u32) {
     let (same_pid, first) = counter(env);
     assert_eq!(same_pid, pid, "the counting process survived");
     assert!(first >= before, "counter continued: {before} then {first}");
-    guest(env, &format!("kill -0 {pid}"));
+    env.guest_sh("dev", &format!("kill -0 {pid}"));
     poll(Duration::from_secs(30), "the counter counting on", || {
         (counter(env).1 > first).then_some(())
     });
@@ -153,7 +136,7 @@ fn suspend_and_restore(env: &TestEnv, pid: u32) {
 /// `vm start` of a suspended `dev` whose snapshot cannot be used: a warning naming `why`, a
 /// cold boot, the files there, the snapshot gone.
 fn assert_cold_boot(env: &TestEnv, boot: &str, why: &str) {
-    let dir = vm_dir(env);
+    let dir = env.vm_dir("dev");
     let started = env.banger(&["vm", "start", "dev", "--json"]).ok().json();
     assert_ne!(started["restored"], true, "{started}");
     let warnings = started["warnings"].as_array().unwrap();
@@ -179,7 +162,7 @@ fn qemu_suspend_and_start_resume_the_running_guest() {
     suspend_and_restore(&env, pid);
 
     // A state file damaged after the suspend: checked before loading, a cold boot.
-    let dir = vm_dir(&env);
+    let dir = env.vm_dir("dev");
     let boot = boot_id(&env);
     env.banger(&["vm", "suspend", "dev"]).ok();
     let state = dir.join("snapshot.state");
@@ -249,7 +232,7 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
         env.dump_diagnostics();
     }
     run.ok();
-    let dir = vm_dir(&env);
+    let dir = env.vm_dir("dev");
     let state = dir.join("snapshot.state");
     for (round, kill) in [
         Kill::DaemonWhileSyncing,
@@ -260,9 +243,7 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
     .enumerate()
     {
         // Written (not synced) right before the suspend: the suspend's sync must keep it.
-        guest(
-            &env,
-            &format!(
+        env.guest_sh("dev", &format!(
                 "echo round {round} > /root/round{round} && echo sys {round} > /var/tmp/round{round}"
             ),
         );
@@ -313,7 +294,7 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
         assert_eq!(started["vm"]["state"], "running", "{started}");
         for r in 0..=round {
             assert_eq!(
-                guest(&env, &format!("cat /root/round{r} /var/tmp/round{r}")),
+                env.guest_sh("dev", &format!("cat /root/round{r} /var/tmp/round{r}")),
                 format!("round {r}\nsys {r}")
             );
         }
@@ -326,9 +307,7 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
     for (round, step) in VMM_KILLS.iter().enumerate() {
         let round = round + 3;
         // Written and synced before the command: a VMM crash may only lose unsynced data.
-        guest(
-            &env,
-            &format!(
+        env.guest_sh("dev", &format!(
                 "echo round {round} > /root/round{round} && echo sys {round} > /var/tmp/round{round} && sync"
             ),
         );
@@ -374,7 +353,7 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
         assert_eq!(started["vm"]["state"], "running", "{fault}: {started}");
         for r in 0..=round {
             assert_eq!(
-                guest(&env, &format!("cat /root/round{r} /var/tmp/round{r}")),
+                env.guest_sh("dev", &format!("cat /root/round{r} /var/tmp/round{r}")),
                 format!("round {r}\nsys {r}"),
                 "{fault}"
             );
