@@ -58,6 +58,11 @@ impl Db {
         self.run(|s| s.list_vms()).await
     }
 
+    /// The VM with id `vm_id`, if any.
+    pub(crate) async fn find_vm_by_id(&self, vm_id: &str) -> Result<Option<VmRecord>, Error> {
+        Ok(self.list_vms().await?.into_iter().find(|v| v.id == vm_id))
+    }
+
     /// Persists `record`'s state, runtime and last error.
     pub(crate) async fn update_vm(&self, record: &VmRecord) -> Result<(), Error> {
         let record = record.clone();

@@ -43,9 +43,9 @@ use banger_proto::VmState;
 use tracing::{info, warn};
 
 use super::Manager;
-use super::snapshots::{MovedTops, same_file, sync_dir};
+use super::snapshots::{MovedTops, has_memory, same_file, sync_dir};
 use super::stop::STOP_DIAL;
-use super::suspend::SUSPEND_SYNC;
+use super::suspend::{SUSPEND_SYNC, remove_state_files};
 use crate::Error;
 use crate::guest::ssh;
 use crate::layout::Layout;
@@ -121,14 +121,13 @@ impl Manager {
             warnings.push(why.to_api().message);
         }
         match settled {
-            Ok(Settled::Taken) if snapshot.memory_of.is_some() => {
-                let files = self.layout.vm_named_snapshot(&snapshot.vm_id, &snapshot.id);
-                if files.manifest().exists() {
-                    warnings.push(format!(
-                        "the snapshot was taken, but a step after it failed: {e}"
-                    ));
-                    return Ok(warnings);
-                }
+            Ok(Settled::Taken)
+                if snapshot.memory_of.is_some()
+                    && !has_memory(
+                        snapshot,
+                        &self.layout.vm_named_snapshot(&snapshot.vm_id, &snapshot.id),
+                    ) =>
+            {
                 Err(Error::StepFailed {
                     step: format!(
                         "snapshot {} of VM {} holds its disks but not its memory (remove it \
@@ -301,14 +300,7 @@ impl Manager {
         let resumed = self.run_on_after_memory(snapshot, record).await;
         let files = self.layout.vm_named_snapshot(&snapshot.vm_id, &snapshot.id);
         if !files.manifest().exists() {
-            for file in [files.state(), files.memory()] {
-                match std::fs::remove_file(&file) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        warn!(file = %file.display(), "cannot remove an unsealed snapshot state: {e}");
-                    }
-                    _ => {}
-                }
-            }
+            remove_state_files(&[files.state(), files.memory()]);
         }
         resumed
     }
@@ -324,27 +316,27 @@ impl Manager {
         let Some(memory_of) = snapshot.memory_of else {
             return Ok(());
         };
-        let resumed = match self.live_control(record) {
-            // `resume` first cancels a migration still under way, which then writes no more.
-            Some((vmm, control)) => match vmm.is_paused(&control).await {
-                Ok(true) => match memory_of {
-                    MemoryOf::Running => vmm.resume(&control).await,
-                    MemoryOf::Paused => match vmm.resume(&control).await {
-                        Ok(()) => vmm.pause(&control).await,
-                        Err(e) => Err(e),
-                    },
-                },
-                // Running: resumed already; one its owner paused is paused again.
-                Ok(false) => match memory_of {
-                    MemoryOf::Running => Ok(()),
-                    MemoryOf::Paused => vmm.pause(&control).await,
-                },
-                Err(e) => Err(e),
-            },
-            None => Ok(()),
+        let Some((vmm, control)) = self.live_control(record) else {
+            return Ok(());
         };
-        if resumed.is_err() {
-            self.record_pause_as_vmm_says(record).await;
+        let resumed = async {
+            // `resume` first cancels a migration still under way, which then writes no more,
+            // and takes the disks back from a finished one.
+            if vmm.is_paused(&control).await? {
+                vmm.resume(&control).await?;
+            }
+            if memory_of == MemoryOf::Paused {
+                vmm.pause(&control).await?;
+            }
+            Ok::<(), crate::vmm::VmmError>(())
+        }
+        .await;
+        if resumed.is_err()
+            && let Ok(mut current) = self.db.get_vm(record.name.as_str()).await
+            && has_process(current.state)
+            && let Err(e) = self.follow_vmm_pause(&mut current, &*vmm, &control).await
+        {
+            warn!(vm = %record.name, "cannot record the VM as its VMM is: {e}");
         }
         resumed.map_err(|e| Error::StepFailed {
             step: format!(
@@ -353,31 +345,6 @@ impl Manager {
             ),
             source: Box::new(e.into()),
         })
-    }
-
-    /// Records the VM paused or running as its VMM says (after a resume that failed).
-    async fn record_pause_as_vmm_says(&self, record: &VmRecord) {
-        let Some((vmm, control)) = self.live_control(record) else {
-            return;
-        };
-        let Ok(paused) = vmm.is_paused(&control).await else {
-            return;
-        };
-        let want = if paused {
-            VmState::Paused
-        } else {
-            VmState::Running
-        };
-        let name = record.name.clone();
-        let Ok(mut current) = self.db.get_vm(name.as_str()).await else {
-            return;
-        };
-        if has_process(current.state)
-            && current.state != want
-            && let Err(e) = self.transition(&mut current, want).await
-        {
-            warn!(vm = %record.name, "cannot record the VM {want}: {e}");
-        }
     }
 
     /// Step 1: the VM's tops into the snapshot's directory, new overlays over them at the

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 use super::Manager;
 use crate::Error;
 use crate::model::{VmRecord, has_process};
-use crate::vmm::process;
+use crate::vmm::{VmBackend, VmProcess, process};
 
 impl Manager {
     /// After a daemon (re)start: running and paused VMs whose VMM lives are kept (paused or
@@ -105,7 +105,21 @@ impl Manager {
     /// reports (the daemon may have died between the VMM's pause or resume and its record).
     pub(super) async fn reattach(&self, record: &mut VmRecord, pid: u32) -> Result<(), Error> {
         let (vmm, control) = self.control(record, pid);
-        let observed = match vmm.is_paused(&control).await {
+        self.follow_vmm_pause(record, &*vmm, &control).await?;
+        info!(vm = %record.name, pid, state = %record.state, "reattached to VM");
+        self.reopen_forwards(record).await;
+        Ok(())
+    }
+
+    /// Records the live VM `record` paused or running as its VMM says (unchanged when the VMM
+    /// does not answer).
+    pub(super) async fn follow_vmm_pause(
+        &self,
+        record: &mut VmRecord,
+        vmm: &dyn VmBackend,
+        control: &VmProcess,
+    ) -> Result<(), Error> {
+        let observed = match vmm.is_paused(control).await {
             Ok(true) => VmState::Paused,
             Ok(false) => VmState::Running,
             Err(e) => {
@@ -117,8 +131,6 @@ impl Manager {
             info!(vm = %record.name, recorded = %record.state, observed = %observed, "VMM state differs from the record; following the VMM");
             self.transition(record, observed).await?;
         }
-        info!(vm = %record.name, pid, state = %record.state, "reattached to VM");
-        self.reopen_forwards(record).await;
         Ok(())
     }
 }

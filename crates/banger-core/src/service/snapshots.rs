@@ -86,15 +86,15 @@ impl Manager {
                 Ok::<_, crate::store::StoreError>((creates, head))
             })
             .await?;
-        let unsettled = |what: String, e: Error| {
-            Error::NotNow {
+        let unsettled = |what: String, e: Error| Error::NotNow {
             message: format!(
                 "VM {}'s {what} is half done and cannot be finished now: {}",
                 record.name,
                 e.to_api().message
             ),
-            hint: "see the daemon's log; `banger daemon stop` (the next command starts it again) retries".into(),
-        }
+            hint: "see the daemon's log; `banger daemon stop` (the next command starts it \
+                   again) retries"
+                .into(),
         };
         for snapshot in creates {
             self.recover_create(&snapshot)
@@ -528,12 +528,7 @@ impl Manager {
     /// A VM restored to a disk snapshot from a suspend on another snapshot's memory (its
     /// suspend state already gone) is stopped.
     async fn unsuspend(&self, vm_id: &str) -> Result<Option<VmState>, Error> {
-        let record = self
-            .db
-            .list_vms()
-            .await?
-            .into_iter()
-            .find(|v| v.id == vm_id);
+        let record = self.db.find_vm_by_id(vm_id).await?;
         match record {
             Some(mut record) if record.state == VmState::Suspended => {
                 self.transition(&mut record, VmState::Stopped).await?;
@@ -552,10 +547,8 @@ impl Manager {
     ) -> Result<VmState, Error> {
         let mut record = self
             .db
-            .list_vms()
+            .find_vm_by_id(vm_id)
             .await?
-            .into_iter()
-            .find(|v| v.id == vm_id)
             .ok_or_else(|| Error::Failed(format!("the VM with id {vm_id} is gone")))?;
         let files = self.layout.vm_named_snapshot(vm_id, &snapshot.id);
         let disks = self.snapshot_disks(&record);
@@ -676,10 +669,8 @@ impl Manager {
     async fn finish_remove(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
         let record = self
             .db
-            .list_vms()
+            .find_vm_by_id(&snapshot.vm_id)
             .await?
-            .into_iter()
-            .find(|v| v.id == snapshot.vm_id)
             .ok_or_else(|| Error::Failed(format!("no VM has snapshot {}", snapshot.id)))?;
         let files = self.layout.vm_named_snapshot(&record.id, &snapshot.id);
         let own = [
@@ -791,12 +782,7 @@ impl Manager {
     /// A create a dead daemon left: a VM whose VMM still runs was being snapshotted live
     /// (settled by what the VMM says); any other is finished as a stopped VM's.
     async fn recover_create(&self, snapshot: &SnapshotRecord) -> Result<(), Error> {
-        let record = self
-            .db
-            .list_vms()
-            .await?
-            .into_iter()
-            .find(|v| v.id == snapshot.vm_id);
+        let record = self.db.find_vm_by_id(&snapshot.vm_id).await?;
         match record {
             Some(record) if self.live_control(&record).is_some() => {
                 let settled = self.settle_live_create(snapshot, &record).await.map(drop);
@@ -847,7 +833,10 @@ impl Manager {
 }
 
 /// Whether `snapshot` holds the VM's memory: asked to, and its state sealed.
-fn has_memory(snapshot: &SnapshotRecord, files: &crate::layout::NamedSnapshotFiles) -> bool {
+pub(super) fn has_memory(
+    snapshot: &SnapshotRecord,
+    files: &crate::layout::NamedSnapshotFiles,
+) -> bool {
     snapshot.memory_of.is_some() && files.manifest().exists()
 }
 

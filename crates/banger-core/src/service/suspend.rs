@@ -194,13 +194,21 @@ impl Manager {
     /// is never loaded).
     pub(super) fn remove_snapshot(&self, vm_id: &str) {
         let snapshot = self.snapshot_paths(vm_id);
-        let manifest = self.layout.vm_snapshot_manifest(vm_id);
-        for file in [&manifest, &snapshot.state, &snapshot.memory] {
-            match std::fs::remove_file(file) {
-                Ok(()) => info!(file = %file.display(), "snapshot file removed"),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => warn!(file = %file.display(), "cannot remove snapshot file: {e}"),
-            }
+        remove_state_files(&[
+            self.layout.vm_snapshot_manifest(vm_id),
+            snapshot.state,
+            snapshot.memory,
+        ]);
+    }
+}
+
+/// Removes a memory snapshot's files, in order (those there; a failure is logged).
+pub(super) fn remove_state_files(files: &[PathBuf]) {
+    for file in files {
+        match std::fs::remove_file(file) {
+            Ok(()) => info!(file = %file.display(), "snapshot file removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(file = %file.display(), "cannot remove snapshot file: {e}"),
         }
     }
 }
