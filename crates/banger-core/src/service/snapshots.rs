@@ -68,8 +68,9 @@ impl Manager {
 
     /// Settles what a snapshot step left half done on `record`'s disks (a live snapshot whose
     /// settling failed, a restore not finished) before an operation uses them, or refuses the
-    /// operation: until then which files are the VM's disks is not decided.
-    pub(super) async fn settle_disks(&self, record: &VmRecord) -> Result<(), Error> {
+    /// operation: until then which files are the VM's disks is not decided. Returns whether
+    /// there was anything to settle (the VM's record may have changed then).
+    pub(super) async fn settle_disks(&self, record: &VmRecord) -> Result<bool, Error> {
         let vm_id = record.id.clone();
         let (creates, head) = self
             .db
@@ -96,6 +97,7 @@ impl Manager {
                    again) retries"
                 .into(),
         };
+        let settled = !creates.is_empty() || head.is_some();
         for snapshot in creates {
             self.recover_create(&snapshot)
                 .await
@@ -106,7 +108,7 @@ impl Manager {
                 .await
                 .map_err(|e| unsettled(format!("restore to snapshot {}", snapshot.name), e))?;
         }
-        Ok(())
+        Ok(settled)
     }
 
     /// The VM's snapshot called `snapshot`, with no step half done.
@@ -419,8 +421,11 @@ impl Manager {
         let vm = self.locked(name).await?;
         let record = self.observed_vm(&vm.name).await?;
         self.check_snapshottable(&record)?;
-        self.settle_disks(&record).await?;
-        let mut record = self.observed_vm(&vm.name).await?;
+        let mut record = if self.settle_disks(&record).await? {
+            self.observed_vm(&vm.name).await?
+        } else {
+            record
+        };
         // Suspended by a restore of a memory snapshot: its memory is that snapshot's, which
         // keeps it; another restore loses nothing.
         if !self.suspended_on_snapshot(&record).await? {

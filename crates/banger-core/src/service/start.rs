@@ -79,8 +79,11 @@ impl Manager {
             });
         }
         // Which files are its disks is decided first (a snapshot step left half done).
-        self.settle_disks(&record).await?;
-        let record = self.observed_vm(name).await?;
+        let record = if self.settle_disks(&record).await? {
+            self.observed_vm(name).await?
+        } else {
+            record
+        };
         let previous = record.state;
         let mut record = record;
         let snapshot = self.snapshot_paths(&record.id);
@@ -327,13 +330,11 @@ impl Manager {
             // few ticks by a delay loop; under TCG on a busy host the ticks come late and the
             // kernel panics ("IO-APIC + timer doesn't work!"), as cloud images' VMs avoid.
             tail.push_str(" no_timer_check");
-        }
-        if choice.accel == Accel::Tcg
-            && let Some(khz) = accel::this_host_tsc_khz()
-        {
-            // Without these, TCG guests hang in timer calibration at random, or fall back to a
-            // coarse clock because the vCPUs' TSCs look unsynchronised.
-            tail.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+            if let Some(khz) = accel::this_host_tsc_khz() {
+                // Without these, TCG guests hang in timer calibration at random, or fall back
+                // to a coarse clock because the vCPUs' TSCs look unsynchronised.
+                tail.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+            }
         }
         let cmdline_with = |root: &str| format!("console=ttyS0 root=/dev/vda {root} {tail}");
         let cmdline = cmdline_with(if guest_fsck {
