@@ -6,9 +6,10 @@
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use banger_e2e::leaks::{LeakScope, Snapshot, assert_no_leaks};
-use banger_e2e::root_or_skip;
+use banger_e2e::{poll, root_or_skip};
 
 fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program).args(args).output().unwrap();
@@ -50,6 +51,14 @@ fn the_leak_check_finds_what_an_instance_leaves() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
+    // Until it has exec'd, the child's command line is this test's.
+    let pid = child.id();
+    poll(Duration::from_secs(10), "the child's command line", || {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .ok()
+            .filter(|c| String::from_utf8_lossy(c).contains("fc.sock"))
+            .map(drop)
+    });
     let after = Snapshot::take(&scope);
     let added = after.added_since(&before);
     let _ = child.kill();
