@@ -76,11 +76,10 @@ pub fn cap_file(path: &Path, cap: u64) -> std::io::Result<Option<u64>> {
         return Ok(None);
     }
     file.set_len(0)?;
-    let mut file = file;
-    writeln!(
-        file,
-        "[banger: this log passed {cap} bytes ({size}) and was cut here]"
-    )?;
+    // One write: the VMM appends while this runs, and `writeln!` would write the marker in
+    // pieces that the VMM's bytes can land between.
+    let marker = format!("[banger: this log passed {cap} bytes ({size}) and was cut here]\n");
+    (&file).write_all(marker.as_bytes())?;
     Ok(Some(size))
 }
 
@@ -109,6 +108,41 @@ mod tests {
         );
         assert!(text.ends_with("cut here]\nafter\n"), "{text}");
         assert_eq!(cap_file(&dir.path().join("none"), 1).unwrap(), None);
+    }
+
+    #[test]
+    fn the_marker_stays_whole_while_the_vmm_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, [b'x'; 8192]).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    file.write_all(b"x").unwrap();
+                }
+            })
+        };
+        for _ in 0..200 {
+            // Past the cap again, then cut: the marker is one piece whatever the writer does.
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap()
+                .write_all(&[b'x'; 8192])
+                .unwrap();
+            assert!(cap_file(&path, 4096).unwrap().is_some());
+            let text = String::from_utf8(std::fs::read(&path).unwrap()).unwrap();
+            assert!(
+                text.contains("[banger: this log passed 4096 bytes (")
+                    && text.contains(") and was cut here]\n"),
+                "{text:?}"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
     }
 
     #[test]
