@@ -30,6 +30,9 @@ pub enum SnapshotError {
     /// A disk is not the one the snapshot was taken with (written, replaced or resized since).
     #[error("disk {disk} changed since the snapshot was taken ({why})")]
     DiskChanged { disk: String, why: String },
+    /// The VM's CPUs or memory are not those the snapshot was taken with.
+    #[error("the snapshot was taken with {then}, the VM has {now}")]
+    MachineChanged { then: Machine, now: Machine },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -51,6 +54,35 @@ pub struct Manifest {
     pub vmm: String,
     pub files: Vec<FileSum>,
     pub disks: Vec<DiskIdentity>,
+    /// The machine the memory belongs to (absent in manifests of older bangers): a VMM
+    /// loads it only into the same CPUs and memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<Machine>,
+}
+
+/// The shape of the machine a snapshot's memory and devices were taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+impl Machine {
+    /// The machine `spec` describes.
+    pub fn of(spec: &crate::model::VmSpec) -> Self {
+        Self {
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+        }
+    }
+}
+
+impl std::fmt::Display for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plural = if self.cpus == 1 { "" } else { "s" };
+        write!(f, "{} CPU{plural} and {} MiB", self.cpus, self.memory_mib)
+    }
 }
 
 impl Manifest {
@@ -131,9 +163,11 @@ fn file_name(path: &Path) -> String {
 
 /// Seals a snapshot: flushes the `files` the VMM wrote (those of them that exist; at least one
 /// must) and the `disks`, hashes the files, records the disks' identity, and writes the
-/// manifest at `manifest` atomically. The files must sit in the manifest's directory.
+/// manifest at `manifest` atomically, with the `machine` they were taken from. The files
+/// must sit in the manifest's directory.
 pub fn seal(
     vmm: &str,
+    machine: Machine,
     files: &[PathBuf],
     disks: &[PathBuf],
     manifest: &Path,
@@ -164,6 +198,7 @@ pub fn seal(
         vmm: vmm.to_owned(),
         files: sums,
         disks: disk_identities(disks)?,
+        machine: Some(machine),
     };
     write(&sealed, manifest)?;
     Ok(sealed)
@@ -237,10 +272,20 @@ pub fn read(manifest: &Path) -> Result<Manifest, SnapshotError> {
     Ok(parsed)
 }
 
-/// Checks a sealed snapshot before it is loaded: the manifest is there, every file has its
-/// size and checksum, and `disks` are, in order, the very disks it was sealed with.
-pub fn verify(manifest: &Path, disks: &[PathBuf]) -> Result<Manifest, SnapshotError> {
+/// Checks a sealed snapshot before it is loaded into `machine`: the manifest is there, it was
+/// taken from the same machine (when it says), every file has its size and checksum, and
+/// `disks` are, in order, the very disks it was sealed with.
+pub fn verify(
+    manifest: &Path,
+    disks: &[PathBuf],
+    machine: Machine,
+) -> Result<Manifest, SnapshotError> {
     let sealed = read(manifest)?;
+    if let Some(then) = sealed.machine
+        && then != machine
+    {
+        return Err(SnapshotError::MachineChanged { then, now: machine });
+    }
     let dir = manifest.parent().unwrap_or(Path::new("."));
     for sum in &sealed.files {
         if sum.name.contains('/') || sum.name.is_empty() {
@@ -297,6 +342,11 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    const MACHINE: Machine = Machine {
+        cpus: 2,
+        memory_mib: 1024,
+    };
+
     struct Fixture {
         _dir: tempfile::TempDir,
         state: PathBuf,
@@ -310,6 +360,7 @@ mod tests {
         fn seal(&self) -> Manifest {
             seal(
                 "qemu",
+                MACHINE,
                 std::slice::from_ref(&self.state),
                 std::slice::from_ref(&self.disk),
                 &self.manifest,
@@ -318,7 +369,7 @@ mod tests {
         }
 
         fn verify(&self) -> Result<Manifest, SnapshotError> {
-            verify(&self.manifest, std::slice::from_ref(&self.disk))
+            verify(&self.manifest, std::slice::from_ref(&self.disk), MACHINE)
         }
     }
 
@@ -341,6 +392,7 @@ mod tests {
         let f = fixture();
         let sealed = seal(
             "qemu",
+            MACHINE,
             &[f.state.clone(), f.memory.clone()],
             std::slice::from_ref(&f.disk),
             &f.manifest,
@@ -389,6 +441,7 @@ mod tests {
         let named = fixture();
         let sealed = seal(
             "qemu",
+            MACHINE,
             std::slice::from_ref(&named.state),
             &[],
             &named.manifest,
@@ -405,18 +458,46 @@ mod tests {
         let resealed = reseal(&sealed, std::slice::from_ref(&disk), &manifest).unwrap();
         assert_eq!(resealed.files, sealed.files);
         assert_eq!(
-            verify(&manifest, std::slice::from_ref(&disk)).unwrap(),
+            verify(&manifest, std::slice::from_ref(&disk), MACHINE).unwrap(),
             resealed
         );
         // Still a check of the disks and the files.
         std::fs::write(&disk, b"written since").unwrap();
-        let err = verify(&manifest, std::slice::from_ref(&disk)).unwrap_err();
+        let err = verify(&manifest, std::slice::from_ref(&disk), MACHINE).unwrap_err();
         assert!(matches!(err, SnapshotError::DiskChanged { .. }), "{err}");
         reseal(&sealed, std::slice::from_ref(&disk), &manifest).unwrap();
         std::fs::remove_file(&state).unwrap();
         std::fs::write(&state, b"torn").unwrap();
-        let err = verify(&manifest, std::slice::from_ref(&disk)).unwrap_err();
+        let err = verify(&manifest, std::slice::from_ref(&disk), MACHINE).unwrap_err();
         assert!(matches!(err, SnapshotError::Damaged { .. }), "{err}");
+    }
+
+    #[test]
+    fn memory_of_another_machine_is_refused_and_an_older_manifest_still_loads() {
+        let f = fixture();
+        let sealed = f.seal();
+        assert_eq!(sealed.machine, Some(MACHINE));
+        let bigger = Machine {
+            memory_mib: 2048,
+            ..MACHINE
+        };
+        let err = verify(&f.manifest, std::slice::from_ref(&f.disk), bigger).unwrap_err();
+        assert!(matches!(err, SnapshotError::MachineChanged { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "the snapshot was taken with 2 CPUs and 1024 MiB, the VM has 2 CPUs and 2048 MiB"
+        );
+        // Written before manifests named their machine: loaded into whatever the VM has.
+        let mut text: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&f.manifest).unwrap()).unwrap();
+        text.as_object_mut().unwrap().remove("machine");
+        std::fs::write(&f.manifest, serde_json::to_vec(&text).unwrap()).unwrap();
+        assert_eq!(
+            verify(&f.manifest, std::slice::from_ref(&f.disk), bigger)
+                .unwrap()
+                .machine,
+            None
+        );
     }
 
     #[test]
@@ -432,7 +513,14 @@ mod tests {
     #[test]
     fn nothing_written_cannot_be_sealed() {
         let f = fixture();
-        let err = seal("qemu", std::slice::from_ref(&f.memory), &[], &f.manifest).unwrap_err();
+        let err = seal(
+            "qemu",
+            MACHINE,
+            std::slice::from_ref(&f.memory),
+            &[],
+            &f.manifest,
+        )
+        .unwrap_err();
         assert!(matches!(err, SnapshotError::Damaged { .. }), "{err}");
         assert!(!f.manifest.exists());
     }

@@ -1083,6 +1083,7 @@ async fn pause_resume_and_suspend_against_the_fake() {
     let disks: Vec<PathBuf> = sealed.disks.iter().map(|d| d.path.clone()).collect();
     banger_core::snapshot::seal(
         "firecracker",
+        sealed.machine.unwrap(),
         &[snap_state.clone(), snap_mem.clone()],
         &disks,
         &manifest,

@@ -1,6 +1,7 @@
 //! Memory snapshots (`vm snapshot create --memory`) on one real QEMU VM. A guest process
-//! counts in a file; after a memory snapshot the VM runs on; once it is stopped and restored
-//! to the snapshot, `vm start` resumes it (no boot): the same process, its count continued
+//! counts in a file; after a memory snapshot the VM runs on; once it is stopped, given more
+//! memory and restored to the snapshot (which gives it the snapshot's CPUs and memory back),
+//! `vm start` resumes it (no boot): the same process, its count continued
 //! from where the snapshot caught it (not from where the VM was stopped), the guest clock
 //! within 2 s of the host's, the files of that moment. A paused VM's memory snapshot leaves
 //! it paused; a stopped VM's is refused; a memory clone is refused; a clone of the running
@@ -181,13 +182,21 @@ fn memory_snapshots_resume_where_they_were_and_survive_faults() {
         refused.stderr
     );
     assert!(snapshot(&env, "x").is_none());
+    // Resized since: its memory loads only into the machine it was taken from.
+    let machine = |vm: &Value| (vm["spec"]["cpus"].clone(), vm["spec"]["memory_mib"].clone());
+    let taken_on = machine(&env.vm_show("dev"));
+    let bigger = taken_on.1.as_u64().unwrap() + 256;
+    env.banger(&["vm", "set", "dev", "--memory", &format!("{bigger}M")])
+        .ok();
+    assert_eq!(env.vm_show("dev")["spec"]["memory_mib"], bigger);
 
-    // Restore: suspended there; start resumes it.
+    // Restore: suspended there, on the snapshot's machine; start resumes it.
     let restored = env
         .banger(&["vm", "snapshot", "restore", "dev", "m1", "--json"])
         .ok()
         .json();
     assert_eq!(restored["state"], "suspended", "{restored}");
+    assert_eq!(machine(&restored), taken_on, "{restored}");
     let started = env
         .banger_within(Duration::from_secs(300), &["vm", "start", "dev", "--json"])
         .ok()

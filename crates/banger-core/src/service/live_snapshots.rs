@@ -264,8 +264,15 @@ impl Manager {
         self.run_on_after_memory(snapshot, record).await?;
         crate::fault::point("snapshot.memory.after_resume")?;
         let (vmm_kind, manifest) = (record.spec.vmm.to_string(), files.manifest());
+        let machine = crate::snapshot::Machine::of(&record.spec);
         let sealed = tokio::task::spawn_blocking(move || {
-            crate::snapshot::seal(&vmm_kind, &[state.state, state.memory], &[], &manifest)
+            crate::snapshot::seal(
+                &vmm_kind,
+                machine,
+                &[state.state, state.memory],
+                &[],
+                &manifest,
+            )
         })
         .await
         .map_err(|e| Error::Failed(format!("sealing the snapshot panicked: {e}")))?

@@ -439,8 +439,7 @@ impl Manager {
             .await?;
         crate::fault::point("snapshot.restore_after_record")?;
         match self.finish_restore(&record.id, &found).await {
-            Ok(Some(suspended)) => record.state = suspended,
-            Ok(None) => {}
+            Ok(_) => {}
             Err(e) => {
                 return Err(Error::StepFailed {
                     step: format!(
@@ -451,7 +450,10 @@ impl Manager {
                 });
             }
         }
-        // The disks are the snapshot's now, with its sizes.
+        // The disks are the snapshot's now, with its sizes (and a memory snapshot's machine).
+        if let Some(restored) = self.db.find_vm_by_id(&record.id).await? {
+            record = restored;
+        }
         let (work, _) = self.work_disk(&record.id);
         if let Some(bytes) = crate::usage::virtual_bytes(&work) {
             record.spec.disk_size_bytes = bytes;
@@ -562,7 +564,7 @@ impl Manager {
             (files.memory(), self.layout.vm_snapshot_memory(vm_id)),
         ];
         let manifest = (files.manifest(), self.layout.vm_snapshot_manifest(vm_id));
-        tokio::task::spawn_blocking(move || {
+        let resealed = tokio::task::spawn_blocking(move || {
             for (from, to) in &links {
                 if from.exists() {
                     std::fs::hard_link(from, to).map_err(Error::io(format!(
@@ -579,6 +581,16 @@ impl Manager {
         })
         .await
         .map_err(|e| Error::Failed(format!("linking the snapshot's state panicked: {e}")))??;
+        // Its memory loads only into the machine it was taken from: a `vm set` since is undone.
+        if let Some(machine) = resealed.machine
+            && machine != crate::snapshot::Machine::of(&record.spec)
+        {
+            info!(vm = %record.name, snapshot = %snapshot.name, %machine, "the VM's CPUs and memory are the snapshot's again");
+            record.spec.cpus = machine.cpus;
+            record.spec.memory_mib = machine.memory_mib;
+            record.updated_at = crate::now_rfc3339();
+            self.db.update_spec(&record).await?;
+        }
         if record.state != VmState::Suspended {
             self.transition(&mut record, VmState::Suspended).await?;
         }

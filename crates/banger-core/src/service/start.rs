@@ -207,11 +207,13 @@ impl Manager {
             // Checked first: every file as sealed, the disks the very ones it was taken with.
             let manifest = self.layout.vm_snapshot_manifest(&record.id);
             let disks = self.snapshot_disks(record);
-            let checked =
-                tokio::task::spawn_blocking(move || crate::snapshot::verify(&manifest, &disks))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
+            let machine = crate::snapshot::Machine::of(&record.spec);
+            let checked = tokio::task::spawn_blocking(move || {
+                crate::snapshot::verify(&manifest, &disks, machine)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
             if let Err(why) = checked {
                 warn!(vm = %record.name, "not restoring the snapshot: {why}");
                 outcome.warnings.push(cold_boot_warning(&record.name, &why));

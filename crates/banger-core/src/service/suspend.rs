@@ -141,8 +141,9 @@ impl Manager {
         let disks = self.snapshot_disks(&record);
         let manifest = self.layout.vm_snapshot_manifest(&record.id);
         let vmm_kind = record.spec.vmm.to_string();
+        let machine = crate::snapshot::Machine::of(&record.spec);
         let sealed = tokio::task::spawn_blocking(move || {
-            crate::snapshot::seal(&vmm_kind, &files, &disks, &manifest)
+            crate::snapshot::seal(&vmm_kind, machine, &files, &disks, &manifest)
         })
         .await
         .map_err(|e| Error::Failed(format!("sealing the snapshot panicked: {e}")))
