@@ -56,6 +56,9 @@ enum Op {
     /// `vm snapshot create --memory` and the restore of such a snapshot: a real guest, so
     /// their cases run in tests/memory_snapshots.rs.
     MemorySnapshot,
+    /// A clone's first start, which gives it its own host key: a real guest, so its cases run
+    /// in tests/named_snapshots.rs.
+    CloneFirstStart,
 }
 
 /// Every step and the operation that reaches it.
@@ -106,6 +109,8 @@ const CASES: &[(&str, Op)] = &[
     ("snapshot.memory.after_resume", Op::MemorySnapshot),
     ("snapshot.memory.after_seal", Op::MemorySnapshot),
     ("snapshot.restore_after_disks", Op::MemorySnapshot),
+    ("clone.after_pin_both", Op::CloneFirstStart),
+    ("clone.after_guest_key", Op::CloneFirstStart),
 ];
 
 /// Steps just before an outside call (disk tools, the helper, the VMM, SSH, a rename): they
@@ -211,7 +216,8 @@ fn op_name(op: Op) -> &'static str {
         | Op::ImagePull
         | Op::WorkspacePrepare
         | Op::LiveSnapshot
-        | Op::MemorySnapshot => "other",
+        | Op::MemorySnapshot
+        | Op::CloneFirstStart => "other",
     }
 }
 

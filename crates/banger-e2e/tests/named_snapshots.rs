@@ -279,9 +279,10 @@ fn identity(env: &TestEnv, vm: &str) -> [String; 4] {
     ]
 }
 
-/// A clone (two more boots, both VMs running at once): its own name, machine-id, host key and
-/// MAC, the source's files and none of what either writes afterwards; the source and its
-/// snapshot cannot go while the clone exists.
+/// A clone (more boots, both VMs running at once): its own name, machine-id, host key and
+/// MAC, the source's files and none of what either writes afterwards, also when the daemon
+/// died at each step of its first start; the source and its snapshot cannot go while the
+/// clone exists.
 #[test]
 fn clones_boot_with_their_own_identity() {
     let env = TestEnv::new();
@@ -313,6 +314,19 @@ fn clones_boot_with_their_own_identity() {
     assert!(rm.stderr.contains("clone cl"), "{}", rm.stderr);
 
     env.banger(&["vm", "start", "src"]).ok();
+    // The daemon killed at each step of the clone's first start (its new host key pinned
+    // beside the old, then the guest switched to it): the next start still connects.
+    let cl_dir = env.vm_dir("cl");
+    for fault in ["clone.after_pin_both", "clone.after_guest_key"] {
+        env.banger(&["daemon", "stop"]).ok();
+        let run = env.with_fault(fault, &["vm", "start", "cl"]);
+        assert_ne!(run.code, 0, "{fault}: the start succeeded");
+        assert!(env.daemon_gone(), "{fault}: the daemon still runs");
+        let pinned = std::fs::read_to_string(cl_dir.join("known_hosts")).unwrap();
+        assert_eq!(pinned.lines().count(), 2, "{fault}: {pinned}");
+        assert_eq!(env.vm_show("cl")["state"], "stopped", "{fault}");
+        assert_eq!(env.vm_show("src")["state"], "running", "{fault}");
+    }
     let started = env.banger(&["vm", "start", "cl"]);
     if started.code != 0 {
         env.dump_diagnostics();
@@ -335,6 +349,11 @@ fn clones_boot_with_their_own_identity() {
     let pinned =
         std::fs::read_to_string(env.home().join("vms").join(&cl_id).join("known_hosts")).unwrap();
     assert!(pinned.contains(&cl[2]), "{pinned}");
+    assert_eq!(
+        pinned.lines().count(),
+        1,
+        "only the clone's own key: {pinned}"
+    );
     let ssh_control = env.home().join("run/vms").join(&cl_id).join("ssh-control");
     let _ = std::fs::remove_file(ssh_control);
     assert_eq!(env.guest_sh("cl", "cat /root/shared"), "before");

@@ -22,29 +22,44 @@ use crate::model::VmRecord;
 use crate::qcow2::{self, Backing};
 use crate::store::StoreError;
 
-/// Makes the guest's new SSH host key, replacing the one its disk came with, has sshd load
-/// it, and prints the public half. sshd reloads on SIGHUP to its listener (the unit's main
-/// process; sessions keep running): sent directly, since `systemctl reload` first runs
-/// `sshd -t`, which cost ~0.4 s of a clone's first start under TCG while the guest still
-/// boots. `systemctl reload` stays as the fallback.
-const NEW_HOST_KEY: &str = "set -e; k=/root/.banger/ssh_host_ed25519_key; \
-    rm -f $k.new $k.new.pub; ssh-keygen -q -t ed25519 -N '' -C \"$(hostname).vm\" -f $k.new; \
-    mv -f $k.new.pub $k.pub; mv -f $k.new $k; \
-    p=$(systemctl show -p MainPID --value ssh 2>/dev/null || true); \
-    if [ \"${p:-0}\" -gt 0 ] 2>/dev/null && kill -HUP \"$p\" 2>/dev/null; then :; \
-    else systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null || true; fi; \
-    cat $k.pub";
+/// Where the guest's sshd reads its host key (the image configures it so).
+const GUEST_HOST_KEY: &str = "/root/.banger/ssh_host_ed25519_key";
 
 /// The kernel argument that carries a clone's first-start token.
 const CLONE_TOKEN_ARG: &str = "banger.clone_token";
 
-/// What proves the guest is the clone booted with `token` (exit 97 otherwise, before
-/// anything changes), then [`NEW_HOST_KEY`].
-fn new_host_key_script(token: &str) -> String {
+/// The first half of a clone's own host key, in the guest: it proves it is the clone booted
+/// with `token` by printing the token from its kernel command line (given only the token's
+/// sha256, a guest that answered in the clone's place, holding the same old key, learns
+/// nothing it could answer with, and stops with exit 97 before it changes anything), then
+/// prints the key in use (`current:`), makes a new key beside it and prints its public half.
+/// sshd still uses the old.
+fn make_host_key_script(token: &str) -> String {
+    use sha2::Digest;
+    let hash = crate::workspace::fileset::hex(&sha2::Sha256::digest(token.as_bytes()));
     format!(
-        "grep -qw '{CLONE_TOKEN_ARG}={token}' /proc/cmdline || \
+        "set -e; t=$(tr ' ' '\\n' </proc/cmdline | sed -n 's/^{CLONE_TOKEN_ARG}=//p'); \
+         [ \"$(printf %s \"$t\" | sha256sum | cut -d' ' -f1)\" = {hash} ] || \
          {{ echo 'the guest that answered is not the clone being started' >&2; exit 97; }}; \
-         {NEW_HOST_KEY}"
+         echo \"token:$t\"; k={GUEST_HOST_KEY}; echo \"current:$(cut -d' ' -f1,2 $k.pub)\"; \
+         rm -f $k.new $k.new.pub; \
+         ssh-keygen -q -t ed25519 -N '' -C \"$(hostname).vm\" -f $k.new; cat $k.new.pub"
+    )
+}
+
+/// The second half, once the daemon pinned the new key beside the old: the new key (it must
+/// be the one made, `key`) replaces the old, and sshd loads it. sshd reloads on SIGHUP to its
+/// listener (the unit's main process; sessions keep running): sent directly, since
+/// `systemctl reload` first runs `sshd -t`, which cost ~0.4 s of a clone's first start under
+/// TCG while the guest still boots. `systemctl reload` stays as the fallback.
+fn install_host_key_script(key: &str) -> String {
+    format!(
+        "set -e; k={GUEST_HOST_KEY}; [ \"$(cut -d' ' -f1,2 $k.new.pub)\" = {} ] || exit 98; \
+         mv -f $k.new.pub $k.pub; mv -f $k.new $k; \
+         p=$(systemctl show -p MainPID --value ssh 2>/dev/null || true); \
+         if [ \"${{p:-0}}\" -gt 0 ] 2>/dev/null && kill -HUP \"$p\" 2>/dev/null; then :; \
+         else systemctl reload ssh 2>/dev/null || systemctl reload sshd 2>/dev/null || true; fi",
+        ssh::shell_quote(key)
     )
 }
 
@@ -184,7 +199,10 @@ impl Manager {
     /// its own host key, which replaces the pinned one. A failure is an error: a clone never
     /// runs with its source's key once started. Whoever answered must first show the token
     /// the clone booted with: its source holds the same host key and, on a bridge, could
-    /// answer for the clone's address, but never saw that kernel command line.
+    /// answer for the clone's address, but never saw that kernel command line. Crash-safe:
+    /// the new key is pinned beside the old before the guest switches to it, and alone after,
+    /// so whichever key the guest has when a daemon dies between the steps, the next start
+    /// connects (and, the identity not recorded done, makes another).
     pub(super) async fn own_host_key(
         &self,
         record: &VmRecord,
@@ -201,38 +219,108 @@ impl Manager {
                 record.name
             )));
         };
+        let failed = |why: &str| {
+            warn!(vm = %record.name, "cannot give the clone its own host key: {why}");
+            Error::Failed(format!(
+                "cannot give clone {} its own SSH host key: {why}",
+                record.name
+            ))
+        };
+        let last_line = |text: &str| {
+            text.lines()
+                .rfind(|l| !l.trim().is_empty())
+                .unwrap_or("no output")
+                .to_owned()
+        };
         let (code, out, err) = ssh::run(
             target,
-            &new_host_key_script(token),
-            std::time::Duration::from_secs(10),
-            std::time::Duration::from_secs(120),
+            &make_host_key_script(token),
+            HOST_KEY_DIAL,
+            HOST_KEY_LIMIT,
         )
         .await?;
-        let key = out
-            .lines()
-            .rfind(|l| l.starts_with("ssh-ed25519 "))
-            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "));
-        let Some(key) = key.filter(|_| code == Some(0)) else {
-            warn!(vm = %record.name, "cannot give the clone its own host key: {err}");
-            return Err(Error::Failed(format!(
-                "cannot give clone {} its own SSH host key: {}",
-                record.name,
-                err.lines()
-                    .rfind(|l| !l.trim().is_empty())
-                    .unwrap_or("no output")
-            )));
+        if code != Some(0) {
+            return Err(failed(&last_line(&err)));
+        }
+        if !out.lines().any(|l| l.strip_prefix("token:") == Some(token)) {
+            return Err(failed(
+                "the guest that answered is not the clone being started (its boot token differs)",
+            ));
+        }
+        let Some(key) = out.lines().rev().find_map(ed25519_public_key) else {
+            return Err(failed("the guest printed no ed25519 public key"));
         };
+        let alias = super::host_key_alias(&record.name);
         let known_hosts = self.layout.vm_known_hosts(&record.id);
-        std::fs::write(
-            &known_hosts,
-            format!("{} {key}\n", super::host_key_alias(&record.name)),
+        let pinned = tokio::fs::read_to_string(&known_hosts)
+            .await
+            .map_err(Error::io(format!("cannot read {}", known_hosts.display())))?;
+        // The key in use (pinned already: SSH checked it) and the new one; all the pinned
+        // ones if the guest names another (it has one of them).
+        let current = out
+            .lines()
+            .find_map(|l| l.strip_prefix("current:"))
+            .and_then(ed25519_public_key)
+            .filter(|current| pinned.lines().any(|l| l.contains(current.as_str())));
+        let kept = match current {
+            Some(current) => format!("{alias} {current}\n"),
+            None => with_newline(&pinned),
+        };
+        replace_file(&known_hosts, &format!("{kept}{alias} {key}\n")).await?;
+        crate::fault::point("clone.after_pin_both")?;
+        let (code, _, err) = ssh::run(
+            target,
+            &install_host_key_script(&key),
+            HOST_KEY_DIAL,
+            HOST_KEY_LIMIT,
         )
-        .map_err(Error::io(format!("cannot write {}", known_hosts.display())))?;
+        .await?;
+        if code != Some(0) {
+            return Err(failed(&last_line(&err)));
+        }
+        crate::fault::point("clone.after_guest_key")?;
+        replace_file(&known_hosts, &format!("{alias} {key}\n")).await?;
         let vm_id = record.id.clone();
         self.db.run(move |s| s.clone_identity_done(&vm_id)).await?;
         info!(vm = %record.name, "the clone has its own SSH host key now");
         Ok(())
     }
+}
+
+/// How long the SSH dial and the whole of each host-key step may take.
+const HOST_KEY_DIAL: std::time::Duration = std::time::Duration::from_secs(10);
+const HOST_KEY_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// `ssh-ed25519 BASE64` from a line of `ssh-keygen`'s public key file (the comment dropped);
+/// `None` for anything else: the guest's output goes into a `known_hosts` file.
+fn ed25519_public_key(line: &str) -> Option<String> {
+    let mut fields = line.split_whitespace();
+    let (kind, key) = (fields.next()?, fields.next()?);
+    let base64 = |c: char| c.is_ascii_alphanumeric() || "+/=".contains(c);
+    (kind == "ssh-ed25519" && (60..=100).contains(&key.len()) && key.chars().all(base64))
+        .then(|| format!("{kind} {key}"))
+}
+
+fn with_newline(text: &str) -> String {
+    if text.is_empty() || text.ends_with('\n') {
+        text.to_owned()
+    } else {
+        format!("{text}\n")
+    }
+}
+
+/// Writes `path` whole or not at all (a temporary file beside it, flushed, renamed).
+async fn replace_file(path: &std::path::Path, text: &str) -> Result<(), Error> {
+    let (path, text) = (path.to_owned(), text.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let partial = Layout::vm_overlay_partial(&path);
+        std::fs::write(&partial, text)
+            .and_then(|()| std::fs::File::open(&partial)?.sync_all())
+            .and_then(|()| std::fs::rename(&partial, &path))
+            .map_err(Error::io(format!("cannot write {}", path.display())))
+    })
+    .await
+    .map_err(|e| Error::Failed(format!("writing a known_hosts file panicked: {e}")))?
 }
 
 /// `SOURCE/SNAPSHOT` a clone was made from, given every VM's name by id; `None` for a VM that
@@ -260,12 +348,34 @@ mod tests {
     #[test]
     fn a_guest_without_the_token_is_refused_before_anything_changes() {
         // This host's /proc/cmdline has no token: the script stops at once.
-        let script = new_host_key_script("0123456789abcdef");
+        let script = make_host_key_script("0123456789abcdef");
+        assert!(
+            !script.contains("0123456789abcdef"),
+            "the token itself is never sent"
+        );
         let out = std::process::Command::new("/bin/sh")
             .args(["-c", &script])
             .output()
             .unwrap_or_else(|e| panic!("sh: {e}"));
         assert_eq!(out.status.code(), Some(97), "{out:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("not the clone"));
+    }
+
+    #[test]
+    fn only_an_ed25519_key_line_is_pinned() {
+        let key = format!("ssh-ed25519 {}", "A".repeat(68));
+        assert_eq!(
+            ed25519_public_key(&format!("{key} root@cl.vm")),
+            Some(key.clone())
+        );
+        for bad in [
+            "token:abc".to_owned(),
+            format!("ssh-rsa {}", "A".repeat(68)),
+            "ssh-ed25519 short".into(),
+            format!("ssh-ed25519 {}*", "A".repeat(68)),
+            String::new(),
+        ] {
+            assert_eq!(ed25519_public_key(&bad), None, "{bad}");
+        }
     }
 }
