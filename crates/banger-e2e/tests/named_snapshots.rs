@@ -176,6 +176,11 @@ fn snapshots_restore_exact_prefixes_and_merge_on_removal() {
     let shown = env.vm_show("dev");
     assert_eq!(shown["snapshots"]["count"], 1, "{shown}");
     assert!(shown["snapshots"]["bytes"].as_u64().unwrap() > 0, "{shown}");
+    let listed = env.banger(&["vm", "ls"]).ok().stdout;
+    assert!(
+        listed.contains("SNAPSHOTS") && listed.lines().any(|l| l.contains(" 1 (")),
+        "{listed}"
+    );
 
     // Boot 2: the guest sees the same files, keeps writing; the qcow2 work disk grows online.
     env.banger(&["vm", "start", "dev"]).ok();

@@ -109,6 +109,10 @@ pub fn vm_table(vms: &[Vm]) -> String {
                 vm.spec.cpus.to_string(),
                 ByteSize(vm.spec.memory_mib << 20).to_string(),
                 ByteSize(vm.spec.disk_size_bytes).to_string(),
+                match &vm.snapshots {
+                    Some(s) if s.count > 0 => format!("{} ({})", s.count, ByteSize(s.bytes)),
+                    _ => "-".into(),
+                },
                 vm.spec.image.clone(),
                 vm.created_at.clone(),
             ]
@@ -116,7 +120,14 @@ pub fn vm_table(vms: &[Vm]) -> String {
         .collect();
     table(
         &[
-            "NAME", "STATE", "CPUS", "MEMORY", "DISK", "IMAGE", "CREATED",
+            "NAME",
+            "STATE",
+            "CPUS",
+            "MEMORY",
+            "DISK",
+            "SNAPSHOTS",
+            "IMAGE",
+            "CREATED",
         ],
         &rows,
     )
@@ -361,6 +372,34 @@ mod tests {
             &[vec!["xxx".into(), "y".into()], vec!["z".into(), "w".into()]],
         );
         assert_eq!(out, "A    BB\nxxx  y\nz    w\n");
+    }
+
+    #[test]
+    fn vm_ls_shows_each_vms_snapshots_count_and_size() {
+        let vm = |name: &str, snapshots: serde_json::Value| -> banger_proto::Vm {
+            serde_json::from_value(serde_json::json!({
+                "id": "0123456789abcdef0123456789abcdef", "name": name, "state": "stopped",
+                "spec": { "cpus": 1, "memory_mib": 512, "disk_size_bytes": 1, "image": "d",
+                          "vmm": "qemu" },
+                "created_at": "t", "updated_at": "t", "snapshots": snapshots,
+            }))
+            .unwrap()
+        };
+        let out = super::vm_table(&[
+            vm("a", serde_json::json!({ "count": 2, "bytes": 3 << 20 })),
+            vm("b", serde_json::Value::Null),
+        ]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].contains("SNAPSHOTS"), "{out}");
+        let cell = |line: &str| {
+            line.split("  ")
+                .filter(|c| !c.is_empty())
+                .nth(5)
+                .map(str::trim)
+                .map(str::to_owned)
+        };
+        assert_eq!(cell(lines[1]).as_deref(), Some("2 (3M)"), "{out}");
+        assert_eq!(cell(lines[2]).as_deref(), Some("-"), "{out}");
     }
 
     #[test]
