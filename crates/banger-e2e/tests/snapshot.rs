@@ -89,6 +89,18 @@ fn assert_one_vmm_and_no_snapshot(env: &TestEnv, dir: &std::path::Path) {
     assert_eq!(env.qemu_pids().len(), 1, "one QEMU");
 }
 
+/// The suspended VM's state file (shown as `shown`, `vm show --json`) is well under its
+/// guest's memory: free pages are not saved (free-page reporting), only what the guest uses.
+fn assert_state_small(dir: &std::path::Path, shown: &serde_json::Value) {
+    let state = std::fs::metadata(dir.join("snapshot.state")).unwrap().len();
+    let memory = shown["spec"]["memory_mib"].as_u64().unwrap() * 1024 * 1024;
+    eprintln!("state file: {state} bytes, guest memory {memory} bytes");
+    assert!(
+        state < memory / 2,
+        "state file {state} bytes, not well under the guest's {memory} bytes of memory"
+    );
+}
+
 /// Suspends and restores `dev` and checks what a restore must keep.
 fn suspend_and_restore(env: &TestEnv, pid: u32) {
     let dir = env.vm_dir("dev");
@@ -99,11 +111,10 @@ fn suspend_and_restore(env: &TestEnv, pid: u32) {
     eprintln!("suspend took {:?}", started.elapsed());
     assert_eq!(suspended["vm"]["state"], "suspended", "{suspended}");
     assert!(env.qemu_pids().is_empty(), "QEMU ended");
-    let state = std::fs::metadata(dir.join("snapshot.state")).unwrap().len();
-    eprintln!("state file: {state} bytes");
     assert!(dir.join("snapshot.json").is_file(), "sealed");
     let shown = env.banger(&["vm", "show", "dev", "--json"]).ok().json();
     assert_eq!(shown["state"], "suspended");
+    assert_state_small(&dir, &shown);
 
     // Time off, so a guest clock that stood still would be more than 2 s behind.
     std::thread::sleep(Duration::from_secs(5));
@@ -137,8 +148,11 @@ fn suspend_and_restore(env: &TestEnv, pid: u32) {
 /// cold boot, the files there, the snapshot gone.
 fn assert_cold_boot(env: &TestEnv, boot: &str, why: &str) {
     let dir = env.vm_dir("dev");
-    let started = env.banger(&["vm", "start", "dev", "--json"]).ok().json();
+    let run = env.banger(&["vm", "start", "dev", "--json"]).ok();
+    let started = run.json();
+    // `restored` is left out when false.
     assert_ne!(started["restored"], true, "{started}");
+    assert_eq!(started["vm"]["state"], "running", "{started}");
     let warnings = started["warnings"].as_array().unwrap();
     assert_eq!(warnings.len(), 1, "{started}");
     let warning = warnings[0].as_str().unwrap();
@@ -147,6 +161,18 @@ fn assert_cold_boot(env: &TestEnv, boot: &str, why: &str) {
             && warning.contains(why)
             && warning.contains("booted it from its disks"),
         "{warning}"
+    );
+    // The user sees it too, on stderr, even with --json.
+    let shown: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("banger: warning: "))
+        .collect();
+    assert_eq!(shown.len(), 1, "{}", run.stderr);
+    assert!(
+        shown[0].contains("cannot restore VM dev from its snapshot") && shown[0].contains(why),
+        "{}",
+        run.stderr
     );
     assert_ne!(boot_id(env), boot, "a new boot");
     assert_files_there(env);
@@ -183,6 +209,25 @@ fn qemu_suspend_and_start_resume_the_running_guest() {
         .unwrap();
     drop(file);
     assert_cold_boot(&env, &boot, "changed since");
+
+    // A state QEMU cannot load, sealed as it is so that banger's own checks (sizes,
+    // checksums, disks) pass and only QEMU can tell: a warning, a cold boot, no QEMU left
+    // from the failed load.
+    let boot = boot_id(&env);
+    env.banger(&["vm", "suspend", "dev"]).ok();
+    let manifest = dir.join("snapshot.json");
+    let sealed = banger_core::snapshot::read(&manifest).unwrap();
+    std::fs::write(&state, b"not a QEMU migration stream\n".repeat(4096)).unwrap();
+    let disks: Vec<std::path::PathBuf> = sealed.disks.iter().map(|d| d.path.clone()).collect();
+    banger_core::snapshot::seal(
+        &sealed.vmm,
+        sealed.machine.unwrap(),
+        &[state.clone(), dir.join("snapshot.mem")],
+        &disks,
+        &manifest,
+    )
+    .unwrap();
+    assert_cold_boot(&env, &boot, "cannot load the saved state");
 
     // A plain stop after all that, for a clean file system.
     env.banger(&["vm", "stop", "dev"]).ok();
