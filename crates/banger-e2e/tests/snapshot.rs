@@ -2,13 +2,15 @@
 //! guest process keeps running across `vm suspend` → `vm start` (same process, its counter
 //! continued, the same boot), the guest clock is the host's again, files are there; a damaged
 //! state file or a disk written since boots cold with a warning; a daemon or QEMU killed
-//! mid-suspend, and QEMU killed at each step of a suspend and of the start restoring one while
-//! the daemon runs on, loses nothing and leaks nothing. QEMU 7.2 (`exec:` migration) when
-//! `BANGER_QEMU_7_2` names it.
+//! mid-suspend, QEMU killed at each step of a suspend and of the start restoring one while
+//! the daemon runs on, and the daemon killed at each of those steps, loses nothing and leaks
+//! nothing; a state QEMU refuses to load boots cold; the state file stays well under the
+//! guest's memory. QEMU 7.2 (`exec:` migration) when `BANGER_QEMU_7_2` names it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use banger_e2e::leaks::Snapshot;
 use banger_e2e::{Run, TestEnv, poll, poll_or_none};
 
 /// Starts a guest process (its own session, so the SSH session may end) that writes its pid
@@ -244,15 +246,53 @@ enum Kill {
     QemuWhileWriting,
 }
 
-/// Steps at which QEMU is killed while the daemon runs on (`BANGER_FAULT=<step>=kill-vmm`):
-/// each of a suspend's, and the start that restores one, once it restored.
-const VMM_KILLS: &[&str] = &[
+/// The steps of a suspend, and of the start that restores one once it restored, at which
+/// QEMU is killed while the daemon runs on (`BANGER_FAULT=<step>=kill-vmm`), and separately
+/// the daemon (`BANGER_FAULT=<step>`: it SIGKILLs itself there).
+const KILL_STEPS: &[&str] = &[
     "suspend.after_stopping",
     "suspend.after_snapshot",
     "suspend.after_stop",
     "start.after_restore",
     "start.after_record",
 ];
+
+/// Fails when `after` holds anything `before` did not (`banger_e2e::leaks`), where both are
+/// taken with `dev` running: a process counts by its program only, as a new boot's QEMU (and
+/// its SSH master) has other arguments (ports, `-incoming`) than the one before.
+fn assert_nothing_leaked(before: &Snapshot, after: &Snapshot, what: &str) {
+    let added = after.added_since(before);
+    for kind in [
+        "link",
+        "nft table",
+        "loop device",
+        "mount",
+        "runtime file",
+        "temp file",
+        "stored dir",
+    ] {
+        let items = added.items(kind);
+        assert!(items.is_empty(), "{what}: left behind: {kind}: {items:?}");
+    }
+    let programs = |s: &Snapshot| {
+        let mut count = std::collections::BTreeMap::<String, usize>::new();
+        for p in s.items("process") {
+            *count
+                .entry(p.split(' ').next().unwrap().to_owned())
+                .or_default() += 1;
+        }
+        count
+    };
+    let (old, new) = (programs(before), programs(after));
+    for (program, n) in &new {
+        assert!(
+            *n <= old.get(program).copied().unwrap_or(0),
+            "{what}: more {program} processes than before: {:?} then {:?}",
+            before.items("process"),
+            after.items("process")
+        );
+    }
+}
 
 /// `banger ARGS` served by a fresh daemon whose environment carries `fault`; returns the run
 /// and that daemon's pid, after checking it still runs (a `kill-vmm` fault kills only QEMU).
@@ -349,8 +389,9 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
     // QEMU killed (`kill-vmm`: the daemon runs on) at each step of a suspend and of the start
     // that restores one. Each step runs on a daemon started with its fault, which then boots
     // the VM again itself.
-    for (round, step) in VMM_KILLS.iter().enumerate() {
+    for (round, step) in KILL_STEPS.iter().enumerate() {
         let round = round + 3;
+        let before = env.leak_snapshot();
         // Written and synced before the command: a VMM crash may only lose unsynced data.
         env.guest_sh("dev", &format!(
                 "echo round {round} > /root/round{round} && echo sys {round} > /var/tmp/round{round} && sync"
@@ -405,6 +446,76 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
         }
         assert_one_vmm_and_no_snapshot(&env, &dir);
         assert_eq!(env.daemon_pids(), vec![daemon], "{fault}: the same daemon");
+        assert_nothing_leaked(&before, &env.leak_snapshot(), &fault);
+    }
+    // The daemon killed (SIGKILL) at the same steps. The next command's daemon finds the VM
+    // mid-operation and must report a state its QEMU and files agree with; the VM then
+    // starts (from the snapshot if that daemon kept one, else cold) with everything written
+    // before the command, nothing left over.
+    for (round, step) in KILL_STEPS.iter().enumerate() {
+        let round = round + 3 + KILL_STEPS.len();
+        let before = env.leak_snapshot();
+        // Written, not synced, right before the command (for a restore: before the suspend,
+        // whose own sync must keep it).
+        env.guest_sh("dev", &format!(
+                "echo round {round} > /root/round{round} && echo sys {round} > /var/tmp/round{round}"
+            ),
+        );
+        let restoring = step.starts_with("start.");
+        if restoring {
+            env.banger(&["vm", "suspend", "dev"]).ok();
+        }
+        let command = if restoring { "start" } else { "suspend" };
+        // A fresh daemon, started by this command, carries the fault.
+        env.banger(&["daemon", "stop"]).ok();
+        let run = env.with_fault(step, &["vm", command, "dev", "--json"]);
+        eprintln!(
+            "daemon killed at {step}: exit {}: {}{}",
+            run.code, run.stdout, run.stderr
+        );
+        assert_ne!(run.code, 0, "{step}: the command succeeded: {}", run.stdout);
+        assert!(env.daemon_gone(), "{step}: the daemon did not die there");
+
+        let shown = env.vm_show("dev");
+        let state = shown["state"].as_str().unwrap().to_owned();
+        eprintln!("daemon killed at {step}: then {state}");
+        let qemus = env.qemu_pids().len();
+        let left = snapshot_files(&dir);
+        match state.as_str() {
+            "running" => assert!(
+                qemus == 1 && left.is_empty(),
+                "{step}: {qemus} QEMU, {left:?}"
+            ),
+            "stopped" => assert!(
+                qemus == 0 && left.is_empty(),
+                "{step}: {qemus} QEMU, {left:?}"
+            ),
+            "suspended" => assert!(
+                qemus == 0 && dir.join("snapshot.json").is_file(),
+                "{step}: {qemus} QEMU, {left:?}"
+            ),
+            _ => panic!("{step}: the next daemon reports {shown}"),
+        }
+        let started = env
+            .banger_within(Duration::from_secs(1000), &["vm", "start", "dev", "--json"])
+            .ok()
+            .json();
+        assert_eq!(
+            started["restored"] == true,
+            state == "suspended",
+            "{step}: {started}"
+        );
+        assert_eq!(started["vm"]["state"], "running", "{step}: {started}");
+        for r in 0..=round {
+            assert_eq!(
+                env.guest_sh("dev", &format!("cat /root/round{r} /var/tmp/round{r}")),
+                format!("round {r}\nsys {r}"),
+                "{step}"
+            );
+        }
+        assert_one_vmm_and_no_snapshot(&env, &dir);
+        assert_eq!(env.daemon_pids().len(), 1, "{step}: one daemon");
+        assert_nothing_leaked(&before, &env.leak_snapshot(), step);
     }
     env.banger(&["vm", "stop", "dev"]).ok();
     let fsck = std::process::Command::new(banger_e2e::system_tool("e2fsck"))
