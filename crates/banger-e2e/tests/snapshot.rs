@@ -235,6 +235,19 @@ fn qemu_suspend_and_start_resume_the_running_guest() {
     env.banger(&["vm", "stop", "dev"]).ok();
 }
 
+/// The files rounds `0..=round` wrote on each disk are all there (one `vm exec`).
+fn assert_rounds_there(env: &TestEnv, round: usize, what: &str) {
+    let script: Vec<String> = (0..=round)
+        .map(|r| format!("cat /root/round{r} /var/tmp/round{r}"))
+        .collect();
+    let expected: Vec<String> = (0..=round).map(|r| format!("round {r}\nsys {r}")).collect();
+    assert_eq!(
+        env.guest_sh("dev", &script.join(" && ")),
+        expected.join("\n"),
+        "{what}"
+    );
+}
+
 /// Where a suspend is interrupted.
 #[derive(Debug, Clone, Copy)]
 enum Kill {
@@ -377,12 +390,7 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
             started["restored"], started["warnings"]
         );
         assert_eq!(started["vm"]["state"], "running", "{started}");
-        for r in 0..=round {
-            assert_eq!(
-                env.guest_sh("dev", &format!("cat /root/round{r} /var/tmp/round{r}")),
-                format!("round {r}\nsys {r}")
-            );
-        }
+        assert_rounds_there(&env, round, &format!("round {round}: {kill:?}"));
         assert_one_vmm_and_no_snapshot(&env, &dir);
         assert_eq!(env.daemon_pids().len(), 1, "one daemon");
     }
@@ -437,13 +445,7 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
             .json();
         assert_eq!(started["restored"] == true, suspended, "{fault}: {started}");
         assert_eq!(started["vm"]["state"], "running", "{fault}: {started}");
-        for r in 0..=round {
-            assert_eq!(
-                env.guest_sh("dev", &format!("cat /root/round{r} /var/tmp/round{r}")),
-                format!("round {r}\nsys {r}"),
-                "{fault}"
-            );
-        }
+        assert_rounds_there(&env, round, &fault);
         assert_one_vmm_and_no_snapshot(&env, &dir);
         assert_eq!(env.daemon_pids(), vec![daemon], "{fault}: the same daemon");
         assert_nothing_leaked(&before, &env.leak_snapshot(), &fault);
@@ -506,13 +508,7 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
             "{step}: {started}"
         );
         assert_eq!(started["vm"]["state"], "running", "{step}: {started}");
-        for r in 0..=round {
-            assert_eq!(
-                env.guest_sh("dev", &format!("cat /root/round{r} /var/tmp/round{r}")),
-                format!("round {r}\nsys {r}"),
-                "{step}"
-            );
-        }
+        assert_rounds_there(&env, round, step);
         assert_one_vmm_and_no_snapshot(&env, &dir);
         assert_eq!(env.daemon_pids().len(), 1, "{step}: one daemon");
         assert_nothing_leaked(&before, &env.leak_snapshot(), step);
