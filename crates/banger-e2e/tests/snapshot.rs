@@ -2,13 +2,15 @@
 //! guest process keeps running across `vm suspend` → `vm start` (same process, its counter
 //! continued, the same boot), the guest clock is the host's again, files are there; a damaged
 //! state file or a disk written since boots cold with a warning; a daemon or QEMU killed
-//! mid-suspend, and QEMU killed at each step of a suspend and of the start restoring one while
-//! the daemon runs on, loses nothing and leaks nothing. QEMU 7.2 (`exec:` migration) when
-//! `BANGER_QEMU_7_2` names it.
+//! mid-suspend, QEMU killed at each step of a suspend and of the start restoring one while
+//! the daemon runs on, and the daemon killed at each of those steps, loses nothing and leaks
+//! nothing; a state QEMU refuses to load boots cold; the state file stays well under the
+//! guest's memory. QEMU 7.2 (`exec:` migration) when `BANGER_QEMU_7_2` names it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use banger_e2e::leaks::Snapshot;
 use banger_e2e::{Run, TestEnv, poll, poll_or_none};
 
 /// Starts a guest process (its own session, so the SSH session may end) that writes its pid
@@ -89,6 +91,18 @@ fn assert_one_vmm_and_no_snapshot(env: &TestEnv, dir: &std::path::Path) {
     assert_eq!(env.qemu_pids().len(), 1, "one QEMU");
 }
 
+/// The suspended VM's state file (shown as `shown`, `vm show --json`) is well under its
+/// guest's memory: free pages are not saved (free-page reporting), only what the guest uses.
+fn assert_state_small(dir: &std::path::Path, shown: &serde_json::Value) {
+    let state = std::fs::metadata(dir.join("snapshot.state")).unwrap().len();
+    let memory = shown["spec"]["memory_mib"].as_u64().unwrap() * 1024 * 1024;
+    eprintln!("state file: {state} bytes, guest memory {memory} bytes");
+    assert!(
+        state < memory / 2,
+        "state file {state} bytes, not well under the guest's {memory} bytes of memory"
+    );
+}
+
 /// Suspends and restores `dev` and checks what a restore must keep.
 fn suspend_and_restore(env: &TestEnv, pid: u32) {
     let dir = env.vm_dir("dev");
@@ -99,11 +113,10 @@ fn suspend_and_restore(env: &TestEnv, pid: u32) {
     eprintln!("suspend took {:?}", started.elapsed());
     assert_eq!(suspended["vm"]["state"], "suspended", "{suspended}");
     assert!(env.qemu_pids().is_empty(), "QEMU ended");
-    let state = std::fs::metadata(dir.join("snapshot.state")).unwrap().len();
-    eprintln!("state file: {state} bytes");
     assert!(dir.join("snapshot.json").is_file(), "sealed");
     let shown = env.banger(&["vm", "show", "dev", "--json"]).ok().json();
     assert_eq!(shown["state"], "suspended");
+    assert_state_small(&dir, &shown);
 
     // Time off, so a guest clock that stood still would be more than 2 s behind.
     std::thread::sleep(Duration::from_secs(5));
@@ -137,8 +150,11 @@ fn suspend_and_restore(env: &TestEnv, pid: u32) {
 /// cold boot, the files there, the snapshot gone.
 fn assert_cold_boot(env: &TestEnv, boot: &str, why: &str) {
     let dir = env.vm_dir("dev");
-    let started = env.banger(&["vm", "start", "dev", "--json"]).ok().json();
+    let run = env.banger(&["vm", "start", "dev", "--json"]).ok();
+    let started = run.json();
+    // `restored` is left out when false.
     assert_ne!(started["restored"], true, "{started}");
+    assert_eq!(started["vm"]["state"], "running", "{started}");
     let warnings = started["warnings"].as_array().unwrap();
     assert_eq!(warnings.len(), 1, "{started}");
     let warning = warnings[0].as_str().unwrap();
@@ -147,6 +163,18 @@ fn assert_cold_boot(env: &TestEnv, boot: &str, why: &str) {
             && warning.contains(why)
             && warning.contains("booted it from its disks"),
         "{warning}"
+    );
+    // The user sees it too, on stderr, even with --json.
+    let shown: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("banger: warning: "))
+        .collect();
+    assert_eq!(shown.len(), 1, "{}", run.stderr);
+    assert!(
+        shown[0].contains("cannot restore VM dev from its snapshot") && shown[0].contains(why),
+        "{}",
+        run.stderr
     );
     assert_ne!(boot_id(env), boot, "a new boot");
     assert_files_there(env);
@@ -184,8 +212,40 @@ fn qemu_suspend_and_start_resume_the_running_guest() {
     drop(file);
     assert_cold_boot(&env, &boot, "changed since");
 
+    // A state QEMU cannot load, sealed as it is so that banger's own checks (sizes,
+    // checksums, disks) pass and only QEMU can tell: a warning, a cold boot, no QEMU left
+    // from the failed load.
+    let boot = boot_id(&env);
+    env.banger(&["vm", "suspend", "dev"]).ok();
+    let manifest = dir.join("snapshot.json");
+    let sealed = banger_core::snapshot::read(&manifest).unwrap();
+    std::fs::write(&state, b"not a QEMU migration stream\n".repeat(4096)).unwrap();
+    let disks: Vec<std::path::PathBuf> = sealed.disks.iter().map(|d| d.path.clone()).collect();
+    banger_core::snapshot::seal(
+        &sealed.vmm,
+        sealed.machine.unwrap(),
+        &[state.clone(), dir.join("snapshot.mem")],
+        &disks,
+        &manifest,
+    )
+    .unwrap();
+    assert_cold_boot(&env, &boot, "cannot load the saved state");
+
     // A plain stop after all that, for a clean file system.
     env.banger(&["vm", "stop", "dev"]).ok();
+}
+
+/// The files rounds `0..=round` wrote on each disk are all there (one `vm exec`).
+fn assert_rounds_there(env: &TestEnv, round: usize, what: &str) {
+    let script: Vec<String> = (0..=round)
+        .map(|r| format!("cat /root/round{r} /var/tmp/round{r}"))
+        .collect();
+    let expected: Vec<String> = (0..=round).map(|r| format!("round {r}\nsys {r}")).collect();
+    assert_eq!(
+        env.guest_sh("dev", &script.join(" && ")),
+        expected.join("\n"),
+        "{what}"
+    );
 }
 
 /// Where a suspend is interrupted.
@@ -199,15 +259,53 @@ enum Kill {
     QemuWhileWriting,
 }
 
-/// Steps at which QEMU is killed while the daemon runs on (`BANGER_FAULT=<step>=kill-vmm`):
-/// each of a suspend's, and the start that restores one, once it restored.
-const VMM_KILLS: &[&str] = &[
+/// The steps of a suspend, and of the start that restores one once it restored, at which
+/// QEMU is killed while the daemon runs on (`BANGER_FAULT=<step>=kill-vmm`), and separately
+/// the daemon (`BANGER_FAULT=<step>`: it SIGKILLs itself there).
+const KILL_STEPS: &[&str] = &[
     "suspend.after_stopping",
     "suspend.after_snapshot",
     "suspend.after_stop",
     "start.after_restore",
     "start.after_record",
 ];
+
+/// Fails when `after` holds anything `before` did not (`banger_e2e::leaks`), where both are
+/// taken with `dev` running: a process counts by its program only, as a new boot's QEMU (and
+/// its SSH master) has other arguments (ports, `-incoming`) than the one before.
+fn assert_nothing_leaked(before: &Snapshot, after: &Snapshot, what: &str) {
+    let added = after.added_since(before);
+    for kind in [
+        "link",
+        "nft table",
+        "loop device",
+        "mount",
+        "runtime file",
+        "temp file",
+        "stored dir",
+    ] {
+        let items = added.items(kind);
+        assert!(items.is_empty(), "{what}: left behind: {kind}: {items:?}");
+    }
+    let programs = |s: &Snapshot| {
+        let mut count = std::collections::BTreeMap::<String, usize>::new();
+        for p in s.items("process") {
+            *count
+                .entry(p.split(' ').next().unwrap().to_owned())
+                .or_default() += 1;
+        }
+        count
+    };
+    let (old, new) = (programs(before), programs(after));
+    for (program, n) in &new {
+        assert!(
+            *n <= old.get(program).copied().unwrap_or(0),
+            "{what}: more {program} processes than before: {:?} then {:?}",
+            before.items("process"),
+            after.items("process")
+        );
+    }
+}
 
 /// `banger ARGS` served by a fresh daemon whose environment carries `fault`; returns the run
 /// and that daemon's pid, after checking it still runs (a `kill-vmm` fault kills only QEMU).
@@ -292,20 +390,16 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
             started["restored"], started["warnings"]
         );
         assert_eq!(started["vm"]["state"], "running", "{started}");
-        for r in 0..=round {
-            assert_eq!(
-                env.guest_sh("dev", &format!("cat /root/round{r} /var/tmp/round{r}")),
-                format!("round {r}\nsys {r}")
-            );
-        }
+        assert_rounds_there(&env, round, &format!("round {round}: {kill:?}"));
         assert_one_vmm_and_no_snapshot(&env, &dir);
         assert_eq!(env.daemon_pids().len(), 1, "one daemon");
     }
     // QEMU killed (`kill-vmm`: the daemon runs on) at each step of a suspend and of the start
     // that restores one. Each step runs on a daemon started with its fault, which then boots
     // the VM again itself.
-    for (round, step) in VMM_KILLS.iter().enumerate() {
+    for (round, step) in KILL_STEPS.iter().enumerate() {
         let round = round + 3;
+        let before = env.leak_snapshot();
         // Written and synced before the command: a VMM crash may only lose unsynced data.
         env.guest_sh("dev", &format!(
                 "echo round {round} > /root/round{round} && echo sys {round} > /var/tmp/round{round} && sync"
@@ -351,15 +445,73 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
             .json();
         assert_eq!(started["restored"] == true, suspended, "{fault}: {started}");
         assert_eq!(started["vm"]["state"], "running", "{fault}: {started}");
-        for r in 0..=round {
-            assert_eq!(
-                env.guest_sh("dev", &format!("cat /root/round{r} /var/tmp/round{r}")),
-                format!("round {r}\nsys {r}"),
-                "{fault}"
-            );
-        }
+        assert_rounds_there(&env, round, &fault);
         assert_one_vmm_and_no_snapshot(&env, &dir);
         assert_eq!(env.daemon_pids(), vec![daemon], "{fault}: the same daemon");
+        assert_nothing_leaked(&before, &env.leak_snapshot(), &fault);
+    }
+    // The daemon killed (SIGKILL) at the same steps. The next command's daemon finds the VM
+    // mid-operation and must report a state its QEMU and files agree with; the VM then
+    // starts (from the snapshot if that daemon kept one, else cold) with everything written
+    // before the command, nothing left over.
+    for (round, step) in KILL_STEPS.iter().enumerate() {
+        let round = round + 3 + KILL_STEPS.len();
+        let before = env.leak_snapshot();
+        // Written, not synced, right before the command (for a restore: before the suspend,
+        // whose own sync must keep it).
+        env.guest_sh("dev", &format!(
+                "echo round {round} > /root/round{round} && echo sys {round} > /var/tmp/round{round}"
+            ),
+        );
+        let restoring = step.starts_with("start.");
+        if restoring {
+            env.banger(&["vm", "suspend", "dev"]).ok();
+        }
+        let command = if restoring { "start" } else { "suspend" };
+        // A fresh daemon, started by this command, carries the fault.
+        env.banger(&["daemon", "stop"]).ok();
+        let run = env.with_fault(step, &["vm", command, "dev", "--json"]);
+        eprintln!(
+            "daemon killed at {step}: exit {}: {}{}",
+            run.code, run.stdout, run.stderr
+        );
+        assert_ne!(run.code, 0, "{step}: the command succeeded: {}", run.stdout);
+        assert!(env.daemon_gone(), "{step}: the daemon did not die there");
+
+        let shown = env.vm_show("dev");
+        let state = shown["state"].as_str().unwrap().to_owned();
+        eprintln!("daemon killed at {step}: then {state}");
+        let qemus = env.qemu_pids().len();
+        let left = snapshot_files(&dir);
+        match state.as_str() {
+            "running" => assert!(
+                qemus == 1 && left.is_empty(),
+                "{step}: {qemus} QEMU, {left:?}"
+            ),
+            "stopped" => assert!(
+                qemus == 0 && left.is_empty(),
+                "{step}: {qemus} QEMU, {left:?}"
+            ),
+            "suspended" => assert!(
+                qemus == 0 && dir.join("snapshot.json").is_file(),
+                "{step}: {qemus} QEMU, {left:?}"
+            ),
+            _ => panic!("{step}: the next daemon reports {shown}"),
+        }
+        let started = env
+            .banger_within(Duration::from_secs(1000), &["vm", "start", "dev", "--json"])
+            .ok()
+            .json();
+        assert_eq!(
+            started["restored"] == true,
+            state == "suspended",
+            "{step}: {started}"
+        );
+        assert_eq!(started["vm"]["state"], "running", "{step}: {started}");
+        assert_rounds_there(&env, round, step);
+        assert_one_vmm_and_no_snapshot(&env, &dir);
+        assert_eq!(env.daemon_pids().len(), 1, "{step}: one daemon");
+        assert_nothing_leaked(&before, &env.leak_snapshot(), step);
     }
     env.banger(&["vm", "stop", "dev"]).ok();
     let fsck = std::process::Command::new(banger_e2e::system_tool("e2fsck"))
