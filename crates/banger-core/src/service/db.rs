@@ -60,7 +60,8 @@ impl Db {
 
     /// The VM with id `vm_id`, if any.
     pub(crate) async fn find_vm_by_id(&self, vm_id: &str) -> Result<Option<VmRecord>, Error> {
-        Ok(self.list_vms().await?.into_iter().find(|v| v.id == vm_id))
+        let vm_id = vm_id.to_owned();
+        self.run(move |s| s.find_vm_by_id(&vm_id)).await
     }
 
     /// Persists `record`'s state, runtime and last error.

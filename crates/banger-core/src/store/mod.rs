@@ -123,10 +123,20 @@ impl Store {
 
     /// The VM called `name`, if any.
     pub fn find_vm(&self, name: &str) -> Result<Option<VmRecord>, StoreError> {
+        self.find_vm_where("name = ?1", name)
+    }
+
+    /// The VM with id `id`, if any.
+    pub fn find_vm_by_id(&self, id: &str) -> Result<Option<VmRecord>, StoreError> {
+        self.find_vm_where("id = ?1", id)
+    }
+
+    /// The VM matching `condition` (a fixed SQL condition on `?1`) with `value`, if any.
+    fn find_vm_where(&self, condition: &str, value: &str) -> Result<Option<VmRecord>, StoreError> {
         self.conn
             .query_row(
-                &format!("SELECT {VM_COLUMNS} FROM vms WHERE name = ?1"),
-                [name],
+                &format!("SELECT {VM_COLUMNS} FROM vms WHERE {condition}"),
+                [value],
                 raw_vm,
             )
             .optional()?
@@ -413,6 +423,8 @@ mod tests {
         let vm = VmRecord::new(VmName::parse("dev").unwrap(), spec());
         store.insert_vm(&vm).unwrap();
         assert_eq!(store.get_vm("dev").unwrap(), vm);
+        assert_eq!(store.find_vm_by_id(&vm.id).unwrap(), Some(vm.clone()));
+        assert_eq!(store.find_vm_by_id("dev").unwrap(), None);
         let again = VmRecord::new(VmName::parse("dev").unwrap(), spec());
         assert!(matches!(
             store.insert_vm(&again),
