@@ -8,6 +8,7 @@ pub mod disk;
 pub mod disk_view;
 pub mod doctor;
 pub mod domain;
+pub mod durable;
 pub mod e2fs;
 pub mod error;
 pub mod fault;

@@ -6,7 +6,6 @@
 //! would load as garbage, and memory paired with disks that moved on corrupts them. Blocking
 //! (hashing, fsync): callers run it on the blocking pool.
 
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -230,21 +229,15 @@ fn disk_identities(disks: &[PathBuf]) -> Result<Vec<DiskIdentity>, SnapshotError
     Ok(identities)
 }
 
-/// Writes `sealed` at `manifest` atomically: written beside it (a `.partial` a crash leaves
-/// is removed at daemon start), fsynced, renamed, the directory fsynced.
+/// Writes `sealed` at `manifest` atomically ([`crate::durable::replace`]; a `.partial` a
+/// crash leaves is removed at daemon start).
 fn write(sealed: &Manifest, manifest: &Path) -> Result<(), SnapshotError> {
-    let dir = manifest.parent().unwrap_or(Path::new("."));
     let text = serde_json::to_vec_pretty(sealed).map_err(|e| SnapshotError::Manifest {
         path: manifest.display().to_string(),
         message: e.to_string(),
     })?;
-    let partial = crate::layout::Layout::vm_overlay_partial(manifest);
-    std::fs::File::create(&partial)
-        .and_then(|mut f| f.write_all(&text).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&partial, manifest))
-        .map_err(io_err(format!("cannot write {}", manifest.display())))?;
-    sync_file(dir)?;
-    Ok(())
+    crate::durable::replace(manifest, &text)
+        .map_err(io_err(format!("cannot write {}", manifest.display())))
 }
 
 /// Reads the manifest at `manifest`, if any (no check of the files).
@@ -340,6 +333,8 @@ pub fn verify(
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use std::io::Write;
+
     use super::*;
 
     const MACHINE: Machine = Machine {

@@ -309,14 +309,11 @@ fn with_newline(text: &str) -> String {
     }
 }
 
-/// Writes `path` whole or not at all (a temporary file beside it, flushed, renamed).
+/// Writes `path` whole or not at all ([`crate::durable::replace`], on the blocking pool).
 async fn replace_file(path: &std::path::Path, text: &str) -> Result<(), Error> {
     let (path, text) = (path.to_owned(), text.to_owned());
     tokio::task::spawn_blocking(move || {
-        let partial = Layout::vm_overlay_partial(&path);
-        std::fs::write(&partial, text)
-            .and_then(|()| std::fs::File::open(&partial)?.sync_all())
-            .and_then(|()| std::fs::rename(&partial, &path))
+        crate::durable::replace(&path, text.as_bytes())
             .map_err(Error::io(format!("cannot write {}", path.display())))
     })
     .await
