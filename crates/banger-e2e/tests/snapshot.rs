@@ -235,6 +235,25 @@ fn qemu_suspend_and_start_resume_the_running_guest() {
     env.banger(&["vm", "stop", "dev"]).ok();
 }
 
+/// Round `round` of the kill loops at `step`: a file on each disk (`sync`ed when `sync`),
+/// then, for a step of the restoring start, the VM suspended. Returns the command that
+/// reaches `step` (`suspend` or `start`).
+fn begin_round(env: &TestEnv, round: usize, step: &str, sync: bool) -> &'static str {
+    let sync = if sync { " && sync" } else { "" };
+    env.guest_sh(
+        "dev",
+        &format!(
+            "echo round {round} > /root/round{round} && echo sys {round} > /var/tmp/round{round}{sync}"
+        ),
+    );
+    if step.starts_with("start.") {
+        env.banger(&["vm", "suspend", "dev"]).ok();
+        "start"
+    } else {
+        "suspend"
+    }
+}
+
 /// The files rounds `0..=round` wrote on each disk are all there (one `vm exec`).
 fn assert_rounds_there(env: &TestEnv, round: usize, what: &str) {
     let script: Vec<String> = (0..=round)
@@ -311,12 +330,7 @@ fn assert_nothing_leaked(before: &Snapshot, after: &Snapshot, what: &str) {
 /// and that daemon's pid, after checking it still runs (a `kill-vmm` fault kills only QEMU).
 fn with_vmm_fault(env: &TestEnv, fault: &str, args: &[&str]) -> (Run, u32) {
     env.banger(&["daemon", "stop"]).ok();
-    let run = Run::from_output(
-        env.command(args)
-            .env(banger_core::fault::ENV, fault)
-            .output()
-            .unwrap(),
-    );
+    let run = env.with_fault(fault, args);
     let daemons = env.daemon_pids();
     assert_eq!(daemons.len(), 1, "{fault}: the daemon died: {daemons:?}");
     (run, daemons[0])
@@ -401,16 +415,9 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
         let round = round + 3;
         let before = env.leak_snapshot();
         // Written and synced before the command: a VMM crash may only lose unsynced data.
-        env.guest_sh("dev", &format!(
-                "echo round {round} > /root/round{round} && echo sys {round} > /var/tmp/round{round} && sync"
-            ),
-        );
-        let restoring = step.starts_with("start.");
-        if restoring {
-            env.banger(&["vm", "suspend", "dev"]).ok();
-        }
+        let command = begin_round(&env, round, step, true);
+        let restoring = command == "start";
         let fault = format!("{step}=kill-vmm");
-        let command = if restoring { "start" } else { "suspend" };
         let (run, daemon) = with_vmm_fault(&env, &fault, &["vm", command, "dev", "--json"]);
         eprintln!("{fault}: exit {}: {}{}", run.code, run.stdout, run.stderr);
         let shown = env.banger(&["vm", "show", "dev", "--json"]).ok().json();
@@ -459,15 +466,7 @@ fn a_daemon_or_qemu_killed_mid_suspend_loses_nothing_and_leaks_nothing() {
         let before = env.leak_snapshot();
         // Written, not synced, right before the command (for a restore: before the suspend,
         // whose own sync must keep it).
-        env.guest_sh("dev", &format!(
-                "echo round {round} > /root/round{round} && echo sys {round} > /var/tmp/round{round}"
-            ),
-        );
-        let restoring = step.starts_with("start.");
-        if restoring {
-            env.banger(&["vm", "suspend", "dev"]).ok();
-        }
-        let command = if restoring { "start" } else { "suspend" };
+        let command = begin_round(&env, round, step, false);
         // A fresh daemon, started by this command, carries the fault.
         env.banger(&["daemon", "stop"]).ok();
         let run = env.with_fault(step, &["vm", command, "dev", "--json"]);
